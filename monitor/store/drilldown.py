@@ -1,0 +1,167 @@
+"""Samples, token histograms and annotations: what the run page drills down into."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import delete, select, text
+
+from monitor.errors import InvalidInput, NotFound
+from monitor.store.database import Database
+from monitor.store.domain import Annotation, Sample
+from monitor.store.models import AnnotationRow, RunRow, SampleRow, TokenHistogramRow
+
+SAMPLE_COLUMNS = (
+    "run_id",
+    "step",
+    "rank",
+    "seq_index",
+    "kind",
+    "kl_seq",
+    "reward",
+    "prompt",
+    "response",
+    "tokens",
+    "policy_logprobs",
+    "ref_logprobs",
+)
+
+
+def write_samples(db: Database, run_id: int, samples: Sequence[dict[str, Any]]) -> int:
+    """Insert samples (dicts with the SampleRow fields except id and run_id)."""
+    if not samples:
+        return 0
+    ph = db.paramstyle
+    sql = (
+        f"INSERT INTO samples ({', '.join(SAMPLE_COLUMNS)}) "
+        f"VALUES ({', '.join([ph] * len(SAMPLE_COLUMNS))})"
+    )
+    json_cols = {"tokens", "policy_logprobs", "ref_logprobs"}
+    tuples = []
+    for s in samples:
+        row = []
+        for c in SAMPLE_COLUMNS:
+            v = run_id if c == "run_id" else s.get(c, 0 if c == "rank" else None)
+            if c in json_cols and v is not None:
+                v = json.dumps(np.asarray(v).tolist() if not isinstance(v, list) else v)
+            row.append(v)
+        tuples.append(tuple(row))
+    with db.begin() as conn:
+        conn.exec_driver_sql(sql, tuples)
+    return len(tuples)
+
+
+def read_samples(db: Database, run_id: int, step: int) -> list[Sample]:
+    """The stored samples of a step, highest KL first."""
+    with db.session() as s:
+        rows = s.scalars(
+            select(SampleRow)
+            .where(SampleRow.run_id == run_id, SampleRow.step == step)
+            .order_by(SampleRow.kl_seq.desc())
+        ).all()
+        return [
+            Sample(
+                id=r.id,
+                run_id=r.run_id,
+                step=r.step,
+                rank=r.rank,
+                seq_index=r.seq_index,
+                kind=r.kind,
+                kl_seq=r.kl_seq,
+                reward=r.reward,
+                prompt=r.prompt,
+                response=r.response,
+                tokens=r.tokens,
+                policy_logprobs=list(r.policy_logprobs),
+                ref_logprobs=list(r.ref_logprobs),
+            )
+            for r in rows
+        ]
+
+
+def sample_steps(db: Database, run_id: int) -> list[int]:
+    """Steps of a run that have stored samples."""
+    with db.begin() as conn:
+        rows = conn.execute(
+            text("SELECT DISTINCT step FROM samples WHERE run_id = :run ORDER BY step"),
+            {"run": run_id},
+        ).all()
+    return [int(r[0]) for r in rows]
+
+
+def write_histograms(db: Database, run_id: int, hists: Sequence[tuple[int, Sequence[int]]]) -> int:
+    """Insert (step, counts) token histograms; an existing (run, step) is left alone."""
+    if not hists:
+        return 0
+    ph = db.paramstyle
+    sql = (
+        f"INSERT INTO token_histograms (run_id, step, counts) VALUES ({ph}, {ph}, {ph}) "
+        "ON CONFLICT (run_id, step) DO NOTHING"
+    )
+    tuples = [(run_id, int(step), json.dumps([int(c) for c in counts])) for step, counts in hists]
+    with db.begin() as conn:
+        return max(conn.exec_driver_sql(sql, tuples).rowcount, 0)
+
+
+def read_histograms(
+    db: Database, run_id: int, *, start: int | None = None, end: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, counts[n_steps, n_bins]) for a run, sorted by step."""
+    with db.session() as s:
+        q = select(TokenHistogramRow.step, TokenHistogramRow.counts).where(
+            TokenHistogramRow.run_id == run_id
+        )
+        if start is not None:
+            q = q.where(TokenHistogramRow.step >= start)
+        if end is not None:
+            q = q.where(TokenHistogramRow.step <= end)
+        rows = s.execute(q.order_by(TokenHistogramRow.step)).all()
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.int64)
+    steps = np.array([r[0] for r in rows], dtype=np.int64)
+    return steps, np.array([r[1] for r in rows], dtype=np.int64)
+
+
+def add_annotation(
+    db: Database, run_id: int, step: int, text_: str, *, author: str | None = None
+) -> Annotation:
+    if not text_ or not text_.strip():
+        raise InvalidInput("annotation text is empty")
+    if len(text_) > 10_000:
+        raise InvalidInput(f"annotation text is {len(text_)} characters: at most 10000")
+    with db.session() as s:
+        if s.get(RunRow, run_id) is None:
+            raise NotFound(f"run {run_id} does not exist")
+        row = AnnotationRow(
+            run_id=run_id, step=int(step), text=text_, author=author, created_at=time.time()
+        )
+        s.add(row)
+        s.flush()
+        return Annotation(row.id, row.run_id, row.step, row.text, row.author, row.created_at)
+
+
+def list_annotations(db: Database, run_id: int) -> list[Annotation]:
+    with db.session() as s:
+        rows = s.scalars(
+            select(AnnotationRow).where(AnnotationRow.run_id == run_id).order_by(AnnotationRow.step)
+        ).all()
+        return [Annotation(r.id, r.run_id, r.step, r.text, r.author, r.created_at) for r in rows]
+
+
+def delete_annotation(db: Database, annotation_id: int) -> None:
+    with db.session() as s:
+        s.execute(delete(AnnotationRow).where(AnnotationRow.id == annotation_id))
+
+
+def annotations_frame(db: Database, run_ids: Sequence[int]) -> pd.DataFrame:
+    """Annotations of several runs: run_id, step, text, author, created_at."""
+    rows = [a for rid in run_ids for a in list_annotations(db, rid)]
+    return pd.DataFrame(
+        [(a.run_id, a.step, a.text, a.author, a.created_at) for a in rows],
+        columns=["run_id", "step", "text", "author", "created_at"],
+    )

@@ -1,0 +1,240 @@
+"""SQLAlchemy 2 models: the tables of DESIGN.md.
+
+Portable across SQLite and PostgreSQL: JSON columns, no server-side functions, integer
+surrogate keys only where a natural key does not exist. Wall times are stored as Unix
+seconds (float) because they are written at high rate and compared, never formatted, in SQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# The per-step summary quantities (DESIGN.md), in the order they are stored.
+# Float columns; n_sequences and n_tokens are integers.
+STEP_FLOAT_COLUMNS: tuple[str, ...] = (
+    "kl_mean",
+    "kl_std",
+    "kl_min",
+    "kl_p05",
+    "kl_p50",
+    "kl_p95",
+    "kl_p99",
+    "kl_max",
+    "k1",
+    "k2",
+    "k3",
+    "neg_kl_frac",
+    "top1pct_share",
+    "resp_len_mean",
+    "policy_nll",
+    "entropy_mean",
+    "reward_mean",
+    "reward_std",
+    "kl_coef",
+    "rollout_gap",
+)
+STEP_INT_COLUMNS: tuple[str, ...] = ("n_sequences", "n_tokens")
+STEP_QUANTITIES: tuple[str, ...] = STEP_FLOAT_COLUMNS + STEP_INT_COLUMNS
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class RunRow(Base):
+    """A training run: one policy being trained against one frozen reference."""
+
+    __tablename__ = "runs"
+    __table_args__ = (UniqueConstraint("project", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200))
+    # running | finished | crashed   ("stalled" is derived from last_seen_at, never stored)
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    # live | import:<format> | demo
+    source: Mapped[str] = mapped_column(String(50), default="live")
+    created_at: Mapped[float] = mapped_column(Float)
+    last_seen_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    world_size: Mapped[int] = mapped_column(Integer, default=1)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    baseline_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="SET NULL"), nullable=True
+    )
+
+
+class StepRow(Base):
+    """One row per (run, step): the summary quantities. status is ok | partial | rejected."""
+
+    __tablename__ = "steps"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    wall_time: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(10), default="ok")
+    reject_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ranks_seen: Mapped[int] = mapped_column(Integer, default=1)
+    # Digest of what was logged, so a replay is a no-op and a different payload a conflict.
+    payload_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    kl_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kl_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kl_min: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kl_p05: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kl_p50: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kl_p95: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kl_p99: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kl_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    k1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    k2: Mapped[float | None] = mapped_column(Float, nullable=True)
+    k3: Mapped[float | None] = mapped_column(Float, nullable=True)
+    neg_kl_frac: Mapped[float | None] = mapped_column(Float, nullable=True)
+    top1pct_share: Mapped[float | None] = mapped_column(Float, nullable=True)
+    resp_len_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    policy_nll: Mapped[float | None] = mapped_column(Float, nullable=True)
+    entropy_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kl_coef: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rollout_gap: Mapped[float | None] = mapped_column(Float, nullable=True)
+    n_sequences: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    n_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class StepShardRow(Base):
+    """One rank's partial statistics for a step of a multi-rank run, kept until every rank
+    has arrived (and afterwards, so a merged step can be recomputed exactly)."""
+
+    __tablename__ = "step_shards"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    wall_time: Mapped[float] = mapped_column(Float)
+    payload_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    partials: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class MetricRow(Base):
+    """Extra named scalars: (run, step, name) -> value (trainer loss, lr, imported keys)."""
+
+    __tablename__ = "metrics"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class MetricInfoRow(Base):
+    """What an extra metric means: its source, the estimator and scale of a KL-like key, and
+    the klmon quantity it stands for when the user mapped it (``--map kl_vs_ref=kl_mean``)."""
+
+    __tablename__ = "metric_info"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    source: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    quantity: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    estimator: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    scale: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class SampleRow(Base):
+    """A stored sequence for token-level drill-down (kind: top | random)."""
+
+    __tablename__ = "samples"
+    __table_args__ = (Index("ix_samples_run_step", "run_id", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(BigInteger)
+    rank: Mapped[int] = mapped_column(Integer, default=0)
+    seq_index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(10))
+    kl_seq: Mapped[float] = mapped_column(Float)
+    reward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    response: Mapped[str | None] = mapped_column(Text, nullable=True)
+    tokens: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    policy_logprobs: Mapped[list[Any]] = mapped_column(JSON)
+    ref_logprobs: Mapped[list[Any]] = mapped_column(JSON)
+
+
+class TokenHistogramRow(Base):
+    """Counts of per-token log-ratios in the fixed bins of ``monitor.divergence.HIST_EDGES``."""
+
+    __tablename__ = "token_histograms"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    counts: Mapped[list[Any]] = mapped_column(JSON)
+
+
+class AlertEventRow(Base):
+    """One episode of a rule on a run: pending -> firing -> resolved."""
+
+    __tablename__ = "alert_events"
+    __table_args__ = (
+        Index("ix_alert_events_run_rule", "run_id", "rule"),
+        Index("ix_alert_events_state", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    rule: Mapped[str] = mapped_column(String(100))
+    detector: Mapped[str] = mapped_column(String(50))
+    severity: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(20))
+    start_step: Mapped[int] = mapped_column(BigInteger)
+    end_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    message: Mapped[str] = mapped_column(Text)
+    causes: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    started_at: Mapped[float] = mapped_column(Float)
+    fired_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    resolved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    acknowledged_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    acknowledged_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    notified_firing: Mapped[bool] = mapped_column(Boolean, default=False)
+    notified_resolved: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AnnotationRow(Base):
+    """A post-mortem note on a run at a step."""
+
+    __tablename__ = "annotations"
+    __table_args__ = (Index("ix_annotations_run_step", "run_id", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(BigInteger)
+    text: Mapped[str] = mapped_column(Text)
+    author: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)

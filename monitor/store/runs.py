@@ -1,0 +1,168 @@
+"""Runs: create, find, list, update status."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from monitor.errors import InvalidInput, NotFound, StoreError
+from monitor.store.database import Database
+from monitor.store.domain import RunInfo
+from monitor.store.models import RunRow
+
+RUN_STATUSES = ("running", "finished", "crashed")
+
+
+def _to_info(row: RunRow) -> RunInfo:
+    return RunInfo(
+        id=row.id,
+        project=row.project,
+        name=row.name,
+        status=row.status,
+        source=row.source,
+        created_at=row.created_at,
+        last_seen_at=row.last_seen_at,
+        finished_at=row.finished_at,
+        world_size=row.world_size,
+        config=dict(row.config or {}),
+        tags=list(row.tags or []),
+        baseline_run_id=row.baseline_run_id,
+    )
+
+
+def get_or_create_run(
+    db: Database,
+    project: str,
+    name: str,
+    *,
+    config: dict[str, Any] | None = None,
+    tags: list[Any] | None = None,
+    source: str = "live",
+    world_size: int = 1,
+    status: str = "running",
+    now: float | None = None,
+) -> RunInfo:
+    """Return the run (project, name), creating it if needed. Safe against a concurrent
+    creator (several ranks start at once): the loser of the insert race reads the winner's."""
+    if not project or not name:
+        raise InvalidInput("project and name must be non-empty strings")
+    if status not in RUN_STATUSES:
+        raise InvalidInput(f"status {status!r} is not one of {RUN_STATUSES}")
+    now = time.time() if now is None else now
+    existing = find_run_by_name(db, project, name)
+    if existing is not None:
+        return existing
+    try:
+        with db.session() as s:
+            row = RunRow(
+                project=project,
+                name=name,
+                status=status,
+                source=source,
+                created_at=now,
+                last_seen_at=now,
+                world_size=world_size,
+                config=config or {},
+                tags=tags or [],
+            )
+            s.add(row)
+            s.flush()
+            return _to_info(row)
+    except StoreError as exc:
+        if isinstance(exc.__cause__, IntegrityError):
+            found = find_run_by_name(db, project, name)
+            if found is not None:
+                return found
+        raise
+
+
+def find_run_by_name(db: Database, project: str, name: str) -> RunInfo | None:
+    with db.session() as s:
+        row = s.scalar(select(RunRow).where(RunRow.project == project, RunRow.name == name))
+        return _to_info(row) if row else None
+
+
+def get_run(db: Database, run_id: int) -> RunInfo:
+    with db.session() as s:
+        row = s.get(RunRow, run_id)
+        if row is None:
+            raise NotFound(f"run {run_id} does not exist")
+        return _to_info(row)
+
+
+def resolve_run(db: Database, ref: str | int, project: str | None = None) -> RunInfo:
+    """A run by id (``7``), by name (``ppo-beta0.05``) or by ``project/name``."""
+    ref_s = str(ref).strip()
+    if ref_s.isdigit():
+        return get_run(db, int(ref_s))
+    if project is None and "/" in ref_s:
+        project, ref_s = ref_s.split("/", 1)
+    with db.session() as s:
+        q = select(RunRow).where(RunRow.name == ref_s)
+        if project is not None:
+            q = q.where(RunRow.project == project)
+        rows = s.scalars(q).all()
+        if not rows:
+            raise NotFound(
+                f"no run named {ref_s!r}" + (f" in project {project!r}" if project else "")
+            )
+        if len(rows) > 1:
+            projects = ", ".join(sorted(r.project for r in rows))
+            raise NotFound(
+                f"run name {ref_s!r} is ambiguous (projects {projects}): use PROJECT/NAME or the id"
+            )
+        return _to_info(rows[0])
+
+
+def set_run_status(db: Database, run_id: int, status: str, *, now: float | None = None) -> None:
+    if status not in RUN_STATUSES:
+        raise InvalidInput(f"status {status!r} is not one of {RUN_STATUSES}")
+    now = time.time() if now is None else now
+    values: dict[str, Any] = {"status": status, "last_seen_at": now}
+    values["finished_at"] = None if status == "running" else now
+    with db.session() as s:
+        result = s.execute(update(RunRow).where(RunRow.id == run_id).values(**values))
+        if result.rowcount == 0:
+            raise NotFound(f"run {run_id} does not exist")
+
+
+def touch_run(db: Database, run_id: int, *, now: float | None = None) -> None:
+    """Record that the run is alive (used to tell a stalled run from a quiet one)."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        s.execute(update(RunRow).where(RunRow.id == run_id).values(last_seen_at=now))
+
+
+def list_runs(db: Database) -> pd.DataFrame:
+    """Every run with its step count, last step and the KL (kl_mean) at that step.
+
+    Columns: id, project, name, status, source, created_at, last_seen_at, n_steps,
+    last_step, last_kl.
+    """
+    sql = text(
+        """
+        SELECT r.id, r.project, r.name, r.status, r.source, r.created_at, r.last_seen_at,
+               COALESCE(agg.n_steps, 0) AS n_steps, agg.last_step, s.kl_mean AS last_kl
+        FROM runs r
+        LEFT JOIN (
+            SELECT run_id, COUNT(*) AS n_steps, MAX(step) AS last_step
+            FROM steps GROUP BY run_id
+        ) agg ON agg.run_id = r.id
+        LEFT JOIN steps s ON s.run_id = r.id AND s.step = agg.last_step
+        ORDER BY r.id
+        """
+    )
+    with db.begin() as conn:
+        df = pd.read_sql(sql, conn)
+    df["n_steps"] = df["n_steps"].astype("int64")
+    df["last_step"] = df["last_step"].astype("Int64")
+    return df
+
+
+def count_runs(db: Database) -> int:
+    with db.session() as s:
+        return int(s.scalar(select(func.count()).select_from(RunRow)) or 0)

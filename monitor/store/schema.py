@@ -1,0 +1,68 @@
+"""Schema management through Alembic: upgrade, current revision, and the check that refuses
+to work on a database whose schema is behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+from monitor.errors import SchemaOutOfDate
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic scripts are: top-level ``migrations/`` in a checkout, shipped as the
+    ``monitor.migrations`` package in the wheel (see pyproject's package-dir)."""
+    import monitor.migrations
+
+    return Path(monitor.migrations.__file__).parent
+
+
+def alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def head_revision() -> str:
+    script = ScriptDirectory(str(migrations_dir()))
+    head = script.get_current_head()
+    assert head is not None, "no Alembic revisions found"
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    command.upgrade(alembic_config(engine), revision)
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise SchemaOutOfDate with an actionable message unless the schema is at head."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return
+    if current is None:
+        raise SchemaOutOfDate(
+            "the database has no klmon schema yet: run `klmon db upgrade` (with the same --db)"
+        )
+    script = ScriptDirectory(str(migrations_dir()))
+    known = {rev.revision for rev in script.walk_revisions()}
+    if current not in known:
+        raise SchemaOutOfDate(
+            f"the database schema is at revision {current}, newer than this klmon knows "
+            f"(head {head}): upgrade klmon"
+        )
+    raise SchemaOutOfDate(
+        f"the database schema is at revision {current}, behind {head}: "
+        "run `klmon db upgrade` (with the same --db)"
+    )

@@ -1,0 +1,115 @@
+"""Shared fixtures: every store test runs on SQLite and on the PostgreSQL at 127.0.0.1:5432.
+
+PostgreSQL: one fresh database per test session (created from the ``test`` database, migrated
+to head, dropped at the end); tables are emptied before each test. Without a reachable server
+the PostgreSQL cases are skipped with the reason, unless KLMON_REQUIRE_POSTGRES=1 (CI), where
+they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import text
+
+from monitor.store.database import Database
+from monitor.store.engine import make_engine
+from monitor.store.models import Base
+from monitor.store.schema import upgrade
+
+PG_ADMIN_URL = os.environ.get("KLMON_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REQUIRE_PG = os.environ.get("KLMON_REQUIRE_POSTGRES") == "1"
+
+
+def _pg_unavailable(reason: str) -> None:
+    if REQUIRE_PG:
+        pytest.fail(f"KLMON_REQUIRE_POSTGRES=1 but PostgreSQL is not usable: {reason}")
+    pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL} ({reason}); set KLMON_TEST_PG_URL")
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    return PG_ADMIN_URL
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database for this test session (dropped afterwards)."""
+    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"klmon_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        admin.dispose()
+        _pg_unavailable(str(exc).splitlines()[0])
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_migrated_url(pg_server_url: str) -> str:
+    engine = make_engine(pg_server_url)
+    upgrade(engine)
+    engine.dispose()
+    return pg_server_url
+
+
+def _truncate_all(url: str) -> None:
+    engine = make_engine(url)
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A migrated, empty klmon database, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'klmon.db'}"
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        return url
+    url = request.getfixturevalue("pg_migrated_url")
+    _truncate_all(url)
+    return url
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database.open(db_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A database with no klmon schema at all (for migration tests)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'empty.db'}"
+    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"klmon_empty_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        admin.dispose()
+        _pg_unavailable(str(exc).splitlines()[0])
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    request.addfinalizer(drop)
+    return f"{PG_ADMIN_URL.rpartition('/')[0]}/{name}"
