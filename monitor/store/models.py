@@ -224,6 +224,82 @@ class AlertEventRow(Base):
     acknowledged_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
     notified_firing: Mapped[bool] = mapped_column(Boolean, default=False)
     notified_resolved: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Added by 0002_alerts: the step it fired at, the threshold it crossed, and the last step
+    # the condition held with the value there (start_step is where it went pending).
+    fired_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class AlertCursorRow(Base):
+    """Per run: the last step the alert engine evaluated. ``version`` makes the advance a
+    compare-and-set, so two evaluators never both record the same transition."""
+
+    __tablename__ = "alert_cursors"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    evaluated_at: Mapped[float] = mapped_column(Float)
+
+
+class AlertStateRow(Base):
+    """Per (run, rule): ok | pending | firing | nodata, with the step counters the next
+    evaluation continues from and the open episode (alert_events row), if any."""
+
+    __tablename__ = "alert_states"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rule: Mapped[str] = mapped_column(String(100), primary_key=True)
+    state: Mapped[str] = mapped_column(String(20))
+    hold_steps: Mapped[int] = mapped_column(Integer, default=0)
+    clear_steps: Mapped[int] = mapped_column(Integer, default=0)
+    event_id: Mapped[int | None] = mapped_column(
+        ForeignKey("alert_events.id", ondelete="SET NULL"), nullable=True
+    )
+    since_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class AlertSilenceRow(Base):
+    """While ``until`` is in the future, no notification goes out for the run (and rule, when
+    given); states are still tracked."""
+
+    __tablename__ = "alert_silences"
+    __table_args__ = (Index("ix_alert_silences_run_until", "run_id", "until"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    rule: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    until: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class AlertNotificationRow(Base):
+    """The outbox: a rendered notification, marked sent only after the channel accepted it.
+    status is pending | sent | dead (gave up after too many attempts)."""
+
+    __tablename__ = "alert_notifications"
+    __table_args__ = (Index("ix_alert_notifications_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), nullable=True
+    )
+    channel: Mapped[str] = mapped_column(String(20))
+    subject: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    event_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(10), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    claimed_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class AnnotationRow(Base):
