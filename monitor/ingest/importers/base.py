@@ -1,0 +1,160 @@
+"""What every reader hands back, and the helpers they share.
+
+A step-table reader (trainer_state, JSONL, CSV, Parquet, veRL console) turns a file into a
+:class:`RawTable`: records of ``name -> value`` with the line (or row) they came from, plus
+the problems it met. Turning records into klmon steps and metrics is the same for every
+format and lives in :mod:`monitor.ingest.importers.tables`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+# Called with the number of bytes (or rows) read so far.
+Tick = Callable[[int], None]
+
+
+def no_tick(_done: int) -> None:
+    """A progress callback that does nothing."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A line that was skipped, and why (``line`` None: the problem is not tied to a line).
+
+    ``unit`` names what ``line`` counts: a ``line`` of text, a Parquet ``row``, a
+    ``log_history entry``, a ``step`` of a per-token log.
+    """
+
+    line: int | None
+    reason: str
+    unit: str = "line"
+
+    def __str__(self) -> str:
+        return f"{self.unit} {self.line}: {self.reason}" if self.line is not None else self.reason
+
+
+@dataclass
+class RawRecord:
+    """One row of a log: where it was (1-based line or row number) and its flattened keys."""
+
+    line: int
+    values: dict[str, Any]
+    kind: str = "train"  # train | eval
+
+
+@dataclass
+class RawTable:
+    """What a step-table reader found in a file."""
+
+    records: list[RawRecord] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    # The step column when the format fixes it (trainer_state: "step"); None: look for one.
+    step_key: str | None = None
+    # Columns whose values are text, kept for the klmon export format (status, reject_reason).
+    text_columns: frozenset[str] = frozenset()
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts become ``a/b`` keys (``{"actor": {"kl_loss": 1}}`` -> ``actor/kl_loss``)."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+_WRAPPED_NUMBER = re.compile(
+    r"^(?:np\.\w+|numpy\.\w+|tensor|torch\.tensor|array|float|int)\((?P<num>[^,()]+)(?:,.*)?\)$"
+)
+_TRUE = {"true", "True", "TRUE"}
+_FALSE = {"false", "False", "FALSE"}
+
+
+class NotNumeric(ValueError):
+    """A value that is not a number (text, a list, ...)."""
+
+
+def to_number(value: Any) -> float | None:
+    """A cell as a float; None for missing (None, empty, NaN, +-Infinity).
+
+    Accepts numbers, booleans, numeric strings (``"1e-3"``, ``"NaN"``, ``"inf"``) and the
+    wrapped reprs loggers print (``np.float64(0.5)``, ``tensor(0.5)``). Raises NotNumeric for
+    anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if hasattr(value, "item") and not isinstance(value, str | bytes):  # numpy scalar
+        try:
+            return to_number(value.item())
+        except (TypeError, ValueError) as exc:
+            raise NotNumeric(repr(value)) from exc
+    if isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return None
+        if s in _TRUE:
+            return 1.0
+        if s in _FALSE:
+            return 0.0
+        m = _WRAPPED_NUMBER.match(s)
+        if m:
+            s = m.group("num").strip()
+        try:
+            f = float(s)
+        except ValueError:
+            raise NotNumeric(value) from None
+        return f if math.isfinite(f) else None
+    raise NotNumeric(repr(value)[:60])
+
+
+def to_step(value: Any) -> int:
+    """A step number: a non-negative integer (``12``, ``12.0``, ``"12"``); ValueError else."""
+    f = to_number(value)
+    if f is None:
+        raise ValueError("the step is empty")
+    if f != int(f):
+        raise ValueError(f"step {value!r} is not a whole number")
+    if f < 0:
+        raise ValueError(f"step {value!r} is negative")
+    return int(f)
+
+
+def iter_lines(fh: BinaryIO, tick: Tick) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) for each line of a binary file; text None when not UTF-8."""
+    done = 0
+    for number, raw in enumerate(fh, start=1):
+        done += len(raw)
+        if number % 512 == 0:
+            tick(done)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield number, None
+            continue
+        if number == 1:
+            line = line.lstrip("\ufeff")
+        yield number, line
+    tick(done)
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

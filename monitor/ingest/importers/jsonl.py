@@ -1,0 +1,61 @@
+"""JSON Lines step tables: one JSON object per line (or one JSON array of objects).
+
+Arbitrary keys, nested objects flattened to ``a/b``; bare ``NaN``/``Infinity`` are read as
+missing. A line that is not a JSON object is reported with its number and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, flatten, iter_lines
+from monitor.ingest.importers.trainer_state import load_json
+
+
+def read(path: Path, tick: Tick) -> RawTable:
+    table = RawTable()
+    with path.open("rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        return _read_array(path, tick)
+    with path.open("rb") as fh:
+        for number, line in iter_lines(fh, tick):
+            if line is None:
+                table.problems.append(Problem(number, "not UTF-8 text"))
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                table.problems.append(
+                    Problem(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                )
+                continue
+            if not isinstance(obj, dict):
+                table.problems.append(
+                    Problem(number, f"a JSON {_kind(obj)}, not an object with named values")
+                )
+                continue
+            table.records.append(RawRecord(number, flatten(obj)))
+    return table
+
+
+def _read_array(path: Path, tick: Tick) -> RawTable:
+    table = RawTable()
+    doc = load_json(path)
+    for number, obj in enumerate(doc, start=1):
+        if isinstance(obj, dict):
+            table.records.append(RawRecord(number, flatten(obj)))
+        else:
+            table.problems.append(Problem(number, f"a JSON {_kind(obj)}, not an object", "item"))
+    tick(path.stat().st_size)
+    return table
+
+
+def _kind(obj: object) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(obj), "number"
+    )

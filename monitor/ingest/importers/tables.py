@@ -1,0 +1,267 @@
+"""From a reader's records to klmon step rows, extra metrics and metric meanings.
+
+Shared by every step-table format. A row's step comes from its step column (``step``,
+``global_step``, ``iteration``, ``_step``, ...) or, when the log has none, its position.
+Every numeric source key is kept as an extra metric under its own name; keys whose meaning
+is known (or given with ``--map COLUMN=QUANTITY``) also fill klmon's step columns. Rows
+for the same step are merged (a trainer_state eval row joins its training row).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.errors import InvalidInput
+from monitor.ingest.importers.base import NotNumeric, Problem, RawTable, to_number, to_step
+from monitor.ingest.importers.keys import (
+    METRIC_PREFIX,
+    QUANTITY_MEANINGS,
+    KeyMeaning,
+    detect_producer,
+    is_int_quantity,
+    lookup,
+)
+from monitor.store.metric_info import MetricInfo
+
+STEP_KEYS: tuple[str, ...] = (
+    "step",
+    "global_step",
+    "train/global_step",
+    "iteration",
+    "iter",
+    "_step",
+    "Step",
+)
+TIME_KEYS: tuple[str, ...] = ("wall_time", "_timestamp", "timestamp", "time")
+STEP_STATUSES = ("ok", "partial", "rejected")
+
+
+@dataclass
+class Prepared:
+    """Everything an import writes, built in memory before the first write."""
+
+    fmt: str
+    producer: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[tuple[int, str, float]] = field(default_factory=list)
+    infos: list[MetricInfo] = field(default_factory=list)
+    histograms: list[tuple[int, list[int]]] = field(default_factory=list)
+    samples: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # quantity -> the source keys that filled it
+    mapping: dict[str, list[str]] = field(default_factory=dict)
+    records_read: int = 0
+
+
+def payload_hash(row: dict[str, Any]) -> str:
+    """A digest of what a step row holds (not its wall time): equal for a replayed import."""
+    body = {k: v for k, v in row.items() if k not in ("wall_time", "payload_hash", "step")}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_map_columns(user_map: dict[str, str | None], columns: set[str], path: object) -> None:
+    """Every ``--map`` COLUMN must be a column of the file (a clear error otherwise)."""
+    for column, quantity in user_map.items():
+        if column in columns:
+            continue
+        close = difflib.get_close_matches(column, sorted(columns), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        shown = ", ".join(sorted(columns)[:30]) + (" ..." if len(columns) > 30 else "")
+        raise InvalidInput(
+            f"--map {column}={quantity or '-'}: {path} has no column {column!r}{hint} "
+            f"(its columns: {shown})"
+        )
+
+
+def build(
+    table: RawTable,
+    *,
+    fmt: str,
+    path: object,
+    default_wall_time: float,
+    user_map: dict[str, str | None] | None = None,
+) -> Prepared:
+    """Steps, metrics and meanings from a reader's table."""
+    user_map = dict(user_map or {})
+    keys: set[str] = set()
+    for rec in table.records:
+        keys.update(rec.values)
+    producer = detect_producer(keys)
+    out = Prepared(fmt=fmt, producer=producer, problems=list(table.problems))
+    out.notes.extend(table.notes)
+    out.records_read = len(table.records)
+    klmon = producer == "klmon"
+    step_key = table.step_key or next((k for k in STEP_KEYS if k in keys), None)
+    if step_key is None:
+        out.notes.append("no step column (step, global_step, iteration, _step): row order used")
+    text_cols = {"status", "reject_reason"} if klmon else set()
+
+    # 1. coerce values and merge rows by step
+    merged: dict[int, dict[str, Any]] = {}
+    non_numeric: Counter[str] = Counter()
+    repeated = 0
+    unit = "row" if fmt == "parquet" else "log_history entry" if fmt == "trainer_state" else "line"
+    for index, rec in enumerate(table.records):
+        if step_key is None:
+            step = index
+        else:
+            raw = rec.values.get(step_key)
+            if raw is None or raw == "":
+                shown = ", ".join(list(rec.values)[:5])
+                out.problems.append(
+                    Problem(
+                        rec.line,
+                        f"no {step_key!r} value (a row of another kind? keys: {shown})",
+                        unit,
+                    )
+                )
+                continue
+            try:
+                step = to_step(raw)
+            except (ValueError, NotNumeric) as exc:
+                out.problems.append(Problem(rec.line, f"bad step: {exc}", unit))
+                continue
+        values: dict[str, Any] = {}
+        for k, v in rec.values.items():
+            if k == step_key:
+                continue
+            if k in text_cols:
+                values[k] = None if v is None or str(v).strip() == "" else str(v)
+                continue
+            try:
+                values[k] = to_number(v)
+            except NotNumeric:
+                non_numeric[k] += 1
+        if not any(v is not None for v in values.values()):
+            what = "only missing values" if values else "no numeric values"
+            shown = ", ".join(list(rec.values)[:5])
+            out.problems.append(
+                Problem(rec.line, f"a row of another kind ({what}; keys: {shown})", unit)
+            )
+            continue
+        slot = merged.setdefault(step, {})
+        if any(k in slot and slot[k] != v for k, v in values.items()):
+            repeated += 1
+        slot.update(values)
+    if repeated:
+        out.notes.append(f"{repeated} rows repeated a step already seen: the later values kept")
+    if non_numeric:
+        cols = ", ".join(f"{k} ({n})" for k, n in non_numeric.most_common(5))
+        out.notes.append(f"non-numeric values ignored in: {cols}")
+
+    # 2. what each column means
+    columns = {k for vals in merged.values() for k in vals}
+    check_map_columns(user_map, columns | keys - {step_key}, path)
+    meanings: dict[str, KeyMeaning | None] = {c: lookup(producer, c) for c in columns}
+    for column, quantity in user_map.items():
+        base = meanings.get(column)
+        if quantity is None:
+            meanings[column] = KeyMeaning(
+                None,
+                base.estimator if base else None,
+                base.scale if base else None,
+                f"--map {column}=-: kept only as a metric"
+                + (f" ({base.description})" if base and base.description else ""),
+            )
+        else:
+            q = QUANTITY_MEANINGS[quantity]
+            meanings[column] = KeyMeaning(
+                quantity,
+                q.estimator,
+                q.scale,
+                f"mapped with --map {column}={quantity}: {q.description}",
+                priority=-10,
+            )
+    candidates: dict[str, list[tuple[int, str]]] = {}
+    for column, m in meanings.items():
+        if m is not None and m.quantity is not None:
+            candidates.setdefault(m.quantity, []).append((m.priority, column))
+    for cands in candidates.values():
+        cands.sort()
+
+    # 3. step rows and metrics
+    used: dict[str, Counter[str]] = {}
+    time_key = next((k for k in TIME_KEYS if k in columns), None) if not klmon else None
+    for step in sorted(merged):
+        vals = merged[step]
+        row: dict[str, Any] = {"step": step}
+        for quantity, cands in candidates.items():
+            for _prio, column in cands:
+                v = vals.get(column)
+                if v is not None:
+                    row[quantity] = round(v) if is_int_quantity(quantity) else v
+                    used.setdefault(quantity, Counter())[column] += 1
+                    break
+        if klmon:
+            status = vals.get("status")
+            if status is not None:
+                if status not in STEP_STATUSES:
+                    out.problems.append(Problem(step, f"unknown status {status!r}", "step"))
+                    continue
+                if vals.get("wall_time") is None:
+                    out.problems.append(Problem(step, "a step row without wall_time", "step"))
+                    continue
+                row["wall_time"] = vals["wall_time"]
+                row["status"] = status
+                row["reject_reason"] = vals.get("reject_reason")
+                if vals.get("ranks_seen") is not None:
+                    row["ranks_seen"] = int(vals["ranks_seen"])
+                row["payload_hash"] = payload_hash(row)
+                out.steps.append(row)
+        else:
+            row["wall_time"] = _wall_time(vals.get(time_key), default_wall_time)
+            row["payload_hash"] = payload_hash(row)
+            out.steps.append(row)
+        for column, v in vals.items():
+            m = meanings.get(column)
+            if v is None or (m is not None and not m.keep_metric):
+                continue
+            name = (
+                column[len(METRIC_PREFIX) :]
+                if klmon and column.startswith(METRIC_PREFIX)
+                else column
+            )
+            out.metrics.append((step, name, v))
+
+    out.mapping = {
+        q: [c for c, _n in used[q].most_common()] for q in QUANTITY_MEANINGS if q in used
+    }
+    stored = {name for _s, name, _v in out.metrics}
+    source = producer if producer not in ("generic", "klmon") else fmt
+    if klmon:
+        exported = table.config.get("klmon_export", {}).get("metric_info", [])
+        out.infos = [MetricInfo(**i) for i in exported if i.get("name") in stored]
+    else:
+        for column in sorted(stored):
+            m = meanings.get(column)
+            out.infos.append(
+                MetricInfo(
+                    name=column,
+                    source=source,
+                    quantity=m.quantity if m else None,
+                    estimator=m.estimator if m else None,
+                    scale=m.scale if m else None,
+                    description=m.description if m else None,
+                )
+            )
+    out.config = {k: v for k, v in table.config.items() if k != "klmon_export"}
+    if klmon and "config" in table.config.get("klmon_export", {}):
+        out.config = dict(table.config["klmon_export"]["config"])
+    return out
+
+
+def _wall_time(value: float | None, default: float) -> float:
+    """A timestamp column in Unix seconds (or milliseconds), else the default."""
+    if value is None:
+        return default
+    if value > 1e11:  # milliseconds
+        value = value / 1000.0
+    return value if value > 1e8 else default

@@ -1,0 +1,313 @@
+"""Per-token JSON Lines: one sequence per line with its policy and reference log-probs.
+
+klmon computes its own full summaries from these, as the live client would: lines are
+grouped by step, each step goes through :func:`monitor.divergence.summarize`, and the step
+row, the token histogram and a few samples (the highest-KL sequences and some random ones)
+are stored. Recognised keys per line (first match wins):
+
+- policy log-probs: policy_logprobs, logprobs, policy_log_probs, log_probs, policy_logps
+- reference log-probs: ref_logprobs, ref_log_probs, reference_logprobs, ref_logps
+- optional per token: rollout_logprobs, entropies, mask (response_mask, loss_mask), tokens
+- optional per sequence: reward (score), prompt, response (completion, text), step
+  (global_step, iteration), kl_coef (beta); any other number is averaged over the step
+  and kept as an extra metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitor.errors import InvalidInput
+from monitor.ingest.importers.base import NotNumeric, Problem, Tick, iter_lines, to_number, to_step
+from monitor.ingest.importers.tables import Prepared, payload_hash
+from monitor.store.metric_info import MetricInfo
+from monitor.store.models import STEP_QUANTITIES
+
+POLICY_KEYS = ("policy_logprobs", "logprobs", "policy_log_probs", "log_probs", "policy_logps")
+REF_KEYS = ("ref_logprobs", "ref_log_probs", "reference_logprobs", "ref_logps")
+ROLLOUT_KEYS = ("rollout_logprobs", "rollout_log_probs", "sampling_logprobs")
+ENTROPY_KEYS = ("entropies", "token_entropies", "entropy")
+MASK_KEYS = ("mask", "response_mask", "loss_mask", "completion_mask")
+TOKEN_KEYS = ("tokens", "response_tokens")
+REWARD_KEYS = ("reward", "score")
+STEP_KEYS = ("step", "global_step", "iteration", "_step")
+KL_COEF_KEYS = ("kl_coef", "beta")
+PROMPT_KEYS = ("prompt",)
+RESPONSE_KEYS = ("response", "completion", "text")
+TIME_KEYS = ("wall_time", "timestamp", "time")
+_KNOWN = {
+    *POLICY_KEYS,
+    *REF_KEYS,
+    *ROLLOUT_KEYS,
+    *ENTROPY_KEYS,
+    *MASK_KEYS,
+    *TOKEN_KEYS,
+    *REWARD_KEYS,
+    *STEP_KEYS,
+    *KL_COEF_KEYS,
+    *PROMPT_KEYS,
+    *RESPONSE_KEYS,
+    *TIME_KEYS,
+}
+
+# Samples kept per step, as the live client keeps by default (samples_top, samples_random).
+TOP_SAMPLES = 3
+RANDOM_SAMPLES = 2
+
+
+def _first(obj: dict[str, Any], keys: Sequence[str]) -> tuple[str | None, Any]:
+    for k in keys:
+        if k in obj and obj[k] is not None:
+            return k, obj[k]
+    return None, None
+
+
+def is_token_record(obj: dict[str, Any]) -> bool:
+    """A JSON object holding a sequence's policy and reference log-prob lists."""
+    return isinstance(_first(obj, POLICY_KEYS)[1], list) and isinstance(
+        _first(obj, REF_KEYS)[1], list
+    )
+
+
+@dataclass
+class _Seq:
+    line: int
+    policy: list[float]
+    ref: list[float]
+    rollout: list[float] | None = None
+    entropies: list[float] | None = None
+    tokens: list[Any] | None = None
+    reward: float | None = None
+    prompt: str | None = None
+    response: str | None = None
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _floats(name: str, value: Any) -> list[float]:
+    if not isinstance(value, list):
+        raise _Bad(f"{name} is not a list")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise _Bad(f"{name}[{i}] is not a number: {v!r:.30}")
+        out.append(float(v))
+    return out
+
+
+def _parse(number: int, obj: dict[str, Any]) -> tuple[int | None, float | None, float | None, _Seq]:
+    """(step, kl_coef, wall time, sequence) of one line; _Bad when it cannot be used."""
+    pk, pv = _first(obj, POLICY_KEYS)
+    rk, rv = _first(obj, REF_KEYS)
+    if pk is None or rk is None:
+        raise _Bad(
+            "no policy and reference log-prob lists "
+            f"(expected one of {POLICY_KEYS[:2]} and one of {REF_KEYS[:2]})"
+        )
+    policy, ref = _floats(pk, pv), _floats(rk, rv)
+    n = len(policy)
+    lists: dict[str, list[Any]] = {rk: ref}
+    rollout = entropies = mask = tokens = None
+    key, v = _first(obj, ROLLOUT_KEYS)
+    if key:
+        rollout = lists[key] = _floats(key, v)
+    key, v = _first(obj, ENTROPY_KEYS)
+    if key and isinstance(v, list):
+        entropies = lists[key] = _floats(key, v)
+    key, v = _first(obj, MASK_KEYS)
+    if key:
+        mask = lists[key] = [bool(x) for x in _floats(key, v)]
+    key, v = _first(obj, TOKEN_KEYS)
+    if key and isinstance(v, list):
+        tokens = lists[key] = [str(t) for t in v]
+    for key, lst in lists.items():
+        if len(lst) != n:
+            raise _Bad(f"{pk} has {n} tokens but {key} has {len(lst)}")
+    if mask is not None:
+        keep = [i for i, m in enumerate(mask) if m]
+        policy = [policy[i] for i in keep]
+        ref = [ref[i] for i in keep]
+        rollout = [rollout[i] for i in keep] if rollout is not None else None
+        entropies = [entropies[i] for i in keep] if entropies is not None else None
+        tokens = [tokens[i] for i in keep] if tokens is not None else None
+    if not policy:
+        raise _Bad("no response tokens (empty, or all masked out)")
+    for name, lst in ((pk, policy), (rk, ref), ("rollout log-probs", rollout)):
+        if lst is not None and not all(math.isfinite(x) for x in lst):
+            raise _Bad(f"{name} holds NaN or infinite values under the mask")
+    seq = _Seq(number, policy, ref, rollout, entropies, tokens)
+    try:
+        seq.reward = to_number(_first(obj, REWARD_KEYS)[1])
+        step_raw = _first(obj, STEP_KEYS)[1]
+        step = to_step(step_raw) if step_raw is not None else None
+        kl_coef = to_number(_first(obj, KL_COEF_KEYS)[1])
+        wall = to_number(_first(obj, TIME_KEYS)[1])
+    except (ValueError, NotNumeric) as exc:
+        raise _Bad(str(exc)) from None
+    _pk, prompt = _first(obj, PROMPT_KEYS)
+    _rk, response = _first(obj, RESPONSE_KEYS)
+    seq.prompt = prompt if isinstance(prompt, str) else None
+    seq.response = response if isinstance(response, str) else None
+    for k, v in obj.items():
+        if isinstance(v, list | dict | str) or (k in _KNOWN and k not in ENTROPY_KEYS):
+            continue
+        try:
+            f = to_number(v)
+        except NotNumeric:
+            continue
+        if f is not None:
+            seq.extras[k] = f
+    return step, kl_coef, wall, seq
+
+
+def prepare(
+    path: Path,
+    tick: Tick,
+    *,
+    default_wall_time: float,
+    user_map: dict[str, str | None] | None = None,
+) -> Prepared:
+    """Read a per-token JSONL and compute klmon's step summaries from it."""
+    if user_map:
+        raise InvalidInput(
+            f"{path}: --map applies to step tables; klmon computes every quantity of a "
+            "per-token log itself"
+        )
+    from monitor.divergence import summarize  # numpy-only, loaded when needed
+
+    out = Prepared(fmt="tokens", producer="klmon")
+    groups: dict[int, list[_Seq]] = {}
+    coefs: dict[int, float] = {}
+    walls: dict[int, float] = {}
+    no_step = 0
+    with path.open("rb") as fh:
+        for number, line in iter_lines(fh, tick):
+            if line is None:
+                out.problems.append(Problem(number, "not UTF-8 text"))
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                out.problems.append(
+                    Problem(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                )
+                continue
+            if not isinstance(obj, dict):
+                out.problems.append(Problem(number, "not a JSON object"))
+                continue
+            try:
+                step, kl_coef, wall, seq = _parse(number, obj)
+            except _Bad as exc:
+                out.problems.append(Problem(number, str(exc)))
+                continue
+            out.records_read += 1
+            if step is None:
+                no_step += 1
+                step = 0
+            groups.setdefault(step, []).append(seq)
+            if kl_coef is not None:
+                coefs[step] = kl_coef
+            if wall is not None and wall > 1e8:
+                walls[step] = max(walls.get(step, 0.0), wall)
+    if no_step:
+        out.notes.append(f"{no_step} sequences had no step: stored under step 0")
+
+    computed: set[str] = set()
+    extra_names: set[str] = set()
+    for step in sorted(groups):
+        seqs = groups[step]
+        rewards = [s.reward for s in seqs]
+        rollouts = [s.rollout for s in seqs]
+        entropies = [s.entropies for s in seqs]
+        try:
+            summary = summarize(
+                [s.policy for s in seqs],
+                [s.ref for s in seqs],
+                rewards=rewards if all(r is not None for r in rewards) else None,
+                kl_coef=coefs.get(step),
+                rollout_logprobs=rollouts if all(r is not None for r in rollouts) else None,
+                entropies=entropies if all(e is not None for e in entropies) else None,
+            )
+        except InvalidInput as exc:
+            out.problems.append(Problem(step, f"not summarised: {exc}", "step"))
+            continue
+        row: dict[str, Any] = {"step": step, "wall_time": walls.get(step, default_wall_time)}
+        for name, value in summary.as_dict().items():
+            if name in STEP_QUANTITIES:
+                row[name] = _plain(value)
+            elif value is not None:
+                out.metrics.append((step, name, float(value)))
+                computed.add(name)
+        row["payload_hash"] = payload_hash(row)
+        out.steps.append(row)
+        out.histograms.append((step, [int(c) for c in np.asarray(summary.token_hist)]))
+        out.samples[step] = _samples(step, seqs, np.asarray(summary.seq_kl, dtype=float))
+        sums: dict[str, list[float]] = {}
+        for s in seqs:
+            for k, v in s.extras.items():
+                sums.setdefault(k, []).append(v)
+        for k, vs in sums.items():
+            out.metrics.append((step, k, float(np.mean(vs))))
+            extra_names.add(k)
+    out.infos = [
+        MetricInfo(
+            name=k,
+            source="tokens",
+            scale="seq",
+            description="mean over the step's sequences of the per-line value",
+        )
+        for k in sorted(extra_names - computed)
+    ] + [
+        MetricInfo(name=k, source="klmon", description="computed by klmon from the log-probs")
+        for k in sorted(computed)
+    ]
+    out.mapping = {"(computed by klmon)": ["policy/reference log-probs"]}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _samples(step: int, seqs: list[_Seq], seq_kl: np.ndarray) -> list[dict[str, Any]]:
+    order = np.argsort(-seq_kl, kind="stable")
+    top = [int(i) for i in order[:TOP_SAMPLES]]
+    rest = [i for i in range(len(seqs)) if i not in set(top)]
+    rng = np.random.default_rng(step)
+    rand = sorted(int(i) for i in rng.permutation(rest)[:RANDOM_SAMPLES]) if rest else []
+    chosen = [(i, "top") for i in top] + [(i, "random") for i in rand]
+    return [
+        {
+            "step": step,
+            "rank": 0,
+            "seq_index": i,
+            "kind": kind,
+            "kl_seq": float(seq_kl[i]),
+            "reward": seqs[i].reward,
+            "prompt": seqs[i].prompt,
+            "response": seqs[i].response,
+            "tokens": seqs[i].tokens,
+            "policy_logprobs": seqs[i].policy,
+            "ref_logprobs": seqs[i].ref,
+        }
+        for i, kind in chosen
+    ]

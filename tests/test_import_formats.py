@@ -1,0 +1,278 @@
+"""Importers without a database: format detection, each reader on its fixture, key meanings,
+--map validation, malformed lines and lying extensions."""
+
+from __future__ import annotations
+
+import builtins
+import shutil
+from pathlib import Path
+
+import pytest
+
+from monitor.errors import InvalidInput
+from monitor.ingest.importers import (
+    default_run_name,
+    detect_format,
+    detect_producer,
+    lookup,
+    parse_map,
+    prepare_path,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "import"
+
+
+def _steps(prepared) -> dict[int, dict]:
+    return {
+        r["step"]: {k: v for k, v in r.items() if k not in ("step", "wall_time", "payload_hash")}
+        for r in prepared.steps
+    }
+
+
+def _metrics(prepared) -> dict[tuple[int, str], float]:
+    return {(s, n): v for s, n, v in prepared.metrics}
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        ("trl_ppo.trainer_state.json", "trainer_state"),
+        ("dpo.trainer_state.json", "trainer_state"),
+        ("steps.jsonl", "jsonl"),
+        ("tokens.jsonl", "tokens"),
+        ("steps.csv", "csv"),
+        ("no_step.tsv", "csv"),
+        ("wandb_grpo.csv", "csv"),
+        ("verl_console.log", "verl"),
+        ("verl_tracking.parquet", "parquet"),
+    ],
+)
+def test_format_is_detected_from_content(name: str, fmt: str, tmp_path: Path) -> None:
+    assert detect_format(FIXTURES / name) == fmt
+    # the content decides, not the name: the same bytes without an extension
+    bare = tmp_path / "log"
+    shutil.copy(FIXTURES / name, bare)
+    assert detect_format(bare) == fmt
+
+
+def test_a_file_that_is_not_what_its_extension_says_is_refused() -> None:
+    with pytest.raises(InvalidInput, match=r"junk\.json: the name says JSON .* binary data"):
+        detect_format(FIXTURES / "junk.json")
+    with pytest.raises(
+        InvalidInput, match=r"csv_named\.jsonl: the name says JSON Lines but the file holds CSV"
+    ):
+        prepare_path(FIXTURES / "csv_named.jsonl")
+    # --format overrides the check
+    _file, prepared = prepare_path(FIXTURES / "csv_named.jsonl", fmt="csv")
+    assert sorted(_steps(prepared)) == [0, 1]
+
+
+def test_unreadable_files_get_a_clear_error(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.log"
+    empty.write_text("")
+    with pytest.raises(InvalidInput, match=r"empty\.log: cannot read nothing"):
+        detect_format(empty)
+    prose = tmp_path / "notes.txt"
+    prose.write_text("just some words\nand more words\n")
+    with pytest.raises(InvalidInput, match=r"notes\.txt: cannot read text .* expected one of"):
+        detect_format(prose)
+    not_parquet = tmp_path / "x.parquet"
+    not_parquet.write_text("step,kl\n1,2\n")
+    with pytest.raises(InvalidInput, match=r"x\.parquet: the name says Parquet but .* CSV"):
+        detect_format(not_parquet)
+    broken = tmp_path / "trainer_state.json"
+    broken.write_text('{\n  "log_history": [\n    {"step": 1,, }\n  ]\n}\n')
+    with pytest.raises(InvalidInput, match=r"not valid JSON .* line 3"):
+        prepare_path(broken)
+    with pytest.raises(InvalidInput, match="no such file"):
+        prepare_path(tmp_path / "missing.jsonl")
+    forced = tmp_path / "forced.jsonl"
+    forced.write_text("a,b\n1,2\n")
+    with pytest.raises(InvalidInput, match=r"no steps could be read .* 2 lines skipped"):
+        prepare_path(forced, fmt="jsonl")
+
+
+def test_trl_ppo_trainer_state() -> None:
+    _file, p = prepare_path(FIXTURES / "trl_ppo.trainer_state.json")
+    assert (p.fmt, p.producer) == ("trainer_state", "trl-ppo")
+    steps = _steps(p)
+    assert sorted(steps) == [10, 20, 30]  # the train_runtime summary row is not a step
+    assert steps[10] == {"kl_mean": 0.12, "reward_mean": 0.806, "entropy_mean": 1.9}
+    # objective/entropy (per-sequence sum) fills entropy_mean only where the per-token
+    # policy/entropy_avg is absent; here it is Infinity, i.e. missing
+    assert "entropy_mean" not in steps[30]
+    m = _metrics(p)
+    assert m[(20, "eval/loss")] == 0.55  # eval rows kept as metrics with eval/ names
+    assert m[(20, "eval/objective/scores")] == 1.1
+    assert (20, "policy/approxkl_avg") not in m  # bare NaN is missing
+    assert m[(10, "policy/approxkl_avg")] == 0.0021
+    assert p.config["train_summary"]["train_runtime"] == 120.5
+    assert p.config["trainer_state"]["train_batch_size"] == 4
+    infos = {i.name: i for i in p.infos}
+    assert (infos["objective/kl"].quantity, infos["objective/kl"].estimator) == ("kl_mean", "k1")
+    assert infos["objective/kl"].scale == "seq-sum"
+    assert infos["objective/entropy"].scale == "seq-sum"
+    assert infos["policy/entropy_avg"].scale == "token-mean"
+    approx = infos["policy/approxkl_avg"]
+    assert approx.quantity is None and "NOT KL to the reference" in approx.description
+    assert infos["eval/objective/scores"].quantity is None  # eval never fills a quantity
+    assert all(i.source == "trl-ppo" for i in infos.values())
+
+
+def test_dpo_keys_are_metrics_only() -> None:
+    _file, p = prepare_path(FIXTURES / "dpo.trainer_state.json")
+    assert p.producer == "trl-dpo"
+    assert p.mapping == {}
+    assert _metrics(p)[(2, "rewards/chosen")] == 0.2
+    assert lookup("trl-dpo", "kl").quantity is None  # KTO's kl is not GRPO's k3
+
+
+def test_jsonl_nan_malformed_lines_and_rows_of_other_kinds() -> None:
+    _file, p = prepare_path(FIXTURES / "steps.jsonl")
+    assert p.producer == "generic"
+    steps = _steps(p)
+    assert sorted(steps) == [0, 1, 2, 5]
+    assert steps[2] == {}  # reward -Infinity: missing
+    m = _metrics(p)
+    assert (1, "kl") not in m and (1, "loss") not in m  # NaN / Infinity are missing
+    assert m[(0, "actor/lr")] == 1e-6  # nested objects flattened
+    assert m[(5, "done")] == 1.0
+    assert (0, "kl") in m and "k3" not in steps[0]  # a generic "kl" is never guessed
+    reasons = [str(x) for x in p.problems]
+    assert reasons[0].startswith("line 5: not valid JSON")
+    assert reasons[1].startswith("line 6: a JSON array")
+    assert reasons[2].startswith("line 7: no 'global_step' value (a row of another kind")
+    assert reasons[3].startswith("line 8: bad step")
+    assert any("note" in n for n in p.notes)
+
+
+def test_csv_quoted_commas_empty_cells_and_bad_rows() -> None:
+    _file, p = prepare_path(FIXTURES / "steps.csv", mapping=parse_map(["kl_vs_ref=kl_mean"]))
+    steps = _steps(p)
+    assert sorted(steps) == [0, 1, 2, 4, 5]
+    assert steps[1] == {"kl_mean": -0.5}  # empty reward cell: missing
+    assert steps[4] == {"kl_mean": -2.0}  # "2,5" is text, not a number
+    assert steps[5] == {"kl_mean": -2.5, "reward_mean": 3.0}
+    m = _metrics(p)
+    assert m[(5, "lr")] == 2e-6  # after a quoted field spanning two lines
+    assert (2, "lr") not in m
+    assert [str(x) for x in p.problems] == ["line 5: 2 fields where the header has 5"]
+    info = {i.name: i for i in p.infos}["kl_vs_ref"]
+    assert (info.quantity, info.estimator, info.scale) == ("kl_mean", "k1", "seq-sum")
+    assert "--map kl_vs_ref=kl_mean" in info.description
+
+
+def test_no_step_column_uses_row_index() -> None:
+    _file, p = prepare_path(FIXTURES / "no_step.tsv")
+    assert sorted(_steps(p)) == [0, 1, 2]
+    assert _steps(p)[2] == {"reward_mean": 1.3}
+    assert any("row order" in n for n in p.notes)
+
+
+def test_wandb_export_with_train_prefix_is_grpo() -> None:
+    _file, p = prepare_path(FIXTURES / "wandb_grpo.csv")
+    assert p.producer == "trl-grpo"
+    steps = _steps(p)
+    assert sorted(steps) == [5, 10, 15]  # train/global_step wins over nothing; _step kept
+    assert steps[15]["k3"] == 0.003 and steps[15]["resp_len_mean"] == 455.0
+    assert p.steps[0]["wall_time"] == 1714550400.5  # _timestamp
+    m = _metrics(p)
+    assert m[(15, "eval/loss")] == 0.61
+    assert m[(15, "train/completions/clipped_ratio")] == 0.5
+
+
+def test_verl_console_log() -> None:
+    _file, p = prepare_path(FIXTURES / "verl_console.log")
+    assert (p.fmt, p.producer) == ("verl", "verl")
+    steps = _steps(p)
+    assert sorted(steps) == [1, 2, 4]
+    assert steps[1] == {
+        "k3": 0.0012,
+        "kl_coef": 0.001,
+        "entropy_mean": 1.23,  # np.float64(1.23)
+        "reward_mean": 0.25,
+        "resp_len_mean": 350.5,
+    }
+    assert steps[2]["k3"] == 0.0031  # after a tqdm carriage return and ANSI colours
+    assert "k3" not in steps[4] and steps[4]["resp_len_mean"] == 310.25  # nan; Ray suffix
+    m = _metrics(p)
+    assert m[(1, "actor/ppo_kl")] == 0.0003
+    assert m[(1, "val-core/openai/gsm8k/reward/mean@1")] == 0.31
+    assert [str(x) for x in p.problems] == ["line 5: unreadable item 'broken item without colon'"]
+    info = {i.name: i for i in p.infos}
+    assert (info["actor/kl_loss"].quantity, info["actor/kl_loss"].estimator) == ("k3", "k3")
+    assert info["actor/ppo_kl"].quantity is None
+
+
+def test_parquet_step_table() -> None:
+    _file, p = prepare_path(FIXTURES / "verl_tracking.parquet")
+    assert p.producer == "verl"
+    steps = _steps(p)
+    assert steps[0] == {"k1": 0.01, "kl_coef": 0.001, "reward_mean": 0.1, "resp_len_mean": 100.0}
+    assert "k1" not in steps[2] and "reward_mean" not in steps[3]
+    assert any("run_note" in n for n in p.notes)
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(monkeypatch) -> None:
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *args, **kwargs):
+        if name.startswith("pyarrow"):
+            raise ImportError("No module named 'pyarrow'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    with pytest.raises(
+        InvalidInput, match=r"verl_tracking\.parquet: .*pip install 'klmon\[parquet"
+    ):
+        prepare_path(FIXTURES / "verl_tracking.parquet")
+
+
+def test_map_is_validated() -> None:
+    assert parse_map(["a=k3", "b=-", "c=none"]) == {"a": "k3", "b": None, "c": None}
+    with pytest.raises(InvalidInput, match="'kl_man' is not a klmon quantity; use one of kl_mean"):
+        parse_map(["x=kl_man"])
+    with pytest.raises(InvalidInput, match="expected COLUMN=QUANTITY"):
+        parse_map(["kl"])
+    with pytest.raises(InvalidInput, match=r"has no column 'kl_vs_rf'; did you mean kl_vs_ref\?"):
+        prepare_path(FIXTURES / "steps.csv", mapping=parse_map(["kl_vs_rf=kl_mean"]))
+
+
+def test_map_overrides_and_removes_default_meanings() -> None:
+    _f, p = prepare_path(FIXTURES / "wandb_grpo.csv", mapping=parse_map(["train/kl=-"]))
+    assert "k3" not in p.mapping
+    assert _metrics(p)[(15, "train/kl")] == 0.003  # still kept as a metric
+    _f, p = prepare_path(
+        FIXTURES / "trl_ppo.trainer_state.json", mapping={"objective/entropy": "entropy_mean"}
+    )
+    assert _steps(p)[10]["entropy_mean"] == 41.5  # the user's column beats the default one
+
+
+def test_producer_detection_and_meanings() -> None:
+    assert detect_producer({"kl", "reward", "completion_length"}) == "trl-grpo"
+    assert detect_producer({"kl", "reward"}) == "generic"
+    assert detect_producer({"objective/kl", "objective/scores"}) == "trl-ppo"
+    assert detect_producer({"actor/kl_loss"}) == "verl"
+    assert detect_producer({"actor/lr", "kl"}) == "generic"
+    assert lookup("trl-grpo", "kl").quantity == "k3"
+    assert lookup("trl-grpo", "train/kl").quantity == "k3"
+    assert lookup("trl-grpo", "completions/clipped_ratio").quantity is None
+    assert lookup("generic", "approx_kl").quantity is None
+    assert lookup("trl-ppo", "policy/approxkl_avg").quantity is None
+    assert lookup("verl", "critic/kl").estimator == "k1"
+    assert lookup("generic", "reward").quantity == "reward_mean"
+    assert lookup("generic", "rewards/mean").quantity == "reward_mean"
+    assert lookup("verl", "critic/score/mean").quantity == "reward_mean"
+    assert lookup("trl-grpo", "entropy").scale == "token-mean"
+    assert lookup("trl-ppo", "objective/entropy").scale == "seq-sum"
+    assert lookup("trl-grpo", "eval_kl").quantity is None
+
+
+def test_default_run_names(tmp_path: Path) -> None:
+    assert default_run_name("logs/ppo_run.jsonl") == "ppo_run"
+    assert default_run_name("x/gemma.trainer_state.json") == "gemma"
+    ckpt = tmp_path / "grpo-qwen" / "checkpoint-250"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    assert default_run_name(ckpt / "trainer_state.json") == "grpo-qwen"
+    assert default_run_name(tmp_path / "grpo-qwen") == "grpo-qwen"

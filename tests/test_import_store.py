@@ -1,0 +1,157 @@
+"""Importing into the store (SQLite and PostgreSQL): the run, idempotency, conflicts, metric
+meanings, and the `klmon import` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from monitor.cli import main
+from monitor.errors import InvalidInput
+from monitor.ingest.importers import import_path, parse_map
+from monitor.store.database import Database
+from monitor.store.metric_info import (
+    MetricInfo,
+    metric_info_frame,
+    read_metric_info,
+    write_metric_info,
+)
+from monitor.store.runs import find_run_by_name, get_or_create_run
+from monitor.store.steps import read_metrics, read_steps
+
+FIXTURES = Path(__file__).parent / "fixtures" / "import"
+
+
+def test_metric_info_round_trip(db: Database) -> None:
+    run = get_or_create_run(db, "p", "r")
+    info = MetricInfo("kl", "trl-grpo", "k3", "k3", "token-mean", "GRPO kl")
+    assert write_metric_info(db, run.id, [info, MetricInfo("loss")]) == 2
+    # an existing meaning is left alone
+    assert write_metric_info(db, run.id, [MetricInfo("kl", "other")]) == 0
+    stored = read_metric_info(db, run.id)
+    assert stored["kl"] == info
+    assert stored["loss"] == MetricInfo("loss")
+    assert list(metric_info_frame(db, run.id)["name"]) == ["kl", "loss"]
+
+
+def test_import_creates_a_finished_run_with_meanings(db: Database) -> None:
+    report = import_path(db, FIXTURES / "trl_ppo.trainer_state.json", project="rl")
+    run = find_run_by_name(db, "rl", "trl_ppo")
+    assert run is not None and report.created
+    assert (run.status, run.source) == ("finished", "import:trainer_state")
+    assert run.finished_at is not None
+    assert run.config["trainer_state"]["max_steps"] == 30
+    assert run.config["import"]["producer"] == "trl-ppo"
+    steps = read_steps(db, run.id)
+    assert list(steps["step"]) == [10, 20, 30]
+    assert list(steps["kl_mean"]) == [0.12, 1.75, 2.4]
+    assert set(steps["status"]) == {"ok"}
+    metrics = read_metrics(db, run.id)
+    assert metrics.set_index("step").loc[20, "eval/loss"] == 0.55
+    assert metrics.set_index("step").loc[30, "objective/kl"] == 2.4
+    infos = read_metric_info(db, run.id)
+    assert infos["objective/kl"].quantity == "kl_mean"
+    assert infos["objective/kl"].estimator == "k1"
+    assert infos["policy/approxkl_avg"].quantity is None
+    assert report.steps_inserted == 3 and report.metrics_inserted == len(
+        metrics.melt(id_vars="step").dropna()
+    )
+
+
+def test_importing_twice_changes_nothing(db: Database) -> None:
+    first = import_path(db, FIXTURES / "verl_console.log")
+    before = (read_steps(db, first.run.id), read_metrics(db, first.run.id))
+    again = import_path(db, FIXTURES / "verl_console.log")
+    assert again.run.id == first.run.id and not again.created
+    assert (again.steps_inserted, again.metrics_inserted) == (0, 0)
+    assert again.steps_unchanged == 3 and again.metrics_unchanged == first.metrics_inserted
+    assert again.step_conflicts == () and again.metric_conflicts == []
+    after = (read_steps(db, first.run.id), read_metrics(db, first.run.id))
+    assert before[0].equals(after[0]) and before[1].equals(after[1])
+    assert any("already stored and unchanged: 3 steps" in line for line in again.summary_lines())
+
+
+def test_a_changed_file_reports_conflicts_and_keeps_stored_values(
+    db: Database, tmp_path: Path
+) -> None:
+    log = tmp_path / "run.jsonl"
+    log.write_text('{"step": 1, "reward": 1.0}\n{"step": 2, "reward": 2.0}\n')
+    import_path(db, log)
+    log.write_text(
+        '{"step": 1, "reward": 1.0}\n{"step": 2, "reward": 9.0}\n{"step": 3, "reward": 3.0}\n'
+    )
+    report = import_path(db, log)
+    assert report.steps_inserted == 1 and report.step_conflicts == (2,)
+    assert report.metric_conflicts == [(2, "reward")]
+    assert any(line.startswith("CONFLICT: 1 steps") for line in report.summary_lines())
+    steps = read_steps(db, report.run.id)
+    assert list(steps["reward_mean"]) == [1.0, 2.0, 3.0]
+
+
+def test_skipped_lines_are_summarised(db: Database) -> None:
+    report = import_path(db, FIXTURES / "steps.jsonl", name="s")
+    lines = report.summary_lines(max_problems=2)
+    assert lines[0].startswith("imported 4 steps, 11 metrics into run")
+    assert "4 lines skipped (first shown):" in lines
+    assert "  line 5: not valid JSON (Expecting ',' delimiter at column 44)" in lines
+    assert "  ... and 2 more" in lines
+
+
+def test_map_column_must_exist(db: Database) -> None:
+    with pytest.raises(InvalidInput, match="has no column 'nope'"):
+        import_path(db, FIXTURES / "steps.csv", mapping=parse_map(["nope=kl_mean"]))
+    assert find_run_by_name(db, "imported", "steps") is None  # nothing written
+
+
+def test_directory_with_checkpoints(db: Database, tmp_path: Path) -> None:
+    out = tmp_path / "grpo-out"
+    for n in (5, 30):
+        (out / f"checkpoint-{n}").mkdir(parents=True)
+    shutil.copy(FIXTURES / "trl_ppo.trainer_state.json", out / "checkpoint-30/trainer_state.json")
+    (out / "checkpoint-5" / "trainer_state.json").write_text('{"log_history": []}')
+    report = import_path(db, out)
+    assert report.run.name == "grpo-out" and report.steps_inserted == 3
+
+
+def test_cli_import(db_url: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = [str(FIXTURES / "steps.csv"), "--db", db_url, "--project", "custom", "--quiet"]
+    result = runner.invoke(
+        main,
+        ["import", *args, "--run", "mine", "--map", "kl_vs_ref=kl_mean", "--config", "beta=0.1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "imported 5 steps" in result.output
+    assert "kl_mean <- kl_vs_ref" in result.output
+    assert "line 5: 2 fields where the header has 5" in result.output
+    db = Database.open(db_url)
+    try:
+        run = find_run_by_name(db, "custom", "mine")
+        assert run is not None and run.config["beta"] == 0.1
+        assert run.config["import"]["map"] == {"kl_vs_ref": "kl_mean"}
+        assert read_steps(db, run.id)["kl_mean"].iloc[-1] == -2.5
+    finally:
+        db.dispose()
+    bad = runner.invoke(main, ["import", *args, "--map", "kl_vs_ref=kl_avg"])
+    assert bad.exit_code == 1
+    assert "Error: --map kl_vs_ref=kl_avg: 'kl_avg' is not a klmon quantity" in bad.output
+    wrong = runner.invoke(main, ["import", str(FIXTURES / "junk.json"), "--db", db_url])
+    assert wrong.exit_code == 1 and "junk.json: the name says JSON" in wrong.output
+    assert "Traceback" not in wrong.output
+
+
+def test_cli_help_has_examples() -> None:
+    for cmd in ("import", "export"):
+        result = CliRunner().invoke(main, [cmd, "--help"])
+        assert result.exit_code == 0
+        assert "Example" in result.output and f"klmon {cmd}" in result.output
+
+
+def test_report_is_json_friendly(db: Database) -> None:
+    report = import_path(db, FIXTURES / "wandb_grpo.csv")
+    assert json.dumps(report.mapping)
+    assert report.mapping["k3"] == ["train/kl"]
