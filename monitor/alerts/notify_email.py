@@ -1,0 +1,209 @@
+"""Alert email: a multipart message (plain text + HTML with the chart inline as a CID
+image), sent over SMTP with STARTTLS and certificate verification, or written to a mail
+file / stdout when no SMTP server is configured.
+
+The SMTP password is used for AUTH only: it is never logged, never part of an error
+message, and never sent over a connection that is not encrypted (SmtpSettings.check).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import mailbox
+import os
+import smtplib
+import ssl
+import tempfile
+from email.message import EmailMessage
+from email.utils import formatdate
+from pathlib import Path
+from typing import IO
+
+from monitor.alerts.notify import NotifyError
+from monitor.alerts.render import header_safe
+from monitor.alerts.settings import AlertSettings, SmtpSettings
+from monitor.store.alerts import Notification
+
+log = logging.getLogger("monitor.alerts.email")
+
+FALLBACK_TO = "klmon-alerts@localhost"
+
+
+def build_email(notification: Notification, settings: AlertSettings) -> EmailMessage:
+    """The MIME message of an outbox notification. The Message-ID is derived from the
+    outbox row, so a resend after a crash carries the same id (mail clients de-duplicate)."""
+    payload = notification.payload
+    msg = EmailMessage()
+    msg["Subject"] = header_safe(notification.subject)
+    msg["From"] = settings.mail_from
+    msg["To"] = ", ".join(settings.mail_to) or FALLBACK_TO
+    msg["Date"] = formatdate(notification.created_at, usegmt=True)
+    domain = settings.mail_from.rpartition("@")[2].strip("<> ") or "klmon"
+    msg["Message-ID"] = f"<klmon.alert.{notification.id}.{int(notification.created_at)}@{domain}>"
+    if notification.run_id is not None:
+        msg["X-Klmon-Run-Id"] = str(int(notification.run_id))
+    msg["X-Klmon-Events"] = ",".join(str(int(i)) for i in notification.event_ids)
+    msg.set_content(payload.get("text") or notification.subject)
+    if payload.get("html"):
+        msg.add_alternative(payload["html"], subtype="html")
+        html_part = msg.get_payload()[-1]
+        for cid, b64 in (payload.get("images") or {}).items():
+            html_part.add_related(
+                base64.b64decode(b64),
+                maintype="image",
+                subtype="png",
+                cid=f"<{header_safe(cid)}>",
+                filename=f"{header_safe(cid).split('@')[0]}.png",
+                disposition="inline",
+            )
+    return msg
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, "***")
+        text = text.replace(base64.b64encode(secret.encode()).decode(), "***")
+    return text
+
+
+def send_smtp(msg: EmailMessage, smtp: SmtpSettings, sender: str, to: list[str]) -> None:
+    """Deliver ``msg`` to ``to`` through the configured server; raises NotifyError."""
+    smtp.check()
+    where = f"SMTP {smtp.host}:{smtp.port}"
+    context = ssl.create_default_context(cafile=smtp.ca_file)
+    try:
+        if smtp.ssl:
+            client: smtplib.SMTP = smtplib.SMTP_SSL(
+                smtp.host, smtp.port, timeout=smtp.timeout, context=context
+            )
+        else:
+            client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout)
+        with client:
+            client.ehlo()
+            if smtp.starttls:
+                if not client.has_extn("starttls"):
+                    raise NotifyError(
+                        f"{where} does not offer STARTTLS; refusing to send "
+                        "(KLMON_SMTP_STARTTLS is on)",
+                        transient=False,
+                    )
+                client.starttls(context=context)
+                client.ehlo()
+            if smtp.user and smtp.password:
+                client.login(smtp.user, smtp.password)
+            refused = client.send_message(msg, from_addr=sender, to_addrs=to)
+        if refused and len(refused) == len(to):
+            raise NotifyError(f"{where} refused every recipient", transient=False)
+        if refused:
+            log.warning("%s refused recipients %s", where, sorted(refused))
+    except NotifyError:
+        raise
+    except smtplib.SMTPAuthenticationError as exc:
+        raise NotifyError(
+            f"{where}: authentication as {smtp.user!r} failed ({exc.smtp_code})",
+            transient=False,
+        ) from None
+    except ssl.SSLCertVerificationError as exc:
+        raise NotifyError(
+            f"{where}: the server certificate did not verify ({exc.verify_message}); "
+            "set KLMON_SMTP_CA_FILE to the CA that signed it",
+            transient=False,
+        ) from None
+    except (smtplib.SMTPException, OSError) as exc:
+        detail = _scrub(f"{type(exc).__name__}: {exc}", smtp.password)
+        raise NotifyError(f"{where}: {detail}") from None
+
+
+class SmtpSender:
+    channel = "email"
+
+    def __init__(self, settings: AlertSettings) -> None:
+        assert settings.smtp is not None
+        if not settings.mail_to:
+            from monitor.errors import ConfigError
+
+            raise ConfigError(
+                "KLMON_ALERT_TO must name at least one recipient with KLMON_SMTP_HOST"
+            )
+        self.settings = settings
+        self.smtp = settings.smtp
+
+    def describe(self) -> str:
+        return f"email via {self.smtp!r} to {', '.join(self.settings.mail_to)}"
+
+    def send(self, notification: Notification) -> None:
+        msg = build_email(notification, self.settings)
+        send_smtp(msg, self.smtp, self.settings.mail_from, list(self.settings.mail_to))
+
+
+class FileMailSender:
+    """Without SMTP: append to an mbox file, or write one ``.eml`` per message into a
+    directory (KLMON_MAIL_FILE ending in ``/`` or naming an existing directory)."""
+
+    channel = "email"
+
+    def __init__(self, settings: AlertSettings) -> None:
+        assert settings.mail_file
+        self.settings = settings
+        self.path = settings.mail_file
+
+    @property
+    def is_dir(self) -> bool:
+        return self.path.endswith(("/", os.sep)) or os.path.isdir(self.path)
+
+    def describe(self) -> str:
+        kind = "directory of .eml files" if self.is_dir else "mbox"
+        return f"email to {kind} {self.path}"
+
+    def send(self, notification: Notification) -> None:
+        msg = build_email(notification, self.settings)
+        try:
+            if self.is_dir:
+                folder = Path(self.path)
+                folder.mkdir(parents=True, exist_ok=True)
+                name = f"klmon-{int(notification.created_at)}-{notification.id}.eml"
+                fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(msg.as_bytes())
+                os.replace(tmp, folder / name)
+            else:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                box = mailbox.mbox(self.path)
+                box.lock()
+                try:
+                    box.add(msg)
+                    box.flush()
+                finally:
+                    box.unlock()
+                    box.close()
+        except OSError as exc:
+            raise NotifyError(f"mail file {self.path}: {exc}") from None
+
+
+class StreamMailSender:
+    """Without SMTP or a mail file: print the message (the demo's default)."""
+
+    channel = "email"
+
+    def __init__(self, settings: AlertSettings, stream: IO[str]) -> None:
+        self.settings = settings
+        self.stream = stream
+
+    def describe(self) -> str:
+        return "email printed to stdout (set KLMON_SMTP_HOST or KLMON_MAIL_FILE)"
+
+    def send(self, notification: Notification) -> None:
+        msg = build_email(notification, self.settings)
+        # Print the readable part only: the HTML and the PNG are for mail clients.
+        text = msg.get_body(preferencelist=("plain",))
+        body = text.get_content() if text is not None else ""
+        try:
+            self.stream.write(
+                f"----- alert email {msg['Message-ID']} -----\n"
+                f"Subject: {msg['Subject']}\nTo: {msg['To']}\n\n{body}"
+                "----- end of alert email -----\n"
+            )
+            self.stream.flush()
+        except (OSError, ValueError) as exc:
+            raise NotifyError(f"stdout: {exc}") from None

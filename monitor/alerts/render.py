@@ -1,0 +1,413 @@
+"""What a notification says: subject, plain text, HTML with an inline KL chart, webhook JSON.
+
+Pure functions of the run, its episodes and a few rows of data; the engine gathers those.
+Everything that comes from a run (names, messages, sample text, tokens) is HTML-escaped in
+the HTML part and stripped of control characters where it reaches a mail header.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from monitor.alerts.rules import SEVERITY_RANK
+from monitor.store.alerts import AlertEvent
+from monitor.store.domain import Sample
+
+CHART_CID = "kl-chart@klmon"
+MAX_SUBJECT = 180
+TOP_TOKENS = 5
+MAX_SAMPLES = 3
+SAMPLE_CHARS = 400
+
+
+@dataclass(frozen=True)
+class RunLabel:
+    id: int
+    project: str
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.project}/{self.name}"
+
+
+@dataclass
+class Rendered:
+    """A notification ready for the outbox: ``email`` and ``webhook`` payloads."""
+
+    subject: str
+    text: str
+    html: str
+    images: dict[str, bytes] = field(default_factory=dict)
+    webhook: dict[str, Any] = field(default_factory=dict)
+
+    def email_payload(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "html": self.html,
+            "images": {cid: base64.b64encode(b).decode("ascii") for cid, b in self.images.items()},
+        }
+
+
+def header_safe(value: str, limit: int = MAX_SUBJECT) -> str:
+    """One line: CR, LF and other control characters become spaces; cut at ``limit``."""
+    cleaned = "".join(" " if (ord(c) < 32 or ord(c) == 127) else c for c in value)
+    cleaned = " ".join(cleaned.split())
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+
+
+def worst(events: Sequence[AlertEvent]) -> AlertEvent | None:
+    """The episode to headline: highest severity, then the latest fired."""
+    if not events:
+        return None
+    return max(
+        events,
+        key=lambda e: (SEVERITY_RANK.get(e.severity, 0), e.fired_step or e.start_step, e.id),
+    )
+
+
+def dashboard_link(base: str | None, run_id: int, step: int | None) -> str | None:
+    if not base:
+        return None
+    return f"{base.rstrip('/')}/run/{int(run_id)}" + (
+        f"?step={int(step)}" if step is not None else ""
+    )
+
+
+def subject_for(run: RunLabel, fired: Sequence[AlertEvent], resolved: Sequence[AlertEvent]) -> str:
+    head = worst(fired)
+    if head is not None:
+        more = len(fired) - 1
+        text = f"[klmon] {head.severity.upper()}: {head.rule} on {run.label}"
+        if more:
+            text += f" (+{more} more)"
+        if resolved:
+            text += f", {len(resolved)} resolved"
+    else:
+        last = worst(resolved)
+        assert last is not None
+        text = f"[klmon] RESOLVED: {last.rule} on {run.label}"
+        if len(resolved) > 1:
+            text += f" (+{len(resolved) - 1} more)"
+    return header_safe(text)
+
+
+def top_tokens(sample: Sample, k: int = TOP_TOKENS) -> list[tuple[str, float]]:
+    """The ``k`` tokens of a sample with the largest log-ratio log p - log q."""
+    p = np.asarray(sample.policy_logprobs, dtype=float)
+    q = np.asarray(sample.ref_logprobs, dtype=float)
+    n = min(len(p), len(q))
+    if n == 0:
+        return []
+    ratio = p[:n] - q[:n]
+    ratio = np.where(np.isfinite(ratio), ratio, -np.inf)
+    order = np.argsort(-ratio, kind="stable")[:k]
+    tokens = sample.tokens or []
+    out = []
+    for i in order:
+        if not np.isfinite(ratio[i]):
+            continue
+        tok = str(tokens[i]) if i < len(tokens) else f"#{int(i)}"
+        out.append((tok, float(ratio[i])))
+    return out
+
+
+def _num(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.4g}"
+
+
+def _clip(text: str | None, limit: int = SAMPLE_CHARS) -> str:
+    if not text:
+        return ""
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more chars)"
+
+
+def _event_dict(e: AlertEvent, link: str | None) -> dict[str, Any]:
+    return {
+        "event_id": e.id,
+        "rule": e.rule,
+        "detector": e.detector,
+        "severity": e.severity,
+        "state": e.state,
+        "start_step": e.start_step,
+        "fired_step": e.fired_step,
+        "end_step": e.end_step,
+        "value": e.value,
+        "threshold": e.threshold,
+        "message": e.message,
+        "causes": list(e.causes),
+        "url": link,
+    }
+
+
+def kl_chart_png(
+    steps: pd.DataFrame,
+    *,
+    focus_step: int | None,
+    threshold: float | None = None,
+    title: str = "",
+) -> bytes | None:
+    """A small PNG of the run's KL around ``focus_step`` (matplotlib Agg, no display).
+
+    Draws the series ``monitor.analytics.pick_kl`` picks, its p05-p95 band when the series
+    is ``kl_mean`` and the band is logged, a marker at the focus step and the threshold.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from monitor.analytics import pick_kl
+
+    if steps is None or steps.empty:
+        return None
+    series = pick_kl(steps)
+    if series is None:
+        return None
+    x = steps["step"].to_numpy(dtype=float)
+    y = pd.to_numeric(steps[series], errors="coerce").to_numpy(dtype=float)
+    fig = Figure(figsize=(6.4, 2.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if series == "kl_mean" and {"kl_p05", "kl_p95"} <= set(steps.columns):
+        lo = pd.to_numeric(steps["kl_p05"], errors="coerce").to_numpy(dtype=float)
+        hi = pd.to_numeric(steps["kl_p95"], errors="coerce").to_numpy(dtype=float)
+        if np.isfinite(lo).any() and np.isfinite(hi).any():
+            ax.fill_between(x, lo, hi, color="#1f77b4", alpha=0.15, linewidth=0, label="p05-p95")
+    ax.plot(x, y, color="#1f77b4", linewidth=1.4, label=series)
+    if threshold is not None and math.isfinite(threshold):
+        ax.axhline(threshold, color="#d62728", linestyle="--", linewidth=1, label="threshold")
+    if focus_step is not None:
+        ax.axvline(focus_step, color="#ff7f0e", linewidth=1, label=f"step {focus_step}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{series} (nats)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def render(
+    run: RunLabel,
+    fired: Sequence[AlertEvent],
+    resolved: Sequence[AlertEvent],
+    *,
+    steps: pd.DataFrame | None = None,
+    samples: Sequence[Sample] = (),
+    sample_step: int | None = None,
+    dashboard_url: str | None = None,
+) -> Rendered:
+    """Render one notification for a run: the episodes that fired (some may have resolved
+    already, in a post-mortem pass) and those that resolved after their firing was sent."""
+    if not fired and not resolved:
+        raise ValueError("render: nothing to notify")
+    head = worst(fired) or worst(resolved)
+    assert head is not None
+    focus = head.fired_step if head in fired else head.end_step
+    focus = head.start_step if focus is None else focus
+    link = dashboard_link(dashboard_url, run.id, focus)
+    subject = subject_for(run, fired, resolved)
+    chart = None
+    if steps is not None:
+        try:
+            chart = kl_chart_png(
+                steps,
+                focus_step=focus,
+                threshold=head.threshold if head.detector == "budget" else None,
+                title=f"{run.label}: {head.rule} at step {focus}",
+            )
+        except Exception:  # a chart is a nicety: never lose the notification over it
+            chart = None
+    images = {CHART_CID: chart} if chart else {}
+    text = _text(run, fired, resolved, samples, sample_step, link, dashboard_url)
+    body = _html(run, fired, resolved, samples, sample_step, link, dashboard_url, bool(chart))
+    webhook = {
+        "text": _slack_text(run, fired, resolved, link),
+        "run": {"id": run.id, "project": run.project, "name": run.name},
+        "severity": (worst(fired) or head).severity,
+        "url": link,
+        "fired": [
+            _event_dict(e, dashboard_link(dashboard_url, run.id, e.fired_step)) for e in fired
+        ],
+        "resolved": [
+            _event_dict(e, dashboard_link(dashboard_url, run.id, e.end_step)) for e in resolved
+        ],
+    }
+    return Rendered(subject=subject, text=text, html=body, images=images, webhook=webhook)
+
+
+def _when(e: AlertEvent) -> str:
+    parts = [f"pending at step {e.start_step}"]
+    if e.fired_step is not None:
+        parts.append(f"fired at step {e.fired_step}")
+    if e.end_step is not None:
+        parts.append(f"resolved at step {e.end_step}")
+    return ", ".join(parts)
+
+
+def _text(
+    run: RunLabel,
+    fired: Sequence[AlertEvent],
+    resolved: Sequence[AlertEvent],
+    samples: Sequence[Sample],
+    sample_step: int | None,
+    link: str | None,
+    base: str | None,
+) -> str:
+    lines = [f"klmon alerts for run {run.label} (id {run.id})", ""]
+    for e in fired:
+        tag = "FIRED (since resolved)" if e.state == "resolved" else "FIRING"
+        lines.append(f"{tag} [{e.severity}] {e.rule} ({e.detector}) at step {e.fired_step}")
+        lines.append(f"  {e.message}")
+        lines.append(f"  value {_num(e.value)}, threshold {_num(e.threshold)}; {_when(e)}")
+        if e.causes:
+            lines.append("  likely causes:")
+            lines.extend(f"    - {c}" for c in e.causes)
+        url = dashboard_link(base, run.id, e.fired_step)
+        if url:
+            lines.append(f"  {url}")
+        lines.append("")
+    for e in resolved:
+        lines.append(f"RESOLVED [{e.severity}] {e.rule} ({e.detector}) at step {e.end_step}")
+        lines.append(f"  was: {e.message}")
+        lines.append(f"  {_when(e)}; last value {_num(e.last_value)}")
+        lines.append("")
+    if samples:
+        lines.append(f"Highest-KL samples at step {sample_step}:")
+        for s in list(samples)[:MAX_SAMPLES]:
+            lines.append(
+                f"  sequence {s.seq_index} (rank {s.rank}): kl_seq {_num(s.kl_seq)}, "
+                f"reward {_num(s.reward)}"
+            )
+            if s.prompt:
+                lines.append(f"    prompt:   {_clip(s.prompt)}")
+            if s.response:
+                lines.append(f"    response: {_clip(s.response)}")
+            toks = ", ".join(f"{tok!r} {v:+.3g}" for tok, v in top_tokens(s))
+            if toks:
+                lines.append(f"    top-KL tokens (log p - log q): {toks}")
+        lines.append("")
+    if link:
+        lines.append(f"Dashboard: {link}")
+    else:
+        lines.append("Set KLMON_DASHBOARD_URL to get a link to the dashboard here.")
+    return "\n".join(lines) + "\n"
+
+
+_SEV_COLOUR = {"critical": "#b00020", "warning": "#b36b00", "info": "#1f5fa8"}
+
+
+def _html(
+    run: RunLabel,
+    fired: Sequence[AlertEvent],
+    resolved: Sequence[AlertEvent],
+    samples: Sequence[Sample],
+    sample_step: int | None,
+    link: str | None,
+    base: str | None,
+    has_chart: bool,
+) -> str:
+    e_ = html.escape
+    out = [
+        '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
+        'font-size:14px;color:#222">',
+        f'<h2 style="margin:0 0 8px">klmon: run {e_(run.label)} '
+        f'<span style="color:#888;font-weight:normal">(id {run.id})</span></h2>',
+    ]
+    if has_chart:
+        out.append(
+            f'<p><img src="cid:{CHART_CID}" alt="KL around the alert" width="640" '
+            'style="max-width:100%"></p>'
+        )
+    for e in fired:
+        colour = _SEV_COLOUR.get(e.severity, "#222")
+        tag = "fired (since resolved)" if e.state == "resolved" else "FIRING"
+        url = dashboard_link(base, run.id, e.fired_step)
+        out.append(
+            f'<div style="border-left:4px solid {colour};padding:4px 10px;margin:10px 0">'
+            f'<b style="color:{colour}">{e_(tag)} [{e_(e.severity)}]</b> '
+            f"<b>{e_(e.rule)}</b> ({e_(e.detector)}) at step {e_(str(e.fired_step))}<br>"
+            f"{e_(e.message)}<br>"
+            f'<table style="font-size:13px;border-collapse:collapse">'
+            f'<tr><td style="padding-right:12px">value</td><td>{e_(_num(e.value))}</td></tr>'
+            f'<tr><td style="padding-right:12px">threshold</td>'
+            f"<td>{e_(_num(e.threshold))}</td></tr>"
+            f'<tr><td style="padding-right:12px">steps</td><td>{e_(_when(e))}</td></tr>'
+            "</table>"
+        )
+        if e.causes:
+            out.append('Likely causes:<ul style="margin:4px 0">')
+            out.extend(f"<li>{e_(c)}</li>" for c in e.causes)
+            out.append("</ul>")
+        if url:
+            out.append(
+                f'<a href="{e_(url, quote=True)}">Open step {e.fired_step} in the dashboard</a>'
+            )
+        out.append("</div>")
+    for e in resolved:
+        out.append(
+            '<div style="border-left:4px solid #2e7d32;padding:4px 10px;margin:10px 0">'
+            f'<b style="color:#2e7d32">RESOLVED [{e_(e.severity)}]</b> <b>{e_(e.rule)}</b> '
+            f"({e_(e.detector)}) at step {e_(str(e.end_step))}<br>"
+            f'<span style="color:#555">was: {e_(e.message)}</span><br>'
+            f"{e_(_when(e))}; last value {e_(_num(e.last_value))}</div>"
+        )
+    if samples:
+        out.append(f'<h3 style="margin:14px 0 4px">Highest-KL samples at step {sample_step}</h3>')
+        out.append(
+            '<table style="font-size:13px;border-collapse:collapse" border="1" cellpadding="4">'
+            "<tr><th>seq</th><th>kl_seq</th><th>reward</th><th>prompt / response</th>"
+            "<th>top-KL tokens (log p &minus; log q)</th></tr>"
+        )
+        for s in list(samples)[:MAX_SAMPLES]:
+            toks = "<br>".join(f"<code>{e_(repr(tok))}</code> {v:+.3g}" for tok, v in top_tokens(s))
+            text = ""
+            if s.prompt:
+                text += f"<b>prompt</b> {e_(_clip(s.prompt))}<br>"
+            if s.response:
+                text += f"<b>response</b> {e_(_clip(s.response))}"
+            out.append(
+                f"<tr><td>{s.seq_index}</td><td>{e_(_num(s.kl_seq))}</td>"
+                f"<td>{e_(_num(s.reward))}</td><td>{text}</td><td>{toks}</td></tr>"
+            )
+        out.append("</table>")
+    if link:
+        out.append(
+            f'<p><a href="{e_(link, quote=True)}">Open run {e_(run.label)} at this step</a></p>'
+        )
+    out.append('<p style="color:#888;font-size:12px">Sent by klmon alerts.</p></body></html>')
+    return "\n".join(out)
+
+
+def _slack(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slack_text(
+    run: RunLabel, fired: Sequence[AlertEvent], resolved: Sequence[AlertEvent], link: str | None
+) -> str:
+    lines = [f"*klmon* run `{_slack(run.label)}`"]
+    for e in fired:
+        tag = "fired (resolved since)" if e.state == "resolved" else "FIRING"
+        lines.append(
+            f"• {tag} *{_slack(e.severity)}* `{_slack(e.rule)}` at step {e.fired_step}: "
+            f"{_slack(e.message)}"
+        )
+    for e in resolved:
+        lines.append(f"• resolved `{_slack(e.rule)}` at step {e.end_step}")
+    if link:
+        lines.append(f"<{link}|Open in the dashboard>")
+    return "\n".join(lines)
