@@ -1,0 +1,525 @@
+"""monitor.divergence: the KL quantities of DESIGN.md, their input handling and their merge."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from monitor.divergence import (
+    HIST_EDGES,
+    LOGPROB_TOLERANCE,
+    StepSummary,
+    merge_partials,
+    partials,
+    sequence_kl,
+    summarize,
+)
+from monitor.errors import InvalidInput
+
+SCALARS = [
+    "kl_mean",
+    "kl_std",
+    "kl_min",
+    "kl_p05",
+    "kl_p50",
+    "kl_p95",
+    "kl_p99",
+    "kl_max",
+    "k1",
+    "k2",
+    "k3",
+    "neg_kl_frac",
+    "top1pct_share",
+    "resp_len_mean",
+    "policy_nll",
+    "entropy_mean",
+    "reward_mean",
+    "reward_std",
+    "kl_coef",
+    "rollout_gap",
+    "n_sequences",
+    "n_tokens",
+]
+
+
+def batch(
+    b: int = 12, t: int = 40, seed: int = 0, scale: float = 0.5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 log-probs (B, T) with a mask of variable response lengths (>= 1 token)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, t + 1, b)
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    p = -rng.gamma(0.7, 1.0, (b, t))
+    q = np.minimum(p - scale * rng.standard_t(3, (b, t)), 0.0)
+    return p, q, mask
+
+
+def reference(p: np.ndarray, q: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    """The definitions of DESIGN.md written plainly, in float64 with exact summation."""
+    rows = [np.asarray(p[i][mask[i]] - q[i][mask[i]], dtype=np.float64) for i in range(len(p))]
+    seq = np.array([math.fsum(r) for r in rows])
+    lt = np.concatenate(rows)
+    n = len(lt)
+    top = np.sort(lt)[::-1][: math.ceil(0.01 * n)]
+    pos = math.fsum(lt[lt > 0])
+    return {
+        "seq_kl": seq,
+        "kl_mean": seq.mean(),
+        "kl_std": seq.std(),
+        "kl_min": seq.min(),
+        "kl_max": seq.max(),
+        "kl_p50": np.quantile(seq, 0.5),
+        "k1": math.fsum(lt) / n,
+        "k2": math.fsum(lt * lt / 2) / n,
+        "k3": math.fsum(k3_terms(lt)) / n,
+        "neg_kl_frac": np.mean(seq < 0),
+        "top1pct_share": math.fsum(top[top > 0]) / pos if pos > 0 else 0.0,
+        "resp_len_mean": n / len(p),
+        "policy_nll": -math.fsum(np.asarray(p, np.float64)[mask]) / n,
+        "n_tokens": n,
+        "hist": np.histogram(np.clip(lt, -10, np.nextafter(10, 0)), HIST_EDGES)[0],
+    }
+
+
+def assert_matches_reference(s: StepSummary, ref: dict[str, Any], rtol: float) -> None:
+    for name, want in ref.items():
+        if name == "hist":
+            np.testing.assert_array_equal(s.token_hist, want)
+        elif name == "seq_kl":
+            np.testing.assert_allclose(s.seq_kl, want, rtol=rtol, atol=rtol)
+        else:
+            assert getattr(s, name) == pytest.approx(want, rel=rtol, abs=rtol), name
+
+
+# --- definitions -----------------------------------------------------------------------------
+
+
+def test_seed_example_good_day() -> None:
+    s = summarize([[-0.8, -0.4]], [[-1.5, -2.1]])
+    assert s.seq_kl.tolist() == pytest.approx([2.4])
+    assert s.kl_mean == pytest.approx(2.4)
+    assert s.k1 == pytest.approx(1.2)
+    assert s.k2 == pytest.approx((0.7**2 + 1.7**2) / 4)
+    assert s.k3 == pytest.approx((math.expm1(-0.7) + 0.7 + math.expm1(-1.7) + 1.7) / 2)
+    assert s.policy_nll == pytest.approx(0.6)
+    assert (s.n_sequences, s.n_tokens, s.resp_len_mean) == (1, 2, 2.0)
+    assert sequence_kl([-0.8, -0.4], [-1.5, -2.1]).tolist() == pytest.approx([2.4])
+    assert math.exp(s.kl_mean) == pytest.approx(11.02, abs=0.01)
+
+
+def test_matches_plain_definitions() -> None:
+    p, q, mask = batch(b=30, t=64, seed=1)
+    assert_matches_reference(summarize(p, q, mask), reference(p, q, mask), rtol=1e-9)
+
+
+def test_large_batch_across_chunks_and_threads() -> None:
+    # more rows than one chunk holds, both workers busy, big and small |l| everywhere
+    p, q, mask = batch(b=70, t=700, seed=2)
+    s = summarize(p, q, mask)
+    assert_matches_reference(s, reference(p, q, mask), rtol=1e-9)
+    again = summarize(p, q, mask)
+    assert again.as_dict() == s.as_dict()  # deterministic, whatever the thread timing
+    np.testing.assert_array_equal(again.seq_kl, s.seq_kl)
+
+
+def test_k1_k2_k3_converge_to_analytic_values() -> None:
+    rng = np.random.default_rng(7)
+    k = 50
+    logp = np.log(rng.dirichlet(np.ones(k)))
+    logq = np.log(rng.dirichlet(np.ones(k)))
+    ratio = logp - logq
+    prob = np.exp(logp)
+    kl = float(prob @ ratio)  # KL(p || q)
+    half_m2 = float(prob @ ratio**2) / 2
+    tokens = rng.choice(k, size=(200, 1000), p=prob)
+    s = summarize(logp[tokens], logq[tokens])
+    n = tokens.size
+    lt = ratio[tokens].ravel()
+    k3_per_token = np.expm1(-lt) + lt
+    # tolerance: 5 standard errors from the analytic variance of each estimator
+    se_k1 = math.sqrt(prob @ (ratio - kl) ** 2 / n)
+    se_k2 = math.sqrt(prob @ (ratio**2 / 2 - half_m2) ** 2 / n)
+    se_k3 = math.sqrt(prob @ (np.expm1(-ratio) + ratio - kl) ** 2 / n)
+    assert abs(s.k1 - kl) < 5 * se_k1
+    assert abs(s.k3 - kl) < 5 * se_k3
+    assert abs(s.k2 - half_m2) < 5 * se_k2
+    # and the sample quantities are the plain means of the per-token estimators
+    assert s.k3 == pytest.approx(k3_per_token.mean(), rel=1e-9)
+    assert s.k1 == pytest.approx(lt.mean(), rel=1e-9)
+
+
+logprob_values = st.floats(-30.0, 0.0, allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(
+        np.float64, st.tuples(st.integers(1, 6), st.integers(1, 30)), elements=logprob_values
+    ),
+    st.data(),
+)
+def test_k2_k3_nonnegative_and_k3_exact(p: np.ndarray, data: st.DataObject) -> None:
+    # l spans tiny (1e-12), moderate and large values of both signs
+    shift = data.draw(
+        hnp.arrays(
+            np.float64,
+            p.shape,
+            elements=st.sampled_from([0.0, 1e-12, -1e-9, 3e-5, -0.2, 0.49, -0.51, 2.0, -8.0]),
+        )
+    )
+    q = np.minimum(p - shift, 0.0)
+    s = summarize(p, q)
+    assert s.k2 >= 0 and s.k3 >= 0
+    lt = (p - q).ravel()
+    exact = math.fsum(k3_terms(lt)) / lt.size
+    assert s.k3 == pytest.approx(exact, rel=1e-7, abs=1e-300)
+
+
+def k3_terms(lt: np.ndarray) -> np.ndarray:
+    """exp(-l) - 1 + l to full precision: expm1(-l) + l loses digits when |l| is tiny, so
+    small values take 14 terms of the Taylor series instead."""
+    series = sum((-lt) ** n / math.factorial(n) for n in range(14, 1, -1))
+    return np.where(np.abs(lt) < 0.1, series, np.expm1(-lt) + lt)
+
+
+def test_histogram_bins_ends_and_edges() -> None:
+    lt = np.array([-50.0, -10.0, -0.25, -1e-9, 0.0, 0.25, 9.99, 10.0, 400.0])
+    s = summarize((lt.clip(max=0))[None, :], (-lt.clip(min=0))[None, :])
+    h = s.token_hist
+    assert h.sum() == s.n_tokens == len(lt)
+    assert len(HIST_EDGES) == 81 and len(h) == 80
+    assert h[0] == 2  # -50 and -10
+    assert h[39] == 2  # -0.25 and -1e-9 in [-0.25, 0)
+    assert h[40] == 1  # 0.0 in [0, 0.25)
+    assert h[41] == 1  # 0.25 opens the next bin
+    assert h[79] == 3  # 9.99, 10 and beyond
+
+
+def test_top1pct_share() -> None:
+    # 200 tokens: top ceil(2) tokens are 5 and 3; positive sum 5 + 3 + 198 * 0.01
+    lt = np.concatenate([[5.0, 3.0], np.full(198, 0.01)])
+    s = summarize(np.zeros((1, 200)), -lt[None, :])
+    assert s.top1pct_share == pytest.approx(8.0 / (8.0 + 1.98))
+    none_positive = summarize(np.full((2, 3), -2.0), np.full((2, 3), -1.0))
+    assert none_positive.top1pct_share == 0.0
+    assert none_positive.neg_kl_frac == 1.0
+
+
+def test_optional_quantities() -> None:
+    p, q, mask = batch(b=5, t=9, seed=3)
+    rng = np.random.default_rng(3)
+    rewards = rng.normal(size=5)
+    ent = rng.gamma(1.0, 1.0, p.shape)
+    rollout = np.minimum(p + rng.normal(0, 0.01, p.shape), 0)
+    s = summarize(
+        p, q, mask, rewards=rewards, kl_coef=0.05, rollout_logprobs=rollout, entropies=ent
+    )
+    assert s.reward_mean == pytest.approx(rewards.mean())
+    assert s.reward_std == pytest.approx(rewards.std())
+    assert s.kl_coef == 0.05
+    assert s.entropy_mean == pytest.approx(ent[mask].mean())
+    assert s.rollout_gap == pytest.approx((rollout - p)[mask].mean())
+    bare = summarize(p, q, mask)
+    assert [bare.entropy_mean, bare.reward_mean, bare.reward_std, bare.kl_coef] == [None] * 4
+    assert bare.rollout_gap is None
+
+
+def test_as_dict_has_exactly_the_scalar_columns() -> None:
+    p, q, mask = batch()
+    extras = {"entropies": np.ones_like(p), "rollout_logprobs": p}
+    d = summarize(p, q, mask, rewards=np.zeros(12), kl_coef=0.1, **extras).as_dict()
+    assert list(d) == SCALARS
+    for name, v in d.items():
+        assert type(v) is (int if name.startswith("n_") else float), name
+    json.dumps(d)
+
+
+# --- input forms ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fill", [np.nan, 7.0, np.inf, -np.inf, 1.0])
+def test_masked_values_and_padding_width_do_not_matter(fill: float) -> None:
+    p, q, mask = batch(b=9, t=30, seed=4)
+    base = summarize(p, q, mask)
+    wide = 57
+    pw = np.full((9, wide), fill)
+    qw = np.full((9, wide), fill)
+    mw = np.zeros((9, wide), bool)
+    pw[:, 5:35], qw[:, 5:35], mw[:, 5:35] = p, q, mask  # shifted right: left padding
+    pw[:, 5:35][~mask] = fill
+    qw[:, 5:35][~mask] = fill
+    s = summarize(pw, qw, mw)
+    assert_close_summaries(s, base, rtol=1e-12)
+    np.testing.assert_array_equal(s.token_hist, base.token_hist)
+
+
+def assert_close_summaries(a: StepSummary, b: StepSummary, rtol: float) -> None:
+    da, db = a.as_dict(), b.as_dict()
+    assert da.keys() == db.keys()
+    for k in da:
+        if da[k] is None or db[k] is None:
+            assert da[k] is db[k] is None, k
+        else:
+            assert da[k] == pytest.approx(db[k], rel=rtol, abs=rtol), k
+    np.testing.assert_allclose(a.seq_kl, b.seq_kl, rtol=rtol, atol=rtol)
+
+
+def test_ragged_list_equals_padded_array() -> None:
+    p, q, mask = batch(b=8, t=25, seed=5)
+    lengths = mask.sum(axis=1)
+    plist = [p[i, : lengths[i]] for i in range(8)]
+    qlist = [list(q[i, : lengths[i]]) for i in range(8)]
+    s = summarize(plist, qlist)
+    assert_close_summaries(s, summarize(p, q, mask), rtol=1e-12)
+    masked = summarize(plist, qlist, mask=[np.ones(n, bool) for n in lengths])
+    assert_close_summaries(masked, s, rtol=0)
+
+
+def test_mask_as_numbers_and_one_dim_input() -> None:
+    p, q, mask = batch(b=4, t=10, seed=6)
+    assert_close_summaries(summarize(p, q, mask.astype(np.int64)), summarize(p, q, mask), 0)
+    assert_close_summaries(summarize(p, q, mask.astype(np.float32)), summarize(p, q, mask), 0)
+    one = summarize(p[0], q[0])
+    assert one.n_sequences == 1 and one.n_tokens == 10
+
+
+def bf16() -> Any:
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes not installed: no bfloat16")
+    return ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"),
+    [("float64", 1e-12), ("float32", 1e-5), ("float16", 1e-5), ("bfloat16", 1e-5)],
+)
+def test_dtypes_agree(dtype: str, rtol: float) -> None:
+    dt = bf16() if dtype == "bfloat16" else np.dtype(dtype)
+    p, q, mask = batch(b=10, t=50, seed=8, scale=0.3)
+    p, q = p.clip(min=-30), q.clip(min=-30)  # inside float16 range
+    pd, qd = p.astype(dt), q.astype(dt)
+    s = summarize(pd, qd, mask)
+    # against the exact quantities of the same (rounded) numbers
+    exact = summarize(pd.astype(np.float64), qd.astype(np.float64), mask)
+    assert_close_summaries(s, exact, rtol=rtol)
+    # and against the float64 originals, within the rounding of the dtype itself
+    eps = float(np.finfo(np.float16).eps) if dtype in ("float16", "bfloat16") else 1e-6
+    if dtype == "bfloat16":
+        eps = 2.0**-8
+    orig = summarize(p, q, mask)
+    assert s.kl_mean == pytest.approx(orig.kl_mean, abs=60 * eps * float(np.abs(p).max()))
+    assert s.k3 == pytest.approx(orig.k3, rel=0.1 if eps > 1e-3 else 1e-4)
+
+
+class FakeTensor:
+    """Just enough of torch.Tensor: detach/cpu/numpy/float and a dtype attribute."""
+
+    def __init__(self, data: np.ndarray, dtype: str) -> None:
+        self.data, self.dtype = data, dtype
+
+    def detach(self) -> FakeTensor:
+        return self
+
+    def cpu(self) -> FakeTensor:
+        return self
+
+    def float(self) -> FakeTensor:
+        return FakeTensor(self.data.astype(np.float32), "torch.float32")
+
+    def numpy(self) -> np.ndarray:
+        if self.dtype == "torch.bfloat16":
+            raise TypeError("Got unsupported ScalarType BFloat16")
+        return self.data
+
+
+def test_duck_typed_tensors_including_bfloat16() -> None:
+    p, q, mask = batch(b=6, t=20, seed=9)
+    want = summarize(p.astype(np.float32), q.astype(np.float32), mask)
+    s = summarize(
+        FakeTensor(p.astype(np.float32), "torch.float32"),
+        FakeTensor(q.astype(np.float32), "torch.bfloat16"),
+        FakeTensor(mask, "torch.bool"),
+    )
+    assert_close_summaries(s, want, rtol=1e-12)
+    s_list = summarize([FakeTensor(p[i, :3], "torch.float64") for i in range(6)], list(q[:, :3]))
+    assert s_list.n_tokens == 18
+
+
+def test_no_torch_import() -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from monitor.divergence import summarize\n"
+        "summarize(np.full((2, 3), -1.0), np.full((2, 3), -2.0))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def _bad(**changes: Any) -> dict[str, Any]:
+    p, q, mask = batch(b=5, t=8, seed=10)
+    mask[:, :3] = True
+    args: dict[str, Any] = {"policy_logprobs": p, "ref_logprobs": q, "mask": mask}
+    for k, v in changes.items():
+        args[k] = v(args) if callable(v) else v
+    return args
+
+
+def _set(name: str, pos: tuple[int, int], value: float) -> Any:
+    def f(args: dict[str, Any]) -> np.ndarray:
+        a = np.array(args[name], dtype=np.float64)
+        a[pos] = value
+        return a
+
+    return f
+
+
+BAD_CASES = [
+    ({"ref_logprobs": np.zeros((5, 7))}, ["ref_logprobs", "(5, 7)", "(5, 8)"]),
+    ({"mask": np.ones((4, 8), bool)}, ["mask", "(4, 8)", "(5, 8)"]),
+    (
+        {"policy_logprobs": _set("policy_logprobs", (3, 1), np.nan)},
+        ["policy_logprobs[3, 1]", "nan"],
+    ),
+    ({"ref_logprobs": _set("ref_logprobs", (2, 2), -np.inf)}, ["ref_logprobs[2, 2]", "-inf"]),
+    ({"ref_logprobs": _set("ref_logprobs", (3, 2), 0.42)}, ["ref_logprobs[3, 2] is +0.42", "<= 0"]),
+    (
+        {"policy_logprobs": _set("policy_logprobs", (0, 0), 2e-3)},
+        ["policy_logprobs[0, 0]", "0.002"],
+    ),
+    (
+        {"mask": lambda a: np.where(np.arange(5)[:, None] == 4, False, a["mask"])},
+        ["sequence 4 has no response tokens", "'no data', not 0"],
+    ),
+    (
+        {"policy_logprobs": np.zeros((0, 8)), "ref_logprobs": np.zeros((0, 8)), "mask": None},
+        ["empty"],
+    ),
+    ({"rewards": np.zeros(4)}, ["rewards", "(4,)", "5 sequences"]),
+    ({"rewards": np.array([0, 1, np.nan, 0, 0])}, ["rewards[2]", "nan"]),
+    ({"policy_logprobs": np.full((5, 8), "x")}, ["policy_logprobs", "dtype"]),
+    ({"mask": lambda a: a["mask"].astype(float) * 0.5}, ["mask[0, 0]", "0.5"]),
+    (
+        {"entropies": _set("policy_logprobs", (1, 1), 0.5)},
+        ["entropies[0, 0]", "entropy must be >= 0"],
+    ),
+    (
+        {"rollout_logprobs": _set("policy_logprobs", (1, 2), 0.7)},
+        ["rollout_logprobs[1, 2]", "+0.7"],
+    ),
+    ({"kl_coef": float("nan")}, ["kl_coef"]),
+]
+
+
+@pytest.mark.parametrize(("changes", "needles"), BAD_CASES)
+def test_bad_input_names_argument_and_position(changes: dict[str, Any], needles: list[str]) -> None:
+    args = _bad(**changes)
+    with pytest.raises(InvalidInput) as info:
+        summarize(**args)
+    for needle in needles:
+        assert needle in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_first_offender_in_row_major_order_over_many_chunks() -> None:
+    p, q, mask = batch(b=300, t=200, seed=11)
+    p[250, 3] = np.nan
+    q[120, 7] = 0.5  # an earlier row, but policy_logprobs is checked first...
+    p[200, 0] = np.inf
+    mask[[120, 200, 250], :8] = True
+    with pytest.raises(InvalidInput, match=r"policy_logprobs\[200, 0\] is \+inf"):
+        summarize(p, q, mask)
+    p[[200, 250]] = -1.0
+    with pytest.raises(InvalidInput, match=r"ref_logprobs\[120, 7\] is \+0\.5"):
+        summarize(p, q, mask)
+
+
+def test_ragged_errors() -> None:
+    with pytest.raises(
+        InvalidInput, match=r"ref_logprobs\[1\] has 2 tokens but policy_logprobs\[1\]"
+    ):
+        summarize([[-1.0], [-1.0, -2.0, -3.0]], [[-1.0], [-1.0, -2.0]])
+    with pytest.raises(InvalidInput, match=r"policy_logprobs\[1\]\[2\] is nan"):
+        summarize([[-1.0], [-1.0, -2.0, np.nan]], [[-1.0], [-1.0, -2.0, -3.0]])
+    with pytest.raises(InvalidInput, match="sequence 1 has no response tokens"):
+        summarize([[-1.0], []], [[-1.0], []])
+
+
+def test_tolerance_for_rounding_near_zero() -> None:
+    p = np.array([[LOGPROB_TOLERANCE / 2, -1.0]])
+    assert summarize(p, np.array([[-0.5, -1.0]])).n_tokens == 2
+
+
+# --- merging shards -------------------------------------------------------------------------
+
+
+def test_merge_partials_equals_whole_batch() -> None:
+    p, q, mask = batch(b=41, t=300, seed=12)
+    rng = np.random.default_rng(12)
+    rewards = rng.normal(size=41)
+    ent = rng.gamma(1.0, 1.0, p.shape)
+    whole = summarize(p, q, mask, rewards=rewards, kl_coef=0.02, entropies=ent)
+    cuts = [0, 7, 30, 41]
+    shards = [
+        json.loads(
+            json.dumps(
+                partials(
+                    p[a:b],
+                    q[a:b],
+                    mask[a:b],
+                    rewards=rewards[a:b],
+                    kl_coef=0.02,
+                    entropies=ent[a:b],
+                )
+            )
+        )
+        for a, b in itertools.pairwise(cuts)
+    ]
+    merged = merge_partials(shards)
+    dm, dw = merged.as_dict(), whole.as_dict()
+    for k in SCALARS:
+        if k == "top1pct_share":
+            assert dm[k] <= dw[k] + 1e-12
+        elif k in ("k1", "k2", "k3", "policy_nll", "entropy_mean", "reward_mean", "reward_std"):
+            assert dm[k] == pytest.approx(dw[k], rel=1e-12), k
+        else:
+            assert dm[k] == dw[k], k  # quantiles, counts, fractions: exact
+    np.testing.assert_array_equal(merged.seq_kl, whole.seq_kl)
+    np.testing.assert_array_equal(merged.token_hist, whole.token_hist)
+    assert merge_partials(shards, kl_coef=0.5).kl_coef == 0.5
+
+
+def test_merge_top_share_is_exact_when_shards_are_alike_and_under_otherwise() -> None:
+    l_small = np.full((1, 300), 0.01)
+    l_big = np.concatenate([np.full(6, 4.0), np.full(294, 0.01)])[None, :]
+    # one shard holds all 6 top tokens but only keeps its own top ceil(3) of them
+    whole = summarize(np.zeros((2, 300)), -np.vstack([l_small, l_big]))
+    merged = merge_partials(
+        [partials(np.zeros((1, 300)), -l_small), partials(np.zeros((1, 300)), -l_big)]
+    )
+    assert merged.top1pct_share < whole.top1pct_share
+    alike = merge_partials([partials(np.zeros((1, 300)), -l_big)] * 2)
+    assert alike.top1pct_share == pytest.approx(
+        summarize(np.zeros((2, 300)), -np.vstack([l_big, l_big])).top1pct_share
+    )
+
+
+def test_merge_rejects_garbage() -> None:
+    with pytest.raises(InvalidInput, match="list_of_partials is empty"):
+        merge_partials([])
+    with pytest.raises(InvalidInput, match=r"list_of_partials\[0\] is not a klmon partial"):
+        merge_partials([{"seq_kl": [1.0]}])
+    good = partials(np.zeros((1, 3)), np.full((1, 3), -1.0))
+    with pytest.raises(InvalidInput, match="rewards were given for some shards"):
+        merge_partials([good, partials(np.zeros((1, 3)), np.full((1, 3), -1.0), rewards=[1.0])])
