@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -314,3 +315,45 @@ class AnnotationRow(Base):
     text: Mapped[str] = mapped_column(Text)
     author: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+# Chart rollups (monitor/store/series.py): min, max and mean of every float step quantity over
+# buckets of 2**level consecutive steps (bucket = step >> level), levels 3..30, so a chart read
+# costs the same for 1k and 10M steps. A cache of the steps and metrics tables, written lazily
+# for complete buckets. ``stats`` packs the statistics as little-endian float64
+# [quantity][min, max, mean] in STEP_FLOAT_COLUMNS order (one quantity, ``value``, for
+# metric_rollups): one blob instead of 60 columns makes the bulk build ~5x faster. Columns are
+# only ever appended to STEP_FLOAT_COLUMNS; a shorter blob reads as NaN for the newer ones.
+
+
+class StepRollupRow(Base):
+    """Min/max/mean of a run's step quantities over one bucket of 2**level steps."""
+
+    __tablename__ = "step_rollups"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+    step_min: Mapped[int] = mapped_column(BigInteger)
+    step_max: Mapped[int] = mapped_column(BigInteger)
+    wall_min: Mapped[float | None] = mapped_column(Float, nullable=True)
+    wall_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    stats: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class MetricRollupRow(Base):
+    """Min/max/mean of one extra metric of a run over one bucket of 2**level steps."""
+
+    __tablename__ = "metric_rollups"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+    step_min: Mapped[int] = mapped_column(BigInteger)
+    step_max: Mapped[int] = mapped_column(BigInteger)
+    wall_min: Mapped[float | None] = mapped_column(Float, nullable=True)
+    wall_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    stats: Mapped[bytes] = mapped_column(LargeBinary)

@@ -1,0 +1,815 @@
+"""Chart reads that cost about the same for 1k and 10M steps.
+
+A chart is at most a few hundred pixels of x, so the dashboard never needs more than about
+one point per pixel. ``read_series`` returns a run's quantities over a step range as either
+
+* the raw step rows, when the range holds few enough steps (``level`` 0), or
+* buckets of ``2**level`` consecutive steps (``bucket = step >> level``) with the min, max and
+  mean of every quantity, read from the stored rollup tables ``step_rollups`` and
+  ``metric_rollups``; the level is the smallest one giving at most ``max_buckets`` buckets.
+
+Min and max per bucket are kept, so a spike of one step in 10M is still drawn at full zoom
+out (the max of the downsampled series is the true max).
+
+Rollups are maintained lazily, on read, for *complete* buckets only: a bucket is complete once
+the run has a step at least ``COMPLETE_LAG`` steps past its end (multi-rank steps can be
+merged slightly out of order). The base level (8 steps) is computed from raw rows, every
+higher level from the level below it, so keeping up costs a few rows per read and a first
+read of an imported 1M-step run costs one pass over it. What follows the last complete bucket
+of the chosen level (the "tail") is read as at most one complete bucket per lower level plus
+fewer than ``2**BASE_LEVEL + COMPLETE_LAG`` raw rows: a read touches O(max_buckets + levels)
+rows whatever the run length.
+
+The mean of a level above the base is weighted by the buckets' row counts; it is exact unless
+a quantity is missing on some rows of a bucket and present on others.
+
+Rollups are a cache of the steps table: deleting them (or a run) is always safe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Connection, text
+
+from monitor.errors import InvalidInput
+from monitor.store.database import Database
+from monitor.store.models import STEP_FLOAT_COLUMNS
+
+BASE_LEVEL = 3
+MAX_LEVEL = 30
+COMPLETE_LAG = 16
+CHUNK_STEPS = 1 << 17  # steps aggregated per statement while catching up
+DEFAULT_MAX_BUCKETS = 600
+#: Largest step a range may name (JSON numbers are exact up to 2**53).
+MAX_STEP = (1 << 53) - 1
+
+__all__ = [
+    "BASE_LEVEL",
+    "DEFAULT_MAX_BUCKETS",
+    "MAX_LEVEL",
+    "Series",
+    "choose_level",
+    "read_histogram_columns",
+    "read_metric_rows_after",
+    "read_metric_series",
+    "read_series",
+    "read_step_rows_after",
+    "refresh_metric_rollups",
+    "refresh_rollups",
+    "step_bounds",
+]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where raw values come from and where their rollups go."""
+
+    raw_table: str
+    rollup_table: str
+    key: tuple[str, ...]  # key columns in both tables besides step / (level, bucket)
+    values: tuple[str, ...]  # raw value columns, in the order ``stats`` packs them
+    wall: bool  # the raw table has wall_time
+
+    def where(self) -> str:
+        return " AND ".join(f"{k} = :{k}" for k in self.key)
+
+
+_ROLLUP_COLUMNS = ("bucket", "n", "step_min", "step_max", "wall_min", "wall_max", "stats")
+_STAT_DTYPE = np.dtype("<f8")
+
+
+_STEPS = _Source("steps", "step_rollups", ("run_id",), STEP_FLOAT_COLUMNS, True)
+_METRICS = _Source("metrics", "metric_rollups", ("run_id", "name"), ("value",), False)
+
+
+def _key(run_id: int, name: str | None = None) -> dict[str, Any]:
+    key: dict[str, Any] = {"run_id": int(run_id)}
+    if name is not None:
+        key["name"] = str(name)
+    return key
+
+
+# --------------------------------------------------------------------------- buckets
+
+
+@dataclass
+class _Buckets:
+    """Consecutive buckets of one level, sorted by bucket; values are (m, k) arrays."""
+
+    bucket: np.ndarray
+    n: np.ndarray
+    step_min: np.ndarray
+    step_max: np.ndarray
+    wall_min: np.ndarray
+    wall_max: np.ndarray
+    vmin: np.ndarray
+    vmax: np.ndarray
+    vavg: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.bucket)
+
+    @classmethod
+    def empty(cls, k: int) -> _Buckets:
+        i, f = np.zeros(0, np.int64), np.zeros(0)
+        m = np.zeros((0, k))
+        return cls(i, i, i, i, f, f, m, m, m)
+
+    def select(self, mask: np.ndarray) -> _Buckets:
+        return _Buckets(*(getattr(self, f)[mask] for f in _BUCKET_FIELDS))
+
+    @staticmethod
+    def concat(parts: Sequence[_Buckets]) -> _Buckets:
+        return _Buckets(*(np.concatenate([getattr(p, f) for p in parts]) for f in _BUCKET_FIELDS))
+
+
+_BUCKET_FIELDS = (
+    "bucket",
+    "n",
+    "step_min",
+    "step_max",
+    "wall_min",
+    "wall_max",
+    "vmin",
+    "vmax",
+    "vavg",
+)
+
+
+def _group_starts(keys: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+
+
+def _nan_mean_reduceat(values: np.ndarray, weights: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(values)
+    w = np.where(ok, weights, 0.0)
+    s = np.add.reduceat(np.where(ok, values, 0.0) * w, starts, axis=0)
+    c = np.add.reduceat(w, starts, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(c > 0, s / np.where(c > 0, c, 1.0), np.nan)
+
+
+def _aggregate_raw(steps: np.ndarray, wall: np.ndarray, values: np.ndarray, level: int) -> _Buckets:
+    """Buckets of ``2**level`` steps from raw rows sorted by step (values: (n, k))."""
+    if len(steps) == 0:
+        return _Buckets.empty(values.shape[1])
+    b = steps >> level
+    starts = _group_starts(b)
+    ends = np.r_[starts[1:], len(b)] - 1
+    ones = np.ones((len(steps), 1))
+    with np.errstate(invalid="ignore"):
+        return _Buckets(
+            bucket=b[starts],
+            n=np.diff(np.r_[starts, len(b)]).astype(np.int64),
+            step_min=steps[starts],
+            step_max=steps[ends],
+            wall_min=np.fmin.reduceat(wall, starts),
+            wall_max=np.fmax.reduceat(wall, starts),
+            vmin=np.fmin.reduceat(values, starts, axis=0),
+            vmax=np.fmax.reduceat(values, starts, axis=0),
+            vavg=_nan_mean_reduceat(values, ones, starts),
+        )
+
+
+def _aggregate_sql(
+    conn: Connection, src: _Source, key: Mapping[str, Any], lo: int, hi: int
+) -> _Buckets:
+    """Base-level buckets of the raw rows lo <= step <= hi, aggregated by the database (8x
+    fewer values cross the driver than reading the rows)."""
+    wall = "wall_time" if src.wall else "NULL"
+    stats = [f"{fn}({v})" for v in src.values for fn in ("MIN", "MAX", "AVG")]
+    sql = (
+        f"SELECT step >> {BASE_LEVEL}, COUNT(*), MIN(step), MAX(step), MIN({wall}), "
+        f"MAX({wall}), {', '.join(stats)} FROM {src.raw_table} "
+        f"WHERE {src.where()} AND step >= :lo AND step <= :hi "
+        f"GROUP BY step >> {BASE_LEVEL} ORDER BY 1"
+    )
+    k = len(src.values)
+    arr = _floats(_fetch(conn, sql, {**key, "lo": int(lo), "hi": int(hi)}), 6 + 3 * k)
+    if len(arr) == 0:
+        return _Buckets.empty(k)
+    stats_arr = arr[:, 6:].reshape(len(arr), k, 3)
+    return _Buckets(
+        bucket=arr[:, 0].astype(np.int64),
+        n=arr[:, 1].astype(np.int64),
+        step_min=arr[:, 2].astype(np.int64),
+        step_max=arr[:, 3].astype(np.int64),
+        wall_min=arr[:, 4],
+        wall_max=arr[:, 5],
+        vmin=stats_arr[:, :, 0],
+        vmax=stats_arr[:, :, 1],
+        vavg=stats_arr[:, :, 2],
+    )
+
+
+def _base_buckets(
+    conn: Connection, src: _Source, key: Mapping[str, Any], lo: int, hi: int
+) -> _Buckets:
+    """Base-level buckets of lo <= step <= hi. PostgreSQL aggregates faster than it ships
+    rows; SQLite's aggregates are slower than reading the rows and reducing them in numpy."""
+    if conn.dialect.name == "sqlite":
+        steps, wall, vals = _read_raw(conn, src, key, src.values, lo, hi)
+        return _aggregate_raw(steps, wall, vals, BASE_LEVEL)
+    return _aggregate_sql(conn, src, key, lo, hi)
+
+
+def _combine(children: _Buckets) -> _Buckets:
+    """Parent buckets (one level up) from sorted child buckets."""
+    if len(children) == 0:
+        return children
+    p = children.bucket >> 1
+    starts = _group_starts(p)
+    with np.errstate(invalid="ignore"):
+        return _Buckets(
+            bucket=p[starts],
+            n=np.add.reduceat(children.n, starts),
+            step_min=np.minimum.reduceat(children.step_min, starts),
+            step_max=np.maximum.reduceat(children.step_max, starts),
+            wall_min=np.fmin.reduceat(children.wall_min, starts),
+            wall_max=np.fmax.reduceat(children.wall_max, starts),
+            vmin=np.fmin.reduceat(children.vmin, starts, axis=0),
+            vmax=np.fmax.reduceat(children.vmax, starts, axis=0),
+            vavg=_nan_mean_reduceat(children.vavg, children.n[:, None].astype(float), starts),
+        )
+
+
+def _last_complete(max_step: int, level: int) -> int:
+    """The last complete bucket of ``level`` (-1 if none) when the run's last step is max_step."""
+    return ((max_step - COMPLETE_LAG + 1) >> level) - 1
+
+
+# --------------------------------------------------------------------------- SQL helpers
+
+
+def _fetch(conn: Connection, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """Rows as the driver's plain tuples (SQLAlchemy Row objects cost ~3 us each)."""
+    result = conn.execute(text(sql), dict(params))
+    try:
+        return result.cursor.fetchall()
+    finally:
+        result.close()
+
+
+def _floats(rows: Sequence[Sequence[Any]], ncols: int) -> np.ndarray:
+    if not rows:
+        return np.zeros((0, ncols))
+    return np.array(rows, dtype=float).reshape(len(rows), ncols)
+
+
+def _read_raw(
+    conn: Connection,
+    src: _Source,
+    key: Mapping[str, Any],
+    columns: Sequence[str],
+    lo: int,
+    hi: int,
+    limit: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, wall, values[n, k]) of raw rows with lo <= step <= hi, sorted by step."""
+    wall = "wall_time" if src.wall else "NULL"
+    sql = (
+        f"SELECT step, {wall}, {', '.join(columns)} FROM {src.raw_table} "
+        f"WHERE {src.where()} AND step >= :lo AND step <= :hi ORDER BY step"
+    )
+    params: dict[str, Any] = {**key, "lo": int(lo), "hi": int(hi)}
+    if limit is not None:
+        sql += " LIMIT :lim"
+        params["lim"] = int(limit)
+    arr = _floats(_fetch(conn, sql, params), 2 + len(columns))
+    return arr[:, 0].astype(np.int64), arr[:, 1], arr[:, 2:]
+
+
+def _to_buckets(rows: Sequence[Sequence[Any]], k: int, pick: Sequence[int] | None) -> _Buckets:
+    """Buckets from rows of _ROLLUP_COLUMNS; ``pick``: which packed quantities to keep."""
+    if not rows:
+        return _Buckets.empty(k if pick is None else len(pick))
+    head = np.array([r[:6] for r in rows], dtype=float)
+    stats = np.full((len(rows), k, 3), np.nan)
+    for i, r in enumerate(rows):
+        blob = np.frombuffer(r[6], dtype=_STAT_DTYPE)
+        m = min(len(blob) // 3, k)
+        stats[i, :m] = blob[: 3 * m].reshape(m, 3)
+    if pick is not None:
+        stats = stats[:, list(pick)]
+    return _Buckets(
+        bucket=head[:, 0].astype(np.int64),
+        n=head[:, 1].astype(np.int64),
+        step_min=head[:, 2].astype(np.int64),
+        step_max=head[:, 3].astype(np.int64),
+        wall_min=head[:, 4],
+        wall_max=head[:, 5],
+        vmin=stats[:, :, 0],
+        vmax=stats[:, :, 1],
+        vavg=stats[:, :, 2],
+    )
+
+
+def _read_buckets(
+    conn: Connection,
+    src: _Source,
+    key: Mapping[str, Any],
+    level: int,
+    b0: int,
+    b1: int,
+    pick: Sequence[int] | None = None,
+) -> _Buckets:
+    sql = (
+        f"SELECT {', '.join(_ROLLUP_COLUMNS)} FROM {src.rollup_table} "
+        f"WHERE {src.where()} AND level = :level AND bucket >= :b0 AND bucket <= :b1 "
+        "ORDER BY bucket"
+    )
+    rows = _fetch(conn, sql, {**key, "level": level, "b0": int(b0), "b1": int(b1)})
+    return _to_buckets(rows, len(src.values), pick)
+
+
+def _read_bucket_list(
+    conn: Connection,
+    src: _Source,
+    key: Mapping[str, Any],
+    wanted: Sequence[tuple[int, int]],
+    pick: Sequence[int] | None = None,
+) -> list[tuple[int, _Buckets]]:
+    """Specific (level, bucket) pairs, in the order asked (missing ones left out)."""
+    if not wanted:
+        return []
+    # One indexed lookup per pair: SQLite does not turn an OR of them into index lookups.
+    selects, params = [], dict(key)
+    for i, (level, bucket) in enumerate(wanted):
+        selects.append(
+            f"SELECT level, {', '.join(_ROLLUP_COLUMNS)} FROM {src.rollup_table} "
+            f"WHERE {src.where()} AND level = :l{i} AND bucket = :b{i}"
+        )
+        params[f"l{i}"], params[f"b{i}"] = level, int(bucket)
+    rows = _fetch(conn, " UNION ALL ".join(selects), params)
+    found = {(int(r[0]), int(r[1])): r[1:] for r in rows}
+    out = []
+    for level, bucket in wanted:
+        r = found.get((level, int(bucket)))
+        if r is not None:
+            out.append((level, _to_buckets([r], len(src.values), pick)))
+    return out
+
+
+def _insert(conn: Connection, src: _Source, key: Mapping[str, Any], level: int, b: _Buckets) -> int:
+    if len(b) == 0:
+        return 0
+    cols = [*src.key, "level", *_ROLLUP_COLUMNS]
+    ph = "?" if conn.dialect.name == "sqlite" else "%s"
+    pk = ", ".join([*src.key, "level", "bucket"])
+    sql = (
+        f"INSERT INTO {src.rollup_table} ({', '.join(cols)}) "
+        f"VALUES ({', '.join([ph] * len(cols))}) ON CONFLICT ({pk}) DO NOTHING"
+    )
+    m = len(b)
+    packed = np.ascontiguousarray(np.stack([b.vmin, b.vmax, b.vavg], axis=2), dtype=_STAT_DTYPE)
+    width = packed.shape[1] * 3 * _STAT_DTYPE.itemsize
+    raw = packed.tobytes()
+    blobs = [raw[i * width : (i + 1) * width] for i in range(m)]
+    keys = tuple(key[k] for k in src.key)
+    rows = [
+        (*keys, level, bk, n, s0, s1, _nan_none(w0), _nan_none(w1), blob)
+        for bk, n, s0, s1, w0, w1, blob in zip(
+            b.bucket.tolist(),
+            b.n.tolist(),
+            b.step_min.tolist(),
+            b.step_max.tolist(),
+            b.wall_min.tolist(),
+            b.wall_max.tolist(),
+            blobs,
+            strict=True,
+        )
+    ]
+    conn.exec_driver_sql(sql, rows)
+    return m
+
+
+def _nan_none(x: float) -> float | None:
+    return None if x != x else x
+
+
+# --------------------------------------------------------------------------- refresh
+
+
+def _max_step(conn: Connection, src: _Source, key: Mapping[str, Any]) -> int | None:
+    v = conn.execute(
+        text(f"SELECT MAX(step) FROM {src.raw_table} WHERE {src.where()}"), dict(key)
+    ).scalar()
+    return None if v is None else int(v)
+
+
+def _watermarks(
+    conn: Connection, src: _Source, key: Mapping[str, Any], max_step: int
+) -> dict[int, int]:
+    """The last stored bucket of each level: one scalar subquery per level, each an index
+    lookup (a GROUP BY would scan every rollup row of the run)."""
+    top = min(MAX_LEVEL, max(BASE_LEVEL, max_step.bit_length()))
+    levels = list(range(BASE_LEVEL, top + 1))
+    subs = ", ".join(
+        f"(SELECT MAX(bucket) FROM {src.rollup_table} WHERE {src.where()} AND level = {lv})"
+        for lv in levels
+    )
+    row = conn.execute(text(f"SELECT {subs}"), dict(key)).one()
+    return {lv: int(b) for lv, b in zip(levels, row, strict=True) if b is not None}
+
+
+@dataclass
+class _RefreshResult:
+    max_step: int | None
+    done: dict[int, int] = field(default_factory=dict)  # level -> processed-through bucket
+    written: int = 0
+
+
+def _refresh(db: Database, src: _Source, key: Mapping[str, Any]) -> _RefreshResult:
+    k = len(src.values)
+    with db.begin() as conn:
+        max_step = _max_step(conn, src, key)
+        if max_step is None:
+            return _RefreshResult(None)
+        done = _watermarks(conn, src, key, max_step)
+    result = _RefreshResult(max_step, done)
+    base_last = _last_complete(max_step, BASE_LEVEL)
+    first_pass = True
+    while first_pass or done.get(BASE_LEVEL, -1) < base_last:
+        first_pass = False
+        with db.begin() as conn:
+            # Base level from raw rows, one chunk of rows at a time.
+            first = done.get(BASE_LEVEL, -1) + 1
+            mem, mem_lo, mem_hi = _Buckets.empty(k), first, first - 1
+            if first <= base_last:
+                # One chunk of steps, starting at the next stored row (gaps are skipped).
+                hi = ((base_last + 1) << BASE_LEVEL) - 1
+                nxt = conn.execute(
+                    text(
+                        f"SELECT MIN(step) FROM {src.raw_table} "
+                        f"WHERE {src.where()} AND step >= :lo AND step <= :hi"
+                    ),
+                    {**key, "lo": first << BASE_LEVEL, "hi": hi},
+                ).scalar()
+                through = base_last
+                if nxt is not None:
+                    lo = (int(nxt) >> BASE_LEVEL) << BASE_LEVEL
+                    hi = min(hi, lo + CHUNK_STEPS - 1)
+                    through = hi >> BASE_LEVEL
+                    mem = _base_buckets(conn, src, key, lo, hi)
+                    result.written += _insert(conn, src, key, BASE_LEVEL, mem)
+                mem_lo, mem_hi = first, through
+                done[BASE_LEVEL] = through
+            covered = ((done.get(BASE_LEVEL, -1) + 1) << BASE_LEVEL) - 1
+            # Each higher level from the one below: this chunk's buckets plus, for the first
+            # parent, a child stored by an earlier read.
+            for level in range(BASE_LEVEL + 1, MAX_LEVEL + 1):
+                p_first = done.get(level, -1) + 1
+                p_last = min(_last_complete(max_step, level), ((covered + 1) >> level) - 1)
+                if p_first > p_last:
+                    mem, mem_lo, mem_hi = _Buckets.empty(k), p_first, p_first - 1
+                    covered = ((done.get(level, -1) + 1) << level) - 1
+                    continue
+                c_lo, c_hi = 2 * p_first, 2 * p_last + 1
+                parts = []
+                db_hi = min(c_hi, mem_lo - 1) if mem_lo <= mem_hi else c_hi
+                if c_lo <= db_hi:
+                    parts.append(_read_buckets(conn, src, key, level - 1, c_lo, db_hi))
+                if len(mem):
+                    parts.append(
+                        mem.select((mem.bucket >= max(c_lo, db_hi + 1)) & (mem.bucket <= c_hi))
+                    )
+                children = _Buckets.concat(parts) if parts else _Buckets.empty(k)
+                parents = _combine(children)
+                result.written += _insert(conn, src, key, level, parents)
+                mem, mem_lo, mem_hi = parents, p_first, p_last
+                done[level] = p_last
+                covered = ((p_last + 1) << level) - 1
+    result.done = done
+    return result
+
+
+def refresh_rollups(db: Database, run_id: int) -> int:
+    """Store the rollups of every complete bucket of a run's steps; returns buckets written.
+
+    Reads call this themselves; an importer or a benchmark may call it to pay the one-time
+    cost of a long run up front.
+    """
+    return _refresh(db, _STEPS, _key(run_id)).written
+
+
+def refresh_metric_rollups(db: Database, run_id: int, name: str) -> int:
+    """Like ``refresh_rollups`` for one extra metric of a run."""
+    return _refresh(db, _METRICS, _key(run_id, name)).written
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def choose_level(span: int, max_buckets: int = DEFAULT_MAX_BUCKETS) -> int:
+    """0 (raw rows) when ``span`` steps fit in ``2 * max_buckets`` points, else the smallest
+    stored level with at most ``max_buckets`` buckets over the span."""
+    if max_buckets < 1:
+        raise InvalidInput(f"max_buckets must be >= 1, got {max_buckets}")
+    if span <= 2 * max_buckets:
+        return 0
+    level = math.ceil(math.log2(span / max_buckets))
+    return int(min(max(level, BASE_LEVEL), MAX_LEVEL))
+
+
+@dataclass(frozen=True)
+class Series:
+    """A run's quantities over a step range, raw or bucketed.
+
+    ``frame`` (and ``tail``) have the columns ``step`` (first step of the bucket, or the step),
+    ``step_end`` (last step the bucket covers), ``n`` (rows in it), ``wall_min``,
+    ``wall_max`` and, per quantity ``q``, ``q`` (the mean), ``q__min`` and ``q__max``.
+    For ``level`` > 0, ``frame`` holds every bucket from the first to the last complete one
+    of the range, empty buckets as NaN rows (so x can be given as x0 + i * dx), and ``tail``
+    what follows: lower-level buckets and raw rows, in step order. For ``level`` 0, ``frame``
+    holds the raw rows and ``tail`` is empty. ``last_step`` is the last step included.
+    """
+
+    run_id: int
+    columns: tuple[str, ...]
+    level: int
+    frame: pd.DataFrame
+    tail: pd.DataFrame
+    first_step: int | None
+    last_step: int | None
+
+    @property
+    def bucket_size(self) -> int:
+        return 1 << self.level if self.level else 1
+
+    @property
+    def empty(self) -> bool:
+        return self.frame.empty and self.tail.empty
+
+    def combined(self) -> pd.DataFrame:
+        """frame and tail as one frame, without the empty buckets."""
+        parts = [f for f in (self.frame, self.tail) if not f.empty]
+        if not parts:
+            return self.frame
+        out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        return out[out["n"] > 0].reset_index(drop=True)
+
+
+def _frame_from_buckets(b: _Buckets, columns: Sequence[str], level: int) -> pd.DataFrame:
+    data: dict[str, Any] = {
+        "step": b.bucket << level if level else b.step_min,
+        "step_end": ((b.bucket + 1) << level) - 1 if level else b.step_max,
+        "n": b.n,
+        "wall_min": b.wall_min,
+        "wall_max": b.wall_max,
+    }
+    for j, c in enumerate(columns):
+        data[c] = b.vavg[:, j]
+        data[f"{c}__min"] = b.vmin[:, j]
+        data[f"{c}__max"] = b.vmax[:, j]
+    return pd.DataFrame(data)
+
+
+def _frame_from_raw(
+    steps: np.ndarray, wall: np.ndarray, vals: np.ndarray, columns: Sequence[str]
+) -> pd.DataFrame:
+    data: dict[str, Any] = {
+        "step": steps,
+        "step_end": steps,
+        "n": np.ones(len(steps), np.int64),
+        "wall_min": wall,
+        "wall_max": wall,
+    }
+    for j, c in enumerate(columns):
+        data[c] = vals[:, j]
+        data[f"{c}__min"] = vals[:, j]
+        data[f"{c}__max"] = vals[:, j]
+    return pd.DataFrame(data)
+
+
+def _dense(b: _Buckets, b0: int, b1: int, k: int) -> _Buckets:
+    """Every bucket b0..b1, missing ones as empty (n 0, NaN values)."""
+    m = b1 - b0 + 1
+    if m <= 0:
+        return _Buckets.empty(k)
+    if len(b) == m:
+        return b
+    idx = (b.bucket - b0).astype(np.int64)
+    out = _Buckets(
+        bucket=np.arange(b0, b1 + 1, dtype=np.int64),
+        n=np.zeros(m, np.int64),
+        step_min=np.zeros(m, np.int64),
+        step_max=np.zeros(m, np.int64),
+        wall_min=np.full(m, np.nan),
+        wall_max=np.full(m, np.nan),
+        vmin=np.full((m, k), np.nan),
+        vmax=np.full((m, k), np.nan),
+        vavg=np.full((m, k), np.nan),
+    )
+    for f in ("n", "step_min", "step_max", "wall_min", "wall_max", "vmin", "vmax", "vavg"):
+        getattr(out, f)[idx] = getattr(b, f)
+    return out
+
+
+def _check_columns(columns: Iterable[str]) -> tuple[str, ...]:
+    cols = tuple(dict.fromkeys(columns))
+    bad = sorted(set(cols) - set(STEP_FLOAT_COLUMNS))
+    if bad:
+        raise InvalidInput(f"{bad} are not step quantities (one of {STEP_FLOAT_COLUMNS})")
+    if not cols:
+        raise InvalidInput("no quantities asked for")
+    return cols
+
+
+def _check_range(start: int | None, end: int | None) -> None:
+    for name, v in (("start", start), ("end", end)):
+        if v is not None and not (0 <= int(v) <= MAX_STEP):
+            raise InvalidInput(f"{name} step {v} is outside 0..{MAX_STEP}")
+    if start is not None and end is not None and int(start) > int(end):
+        raise InvalidInput(f"start step {start} is after end step {end}")
+
+
+def step_bounds(db: Database, run_id: int) -> tuple[int | None, int | None]:
+    """(first step, last step) of a run, or (None, None); two index lookups."""
+    with db.begin() as conn:
+        row = conn.execute(
+            text(
+                "SELECT (SELECT MIN(step) FROM steps WHERE run_id = :r), "
+                "(SELECT MAX(step) FROM steps WHERE run_id = :r)"
+            ),
+            {"r": int(run_id)},
+        ).one()
+    return (None if row[0] is None else int(row[0]), None if row[1] is None else int(row[1]))
+
+
+def _read(
+    db: Database,
+    src: _Source,
+    key: Mapping[str, Any],
+    columns: tuple[str, ...],
+    raw_columns: tuple[str, ...],
+    start: int | None,
+    end: int | None,
+    max_buckets: int,
+) -> Series:
+    _check_range(start, end)
+    refreshed = _refresh(db, src, key)
+    run_id = int(key["run_id"])
+    k = len(raw_columns)
+    pick = [src.values.index(c) for c in raw_columns]
+    empty = _frame_from_raw(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, k)), columns)
+    if refreshed.max_step is None:
+        return Series(run_id, columns, 0, empty, empty, None, None)
+    max_step, done = refreshed.max_step, refreshed.done
+    with db.begin() as conn:
+        first_step = conn.execute(
+            text(f"SELECT MIN(step) FROM {src.raw_table} WHERE {src.where()}"), dict(key)
+        ).scalar()
+        first_step = int(first_step)
+        lo = first_step if start is None else max(int(start), first_step)
+        hi = max_step if end is None else min(int(end), max_step)
+        if lo > hi:
+            return Series(run_id, columns, 0, empty, empty, first_step, max_step)
+        level = choose_level(hi - lo + 1, max_buckets)
+        if level == 0:
+            steps, wall, vals = _read_raw(conn, src, key, raw_columns, lo, hi)
+            frame = _frame_from_raw(steps, wall, vals, columns)
+            return Series(run_id, columns, 0, frame, empty, first_step, hi)
+        b0 = lo >> level
+        b1 = min(hi >> level, done.get(level, -1))
+        hist = _read_buckets(conn, src, key, level, b0, b1, pick)
+        frame = _frame_from_buckets(_dense(hist, b0, b1, k), columns, level)
+        # The tail: at most one complete bucket per lower level, then raw rows.
+        pos = max((b1 + 1) << level, lo)
+        wanted: list[tuple[int, int]] = []
+        for lower in range(level - 1, BASE_LEVEL - 1, -1):
+            size = 1 << lower
+            while (
+                pos % size == 0 and pos + size - 1 <= hi and (pos >> lower) <= done.get(lower, -1)
+            ):
+                wanted.append((lower, pos >> lower))
+                pos += size
+        parts = [
+            _frame_from_buckets(b, columns, lv)
+            for lv, b in _read_bucket_list(conn, src, key, wanted, pick)
+        ]
+        if pos <= hi:
+            steps, wall, vals = _read_raw(conn, src, key, raw_columns, pos, hi)
+            parts.append(_frame_from_raw(steps, wall, vals, columns))
+        parts = [p for p in parts if not p.empty]
+        tail = pd.concat(parts, ignore_index=True) if parts else empty
+    return Series(run_id, columns, level, frame, tail, first_step, hi)
+
+
+def read_series(
+    db: Database,
+    run_id: int,
+    columns: Iterable[str],
+    *,
+    start: int | None = None,
+    end: int | None = None,
+    max_buckets: int = DEFAULT_MAX_BUCKETS,
+) -> Series:
+    """Step quantities of a run over [start, end] (default: all), raw or bucketed so that a
+    chart gets at most about ``2 * max_buckets`` points per quantity. See ``Series``."""
+    cols = _check_columns(columns)
+    return _read(db, _STEPS, _key(run_id), cols, cols, start, end, max_buckets)
+
+
+def read_metric_series(
+    db: Database,
+    run_id: int,
+    name: str,
+    *,
+    start: int | None = None,
+    end: int | None = None,
+    max_buckets: int = DEFAULT_MAX_BUCKETS,
+) -> Series:
+    """One extra metric of a run like ``read_series``; its column is ``value``."""
+    return _read(db, _METRICS, _key(run_id, name), ("value",), ("value",), start, end, max_buckets)
+
+
+def read_step_rows_after(
+    db: Database, run_id: int, after: int, columns: Iterable[str], *, limit: int = 20_000
+) -> pd.DataFrame:
+    """Raw step rows with step > after (for live updates): step, wall_time and columns."""
+    cols = _check_columns(columns)
+    with db.begin() as conn:
+        steps, wall, vals = _read_raw(
+            conn, _STEPS, _key(run_id), cols, int(after) + 1, MAX_STEP, limit
+        )
+    out = pd.DataFrame({"step": steps, "wall_time": wall})
+    for j, c in enumerate(cols):
+        out[c] = vals[:, j]
+    return out
+
+
+def read_metric_rows_after(
+    db: Database, run_id: int, name: str, after: int, *, limit: int = 20_000
+) -> pd.DataFrame:
+    """Raw rows of one extra metric with step > after: step, value."""
+    with db.begin() as conn:
+        steps, _, vals = _read_raw(
+            conn, _METRICS, _key(run_id, name), ("value",), int(after) + 1, MAX_STEP, limit
+        )
+    return pd.DataFrame({"step": steps, "value": vals[:, 0] if len(vals) else np.zeros(0)})
+
+
+def read_histogram_columns(
+    db: Database,
+    run_id: int,
+    *,
+    start: int | None = None,
+    end: int | None = None,
+    max_columns: int = 400,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, counts[n, bins]) of a run's token histograms, at most ``max_columns`` of them
+    evenly spread over the range (every k-th stored histogram), for the heatmap."""
+    _check_range(start, end)
+    where, params = ["run_id = :r"], {"r": int(run_id)}
+    if start is not None:
+        where.append("step >= :lo")
+        params["lo"] = int(start)
+    if end is not None:
+        where.append("step <= :hi")
+        params["hi"] = int(end)
+    cond = " AND ".join(where)
+    with db.begin() as conn:
+        count = int(
+            conn.execute(
+                text(f"SELECT COUNT(*) FROM token_histograms WHERE {cond}"), params
+            ).scalar()
+            or 0
+        )
+        if count == 0:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
+        stride = max(1, math.ceil(count / max_columns))
+        if stride == 1:
+            sql = f"SELECT step, counts FROM token_histograms WHERE {cond} ORDER BY step"
+        else:
+            sql = (
+                "SELECT h.step, h.counts FROM token_histograms h JOIN ("
+                f"SELECT step, ROW_NUMBER() OVER (ORDER BY step) AS rn FROM token_histograms "
+                f"WHERE {cond}) pick ON pick.step = h.step "
+                "WHERE h.run_id = :r AND (pick.rn - 1) % :stride = 0 ORDER BY h.step"
+            )
+            params["stride"] = stride
+        rows = _fetch(conn, sql, params)
+    steps = np.array([int(r[0]) for r in rows], dtype=np.int64)
+    counts = [_json_list(r[1]) for r in rows]
+    width = max((len(c) for c in counts), default=0)
+    out = np.zeros((len(counts), width), dtype=np.int64)
+    for i, c in enumerate(counts):
+        out[i, : len(c)] = c
+    return steps, out
+
+
+def _json_list(value: Any) -> list[int]:
+    if isinstance(value, str):
+        import json
+
+        value = json.loads(value)
+    return [int(v) for v in value]
