@@ -276,3 +276,14 @@ def test_default_run_names(tmp_path: Path) -> None:
     (ckpt / "trainer_state.json").write_text("{}")
     assert default_run_name(ckpt / "trainer_state.json") == "grpo-qwen"
     assert default_run_name(tmp_path / "grpo-qwen") == "grpo-qwen"
+
+
+def test_progress_is_reported_and_overlong_names_are_not_stored(tmp_path: Path) -> None:
+    log = tmp_path / "long.jsonl"
+    long_name = "x" * 201
+    log.write_text("".join(f'{{"step": {s}, "reward": {s}, "{long_name}": 1}}\n' for s in range(3)))
+    seen: list[tuple[str, int, int]] = []
+    _f, p = prepare_path(log, progress=lambda *a: seen.append(a))
+    assert seen and seen[-1] == ("read", log.stat().st_size, log.stat().st_size)
+    assert {n for _s, n, _v in p.metrics} == {"reward"}
+    assert any("over 200 characters" in n for n in p.notes)

@@ -155,3 +155,11 @@ def test_report_is_json_friendly(db: Database) -> None:
     report = import_path(db, FIXTURES / "wandb_grpo.csv")
     assert json.dumps(report.mapping)
     assert report.mapping["k3"] == ["train/kl"]
+
+
+def test_write_progress_counts_steps_then_metrics(db: Database) -> None:
+    seen: list[tuple[str, int, int]] = []
+    report = import_path(db, FIXTURES / "no_step.tsv", progress=lambda *a: seen.append(a))
+    writes = [s for s in seen if s[0] == "write"]
+    assert writes[-1] == ("write", 9, 9)  # 3 steps + 6 metrics
+    assert report.steps_inserted == 3

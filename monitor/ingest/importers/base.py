@@ -64,6 +64,8 @@ class RawTable:
 
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts become ``a/b`` keys (``{"actor": {"kl_loss": 1}}`` -> ``actor/kl_loss``)."""
+    if not prefix and not any(isinstance(v, Mapping) for v in obj.values()):
+        return dict(obj)  # the common case: already flat
     out: dict[str, Any] = {}
     for key, value in obj.items():
         name = f"{prefix}{key}"
@@ -92,6 +94,8 @@ def to_number(value: Any) -> float | None:
     wrapped reprs loggers print (``np.float64(0.5)``, ``tensor(0.5)``). Raises NotNumeric for
     anything else.
     """
+    if type(value) is float:  # the common case first
+        return value if math.isfinite(value) else None
     if value is None:
         return None
     if isinstance(value, bool):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 from monitor.errors import InvalidInput
@@ -118,7 +119,10 @@ def _sniff_json_object(path: Path, text: str) -> str:
         if trainer_state.is_trainer_state(obj):
             return "trainer_state"
         return "tokens" if tokens.is_token_record(obj) else "jsonl"
-    # a document spread over lines (pretty-printed trainer_state.json)
+    # a document spread over lines (pretty-printed trainer_state.json, keys sorted: the
+    # log_history key comes early; its reader reports any JSON error with line and column)
+    if re.search(r'^\s*"log_history"\s*:\s*\[', text, re.MULTILINE):
+        return "trainer_state"
     try:
         doc = trainer_state.load_json(path)
     except InvalidInput:

@@ -204,9 +204,12 @@ def prepare_path(
         mtime = file.stat().st_mtime
     except OSError:
         mtime = time.time()
-    prepared = FORMATS[fmt].prepare(
-        file, tick, default_wall_time=mtime, user_map=dict(mapping or {})
-    )
+    try:
+        prepared = FORMATS[fmt].prepare(
+            file, tick, default_wall_time=mtime, user_map=dict(mapping or {})
+        )
+    except OSError as exc:
+        raise InvalidInput(f"{file}: cannot read ({exc.strerror or exc})") from exc
     if not prepared.steps and not prepared.metrics:
         first = f" (first: {prepared.problems[0]})" if prepared.problems else ""
         raise InvalidInput(
@@ -293,9 +296,10 @@ def write_prepared(
     if existing is not None:
         stored_steps, stored_metrics = _stored(db, run.id)
 
-    total = len(prepared.steps)
+    # progress counts rows written: steps, then metrics
+    n_steps, total = len(prepared.steps), len(prepared.steps) + len(prepared.metrics)
     conflicts: list[int] = []
-    for start in range(0, total, STEP_BATCH):
+    for start in range(0, n_steps, STEP_BATCH):
         batch = prepared.steps[start : start + STEP_BATCH]
         result = write_steps(db, run.id, batch)
         report.steps_inserted += result.inserted
@@ -305,18 +309,23 @@ def write_prepared(
             progress("write", start + len(batch), total)
     report.step_conflicts = tuple(conflicts)
 
-    for start in range(0, len(prepared.metrics), METRIC_BATCH):
-        report.metrics_inserted += write_metrics(
-            db, run.id, prepared.metrics[start : start + METRIC_BATCH]
-        )
-    if stored_metrics:
+    new_metrics = prepared.metrics
+    if stored_metrics:  # a re-import: only what is not stored yet goes to the database
+        new_metrics = []
         for step, metric, value in prepared.metrics:
             key = (step, metric)
-            if key in stored_metrics:
-                if _same(stored_metrics[key], value):
-                    report.metrics_unchanged += 1
-                else:
-                    report.metric_conflicts.append(key)
+            if key not in stored_metrics:
+                new_metrics.append((step, metric, value))
+            elif _same(stored_metrics[key], value):
+                report.metrics_unchanged += 1
+            else:
+                report.metric_conflicts.append(key)
+    done = n_steps + len(prepared.metrics) - len(new_metrics)
+    for start in range(0, len(new_metrics), METRIC_BATCH):
+        batch_m = new_metrics[start : start + METRIC_BATCH]
+        report.metrics_inserted += write_metrics(db, run.id, batch_m)
+        if progress:
+            progress("write", done + start + len(batch_m), total)
     write_metric_info(db, run.id, prepared.infos)
 
     new_steps = [s for s in prepared.samples if s not in stored_steps]

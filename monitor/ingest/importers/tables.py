@@ -39,6 +39,7 @@ STEP_KEYS: tuple[str, ...] = (
 )
 TIME_KEYS: tuple[str, ...] = ("wall_time", "_timestamp", "timestamp", "time")
 STEP_STATUSES = ("ok", "partial", "rejected")
+MAX_NAME = 200  # metrics.name is VARCHAR(200)
 
 
 @dataclass
@@ -159,6 +160,16 @@ def build(
 
     # 2. what each column means
     columns = {k for vals in merged.values() for k in vals}
+    too_long = sorted(c for c in columns if len(c) > MAX_NAME)
+    if too_long:
+        out.notes.append(
+            f"{len(too_long)} columns with names over {MAX_NAME} characters not stored: "
+            f"{too_long[0][:60]}..."
+        )
+        columns -= set(too_long)
+        for vals in merged.values():
+            for c in too_long:
+                vals.pop(c, None)
     check_map_columns(user_map, columns | keys - {step_key}, path)
     meanings: dict[str, KeyMeaning | None] = {c: lookup(producer, c) for c in columns}
     for column, quantity in user_map.items():
