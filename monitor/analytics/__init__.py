@@ -1,0 +1,33 @@
+"""Trends and detectors on a run's step table: DataFrame in, findings out.
+
+Pure: nothing here touches the store, the dashboard or the alert engine. The step table
+is sorted by ``step`` with the columns of DESIGN.md (``kl_mean`` ... ``n_tokens``,
+``status``, ``reject_reason``, ``wall_time``) plus any extra metrics.
+"""
+
+from monitor.analytics.detectors import DEFAULT_PARAMS, DETECTORS, lookback_rows
+from monitor.analytics.findings import Finding, RunContext, as_context
+from monitor.analytics.series import KL_PREFERENCE, pick_kl
+from monitor.analytics.trends import (
+    compute_trends,
+    ewma,
+    forecast_crossing,
+    resolve_budget,
+    rolling_slope,
+)
+
+__all__ = [
+    "DEFAULT_PARAMS",
+    "DETECTORS",
+    "KL_PREFERENCE",
+    "Finding",
+    "RunContext",
+    "as_context",
+    "compute_trends",
+    "ewma",
+    "forecast_crossing",
+    "lookback_rows",
+    "pick_kl",
+    "resolve_budget",
+    "rolling_slope",
+]

@@ -1,0 +1,177 @@
+"""Trends of a run's KL: smoothing, slope, when it will cross its budget, reward per sqrt(KL).
+
+Reward-model over-optimisation grows with sqrt(KL) (Gao et al., 2022), so a healthy run
+gains reward roughly in proportion to sqrt(KL); the gain per unit of sqrt(KL) collapsing
+while KL keeps growing is the signature of reward hacking.
+Everything here is causal: the value at a row depends only on that row and earlier ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from monitor.analytics.findings import RunContext, as_context
+from monitor.analytics.series import aligned, including, pick_kl
+
+__all__ = [
+    "compute_trends",
+    "ewma",
+    "forecast_crossing",
+    "resolve_budget",
+    "reward_sqrt_kl_slope",
+    "rolling_slope",
+]
+
+
+def ewma(values: np.ndarray, halflife_rows: float = 10.0) -> np.ndarray:
+    """Exponentially weighted mean over rows (NaNs skipped, never looking ahead)."""
+    series = pd.Series(np.asarray(values, dtype=float))
+    return series.ewm(halflife=halflife_rows, ignore_na=True).mean().to_numpy()
+
+
+def rolling_slope(steps: np.ndarray, values: np.ndarray, rows: int = 20) -> np.ndarray:
+    """Least-squares slope per step over the last ``rows`` rows (NaN until 3 rows exist)."""
+    x = including(np.asarray(steps, dtype=float), rows)
+    y = including(values, rows)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x = np.where(ok, x, np.nan)
+    y = np.where(ok, y, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dx = x - np.nanmean(x, axis=1, keepdims=True)
+        dy = y - np.nanmean(y, axis=1, keepdims=True)
+        slope = np.nansum(dx * dy, axis=1) / np.nansum(dx * dx, axis=1)
+    slope[ok.sum(axis=1) < 3] = np.nan
+    return slope
+
+
+def forecast_crossing(step: float, level: float, slope: float, budget: float) -> float | None:
+    """Step at which ``level`` reaches ``budget`` at ``slope`` per step; None when not rising.
+
+    A level already at or above the budget crosses at ``step`` itself.
+    """
+    if not all(np.isfinite(v) for v in (step, level, budget)):
+        return None
+    if level >= budget:
+        return float(step)
+    if not np.isfinite(slope) or slope <= 0:
+        return None
+    return float(step + (budget - level) / slope)
+
+
+def resolve_budget(
+    ctx: RunContext, value: float | None = None, factor: float = 1.5
+) -> tuple[float | None, str]:
+    """The run's KL budget and where it came from.
+
+    An explicit ``value`` wins, then the config's ``kl_budget``, then ``factor`` times its
+    ``target_kl`` (an adaptive KL controller hovers around its target, so the budget sits
+    above it).
+    """
+    if value is not None:
+        return float(value), "rule value"
+    budget = ctx.config_float("kl_budget")
+    if budget is not None:
+        return budget, "config kl_budget"
+    target = ctx.config_float("target_kl", "kl_target")
+    if target is not None:
+        return factor * target, f"{factor:g} x config target_kl {target:g}"
+    return None, "no budget"
+
+
+def reward_sqrt_kl_slope(sqrt_kl: np.ndarray, reward: np.ndarray, rows: int = 20) -> np.ndarray:
+    """Local reward gained per unit of sqrt(KL): regression slope over the last ``rows`` rows."""
+    x = including(sqrt_kl, rows)
+    y = including(reward, rows)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x = np.where(ok, x, np.nan)
+    y = np.where(ok, y, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dx = x - np.nanmean(x, axis=1, keepdims=True)
+        dy = y - np.nanmean(y, axis=1, keepdims=True)
+        slope = np.nansum(dx * dy, axis=1) / np.nansum(dx * dx, axis=1)
+    slope[ok.sum(axis=1) < 3] = np.nan
+    return slope
+
+
+def compute_trends(
+    df: pd.DataFrame,
+    ctx: RunContext | Mapping[str, Any] | None = None,
+    *,
+    halflife_rows: float = 10.0,
+    slope_rows: int = 20,
+    baseline_rows: int = 5,
+    budget: float | None = None,
+    budget_factor: float = 1.5,
+) -> pd.DataFrame:
+    """Per-row trends of the run's KL series (see ``pick_kl``), one row per step that has it.
+
+    Columns: ``step``, ``kl`` (the raw series, named in ``attrs['series']``), ``kl_ewma``,
+    ``kl_slope`` (per step, of the smoothed KL), ``budget``, ``budget_cross_step`` (forecast
+    at the current rate; NaN when not rising or no budget), ``sqrt_kl`` (of the smoothed
+    KL), ``reward``, ``reward_gain`` (smoothed reward minus its median over the first
+    ``baseline_rows`` rows), ``reward_per_sqrt_kl`` (gain / sqrt_kl) and
+    ``reward_sqrt_kl_slope`` (its local slope over ``slope_rows`` rows).
+    """
+    context = as_context(ctx)
+    series = pick_kl(df)
+    columns = [
+        "step", "kl", "kl_ewma", "kl_slope", "budget", "budget_cross_step", "sqrt_kl",
+        "reward", "reward_gain", "reward_per_sqrt_kl", "reward_sqrt_kl_slope",
+    ]  # fmt: skip
+    if series is None:
+        out = pd.DataFrame(columns=columns)
+        out.attrs["series"] = None
+        return out
+    steps, kl = aligned(df, [series])
+    kl = kl[:, 0]
+    smooth = ewma(kl, halflife_rows)
+    slope = rolling_slope(steps, smooth, slope_rows)
+    limit, _ = resolve_budget(context, budget, budget_factor)
+    cross = np.array(
+        [
+            np.nan if (c := forecast_crossing(s, k, d, limit or np.nan)) is None else c
+            for s, k, d in zip(steps, smooth, slope, strict=True)
+        ]
+    )
+    sqrt_kl = np.sqrt(np.clip(smooth, 0.0, None))
+    reward = _reward_on(df, steps)
+    reward_smooth = ewma(reward, halflife_rows)
+    finite = reward[np.isfinite(reward)]
+    reward0 = np.median(finite[:baseline_rows]) if len(finite) else np.nan
+    gain = reward_smooth - reward0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_sqrt = np.where(sqrt_kl > 0, gain / sqrt_kl, np.nan)
+    out = pd.DataFrame(
+        {
+            "step": steps,
+            "kl": kl,
+            "kl_ewma": smooth,
+            "kl_slope": slope,
+            "budget": np.nan if limit is None else limit,
+            "budget_cross_step": cross,
+            "sqrt_kl": sqrt_kl,
+            "reward": reward,
+            "reward_gain": gain,
+            "reward_per_sqrt_kl": per_sqrt,
+            "reward_sqrt_kl_slope": reward_sqrt_kl_slope(sqrt_kl, reward_smooth, slope_rows),
+        }
+    )
+    out.attrs["series"] = series
+    return out
+
+
+def _reward_on(df: pd.DataFrame, steps: np.ndarray) -> np.ndarray:
+    """reward_mean at ``steps`` (NaN where absent)."""
+    if "reward_mean" not in df.columns:
+        return np.full(len(steps), np.nan)
+    reward = pd.to_numeric(df["reward_mean"], errors="coerce").to_numpy(dtype=float)
+    by_step = pd.Series(reward, index=df["step"].to_numpy())
+    by_step = by_step[~by_step.index.duplicated(keep="last")]
+    return by_step.reindex(steps).to_numpy(dtype=float)
