@@ -13,8 +13,6 @@ from monitor.store.database import Database
 from monitor.store.drilldown import read_histograms, read_samples
 from monitor.store.steps import read_metrics, read_steps
 
-pytest.importorskip("monitor.divergence", reason="monitor.divergence is not in this tree yet")
-
 FIXTURES = Path(__file__).parent / "fixtures" / "import"
 TOKENS = FIXTURES / "tokens.jsonl"
 
