@@ -462,14 +462,15 @@ def _prepare(
         raise InvalidInput(
             f"policy_logprobs is empty (shape {pol.shape}): a step needs at least one sequence"
         )
-    counts = np.count_nonzero(m, axis=1) if m is not None else np.full(pol.shape[0], pol.shape[1])
-    empty = np.flatnonzero(counts == 0)
+    has_tokens = m.any(axis=1) if m is not None else np.full(pol.shape[0], pol.shape[1] > 0)
+    empty = np.flatnonzero(~has_tokens)
     if len(empty):
         raise InvalidInput(
             f"sequence {empty[0]} has no response tokens under the mask: its KL would be "
             "'no data', not 0"
         )
-    if m is not None and counts.sum() == m.size:
+    n_tokens = np.count_nonzero(m) if m is not None else pol.size
+    if m is not None and n_tokens == m.size:
         m = None  # every position counts: skip the masking work
     return _Batch(
         policy=pol,
@@ -478,7 +479,7 @@ def _prepare(
         rollout=extras[0],
         entropies=extras[1],
         rewards=None if rewards is None else _rewards(rewards, pol.shape[0]),
-        n_tokens=int(counts.sum()),
+        n_tokens=int(n_tokens),
         layout=layout,
     )
 
@@ -647,15 +648,16 @@ def _value_message(where: str, v: float, kind: str) -> str:
 # (5-10 ns per token on this machine), so for |l| < 1/2 -- nearly every token -- K is taken
 # from its Taylor series sum_{n=2..8} (-l)^n / n!, summed over tokens through the power sums
 # M_n = sum_t l_t^n (dot products, float64). On |l| <= 1/2 + 1e-6 the truncation error is
-# below 4e-8 relative and each token's polynomial is > 0, like K. Tokens with |l| >= 1/2
-# (found through their histogram bin) use expm1(-l) + l exactly, which is >= 0 because expm1
-# is faithfully rounded and -l is representable.
+# below 5e-8 relative (float32 grade) and each token's polynomial is > 0, like K. Tokens
+# with |l| >= 1/2 (found through their histogram bin) use expm1(-l) + l exactly, which is
+# >= 0 because expm1 is faithfully rounded and -l is representable.
 _SERIES_BINS = (_ZERO_BIN - 2, _ZERO_BIN + 1)  # bins 38..41 hold -0.5 <= l < 0.5
 _SERIES_MAX_POWER = 4  # powers l..l^4 give M_2..M_8 as <l^i, l^i> and <l^i, l^(i+1)>
 _SERIES_EVEN = np.array([1 / math.factorial(2 * i) for i in range(1, _SERIES_MAX_POWER + 1)])
 _SERIES_ODD = np.array([-1 / math.factorial(2 * i + 1) for i in range(1, _SERIES_MAX_POWER)])
 
-_CHUNK_POSITIONS = 16384  # row chunk size: buffers of a few 100 kB stay in L2
+_DOT_BLOCK = 4096
+_CHUNK_POSITIONS = 65536  # rows per chunk: fewer numpy calls vs buffers that stay in cache
 _MAX_THREADS = 2
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -669,11 +671,26 @@ def _thread_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_after_fork() -> None:
+    # a forked child (e.g. a DataLoader worker) inherits the pool object but not its threads
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _einsum_vecdot(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     return np.einsum("...i,...i->...", a, b, out=out)
 
 
 _vecdot = getattr(np, "vecdot", _einsum_vecdot)  # numpy < 2.0 has no vecdot
+
+
+def _le(a: np.ndarray, bound: float) -> bool:
+    """max(a) <= bound; False when a holds NaN."""
+    return bool(a.max() <= bound)
 
 
 class _BadChunk(Exception):
@@ -703,6 +720,7 @@ class _Shard:
         b, t = batch.policy.shape
         self.batch = batch
         self.full = full
+        self.failed = False
         self.rows = rows_per_chunk
         self.n_chunks = -(-b // rows_per_chunk)
         self.wdtype = (
@@ -713,8 +731,8 @@ class _Shard:
         if full:
             n_extra = (batch.entropies is not None) + (batch.rollout is not None)
             self.row_sums = np.zeros((2 + n_extra, b))  # nll, positive l, then extras
-            self.even = np.zeros((_SERIES_MAX_POWER, b))  # M2, M4, M6, M8 per row
-            self.odd = np.zeros((_SERIES_MAX_POWER - 1, b))  # M3, M5, M7 per row
+            # M2, M4, M6, M8 then M3, M5, M7 per chunk
+            self.moments = np.zeros((2 * _SERIES_MAX_POWER - 1, self.n_chunks))
             self.big = np.zeros((self.n_chunks, 2))  # exact k3 and l^2 of |l| >= 1/2 tokens
             # bin index of every position, counted at the end as byte pairs (uint16)
             self.bins = np.full(b * t + (b * t) % 2, _ZERO_BIN, dtype=np.uint8)
@@ -730,10 +748,13 @@ class _Worker:
         self.lw = np.empty((r, t), wd)
         self.xw = np.empty((r, t), wd)
         self.mw = np.empty((r, t), wd)
+        self.pm = np.empty((r, t), wd)
         self.flag = np.empty((r, t), np.bool_)
         self.u8 = np.empty(r * t, np.uint8)
         if shard.full:
-            self.powers = np.empty((_SERIES_MAX_POWER, r, t))  # l, l^2, l^3, l^4 (float64)
+            n_blocks = -(-r * t // _DOT_BLOCK)
+            self.powers = np.empty((_SERIES_MAX_POWER, n_blocks * _DOT_BLOCK))  # float64
+            self.dots = np.empty((2 * _SERIES_MAX_POWER - 1, n_blocks))
         self.tau = 0.0  # candidates must exceed this (a lower bound of the final threshold)
         self.pool: list[np.ndarray] = []
         self.pool_size = 0
@@ -742,6 +763,8 @@ class _Worker:
 
     def run(self, c: int) -> None:
         shard = self.shard
+        if shard.failed:  # another worker found bad input: the caller will report it
+            return
         r0 = c * shard.rows
         r1 = min(r0 + shard.rows, shard.batch.policy.shape[0])
         b = shard.batch
@@ -753,9 +776,11 @@ class _Worker:
             # Fast checks failed: masked positions may hold garbage (NaN, +1 padding), or a real
             # problem sits under the mask. Zero the masked positions and look again.
             if mask is None:
+                shard.failed = True
                 raise _BadChunk
             clean = [None if x is None else np.where(mask, x, 0) for x in arrays]
             if not self._chunk(c, r0, r1, *clean, mask):
+                shard.failed = True
                 raise _BadChunk
 
     def _chunk(
@@ -773,33 +798,38 @@ class _Worker:
         shard = self.shard
         nr = r1 - r0
         lw, xw, mw = self.lw[:nr], self.xw[:nr], self.mw[:nr]
-        np.subtract(p, q, out=lw)
         if mask is not None:
             np.copyto(mw, mask)
-            np.multiply(lw, mw, out=lw)
+        # Mask before subtracting. Multiplying by the 0/1 mask zeroes finite padding (TRL's
+        # +1.0 included); NaN/inf padding turns into NaN, fails the checks, and the caller
+        # retries the chunk with the padding replaced by np.where.
+        pm = self._masked(p, mask, mw, self.pm[:nr])
+        qm = self._masked(q, mask, mw, xw)
+        np.subtract(pm, qm, out=lw)
         kl = np.add.reduce(lw, axis=1, dtype=np.float64, out=shard.seq_kl[r0:r1])
         if not (
-            np.isfinite(kl).all()
-            and self._logprob_ok(p, mask, mw)
-            and self._logprob_ok(q, mask, mw)
+            np.isfinite(kl).all() and _le(pm, LOGPROB_TOLERANCE) and _le(qm, LOGPROB_TOLERANCE)
         ):
             return False
         if not shard.full:
             return True
         sums = shard.row_sums[:, r0:r1]
-        self._masked_sum(p, mask, mw, out=sums[0])
-        if not np.isfinite(sums[0]).all():
+        if not np.isfinite(np.add.reduce(pm, axis=1, dtype=np.float64, out=sums[0])).all():
             return False
         extra = 2
         if rollout is not None:
-            np.subtract(rollout, p, out=xw)
-            self._masked_sum(xw, mask, mw, out=sums[extra])
-            if not (np.isfinite(sums[extra]).all() and self._logprob_ok(rollout, mask, mw)):
+            rm = self._masked(rollout, mask, mw, xw)
+            if not _le(rm, LOGPROB_TOLERANCE):
+                return False
+            np.subtract(rm, pm, out=xw)
+            if not np.isfinite(np.add.reduce(xw, axis=1, dtype=np.float64, out=sums[extra])).all():
                 return False
             extra += 1
         if ent is not None:
-            self._masked_sum(ent, mask, mw, out=sums[extra])
-            if not (np.isfinite(sums[extra]).all() and self._entropy_ok(ent, mask, mw)):
+            em = self._masked(ent, mask, mw, xw)
+            if not em.min() >= -LOGPROB_TOLERANCE:  # NaN fails too
+                return False
+            if not np.isfinite(np.add.reduce(em, axis=1, dtype=np.float64, out=sums[extra])).all():
                 return False
         # everything below only records: the chunk is valid
         self._histogram(r0, r1, lw, xw)
@@ -809,32 +839,13 @@ class _Worker:
         self._k2_k3(c, r0, r1, lw)
         return True
 
-    def _logprob_ok(self, x: np.ndarray, mask: np.ndarray | None, mw: np.ndarray) -> bool:
-        if x.max() <= LOGPROB_TOLERANCE:  # NaN fails too
-            return True
+    @staticmethod
+    def _masked(
+        x: np.ndarray, mask: np.ndarray | None, mw: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
         if mask is None:
-            return False
-        xw = self.xw[: len(x)]
-        np.multiply(x, mw, out=xw)  # padding such as TRL's +1.0 is zeroed here
-        return bool(xw.max() <= LOGPROB_TOLERANCE)
-
-    def _entropy_ok(self, x: np.ndarray, mask: np.ndarray | None, mw: np.ndarray) -> bool:
-        if x.min() >= -LOGPROB_TOLERANCE:
-            return True
-        if mask is None:
-            return False
-        xw = self.xw[: len(x)]
-        np.multiply(x, mw, out=xw)
-        return bool(xw.min() >= -LOGPROB_TOLERANCE)
-
-    def _masked_sum(
-        self, x: np.ndarray, mask: np.ndarray | None, mw: np.ndarray, out: np.ndarray
-    ) -> None:
-        if mask is not None:
-            xw = self.xw[: len(x)]
-            np.multiply(x, mw, out=xw)
-            x = xw
-        np.add.reduce(x, axis=1, dtype=np.float64, out=out)
+            return x
+        return np.multiply(x, mw, out=out)
 
     def _histogram(self, r0: int, r1: int, lw: np.ndarray, xw: np.ndarray) -> None:
         np.multiply(lw, _BIN_SCALE, out=xw)
@@ -853,7 +864,7 @@ class _Worker:
             self.pool.append(cand)
             self.pool_size += len(cand)
             k = self.shard.k_top
-            if self.pool_size > max(4 * k, 4096):
+            if self.pool_size > max(2 * k, 4096):
                 self._shrink_pool(k)
 
     def _shrink_pool(self, k: int) -> None:
@@ -867,28 +878,33 @@ class _Worker:
     def _k2_k3(self, c: int, r0: int, r1: int, lw: np.ndarray) -> None:
         shard = self.shard
         nr, t = lw.shape
-        pw = self.powers[:, :nr]
+        n = nr * t
+        n_blocks = -(-n // _DOT_BLOCK)
+        pw = self.powers[:, : n_blocks * _DOT_BLOCK]  # l, l^2, l^3, l^4, flat, zero tail
         l64 = pw[0]
-        np.copyto(l64, lw)
+        np.copyto(l64[:n].reshape(nr, t), lw)
+        l64[n:] = 0.0
         # tokens outside the series range: exact expm1, then zeroed for the power sums
-        bins = shard.bins[r0 * t : r1 * t]
-        u8 = self.u8[: nr * t]
-        np.subtract(bins, _SERIES_BINS[0], out=u8)  # wraps around below bin 38
-        flag = self.flag[:nr].reshape(-1)
+        u8 = self.u8[:n]
+        np.subtract(shard.bins[r0 * t : r1 * t], _SERIES_BINS[0], out=u8)  # wraps below 38
+        flag = self.flag.reshape(-1)[:n]
         np.greater(u8, _SERIES_BINS[1] - _SERIES_BINS[0], out=flag)
         big = np.flatnonzero(flag)
         if len(big):
-            flat = l64.reshape(-1)
-            lb = flat[big]
-            flat[big] = 0.0
+            lb = l64[big]
+            l64[big] = 0.0
             shard.big[c, 0] = float(np.sum(np.expm1(-lb) + lb))
             shard.big[c, 1] = float(np.dot(lb, lb))
         np.multiply(l64, l64, out=pw[1])
         np.multiply(pw[1], l64, out=pw[2])
         np.multiply(pw[1], pw[1], out=pw[3])
-        # per-row dot products (each at most T long: BLAS stays on this thread)
-        _vecdot(pw, pw, out=shard.even[:, r0:r1])
-        _vecdot(pw[:-1], pw[1:], out=shard.odd[:, r0:r1])
+        # M_2..M_8 as dot products over blocks short enough that BLAS (OpenBLAS threads
+        # ddot above ~10k elements) stays on this thread
+        blocks = pw.reshape(_SERIES_MAX_POWER, n_blocks, _DOT_BLOCK)
+        dots = self.dots[:, :n_blocks]
+        _vecdot(blocks, blocks, out=dots[:_SERIES_MAX_POWER])
+        _vecdot(blocks[:-1], blocks[1:], out=dots[_SERIES_MAX_POWER:])
+        np.add.reduce(dots, axis=1, out=shard.moments[:, c])
 
     # -- end of shard ----------------------------------------------------------------------
 
@@ -938,8 +954,8 @@ def _collect(shard: _Shard, workers: list[_Worker]) -> _KernelOut:
     sums = shard.row_sums.sum(axis=1)
     extra = iter(sums[2:])
     big = shard.big.sum(axis=0)
-    even = shard.even.sum(axis=1)
-    odd = shard.odd.sum(axis=1)
+    moments = shard.moments.sum(axis=1)
+    even, odd = moments[:_SERIES_MAX_POWER], moments[_SERIES_MAX_POWER:]
     series = float(even @ _SERIES_EVEN + odd @ _SERIES_ODD)
     top = np.concatenate([w.top_values() for w in workers])
     if len(top) > shard.k_top:

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from monitor import divergence
 from monitor.divergence import (
     HIST_EDGES,
     LOGPROB_TOLERANCE,
@@ -122,14 +123,29 @@ def test_matches_plain_definitions() -> None:
     assert_matches_reference(summarize(p, q, mask), reference(p, q, mask), rtol=1e-9)
 
 
-def test_large_batch_across_chunks_and_threads() -> None:
-    # more rows than one chunk holds, both workers busy, big and small |l| everywhere
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many row chunks even for small test batches, so both worker threads take part."""
+    monkeypatch.setattr(divergence, "_CHUNK_POSITIONS", 2048)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_large_batch_across_chunks_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     p, q, mask = batch(b=70, t=700, seed=2)
     s = summarize(p, q, mask)
     assert_matches_reference(s, reference(p, q, mask), rtol=1e-9)
     again = summarize(p, q, mask)
     assert again.as_dict() == s.as_dict()  # deterministic, whatever the thread timing
     np.testing.assert_array_equal(again.seq_kl, s.seq_kl)
+    monkeypatch.setattr(divergence, "_MAX_THREADS", 1)
+    one_thread = summarize(p, q, mask)
+    assert one_thread.as_dict() == s.as_dict()
+    np.testing.assert_array_equal(one_thread.token_hist, s.token_hist)
+
+
+def test_long_sequences_and_odd_sizes() -> None:
+    p, q, mask = batch(b=3, t=30_001, seed=13)
+    assert_matches_reference(summarize(p, q, mask), reference(p, q, mask), rtol=1e-9)
 
 
 def test_k1_k2_k3_converge_to_analytic_values() -> None:
@@ -247,6 +263,7 @@ def test_as_dict_has_exactly_the_scalar_columns() -> None:
 # --- input forms ----------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("fill", [np.nan, 7.0, np.inf, -np.inf, 1.0])
 def test_masked_values_and_padding_width_do_not_matter(fill: float) -> None:
     p, q, mask = batch(b=9, t=30, seed=4)
@@ -432,6 +449,7 @@ def test_bad_input_names_argument_and_position(changes: dict[str, Any], needles:
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.usefixtures("small_chunks")
 def test_first_offender_in_row_major_order_over_many_chunks() -> None:
     p, q, mask = batch(b=300, t=200, seed=11)
     p[250, 3] = np.nan
