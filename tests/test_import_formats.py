@@ -287,3 +287,21 @@ def test_progress_is_reported_and_overlong_names_are_not_stored(tmp_path: Path) 
     assert seen and seen[-1] == ("read", log.stat().st_size, log.stat().st_size)
     assert {n for _s, n, _v in p.metrics} == {"reward"}
     assert any("over 200 characters" in n for n in p.notes)
+
+
+def test_detection_reads_whole_first_lines(tmp_path: Path) -> None:
+    bad_first = tmp_path / "a.jsonl"
+    bad_first.write_text('{"step": 0, "kl": \n{"step": 1, "kl": 0.5}\n')
+    assert detect_format(bad_first) == "jsonl"
+    config_first = tmp_path / "b.jsonl"
+    n = 20_000  # one line far longer than the sniffed head
+    config_first.write_text(
+        '{"run": "x", "model": "qwen"}\n'
+        f'{{"step": 1, "logprobs": {[-0.5] * n}, "ref_logprobs": {[-0.6] * n}}}\n'
+    )
+    assert config_first.stat().st_size > 64 * 1024
+    assert detect_format(config_first) == "tokens"
+    other = tmp_path / "config.json"
+    other.write_text('{\n  "model": "qwen"\n}\n')
+    with pytest.raises(InvalidInput, match="JSON document without log_history"):
+        detect_format(other)

@@ -18,6 +18,8 @@ from monitor.errors import InvalidInput
 from monitor.ingest.importers import csv_table, tokens, trainer_state, verl
 
 _HEAD = 64 * 1024
+_SNIFF_LINES = 20
+_MAX_SNIFF = 64 * 1024 * 1024
 
 TITLES: dict[str, str] = {
     "trainer_state": "a Hugging Face trainer_state.json (a JSON object with log_history)",
@@ -110,26 +112,46 @@ def _is_binary(head: bytes) -> bool:
 
 
 def _sniff_json_object(path: Path, text: str) -> str:
-    first = text.split("\n", 1)[0].strip()
-    try:
-        obj = json.loads(first)
-    except json.JSONDecodeError:
-        obj = None
-    if isinstance(obj, dict):
-        if trainer_state.is_trainer_state(obj):
+    """trainer_state, tokens or jsonl for a file starting with ``{``, from its first lines
+    (read whole, however long: a per-token line can exceed the sniffed head)."""
+    objects: list[object] = []
+    with path.open("rb") as fh:
+        budget = _MAX_SNIFF
+        for _ in range(_SNIFF_LINES):
+            raw = fh.readline(budget)
+            if not raw:
+                break
+            budget -= len(raw)
+            try:
+                objects.append(json.loads(raw))
+            except ValueError:
+                objects.append(None)
+            if budget <= 0:
+                break
+    first = next((o for o in objects if o is not None), None) if objects else None
+    if not isinstance(objects[0] if objects else None, dict):
+        # not one object per line: a document spread over lines (pretty-printed
+        # trainer_state.json: its reader reports any JSON error with line and column)
+        if re.search(r'"log_history"\s*:\s*\[', text):
             return "trainer_state"
-        return "tokens" if tokens.is_token_record(obj) else "jsonl"
-    # a document spread over lines (pretty-printed trainer_state.json, keys sorted: the
-    # log_history key comes early; its reader reports any JSON error with line and column)
-    if re.search(r'^\s*"log_history"\s*:\s*\[', text, re.MULTILINE):
+        if text.split("\n", 1)[0].strip() == "{":
+            return _sniff_document(path)
+    dicts = [o for o in objects if isinstance(o, dict)]
+    if first is not None and trainer_state.is_trainer_state(first):
         return "trainer_state"
+    if any(tokens.is_token_record(o) for o in dicts):
+        return "tokens"
+    return "jsonl" if dicts else _sniff_document(path)
+
+
+def _sniff_document(path: Path) -> str:
+    if path.stat().st_size > _MAX_SNIFF:
+        return "json-other"
     try:
         doc = trainer_state.load_json(path)
     except InvalidInput:
-        return "json-other" if '"log_history"' not in text else "trainer_state"
-    if trainer_state.is_trainer_state(doc):
-        return "trainer_state"
-    return "json-other"
+        return "json-other"
+    return "trainer_state" if trainer_state.is_trainer_state(doc) else "json-other"
 
 
 def _looks_like_csv(text: str) -> bool:

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from monitor.store.models import STEP_INT_COLUMNS, STEP_QUANTITIES
+from monitor.store.models import STEP_INT_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -421,7 +421,7 @@ def is_eval_key(key: str) -> bool:
 def detect_producer(keys: Iterable[str]) -> str:
     """The tool that wrote a log, from its whole key set (see PRODUCERS)."""
     raw = set(keys)
-    if set(KLMON_RESERVED) <= raw and set(STEP_QUANTITIES) <= raw:
+    if set(KLMON_RESERVED) <= raw and {"kl_mean", "k3"} <= raw:
         return "klmon"
     names = {base_key(k) for k in raw}
     if names & _VERL_SIGNS or any(k.startswith(("timing_s/", "critic/score/")) for k in names):
