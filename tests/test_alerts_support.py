@@ -220,7 +220,7 @@ def smtp_server(
         login = auth_data.login.decode()
         secret = auth_data.password.decode()
         server.auth_attempts.append((login, secret))
-        return AuthResult(success=(login == user and secret == password))
+        return AuthResult(success=(login == user and secret == password), handled=False)
 
     kwargs: dict[str, Any] = {}
     if tls_dir is not None:

@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from monitor.alerts.notify import NotifyError, Sender, channels_for, senders_for
-from monitor.alerts.render import RunLabel, render, worst
+from monitor.alerts.render import RunLabel, render, warm_up, worst
 from monitor.alerts.rules import Rule, RuleSet, load_rules
 from monitor.alerts.settings import AlertSettings
 from monitor.alerts.state import Transition, observe, resume, suspend
@@ -517,6 +517,7 @@ class AlertEngine:
         own thread, woken as soon as a notification is enqueued, so a slow or unreachable
         channel never delays evaluation."""
         stop = stop or threading.Event()
+        warm_up()
         sender = threading.Thread(
             target=self._deliver_loop,
             args=(stop, interval),

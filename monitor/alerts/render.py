@@ -151,6 +151,12 @@ def _event_dict(e: AlertEvent, link: str | None) -> dict[str, Any]:
     }
 
 
+def warm_up() -> None:
+    """Import matplotlib's Agg backend now, so the first alert does not pay for it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+
+
 def kl_chart_png(
     steps: pd.DataFrame,
     *,
@@ -227,7 +233,7 @@ def render(
                 steps,
                 focus_step=focus,
                 threshold=head.threshold if head.detector == "budget" else None,
-                title=f"{run.label}: {head.rule} at step {focus}",
+                title=header_safe(f"{run.label}: {head.rule} at step {focus}", 90),
             )
         except Exception:  # a chart is a nicety: never lose the notification over it
             chart = None

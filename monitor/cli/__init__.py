@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from monitor import __version__
+from monitor.cli.alerts_cmd import alerts_group
 from monitor.cli.db_cmds import db_group
 from monitor.cli.runs_cmd import runs_cmd
 from monitor.errors import KlmonError
@@ -36,3 +37,4 @@ def main() -> None:
 
 main.add_command(db_group)
 main.add_command(runs_cmd)
+main.add_command(alerts_group)
