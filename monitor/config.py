@@ -1,4 +1,8 @@
-"""Settings read from the environment. Every setting klmon reads is named here."""
+"""Settings read from the environment. Every setting klmon reads is named here.
+
+Alerting (KLMON_ALERT_*, KLMON_SMTP_*, KLMON_MAIL_FILE, KLMON_WEBHOOK_*, KLMON_DASHBOARD_URL)
+is read by ``monitor.alerts.settings.AlertSettings.from_env``, whose docstring lists them.
+"""
 
 from __future__ import annotations
 

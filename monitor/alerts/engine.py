@@ -191,10 +191,14 @@ class AlertEngine:
     def _needs_visit(self, run: store.RunToEvaluate, now: float) -> bool:
         if run.has_new_steps or run.has_open:
             return True
-        running = run.status == "running"
-        if running and any(r.time_based for r in self.rules.enabled):
-            return True
-        return running and self._stale(run, now)
+        if run.status != "running":
+            return False
+        # a clock-judged rule can only fire once the run is silent for its minimum
+        silent = now - run.last_seen_at
+        for rule in self.rules.enabled:
+            if rule.time_based and silent > float(_all_params(rule).get("min_seconds", 0.0)):
+                return True
+        return self._stale(run, now)
 
     def _stale(self, run: store.RunToEvaluate, now: float) -> bool:
         return run.status == "running" and now - run.last_seen_at > self.settings.nodata_after
