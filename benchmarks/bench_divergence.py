@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.divergence import HIST_EDGES, LOGPROB_TOLERANCE, summarize
+from monitor.divergence import HIST_EDGES, LOGPROB_TOLERANCE, sequence_kl, summarize
 
 
 def make_batch(b: int, t: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,6 +108,7 @@ def main() -> None:
         "naive numpy": lambda: naive_summary(policy, ref, mask),
         "summarize": lambda: summarize(policy, ref, mask),
         "summarize, padding +1.0": lambda: summarize(padded, ref, mask),
+        "sequence_kl only": lambda: sequence_kl(policy, ref, mask),
     }
     print(
         f"batch ({args.batch}, {args.tokens}) float32, fill {mask.mean():.0%}, "

@@ -15,19 +15,17 @@ numpy can read (PyTorch tensors included, bfloat16 too, without importing torch)
 raises :class:`~monitor.errors.InvalidInput` naming the argument, the problem and the first
 offending position in row-major order.
 
-Speed: the batch is processed in row chunks that stay in cache, on up to two threads (numpy
-releases the GIL), with float64 accumulation wherever a sum runs over many tokens. See
-``benchmarks/bench_divergence.py``.
+Speed: one pass over the batch in row chunks with preallocated buffers, float32 arithmetic
+per token (float64 for float64 input) and float64 accumulation of every sum. One thread: two
+threads measured slower on a shared 2-core machine (GIL hand-offs between many short numpy
+calls). See ``benchmarks/bench_divergence.py``.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import os
-import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -423,41 +421,17 @@ def _prepare(
     entropies: Any = None,
     rewards: Any = None,
 ) -> _Batch:
+    """Validated (B, T) arrays of every per-token input (values are checked in the kernel)."""
     if isinstance(policy, list | tuple) and len(policy) == 0:
         raise InvalidInput("policy_logprobs is empty: a step needs at least one sequence")
+    optional = ((rollout, "rollout_logprobs"), (entropies, "entropies"))
     if _is_sequence_list(policy):
-        pol, m, lengths = _pad_ragged(policy, "policy_logprobs", None)
-        if not _is_sequence_list(ref):
-            raise InvalidInput(
-                "ref_logprobs must be a list of sequences like policy_logprobs, "
-                f"not {type(ref).__name__}"
-            )
-        refa, _, _ = _pad_ragged(ref, "ref_logprobs", lengths)
-        if mask is not None:
-            if not _is_sequence_list(mask):
-                raise InvalidInput("mask must be None or a list of sequences like policy_logprobs")
-            mk, _, _ = _pad_ragged(mask, "mask", lengths, is_mask=True)
-            m = m & _check_mask(mk, "mask", "ragged")
-        extras = [
-            None if x is None else _pad_ragged(x, name, lengths)[0]
-            for x, name in ((rollout, "rollout_logprobs"), (entropies, "entropies"))
-        ]
         layout = "ragged"
+        pol, refa, m, extras = _ragged_inputs(policy, ref, mask, optional)
     else:
         pol = _float_array(policy, "policy_logprobs")
         layout = "1d" if pol.ndim == 1 else "2d"
-        pol = _as_2d(pol, "policy_logprobs")
-        refa = _same_shape(
-            _as_2d(_float_array(ref, "ref_logprobs"), "ref_logprobs"), pol, "ref_logprobs"
-        )
-        m = None
-        if mask is not None:
-            mk = _as_2d(_to_numpy(mask, "mask"), "mask")
-            m = _check_mask(_same_shape(mk, pol, "mask"), "mask", layout)
-        extras = [
-            None if x is None else _same_shape(_as_2d(_float_array(x, name), name), pol, name)
-            for x, name in ((rollout, "rollout_logprobs"), (entropies, "entropies"))
-        ]
+        pol, refa, m, extras = _dense_inputs(pol, ref, mask, optional, layout)
     if pol.shape[0] == 0:
         raise InvalidInput(
             f"policy_logprobs is empty (shape {pol.shape}): a step needs at least one sequence"
@@ -482,6 +456,45 @@ def _prepare(
         n_tokens=int(n_tokens),
         layout=layout,
     )
+
+
+_Inputs = tuple[np.ndarray, np.ndarray, np.ndarray | None, list[np.ndarray | None]]
+
+
+def _dense_inputs(
+    policy: np.ndarray, ref: Any, mask: Any, optional: Sequence[tuple[Any, str]], layout: str
+) -> _Inputs:
+    pol = _as_2d(policy, "policy_logprobs")
+    refa = _as_2d(_float_array(ref, "ref_logprobs"), "ref_logprobs")
+    _same_shape(refa, pol, "ref_logprobs")
+    m = None
+    if mask is not None:
+        mk = _as_2d(_to_numpy(mask, "mask"), "mask")
+        m = _check_mask(_same_shape(mk, pol, "mask"), "mask", layout)
+    extras = [
+        None if x is None else _same_shape(_as_2d(_float_array(x, name), name), pol, name)
+        for x, name in optional
+    ]
+    return pol, refa, m, extras
+
+
+def _ragged_inputs(
+    policy: Any, ref: Any, mask: Any, optional: Sequence[tuple[Any, str]]
+) -> _Inputs:
+    pol, m, lengths = _pad_ragged(policy, "policy_logprobs", None)
+    if not _is_sequence_list(ref):
+        raise InvalidInput(
+            "ref_logprobs must be a list of sequences like policy_logprobs, "
+            f"not {type(ref).__name__}"
+        )
+    refa, _, _ = _pad_ragged(ref, "ref_logprobs", lengths)
+    if mask is not None:
+        if not _is_sequence_list(mask):
+            raise InvalidInput("mask must be None or a list of sequences like policy_logprobs")
+        mk, _, _ = _pad_ragged(mask, "mask", lengths, is_mask=True)
+        m = m & _check_mask(mk, "mask", "ragged")
+    extras = [None if x is None else _pad_ragged(x, name, lengths)[0] for x, name in optional]
+    return pol, refa, m, extras
 
 
 def _is_sequence_list(x: Any) -> bool:
@@ -657,28 +670,8 @@ _SERIES_EVEN = np.array([1 / math.factorial(2 * i) for i in range(1, _SERIES_MAX
 _SERIES_ODD = np.array([-1 / math.factorial(2 * i + 1) for i in range(1, _SERIES_MAX_POWER)])
 
 _DOT_BLOCK = 4096
+_POWERS_BLOCK = 16384  # 4 float64 powers of this many tokens: 512 kB, half the L2
 _CHUNK_POSITIONS = 65536  # rows per chunk: fewer numpy calls vs buffers that stay in cache
-_MAX_THREADS = 2
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _thread_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_MAX_THREADS, thread_name_prefix="klmon-kl")
-        return _pool
-
-
-def _forget_pool_after_fork() -> None:
-    # a forked child (e.g. a DataLoader worker) inherits the pool object but not its threads
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _einsum_vecdot(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -713,14 +706,13 @@ class _KernelOut:
 
 
 class _Shard:
-    """Outputs shared by the workers: per-row sums (each row written by one chunk only) and
-    per-chunk scalars, added up in a fixed order so results never depend on thread timing."""
+    """Outputs of the pass: per-row sums (each row written by one chunk only) and per-chunk
+    scalars, added up at the end, so a chunk can be recomputed without double counting."""
 
     def __init__(self, batch: _Batch, rows_per_chunk: int, full: bool) -> None:
         b, t = batch.policy.shape
         self.batch = batch
         self.full = full
-        self.failed = False
         self.rows = rows_per_chunk
         self.n_chunks = -(-b // rows_per_chunk)
         self.wdtype = (
@@ -739,7 +731,7 @@ class _Shard:
 
 
 class _Worker:
-    """Preallocated buffers for one thread and the running top-1% candidates it has seen."""
+    """Preallocated chunk buffers, the per-chunk arithmetic and the running top-1% candidates."""
 
     def __init__(self, shard: _Shard) -> None:
         r, t = shard.rows, shard.batch.policy.shape[1]
@@ -752,7 +744,7 @@ class _Worker:
         self.flag = np.empty((r, t), np.bool_)
         self.u8 = np.empty(r * t, np.uint8)
         if shard.full:
-            n_blocks = -(-r * t // _DOT_BLOCK)
+            n_blocks = -(-min(r * t, _POWERS_BLOCK) // _DOT_BLOCK)
             self.powers = np.empty((_SERIES_MAX_POWER, n_blocks * _DOT_BLOCK))  # float64
             self.dots = np.empty((2 * _SERIES_MAX_POWER - 1, n_blocks))
         self.tau = 0.0  # candidates must exceed this (a lower bound of the final threshold)
@@ -763,8 +755,6 @@ class _Worker:
 
     def run(self, c: int) -> None:
         shard = self.shard
-        if shard.failed:  # another worker found bad input: the caller will report it
-            return
         r0 = c * shard.rows
         r1 = min(r0 + shard.rows, shard.batch.policy.shape[0])
         b = shard.batch
@@ -776,11 +766,9 @@ class _Worker:
             # Fast checks failed: masked positions may hold garbage (NaN, +1 padding), or a real
             # problem sits under the mask. Zero the masked positions and look again.
             if mask is None:
-                shard.failed = True
                 raise _BadChunk
             clean = [None if x is None else np.where(mask, x, 0) for x in arrays]
             if not self._chunk(c, r0, r1, *clean, mask):
-                shard.failed = True
                 raise _BadChunk
 
     def _chunk(
@@ -816,27 +804,42 @@ class _Worker:
         sums = shard.row_sums[:, r0:r1]
         if not np.isfinite(np.add.reduce(pm, axis=1, dtype=np.float64, out=sums[0])).all():
             return False
-        extra = 2
-        if rollout is not None:
-            rm = self._masked(rollout, mask, mw, xw)
-            if not _le(rm, LOGPROB_TOLERANCE):
-                return False
-            np.subtract(rm, pm, out=xw)
-            if not np.isfinite(np.add.reduce(xw, axis=1, dtype=np.float64, out=sums[extra])).all():
-                return False
-            extra += 1
-        if ent is not None:
-            em = self._masked(ent, mask, mw, xw)
-            if not em.min() >= -LOGPROB_TOLERANCE:  # NaN fails too
-                return False
-            if not np.isfinite(np.add.reduce(em, axis=1, dtype=np.float64, out=sums[extra])).all():
-                return False
+        if not self._optional_sums(sums[2:], rollout, ent, mask, pm):
+            return False
         # everything below only records: the chunk is valid
         self._histogram(r0, r1, lw, xw)
         np.maximum(lw, 0, out=xw)
         np.add.reduce(xw, axis=1, dtype=np.float64, out=sums[1])
         self._top_candidates(xw)
         self._k2_k3(c, r0, r1, lw)
+        return True
+
+    def _optional_sums(
+        self,
+        sums: np.ndarray,
+        rollout: np.ndarray | None,
+        ent: np.ndarray | None,
+        mask: np.ndarray | None,
+        pm: np.ndarray,
+    ) -> bool:
+        """Per-row sums of the rollout gap and the entropies, when given; False when a value
+        is out of range."""
+        xw, mw = self.xw[: len(pm)], self.mw[: len(pm)]
+        i = 0
+        if rollout is not None:
+            rm = self._masked(rollout, mask, mw, xw)
+            if not _le(rm, LOGPROB_TOLERANCE):
+                return False
+            np.subtract(rm, pm, out=xw)
+            if not np.isfinite(np.add.reduce(xw, axis=1, dtype=np.float64, out=sums[i])).all():
+                return False
+            i += 1
+        if ent is not None:
+            em = self._masked(ent, mask, mw, xw)
+            if not em.min() >= -LOGPROB_TOLERANCE:  # NaN fails too
+                return False
+            if not np.isfinite(np.add.reduce(em, axis=1, dtype=np.float64, out=sums[i])).all():
+                return False
         return True
 
     @staticmethod
@@ -871,40 +874,49 @@ class _Worker:
         allv = np.concatenate(self.pool)
         if len(allv) > k:
             allv = np.partition(allv, len(allv) - k)[len(allv) - k :]
-            self.tau = float(allv[0]) if k else math.inf
+            self.tau = float(allv[0])  # the k-th largest so far
         self.pool = [allv]
         self.pool_size = len(allv)
 
     def _k2_k3(self, c: int, r0: int, r1: int, lw: np.ndarray) -> None:
+        """k2 and k3 sums of the chunk (lw is clobbered: it is the chunk's last use)."""
         shard = self.shard
-        nr, t = lw.shape
-        n = nr * t
-        n_blocks = -(-n // _DOT_BLOCK)
-        pw = self.powers[:, : n_blocks * _DOT_BLOCK]  # l, l^2, l^3, l^4, flat, zero tail
-        l64 = pw[0]
-        np.copyto(l64[:n].reshape(nr, t), lw)
-        l64[n:] = 0.0
+        n = lw.size
+        flat = lw.reshape(-1)
         # tokens outside the series range: exact expm1, then zeroed for the power sums
         u8 = self.u8[:n]
+        t = lw.shape[1]
         np.subtract(shard.bins[r0 * t : r1 * t], _SERIES_BINS[0], out=u8)  # wraps below 38
         flag = self.flag.reshape(-1)[:n]
         np.greater(u8, _SERIES_BINS[1] - _SERIES_BINS[0], out=flag)
         big = np.flatnonzero(flag)
         if len(big):
-            lb = l64[big]
-            l64[big] = 0.0
+            lb = flat[big].astype(np.float64)
+            flat[big] = 0
             shard.big[c, 0] = float(np.sum(np.expm1(-lb) + lb))
             shard.big[c, 1] = float(np.dot(lb, lb))
-        np.multiply(l64, l64, out=pw[1])
-        np.multiply(pw[1], l64, out=pw[2])
+        # power sums in float64, a sub-block at a time so the powers stay in L2
+        moments = shard.moments[:, c]
+        moments[:] = 0.0
+        for s0 in range(0, n, _POWERS_BLOCK):
+            moments += self._power_sums(flat[s0 : s0 + _POWERS_BLOCK])
+
+    def _power_sums(self, x: np.ndarray) -> np.ndarray:
+        """[M2, M4, M6, M8, M3, M5, M7] of x as float64 dot products over blocks short enough
+        that BLAS stays on this thread (OpenBLAS threads ddot above ~10k elements)."""
+        n = len(x)
+        n_blocks = -(-n // _DOT_BLOCK)
+        pw = self.powers[:, : n_blocks * _DOT_BLOCK]  # l, l^2, l^3, l^4 with a zero tail
+        np.copyto(pw[0, :n], x)
+        pw[0, n:] = 0.0
+        np.multiply(pw[0], pw[0], out=pw[1])
+        np.multiply(pw[1], pw[0], out=pw[2])
         np.multiply(pw[1], pw[1], out=pw[3])
-        # M_2..M_8 as dot products over blocks short enough that BLAS (OpenBLAS threads
-        # ddot above ~10k elements) stays on this thread
         blocks = pw.reshape(_SERIES_MAX_POWER, n_blocks, _DOT_BLOCK)
         dots = self.dots[:, :n_blocks]
         _vecdot(blocks, blocks, out=dots[:_SERIES_MAX_POWER])
         _vecdot(blocks[:-1], blocks[1:], out=dots[_SERIES_MAX_POWER:])
-        np.add.reduce(dots, axis=1, out=shard.moments[:, c])
+        return np.add.reduce(dots, axis=1)
 
     # -- end of shard ----------------------------------------------------------------------
 
@@ -916,19 +928,10 @@ def _run_kernel(batch: _Batch, full: bool) -> _KernelOut:
     t = batch.policy.shape[1]
     rows = max(1, _CHUNK_POSITIONS // max(t, 1))
     shard = _Shard(batch, rows, full)
-    n_threads = min(_MAX_THREADS, shard.n_chunks, os.cpu_count() or 1)
-    workers = [_Worker(shard) for _ in range(n_threads)]
+    worker = _Worker(shard)
     try:
-        if n_threads == 1:
-            for c in range(shard.n_chunks):
-                workers[0].run(c)
-        else:
-            futures = [
-                _thread_pool().submit(_run_chunks, w, range(i, shard.n_chunks, n_threads))
-                for i, w in enumerate(workers)
-            ]
-            for f in futures:
-                f.result()
+        for c in range(shard.n_chunks):
+            worker.run(c)
     except _BadChunk:
         problem = _first_problem(batch)
         if problem is None:  # only finite values, yet a sum overflowed
@@ -941,15 +944,10 @@ def _run_kernel(batch: _Batch, full: bool) -> _KernelOut:
         return _KernelOut(
             batch.n_tokens, 0, 0, 0, 0, None, None, 0, np.empty(0), seq_kl, np.empty(0)
         )
-    return _collect(shard, workers)
+    return _collect(shard, worker)
 
 
-def _run_chunks(worker: _Worker, chunks: range) -> None:
-    for c in chunks:
-        worker.run(c)
-
-
-def _collect(shard: _Shard, workers: list[_Worker]) -> _KernelOut:
+def _collect(shard: _Shard, worker: _Worker) -> _KernelOut:
     batch = shard.batch
     sums = shard.row_sums.sum(axis=1)
     extra = iter(sums[2:])
@@ -957,7 +955,7 @@ def _collect(shard: _Shard, workers: list[_Worker]) -> _KernelOut:
     moments = shard.moments.sum(axis=1)
     even, odd = moments[:_SERIES_MAX_POWER], moments[_SERIES_MAX_POWER:]
     series = float(even @ _SERIES_EVEN + odd @ _SERIES_ODD)
-    top = np.concatenate([w.top_values() for w in workers])
+    top = worker.top_values()
     if len(top) > shard.k_top:
         top = np.partition(top, len(top) - shard.k_top)[len(top) - shard.k_top :]
     return _KernelOut(
