@@ -189,6 +189,7 @@ def watch_cmd(db: str | None, rules_path: str | None, interval: str) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     engine = _engine(db, rules_path)
     stop = threading.Event()
 
