@@ -376,7 +376,7 @@ class _Simulation:
         elif active and kind == "shift":
             m *= 1 + 0.5 * min(1.0, since / 5)
         elif active and kind == "reward_hacking":
-            m *= 1 + since / 30
+            m *= 1 + since / 20
         elif active and kind == "concentration":
             m *= 1 - 0.7 * min(1.0, since / 10)
         policy = self.z_ref + m * self.direction

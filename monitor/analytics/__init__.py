@@ -11,6 +11,7 @@ from monitor.analytics.series import KL_PREFERENCE, pick_kl
 from monitor.analytics.trends import (
     compute_trends,
     ewma,
+    expanding_slope,
     forecast_crossing,
     resolve_budget,
     rolling_slope,
@@ -25,6 +26,7 @@ __all__ = [
     "as_context",
     "compute_trends",
     "ewma",
+    "expanding_slope",
     "forecast_crossing",
     "lookback_rows",
     "pick_kl",

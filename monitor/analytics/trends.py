@@ -21,6 +21,7 @@ from monitor.analytics.series import aligned, including, pick_kl
 __all__ = [
     "compute_trends",
     "ewma",
+    "expanding_slope",
     "forecast_crossing",
     "resolve_budget",
     "reward_sqrt_kl_slope",
@@ -85,7 +86,7 @@ def resolve_budget(
 
 
 def reward_sqrt_kl_slope(sqrt_kl: np.ndarray, reward: np.ndarray, rows: int = 20) -> np.ndarray:
-    """Local reward gained per unit of sqrt(KL): regression slope over the last ``rows`` rows."""
+    """Reward gained per unit of sqrt(KL) locally: regression slope over the last ``rows`` rows."""
     x = including(sqrt_kl, rows)
     y = including(reward, rows)
     ok = np.isfinite(x) & np.isfinite(y)
@@ -100,30 +101,46 @@ def reward_sqrt_kl_slope(sqrt_kl: np.ndarray, reward: np.ndarray, rows: int = 20
     return slope
 
 
+def expanding_slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slope of y on x over all rows so far (rows with a NaN skipped)."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    xs, ys = np.where(ok, x, 0.0), np.where(ok, y, 0.0)
+    n = np.cumsum(ok)
+    sx, sy = np.cumsum(xs), np.cumsum(ys)
+    sxx, sxy = np.cumsum(xs * xs), np.cumsum(xs * ys)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = sxx - sx * sx / n
+        slope = (sxy - sx * sy / n) / var
+    # Nearly constant x so far (all KL ~0): no slope to speak of.
+    return np.where((n >= 3) & (var > 1e-12 * np.maximum(sxx, 1e-300)), slope, np.nan)
+
+
 def compute_trends(
     df: pd.DataFrame,
     ctx: RunContext | Mapping[str, Any] | None = None,
     *,
     halflife_rows: float = 10.0,
     slope_rows: int = 20,
-    baseline_rows: int = 5,
     budget: float | None = None,
     budget_factor: float = 1.5,
 ) -> pd.DataFrame:
     """Per-row trends of the run's KL series (see ``pick_kl``), one row per step that has it.
 
-    Columns: ``step``, ``kl`` (the raw series, named in ``attrs['series']``), ``kl_ewma``,
-    ``kl_slope`` (per step, of the smoothed KL), ``budget``, ``budget_cross_step`` (forecast
-    at the current rate; NaN when not rising or no budget), ``sqrt_kl`` (of the smoothed
-    KL), ``reward``, ``reward_gain`` (smoothed reward minus its median over the first
-    ``baseline_rows`` rows), ``reward_per_sqrt_kl`` (gain / sqrt_kl) and
-    ``reward_sqrt_kl_slope`` (its local slope over ``slope_rows`` rows).
+    Columns: ``step``, ``kl`` (the raw series, named in ``attrs['series']``), ``kl_ewma``
+    (smoothed over ``halflife_rows`` rows), ``kl_slope`` (per step, of the smoothed KL over
+    ``slope_rows`` rows), ``budget`` (see ``resolve_budget``), ``budget_cross_step`` (the
+    step at which the smoothed KL reaches the budget at the current slope; NaN when not
+    rising or no budget), ``sqrt_kl`` (smoothed sqrt(KL)), ``reward`` and
+    ``reward_ewma``, ``reward_per_sqrt_kl`` (reward gained per unit of sqrt(KL) over the
+    run so far: the regression slope of smoothed reward on sqrt_kl, which a healthy run
+    keeps roughly constant) and ``reward_sqrt_kl_slope`` (the same over the last
+    ``slope_rows`` rows: it collapses when KL grows faster than reward justifies).
     """
     context = as_context(ctx)
     series = pick_kl(df)
     columns = [
         "step", "kl", "kl_ewma", "kl_slope", "budget", "budget_cross_step", "sqrt_kl",
-        "reward", "reward_gain", "reward_per_sqrt_kl", "reward_sqrt_kl_slope",
+        "reward", "reward_ewma", "reward_per_sqrt_kl", "reward_sqrt_kl_slope",
     ]  # fmt: skip
     if series is None:
         out = pd.DataFrame(columns=columns)
@@ -140,14 +157,10 @@ def compute_trends(
             for s, k, d in zip(steps, smooth, slope, strict=True)
         ]
     )
-    sqrt_kl = np.sqrt(np.clip(smooth, 0.0, None))
+    # Smoothing sqrt(KL) and reward alike keeps a linear relation between them linear.
+    sqrt_kl = ewma(np.sqrt(np.clip(kl, 0.0, None)), halflife_rows)
     reward = _reward_on(df, steps)
     reward_smooth = ewma(reward, halflife_rows)
-    finite = reward[np.isfinite(reward)]
-    reward0 = np.median(finite[:baseline_rows]) if len(finite) else np.nan
-    gain = reward_smooth - reward0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per_sqrt = np.where(sqrt_kl > 0, gain / sqrt_kl, np.nan)
     out = pd.DataFrame(
         {
             "step": steps,
@@ -158,8 +171,8 @@ def compute_trends(
             "budget_cross_step": cross,
             "sqrt_kl": sqrt_kl,
             "reward": reward,
-            "reward_gain": gain,
-            "reward_per_sqrt_kl": per_sqrt,
+            "reward_ewma": reward_smooth,
+            "reward_per_sqrt_kl": expanding_slope(sqrt_kl, reward_smooth),
             "reward_sqrt_kl_slope": reward_sqrt_kl_slope(sqrt_kl, reward_smooth, slope_rows),
         }
     )

@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 
 from monitor.analytics.findings import Finding
-from monitor.analytics.series import first_column, pick_kl, valid
+from monitor.analytics.series import (
+    first_column,
+    nanmedian_rows,
+    pick_kl,
+    robust_center_scale,
+    trailing,
+    valid,
+)
 
 
 def num(x: float) -> str:
@@ -90,3 +97,36 @@ def merge_by_step(per_series: Iterable[list[Finding]]) -> list[Finding]:
         for finding in findings:
             by_step.setdefault(finding.step, finding)
     return [by_step[step] for step in sorted(by_step)]
+
+
+def robust_z(
+    values: np.ndarray,
+    rows: int,
+    min_rows: int,
+    mad_floor: float,
+    sem: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Robust z-score of each value against the ``rows`` values before it.
+
+    Scale: the largest of 1.4826 MAD, ``mad_floor`` x |median| (so a flat series does
+    not explode) and, when given, the median over the window of each row's own standard
+    error ``sem`` (early in a run the KL, and its sampling noise, grow faster than a
+    trailing MAD can follow). NaN until ``min_rows`` values precede. Returns the score,
+    the window median and the window count.
+    """
+    center, scale, count = robust_center_scale(trailing(values, rows))
+    scale = np.fmax(scale, mad_floor * np.abs(center))
+    if sem is not None:
+        scale = np.fmax(scale, nanmedian_rows(trailing(sem, rows)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = np.where((scale > 0) & (count >= min_rows), (values - center) / scale, np.nan)
+    return score, center, count
+
+
+def step_sem(df: pd.DataFrame, column: str, steps: np.ndarray) -> np.ndarray | None:
+    """Each step's standard error of ``kl_mean`` or ``reward_mean`` from its spread, or None."""
+    spread = {"kl_mean": "kl_std", "reward_mean": "reward_std"}.get(column)
+    if spread is None or spread not in df.columns or "n_sequences" not in df.columns:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return column_on(df, spread, steps) / np.sqrt(column_on(df, "n_sequences", steps))

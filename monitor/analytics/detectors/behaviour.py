@@ -8,20 +8,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from monitor.analytics.detectors._common import column_on, findings_where, num, per_token_kl
+from monitor.analytics.detectors._common import (
+    column_on,
+    findings_where,
+    merge_by_step,
+    num,
+    per_token_kl,
+    robust_z,
+    statistical_series,
+    step_sem,
+)
 from monitor.analytics.findings import Finding, RunContext, as_context
 from monitor.analytics.series import (
     MAD_TO_SIGMA,
     first_column,
     including,
     nanmedian_rows,
-    pick_kl,
-    robust_center_scale,
-    trailing,
     valid,
     warmup_median,
 )
-from monitor.analytics.trends import ewma, rolling_slope
+from monitor.analytics.trends import ewma, expanding_slope, rolling_slope
 
 Context = RunContext | Mapping[str, Any] | None
 
@@ -80,7 +86,7 @@ def reward_hacking(
     kl_growth: float = 0.25,
     kl_t: float = 4.0,
     gain_ratio: float = 0.5,
-    gain_z: float = 2.0,
+    gain_z: float = 1.0,
     halflife_rows: float = 10.0,
     jump_z: float = 6.0,
     reward_jump_z: float = 4.0,
@@ -92,14 +98,44 @@ def reward_hacking(
     ``window_rows`` rows this fires when sqrt(KL) grew by at least ``kl_growth`` of its
     level (slope ``kl_t`` standard errors above 0), reward rose too, but reward per unit
     of sqrt(KL) gained in the window (ratio of the two slopes, even ``gain_z`` standard
-    errors up) is below ``gain_ratio`` x the run's gain so far (smoothed reward over
-    smoothed sqrt(KL) at the window's start, after at least ``min_history_rows`` rows).
+    errors up) is below ``gain_ratio`` x the run's gain so far (smoothed reward regressed
+    on smoothed sqrt(KL) up to the window's start, after ``min_history_rows`` rows).
     It also fires when KL and reward jump together at one step (robust z above
-    ``jump_z`` and ``reward_jump_z``).
+    ``jump_z`` and ``reward_jump_z``). Judged on each of ``kl_mean`` and ``k3`` the
+    table has (see ``statistical_series``).
     """
-    series = pick_kl(df)
-    if series is None or "reward_mean" not in df.columns:
+    if "reward_mean" not in df.columns:
         return []
+    params = {
+        "window_rows": window_rows,
+        "min_history_rows": min_history_rows,
+        "kl_growth": kl_growth,
+        "kl_t": kl_t,
+        "gain_ratio": gain_ratio,
+        "gain_z": gain_z,
+        "halflife_rows": halflife_rows,
+        "jump_z": jump_z,
+        "reward_jump_z": reward_jump_z,
+        "mad_floor": mad_floor,
+    }
+    return merge_by_step(_hacking_on(df, series, **params) for series in statistical_series(df))
+
+
+def _hacking_on(
+    df: pd.DataFrame,
+    series: str,
+    *,
+    window_rows: int,
+    min_history_rows: int,
+    kl_growth: float,
+    kl_t: float,
+    gain_ratio: float,
+    gain_z: float,
+    halflife_rows: float,
+    jump_z: float,
+    reward_jump_z: float,
+    mad_floor: float,
+) -> list[Finding]:
     steps, kl = valid(df, series)
     reward = column_on(df, "reward_mean", steps)
     keep = np.isfinite(reward)
@@ -115,16 +151,12 @@ def reward_hacking(
     with np.errstate(divide="ignore", invalid="ignore"):
         growth = kl_slope * span / level
         local_gain = reward_slope / kl_slope
-    reward0 = np.median(reward[: min(5, n)])
-    smooth_gain = ewma(reward, halflife_rows) - reward0
-    smooth_sqrt = np.sqrt(np.clip(ewma(kl, halflife_rows), 0.0, None))
+    # The run's gain so far: smoothed reward regressed on smoothed sqrt(KL) up to the
+    # window's start (healthy runs keep it roughly constant).
+    smooth_sqrt = ewma(sqrt_kl, halflife_rows)
+    gain_so_far = expanding_slope(smooth_sqrt, ewma(reward, halflife_rows))
     start = np.arange(n) - window_rows + 1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        run_gain = np.where(
-            start >= min_history_rows,
-            smooth_gain[np.maximum(start, 0)] / smooth_sqrt[np.maximum(start, 0)],
-            np.nan,
-        )
+    run_gain = np.where(start >= min_history_rows, gain_so_far[np.maximum(start, 0)], np.nan)
     # The gain is a ratio of two noisy slopes: fire only when even its upper confidence
     # bound (reward slope + gain_z standard errors) is below the threshold.
     with np.errstate(invalid="ignore"):
@@ -135,9 +167,11 @@ def reward_hacking(
             & (run_gain > 0)
             & (reward_slope + gain_z * reward_se < gain_ratio * run_gain * kl_slope)
         )
-    kl_z = _robust_z(kl, window_rows, mad_floor)
-    reward_z = _robust_z(reward, window_rows, mad_floor)
-    jump = (kl_z > jump_z) & (reward_z > reward_jump_z)
+    kl_z, _, _ = robust_z(kl, window_rows, window_rows, mad_floor, step_sem(df, series, steps))
+    reward_sem = step_sem(df, "reward_mean", steps)
+    reward_z, _, _ = robust_z(reward, window_rows, window_rows, mad_floor, reward_sem)
+    with np.errstate(invalid="ignore"):
+        jump = (kl_z > jump_z) & (reward_z > reward_jump_z)
     value = np.where(frontier, local_gain, kl_z)
     limit = np.where(frontier, gain_ratio * run_gain, jump_z)
 
@@ -187,13 +221,6 @@ def _slope_and_se(
     return slope, np.where(dof > 0, se, np.nan)
 
 
-def _robust_z(values: np.ndarray, rows: int, mad_floor: float) -> np.ndarray:
-    center, scale, count = robust_center_scale(trailing(values, rows))
-    scale = np.maximum(scale, mad_floor * np.abs(center))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((scale > 0) & (count >= rows // 2), (values - center) / scale, np.nan)
-
-
 def length_drift(
     df: pd.DataFrame,
     ctx: Context = None,
@@ -204,7 +231,7 @@ def length_drift(
     ratio: float = 1.5,
     shrink_ratio: float = 0.5,
     clipped_share: float = 0.95,
-    cap_fraction: float = 0.98,
+    cap_fraction: float = 0.95,
     compare_rows: int = 10,
 ) -> list[Finding]:
     """Response length far from its warm-up, or responses hitting the length cap.

@@ -13,7 +13,9 @@ from monitor.analytics.detectors._common import (
     findings_where,
     merge_by_step,
     num,
+    robust_z,
     statistical_series,
+    step_sem,
 )
 from monitor.analytics.findings import Finding, RunContext, as_context
 from monitor.analytics.series import (
@@ -23,8 +25,6 @@ from monitor.analytics.series import (
     nanmean_std_rows,
     nanmedian_rows,
     pick_kl,
-    robust_center_scale,
-    trailing,
     valid,
     warmup_median,
 )
@@ -97,17 +97,10 @@ def _spike_on(
     df: pd.DataFrame, series: str, window_rows: int, min_rows: int, z: float, mad_floor: float
 ) -> list[Finding]:
     steps, kl = valid(df, series)
-    center, scale, count = robust_center_scale(trailing(kl, window_rows))
-    scale = np.fmax(scale, mad_floor * np.abs(center))
-    if series == "kl_mean":
-        # A step's own standard error, typical over the window: early in a run the KL
-        # (and so its sampling noise) grows faster than a trailing MAD can follow.
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sem = column_on(df, "kl_std", steps) / np.sqrt(column_on(df, "n_sequences", steps))
-        scale = np.fmax(scale, nanmedian_rows(trailing(sem, window_rows)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        score = np.where(scale > 0, (kl - center) / scale, np.nan)
-    hit = (count >= min_rows) & (score > z)
+    sem = step_sem(df, series, steps)
+    score, center, count = robust_z(kl, window_rows, min_rows, mad_floor, sem)
+    with np.errstate(invalid="ignore"):
+        hit = score > z
     return findings_where(
         hit,
         steps,
@@ -261,7 +254,7 @@ def negative_kl(
     *,
     window_rows: int = 10,
     min_rows: int = 5,
-    min_negative_share: float = 0.8,
+    min_negative_share: float = 0.7,
     t: float = 4.0,
     neg_frac: float = 0.5,
 ) -> list[Finding]:
