@@ -1,0 +1,803 @@
+"""The live client's background writer: two daemon threads between the training loop and the
+database, with the spool between them.
+
+- The *processor* takes the copied arrays of each ``log_step`` from a bounded queue, computes
+  the step summary (``monitor.divergence``), picks the drill-down samples, and appends one
+  record to the spool. Once appended, a step is **acknowledged**: it survives the death of
+  the process. The processor never touches the database, so a slow or down database never
+  backs the queue up. If the training loop outruns the processor and the queue is full,
+  ``log_step`` *spills*: it appends the raw arrays to the spool itself (a few ms, no
+  summary; the token strings of such a step are not kept) and the committer summarises
+  that record later. Memory stays bounded and nothing is dropped.
+- The *committer* reads acknowledged records back from the spool in batches and writes them
+  to the database (``monitor.store.ingest_writes``), one transaction per batch. When the
+  database fails it keeps its place in the spool, waits (exponential backoff) and replays
+  from there when the database is back. Memory stays bounded during any outage: what has not
+  been written waits on disk, not in memory. Fully written spool segments are deleted.
+
+``apply_records`` (spool records -> database) is shared with ``klmon sync``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import operator
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monitor.errors import InvalidInput, KlmonError, SchemaOutOfDate
+from monitor.ingest.spool import (
+    FILE_MAGIC,
+    CorruptRecord,
+    SpoolRecord,
+    SpoolWriter,
+    iter_records,
+)
+from monitor.store.database import Database
+from monitor.store.ingest_writes import (
+    IngestResult,
+    StepRecord,
+    write_metric_records,
+    write_step_records,
+)
+from monitor.store.models import STEP_QUANTITIES
+from monitor.store.runs import get_or_create_run, set_run_status
+
+log = logging.getLogger("klmon.ingest")
+
+STATS_KEYS = (
+    "logged",  # log_step / log_metrics calls accepted (rejected steps included)
+    "acknowledged",  # records appended to the spool (durable against a crash of the process)
+    "written",  # step rows (or rank shards) newly stored in the database
+    "spooled",  # records that had to wait in the spool because a database write failed
+    "replayed",  # of those, records written once the database came back
+    "duplicates",  # exact replays of stored steps: no-ops
+    "conflicts",  # a different payload for a stored (run, step): refused, never overwritten
+    "rejected",  # invalid steps stored as status 'rejected' (on_invalid='log')
+    "out_of_order",  # steps logged with a number lower than an earlier one (accepted)
+    "spilled",  # steps written raw to the spool by log_step because the queue was full
+    "db_errors",  # failed database attempts (each retried)
+    "corrupt",  # damaged spool records skipped
+)
+
+
+class Stats:
+    """Counters of a Run, safe to update from several threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._c = dict.fromkeys(STATS_KEYS, 0)
+
+    def add(self, key: str, n: int = 1) -> None:
+        if n:
+            with self._lock:
+                self._c[key] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._c)
+
+
+# --- the work items the caller hands over ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class StepItem:
+    """One validated log_step call: private copies of the arrays, references to the texts."""
+
+    step: int
+    wall_time: float
+    policy_logprobs: np.ndarray | None
+    ref_logprobs: np.ndarray | None
+    mask: np.ndarray | None
+    rewards: np.ndarray | None = None
+    kl_coef: float | None = None
+    texts: tuple[Sequence[Any], Sequence[Any]] | None = None
+    tokens: Sequence[Any] | None = None
+    metrics: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] | None = None
+    rejected: str | None = None
+
+
+@dataclass(slots=True)
+class ControlItem:
+    """A record that needs no summary: a run status change or metrics without logprobs."""
+
+    record: dict[str, Any]
+
+
+@dataclass
+class WriterConfig:
+    """Knobs of the background writer (see ``monitor.init``)."""
+
+    samples_top: int = 3
+    samples_random: int = 2
+    queue_size: int = 8
+    flush_interval: float = 0.1
+    max_batch: int = 2000
+    max_batch_bytes: int = 32 * 1024 * 1024
+    backoff_initial: float = 0.25
+    backoff_max: float = 5.0
+
+
+# --- summarising one step (processor thread) ---------------------------------------------------
+
+
+def _finite_or_none(value: Any) -> Any:
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _metric_list(metrics: Mapping[str, Any] | None) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for name, value in (metrics or {}).items():
+        try:
+            v = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError):
+            log.warning("klmon: metric %r is not a number (%r): dropped", name, value)
+            continue
+        out.append([str(name), v if math.isfinite(v) else None])
+    return out
+
+
+def summarize_item(item: StepItem, header: Mapping[str, Any], cfg: WriterConfig) -> dict[str, Any]:
+    """The spool record of one step: summary (or shard partials), histogram, samples, metrics
+    and a payload hash. Deterministic: the same input always gives the same record."""
+    from monitor import divergence
+
+    rank = int(header.get("rank", 0))
+    world_size = int(header.get("world_size", 1))
+    metrics = _metric_list(item.metrics) if rank == 0 else []
+    record: dict[str, Any] = {
+        "type": "step",
+        "step": item.step,
+        "rank": rank,
+        "t": item.wall_time,
+        "status": "ok",
+        "metrics": metrics,
+    }
+    if item.rejected is None:
+        try:
+            record.update(_summarize_arrays(item, header, cfg, divergence, world_size))
+        except InvalidInput as exc:
+            # Found only by the full checks of the background (the call checks the cheap part)
+            item.rejected = str(exc)
+    if item.rejected is not None:
+        record.update(status="rejected", reason=item.rejected, q=None, partials=None, samples=[])
+    record["hash"] = _payload_hash(record)
+    return record
+
+
+def _summarize_arrays(
+    item: StepItem,
+    header: Mapping[str, Any],
+    cfg: WriterConfig,
+    divergence: Any,
+    world_size: int,
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"mask": item.mask, "rewards": item.rewards, "kl_coef": item.kl_coef}
+    if item.extra:
+        kwargs.update(item.extra)
+    out: dict[str, Any] = {}
+    if world_size > 1:
+        partials = divergence.partials(item.policy_logprobs, item.ref_logprobs, **kwargs)
+        out["partials"] = partials
+        out["q"] = None
+        seq_kl = partials.get("seq_kl") if isinstance(partials, Mapping) else None
+        if seq_kl is None:
+            seq_kl = divergence.sequence_kl(item.policy_logprobs, item.ref_logprobs, mask=item.mask)
+        seq_kl = np.asarray(seq_kl, dtype=np.float64)
+        out["hist"] = None
+    else:
+        summary = divergence.summarize(item.policy_logprobs, item.ref_logprobs, **kwargs)
+        d = summary.as_dict()
+        out["q"] = [_finite_or_none(d.get(c)) for c in STEP_QUANTITIES]
+        hist = getattr(summary, "token_hist", None)
+        out["hist"] = None if hist is None else np.asarray(hist, dtype=np.int64)
+        seq_kl = np.asarray(summary.seq_kl, dtype=np.float64)
+    out["samples"] = select_samples(item, seq_kl, header, cfg)
+    return out
+
+
+def select_samples(
+    item: StepItem, seq_kl: np.ndarray, header: Mapping[str, Any], cfg: WriterConfig
+) -> list[dict[str, Any]]:
+    """The ``samples_top`` highest-KL sequences and ``samples_random`` others drawn with a
+    seed fixed by (run, step, rank), so a replay picks the same ones."""
+    n = len(seq_kl)
+    if n == 0 or (cfg.samples_top <= 0 and cfg.samples_random <= 0):
+        return []
+    key = np.where(np.isfinite(seq_kl), seq_kl, -np.inf)
+    order = np.argsort(-key, kind="stable")
+    top = [int(i) for i in order[: max(cfg.samples_top, 0)]]
+    rest = np.setdiff1d(np.arange(n), np.asarray(top, dtype=np.int64))
+    picked: list[tuple[int, str]] = [(i, "top") for i in top]
+    if cfg.samples_random > 0 and len(rest):
+        ident = (header.get("project"), header.get("name"), item.step, header.get("rank", 0))
+        seed = zlib.crc32("\0".join(map(str, ident)).encode())
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(rest, size=min(cfg.samples_random, len(rest)), replace=False)
+        picked.extend((int(i), "random") for i in sorted(chosen))
+    lp, ref, mask = item.policy_logprobs, item.ref_logprobs, item.mask
+    assert lp is not None and ref is not None
+    samples = []
+    for i, kind in picked:
+        pos = np.flatnonzero(mask[i]) if mask is not None else np.arange(lp.shape[1])
+        sample: dict[str, Any] = {
+            "seq_index": i,
+            "kind": kind,
+            "kl_seq": _finite_or_none(float(seq_kl[i])),
+            "reward": None if item.rewards is None else _finite_or_none(float(item.rewards[i])),
+            "prompt": None,
+            "response": None,
+            "tokens": None,
+            "policy_logprobs": lp[i, pos].astype(np.float32),
+            "ref_logprobs": ref[i, pos].astype(np.float32),
+        }
+        if item.texts is not None:
+            prompts, responses = item.texts
+            sample["prompt"] = None if prompts is None else _text(prompts[i])
+            sample["response"] = None if responses is None else _text(responses[i])
+        if item.tokens is not None:
+            sample["tokens"] = _sample_tokens(item.tokens[i], pos, lp.shape[1])
+        samples.append(sample)
+    return samples
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _sample_tokens(tokens: Any, pos: np.ndarray, width: int) -> list[str]:
+    """Tokens of the response positions: ``tokens`` may be aligned with the log-prob columns
+    (length T) or already hold just the response tokens."""
+    toks = tokens if isinstance(tokens, list) else list(tokens)
+    if len(toks) == width and len(pos) != width:
+        toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[pos[0]]]
+    if all(type(t) is str for t in toks):
+        return list(toks)
+    return [str(t) for t in toks]
+
+
+def _payload_hash(record: Mapping[str, Any]) -> str:
+    """Digest of what a step record would store: a replay hashes the same, any change of
+    summary, samples or metrics hashes differently."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(
+        f"{record['step']}|{record['rank']}|{record['status']}|{record.get('reason')}|".encode()
+    )
+    h.update(repr(record.get("q")).encode())
+    partials = record.get("partials")
+    if partials is not None:
+        h.update(_stable_repr(partials).encode())
+    hist = record.get("hist")
+    if hist is not None:
+        h.update(np.ascontiguousarray(hist).tobytes())
+    for s in record.get("samples") or ():
+        h.update(f"{s['seq_index']}|{s['kind']}|{s['kl_seq']!r}|{s['reward']!r}|".encode())
+        h.update(f"{s['prompt']!r}|{s['response']!r}|".encode())
+        if s.get("tokens") is not None:
+            h.update("\x1f".join(s["tokens"]).encode("utf-8", "surrogatepass"))
+    h.update(repr(record.get("metrics")).encode())
+    return h.hexdigest()
+
+
+def _stable_repr(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k!r}:{_stable_repr(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, np.ndarray):
+        return f"nd{value.dtype.str}{value.shape}{hashlib.blake2b(value.tobytes()).hexdigest()}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_stable_repr(v) for v in value) + "]"
+    return repr(value)
+
+
+def raw_record(item: StepItem, rank: int) -> dict[str, Any]:
+    """A step spilled by the caller: its arrays as they are (summarised later). Token strings
+    are not kept (encoding B x T strings would block the caller far too long)."""
+    texts = None
+    if item.texts is not None:
+        prompts, responses = item.texts
+        texts = [
+            None if prompts is None else [_text(p) for p in prompts],
+            None if responses is None else [_text(r) for r in responses],
+        ]
+    return {
+        "type": "raw",
+        "step": item.step,
+        "rank": rank,
+        "t": item.wall_time,
+        "lp": item.policy_logprobs,
+        "ref": item.ref_logprobs,
+        "mask": item.mask,
+        "rewards": item.rewards,
+        "kl_coef": item.kl_coef,
+        "texts": texts,
+        "metrics": _metric_list(item.metrics) if rank == 0 else [],
+        "extra": dict(item.extra or {}),
+    }
+
+
+def item_from_raw(rec: Mapping[str, Any]) -> StepItem:
+    texts = rec.get("texts")
+    return StepItem(
+        step=int(rec["step"]),
+        wall_time=float(rec["t"]),
+        policy_logprobs=rec["lp"],
+        ref_logprobs=rec["ref"],
+        mask=rec.get("mask"),
+        rewards=rec.get("rewards"),
+        kl_coef=rec.get("kl_coef"),
+        texts=None if texts is None else (texts[0], texts[1]),
+        metrics=dict(rec.get("metrics") or ()),
+        extra=rec.get("extra") or None,
+    )
+
+
+def config_from_header(header: Mapping[str, Any]) -> WriterConfig:
+    return WriterConfig(
+        samples_top=int(header.get("samples_top", 3)),
+        samples_random=int(header.get("samples_random", 2)),
+    )
+
+
+# --- spool records -> database (committer and klmon sync) ------------------------------------
+
+
+@dataclass
+class ApplyResult:
+    """What writing a list of spool records did."""
+
+    ingest: IngestResult = field(default_factory=IngestResult)
+    steps: int = 0
+    rejected: int = 0
+    raw_rejected: int = 0  # spilled steps found invalid when summarised here
+    metrics_records: int = 0
+    status: str | None = None
+
+
+def to_step_record(rec: Mapping[str, Any], quantities: Sequence[str] | None = None) -> StepRecord:
+    q = rec.get("q")
+    values: tuple[Any, ...] | None = None
+    if q is not None:
+        if quantities is None or tuple(quantities) == STEP_QUANTITIES:
+            values = tuple(q)
+        else:  # written by another klmon version: map by name
+            by_name = dict(zip(quantities, q, strict=False))
+            values = tuple(by_name.get(c) for c in STEP_QUANTITIES)
+    return StepRecord(
+        step=int(rec["step"]),
+        wall_time=float(rec["t"]),
+        payload_hash=rec.get("hash"),
+        values=values,
+        status=str(rec.get("status") or "ok"),
+        reject_reason=rec.get("reason"),
+        rank=int(rec.get("rank") or 0),
+        partials=rec.get("partials"),
+        hist=rec.get("hist"),
+        samples=rec.get("samples") or (),
+        metrics=[(str(n), v) for n, v in rec.get("metrics") or ()],
+    )
+
+
+def ensure_run(db: Database, header: Mapping[str, Any]) -> int:
+    """The id of the run a spool file belongs to, creating the run if the database does not
+    know it (its process may never have reached the database)."""
+    info = get_or_create_run(
+        db,
+        str(header["project"]),
+        str(header["name"]),
+        config=dict(header.get("config") or {}),
+        tags=list(header.get("tags") or []),
+        world_size=int(header.get("world_size") or 1),
+        source=str(header.get("source") or "live"),
+        now=float(header.get("started_at") or time.time()),
+    )
+    return info.id
+
+
+def apply_records(
+    db: Database,
+    run_id: int,
+    header: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    *,
+    seen_at: float | None = None,
+) -> ApplyResult:
+    """Write spool records of one run (steps, metrics, status) to the database."""
+    out = ApplyResult()
+    world_size = int(header.get("world_size") or 1)
+    quantities = header.get("quantities")
+    steps: list[StepRecord] = []
+    metric_groups: list[tuple[int, list[tuple[str, float | None]]]] = []
+    status: tuple[str, float] | None = None
+    for rec in records:
+        kind = rec.get("type")
+        if kind == "raw":  # spilled by log_step: summarise it now
+            rec = summarize_item(item_from_raw(rec), header, config_from_header(header))
+            kind = "step"
+            if rec["status"] == "rejected":
+                out.raw_rejected += 1
+        if kind == "step":
+            sr = to_step_record(rec, quantities)
+            steps.append(sr)
+            if sr.status == "rejected":
+                out.rejected += 1
+        elif kind == "metrics":
+            metric_groups.append(
+                (int(rec["step"]), [(str(n), v) for n, v in rec.get("metrics") or ()])
+            )
+        elif kind == "status":
+            status = (str(rec["status"]), float(rec.get("t") or time.time()))
+    if steps:
+        out.ingest = write_step_records(db, run_id, steps, world_size=world_size, seen_at=seen_at)
+        out.steps = len(steps)
+    if metric_groups:
+        out.ingest.metrics += write_metric_records(db, run_id, metric_groups, seen_at=seen_at)
+        out.metrics_records = len(metric_groups)
+    if status is not None:
+        set_run_status(db, run_id, status[0], now=status[1])
+        out.status = status[0]
+    return out
+
+
+# --- the two threads ------------------------------------------------------------------------
+
+
+class BackgroundWriter:
+    """Processor and committer threads of one Run (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        header: dict[str, Any],
+        db: Database,
+        spool: SpoolWriter,
+        cfg: WriterConfig,
+        stats: Stats,
+    ) -> None:
+        self.header = header
+        self.db = db
+        self.spool = spool
+        self.cfg = cfg
+        self.stats = stats
+        self.run_id: int | None = None
+        self.last_error: str | None = None
+        self._queue: queue.Queue[StepItem | ControlItem | None] = queue.Queue(cfg.queue_size)
+        self._append_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._submitted = 0
+        self._acked = 0
+        self._pos = (spool.segment, len(FILE_MAGIC))  # committer's place in the spool
+        self._in_outage = False
+        self._replaying_until: tuple[int, int] | None = None
+        self._acked_steps = 0
+        self._committed_steps = 0
+        self._stopping = threading.Event()
+        self._abandon = threading.Event()
+        self._warned_processor = False
+        self._last_commit_mark = 0.0
+        self._processor = threading.Thread(
+            target=self._process_loop, name="klmon-processor", daemon=True
+        )
+        self._committer = threading.Thread(
+            target=self._commit_loop, name="klmon-committer", daemon=True
+        )
+        self._processor.start()
+        self._committer.start()
+
+    # caller side ------------------------------------------------------------------------------
+
+    def submit(self, item: StepItem | ControlItem) -> None:
+        """Hand an item to the processor; never blocks on the database. If the queue is full
+        (the processor is behind), spill: append the raw record to the spool right here, so
+        memory stays bounded and nothing is dropped."""
+        with self._cond:
+            self._submitted += 1
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._spill(item)
+
+    def _spill(self, item: StepItem | ControlItem) -> None:
+        if isinstance(item, ControlItem):
+            record = item.record
+        elif item.rejected is not None or item.policy_logprobs is None:
+            record = summarize_item(item, self.header, self.cfg)  # no arrays: cheap
+        else:
+            record = raw_record(item, int(self.header.get("rank", 0)))
+            self.stats.add("spilled")
+            if not self._warned_processor:
+                self._warned_processor = True
+                log.warning(
+                    "klmon: the training loop outruns the background writer (queue of %d "
+                    "full): spilling raw steps to the spool, summarised later (their token "
+                    "strings are not kept)",
+                    self.cfg.queue_size,
+                )
+        self._append(record)
+
+    # processor ------------------------------------------------------------------------------
+
+    def _process_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self._handle(item)
+            except Exception:  # pragma: no cover - a bug; the step must not be lost silently
+                log.exception("klmon: could not process a step record")
+                with self._cond:
+                    self._acked += 1
+                    self._cond.notify_all()
+
+    def _handle(self, item: StepItem | ControlItem) -> None:
+        if isinstance(item, ControlItem):
+            record = item.record
+        else:
+            record = summarize_item(item, self.header, self.cfg)
+            if record["status"] == "rejected" and item.policy_logprobs is not None:
+                log.warning("klmon: step %d rejected: %s", item.step, record.get("reason"))
+        self._append(record)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        try:
+            self.spool.append(record)
+        except OSError as exc:
+            # The spool itself failed (disk full, closed at exit): nothing more we can do
+            # without raising into the training loop; say it loudly once per burst.
+            log.error("klmon: could not append to the spool %s: %s", self.spool.path, exc)
+            with self._cond:
+                self._acked += 1
+                self._cond.notify_all()
+            return
+        self.stats.add("acknowledged")
+        is_step = record.get("type") in ("step", "raw")
+        if record.get("status") == "rejected":
+            self.stats.add("rejected")
+        if is_step and self._in_outage:
+            self.stats.add("spooled")
+        with self._cond:
+            self._acked += 1
+            self._acked_steps += is_step
+            self._cond.notify_all()
+
+    # committer ------------------------------------------------------------------------------
+
+    def _commit_loop(self) -> None:
+        backoff = self.cfg.backoff_initial
+        while not self._abandon.is_set():
+            with self._cond:
+                while not self._has_uncommitted() and not self._drained():
+                    self._cond.wait(1.0)
+                if not self._has_uncommitted() and self._drained():
+                    return
+            if not self._stopping.is_set():
+                # Let a few steps gather so one transaction carries several of them.
+                self._abandon.wait(self.cfg.flush_interval)
+            try:
+                self._commit_some()
+            except KlmonError as exc:
+                self._on_db_error(exc)
+                self._abandon.wait(backoff)
+                backoff = min(backoff * 2, self.cfg.backoff_max)
+                continue
+            except Exception as exc:  # a driver error that escaped translation
+                self._on_db_error(exc)
+                self._abandon.wait(backoff)
+                backoff = min(backoff * 2, self.cfg.backoff_max)
+                continue
+            backoff = self.cfg.backoff_initial
+
+    def _drained(self) -> bool:
+        """Stopping, and the processor has appended everything it was given."""
+        return self._stopping.is_set() and self._acked >= self._submitted
+
+    def _has_uncommitted(self) -> bool:
+        seg, off = self._pos
+        end_seg, end_off = self.spool.end()
+        return (seg, off) < (end_seg, end_off)
+
+    def _on_db_error(self, exc: BaseException) -> None:
+        self.stats.add("db_errors")
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if not self._in_outage:
+            self._in_outage = True
+            with self._cond:
+                waiting = self._acked_steps - self._committed_steps
+            self.stats.add("spooled", waiting)
+            log.warning(
+                "klmon: database write failed (%s); steps wait in the spool %s and are "
+                "replayed when it is back",
+                msg,
+                self.spool.directory,
+            )
+        elif isinstance(exc, SchemaOutOfDate) and self.last_error != msg:
+            log.error("klmon: %s", msg)
+        self.last_error = msg
+
+    def _commit_some(self) -> None:
+        if self.run_id is None:
+            self.db_check()
+            self.run_id = ensure_run(self.db, self.header)
+            self._mark_running()
+        while not self._abandon.is_set():
+            seg, off = self._pos
+            size, final = self.spool.segment_end(seg)
+            if off >= size:
+                if not final:
+                    return
+                self.spool.release(seg)
+                self._pos = (seg + 1, len(FILE_MAGIC))
+                continue
+            path = self.spool.segment_path(seg)
+            if path is None:  # pragma: no cover - released under us
+                self._pos = (seg + 1, len(FILE_MAGIC))
+                continue
+            records, new_off = self._read_batch(path, off, size)
+            steps = sum(1 for r in records if r.get("type") in ("step", "raw"))
+            if records:
+                result = apply_records(self.db, self.run_id, self.header, records)
+                if self._in_outage:
+                    log.warning("klmon: database is back; replaying the spool")
+                    self._in_outage = False
+                    self._replaying_until = self.spool.end()
+                self._count(result, steps, replayed=self._replaying_until is not None)
+                if self._replaying_until is not None and (seg, new_off) >= self._replaying_until:
+                    self._replaying_until = None
+            with self._cond:
+                self._pos = (seg, new_off)
+                self._committed_steps += steps
+                self._cond.notify_all()
+            self._maybe_mark_commit(seg, new_off, steps)
+
+    def db_check(self) -> None:
+        from monitor.store.schema import check_schema
+
+        with self.db.translate_errors():
+            check_schema(self.db.engine)
+
+    def _mark_running(self) -> None:
+        assert self.run_id is not None
+        from monitor.store.runs import get_run
+
+        info = get_run(self.db, self.run_id)
+        if info.status != "running":  # a resumed run
+            set_run_status(self.db, self.run_id, "running")
+
+    def _read_batch(self, path: Any, off: int, size: int) -> tuple[list[dict[str, Any]], int]:
+        records: list[dict[str, Any]] = []
+        pos = off
+        end = min(size, off + self.cfg.max_batch_bytes)
+        for item in iter_records(path, start=off, end=end):
+            if isinstance(item, SpoolRecord):
+                records.append(item.record)
+                pos = item.end
+                if len(records) >= self.cfg.max_batch:
+                    break
+            elif isinstance(item, CorruptRecord):
+                if item.end >= end and end < size:
+                    break  # cut by the read window: read it whole next time
+                self.stats.add("corrupt")
+                log.error(
+                    "klmon: damaged spool record at %s:%d (%s): skipped",
+                    path,
+                    item.offset,
+                    item.reason,
+                )
+                pos = item.end
+        if pos == off and end < size:  # one record larger than the window: read it whole
+            for item in iter_records(path, start=off, end=size):
+                if isinstance(item, SpoolRecord):
+                    records.append(item.record)
+                    pos = item.end
+                break
+        return records, pos
+
+    def _count(self, result: ApplyResult, steps: int, *, replayed: bool) -> None:
+        ing = result.ingest
+        self.stats.add("rejected", result.raw_rejected)
+        self.stats.add("written", ing.inserted)
+        self.stats.add("duplicates", ing.duplicates)
+        if ing.conflicts:
+            self.stats.add("conflicts", len(ing.conflicts))
+            log.warning(
+                "klmon: step(s) %s already stored with a different payload: refused",
+                ", ".join(map(str, ing.conflicts[:10])),
+            )
+        if replayed:
+            self.stats.add("replayed", steps)
+
+    def _maybe_mark_commit(self, seg: int, off: int, steps: int) -> None:
+        """Note in the spool how far it is in the database, so ``klmon sync`` after a crash
+        skips what is already stored (at most once a second, and only after real steps)."""
+        now = time.monotonic()
+        if steps and now - self._last_commit_mark >= 1.0:
+            self._last_commit_mark = now
+            with contextlib.suppress(OSError):
+                self.spool.append({"type": "commit", "seg": seg, "upto": off})
+
+    # flushing and stopping --------------------------------------------------------------------
+
+    def pending(self) -> tuple[int, bool]:
+        """(records not yet acknowledged, whether acknowledged records await the database)."""
+        with self._cond:
+            return self._submitted - self._acked, self._has_uncommitted()
+
+    def wait(self, timeout: float, *, committed: bool = True) -> bool:
+        """Wait until everything submitted is acknowledged (and, with ``committed``, written
+        to the database). False if the timeout came first."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._cond:
+            while True:
+                done = self._acked >= self._submitted and (
+                    not committed or not self._has_uncommitted()
+                )
+                if done:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+
+    def committed_everything(self) -> bool:
+        with self._cond:
+            return self._acked >= self._submitted and not self._has_uncommitted()
+
+    def stop(self, timeout: float) -> bool:
+        """Drain (at most ``timeout`` seconds), stop both threads, close the spool: deleted if
+        everything reached the database, else kept for replay. True if all was written."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=max(deadline - time.monotonic(), 0.01))
+        self._processor.join(max(deadline - time.monotonic(), 0.01))
+        self.wait(max(deadline - time.monotonic(), 0.0))
+        done = self.committed_everything() and not self._processor.is_alive()
+        self._abandon.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._committer.join(0.5 if done else 0.05)
+        with contextlib.suppress(OSError):
+            self.spool.close(delete=done)
+        self.db.dispose()
+        return done
+
+
+def no_summary_record(kind: str, **fields: Any) -> ControlItem:
+    return ControlItem({"type": kind, **fields})
+
+
+__all__ = [
+    "STATS_KEYS",
+    "ApplyResult",
+    "BackgroundWriter",
+    "ControlItem",
+    "Stats",
+    "StepItem",
+    "WriterConfig",
+    "apply_records",
+    "ensure_run",
+    "item_from_raw",
+    "raw_record",
+    "summarize_item",
+    "to_step_record",
+]
