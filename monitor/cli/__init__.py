@@ -10,6 +10,7 @@ import click
 from monitor import __version__
 from monitor.cli.alerts_cmd import alerts_group
 from monitor.cli.db_cmds import db_group
+from monitor.cli.demo_cmd import demo_cmd
 from monitor.cli.import_cmd import export_cmd, import_cmd
 from monitor.cli.runs_cmd import runs_cmd
 from monitor.cli.sync_cmd import sync_cmd
@@ -39,7 +40,8 @@ def main() -> None:
 
 main.add_command(db_group)
 main.add_command(runs_cmd)
-main.add_command(sync_cmd)
 main.add_command(alerts_group)
+main.add_command(sync_cmd)
 main.add_command(import_cmd)
 main.add_command(export_cmd)
+main.add_command(demo_cmd)
