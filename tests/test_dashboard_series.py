@@ -48,9 +48,10 @@ def stored_rollups(db: Database, run_id: int) -> pd.DataFrame:
 
 
 def test_choose_level() -> None:
-    assert series.choose_level(1000, 600) == 0
-    assert series.choose_level(1200, 600) == 0
-    assert series.choose_level(1201, 600) == series.BASE_LEVEL
+    assert series.choose_level(600, 600) == 0
+    assert series.choose_level(601, 600) == series.BASE_LEVEL
+    assert series.choose_level(4800, 600) == series.BASE_LEVEL
+    assert series.choose_level(4801, 600) == series.BASE_LEVEL + 1
     assert series.choose_level(1_000_000, 600) == 11  # 2048-step buckets: 489 of them
     assert series.choose_level(10_000_000, 600) == 15
     with pytest.raises(InvalidInput):
@@ -84,9 +85,11 @@ def test_spike_of_one_step_in_a_million_survives_full_zoom_out(tmp_path) -> None
     assert int(c["n"].sum()) == n
     # the weighted mean of the bucket means is the true mean
     assert np.isclose((c["kl_mean"] * c["n"]).sum() / n, kl.mean(), rtol=1e-12)
-    # zooming in to 1000 steps around the spike reads raw rows
-    z = series.read_series(db, run.id, ["kl_mean"], start=654_000, end=655_000)
-    assert z.level == 0 and len(z.frame) == 1001 and z.frame["kl_mean"].max() == 42.0
+    # zooming in to 500 steps around the spike reads raw rows; to 4000, 8-step buckets
+    z = series.read_series(db, run.id, ["kl_mean"], start=654_000, end=654_499)
+    assert z.level == 0 and len(z.frame) == 500 and z.frame["kl_mean"].max() == 42.0
+    z = series.read_series(db, run.id, ["kl_mean"], start=652_000, end=655_999)
+    assert z.level == series.BASE_LEVEL and z.combined()["kl_mean__max"].max() == 42.0
     db.dispose()
 
 
@@ -154,7 +157,7 @@ def test_metric_series_and_rows_after(db: Database) -> None:
     assert s.level > 0
     assert s.combined()["value__max"].max() == 9.0
     assert int(s.combined()["n"].sum()) == n
-    lr = series.read_metric_series(db, run.id, "lr", max_buckets=3000)
+    lr = series.read_metric_series(db, run.id, "lr", max_buckets=5000)
     assert lr.level == 0 and len(lr.frame) == 500
     after = series.read_metric_rows_after(db, run.id, "loss", 4990)
     assert after["step"].tolist() == list(range(4991, 5000))

@@ -12,7 +12,9 @@ from monitor.cli.alerts_cmd import alerts_group
 from monitor.cli.db_cmds import db_group
 from monitor.cli.demo_cmd import demo_cmd
 from monitor.cli.import_cmd import export_cmd, import_cmd
+from monitor.cli.report_cmd import report_cmd
 from monitor.cli.runs_cmd import runs_cmd
+from monitor.cli.serve_cmd import serve_cmd
 from monitor.cli.sync_cmd import sync_cmd
 from monitor.errors import KlmonError
 
@@ -45,3 +47,5 @@ main.add_command(sync_cmd)
 main.add_command(import_cmd)
 main.add_command(export_cmd)
 main.add_command(demo_cmd)
+main.add_command(report_cmd)
+main.add_command(serve_cmd)

@@ -1,0 +1,462 @@
+"""Compare page data callbacks: server time and payload at 10k, 100k and 1M steps per run.
+
+Builds 8 runs per size in SQLite (and PostgreSQL when reachable) with fast bulk inserts
+(executemany of tuples; PostgreSQL binary COPY), stores their chart rollups once (timed
+separately: a one-time cost per run), then POSTs the Compare page's callbacks to the app's
+own Flask server in-process, as the browser would:
+
+* ``render``: the page load (all charts of all runs, smoothing on, as in
+  ``/compare?runs=...&smooth=0.9``),
+* ``zoom``: a zoom to the middle 1% of the run (the finer level is fetched),
+* ``live``: a live update after 10 new steps were written to every run.
+
+Beside them, in the same run, a naive baseline that reads every step of the runs and sends
+the KL chart alone with every point (a lower bound for a dashboard that reads everything).
+
+Run:  .venv/bin/python benchmarks/bench_dashboard.py [--sizes 10000,100000,1000000]
+      [--runs 8] [--repeat 5] [--sqlite PATH] [--pg URL | --no-pg] [--reuse]
+Target: render <= 150 ms and <= 1 MB for 8 x 1M steps, flat in run length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monitor.dashboard import DashboardSettings, create_app
+from monitor.dashboard.panel import View, panel_specs
+from monitor.store import series as store_series
+from monitor.store.database import Database
+from monitor.store.engine import make_engine
+from monitor.store.runs import get_or_create_run, set_run_status
+from monitor.store.schema import upgrade
+from monitor.store.steps import read_steps
+
+COLUMNS = (
+    "kl_mean",
+    "kl_std",
+    "kl_p05",
+    "kl_p50",
+    "kl_p95",
+    "kl_max",
+    "k1",
+    "k2",
+    "k3",
+    "neg_kl_frac",
+    "top1pct_share",
+    "resp_len_mean",
+    "policy_nll",
+    "entropy_mean",
+    "reward_mean",
+    "kl_coef",
+    "rollout_gap",
+)
+CHUNK = 200_000
+
+
+def synthetic(n: int, seed: int, offset: int = 0) -> np.ndarray:
+    """(n, 2 + len(COLUMNS)) rows: step, wall_time and plausible values with one spike."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(offset, offset + n, dtype=float)
+    t = steps / max(1.0, offset + n)
+    kl = 14 * (1 - np.exp(-5 * t)) + rng.normal(0, 0.4, n)
+    if offset == 0:
+        kl[n // 3] = 80.0  # a one-step spike
+    out = np.empty((n, 2 + len(COLUMNS)))
+    out[:, 0] = steps
+    out[:, 1] = 1.7e9 + steps * 2.0
+    vals = {
+        "kl_mean": kl,
+        "kl_std": np.abs(rng.normal(3, 0.3, n)),
+        "kl_p05": kl - 5,
+        "kl_p50": kl,
+        "kl_p95": kl + 6,
+        "kl_max": kl + 12,
+        "k1": kl / 200,
+        "k2": kl / 180,
+        "k3": kl / 190,
+        "neg_kl_frac": np.clip(rng.normal(0.1, 0.02, n), 0, 1),
+        "top1pct_share": np.clip(rng.normal(0.2, 0.03, n), 0, 1),
+        "resp_len_mean": 200 + rng.normal(0, 5, n),
+        "policy_nll": 1.5 - 0.3 * t + rng.normal(0, 0.02, n),
+        "entropy_mean": 1.4 - 0.3 * t + rng.normal(0, 0.02, n),
+        "reward_mean": np.sqrt(np.maximum(kl, 0)) * 0.5 + rng.normal(0, 0.1, n),
+        "kl_coef": np.full(n, 0.05),
+        "rollout_gap": rng.normal(0, 0.01, n),
+    }
+    for j, c in enumerate(COLUMNS):
+        out[:, 2 + j] = vals[c]
+    return out
+
+
+def insert_steps(db: Database, run_id: int, arr: np.ndarray) -> None:
+    names = ["run_id", "step", "wall_time", "status", "ranks_seen", *COLUMNS]
+    if db.is_sqlite:
+        sql = f"INSERT INTO steps ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        for i in range(0, len(arr), CHUNK):
+            part = arr[i : i + CHUNK]
+            rows = [
+                (run_id, int(r[0]), r[1], "ok", 1, *r[2:])
+                for r in part.tolist()  # Python floats: what sqlite3 binds fastest
+            ]
+            with db.begin() as conn:
+                conn.exec_driver_sql(sql, rows)
+        return
+    from psycopg.types.numeric import Float8  # noqa: F401 - binary COPY types
+
+    raw = db.engine.raw_connection()
+    try:
+        copy_sql = f"COPY steps ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
+        with raw.cursor() as cur, cur.copy(copy_sql) as cp:  # type: ignore[attr-defined]
+            cp.set_types(["int4", "int8", "float8", "varchar", "int4", *["float8"] * len(COLUMNS)])
+            for r in arr.tolist():
+                cp.write_row((run_id, int(r[0]), r[1], "ok", 1, *r[2:]))
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def build(
+    db: Database, sizes: list[int], runs: int
+) -> tuple[dict[int, list[int]], dict[int, float]]:
+    """Runs per size (reused when present), and the one-time rollup build seconds per size."""
+    ids: dict[int, list[int]] = {}
+    rollup_s: dict[int, float] = {}
+    for n in sizes:
+        ids[n] = []
+        t_roll = 0.0
+        for i in range(runs):
+            run = get_or_create_run(
+                db,
+                "bench",
+                f"n{n}-r{i}",
+                config={"kl_coef": 0.05, "seed": i, "lr": 1e-6 * (1 + i % 2)},
+            )
+            ids[n].append(run.id)
+            _, last = store_series.step_bounds(db, run.id)
+            if last is None:
+                t0 = time.perf_counter()
+                insert_steps(db, run.id, synthetic(n, seed=i))
+                took = time.perf_counter() - t0
+                print(f"  inserted {n:>9,} steps for run {run.id} in {took:6.1f} s", flush=True)
+            set_run_status(db, run.id, "finished")
+            t0 = time.perf_counter()
+            store_series.refresh_rollups(db, run.id)
+            t_roll += time.perf_counter() - t0
+        rollup_s[n] = t_roll
+    return ids, rollup_s
+
+
+class Client:
+    """POSTs the Compare page's callbacks as the browser does."""
+
+    def __init__(self, app: Any) -> None:
+        self.client = app.server.test_client()
+        deps = self.client.get("/_dash-dependencies").get_json()
+        self.render_out = next(
+            d["output"]
+            for d in deps
+            if "cmp-live.data..." in d["output"] and ".figure" in d["output"]
+        )
+        self.live_out = next(
+            d["output"] for d in deps if ".extendData" in d["output"] and '"cmp"' in d["output"]
+        )
+
+    @staticmethod
+    def gid(k: str) -> dict[str, str]:
+        return {"chart": k, "panel": "cmp", "type": "kl-graph"}
+
+    def render(
+        self, view: View, keys: list[str], relayout: dict[str, Any] | None = None, live: Any = None
+    ) -> tuple[float, int, dict[str, Any]]:
+        body = {
+            "output": self.render_out,
+            "outputs": [
+                [{"id": self.gid(k), "property": "figure"} for k in keys],
+                {"id": "cmp-live", "property": "data"},
+                {"id": "cmp-interval", "property": "disabled"},
+                {"id": "cmp-msg", "property": "children"},
+                {"id": "cmp-permalink", "property": "href"},
+                {"id": "cmp-smooth-value", "property": "children"},
+            ],
+            "inputs": [
+                {"id": "cmp-smooth", "property": "value", "value": view.smooth},
+                {"id": "cmp-x", "property": "value", "value": view.x},
+                [
+                    {
+                        "id": self.gid(k),
+                        "property": "relayoutData",
+                        "value": relayout if k == "kl" else None,
+                    }
+                    for k in keys
+                ],
+            ],
+            "changedPropIds": [
+                json.dumps(self.gid("kl"), sort_keys=True, separators=(",", ":")) + ".relayoutData"
+            ]
+            if relayout
+            else ["cmp-smooth.value"],
+            "state": [
+                {"id": "cmp-view", "property": "data", "value": view.to_dict()},
+                {"id": "cmp-live", "property": "data", "value": live},
+            ],
+        }
+        t0 = time.perf_counter()
+        r = self.client.post("/_dash-update-component", json=body)
+        dt = time.perf_counter() - t0
+        assert r.status_code == 200, (r.status_code, r.data[:300])
+        return dt, len(r.data), r.get_json()["response"]
+
+    def live(self, keys: list[str], live: Any) -> tuple[float, int, dict[str, Any]]:
+        body = {
+            "output": self.live_out,
+            "outputs": [
+                [{"id": self.gid(k), "property": "extendData"} for k in keys],
+                {"id": "cmp-live", "property": "data"},
+                {"id": "cmp-status", "property": "children"},
+            ],
+            "inputs": [{"id": "cmp-interval", "property": "n_intervals", "value": 1}],
+            "changedPropIds": ["cmp-interval.n_intervals"],
+            "state": [{"id": "cmp-live", "property": "data", "value": live}],
+        }
+        t0 = time.perf_counter()
+        r = self.client.post("/_dash-update-component", json=body)
+        dt = time.perf_counter() - t0
+        assert r.status_code in (200, 204), (r.status_code, r.data[:300])
+        return (
+            dt,
+            len(r.data),
+            (r.get_json() or {}).get("response", {}) if r.status_code == 200 else {},
+        )
+
+
+def naive(db: Database, run_ids: list[int]) -> tuple[float, int]:
+    """Read every step of every run; send the KL chart with every point as JSON lists."""
+    t0 = time.perf_counter()
+    traces = []
+    for rid in run_ids:
+        df = read_steps(db, rid, columns=["step", "kl_mean"])
+        traces.append({"type": "scatter", "x": df["step"].tolist(), "y": df["kl_mean"].tolist()})
+    payload = json.dumps({"data": traces, "layout": {}})
+    return time.perf_counter() - t0, len(payload)
+
+
+def median_ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1000
+
+
+def bench_backend(
+    label: str, url: str, sizes: list[int], runs: int, repeat: int
+) -> list[dict[str, Any]]:
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    db = Database.open(url)
+    print(f"[{label}] building data ...", flush=True)
+    ids, rollup_s = build(db, sizes, runs)
+    app = create_app(DashboardSettings(db_url=url), db=db)
+    client = Client(app)
+    results = []
+    for n in sizes:
+        view = View(tuple(ids[n]), smooth=0.9)
+        keys = [s.key for s in panel_specs(view, {})]
+        client.render(view, keys)  # warm-up
+        renders, zooms, lives = [], [], []
+        size_render = size_zoom = size_live = 0
+        for _ in range(repeat):
+            app.klmon_data.clear_cache()
+            dt, size_render, resp = client.render(view, keys)
+            renders.append(dt)
+        spike_ok = _spike_visible(resp, n)
+        lo, hi = int(n * 0.495), int(n * 0.505)
+        for _ in range(repeat):
+            dt, size_zoom, _ = client.render(
+                view, keys, relayout={"xaxis.range[0]": lo, "xaxis.range[1]": hi}
+            )
+            zooms.append(dt)
+        # live: mark the runs running, write 10 new steps each, extend
+        live_state = resp["cmp-live"]["data"]
+        for rid in ids[n]:
+            set_run_status(db, rid, "running")
+        app.klmon_data.clear_cache()
+        _, _, resp2 = client.render(view, keys)
+        live_state = resp2["cmp-live"]["data"]
+        for k in range(repeat):
+            for i, rid in enumerate(ids[n]):
+                insert_steps(db, rid, _tail_rows(n + 10 * k, i))
+            dt, size_live, lresp = client.live(keys, live_state)
+            lives.append(dt)
+            if lresp:
+                live_state = lresp["cmp-live"]["data"]
+        for rid in ids[n]:
+            _delete_after(db, rid, n - 1)
+            set_run_status(db, rid, "finished")
+        t_naive, size_naive = naive(db, ids[n])
+        row = {
+            "backend": label,
+            "steps_per_run": n,
+            "runs": len(ids[n]),
+            "rollup_build_s": rollup_s[n],
+            "render_ms": median_ms(renders),
+            "render_bytes": size_render,
+            "zoom_ms": median_ms(zooms),
+            "zoom_bytes": size_zoom,
+            "live_ms": median_ms(lives),
+            "live_bytes": size_live,
+            "naive_ms": t_naive * 1000,
+            "naive_bytes": size_naive,
+            "spike_visible": spike_ok,
+        }
+        results.append(row)
+        print(
+            f"[{label}] {n:>9,} steps x {len(ids[n])}: render {row['render_ms']:.0f} ms "
+            f"{size_render / 1e3:.0f} kB | zoom {row['zoom_ms']:.0f} ms | "
+            f"live {row['live_ms']:.0f} ms | naive {row['naive_ms']:.0f} ms "
+            f"{size_naive / 1e6:.1f} MB",
+            flush=True,
+        )
+    db.dispose()
+    return results
+
+
+def _tail_rows(start: int, seed: int) -> np.ndarray:
+    arr = synthetic(10, seed=1000 + seed)
+    arr[:, 0] = np.arange(start, start + 10)
+    arr[:, 1] = 1.7e9 + arr[:, 0] * 2.0
+    return arr
+
+
+def _delete_after(db: Database, run_id: int, step: int) -> None:
+    """Undo the live part's extra steps (and any rollup bucket they completed)."""
+    with db.begin() as conn:
+        for table in ("steps", "step_rollups"):
+            col = "step" if table == "steps" else "step_max"
+            conn.exec_driver_sql(
+                f"DELETE FROM {table} WHERE run_id = {int(run_id)} AND {col} > {int(step)}"
+            )
+
+
+def _spike_visible(resp: dict[str, Any], n: int) -> bool:
+    """The KL chart's largest plotted value is the spike (80)."""
+    import base64
+
+    fig = next(
+        (v["figure"] for k, v in resp.items() if '"chart":"kl"' in k and "figure" in v), None
+    )
+    if not fig:
+        return False
+    best = -np.inf
+    for tr in fig.get("data", []):
+        y = tr.get("y")
+        if isinstance(y, dict) and y.get("dtype") == "f4":
+            arr = np.frombuffer(base64.b64decode(y["bdata"]), dtype="<f4").astype(float)
+        elif isinstance(y, list):
+            arr = np.array([v for v in y if v is not None], dtype=float)
+        else:
+            continue
+        if len(arr) and np.isfinite(arr).any():
+            best = max(best, float(np.nanmax(arr)))
+    return bool(best >= 79.99)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--runs", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--sqlite", default=None, help="SQLite file (default: a temporary one)")
+    ap.add_argument(
+        "--pg",
+        default=os.environ.get("KLMON_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    ap.add_argument("--no-pg", action="store_true")
+    ap.add_argument("--no-sqlite", action="store_true")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the databases (reuse with --sqlite / --pg-db)"
+    )
+    ap.add_argument("--pg-db", default=None, help="an existing PostgreSQL database to (re)use")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results: list[dict[str, Any]] = []
+    tmp = None
+    if not args.no_sqlite:
+        path = args.sqlite
+        if path is None:
+            tmp = tempfile.mkdtemp(prefix="klmon-bench-")
+            path = str(Path(tmp) / "bench.db")
+        results += bench_backend("sqlite", f"sqlite:///{path}", sizes, args.runs, args.repeat)
+    if not args.no_pg:
+        results += _bench_pg(args, sizes)
+    print()
+    print_table(results)
+    if tmp and not args.keep:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench_pg(args: argparse.Namespace, sizes: list[int]) -> list[dict[str, Any]]:
+    from sqlalchemy import text
+
+    admin_url = args.pg
+    base = admin_url.rpartition("/")[0]
+    name = args.pg_db or f"klmon_bench_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    created = False
+    try:
+        if not args.pg_db:
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            created = True
+    except Exception as exc:
+        print(f"[postgresql] skipped: {str(exc).splitlines()[0]}")
+        admin.dispose()
+        return []
+    try:
+        return bench_backend("postgresql", f"{base}/{name}", sizes, args.runs, args.repeat)
+    finally:
+        if created and not args.keep:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'backend':<11}{'steps/run':>10}{'runs':>5} | {'render ms':>9}{'kB':>7} | "
+        f"{'zoom ms':>8}{'kB':>7} | {'live ms':>8}{'kB':>5} | {'naive ms':>9}{'naive MB':>9} | "
+        f"{'rollups s':>9} | spike"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(
+            f"{r['backend']:<11}{r['steps_per_run']:>10,}{r['runs']:>5} | {r['render_ms']:>9.0f}"
+            f"{r['render_bytes'] / 1e3:>7.0f} | {r['zoom_ms']:>8.0f}"
+            f"{r['zoom_bytes'] / 1e3:>7.0f} | {r['live_ms']:>8.0f}{r['live_bytes'] / 1e3:>5.0f} | "
+            f"{r['naive_ms']:>9.0f}{r['naive_bytes'] / 1e6:>9.1f} | {r['rollup_build_s']:>9.1f} | "
+            f"{'yes' if r['spike_visible'] else 'NO'}"
+        )
+    print(
+        "\nrender: page load, all charts of all runs with smoothing; zoom: the middle 1% of the "
+        "run;\nlive: 10 new steps per run appended; naive: every step read, KL chart only, as "
+        "JSON;\nrollups: one-time build for all runs of that size (stored, then kept up lazily)."
+    )
+
+
+if __name__ == "__main__":
+    main()

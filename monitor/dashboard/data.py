@@ -1,0 +1,571 @@
+"""The dashboard's data layer: every read and write the pages make, with a short per-process
+cache. One ``DashboardData`` per app (never a module global), so several gunicorn workers
+can serve one database; the cache only saves repeated reads within a few seconds.
+
+Errors: store functions raise klmon errors; ``user_message`` turns any exception into a
+sentence safe to show (never the database URL, never a traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import text
+
+from monitor.errors import (
+    ConfigError,
+    DatabaseUnavailable,
+    InvalidInput,
+    KlmonError,
+    NotFound,
+)
+from monitor.store import series as store_series
+from monitor.store.database import Database
+from monitor.store.domain import Annotation, RunInfo, Sample
+from monitor.store.drilldown import add_annotation, annotations_frame, read_samples, sample_steps
+
+log = logging.getLogger("monitor.dashboard")
+T = TypeVar("T")
+
+#: Longest text accepted from a form field (annotation text has its own limit in the store).
+MAX_FIELD = 200
+
+
+def user_message(exc: BaseException) -> str:
+    """A message about ``exc`` that is safe to show in a page."""
+    if isinstance(exc, NotFound | InvalidInput | ConfigError):
+        return str(exc)
+    if isinstance(exc, DatabaseUnavailable):
+        return "The database is unavailable right now; the page will retry."
+    if isinstance(exc, KlmonError):
+        log.warning("dashboard: %s", exc)
+        return "The database could not answer this request (details are in the server log)."
+    log.exception("dashboard: unexpected error", exc_info=exc)
+    return "Something went wrong on the server (details are in the server log)."
+
+
+def derive_status(
+    status: str,
+    last_seen_at: float | None,
+    last_wall: float | None,
+    median_interval: float | None,
+    now: float,
+    *,
+    factor: float = 10.0,
+    min_seconds: float = 120.0,
+) -> str:
+    """running | stalled | finished | crashed. A running run is stalled when nothing was
+    heard from it for longer than ``factor`` times its median step interval (and at least
+    ``min_seconds``)."""
+    if status != "running":
+        return status
+    heard = max(
+        (t for t in (last_seen_at, last_wall) if t is not None and np.isfinite(t)), default=None
+    )
+    if heard is None:
+        return "running"
+    limit = max(min_seconds, factor * (median_interval or 0.0))
+    return "stalled" if now - heard > limit else "running"
+
+
+_MISS = object()
+
+
+class _TTLCache:
+    """A small LRU with expiry; thread-safe (Flask serves callbacks from threads)."""
+
+    def __init__(self, maxsize: int = 512) -> None:
+        self._data: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._maxsize = maxsize
+
+    def get(self, key: Hashable, ttl: float, compute: Callable[[], T]) -> T:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is not None and hit[0] > now:
+                self._data.move_to_end(key)
+                return hit[1]
+        value = compute()
+        with self._lock:
+            self._data[key] = (now + ttl, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self._maxsize:
+                self._data.popitem(last=False)
+        return value
+
+    def peek(self, key: Hashable) -> Any:
+        """The cached value, or _MISS."""
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]
+        return _MISS
+
+    def put(self, key: Hashable, ttl: float, value: Any) -> None:
+        with self._lock:
+            self._data[key] = (time.monotonic() + ttl, value)
+            while len(self._data) > self._maxsize:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What the header of a run shows: derived status and the latest numbers."""
+
+    info: RunInfo
+    status: str
+    last_step: int | None
+    last_wall: float | None
+    last: dict[str, float]
+    median_interval: float | None
+
+
+RUN_OVERVIEW_COLUMNS = [
+    "id",
+    "project",
+    "name",
+    "status",
+    "source",
+    "tags",
+    "last_step",
+    "last_update",
+    "last_kl",
+    "last_reward",
+    "open_alerts",
+    "kl_trend",
+]
+HEADLINE_COLUMNS = (
+    "kl_mean",
+    "kl_p95",
+    "k3",
+    "neg_kl_frac",
+    "reward_mean",
+    "resp_len_mean",
+    "policy_nll",
+    "top1pct_share",
+)
+
+
+class DashboardData:
+    """Reads and writes for the pages, on one ``Database``."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        stall_factor: float = 10.0,
+        stall_min_seconds: float = 120.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.stall_factor = stall_factor
+        self.stall_min_seconds = stall_min_seconds
+        self.clock = clock
+        self._cache = _TTLCache()
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # ----------------------------------------------------------------------- runs
+
+    def run(self, run_id: int) -> RunInfo:
+        found, _ = self.runs([run_id])
+        if not found:
+            raise NotFound(f"run {int(run_id)} does not exist")
+        return found[0]
+
+    def runs(self, run_ids: Iterable[int]) -> tuple[list[RunInfo], list[str]]:
+        """The runs that exist (in the order asked), and a message for each id that does not."""
+        ids = [int(r) for r in run_ids]
+        infos: dict[int, RunInfo | None] = {}
+        for rid in ids:
+            hit = self._cache.peek(("run", rid))
+            if hit is not _MISS:
+                infos[rid] = hit
+        todo = [r for r in ids if r not in infos]
+        if todo:
+            read = self._read_runs(todo)
+            for rid in todo:
+                infos[rid] = read.get(rid)
+                self._cache.put(("run", rid), 2.0, infos[rid])
+        found = [info for r in ids if (info := infos.get(r)) is not None]
+        missing = [f"run {r} does not exist" for r in ids if infos.get(r) is None]
+        return found, missing
+
+    def _read_runs(self, ids: Sequence[int]) -> dict[int, RunInfo]:
+        if not ids:
+            return {}
+        params = {f"r{i}": rid for i, rid in enumerate(ids)}
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, project, name, status, source, created_at, last_seen_at, "
+                    "finished_at, world_size, config, tags, baseline_run_id FROM runs "
+                    f"WHERE id IN ({', '.join(':' + k for k in params)})"
+                ),
+                params,
+            ).all()
+        out = {}
+        for r in rows:
+            config, tags = _json(r[9], {}), _json(r[10], [])
+            out[int(r[0])] = RunInfo(
+                id=int(r[0]),
+                project=str(r[1]),
+                name=str(r[2]),
+                status=str(r[3]),
+                source=str(r[4]),
+                created_at=float(r[5]),
+                last_seen_at=float(r[6]),
+                finished_at=None if r[7] is None else float(r[7]),
+                world_size=int(r[8]),
+                config=config if isinstance(config, dict) else {},
+                tags=tags if isinstance(tags, list) else [],
+                baseline_run_id=None if r[11] is None else int(r[11]),
+            )
+        return out
+
+    def run_state(self, run_id: int) -> RunState:
+        return self._cache.get(("state", int(run_id)), 1.0, lambda: self._run_state(int(run_id)))
+
+    def _run_state(self, run_id: int) -> RunState:
+        info = self.run(run_id)
+        cols = ", ".join(HEADLINE_COLUMNS)
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                text(
+                    f"SELECT step, wall_time, {cols} FROM steps WHERE run_id = :r "
+                    "ORDER BY step DESC LIMIT 21"
+                ),
+                {"r": run_id},
+            ).all()
+        last: dict[str, float] = {}
+        last_step = last_wall = median = None
+        if rows:
+            last_step, last_wall = int(rows[0][0]), float(rows[0][1])
+            for j, c in enumerate(HEADLINE_COLUMNS):
+                v = next((r[2 + j] for r in rows if r[2 + j] is not None), None)
+                if v is not None:
+                    last[c] = float(v)
+            walls = np.array([r[1] for r in rows], dtype=float)
+            if len(walls) > 1:
+                gaps = -np.diff(walls)
+                gaps = gaps[np.isfinite(gaps) & (gaps >= 0)]
+                median = float(np.median(gaps)) if len(gaps) else None
+        status = derive_status(
+            info.status,
+            info.last_seen_at,
+            last_wall,
+            median,
+            self.clock(),
+            factor=self.stall_factor,
+            min_seconds=self.stall_min_seconds,
+        )
+        return RunState(info, status, last_step, last_wall, last, median)
+
+    def runs_overview(self) -> pd.DataFrame:
+        """Every run with derived status, last step and update, current KL and reward, open
+        alerts and a KL sparkline. Columns: RUN_OVERVIEW_COLUMNS."""
+        return self._cache.get(("overview",), 3.0, self._runs_overview)
+
+    def _runs_overview(self) -> pd.DataFrame:
+        with self.db.begin() as conn:
+            ids = [int(r[0]) for r in conn.execute(text("SELECT id FROM runs ORDER BY id")).all()]
+            open_alerts = dict(
+                conn.execute(
+                    text(
+                        "SELECT run_id, COUNT(*) FROM alert_events "
+                        "WHERE state IN ('pending', 'firing') GROUP BY run_id"
+                    )
+                ).all()
+            )
+        records = []
+        for rid in ids:
+            try:
+                st = self.run_state(rid)
+            except NotFound:
+                continue  # deleted meanwhile
+            trend = ""
+            if st.last_step is not None:
+                s = store_series.read_series(self.db, rid, ["kl_mean"], max_buckets=12)
+                trend = _spark(s.combined(), "kl_mean")
+            info = st.info
+            records.append(
+                {
+                    "id": info.id,
+                    "project": info.project,
+                    "name": info.name,
+                    "status": st.status,
+                    "source": info.source,
+                    "tags": ", ".join(str(t) for t in info.tags),
+                    "last_step": st.last_step,
+                    "last_update": max(
+                        (t for t in (st.last_wall, info.last_seen_at) if t is not None),
+                        default=None,
+                    ),
+                    "last_kl": st.last.get("kl_mean"),
+                    "last_reward": st.last.get("reward_mean"),
+                    "open_alerts": int(open_alerts.get(rid, 0)),
+                    "kl_trend": trend,
+                }
+            )
+        return pd.DataFrame(records, columns=RUN_OVERVIEW_COLUMNS)
+
+    # ----------------------------------------------------------------------- series
+
+    def series(
+        self,
+        run_id: int,
+        columns: Sequence[str],
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        max_buckets: int = store_series.DEFAULT_MAX_BUCKETS,
+    ) -> store_series.Series:
+        return store_series.read_series(
+            self.db, run_id, columns, start=start, end=end, max_buckets=max_buckets
+        )
+
+    def metric_series(
+        self,
+        run_id: int,
+        name: str,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        max_buckets: int = store_series.DEFAULT_MAX_BUCKETS,
+    ) -> store_series.Series:
+        return store_series.read_metric_series(
+            self.db, run_id, name, start=start, end=end, max_buckets=max_buckets
+        )
+
+    def rows_after(
+        self, run_id: int, after: int, columns: Sequence[str], limit: int
+    ) -> pd.DataFrame:
+        return store_series.read_step_rows_after(self.db, run_id, after, columns, limit=limit)
+
+    def metric_rows_after(self, run_id: int, name: str, after: int, limit: int) -> pd.DataFrame:
+        return store_series.read_metric_rows_after(self.db, run_id, name, after, limit=limit)
+
+    def metric_names(self, run_ids: Sequence[int]) -> list[str]:
+        """Extra metric names of any of the runs (sorted)."""
+
+        def compute() -> list[str]:
+            names: set[str] = set()
+            with self.db.begin() as conn:
+                for rid in run_ids:
+                    names.update(
+                        r[0]
+                        for r in conn.execute(
+                            text("SELECT name FROM metric_info WHERE run_id = :r"), {"r": rid}
+                        ).all()
+                    )
+                    # metric_info is optional: fall back to the metrics themselves (bounded)
+                    names.update(
+                        r[0]
+                        for r in conn.execute(
+                            text(
+                                "SELECT DISTINCT name FROM (SELECT name FROM metrics "
+                                "WHERE run_id = :r LIMIT 20000) m"
+                            ),
+                            {"r": rid},
+                        ).all()
+                    )
+            return sorted(names)
+
+        return self._cache.get(("mnames", tuple(run_ids)), 10.0, compute)
+
+    def metric_info(self, run_ids: Sequence[int]) -> dict[str, dict[str, Any]]:
+        """What each extra metric means (metric_info: source, quantity, estimator, scale,
+        description), by name; the first run that describes a name wins."""
+
+        def compute() -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            with self.db.begin() as conn:
+                for rid in run_ids:
+                    rows = conn.execute(
+                        text(
+                            "SELECT name, source, quantity, estimator, scale, description "
+                            "FROM metric_info WHERE run_id = :r"
+                        ),
+                        {"r": rid},
+                    ).all()
+                    for name, source, quantity, estimator, scale, description in rows:
+                        out.setdefault(
+                            name,
+                            {
+                                "source": source,
+                                "quantity": quantity,
+                                "estimator": estimator,
+                                "scale": scale,
+                                "description": description,
+                            },
+                        )
+            return out
+
+        return self._cache.get(("minfo", tuple(run_ids)), 10.0, compute)
+
+    def step_to_wall(self, run_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, wall times) at about 64 points of the run, to place step markers on a
+        wall-time axis and to turn a wall-time zoom into steps."""
+
+        def compute() -> tuple[np.ndarray, np.ndarray]:
+            s = self.series(run_id, ["kl_mean"], max_buckets=64).combined()
+            if s.empty:
+                return np.zeros(0), np.zeros(0)
+            steps = np.r_[s["step"].to_numpy(float), s["step_end"].to_numpy(float)]
+            walls = np.r_[s["wall_min"].to_numpy(float), s["wall_max"].to_numpy(float)]
+            ok = np.isfinite(walls)
+            order = np.argsort(steps[ok], kind="stable")
+            return steps[ok][order], walls[ok][order]
+
+        return self._cache.get(("s2w", int(run_id)), 5.0, compute)
+
+    def histograms(
+        self,
+        run_id: int,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        max_columns: int = 400,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return store_series.read_histogram_columns(
+            self.db, run_id, start=start, end=end, max_columns=max_columns
+        )
+
+    # ----------------------------------------------------------------------- alerts
+
+    def events(
+        self,
+        *,
+        run_ids: Sequence[int] | None = None,
+        state: str | Sequence[str] | None = None,
+        limit: int = 500,
+    ) -> pd.DataFrame:
+        """Alert episodes, newest first (monitor.store.alerts.list_events)."""
+        from monitor.store.alerts import list_events
+
+        return list_events(
+            self.db, run_id=list(run_ids) if run_ids is not None else None, state=state, limit=limit
+        )
+
+    def acknowledge(self, event_ids: Sequence[int], by: str) -> int:
+        from monitor.store.alerts import acknowledge_event
+
+        for eid in event_ids:
+            acknowledge_event(self.db, int(eid), by)
+        self.clear_cache()
+        return len(event_ids)
+
+    def silence(self, pairs: Sequence[tuple[int, str]], seconds: float, by: str) -> int:
+        """Silence each (run, rule) for ``seconds``."""
+        from monitor.store.alerts import silence
+
+        until = self.clock() + seconds
+        done = set()
+        for run_id, rule in pairs:
+            if (run_id, rule) in done:
+                continue
+            silence(self.db, int(run_id), rule, until, by=by, reason="from the dashboard")
+            done.add((run_id, rule))
+        self.clear_cache()
+        return len(done)
+
+    def alert_markers(self, run_ids: Sequence[int], limit: int = 200) -> pd.DataFrame:
+        """The runs' latest alert episodes as chart markers: run_id, step (where it fired,
+        else went pending), kind ("alert"), text. A lean read of alert_events: it runs on
+        every chart render."""
+        rows = self._select_in(
+            "SELECT run_id, COALESCE(fired_step, start_step), rule, severity, state, message "
+            "FROM alert_events WHERE run_id IN ({ids}) ORDER BY id DESC LIMIT {limit}",
+            run_ids,
+            limit,
+        )
+        return pd.DataFrame(
+            {
+                "run_id": [int(r[0]) for r in rows],
+                "step": [int(r[1]) for r in rows],
+                "kind": "alert",
+                "text": [f"{r[2]} ({r[3]}, {r[4]}) at step {r[1]}: {r[5]}" for r in rows],
+            },
+            columns=["run_id", "step", "kind", "text"],
+        )
+
+    def _select_in(self, sql: str, run_ids: Sequence[int], limit: int) -> list[Any]:
+        ids = [int(r) for r in run_ids]
+        if not ids:
+            return []
+        params = {f"r{i}": rid for i, rid in enumerate(ids)}
+        query = sql.format(ids=", ".join(":" + k for k in params), limit=int(limit))
+        with self.db.begin() as conn:
+            return list(conn.execute(text(query), params).all())
+
+    # ----------------------------------------------------------------------- drill-down
+
+    def annotations(self, run_ids: Sequence[int]) -> pd.DataFrame:
+        return annotations_frame(self.db, list(run_ids))
+
+    def note_markers(self, run_ids: Sequence[int], limit: int = 500) -> pd.DataFrame:
+        """The runs' annotations as chart markers: run_id, step, kind ("note"), text."""
+        rows = self._select_in(
+            "SELECT run_id, step, text, author FROM annotations WHERE run_id IN ({ids}) "
+            "ORDER BY step LIMIT {limit}",
+            run_ids,
+            limit,
+        )
+        return pd.DataFrame(
+            {
+                "run_id": [int(r[0]) for r in rows],
+                "step": [int(r[1]) for r in rows],
+                "kind": "note",
+                "text": [
+                    f"note at step {r[1]}" + (f" by {r[3]}" if r[3] else "") + f": {r[2]}"
+                    for r in rows
+                ],
+            },
+            columns=["run_id", "step", "kind", "text"],
+        )
+
+    def add_annotation(self, run_id: int, step: int, text_: str, author: str | None) -> Annotation:
+        if author is not None and len(author) > MAX_FIELD:
+            raise InvalidInput(f"author is longer than {MAX_FIELD} characters")
+        ann = add_annotation(self.db, run_id, step, text_, author=author or None)
+        self.clear_cache()
+        return ann
+
+    def samples(self, run_id: int, step: int) -> list[Sample]:
+        return read_samples(self.db, run_id, step)
+
+    def sample_steps(self, run_id: int) -> list[int]:
+        return self._cache.get(("ssteps", int(run_id)), 5.0, lambda: sample_steps(self.db, run_id))
+
+
+def _json(value: Any, default: Any) -> Any:
+    """A JSON column: decoded by psycopg, a string from sqlite3."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return default
+    return default if value is None else value
+
+
+def _spark(frame: pd.DataFrame, column: str) -> str:
+    from monitor.dashboard.figures import sparkline
+
+    if frame.empty or column not in frame:
+        return ""
+    return sparkline(frame[column].to_numpy(dtype=float))

@@ -1,0 +1,974 @@
+"""Pure figure builders: DataFrames in, ``go.Figure`` out. No database, no Dash.
+
+Time charts take one ``RunData`` per run: the ``frame`` and ``tail`` of a
+``monitor.store.series.Series`` (columns ``step``, ``step_end``, ``n``, ``wall_min``,
+``wall_max`` and per quantity ``q``, ``q__min``, ``q__max``). Each line of each run is drawn as
+
+* a *history* trace: at a bucket level, a min/max zig-zag (two points per bucket, so a
+  one-step spike keeps its height) on an implicit x (``x0 + i * dx``, only y is sent);
+  at the raw level, the points themselves;
+* a *tail* trace (plain lists, explicit x) for what follows, which live updates extend;
+* with smoothing, an EWMA of the bucket means (TensorBoard-style, debiased) over the same
+  two parts, and the zig-zag faint behind it.
+
+Tail traces carry ``meta`` (run, column, kind, EWMA state) so a live update knows which
+trace index to extend and how. Numbers are sent as float32 typed arrays (x of wall time as
+float64) to keep payloads small. User text (run names, messages) is escaped: plotly renders a
+few HTML-like tags in labels.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+PALETTE: tuple[str, ...] = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#17becf",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+)
+DASHES = ("solid", "dot", "dash", "longdash", "dashdot")
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+MAX_MARKERS = 200
+#: A Series frame as columns of numpy arrays (see ``arrays``).
+Arrays = dict[str, np.ndarray]
+
+
+def run_color(index: int) -> str:
+    """The colour of the index-th run of a comparison (the same on every chart)."""
+    return PALETTE[index % len(PALETTE)]
+
+
+def esc(text: Any) -> str:
+    """User text for a plotly label: shown literally, never interpreted as markup."""
+    return html.escape("" if text is None else str(text), quote=False)
+
+
+# --------------------------------------------------------------------------- chart specs
+
+
+@dataclass(frozen=True)
+class Line:
+    column: str
+    label: str
+    dash: str = "solid"
+
+
+@dataclass(frozen=True)
+class ChartSpec:
+    """One chart: its lines (one trace family per run), optional p05-p95 band, axis title."""
+
+    key: str
+    title: str
+    y_title: str
+    lines: tuple[Line, ...]
+    band: tuple[str, str] | None = None
+    kind: str = "time"  # time | frontier
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        cols = [ln.column for ln in self.lines]
+        if self.band:
+            cols += list(self.band)
+        return tuple(dict.fromkeys(cols))
+
+
+CHARTS: tuple[ChartSpec, ...] = (
+    ChartSpec(
+        "kl",
+        "KL to the reference (band: p05-p95 over sequences)",
+        "KL, nats per sequence (kl_seq, batch mean)",
+        (Line("kl_mean", "KL"),),
+        band=("kl_p05", "kl_p95"),
+    ),
+    ChartSpec(
+        "estimators",
+        "Per-token estimators k1 (solid), k2 (dot), k3 (dash)",
+        "nats per token (k1, k2, k3 per token)",
+        (Line("k1", "k1"), Line("k2", "k2", "dot"), Line("k3", "k3", "dash")),
+    ),
+    ChartSpec(
+        "reward",
+        "Reward",
+        "reward (batch mean, reward-model units)",
+        (Line("reward_mean", "reward"),),
+    ),
+    ChartSpec(
+        "frontier",
+        "Reward vs sqrt(KL): the over-optimisation frontier",
+        "reward (batch mean)",
+        (Line("reward_mean", "reward"),),
+        band=None,
+        kind="frontier",
+    ),
+    ChartSpec(
+        "nll",
+        "Policy NLL (solid) and entropy (dot)",
+        "nats per token",
+        (Line("policy_nll", "NLL"), Line("entropy_mean", "entropy", "dot")),
+    ),
+    ChartSpec(
+        "length",
+        "Response length",
+        "tokens per response (mean)",
+        (Line("resp_len_mean", "length"),),
+    ),
+    ChartSpec(
+        "concentration",
+        "KL concentration",
+        "share of positive log-ratio in the top 1% of tokens",
+        (Line("top1pct_share", "top1pct_share"),),
+    ),
+    ChartSpec(
+        "rollout_gap",
+        "Rollout gap (inference engine vs trainer)",
+        "nats per token (log p_rollout - log p_train)",
+        (Line("rollout_gap", "gap"),),
+    ),
+)
+CHARTS_BY_KEY = {c.key: c for c in CHARTS}
+FRONTIER_X_TITLE = "sqrt(KL), sqrt(nats per sequence)"
+
+
+def metric_axis_title(name: str, info: dict[str, Any] | None) -> str:
+    """The y axis of an extra metric: its name and, from metric_info, what it means."""
+    if not info:
+        return f"{name} (as logged)"
+    parts = []
+    if info.get("source"):
+        parts.append(f"from {info['source']}")
+    if info.get("estimator"):
+        parts.append(f"estimator {info['estimator']}")
+    if info.get("scale"):
+        parts.append(f"scale {info['scale']}")
+    if info.get("quantity"):
+        parts.append(f"stands for {info['quantity']}")
+    return f"{name} ({', '.join(parts)})" if parts else f"{name} (as logged)"
+
+
+def metric_chart(index: int, name: str, info: dict[str, Any] | None) -> ChartSpec:
+    title = f"Metric {name}"
+    if info and info.get("description"):
+        title += f": {info['description']}"
+    return ChartSpec(f"m{index}", title, metric_axis_title(name, info), (Line("value", name),))
+
+
+# --------------------------------------------------------------------------- smoothing
+
+
+def ewma(
+    values: np.ndarray, weight: float, state: tuple[float, float] = (0.0, 0.0)
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Debiased exponential moving average (TensorBoard's smoothing with ``weight`` in [0,1)).
+
+    ``state`` = (numerator, denominator) carries it across calls: ``ewma(a + b)`` equals
+    ``ewma(a)`` followed by ``ewma(b, state=...)``. NaN points stay NaN and do not count.
+    """
+    v = np.asarray(values, dtype=float)
+    out = np.full(v.shape, np.nan)
+    num, den = state
+    if weight <= 0:
+        ok = np.isfinite(v)
+        out[ok] = v[ok]
+        if ok.any():
+            num, den = float(v[ok][-1]), 1.0
+        return out, (num, den)
+    ok = np.flatnonzero(np.isfinite(v))
+    if len(ok) == 0:
+        return out, (num, den)
+    x = v[ok]
+    n = len(x)
+    # num_i = w*num_{i-1} + x_i, den_i = w*den_{i-1} + 1, in closed form per block so that
+    # w**k stays representable.
+    block = max(1, int(600 / max(1e-9, -math.log(weight)))) if weight < 1 else n
+    res = np.empty(n)
+    for s in range(0, n, block):
+        xb = x[s : s + block]
+        k = np.arange(1, len(xb) + 1)
+        wk = weight**k
+        cum = np.cumsum(xb * weight ** (-k)) * wk
+        nums = cum + num * wk
+        dens = (1 - wk) / (1 - weight) + den * wk
+        res[s : s + len(xb)] = nums / dens
+        num, den = float(nums[-1]), float(dens[-1])
+    out[ok] = res
+    return out, (num, den)
+
+
+# --------------------------------------------------------------------------- time charts
+
+
+@dataclass(frozen=True)
+class RunData:
+    """One run's data for the charts of a panel (see the module docstring)."""
+
+    run_id: int
+    label: str
+    color: str
+    level: int
+    frame: pd.DataFrame | Arrays
+    tail: pd.DataFrame | Arrays
+    #: For a metric chart, the metric's own frame and tail (column ``value``).
+    extra: dict[str, tuple[int, Any, Any]] = field(default_factory=dict)
+
+
+def typed(a: Any, dtype: str = "<f4") -> dict[str, str]:
+    """A numpy array as a plotly.js typed array (base64): 4 bytes a number instead of ~10
+    as JSON text. float32 for y; int32 or float64 for x."""
+    arr = np.ascontiguousarray(np.asarray(a), dtype=dtype)
+    code = {"<f4": "f4", "<f8": "f8", "<i4": "i4"}[dtype]
+    spec = {"dtype": code, "bdata": base64.b64encode(arr.tobytes()).decode("ascii")}
+    if arr.ndim == 2:  # a heatmap's z: rows, columns
+        spec["shape"] = f"{arr.shape[0]}, {arr.shape[1]}"
+    return spec
+
+
+def _f32(a: Any) -> dict[str, str]:
+    return typed(a, "<f4")
+
+
+def _xs(a: Any) -> dict[str, str]:
+    """x values as a compact typed array: int32 steps when exact, else float64."""
+    v = np.asarray(a, dtype=float)
+    if len(v) and np.isfinite(v).all() and np.all(v == np.round(v)) and np.abs(v).max() < 2**31:
+        return typed(v, "<i4")
+    return typed(v, "<f8")
+
+
+def _ms(seconds: np.ndarray) -> np.ndarray:
+    return np.asarray(seconds, dtype=float) * 1000.0
+
+
+def arrays(frame: pd.DataFrame | Arrays) -> Arrays:
+    """A Series frame's columns as float64 numpy views (pandas column access costs ~20 us
+    each; a panel reads thousands)."""
+    if isinstance(frame, dict):
+        return frame
+    if frame.empty:
+        z = np.zeros(0)
+        return dict.fromkeys(frame.columns, z)
+    a = frame.to_numpy(dtype=float, copy=False)
+    return {c: a[:, i] for i, c in enumerate(frame.columns)}
+
+
+def zigzag(frame: pd.DataFrame | Arrays, column: str) -> np.ndarray:
+    """(min, max) per bucket interleaved: the y of a spike-preserving line."""
+    f = arrays(frame)
+    lo, hi = f[f"{column}__min"], f[f"{column}__max"]
+    y = np.empty(2 * len(lo))
+    y[0::2] = lo
+    y[1::2] = hi
+    return y
+
+
+def tail_points(
+    tail: pd.DataFrame | Arrays, column: str, xmode: str
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(x, y) of the zig-zag and (x, y) of the means for the tail rows (raw rows give one
+    point each, buckets two). Plain lists: live updates extend them."""
+    t = arrays(tail)
+    if column not in t or not len(t[column]):
+        return [], [], [], []
+    n, avg = t["n"], t[column]
+    lo, hi = t[f"{column}__min"], t[f"{column}__max"]
+    s0, s1 = t["step"], t["step_end"]
+    bucket = s1 > s0
+    ok = (n > 0) & np.isfinite(avg)
+    if xmode == "wall":
+        xa, xb = t["wall_min"] * 1000.0, t["wall_max"] * 1000.0
+        ok &= np.isfinite(xa) & np.isfinite(xb)
+        xm = (xa + xb) / 2
+    else:
+        width = s1 - s0 + 1
+        xa = np.where(bucket, s0 + width / 4, s0)
+        xb = s0 + 3 * width / 4
+        xm = s0 + (width - 1) / 2
+    ya = np.where(bucket, lo, avg)
+    keep = np.stack([ok, ok & bucket], axis=1)
+    xs = np.stack([xa, xb], axis=1)[keep]
+    ys = np.stack([ya, hi], axis=1)[keep]
+    return xs.tolist(), ys.tolist(), xm[ok].tolist(), avg[ok].tolist()
+
+
+def _regular_x(x: np.ndarray) -> dict[str, Any]:
+    """x as x0/dx when evenly spaced (nothing sent per point), else a typed array."""
+    if len(x) >= 2:
+        d = np.diff(x)
+        if d[0] > 0 and np.all(d == d[0]):
+            return {"x0": float(x[0]), "dx": float(d[0])}
+    return {"x": _xs(x)}
+
+
+def _history_xy(
+    frame: Arrays, level: int, column: str, xmode: str
+) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
+    """Trace kwargs for the zig-zag and the mean line of the history, and the means."""
+    means = frame[column]
+    if level == 0:
+        if xmode == "wall":
+            x: dict[str, Any] = {"x": typed(frame["wall_min"] * 1000.0, "<f8")}
+        else:
+            x = _regular_x(frame["step"])
+        return {**x, "y": _f32(means)}, x, means
+    y = zigzag(frame, column)
+    size = 1 << level
+    if xmode == "wall":
+        w0, w1 = frame["wall_min"] * 1000.0, frame["wall_max"] * 1000.0
+        wx = np.empty(2 * len(w0))
+        wx[0::2], wx[1::2] = w0, w1
+        return (
+            {"x": typed(wx, "<f8"), "y": _f32(y)},
+            {"x": typed((w0 + w1) / 2, "<f8")},
+            means,
+        )
+    start = float(frame["step"][0]) if len(frame["step"]) else 0.0
+    return (
+        {"x0": start + size / 4, "dx": size / 2, "y": _f32(y)},
+        {"x0": start + (size - 1) / 2, "dx": size},
+        means,
+    )
+
+
+def _trace(kind: str, **kw: Any) -> dict[str, Any]:
+    return {"type": kind, **{k: v for k, v in kw.items() if v is not None}}
+
+
+def _figure(
+    traces: list[dict[str, Any]], layout: dict[str, Any], as_dict: bool = False
+) -> go.Figure | dict[str, Any]:
+    """A Figure without plotly's per-attribute validation (50x faster for ~100 traces;
+    the dicts here are plotly.js's own schema), or the plain dict (``as_dict``), which a
+    callback returns as is: the hot path skips go.Figure's copy on serialisation."""
+    if not traces:
+        layout.setdefault("annotations", []).append(
+            {
+                "text": "no data for these runs",
+                "showarrow": False,
+                "xref": "paper",
+                "yref": "paper",
+                "x": 0.5,
+                "y": 0.5,
+            }
+        )
+    fig = {"data": traces, "layout": layout}
+    return fig if as_dict else go.Figure(fig, _validate=False)
+
+
+def _base_layout(title: str, y_title: str, x_title: str, uirevision: str) -> dict[str, Any]:
+    return {
+        "title": {"text": esc(title), "font": {"size": 14}, "x": 0.07, "xanchor": "left"},
+        "template": {},
+        "margin": {"l": 64, "r": 16, "t": 36, "b": 48},
+        "height": 330,
+        "paper_bgcolor": "white",
+        "plot_bgcolor": "white",
+        "xaxis": {
+            "title": {"text": x_title, "font": {"size": 11}, "standoff": 4},
+            "gridcolor": "#eee",
+            "zeroline": False,
+        },
+        "yaxis": {
+            "title": {"text": esc(y_title), "font": {"size": 11}},
+            "gridcolor": "#eee",
+            "zeroline": False,
+        },
+        "yaxis2": {
+            "overlaying": "y",
+            "range": [0, 1],
+            "fixedrange": True,
+            "visible": False,
+        },
+        "legend": {"orientation": "h", "y": -0.24, "yanchor": "top", "font": {"size": 11}},
+        "hovermode": "closest",
+        "uirevision": uirevision,
+        "showlegend": True,
+    }
+
+
+def x_title(xmode: str) -> str:
+    return "wall time (UTC)" if xmode == "wall" else "step"
+
+
+def time_chart(
+    spec: ChartSpec,
+    runs: Sequence[RunData],
+    *,
+    smooth: float = 0.0,
+    xmode: str = "step",
+    x_range: Sequence[Any] | None = None,
+    markers: pd.DataFrame | None = None,
+    uirevision: str = "klmon",
+    as_dict: bool = False,
+) -> go.Figure | dict[str, Any]:
+    """A chart of ``spec`` over step (or wall time) with one trace family per run.
+
+    ``markers``: alert and annotation markers (columns run_id, x, kind (alert | note),
+    text), drawn as symbols at the foot of the chart and, for notes, a dotted vertical line.
+    """
+    traces: list[dict[str, Any]] = []
+    layout = _base_layout(spec.title, spec.y_title, x_title(xmode), uirevision)
+    if xmode == "wall":
+        layout["xaxis"]["type"] = "date"
+    if x_range is not None:
+        layout["xaxis"]["range"] = list(x_range)
+        layout["xaxis"]["autorange"] = False
+    else:
+        layout["xaxis"]["autorange"] = True
+    many_lines = len(spec.lines) > 1
+    for run in runs:
+        if spec.key.startswith("m"):
+            if spec.key not in run.extra:
+                continue
+            level, frame_df, tail_df = run.extra[spec.key]
+        else:
+            level, frame_df, tail_df = run.level, run.frame, run.tail
+        frame, tail = arrays(frame_df), arrays(tail_df)
+        if spec.band:
+            _add_band(traces, run, spec.band, level, frame, tail, xmode)
+        for ln in spec.lines:
+            if ln.column not in frame:
+                continue
+            name = f"{esc(run.label)} · {ln.label}" if many_lines else esc(run.label)
+            _add_line(traces, run, ln, name, level, frame, tail, xmode, smooth)
+    _add_markers(traces, layout, markers, runs)
+    return _figure(traces, layout, as_dict)
+
+
+def _has_data(frame: Arrays, tail: Arrays, column: str) -> bool:
+    return bool(
+        (column in frame and np.isfinite(frame[column]).any())
+        or (column in tail and np.isfinite(tail[column]).any())
+    )
+
+
+def _add_line(
+    traces: list[dict[str, Any]],
+    run: RunData,
+    ln: Line,
+    name: str,
+    level: int,
+    frame: pd.DataFrame,
+    tail: pd.DataFrame,
+    xmode: str,
+    smooth: float,
+) -> None:
+    if not _has_data(frame, tail, ln.column):
+        return
+    raw_kw, mean_kw, means = _history_xy(frame, level, ln.column, xmode)
+    tx, ty, mx, my = tail_points(tail, ln.column, xmode)
+    smoothing = smooth > 0
+    group = f"r{run.run_id}"
+    style = {"color": run.color, "width": 1.2 if smoothing else 1.5, "dash": ln.dash}
+    opacity = 0.25 if smoothing else 1.0
+    hover = f"{name}<br>%{{x}}: %{{y:.4g}}<extra></extra>"
+    traces.append(
+        _trace(
+            "scatter",
+            name=name,
+            legendgroup=group,
+            showlegend=not smoothing,
+            mode="lines",
+            line=style,
+            opacity=opacity,
+            hovertemplate=hover,
+            connectgaps=False,
+            **raw_kw,
+        )
+    )
+    traces.append(
+        _trace(
+            "scatter",
+            x=tx,
+            y=ty,
+            name=name,
+            legendgroup=group,
+            showlegend=False,
+            mode="lines",
+            line=style,
+            opacity=opacity,
+            hovertemplate=hover,
+            meta={"run": run.run_id, "col": ln.column, "kind": "raw"},
+        )
+    )
+    if not smoothing:
+        return
+    hist_s, state = ewma(means, smooth)
+    tail_s, state = ewma(np.asarray(my, dtype=float), smooth, state)
+    sstyle = {"color": run.color, "width": 2, "dash": ln.dash}
+    traces.append(
+        _trace(
+            "scatter",
+            name=name,
+            legendgroup=group,
+            showlegend=True,
+            mode="lines",
+            line=sstyle,
+            hovertemplate=f"{name} (smoothed)<br>%{{x}}: %{{y:.4g}}<extra></extra>",
+            y=_f32(hist_s),
+            connectgaps=True,
+            **mean_kw,
+        )
+    )
+    traces.append(
+        _trace(
+            "scatter",
+            x=mx,
+            y=[float(v) for v in tail_s],
+            name=name,
+            legendgroup=group,
+            showlegend=False,
+            mode="lines",
+            line=sstyle,
+            hovertemplate=f"{name} (smoothed)<br>%{{x}}: %{{y:.4g}}<extra></extra>",
+            meta={"run": run.run_id, "col": ln.column, "kind": "smooth", "ewma": list(state)},
+        )
+    )
+
+
+def _add_band(
+    traces: list[dict[str, Any]],
+    run: RunData,
+    band: tuple[str, str],
+    level: int,
+    frame: pd.DataFrame,
+    tail: pd.DataFrame,
+    xmode: str,
+) -> None:
+    lo_col, hi_col = band
+    if not (_has_data(frame, tail, lo_col) and _has_data(frame, tail, hi_col)):
+        return
+    group = f"r{run.run_id}"
+    fill = _rgba(run.color, 0.15)
+    for part in ("history", "tail"):
+        for col, kind in ((lo_col, "lo"), (hi_col, "hi")):
+            if part == "history":
+                _, mean_kw, means = _history_xy(frame, level, col, xmode)
+                kw: dict[str, Any] = {**mean_kw, "y": _f32(means)}
+            else:
+                _, _, mx, my = tail_points(tail, col, xmode)
+                kw = {"x": mx, "y": my, "meta": {"run": run.run_id, "col": col, "kind": kind}}
+            traces.append(
+                _trace(
+                    "scatter",
+                    mode="lines",
+                    line={"width": 0, "color": fill},
+                    fill="tonexty" if kind == "hi" else None,
+                    fillcolor=fill,
+                    showlegend=False,
+                    legendgroup=group,
+                    hoverinfo="skip",
+                    connectgaps=False,
+                    **kw,
+                )
+            )
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _add_markers(
+    traces: list[dict[str, Any]],
+    layout: dict[str, Any],
+    markers: pd.DataFrame | None,
+    runs: Sequence[RunData],
+) -> None:
+    if markers is None or markers.empty:
+        return
+    colors = {r.run_id: r.color for r in runs}
+    m = markers[markers["run_id"].isin(colors)].head(MAX_MARKERS)
+    shapes = []
+    for kind, symbol in (("alert", "triangle-up"), ("note", "diamond")):
+        part = m[m["kind"] == kind]
+        if part.empty:
+            continue
+        traces.append(
+            _trace(
+                "scatter",
+                x=part["x"].tolist(),
+                y=[0.03] * len(part),
+                yaxis="y2",
+                mode="markers",
+                marker={
+                    "symbol": symbol,
+                    "size": 11,
+                    "color": [colors[r] for r in part["run_id"]],
+                    "line": {"width": 1, "color": "#333"},
+                },
+                text=[esc(t) for t in part["text"]],
+                hovertemplate="%{text}<extra></extra>",
+                name="alerts" if kind == "alert" else "notes",
+                showlegend=False,
+            )
+        )
+        if kind == "note":
+            shapes += [
+                {
+                    "type": "line",
+                    "xref": "x",
+                    "yref": "paper",
+                    "x0": x,
+                    "x1": x,
+                    "y0": 0,
+                    "y1": 1,
+                    "line": {"color": "#777", "width": 1, "dash": "dot"},
+                }
+                for x in part["x"].tolist()
+            ]
+    if shapes:
+        layout["shapes"] = shapes
+
+
+def frontier_chart(
+    runs: Sequence[RunData], *, uirevision: str = "klmon", as_dict: bool = False
+) -> go.Figure | dict[str, Any]:
+    """Reward against sqrt(KL) per run, one point per bucket (or step): a healthy run climbs
+    roughly linearly; flattening while KL grows is reward-model over-optimisation."""
+    traces: list[dict[str, Any]] = []
+    layout = _base_layout(
+        CHARTS_BY_KEY["frontier"].title,
+        CHARTS_BY_KEY["frontier"].y_title,
+        FRONTIER_X_TITLE,
+        uirevision,
+    )
+    for run in runs:
+        x, y, _ = frontier_points(run.frame)
+        tx, ty, _ = frontier_points(run.tail)
+        if not len(x) and not len(tx):
+            continue
+        name = esc(run.label)
+        common = {
+            "name": name,
+            "legendgroup": f"r{run.run_id}",
+            "mode": "markers",
+            "marker": {"size": 4, "color": run.color, "opacity": 0.6},
+            "hovertemplate": f"{name}<br>sqrt(KL) %{{x:.3g}}, reward %{{y:.4g}}<extra></extra>",
+        }
+        traces.append(_trace("scatter", x=_f32(x), y=_f32(y), **common))
+        traces.append(
+            _trace(
+                "scatter",
+                x=tx.tolist(),
+                y=ty.tolist(),
+                showlegend=False,
+                meta={"run": run.run_id, "col": "kl_mean", "kind": "frontier"},
+                **common,
+            )
+        )
+    return _figure(traces, layout, as_dict)
+
+
+def frontier_points(frame: pd.DataFrame | Arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sqrt(max(KL, 0)), reward, step) of the rows where both are known."""
+    f = arrays(frame)
+    if "kl_mean" not in f or "reward_mean" not in f or not len(f["kl_mean"]):
+        z = np.zeros(0)
+        return z, z, z
+    kl, rw = f["kl_mean"], f["reward_mean"]
+    ok = np.isfinite(kl) & np.isfinite(rw)
+    return np.sqrt(np.maximum(kl[ok], 0.0)), rw[ok], f["step"][ok]
+
+
+def live_points(
+    rows: pd.DataFrame | Arrays, column: str, level: int, xmode: str
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """What a live update appends for one line: new raw rows, grouped into buckets of
+    ``2**level`` steps when the chart is bucketed (min and max at their own steps, so the
+    tail stays spike-preserving and grows by at most two points per bucket and update).
+
+    ``rows``: step, wall_time and the column. Returns (x, y) of the line and (x, y) of the
+    means (for the smoothed line).
+    """
+    r = arrays(rows)
+    if column not in r or not len(r[column]):
+        return [], [], [], []
+    vals = r[column]
+    ok = np.isfinite(vals)
+    steps = r["step"][ok].astype(np.int64)
+    vals = vals[ok]
+    if not len(steps):
+        return [], [], [], []
+    if xmode == "wall":
+        wall = r["wall_time"][ok] if "wall_time" in r else np.full(len(vals), np.nan)
+        xv = wall * 1000.0
+    else:
+        xv = steps.astype(float)
+    if level == 0:
+        return xv.tolist(), vals.tolist(), xv.tolist(), vals.tolist()
+    groups = steps >> level
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    ends = np.r_[starts[1:], len(groups)]
+    counts = ends - starts
+    # argmin / argmax per group, vectorised: sort within groups by value
+    gid = np.repeat(np.arange(len(starts)), counts)
+    order_lo = np.lexsort((vals, gid))
+    order_hi = np.lexsort((-vals, gid))
+    i_lo, i_hi = order_lo[starts], order_hi[starts]
+    first, second = np.minimum(i_lo, i_hi), np.maximum(i_lo, i_hi)
+    keep2 = first != second
+    idx = np.stack([first, second], axis=1)[np.stack([np.ones_like(keep2), keep2], axis=1)]
+    mx = np.add.reduceat(xv, starts) / counts
+    my = np.add.reduceat(vals, starts) / counts
+    return xv[idx].tolist(), vals[idx].tolist(), mx.tolist(), my.tolist()
+
+
+def tail_traces(fig: go.Figure | dict[str, Any]) -> list[dict[str, Any]]:
+    """The traces a live update extends: index, run, column, kind and EWMA state."""
+    data = fig["data"] if isinstance(fig, dict) else fig.data
+    out = []
+    for i, tr in enumerate(data):
+        meta = tr.get("meta") if isinstance(tr, dict) else tr.meta
+        if isinstance(meta, dict) and "kind" in meta:
+            out.append({"index": i, **meta})
+    return out
+
+
+# --------------------------------------------------------------------------- run page
+
+
+def histogram_heatmap(
+    steps: np.ndarray,
+    counts: np.ndarray,
+    edges: np.ndarray,
+    *,
+    step: int | None = None,
+    uirevision: str = "heatmap",
+) -> go.Figure:
+    """Token log-ratio histograms over steps: x step, y log p - log q bin, colour the share
+    of the step's tokens in the bin (log colour scale). ``step`` draws a marker line."""
+    traces: list[dict[str, Any]] = []
+    layout = _base_layout(
+        "Token log-ratio distribution over steps",
+        "log p - log q per token (nats)",
+        "step",
+        uirevision,
+    )
+    layout["height"] = 320
+    layout.pop("yaxis2")
+    if len(steps) and counts.size:
+        totals = counts.sum(axis=1, keepdims=True).astype(float)
+        share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+        with np.errstate(divide="ignore"):
+            z = np.where(share > 0, np.log10(share), np.nan)
+        nb = counts.shape[1]
+        e = np.asarray(edges, dtype=float)
+        centers = (e[:-1] + e[1:]) / 2 if len(e) == nb + 1 else np.arange(nb, dtype=float)
+        traces.append(
+            _trace(
+                "heatmap",
+                x=_xs(steps),
+                y=_f32(centers),
+                z=_f32(z.T),
+                colorscale="Viridis",
+                colorbar={"title": {"text": "log10 share"}},
+                hovertemplate=(
+                    "step %{x}<br>log-ratio %{y:.2f}<br>log10 share %{z:.2f}<extra></extra>"
+                ),
+            )
+        )
+    if step is not None:
+        layout["shapes"] = [
+            {
+                "type": "line",
+                "xref": "x",
+                "yref": "paper",
+                "x0": step,
+                "x1": step,
+                "y0": 0,
+                "y1": 1,
+                "line": {"color": "#d62728", "width": 2},
+            }
+        ]
+    return _figure(traces, layout)
+
+
+def alert_timeline(events: pd.DataFrame, last_step: int | None) -> go.Figure:
+    """Alert episodes of a run as bars from the step they went pending to the step they
+    resolved (or the run's last step while open), one row per rule, coloured by severity.
+
+    ``events``: rule, severity, state, start_step, end_step, message."""
+    colors = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
+    traces: list[dict[str, Any]] = []
+    layout = _base_layout("Alert timeline", "rule", "step", "timeline")
+    layout.pop("yaxis2")
+    layout["height"] = max(160, 60 + 28 * (events["rule"].nunique() if not events.empty else 1))
+    layout["yaxis"]["type"] = "category"
+    layout["showlegend"] = False
+    if not events.empty:
+        for sev, part in events.groupby("severity"):
+            start = part["start_step"].astype(float).to_numpy()
+            end = part["end_step"].astype("Float64").astype(float).to_numpy()
+            open_end = float(last_step) if last_step is not None else start
+            end = np.where(np.isfinite(end), end, open_end)
+            traces.append(
+                _trace(
+                    "bar",
+                    base=start.tolist(),
+                    x=np.maximum(end - start, 1).tolist(),
+                    y=[esc(r) for r in part["rule"]],
+                    orientation="h",
+                    marker={"color": colors.get(str(sev), "#7f7f7f")},
+                    text=[
+                        f"{esc(s)}: {esc(m)}"
+                        for s, m in zip(part["state"], part["message"], strict=True)
+                    ],
+                    hovertemplate="%{y}<br>steps %{base}-%{x}<br>%{text}<extra></extra>",
+                    textposition="none",
+                    name=esc(sev),
+                )
+            )
+    return _figure(traces, layout)
+
+
+@dataclass(frozen=True)
+class TokenCell:
+    """One response token: its text and log p - log q, with the background that shows it."""
+
+    text: str
+    logp: float
+    logq: float
+    diff: float
+    color: str
+
+
+def diverging_color(diff: float, scale: float = 2.0) -> str:
+    """Red where the policy makes the token more likely than the reference (diff > 0), blue
+    where less; white at 0, full colour at |diff| >= scale nats."""
+    if not np.isfinite(diff):
+        return "rgba(200,200,200,0.4)"
+    a = min(abs(diff) / scale, 1.0)
+    if diff >= 0:
+        return f"rgba(214,39,40,{0.08 + 0.72 * a:.2f})"
+    return f"rgba(31,119,180,{0.08 + 0.72 * a:.2f})"
+
+
+def token_cells(
+    tokens: Sequence[str] | None, logp: Sequence[float], logq: Sequence[float]
+) -> list[TokenCell]:
+    """The response tokens of a sample with their log-ratio colour (tokens missing: #i)."""
+    n = min(len(logp), len(logq))
+    toks = list(tokens) if tokens is not None else []
+    out = []
+    for i in range(n):
+        p, q = float(logp[i]), float(logq[i])
+        d = p - q
+        text = str(toks[i]) if i < len(toks) else f"#{i}"
+        out.append(TokenCell(text, p, q, d, diverging_color(d)))
+    return out
+
+
+def top_tokens(cells: Sequence[TokenCell], n: int = 15) -> pd.DataFrame:
+    """The tokens that carry the divergence: token, log p, log q, difference, largest
+    difference first (the sum of the differences is the sequence's KL)."""
+    df = pd.DataFrame(
+        [(i, c.text, c.logp, c.logq, c.diff) for i, c in enumerate(cells)],
+        columns=["position", "token", "log p", "log q", "difference"],
+    )
+    return (
+        df.sort_values("difference", ascending=False, kind="stable").head(n).reset_index(drop=True)
+    )
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def sparkline(values: Sequence[float] | np.ndarray) -> str:
+    """A text sparkline (block characters) of the finite values; '' when there are none."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return ""
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        return SPARK_CHARS[3] * len(v)
+    idx = np.round((v - lo) / (hi - lo) * (len(SPARK_CHARS) - 1)).astype(int)
+    return "".join(SPARK_CHARS[i] for i in idx)
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config as dotted keys -> display strings."""
+    out: dict[str, str] = {}
+    if isinstance(config, dict):
+        for k, v in config.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                out.update(flatten_config(v, key))
+            else:
+                out[key] = _display(v)
+    elif prefix:
+        out[prefix] = _display(config)
+    return out
+
+
+def _display(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_display(x) for x in v)
+    return str(v)
+
+
+def comparison_table(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Runs as columns, fields as rows: identity, latest numbers, tags and every config key
+    (dotted). ``runs``: dicts with label, project, name, status, last_step, last_kl,
+    last_reward, tags, config. Adds a ``differs`` column: True where the runs disagree."""
+    rows: dict[str, dict[str, str]] = {}
+    order: list[str] = []
+
+    def put(field_: str, label: str, value: str) -> None:
+        if field_ not in rows:
+            rows[field_] = {}
+            order.append(field_)
+        rows[field_][label] = value
+
+    for r in runs:
+        label = r["label"]
+        put("project", label, _display(r.get("project")))
+        put("name", label, _display(r.get("name")))
+        put("status", label, _display(r.get("status")))
+        put("last step", label, _display(r.get("last_step")))
+        put("current KL", label, _display(r.get("last_kl")))
+        put("current reward", label, _display(r.get("last_reward")))
+        put("tags", label, _display(r.get("tags") or []))
+    config_keys: list[str] = []
+    for r in runs:
+        for k in flatten_config(r.get("config") or {}):
+            if k not in config_keys:
+                config_keys.append(k)
+    for k in sorted(config_keys):
+        for r in runs:
+            put(f"config.{k}", r["label"], flatten_config(r.get("config") or {}).get(k, "—"))
+    labels = [r["label"] for r in runs]
+    df = pd.DataFrame(
+        [[f, *(rows[f].get(lb, "—") for lb in labels)] for f in order],
+        columns=["field", *labels],
+    )
+    identity = {"project", "name", "status", "last step", "current KL", "current reward"}
+    df["differs"] = (
+        [
+            f not in identity and len(set(vals)) > 1
+            for f, vals in zip(df["field"], df[labels].itertuples(index=False), strict=True)
+        ]
+        if labels
+        else []
+    )
+    return df

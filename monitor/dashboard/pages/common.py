@@ -1,0 +1,63 @@
+"""Pieces every page uses: message boxes, number formatting, status badges."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from dash import dcc, html
+
+STATUS_CLASS = {
+    "running": "badge running",
+    "stalled": "badge stalled",
+    "finished": "badge finished",
+    "crashed": "badge crashed",
+}
+
+
+def error_box(message: str) -> html.Div:
+    return html.Div(message, className="error", role="alert")
+
+
+def info_box(message: str) -> html.Div:
+    return html.Div(message, className="info")
+
+
+def page(title: str, *children: Any) -> html.Div:
+    return html.Div([html.H2(title), *children], className="page")
+
+
+def badge(status: str) -> html.Span:
+    return html.Span(status, className=STATUS_CLASS.get(status, "badge"))
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number for a table cell: '-' when missing."""
+    if value is None:
+        return "-"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(v):
+        return "-"
+    if v == int(v) and abs(v) < 1e12:
+        return str(int(v))
+    return f"{v:.{digits}g}"
+
+
+def fmt_time(ts: Any) -> str:
+    """Unix seconds as 'YYYY-MM-DD HH:MM:SS UTC' ('' when missing)."""
+    try:
+        t = float(ts)
+    except (TypeError, ValueError):
+        return ""
+    if not math.isfinite(t):
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def run_link(run_id: int, step: int | None = None, text: str | None = None) -> dcc.Link:
+    href = f"/run/{int(run_id)}" + (f"?step={int(step)}" if step is not None else "")
+    return dcc.Link(text if text is not None else f"run {int(run_id)}", href=href)

@@ -1,0 +1,291 @@
+"""Figure builders are pure functions: DataFrames in, figures out, tested without a browser."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from monitor.dashboard import figures as F
+
+
+def decode(arr: object) -> np.ndarray:
+    """A trace array as numpy, whether a typed-array spec or a list."""
+    if isinstance(arr, dict) and "bdata" in arr:
+        dt = {"f4": "<f4", "f8": "<f8", "i4": "<i4"}[arr["dtype"]]
+        out = np.frombuffer(base64.b64decode(arr["bdata"]), dtype=dt).astype(float)
+        if "shape" in arr:
+            out = out.reshape([int(x) for x in arr["shape"].split(",")])
+        return out
+    return np.asarray(arr if arr is not None else [], dtype=float)
+
+
+def raw_frame(steps: np.ndarray, **cols: np.ndarray) -> pd.DataFrame:
+    """A level-0 Series frame (every row its own bucket)."""
+    data = {
+        "step": steps.astype(float),
+        "step_end": steps.astype(float),
+        "n": np.ones(len(steps)),
+        "wall_min": 1.7e9 + steps * 2.0,
+        "wall_max": 1.7e9 + steps * 2.0,
+    }
+    for c, v in cols.items():
+        data[c], data[f"{c}__min"], data[f"{c}__max"] = v, v, v
+    return pd.DataFrame(data)
+
+
+def bucket_frame(steps: np.ndarray, level: int, **cols: np.ndarray) -> pd.DataFrame:
+    """Buckets of 2**level steps with min/max/mean, dense from the first bucket."""
+    b = steps >> level
+    first, last = int(b.min()), int(b.max())
+    rows = []
+    for bk in range(first, last + 1):
+        m = b == bk
+        row = {
+            "step": float(bk << level),
+            "step_end": float(((bk + 1) << level) - 1),
+            "n": float(m.sum()),
+            "wall_min": 1.7e9 + 2.0 * (bk << level),
+            "wall_max": 1.7e9 + 2.0 * (((bk + 1) << level) - 1),
+        }
+        for c, v in cols.items():
+            vals = v[m]
+            row[c] = vals.mean() if len(vals) else np.nan
+            row[f"{c}__min"] = vals.min() if len(vals) else np.nan
+            row[f"{c}__max"] = vals.max() if len(vals) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def empty_like(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.iloc[0:0]
+
+
+def traces(fig: go.Figure | dict) -> list[dict]:
+    return fig["data"] if isinstance(fig, dict) else [t.to_plotly_json() for t in fig.data]
+
+
+# --------------------------------------------------------------------------- smoothing
+
+
+def test_ewma_matches_pandas_and_continues_across_calls() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=500)
+    x[[10, 11, 200]] = np.nan
+    w = 0.9
+    out, _ = F.ewma(x, w)
+    ref = pd.Series(x).ewm(alpha=1 - w, adjust=True, ignore_na=True).mean().to_numpy()
+    ok = np.isfinite(x)
+    assert np.allclose(out[ok], ref[ok])
+    assert np.isnan(out[~ok]).all()
+    a, state = F.ewma(x[:300], w)
+    b, _ = F.ewma(x[300:], w, state)
+    assert np.allclose(np.r_[a, b][ok], out[ok])
+    same, _ = F.ewma(x, 0.0)
+    assert np.allclose(same[ok], x[ok])
+    # a long series with a weight near 1 stays finite (no w**-k overflow)
+    long, _ = F.ewma(np.ones(100_000), 0.999)
+    assert np.allclose(long, 1.0)
+
+
+# --------------------------------------------------------------------------- time charts
+
+
+def test_bucketed_chart_keeps_the_spike_and_sends_only_y() -> None:
+    steps = np.arange(100_000)
+    kl = np.full(len(steps), 1.0)
+    kl[54_321] = 50.0
+    frame = bucket_frame(steps, 8, kl_mean=kl, kl_p05=kl - 0.5, kl_p95=kl + 0.5)
+    run = F.RunData(3, "run <b>one</b>", F.run_color(0), 8, frame, empty_like(frame))
+    fig = F.time_chart(F.CHARTS_BY_KEY["kl"], [run], smooth=0.0)
+    assert isinstance(fig, go.Figure)
+    data = traces(fig)
+    line = next(t for t in data if t.get("showlegend") and t.get("mode") == "lines")
+    assert "x" not in line and line["dx"] == 128 and line["x0"] == 64  # x0 + i * dx
+    y = decode(line["y"])
+    assert len(y) == 2 * len(frame)  # min and max per bucket
+    assert y.max() == 50.0
+    # the run name is shown literally, never as markup
+    assert line["name"] == "run &lt;b&gt;one&lt;/b&gt;"
+    # band traces: p05 below, p95 filled to it
+    fills = [t for t in data if t.get("fill") == "tonexty"]
+    assert fills and all(t["hoverinfo"] == "skip" for t in fills)
+    # the figure serialises compactly: typed arrays, no default template
+    payload = fig.to_json()
+    assert '"bdata"' in payload and len(payload) < 20_000
+    assert F.time_chart(F.CHARTS_BY_KEY["kl"], [run], as_dict=True)["layout"]["template"] == {}
+
+
+def test_raw_chart_smoothing_and_tail_traces_for_live_updates() -> None:
+    steps = np.arange(0, 300, 2)
+    kl = np.linspace(0, 3, len(steps))
+    frame = raw_frame(steps[:100], kl_mean=kl[:100])
+    tail = raw_frame(steps[100:], kl_mean=kl[100:])
+    run = F.RunData(7, "r7", "#123456", 0, frame, tail)
+    fig = F.time_chart(F.CHARTS_BY_KEY["kl"], [run], smooth=0.6, as_dict=True)
+    data = fig["data"]
+    hist_raw = data[0]
+    assert hist_raw["x0"] == 0 and hist_raw["dx"] == 2  # evenly spaced raw steps
+    assert hist_raw["opacity"] < 0.5  # raw line faint behind the smoothed one
+    tails = F.tail_traces(fig)
+    kinds = sorted(t["kind"] for t in tails)
+    assert kinds == ["raw", "smooth"]
+    raw_tail = data[next(t["index"] for t in tails if t["kind"] == "raw")]
+    assert raw_tail["x"] == steps[100:].astype(float).tolist()
+    smooth_tail = next(t for t in tails if t["kind"] == "smooth")
+    # the EWMA state continues exactly where the browser's line ends
+    whole, _ = F.ewma(kl, 0.6)
+    assert np.isclose(data[smooth_tail["index"]]["y"][-1], whole[-1])
+    num, den = smooth_tail["ewma"]
+    nxt, _ = F.ewma(np.array([5.0]), 0.6, (num, den))
+    full, _ = F.ewma(np.r_[kl, 5.0], 0.6)
+    assert np.isclose(nxt[0], full[-1])
+
+
+def test_wall_time_axis_uses_dates_and_markers_sit_on_the_axis() -> None:
+    steps = np.arange(50)
+    frame = raw_frame(steps, reward_mean=np.sin(steps / 5.0))
+    run = F.RunData(1, "a", "#1f77b4", 0, frame, empty_like(frame))
+    markers = pd.DataFrame(
+        {
+            "run_id": [1, 1, 99],
+            "x": [1.7e12, 1.7e12 + 20_000, 0],
+            "kind": ["alert", "note", "alert"],
+            "text": ["spike <script>alert(1)</script>", "bad batch", "other run"],
+        }
+    )
+    fig = F.time_chart(
+        F.CHARTS_BY_KEY["reward"], [run], xmode="wall", markers=markers, as_dict=True
+    )
+    assert fig["layout"]["xaxis"]["type"] == "date"
+    assert decode(fig["data"][0]["x"])[0] == pytest.approx(1.7e12)
+    marks = [t for t in fig["data"] if t.get("yaxis") == "y2"]
+    assert {m["name"] for m in marks} == {"alerts", "notes"}
+    alert = next(m for m in marks if m["name"] == "alerts")
+    assert alert["text"] == ["spike &lt;script&gt;alert(1)&lt;/script&gt;"]  # escaped
+    assert len(fig["layout"]["shapes"]) == 1  # the note's vertical line
+
+
+def test_chart_without_data_says_so() -> None:
+    frame = raw_frame(np.arange(5), kl_mean=np.arange(5.0))
+    run = F.RunData(1, "a", "#1f77b4", 0, frame, empty_like(frame))
+    fig = F.time_chart(F.CHARTS_BY_KEY["rollout_gap"], [run], as_dict=True)
+    assert fig["data"] == []
+    assert fig["layout"]["annotations"][0]["text"] == "no data for these runs"
+
+
+def test_frontier_plots_reward_against_sqrt_kl() -> None:
+    steps = np.arange(10)
+    kl = np.array([0, 1, 4, 9, 16, 25, np.nan, 36, -1, 49], dtype=float)
+    frame = raw_frame(steps, kl_mean=kl, reward_mean=np.arange(10.0))
+    run = F.RunData(1, "a", "#1f77b4", 0, frame, empty_like(frame))
+    fig = F.frontier_chart([run], as_dict=True)
+    x, y = decode(fig["data"][0]["x"]), decode(fig["data"][0]["y"])
+    assert x.tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 7]  # negative KL clipped to 0
+    assert y.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    assert F.tail_traces(fig)[0]["kind"] == "frontier"
+
+
+def test_live_points_keep_extremes_of_each_bucket() -> None:
+    rows = pd.DataFrame(
+        {
+            "step": np.arange(100, 132, dtype=float),
+            "wall_time": 1.7e9 + np.arange(32.0),
+            "kl_mean": np.r_[np.ones(10), 9.0, np.ones(10), -3.0, np.ones(10)],
+        }
+    )
+    x, _, _, _ = F.live_points(rows, "kl_mean", 0, "step")
+    assert len(x) == 32 and x[0] == 100
+    x, y, mx, _ = F.live_points(rows, "kl_mean", 4, "step")  # 16-step buckets
+    assert max(y) == 9.0 and min(y) == -3.0
+    assert len(x) <= 2 * 3 and x == sorted(x)
+    assert len(mx) == 3  # buckets 96-111, 112-127, 128-143
+    assert F.live_points(rows, "kl_mean", 4, "wall")[0][0] >= 1.7e12
+
+
+def test_metric_charts_name_the_source_meaning() -> None:
+    info = {"source": "trl-grpo", "estimator": "k3", "scale": "token-mean", "quantity": None}
+    spec = F.metric_chart(0, "kl", info)
+    assert spec.key == "m0"
+    assert spec.y_title == "kl (from trl-grpo, estimator k3, scale token-mean)"
+    assert F.metric_axis_title("loss", None) == "loss (as logged)"
+    assert F.metric_chart(1, "x", {"description": "a note"}).title == "Metric x: a note"
+
+
+# --------------------------------------------------------------------------- run page
+
+
+def test_good_day_tokens_carry_the_divergence() -> None:
+    """DESIGN.md's example: 'Good' (-0.8 vs -1.5) and 'day' (-0.4 vs -2.1): 0.7 + 1.7 = 2.4."""
+    cells = F.token_cells(["Good", " day"], [-0.8, -0.4], [-1.5, -2.1])
+    assert [round(c.diff, 6) for c in cells] == [0.7, 1.7]
+    assert round(sum(c.diff for c in cells), 6) == 2.4
+    assert all(c.color.startswith("rgba(214,39,40") for c in cells)  # red: policy prefers
+    assert F.diverging_color(-1.0).startswith("rgba(31,119,180")
+    top = F.top_tokens(cells)
+    assert top["token"].tolist() == [" day", "Good"]
+    assert top.columns.tolist() == ["position", "token", "log p", "log q", "difference"]
+    # missing token strings fall back to positions
+    assert F.token_cells(None, [-1.0], [-1.0])[0].text == "#0"
+
+
+def test_histogram_heatmap_and_alert_timeline() -> None:
+    steps = np.array([0, 10, 20])
+    counts = np.array([[1, 3, 0, 0], [0, 4, 4, 0], [0, 0, 1, 7]])
+    fig = F.histogram_heatmap(steps, counts, np.linspace(-2, 2, 5), step=10)
+    tr = fig.to_plotly_json()["data"][0]
+    z = decode(tr["z"])
+    assert z.shape == (4, 3)  # bins x steps
+    assert z[1, 0] == pytest.approx(np.log10(0.75))
+    assert np.isnan(z[3, 0])  # an empty bin is blank, not -inf
+    assert fig.layout.shapes[0].x0 == 10
+    events = pd.DataFrame(
+        {
+            "rule": ["kl_budget", "kl_spike"],
+            "severity": ["critical", "warning"],
+            "state": ["firing", "resolved"],
+            "start_step": [100, 30],
+            "end_step": pd.array([None, 40], dtype="Int64"),
+            "message": ["KL <over> budget", "spike"],
+        }
+    )
+    tl = F.alert_timeline(events, last_step=150).to_plotly_json()
+    bars = {t["name"]: t for t in tl["data"]}
+    assert bars["critical"]["base"] == [100.0] and bars["critical"]["x"] == [50.0]
+    assert bars["warning"]["x"] == [10.0]
+    assert "&lt;over&gt;" in bars["critical"]["text"][0]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def test_sparkline_and_comparison_table() -> None:
+    assert F.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == F.SPARK_CHARS
+    assert F.sparkline([np.nan]) == ""
+    assert F.sparkline([2.0, 2.0]) == F.SPARK_CHARS[3] * 2
+    runs = [
+        {
+            "label": "a (#1)",
+            "project": "p",
+            "name": "a",
+            "config": {"kl_coef": 0.05, "opt": {"lr": 1e-6}, "seed": 1},
+            "tags": ["x"],
+        },
+        {
+            "label": "b (#2)",
+            "project": "p",
+            "name": "b",
+            "config": {"kl_coef": 0.05, "opt": {"lr": 3e-6}},
+            "tags": ["x"],
+        },
+    ]
+    df = F.comparison_table(runs)
+    differs = dict(zip(df["field"], df["differs"], strict=True))
+    assert differs["config.opt.lr"] and differs["config.seed"]
+    assert not differs["config.kl_coef"] and not differs["tags"]
+    assert df.loc[df["field"] == "config.seed", "b (#2)"].item() == "—"
+    json.dumps(df.to_dict(orient="records"))  # plain values, renderable as text
