@@ -195,6 +195,41 @@ def bench_bulk(url: str, rows: int, batch: int) -> float:
     return rows / dt
 
 
+def bench_sqlite_floor(url: str, rows: int, batch: int) -> float:
+    """The same step tuples through stdlib sqlite3 executemany, one row per statement, no klmon
+    code at all: what this machine gives right now (the box is shared; compare ratios)."""
+    import sqlite3
+
+    from monitor.store.steps import STEP_COLUMNS
+
+    path = url.removeprefix("sqlite:///")
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    con.execute(
+        "INSERT INTO runs (project, name, status, source, created_at, last_seen_at, "
+        "world_size, config, tags) VALUES ('bench', 'floor', 'running', 'live', 0, 0, "
+        "1, '{}', '[]')"
+    )
+    run_id = con.execute("SELECT max(id) FROM runs").fetchone()[0]
+    con.commit()
+    tuples = [
+        (run_id, r.step, r.wall_time, r.status, r.reject_reason, 1, r.payload_hash, *r.values)
+        for r in _step_records(rows)
+    ]
+    sql = (
+        f"INSERT INTO steps ({', '.join(STEP_COLUMNS)}) VALUES "
+        f"({', '.join('?' * len(STEP_COLUMNS))}) ON CONFLICT (run_id, step) DO NOTHING"
+    )
+    t0 = time.perf_counter()
+    for i in range(0, rows, batch):
+        with con:
+            con.executemany(sql, tuples[i : i + batch])
+    dt = time.perf_counter() - t0
+    con.close()
+    return rows / dt
+
+
 MLFLOW_SCRIPT = textwrap.dedent(
     """
     import os, sys, time, tempfile
@@ -315,8 +350,11 @@ def main() -> None:
         if args.only in (None, "throughput"):
             n_q = len(STEP_QUANTITIES)
             print(f"bulk path: {args.rows} step rows ({n_q} quantities), {args.batch} per txn")
+            print(f"  (load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
             sq = bench_bulk(_fresh_sqlite(work, "bulk.db"), args.rows, args.batch)
             print(f"  SQLite      {sq:>12,.0f} rows/s  ({sq * n_q:,.0f} points/s)")
+            floor = bench_sqlite_floor(_fresh_sqlite(work, "floor.db"), args.rows, args.batch)
+            print(f"  (stdlib sqlite3 executemany, same tuples, no klmon: {floor:,.0f} rows/s)")
             pg = _fresh_pg("klmon_bench_bulk")
             pgr = None
             if pg:
@@ -338,6 +376,7 @@ def main() -> None:
                 )
             results["throughput"] = {
                 "sqlite_rows_s": sq,
+                "sqlite_floor_rows_s": floor,
                 "postgres_rows_s": pgr,
                 "mlflow_points_s": ml,
                 "quantities_per_row": n_q,

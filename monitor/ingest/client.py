@@ -11,8 +11,11 @@ Durability: a step is *acknowledged* once the background thread has appended its
 the spool, normally within a few milliseconds of ``log_step`` returning (``run.flush()`` waits
 for it). An acknowledged step survives a crash of the process (even ``kill -9``; ``klmon sync``
 replays it), and an fsync at most ``fsync_interval`` seconds later makes it survive a power
-loss. A step logged but not yet acknowledged when the process is killed (at most the queue,
-``queue_size`` steps, typically 0 or 1) is lost.
+loss. A step logged but not yet acknowledged when the process is killed (the steps still in
+the in-memory queue: at most ``queue_size`` steps or ``queue_bytes`` of arrays, typically 0
+or 1 step) is lost. When that queue is full, ``log_step`` *spills*: it appends the raw step
+to the spool itself (acknowledged on return; summarised later by the writer or ``klmon
+sync``), so memory stays bounded and the training loop never waits for the summary.
 
 Example::
 
@@ -77,7 +80,8 @@ def init(
     on_invalid: Literal["raise", "log"] = "raise",
     samples_top: int = 3,
     samples_random: int = 2,
-    queue_size: int = 8,
+    queue_size: int = 64,
+    queue_bytes: int = 64 * 1024 * 1024,
     flush_interval: float = 0.1,
     fsync_interval: float | None = 1.0,
     exit_timeout: float | None = None,
@@ -91,10 +95,10 @@ def init(
     every step; the stored step merges all ranks. ``on_invalid``: ``"raise"`` (InvalidInput at
     the call) or ``"log"`` (the step is stored as rejected, with the reason, and counted).
     ``samples_top``/``samples_random``: sequences kept per step (per rank) for drill-down.
-    ``queue_size``: steps that may wait for the background thread before ``log_step``
-    summarises on the caller's thread (memory bound). ``exit_timeout``: how long interpreter
-    exit waits for the database (default ``$KLMON_EXIT_TIMEOUT`` or 5 s); what is left stays
-    in the spool for ``klmon sync``.
+    ``queue_size``/``queue_bytes``: how many steps (and bytes of copied arrays) may wait for
+    the background thread before ``log_step`` spills raw steps to the spool (memory bound).
+    ``exit_timeout``: how long interpreter exit waits for the database (default
+    ``$KLMON_EXIT_TIMEOUT`` or 5 s); what is left stays in the spool for ``klmon sync``.
     """
     return Run(
         project,
@@ -109,6 +113,7 @@ def init(
         samples_top=samples_top,
         samples_random=samples_random,
         queue_size=queue_size,
+        queue_bytes=queue_bytes,
         flush_interval=flush_interval,
         fsync_interval=fsync_interval,
         exit_timeout=exit_timeout,
@@ -133,7 +138,8 @@ class Run:
         on_invalid: Literal["raise", "log"] = "raise",
         samples_top: int = 3,
         samples_random: int = 2,
-        queue_size: int = 8,
+        queue_size: int = 64,
+        queue_bytes: int = 64 * 1024 * 1024,
         flush_interval: float = 0.1,
         fsync_interval: float | None = 1.0,
         exit_timeout: float | None = None,
@@ -196,6 +202,7 @@ class Run:
                 samples_top=samples_top,
                 samples_random=samples_random,
                 queue_size=queue_size,
+                queue_bytes=queue_bytes,
                 flush_interval=flush_interval,
             ),
             stats=self._stats,

@@ -161,7 +161,7 @@ def _sync_file(
             continue
         if kind == "status":
             saw_status = True
-        if kind == "step":
+        if kind in ("step", "raw"):
             report.steps += 1
             if item.end <= upto:
                 report.already_committed += 1

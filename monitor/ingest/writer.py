@@ -122,7 +122,8 @@ class WriterConfig:
 
     samples_top: int = 3
     samples_random: int = 2
-    queue_size: int = 8
+    queue_size: int = 64
+    queue_bytes: int = 64 * 1024 * 1024
     flush_interval: float = 0.1
     max_batch: int = 2000
     max_batch_bytes: int = 32 * 1024 * 1024
@@ -307,9 +308,21 @@ def _stable_repr(value: Any) -> str:
     return repr(value)
 
 
+SPILL_TOKENS_MAX = 16384
+"""A spilled step keeps its token strings up to this many (B x T); encoding more would block
+the training loop too long, so larger spilled batches lose them (samples keep text and
+log-probs)."""
+
+
+def _item_bytes(item: StepItem | ControlItem) -> int:
+    if not isinstance(item, StepItem):
+        return 0
+    arrays = [item.policy_logprobs, item.ref_logprobs, item.mask, *(item.extra or {}).values()]
+    return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+
+
 def raw_record(item: StepItem, rank: int) -> dict[str, Any]:
-    """A step spilled by the caller: its arrays as they are (summarised later). Token strings
-    are not kept (encoding B x T strings would block the caller far too long)."""
+    """A step spilled by the caller: its arrays as they are (summarised later)."""
     texts = None
     if item.texts is not None:
         prompts, responses = item.texts
@@ -330,7 +343,16 @@ def raw_record(item: StepItem, rank: int) -> dict[str, Any]:
         "texts": texts,
         "metrics": _metric_list(item.metrics) if rank == 0 else [],
         "extra": dict(item.extra or {}),
+        "tokens": _small_tokens(item),
     }
+
+
+def _small_tokens(item: StepItem) -> list[list[str]] | None:
+    if item.tokens is None or item.policy_logprobs is None:
+        return None
+    if item.policy_logprobs.size > SPILL_TOKENS_MAX:
+        return None
+    return [[t if type(t) is str else str(t) for t in row] for row in item.tokens]
 
 
 def item_from_raw(rec: Mapping[str, Any]) -> StepItem:
@@ -344,6 +366,7 @@ def item_from_raw(rec: Mapping[str, Any]) -> StepItem:
         rewards=rec.get("rewards"),
         kl_coef=rec.get("kl_coef"),
         texts=None if texts is None else (texts[0], texts[1]),
+        tokens=rec.get("tokens"),
         metrics=dict(rec.get("metrics") or ()),
         extra=rec.get("extra") or None,
     )
@@ -478,7 +501,9 @@ class BackgroundWriter:
         self.stats = stats
         self.run_id: int | None = None
         self.last_error: str | None = None
-        self._queue: queue.Queue[StepItem | ControlItem | None] = queue.Queue(cfg.queue_size)
+        # Bounded by items and by bytes (the copied arrays): past either, log_step spills.
+        self._queue: queue.Queue[tuple[StepItem | ControlItem | None, int]] = queue.Queue()
+        self._queued_bytes = 0
         self._append_lock = threading.Lock()
         self._cond = threading.Condition()
         self._submitted = 0
@@ -507,12 +532,19 @@ class BackgroundWriter:
         """Hand an item to the processor; never blocks on the database. If the queue is full
         (the processor is behind), spill: append the raw record to the spool right here, so
         memory stays bounded and nothing is dropped."""
+        size = _item_bytes(item)
         with self._cond:
             self._submitted += 1
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+            full = (
+                self._queue.qsize() >= self.cfg.queue_size
+                or self._queued_bytes + size > self.cfg.queue_bytes
+            ) and size > 0
+            if not full:
+                self._queued_bytes += size
+        if full:
             self._spill(item)
+        else:
+            self._queue.put((item, size))
 
     def _spill(self, item: StepItem | ControlItem) -> None:
         if isinstance(item, ControlItem):
@@ -525,10 +557,9 @@ class BackgroundWriter:
             if not self._warned_processor:
                 self._warned_processor = True
                 log.warning(
-                    "klmon: the training loop outruns the background writer (queue of %d "
-                    "full): spilling raw steps to the spool, summarised later (their token "
-                    "strings are not kept)",
-                    self.cfg.queue_size,
+                    "klmon: the training loop outruns the background writer (queue full): "
+                    "spilling raw steps to the spool, summarised later (token strings of "
+                    "large batches are not kept)"
                 )
         self._append(record)
 
@@ -536,7 +567,9 @@ class BackgroundWriter:
 
     def _process_loop(self) -> None:
         while True:
-            item = self._queue.get()
+            item, size = self._queue.get()
+            with self._cond:
+                self._queued_bytes -= size
             if item is None:
                 return
             try:
@@ -768,7 +801,7 @@ class BackgroundWriter:
         with self._cond:
             self._cond.notify_all()
         with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=max(deadline - time.monotonic(), 0.01))
+            self._queue.put((None, 0), timeout=max(deadline - time.monotonic(), 0.01))
         self._processor.join(max(deadline - time.monotonic(), 0.01))
         self.wait(max(deadline - time.monotonic(), 0.0))
         done = self.committed_everything() and not self._processor.is_alive()

@@ -21,6 +21,7 @@ large batches of new rows (DESIGN.md: ~580k rows/s vs ~90k for executemany).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ COPY_MIN_ROWS = 2000
 """New step rows in a batch from which PostgreSQL uses binary COPY instead of executemany."""
 
 _IN_CHUNK = 500
+_ROWS_PER_STATEMENT = 30
+_MAX_PARAMS = 999  # SQLite's historical limit on host parameters per statement
 
 
 @dataclass(slots=True)
@@ -207,18 +210,38 @@ def _write_single(
     if use_copy and not db.is_sqlite:
         _copy_rows(conn, "steps", STEP_COLUMNS, rows)
     else:
-        ph = db.paramstyle
-        conn.exec_driver_sql(
-            f"INSERT INTO steps ({', '.join(STEP_COLUMNS)}) "
-            f"VALUES ({', '.join([ph] * len(STEP_COLUMNS))}) "
-            "ON CONFLICT (run_id, step) DO NOTHING",
-            rows,
-        )
+        _insert_rows(db, conn, "steps", STEP_COLUMNS, ("run_id", "step"), rows)
     result.inserted += len(rows)
     hists = [(r.step, r.hist) for r in new if r.hist is not None]
     _upsert_histograms(db, conn, run_id, hists, update=False)
     result.samples += _insert_samples(db, conn, run_id, [(r.step, r.rank, r.samples) for r in new])
     result.metrics += _insert_metrics(db, conn, run_id, [(r.step, r.metrics) for r in new])
+
+
+def _insert_rows(
+    db: Database,
+    conn: Connection,
+    table: str,
+    columns: Sequence[str],
+    key: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+) -> None:
+    """``INSERT ... ON CONFLICT DO NOTHING`` through executemany, several rows per statement
+    (``VALUES (...), (...), ...``): per-statement overhead dominates narrow inserts, and this
+    is ~1.5-2x faster than one row per statement on SQLite."""
+    ph = db.paramstyle
+    one = f"({', '.join([ph] * len(columns))})"
+    head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+    tail = f" ON CONFLICT ({', '.join(key)}) DO NOTHING"
+    per = max(1, min(_ROWS_PER_STATEMENT, _MAX_PARAMS // len(columns)))
+    full = len(rows) // per * per
+    if full:
+        flat = [
+            tuple(itertools.chain.from_iterable(rows[i : i + per])) for i in range(0, full, per)
+        ]
+        conn.exec_driver_sql(head + ", ".join([one] * per) + tail, flat)
+    if full < len(rows):
+        conn.exec_driver_sql(head + one + tail, list(rows[full:]))
 
 
 def _copy_rows(
