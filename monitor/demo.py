@@ -118,7 +118,6 @@ def demo_runs(steps: int = 400) -> tuple[DemoRun, ...]:
         "kl_budget": 24.0,
         "max_response_length": MAX_LEN,
     }
-    onset = int(steps * 0.6)
     live = max(steps // 2, 30)
     return (
         DemoRun(
@@ -135,7 +134,7 @@ def demo_runs(steps: int = 400) -> tuple[DemoRun, ...]:
             "ppo-reward-hacking",
             "reward_hacking",
             steps,
-            onset,
+            int(steps * 0.5),
             "finished",
             "reward keeps rising while reward per sqrt(KL) collapses",
             seed=12,
@@ -147,7 +146,7 @@ def demo_runs(steps: int = 400) -> tuple[DemoRun, ...]:
             "ppo-ref-mismatch",
             "negative_kl",
             steps,
-            onset,
+            int(steps * 0.6),
             "finished",
             "sampler and trainer disagree on temperature: KL turns negative",
             seed=13,
@@ -158,7 +157,7 @@ def demo_runs(steps: int = 400) -> tuple[DemoRun, ...]:
             "ppo-kl-spike",
             "spike",
             steps,
-            onset,
+            int(steps * 0.75),
             "finished",
             "one bad batch sends KL to twice its plateau",
             seed=14,

@@ -1,0 +1,308 @@
+"""What a post-mortem report shows, read once from the database: ``collect(db, refs, ...)``.
+
+The renderers (``monitor.report.html``, ``monitor.report.markdown``) take the
+``ReportData`` and never touch the database again, except the HTML one, which builds the
+dashboard's own compare charts (``monitor.dashboard.panel.build_panel``) so that the report
+shows exactly what the Compare page shows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import func, select
+
+from monitor.errors import InvalidInput
+from monitor.store.alerts import list_events
+from monitor.store.database import Database
+from monitor.store.domain import Annotation, RunInfo, Sample
+from monitor.store.drilldown import list_annotations
+from monitor.store.models import SampleRow
+from monitor.store.runs import resolve_run
+from monitor.store.series import read_histogram_columns, read_series
+
+#: Step quantities the report reads for its charts and summary.
+REPORT_COLUMNS: tuple[str, ...] = (
+    "kl_mean",
+    "kl_p05",
+    "kl_p95",
+    "k1",
+    "k2",
+    "k3",
+    "neg_kl_frac",
+    "reward_mean",
+    "policy_nll",
+    "entropy_mean",
+    "resp_len_mean",
+    "top1pct_share",
+    "rollout_gap",
+)
+#: Buckets per run and chart: spikes survive (min/max per bucket), files stay small.
+MAX_BUCKETS = 600
+WORST_SAMPLES = 4
+MAX_RUNS = 12
+
+
+@dataclass
+class RunSection:
+    """One run of the report."""
+
+    info: RunInfo
+    label: str
+    color: str
+    #: Bucket means with q__min/q__max per quantity (Series.combined()), steps in range.
+    series: pd.DataFrame
+    level: int
+    first_step: int | None
+    last_step: int | None
+    events: pd.DataFrame
+    notes: list[Annotation]
+    samples: list[Sample]
+    hist_steps: np.ndarray
+    hist_counts: np.ndarray
+
+    @property
+    def last(self) -> dict[str, float | None]:
+        """The latest value of each quantity in the range (bucket mean at the end)."""
+        out: dict[str, float | None] = {}
+        for c in REPORT_COLUMNS:
+            if c not in self.series:
+                out[c] = None
+                continue
+            v = self.series[c].to_numpy(dtype=float)
+            v = v[np.isfinite(v)]
+            out[c] = float(v[-1]) if len(v) else None
+        return out
+
+
+@dataclass
+class ReportData:
+    runs: list[RunSection]
+    start: int | None
+    end: int | None
+    generated_at: float
+    title: str
+    db: Database | None = field(default=None, repr=False)
+
+    @property
+    def run_ids(self) -> list[int]:
+        return [r.info.id for r in self.runs]
+
+    def range_text(self) -> str:
+        if self.start is None and self.end is None:
+            return "all steps"
+        lo = "first" if self.start is None else str(self.start)
+        hi = "last" if self.end is None else str(self.end)
+        return f"steps {lo} to {hi}"
+
+    def config_table(self) -> pd.DataFrame:
+        """Runs as columns, fields as rows (identity, latest numbers, tags, every config key),
+        with ``differs``: True where the runs disagree."""
+        from monitor.dashboard.figures import comparison_table
+
+        return comparison_table(
+            [
+                {
+                    "label": r.label,
+                    "project": r.info.project,
+                    "name": r.info.name,
+                    "status": r.info.status,
+                    "last_step": r.last_step,
+                    "last_kl": r.last.get("kl_mean"),
+                    "last_reward": r.last.get("reward_mean"),
+                    "tags": r.info.tags,
+                    "config": r.info.config,
+                }
+                for r in self.runs
+            ]
+        )
+
+
+def parse_run_refs(text: str | Sequence[str]) -> list[str]:
+    """``"A,B"`` (or a list) as run references, in order, without duplicates."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    refs = list(dict.fromkeys(p.strip() for p in parts if p and p.strip()))
+    if not refs:
+        raise InvalidInput("--runs: name at least one run (id or name), e.g. --runs 3,7")
+    if len(refs) > MAX_RUNS:
+        raise InvalidInput(f"--runs: at most {MAX_RUNS} runs in one report, got {len(refs)}")
+    return refs
+
+
+def _labels(infos: Sequence[RunInfo]) -> list[str]:
+    names = [i.name for i in infos]
+    return [i.name if names.count(i.name) == 1 else f"{i.project}/{i.name} ({i.id})" for i in infos]
+
+
+def _events_in_range(events: pd.DataFrame, start: int | None, end: int | None) -> pd.DataFrame:
+    """Episodes that overlap [start, end] and ever fired (pending-only ones are noise)."""
+    if events.empty:
+        return events
+    ev = events[events["fired_step"].notna() | (events["state"] == "firing")]
+    if start is not None:
+        ends = ev["end_step"].astype("Float64").fillna(np.inf).astype(float)
+        ev = ev[ends >= start]
+    if end is not None:
+        ev = ev[ev["start_step"].astype(float) <= end]
+    return ev.sort_values(["start_step", "id"]).reset_index(drop=True)
+
+
+def _sample(r: SampleRow) -> Sample:
+    return Sample(
+        id=r.id,
+        run_id=r.run_id,
+        step=r.step,
+        rank=r.rank,
+        seq_index=r.seq_index,
+        kind=r.kind,
+        kl_seq=r.kl_seq,
+        reward=r.reward,
+        prompt=r.prompt,
+        response=r.response,
+        tokens=r.tokens,
+        policy_logprobs=list(r.policy_logprobs),
+        ref_logprobs=list(r.ref_logprobs),
+    )
+
+
+def worst_samples(
+    db: Database,
+    run_id: int,
+    start: int | None,
+    end: int | None,
+    k: int = WORST_SAMPLES,
+    *,
+    alert_steps: Sequence[int] = (),
+) -> list[Sample]:
+    """The samples a post-mortem wants to read, at most ``k``, one per step: first, for each
+    step where an alert fired (``alert_steps``), the sample of largest |KL| at the first
+    stored step from there; then the samples of the range with the largest |KL| (the most
+    negative too: a negative sequence KL is a log-prob mismatch worth seeing)."""
+
+    def in_range(q: Any) -> Any:
+        q = q.where(SampleRow.run_id == run_id)
+        if start is not None:
+            q = q.where(SampleRow.step >= start)
+        if end is not None:
+            q = q.where(SampleRow.step <= end)
+        return q
+
+    by_size = (func.abs(SampleRow.kl_seq).desc(), SampleRow.id)
+    out: list[Sample] = []
+    seen: set[int] = set()
+    with db.session() as s:
+        for step in list(dict.fromkeys(int(x) for x in alert_steps))[:k]:
+            first = s.scalar(
+                in_range(select(func.min(SampleRow.step))).where(SampleRow.step >= step)
+            )
+            if first is None or int(first) in seen:
+                continue
+            row = s.scalars(
+                select(SampleRow)
+                .where(SampleRow.run_id == run_id, SampleRow.step == first)
+                .order_by(*by_size)
+                .limit(1)
+            ).first()
+            if row is not None:
+                seen.add(row.step)
+                out.append(_sample(row))
+        if len(out) < k:
+            for r in s.scalars(in_range(select(SampleRow)).order_by(*by_size).limit(50 * k)):
+                if r.step in seen:
+                    continue
+                seen.add(r.step)
+                out.append(_sample(r))
+                if len(out) >= k:
+                    break
+    return sorted(out, key=lambda smp: smp.step)
+
+
+def collect(
+    db: Database,
+    refs: str | Sequence[str],
+    *,
+    start: int | None = None,
+    end: int | None = None,
+    title: str | None = None,
+    max_buckets: int = MAX_BUCKETS,
+) -> ReportData:
+    """Everything the report shows for the runs ``refs`` (ids or names) over [start, end]."""
+    from monitor.dashboard.figures import run_color
+
+    if start is not None and end is not None and start > end:
+        raise InvalidInput(f"--from {start} is after --to {end}")
+    infos = [resolve_run(db, ref) for ref in parse_run_refs(refs)]
+    seen: dict[int, RunInfo] = {}
+    for info in infos:
+        seen.setdefault(info.id, info)
+    infos = list(seen.values())
+    labels = _labels(infos)
+    events = list_events(db, run_id=[i.id for i in infos], limit=None)
+    sections = []
+    for i, (info, label) in enumerate(zip(infos, labels, strict=True)):
+        s = read_series(db, info.id, REPORT_COLUMNS, start=start, end=end, max_buckets=max_buckets)
+        steps, counts = read_histogram_columns(db, info.id, start=start, end=end, max_columns=300)
+        notes = [
+            a
+            for a in list_annotations(db, info.id)
+            if (start is None or a.step >= start) and (end is None or a.step <= end)
+        ]
+        run_events = _events_in_range(events[events["run_id"] == info.id], start, end)
+        fired = run_events["fired_step"].dropna().astype(int).tolist() if len(run_events) else []
+        sections.append(
+            RunSection(
+                info=info,
+                label=label,
+                color=run_color(i),
+                series=s.combined(),
+                level=s.level,
+                first_step=s.first_step if start is None else max(start, s.first_step or 0),
+                last_step=s.last_step,
+                events=run_events,
+                notes=notes,
+                samples=worst_samples(db, info.id, start, end, alert_steps=fired),
+                hist_steps=steps,
+                hist_counts=counts,
+            )
+        )
+    if title is None:
+        title = "klmon post-mortem: " + " vs ".join(labels)
+    return ReportData(sections, start, end, time.time(), title, db)
+
+
+def describe_value(value: Any, digits: int = 4) -> str:
+    """A number for a table: ``-`` when missing, else ``digits`` significant digits."""
+    if value is None:
+        return "-"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not np.isfinite(x):
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def carrier_tokens(cells: Sequence[Any], n: int = 5) -> list[tuple[str, int, float, float, float]]:
+    """The tokens that carry a sample's KL: (token, uses, mean log p, mean log q, summed
+    log p - log q), largest |sum| first; the sums over all tokens add up to the sequence KL."""
+    groups: dict[str, list[Any]] = {}
+    for c in cells:
+        groups.setdefault(c.text, []).append(c)
+    rows = [
+        (
+            text,
+            len(cs),
+            float(np.mean([c.logp for c in cs])),
+            float(np.mean([c.logq for c in cs])),
+            float(np.sum([c.diff for c in cs])),
+        )
+        for text, cs in groups.items()
+    ]
+    rows.sort(key=lambda r: -abs(r[4]))
+    return rows[:n]

@@ -1,0 +1,149 @@
+"""`klmon report`: one self-contained HTML file (no external script or style, user text
+escaped, the alert, the sample tokens, the config differences) and Markdown with PNG charts
+that exist and are referenced."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from monitor.cli import main
+from monitor.demo import build_demo
+from monitor.report import collect, parse_run_refs, render_html, render_markdown
+from monitor.store.database import Database
+from monitor.store.drilldown import read_samples
+
+pytest.importorskip("monitor.dashboard", reason="the report reuses the dashboard's figures")
+
+EVIL = "<script>alert('x')</script>|*evil*"
+EVIL_HTML = "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;|*evil*"
+EXTERNAL = re.compile(
+    r"<script[^>]*\bsrc\s*=|<link[^>]*\bhref\s*=\s*[\"']?(https?:)?//|@import|url\(\s*[\"']?(https?:)?//",
+    re.IGNORECASE,
+)
+
+
+@pytest.fixture(scope="module")
+def demo_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The demo's runs (60 steps each) with alerts evaluated; the spike run renamed to a
+    hostile name."""
+    from monitor.alerts import AlertEngine, AlertSettings, load_rules
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('report') / 'demo.db'}"
+    build_demo(url, steps=60)
+    db = Database.open(url)
+    AlertEngine(db, load_rules(), settings=AlertSettings(), senders={}).evaluate()
+    with db.begin() as conn:
+        conn.execute(text("UPDATE runs SET name = :n WHERE name = 'ppo-kl-spike'"), {"n": EVIL})
+    db.dispose()
+    return url
+
+
+def _ids(url: str) -> dict[str, int]:
+    db = Database.open(url)
+    with db.begin() as conn:
+        rows = conn.execute(text("SELECT name, id FROM runs")).all()
+    db.dispose()
+    return {name: int(i) for name, i in rows}
+
+
+def test_parse_run_refs() -> None:
+    assert parse_run_refs(" 3, ppo-healthy ,3,") == ["3", "ppo-healthy"]
+    with pytest.raises(ValueError, match="at least one run"):
+        parse_run_refs(" , ")
+
+
+def test_html_report_is_self_contained_and_escaped(demo_db: str, tmp_path: Path) -> None:
+    ids = _ids(demo_db)
+    out = tmp_path / "report.html"
+    refs = f"ppo-healthy,{ids[EVIL]},ppo-ref-mismatch"
+    result = CliRunner().invoke(main, ["report", "--db", demo_db, "--runs", refs, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text(encoding="utf-8")
+
+    assert not EXTERNAL.search(page), EXTERNAL.search(page)
+    assert page.count("plotly.js v") == 1  # the library, inlined once
+    assert page.count("Plotly.newPlot") >= 8  # the compare charts and the timelines
+
+    # each run's name, escaped; the hostile one never raw
+    for name in ("ppo-healthy", "ppo-ref-mismatch"):
+        assert name in page
+    assert EVIL_HTML in page
+    assert "<script>alert(" not in page
+
+    # the alert that fired on the reference mismatch, with its message
+    assert "negative-kl" in page and "stayed below zero" in page
+    # the annotation
+    assert "vLLM sampler redeployed" in page
+
+    # the sample tokens, coloured, of a stored sample
+    db = Database.open(demo_db)
+    data = collect(db, refs)
+    sample = data.runs[0].samples[0]
+    stored = read_samples(db, sample.run_id, sample.step)
+    db.dispose()
+    assert any(s.id == sample.id for s in stored)
+    spans = re.findall(
+        r'<span class="tok" style="background:[^"]+" title="[^"]+">([^<]*)</span>', page
+    )
+    assert spans[: len(sample.tokens)] == sample.tokens
+
+    # config side by side, differences highlighted
+    assert '<tr class="differs"><td>config.sampler_temperature</td>' in page
+    assert '<tr class="differs"><td>config.learning_rate</td>' in page
+
+
+def test_html_report_step_range(demo_db: str) -> None:
+    db = Database.open(demo_db)
+    data = collect(db, "ppo-ref-mismatch", start=40, end=50)
+    page = render_html(data)
+    db.dispose()
+    run = data.runs[0]
+    assert run.first_step == 40 and run.last_step == 50
+    assert all(40 <= s.step <= 50 for s in run.samples)
+    assert run.series["step"].min() >= 40 and run.series["step_end"].max() <= 50
+    assert "steps 40 to 50" in page
+
+
+def test_markdown_report_writes_referenced_pngs(demo_db: str, tmp_path: Path) -> None:
+    out = tmp_path / "incident" / "report.md"
+    refs = f"ppo-healthy,klmon-demo/{EVIL}"  # project/name: the name holds a slash
+    result = CliRunner().invoke(
+        main, ["report", "--db", demo_db, "--runs", refs, "--format", "md", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    doc = out.read_text(encoding="utf-8")
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", doc)
+    assert len(images) >= 6 and "report-kl.png" in images and "report-alerts.png" in images
+    for name in images:
+        png = out.parent / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.parent.glob("*.png")) == sorted(images)
+
+    assert "<script>" not in doc and "&lt;script&gt;" in doc
+    assert r"\|\*evil\*" in doc  # a pipe in a name never splits a table
+    assert "kl-spike" in doc  # the alert on the spike run
+    assert "data loader restarted" in doc  # its annotation
+
+
+def test_render_markdown_progress_and_files(demo_db: str, tmp_path: Path) -> None:
+    db = Database.open(demo_db)
+    data = collect(db, "ppo-healthy")
+    ticks = []
+    files = render_markdown(data, tmp_path / "r.md", progress=ticks.append)
+    db.dispose()
+    assert files[0] == tmp_path / "r.md" and all(f.exists() for f in files)
+    assert sum(ticks) >= 5
+
+
+def test_unknown_run_is_a_clean_error(demo_db: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["report", "--db", demo_db, "--runs", "no-such-run", "-o", str(tmp_path / "r.html")]
+    )
+    assert result.exit_code == 1
+    assert "no run named 'no-such-run'" in result.output
+    assert "Traceback" not in result.output
