@@ -135,7 +135,9 @@ def test_raw_chart_smoothing_and_tail_traces_for_live_updates() -> None:
     kinds = sorted(t["kind"] for t in tails)
     assert kinds == ["raw", "smooth"]
     raw_tail = data[next(t["index"] for t in tails if t["kind"] == "raw")]
-    assert raw_tail["x"] == steps[100:].astype(float).tolist()
+    # the tail starts at the history's last point, so the line has no gap
+    assert raw_tail["x"] == steps[99:].astype(float).tolist()
+    assert raw_tail["y"][0] == pytest.approx(kl[99], rel=1e-6)
     smooth_tail = next(t for t in tails if t["kind"] == "smooth")
     # the EWMA state continues exactly where the browser's line ends
     whole, _ = F.ewma(kl, 0.6)

@@ -302,7 +302,7 @@ def tail_points(
     keep = np.stack([ok, ok & bucket], axis=1)
     xs = np.stack([xa, xb], axis=1)[keep]
     ys = np.stack([ya, hi], axis=1)[keep]
-    return xs.tolist(), ys.tolist(), xm[ok].tolist(), avg[ok].tolist()
+    return xs.tolist(), _r32(ys), xm[ok].tolist(), avg[ok].tolist()
 
 
 def _regular_x(x: np.ndarray) -> dict[str, Any]:
@@ -314,34 +314,75 @@ def _regular_x(x: np.ndarray) -> dict[str, Any]:
     return {"x": _xs(x)}
 
 
-def _history_xy(
-    frame: Arrays, level: int, column: str, xmode: str
-) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
-    """Trace kwargs for the zig-zag and the mean line of the history, and the means."""
+@dataclass(frozen=True)
+class _History:
+    """A line's history: trace kwargs of the zig-zag and of the means, the means, and the
+    last drawn point of each (where its tail trace starts, so the two join)."""
+
+    raw_kw: dict[str, Any]
+    mean_kw: dict[str, Any]
+    means: np.ndarray
+    mean_x: np.ndarray
+    last_raw: tuple[float, float] | None
+
+
+def _last_point(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
+    ok = np.flatnonzero(np.isfinite(y) & np.isfinite(x))
+    if not len(ok):
+        return None
+    i = ok[-1]
+    return float(x[i]), float(np.float32(y[i]))
+
+
+def _history_xy(frame: Arrays, level: int, column: str, xmode: str) -> _History:
     means = frame[column]
     if level == 0:
         if xmode == "wall":
-            x: dict[str, Any] = {"x": typed(frame["wall_min"] * 1000.0, "<f8")}
+            x = frame["wall_min"] * 1000.0
+            xkw: dict[str, Any] = {"x": typed(x, "<f8")}
         else:
-            x = _regular_x(frame["step"])
-        return {**x, "y": _f32(means)}, x, means
+            x = frame["step"]
+            xkw = _regular_x(x)
+        return _History({**xkw, "y": _f32(means)}, xkw, means, x, _last_point(x, means))
     y = zigzag(frame, column)
     size = 1 << level
     if xmode == "wall":
         w0, w1 = frame["wall_min"] * 1000.0, frame["wall_max"] * 1000.0
-        wx = np.empty(2 * len(w0))
-        wx[0::2], wx[1::2] = w0, w1
-        return (
-            {"x": typed(wx, "<f8"), "y": _f32(y)},
-            {"x": typed((w0 + w1) / 2, "<f8")},
+        xr = np.empty(2 * len(w0))
+        xr[0::2], xr[1::2] = w0, w1
+        xm = (w0 + w1) / 2
+        return _History(
+            {"x": typed(xr, "<f8"), "y": _f32(y)},
+            {"x": typed(xm, "<f8")},
             means,
+            xm,
+            _last_point(xr, y),
         )
     start = float(frame["step"][0]) if len(frame["step"]) else 0.0
-    return (
-        {"x0": start + size / 4, "dx": size / 2, "y": _f32(y)},
-        {"x0": start + (size - 1) / 2, "dx": size},
+    x0r, x0m = start + size / 4, start + (size - 1) / 2
+    xr = x0r + np.arange(len(y)) * (size / 2)
+    xm = x0m + np.arange(len(means)) * size
+    return _History(
+        {"x0": x0r, "dx": size / 2, "y": _f32(y)},
+        {"x0": x0m, "dx": size},
         means,
+        xm,
+        _last_point(xr, y),
     )
+
+
+def _r32(values: Any) -> list[float]:
+    """Values rounded as the float32 history is, so a tail continues a flat line exactly."""
+    return np.asarray(values, dtype=np.float32).astype(float).tolist()
+
+
+def _join(
+    point: tuple[float, float] | None, xs: list[float], ys: list[float]
+) -> tuple[list[float], list[float]]:
+    """A tail trace that starts at the history's last point, so the line has no gap."""
+    if point is None:
+        return xs, ys
+    return [point[0], *xs], [point[1], *ys]
 
 
 def _trace(kind: str, **kw: Any) -> dict[str, Any]:
@@ -469,8 +510,10 @@ def _add_line(
 ) -> None:
     if not _has_data(frame, tail, ln.column):
         return
-    raw_kw, mean_kw, means = _history_xy(frame, level, ln.column, xmode)
+    hist = _history_xy(frame, level, ln.column, xmode)
+    raw_kw, mean_kw, means = hist.raw_kw, hist.mean_kw, hist.means
     tx, ty, mx, my = tail_points(tail, ln.column, xmode)
+    tx, ty = _join(hist.last_raw, tx, ty)
     smoothing = smooth > 0
     group = f"r{run.run_id}"
     style = {"color": run.color, "width": 1.2 if smoothing else 1.5, "dash": ln.dash}
@@ -509,6 +552,7 @@ def _add_line(
         return
     hist_s, state = ewma(means, smooth)
     tail_s, state = ewma(np.asarray(my, dtype=float), smooth, state)
+    smx, smy = _join(_last_point(hist.mean_x, hist_s), mx, _r32(tail_s))
     sstyle = {"color": run.color, "width": 2, "dash": ln.dash}
     traces.append(
         _trace(
@@ -527,8 +571,8 @@ def _add_line(
     traces.append(
         _trace(
             "scatter",
-            x=mx,
-            y=[float(v) for v in tail_s],
+            x=smx,
+            y=smy,
             name=name,
             legendgroup=group,
             showlegend=False,
@@ -556,11 +600,12 @@ def _add_band(
     fill = _rgba(run.color, 0.15)
     for part in ("history", "tail"):
         for col, kind in ((lo_col, "lo"), (hi_col, "hi")):
+            hist = _history_xy(frame, level, col, xmode)
             if part == "history":
-                _, mean_kw, means = _history_xy(frame, level, col, xmode)
-                kw: dict[str, Any] = {**mean_kw, "y": _f32(means)}
+                kw: dict[str, Any] = {**hist.mean_kw, "y": _f32(hist.means)}
             else:
                 _, _, mx, my = tail_points(tail, col, xmode)
+                mx, my = _join(_last_point(hist.mean_x, hist.means), mx, _r32(my))
                 kw = {"x": mx, "y": my, "meta": {"run": run.run_id, "col": col, "kind": kind}}
             traces.append(
                 _trace(
@@ -711,7 +756,7 @@ def live_points(
     else:
         xv = steps.astype(float)
     if level == 0:
-        return xv.tolist(), vals.tolist(), xv.tolist(), vals.tolist()
+        return xv.tolist(), _r32(vals), xv.tolist(), vals.tolist()
     groups = steps >> level
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
     ends = np.r_[starts[1:], len(groups)]
@@ -726,7 +771,7 @@ def live_points(
     idx = np.stack([first, second], axis=1)[np.stack([np.ones_like(keep2), keep2], axis=1)]
     mx = np.add.reduceat(xv, starts) / counts
     my = np.add.reduceat(vals, starts) / counts
-    return xv[idx].tolist(), vals[idx].tolist(), mx.tolist(), my.tolist()
+    return xv[idx].tolist(), _r32(vals[idx]), mx.tolist(), my.tolist()
 
 
 def tail_traces(fig: go.Figure | dict[str, Any]) -> list[dict[str, Any]]:

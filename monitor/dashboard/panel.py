@@ -517,7 +517,7 @@ def panel_layout(
                         figure={"data": [], "layout": {"height": 300}},
                         config={"displaylogo": False, "responsive": True},
                     ),
-                    className="chart",
+                    className=f"chart chart-{spec.key}",
                 )
                 for spec in specs
             ],
