@@ -427,6 +427,7 @@ def _bench_pg(args: argparse.Namespace, sizes: list[int]) -> list[dict[str, Any]
         admin.dispose()
         return []
     try:
+        print(f"[postgresql] database {name}" + (" (kept)" if args.keep else ""), flush=True)
         return bench_backend("postgresql", f"{base}/{name}", sizes, args.runs, args.repeat)
     finally:
         if created and not args.keep:

@@ -566,3 +566,55 @@ def test_wsgi_entry_point_reads_the_environment(db_url: str, monkeypatch) -> Non
     assert wsgi.server.test_client().get("/healthz").status_code == 200
     assert wsgi.server.test_client().get("/").status_code == 401
     sys.modules.pop("monitor.dashboard.wsgi", None)
+
+
+def test_extra_metric_with_its_meaning_and_wall_time_axis(app, db: Database) -> None:
+    from datetime import UTC, datetime
+
+    from monitor.store.metric_info import MetricInfo, write_metric_info
+    from monitor.store.steps import write_metrics
+
+    r = seed(db, steps=3000, running=True)
+    write_metrics(db, r["a"], [(s, "loss", 1.0 / (1 + s)) for s in range(0, 3000, 2)])
+    write_metric_info(
+        db,
+        r["a"],
+        [MetricInfo("loss", source="trl-ppo", scale="token-mean", description="policy loss")],
+    )
+    cb = Callbacks(app)
+    view = View((r["a"], r["b"]), x="wall", metrics=("loss",))
+    keys = ["kl", "m0"]
+    status, resp = cb.render("cmp", view, keys)
+    assert status == 200
+    m0 = fig_of(resp, "cmp", "m0")
+    assert m0["layout"]["yaxis"]["title"]["text"] == "loss (from trl-ppo, scale token-mean)"
+    assert m0["layout"]["title"]["text"] == "Metric loss: policy loss"
+    assert m0["layout"]["xaxis"]["type"] == "date"
+    assert {t.get("legendgroup") for t in m0["data"] if t.get("legendgroup")} == {f"r{r['a']}"}
+    live = resp[ids.panel_id("cmp", "live")]["data"]
+    # a zoom on a wall-time axis arrives as date strings
+    now = time.time()
+
+    def iso(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    status, zoomed = cb.render(
+        "cmp",
+        view,
+        keys,
+        relayout={"xaxis.range[0]": iso(now - 2000), "xaxis.range[1]": iso(now - 1800)},
+        live=live,
+    )
+    assert status == 200
+    rng = fig_of(zoomed, "cmp", "kl")["layout"]["xaxis"]["range"]
+    assert rng[0] == pytest.approx((now - 2000) * 1000, abs=1000)
+    assert zoomed[ids.panel_id("cmp", "live")]["data"]["runs"][str(r["a"])]["level"] == 0
+    # live: new metric rows arrive as new points at their (interpolated) wall time
+    write_metrics(db, r["a"], [(s, "loss", 0.0) for s in range(3000, 3010)])
+    write_steps(
+        db, r["a"], [{"step": s, "wall_time": now + 5, "kl_mean": 1.0} for s in range(3000, 3010)]
+    )
+    status, ext = cb.live("cmp", keys, live)
+    key = json.dumps(Callbacks.gid("cmp", "m0"), sort_keys=True, separators=(",", ":"))
+    update, _ = ext[key]["extendData"]
+    assert all(x > 1e12 for xs in update["x"] for x in xs)  # milliseconds since the epoch

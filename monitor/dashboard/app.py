@@ -38,7 +38,13 @@ def _shell() -> html.Div:
                 id=ids.NAV,
                 className="nav",
             ),
-            dcc.Loading(html.Div(id=ids.PAGE, className="container"), delay_show=400, type="dot"),
+            # Only page changes show the spinner, never a chart's live update or zoom.
+            dcc.Loading(
+                html.Div(id=ids.PAGE, className="container"),
+                delay_show=400,
+                type="dot",
+                target_components={ids.PAGE: "children"},
+            ),
         ]
     )
 
