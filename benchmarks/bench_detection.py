@@ -108,7 +108,7 @@ def main() -> None:
 
     print(f"Detection delay in steps after onset (onset {args.onset}, {args.seeds} seeds;")
     print("stalled: in median step intervals of silence); '-' = missed; target <=", TARGET_DELAY)
-    print(f"{'kind':<18}" + "".join(f"{v:>24}" for v in VIEWS))
+    print(f"{'kind':<18}" + "".join(f"{v:>26}" for v in VIEWS))
     worst = 0.0
     missed = 0
     for kind in kinds:
@@ -120,8 +120,8 @@ def main() -> None:
             found = delays[kind, view]
             missed += sum(d is None for d in found)
             worst = max([worst, *(d for d in found if d is not None)])
-            cells.append(" ".join("-" if d is None else f"{d:g}" for d in found))
-        print(f"{kind:<18}" + "".join(f"{c:>24}" for c in cells))
+            cells.append(" ".join("-" if d is None else f"{d:.3g}" for d in found))
+        print(f"{kind:<18}" + "".join(f"{c:>26}" for c in cells))
 
     print(
         f"\nFalse alerts per 1,000 healthy steps ({args.healthy_seeds} runs x {args.steps} "

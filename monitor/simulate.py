@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from monitor.analytics.findings import RunContext
+from monitor.divergence import summarize
 from monitor.errors import InvalidInput
 
 __all__ = [
@@ -218,11 +219,8 @@ def simulate_run(
     every kind.
     """
     sim = _Simulation(kind, steps, seed, onset, scale)
-    rows = [sim.summary_row(batch) for batch in sim.batches()]
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame([sim.summary_row(batch) for batch in sim.batches()])
     df["step"] = df["step"].astype(np.int64)
-    stop = len(df) if kind != "stalled" else sim.onset + 1
-    df = df.iloc[:stop].reset_index(drop=True)
     return SimulatedRun(
         kind=kind,
         scale=scale,
@@ -243,12 +241,7 @@ def iter_batches(
     scale: Scale = "sequence",
 ) -> Iterator[Batch]:
     """The raw per-step batches of ``simulate_run`` with the same arguments."""
-    sim = _Simulation(kind, steps, seed, onset, scale)
-    last = steps if kind != "stalled" else sim.onset + 1
-    for batch in sim.batches():
-        if batch.step >= last:
-            return
-        yield batch
+    return _Simulation(kind, steps, seed, onset, scale).batches()
 
 
 def grpo_view(run: SimulatedRun) -> SimulatedRun:
@@ -271,7 +264,7 @@ def _kl(logp: np.ndarray, logq: np.ndarray) -> float:
     return float(np.sum(np.exp(logp) * (logp - logq)))
 
 
-def _solve(f: Any, target: float, lo: float = 0.0, hi: float = 50.0) -> float:
+def _solve(f: Callable[[float], float], target: float, lo: float = 0.0, hi: float = 50.0) -> float:
     """x in [lo, hi] with f(x) = target for an increasing f (bisection)."""
     for _ in range(60):
         mid = (lo + hi) / 2
@@ -284,9 +277,9 @@ class _Simulation:
 
     def __init__(self, kind: str, steps: int, seed: int, onset: int | None, scale: Scale):
         if kind not in SCENARIOS:
-            raise ValueError(f"unknown scenario {kind!r}; choose one of {', '.join(SCENARIOS)}")
+            raise InvalidInput(f"unknown scenario {kind!r}; choose one of {', '.join(SCENARIOS)}")
         if scale not in PLATEAU_TOKEN_KL:
-            raise ValueError(f"scale must be 'sequence' or 'token', not {scale!r}")
+            raise InvalidInput(f"scale must be 'sequence' or 'token', not {scale!r}")
         self.kind, self.steps, self.scale = kind, steps, scale
         if kind == "healthy":
             onset = None
@@ -343,9 +336,11 @@ class _Simulation:
         return _kl(_softmax_log(self.z_ref + m * self.direction), _softmax_log(self.z_ref))
 
     def batches(self) -> Iterator[Batch]:
+        """One batch per step; a stalled run logs nothing after its onset."""
         wander = 0.0
         wall = START_TIME
-        for step in range(self.steps):
+        last = self.steps if self.kind != "stalled" else min(self.steps, self.onset + 1)
+        for step in range(last):
             wander = 0.99 * wander + self.rng.normal(0.0, 0.03 * math.sqrt(1 - 0.99**2))
             wall += STEP_SECONDS * self.rng.gamma(50.0, 1 / 50.0)
             uniforms = self.rng.random((BATCH, MAX_LEN))
@@ -449,8 +444,6 @@ class _Simulation:
         return log_rest + math.log(prob / (1 - prob))
 
     def summary_row(self, batch: Batch) -> dict[str, Any]:
-        from monitor.divergence import summarize
-
         base = {"step": batch.step, "wall_time": batch.wall_time}
         try:
             summary = summarize(

@@ -8,6 +8,7 @@ import pytest
 
 from monitor.analytics import RunContext
 from monitor.divergence import summarize
+from monitor.errors import InvalidInput
 from monitor.simulate import SCENARIOS, grpo_view, iter_batches, simulate_run
 
 QUANTITIES = [
@@ -117,7 +118,7 @@ def test_stalled_batches_stop_at_onset():
 
 
 def test_unknown_kind_or_scale_is_refused():
-    with pytest.raises(ValueError, match="unknown scenario"):
+    with pytest.raises(InvalidInput, match="unknown scenario"):
         simulate_run("exploding", 10)
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(InvalidInput, match="scale"):
         simulate_run("healthy", 10, scale="galactic")  # type: ignore[arg-type]

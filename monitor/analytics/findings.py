@@ -50,7 +50,11 @@ class RunContext:
         return None
 
 
-def as_context(ctx: RunContext | Mapping[str, Any] | Any | None) -> RunContext:
+#: What detectors accept as ``ctx`` (a run-like object with those attributes works too).
+Context = RunContext | Mapping[str, Any] | None
+
+
+def as_context(ctx: Context | Any) -> RunContext:
     """Accept a RunContext, a mapping with its field names, a run-like object, or None."""
     if isinstance(ctx, RunContext):
         return ctx

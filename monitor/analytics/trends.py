@@ -9,13 +9,11 @@ Everything here is causal: the value at a row depends only on that row and earli
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from monitor.analytics.findings import RunContext, as_context
+from monitor.analytics.findings import Context, RunContext, as_context
 from monitor.analytics.series import aligned, including, pick_kl
 
 __all__ = [
@@ -117,7 +115,7 @@ def expanding_slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def compute_trends(
     df: pd.DataFrame,
-    ctx: RunContext | Mapping[str, Any] | None = None,
+    ctx: Context = None,
     *,
     halflife_rows: float = 10.0,
     slope_rows: int = 20,

@@ -76,8 +76,10 @@ _FROM_START = frozenset(
 def lookback_rows(name: str, **params: Any) -> int | None:
     """Rows before a new step that ``name`` needs to judge it exactly as on the full table.
 
-    None means the whole run from its first step (the baseline is the warm-up). An
-    engine may pass a tail of this many rows (plus the new ones) instead of the table.
+    An engine may pass a tail of this many rows (plus the new ones) instead of the table.
+    None: the detector's baseline is the run's first rows (its warm-up, up to its largest
+    ``*_rows`` parameter), so it needs those as well as a tail; only the whole table
+    reproduces its findings exactly.
     """
     p = {**DEFAULT_PARAMS[name], **params}
     if name in _FROM_START:

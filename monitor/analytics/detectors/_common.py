@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,7 @@ def findings_where(
     steps: np.ndarray,
     values: np.ndarray,
     thresholds: np.ndarray | float,
-    message: object,
+    message: Callable[[int], str],
     *,
     detector: str,
     causes: tuple[str, ...],
@@ -43,7 +43,7 @@ def findings_where(
             step=int(steps[i]),
             value=float(values[i]),
             threshold=float(limits[i]),
-            message=message(i),  # type: ignore[operator]
+            message=message(int(i)),
             causes=causes,
             severity=severity,
             series=series,
@@ -52,20 +52,19 @@ def findings_where(
     ]
 
 
-def per_token_kl(df: pd.DataFrame) -> tuple[np.ndarray, str | None]:
-    """Per-token KL per row of ``df`` (NaN where unknown) and where it came from.
+def per_token_kl(df: pd.DataFrame, steps: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """Per-token KL at ``steps`` (NaN where unknown) and where it came from.
 
     ``k3`` is the low-variance estimator; else ``k1``; else ``kl_mean / resp_len_mean``.
     """
     name = first_column(df, ("k3", "k1"))
     if name is not None:
-        return pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float), name
+        return column_on(df, name, steps), name
     if first_column(df, ("kl_mean",)) and first_column(df, ("resp_len_mean",)):
-        kl = pd.to_numeric(df["kl_mean"], errors="coerce").to_numpy(dtype=float)
-        length = pd.to_numeric(df["resp_len_mean"], errors="coerce").to_numpy(dtype=float)
+        kl, length = column_on(df, "kl_mean", steps), column_on(df, "resp_len_mean", steps)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(length > 0, kl / length, np.nan), "kl_mean / resp_len_mean"
-    return np.full(len(df), np.nan), None
+    return np.full(len(steps), np.nan), None
 
 
 def column_on(df: pd.DataFrame, column: str | None, steps: np.ndarray) -> np.ndarray:
@@ -109,15 +108,16 @@ def robust_z(
     """Robust z-score of each value against the ``rows`` values before it.
 
     Scale: the largest of 1.4826 MAD, ``mad_floor`` x |median| (so a flat series does
-    not explode) and, when given, the median over the window of each row's own standard
-    error ``sem`` (early in a run the KL, and its sampling noise, grow faster than a
-    trailing MAD can follow). NaN until ``min_rows`` values precede. Returns the score,
-    the window median and the window count.
+    not explode) and, when given, the row's own standard error ``sem`` and its median
+    over the window: early in a run the KL, and its sampling noise, grow faster than a
+    trailing MAD can follow, and a step whose mean moved by less than its own sampling
+    error is no spike. NaN until ``min_rows`` values precede. Returns the score, the
+    window median and the window count.
     """
     center, scale, count = robust_center_scale(trailing(values, rows))
     scale = np.fmax(scale, mad_floor * np.abs(center))
     if sem is not None:
-        scale = np.fmax(scale, nanmedian_rows(trailing(sem, rows)))
+        scale = np.fmax(scale, np.fmax(sem, nanmedian_rows(trailing(sem, rows))))
     with np.errstate(divide="ignore", invalid="ignore"):
         score = np.where((scale > 0) & (count >= min_rows), (values - center) / scale, np.nan)
     return score, center, count

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 import pandas as pd
 
@@ -18,7 +15,7 @@ from monitor.analytics.detectors._common import (
     statistical_series,
     step_sem,
 )
-from monitor.analytics.findings import Finding, RunContext, as_context
+from monitor.analytics.findings import Context, Finding, as_context
 from monitor.analytics.series import (
     MAD_TO_SIGMA,
     first_column,
@@ -28,8 +25,6 @@ from monitor.analytics.series import (
     warmup_median,
 )
 from monitor.analytics.trends import ewma, expanding_slope, rolling_slope
-
-Context = RunContext | Mapping[str, Any] | None
 
 #: Where a response length may live: ours, then TRL GRPO's logged names.
 LENGTH_COLUMNS = ("resp_len_mean", "completions/mean_length", "completion_length")
@@ -86,7 +81,7 @@ def reward_hacking(
     kl_growth: float = 0.25,
     kl_t: float = 4.0,
     gain_ratio: float = 0.5,
-    gain_z: float = 1.0,
+    gain_z: float = 2.0,
     halflife_rows: float = 10.0,
     jump_z: float = 6.0,
     reward_jump_z: float = 4.0,
@@ -265,8 +260,8 @@ def length_drift(
     truncated = share_now >= clipped_share
     cap = context.config_float(*LENGTH_CAP_KEYS)
     at_cap = current >= cap_fraction * cap if cap else np.zeros(n, dtype=bool)
-    token_kl, token_source = per_token_kl(df)
-    token_now = nanmedian_rows(including(column_on(df.assign(_tok=token_kl), "_tok", steps), 3))
+    token_kl, token_source = per_token_kl(df, steps)
+    token_now = nanmedian_rows(including(token_kl, smooth_rows))
     earlier = np.arange(n) - compare_rows
     with np.errstate(divide="ignore", invalid="ignore"):
         length_change = np.where(earlier >= 0, current / current[np.maximum(earlier, 0)], np.nan)
@@ -352,8 +347,7 @@ def rollout_gap(
     if n > baseline_rows:
         spread[baseline_rows:] = spread[baseline_rows - 1]
     current = nanmedian_rows(including(gap, smooth_rows)) - base
-    token_kl, _ = per_token_kl(df)
-    token_kl = column_on(df.assign(_tok=token_kl), "_tok", steps)
+    token_kl, _ = per_token_kl(df, steps)
     kl_level = np.abs(nanmedian_rows(including(token_kl, smooth_rows)))
     limit = np.maximum(z * spread, kl_fraction * np.nan_to_num(kl_level))
     hit = (np.arange(n) >= min_rows - 1) & (limit > 0) & (np.abs(current) > limit)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 import pandas as pd
 
@@ -17,7 +14,7 @@ from monitor.analytics.detectors._common import (
     statistical_series,
     step_sem,
 )
-from monitor.analytics.findings import Finding, RunContext, as_context
+from monitor.analytics.findings import Context, Finding, as_context
 from monitor.analytics.series import (
     MAD_TO_SIGMA,
     TOKEN_MEAN_COLUMNS,
@@ -29,8 +26,6 @@ from monitor.analytics.series import (
     warmup_median,
 )
 from monitor.analytics.trends import ewma, resolve_budget
-
-Context = RunContext | Mapping[str, Any] | None
 
 
 def budget(
@@ -253,17 +248,19 @@ def negative_kl(
     ctx: Context = None,
     *,
     window_rows: int = 10,
-    min_rows: int = 5,
+    min_rows: int = 10,
     min_negative_share: float = 0.7,
-    t: float = 4.0,
+    t: float = 3.0,
     neg_frac: float = 0.5,
 ) -> list[Finding]:
     """KL persistently below zero, which a true KL never is.
 
-    Over the last ``window_rows`` rows: at least ``min_negative_share`` of them negative
-    with a mean ``t`` standard errors below zero (``kl_mean``, else ``k1``; ``k3`` is >= 0
-    by construction), or a majority of sequences negative (``neg_kl_frac`` > ``neg_frac``)
-    in that share of rows.
+    Over the last ``window_rows`` rows (judged from ``min_rows``): at least
+    ``min_negative_share`` of them negative with a mean ``t`` standard errors below zero
+    (``kl_mean``, else ``k1``; ``k3`` is >= 0 by construction). Or, over a full window
+    whose mean is ``t / 2`` standard errors below zero, most sequences negative
+    (``neg_kl_frac`` > ``neg_frac``) in that share of rows: at KL ~0 (a run's first
+    steps) about half the sequences are negative by chance.
     """
     series = pick_kl(df, ("kl_mean", "k1"))
     if series is None:
@@ -281,7 +278,7 @@ def negative_kl(
     frac_count = np.isfinite(frac).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         frac_share = (frac > neg_frac).sum(axis=1) / frac_count
-    by_frac = (frac_count >= min_rows) & (frac_share >= min_negative_share) & (mean < 0)
+    by_frac = (frac_count >= window_rows) & (frac_share >= min_negative_share) & (tstat < -t / 2)
     median_frac = nanmedian_rows(frac)
     return findings_where(
         by_value | by_frac,

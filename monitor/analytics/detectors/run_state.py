@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 import pandas as pd
 
 from monitor.analytics.detectors._common import num
-from monitor.analytics.findings import Finding, RunContext, as_context
-
-Context = RunContext | Mapping[str, Any] | None
+from monitor.analytics.findings import Context, Finding, as_context
 
 
 def stalled(
