@@ -297,3 +297,50 @@ def test_concurrent_last_ranks_complete_the_step(db_url: str, tmp_path) -> None:
     for r in runs:
         r.finish()
     db.dispose()
+
+
+def test_ragged_sequences_and_one_sequence(db_url: str, tmp_path) -> None:
+    seqs_p = [np.array([-0.8, -0.4]), np.array([-1.0, -0.2, -0.3])]
+    seqs_q = [np.array([-1.5, -2.1]), np.array([-1.0, -0.5, -0.1])]
+    with start(db_url, tmp_path) as run:
+        run.log_step(0, policy_logprobs=seqs_p, ref_logprobs=seqs_q)
+        run.log_step(1, policy_logprobs=[-0.8, -0.4], ref_logprobs=[-1.5, -2.1])
+        with pytest.raises(InvalidInput, match="same length"):
+            run.log_step(2, policy_logprobs=seqs_p, ref_logprobs=[np.zeros(2), np.zeros(2)])
+        assert run.flush(20)
+    db = Database.open(db_url)
+    steps = read_steps(db, run.id)
+    want = divergence.summarize(seqs_p, seqs_q).as_dict()
+    assert steps.iloc[0]["kl_mean"] == pytest.approx(want["kl_mean"])
+    assert steps.iloc[0]["n_tokens"] == 5
+    assert steps.iloc[1]["kl_mean"] == pytest.approx(2.4)  # the 'Good day' example
+    db.dispose()
+
+
+def test_a_forked_child_never_finishes_the_parents_run(tmp_path) -> None:
+    import os
+
+    from monitor.ingest import client
+
+    url = f"sqlite:///{tmp_path / 'unused.db'}"
+    run = start(url, tmp_path)
+    lp, ref, mask = batch()
+    run.log_step(0, policy_logprobs=lp, ref_logprobs=ref, mask=mask)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            client._finish_live_runs()  # what the child's interpreter exit would run
+            try:
+                run.log_step(1, policy_logprobs=lp, ref_logprobs=ref, mask=mask)
+                code = 1
+            except InvalidInput as exc:
+                code = 0 if "parent process" in str(exc) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    path = run.spool_path
+    assert path is not None and path.exists(), "the child left the parent's spool alone"
+    run.log_step(1, policy_logprobs=lp, ref_logprobs=ref, mask=mask)
+    run.finish(timeout=0.5)

@@ -470,3 +470,32 @@ def test_a_full_queue_spills_to_the_spool_without_blocking(
 def test_spool_files_are_private(tmp_path) -> None:
     path = _offline_spool(tmp_path, 1)
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+def test_sync_dry_run_reads_and_leaves_the_files(db_url: str, tmp_path) -> None:
+    path = _offline_spool(tmp_path, 4)
+    out = CliRunner().invoke(
+        cli, ["sync", "--spool-dir", str(path.parent), "--db", db_url, "--dry-run"]
+    )
+    assert out.exit_code == 0, out.output
+    assert "proj/damaged (rank 0): 4 steps" in out.output and "dry run" in out.output
+    assert path.exists() and stored_steps(db_url, "proj", "damaged") == []
+
+
+def test_segments_roll_over_and_written_ones_are_deleted(db_url: str, tmp_path, monkeypatch):
+    import functools
+
+    from monitor.ingest import client
+
+    monkeypatch.setattr(
+        client, "SpoolWriter", functools.partial(client.SpoolWriter, max_segment_bytes=4096)
+    )
+    spool = tmp_path / "sp"
+    run = monitor.init("proj", "segments", db=db_url, spool_dir=spool, flush_interval=0.01)
+    log_steps(run, range(40))
+    assert run.flush(30)
+    assert run._spool.segment > 3, "the spool rolled over several times"
+    assert len(spool_files(spool)) == 1, "written segments are deleted, the active one stays"
+    run.finish()
+    assert spool_files(spool) == []
+    assert stored_steps(db_url, "proj", "segments") == list(range(40))

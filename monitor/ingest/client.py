@@ -47,8 +47,8 @@ import numpy as np
 
 from monitor.config import db_url
 from monitor.divergence import LOGPROB_TOLERANCE
-from monitor.errors import InvalidInput
-from monitor.ingest.spool import SpoolWriter, spool_dir
+from monitor.errors import ConfigError, InvalidInput
+from monitor.ingest.spool import ENV_SPOOL_DIR, SpoolWriter, spool_dir
 from monitor.ingest.writer import (
     BackgroundWriter,
     ControlItem,
@@ -171,12 +171,13 @@ class Run:
         self._warned_order = False
         self._warned_metrics = False
         self._finished = False
+        self._forked = False
         self._finish_lock = threading.Lock()
 
         # The engine is made now (a bad URL is the caller's bug and raises ConfigError here);
         # connecting, the schema check and creating the run happen on the writer's thread.
         self.db_url = db_url(db)
-        database = Database.open(self.db_url, check=False, pool_size=1, max_overflow=1)
+        database = Database.open(self.db_url, check=False)
         self.spool_dir = Path(spool_dir) if spool_dir else _default_dir()
         header = {
             "project": project,
@@ -193,7 +194,13 @@ class Run:
             "samples_top": samples_top,
             "samples_random": samples_random,
         }
-        self._spool = SpoolWriter(self.spool_dir, header, fsync_interval=fsync_interval)
+        try:
+            self._spool = SpoolWriter(self.spool_dir, header, fsync_interval=fsync_interval)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the klmon spool in {self.spool_dir}: {exc} "
+                f"(set {ENV_SPOOL_DIR} or spool_dir= to a writable directory)"
+            ) from exc
         self._writer = BackgroundWriter(
             header=header,
             db=database,
@@ -264,7 +271,10 @@ class Run:
         reference until the background thread has used them, so do not mutate them in place).
         """
         if self._finished:
-            raise InvalidInput(f"run {self.project}/{self.name} is finished: log_step after finish")
+            where = " in the parent process (call monitor.init here)" if self._forked else ""
+            raise InvalidInput(
+                f"run {self.project}/{self.name} is finished{where}: log_step after finish"
+            )
         wall = time.time()
         step = _int_arg(step, "step")
         try:
@@ -331,6 +341,8 @@ class Run:
         if status not in ("finished", "crashed"):
             raise InvalidInput(f"status must be 'finished' or 'crashed', not {status!r}")
         with self._finish_lock:
+            if self._forked:
+                return False
             if self._finished:
                 return self._writer.committed_everything()
             self._finished = True
@@ -674,4 +686,15 @@ def _finish_live_runs() -> None:
             log.exception("klmon: could not finish run %s/%s at exit", run.project, run.name)
 
 
+def _forget_runs_in_child() -> None:
+    """A forked child (a DataLoader worker, say) inherits the Run objects but not their
+    threads, and must never finish them: that would mark the run and delete the parent's
+    spool files. The child forgets them; logging from it raises."""
+    for run in list(_LIVE_RUNS):
+        run._finished = True
+        run._forked = True
+    _LIVE_RUNS.clear()
+
+
 atexit.register(_finish_live_runs)
+os.register_at_fork(after_in_child=_forget_runs_in_child)

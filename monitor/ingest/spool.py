@@ -303,13 +303,16 @@ class SpoolWriter:
         data = FILE_MAGIC + encode_record(dict(self.header, segment=self._seq))
         _write_all(fd, data)
         self._fd, self._path, self._size = fd, path, len(data)
+        self._end = (self._seq, self._size)
         self._open[self._seq] = (path, fd)
 
-    def append(self, record: dict[str, Any]) -> tuple[int, int]:
+    def append(self, record: dict[str, Any], *, may_fsync: bool = True) -> tuple[int, int]:
         """Append one record; returns (segment, end offset). Once this returns the record is
         in the operating system's page cache: it survives the death of this process (even
         kill -9), and an fsync at most ``fsync_interval`` seconds later makes it survive a
-        power loss."""
+        power loss. ``may_fsync=False``: never fsync here (the caller must not wait for the
+        disk; :meth:`maybe_fsync` runs periodically anyway). The fsync runs outside the lock,
+        so a concurrent append never waits for the disk."""
         parts = encode_parts(record)
         with self._lock:
             if self.closed:
@@ -324,30 +327,48 @@ class SpoolWriter:
                 # A partial record (disk full...) is skipped by readers (bad checksum); keep
                 # our offset in step with the file so the next record is found.
                 self._size = os.fstat(self._fd).st_size
+                self._end = (self._seq, self._size)
                 raise
+            self._end = (self._seq, self._size)
             self._dirty = True
-            if (
-                self.fsync_interval is not None
-                and time.monotonic() - self._last_sync >= self.fsync_interval
-            ):
-                self._fsync_locked()
-            return self._seq, self._size
+            end = self._end
+        if may_fsync:
+            self.maybe_fsync()
+        return end
 
     def end(self) -> tuple[int, int]:
-        """(segment, offset) of the end of what has been appended so far."""
-        with self._lock:
-            return self._seq, self._size
+        """(segment, offset) of the end of what has been appended so far (lock-free: one
+        attribute read, so a reader never waits for a writer)."""
+        return self._end
 
     def segment_end(self, seq: int) -> tuple[int, bool]:
         """(size, final) of a segment: final once a newer segment has been started."""
-        with self._lock:
-            if seq == self._seq:
-                return self._size, False
-            return self._final_sizes.get(seq, 0), True
+        cur_seq, cur_size = self._end
+        if seq == cur_seq:
+            return cur_size, False
+        return self._final_sizes.get(seq, 0), True
 
     def fsync(self) -> None:
+        self._sync_now()
+
+    def maybe_fsync(self) -> None:
+        """fsync if records were appended and ``fsync_interval`` has passed since the last
+        one (also called periodically, so a quiet spool is not left unsynced)."""
+        if self.fsync_interval is None or not self._dirty:
+            return
+        if time.monotonic() - self._last_sync >= self.fsync_interval:
+            self._sync_now()
+
+    def _sync_now(self) -> None:
         with self._lock:
-            self._fsync_locked()
+            fd, self._dirty = self._fd, False
+            self._last_sync = time.monotonic()
+            if self.closed or fd < 0:
+                return
+        try:
+            os.fsync(fd)
+        except OSError:  # closed or rolled under us: the next sync covers it
+            self._dirty = True
 
     def _fsync_locked(self) -> None:
         if self._dirty and self._fd >= 0:

@@ -561,7 +561,7 @@ class BackgroundWriter:
                     "spilling raw steps to the spool, summarised later (token strings of "
                     "large batches are not kept)"
                 )
-        self._append(record)
+        self._append(record, caller=True)
 
     # processor ------------------------------------------------------------------------------
 
@@ -589,9 +589,10 @@ class BackgroundWriter:
                 log.warning("klmon: step %d rejected: %s", item.step, record.get("reason"))
         self._append(record)
 
-    def _append(self, record: dict[str, Any]) -> None:
+    def _append(self, record: dict[str, Any], *, caller: bool = False) -> None:
         try:
-            self.spool.append(record)
+            # On the caller's thread (a spill) never wait for an fsync.
+            self.spool.append(record, may_fsync=not caller)
         except OSError as exc:
             # The spool itself failed (disk full, closed at exit): nothing more we can do
             # without raising into the training loop; say it loudly once per burst.
@@ -618,9 +619,14 @@ class BackgroundWriter:
         while not self._abandon.is_set():
             with self._cond:
                 while not self._has_uncommitted() and not self._drained():
-                    self._cond.wait(1.0)
+                    if not self._cond.wait(0.5):
+                        break  # a quiet half second: fsync (outside the lock), then wait again
                 if not self._has_uncommitted() and self._drained():
                     return
+                idle = not self._has_uncommitted()
+            self.spool.maybe_fsync()
+            if idle:
+                continue
             if not self._stopping.is_set():
                 # Let a few steps gather so one transaction carries several of them.
                 self._abandon.wait(self.cfg.flush_interval)
