@@ -301,7 +301,7 @@ def test_compare_render_zoom_and_live_callbacks(app, db: Database) -> None:
     status, resp = cb.render("cmp", view, keys)
     assert status == 200
     kl = fig_of(resp, "cmp", "kl")
-    names = {t.get("name") for t in kl["data"] if t.get("showlegend")}
+    names = {t.get("name") for t in kl["data"] if t.get("showlegend", True) and t.get("name")}
     assert names == {
         f"ppo-good (#{r['a']})",
         f"&lt;script&gt;alert(1)&lt;/script&gt; (#{r['b']})",

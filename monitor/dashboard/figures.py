@@ -277,13 +277,17 @@ def zigzag(frame: pd.DataFrame | Arrays, column: str) -> np.ndarray:
 
 
 def tail_points(
-    tail: pd.DataFrame | Arrays, column: str, xmode: str
+    tail: pd.DataFrame | Arrays, column: str, xmode: str, *, merge: bool = False
 ) -> tuple[list[float], list[float], list[float], list[float]]:
     """(x, y) of the zig-zag and (x, y) of the means for the tail rows (raw rows give one
-    point each, buckets two). Plain lists: live updates extend them."""
+    point each, buckets two). Plain lists: live updates extend them. ``merge``: the whole
+    tail as one partial bucket (what follows a bucketed history is narrower than a bucket,
+    so a pixel or two: two points instead of one per stored piece)."""
     t = arrays(tail)
     if column not in t or not len(t[column]):
         return [], [], [], []
+    if merge and len(t[column]) > 1:
+        t = _merge_rows(t, column)
     n, avg = t["n"], t[column]
     lo, hi = t[f"{column}__min"], t[f"{column}__max"]
     s0, s1 = t["step"], t["step_end"]
@@ -303,6 +307,30 @@ def tail_points(
     xs = np.stack([xa, xb], axis=1)[keep]
     ys = np.stack([ya, hi], axis=1)[keep]
     return xs.tolist(), _r32(ys), xm[ok].tolist(), avg[ok].tolist()
+
+
+def _merge_rows(t: Arrays, column: str) -> Arrays:
+    """Rows (buckets and raw steps) as one bucket: min of mins, max of maxes, weighted mean."""
+    avg, n = t[column], t["n"]
+    ok = np.isfinite(avg) & (n > 0)
+    if not ok.any():
+        return {k: v[:0] for k, v in t.items()}
+    with np.errstate(invalid="ignore"):
+        row = {
+            "step": np.array([t["step"].min()]),
+            "step_end": np.array([t["step_end"].max()]),
+            "n": np.array([n[ok].sum()]),
+            "wall_min": np.array(
+                [np.nanmin(t["wall_min"]) if np.isfinite(t["wall_min"]).any() else np.nan]
+            ),
+            "wall_max": np.array(
+                [np.nanmax(t["wall_max"]) if np.isfinite(t["wall_max"]).any() else np.nan]
+            ),
+            column: np.array([float(np.sum(avg[ok] * n[ok]) / np.sum(n[ok]))]),
+            f"{column}__min": np.array([np.nanmin(t[f"{column}__min"][ok])]),
+            f"{column}__max": np.array([np.nanmax(t[f"{column}__max"][ok])]),
+        }
+    return row
 
 
 def _regular_x(x: np.ndarray) -> dict[str, Any]:
@@ -386,7 +414,11 @@ def _join(
 
 
 def _trace(kind: str, **kw: Any) -> dict[str, Any]:
-    return {"type": kind, **{k: v for k, v in kw.items() if v is not None}}
+    """A trace dict without None values; scatter is plotly.js's default type."""
+    out = {k: v for k, v in kw.items() if v is not None}
+    if kind != "scatter":
+        out["type"] = kind
+    return out
 
 
 def _figure(
@@ -512,40 +544,27 @@ def _add_line(
         return
     hist = _history_xy(frame, level, ln.column, xmode)
     raw_kw, mean_kw, means = hist.raw_kw, hist.mean_kw, hist.means
-    tx, ty, mx, my = tail_points(tail, ln.column, xmode)
+    tx, ty, mx, my = tail_points(tail, ln.column, xmode, merge=level > 0)
     tx, ty = _join(hist.last_raw, tx, ty)
     smoothing = smooth > 0
+    # Every byte here repeats for each trace (~100 a chart): defaults are left out, hover
+    # uses plotly's default label (x, y and the name).
     group = f"r{run.run_id}"
-    style = {"color": run.color, "width": 1.2 if smoothing else 1.5, "dash": ln.dash}
-    opacity = 0.25 if smoothing else 1.0
-    hover = f"{name}<br>%{{x}}: %{{y:.4g}}<extra></extra>"
-    traces.append(
-        _trace(
-            "scatter",
-            name=name,
-            legendgroup=group,
-            showlegend=not smoothing,
-            mode="lines",
-            line=style,
-            opacity=opacity,
-            hovertemplate=hover,
-            connectgaps=False,
-            **raw_kw,
-        )
-    )
+    style: dict[str, Any] = {"color": run.color, "width": 1.2 if smoothing else 1.5}
+    if ln.dash != "solid":
+        style["dash"] = ln.dash
+    common: dict[str, Any] = {"name": name, "legendgroup": group, "mode": "lines", "line": style}
+    if smoothing:
+        common["opacity"] = 0.25
+    traces.append(_trace("scatter", showlegend=False if smoothing else None, **common, **raw_kw))
     traces.append(
         _trace(
             "scatter",
             x=tx,
             y=ty,
-            name=name,
-            legendgroup=group,
             showlegend=False,
-            mode="lines",
-            line=style,
-            opacity=opacity,
-            hovertemplate=hover,
             meta={"run": run.run_id, "col": ln.column, "kind": "raw"},
+            **common,
         )
     )
     if not smoothing:
@@ -553,33 +572,17 @@ def _add_line(
     hist_s, state = ewma(means, smooth)
     tail_s, state = ewma(np.asarray(my, dtype=float), smooth, state)
     smx, smy = _join(_last_point(hist.mean_x, hist_s), mx, _r32(tail_s))
-    sstyle = {"color": run.color, "width": 2, "dash": ln.dash}
-    traces.append(
-        _trace(
-            "scatter",
-            name=name,
-            legendgroup=group,
-            showlegend=True,
-            mode="lines",
-            line=sstyle,
-            hovertemplate=f"{name} (smoothed)<br>%{{x}}: %{{y:.4g}}<extra></extra>",
-            y=_f32(hist_s),
-            connectgaps=True,
-            **mean_kw,
-        )
-    )
+    sstyle = {**style, "width": 2}
+    scommon = {"name": name, "legendgroup": group, "mode": "lines", "line": sstyle}
+    traces.append(_trace("scatter", y=_f32(hist_s), connectgaps=True, **scommon, **mean_kw))
     traces.append(
         _trace(
             "scatter",
             x=smx,
             y=smy,
-            name=name,
-            legendgroup=group,
             showlegend=False,
-            mode="lines",
-            line=sstyle,
-            hovertemplate=f"{name} (smoothed)<br>%{{x}}: %{{y:.4g}}<extra></extra>",
             meta={"run": run.run_id, "col": ln.column, "kind": "smooth", "ewma": list(state)},
+            **scommon,
         )
     )
 
@@ -604,20 +607,19 @@ def _add_band(
             if part == "history":
                 kw: dict[str, Any] = {**hist.mean_kw, "y": _f32(hist.means)}
             else:
-                _, _, mx, my = tail_points(tail, col, xmode)
+                _, _, mx, my = tail_points(tail, col, xmode, merge=level > 0)
                 mx, my = _join(_last_point(hist.mean_x, hist.means), mx, _r32(my))
                 kw = {"x": mx, "y": my, "meta": {"run": run.run_id, "col": col, "kind": kind}}
             traces.append(
                 _trace(
                     "scatter",
                     mode="lines",
-                    line={"width": 0, "color": fill},
+                    line={"width": 0},
                     fill="tonexty" if kind == "hi" else None,
-                    fillcolor=fill,
+                    fillcolor=fill if kind == "hi" else None,
                     showlegend=False,
                     legendgroup=group,
                     hoverinfo="skip",
-                    connectgaps=False,
                     **kw,
                 )
             )
