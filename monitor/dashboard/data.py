@@ -31,7 +31,7 @@ from monitor.errors import (
 from monitor.store import series as store_series
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, RunInfo, Sample
-from monitor.store.drilldown import add_annotation, annotations_frame, read_samples, sample_steps
+from monitor.store.drilldown import add_annotation, annotations_frame, read_samples
 
 log = logging.getLogger("monitor.dashboard")
 T = TypeVar("T")
@@ -549,8 +549,40 @@ class DashboardData:
     def samples(self, run_id: int, step: int) -> list[Sample]:
         return read_samples(self.db, run_id, step)
 
-    def sample_steps(self, run_id: int) -> list[int]:
-        return self._cache.get(("ssteps", int(run_id)), 5.0, lambda: sample_steps(self.db, run_id))
+    def sample_step(self, run_id: int, step: int | None, direction: int = 0) -> int | None:
+        """A step with stored samples: the nearest to ``step`` (``direction`` 0; the latest
+        when ``step`` is None), the last before it (-1) or the first after it (+1). Index
+        lookups: a run may hold samples at a million steps."""
+        where = "FROM samples WHERE run_id = :r"
+        params: dict[str, Any] = {"r": int(run_id)}
+        with self.db.begin() as conn:
+
+            def one(sql: str) -> int | None:
+                v = conn.execute(text(sql), params).scalar()
+                return None if v is None else int(v)
+
+            if step is None:
+                return one(f"SELECT MAX(step) {where}")
+            params["s"] = int(step)
+            if direction < 0:
+                return one(f"SELECT MAX(step) {where} AND step < :s")
+            if direction > 0:
+                return one(f"SELECT MIN(step) {where} AND step > :s")
+            below = one(f"SELECT MAX(step) {where} AND step <= :s")
+            above = one(f"SELECT MIN(step) {where} AND step >= :s")
+        found = [x for x in (below, above) if x is not None]
+        return min(found, key=lambda x: (abs(x - int(step)), x)) if found else None
+
+    def sample_step_range(self, run_id: int) -> tuple[int | None, int | None]:
+        with self.db.begin() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT (SELECT MIN(step) FROM samples WHERE run_id = :r), "
+                    "(SELECT MAX(step) FROM samples WHERE run_id = :r)"
+                ),
+                {"r": int(run_id)},
+            ).one()
+        return (None if row[0] is None else int(row[0]), None if row[1] is None else int(row[1]))
 
 
 def _json(value: Any, default: Any) -> Any:

@@ -5,7 +5,6 @@ and a table of the tokens that carry the divergence."""
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -50,29 +49,6 @@ def _edges() -> Any:
         return HIST_EDGES
     except ImportError:  # pragma: no cover - divergence is part of klmon
         return None
-
-
-def pick_step(requested: int | None, steps: Sequence[int]) -> int | None:
-    """The stored-sample step nearest to ``requested`` (the latest when None)."""
-    if not steps:
-        return None
-    if requested is None:
-        return steps[-1]
-    i = bisect.bisect_left(steps, requested)
-    candidates = [steps[j] for j in (i - 1, i) if 0 <= j < len(steps)]
-    return min(candidates, key=lambda s: (abs(s - requested), s))
-
-
-def neighbour(current: int | None, steps: Sequence[int], direction: int) -> int | None:
-    if not steps:
-        return None
-    if current is None:
-        return steps[-1]
-    if direction < 0:
-        i = bisect.bisect_left(steps, current) - 1
-        return steps[max(i, 0)]
-    i = bisect.bisect_right(steps, current)
-    return steps[min(i, len(steps) - 1)]
 
 
 def sample_card(sample: Sample) -> html.Div:
@@ -244,12 +220,12 @@ def layout(
         className="cards",
     )
     steps, counts = data.histograms(run_id)
-    sample_steps = data.sample_steps(run_id)
-    step = pick_step(view.step, sample_steps)
+    first_sample, last_sample = data.sample_step_range(run_id)
+    step = data.sample_step(run_id, view.step)
     note = None
     if view.step is not None and step is not None and step != view.step:
         note = f"no samples at step {view.step}: showing the nearest stored step, {step}"
-    elif not sample_steps:
+    elif step is None:
         note = "This run has no stored samples."
     samples = data.samples(run_id, step) if step is not None else []
     events = data.events(run_ids=[run_id], limit=200)
@@ -316,8 +292,9 @@ def layout(
                     className="permalink",
                 ),
                 html.Span(
-                    f"{len(sample_steps)} steps have stored samples"
-                    + (f" ({sample_steps[0]}..{sample_steps[-1]})" if sample_steps else ""),
+                    f"samples stored at steps {first_sample}..{last_sample}"
+                    if first_sample is not None
+                    else "",
                     className="hint",
                 ),
             ],
@@ -402,23 +379,22 @@ def register(app: Dash, data: DashboardData, settings: DashboardSettings) -> Non
             raise PreventUpdate from None
         trig = ctx.triggered_id
         try:
-            steps = data.sample_steps(rid)
             current = None
             if value is not None:
                 try:
                     current = int(value)
                 except (TypeError, ValueError):
                     current = None
-            if trig == ids.RUN_PREV:
-                step = neighbour(current, steps, -1)
-            elif trig == ids.RUN_NEXT:
-                step = neighbour(current, steps, +1)
+            if trig in (ids.RUN_PREV, ids.RUN_NEXT) and current is not None:
+                direction = -1 if trig == ids.RUN_PREV else 1
+                step = data.sample_step(rid, current, direction)
+                step = current if step is None else step
             elif trig == ids.RUN_HEATMAP:
-                step = pick_step(_click_step(heat_click), steps)
+                step = data.sample_step(rid, _click_step(heat_click))
             elif isinstance(trig, dict):
-                step = pick_step(_click_step(kl_click), steps)
+                step = data.sample_step(rid, _click_step(kl_click))
             else:
-                step = pick_step(current, steps)
+                step = data.sample_step(rid, current)
             note = None
             if (
                 trig == ids.RUN_STEP
