@@ -2,7 +2,16 @@
 
 Pure: nothing here touches the store, the dashboard or the alert engine. The step table
 is sorted by ``step`` with the columns of DESIGN.md (``kl_mean`` ... ``n_tokens``,
-``status``, ``reject_reason``, ``wall_time``) plus any extra metrics.
+``status``, ``reject_reason``, ``wall_time``) plus any extra metrics (``length_drift``
+reads a ``*clipped_ratio`` column when there is one).
+
+Example::
+
+    from monitor.analytics import DETECTORS, RunContext, compute_trends
+    ctx = RunContext(config={"target_kl": 6.0}, status="running", last_seen_at=t, now=now)
+    for finding in DETECTORS["spike"](steps_df, ctx):
+        print(finding.step, finding.message)
+    compute_trends(steps_df, ctx)[["step", "kl_ewma", "budget_cross_step"]]
 """
 
 from monitor.analytics.detectors import DEFAULT_PARAMS, DETECTORS, lookback_rows
