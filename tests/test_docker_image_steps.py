@@ -145,10 +145,6 @@ def test_wheel_ships_migrations_env_and_default_rules(image: Image) -> None:
     assert re.search(r"Requires-Dist: gunicorn.*extra == .server.", meta), meta
 
 
-@pytest.mark.xfail(
-    reason="monitor/dashboard/assets is not a package, so package-data '*.css' misses it: "
-    "pyproject.toml needs [tool.setuptools.package-data] 'monitor.dashboard' = ['assets/*']"
-)
 def test_wheel_ships_dashboard_assets(image: Image) -> None:
     names = set(zipfile.ZipFile(image.wheel).namelist())
     assets = sorted((ROOT / "monitor" / "dashboard" / "assets").glob("*.*"))
