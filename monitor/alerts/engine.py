@@ -36,11 +36,12 @@ from monitor.alerts.render import RunLabel, render, warm_up, worst
 from monitor.alerts.rules import Rule, RuleSet, load_rules
 from monitor.alerts.settings import AlertSettings
 from monitor.alerts.state import Transition, observe, resume, suspend
-from monitor.analytics import RunContext
+from monitor.analytics import EXTRA_METRIC_SUFFIXES, RunContext
 from monitor.errors import KlmonError
 from monitor.store import alerts as store
 from monitor.store.database import Database
 from monitor.store.drilldown import read_samples, sample_steps
+from monitor.store.steps import read_metrics_by_suffix
 
 log = logging.getLogger("monitor.alerts")
 
@@ -235,6 +236,7 @@ class AlertEngine:
                 )
             else:
                 df = pd.DataFrame({"step": pd.Series(dtype="int64")})
+            df = self._with_extra_metrics(run.id, df)
             steps = df["step"].to_numpy()
             new_mask = steps > run.cursor if run.cursor is not None else steps == steps
             new = df[new_mask]
@@ -278,6 +280,21 @@ class AlertEngine:
             run = _advanced(run, last_step)
             if not more:
                 break
+
+    def _with_extra_metrics(self, run_id: int, df: pd.DataFrame) -> pd.DataFrame:
+        """Join the extra metrics detectors read (e.g. TRL's completions/clipped_ratio)."""
+        if df.empty:
+            return df
+        extra = read_metrics_by_suffix(
+            self.db,
+            run_id,
+            EXTRA_METRIC_SUFFIXES,
+            start=int(df["step"].iloc[0]),
+            end=int(df["step"].iloc[-1]),
+        )
+        if len(extra.columns) == 1:
+            return df
+        return df.merge(extra, on="step", how="left")
 
     def _evaluate_rule(
         self,

@@ -15,6 +15,7 @@ Example::
 """
 
 from monitor.analytics.detectors import DEFAULT_PARAMS, DETECTORS, lookback_rows
+from monitor.analytics.detectors.behaviour import CLIPPED_SUFFIX
 from monitor.analytics.findings import Finding, RunContext, as_context
 from monitor.analytics.series import KL_PREFERENCE, pick_kl
 from monitor.analytics.trends import (
@@ -26,9 +27,14 @@ from monitor.analytics.trends import (
     rolling_slope,
 )
 
+# Extra metrics (matched by name suffix) that detectors read next to the step columns: a
+# caller that builds the step table from a store should join them in.
+EXTRA_METRIC_SUFFIXES: tuple[str, ...] = (CLIPPED_SUFFIX,)
+
 __all__ = [
     "DEFAULT_PARAMS",
     "DETECTORS",
+    "EXTRA_METRIC_SUFFIXES",
     "KL_PREFERENCE",
     "Finding",
     "RunContext",

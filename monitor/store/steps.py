@@ -144,12 +144,7 @@ def read_steps(
     if "step" not in wanted:
         wanted.insert(0, "step")
     where, params = ["run_id = :run"], {"run": run_id}
-    if start is not None:
-        where.append("step >= :start")
-        params["start"] = int(start)
-    if end is not None:
-        where.append("step <= :end")
-        params["end"] = int(end)
+    _add_range(where, params, start, end)
     if after is not None:
         where.append("step > :after")
         params["after"] = int(after)
@@ -176,20 +171,10 @@ def read_metrics(
         keys = {f"n{i}": n for i, n in enumerate(names)}
         where.append(f"name IN ({', '.join(':' + k for k in keys)})")
         params.update(keys)
-    if start is not None:
-        where.append("step >= :start")
-        params["start"] = int(start)
-    if end is not None:
-        where.append("step <= :end")
-        params["end"] = int(end)
+    _add_range(where, params, start, end)
     sql = text(f"SELECT step, name, value FROM metrics WHERE {' AND '.join(where)}")
     with db.begin() as conn:
-        long = pd.read_sql(sql, conn, params=params)
-    if long.empty:
-        return pd.DataFrame({"step": pd.Series(dtype="int64")})
-    wide = long.pivot(index="step", columns="name", values="value").sort_index()
-    wide.columns.name = None
-    return wide.reset_index()
+        return _wide(pd.read_sql(sql, conn, params=params))
 
 
 def metric_names(db: Database, run_id: int) -> list[str]:
@@ -199,3 +184,46 @@ def metric_names(db: Database, run_id: int) -> list[str]:
             {"run": run_id},
         ).all()
     return [r[0] for r in rows]
+
+
+def read_metrics_by_suffix(
+    db: Database,
+    run_id: int,
+    suffixes: Sequence[str],
+    *,
+    start: int | None = None,
+    end: int | None = None,
+) -> pd.DataFrame:
+    """Wide extra metrics whose names end with one of ``suffixes`` (e.g. TRL's
+    ``completions/clipped_ratio``) over a step range, reading only that range."""
+    if not suffixes:
+        return _wide(pd.DataFrame(columns=["step", "name", "value"]))
+    # LIKE narrows the scan ('_' may over-match one character); endswith decides.
+    keys = {f"s{i}": "%" + s for i, s in enumerate(suffixes)}
+    where = ["run_id = :run", "(" + " OR ".join(f"name LIKE :{k}" for k in keys) + ")"]
+    params: dict[str, Any] = {"run": run_id, **keys}
+    _add_range(where, params, start, end)
+    sql = text(f"SELECT step, name, value FROM metrics WHERE {' AND '.join(where)}")
+    with db.begin() as conn:
+        long = pd.read_sql(sql, conn, params=params)
+    return _wide(long[long["name"].str.endswith(tuple(suffixes))])
+
+
+def _add_range(
+    where: list[str], params: dict[str, Any], start: int | None, end: int | None
+) -> None:
+    if start is not None:
+        where.append("step >= :start")
+        params["start"] = int(start)
+    if end is not None:
+        where.append("step <= :end")
+        params["end"] = int(end)
+
+
+def _wide(long: pd.DataFrame) -> pd.DataFrame:
+    """(step, name, value) rows as a ``step`` column plus one column per name."""
+    if long.empty:
+        return pd.DataFrame({"step": pd.Series(dtype="int64")})
+    wide = long.pivot(index="step", columns="name", values="value").sort_index()
+    wide.columns.name = None
+    return wide.reset_index()

@@ -31,6 +31,9 @@ LENGTH_COLUMNS = ("resp_len_mean", "completions/mean_length", "completion_length
 #: Config keys holding the generation length cap.
 LENGTH_CAP_KEYS = ("max_response_length", "max_completion_length", "max_new_tokens")
 
+# Extra metric (by name suffix) with the share of truncated completions, as TRL logs it.
+CLIPPED_SUFFIX = "clipped_ratio"
+
 
 def entropy_collapse(
     df: pd.DataFrame,
@@ -241,7 +244,7 @@ def length_drift(
     """
     context = as_context(ctx)
     column = first_column(df, LENGTH_COLUMNS)
-    clipped = first_column(df, [c for c in df.columns if str(c).endswith("clipped_ratio")])
+    clipped = first_column(df, [c for c in df.columns if str(c).endswith(CLIPPED_SUFFIX)])
     if column is None and clipped is None:
         return []
     steps = df["step"].to_numpy().astype(np.int64)
