@@ -291,3 +291,30 @@ def test_sparkline_and_comparison_table() -> None:
     assert not differs["config.kl_coef"] and not differs["tags"]
     assert df.loc[df["field"] == "config.seed", "b (#2)"].item() == "—"
     json.dumps(df.to_dict(orient="records"))  # plain values, renderable as text
+
+
+def test_a_tail_merges_into_one_partial_bucket() -> None:
+    tail = F.arrays(
+        pd.DataFrame(
+            {
+                "step": [1024.0, 1536.0, 1600.0],
+                "step_end": [1535.0, 1599.0, 1600.0],
+                "n": [512.0, 64.0, 1.0],
+                "wall_min": [1.0, 2.0, np.nan],
+                "wall_max": [1.5, 2.5, np.nan],
+                "kl_mean": [1.0, 2.0, 9.0],
+                "kl_mean__min": [0.5, 1.5, 9.0],
+                "kl_mean__max": [3.0, 2.5, 9.0],
+                "k1": [np.nan, np.nan, np.nan],
+                "k1__min": [np.nan] * 3,
+                "k1__max": [np.nan] * 3,
+            }
+        )
+    )
+    m = F.merge_tail(tail)
+    assert m["step"].tolist() == [1024.0] and m["step_end"].tolist() == [1600.0]
+    assert m["kl_mean__min"][0] == 0.5 and m["kl_mean__max"][0] == 9.0
+    assert m["kl_mean"][0] == pytest.approx((512 * 1 + 64 * 2 + 9) / 577)
+    assert np.isnan(m["k1"][0]) and m["wall_max"][0] == 2.5
+    x, y, _, _ = F.tail_points(m, "kl_mean", "step")
+    assert y == [0.5, 9.0] and x == [1024 + 577 / 4, 1024 + 3 * 577 / 4]

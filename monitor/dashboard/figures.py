@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,7 +288,7 @@ def tail_points(
     if column not in t or not len(t[column]):
         return [], [], [], []
     if merge and len(t[column]) > 1:
-        t = _merge_rows(t, column)
+        t = _merge_rows(t, column)  # callers that did not merge_tail already
     n, avg = t["n"], t[column]
     lo, hi = t[f"{column}__min"], t[f"{column}__max"]
     s0, s1 = t["step"], t["step_end"]
@@ -307,6 +308,35 @@ def tail_points(
     xs = np.stack([xa, xb], axis=1)[keep]
     ys = np.stack([ya, hi], axis=1)[keep]
     return xs.tolist(), _r32(ys), xm[ok].tolist(), avg[ok].tolist()
+
+
+def merge_tail(t: Arrays) -> Arrays:
+    """Every quantity of a tail (buckets and raw steps) as one bucket: min of mins, max of
+    maxes, mean weighted by rows; what follows a bucketed history is narrower than one of
+    its buckets."""
+    if "n" not in t or len(t["n"]) <= 1:
+        return t
+    n = t["n"]
+    out: Arrays = {
+        "step": np.array([t["step"].min()]),
+        "step_end": np.array([t["step_end"].max()]),
+        "n": np.array([n.sum()]),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
+        out["wall_min"] = np.array([np.nanmin(t["wall_min"])])
+        out["wall_max"] = np.array([np.nanmax(t["wall_max"])])
+        for c in t:
+            if c.endswith("__min"):
+                out[c] = np.array([np.nanmin(t[c])])
+            elif c.endswith("__max"):
+                out[c] = np.array([np.nanmax(t[c])])
+            elif c not in out:
+                v = t[c]
+                ok = np.isfinite(v)
+                w = n[ok].sum()
+                out[c] = np.array([float(np.sum(v[ok] * n[ok]) / w) if w > 0 else np.nan])
+    return out
 
 
 def _merge_rows(t: Arrays, column: str) -> Arrays:

