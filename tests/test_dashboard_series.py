@@ -93,9 +93,10 @@ def test_spike_of_one_step_in_a_million_survives_full_zoom_out(tmp_path) -> None
     db.dispose()
 
 
-def test_rollups_built_while_a_run_grows_equal_a_fresh_build(db: Database) -> None:
+def test_rollups_built_while_a_run_grows_equal_a_fresh_build(db: Database, monkeypatch) -> None:
     """Reads in between writes store buckets piecewise; the result is the same as building
-    them once at the end (gaps, missing values and a late start included)."""
+    them once at the end (gaps, missing values and a late start included), and the same
+    through PostgreSQL's COPY path as through executemany."""
     rng = np.random.default_rng(3)
     steps = np.sort(rng.choice(np.arange(500, 40_000), size=9_000, replace=False))
     kl = rng.gamma(2.0, 0.5, len(steps))
@@ -107,6 +108,7 @@ def test_rollups_built_while_a_run_grows_equal_a_fresh_build(db: Database) -> No
         bulk_steps(db, grown.id, steps[part], kl_mean=kl[part], reward_mean=reward[part])
         series.read_series(db, grown.id, ["kl_mean"], max_buckets=50)
     bulk_steps(db, fresh.id, steps, kl_mean=kl, reward_mean=reward)
+    monkeypatch.setattr(series, "COPY_MIN_ROWS", 10)
     assert series.refresh_rollups(db, fresh.id) > 0
     assert series.refresh_rollups(db, fresh.id) == 0  # nothing new: nothing written
     a, b = stored_rollups(db, grown.id), stored_rollups(db, fresh.id)
