@@ -3,18 +3,15 @@ known problem is raised by the rule that explains it. Reads ../shared/realdata i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from click.testing import CliRunner
+from realdata_path import REALDATA
 from test_alerts_support import Clock, ListSender
 
 from monitor.alerts import AlertEngine, AlertSettings, load_rules
 from monitor.cli import main
 from monitor.store.alerts import list_events
 from monitor.store.runs import resolve_run
-
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
 pytestmark = pytest.mark.skipif(
     not REALDATA.is_dir(), reason=f"real training logs not present at {REALDATA}"

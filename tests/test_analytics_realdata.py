@@ -8,15 +8,14 @@ monitor/ingest. Each log shows one known problem, and only the detector for it f
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from realdata_path import REALDATA
 
 from monitor.analytics import DETECTORS, RunContext
 
-REALDATA = Path("/work/shared/realdata")
 pytestmark = pytest.mark.skipif(
     not REALDATA.is_dir(), reason=f"real training logs not found at {REALDATA}"
 )

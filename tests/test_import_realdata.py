@@ -3,17 +3,15 @@ right meanings. Third-party data: read from there, never copied; skipped where a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from realdata_path import REALDATA
 
 from monitor.ingest.importers import import_path, parse_map, prepare_path
 from monitor.store.database import Database
 from monitor.store.metric_info import read_metric_info
 from monitor.store.steps import read_metrics, read_steps
-
-REALDATA = Path(os.environ.get("KLMON_REALDATA", "/work/shared/realdata"))
 
 pytestmark = pytest.mark.skipif(
     not (REALDATA / "INDEX.md").is_file(),
