@@ -163,3 +163,17 @@ def test_write_progress_counts_steps_then_metrics(db: Database) -> None:
     writes = [s for s in seen if s[0] == "write"]
     assert writes[-1] == ("write", 9, 9)  # 3 steps + 6 metrics
     assert report.steps_inserted == 3
+
+
+def test_an_imported_run_has_its_chart_rollups_built(db: Database, tmp_path: Path) -> None:
+    log = tmp_path / "long.jsonl"
+    log.write_text(
+        "".join(json.dumps({"step": s, "kl_vs_ref": 0.01 * s}) + "\n" for s in range(400))
+    )
+    import_path(db, log, project="p", name="long", mapping=parse_map(["kl_vs_ref=kl_mean"]))
+    run = find_run_by_name(db, "p", "long")
+    with db.begin() as conn:
+        n = conn.exec_driver_sql(
+            f"SELECT COUNT(*) FROM step_rollups WHERE run_id = {run.id}"
+        ).scalar()
+    assert n > 0  # the first chart view does not pay the rollup build

@@ -28,6 +28,7 @@ from monitor.store.drilldown import write_histograms, write_samples
 from monitor.store.metric_info import write_metric_info
 from monitor.store.models import STEP_QUANTITIES
 from monitor.store.runs import find_run_by_name, get_or_create_run, set_run_status
+from monitor.store.series import refresh_rollups
 from monitor.store.steps import write_metrics, write_steps
 
 DEFAULT_PROJECT = "imported"
@@ -334,6 +335,9 @@ def write_prepared(
     samples = [s for step in new_steps for s in prepared.samples[step]]
     if samples:
         report.samples_inserted = write_samples(db, run.id, samples)
+    if report.steps_inserted:
+        # An imported run is complete: pay its chart rollups now, not on the first page view.
+        refresh_rollups(db, run.id)
     return report
 
 
