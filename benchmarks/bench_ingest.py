@@ -107,7 +107,14 @@ def _batches(n_distinct: int, b: int, t: int, seed: int = 0):
 
 
 def bench_latency(
-    url: str, label: str, steps: int, step_ms: float, spool: Path, b: int = 256, t: int = 2048
+    url: str,
+    label: str,
+    steps: int,
+    step_ms: float,
+    spool: Path,
+    b: int = 256,
+    t: int = 2048,
+    validate: str = "full",
 ) -> dict:
     import monitor
 
@@ -122,6 +129,7 @@ def bench_latency(
         spool_dir=spool,
         config={"kl_coef": 0.05},
         exit_timeout=5.0,
+        validate=validate,
     )
     times = np.empty(steps)
     cpu = np.empty(steps)
@@ -365,6 +373,7 @@ def main() -> None:
         if args.only in (None, "latency"):
             print(f"log_step blocking time, (256, 2048) float32, {args.steps} steps")
             cases = [("sqlite-up", _fresh_sqlite(work, "lat.db"), args.step_ms)]
+            cases.append(("sqlite-up shape", cases[0][1], args.step_ms))
             pg = _fresh_pg("klmon_bench_latency")
             if pg:
                 cases.append(("postgres-up", pg, args.step_ms))
@@ -380,7 +389,14 @@ def main() -> None:
             rows = [fl]
             for label, url, gap in cases:
                 n = args.stress_steps if gap == 0 else args.steps
-                r = bench_latency(url, label, n, gap, work / f"spool-{label.replace(' ', '-')}")
+                r = bench_latency(
+                    url,
+                    label,
+                    n,
+                    gap,
+                    work / f"spool-{label.replace(' ', '-')}",
+                    validate="shapes" if "shape" in label else "full",
+                )
                 r["step_ms"] = gap
                 rows.append(r)
                 s = r["stats"]

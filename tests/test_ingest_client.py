@@ -344,3 +344,17 @@ def test_a_forked_child_never_finishes_the_parents_run(tmp_path) -> None:
     assert path is not None and path.exists(), "the child left the parent's spool alone"
     run.log_step(1, policy_logprobs=lp, ref_logprobs=ref, mask=mask)
     run.finish(timeout=0.5)
+
+
+def test_validate_shapes_defers_value_checks_to_the_background(db_url: str, tmp_path) -> None:
+    with start(db_url, tmp_path, validate="shapes") as run:
+        lp, ref, mask = batch()
+        run.log_step(0, policy_logprobs=lp + 1.0, ref_logprobs=ref, mask=mask)  # no raise
+        with pytest.raises(InvalidInput, match="shape"):  # shapes are still checked
+            run.log_step(1, policy_logprobs=lp, ref_logprobs=ref[:, :2], mask=mask)
+        assert run.flush(20)
+        assert run.stats["rejected"] == 1
+    db = Database.open(db_url)
+    row = read_steps(db, run.id).iloc[0]
+    assert row["status"] == "rejected" and "log-probability" in row["reject_reason"]
+    db.dispose()

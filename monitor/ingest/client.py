@@ -78,6 +78,7 @@ def init(
     world_size: int = 1,
     spool_dir: str | os.PathLike[str] | None = None,
     on_invalid: Literal["raise", "log"] = "raise",
+    validate: Literal["full", "shapes"] = "full",
     samples_top: int = 3,
     samples_random: int = 2,
     queue_size: int = 64,
@@ -94,6 +95,10 @@ def init(
     with the same run name, their ``rank`` and the ``world_size``, and log their own shard of
     every step; the stored step merges all ranks. ``on_invalid``: ``"raise"`` (InvalidInput at
     the call) or ``"log"`` (the step is stored as rejected, with the reason, and counted).
+    ``validate``: ``"full"`` checks values at the call (NaN/inf/positive log-probs under the
+    mask: ~0.3-0.5 ms for (256, 2048)); ``"shapes"`` checks only shapes, dtypes and empty
+    responses at the call and leaves the value checks to the background, where a bad step is
+    stored as rejected and counted (it can no longer raise).
     ``samples_top``/``samples_random``: sequences kept per step (per rank) for drill-down.
     ``queue_size``/``queue_bytes``: how many steps (and bytes of copied arrays) may wait for
     the background thread before ``log_step`` spills raw steps to the spool (memory bound).
@@ -110,6 +115,7 @@ def init(
         world_size=world_size,
         spool_dir=spool_dir,
         on_invalid=on_invalid,
+        validate=validate,
         samples_top=samples_top,
         samples_random=samples_random,
         queue_size=queue_size,
@@ -136,6 +142,7 @@ class Run:
         world_size: int = 1,
         spool_dir: str | os.PathLike[str] | None = None,
         on_invalid: Literal["raise", "log"] = "raise",
+        validate: Literal["full", "shapes"] = "full",
         samples_top: int = 3,
         samples_random: int = 2,
         queue_size: int = 64,
@@ -154,6 +161,9 @@ class Run:
             raise InvalidInput(f"rank {rank} is not in [0, world_size={world_size})")
         if on_invalid not in ("raise", "log"):
             raise InvalidInput(f"on_invalid must be 'raise' or 'log', not {on_invalid!r}")
+        if validate not in ("full", "shapes"):
+            raise InvalidInput(f"validate must be 'full' or 'shapes', not {validate!r}")
+        self.validate = validate
         if queue_size < 1:
             raise InvalidInput("queue_size must be >= 1")
         self.project = project
@@ -291,6 +301,7 @@ class Run:
                 metrics,
                 rollout_logprobs,
                 entropies,
+                check_values=self.validate == "full",
             )
         except InvalidInput as exc:
             if self.on_invalid == "raise":
@@ -547,6 +558,8 @@ def _build_item(
     metrics: Mapping[str, Any] | None,
     rollout_logprobs: Any,
     entropies: Any,
+    *,
+    check_values: bool = True,
 ) -> StepItem:
     if step < 0:
         raise InvalidInput(f"step must be >= 0, got {step}")
@@ -554,8 +567,9 @@ def _build_item(
     if _is_ragged(policy_logprobs):
         lp, ref, m = _pad_ragged(policy_logprobs, ref_logprobs, mask)
         _check_rows(m)
-        _check_logprobs(lp, "policy_logprobs", m)
-        _check_logprobs(ref, "ref_logprobs", m)
+        if check_values:
+            _check_logprobs(lp, "policy_logprobs", m)
+            _check_logprobs(ref, "ref_logprobs", m)
     else:
         if mask is not None:
             raw = _to_array(mask, "mask")
@@ -571,14 +585,16 @@ def _build_item(
             raise InvalidInput(f"empty batch: policy_logprobs has shape {lp.shape}")
         if m is not None and m.shape != lp.shape:
             raise InvalidInput(f"mask has shape {m.shape} but policy_logprobs has shape {lp.shape}")
-        _check_logprobs(lp, "policy_logprobs", m)
+        if check_values:
+            _check_logprobs(lp, "policy_logprobs", m)
         ref = _float_copy(ref_logprobs, "ref_logprobs")
         if ref.shape != lp.shape:
             raise InvalidInput(
                 f"ref_logprobs has shape {ref.shape} but policy_logprobs has shape "
                 f"{lp.shape}: they must match"
             )
-        _check_logprobs(ref, "ref_logprobs", m)
+        if check_values:
+            _check_logprobs(ref, "ref_logprobs", m)
     b = lp.shape[0]
     r = None
     if rewards is not None:
@@ -617,7 +633,8 @@ def _build_item(
         ro = _float_copy(rollout_logprobs, "rollout_logprobs")
         if ro.shape != lp.shape:
             raise InvalidInput(f"rollout_logprobs has shape {ro.shape}, policy {lp.shape}")
-        _check_logprobs(ro, "rollout_logprobs", m)
+        if check_values:
+            _check_logprobs(ro, "rollout_logprobs", m)
         extra["rollout_logprobs"] = ro
     if entropies is not None:
         ent = _float_copy(entropies, "entropies")
