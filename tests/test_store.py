@@ -191,3 +191,11 @@ def test_a_database_that_is_down_raises_database_unavailable_without_password() 
         Database.open("postgresql://klmon:hunter2@127.0.0.1:1/klmon")
     assert "hunter2" not in str(info.value)
     assert "unavailable" in str(info.value)
+
+
+def test_a_password_in_the_url_query_is_hidden_too() -> None:
+    url = "postgresql://klmon@127.0.0.1:1/klmon?password=hunter2&sslmode=disable"
+    with pytest.raises(DatabaseUnavailable) as info:
+        Database.open(url)
+    assert "hunter2" not in str(info.value)
+    assert "password=***" in str(info.value) and "sslmode=disable" in str(info.value)

@@ -21,12 +21,20 @@ def normalize_url(url: str) -> str:
     return url
 
 
+# Query parameters libpq reads a secret from (postgresql://u@h/db?password=...).
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password hidden, safe for logs and messages."""
+    """The URL with any password hidden (``user:***@`` and ``?password=***``), safe for
+    logs and messages."""
     try:
-        return make_url(normalize_url(url)).render_as_string(hide_password=True)
+        parsed = make_url(normalize_url(url))
+        query = {k: "***" if k.lower() in _SECRET_PARAMS else v for k, v in parsed.query.items()}
+        shown = parsed.set(query=query).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable database URL>"
+    return shown.replace("%2A%2A%2A", "***")
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
