@@ -238,7 +238,8 @@ def reset_demo(url: str) -> None:
             return
     db = Database.open(url, check=False)
     try:
-        upgrade(db.engine)
+        with db.translate_errors():
+            upgrade(db.engine)
         with db.begin() as conn:
             conn.execute(text("DELETE FROM runs WHERE project = :p"), {"p": DEMO_PROJECT})
     finally:
@@ -302,7 +303,8 @@ def build_demo(
     reset_demo(url)
     db = Database.open(url, check=False)
     try:
-        upgrade(db.engine)
+        with db.translate_errors():
+            upgrade(db.engine)
         specs = demo_runs(steps)
         cfg = WriterConfig(samples_top=3, samples_random=1)
         run_ids: dict[str, int] = {}

@@ -103,6 +103,18 @@ def test_demo_no_serve_prints_the_alerts_and_writes_the_mail(tmp_path, monkeypat
     assert len(json.loads(runs.output)) == len(demo_runs(STEPS))
 
 
+def test_demo_on_a_database_that_is_down_says_so_in_one_line_without_the_password() -> None:
+    result = CliRunner().invoke(
+        main, ["demo", "--no-serve", "--db", "postgresql://u:s3cret@127.0.0.1:1/x"]
+    )
+    assert result.exit_code == 1
+    assert "s3cret" not in result.output
+    assert "Traceback" not in result.output and result.exception.__class__ is SystemExit
+    assert "Error: database postgresql+psycopg://u:***@127.0.0.1:1/x is unavailable" in (
+        result.output
+    )
+
+
 def _get(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=10) as resp:
         return resp.status, resp.read().decode("utf-8", "replace")

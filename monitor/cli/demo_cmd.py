@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from monitor.cli.runs_cmd import _plain
+from monitor.store.engine import redact_url
 
 
 def _echo_alerts(events: Any) -> None:
@@ -91,7 +92,8 @@ def demo_cmd(db: str | None, no_serve: bool, port: int, steps: int) -> None:
     from monitor.demo import DEMO_PROJECT, DashboardServer, LiveRun, build_demo, default_db_url
 
     url = db or default_db_url()
-    click.echo(f"klmon demo: building 5 simulated runs in {url}")
+    shown_url = redact_url(url)
+    click.echo(f"klmon demo: building 5 simulated runs in {shown_url}")
     total = 4 * steps + max(steps // 2, 30)
     with click.progressbar(length=total, label="simulating and storing", width=30) as bar:
         summary = build_demo(url, steps=steps, progress=bar.update)
@@ -133,7 +135,8 @@ def demo_cmd(db: str | None, no_serve: bool, port: int, steps: int) -> None:
     for err in report.errors:
         click.echo(f"error: {err}", err=True)
     if server is None:
-        click.echo(f"done in {time.perf_counter() - started:.1f} s. Try: klmon runs --db {url}")
+        elapsed = time.perf_counter() - started
+        click.echo(f"done in {elapsed:.1f} s. Try: klmon runs --db {shown_url}")
         database.dispose()
         return
 
