@@ -129,6 +129,30 @@ def test_silence_refuses_unknown_rules_and_bad_durations(env) -> None:
     assert bad_for.exit_code == 1 and "duration 'soon'" in bad_for.output
     no_run = invoke("silence", "nope", "--for", "1h")
     assert no_run.exit_code == 1 and "no run named 'nope'" in no_run.output
+    for text, said in (("99999999d", "too long: at most 3650d"), ("inf", "positive, finite")):
+        result = invoke("silence", "ppo-a", "--for", text)
+        assert result.exit_code == 1 and f"duration '{text}' " in result.output, result.output
+        assert said in result.output and "Traceback" not in result.output
+    assert invoke("silences", "--json").output.strip() == "[]"
+
+
+def test_silences_lists_one_set_beyond_datetime_years(db_url: str, monkeypatch) -> None:
+    """A silence stored far in the future (by any client) must not break the listing."""
+    from monitor.store.alerts import silence
+
+    db = Database.open(db_url)
+    run = new_run(db, "ppo-a")
+    silence(db, run, None, 1e13, by="bob", now=1.7e9)
+    db.dispose()
+    monkeypatch.setenv("KLMON_DB_URL", db_url)
+    result = invoke("silences")
+    assert result.exit_code == 0, result.output
+    assert "Unix time 10000000000000" in result.output
+
+
+def test_alerts_list_refuses_a_negative_limit(env) -> None:
+    result = invoke("list", "--limit", "-5")
+    assert result.exit_code == 2 and "'--limit'" in result.output
 
 
 def test_check_json_keeps_stdout_clean_when_mail_is_printed(env, monkeypatch) -> None:

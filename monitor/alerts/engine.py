@@ -590,9 +590,12 @@ def _advanced(run: store.RunToEvaluate, last_step: int | None) -> store.RunToEva
     return replace(run, cursor=last_step, version=run.version + 1 if run.version >= 0 else 1)
 
 
+MAX_DURATION_S = 3650 * 86400.0  # ten years: any longer is a typo (and past datetime's range)
+
+
 def parse_duration(text: str) -> float:
     """Seconds in ``"2s"``, ``"500ms"``, ``"30m"``, ``"2h"``, ``"1d"``, ``"1h30m"`` or a
-    bare number of seconds."""
+    bare number of seconds; at most ten years."""
     import re
 
     from monitor.errors import ConfigError
@@ -609,5 +612,7 @@ def parse_duration(text: str) -> float:
         unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
         value = sum(float(n) * unit[u] for n, u in parts)
     if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"duration {text!r} must be positive")
+        raise ConfigError(f"duration {text!r} must be a positive, finite time")
+    if value > MAX_DURATION_S:
+        raise ConfigError(f"duration {text!r} is too long: at most 3650d (ten years)")
     return value

@@ -37,7 +37,10 @@ def _load(rules_path: str | None) -> tuple[Any, Any]:
 def _when(ts: Any) -> str:
     if ts is None or ts != ts:
         return "-"
-    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):  # beyond the years datetime can show
+        return f"Unix time {float(ts):.0f}"
 
 
 def _plain(value: Any) -> Any:
@@ -223,7 +226,13 @@ def watch_cmd(db: str | None, rules_path: str | None, interval: str) -> None:
 )
 @click.option("--run", "run_ref", metavar="RUN", default=None, help="Only this run (id or name).")
 @click.option("--rule", default=None, help="Only this rule.")
-@click.option("--limit", default=100, show_default=True, help="At most this many, newest first.")
+@click.option(
+    "--limit",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="At most this many, newest first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (for scripts).")
 def list_cmd(
     db: str | None,
