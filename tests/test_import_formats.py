@@ -144,6 +144,9 @@ def test_jsonl_nan_malformed_lines_and_rows_of_other_kinds() -> None:
     assert reasons[2].startswith("line 7: no 'global_step' value (a row of another kind")
     assert reasons[3].startswith("line 8: bad step")
     assert any("note" in n for n in p.notes)
+    # stored as missing, but said: a log whose loss went NaN should not look merely sparse
+    nan_note = [n for n in p.notes if n.startswith("NaN or infinite values stored as missing")]
+    assert nan_note and "kl (1)" in nan_note[0] and "loss (1)" in nan_note[0], p.notes
 
 
 def test_csv_quoted_commas_empty_cells_and_bad_rows() -> None:

@@ -108,6 +108,7 @@ def build(
     # 1. coerce values and merge rows by step
     merged: dict[int, dict[str, Any]] = {}
     non_numeric: Counter[str] = Counter()
+    non_finite: Counter[str] = Counter()
     repeated = 0
     unit = "row" if fmt == "parquet" else "log_history entry" if fmt == "trainer_state" else "line"
     for index, rec in enumerate(table.records):
@@ -141,6 +142,9 @@ def build(
                 values[k] = to_number(v)
             except NotNumeric:
                 non_numeric[k] += 1
+                continue
+            if values[k] is None and v is not None and str(v).strip():
+                non_finite[k] += 1  # NaN or +-inf: stored as missing, said below
         if not any(v is not None for v in values.values()):
             what = "only missing values" if values else "no numeric values"
             shown = ", ".join(list(rec.values)[:5])
@@ -157,6 +161,9 @@ def build(
     if non_numeric:
         cols = ", ".join(f"{k} ({n})" for k, n in non_numeric.most_common(5))
         out.notes.append(f"non-numeric values ignored in: {cols}")
+    if non_finite:
+        cols = ", ".join(f"{k} ({n})" for k, n in non_finite.most_common(5))
+        out.notes.append(f"NaN or infinite values stored as missing in: {cols}")
 
     # 2. what each column means
     columns = {k for vals in merged.values() for k in vals}
