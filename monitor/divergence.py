@@ -848,7 +848,9 @@ class _Worker:
     ) -> np.ndarray:
         if mask is None:
             return x
-        return np.multiply(x, mw, out=out)
+        # inf * 0 under the mask is NaN here; the caller detects it and takes the slow path.
+        with np.errstate(invalid="ignore"):
+            return np.multiply(x, mw, out=out)
 
     def _histogram(self, r0: int, r1: int, lw: np.ndarray, xw: np.ndarray) -> None:
         np.multiply(lw, _BIN_SCALE, out=xw)
