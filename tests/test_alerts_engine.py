@@ -239,6 +239,21 @@ def test_a_stalled_run_goes_to_nodata_and_is_never_resolved(db) -> None:
     assert [t.step for t in report.resolved] == [4]
 
 
+def test_nodata_message_says_the_last_step_or_that_there_is_none(db) -> None:
+    clock = Clock()
+    eng = engine(db, clock, nodata_after=60.0)
+    empty, logged = new_run(db, "empty"), new_run(db, "logged")
+    add_steps(db, logged, 0, [0.1] * 3)
+    for run in (empty, logged):
+        touch_run(db, run, now=clock())
+    eng.run_once()
+    clock.advance(61)
+    report = eng.run_once()
+    said = {t.run_id: t.message for t in report.transitions if t.to_state == "nodata"}
+    assert said[empty].endswith("(no step yet)") and "None" not in said[empty]
+    assert said[logged].endswith("(last step 2)")
+
+
 def test_a_finished_run_is_never_nodata(db) -> None:
     clock = Clock()
     eng = engine(db, clock, nodata_after=60.0)

@@ -364,13 +364,14 @@ class AlertEngine:
             st = states[rule.name]
             if stale:
                 silent = now - run.last_seen_at
+                last = "no step yet" if run.max_step is None else f"last step {run.max_step}"
                 t = suspend(
                     rule,
                     st,
                     run_id=run.id,
                     to="nodata",
                     step=run.cursor,
-                    message=f"no step for {silent / 60:.0f} min (last step {run.max_step})",
+                    message=f"no step for {silent / 60:.0f} min ({last})",
                 )
                 if t:
                     out.append(t)
