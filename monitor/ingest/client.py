@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import math
 import numbers
@@ -57,7 +58,7 @@ from monitor.ingest.writer import (
     WriterConfig,
 )
 from monitor.store.database import Database
-from monitor.store.models import STEP_QUANTITIES
+from monitor.store.models import METRIC_NAME_MAX, STEP_MAX, STEP_QUANTITIES
 
 __all__ = ["Run", "init"]
 
@@ -172,6 +173,8 @@ class Run:
         self.world_size = world_size
         self.on_invalid = on_invalid
         self.config = dict(config or {})
+        _json_arg(self.config, "config")
+        _json_arg(list(tags or []), "tags")
         if exit_timeout is None:
             exit_timeout = float(os.environ.get(ENV_EXIT_TIMEOUT, "5"))
         self.exit_timeout = exit_timeout
@@ -286,7 +289,7 @@ class Run:
                 f"run {self.project}/{self.name} is finished{where}: log_step after finish"
             )
         wall = time.time()
-        step = _int_arg(step, "step")
+        step = _step_arg(step)
         try:
             item = _build_item(
                 step,
@@ -324,7 +327,7 @@ class Run:
         """Extra named scalars at a step, without log-probs (e.g. a trainer's eval metrics)."""
         if self._finished:
             raise InvalidInput("log_metrics after finish")
-        step = _int_arg(step, "step")
+        step = _step_arg(step)
         checked = _checked_metrics(metrics)
         if self.rank != 0:
             return
@@ -406,6 +409,22 @@ def _default_dir() -> Path:
 
 
 # --- validation and copies (the caller's thread: keep it cheap) --------------------------------
+
+
+def _step_arg(value: Any) -> int:
+    """A step number the database can hold: 0 <= step <= 2**63 - 1 (BIGINT)."""
+    step = _int_arg(value, "step")
+    if not 0 <= step <= STEP_MAX:
+        raise InvalidInput(f"step must be in [0, 2**63 - 1], got {step}")
+    return step
+
+
+def _json_arg(value: Any, name: str) -> None:
+    """Refuse what the JSON columns cannot store (PostgreSQL rejects NaN in JSON)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{name} must be JSON without NaN/inf: {exc}") from None
 
 
 def _int_arg(value: Any, name: str) -> int:
@@ -561,8 +580,6 @@ def _build_item(
     *,
     check_values: bool = True,
 ) -> StepItem:
-    if step < 0:
-        raise InvalidInput(f"step must be >= 0, got {step}")
     m: np.ndarray | None = None
     if _is_ragged(policy_logprobs):
         lp, ref, m = _pad_ragged(policy_logprobs, ref_logprobs, mask)
@@ -663,14 +680,17 @@ def _checked_metrics(metrics: Mapping[str, Any], *, lenient: bool = False) -> di
         raise InvalidInput(f"metrics must be a mapping of name to number, got {type(metrics)}")
     out: dict[str, Any] = {}
     for k, v in metrics.items():
-        ok = (
-            isinstance(k, str)
-            and k
-            and (
-                (isinstance(v, numbers.Real) and not isinstance(v, bool))
-                or (hasattr(v, "item") and getattr(v, "ndim", 0) == 0)
-                or v is None
+        if not isinstance(k, str) or not k or len(k) > METRIC_NAME_MAX:
+            if lenient:
+                continue
+            raise InvalidInput(
+                f"metric name {k!r} must be a non-empty string of at most "
+                f"{METRIC_NAME_MAX} characters"
             )
+        ok = (
+            (isinstance(v, numbers.Real) and not isinstance(v, bool))
+            or (hasattr(v, "item") and getattr(v, "ndim", 0) == 0)
+            or v is None
         )
         if not ok:
             if lenient:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from monitor.ingest.client import Run, init
+from monitor.store.models import METRIC_NAME_MAX
 
 try:  # a real subclass when transformers is there, so Trainer's type checks pass
     from transformers import TrainerCallback as _CallbackBase
@@ -102,7 +103,7 @@ class KlmonCallback(_CallbackBase):
         if self.run is None or not logs or not getattr(state, "is_world_process_zero", True):
             return control
         # NaN/inf are kept as "missing" at their step; strings and lists are not metrics.
-        scalars = {k: v for k, v in logs.items() if _is_number(v)}
+        scalars = {k: v for k, v in logs.items() if _is_number(v) and 0 < len(k) <= METRIC_NAME_MAX}
         if scalars:
             self.run.log_metrics(int(getattr(state, "global_step", 0)), scalars)
         return control

@@ -60,6 +60,10 @@ STEP_FLOAT_COLUMNS: tuple[str, ...] = (
 STEP_INT_COLUMNS: tuple[str, ...] = ("n_sequences", "n_tokens")
 STEP_QUANTITIES: tuple[str, ...] = STEP_FLOAT_COLUMNS + STEP_INT_COLUMNS
 
+# Longest metric name the metrics tables hold (VARCHAR), and the largest step (BIGINT).
+METRIC_NAME_MAX = 200
+STEP_MAX = 2**63 - 1
+
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
@@ -148,7 +152,7 @@ class MetricRow(Base):
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(METRIC_NAME_MAX), primary_key=True)
     value: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
@@ -159,7 +163,7 @@ class MetricInfoRow(Base):
     __tablename__ = "metric_info"
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(METRIC_NAME_MAX), primary_key=True)
     source: Mapped[str | None] = mapped_column(String(50), nullable=True)
     quantity: Mapped[str | None] = mapped_column(String(50), nullable=True)
     estimator: Mapped[str | None] = mapped_column(String(20), nullable=True)
@@ -348,7 +352,7 @@ class MetricRollupRow(Base):
     __tablename__ = "metric_rollups"
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(METRIC_NAME_MAX), primary_key=True)
     level: Mapped[int] = mapped_column(Integer, primary_key=True)
     bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     n: Mapped[int] = mapped_column(Integer)

@@ -27,6 +27,7 @@ from monitor.ingest.importers.keys import (
     lookup,
 )
 from monitor.store.metric_info import MetricInfo
+from monitor.store.models import METRIC_NAME_MAX
 
 STEP_KEYS: tuple[str, ...] = (
     "step",
@@ -39,7 +40,6 @@ STEP_KEYS: tuple[str, ...] = (
 )
 TIME_KEYS: tuple[str, ...] = ("wall_time", "_timestamp", "timestamp", "time")
 STEP_STATUSES = ("ok", "partial", "rejected")
-MAX_NAME = 200  # metrics.name is VARCHAR(200)
 
 
 @dataclass
@@ -167,10 +167,10 @@ def build(
 
     # 2. what each column means
     columns = {k for vals in merged.values() for k in vals}
-    too_long = sorted(c for c in columns if len(c) > MAX_NAME)
+    too_long = sorted(c for c in columns if len(c) > METRIC_NAME_MAX)
     if too_long:
         out.notes.append(
-            f"{len(too_long)} columns with names over {MAX_NAME} characters not stored: "
+            f"{len(too_long)} columns with names over {METRIC_NAME_MAX} characters not stored: "
             f"{too_long[0][:60]}..."
         )
         columns -= set(too_long)
