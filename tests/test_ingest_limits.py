@@ -46,3 +46,36 @@ def test_out_of_range_step_bad_metric_names_and_bad_config_are_refused(db_url, t
     assert list(read_steps(db, stored.id)["step"]) == [0, 1, 2, 3, 4, 5]
     assert list(read_metrics(db, stored.id)["step"]) == [0, 1, 2, 3, 4, 5]
     db.dispose()
+
+
+def test_sync_reports_a_file_the_database_refuses_and_replays_the_others(
+    db_url: str, tmp_path
+) -> None:
+    from click.testing import CliRunner
+    from test_ingest_faults import down_url
+
+    from monitor.cli import main
+    from monitor.ingest.spool import SpoolRecord, encode_record, iter_records, spool_files
+
+    spool = tmp_path / "spool"
+    for name in ("good", "poisoned"):
+        run = monitor.init("p", name, db=down_url("sqlite", tmp_path), spool_dir=spool)
+        for step in range(3):
+            run.log_step(step, **_batch(step))
+        run.finish(timeout=0.2)
+    poisoned = next(p for p in spool_files(spool) if ".poisoned." in p.name)
+    record = next(
+        r.record
+        for r in iter_records(poisoned)
+        if isinstance(r, SpoolRecord) and r.record.get("step") == 2
+    )
+    # A step the database cannot hold (written by an older client, or a damaged file).
+    poisoned.write_bytes(poisoned.read_bytes() + encode_record({**record, "step": 2**63}))
+
+    out = CliRunner().invoke(main, ["sync", "--spool-dir", str(spool), "--db", db_url])
+    assert "not replayed (kept)" in out.output, out.output
+    db = Database.open(db_url)
+    good = resolve_run(db, "p/good")
+    assert list(read_steps(db, good.id)["step"]) == [0, 1, 2]
+    db.dispose()
+    assert poisoned.exists(), "the refused file stays for inspection"

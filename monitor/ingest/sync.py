@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor.errors import DatabaseUnavailable, StoreError
 from monitor.ingest.spool import (
     CorruptRecord,
     FileLock,
@@ -94,7 +95,15 @@ def sync_spool(
             reports.append(FileReport(path, reason="in use by a running process (or already gone)"))
             continue
         try:
-            report, header, saw_status, last = _sync_file(db, path, batch=batch, dry_run=dry_run)
+            try:
+                report, header, saw_status, last = _sync_file(
+                    db, path, batch=batch, dry_run=dry_run
+                )
+            except DatabaseUnavailable:
+                raise
+            except StoreError as exc:  # this file's data: report it, keep it, go on
+                reports.append(FileReport(path, reason=f"not replayed (kept): {exc}"))
+                continue
             reports.append(report)
             if header is not None and report.action != "skipped":
                 key = (str(header["project"]), str(header["name"]), _writer_stem(path))

@@ -61,6 +61,8 @@ class Database:
             raise StoreError(f"database {self.safe_url}: {_first_line(exc)}") from exc
         except SQLAlchemyError as exc:
             raise StoreError(f"database {self.safe_url}: {_first_line(exc)}") from exc
+        except OverflowError as exc:  # sqlite3 binding an integer beyond 64 bits
+            raise StoreError(f"database {self.safe_url}: value out of range: {exc}") from exc
 
     @contextmanager
     def session(self) -> Iterator[Session]:
