@@ -178,6 +178,9 @@ def summarize_item(item: StepItem, header: Mapping[str, Any], cfg: WriterConfig)
         except InvalidInput as exc:
             # Found only by the full checks of the background (the call checks the cheap part)
             item.rejected = str(exc)
+        except Exception as exc:  # a bug below us must not wedge the writer on one step
+            log.exception("klmon: step %d could not be summarised", item.step)
+            item.rejected = f"could not be summarised: {type(exc).__name__}: {exc}"
     if item.rejected is not None:
         record.update(status="rejected", reason=item.rejected, q=None, partials=None, samples=[])
     record["hash"] = _payload_hash(record)
@@ -504,7 +507,6 @@ class BackgroundWriter:
         # Bounded by items and by bytes (the copied arrays): past either, log_step spills.
         self._queue: queue.Queue[tuple[StepItem | ControlItem | None, int]] = queue.Queue()
         self._queued_bytes = 0
-        self._append_lock = threading.Lock()
         self._cond = threading.Condition()
         self._submitted = 0
         self._acked = 0
