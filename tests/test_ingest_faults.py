@@ -30,8 +30,6 @@ from monitor.store.drilldown import read_samples
 from monitor.store.runs import find_run_by_name, get_run
 from monitor.store.steps import read_steps
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def batch(seed: int, b: int = 4, t: int = 12):
     rng = np.random.default_rng(seed)
@@ -191,7 +189,6 @@ def test_postgres_stopped_mid_run(db_url: str, tmp_path) -> None:
 CHILD = textwrap.dedent(
     """
     import sys, time, numpy as np
-    sys.path.insert(0, {repo!r})
     import monitor
     run = monitor.init("proj", {name!r}, db={url!r}, spool_dir={spool!r}, flush_interval=0.01)
     rng = np.random.default_rng(0)
@@ -212,7 +209,7 @@ def test_kill_9_loses_no_acknowledged_step(database: str, db_url: str, tmp_path)
         pytest.skip("the down case is covered on SQLite")
     spool = tmp_path / "spool"
     url = db_url if database == "up" else down_url(db_url, tmp_path)
-    code = CHILD.format(repo=str(REPO), name=f"killed-{database}", url=url, spool=str(spool))
+    code = CHILD.format(name=f"killed-{database}", url=url, spool=str(spool))
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -247,7 +244,6 @@ def test_kill_9_loses_no_acknowledged_step(database: str, db_url: str, tmp_path)
 WORKER = textwrap.dedent(
     """
     import json, sys, numpy as np
-    sys.path.insert(0, {repo!r})
     import monitor
     rank = int(sys.argv[1])
     run = monitor.init("proj", f"worker-{{rank}}", db={url!r}, spool_dir={spool!r},
@@ -274,7 +270,7 @@ def test_eight_processes_one_sqlite_file_with_a_reader(tmp_path) -> None:
     upgrade(engine)
     engine.dispose()
     steps = 25
-    code = WORKER.format(repo=str(REPO), url=url, spool=str(tmp_path / "sp"), steps=steps)
+    code = WORKER.format(url=url, spool=str(tmp_path / "sp"), steps=steps)
     reader_errors: list[BaseException] = []
     polls = 0
     stop = threading.Event()
@@ -383,7 +379,6 @@ def test_a_file_without_a_run_record_is_quarantined(db_url: str, tmp_path) -> No
 EXITING = textwrap.dedent(
     """
     import sys, numpy as np
-    sys.path.insert(0, {repo!r})
     import monitor
     run = monitor.init("proj", "exits", db={url!r}, spool_dir={spool!r}, exit_timeout=1.0)
     for step in range(5):
@@ -401,9 +396,7 @@ def test_exit_with_the_database_down_is_quick_and_keeps_the_steps(
     if not db_url.startswith("sqlite"):
         pytest.skip("exit behaviour does not depend on the backend")
     spool = tmp_path / "spool"
-    code = EXITING.format(
-        repo=str(REPO), url=down_url(db_url, tmp_path), spool=str(spool), ending=ending
-    )
+    code = EXITING.format(url=down_url(db_url, tmp_path), spool=str(spool), ending=ending)
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - t0

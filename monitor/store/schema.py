@@ -17,8 +17,15 @@ from monitor.errors import SchemaOutOfDate
 def migrations_dir() -> Path:
     """Where the Alembic scripts are: top-level ``migrations/`` in a checkout, shipped as the
     ``monitor.migrations`` package in the wheel (see pyproject's package-dir)."""
-    import monitor.migrations
-
+    try:
+        import monitor.migrations
+    except ModuleNotFoundError:
+        # A source checkout imported from its root (python -c, scripts): monitor.migrations
+        # exists only once installed, but migrations/ sits beside monitor/.
+        checkout = Path(__file__).resolve().parents[2] / "migrations"
+        if (checkout / "env.py").is_file():
+            return checkout
+        raise
     return Path(monitor.migrations.__file__).parent
 
 
