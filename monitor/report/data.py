@@ -15,14 +15,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select
 
 from monitor.errors import InvalidInput
 from monitor.store.alerts import list_events
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, RunInfo, Sample
-from monitor.store.drilldown import list_annotations
-from monitor.store.models import SampleRow
+from monitor.store.drilldown import list_annotations, worst_samples
 from monitor.store.runs import resolve_run
 from monitor.store.series import read_histogram_columns, read_series
 
@@ -152,76 +150,6 @@ def _events_in_range(events: pd.DataFrame, start: int | None, end: int | None) -
     return ev.sort_values(["start_step", "id"]).reset_index(drop=True)
 
 
-def _sample(r: SampleRow) -> Sample:
-    return Sample(
-        id=r.id,
-        run_id=r.run_id,
-        step=r.step,
-        rank=r.rank,
-        seq_index=r.seq_index,
-        kind=r.kind,
-        kl_seq=r.kl_seq,
-        reward=r.reward,
-        prompt=r.prompt,
-        response=r.response,
-        tokens=r.tokens,
-        policy_logprobs=list(r.policy_logprobs),
-        ref_logprobs=list(r.ref_logprobs),
-    )
-
-
-def worst_samples(
-    db: Database,
-    run_id: int,
-    start: int | None,
-    end: int | None,
-    k: int = WORST_SAMPLES,
-    *,
-    alert_steps: Sequence[int] = (),
-) -> list[Sample]:
-    """The samples a post-mortem wants to read, at most ``k``, one per step: first, for each
-    step where an alert fired (``alert_steps``), the sample of largest |KL| at the first
-    stored step from there; then the samples of the range with the largest |KL| (the most
-    negative too: a negative sequence KL is a log-prob mismatch worth seeing)."""
-
-    def in_range(q: Any) -> Any:
-        q = q.where(SampleRow.run_id == run_id)
-        if start is not None:
-            q = q.where(SampleRow.step >= start)
-        if end is not None:
-            q = q.where(SampleRow.step <= end)
-        return q
-
-    by_size = (func.abs(SampleRow.kl_seq).desc(), SampleRow.id)
-    out: list[Sample] = []
-    seen: set[int] = set()
-    with db.session() as s:
-        for step in list(dict.fromkeys(int(x) for x in alert_steps))[:k]:
-            first = s.scalar(
-                in_range(select(func.min(SampleRow.step))).where(SampleRow.step >= step)
-            )
-            if first is None or int(first) in seen:
-                continue
-            row = s.scalars(
-                select(SampleRow)
-                .where(SampleRow.run_id == run_id, SampleRow.step == first)
-                .order_by(*by_size)
-                .limit(1)
-            ).first()
-            if row is not None:
-                seen.add(row.step)
-                out.append(_sample(row))
-        if len(out) < k:
-            for r in s.scalars(in_range(select(SampleRow)).order_by(*by_size).limit(50 * k)):
-                if r.step in seen:
-                    continue
-                seen.add(r.step)
-                out.append(_sample(r))
-                if len(out) >= k:
-                    break
-    return sorted(out, key=lambda smp: smp.step)
-
-
 def collect(
     db: Database,
     refs: str | Sequence[str],
@@ -265,7 +193,7 @@ def collect(
                 last_step=s.last_step,
                 events=run_events,
                 notes=notes,
-                samples=worst_samples(db, info.id, start, end, alert_steps=fired),
+                samples=worst_samples(db, info.id, start, end, WORST_SAMPLES, alert_steps=fired),
                 hist_steps=steps,
                 hist_counts=counts,
             )

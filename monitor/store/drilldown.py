@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, func, select, text
 
 from monitor.errors import InvalidInput, NotFound
 from monitor.store.database import Database
@@ -64,24 +64,77 @@ def read_samples(db: Database, run_id: int, step: int) -> list[Sample]:
             .where(SampleRow.run_id == run_id, SampleRow.step == step)
             .order_by(SampleRow.kl_seq.desc())
         ).all()
-        return [
-            Sample(
-                id=r.id,
-                run_id=r.run_id,
-                step=r.step,
-                rank=r.rank,
-                seq_index=r.seq_index,
-                kind=r.kind,
-                kl_seq=r.kl_seq,
-                reward=r.reward,
-                prompt=r.prompt,
-                response=r.response,
-                tokens=r.tokens,
-                policy_logprobs=list(r.policy_logprobs),
-                ref_logprobs=list(r.ref_logprobs),
+        return [_to_sample(r) for r in rows]
+
+
+def _to_sample(r: SampleRow) -> Sample:
+    return Sample(
+        id=r.id,
+        run_id=r.run_id,
+        step=r.step,
+        rank=r.rank,
+        seq_index=r.seq_index,
+        kind=r.kind,
+        kl_seq=r.kl_seq,
+        reward=r.reward,
+        prompt=r.prompt,
+        response=r.response,
+        tokens=r.tokens,
+        policy_logprobs=list(r.policy_logprobs),
+        ref_logprobs=list(r.ref_logprobs),
+    )
+
+
+def worst_samples(
+    db: Database,
+    run_id: int,
+    start: int | None,
+    end: int | None,
+    k: int,
+    *,
+    alert_steps: Sequence[int] = (),
+) -> list[Sample]:
+    """The samples a post-mortem wants to read, at most ``k``, one per step: first, for each
+    step where an alert fired (``alert_steps``), the sample of largest |KL| at the first
+    stored step from there; then the samples of the range with the largest |KL| (the most
+    negative too: a negative sequence KL is a log-prob mismatch worth seeing)."""
+
+    def in_range(q: Any) -> Any:
+        q = q.where(SampleRow.run_id == run_id)
+        if start is not None:
+            q = q.where(SampleRow.step >= start)
+        if end is not None:
+            q = q.where(SampleRow.step <= end)
+        return q
+
+    by_size = (func.abs(SampleRow.kl_seq).desc(), SampleRow.id)
+    out: list[Sample] = []
+    seen: set[int] = set()
+    with db.session() as s:
+        for step in list(dict.fromkeys(int(x) for x in alert_steps))[:k]:
+            first = s.scalar(
+                in_range(select(func.min(SampleRow.step))).where(SampleRow.step >= step)
             )
-            for r in rows
-        ]
+            if first is None or int(first) in seen:
+                continue
+            row = s.scalars(
+                select(SampleRow)
+                .where(SampleRow.run_id == run_id, SampleRow.step == first)
+                .order_by(*by_size)
+                .limit(1)
+            ).first()
+            if row is not None:
+                seen.add(row.step)
+                out.append(_to_sample(row))
+        if len(out) < k:
+            for r in s.scalars(in_range(select(SampleRow)).order_by(*by_size).limit(50 * k)):
+                if r.step in seen:
+                    continue
+                seen.add(r.step)
+                out.append(_to_sample(r))
+                if len(out) >= k:
+                    break
+    return sorted(out, key=lambda smp: smp.step)
 
 
 def sample_steps(db: Database, run_id: int) -> list[int]:
