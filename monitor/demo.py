@@ -36,15 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text, update
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from monitor.store.database import Database
 from monitor.store.drilldown import add_annotation
 from monitor.store.engine import normalize_url
 from monitor.store.ingest_writes import write_step_records
-from monitor.store.models import RunRow
-from monitor.store.runs import get_or_create_run, set_run_status
+from monitor.store.runs import get_or_create_run, set_baseline_run, set_run_status, touch_run
 from monitor.store.schema import upgrade
 
 __all__ = [
@@ -387,11 +386,9 @@ def _finish_run(
     last_wall: float,
 ) -> None:
     healthy = run_ids.get(specs[0].name)
-    with db.session() as s:
-        values: dict[str, Any] = {"last_seen_at": last_wall}
-        if healthy is not None and healthy != run_id:
-            values["baseline_run_id"] = healthy
-        s.execute(update(RunRow).where(RunRow.id == run_id).values(**values))
+    touch_run(db, run_id, now=last_wall)
+    if healthy is not None and healthy != run_id:
+        set_baseline_run(db, run_id, healthy)
     if spec.status != "running":
         set_run_status(db, run_id, spec.status, now=last_wall)
     if spec.note and spec.onset is not None:

@@ -23,6 +23,7 @@ from monitor.store.runs import (
     get_run,
     list_runs,
     resolve_run,
+    set_baseline_run,
     set_run_status,
 )
 from monitor.store.steps import read_metrics, read_steps, write_metrics, write_steps
@@ -199,3 +200,14 @@ def test_a_password_in_the_url_query_is_hidden_too() -> None:
         Database.open(url)
     assert "hunter2" not in str(info.value)
     assert "password=***" in str(info.value) and "sslmode=disable" in str(info.value)
+
+
+def test_baseline_run_is_checked(db: Database) -> None:
+    good = get_or_create_run(db, "proj", "good")
+    bad = get_or_create_run(db, "proj", "bad")
+    set_baseline_run(db, bad.id, good.id)
+    assert get_run(db, bad.id).baseline_run_id == good.id
+    with pytest.raises(InvalidInput, match="its own baseline"):
+        set_baseline_run(db, bad.id, bad.id)
+    with pytest.raises(NotFound, match="baseline run 999"):
+        set_baseline_run(db, bad.id, 999)

@@ -137,6 +137,20 @@ def touch_run(db: Database, run_id: int, *, now: float | None = None) -> None:
         s.execute(update(RunRow).where(RunRow.id == run_id).values(last_seen_at=now))
 
 
+def set_baseline_run(db: Database, run_id: int, baseline_run_id: int | None) -> None:
+    """Name the run this one is compared against by default (e.g. a known-good run)."""
+    if baseline_run_id == run_id:
+        raise InvalidInput(f"run {run_id} cannot be its own baseline")
+    with db.session() as s:
+        if baseline_run_id is not None and s.get(RunRow, baseline_run_id) is None:
+            raise NotFound(f"baseline run {baseline_run_id} does not exist")
+        result = s.execute(
+            update(RunRow).where(RunRow.id == run_id).values(baseline_run_id=baseline_run_id)
+        )
+        if result.rowcount == 0:
+            raise NotFound(f"run {run_id} does not exist")
+
+
 def list_runs(db: Database) -> pd.DataFrame:
     """Every run with its step count, last step and the KL (kl_mean) at that step.
 
