@@ -46,3 +46,15 @@ def test_opening_a_database_from_a_newer_klmon_says_to_upgrade_klmon(empty_db_ur
     # an unknown revision: newer than this klmon knows
     with pytest.raises(SchemaOutOfDate, match="upgrade klmon"):
         Database.open(empty_db_url)
+
+
+def test_step_columns_are_exactly_the_divergence_quantities() -> None:
+    """A quantity added to monitor.divergence must get a steps column (and the reverse)."""
+    import numpy as np
+
+    from monitor.divergence import summarize
+    from monitor.store.models import STEP_QUANTITIES, StepRow
+
+    names = tuple(summarize(np.array([[-0.8, -0.4]]), np.array([[-1.5, -2.1]])).as_dict())
+    assert names == STEP_QUANTITIES
+    assert set(STEP_QUANTITIES) <= set(StepRow.__table__.columns.keys())
