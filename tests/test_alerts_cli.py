@@ -164,3 +164,13 @@ def test_check_json_keeps_stdout_clean_when_mail_is_printed(env, monkeypatch) ->
     assert result.exit_code == 0
     assert json.loads(result.stdout)["notifications"]["sent"] == 1
     assert "Subject: [klmon] CRITICAL: over-one" in result.stderr
+
+
+def test_alerts_list_shows_long_run_names_whole(env) -> None:
+    db, _ = env
+    run = new_run(db, "ppo-reward-hacking-beta0.01-seed3")
+    add_steps(db, run, 0, [0.5, 1.5, 1.7])
+    assert invoke("check").exit_code == 0
+    out = invoke("list")
+    assert out.exit_code == 0, out.output
+    assert "proj/ppo-reward-hacking-beta0.01-seed3 " in out.output

@@ -262,20 +262,21 @@ def list_cmd(
     if not records:
         click.echo("no alert events")
         return
+    runs = [f"{r['project']}/{r['run_name']}" for r in records]
+    width = max(3, *(len(run) for run in runs))  # never cut: run names differ at the end
     click.echo(
-        f"{'id':>5}  {'run':<24} {'rule':<20} {'severity':<8} {'state':<9} "
+        f"{'id':>5}  {'run':<{width}} {'rule':<20} {'severity':<8} {'state':<9} "
         f"{'start':>7} {'fired':>7} {'end':>7} {'value':>9}  message"
     )
-    for r in records:
+    for r, run in zip(records, runs, strict=True):
         state_txt = r["state"]
         if r["rule_state"] in ("nodata", "error"):
             state_txt += f"/{r['rule_state']}"
         flags = (" [acked]" if r["acknowledged_by"] else "") + (
             " [silenced]" if r["silenced"] else ""
         )
-        run = f"{r['project']}/{r['run_name']}"[:24]
         click.echo(
-            f"{r['id']:>5}  {run:<24} {r['rule'][:20]:<20} {r['severity']:<8} "
+            f"{r['id']:>5}  {run:<{width}} {r['rule'][:20]:<20} {r['severity']:<8} "
             f"{state_txt:<9} {_step(r['start_step'])} {_step(r['fired_step'])} "
             f"{_step(r['end_step'])} {_num(r['value']):>9}  {r['message']}{flags}"
         )
