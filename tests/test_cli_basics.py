@@ -56,3 +56,11 @@ def test_python_dash_m_monitor_works() -> None:
         [sys.executable, "-m", "monitor", "--version"], capture_output=True, text=True, check=True
     )
     assert "klmon" in result.stdout
+
+
+def test_a_mistyped_sqlite_path_is_reported_and_not_created(tmp_path) -> None:
+    missing = tmp_path / "typo.db"
+    result = CliRunner().invoke(main, ["runs", "--db", f"sqlite:///{missing}"])
+    assert result.exit_code == 1
+    assert f"no database file at {missing}" in result.output
+    assert not missing.exists()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from monitor.config import db_url
-from monitor.errors import DatabaseUnavailable, StoreError
+from monitor.errors import DatabaseUnavailable, SchemaOutOfDate, StoreError
 from monitor.store.engine import is_sqlite, make_engine, redact_url
 from monitor.store.schema import check_schema
 
@@ -27,6 +28,14 @@ class Database:
     def open(cls, url: str | None = None, *, check: bool = True, **engine_kwargs) -> Database:
         url = db_url(url)
         db = cls(make_engine(url, **engine_kwargs), url)
+        if check and db.is_sqlite:
+            path = db.engine.url.database
+            if path and path != ":memory:" and not Path(path).exists():
+                # Opening would create an empty file: a typo in --db should not leave one.
+                raise SchemaOutOfDate(
+                    f"no database file at {path}: create it with `klmon db upgrade` "
+                    "(with the same --db), or check the path"
+                )
         if check:
             with db.translate_errors():
                 check_schema(db.engine)
