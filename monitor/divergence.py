@@ -60,7 +60,8 @@ LOGPROB_TOLERANCE = 1e-3
 #: top1pct_share looks at the top ``ceil(TOP_FRACTION * n_tokens)`` tokens by l_t.
 TOP_FRACTION = 0.01
 
-_SCALAR_FIELDS = (
+#: The scalar quantities of a step, in order: StepSummary's fields and the steps columns.
+SCALAR_FIELDS = (
     "kl_mean",
     "kl_std",
     "kl_min",
@@ -121,7 +122,7 @@ class StepSummary:
 
     def as_dict(self) -> dict[str, float | int | None]:
         """The scalar fields (the ``steps`` columns) as plain Python numbers."""
-        return {name: getattr(self, name) for name in _SCALAR_FIELDS}
+        return {name: getattr(self, name) for name in SCALAR_FIELDS}
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from monitor.divergence import SCALAR_FIELDS
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -33,32 +35,11 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-# The per-step summary quantities (DESIGN.md), in the order they are stored.
-# Float columns; n_sequences and n_tokens are integers.
-STEP_FLOAT_COLUMNS: tuple[str, ...] = (
-    "kl_mean",
-    "kl_std",
-    "kl_min",
-    "kl_p05",
-    "kl_p50",
-    "kl_p95",
-    "kl_p99",
-    "kl_max",
-    "k1",
-    "k2",
-    "k3",
-    "neg_kl_frac",
-    "top1pct_share",
-    "resp_len_mean",
-    "policy_nll",
-    "entropy_mean",
-    "reward_mean",
-    "reward_std",
-    "kl_coef",
-    "rollout_gap",
-)
+# The per-step summary quantities, in the order they are stored: exactly what
+# monitor.divergence computes (n_sequences and n_tokens are integers, the rest floats).
+STEP_QUANTITIES: tuple[str, ...] = SCALAR_FIELDS
 STEP_INT_COLUMNS: tuple[str, ...] = ("n_sequences", "n_tokens")
-STEP_QUANTITIES: tuple[str, ...] = STEP_FLOAT_COLUMNS + STEP_INT_COLUMNS
+STEP_FLOAT_COLUMNS: tuple[str, ...] = tuple(c for c in SCALAR_FIELDS if c not in STEP_INT_COLUMNS)
 
 # Longest metric name the metrics tables hold (VARCHAR), and the largest step (BIGINT).
 METRIC_NAME_MAX = 200
