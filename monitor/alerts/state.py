@@ -102,21 +102,7 @@ def observe(
     if finding is not None:
         value, threshold = _num(finding.value), _num(finding.threshold)
         if st.state == "ok":
-            ev = EventDraft(
-                run_id=run_id,
-                rule=rule.name,
-                detector=rule.detector,
-                severity=rule.severity,
-                state="pending",
-                start_step=step,
-                message=str(finding.message),
-                started_at=now,
-                value=value,
-                threshold=threshold,
-                causes=tuple(str(c) for c in finding.causes),
-                last_step=step,
-                last_value=value,
-            )
+            ev = _new_event(rule, run_id, finding, step, now, "pending")
             st.event, st.state, st.hold_steps, st.clear_steps, st.since_step = (
                 ev,
                 "pending",
@@ -174,23 +160,7 @@ def _observe_time_based(
     resume(st)
     if finding is not None and st.state == "ok":
         value, threshold = _num(finding.value), _num(finding.threshold)
-        ev = EventDraft(
-            run_id=run_id,
-            rule=rule.name,
-            detector=rule.detector,
-            severity=rule.severity,
-            state="firing",
-            start_step=step,
-            message=str(finding.message),
-            started_at=now,
-            value=value,
-            threshold=threshold,
-            causes=tuple(str(c) for c in finding.causes),
-            fired_step=step,
-            fired_at=now,
-            last_step=step,
-            last_value=value,
-        )
+        ev = _new_event(rule, run_id, finding, step, now, "firing", fired_step=step, fired_at=now)
         touched[id(ev)] = ev
         st.event, st.state, st.hold_steps, st.clear_steps, st.since_step = (
             ev,
@@ -259,6 +229,29 @@ def _t(
         threshold=threshold,
         message=message if message is not None else (ev.message if ev else ""),
         event=ev,
+    )
+
+
+def _new_event(
+    rule: Rule, run_id: int, finding: Any, step: int, now: float, state: str, **extra: Any
+) -> EventDraft:
+    """The episode a finding opens at ``step``."""
+    value = _num(finding.value)
+    return EventDraft(
+        run_id=run_id,
+        rule=rule.name,
+        detector=rule.detector,
+        severity=rule.severity,
+        state=state,
+        start_step=step,
+        message=str(finding.message),
+        started_at=now,
+        value=value,
+        threshold=_num(finding.threshold),
+        causes=tuple(str(c) for c in finding.causes),
+        last_step=step,
+        last_value=value,
+        **extra,
     )
 
 
