@@ -8,6 +8,10 @@ right-padded, response lengths uniform in [T/2, T] (about 75% fill); per-token l
 calls in tokens/s counting all B*T positions, and the peak extra memory (tracemalloc) of one
 call relative to the input size (policy + ref + mask). Other processes on the machine make
 timings noisy: look at the median and the best together, and run it more than once.
+
+``summarize`` runs the compiled token pass (monitor/_kernel.c) with its AVX2 loop where the CPU
+has one; the last two rows switch to its scalar loop and to the numpy kernel that installs
+without a C compiler get, so all three are measured in the same run.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from monitor import divergence
 from monitor.divergence import HIST_EDGES, LOGPROB_TOLERANCE, sequence_kl, summarize
 
 
@@ -74,6 +79,28 @@ def naive_summary(policy: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> dict
     }
 
 
+def kernel_name() -> str:
+    if divergence._compiled is None:
+        return "numpy (monitor._kernel not built)"
+    return f"C, {'AVX2' if divergence._compiled.has_avx2() else 'scalar'} loop"
+
+
+def kernel(fn: Callable[[], Any], simd: bool = True, compiled: bool = True) -> Callable[[], Any]:
+    """fn with the compiled kernel's AVX2 loop or the compiled kernel itself switched off."""
+    saved = divergence._compiled
+
+    def run() -> Any:
+        divergence._SIMD = simd
+        divergence._compiled = saved if compiled else None
+        try:
+            return fn()
+        finally:
+            divergence._SIMD = True
+            divergence._compiled = saved
+
+    return run
+
+
 def time_it(fn: Callable[[], Any], reps: int) -> list[float]:
     fn()  # warm-up: thread pool, page faults
     out = []
@@ -109,10 +136,12 @@ def main() -> None:
         "summarize": lambda: summarize(policy, ref, mask),
         "summarize, padding +1.0": lambda: summarize(padded, ref, mask),
         "sequence_kl only": lambda: sequence_kl(policy, ref, mask),
+        "summarize, C scalar loop": kernel(lambda: summarize(policy, ref, mask), simd=False),
+        "summarize, numpy kernel": kernel(lambda: summarize(policy, ref, mask), compiled=False),
     }
     print(
         f"batch ({args.batch}, {args.tokens}) float32, fill {mask.mean():.0%}, "
-        f"input {input_bytes / 2**20:.1f} MiB, {args.reps} reps"
+        f"input {input_bytes / 2**20:.1f} MiB, {args.reps} reps; kernel: {kernel_name()}"
     )
     print(f"{'':26s} {'median':>14s} {'best':>14s} {'peak extra mem':>16s}")
     for name, fn in cases.items():

@@ -25,13 +25,21 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from monitor.errors import InvalidInput
+
+try:
+    import monitor._kernel as _compiled
+except ImportError:  # built without a C compiler: the numpy kernel does the same work
+    _compiled = None
 
 __all__ = [
     "HIST_EDGES",
@@ -322,7 +330,7 @@ def _finalize(parts: Sequence[_Partial], kl_coef: float | None) -> StepSummary:
     n_tok = sum(p.n_tokens for p in parts)
     if n_seq == 0 or n_tok == 0:
         raise InvalidInput("the partials hold no sequences: a step needs at least one")
-    q05, q50, q95, q99 = np.quantile(seq_kl, _QUANTILES)
+    q05, q50, q95, q99 = _quantiles(seq_kl, _QUANTILES)
     rewards = _all_or_none([p.rewards for p in parts], "rewards")
     if kl_coef is None:
         coefs = {p.kl_coef for p in parts if p.kl_coef is not None}
@@ -355,6 +363,16 @@ def _finalize(parts: Sequence[_Partial], kl_coef: float | None) -> StepSummary:
         seq_kl=seq_kl,
         token_hist=np.sum([p.token_hist for p in parts], axis=0, dtype=np.int64),
     )
+
+
+def _quantiles(x: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """np.quantile's default ('linear') method, without its per-call overhead (a tenth of a
+    millisecond, as long as the whole token pass of a small step)."""
+    s = np.sort(x)
+    h = (len(s) - 1) * np.asarray(qs)
+    lo = np.floor(h).astype(np.intp)
+    hi = np.minimum(lo + 1, len(s) - 1)
+    return s[lo] + (h - lo) * (s[hi] - s[lo])
 
 
 def _all_or_none(values: list[Any], name: str) -> list[Any] | None:
@@ -655,36 +673,55 @@ def _value_message(where: str, v: float, kind: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The kernel: one pass over row chunks
+# The kernel: whole-chunk numpy passes, on up to two threads
+#
+# Per token only cheap, branch-free passes run over every position: mask, subtract, compare,
+# clip, multiply, and BLAS dot products. Two families of tokens are then told apart:
+#
+# - central tokens, |l| < _TAIL_START (nearly all of them): their k3 terms come from power
+#   sums. K(l) = exp(-l) - 1 + l = l^2 g(l) with g smooth, so sum_t K(l_t) = sum_n c_n M_(n+2)
+#   where M_n = sum_t l_t^n and c_n are the coefficients of a polynomial close to g on the
+#   central range (Chebyshev interpolation). No exp per token, and no loss of precision for
+#   tiny l (where exp(-l) - 1 + l cancels). Their histogram bins come from three comparisons.
+# - tail tokens, |l| >= _TAIL_START (a few percent): gathered into a small array where k3 is
+#   exact, the histogram is a bincount and the top-1% candidates are found. The power sums
+#   run over l clipped to +-_TAIL_START, so the tail's share of them is known exactly and is
+#   taken back out.
+#
+# Gathering is the costly step (a data-dependent branch per position), which is why the tail
+# starts at 0.5 nats rather than lower. Threads: numpy releases the GIL inside each pass, and
+# a chunk's passes are long (a quarter of a million positions), so two threads on two cores
+# give close to twice the throughput; each thread owns its buffers and each chunk writes its
+# own record, so results do not depend on scheduling.
+
+_TAIL_START = 0.5
+_CENTRAL_EDGES = (-0.25, 0.0, 0.25)  # inner edges of the central bins 38..41 = [-0.5, 0.5)
+_CENTRAL_FIRST_BIN = _ZERO_BIN - 2
+
+_CHUNK_POSITIONS = 1 << 18  # positions per chunk: long numpy passes, buffers in L2/L3
+_PARALLEL_MIN_POSITIONS = 1 << 17  # below this a second thread costs more than it saves
+_MAX_THREADS = 2
+_BLOCK = 4096  # dot products in blocks, float64 across blocks
 
 
-# k3 per token is K(l) = exp(-l) - 1 + l. numpy's float64 expm1/exp are scalar libm calls
-# (5-10 ns per token on this machine), so for |l| < 1/2 -- nearly every token -- K is taken
-# from its Taylor series sum_{n=2..8} (-l)^n / n!, summed over tokens through the power sums
-# M_n = sum_t l_t^n (dot products, float64). On |l| <= 1/2 + 1e-6 the truncation error is
-# below 5e-8 relative (float32 grade) and each token's polynomial is > 0, like K. Tokens
-# with |l| >= 1/2 (found through their histogram bin) use expm1(-l) + l exactly, which is
-# >= 0 because expm1 is faithfully rounded and -l is representable.
-_SERIES_BINS = (_ZERO_BIN - 2, _ZERO_BIN + 1)  # bins 38..41 hold -0.5 <= l < 0.5
-_SERIES_MAX_POWER = 4  # powers l..l^4 give M_2..M_8 as <l^i, l^i> and <l^i, l^(i+1)>
-_SERIES_EVEN = np.array([1 / math.factorial(2 * i) for i in range(1, _SERIES_MAX_POWER + 1)])
-_SERIES_ODD = np.array([-1 / math.factorial(2 * i + 1) for i in range(1, _SERIES_MAX_POWER)])
+def _k3_coefficients(degree: int) -> np.ndarray:
+    """Monomial coefficients c_0..c_degree of a polynomial close to g(l) = K(l) / l^2 on
+    [-_TAIL_START, _TAIL_START]; g is evaluated through its Taylor series, exact here."""
 
-_DOT_BLOCK = 4096
-_POWERS_BLOCK = 16384  # 4 float64 powers of this many tokens: 512 kB, half the L2
-_CHUNK_POSITIONS = 65536  # rows per chunk: fewer numpy calls vs buffers that stay in cache
+    def g(x: np.ndarray) -> np.ndarray:
+        lv = x * _TAIL_START
+        return sum((-lv) ** n / math.factorial(n + 2) for n in range(30))
+
+    cheb = np.polynomial.chebyshev.chebinterpolate(g, degree)
+    return np.polynomial.chebyshev.cheb2poly(cheb) / _TAIL_START ** np.arange(degree + 1)
 
 
-def _einsum_vecdot(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-    return np.einsum("...i,...i->...", a, b, out=out)
-
-
-_vecdot = getattr(np, "vecdot", _einsum_vecdot)  # numpy < 2.0 has no vecdot
-
-
-def _le(a: np.ndarray, bound: float) -> bool:
-    """max(a) <= bound; False when a holds NaN."""
-    return bool(a.max() <= bound)
+#: Degree per working dtype: relative error of g below 1e-6 for float32 (the precision of
+#: a float32 difference of log-probs) and below 1e-12 for float64.
+_K3_POLY = {
+    np.dtype(np.float32): _k3_coefficients(4),
+    np.dtype(np.float64): _k3_coefficients(8),
+}
 
 
 class _BadChunk(Exception):
@@ -706,282 +743,395 @@ class _KernelOut:
     token_hist: np.ndarray
 
 
-class _Shard:
-    """Outputs of the pass: per-row sums (each row written by one chunk only) and per-chunk
-    scalars, added up at the end, so a chunk can be recomputed without double counting."""
+@dataclass
+class _ChunkStats:
+    """What one chunk contributes; sums are float64."""
 
-    def __init__(self, batch: _Batch, rows_per_chunk: int, full: bool) -> None:
-        b, t = batch.policy.shape
-        self.batch = batch
-        self.full = full
-        self.rows = rows_per_chunk
-        self.n_chunks = -(-b // rows_per_chunk)
-        self.wdtype = (
-            np.float64 if np.float64 in (batch.policy.dtype, batch.ref.dtype) else np.float32
-        )
-        self.seq_kl = np.empty(b)
-        self.k_top = math.ceil(TOP_FRACTION * batch.n_tokens)
-        if full:
-            n_extra = (batch.entropies is not None) + (batch.rollout is not None)
-            self.row_sums = np.zeros((2 + n_extra, b))  # nll, positive l, then extras
-            # M2, M4, M6, M8 then M3, M5, M7 per chunk
-            self.moments = np.zeros((2 * _SERIES_MAX_POWER - 1, self.n_chunks))
-            self.big = np.zeros((self.n_chunks, 2))  # exact k3 and l^2 of |l| >= 1/2 tokens
-            # bin index of every position, counted at the end as byte pairs (uint16)
-            self.bins = np.full(b * t + (b * t) % 2, _ZERO_BIN, dtype=np.uint8)
+    sum_nll: float
+    sum_rollout_gap: float
+    sum_entropy: float
+    sum_abs_l: float
+    moments: np.ndarray  # M_2..M_(degree+2) of l clipped to +-_TAIL_START
+    n_tail_pos: int  # tail tokens, clipped to +_TAIL_START in the moments
+    n_tail_neg: int  # and to -_TAIL_START
+    tail_half_l2: float
+    tail_k3: float
+    hist: np.ndarray
+    top: np.ndarray  # the chunk's largest positive l: a superset of its share of the top 1%
+
+
+def _sum(x: np.ndarray) -> float:
+    """Sum of an array: numpy's pairwise summation (error ~ log n ulps), which releases the
+    GIL (BLAS-backed gufuncs such as ``np.vecdot`` hold it and serialise the threads)."""
+    return float(np.add.reduce(x, axis=None))
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """<a, b> of two contiguous arrays of one shape: einsum over blocks (float accumulation
+    within a block, float64 across blocks), GIL released and single-threaded, unlike BLAS."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    n = len(fa) - len(fa) % _BLOCK
+    head = np.einsum("ij,ij->i", fa[:n].reshape(-1, _BLOCK), fb[:n].reshape(-1, _BLOCK))
+    return float(np.sum(head, dtype=np.float64)) + float(np.einsum("i,i", fa[n:], fb[n:]))
 
 
 class _Worker:
-    """Preallocated chunk buffers, the per-chunk arithmetic and the running top-1% candidates."""
+    """One thread's buffers and the passes over one chunk of rows."""
 
-    def __init__(self, shard: _Shard) -> None:
-        r, t = shard.rows, shard.batch.policy.shape[1]
-        wd = shard.wdtype
-        self.shard = shard
-        self.lw = np.empty((r, t), wd)
-        self.xw = np.empty((r, t), wd)
-        self.mw = np.empty((r, t), wd)
-        self.pm = np.empty((r, t), wd)
-        self.flag = np.empty((r, t), np.bool_)
-        self.u8 = np.empty(r * t, np.uint8)
-        if shard.full:
-            n_blocks = -(-min(r * t, _POWERS_BLOCK) // _DOT_BLOCK)
-            self.powers = np.empty((_SERIES_MAX_POWER, n_blocks * _DOT_BLOCK))  # float64
-            self.dots = np.empty((2 * _SERIES_MAX_POWER - 1, n_blocks))
-        self.tau = 0.0  # candidates must exceed this (a lower bound of the final threshold)
-        self.pool: list[np.ndarray] = []
-        self.pool_size = 0
+    def __init__(self, batch: _Batch, rows: int, full: bool, k_top: int) -> None:
+        t = batch.policy.shape[1]
+        self.dtype = np.result_type(batch.policy.dtype, batch.ref.dtype)
+        self.batch, self.rows, self.full, self.k_top = batch, rows, full, k_top
+        self.buf = [np.empty((rows, t), self.dtype) for _ in range(3 if full else 2)]
+        self.flag = np.empty((rows, t), np.bool_)
 
-    # -- one chunk -------------------------------------------------------------------------
-
-    def run(self, c: int) -> None:
-        shard = self.shard
-        r0 = c * shard.rows
-        r1 = min(r0 + shard.rows, shard.batch.policy.shape[0])
-        b = shard.batch
+    def run(self, r0: int, seq_kl: np.ndarray) -> _ChunkStats | None:
+        """Statistics of rows r0:r0+rows; the chunk's per-sequence KLs go into seq_kl."""
+        b = self.batch
+        r1 = min(r0 + self.rows, b.policy.shape[0])
         arrays = [
-            x[r0:r1] if x is not None else None for x in (b.policy, b.ref, b.rollout, b.entropies)
+            None if x is None else x[r0:r1] for x in (b.policy, b.ref, b.rollout, b.entropies)
         ]
         mask = None if b.mask is None else b.mask[r0:r1]
-        if not self._chunk(c, r0, r1, *arrays, mask):
-            # Fast checks failed: masked positions may hold garbage (NaN, +1 padding), or a real
+        stats = self._chunk(*arrays, mask, seq_kl[r0:r1])
+        if stats is False:
+            # Fast checks failed: masked positions may hold garbage (NaN, inf), or a real
             # problem sits under the mask. Zero the masked positions and look again.
             if mask is None:
                 raise _BadChunk
             clean = [None if x is None else np.where(mask, x, 0) for x in arrays]
-            if not self._chunk(c, r0, r1, *clean, mask):
+            stats = self._chunk(*clean, mask, seq_kl[r0:r1])
+            if stats is False:
                 raise _BadChunk
+        return stats
+
+    def _masked(self, x: np.ndarray, mask: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+        """x with masked positions zeroed (finite padding such as TRL's +1.0 included; NaN or
+        inf padding turns into NaN, fails the checks and sends the chunk to the slow path)."""
+        if mask is None:
+            return x
+        with np.errstate(invalid="ignore"):
+            return np.multiply(x, mask, out=out)
 
     def _chunk(
         self,
-        c: int,
-        r0: int,
-        r1: int,
         p: np.ndarray,
         q: np.ndarray,
         rollout: np.ndarray | None,
         ent: np.ndarray | None,
         mask: np.ndarray | None,
-    ) -> bool:
-        """Statistics of rows r0:r1; False (and nothing recorded) when a fast check fails."""
-        shard = self.shard
-        nr = r1 - r0
-        lw, xw, mw = self.lw[:nr], self.xw[:nr], self.mw[:nr]
-        if mask is not None:
-            np.copyto(mw, mask)
-        # Mask before subtracting. Multiplying by the 0/1 mask zeroes finite padding (TRL's
-        # +1.0 included); NaN/inf padding turns into NaN, fails the checks, and the caller
-        # retries the chunk with the padding replaced by np.where.
-        pm = self._masked(p, mask, mw, self.pm[:nr])
-        qm = self._masked(q, mask, mw, xw)
-        np.subtract(pm, qm, out=lw)
-        kl = np.add.reduce(lw, axis=1, dtype=np.float64, out=shard.seq_kl[r0:r1])
-        if not (
-            np.isfinite(kl).all() and _le(pm, LOGPROB_TOLERANCE) and _le(qm, LOGPROB_TOLERANCE)
-        ):
+        seq_kl: np.ndarray,
+    ) -> _ChunkStats | bool | None:
+        """None when only seq_kl was asked for; False (nothing else recorded) when a fast
+        check fails."""
+        nr = len(p)
+        lt, x = (buf[:nr] for buf in self.buf[:2])
+        pm = self._masked(p, mask, lt)
+        if not pm.max() <= LOGPROB_TOLERANCE:  # NaN fails too
             return False
-        if not shard.full:
-            return True
-        sums = shard.row_sums[:, r0:r1]
-        if not np.isfinite(np.add.reduce(pm, axis=1, dtype=np.float64, out=sums[0])).all():
+        if self.full:
+            sum_nll = -_sum(pm)
+            extras = self._optional_sums(pm, rollout, ent, mask, x)
+            if not math.isfinite(sum_nll) or extras is None:
+                return False
+        qm = self._masked(q, mask, x)
+        if not qm.max() <= LOGPROB_TOLERANCE:
             return False
-        if not self._optional_sums(sums[2:], rollout, ent, mask, pm):
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.subtract(pm, qm, out=lt)
+        seq_kl[:] = np.add.reduce(lt, axis=1)
+        if not np.isfinite(seq_kl).all():
             return False
-        # everything below only records: the chunk is valid
-        self._histogram(r0, r1, lw, xw)
-        np.maximum(lw, 0, out=xw)
-        np.add.reduce(xw, axis=1, dtype=np.float64, out=sums[1])
-        self._top_candidates(xw)
-        self._k2_k3(c, r0, r1, lw)
-        return True
+        if not self.full:
+            return None
+        return self._token_stats(lt, x, self.buf[2][:nr], mask, sum_nll, extras)
 
     def _optional_sums(
         self,
-        sums: np.ndarray,
+        pm: np.ndarray,
         rollout: np.ndarray | None,
         ent: np.ndarray | None,
         mask: np.ndarray | None,
-        pm: np.ndarray,
-    ) -> bool:
-        """Per-row sums of the rollout gap and the entropies, when given; False when a value
+        x: np.ndarray,
+    ) -> tuple[float, float] | None:
+        """Sums of the rollout gap and of the entropies (0 when not given); None when a value
         is out of range."""
-        xw, mw = self.xw[: len(pm)], self.mw[: len(pm)]
-        i = 0
+        gap = entropy = 0.0
         if rollout is not None:
-            rm = self._masked(rollout, mask, mw, xw)
-            if not _le(rm, LOGPROB_TOLERANCE):
-                return False
-            np.subtract(rm, pm, out=xw)
-            if not np.isfinite(np.add.reduce(xw, axis=1, dtype=np.float64, out=sums[i])).all():
-                return False
-            i += 1
+            rm = self._masked(rollout, mask, x)
+            if not rm.max() <= LOGPROB_TOLERANCE:
+                return None
+            gap = _sum(np.subtract(rm, pm, out=x))
         if ent is not None:
-            em = self._masked(ent, mask, mw, xw)
-            if not em.min() >= -LOGPROB_TOLERANCE:  # NaN fails too
-                return False
-            if not np.isfinite(np.add.reduce(em, axis=1, dtype=np.float64, out=sums[i])).all():
-                return False
-        return True
+            em = self._masked(ent, mask, x)
+            if not em.min() >= -LOGPROB_TOLERANCE:
+                return None
+            entropy = _sum(em)
+        if not (math.isfinite(gap) and math.isfinite(entropy)):
+            return None
+        return gap, entropy
 
-    @staticmethod
-    def _masked(
-        x: np.ndarray, mask: np.ndarray | None, mw: np.ndarray, out: np.ndarray
-    ) -> np.ndarray:
-        if mask is None:
-            return x
-        # inf * 0 under the mask is NaN here; the caller detects it and takes the slow path.
-        with np.errstate(invalid="ignore"):
-            return np.multiply(x, mw, out=out)
+    def _token_stats(
+        self,
+        lt: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        mask: np.ndarray | None,
+        sum_nll: float,
+        extras: tuple[float, float],
+    ) -> _ChunkStats:
+        """Token-level statistics of a valid chunk; lt is clobbered."""
+        flag = self.flag[: len(lt)]
+        below = np.array([np.count_nonzero(np.less(lt, e, out=flag)) for e in _CENTRAL_EDGES])
+        absl = np.abs(lt, out=x)
+        sum_abs = _sum(absl)
+        np.greater_equal(absl, _TAIL_START, out=flag)
+        tail = np.compress(flag.reshape(-1), lt.reshape(-1)) if flag.any() else lt[:0, 0]
+        # top-1% candidates: the positive tail, or the whole chunk when that holds too few
+        top = tail[tail > 0]
+        if len(top) > self.k_top:
+            top = np.partition(top, len(top) - self.k_top)[len(top) - self.k_top :]
+        elif len(top) < self.k_top:
+            flat = lt.reshape(-1)
+            top = np.partition(flat, max(0, len(flat) - self.k_top))[-self.k_top :]
+            top = top[top > 0]
+        # power sums of lt clipped to the central range
+        ls = np.clip(lt, -_TAIL_START, _TAIL_START, out=lt)
+        degree = len(_K3_POLY[lt.dtype]) - 1
+        moments = np.empty(degree + 1)
+        moments[0] = _dot(ls, ls)
+        prev, cur = ls, x
+        for i in range(1, len(moments), 2):  # M_(i+2), M_(i+3) from ls^j and ls^(j+1)
+            np.multiply(prev, ls, out=cur)
+            moments[i] = _dot(prev, cur)
+            if i + 1 < len(moments):
+                moments[i + 1] = _dot(cur, cur)
+            prev, cur = cur, (y if cur is x else x)
+        n_tail_neg = int(np.count_nonzero(tail < 0))
+        hist = _tail_histogram(tail)
+        # central bins from the comparison counts; masked positions hold lt = 0 (bin 40)
+        counts = [n_tail_neg, *below, lt.size - (len(tail) - n_tail_neg)]
+        hist[_CENTRAL_FIRST_BIN : _CENTRAL_FIRST_BIN + 4] += np.diff(counts)
+        hist[_ZERO_BIN] -= 0 if mask is None else mask.size - np.count_nonzero(mask)
+        return _ChunkStats(
+            sum_nll=sum_nll,
+            sum_rollout_gap=extras[0],
+            sum_entropy=extras[1],
+            sum_abs_l=sum_abs,
+            moments=moments,
+            n_tail_pos=len(tail) - n_tail_neg,
+            n_tail_neg=n_tail_neg,
+            tail_half_l2=0.5 * _dot(tail, tail),
+            tail_k3=_tail_k3(tail),
+            hist=hist,
+            top=top.astype(np.float64),
+        )
 
-    def _histogram(self, r0: int, r1: int, lw: np.ndarray, xw: np.ndarray) -> None:
-        np.multiply(lw, _BIN_SCALE, out=xw)
-        np.add(xw, _BIN_OFFSET, out=xw)
-        np.clip(xw, 0, _N_BINS - 0.5, out=xw)  # beyond the ends: first/last bin
-        t = lw.shape[1]
-        np.copyto(self.shard.bins[r0 * t : r1 * t].reshape(lw.shape), xw, casting="unsafe")
 
-    def _top_candidates(self, pos: np.ndarray) -> None:
-        """Keep every positive l above tau; when the pool grows, cut it to the k largest and
-        raise tau to the k-th largest (it can only rise as more tokens are seen)."""
-        flag = self.flag[: len(pos)]
-        np.greater(pos, self.tau, out=flag)
-        cand = pos[flag]
-        if len(cand):
-            self.pool.append(cand)
-            self.pool_size += len(cand)
-            k = self.shard.k_top
-            if self.pool_size > max(2 * k, 4096):
-                self._shrink_pool(k)
+def _tail_histogram(tail: np.ndarray) -> np.ndarray:
+    """Bin counts of the tail values (floor of an exact product by 4: no rounding at edges)."""
+    idx = np.floor(tail.astype(np.float64) * _BIN_SCALE) + _BIN_OFFSET
+    return np.bincount(np.clip(idx, 0, _N_BINS - 1).astype(np.intp), minlength=_N_BINS)
 
-    def _shrink_pool(self, k: int) -> None:
-        allv = np.concatenate(self.pool)
-        if len(allv) > k:
-            allv = np.partition(allv, len(allv) - k)[len(allv) - k :]
-            self.tau = float(allv[0])  # the k-th largest so far
-        self.pool = [allv]
-        self.pool_size = len(allv)
 
-    def _k2_k3(self, c: int, r0: int, r1: int, lw: np.ndarray) -> None:
-        """k2 and k3 sums of the chunk (lw is clobbered: it is the chunk's last use)."""
-        shard = self.shard
-        n = lw.size
-        flat = lw.reshape(-1)
-        # tokens outside the series range: exact expm1, then zeroed for the power sums
-        u8 = self.u8[:n]
-        t = lw.shape[1]
-        np.subtract(shard.bins[r0 * t : r1 * t], _SERIES_BINS[0], out=u8)  # wraps below 38
-        flag = self.flag.reshape(-1)[:n]
-        np.greater(u8, _SERIES_BINS[1] - _SERIES_BINS[0], out=flag)
-        big = np.flatnonzero(flag)
-        if len(big):
-            lb = flat[big].astype(np.float64)
-            flat[big] = 0
-            shard.big[c, 0] = float(np.sum(np.expm1(-lb) + lb))
-            shard.big[c, 1] = float(np.dot(lb, lb))
-        # power sums in float64, a sub-block at a time so the powers stay in L2
-        moments = shard.moments[:, c]
-        moments[:] = 0.0
-        for s0 in range(0, n, _POWERS_BLOCK):
-            moments += self._power_sums(flat[s0 : s0 + _POWERS_BLOCK])
+def _tail_k3(tail: np.ndarray) -> float:
+    """Sum of exp(-lt) - 1 + lt over tail values (|lt| >= 1/2: no cancellation). float32 tails
+    use numpy's vectorised float32 exp (float64 exp is a scalar libm call, ~10 ns a token)."""
+    if tail.dtype == np.float32:
+        with np.errstate(over="ignore"):
+            e = np.exp(-tail)
+        if np.isfinite(e).all():
+            return float(np.sum(e.astype(np.float64) - 1.0 + tail))
+    t = tail.astype(np.float64)
+    return float(np.sum(np.expm1(-t) + t))
 
-    def _power_sums(self, x: np.ndarray) -> np.ndarray:
-        """[M2, M4, M6, M8, M3, M5, M7] of x as float64 dot products over blocks short enough
-        that BLAS stays on this thread (OpenBLAS threads ddot above ~10k elements)."""
-        n = len(x)
-        n_blocks = -(-n // _DOT_BLOCK)
-        pw = self.powers[:, : n_blocks * _DOT_BLOCK]  # l, l^2, l^3, l^4 with a zero tail
-        np.copyto(pw[0, :n], x)
-        pw[0, n:] = 0.0
-        np.multiply(pw[0], pw[0], out=pw[1])
-        np.multiply(pw[1], pw[0], out=pw[2])
-        np.multiply(pw[1], pw[1], out=pw[3])
-        blocks = pw.reshape(_SERIES_MAX_POWER, n_blocks, _DOT_BLOCK)
-        dots = self.dots[:, :n_blocks]
-        _vecdot(blocks, blocks, out=dots[:_SERIES_MAX_POWER])
-        _vecdot(blocks[:-1], blocks[1:], out=dots[_SERIES_MAX_POWER:])
-        return np.add.reduce(dots, axis=1)
 
-    # -- end of shard ----------------------------------------------------------------------
+_EXECUTOR: tuple[int, ThreadPoolExecutor] | None = None
 
-    def top_values(self) -> np.ndarray:
-        return np.concatenate(self.pool) if self.pool else np.empty(0)
+
+def _helper_pool() -> ThreadPoolExecutor:
+    """The helper threads, created on first use (again after a fork: threads do not survive
+    one, and an executor inherited from the parent would wait forever)."""
+    global _EXECUTOR
+    if _EXECUTOR is None or _EXECUTOR[0] != os.getpid():
+        pool = ThreadPoolExecutor(_MAX_THREADS - 1, thread_name_prefix="klmon-divergence")
+        _EXECUTOR = (os.getpid(), pool)
+    return _EXECUTOR[1]
+
+
+def _in_threads(n_tasks: int, n_positions: int, task: Callable[[int], None]) -> None:
+    """task(0) .. task(n_tasks - 1) on up to _MAX_THREADS threads (this one included); the
+    first exception stops the remaining tasks and is raised here."""
+    todo = iter(range(n_tasks))
+    stop = threading.Event()
+
+    def work() -> None:
+        for i in todo:  # next() on a shared range iterator is atomic under the GIL
+            if stop.is_set():
+                return
+            try:
+                task(i)
+            except BaseException:
+                stop.set()
+                raise
+
+    n_threads = min(_MAX_THREADS, n_tasks, os.cpu_count() or 1)
+    if n_positions < _PARALLEL_MIN_POSITIONS:
+        n_threads = 1
+    helpers = [_helper_pool().submit(work) for _ in range(n_threads - 1)]
+    try:
+        work()
+    finally:
+        for h in helpers:
+            h.result()
 
 
 def _run_kernel(batch: _Batch, full: bool) -> _KernelOut:
-    t = batch.policy.shape[1]
-    rows = max(1, _CHUNK_POSITIONS // max(t, 1))
-    shard = _Shard(batch, rows, full)
-    worker = _Worker(shard)
     try:
-        for c in range(shard.n_chunks):
-            worker.run(c)
+        if _compiled is not None:
+            return _run_compiled(batch, full)
+        return _run_numpy(batch, full)
     except _BadChunk:
         problem = _first_problem(batch)
         if problem is None:  # only finite values, yet a sum overflowed
             problem = InvalidInput(
-                "policy_logprobs - ref_logprobs overflows float64 when summed over a sequence"
+                "policy_logprobs - ref_logprobs overflows when summed over a sequence"
             )
         raise problem from None
-    seq_kl = shard.seq_kl
+
+
+def _run_numpy(batch: _Batch, full: bool) -> _KernelOut:
+    b, t = batch.policy.shape
+    rows = max(1, min(b, _CHUNK_POSITIONS // max(t, 1)))
+    starts = range(0, b, rows)
+    k_top = math.ceil(TOP_FRACTION * batch.n_tokens)
+    seq_kl = np.empty(b)
+    stats: list[_ChunkStats | None] = [None] * len(starts)
+    workers: dict[int, _Worker] = {}
+
+    def task(c: int) -> None:
+        me = threading.get_ident()
+        if me not in workers:
+            workers[me] = _Worker(batch, rows, full, k_top)
+        stats[c] = workers[me].run(starts[c], seq_kl)
+
+    _in_threads(len(starts), batch.policy.size, task)
     if not full:
         return _KernelOut(
             batch.n_tokens, 0, 0, 0, 0, None, None, 0, np.empty(0), seq_kl, np.empty(0)
         )
-    return _collect(shard, worker)
+    return _collect(batch, [s for s in stats if s is not None], seq_kl, k_top)
 
 
-def _collect(shard: _Shard, worker: _Worker) -> _KernelOut:
-    batch = shard.batch
-    sums = shard.row_sums.sum(axis=1)
-    extra = iter(sums[2:])
-    big = shard.big.sum(axis=0)
-    moments = shard.moments.sum(axis=1)
-    even, odd = moments[:_SERIES_MAX_POWER], moments[_SERIES_MAX_POWER:]
-    series = float(even @ _SERIES_EVEN + odd @ _SERIES_ODD)
-    top = worker.top_values()
-    if len(top) > shard.k_top:
-        top = np.partition(top, len(top) - shard.k_top)[len(top) - shard.k_top :]
+# --------------------------------------------------------------------------------------------
+# The compiled kernel (monitor/_kernel.c): the same quantities in one fused pass per token
+
+
+#: Whether the compiled kernel may use its AVX2 loop (where the CPU has AVX2 and FMA); the
+#: scalar loop computes the same quantities. Tests switch it off to cover the scalar loop.
+_SIMD = True
+
+
+def _run_compiled(batch: _Batch, full: bool) -> _KernelOut:
+    assert _compiled is not None
+    given = [x for x in (batch.policy, batch.ref, batch.rollout, batch.entropies) if x is not None]
+    dtype = np.result_type(*given)
+    p, q, rollout, ent = (
+        None if x is None else np.ascontiguousarray(x, dtype)
+        for x in (batch.policy, batch.ref, batch.rollout, batch.entropies)
+    )
+    mask = None if batch.mask is None else np.ascontiguousarray(batch.mask)
+    b, t = p.shape
+    n_ranges = min(_MAX_THREADS, b) if p.size >= _PARALLEL_MIN_POSITIONS else 1
+    bounds = np.linspace(0, b, n_ranges + 1).astype(int)
+    k_top = math.ceil(TOP_FRACTION * batch.n_tokens)
+    seq_kl = np.empty(b)
+    sums = np.zeros((n_ranges, _compiled.N_SUMS))
+    hist = np.zeros((n_ranges, _N_BINS), np.int64)
+    cands: list[np.ndarray] = [np.empty(0)] * n_ranges
+    coef = _K3_POLY[np.dtype(np.float64)]
+    is_double = dtype == np.float64
+
+    def rows(x: np.ndarray | None, i: int) -> np.ndarray | None:
+        return None if x is None else x[bounds[i] : bounds[i + 1]]
+
+    def task(i: int) -> None:
+        n_rows = bounds[i + 1] - bounds[i]
+        cand = np.empty(max(k_top, n_rows * t // 16))
+        status, _, n_cand, _ = _compiled.stats(
+            *(rows(x, i) for x in (p, q, mask, rollout, ent)),
+            *(n_rows, t, is_double, LOGPROB_TOLERANCE, _SIMD),
+            *(coef, seq_kl[bounds[i] : bounds[i + 1]], sums[i], hist[i], cand),
+        )
+        if status:
+            raise _BadChunk
+        if n_cand > len(cand):  # more positive tail values than room: gather them again
+            cand = np.empty(n_cand)
+            _compiled.collect(rows(p, i), rows(q, i), rows(mask, i), n_rows, t, is_double,
+                              _TAIL_START, cand)  # fmt: skip
+        cands[i] = cand[:n_cand]
+
+    _in_threads(n_ranges, p.size, task)
+    if not full:
+        return _KernelOut(
+            batch.n_tokens, 0, 0, 0, 0, None, None, 0, np.empty(0), seq_kl, np.empty(0)
+        )
+    total = sums.sum(axis=0)
+    token_hist = hist.sum(axis=0)
+    top = np.concatenate(cands)
+    if len(top) < k_top:  # the tail holds too few: gather from a lower bin edge
+        lo = 0.25 if len(top) + token_hist[_ZERO_BIN + 1] >= k_top else 0.0
+        found = []
+        for i in range(n_ranges):
+            args = (rows(p, i), rows(q, i), rows(mask, i), bounds[i + 1] - bounds[i], t)
+            out = np.empty(int(token_hist[_ZERO_BIN:].sum()))
+            found.append(out[: _compiled.collect(*args, is_double, lo, out)])
+        top = np.concatenate(found)
+    if len(top) > k_top:
+        top = np.partition(top, len(top) - k_top)[len(top) - k_top :]
     return _KernelOut(
         n_tokens=batch.n_tokens,
-        sum_l=float(np.sum(shard.seq_kl)),
-        sum_half_l2=0.5 * float(even[0] + big[1]),
-        sum_k3=max(0.0, series) + float(big[0]),
-        sum_nll=-float(sums[0]),
-        sum_rollout_gap=float(next(extra)) if batch.rollout is not None else None,
-        sum_entropy=float(next(extra)) if batch.entropies is not None else None,
-        sum_pos_l=float(sums[1]),
-        top_pos_l=top.astype(np.float64),
-        seq_kl=shard.seq_kl,
-        token_hist=_count_bins(shard.bins, batch),
+        sum_l=float(total[1]),
+        sum_half_l2=float(total[2]),
+        sum_k3=max(0.0, float(total[3])),
+        sum_nll=float(total[0]),
+        sum_rollout_gap=float(total[5]) if rollout is not None else None,
+        sum_entropy=float(total[6]) if ent is not None else None,
+        sum_pos_l=float(total[4]),
+        top_pos_l=top,
+        seq_kl=seq_kl,
+        token_hist=token_hist,
     )
 
 
-def _count_bins(bins: np.ndarray, batch: _Batch) -> np.ndarray:
-    """Histogram of the bin indices, counted as byte pairs: one bincount over half as many
-    uint16 values (both bytes of a pair are added back, so byte order does not matter)."""
-    pairs = np.bincount(bins.view(np.uint16), minlength=1 << 16).reshape(256, 256)
-    counts = pairs.sum(axis=0) + pairs.sum(axis=1)
-    hist = counts[:_N_BINS].astype(np.int64)
-    # masked positions (l = 0) and the odd-length pad byte were counted in the zero bin
-    hist[_ZERO_BIN] -= len(bins) - batch.n_tokens
-    return hist
+def _collect(
+    batch: _Batch, chunks: list[_ChunkStats], seq_kl: np.ndarray, k_top: int
+) -> _KernelOut:
+    top = np.concatenate([c.top for c in chunks])
+    if len(top) > k_top:
+        top = np.partition(top, len(top) - k_top)[len(top) - k_top :]
+    moments = np.sum([c.moments for c in chunks], axis=0)
+    # the tail tokens sit at exactly +-_TAIL_START in the power sums: take them out
+    powers = np.arange(2, len(moments) + 2)
+    n_pos = sum(c.n_tail_pos for c in chunks)
+    n_neg = sum(c.n_tail_neg for c in chunks)
+    moments -= n_pos * _TAIL_START**powers + n_neg * (-_TAIL_START) ** powers
+    coef = _K3_POLY[np.result_type(batch.policy.dtype, batch.ref.dtype)]
+
+    def total(name: str) -> float:
+        return sum(getattr(c, name) for c in chunks)
+
+    return _KernelOut(
+        n_tokens=batch.n_tokens,
+        sum_l=float(np.sum(seq_kl)),
+        sum_half_l2=0.5 * float(moments[0]) + total("tail_half_l2"),
+        sum_k3=max(0.0, float(moments @ coef)) + total("tail_k3"),
+        sum_nll=total("sum_nll"),
+        sum_rollout_gap=total("sum_rollout_gap") if batch.rollout is not None else None,
+        sum_entropy=total("sum_entropy") if batch.entropies is not None else None,
+        # sum of positive l = (sum |l| + sum l) / 2
+        sum_pos_l=max(0.0, 0.5 * (total("sum_abs_l") + float(np.sum(seq_kl)))),
+        top_pos_l=top,
+        seq_kl=seq_kl,
+        token_hist=np.sum([c.hist for c in chunks], axis=0, dtype=np.int64),
+    )

@@ -32,7 +32,7 @@ FORBIDDEN = {
         "dash",
     ),
 }
-ALLOWED = {"monitor.divergence": ("monitor.errors",)}
+ALLOWED = {"monitor.divergence": ("monitor.errors", "monitor._kernel")}
 
 
 def _module_name(path: Path) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import math
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -51,6 +53,28 @@ SCALARS = [
     "n_sequences",
     "n_tokens",
 ]
+
+
+KERNELS = ["compiled-avx2", "compiled-scalar", "numpy"]
+
+
+@pytest.fixture(autouse=True, params=KERNELS)
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on each token kernel: the C pass with its AVX2 loop, the C pass with its
+    scalar loop, and the numpy fallback of installs built without a C compiler."""
+    if request.param == "numpy":
+        monkeypatch.setattr(divergence, "_compiled", None)
+    elif divergence._compiled is None:
+        pytest.skip("monitor._kernel was not built (no C compiler at install time)")
+    elif request.param == "compiled-scalar":
+        monkeypatch.setattr(divergence, "_SIMD", False)
+    return str(request.param)
+
+
+def test_compiled_kernel_is_built_where_a_compiler_is() -> None:
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler here: the numpy kernel is the expected one")
+    importlib.import_module("monitor._kernel")  # ImportError: setup.py did not build it
 
 
 def batch(

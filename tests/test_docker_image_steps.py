@@ -145,6 +145,16 @@ def test_wheel_ships_migrations_env_and_default_rules(image: Image) -> None:
     assert re.search(r"Requires-Dist: gunicorn.*extra == .server.", meta), meta
 
 
+def test_wheel_ships_the_compiled_token_pass(image: Image) -> None:
+    """The build stage has a C compiler (as here), so the wheel carries monitor._kernel and
+    the installed package uses it rather than the slower numpy fallback."""
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler here: the wheel is built without monitor._kernel")
+    names = zipfile.ZipFile(image.wheel).namelist()
+    assert any(re.fullmatch(r"monitor/_kernel\..*\.so", n) for n in names), names
+    image.python("import monitor.divergence as d; assert d._compiled is not None")
+
+
 def test_wheel_ships_dashboard_assets(image: Image) -> None:
     names = set(zipfile.ZipFile(image.wheel).namelist())
     assets = sorted((ROOT / "monitor" / "dashboard" / "assets").glob("*.*"))

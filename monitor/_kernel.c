@@ -1,0 +1,415 @@
+/* The token pass of monitor.divergence in C: every statistic of a step in one read of the
+ * inputs, with the GIL released.
+ *
+ * Why C: numpy needs some thirty whole-array passes for these statistics (mask, subtract,
+ * compare, gather, power sums, ...), and its threads wait for the GIL between passes. Here
+ * each token is read once, four at a time with AVX2 where the CPU has it (a scalar loop with
+ * the same formulas otherwise), and two Python threads run two row ranges on two cores.
+ * monitor/divergence.py holds the definitions, the error messages and a numpy kernel with
+ * the same results for installs built without a C compiler; this file only computes.
+ *
+ * For token l = log p - log q (double precision throughout):
+ *   sums: 0 -sum log p, 1 sum l, 2 sum l^2/2, 3 sum exp(-l) - 1 + l, 4 sum max(l, 0),
+ *         5 sum (rollout - log p), 6 sum entropy, 7 number of tokens
+ *   k3:   exp(-l) - 1 + l = l^2 g(l). Every token adds s^2 g(s) for s = l clipped to
+ *         [-1/2, 1/2], with g a polynomial from Python (exact to double precision there); a
+ *         tail token (|l| >= 1/2, a few percent) then swaps that for exp(-l) - 1 + l, which
+ *         has no cancellation out there.
+ *   hist: the 80 bins of HIST_EDGES. Central bins 38..41 come from counts of l below -1/4,
+ *         0 and 1/4 (no scattered increments); tail tokens are binned one by one.
+ *   cand: the positive tail values, from which Python takes the top 1%.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#endif
+
+#define N_BINS 80
+#define N_SUMS 8
+#define TAIL 0.5
+#define DEGREE 8 /* of g; Python passes DEGREE + 1 coefficients */
+
+enum { OK = 0, BAD_VALUE = 1, OVERFLOW = 2 };
+
+typedef struct {
+    const void *p, *q, *ro, *en;
+    const unsigned char *m;
+    int is_double;
+    Py_ssize_t rows, cols;
+    double tol;
+    double c[DEGREE + 1];
+    double clip_pos, clip_neg; /* s^2 g(s) at s = +1/2 and -1/2 */
+} Inputs;
+
+typedef struct {
+    double nll, k3, l2, pos, gap, ent;
+    int64_t n, below[3], tail_pos, tail_neg;
+    int64_t hist[N_BINS];
+    double *cand;
+    Py_ssize_t n_cand, cap_cand;
+} Acc;
+
+static inline double poly_k3(const double *c, double s) {
+    const double s2 = s * s, s4 = s2 * s2; /* Estrin: a short dependency chain */
+    const double g = (c[0] + c[1] * s) + s2 * (c[2] + c[3] * s) +
+                     s4 * ((c[4] + c[5] * s) + s2 * (c[6] + c[7] * s) + s4 * c[8]);
+    return s2 * g;
+}
+
+/* Bin of HIST_EDGES without data-dependent branches: clamp, truncate, truncation to floor. */
+static inline int bin_of(double l) {
+    double x = l * 4.0; /* exact */
+    x = x < -40.0 ? -40.0 : x;
+    x = x > 39.5 ? 39.5 : x;
+    int k = (int)x;
+    k -= (double)k > x;
+    return k + 40;
+}
+
+static inline void tail_token(const Inputs *in, Acc *a, double l) {
+    a->k3 += exp(-l) - 1.0 + l - (l > 0 ? in->clip_pos : in->clip_neg);
+    a->hist[bin_of(l)]++;
+    if (l > 0) {
+        if (a->n_cand < a->cap_cand) a->cand[a->n_cand] = l;
+        a->n_cand++;
+        a->tail_pos++;
+    } else {
+        a->tail_neg++;
+    }
+}
+
+static inline double load(const void *base, Py_ssize_t i, int is_double) {
+    return is_double ? ((const double *)base)[i] : (double)((const float *)base)[i];
+}
+
+/* Tokens [j0, j1) of row r, one at a time; returns 0 when a value is out of range. The row
+ * sum goes to *row. */
+static int scalar_tokens(const Inputs *in, Acc *a, Py_ssize_t r, Py_ssize_t j0, Py_ssize_t j1,
+                         double *row) {
+    const double tol = in->tol;
+    for (Py_ssize_t j = j0; j < j1; j++) {
+        const Py_ssize_t i = r * in->cols + j;
+        if (in->m && !in->m[i]) continue;
+        const double pv = load(in->p, i, in->is_double), qv = load(in->q, i, in->is_double);
+        if (!(pv <= tol && qv <= tol && pv > -HUGE_VAL && qv > -HUGE_VAL)) return 0;
+        if (in->ro) {
+            const double rv = load(in->ro, i, in->is_double);
+            if (!(rv <= tol && rv > -HUGE_VAL)) return 0;
+            a->gap += rv - pv;
+        }
+        if (in->en) {
+            const double ev = load(in->en, i, in->is_double);
+            if (!(ev >= -tol && ev < HUGE_VAL)) return 0;
+            a->ent += ev;
+        }
+        const double l = pv - qv;
+        *row += l;
+        a->nll -= pv;
+        a->l2 += l * l;
+        a->k3 += poly_k3(in->c, l < -TAIL ? -TAIL : (l > TAIL ? TAIL : l));
+        a->pos += l > 0 ? l : 0.0;
+        a->below[0] += l < -0.25;
+        a->below[1] += l < 0.0;
+        a->below[2] += l < 0.25;
+        if (!(l > -TAIL && l < TAIL)) tail_token(in, a, l);
+        a->n++;
+    }
+    return 1;
+}
+
+#ifdef HAVE_AVX2
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static inline __m256d load4(const void *base, Py_ssize_t i, int is_double) {
+    return is_double ? _mm256_loadu_pd((const double *)base + i)
+                     : _mm256_cvtps_pd(_mm_loadu_ps((const float *)base + i));
+}
+
+AVX2 static inline double hsum(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+AVX2 static inline int64_t hsum_i(__m256i v) {
+    int64_t x[4];
+    _mm256_storeu_si256((__m256i *)x, v);
+    return x[0] + x[1] + x[2] + x[3];
+}
+
+/* Row r, four tokens at a time; masked lanes are zeroed with a bitwise AND (NaN padding
+ * included). Returns 0 when a value is out of range. */
+AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out) {
+    const Py_ssize_t cols = in->cols, base = r * cols, end = cols - cols % 4;
+    const int dbl = in->is_double;
+    const __m256d tol = _mm256_set1_pd(in->tol), ntol = _mm256_set1_pd(-in->tol);
+    const __m256d ninf = _mm256_set1_pd(-HUGE_VAL), inf = _mm256_set1_pd(HUGE_VAL);
+    const __m256d half = _mm256_set1_pd(TAIL), nhalf = _mm256_set1_pd(-TAIL);
+    const __m256d q1 = _mm256_set1_pd(0.25), nq1 = _mm256_set1_pd(-0.25);
+    const __m256d zero = _mm256_setzero_pd(), absmask = _mm256_set1_pd(-0.0);
+    const __m256d all = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+    __m256d c[DEGREE + 1];
+    for (int k = 0; k <= DEGREE; k++) c[k] = _mm256_set1_pd(in->c[k]);
+    __m256d row = zero, nll = zero, l2 = zero, k3 = zero, pos = zero, gap = zero, ent = zero;
+    __m256d bad = zero;
+    __m256i b0 = _mm256_setzero_si256(), b1 = b0, b2 = b0, n = b0;
+    for (Py_ssize_t j = 0; j < end; j += 4) {
+        const Py_ssize_t i = base + j;
+        __m256d mk = all;
+        if (in->m) {
+            int32_t bytes;
+            memcpy(&bytes, in->m + i, 4);
+            const __m256i wide = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(bytes));
+            mk = _mm256_castsi256_pd(_mm256_cmpgt_epi64(wide, _mm256_setzero_si256()));
+        }
+        const __m256d pv = load4(in->p, i, dbl), qv = load4(in->q, i, dbl);
+        __m256d ok = _mm256_and_pd(_mm256_and_pd(_mm256_cmp_pd(pv, tol, _CMP_LE_OQ),
+                                                 _mm256_cmp_pd(qv, tol, _CMP_LE_OQ)),
+                                   _mm256_and_pd(_mm256_cmp_pd(pv, ninf, _CMP_GT_OQ),
+                                                 _mm256_cmp_pd(qv, ninf, _CMP_GT_OQ)));
+        if (in->ro) {
+            const __m256d rv = load4(in->ro, i, dbl);
+            ok = _mm256_and_pd(ok, _mm256_and_pd(_mm256_cmp_pd(rv, tol, _CMP_LE_OQ),
+                                                 _mm256_cmp_pd(rv, ninf, _CMP_GT_OQ)));
+            gap = _mm256_add_pd(gap, _mm256_and_pd(_mm256_sub_pd(rv, pv), mk));
+        }
+        if (in->en) {
+            const __m256d ev = load4(in->en, i, dbl);
+            ok = _mm256_and_pd(ok, _mm256_and_pd(_mm256_cmp_pd(ev, ntol, _CMP_GE_OQ),
+                                                 _mm256_cmp_pd(ev, inf, _CMP_LT_OQ)));
+            ent = _mm256_add_pd(ent, _mm256_and_pd(ev, mk));
+        }
+        bad = _mm256_or_pd(bad, _mm256_andnot_pd(ok, mk));
+        const __m256d l = _mm256_and_pd(_mm256_sub_pd(pv, qv), mk);
+        row = _mm256_add_pd(row, l);
+        nll = _mm256_add_pd(nll, _mm256_and_pd(pv, mk));
+        l2 = _mm256_fmadd_pd(l, l, l2);
+        const __m256d s = _mm256_min_pd(_mm256_max_pd(l, nhalf), half);
+        const __m256d s2 = _mm256_mul_pd(s, s), s4 = _mm256_mul_pd(s2, s2);
+        const __m256d e0 = _mm256_fmadd_pd(c[1], s, c[0]), e1 = _mm256_fmadd_pd(c[3], s, c[2]);
+        const __m256d e2 = _mm256_fmadd_pd(c[5], s, c[4]), e3 = _mm256_fmadd_pd(c[7], s, c[6]);
+        const __m256d hi = _mm256_fmadd_pd(s4, c[8], _mm256_fmadd_pd(s2, e3, e2));
+        const __m256d g = _mm256_fmadd_pd(s4, hi, _mm256_fmadd_pd(s2, e1, e0));
+        k3 = _mm256_fmadd_pd(s2, g, k3);
+        pos = _mm256_add_pd(pos, _mm256_max_pd(l, zero));
+        /* a true comparison is all ones, i.e. -1 as an integer: subtracting counts it */
+        b0 = _mm256_sub_epi64(b0, _mm256_castpd_si256(_mm256_cmp_pd(l, nq1, _CMP_LT_OQ)));
+        b1 = _mm256_sub_epi64(b1, _mm256_castpd_si256(_mm256_cmp_pd(l, zero, _CMP_LT_OQ)));
+        b2 = _mm256_sub_epi64(
+            b2, _mm256_castpd_si256(_mm256_and_pd(_mm256_cmp_pd(l, q1, _CMP_LT_OQ), mk)));
+        n = _mm256_sub_epi64(n, _mm256_castpd_si256(mk));
+        const __m256d abs_l = _mm256_andnot_pd(absmask, l);
+        const int tail = _mm256_movemask_pd(_mm256_cmp_pd(abs_l, half, _CMP_GE_OQ));
+        if (tail) {
+            double lv[4];
+            _mm256_storeu_pd(lv, l);
+            for (int k = 0; k < 4; k++)
+                if (tail >> k & 1) tail_token(in, a, lv[k]);
+        }
+    }
+    if (_mm256_movemask_pd(bad)) return 0;
+    double row_sum = hsum(row);
+    a->nll -= hsum(nll);
+    a->l2 += hsum(l2);
+    a->k3 += hsum(k3);
+    a->pos += hsum(pos);
+    a->gap += hsum(gap);
+    a->ent += hsum(ent);
+    a->below[0] += hsum_i(b0);
+    a->below[1] += hsum_i(b1);
+    a->below[2] += hsum_i(b2);
+    a->n += hsum_i(n);
+    if (!scalar_tokens(in, a, r, end, cols, &row_sum)) return 0;
+    *row_out = row_sum;
+    return 1;
+}
+
+static int have_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
+static int token_pass(const Inputs *in, Acc *a, double *seq, int simd, Py_ssize_t *bad_row) {
+    for (Py_ssize_t r = 0; r < in->rows; r++) {
+        double row = 0;
+        int ok;
+#ifdef HAVE_AVX2
+        ok = simd ? avx2_row(in, a, r, &row) : scalar_tokens(in, a, r, 0, in->cols, &row);
+#else
+        ok = scalar_tokens(in, a, r, 0, in->cols, &row);
+#endif
+        if (!ok || !isfinite(row)) {
+            *bad_row = r;
+            return ok ? OVERFLOW : BAD_VALUE;
+        }
+        seq[r] = row;
+    }
+    return OK;
+}
+
+/* Positive l >= lo, into out (up to cap); returns how many there are. */
+static Py_ssize_t collect_pass(const Inputs *in, double lo, double *out, Py_ssize_t cap) {
+    Py_ssize_t found = 0;
+    const Py_ssize_t total = in->rows * in->cols;
+    for (Py_ssize_t i = 0; i < total; i++) {
+        const double l = load(in->p, i, in->is_double) - load(in->q, i, in->is_double);
+        if (l >= lo && l > 0 && (!in->m || in->m[i])) {
+            if (found < cap) out[found] = l;
+            found++;
+        }
+    }
+    return found;
+}
+
+/* ---- Python interface ---------------------------------------------------------------------
+ * Inputs are C-contiguous buffers of rows * cols items (float32 or float64, the mask as
+ * bytes); the optional ones may be None. Outputs are writable float64 / int64 buffers. */
+
+static int get_buffers(PyObject *objs[5], Py_buffer views[5], Inputs *in) {
+    static const char *names[5] = {"policy", "ref", "mask", "rollout", "entropies"};
+    const Py_ssize_t count = in->rows * in->cols, item = in->is_double ? 8 : 4;
+    for (int k = 0; k < 5; k++) {
+        views[k].obj = NULL;
+        views[k].buf = NULL;
+        if (objs[k] == Py_None) continue;
+        if (PyObject_GetBuffer(objs[k], &views[k], PyBUF_C_CONTIGUOUS) < 0) goto fail;
+        if (views[k].len < count * (k == 2 ? 1 : item)) {
+            PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, expected %zd", names[k],
+                         views[k].len, count * (k == 2 ? 1 : item));
+            goto fail;
+        }
+    }
+    if (!views[0].buf || !views[1].buf) {
+        PyErr_SetString(PyExc_ValueError, "policy and ref are required");
+        goto fail;
+    }
+    in->p = views[0].buf;
+    in->q = views[1].buf;
+    in->m = views[2].buf;
+    in->ro = views[3].buf;
+    in->en = views[4].buf;
+    return 0;
+fail:
+    for (int k = 0; k < 5; k++)
+        if (views[k].obj) PyBuffer_Release(&views[k]);
+    return -1;
+}
+
+static void release(Py_buffer *views, int n) {
+    for (int k = 0; k < n; k++)
+        if (views[k].obj) PyBuffer_Release(&views[k]);
+}
+
+static PyObject *stats(PyObject *self, PyObject *args) {
+    PyObject *objs[5];
+    Inputs in;
+    int simd;
+    Py_buffer outs[5]; /* coef, seq, sums, hist, cand */
+    if (!PyArg_ParseTuple(args, "OOOOOnnpdpy*w*w*w*w*", &objs[0], &objs[1], &objs[2], &objs[3],
+                          &objs[4], &in.rows, &in.cols, &in.is_double, &in.tol, &simd, &outs[0],
+                          &outs[1], &outs[2], &outs[3], &outs[4]))
+        return NULL;
+    if (outs[0].len != (DEGREE + 1) * 8 || outs[1].len < in.rows * 8 || outs[2].len != N_SUMS * 8 ||
+        outs[3].len != N_BINS * 8) {
+        release(outs, 5);
+        return PyErr_Format(PyExc_ValueError, "output buffers have the wrong size");
+    }
+    memcpy(in.c, outs[0].buf, sizeof in.c);
+    in.clip_pos = poly_k3(in.c, TAIL);
+    in.clip_neg = poly_k3(in.c, -TAIL);
+    Py_buffer views[5];
+    if (get_buffers(objs, views, &in) < 0) {
+        release(outs, 5);
+        return NULL;
+    }
+#ifdef HAVE_AVX2
+    simd = simd && have_avx2();
+#else
+    simd = 0;
+#endif
+    Acc a;
+    memset(&a, 0, sizeof a);
+    a.cand = outs[4].buf;
+    a.cap_cand = outs[4].len / 8;
+    Py_ssize_t bad_row = -1;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = token_pass(&in, &a, outs[1].buf, simd, &bad_row);
+    Py_END_ALLOW_THREADS
+    if (status == OK) {
+        double *sums = outs[2].buf;
+        int64_t *hist = outs[3].buf;
+        double sum_l = 0;
+        for (Py_ssize_t r = 0; r < in.rows; r++) sum_l += ((double *)outs[1].buf)[r];
+        const double add[N_SUMS] = {a.nll, sum_l, 0.5 * a.l2, a.k3, a.pos, a.gap, a.ent,
+                                    (double)a.n};
+        for (int k = 0; k < N_SUMS; k++) sums[k] += add[k];
+        for (int b = 0; b < N_BINS; b++) hist[b] += a.hist[b];
+        hist[38] += a.below[0] - a.tail_neg;
+        hist[39] += a.below[1] - a.below[0];
+        hist[40] += a.below[2] - a.below[1];
+        hist[41] += a.n - a.below[2] - a.tail_pos;
+    }
+    release(views, 5);
+    release(outs, 5);
+    return Py_BuildValue("inni", status, bad_row, a.n_cand, simd);
+}
+
+static PyObject *collect(PyObject *self, PyObject *args) {
+    PyObject *objs[5] = {NULL, NULL, NULL, Py_None, Py_None};
+    Inputs in;
+    double lo;
+    Py_buffer out;
+    if (!PyArg_ParseTuple(args, "OOOnnpdw*", &objs[0], &objs[1], &objs[2], &in.rows, &in.cols,
+                          &in.is_double, &lo, &out))
+        return NULL;
+    Py_buffer views[5];
+    if (get_buffers(objs, views, &in) < 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    Py_ssize_t found;
+    Py_BEGIN_ALLOW_THREADS
+    found = collect_pass(&in, lo, out.buf, out.len / 8);
+    Py_END_ALLOW_THREADS
+    release(views, 5);
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(found);
+}
+
+static PyObject *py_has_avx2(PyObject *self, PyObject *unused) {
+#ifdef HAVE_AVX2
+    return PyBool_FromLong(have_avx2());
+#else
+    return PyBool_FromLong(0);
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"has_avx2", py_has_avx2, METH_NOARGS, "Whether stats() can use its AVX2 loop here."},
+    {"stats", stats, METH_VARARGS,
+     "stats(policy, ref, mask, rollout, entropies, rows, cols, is_double, tol, simd, coef, seq,"
+     " sums, hist, cand) -> (status, bad_row, n_cand, used_simd)"},
+    {"collect", collect, METH_VARARGS,
+     "collect(policy, ref, mask, rows, cols, is_double, lo, out) -> count"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "monitor._kernel",
+                                    "Fused token pass of monitor.divergence.", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernel(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && (PyModule_AddIntConstant(m, "N_SUMS", N_SUMS) < 0 ||
+              PyModule_AddIntConstant(m, "DEGREE", DEGREE) < 0)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
