@@ -79,13 +79,7 @@ def naive_summary(policy: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> dict
     }
 
 
-def kernel_name() -> str:
-    if divergence._compiled is None:
-        return "numpy (monitor._kernel not built)"
-    return f"C, {'AVX2' if divergence._compiled.has_avx2() else 'scalar'} loop"
-
-
-def kernel(fn: Callable[[], Any], simd: bool = True, compiled: bool = True) -> Callable[[], Any]:
+def switched(fn: Callable[[], Any], simd: bool = True, compiled: bool = True) -> Callable[[], Any]:
     """fn with the compiled kernel's AVX2 loop or the compiled kernel itself switched off."""
     saved = divergence._compiled
 
@@ -136,12 +130,12 @@ def main() -> None:
         "summarize": lambda: summarize(policy, ref, mask),
         "summarize, padding +1.0": lambda: summarize(padded, ref, mask),
         "sequence_kl only": lambda: sequence_kl(policy, ref, mask),
-        "summarize, C scalar loop": kernel(lambda: summarize(policy, ref, mask), simd=False),
-        "summarize, numpy kernel": kernel(lambda: summarize(policy, ref, mask), compiled=False),
+        "summarize, C scalar loop": switched(lambda: summarize(policy, ref, mask), simd=False),
+        "summarize, numpy kernel": switched(lambda: summarize(policy, ref, mask), compiled=False),
     }
     print(
         f"batch ({args.batch}, {args.tokens}) float32, fill {mask.mean():.0%}, "
-        f"input {input_bytes / 2**20:.1f} MiB, {args.reps} reps; kernel: {kernel_name()}"
+        f"input {input_bytes / 2**20:.1f} MiB, {args.reps} reps; kernel: {divergence.kernel()}"
     )
     print(f"{'':26s} {'median':>14s} {'best':>14s} {'peak extra mem':>16s}")
     for name, fn in cases.items():

@@ -45,6 +45,7 @@ __all__ = [
     "HIST_EDGES",
     "LOGPROB_TOLERANCE",
     "StepSummary",
+    "kernel",
     "merge_partials",
     "partials",
     "sequence_kl",
@@ -217,6 +218,15 @@ def _opt_float(x: Any) -> float | None:
 
 # --------------------------------------------------------------------------------------------
 # Public API
+
+
+def kernel() -> str:
+    """Which token pass computes the statistics here: ``"c-avx2"`` (the compiled pass with
+    its AVX2 loop), ``"c-scalar"`` (compiled, on a CPU without AVX2/FMA or off x86-64) or
+    ``"numpy"`` (klmon was installed without a C compiler; same results, slower)."""
+    if _compiled is None:
+        return "numpy"
+    return "c-avx2" if _SIMD and _compiled.has_avx2() else "c-scalar"
 
 
 def sequence_kl(policy_logprobs: Any, ref_logprobs: Any, mask: Any = None) -> np.ndarray:

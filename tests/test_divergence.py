@@ -71,6 +71,14 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     return str(request.param)
 
 
+def test_kernel_names_the_pass_in_use(kernel: str) -> None:
+    name = divergence.kernel()
+    if kernel == "compiled-avx2":
+        assert name == ("c-avx2" if divergence._compiled.has_avx2() else "c-scalar")
+    else:
+        assert name == {"compiled-scalar": "c-scalar", "numpy": "numpy"}[kernel]
+
+
 def test_compiled_kernel_is_built_where_a_compiler_is() -> None:
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler here: the numpy kernel is the expected one")
@@ -169,6 +177,36 @@ def test_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_long_sequences_and_odd_sizes() -> None:
     p, q, mask = batch(b=3, t=30_001, seed=13)
     assert_matches_reference(summarize(p, q, mask), reference(p, q, mask), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("scale", "shift"),
+    [
+        (0.01, 0.0),  # no token beyond 1/2: the top 1% comes from a second gathering pass
+        (0.02, 0.3),  # few beyond 1/2, enough in [1/4, 1/2)
+        (0.3, 2.0),  # nearly every token beyond 1/2 and positive: more than the first buffer
+        (0.3, -2.0),  # nearly every token beyond -1/2: negative KL, a tiny positive share
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_regimes_of_l_and_threads(
+    scale: float, shift: float, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every path of the top-1% search and of the tail handling, on one and on two threads
+    (the batch is split between them whatever its size here)."""
+    monkeypatch.setattr(divergence, "_PARALLEL_MIN_POSITIONS", 0 if threads == 2 else 1 << 60)
+    monkeypatch.setattr(divergence, "_CHUNK_POSITIONS", 4096)  # several numpy chunks too
+    rng = np.random.default_rng(17)
+    b, t = 40, 257
+    mask = np.arange(t)[None, :] < rng.integers(1, t + 1, b)[:, None]
+    p = -rng.gamma(0.7, 3.0, (b, t))
+    q = np.minimum(p - shift - scale * rng.standard_t(3, (b, t)), 0.0)
+    s = summarize(p, q, mask)
+    assert_matches_reference(s, reference(p, q, mask), rtol=1e-9)
+    assert_close_summaries(summarize(p.astype(np.float32), q.astype(np.float32), mask),
+                           summarize(p.astype(np.float32).astype(np.float64),
+                                     q.astype(np.float32).astype(np.float64), mask),
+                           rtol=1e-5)  # fmt: skip
 
 
 def test_k1_k2_k3_converge_to_analytic_values() -> None:
