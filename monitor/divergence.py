@@ -1,4 +1,4 @@
-"""The per-step KL quantities of DESIGN.md, computed from per-token log-probabilities (numpy only).
+"""The per-step KL quantities of DESIGN.md, computed from per-token log-probabilities.
 
 For response token t of a sequence, ``l_t = log p - log q`` (p: policy, q: frozen reference),
 taken under the response mask *before* subtracting, so that padding never leaks into a sum.
@@ -15,10 +15,12 @@ numpy can read (PyTorch tensors included, bfloat16 too, without importing torch)
 raises :class:`~monitor.errors.InvalidInput` naming the argument, the problem and the first
 offending position in row-major order.
 
-Speed: one pass over the batch in row chunks with preallocated buffers, float32 arithmetic
-per token (float64 for float64 input) and float64 accumulation of every sum. One thread: two
-threads measured slower on a shared 2-core machine (GIL hand-offs between many short numpy
-calls). See ``benchmarks/bench_divergence.py``.
+Speed: the token pass is ``monitor/_kernel.c``, a small C extension built at install time
+(every statistic in one read of the inputs, in double precision, AVX2 where the CPU has it,
+two row ranges on two threads with the GIL released). Where it could not be built (no C
+compiler), the numpy kernel below gives the same results a few times slower. Nothing else is
+needed at run time: numpy only, no torch. :func:`kernel` says which pass is in use; see
+``benchmarks/bench_divergence.py`` for the figures.
 """
 
 from __future__ import annotations
@@ -683,10 +685,10 @@ def _value_message(where: str, v: float, kind: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The kernel: whole-chunk numpy passes, on up to two threads
+# The numpy kernel (installs without monitor._kernel): whole-chunk passes on up to two threads
 #
 # Per token only cheap, branch-free passes run over every position: mask, subtract, compare,
-# clip, multiply, and BLAS dot products. Two families of tokens are then told apart:
+# clip, multiply, sums and einsum dot products. Two families of tokens are then told apart:
 #
 # - central tokens, |l| < _TAIL_START (nearly all of them): their k3 terms come from power
 #   sums. K(l) = exp(-l) - 1 + l = l^2 g(l) with g smooth, so sum_t K(l_t) = sum_n c_n M_(n+2)
@@ -699,9 +701,10 @@ def _value_message(where: str, v: float, kind: str) -> str:
 #   taken back out.
 #
 # Gathering is the costly step (a data-dependent branch per position), which is why the tail
-# starts at 0.5 nats rather than lower. Threads: numpy releases the GIL inside each pass, and
-# a chunk's passes are long (a quarter of a million positions), so two threads on two cores
-# give close to twice the throughput; each thread owns its buffers and each chunk writes its
+# starts at 0.5 nats rather than lower. Threads: every pass here releases the GIL (BLAS-backed
+# gufuncs such as np.vecdot hold it, so they are avoided) and a chunk's passes are long (a
+# quarter of a million positions); two threads still gain only about 1.3x, as each hand-back
+# of the GIL waits for the other thread. Each thread owns its buffers and each chunk writes its
 # own record, so results do not depend on scheduling.
 
 _TAIL_START = 0.5

@@ -209,6 +209,16 @@ def test_regimes_of_l_and_threads(
                            rtol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize(("dtype", "bound"), [(np.float32, 1e-6), (np.float64, 1e-12)])
+def test_k3_polynomial_matches_its_function(dtype: type, bound: float) -> None:
+    """k3 of |l| < 1/2 comes from a polynomial for g(l) = (exp(-l) - 1 + l) / l^2; its
+    relative error bounds the error of k3 there."""
+    x = np.linspace(-0.5, 0.5, 20_001)
+    exact = sum((-x) ** n / math.factorial(n + 2) for n in range(30))
+    approx = np.polynomial.polynomial.polyval(x, divergence._K3_POLY[np.dtype(dtype)])
+    assert np.max(np.abs(approx - exact) / exact) < bound
+
+
 def test_k1_k2_k3_converge_to_analytic_values() -> None:
     rng = np.random.default_rng(7)
     k = 50

@@ -3,6 +3,7 @@ call, rejected steps, duplicates and conflicts, out-of-order steps, multi-rank m
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -94,10 +95,7 @@ def test_log_step_stores_summary_samples_histogram_metrics(db_url: str, tmp_path
         (lambda lp, ref, m: (lp + 0.5, ref, m), "<= 0"),
         (lambda lp, ref, m: (lp, ref[:, :-1], m), "shape"),
         (lambda lp, ref, m: (lp, ref, m[:-1]), "shape"),
-        (
-            lambda lp, ref, m: (lp, ref, np.where(np.arange(len(m))[:, None] == 2, False, m)),
-            "empty response",
-        ),
+        (lambda lp, ref, m: (lp, ref, np.zeros_like(m)), "every one of the .* empty response"),
         (lambda lp, ref, m: (lp[:0], ref[:0], None), "empty"),
         (lambda lp, ref, m: (lp.astype(str), ref, m), "dtype"),
     ],
@@ -112,6 +110,37 @@ def test_invalid_input_is_rejected_at_the_call(change, message, tmp_path) -> Non
         assert run.stats["logged"] == 0
     finally:
         run.finish(timeout=0.5)
+
+
+def test_empty_responses_are_left_out_and_counted(db_url: str, tmp_path, caplog) -> None:
+    """An empty response (the policy emitted EOS at once) has no KL: the step keeps the other
+    sequences, counts the empty ones in a metric, and sample indices stay those of the batch."""
+    run = start(db_url, tmp_path)
+    lp, ref, mask = batch()
+    mask[[1, 4]] = False
+    b = len(mask)
+    texts = ([f"prompt {i}" for i in range(b)], [f"response {i}" for i in range(b)])
+    rewards = np.arange(b, dtype=np.float64)
+    with caplog.at_level(logging.WARNING, logger="klmon"):
+        for step in (0, 1):
+            run.log_step(step, policy_logprobs=lp, ref_logprobs=ref, mask=mask, texts=texts,
+                         rewards=rewards)  # fmt: skip
+        assert run.flush(20)
+    run.finish()
+    assert sum("empty response" in r.getMessage() for r in caplog.records) == 1  # once per run
+    db = Database.open(db_url)
+    steps = read_steps(db, run.id)
+    keep = np.flatnonzero(mask.any(axis=1))
+    want = divergence.summarize(lp[keep], ref[keep], mask[keep], rewards=rewards[keep])
+    assert steps["n_sequences"].tolist() == [b - 2, b - 2]
+    assert steps["kl_mean"].iloc[0] == pytest.approx(want.kl_mean, rel=1e-6)
+    assert steps["reward_mean"].iloc[0] == pytest.approx(rewards[keep].mean())
+    assert read_metrics(db, run.id)["klmon/empty_responses"].tolist() == [2, 2]
+    samples = read_samples(db, run.id, 0)
+    assert samples and {s.seq_index for s in samples} <= set(keep.tolist())
+    for s in samples:
+        assert s.prompt == f"prompt {s.seq_index}" and s.reward == rewards[s.seq_index]
+    db.dispose()
 
 
 def test_bad_values_outside_the_mask_are_fine(tmp_path) -> None:

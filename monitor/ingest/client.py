@@ -183,6 +183,7 @@ class Run:
         self._last_step: int | None = None
         self._warned_order = False
         self._warned_metrics = False
+        self._warned_empty = False
         self._finished = False
         self._forked = False
         self._finish_lock = threading.Lock()
@@ -313,6 +314,16 @@ class Run:
             if metrics:
                 item.metrics = _checked_metrics(metrics, lenient=True)
             log.warning("klmon: step %d rejected: %s", step, exc)
+        n_empty = (item.metrics or {}).get(EMPTY_RESPONSES_METRIC)
+        if n_empty and not self._warned_empty:
+            self._warned_empty = True
+            log.warning(
+                "klmon: step %d has %d sequences with an empty response; they are left out of "
+                "the step's statistics and counted in the metric %s (this warning is shown once)",
+                step,
+                n_empty,
+                EMPTY_RESPONSES_METRIC,
+            )
         if metrics and self.rank != 0 and not self._warned_metrics:
             self._warned_metrics = True
             log.warning(
@@ -533,11 +544,21 @@ def _is_ragged(x: Any) -> bool:
     return len(lengths) > 1
 
 
-def _check_rows(m: np.ndarray) -> None:
-    has = m.any(axis=1)
-    if not has.all():
-        i = int(np.flatnonzero(~has)[0])
-        raise InvalidInput(f"sequence {i} has an empty response: mask row {i} is all zero")
+#: Extra metric holding how many sequences of a step had an empty response (mask row all
+#: zero, e.g. the policy emitted EOS at once). Their KL is no data, not 0: the step's
+#: statistics cover the other sequences, and this count keeps the dropped ones visible.
+EMPTY_RESPONSES_METRIC = "klmon/empty_responses"
+
+
+def _count_empty_rows(m: np.ndarray) -> int:
+    """Number of sequences without a response token; InvalidInput when that is all of them."""
+    n_empty = int(m.shape[0] - np.count_nonzero(m.any(axis=1)))
+    if n_empty and n_empty == m.shape[0]:
+        raise InvalidInput(
+            f"every one of the {n_empty} sequences has an empty response (each mask row is all "
+            "zero): the step has no KL to record"
+        )
+    return n_empty
 
 
 def _check_logprobs(arr: np.ndarray, name: str, mask: np.ndarray | None) -> None:
@@ -581,9 +602,10 @@ def _build_item(
     check_values: bool = True,
 ) -> StepItem:
     m: np.ndarray | None = None
+    n_empty = 0
     if _is_ragged(policy_logprobs):
         lp, ref, m = _pad_ragged(policy_logprobs, ref_logprobs, mask)
-        _check_rows(m)
+        n_empty = _count_empty_rows(m)
         if check_values:
             _check_logprobs(lp, "policy_logprobs", m)
             _check_logprobs(ref, "ref_logprobs", m)
@@ -593,7 +615,7 @@ def _build_item(
             m = _bool_mask(raw.reshape(1, -1) if raw.ndim == 1 else raw, "mask")
             if m.ndim != 2:
                 raise InvalidInput(f"mask must be 2-D (batch, tokens), got shape {m.shape}")
-            _check_rows(m)
+            n_empty = _count_empty_rows(m)
         # Copy, then check each array while the copy is still in cache.
         lp = _float_copy(policy_logprobs, "policy_logprobs")
         if lp.ndim != 2:
@@ -668,9 +690,15 @@ def _build_item(
         kl_coef=coef,
         texts=tx,
         tokens=toks,
-        metrics=_checked_metrics(metrics) if metrics else None,
+        metrics=_with_empty_count(_checked_metrics(metrics) if metrics else None, n_empty),
         extra=extra or None,
     )
+
+
+def _with_empty_count(metrics: dict[str, Any] | None, n_empty: int) -> dict[str, Any] | None:
+    if not n_empty:
+        return metrics
+    return {**(metrics or {}), EMPTY_RESPONSES_METRIC: n_empty}
 
 
 def _checked_metrics(metrics: Mapping[str, Any], *, lenient: bool = False) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -194,6 +194,9 @@ def _summarize_arrays(
     divergence: Any,
     world_size: int,
 ) -> dict[str, Any]:
+    seq_ids = _rows_with_response(item.mask)
+    if seq_ids is not None:  # empty responses have no KL: the step is the other sequences
+        item = _only_rows(item, seq_ids)
     kwargs: dict[str, Any] = {"mask": item.mask, "rewards": item.rewards, "kl_coef": item.kl_coef}
     if item.extra:
         kwargs.update(item.extra)
@@ -214,15 +217,47 @@ def _summarize_arrays(
         hist = getattr(summary, "token_hist", None)
         out["hist"] = None if hist is None else np.asarray(hist, dtype=np.int64)
         seq_kl = np.asarray(summary.seq_kl, dtype=np.float64)
-    out["samples"] = select_samples(item, seq_kl, header, cfg)
+    out["samples"] = select_samples(item, seq_kl, header, cfg, seq_ids)
     return out
 
 
+def _rows_with_response(mask: np.ndarray | None) -> np.ndarray | None:
+    """Indices of the sequences with at least one response token; None when that is all."""
+    if mask is None:
+        return None
+    has = mask.any(axis=1)
+    return None if has.all() else np.flatnonzero(has)
+
+
+def _only_rows(item: StepItem, rows: np.ndarray) -> StepItem:
+    """item restricted to the sequences ``rows`` (texts and tokens too)."""
+
+    def pick(seq: Sequence[Any] | None) -> list[Any] | None:
+        return None if seq is None else [seq[i] for i in rows]
+
+    assert item.policy_logprobs is not None and item.ref_logprobs is not None
+    return replace(
+        item,
+        policy_logprobs=item.policy_logprobs[rows],
+        ref_logprobs=item.ref_logprobs[rows],
+        mask=None if item.mask is None else item.mask[rows],
+        rewards=None if item.rewards is None else item.rewards[rows],
+        texts=None if item.texts is None else (pick(item.texts[0]), pick(item.texts[1])),
+        tokens=pick(item.tokens),
+        extra=None if item.extra is None else {k: v[rows] for k, v in item.extra.items()},
+    )
+
+
 def select_samples(
-    item: StepItem, seq_kl: np.ndarray, header: Mapping[str, Any], cfg: WriterConfig
+    item: StepItem,
+    seq_kl: np.ndarray,
+    header: Mapping[str, Any],
+    cfg: WriterConfig,
+    seq_ids: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """The ``samples_top`` highest-KL sequences and ``samples_random`` others drawn with a
-    seed fixed by (run, step, rank), so a replay picks the same ones."""
+    seed fixed by (run, step, rank), so a replay picks the same ones. ``seq_ids``: each
+    row's index in the batch as logged, when rows were left out."""
     n = len(seq_kl)
     if n == 0 or (cfg.samples_top <= 0 and cfg.samples_random <= 0):
         return []
@@ -243,7 +278,7 @@ def select_samples(
     for i, kind in picked:
         pos = np.flatnonzero(mask[i]) if mask is not None else np.arange(lp.shape[1])
         sample: dict[str, Any] = {
-            "seq_index": i,
+            "seq_index": i if seq_ids is None else int(seq_ids[i]),
             "kind": kind,
             "kl_seq": _finite_or_none(float(seq_kl[i])),
             "reward": None if item.rewards is None else _finite_or_none(float(item.rewards[i])),
