@@ -147,3 +147,43 @@ def test_unknown_run_is_a_clean_error(demo_db: str, tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "no run named 'no-such-run'" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "r.pdf"], "ends in .pdf"),
+        (["-o", "r.html", "--format", "md"], "--format md but"),
+    ],
+)
+def test_output_that_names_another_format_is_refused(
+    demo_db: str, tmp_path: Path, args: list[str], message: str
+) -> None:
+    args = [a if not a.startswith("r.") else str(tmp_path / a) for a in args]
+    result = CliRunner().invoke(main, ["report", "--db", demo_db, "--runs", "ppo-healthy", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_range_without_steps_is_an_error_not_an_empty_report(tmp_path: Path) -> None:
+    demo_db = f"sqlite:///{tmp_path / 'own.db'}"  # its own: steps are deleted below
+    build_demo(demo_db, steps=60)
+    out = tmp_path / "r.html"
+    base = ["report", "--db", demo_db, "-o", str(out)]
+    result = CliRunner().invoke(main, [*base, "--runs", "ppo-healthy", "--from", "5000"])
+    assert result.exit_code == 1
+    assert "no steps of ppo-healthy in steps 5000 to last" in result.output
+    assert not out.exists()
+    # one run without steps there: a warning, and the report of the other
+    db = Database.open(demo_db)
+    with db.begin() as conn:
+        conn.execute(text("DELETE FROM steps WHERE run_id = :r AND step >= 30"),
+                     {"r": _ids(demo_db)["ppo-healthy"]})  # fmt: skip
+    db.dispose()
+    result = CliRunner().invoke(
+        main, [*base, "--runs", "ppo-healthy,ppo-reward-hacking", "--from", "40"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: no steps of ppo-healthy in steps 40 to last" in result.output
+    assert out.exists()

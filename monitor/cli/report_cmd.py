@@ -8,6 +8,26 @@ import click
 
 from monitor.cli.common import db_option, open_db
 
+_SUFFIX_FORMAT = {".html": "html", ".htm": "html", ".md": "md", ".markdown": "md"}
+
+
+def _format(output: str | None, fmt: str | None) -> str:
+    """The report format from --format and the output's extension; a clear error when the
+    extension names another format (a .pdf would otherwise hold HTML)."""
+    suffix = Path(output).suffix.lower() if output else ""
+    implied = _SUFFIX_FORMAT.get(suffix)
+    if suffix and implied is None:
+        raise click.BadParameter(
+            f"{output} ends in {suffix}: klmon writes reports as .html (print it to PDF from a "
+            "browser) or .md",
+            param_hint="'-o' / '--output'",
+        )
+    if fmt is not None and implied is not None and implied != fmt:
+        raise click.BadParameter(
+            f"--format {fmt} but {output} ends in {suffix}", param_hint="'--format'"
+        )
+    return fmt or implied or "html"
+
 
 @click.command("report")
 @db_option
@@ -63,13 +83,20 @@ def report_cmd(
         render_markdown,
     )
 
-    if fmt is None:
-        fmt = "md" if output and output.lower().endswith((".md", ".markdown")) else "html"
+    fmt = _format(output, fmt)
     path = Path(output or ("report.md" if fmt == "md" else "report.html"))
     database = open_db(db)
+    data = collect(database, runs, start=start, end=end, title=title)
+    empty = [r.label for r in data.runs if r.series.empty]
+    if len(empty) == len(data.runs):
+        raise click.ClickException(
+            f"no steps of {', '.join(empty)} in {data.range_text()}: nothing to report "
+            "(check --from/--to; `klmon runs` shows each run's last step)"
+        )
+    if empty:
+        click.echo(f"warning: no steps of {', '.join(empty)} in {data.range_text()}", err=True)
     steps = 1 + (MARKDOWN_STEPS if fmt == "md" else HTML_STEPS)
     with click.progressbar(length=steps, label=f"rendering {path}", width=30) as bar:
-        data = collect(database, runs, start=start, end=end, title=title)
         bar.update(1)
         if fmt == "md":
             files = render_markdown(data, path, progress=bar.update)
