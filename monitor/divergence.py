@@ -960,16 +960,18 @@ def _tail_k3(tail: np.ndarray) -> float:
 
 
 _EXECUTOR: tuple[int, ThreadPoolExecutor] | None = None
+_EXECUTOR_LOCK = threading.Lock()
 
 
 def _helper_pool() -> ThreadPoolExecutor:
     """The helper threads, created on first use (again after a fork: threads do not survive
     one, and an executor inherited from the parent would wait forever)."""
     global _EXECUTOR
-    if _EXECUTOR is None or _EXECUTOR[0] != os.getpid():
-        pool = ThreadPoolExecutor(_MAX_THREADS - 1, thread_name_prefix="klmon-divergence")
-        _EXECUTOR = (os.getpid(), pool)
-    return _EXECUTOR[1]
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None or _EXECUTOR[0] != os.getpid():
+            pool = ThreadPoolExecutor(_MAX_THREADS - 1, thread_name_prefix="klmon-divergence")
+            _EXECUTOR = (os.getpid(), pool)
+        return _EXECUTOR[1]
 
 
 def _in_threads(n_tasks: int, n_positions: int, task: Callable[[int], None]) -> None:

@@ -612,3 +612,40 @@ def test_merge_rejects_garbage() -> None:
     good = partials(np.zeros((1, 3)), np.full((1, 3), -1.0))
     with pytest.raises(InvalidInput, match="rewards were given for some shards"):
         merge_partials([good, partials(np.zeros((1, 3)), np.full((1, 3), -1.0), rewards=[1.0])])
+
+
+# --- threads --------------------------------------------------------------------------------
+
+
+def _two_range_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Large enough that summarize splits it between two threads."""
+    rows = -(-divergence._PARALLEL_MIN_POSITIONS // 512) + 2
+    return batch(b=rows, t=512, seed=21)
+
+
+def test_concurrent_callers_get_the_same_results() -> None:
+    import concurrent.futures
+
+    p, q, mask = _two_range_batch()
+    want = summarize(p, q, mask)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: summarize(p, q, mask), range(8)))
+    for s in got:
+        assert s.as_dict() == want.as_dict()
+        np.testing.assert_array_equal(s.token_hist, want.token_hist)
+
+
+def test_summarize_in_a_forked_child_does_not_hang() -> None:
+    """The helper thread does not survive fork(); the child must start its own."""
+    import multiprocessing
+
+    p, q, mask = _two_range_batch()
+    want = summarize(p, q, mask).kl_mean  # the parent's helper thread exists now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_child_kl_mean, (p, q, mask)).get(timeout=60)
+    assert got == want
+
+
+def _child_kl_mean(p: np.ndarray, q: np.ndarray, mask: np.ndarray) -> float:
+    return summarize(p, q, mask).kl_mean
