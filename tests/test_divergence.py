@@ -272,6 +272,19 @@ def test_k2_k3_nonnegative_and_k3_exact(p: np.ndarray, data: st.DataObject) -> N
     assert s.k3 == pytest.approx(exact, rel=1e-7, abs=1e-300)
 
 
+@pytest.mark.parametrize("lv", [0.5, -0.5, 0.75, -1.0, 3.0, -9.5, 40.0, -100.0, 700.0, -700.0])
+def test_k3_of_tail_values_to_full_precision(lv: float) -> None:
+    """Tail tokens (|l| >= 1/2) take exp(-l) - 1 + l exactly (the compiled pass has its own
+    vectorised exp): compare with libm on a batch wide enough for the vector loop."""
+    t = 11  # 8 tokens through the vector loop, 3 through the scalar remainder
+    q = np.full((2, t), -800.0) if lv > 0 else np.full((2, t), -0.25)
+    p = q + lv
+    s = summarize(p, q)
+    want = math.expm1(-lv) + lv
+    assert s.k3 == pytest.approx(want, rel=1e-13)
+    assert s.kl_mean == pytest.approx(t * lv, rel=1e-13)
+
+
 def k3_terms(lt: np.ndarray) -> np.ndarray:
     """exp(-l) - 1 + l to full precision: expm1(-l) + l loses digits when |l| is tiny, so
     small values take 14 terms of the Taylor series instead."""
