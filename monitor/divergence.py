@@ -714,6 +714,7 @@ _CENTRAL_FIRST_BIN = _ZERO_BIN - 2
 _CHUNK_POSITIONS = 1 << 18  # positions per chunk: long numpy passes, buffers in L2/L3
 _PARALLEL_MIN_POSITIONS = 1 << 17  # below this a second thread costs more than it saves
 _MAX_THREADS = 2
+_CPUS = os.cpu_count() or 1
 _BLOCK = 4096  # dot products in blocks, float64 across blocks
 
 
@@ -990,7 +991,7 @@ def _in_threads(n_tasks: int, n_positions: int, task: Callable[[int], None]) -> 
                 stop.set()
                 raise
 
-    n_threads = min(_MAX_THREADS, n_tasks, os.cpu_count() or 1)
+    n_threads = min(_MAX_THREADS, n_tasks, _CPUS)
     if n_positions < _PARALLEL_MIN_POSITIONS:
         n_threads = 1
     helpers = [_helper_pool().submit(work) for _ in range(n_threads - 1)]
@@ -1058,7 +1059,7 @@ def _run_compiled(batch: _Batch, full: bool) -> _KernelOut:
     mask = None if batch.mask is None else np.ascontiguousarray(batch.mask)
     b, t = p.shape
     n_ranges = min(_MAX_THREADS, b) if p.size >= _PARALLEL_MIN_POSITIONS else 1
-    bounds = np.linspace(0, b, n_ranges + 1).astype(int)
+    bounds = [b * i // n_ranges for i in range(n_ranges + 1)]
     k_top = math.ceil(TOP_FRACTION * batch.n_tokens)
     seq_kl = np.empty(b)
     sums = np.zeros((n_ranges, _compiled.N_SUMS))
