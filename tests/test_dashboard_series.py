@@ -8,12 +8,15 @@ import pandas as pd
 import pytest
 from sqlalchemy import text
 
+from monitor import divergence
 from monitor.errors import InvalidInput
 from monitor.store import series
 from monitor.store.database import Database
 from monitor.store.drilldown import write_histograms
+from monitor.store.ingest_writes import StepRecord, write_step_records
+from monitor.store.models import STEP_QUANTITIES
 from monitor.store.runs import get_or_create_run
-from monitor.store.steps import write_metrics
+from monitor.store.steps import read_steps, write_metrics
 
 
 def bulk_steps(db: Database, run_id: int, steps: np.ndarray, **cols: np.ndarray) -> None:
@@ -190,3 +193,64 @@ def test_histogram_columns_are_spread_over_the_run(db: Database) -> None:
     steps, counts = series.read_histogram_columns(db, run.id, start=500, end=990)
     assert steps.tolist() == list(range(500, 1000, 10))
     assert counts[:, 0].tolist() == [s % 3 for s in range(500, 1000, 10)]
+
+
+def _record(step: int, kl: float, **kw) -> StepRecord:
+    values = tuple(kl if c == "kl_mean" else None for c in STEP_QUANTITIES)
+    return StepRecord(step, 1.7e9 + step, payload_hash=f"h{step}-{kl}", values=values, **kw)
+
+
+def test_a_late_step_rebuilds_the_buckets_that_cover_it(db: Database) -> None:
+    """A step stored below what is rolled up already (a spool replayed after the run went on)
+    must show in the chart: its buckets are rebuilt, equal to a build from scratch."""
+    steps = [s for s in range(3000) if s != 500]
+    late = get_or_create_run(db, "p", "late")
+    fresh = get_or_create_run(db, "p", "fresh")
+    write_step_records(db, late.id, [_record(s, 1.0) for s in steps])
+    before = series.read_series(db, late.id, ["kl_mean"], max_buckets=100)
+    assert before.level > 0 and before.combined()["kl_mean__max"].max() == 1.0
+    write_step_records(db, late.id, [_record(500, 1000.0)])
+    after = series.read_series(db, late.id, ["kl_mean"], max_buckets=100)
+    assert after.combined()["kl_mean__max"].max() == 1000.0
+    assert int(after.combined()["n"].sum()) == 3000
+    write_step_records(db, fresh.id, [_record(s, 1000.0 if s == 500 else 1.0) for s in range(3000)])
+    series.refresh_rollups(db, fresh.id)
+    pd.testing.assert_frame_equal(stored_rollups(db, late.id), stored_rollups(db, fresh.id))
+    # an append past the frontier drops nothing
+    n_stored = len(stored_rollups(db, late.id))
+    write_step_records(db, late.id, [_record(3000, 1.0)])
+    assert len(stored_rollups(db, late.id)) == n_stored
+
+
+def test_a_partial_step_completed_late_updates_its_buckets(db: Database) -> None:
+    """Multi-rank: a step stays 'partial' until its last rank arrives; if that is after its
+    bucket was built, the bucket must take the merged numbers."""
+    rng = np.random.default_rng(9)
+
+    def shard(step: int, rank: int, shift: float) -> StepRecord:
+        p = -rng.gamma(1.0, 1.0, (4, 8))
+        part = divergence.partials(p, p - shift)
+        return StepRecord(step, 1.7e9 + step, f"{step}/{rank}/{shift}", rank=rank, partials=part)
+
+    run = get_or_create_run(db, "p", "ranks")
+    write_step_records(db, run.id, [shard(s, 0, 0.1) for s in range(1000)], world_size=2)
+    write_step_records(
+        db, run.id, [shard(s, 1, 0.1) for s in range(1000) if s != 123], world_size=2
+    )
+    before = series.read_series(db, run.id, ["kl_mean"], max_buckets=50)
+    assert before.level > 0
+    write_step_records(db, run.id, [shard(123, 1, 50.0)], world_size=2)  # a drifting rank
+    after = series.read_series(db, run.id, ["kl_mean"], start=120, end=127, max_buckets=1)
+    merged = read_steps(db, run.id, start=123, end=123)["kl_mean"].iloc[0]
+    assert merged > 100  # (8 tokens x 0.1 + 8 x 50) / 2 sequences per rank, averaged
+    assert after.combined()["kl_mean__max"].max() == pytest.approx(merged)
+
+
+def test_a_late_metric_rebuilds_its_buckets(db: Database) -> None:
+    run = get_or_create_run(db, "p", "metric-late")
+    write_metrics(db, run.id, [(i, "loss", 0.5) for i in range(4000) if i != 700])
+    assert series.read_metric_series(db, run.id, "loss", max_buckets=100).level > 0
+    write_metrics(db, run.id, [(700, "loss", 99.0)])
+    s = series.read_metric_series(db, run.id, "loss", max_buckets=100)
+    assert s.combined()["value__max"].max() == 99.0
+    assert int(s.combined()["n"].sum()) == 4000

@@ -34,6 +34,7 @@ from monitor.errors import InvalidInput, NotFound
 from monitor.store.database import Database
 from monitor.store.drilldown import SAMPLE_COLUMNS
 from monitor.store.models import STEP_QUANTITIES
+from monitor.store.series import invalidate_rollups
 from monitor.store.steps import STEP_COLUMNS
 
 COPY_MIN_ROWS = 2000
@@ -214,6 +215,7 @@ def _write_single(
         else:
             _insert_rows(db, conn, "steps", STEP_COLUMNS, ("run_id", "step"), rows)
     result.inserted += len(new)
+    invalidate_rollups(conn, run_id, min(r.step for r in new))
     hists = [(r.step, r.hist) for r in new if r.hist is not None]
     _upsert_histograms(db, conn, run_id, hists, update=False)
     result.samples += _insert_samples(db, conn, run_id, [(r.step, r.rank, r.samples) for r in new])
@@ -367,6 +369,9 @@ def _insert_metrics(
         "ON CONFLICT (run_id, step, name) DO NOTHING",
         tuples,
     )
+    invalidate_rollups(
+        conn, run_id, min(t[1] for t in tuples), steps=False, metric_names={t[2] for t in tuples}
+    )
     return max(cur.rowcount, 0)
 
 
@@ -500,6 +505,8 @@ def _write_sharded(
         conn.exec_driver_sql(
             f"UPDATE steps SET {sets} WHERE run_id = {ph} AND step = {ph}", updates
         )
+    if inserts or updates:  # rows[1] and updates[-1] are the step
+        invalidate_rollups(conn, run_id, min([r[1] for r in inserts] + [u[-1] for u in updates]))
     _upsert_histograms(db, conn, run_id, hists, update=True)
 
 

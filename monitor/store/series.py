@@ -23,7 +23,10 @@ rows whatever the run length.
 The mean of a level above the base is weighted by the buckets' row counts; it is exact unless
 a quantity is missing on some rows of a bucket and present on others.
 
-Rollups are a cache of the steps table: deleting them (or a run) is always safe.
+Rollups are a cache of the steps table: deleting them (or a run) is always safe. Writers
+call :func:`invalidate_rollups` when they store a step at or below the rolled-up frontier (a
+spool replayed late, a multi-rank step completed after its bucket was built): the buckets
+from that step on are dropped and rebuilt by the next read.
 """
 
 from __future__ import annotations
@@ -559,6 +562,48 @@ def _refresh(
                 covered = ((p_last + 1) << level) - 1
     result.done = done
     return result
+
+
+def invalidate_rollups(
+    conn: Connection,
+    run_id: int,
+    from_step: int,
+    *,
+    steps: bool = True,
+    metric_names: Iterable[str] = (),
+) -> int:
+    """Drop a run's stored buckets that cover ``from_step`` or a later step, for the steps
+    table (``steps``) and for the extra metrics ``metric_names``; returns the rows deleted.
+
+    Writers call this in their transaction after storing a step at or below what is rolled
+    up already (a late replay from the spool, a partial step of a multi-rank run completed
+    after its bucket was built): the bucket would keep the old numbers. Dropping from that
+    step on lowers each level's frontier, so the next read rebuilds exactly those buckets.
+    An append past the frontier (the usual write) costs one index lookup and deletes nothing.
+    """
+    deleted = 0
+    names = sorted(set(metric_names))
+    for src, keys in ((_STEPS, [{}] if steps else []), (_METRICS, [{"name": n} for n in names])):
+        if not keys:
+            continue
+        frontier = _fetch(
+            conn,
+            f"SELECT MAX(bucket) FROM {src.rollup_table} WHERE run_id = :run_id "
+            f"AND level = {BASE_LEVEL}",
+            {"run_id": run_id},
+        )[0][0]
+        if frontier is None or ((int(frontier) + 1) << BASE_LEVEL) <= from_step:
+            continue
+        levels = " OR ".join(
+            f"(level = {lv} AND bucket >= {from_step >> lv})"
+            for lv in range(BASE_LEVEL, MAX_LEVEL + 1)
+        )
+        for key in keys:
+            deleted += conn.execute(
+                text(f"DELETE FROM {src.rollup_table} WHERE {src.where()} AND ({levels})"),
+                {"run_id": run_id, **key},
+            ).rowcount
+    return deleted
 
 
 def refresh_rollups(db: Database, run_id: int) -> int:

@@ -19,6 +19,7 @@ from monitor.errors import InvalidInput
 from monitor.store.database import Database
 from monitor.store.domain import StepWriteResult
 from monitor.store.models import STEP_QUANTITIES
+from monitor.store.series import invalidate_rollups
 
 STEP_COLUMNS: tuple[str, ...] = (
     "run_id",
@@ -75,6 +76,8 @@ def write_steps(db: Database, run_id: int, rows: Sequence[Mapping[str, Any]]) ->
     with db.begin() as conn:
         # executemany's rowcount is the total over the batch on sqlite3 and psycopg 3.
         inserted = conn.exec_driver_sql(sql, tuples).rowcount
+        if inserted:
+            invalidate_rollups(conn, run_id, min(int(r["step"]) for r in rows))
         if inserted == len(rows):
             return StepWriteResult(inserted, 0)
         conflicts = _find_conflicts(conn, run_id, rows)
@@ -116,6 +119,11 @@ def write_metrics(
     )
     with db.begin() as conn:
         cursor = conn.exec_driver_sql(sql, tuples)
+        if cursor.rowcount:
+            invalidate_rollups(
+                conn, run_id, min(t[1] for t in tuples), steps=False,
+                metric_names={t[2] for t in tuples},
+            )  # fmt: skip
         return max(cursor.rowcount, 0)
 
 
