@@ -307,6 +307,9 @@ MLFLOW_SCRIPT = textwrap.dedent(
 
 def _mlflow_python(explicit: str | None) -> str | None:
     if explicit:
+        if shutil.which(explicit) is None and not Path(explicit).is_file():
+            print(f"  --mlflow-python {explicit}: no such interpreter")
+            return None
         return explicit
     py = MLFLOW_VENV / "bin" / "python"
     if py.exists():
