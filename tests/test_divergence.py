@@ -627,6 +627,21 @@ def test_merge_rejects_garbage() -> None:
         merge_partials([good, partials(np.zeros((1, 3)), np.full((1, 3), -1.0), rewards=[1.0])])
 
 
+def test_top_share_exact_when_the_sampled_level_misses(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled pass gathers top-1% candidates above a level sampled from the batch; when
+    too few tokens reach it, every positive l is gathered instead: still exact."""
+    if kernel == "numpy":
+        pytest.skip("the numpy kernel does not sample a level")
+    monkeypatch.setattr(divergence, "_sampled_level", lambda *a: 1e9)
+    rng = np.random.default_rng(4)
+    p = -rng.gamma(0.7, 3.0, (30, 200))
+    q = np.minimum(p - 0.01 * rng.standard_t(3, p.shape), 0.0)
+    mask = np.ones(p.shape, bool)
+    assert_matches_reference(summarize(p, q, mask), reference(p, q, mask), rtol=1e-9)
+
+
 # --- threads --------------------------------------------------------------------------------
 
 
