@@ -1092,6 +1092,8 @@ def _run_compiled(batch: _Batch, full: bool) -> _KernelOut:
     token_hist = hist.sum(axis=0)
     if k_top <= sum(n_cands) and all(n <= c for n, c in zip(n_cands, cap, strict=True)):
         top = np.concatenate([c[:n] for c, n in zip(cands, n_cands, strict=True)])
+    elif total[4] == 0:  # no positive l at all (the first steps: policy == reference)
+        top = np.empty(0)
     else:  # too few positive tail values, or too many to keep: gather above a sampled level
         lo = _sampled_level(p, q, mask, k_top, batch.n_tokens)
         top = _gather_positive(p, q, mask, bounds, is_double, lo)
