@@ -7,13 +7,25 @@ where no C compiler is found the install goes on and ``monitor.divergence`` uses
 kernel (same results, a few times slower)."""
 
 from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildExt(build_ext):
+    """GCC/Clang flags only where the compiler takes them (MSVC would only warn)."""
+
+    def build_extensions(self) -> None:
+        if self.compiler.compiler_type != "msvc":
+            for ext in self.extensions:
+                ext.extra_compile_args = ["-O3", "-fno-math-errno"]
+        super().build_extensions()
+
 
 setup(
+    cmdclass={"build_ext": BuildExt},
     packages=[*find_packages(include=["monitor", "monitor.*"]), "monitor.migrations",
               "monitor.migrations.versions"],
     package_dir={"monitor.migrations": "migrations"},
     ext_modules=[
-        Extension("monitor._kernel", ["monitor/_kernel.c"], optional=True,
-                  extra_compile_args=["-O3", "-fno-math-errno"]),
+        Extension("monitor._kernel", ["monitor/_kernel.c"], optional=True),
     ],
 )

@@ -35,7 +35,8 @@
 #define TAIL 0.5
 #define DEGREE 8 /* of g; Python passes DEGREE + 1 coefficients */
 
-enum { OK = 0, BAD_VALUE = 1, OVERFLOW = 2 };
+/* prefixed: <math.h> defines OVERFLOW on macOS, Windows and older glibc */
+enum { KL_OK = 0, KL_BAD_VALUE = 1, KL_OVERFLOW = 2 };
 
 typedef struct {
     const void *p, *q, *ro, *en;
@@ -246,11 +247,11 @@ static int token_pass(const Inputs *in, Acc *a, double *seq, int simd, Py_ssize_
 #endif
         if (!ok || !isfinite(row)) {
             *bad_row = r;
-            return ok ? OVERFLOW : BAD_VALUE;
+            return ok ? KL_OVERFLOW : KL_BAD_VALUE;
         }
         seq[r] = row;
     }
-    return OK;
+    return KL_OK;
 }
 
 /* Positive l >= lo, into out (up to cap); returns how many there are. */
@@ -271,17 +272,32 @@ static Py_ssize_t collect_pass(const Inputs *in, double lo, double *out, Py_ssiz
  * Inputs are C-contiguous buffers of rows * cols items (float32 or float64, the mask as
  * bytes); the optional ones may be None. Outputs are writable float64 / int64 buffers. */
 
+/* rows * cols items, each of `item` bytes, without overflowing Py_ssize_t; -1 if it would. */
+static Py_ssize_t checked_bytes(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t item) {
+    if (rows < 0 || cols < 0) return -1;
+    if (cols && rows > PY_SSIZE_T_MAX / cols / item) return -1;
+    return rows * cols * item;
+}
+
 static int get_buffers(PyObject *objs[5], Py_buffer views[5], Inputs *in) {
     static const char *names[5] = {"policy", "ref", "mask", "rollout", "entropies"};
-    const Py_ssize_t count = in->rows * in->cols, item = in->is_double ? 8 : 4;
-    for (int k = 0; k < 5; k++) {
+    const Py_ssize_t item = in->is_double ? 8 : 4;
+    for (int k = 0; k < 5; k++) { /* all cleared first: the error path releases any of them */
         views[k].obj = NULL;
         views[k].buf = NULL;
+    }
+    if (checked_bytes(in->rows, in->cols, item) < 0) {
+        PyErr_SetString(PyExc_ValueError, "rows and cols must be >= 0 and fit in memory");
+        return -1;
+    }
+    for (int k = 0; k < 5; k++) {
         if (objs[k] == Py_None) continue;
         if (PyObject_GetBuffer(objs[k], &views[k], PyBUF_C_CONTIGUOUS) < 0) goto fail;
-        if (views[k].len < count * (k == 2 ? 1 : item)) {
-            PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, expected %zd", names[k],
-                         views[k].len, count * (k == 2 ? 1 : item));
+        const Py_ssize_t size = k == 2 ? 1 : item, want = checked_bytes(in->rows, in->cols, size);
+        if (views[k].itemsize != size || views[k].len < want) {
+            PyErr_Format(PyExc_ValueError, "%s holds %zd bytes of %zd-byte items, expected %zd "
+                         "bytes of %zd-byte items", names[k], views[k].len, views[k].itemsize,
+                         want, size);
             goto fail;
         }
     }
@@ -315,7 +331,8 @@ static PyObject *stats(PyObject *self, PyObject *args) {
                           &objs[4], &in.rows, &in.cols, &in.is_double, &in.tol, &simd, &outs[0],
                           &outs[1], &outs[2], &outs[3], &outs[4]))
         return NULL;
-    if (outs[0].len != (DEGREE + 1) * 8 || outs[1].len < in.rows * 8 || outs[2].len != N_SUMS * 8 ||
+    if (outs[0].len != (DEGREE + 1) * 8 || in.rows < 0 || outs[1].len / 8 < in.rows ||
+        outs[2].len != N_SUMS * 8 ||
         outs[3].len != N_BINS * 8) {
         release(outs, 5);
         return PyErr_Format(PyExc_ValueError, "output buffers have the wrong size");
@@ -342,7 +359,9 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     status = token_pass(&in, &a, outs[1].buf, simd, &bad_row);
     Py_END_ALLOW_THREADS
-    if (status == OK) {
+    if (status == KL_OK && !(isfinite(a.nll) && isfinite(a.gap) && isfinite(a.ent)))
+        status = KL_OVERFLOW; /* finite values of magnitude near 1e308 */
+    if (status == KL_OK) {
         double *sums = outs[2].buf;
         int64_t *hist = outs[3].buf;
         double sum_l = 0;

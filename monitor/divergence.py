@@ -20,7 +20,10 @@ Speed: the token pass is ``monitor/_kernel.c``, a small C extension built at ins
 two row ranges on two threads with the GIL released). Where it could not be built (no C
 compiler), the numpy kernel below gives the same results a few times slower. Nothing else is
 needed at run time: numpy only, no torch. :func:`kernel` says which pass is in use; see
-``benchmarks/bench_divergence.py`` for the figures.
+``benchmarks/bench_divergence.py`` for the figures. The two agree to rounding, with one
+visible difference for float32 inputs: the compiled pass takes ``log p - log q`` in double
+(exact), the numpy kernel in float32 (rounded once), so a token within that rounding of a
+histogram edge can be counted one bin apart.
 """
 
 from __future__ import annotations
@@ -764,7 +767,7 @@ class _ChunkStats:
     sum_nll: float
     sum_rollout_gap: float
     sum_entropy: float
-    sum_abs_l: float
+    sum_pos_l: float
     moments: np.ndarray  # M_2..M_(degree+2) of l clipped to +-_TAIL_START
     n_tail_pos: int  # tail tokens, clipped to +_TAIL_START in the moments
     n_tail_neg: int  # and to -_TAIL_START
@@ -777,7 +780,8 @@ class _ChunkStats:
 def _sum(x: np.ndarray) -> float:
     """Sum of an array: numpy's pairwise summation (error ~ log n ulps), which releases the
     GIL (BLAS-backed gufuncs such as ``np.vecdot`` hold it and serialise the threads)."""
-    return float(np.add.reduce(x, axis=None))
+    with np.errstate(over="ignore"):  # an infinite sum is refused by the caller
+        return float(np.add.reduce(x, axis=None))
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -794,7 +798,8 @@ class _Worker:
 
     def __init__(self, batch: _Batch, rows: int, full: bool, k_top: int) -> None:
         t = batch.policy.shape[1]
-        self.dtype = np.result_type(batch.policy.dtype, batch.ref.dtype)
+        given = (batch.policy, batch.ref, batch.rollout, batch.entropies)
+        self.dtype = np.result_type(*(x for x in given if x is not None))
         self.batch, self.rows, self.full, self.k_top = batch, rows, full, k_top
         self.buf = [np.empty((rows, t), self.dtype) for _ in range(3 if full else 2)]
         self.flag = np.empty((rows, t), np.bool_)
@@ -853,7 +858,8 @@ class _Worker:
             return False
         with np.errstate(invalid="ignore", over="ignore"):
             np.subtract(pm, qm, out=lt)
-        seq_kl[:] = np.add.reduce(lt, axis=1)
+        # float64 accumulation: float32 row sums lose the small l between large ones
+        np.add.reduce(lt, axis=1, dtype=np.float64, out=seq_kl)
         if not np.isfinite(seq_kl).all():
             return False
         if not self.full:
@@ -897,9 +903,10 @@ class _Worker:
         """Token-level statistics of a valid chunk; lt is clobbered."""
         flag = self.flag[: len(lt)]
         below = np.array([np.count_nonzero(np.less(lt, e, out=flag)) for e in _CENTRAL_EDGES])
-        absl = np.abs(lt, out=x)
-        sum_abs = _sum(absl)
-        np.greater_equal(absl, _TAIL_START, out=flag)
+        # sum of the positive part, directly: (sum |l| + sum l) / 2 cancels when most l < 0
+        sum_pos = float(np.add.reduce(np.clip(lt, 0, np.finfo(lt.dtype).max, out=x), axis=None,
+                                      dtype=np.float64))  # fmt: skip
+        np.greater_equal(np.abs(lt, out=x), _TAIL_START, out=flag)
         tail = np.compress(flag.reshape(-1), lt.reshape(-1)) if flag.any() else lt[:0, 0]
         # top-1% candidates: the positive tail, or the whole chunk when that holds too few
         top = tail[tail > 0]
@@ -931,7 +938,7 @@ class _Worker:
             sum_nll=sum_nll,
             sum_rollout_gap=extras[0],
             sum_entropy=extras[1],
-            sum_abs_l=sum_abs,
+            sum_pos_l=sum_pos,
             moments=moments,
             n_tail_pos=len(tail) - n_tail_neg,
             n_tail_neg=n_tail_neg,
@@ -1011,7 +1018,8 @@ def _run_kernel(batch: _Batch, full: bool) -> _KernelOut:
         problem = _first_problem(batch)
         if problem is None:  # only finite values, yet a sum overflowed
             problem = InvalidInput(
-                "policy_logprobs - ref_logprobs overflows when summed over a sequence"
+                "a sum over the batch overflows float64: the inputs hold finite values too "
+                "large in magnitude (near 1e308) to summarise"
             )
         raise problem from None
 
@@ -1066,6 +1074,8 @@ def _run_compiled(batch: _Batch, full: bool) -> _KernelOut:
     hist = np.zeros((n_ranges, _N_BINS), np.int64)
     coef = _K3_POLY[np.dtype(np.float64)]
     is_double = dtype == np.float64
+    # the tolerance as the inputs' dtype holds it, as the numpy kernel and the messages compare
+    tol = LOGPROB_TOLERANCE if is_double else float(np.float32(LOGPROB_TOLERANCE))
 
     def rows(x: np.ndarray | None, i: int) -> np.ndarray | None:
         return None if x is None else x[bounds[i] : bounds[i + 1]]
@@ -1077,7 +1087,7 @@ def _run_compiled(batch: _Batch, full: bool) -> _KernelOut:
     def task(i: int) -> None:
         status, _, n_cands[i], _ = _compiled.stats(
             *(rows(x, i) for x in (p, q, mask, rollout, ent)),
-            *(bounds[i + 1] - bounds[i], t, is_double, LOGPROB_TOLERANCE, _SIMD),
+            *(bounds[i + 1] - bounds[i], t, is_double, tol, _SIMD),
             *(coef, seq_kl[bounds[i] : bounds[i + 1]], sums[i], hist[i], cands[i]),
         )
         if status:
@@ -1185,8 +1195,7 @@ def _collect(
         sum_nll=total("sum_nll"),
         sum_rollout_gap=total("sum_rollout_gap") if batch.rollout is not None else None,
         sum_entropy=total("sum_entropy") if batch.entropies is not None else None,
-        # sum of positive l = (sum |l| + sum l) / 2
-        sum_pos_l=max(0.0, 0.5 * (total("sum_abs_l") + float(np.sum(seq_kl)))),
+        sum_pos_l=total("sum_pos_l"),
         top_pos_l=top,
         seq_kl=seq_kl,
         token_hist=np.sum([c.hist for c in chunks], axis=0, dtype=np.int64),

@@ -677,3 +677,68 @@ def test_summarize_in_a_forked_child_does_not_hang() -> None:
 
 def _child_kl_mean(p: np.ndarray, q: np.ndarray, mask: np.ndarray) -> float:
     return summarize(p, q, mask).kl_mean
+
+
+# --- found by differential fuzzing of the kernels ---------------------------------------------
+
+
+def test_float32_value_at_the_tolerance_is_accepted_alike() -> None:
+    p, q = np.float32([[1e-3, -1.0]]), np.float32([[-0.5, -1.0]])
+    s = summarize(p, q, entropies=np.float32([[-1e-3, 0.0]]))
+    assert s.k1 == pytest.approx((float(np.float32(1e-3)) + 0.5) / 2)
+
+
+@pytest.mark.parametrize("where", ["policy_logprobs", "rollout_logprobs", "entropies"])
+def test_finite_values_whose_sum_overflows_are_refused(where: str) -> None:
+    big = np.array([[-1e308, -1e308]])
+    args: dict[str, Any] = {"policy_logprobs": np.array([[-1.0, -1.0]]), "ref_logprobs": big}
+    if where == "policy_logprobs":
+        args["policy_logprobs"] = big
+    else:
+        args[where] = -big if where == "entropies" else big
+    with pytest.raises(InvalidInput, match="overflows float64"):
+        summarize(**args)
+
+
+def test_row_sums_keep_small_l_between_large_ones() -> None:
+    p = np.float32([[0.0, -1.0, -700.0]])
+    q = np.float32([[-700.0, -1.0001, 0.0]])
+    exact = math.fsum(np.float64(p[0]) - np.float64(q[0]))
+    assert summarize(p, q).seq_kl[0] == pytest.approx(exact, rel=1e-6)
+
+
+def test_top_share_when_nearly_every_l_is_negative() -> None:
+    lt = np.full(10_000, -1.0)
+    lt[:200] = np.linspace(1e-13, 2e-13, 200)
+    p = np.minimum(lt, 0.0)[None, :] - 1.0
+    q = p - lt[None, :]
+    assert_matches_reference(summarize(p, q), reference(p, q, np.ones(p.shape, bool)), 1e-9)
+
+
+def test_compiled_pass_refuses_buffers_that_do_not_fit(kernel: str) -> None:
+    """Direct calls to monitor._kernel with wrong sizes raise ValueError (no crash: run in a
+    child process so that a crash would fail this test rather than end the session)."""
+    if kernel != "compiled-avx2":
+        pytest.skip("one run is enough: it calls monitor._kernel directly")
+    code = """
+import numpy as np, monitor._kernel as K
+from monitor.divergence import _K3_POLY
+coef = _K3_POLY[np.dtype(np.float64)]
+z, seq, sums = np.zeros(4), np.zeros(1), np.zeros(8)
+hist, cand = np.zeros(80, np.int64), np.zeros(4)
+cases = [
+    (np.zeros(1), np.zeros(2), None, None, None, 1, 2),   # policy too short
+    (z, z, None, None, None, 2**62, 4),                    # rows * cols overflows
+    (z, z, None, None, None, -1, 4),                       # negative rows
+    (z.astype(np.float32), z, None, None, None, 1, 4),     # item size is not float64
+]
+for c in cases:
+    try:
+        K.stats(*c, True, 1e-3, True, coef, seq, sums, hist, cand)
+    except ValueError:
+        continue
+    raise SystemExit(f"no ValueError for {c[5:]}")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr)
