@@ -780,7 +780,7 @@ class _ChunkStats:
 def _sum(x: np.ndarray) -> float:
     """Sum of an array: numpy's pairwise summation (error ~ log n ulps), which releases the
     GIL (BLAS-backed gufuncs such as ``np.vecdot`` hold it and serialise the threads)."""
-    with np.errstate(over="ignore"):  # an infinite sum is refused by the caller
+    with np.errstate(over="ignore", invalid="ignore"):  # the caller refuses a non-finite sum
         return float(np.add.reduce(x, axis=None))
 
 
