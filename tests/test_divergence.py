@@ -715,7 +715,7 @@ def test_top_share_when_nearly_every_l_is_negative() -> None:
     assert_matches_reference(summarize(p, q), reference(p, q, np.ones(p.shape, bool)), 1e-9)
 
 
-def test_compiled_pass_refuses_buffers_that_do_not_fit(kernel: str) -> None:
+def test_compiled_pass_refuses_buffers_that_do_not_fit(kernel: str, tmp_path: Any) -> None:
     """Direct calls to monitor._kernel with wrong sizes raise ValueError (no crash: run in a
     child process so that a crash would fail this test rather than end the session)."""
     if kernel != "compiled-avx2":
@@ -740,5 +740,8 @@ for c in cases:
     raise SystemExit(f"no ValueError for {c[5:]}")
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # from tmp_path: "" on sys.path is the cwd, and a source checkout has no built module
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr)
