@@ -82,7 +82,16 @@ def test_kernel_names_the_pass_in_use(kernel: str) -> None:
 def test_compiled_kernel_is_built_where_a_compiler_is() -> None:
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler here: the numpy kernel is the expected one")
-    importlib.import_module("monitor._kernel")  # ImportError: setup.py did not build it
+    import monitor
+
+    try:
+        importlib.import_module("monitor._kernel")
+    except ImportError as exc:
+        pytest.fail(
+            f"monitor._kernel is not built next to {monitor.__file__} ({exc}): setup.py did not "
+            "build it, or a source tree without a build is imported (python -m pytest puts the "
+            "cwd first; use the venv's pytest, or pip install -e . to build in place)"
+        )
 
 
 def batch(
