@@ -14,7 +14,8 @@
  *   k3:   exp(-l) - 1 + l = l^2 g(l). Every token adds s^2 g(s) for s = l clipped to
  *         [-1/2, 1/2], with g a polynomial from Python (exact to double precision there); a
  *         tail token (|l| >= 1/2, a few percent) then swaps that for exp(-l) - 1 + l, which
- *         has no cancellation out there.
+ *         has no cancellation out there (libm's exp for a lone tail token, a vector exp when
+ *         most of a group of four is in the tail, as in a drifted run).
  *   hist: the 80 bins of HIST_EDGES. Central bins 38..41 come from counts of l below -1/4,
  *         0 and 1/4 (no scattered increments); tail tokens are binned one by one.
  *   cand: the positive tail values, from which Python takes the top 1%.
@@ -73,8 +74,8 @@ static inline int bin_of(double l) {
     return k + 40;
 }
 
-static inline void tail_token(const Inputs *in, Acc *a, double l) {
-    a->k3 += exp(-l) - 1.0 + l - (l > 0 ? in->clip_pos : in->clip_neg);
+/* A tail token's bin and top-1% candidacy. */
+static inline void tail_bookkeeping(Acc *a, double l) {
     a->hist[bin_of(l)]++;
     if (l > 0) {
         if (a->n_cand < a->cap_cand) a->cand[a->n_cand] = l;
@@ -83,6 +84,12 @@ static inline void tail_token(const Inputs *in, Acc *a, double l) {
     } else {
         a->tail_neg++;
     }
+}
+
+/* A tail token: its exact k3 replaces the clipped polynomial, then the bookkeeping. */
+static inline void tail_token(const Inputs *in, Acc *a, double l) {
+    a->k3 += exp(-l) - 1.0 + l - (l > 0 ? in->clip_pos : in->clip_neg);
+    tail_bookkeeping(a, l);
 }
 
 static inline double load(const void *base, Py_ssize_t i, int is_double) {
@@ -132,6 +139,45 @@ AVX2 static inline __m256d load4(const void *base, Py_ssize_t i, int is_double) 
                      : _mm256_cvtps_pd(_mm_loadu_ps((const float *)base + i));
 }
 
+/* exp(x) of four lanes: x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor series to r^13
+ * (Estrin's scheme: four short chains), times 2^n built in the exponent bits; within a few
+ * ulp of libm. x > 709.78 gives inf; x < -708 gives 0 (exp(x) < 1e-307 there, and it is only
+ * ever added to numbers of order 1 or more). */
+AVX2 static inline __m256d exp4(__m256d x) {
+    static const double inv_fact[14] = {
+        1.0,           1.0,          0.5,           1.0 / 6.0,          1.0 / 24.0,
+        1.0 / 120.0,   1.0 / 720.0,  1.0 / 5040.0,  1.0 / 40320.0,      1.0 / 362880.0,
+        1.0 / 3628800.0, 1.0 / 39916800.0, 1.0 / 479001600.0, 1.0 / 6227020800.0};
+    __m256d c[14];
+    for (int k = 0; k < 14; k++) c[k] = _mm256_set1_pd(inv_fact[k]);
+    const __m256d magic = _mm256_set1_pd(0x1.8p52);
+    const __m256d xc =
+        _mm256_max_pd(_mm256_min_pd(x, _mm256_set1_pd(709.0)), _mm256_set1_pd(-708.0));
+    const __m256d n = _mm256_round_pd(_mm256_mul_pd(xc, _mm256_set1_pd(1.4426950408889634)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(0x1.62e42fefa3800p-1), xc);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(0x1.ef35793c76730p-45), r);
+    const __m256d r2 = _mm256_mul_pd(r, r), r4 = _mm256_mul_pd(r2, r2), r8 = _mm256_mul_pd(r4, r4);
+    const __m256d p01 = _mm256_fmadd_pd(c[1], r, c[0]), p23 = _mm256_fmadd_pd(c[3], r, c[2]);
+    const __m256d p45 = _mm256_fmadd_pd(c[5], r, c[4]), p67 = _mm256_fmadd_pd(c[7], r, c[6]);
+    const __m256d p89 = _mm256_fmadd_pd(c[9], r, c[8]), pab = _mm256_fmadd_pd(c[11], r, c[10]);
+    const __m256d pcd = _mm256_fmadd_pd(c[13], r, c[12]);
+    const __m256d q0 = _mm256_fmadd_pd(p23, r2, p01), q1 = _mm256_fmadd_pd(p67, r2, p45);
+    const __m256d q2 = _mm256_fmadd_pd(pab, r2, p89);
+    const __m256d s0 = _mm256_fmadd_pd(q1, r4, q0), s1 = _mm256_fmadd_pd(pcd, r4, q2);
+    const __m256d poly = _mm256_fmadd_pd(s1, r8, s0);
+    const __m256i bits = _mm256_slli_epi64(
+        _mm256_add_epi64(_mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(n, magic)),
+                                          _mm256_castpd_si256(magic)),
+                         _mm256_set1_epi64x(1023)),
+        52);
+    __m256d y = _mm256_mul_pd(poly, _mm256_castsi256_pd(bits));
+    y = _mm256_blendv_pd(y, _mm256_set1_pd(HUGE_VAL),
+                         _mm256_cmp_pd(x, _mm256_set1_pd(709.78), _CMP_GT_OQ));
+    return _mm256_blendv_pd(y, _mm256_setzero_pd(),
+                            _mm256_cmp_pd(x, _mm256_set1_pd(-708.0), _CMP_LT_OQ));
+}
+
 AVX2 static inline double hsum(__m256d v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
@@ -157,6 +203,7 @@ AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out
     __m256d c[DEGREE + 1];
     for (int k = 0; k <= DEGREE; k++) c[k] = _mm256_set1_pd(in->c[k]);
     __m256d row = zero, nll = zero, l2 = zero, k3 = zero, pos = zero, gap = zero, ent = zero;
+    __m256d k3tail = zero;
     __m256d bad = zero;
     __m256i b0 = _mm256_setzero_si256(), b1 = b0, b2 = b0, n = b0;
     for (Py_ssize_t j = 0; j < end; j += 4) {
@@ -209,15 +256,28 @@ AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out
         if (tail) {
             double lv[4];
             _mm256_storeu_pd(lv, l);
-            for (int k = 0; k < 4; k++)
-                if (tail >> k & 1) tail_token(in, a, lv[k]);
+            if (__builtin_popcount(tail) >= 2) { /* mostly tail (drifted runs): a vector exp */
+                const __m256d in_tail = _mm256_cmp_pd(abs_l, half, _CMP_GE_OQ);
+                const __m256d clipped = _mm256_blendv_pd(
+                    _mm256_set1_pd(in->clip_neg), _mm256_set1_pd(in->clip_pos),
+                    _mm256_cmp_pd(l, zero, _CMP_GT_OQ));
+                const __m256d exact = _mm256_add_pd(
+                    _mm256_sub_pd(exp4(_mm256_sub_pd(zero, l)), _mm256_set1_pd(1.0)), l);
+                k3tail =
+                    _mm256_add_pd(k3tail, _mm256_and_pd(_mm256_sub_pd(exact, clipped), in_tail));
+                for (int k = 0; k < 4; k++)
+                    if (tail >> k & 1) tail_bookkeeping(a, lv[k]);
+            } else {
+                for (int k = 0; k < 4; k++)
+                    if (tail >> k & 1) tail_token(in, a, lv[k]);
+            }
         }
     }
     if (_mm256_movemask_pd(bad)) return 0;
     double row_sum = hsum(row);
     a->nll -= hsum(nll);
     a->l2 += hsum(l2);
-    a->k3 += hsum(k3);
+    a->k3 += hsum(k3) + hsum(k3tail);
     a->pos += hsum(pos);
     a->gap += hsum(gap);
     a->ent += hsum(ent);
