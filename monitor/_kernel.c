@@ -15,7 +15,7 @@
  *         [-1/2, 1/2], with g a polynomial from Python (exact to double precision there); a
  *         tail token (|l| >= 1/2, a few percent) then swaps that for exp(-l) - 1 + l, which
  *         has no cancellation out there (libm's exp for a lone tail token, a vector exp when
- *         most of a group of four is in the tail, as in a drifted run).
+ *         two or more of a group of four are in the tail, as in a drifted run).
  *   hist: the 80 bins of HIST_EDGES. Central bins 38..41 come from counts of l below -1/4,
  *         0 and 1/4 (no scattered increments); tail tokens are binned one by one.
  *   cand: the positive tail values, from which Python takes the top 1%.
