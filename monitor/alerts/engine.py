@@ -12,8 +12,13 @@ One pass (``run_once``) has three phases, each safe to interrupt and repeat:
    announced) are grouped per run, rendered once (email + webhook payloads) and put in
    the outbox in the same transaction that marks them notified. Silenced ones are held
    back (a still-firing one is announced when its silence ends).
-3. **deliver**: due outbox rows are claimed and sent; a row is marked sent only after the
-   channel accepted it, else retried with exponential backoff on a later pass.
+   At most ``max_per_rule`` firing episodes of one (run, rule) are announced per
+   ``max_window`` seconds; later ones wait like silenced ones (announced once the window
+   has room if still firing, never if they resolved meanwhile).
+3. **deliver** (monitor.alerts.delivery): due outbox rows are claimed with a lease and
+   sent on per-channel worker pools, each send within a total deadline; a row is marked
+   sent only after the channel accepted it, else retried with exponential backoff.
+   ``watch`` delivers in its own thread, so evaluation never waits for a receiver.
 
 Time comes from the injected ``clock``; nothing here sleeps except ``watch``.
 """
@@ -31,7 +36,8 @@ from typing import Any
 
 import pandas as pd
 
-from monitor.alerts.notify import NotifyError, Sender, channels_for, senders_for
+from monitor.alerts.delivery import Delivery
+from monitor.alerts.notify import Sender, channels_for, senders_for
 from monitor.alerts.render import RunLabel, render, warm_up, worst
 from monitor.alerts.rules import Rule, RuleSet, load_rules
 from monitor.alerts.settings import AlertSettings
@@ -52,10 +58,6 @@ MIN_TAIL_ROWS = 256
 MIN_HEAD_ROWS = 256
 #: New steps evaluated per transaction (a big import is evaluated in chunks).
 CHUNK_ROWS = 20_000
-#: Outbox retry schedule: 5 s, 10 s, 20 s ... capped at 5 min; give up after 60 attempts.
-RETRY_BASE_S = 5.0
-RETRY_MAX_S = 300.0
-MAX_ATTEMPTS = 60
 
 
 @dataclass
@@ -164,7 +166,7 @@ class AlertEngine:
         self.detectors = detectors
         self.chunk_rows = chunk_rows
         self.tail_rows, self.head_rows = window_plan(self.rules.enabled)
-        self._wake = threading.Event()
+        self.delivery = Delivery(db, self.senders, self.settings, clock)
 
     # ------------------------------------------------------------------ one pass
 
@@ -421,7 +423,7 @@ class AlertEngine:
                 if report is not None:
                     report.errors.append(f"run {run_id}: notify: {exc}")
         if added:
-            self._wake.set()
+            self.delivery.wake.set()
         return added
 
     def _notify_run(
@@ -434,8 +436,11 @@ class AlertEngine:
         fired: list[store.AlertEvent] = []
         resolved: list[store.AlertEvent] = []
         announced: dict[int, tuple[bool, bool]] = {}
+        capped = self._cap(run_id, now)
         for e in events:
             silenced = any(s.covers(run_id, e.rule, now) for s in silences)
+            if not e.notified_firing and not silenced:
+                silenced = capped(e)
             if not e.notified_firing:
                 if silenced:
                     if e.state == "resolved":  # came and went while silenced
@@ -457,6 +462,31 @@ class AlertEngine:
                 messages.append(store.OutgoingMessage(channel, rendered.subject, payload))
         ok = store.enqueue_notifications(self.db, run_id, messages, announced=announced, now=now)
         return len(messages) if ok else 0
+
+    def _cap(self, run_id: int, now: float) -> Callable[[store.AlertEvent], bool]:
+        """A test of whether an episode's firing notice is held back by the cap on firing
+        notices per (run, rule) per window; it counts the ones it lets through."""
+        cap = self.settings.max_per_rule
+        if cap <= 0:
+            return lambda _e: False
+        counts = store.announced_firing_counts(self.db, run_id, now - self.settings.max_window)
+
+        def held(e: store.AlertEvent) -> bool:
+            if counts.get(e.rule, 0) >= cap:
+                log.warning(
+                    "run %s: %s fired again (episode %s); %s notices of it in the last %g s "
+                    "already: held back (KLMON_ALERT_MAX_PER_RULE)",
+                    run_id,
+                    e.rule,
+                    e.id,
+                    cap,
+                    self.settings.max_window,
+                )
+                return True
+            counts[e.rule] = counts.get(e.rule, 0) + 1
+            return False
+
+        return held
 
     def _render(
         self, run_id: int, fired: list[store.AlertEvent], resolved: list[store.AlertEvent]
@@ -488,46 +518,14 @@ class AlertEngine:
     # ------------------------------------------------------------------ deliver
 
     def deliver(self, *, report: PassReport | None = None, limit: int = 50) -> int:
-        """Send due outbox rows; returns how many were sent."""
-        now = self.clock()
-        sent = 0
-        down: set[str] = set()
-        for n in store.claim_notifications(self.db, now, limit=limit):
-            if n.channel in down:
-                store.release_claim(self.db, n.id)
-                continue
-            sender = self.senders.get(n.channel)
-            try:
-                if sender is None:
-                    raise NotifyError(f"channel {n.channel!r} is not configured", transient=False)
-                sender.send(n)
-            except NotifyError as exc:
-                attempts = n.attempts + 1
-                dead = attempts >= MAX_ATTEMPTS
-                delay = min(RETRY_BASE_S * 2 ** (attempts - 1), RETRY_MAX_S)
-                store.mark_failed(
-                    self.db, n.id, error=str(exc), next_attempt_at=self.clock() + delay, dead=dead
-                )
-                log.error(
-                    "notification %s (%s) failed, attempt %s: %s; %s",
-                    n.id,
-                    n.channel,
-                    attempts,
-                    exc,
-                    "giving up" if dead else f"retrying in {delay:.0f} s",
-                )
-                if exc.transient:
-                    down.add(n.channel)
-                if report is not None:
-                    report.failed += 1
-                continue
-            store.mark_sent(self.db, n.id, self.clock())
-            sent += 1
-            log.info("notification %s sent by %s: %s", n.id, n.channel, n.subject)
+        """Send due outbox rows (in parallel per channel, each within the delivery
+        deadline) and wait for them; returns how many were sent."""
+        outcomes = self.delivery.deliver_due(limit)
         if report is not None:
-            report.sent += sent
+            report.sent += outcomes["sent"]
+            report.failed += outcomes["failed"]
             report.pending = store.outbox_counts(self.db).get("pending", 0)
-        return sent
+        return outcomes["sent"]
 
     # ------------------------------------------------------------------ daemon
 
@@ -540,12 +538,13 @@ class AlertEngine:
         max_passes: int | None = None,
     ) -> None:
         """Evaluate every ``interval`` seconds until ``stop`` is set. Delivery runs in its
-        own thread, woken as soon as a notification is enqueued, so a slow or unreachable
-        channel never delays evaluation."""
+        own thread (``Delivery.run``), woken as soon as a notification is enqueued, so a
+        slow or unreachable channel never delays evaluation; on stop it waits for the
+        sends under way (each within the delivery deadline)."""
         stop = stop or threading.Event()
         warm_up()
         sender = threading.Thread(
-            target=self._deliver_loop,
+            target=self.delivery.run,
             args=(stop, interval),
             name="klmon-alert-delivery",
             daemon=True,
@@ -572,21 +571,8 @@ class AlertEngine:
                 stop.wait(max(0.0, pause - (time.monotonic() - started)))
         finally:
             stop.set()
-            self._wake.set()
-            sender.join(timeout=30)
-
-    def _deliver_loop(self, stop: threading.Event, interval: float) -> None:
-        while True:
-            self._wake.wait(timeout=interval)
-            self._wake.clear()
-            try:
-                self.deliver()
-            except KlmonError as exc:
-                log.error("alert delivery failed: %s", exc)
-            except Exception:  # keep delivering whatever one bad row did
-                log.exception("alert delivery crashed")
-            if stop.is_set():
-                return
+            self.delivery.wake.set()
+            sender.join(timeout=self.settings.delivery_deadline + 30)
 
 
 def _advanced(run: store.RunToEvaluate, last_step: int | None) -> store.RunToEvaluate:

@@ -20,6 +20,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import IO
 
+from monitor.alerts.deadline import Deadline
 from monitor.alerts.notify import NotifyError
 from monitor.alerts.render import header_safe
 from monitor.alerts.settings import AlertSettings, SmtpSettings
@@ -32,7 +33,10 @@ FALLBACK_TO = "klmon-alerts@localhost"
 
 def build_email(notification: Notification, settings: AlertSettings) -> EmailMessage:
     """The MIME message of an outbox notification. The Message-ID is derived from the
-    outbox row, so a resend after a crash carries the same id (mail clients de-duplicate)."""
+    outbox row (its id and creation time) only, so every resend of a notification (after
+    a crash between the server's accept and the outbox recording it, or after a deadline
+    cut off the server's answer) carries the same Message-ID, and mail clients and
+    archives de-duplicate it."""
     payload = notification.payload
     msg = EmailMessage()
     msg["Subject"] = header_safe(notification.subject)
@@ -67,52 +71,112 @@ def _scrub(text: str, secret: str | None) -> str:
     return text
 
 
-def send_smtp(msg: EmailMessage, smtp: SmtpSettings, sender: str, to: list[str]) -> None:
-    """Deliver ``msg`` to ``to`` through the configured server; raises NotifyError."""
+class _Smtp(smtplib.SMTP):
+    """smtplib.SMTP whose socket is registered with a delivery deadline."""
+
+    def __init__(self, deadline: Deadline, host: str, port: int, timeout: float) -> None:
+        self._deadline = deadline
+        super().__init__(host, port, timeout=timeout)
+
+    def _get_socket(self, host, port, timeout):  # type: ignore[no-untyped-def]
+        sock = super()._get_socket(host, port, self._deadline.timeout(timeout))
+        self._deadline.watch(sock)
+        return sock
+
+
+class _SmtpSsl(smtplib.SMTP_SSL):
+    def __init__(
+        self, deadline: Deadline, host: str, port: int, timeout: float, context: ssl.SSLContext
+    ) -> None:
+        self._deadline = deadline
+        super().__init__(host, port, timeout=timeout, context=context)
+
+    def _get_socket(self, host, port, timeout):  # type: ignore[no-untyped-def]
+        sock = super()._get_socket(host, port, self._deadline.timeout(timeout))
+        self._deadline.watch(sock)
+        return sock
+
+
+def send_smtp(
+    msg: EmailMessage,
+    smtp: SmtpSettings,
+    sender: str,
+    to: list[str],
+    *,
+    deadline: float = 30.0,
+) -> None:
+    """Deliver ``msg`` to ``to`` through the configured server within ``deadline`` seconds
+    in all (a server that stalls mid-conversation is cut off then); raises NotifyError.
+
+    The message counts as delivered once the server accepted its DATA: a server that then
+    stalls or drops the QUIT does not make it a failure (a retry would send it twice).
+    """
     smtp.check()
     where = f"SMTP {smtp.host}:{smtp.port}"
     context = ssl.create_default_context(cafile=smtp.ca_file)
-    try:
-        if smtp.ssl:
-            client: smtplib.SMTP = smtplib.SMTP_SSL(
-                smtp.host, smtp.port, timeout=smtp.timeout, context=context
-            )
-        else:
-            client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout)
-        with client:
-            client.ehlo()
-            if smtp.starttls:
-                if not client.has_extn("starttls"):
-                    raise NotifyError(
-                        f"{where} does not offer STARTTLS; refusing to send "
-                        "(KLMON_SMTP_STARTTLS is on)",
-                        transient=False,
-                    )
-                client.starttls(context=context)
+    with Deadline(deadline) as limit:
+        try:
+            client: smtplib.SMTP
+            if smtp.ssl:
+                client = _SmtpSsl(limit, smtp.host, smtp.port, smtp.timeout, context)
+            else:
+                client = _Smtp(limit, smtp.host, smtp.port, smtp.timeout)
+            try:
                 client.ehlo()
-            if smtp.user and smtp.password:
-                client.login(smtp.user, smtp.password)
-            refused = client.send_message(msg, from_addr=sender, to_addrs=to)
-        if refused and len(refused) == len(to):
-            raise NotifyError(f"{where} refused every recipient", transient=False)
-        if refused:
-            log.warning("%s refused recipients %s", where, sorted(refused))
-    except NotifyError:
-        raise
-    except smtplib.SMTPAuthenticationError as exc:
-        raise NotifyError(
-            f"{where}: authentication as {smtp.user!r} failed ({exc.smtp_code})",
-            transient=False,
-        ) from None
-    except ssl.SSLCertVerificationError as exc:
-        raise NotifyError(
-            f"{where}: the server certificate did not verify ({exc.verify_message}); "
-            "set KLMON_SMTP_CA_FILE to the CA that signed it",
-            transient=False,
-        ) from None
-    except (smtplib.SMTPException, OSError) as exc:
-        detail = _scrub(f"{type(exc).__name__}: {exc}", smtp.password)
-        raise NotifyError(f"{where}: {detail}") from None
+                if smtp.starttls:
+                    if not client.has_extn("starttls"):
+                        raise NotifyError(
+                            f"{where} does not offer STARTTLS; refusing to send "
+                            "(KLMON_SMTP_STARTTLS is on)",
+                            transient=False,
+                        )
+                    client.starttls(context=context)
+                    limit.watch(client.sock)
+                    client.ehlo()
+                if smtp.user and smtp.password:
+                    client.login(smtp.user, smtp.password)
+                refused = client.send_message(msg, from_addr=sender, to_addrs=to)
+            except BaseException:
+                client.close()
+                raise
+            _quit_quietly(client, limit)
+        except NotifyError:
+            raise
+        except smtplib.SMTPAuthenticationError as exc:
+            raise NotifyError(
+                f"{where}: authentication as {smtp.user!r} failed ({exc.smtp_code})",
+                transient=False,
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise NotifyError(
+                f"{where}: the server certificate did not verify ({exc.verify_message}); "
+                "set KLMON_SMTP_CA_FILE to the CA that signed it",
+                transient=False,
+            ) from None
+        except (smtplib.SMTPException, OSError) as exc:
+            if limit.expired:
+                raise NotifyError(
+                    f"{where}: not done within the {limit.seconds:g} s delivery deadline "
+                    "(KLMON_ALERT_DELIVERY_DEADLINE)"
+                ) from None
+            detail = _scrub(f"{type(exc).__name__}: {exc}", smtp.password)
+            raise NotifyError(f"{where}: {detail}") from None
+    if refused and len(refused) == len(to):
+        raise NotifyError(f"{where} refused every recipient", transient=False)
+    if refused:
+        log.warning("%s refused recipients %s", where, sorted(refused))
+
+
+def _quit_quietly(client: smtplib.SMTP, limit: Deadline) -> None:
+    """Say QUIT, waiting at most 2 s for the answer: the message is already accepted."""
+    try:
+        if client.sock is not None:
+            client.sock.settimeout(limit.timeout(2.0))
+        client.quit()
+    except (smtplib.SMTPException, OSError):
+        pass
+    finally:
+        client.close()
 
 
 class SmtpSender:
@@ -134,7 +198,13 @@ class SmtpSender:
 
     def send(self, notification: Notification) -> None:
         msg = build_email(notification, self.settings)
-        send_smtp(msg, self.smtp, self.settings.mail_from, list(self.settings.mail_to))
+        send_smtp(
+            msg,
+            self.smtp,
+            self.settings.mail_from,
+            list(self.settings.mail_to),
+            deadline=self.settings.delivery_deadline,
+        )
 
 
 class FileMailSender:

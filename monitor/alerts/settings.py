@@ -17,6 +17,11 @@
 | KLMON_WEBHOOK_URL | (none) | http(s) URL that receives a JSON POST per notification |
 | KLMON_WEBHOOK_TIMEOUT | 5 | seconds per webhook request |
 | KLMON_ALERT_NODATA_AFTER | 300 | seconds without a step before a running run is "no data" |
+| KLMON_ALERT_DELIVERY_DEADLINE | 30 | seconds one delivery may take in all (then retried) |
+| KLMON_ALERT_DELIVERY_LEASE | deadline + 60 | seconds a watcher holds the row it sends |
+| KLMON_ALERT_DELIVERY_WORKERS | 4 | notifications sent at once per channel |
+| KLMON_ALERT_MAX_PER_RULE | 3 | firing notifications per (run, rule) per window; 0: no cap |
+| KLMON_ALERT_MAX_WINDOW | 3600 | seconds of that window |
 """
 
 from __future__ import annotations
@@ -55,6 +60,19 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
     if not value > 0:
         raise ConfigError(f"{name}={raw!r}: must be positive")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r}: must be at least {minimum}")
     return value
 
 
@@ -136,6 +154,27 @@ class AlertSettings:
     webhook_url: str | None = field(default=None, repr=False)
     webhook_timeout: float = 5.0
     nodata_after: float = 300.0
+    delivery_deadline: float = 30.0
+    delivery_lease: float | None = None
+    delivery_workers: int = 4
+    max_per_rule: int = 3
+    max_window: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.delivery_lease is None:
+            object.__setattr__(self, "delivery_lease", self.delivery_deadline + 60.0)
+        elif not self.delivery_lease > self.delivery_deadline:
+            raise ConfigError(
+                f"KLMON_ALERT_DELIVERY_LEASE={self.delivery_lease:g} must be longer than "
+                f"KLMON_ALERT_DELIVERY_DEADLINE={self.delivery_deadline:g}: a claim that "
+                "expires while its delivery runs lets another watcher send it again"
+            )
+
+    @property
+    def lease_s(self) -> float:
+        """Seconds a watcher holds an outbox row it is sending."""
+        assert self.delivery_lease is not None
+        return self.delivery_lease
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AlertSettings:
@@ -182,6 +221,15 @@ class AlertSettings:
             webhook_url=webhook,
             webhook_timeout=_float(env, "KLMON_WEBHOOK_TIMEOUT", 5.0),
             nodata_after=_float(env, "KLMON_ALERT_NODATA_AFTER", 300.0),
+            delivery_deadline=_float(env, "KLMON_ALERT_DELIVERY_DEADLINE", 30.0),
+            delivery_lease=(
+                _float(env, "KLMON_ALERT_DELIVERY_LEASE", 0.0)
+                if (env.get("KLMON_ALERT_DELIVERY_LEASE") or "").strip()
+                else None
+            ),
+            delivery_workers=_int(env, "KLMON_ALERT_DELIVERY_WORKERS", 4, minimum=1),
+            max_per_rule=_int(env, "KLMON_ALERT_MAX_PER_RULE", 3, minimum=0),
+            max_window=_float(env, "KLMON_ALERT_MAX_WINDOW", 3600.0),
         )
 
     def describe(self) -> str:

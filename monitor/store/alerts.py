@@ -7,8 +7,11 @@ The dashboard calls ``list_events``, ``acknowledge_event``, ``silence``, ``unsil
 Concurrency: an evaluation is committed with a compare-and-set on the run's cursor version
 (``commit_evaluation`` returns False when another evaluator got there first), a notification
 is enqueued with a compare-and-set on the events' ``notified_*`` flags, and an outbox row is
-claimed with a lease before it is sent. Two engines on one database therefore never record
-the same transition twice nor send the same notification twice at once.
+claimed with a lease (``claimed_by``, ``claimed_until``) before it is sent. Two engines on
+one database therefore never record the same transition twice nor send the same
+notification twice at once; a notification is sent again only when its claimer died
+between the channel's accept and ``mark_sent`` (at least once, with the same Message-ID /
+Idempotency-Key).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import and_, delete, func, or_, select, text, true, update
 from sqlalchemy.exc import IntegrityError
 
 from monitor.errors import InvalidInput, NotFound, StoreError
@@ -193,6 +196,7 @@ class Notification:
     next_attempt_at: float
     sent_at: float | None
     last_error: str | None
+    claimed_by: str | None = None
 
 
 @dataclass
@@ -281,6 +285,7 @@ def _notification(row: AlertNotificationRow) -> Notification:
         next_attempt_at=row.next_attempt_at,
         sent_at=row.sent_at,
         last_error=row.last_error,
+        claimed_by=row.claimed_by,
     )
 
 
@@ -599,21 +604,36 @@ def enqueue_notifications(
 
 
 def claim_notifications(
-    db: Database, now: float, *, lease_s: float = 120.0, limit: int = 20
+    db: Database,
+    now: float,
+    *,
+    lease_s: float = 120.0,
+    limit: int = 20,
+    claimed_by: str | None = None,
+    channel: str | None = None,
+    not_channels: Sequence[str] = (),
 ) -> list[Notification]:
-    """Pending outbox rows that are due, each claimed for ``lease_s`` seconds so a concurrent
-    sender skips them. Oldest first."""
+    """Pending outbox rows that are due, oldest first, each claimed by ``claimed_by`` until
+    ``now + lease_s`` (a conditional update: of two watchers claiming one row, one gets it;
+    the other skips it until the lease expires, which it does only if the claimer died,
+    because a delivery's deadline is shorter than its lease). ``channel``: only rows of
+    that channel; ``not_channels``: none of those."""
+    due = [
+        AlertNotificationRow.status == "pending",
+        AlertNotificationRow.next_attempt_at <= now,
+        or_(
+            AlertNotificationRow.claimed_until.is_(None),
+            AlertNotificationRow.claimed_until < now,
+        ),
+    ]
+    if channel is not None:
+        due.append(AlertNotificationRow.channel == channel)
+    if not_channels:
+        due.append(AlertNotificationRow.channel.not_in(list(not_channels)))
     with db.session() as s:
         ids = s.scalars(
             select(AlertNotificationRow.id)
-            .where(
-                AlertNotificationRow.status == "pending",
-                AlertNotificationRow.next_attempt_at <= now,
-                or_(
-                    AlertNotificationRow.claimed_until.is_(None),
-                    AlertNotificationRow.claimed_until < now,
-                ),
-            )
+            .where(*due)
             .order_by(AlertNotificationRow.id)
             .limit(limit)
         ).all()
@@ -622,62 +642,105 @@ def claim_notifications(
         with db.session() as s:
             got = s.execute(
                 update(AlertNotificationRow)
-                .where(
-                    AlertNotificationRow.id == nid,
-                    AlertNotificationRow.status == "pending",
-                    or_(
-                        AlertNotificationRow.claimed_until.is_(None),
-                        AlertNotificationRow.claimed_until < now,
-                    ),
-                )
-                .values(claimed_until=now + lease_s)
+                .where(AlertNotificationRow.id == nid, *due)
+                .values(claimed_until=now + lease_s, claimed_by=claimed_by)
             ).rowcount
             if got == 1:
                 claimed.append(_notification(s.get(AlertNotificationRow, nid)))
     return claimed
 
 
-def mark_sent(db: Database, notification_id: int, now: float) -> None:
+def _held_by(claimed_by: str | None) -> Any:
+    """Rows this claimer may record on: its own claim, or no claim at all."""
+    if claimed_by is None:
+        return true()
+    return or_(
+        AlertNotificationRow.claimed_by == claimed_by,
+        AlertNotificationRow.claimed_by.is_(None),
+    )
+
+
+def mark_sent(
+    db: Database, notification_id: int, now: float, *, claimed_by: str | None = None
+) -> bool:
+    """Record that the channel accepted the notification. Recorded even when the lease
+    was lost meanwhile (it was sent); returns False then, for the caller to log."""
+    with db.session() as s:
+        row = s.get(AlertNotificationRow, notification_id)
+        if row is None or row.status == "sent":
+            return False
+        ours = claimed_by is None or row.claimed_by in (None, claimed_by)
+        row.status = "sent"
+        row.sent_at = now
+        row.claimed_until = None
+        row.claimed_by = None
+        row.last_error = None
+        row.attempts = row.attempts + 1
+        s.flush()
+        return ours
+
+
+def release_claim(db: Database, notification_id: int, *, claimed_by: str | None = None) -> None:
+    """Give a claimed outbox row back untried."""
     with db.session() as s:
         s.execute(
             update(AlertNotificationRow)
-            .where(AlertNotificationRow.id == notification_id)
-            .values(
-                status="sent",
-                sent_at=now,
-                claimed_until=None,
-                last_error=None,
-                attempts=AlertNotificationRow.attempts + 1,
-            )
-        )
-
-
-def release_claim(db: Database, notification_id: int) -> None:
-    """Give a claimed outbox row back untried (its channel is down this pass)."""
-    with db.session() as s:
-        s.execute(
-            update(AlertNotificationRow)
-            .where(AlertNotificationRow.id == notification_id)
-            .values(claimed_until=None)
+            .where(AlertNotificationRow.id == notification_id, _held_by(claimed_by))
+            .values(claimed_until=None, claimed_by=None)
         )
 
 
 def mark_failed(
-    db: Database, notification_id: int, *, error: str, next_attempt_at: float, dead: bool
-) -> None:
-    """Record a failed attempt: retried at ``next_attempt_at``, or given up (``dead``)."""
+    db: Database,
+    notification_id: int,
+    *,
+    error: str,
+    next_attempt_at: float,
+    dead: bool,
+    claimed_by: str | None = None,
+) -> bool:
+    """Record a failed attempt: retried at ``next_attempt_at``, or given up (``dead``).
+    Only on a row still claimed by ``claimed_by`` (and still pending): False otherwise."""
     with db.session() as s:
-        s.execute(
+        got = s.execute(
             update(AlertNotificationRow)
-            .where(AlertNotificationRow.id == notification_id)
+            .where(
+                AlertNotificationRow.id == notification_id,
+                AlertNotificationRow.status == "pending",
+                _held_by(claimed_by),
+            )
             .values(
                 status="dead" if dead else "pending",
                 next_attempt_at=next_attempt_at,
                 claimed_until=None,
+                claimed_by=None,
                 last_error=error[:2000],
                 attempts=AlertNotificationRow.attempts + 1,
             )
-        )
+        ).rowcount
+    return got == 1
+
+
+def announced_firing_counts(db: Database, run_id: int, since: float) -> dict[str, int]:
+    """Per rule: the episodes of ``run_id`` that notifications enqueued at or after
+    ``since`` announced (each counted once, whatever its channels): what the cap on
+    notifications per (run, rule) per window counts."""
+    with db.session() as s:
+        lists = s.scalars(
+            select(AlertNotificationRow.event_ids).where(
+                AlertNotificationRow.run_id == run_id,
+                AlertNotificationRow.created_at >= since,
+            )
+        ).all()
+        ids = sorted({int(i) for ids in lists for i in ids or ()})
+        if not ids:
+            return {}
+        rows = s.execute(
+            select(AlertEventRow.rule, func.count())
+            .where(AlertEventRow.id.in_(ids))
+            .group_by(AlertEventRow.rule)
+        ).all()
+    return {rule: int(n) for rule, n in rows}
 
 
 def list_notifications(

@@ -266,7 +266,8 @@ class AlertSilenceRow(Base):
 
 class AlertNotificationRow(Base):
     """The outbox: a rendered notification, marked sent only after the channel accepted it.
-    status is pending | sent | dead (gave up after too many attempts)."""
+    status is pending | sent | dead (gave up after too many attempts). A watcher sending a
+    row holds a lease on it: ``claimed_by`` (host:pid:random) until ``claimed_until``."""
 
     __tablename__ = "alert_notifications"
     __table_args__ = (Index("ix_alert_notifications_status_next", "status", "next_attempt_at"),)
@@ -284,6 +285,7 @@ class AlertNotificationRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     next_attempt_at: Mapped[float] = mapped_column(Float)
     claimed_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
