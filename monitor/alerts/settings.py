@@ -11,11 +11,11 @@
 | KLMON_SMTP_STARTTLS | on | upgrade the connection with STARTTLS (certificate verified) |
 | KLMON_SMTP_SSL | off | implicit TLS (SMTPS, port 465) instead of STARTTLS |
 | KLMON_SMTP_CA_FILE | system trust store | CA bundle to verify the SMTP server with |
-| KLMON_SMTP_TIMEOUT | 10 | seconds, per SMTP connection |
+| KLMON_SMTP_TIMEOUT | 10 | seconds per SMTP operation |
 | KLMON_MAIL_FILE | (none: stdout) | without SMTP: mbox file, or a directory for .eml files |
 | KLMON_DASHBOARD_URL | (none) | base URL of the dashboard, for links in notifications |
 | KLMON_WEBHOOK_URL | (none) | http(s) URL that receives a JSON POST per notification |
-| KLMON_WEBHOOK_TIMEOUT | 5 | seconds per webhook request |
+| KLMON_WEBHOOK_TIMEOUT | 5 | seconds per webhook read |
 | KLMON_ALERT_NODATA_AFTER | 300 | seconds without a step before a running run is "no data" |
 | KLMON_ALERT_DELIVERY_DEADLINE | 30 | seconds one delivery may take in all (then retried) |
 | KLMON_ALERT_DELIVERY_LEASE | deadline + 60 | seconds a watcher holds the row it sends |
