@@ -15,6 +15,7 @@ import os
 import smtplib
 import ssl
 import tempfile
+import threading
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
@@ -29,6 +30,7 @@ from monitor.store.alerts import Notification
 log = logging.getLogger("monitor.alerts.email")
 
 FALLBACK_TO = "klmon-alerts@localhost"
+_MBOX_LOCK = threading.Lock()
 
 
 def build_email(notification: Notification, settings: AlertSettings) -> EmailMessage:
@@ -239,14 +241,17 @@ class FileMailSender:
                 os.replace(tmp, folder / name)
             else:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-                box = mailbox.mbox(self.path)
-                box.lock()
-                try:
-                    box.add(msg)
-                    box.flush()
-                finally:
-                    box.unlock()
-                    box.close()
+                # mbox locks are per process (fcntl): the delivery workers of this one
+                # take turns here
+                with _MBOX_LOCK:
+                    box = mailbox.mbox(self.path)
+                    box.lock()
+                    try:
+                        box.add(msg)
+                        box.flush()
+                    finally:
+                        box.unlock()
+                        box.close()
         except OSError as exc:
             raise NotifyError(f"mail file {self.path}: {exc}") from None
 

@@ -203,9 +203,11 @@ def watch_cmd(db: str | None, rules_path: str | None, interval: str) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
     channels = "; ".join(s.describe() for s in engine.senders.values())
+    st = engine.settings
     click.echo(
         f"klmon alerts watch: {engine.db.safe_url}, {len(engine.rules.enabled)} rules from "
-        f"{engine.rules.source}, every {seconds:g} s; {channels}",
+        f"{engine.rules.source}, every {seconds:g} s; {channels}; {st.delivery_workers} "
+        f"senders per channel, {st.delivery_deadline:g} s deadline per delivery",
         err=True,
     )
 
