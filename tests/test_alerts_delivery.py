@@ -52,6 +52,28 @@ def test_a_claimed_row_is_skipped_until_its_lease_expires(db) -> None:
     assert store.claim_notifications(db, clock() + 1e6, claimed_by="c") == []
 
 
+def test_the_outbox_command_shows_who_holds_a_claim(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from monitor.cli import main
+    from monitor.store.database import Database
+    from monitor.store.engine import make_engine
+    from monitor.store.schema import upgrade
+
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    db = Database.open(url)
+    clock = Clock(now=__import__("time").time())
+    _outbox_row(db, clock)
+    store.claim_notifications(db, clock(), lease_s=60, claimed_by="host-a:123:beef")
+    db.dispose()
+    result = CliRunner().invoke(main, ["alerts", "outbox", "--db", url])
+    assert result.exit_code == 0, result.output
+    assert "pending" in result.output and "(claimed by host-a:123:beef)" in result.output
+
+
 def test_the_lease_must_outlast_the_delivery_deadline() -> None:
     with pytest.raises(ConfigError, match="KLMON_ALERT_DELIVERY_LEASE=20 must be longer"):
         AlertSettings.from_env(

@@ -177,12 +177,15 @@ class Delivery:
         """Send what is due now and wait for it (``klmon alerts check``): waves of at most
         one row per free worker, so no claimed row waits in a queue past its lease."""
         outcomes: Counter[Outcome] = Counter()
-        while outcomes.total() < limit:
-            futures = self.dispatch(per_channel=min(self.workers, limit - outcomes.total()))
-            if not futures:
-                break
-            wait(futures)
-            outcomes.update(f.result() for f in futures)
+        try:
+            while outcomes.total() < limit:
+                futures = self.dispatch(per_channel=min(self.workers, limit - outcomes.total()))
+                if not futures:
+                    break
+                wait(futures)
+                outcomes.update(f.result() for f in futures)
+        finally:
+            self.close()  # no idle threads left behind between passes
         return outcomes
 
     def run(self, stop: threading.Event, interval: float) -> None:

@@ -1,9 +1,12 @@
 """Notification channels: what the outbox hands a notification to.
 
 A sender's ``send(notification)`` returns when the channel accepted it and raises
-NotifyError otherwise; the outbox then retries later. ``senders_for`` builds the senders the
-settings describe: email always (SMTP, else a mail file, else stdout), webhook when
-KLMON_WEBHOOK_URL is set.
+NotifyError otherwise; the outbox then retries later. Senders are called from the delivery
+workers (monitor.alerts.delivery), several at once, and a network sender ends every call
+within ``settings.delivery_deadline`` seconds (monitor.alerts.deadline).
+
+``senders_for`` builds the senders the settings describe: email always (SMTP, else a mail
+file, else stdout), webhook when KLMON_WEBHOOK_URL is set.
 """
 
 from __future__ import annotations

@@ -434,6 +434,8 @@ def outbox_cmd(db: str | None, status: str | None, as_json: bool) -> None:
         return
     for r in records:
         extra = f"  last error: {r['last_error']}" if r["last_error"] else ""
+        if r["status"] == "pending" and r["claimed_by"]:
+            extra += f"  (claimed by {r['claimed_by']})"
         click.echo(
             f"{r['id']:>5}  {r['status']:<7} {r['channel']:<7} attempts {r['attempts']}  "
             f"{r['subject']}{extra}"

@@ -747,7 +747,8 @@ def list_notifications(
     db: Database, *, status: str | None = None, limit: int = 200
 ) -> pd.DataFrame:
     """The outbox, newest first: id, run_id, channel, subject, status, attempts, created_at,
-    next_attempt_at, sent_at, last_error, event_ids."""
+    next_attempt_at, sent_at, last_error, event_ids, claimed_by (the watcher sending it now,
+    or that died sending it: None once recorded)."""
     q = select(AlertNotificationRow).order_by(AlertNotificationRow.id.desc()).limit(limit)
     if status is not None:
         q = q.where(AlertNotificationRow.status == status)
@@ -755,7 +756,7 @@ def list_notifications(
         rows = [_notification(r) for r in s.scalars(q).all()]
     cols = [
         "id", "run_id", "channel", "subject", "status", "attempts", "created_at",
-        "next_attempt_at", "sent_at", "last_error", "event_ids",
+        "next_attempt_at", "sent_at", "last_error", "event_ids", "claimed_by",
     ]  # fmt: skip
     return pd.DataFrame([{c: getattr(n, c) for c in cols} for n in rows], columns=cols)
 
