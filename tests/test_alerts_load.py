@@ -191,3 +191,31 @@ def test_eight_live_healthy_runs_and_a_watcher_fire_nothing(db) -> None:
     fired = list_events(db, run_id=runs)
     fired = fired[fired["state"] != "pending"]
     assert fired.empty, fired[["run_name", "rule", "start_step", "message"]].to_string()
+
+
+def test_extra_metrics_are_joined_on_the_head_and_the_tail(db) -> None:
+    """The detectors get the extra metrics they read (TRL's clipped ratio) on every row of
+    the window, the run's first rows included, read over the head's and the tail's ranges."""
+    from monitor.analytics import EXTRA_METRIC_SUFFIXES
+    from monitor.store.steps import write_metrics
+
+    name = "completions" + EXTRA_METRIC_SUFFIXES[0]
+    sim = simulate_run("healthy", steps=2000, seed=1)
+    rows = rows_of(sim.steps_df)
+    run = get_or_create_run(db, "load", "trl", now=time.time()).id
+    write_steps(db, run, rows)
+    write_metrics(db, run, [(r["step"], name, r["step"] / 1e4) for r in rows])
+    eng = AlertEngine(
+        db,
+        load_rules(),
+        settings=AlertSettings(nodata_after=1e9),
+        clock=Clock(time.time()),
+        senders={"email": ListSender()},
+    )
+    eng.run_once([run])
+    write_steps(db, run, [{**rows[-1], "step": 2000}])
+    write_metrics(db, run, [(2000, name, 0.2)])
+    df = eng._read_window(store.runs_to_evaluate(db, [run])[0])
+    steps = df["step"].to_numpy()
+    assert steps[0] == 0 and steps[-1] == 2000 and len(df) < 2000  # head + tail, a gap
+    assert np.allclose(df[name].to_numpy(), np.where(steps == 2000, 0.2, steps / 1e4))

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from monitor.alerts.delivery import Delivery
@@ -288,16 +289,21 @@ class AlertEngine:
         return self._with_extra_metrics(run.id, df)
 
     def _with_extra_metrics(self, run_id: int, df: pd.DataFrame) -> pd.DataFrame:
-        """Join the extra metrics detectors read (e.g. TRL's completions/clipped_ratio)."""
+        """Join the extra metrics detectors read (e.g. TRL's completions/clipped_ratio),
+        over the head's step range and the tail's, not the history between them."""
         if df.empty:
             return df
-        extra = read_metrics_by_suffix(
-            self.db,
-            run_id,
-            EXTRA_METRIC_SUFFIXES,
-            start=int(df["step"].iloc[0]),
-            end=int(df["step"].iloc[-1]),
-        )
+        steps = df["step"].to_numpy()
+        ranges = [(int(steps[0]), int(steps[-1]))]
+        if len(steps) > 1:
+            gap = int(np.argmax(np.diff(steps)))
+            if steps[gap + 1] - steps[gap] > len(steps):  # the head, then the tail
+                ranges = [(int(steps[0]), int(steps[gap])), (int(steps[gap + 1]), int(steps[-1]))]
+        parts = [
+            read_metrics_by_suffix(self.db, run_id, EXTRA_METRIC_SUFFIXES, start=a, end=b)
+            for a, b in ranges
+        ]
+        extra = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
         if len(extra.columns) == 1:
             return df
         return df.merge(extra, on="step", how="left")
