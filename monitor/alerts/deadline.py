@@ -53,6 +53,11 @@ class Deadline:
     def expired(self) -> bool:
         return self._expired or time.monotonic() >= self._end
 
+    @property
+    def cut(self) -> bool:
+        """Whether the deadline shut the sockets down: what was read may be truncated."""
+        return self._expired
+
     def remaining(self) -> float:
         return max(0.0, self._end - time.monotonic())
 

@@ -118,7 +118,9 @@ class WebhookSender:
                 delay = self.backoff * 2 ** (attempt - 1)
                 try:
                     self._post(opener, data, notification.id, limit)
-                    return
+                    if not limit.cut:  # else the status line may be a truncated one
+                        return
+                    break
                 except urllib.error.HTTPError as exc:
                     last = f"HTTP {exc.code} {exc.reason}"
                     if exc.code not in RETRY_STATUSES:
