@@ -168,6 +168,7 @@ class AlertEngine:
         self.chunk_rows = chunk_rows
         self.tail_rows, self.head_rows = window_plan(self.rules.enabled)
         self.delivery = Delivery(db, self.senders, self.settings, clock)
+        self._held: set[int] = set()  # episodes held back by the cap (logged once)
 
     # ------------------------------------------------------------------ one pass
 
@@ -479,6 +480,9 @@ class AlertEngine:
 
         def held(e: store.AlertEvent) -> bool:
             if counts.get(e.rule, 0) >= cap:
+                if e.id in self._held:
+                    return True
+                self._held.add(e.id)  # said once per episode, not on every pass
                 log.warning(
                     "run %s: %s fired again (episode %s); %s notices of it in the last %g s "
                     "already: held back (KLMON_ALERT_MAX_PER_RULE)",
