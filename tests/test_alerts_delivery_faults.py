@@ -36,6 +36,8 @@ from monitor.store.database import Database
 from monitor.store.runs import get_or_create_run
 from monitor.store.steps import write_steps
 
+pytestmark = pytest.mark.slow
+
 WAIT_S = 20.0  # generous bound for an event the test is waiting for (never a measurement)
 
 

@@ -119,6 +119,7 @@ z = 0.5
 """
 
 
+@pytest.mark.slow
 def test_eight_live_healthy_runs_and_a_watcher_fire_nothing(db) -> None:
     """8 runs already 250 steps in log their next healthy simulated steps one or two at a
     time while `alerts watch`'s engine evaluates every 50 ms: no rule fires, and every
