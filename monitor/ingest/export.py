@@ -177,9 +177,10 @@ def _metric_columns(
             conn,
             params={"r": run_id, "lo": lo, "hi": hi},
         )
+    # A metric first logged after the export started has no column: it is left out.
+    long = long.assign(column=long["name"].map(renames)).dropna(subset=["column"])
     if long.empty:
         return pd.DataFrame({"step": pd.Series(dtype="int64")})
-    long["column"] = long["name"].map(renames)
     wide = long.pivot(index="step", columns="column", values="value")
     wide.columns.name = None
     return wide.reset_index()
