@@ -7,7 +7,7 @@ import math
 
 import click
 
-from monitor.cli.common import db_option, open_db
+from monitor.cli.common import cell, db_option, open_db
 from monitor.store.runs import list_runs
 
 
@@ -38,7 +38,8 @@ def runs_cmd(db: str | None, as_json: bool) -> None:
         kl = "-" if r["last_kl"] is None else f"{r['last_kl']:.4g}"
         last = "-" if r["last_step"] is None else str(r["last_step"])
         click.echo(
-            f"{r['id']:>4}  {r['project'][:20]:<20} {r['name'][:28]:<28} {r['status']:<9} "
+            f"{r['id']:>4}  {cell(r['project'])[:20]:<20} {cell(r['name'])[:28]:<28} "
+            f"{cell(r['status']):<9} "
             f"{r['n_steps']:>7} {last:>7} {kl:>10}"
         )
 
