@@ -48,8 +48,33 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    command.upgrade(alembic_config(engine), revision)
+#: Key of the PostgreSQL advisory lock that serialises schema upgrades (any fixed bigint:
+#: "klmon" in ASCII). Other applications sharing the database would have to pick the same
+#: number by chance to be blocked by it.
+UPGRADE_LOCK_KEY = 0x6B6C6D6F6E
+
+
+def upgrade(engine: Engine, revision: str = "head") -> str | None:
+    """Migrate the schema to ``revision``; returns the revision it found (None: empty).
+
+    On PostgreSQL the whole upgrade holds a session advisory lock, so two processes
+    upgrading the same database at once (two ``klmon db upgrade``, a writer creating the
+    schema while another starts) run one after the other: the second waits, finds the
+    schema at head and does nothing, instead of failing on a half-created catalog
+    (``duplicate key value violates unique constraint "pg_type_typname_nsp_index"``).
+    """
+    if engine.dialect.name != "postgresql":
+        before = current_revision(engine)
+        command.upgrade(alembic_config(engine), revision)
+        return before
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock:
+        lock.exec_driver_sql(f"SELECT pg_advisory_lock({UPGRADE_LOCK_KEY})")
+        try:
+            before = current_revision(engine)
+            command.upgrade(alembic_config(engine), revision)
+            return before
+        finally:
+            lock.exec_driver_sql(f"SELECT pg_advisory_unlock({UPGRADE_LOCK_KEY})")
 
 
 def check_schema(engine: Engine) -> None:
