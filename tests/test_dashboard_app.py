@@ -153,10 +153,17 @@ class Callbacks:
                     {"id": pid("msg"), "property": "children"},
                     {"id": pid("permalink"), "property": "href"},
                     {"id": pid("smooth-value"), "property": "children"},
+                    [{"id": ids.chart_box(panel, k), "property": "style"} for k in keys],
+                    {"id": pid("empty"), "property": "children"},
                 ],
                 "inputs": [
                     {"id": pid("smooth"), "property": "value", "value": view.smooth},
                     {"id": pid("x"), "property": "value", "value": view.x},
+                    {
+                        "id": pid("klaxis"),
+                        "property": "value",
+                        "value": "log" if view.kl_log else "linear",
+                    },
                     [
                         {
                             "id": self.gid(panel, k),

@@ -17,7 +17,6 @@ from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
 from monitor.dashboard.pages.common import badge, error_box, fmt, fmt_time, info_box, page
 from monitor.dashboard.panel import (
-    View,
     panel_controls,
     panel_layout,
     panel_specs,
@@ -191,7 +190,7 @@ def layout(
     view, warnings = parse_query(search)
     state = data.run_state(run_id)  # NotFound -> router message
     info = state.info
-    view = View((run_id,), view.start, view.end, view.smooth, view.x, (), view.step)
+    view = replace(view, runs=(run_id,), metrics=())
     specs = panel_specs(view, {}, RUN_CHARTS)
     headline = html.Div(
         [
