@@ -586,6 +586,8 @@ def time_chart(
     log = log_y and spec.kl_axis
     if log:
         layout["yaxis"]["type"] = "log"
+        if not spec.best_kl:  # _kl_axes writes the best-KL titles
+            layout["yaxis"]["title"]["text"] += " (log scale)"
     axis_of: dict[int, str] = {}
     if spec.best_kl:
         axis_of = _kl_axes(spec, runs, layout, log)
