@@ -341,6 +341,7 @@ def test_kl_chart_draws_a_runs_per_token_kl_when_it_has_no_kl_mean() -> None:
     assert "yaxis" not in line
     assert fig["layout"]["yaxis"]["title"]["text"] == "KL, nats per token (k3 from kl)"
     assert not any(t.get("fill") for t in fig["data"])  # the p05-p95 band is kl_mean's
+    assert fig["layout"]["title"]["text"] == "KL to the reference"
     assert F.chart_has_data(F.CHARTS_BY_KEY["kl"], [run])
 
 

@@ -112,7 +112,7 @@ def kl_unit(column: str) -> str:
 CHARTS: tuple[ChartSpec, ...] = (
     ChartSpec(
         "kl",
-        "KL to the reference, each run's best KL quantity (band: p05-p95 over sequences)",
+        "KL to the reference (band: p05-p95 over sequences)",
         "KL, nats per sequence (kl_seq, batch mean)",
         (Line("kl_mean", "KL"),),
         band=("kl_p05", "kl_p95"),
@@ -573,7 +573,10 @@ def time_chart(
     the right, so no two units share an axis.
     """
     traces: list[dict[str, Any]] = []
-    layout = _base_layout(spec.title, spec.y_title, x_title(xmode), uirevision)
+    title = spec.title
+    if spec.best_kl and spec.band and not any(r.kl_column == "kl_mean" for r in runs):
+        title = title.split(" (band")[0]  # the band is kl_mean's; none here
+    layout = _base_layout(title, spec.y_title, x_title(xmode), uirevision)
     if xmode == "wall":
         layout["xaxis"]["type"] = "date"
     if x_range is not None:
