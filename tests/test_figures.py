@@ -437,3 +437,18 @@ def test_every_chart_of_a_panel_spans_the_same_x_extent() -> None:
     )
     assert zoomed["layout"]["xaxis"]["range"] == [20, 40]
     assert "autorangeoptions" not in zoomed["layout"]["xaxis"]
+
+
+def test_frontier_gives_per_token_runs_their_own_x_axis_beside_kl_mean() -> None:
+    steps = np.arange(5)
+    frame = raw_frame(steps, kl_mean=np.full(5, 4.0), reward_mean=np.ones(5))
+    live = F.RunData(1, "ppo", "#1f77b4", 0, frame, empty_like(frame))
+    grpo = grpo_like(2, steps, np.full(5, 0.04))
+    fig = F.frontier_chart([live, grpo], as_dict=True)
+    by_run = {t["legendgroup"]: t for t in fig["data"] if t.get("showlegend", True)}
+    assert "xaxis" not in by_run["r1"] and by_run["r2"]["xaxis"] == "x2"
+    assert decode(by_run["r2"]["x"]).tolist() == pytest.approx([0.2] * 5, rel=1e-6)
+    lay = fig["layout"]
+    assert lay["xaxis"]["title"]["text"] == "sqrt(KL): kl_mean, sqrt(nats per sequence)"
+    assert lay["xaxis2"]["title"]["text"] == "sqrt(KL): k3 from kl, sqrt(nats per token)"
+    assert lay["xaxis2"]["overlaying"] == "x" and lay["xaxis2"]["side"] == "top"

@@ -878,7 +878,9 @@ def frontier_chart(
 ) -> go.Figure | dict[str, Any]:
     """Reward against sqrt(KL) per run, one point per bucket (or step): a healthy run climbs
     roughly linearly; flattening while KL grows is reward-model over-optimisation. Each run
-    uses its best KL quantity (``kl_column``), named in its legend entry and the x title."""
+    uses its best KL quantity (``kl_column``), named in its legend entry and the x title;
+    when runs mix kl_mean with per-token estimators, the per-token ones get their own x
+    axis at the top (sqrt of nats per token), so no two units share an axis."""
     traces: list[dict[str, Any]] = []
     layout = _base_layout(
         CHARTS_BY_KEY["frontier"].title,
@@ -886,14 +888,22 @@ def frontier_chart(
         FRONTIER_X_TITLE,
         uirevision,
     )
+    shown = [
+        r
+        for r in runs
+        if len(frontier_points(r.frame, r.kl_column)[0])
+        or len(frontier_points(r.tail, r.kl_column)[0])
+    ]
+    units = {kl_unit(r.kl_column) for r in shown}
+    top = {PER_TOKEN} if len(units) > 1 else set()
     used: dict[str, str] = {}
-    for run in runs:
+    used_top: dict[str, str] = {}
+    for run in shown:
         col = run.kl_column
         x, y, _ = frontier_points(run.frame, col)
         tx, ty, _ = frontier_points(run.tail, col)
-        if not len(x) and not len(tx):
-            continue
-        used[run.kl_name] = kl_unit(col)
+        on_top = kl_unit(col) in top
+        (used_top if on_top else used)[run.kl_name] = kl_unit(col)
         name = esc(f"{run.label} · sqrt({run.kl_name})")
         common = {
             "name": name,
@@ -902,6 +912,8 @@ def frontier_chart(
             "marker": {"size": 4, "color": run.color, "opacity": 0.6},
             "hovertemplate": f"{name}<br>sqrt(KL) %{{x:.3g}}, reward %{{y:.4g}}<extra></extra>",
         }
+        if on_top:
+            common["xaxis"] = "x2"
         traces.append(_trace("scatter", x=_f32(x), y=_f32(y), **common))
         traces.append(
             _trace(
@@ -915,6 +927,15 @@ def frontier_chart(
         )
     if used:
         layout["xaxis"]["title"]["text"] = esc(frontier_x_title(used))
+    if used_top:
+        layout["xaxis2"] = {
+            "title": {"text": esc(frontier_x_title(used_top)), "font": {"size": 11}},
+            "overlaying": "x",
+            "side": "top",
+            "showgrid": False,
+            "zeroline": False,
+        }
+        layout["margin"]["t"] = 64
     return _figure(traces, layout, as_dict)
 
 
