@@ -706,3 +706,7 @@ def test_runs_overview_and_compare_table_give_the_kl_with_its_unit(app, db: Data
         )
     )
     assert "0.0212395 (k3 from kl, nats/token)" in page
+    run_page = dump(
+        render_page(app.klmon_data, app.klmon_settings, f"/run/{r['gemma3_grpo_abdo']}", "")
+    )
+    assert "KL now (k3 from kl, nats/token)" in run_page

@@ -192,8 +192,20 @@ def layout(
     info = state.info
     view = replace(view, runs=(run_id,), metrics=())
     specs = panel_specs(view, {}, RUN_CHARTS)
-    headline = html.Div(
+    now = data.current_kl(run_id)
+    kl_card = html.Div(
         [
+            html.Div(
+                "KL now" + (f" ({now.quantity.label()})" if now is not None else ""),
+                className="k",
+            ),
+            html.Div(fmt(None if now is None else now.value), className="v"),
+        ],
+        className="card kl-now",
+    )
+    headline = html.Div(
+        [kl_card]
+        + [
             html.Div(
                 [html.Div(label, className="k"), html.Div(fmt(state.last.get(col)), className="v")],
                 className="card",
