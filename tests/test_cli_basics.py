@@ -41,6 +41,9 @@ def test_db_upgrade_then_runs_json(tmp_path) -> None:
             "n_steps": 1,
             "last_step": 4,
             "last_kl": 2.4,
+            "kl_quantity": "kl_mean",
+            "kl_unit": "nats per sequence",
+            "kl_step": 4,
         }
     ]
 
