@@ -36,7 +36,7 @@ from monitor.alerts.render import RunLabel, render, warm_up, worst
 from monitor.alerts.rules import Rule, RuleSet, load_rules
 from monitor.alerts.settings import AlertSettings
 from monitor.alerts.state import Transition, observe, resume, suspend
-from monitor.analytics import EXTRA_METRIC_SUFFIXES, RunContext
+from monitor.analytics import EXTRA_METRIC_SUFFIXES, RunContext, has_inputs
 from monitor.errors import KlmonError
 from monitor.store import alerts as store
 from monitor.store.database import Database
@@ -337,8 +337,12 @@ class AlertEngine:
         out: list[Transition] = []
         statuses = new["status"].to_numpy() if "status" in new.columns else None
         counts_rejected = rule.detector == "rejected_input"
+        # missing is not clear: a row without the detector's inputs is skipped
+        carries = has_inputs(rule.detector, new)
         for i, step in enumerate(new["step"].to_numpy()):
             if statuses is not None and statuses[i] == "rejected" and not counts_rejected:
+                continue
+            if not carries[i]:
                 continue
             out += observe(
                 rule,

@@ -8,6 +8,8 @@ import pandas as pd
 from monitor.analytics.detectors._common import (
     column_on,
     findings_where,
+    kl_floor,
+    kl_unit,
     merge_by_step,
     num,
     per_token_kl,
@@ -89,6 +91,8 @@ def reward_hacking(
     jump_z: float = 6.0,
     reward_jump_z: float = 4.0,
     mad_floor: float = 0.1,
+    min_jump_token: float = 0.03,
+    min_jump_sequence: float = 1.0,
 ) -> list[Finding]:
     """Reward still rising while KL grows faster than the sqrt(KL) frontier allows.
 
@@ -99,8 +103,10 @@ def reward_hacking(
     errors up) is below ``gain_ratio`` x the run's gain so far (smoothed reward regressed
     on smoothed sqrt(KL) up to the window's start, after ``min_history_rows`` rows).
     It also fires when KL and reward jump together at one step (robust z above
-    ``jump_z`` and ``reward_jump_z``). Judged on each of ``kl_mean`` and ``k3`` the
-    table has (see ``statistical_series``).
+    ``jump_z`` and ``reward_jump_z``, the KL's by at least ``min_jump_token``
+    nats/token or ``min_jump_sequence`` nats/sequence, or the run config's
+    ``kl_floor_per_token`` / ``kl_floor_per_sequence``). Judged on each of ``kl_mean``
+    and ``k3`` the table has (see ``statistical_series``).
     """
     if "reward_mean" not in df.columns:
         return []
@@ -116,7 +122,12 @@ def reward_hacking(
         "reward_jump_z": reward_jump_z,
         "mad_floor": mad_floor,
     }
-    return merge_by_step(_hacking_on(df, series, **params) for series in statistical_series(df))
+    return merge_by_step(
+        _hacking_on(
+            df, series, **params, floor=kl_floor(ctx, series, min_jump_token, min_jump_sequence)
+        )
+        for series in statistical_series(df)
+    )
 
 
 def _hacking_on(
@@ -133,6 +144,7 @@ def _hacking_on(
     jump_z: float,
     reward_jump_z: float,
     mad_floor: float,
+    floor: float,
 ) -> list[Finding]:
     steps, kl = valid(df, series)
     reward = column_on(df, "reward_mean", steps)
@@ -165,7 +177,8 @@ def _hacking_on(
             & (run_gain > 0)
             & (reward_slope + gain_z * reward_se < gain_ratio * run_gain * kl_slope)
         )
-    kl_z, _, _ = robust_z(kl, window_rows, window_rows, mad_floor, step_sem(df, series, steps))
+    kl_sem = step_sem(df, series, steps)
+    kl_z, _, _ = robust_z(kl, window_rows, window_rows, mad_floor, kl_sem, floor / jump_z)
     reward_sem = step_sem(df, "reward_mean", steps)
     reward_z, _, _ = robust_z(reward, window_rows, window_rows, mad_floor, reward_sem)
     with np.errstate(invalid="ignore"):
@@ -201,6 +214,8 @@ def _hacking_on(
         ),
         severity="critical",
         series=series,
+        levels=kl,
+        unit=kl_unit(series),
     )
 
 
