@@ -61,6 +61,16 @@ def findings_where(
     ]
 
 
+def latch(fire: np.ndarray, hold: np.ndarray) -> np.ndarray:
+    """Hysteresis: True from each row where ``fire`` holds, through the rows after it where
+    ``hold`` (a looser condition: the clear threshold not yet crossed) still holds.
+
+    Causal, and one pass: a condition hovering at its fire threshold stays one episode.
+    """
+    state = np.where(fire, 1.0, np.where(hold, np.nan, 0.0))
+    return pd.Series(state).ffill().fillna(0.0).to_numpy() > 0
+
+
 def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 

@@ -10,6 +10,7 @@ from monitor.analytics.detectors._common import (
     findings_where,
     kl_floor,
     kl_unit,
+    latch,
     merge_by_step,
     num,
     per_token_kl,
@@ -45,9 +46,14 @@ def entropy_collapse(
     min_rows: int = 5,
     smooth_rows: int = 3,
     ratio: float = 0.5,
+    clear_ratio: float = 0.6,
 ) -> list[Finding]:
     """Policy entropy (``policy_nll``, else ``entropy_mean``; median of the last
     ``smooth_rows`` rows) below ``ratio`` x its median over the first ``baseline_rows``.
+
+    Hysteresis: once below ``ratio``, the condition holds until the entropy is back above
+    ``clear_ratio`` x the warm-up, so a slow decline hovering at the threshold is one
+    episode, not several.
     """
     column = first_column(df, ("policy_nll", "entropy_mean"))
     if column is None:
@@ -56,7 +62,9 @@ def entropy_collapse(
     current = nanmedian_rows(including(values, smooth_rows))
     base = warmup_median(values, baseline_rows)
     limit = ratio * base
-    hit = (np.arange(len(values)) >= min_rows - 1) & (base > 0) & (current < limit)
+    judged = (np.arange(len(values)) >= min_rows - 1) & (base > 0)
+    with np.errstate(invalid="ignore"):
+        hit = latch(judged & (current < limit), judged & (current < clear_ratio * base))
     return findings_where(
         hit,
         steps,

@@ -10,6 +10,7 @@ from monitor.analytics.detectors._common import (
     findings_where,
     kl_floor,
     kl_unit,
+    latch,
     merge_by_step,
     num,
     robust_z,
@@ -40,6 +41,7 @@ def budget(
     halflife_rows: float = 2.0,
     default_sequence: float = 50.0,
     default_token: float = 0.5,
+    clear_fraction: float = 0.9,
 ) -> list[Finding]:
     """KL above the run's budget, judged on the KL the run has in that KL's own unit.
 
@@ -49,8 +51,9 @@ def budget(
     ``default_sequence``; per token, ``value_per_token``, else config
     ``kl_budget_per_token``, else ``factor`` x ``target_kl_per_token``, else the
     per-sequence budget over the mean response length, else ``default_token``. The KL
-    is EWMA-smoothed over ``halflife_rows`` (0: raw) so that sampling noise around a
-    plateau near the budget does not flap.
+    is EWMA-smoothed over ``halflife_rows`` (0: raw) and, once above the budget, holds
+    until it falls below ``clear_fraction`` x the budget (hysteresis), so that sampling
+    noise around a plateau near the budget does not flap.
     """
     series = pick_kl(df)
     if series is None:
@@ -78,7 +81,7 @@ def budget(
     level = ewma(kl, halflife_rows) if halflife_rows > 0 else kl
     smoothed = ", smoothed" if halflife_rows > 0 else ""
     return findings_where(
-        level > limit,
+        latch(level > limit, level > clear_fraction * limit),
         steps,
         level,
         limit,
