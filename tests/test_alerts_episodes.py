@@ -53,7 +53,7 @@ def test_a_blow_up_after_the_opening_step_escalates_with_its_peak(db) -> None:
     clock, sender = Clock(), ListSender()
     run = new_run(db, "grpo")
     engine = _engine(db, clock, sender, _default_rule("kl-spike"))
-    _write(db, run, 0, k3=list(_grpo_k3(69)) + [0.372])
+    _write(db, run, 0, k3=[*_grpo_k3(69), 0.372])
     engine.run_once()
     [fired] = sender.sent
     assert "kl-spike" in fired.subject and "reached" not in fired.subject
@@ -81,7 +81,7 @@ def test_a_blow_up_seen_in_one_pass_is_announced_at_its_peak(db) -> None:
     """An import evaluated at once: the firing notice itself gives the peak, once."""
     sender = ListSender()
     run = new_run(db, "grpo")
-    _write(db, run, 0, k3=list(_grpo_k3(69)) + [0.372, 17.76, 0.1, 0.1])
+    _write(db, run, 0, k3=[*_grpo_k3(69), 0.372, 17.76, 0.1, 0.1])
     _engine(db, Clock(), sender, _default_rule("kl-spike")).run_once()
     spike = sender.sent
     assert len(spike) == 1
