@@ -390,7 +390,7 @@ def reference_offset(
     first_rows: int = 5,
     min_rows: int = 3,
     min_ratio: float = 0.25,
-    min_token_kl: float = 1e-3,
+    min_token_kl: float = 0.01,
     min_sequence_kl: float = 1.0,
 ) -> list[Finding]:
     """KL already far from 0 in the run's first rows: the reference is not the initial policy.
