@@ -126,7 +126,9 @@ def lookback_rows(name: str, **params: Any) -> int | None:
     An engine may pass a tail of this many rows (plus the new ones) instead of the table.
     None: the detector's baseline is the run's first rows (its warm-up, up to its largest
     ``*_rows`` parameter), so it needs those as well as a tail; only the whole table
-    reproduces its findings exactly.
+    reproduces its findings exactly. Hysteresis (budget, entropy_collapse) is judged
+    from the rows given: a level that has hovered between its clear and fire thresholds
+    for longer than the tail is judged afresh at the tail's start.
     """
     p = {**DEFAULT_PARAMS[name], **params}
     if name in _FROM_START:
