@@ -95,9 +95,7 @@ def has_inputs(name: str, df: pd.DataFrame) -> np.ndarray:
         columns = [
             c
             for c in df.columns
-            if any(
-                str(c).endswith(g[1:]) if g.startswith("*") else str(c) == g for g in group
-            )
+            if any(str(c).endswith(g[1:]) if g.startswith("*") else str(c) == g for g in group)
         ]
         present = np.zeros(len(df), dtype=bool)
         for c in columns:
