@@ -90,6 +90,8 @@ def rules_cmd(rules_path: str | None, as_json: bool) -> None:
                         "severity": r.severity,
                         "for": r.for_steps,
                         "keep_firing_for": r.keep_firing_for,
+                        "cooldown": r.cooldown,
+                        "escalate_factor": r.escalate_factor,
                         "params": dict(r.params),
                         "description": r.description,
                         "enabled": r.enabled,

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from monitor import __version__
-from monitor.report.data import ReportData, describe_value
+from monitor.report.data import ReportData, describe_peak, describe_value
 
 Progress = Callable[[int], None]
 
@@ -164,6 +164,7 @@ def render_markdown(
             _step(e.fired_step),
             _step(e.end_step),
             describe_value(e.value),
+            describe_peak(e.peak_value, e.peak_step),
             md(e.message),
         ]
         for r in data.runs
@@ -181,6 +182,7 @@ def render_markdown(
                     "fired at",
                     "resolved at",
                     "value",
+                    "peak",
                     "message",
                 ],
                 rows,
