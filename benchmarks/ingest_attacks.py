@@ -23,8 +23,8 @@ import numpy as np
 
 import monitor
 from monitor.store.database import Database
-from monitor.store.runs import find_run_by_name
 from monitor.store.engine import make_engine
+from monitor.store.runs import find_run_by_name
 from monitor.store.schema import upgrade
 from monitor.store.steps import read_steps
 
