@@ -24,7 +24,9 @@ def sync_cmd(directory: str | None, db: str | None, keep: bool, dry_run: bool) -
     """Replay spool files of training processes that died before the database had all their
     steps. Idempotent: steps already stored are left alone; a step stored with a different
     payload is reported as a conflict and never overwritten. Damaged records are reported and
-    skipped (the file is renamed *.corrupt); files of live processes are skipped.
+    skipped (the file is renamed *.corrupt); a record the database refuses is kept in a
+    dead-letter file (*.klspool-dead) and the rest goes on; files of live processes are
+    skipped.
 
     \b
     Example:
@@ -42,8 +44,10 @@ def sync_cmd(directory: str | None, db: str | None, keep: bool, dry_run: bool) -
     stored = sum(r.duplicates + r.already_committed for r in done)
     conflicts = sum(len(r.conflicts) for r in done)
     damaged = sum(len(r.corrupt) for r in reports)
+    dead = sum(r.dead_letter for r in reports)
     verb = "read" if dry_run else "replayed"
     click.echo(
         f"{verb} {len(done)} of {len(reports)} files: {new} steps new, {stored} already "
-        f"stored, {conflicts} conflicts, {damaged} damaged records skipped"
+        f"stored, {conflicts} conflicts, {damaged} damaged records skipped, {dead} records "
+        "refused by the database (kept in *.klspool-dead files)"
     )
