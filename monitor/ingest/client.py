@@ -247,8 +247,10 @@ class Run:
     @property
     def stats(self) -> dict[str, int]:
         """Counters: logged, acknowledged, written, spooled, replayed, duplicates, conflicts,
-        rejected, out_of_order, spilled, db_errors, corrupt; plus ``pending`` (logged steps not
-        yet acknowledged) and ``unwritten`` (1 while acknowledged records await the database)."""
+        rejected, out_of_order, spilled, db_errors, corrupt, dropped (the spool failed and the
+        database did not take them), dead_letter (refused by the database, kept in the
+        dead-letter file); plus ``pending`` (logged steps not yet acknowledged) and
+        ``unwritten`` (1 while acknowledged records await the database)."""
         snap = self._stats.snapshot()
         pending, unwritten = self._writer.pending()
         snap["pending"] = pending
@@ -363,7 +365,8 @@ class Run:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every logged step is in the database (True), or ``timeout`` seconds
-        (False; what is not written is safe in the spool and will follow)."""
+        (False; what is not written is safe in the spool and will follow). Also False once a
+        step was dropped or dead-lettered (``stats['dropped']``, ``stats['dead_letter']``)."""
         return self._writer.wait(timeout)
 
     def finish(self, status: str = "finished", timeout: float | None = None) -> bool:
