@@ -233,3 +233,46 @@ def test_any_log_step_input_is_stored_or_refused_and_the_next_step_arrives(
     finally:
         db.dispose()
     assert stored == [*accepted, len(inputs)]
+
+
+def test_sync_stores_a_spool_file_with_surrogates_and_nul_and_goes_on(
+    db_url: str, tmp_path
+) -> None:
+    """A spool file written before the boundary cleaned text (or edited by hand): sync
+    cleans it on the way in and replays every file."""
+    from click.testing import CliRunner
+    from test_ingest_faults import down_url
+
+    from monitor.cli import main
+    from monitor.ingest.spool import encode_record, spool_files
+
+    spool = tmp_path / "spool"
+    for name in ("a-old", "b-next"):
+        run = monitor.init("hostile", name, db=down_url(db_url, tmp_path), spool_dir=spool)
+        for step in range(3):
+            run.log_step(step, **_batch(step), texts=(["p"] * 3, ["r"] * 3))
+        run.finish(timeout=0.2)
+    old = next(p for p in spool_files(spool) if ".a-old." in p.name)
+    rec = next(
+        r.record
+        for r in iter_records(old)
+        if isinstance(r, SpoolRecord) and r.record.get("step") == 2
+    )
+    rec = {**rec, "step": 3, "hash": "old", "metrics": [["m\udcff\x00", 1.0]], "reason": "\udcff"}
+    rec["samples"] = [
+        {**s, "prompt": "\udcff\x00", "tokens": ["t\udcff"] * len(s["policy_logprobs"])}
+        for s in rec["samples"]
+    ]
+    old.write_bytes(old.read_bytes() + encode_record(rec))
+
+    out = CliRunner().invoke(main, ["sync", "--spool-dir", str(spool), "--db", db_url])
+    assert out.exit_code == 0, out.output
+    steps, metrics, info = _stored(db_url, "hostile", "a-old")
+    assert steps["step"].tolist() == [0, 1, 2, 3]
+    assert list(metrics.columns) == ["step", "m\ufffd"]
+    db = Database.open(db_url)
+    try:
+        assert {s.prompt for s in read_samples(db, info.id, 3)} == {"\ufffd"}
+    finally:
+        db.dispose()
+    assert _stored(db_url, "hostile", "b-next")[0]["step"].tolist() == [0, 1, 2]

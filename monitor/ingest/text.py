@@ -52,11 +52,13 @@ def clean_optional(s: Any) -> str | None:
 def clean_strings(items: Sequence[Any]) -> list[str]:
     """A list of clean strings (token strings): one check over all of them in the usual case
     where none needs cleaning."""
-    strs = [t if type(t) is str else str(t) for t in items]
-    joined = "".join(strs)
+    try:
+        joined = "".join(items)
+    except TypeError:  # not all strings
+        return [clean_text(t if type(t) is str else str(t)) for t in items]
     if "\x00" not in joined and (joined.isascii() or _encodable(joined)):
-        return strs
-    return [clean_text(t) for t in strs]
+        return items if type(items) is list else list(items)
+    return [clean_text(t) for t in items]
 
 
 def clean_json(value: Any) -> Any:
