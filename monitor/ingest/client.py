@@ -388,13 +388,16 @@ class Run:
         done = self._writer.stop(self.exit_timeout if timeout is None else timeout)
         _LIVE_RUNS.discard(self)
         if not done:
+            snap = self._stats.snapshot()
             log.warning(
-                "klmon: run %s/%s: not everything reached the database %s; it is kept in %s "
-                "(run `klmon sync` to replay it)",
+                "klmon: run %s/%s: not everything reached the database %s; what was spooled "
+                "is kept in %s (run `klmon sync` to replay it); dropped: %d, dead letters: %d",
                 self.project,
                 self.name,
                 self._writer.db.safe_url,
                 self.spool_dir,
+                snap["dropped"],
+                snap["dead_letter"],
             )
         return done
 
