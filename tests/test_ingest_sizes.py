@@ -203,3 +203,24 @@ def test_a_spool_disk_that_fills_up_mid_run_and_is_freed(db_url: str, tmp_path) 
         assert run.finish(timeout=30)
     assert _stored(db_url, "fills") == list(range(30))
     assert run.stats["dropped"] == 0 and run.stats["corrupt"] == 0
+
+
+def test_the_committer_skips_a_damaged_record_larger_than_its_window(tmp_path) -> None:
+    """A record the reader refuses (damaged length) at the committer's place: it is skipped
+    and counted, the reading goes on (it used to read the same bytes forever)."""
+    from monitor.ingest.spool import FILE_MAGIC, RECORD_MAGIC, encode_record
+
+    run = monitor.init("sizes", "window", db=f"sqlite:///{tmp_path}/no/x.db", spool_dir=tmp_path)
+    writer = run._writer
+    writer.cfg.max_batch_bytes = 64
+    good = encode_record({"type": "metrics", "step": 1, "metrics": [["m", 1.0]], "t": 0.0})
+    bogus = RECORD_MAGIC + (2**31).to_bytes(4, "little") + b"\0" * 200
+    path = tmp_path / "damaged.bin"
+    path.write_bytes(FILE_MAGIC + bogus + good)
+    off, size = len(FILE_MAGIC), path.stat().st_size
+    records, pos = writer._read_batch(path, off, size)
+    assert pos > off and records == []
+    assert run.stats["corrupt"] == 1
+    records, pos = writer._read_batch(path, pos, size)
+    assert [r["step"] for r in records] == [1] and pos == size
+    run.finish(timeout=0.1)
