@@ -223,6 +223,7 @@ ATTACKS: dict[str, Callable[[str, Path], str]] = {
     "(1024, 32768) float32 step": huge,
     "sync: surrogate in a spool file": sync_surrogate,
     "spool on a full disk, DB up": full_disk,
+    "spool on a full disk, DB up, 3000 back-to-back": lambda u, s: full_disk(u, s, 3000),
     "spool on a full disk, DB down": full_disk_db_down,
 }
 

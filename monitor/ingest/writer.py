@@ -68,10 +68,6 @@ SPILL_MAX_BYTES = 64 * 1024 * 1024
 """A step whose arrays exceed this is never spilled raw to the spool (the record would be too
 big to read back cheaply): when the queue is full it is summarised on the caller's thread."""
 
-DIRECT_MAX = 256
-"""Records held in memory for a direct database write while the spool cannot be written
-(disk full, read-only); past this, and while the database is down, steps are dropped and
-counted in ``run.stats['dropped']``."""
 
 STATS_KEYS = (
     "logged",  # log_step / log_metrics calls accepted (rejected steps included)
@@ -409,6 +405,20 @@ def _smaller(
     return smaller
 
 
+def _record_bytes(record: Mapping[str, Any]) -> int:
+    """About how much memory a summary record holds (its samples' arrays and strings)."""
+    n = 1024
+    for sample in record.get("samples") or ():
+        for v in sample.values():
+            if isinstance(v, np.ndarray):
+                n += v.nbytes
+            elif isinstance(v, str):
+                n += len(v)
+            elif isinstance(v, list):
+                n += sum(len(t) + 50 for t in v if isinstance(t, str))
+    return n
+
+
 def _item_bytes(item: StepItem | ControlItem) -> int:
     if not isinstance(item, StepItem):
         return 0
@@ -676,7 +686,8 @@ class BackgroundWriter:
         self._acked_steps = 0
         self._committed_steps = 0
         # Records the spool could not take (disk full): written straight to the database.
-        self._direct: collections.deque[dict[str, Any]] = collections.deque()
+        self._direct: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
+        self._direct_bytes = 0
         self._spool_error: str | None = None
         self._warned_drop = False
         self._dead = DeadLetterFile(spool.directory / f"{spool.stem}{DEAD_SUFFIX}")
@@ -794,8 +805,9 @@ class BackgroundWriter:
 
     def _spool_failed(self, record: dict[str, Any], exc: OSError) -> None:
         """The spool cannot take a record (disk full, read-only, closed): hold it in memory
-        for a direct database write (bounded by DIRECT_MAX); past that it is dropped and
-        counted. Warned once with the reason; drops once more with their count."""
+        for a direct database write, within ``queue_bytes``; past that (the database is down
+        or slower than the loop) it is dropped and counted. Warned once with the reason;
+        drops once more with their count."""
         is_step = record.get("type") in ("step", "raw")
         if self._spool_error is None:
             log.warning(
@@ -808,10 +820,12 @@ class BackgroundWriter:
         self._spool_error = str(exc)
         if record.get("type") == "raw":
             record = summarize_item(item_from_raw(record), self.header, self.cfg)
+        size = _record_bytes(record)
         with self._cond:
-            keep = len(self._direct) < DIRECT_MAX
+            keep = not self._direct or self._direct_bytes + size <= self.cfg.queue_bytes
             if keep:
-                self._direct.append(record)
+                self._direct.append((record, size))
+                self._direct_bytes += size
             self._acked += 1
             self._acked_steps += is_step and keep
             self._cond.notify_all()
@@ -950,7 +964,7 @@ class BackgroundWriter:
     def _commit_direct(self) -> None:
         """Write the records the spool could not take, straight from memory."""
         with self._cond:
-            records = list(self._direct)
+            records = [r for r, _ in self._direct]
         if not records:
             return
         assert self.run_id is not None
@@ -959,7 +973,7 @@ class BackgroundWriter:
         self._count(result, steps, replayed=False)
         with self._cond:
             for _ in records:
-                self._direct.popleft()
+                self._direct_bytes -= self._direct.popleft()[1]
             self._committed_steps += steps
             self._cond.notify_all()
 
@@ -1090,8 +1104,9 @@ class BackgroundWriter:
             self._cond.notify_all()
         self._committer.join(0.5 if done else 0.05)
         with self._cond:  # held in memory only (the spool failed): lost now
-            lost = sum(1 for r in self._direct if r.get("type") in ("step", "raw"))
+            lost = sum(1 for r, _ in self._direct if r.get("type") in ("step", "raw"))
             self._direct.clear()
+            self._direct_bytes = 0
         if lost:
             self._drop(lost)
         with contextlib.suppress(OSError):
