@@ -177,6 +177,14 @@ def test_a_record_the_database_refuses_is_dead_lettered_and_the_rest_written(
     assert [(e["record"]["step"], e["run"]["name"]) for e in entries] == [(3, "refused")]
     assert "refused by a trigger" in entries[0]["reason"]
 
+    from click.testing import CliRunner
+
+    from monitor.cli import main
+
+    out = CliRunner().invoke(main, ["sync", "--spool-dir", str(spool), "--db", db_url])
+    assert out.exit_code == 0, out.output
+    assert f"{dead.name}: 1 records the database refused" in out.output, out.output
+
 
 # --- property: any strings, names and values ---------------------------------------------------
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 from monitor.cli.common import db_option, open_db
-from monitor.ingest.spool import ENV_SPOOL_DIR, spool_dir
+from monitor.ingest.spool import (
+    ENV_SPOOL_DIR,
+    SpoolRecord,
+    dead_letter_files,
+    iter_records,
+    spool_dir,
+)
 from monitor.ingest.sync import sync_spool
 
 
@@ -34,6 +40,9 @@ def sync_cmd(directory: str | None, db: str | None, keep: bool, dry_run: bool) -
     """
     where = spool_dir(directory)
     reports = sync_spool(open_db(db), where, keep=keep, dry_run=dry_run)
+    for path in dead_letter_files(where):
+        n = sum(1 for r in iter_records(path) if isinstance(r, SpoolRecord))
+        click.echo(f"{path.name}: {n} records the database refused, kept for inspection")
     if not reports:
         click.echo(f"{where}: no spool files")
         return

@@ -484,6 +484,14 @@ def spool_files(directory: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.name.endswith(SUFFIX) and p.is_file())
 
 
+def dead_letter_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The dead-letter files (records a database refused) in a spool directory."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.name.endswith(DEAD_SUFFIX) and p.is_file())
+
+
 class FileLock:
     """A non-blocking exclusive flock on a spool file: held means its writer is alive."""
 
