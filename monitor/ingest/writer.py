@@ -809,7 +809,9 @@ class BackgroundWriter:
         or slower than the loop) it is dropped and counted. Warned once with the reason;
         drops once more with their count."""
         is_step = record.get("type") in ("step", "raw")
-        if self._spool_error is None:
+        with self._cond:  # the caller's thread (a spill) and the processor both come here
+            first, self._spool_error = self._spool_error is None, str(exc)
+        if first:
             log.warning(
                 "klmon: cannot write the spool %s (%s): steps go straight to the database "
                 "while it is up (no crash protection meanwhile); steps it cannot take are "
@@ -817,7 +819,6 @@ class BackgroundWriter:
                 self.spool.directory,
                 exc,
             )
-        self._spool_error = str(exc)
         if record.get("type") == "raw":
             record = summarize_item(item_from_raw(record), self.header, self.cfg)
         size = _record_bytes(record)
@@ -833,9 +834,12 @@ class BackgroundWriter:
             self._drop(1)
 
     def _drop(self, n: int) -> None:
+        if not n:
+            return
         self.stats.add("dropped", n)
-        if not self._warned_drop:
-            self._warned_drop = True
+        with self._cond:
+            first, self._warned_drop = not self._warned_drop, True
+        if first:
             log.warning(
                 "klmon: %d step(s) dropped so far: the spool cannot be written (%s) and the "
                 "database %s does not take them; run.stats['dropped'] counts them",
