@@ -503,9 +503,10 @@ def _float_copy(value: Any, name: str) -> np.ndarray:
 
 def _check_size(shape: Any, name: str) -> None:
     """Refuse a step above STEP_VALUES_MAX values per array, before copying it."""
-    if shape is None:
+    try:
+        n = math.prod(int(d) for d in shape)
+    except (TypeError, ValueError):  # no shape (a list), or not one we can read
         return
-    n = math.prod(int(d) for d in shape)
     if n > STEP_VALUES_MAX:
         raise InvalidInput(
             f"{name} has {n} values (shape {tuple(shape)}): a step takes at most "
@@ -639,6 +640,7 @@ def _build_item(
             _check_logprobs(ref, "ref_logprobs", m)
     else:
         if mask is not None:
+            _check_size(getattr(mask, "shape", None), "mask")
             raw = _to_array(mask, "mask")
             m = _bool_mask(raw.reshape(1, -1) if raw.ndim == 1 else raw, "mask")
             if m.ndim != 2:
