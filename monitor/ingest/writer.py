@@ -917,11 +917,14 @@ class BackgroundWriter:
             with self._cond:
                 waiting = self._acked_steps - self._committed_steps
             self.stats.add("spooled", waiting)
+            if self._spool_error is None:
+                where = f"in the spool {self.spool.directory}"
+            else:
+                where = "in memory, up to queue_bytes (the spool cannot be written)"
             log.warning(
-                "klmon: database write failed (%s); steps wait in the spool %s and are "
-                "replayed when it is back",
+                "klmon: database write failed (%s); steps wait %s and are written when it is back",
                 msg,
-                self.spool.directory,
+                where,
             )
         elif isinstance(exc, SchemaOutOfDate) and self.last_error != msg:
             log.error("klmon: %s", msg)
