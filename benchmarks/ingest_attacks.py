@@ -140,13 +140,13 @@ def huge(url: str, spool: Path) -> str:
 def tmpfs(size: str) -> Iterator[Path | None]:
     d = Path(tempfile.mkdtemp(prefix="klmon-full-"))
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=False)
-    if r.returncode:
-        yield None
-        return
     try:
-        yield d
+        yield None if r.returncode else d
     finally:
-        subprocess.run(["umount", str(d)], check=False)
+        if not r.returncode:
+            subprocess.run(["umount", str(d)], check=False)
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def full_disk(url: str, _spool: Path, n: int = 100) -> str:
