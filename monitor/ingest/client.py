@@ -50,7 +50,15 @@ from monitor.config import db_url
 from monitor.divergence import LOGPROB_TOLERANCE
 from monitor.errors import ConfigError, InvalidInput
 from monitor.ingest.spool import ENV_SPOOL_DIR, SpoolWriter, spool_dir
+from monitor.ingest.text import (
+    PROJECT_MAX,
+    RUN_NAME_MAX,
+    check_metric_name,
+    check_name,
+    clean_json,
+)
 from monitor.ingest.writer import (
+    STEP_VALUES_MAX,
     BackgroundWriter,
     ControlItem,
     Stats,
@@ -58,7 +66,7 @@ from monitor.ingest.writer import (
     WriterConfig,
 )
 from monitor.store.database import Database
-from monitor.store.models import METRIC_NAME_MAX, STEP_MAX, STEP_QUANTITIES
+from monitor.store.models import STEP_MAX, STEP_QUANTITIES
 
 __all__ = ["Run", "init"]
 
@@ -152,10 +160,8 @@ class Run:
         fsync_interval: float | None = 1.0,
         exit_timeout: float | None = None,
     ) -> None:
-        if not isinstance(project, str) or not project.strip():
-            raise InvalidInput("project must be a non-empty string")
-        if not isinstance(name, str) or not name.strip():
-            raise InvalidInput("name must be a non-empty string")
+        project = check_name(project, "project", PROJECT_MAX)
+        name = check_name(name, "name", RUN_NAME_MAX)
         world_size = _int_arg(world_size, "world_size")
         rank = _int_arg(rank, "rank")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -172,9 +178,10 @@ class Run:
         self.rank = rank
         self.world_size = world_size
         self.on_invalid = on_invalid
-        self.config = dict(config or {})
+        self.config = clean_json(dict(config or {}))
+        tags = clean_json(list(tags or []))
         _json_arg(self.config, "config")
-        _json_arg(list(tags or []), "tags")
+        _json_arg(tags, "tags")
         if exit_timeout is None:
             exit_timeout = float(os.environ.get(ENV_EXIT_TIMEOUT, "5"))
         self.exit_timeout = exit_timeout
@@ -240,8 +247,10 @@ class Run:
     @property
     def stats(self) -> dict[str, int]:
         """Counters: logged, acknowledged, written, spooled, replayed, duplicates, conflicts,
-        rejected, out_of_order, spilled, db_errors, corrupt; plus ``pending`` (logged steps not
-        yet acknowledged) and ``unwritten`` (1 while acknowledged records await the database)."""
+        rejected, out_of_order, spilled, db_errors, corrupt, dropped (the spool failed and the
+        database did not take them), dead_letter (refused by the database, kept in the
+        dead-letter file); plus ``pending`` (logged steps not yet acknowledged) and
+        ``unwritten`` (1 while acknowledged records await the database)."""
         snap = self._stats.snapshot()
         pending, unwritten = self._writer.pending()
         snap["pending"] = pending
@@ -349,14 +358,15 @@ class Run:
                     "type": "metrics",
                     "step": step,
                     "t": time.time(),
-                    "metrics": [[n, _metric_value(v)] for n, v in checked.items()],
+                    "metrics": [[n, v] for n, v in checked.items()],
                 }
             )
         )
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every logged step is in the database (True), or ``timeout`` seconds
-        (False; what is not written is safe in the spool and will follow)."""
+        (False; what is not written is safe in the spool and will follow). Also False once a
+        step was dropped or dead-lettered (``stats['dropped']``, ``stats['dead_letter']``)."""
         return self._writer.wait(timeout)
 
     def finish(self, status: str = "finished", timeout: float | None = None) -> bool:
@@ -378,13 +388,16 @@ class Run:
         done = self._writer.stop(self.exit_timeout if timeout is None else timeout)
         _LIVE_RUNS.discard(self)
         if not done:
+            snap = self._stats.snapshot()
             log.warning(
-                "klmon: run %s/%s: not everything reached the database %s; it is kept in %s "
-                "(run `klmon sync` to replay it)",
+                "klmon: run %s/%s: not everything reached the database %s; what was spooled "
+                "is kept in %s (run `klmon sync` to replay it); dropped: %d, dead letters: %d",
                 self.project,
                 self.name,
                 self._writer.db.safe_url,
                 self.spool_dir,
+                snap["dropped"],
+                snap["dead_letter"],
             )
         return done
 
@@ -476,7 +489,9 @@ def _to_array(value: Any, name: str) -> np.ndarray:
 def _float_copy(value: Any, name: str) -> np.ndarray:
     """A private 2-D float copy: float16/32/64 kept, integers widened to float64, a single
     1-D sequence taken as a batch of one."""
+    _check_size(getattr(value, "shape", None), name)
     arr = _to_array(value, name)
+    _check_size(arr.shape, name)
     if arr.dtype.kind in "iu":
         arr = arr.astype(np.float64)
     elif arr.dtype.kind != "f":
@@ -484,6 +499,19 @@ def _float_copy(value: Any, name: str) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
     return arr
+
+
+def _check_size(shape: Any, name: str) -> None:
+    """Refuse a step above STEP_VALUES_MAX values per array, before copying it."""
+    try:
+        n = math.prod(int(d) for d in shape)
+    except (TypeError, ValueError):  # no shape (a list), or not one we can read
+        return
+    if n > STEP_VALUES_MAX:
+        raise InvalidInput(
+            f"{name} has {n} values (shape {tuple(shape)}): a step takes at most "
+            f"{STEP_VALUES_MAX} per rank; log fewer sequences per call or per rank"
+        )
 
 
 def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -499,6 +527,7 @@ def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, n
                 "each must be 1-D and of the same length"
             )
     width = max((len(a) for a in lps), default=0)
+    _check_size((len(lps), width), "policy_logprobs")
     out_lp = np.zeros((len(lps), width))
     out_ref = np.zeros((len(lps), width))
     out_mask = np.zeros((len(lps), width), dtype=bool)
@@ -611,6 +640,7 @@ def _build_item(
             _check_logprobs(ref, "ref_logprobs", m)
     else:
         if mask is not None:
+            _check_size(getattr(mask, "shape", None), "mask")
             raw = _to_array(mask, "mask")
             m = _bool_mask(raw.reshape(1, -1) if raw.ndim == 1 else raw, "mask")
             if m.ndim != 2:
@@ -708,30 +738,31 @@ def _checked_metrics(metrics: Mapping[str, Any], *, lenient: bool = False) -> di
         raise InvalidInput(f"metrics must be a mapping of name to number, got {type(metrics)}")
     out: dict[str, Any] = {}
     for k, v in metrics.items():
-        if not isinstance(k, str) or not k or len(k) > METRIC_NAME_MAX:
+        try:
+            name = check_metric_name(k)
+            value = _metric_value(v, name)
+        except InvalidInput:
             if lenient:
                 continue
-            raise InvalidInput(
-                f"metric name {k!r} must be a non-empty string of at most "
-                f"{METRIC_NAME_MAX} characters"
-            )
-        ok = (
-            (isinstance(v, numbers.Real) and not isinstance(v, bool))
-            or (hasattr(v, "item") and getattr(v, "ndim", 0) == 0)
-            or v is None
-        )
-        if not ok:
-            if lenient:
-                continue
-            raise InvalidInput(f"metrics[{k!r}] must be a number (got {type(v).__name__})")
-        out[k] = v
+            raise
+        out[name] = value
     return out
 
 
-def _metric_value(v: Any) -> float | None:
+def _metric_value(v: Any, name: str) -> float | None:
+    """The float stored for a metric: None for NaN/inf; InvalidInput for a non-number or an
+    integer beyond the float range (10**400)."""
     if v is None:
         return None
-    x = float(v.item() if hasattr(v, "item") else v)
+    ok = (isinstance(v, numbers.Real) and not isinstance(v, bool)) or (
+        hasattr(v, "item") and getattr(v, "ndim", 0) == 0
+    )
+    if not ok:
+        raise InvalidInput(f"metrics[{name!r}] must be a number (got {type(v).__name__})")
+    try:
+        x = float(v.item() if hasattr(v, "item") else v)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"metrics[{name!r}] is not storable as a float: {exc}") from None
     return x if math.isfinite(x) else None
 
 
