@@ -744,10 +744,12 @@ class BackgroundWriter:
             self._maybe_mark_commit(seg, new_off, steps)
 
     def db_check(self) -> None:
-        from monitor.store.schema import check_schema
+        # An empty database gets the schema; an older one is an error naming `klmon db
+        # upgrade` while the steps wait in the spool.
+        from monitor.store.schema import ensure_schema
 
         with self.db.translate_errors():
-            check_schema(self.db.engine)
+            ensure_schema(self.db.engine)
 
     def _mark_running(self) -> None:
         assert self.run_id is not None
