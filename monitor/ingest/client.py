@@ -49,6 +49,7 @@ import numpy as np
 from monitor.config import db_url
 from monitor.divergence import LOGPROB_TOLERANCE
 from monitor.errors import ConfigError, InvalidInput
+from monitor.ingest.accumulate import OpenStep
 from monitor.ingest.spool import ENV_SPOOL_DIR, SpoolWriter, spool_dir
 from monitor.ingest.writer import (
     BackgroundWriter,
@@ -187,6 +188,7 @@ class Run:
         self._finished = False
         self._forked = False
         self._finish_lock = threading.Lock()
+        self._open: OpenStep | None = None  # the step add_to_step is building
 
         # The engine is made now (a bad URL is the caller's bug and raises ConfigError here);
         # connecting, the schema check and creating the run happen on the writer's thread.
@@ -291,6 +293,8 @@ class Run:
             )
         wall = time.time()
         step = _step_arg(step)
+        if self._open is not None:
+            self.close_step()
         try:
             item = _build_item(
                 step,
@@ -334,6 +338,77 @@ class Run:
         self._stats.add("logged")
         self._writer.submit(item)
 
+    def add_to_step(
+        self,
+        step: int,
+        *,
+        policy_logprobs: Any,
+        ref_logprobs: Any,
+        mask: Any = None,
+        rewards: Any = None,
+        kl_coef: float | None = None,
+        texts: tuple[Sequence[Any], Sequence[Any]] | None = None,
+        tokens: Sequence[Sequence[Any]] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        rollout_logprobs: Any = None,
+        entropies: Any = None,
+    ) -> None:
+        """Add rows to ``step`` when its tokens arrive in several calls (micro-batches of
+        different widths, gradient-accumulation passes). Same arguments as :meth:`log_step`.
+
+        The step is closed by :meth:`close_step`, by a call for a later step (``add_to_step``
+        or ``log_step``), or by ``flush``/``finish``; it is then summarised exactly as if one
+        ``log_step`` call had carried all its rows. Each part is checked and copied here: a
+        bad part raises (or, with ``on_invalid='log'``, is left out of the step and counted
+        in the metric ``klmon/rejected_parts``). A part whose responses are all empty is
+        fine; a step whose responses are all empty is stored as rejected. Metrics of the
+        parts are merged by name, a later part's value replacing an earlier one's.
+        """
+        if self._finished:
+            raise InvalidInput(f"run {self.project}/{self.name} is finished: add_to_step")
+        step = _step_arg(step)
+        if self._open is not None and self._open.step != step:
+            self.close_step()
+        if self._open is None:
+            self._open = OpenStep(step)
+        try:
+            item = _build_item(
+                step,
+                time.time(),
+                policy_logprobs,
+                ref_logprobs,
+                mask,
+                rewards,
+                kl_coef,
+                texts,
+                tokens,
+                metrics,
+                rollout_logprobs,
+                entropies,
+                check_values=self.validate == "full",
+                allow_all_empty=True,
+            )
+            self._open.add(item)
+        except InvalidInput as exc:
+            if self.on_invalid == "raise":
+                raise
+            self._open.refused.append(str(exc))
+            log.warning("klmon: a part of step %d left out: %s", step, exc)
+
+    def close_step(self) -> None:
+        """Summarise and submit the step :meth:`add_to_step` is building (no-op if none)."""
+        open_step, self._open = self._open, None
+        if open_step is None:
+            return
+        item = open_step.merged(EMPTY_RESPONSES_METRIC)
+        if item.rejected is not None:
+            if not item.wall_time:
+                item.wall_time = time.time()
+            log.warning("klmon: step %d rejected: %s", item.step, item.rejected)
+        self._note_order(item.step)
+        self._stats.add("logged")
+        self._writer.submit(item)
+
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Extra named scalars at a step, without log-probs (e.g. a trainer's eval metrics)."""
         if self._finished:
@@ -356,7 +431,10 @@ class Run:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every logged step is in the database (True), or ``timeout`` seconds
-        (False; what is not written is safe in the spool and will follow)."""
+        (False; what is not written is safe in the spool and will follow). A step being
+        built with :meth:`add_to_step` is closed first."""
+        if self._open is not None and not self._finished:
+            self.close_step()
         return self._writer.wait(timeout)
 
     def finish(self, status: str = "finished", timeout: float | None = None) -> bool:
@@ -370,6 +448,8 @@ class Run:
                 return False
             if self._finished:
                 return self._writer.committed_everything()
+            if self._open is not None:
+                self.close_step()
             self._finished = True
         self.status = status
         # Rank 0 speaks for the run; any rank may report that it crashed.
@@ -550,10 +630,11 @@ def _is_ragged(x: Any) -> bool:
 EMPTY_RESPONSES_METRIC = "klmon/empty_responses"
 
 
-def _count_empty_rows(m: np.ndarray) -> int:
-    """Number of sequences without a response token; InvalidInput when that is all of them."""
+def _count_empty_rows(m: np.ndarray, allow_all: bool = False) -> int:
+    """Number of sequences without a response token; InvalidInput when that is all of them
+    (unless ``allow_all``: one part of a step built from several calls may be all empty)."""
     n_empty = int(m.shape[0] - np.count_nonzero(m.any(axis=1)))
-    if n_empty and n_empty == m.shape[0]:
+    if n_empty and n_empty == m.shape[0] and not allow_all:
         raise InvalidInput(
             f"every one of the {n_empty} sequences has an empty response (each mask row is all "
             "zero): the step has no KL to record"
@@ -600,12 +681,13 @@ def _build_item(
     entropies: Any,
     *,
     check_values: bool = True,
+    allow_all_empty: bool = False,
 ) -> StepItem:
     m: np.ndarray | None = None
     n_empty = 0
     if _is_ragged(policy_logprobs):
         lp, ref, m = _pad_ragged(policy_logprobs, ref_logprobs, mask)
-        n_empty = _count_empty_rows(m)
+        n_empty = _count_empty_rows(m, allow_all_empty)
         if check_values:
             _check_logprobs(lp, "policy_logprobs", m)
             _check_logprobs(ref, "ref_logprobs", m)
@@ -615,7 +697,7 @@ def _build_item(
             m = _bool_mask(raw.reshape(1, -1) if raw.ndim == 1 else raw, "mask")
             if m.ndim != 2:
                 raise InvalidInput(f"mask must be 2-D (batch, tokens), got shape {m.shape}")
-            n_empty = _count_empty_rows(m)
+            n_empty = _count_empty_rows(m, allow_all_empty)
         # Copy, then check each array while the copy is still in cache.
         lp = _float_copy(policy_logprobs, "policy_logprobs")
         if lp.ndim != 2:
