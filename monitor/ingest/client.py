@@ -57,6 +57,7 @@ from monitor.ingest.writer import (
     Stats,
     StepItem,
     WriterConfig,
+    scalar_step_record,
 )
 from monitor.store.database import Database
 from monitor.store.models import METRIC_NAME_MAX, STEP_MAX, STEP_QUANTITIES
@@ -401,13 +402,36 @@ class Run:
         if open_step is None:
             return
         item = open_step.merged(EMPTY_RESPONSES_METRIC)
-        if item.rejected is not None:
-            if not item.wall_time:
-                item.wall_time = time.time()
+        if item.rejected is not None and item.policy_logprobs is None:
+            item.wall_time = time.time()  # no part was usable (the writer logs the others)
             log.warning("klmon: step %d rejected: %s", item.step, item.rejected)
         self._note_order(item.step)
         self._stats.add("logged")
         self._writer.submit(item)
+
+    def log_quantities(
+        self,
+        step: int,
+        quantities: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A step whose klmon columns come from a trainer's own scalars (TRL's logged ``kl``
+        as ``k3``, ``reward`` as ``reward_mean``...), for a run that has no per-token
+        log-probs: it then has a current KL, charts and alerts. Unknown column names raise
+        InvalidInput; non-finite values are stored as missing. Rank 0 only (others: no-op).
+        """
+        if self._finished:
+            raise InvalidInput("log_quantities after finish")
+        step = _step_arg(step)
+        unknown = sorted(set(quantities) - set(STEP_QUANTITIES))
+        if unknown:
+            raise InvalidInput(f"log_quantities: {unknown} are not klmon step quantities")
+        checked = _checked_metrics(metrics) if metrics else {}
+        if self.rank != 0:
+            return
+        self._note_order(step)
+        self._stats.add("logged")
+        self._writer.submit(scalar_step_record(step, time.time(), quantities, checked))
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Extra named scalars at a step, without log-probs (e.g. a trainer's eval metrics)."""

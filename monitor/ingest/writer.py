@@ -860,6 +860,35 @@ class BackgroundWriter:
         return done
 
 
+def scalar_step_record(
+    step: int, wall: float, quantities: Mapping[str, Any], metrics: Mapping[str, Any]
+) -> ControlItem:
+    """A step record whose columns are given (a trainer's scalars), without a summary."""
+    record: dict[str, Any] = {
+        "type": "step",
+        "step": step,
+        "rank": 0,
+        "t": wall,
+        "status": "ok",
+        "metrics": _metric_list(metrics),
+        "q": [_finite_or_none(_as_float(quantities.get(c))) for c in STEP_QUANTITIES],
+        "partials": None,
+        "hist": None,
+        "samples": [],
+    }
+    record["hash"] = _payload_hash(record)
+    return ControlItem(record)
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return None
+
+
 def no_summary_record(kind: str, **fields: Any) -> ControlItem:
     return ControlItem({"type": kind, **fields})
 
