@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import InvalidInput
+from monitor.ingest.tensors import resolve_arrays
 from monitor.ingest.writer import StepItem
 
 #: Extra metric: parts of a step left out because they were invalid (``on_invalid="log"``).
@@ -46,6 +47,7 @@ class OpenStep:
                     f"step {self.step}: rollout_logprobs/entropies given for some of its parts "
                     "and not others"
                 )
+        resolve_arrays(item)  # parts are concatenated at close: their values are needed
         self.parts.append(item)
 
     def merged(self, empty_metric: str) -> StepItem:

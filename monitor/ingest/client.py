@@ -51,6 +51,7 @@ from monitor.divergence import LOGPROB_TOLERANCE
 from monitor.errors import ConfigError, InvalidInput
 from monitor.ingest.accumulate import OpenStep
 from monitor.ingest.spool import ENV_SPOOL_DIR, SpoolWriter, spool_dir
+from monitor.ingest.tensors import Deferred, host_copy, is_tensor, now
 from monitor.ingest.writer import (
     BackgroundWriter,
     ControlItem,
@@ -551,13 +552,17 @@ def _int_arg(value: Any, name: str) -> int:
 
 
 def _to_array(value: Any, name: str) -> np.ndarray:
-    """A private numpy copy of an array-like (numpy, torch on any device, nested lists)."""
+    """A private numpy copy of an array-like (numpy, torch on any device, nested lists). A
+    torch tensor may come back as a Deferred copy (bfloat16, a device tensor): see
+    ``monitor.ingest.tensors``; its values are then checked in the background."""
     if value is None:
         raise InvalidInput(f"{name} is required")
     if isinstance(value, np.ndarray):
         return np.array(value, copy=True)
+    if is_tensor(value):
+        return host_copy(value)  # type: ignore[return-value]
     copied = False
-    if hasattr(value, "detach"):  # torch (duck-typed: no torch import)
+    if hasattr(value, "detach"):  # tensor-like but not torch's own class (duck-typed)
         value = value.detach()
         device = getattr(value, "device", None)
         if device is not None and getattr(device, "type", "cpu") != "cpu":
@@ -582,7 +587,7 @@ def _float_copy(value: Any, name: str) -> np.ndarray:
     1-D sequence taken as a batch of one."""
     arr = _to_array(value, name)
     if arr.dtype.kind in "iu":
-        arr = arr.astype(np.float64)
+        arr = now(arr).astype(np.float64)
     elif arr.dtype.kind != "f":
         raise InvalidInput(f"{name} has dtype {arr.dtype}: expected real numbers (log-probs)")
     if arr.ndim == 1:
@@ -611,7 +616,7 @@ def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, n
         out_ref[i, : len(a)] = b
         out_mask[i, : len(a)] = True
     if mask is not None:
-        ms = [np.asarray(_to_array(x, f"mask[{i}]")) for i, x in enumerate(mask)]
+        ms = [np.asarray(now(_to_array(x, f"mask[{i}]"))) for i, x in enumerate(mask)]
         if len(ms) != len(lps) or any(m.shape != a.shape for m, a in zip(ms, lps, strict=False)):
             raise InvalidInput("mask must be a list of sequences matching policy_logprobs")
         for i, m in enumerate(ms):
@@ -621,7 +626,7 @@ def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, n
 
 def _seq(x: Any, name: str) -> np.ndarray:
     try:
-        return np.asarray(_to_array(x, name), dtype=np.float64)
+        return np.asarray(now(_to_array(x, name)), dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{name} is not a sequence of numbers: {exc}") from None
 
@@ -667,6 +672,8 @@ def _count_empty_rows(m: np.ndarray, allow_all: bool = False) -> int:
 
 
 def _check_logprobs(arr: np.ndarray, name: str, mask: np.ndarray | None) -> None:
+    if isinstance(arr, Deferred) or isinstance(mask, Deferred):
+        return  # values not on the host yet: checked in the background
     hi = arr.max()
     lo = arr.min()
     if np.isfinite(lo) and hi <= LOGPROB_TOLERANCE:
@@ -718,10 +725,14 @@ def _build_item(
     else:
         if mask is not None:
             raw = _to_array(mask, "mask")
-            m = _bool_mask(raw.reshape(1, -1) if raw.ndim == 1 else raw, "mask")
+            if isinstance(raw, Deferred) and raw.dtype != np.bool_:
+                raw = raw.resolve()
+            raw = raw.reshape(1, -1) if raw.ndim == 1 else raw
+            m = raw if isinstance(raw, Deferred) else _bool_mask(raw, "mask")
             if m.ndim != 2:
                 raise InvalidInput(f"mask must be 2-D (batch, tokens), got shape {m.shape}")
-            n_empty = _count_empty_rows(m, allow_all_empty)
+            if not isinstance(m, Deferred):  # a device mask: empty rows found in the background
+                n_empty = _count_empty_rows(m, allow_all_empty)
         # Copy, then check each array while the copy is still in cache.
         lp = _float_copy(policy_logprobs, "policy_logprobs")
         if lp.ndim != 2:
@@ -743,7 +754,7 @@ def _build_item(
     b = lp.shape[0]
     r = None
     if rewards is not None:
-        r = _to_array(rewards, "rewards").astype(np.float64, copy=False).reshape(-1)
+        r = now(_to_array(rewards, "rewards")).astype(np.float64, copy=False).reshape(-1)
         if r.shape != (b,):
             raise InvalidInput(f"rewards has {r.size} values for a batch of {b} sequences")
         if not np.isfinite(r).all():

@@ -43,6 +43,7 @@ from monitor.ingest.spool import (
     SpoolWriter,
     iter_records,
 )
+from monitor.ingest.tensors import resolve_arrays
 from monitor.store.database import Database
 from monitor.store.ingest_writes import (
     IngestResult,
@@ -161,6 +162,7 @@ def summarize_item(item: StepItem, header: Mapping[str, Any], cfg: WriterConfig)
     and a payload hash. Deterministic: the same input always gives the same record."""
     from monitor import divergence
 
+    resolve_arrays(item)  # torch copies finished here, off the caller's thread
     rank = int(header.get("rank", 0))
     world_size = int(header.get("world_size", 1))
     metrics = _metric_list(item.metrics) if rank == 0 else []
@@ -356,11 +358,12 @@ def _item_bytes(item: StepItem | ControlItem) -> int:
     if not isinstance(item, StepItem):
         return 0
     arrays = [item.policy_logprobs, item.ref_logprobs, item.mask, *(item.extra or {}).values()]
-    return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+    return sum(int(getattr(a, "nbytes", 0)) for a in arrays if a is not None)
 
 
 def raw_record(item: StepItem, rank: int) -> dict[str, Any]:
     """A step spilled by the caller: its arrays as they are (summarised later)."""
+    resolve_arrays(item)
     texts = None
     if item.texts is not None:
         prompts, responses = item.texts
