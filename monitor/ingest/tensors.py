@@ -30,12 +30,12 @@ class Deferred:
     __slots__ = ("_bits", "_event", "_host", "dtype", "nbytes", "shape")
 
     def __init__(self, host: Any, dtype: np.dtype, *, bits: bool, event: Any = None) -> None:
-        self._host = host  # a torch CPU tensor (pinned for a device copy)
-        self._bits = bits  # the host tensor holds bfloat16 bit patterns as int16
+        self._host = host  # numpy, or a torch CPU tensor (pinned) being filled by a device copy
+        self._bits = bits  # the host array holds bfloat16 bit patterns as int16
         self._event = event
         self.shape = tuple(host.shape)
         self.dtype = dtype
-        self.nbytes = int(host.numel() * host.element_size())
+        self.nbytes = int(np.prod(self.shape)) * (2 if bits else dtype.itemsize)
 
     @property
     def ndim(self) -> int:
@@ -51,7 +51,7 @@ class Deferred:
     def resolve(self) -> np.ndarray:
         if self._event is not None:
             self._event.synchronize()
-        arr = self._host.numpy()
+        arr = self._host if isinstance(self._host, np.ndarray) else self._host.numpy()
         if self._bits:  # bfloat16 is the top half of a float32
             return (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         return arr
@@ -64,8 +64,8 @@ def host_copy(value: Any) -> np.ndarray | Deferred:
     t = value.detach()
     if t.device.type != "cpu":
         return _device_copy(t, torch)
-    if t.dtype == torch.bfloat16:
-        bits = t.contiguous().view(torch.int16).clone()
+    if t.dtype == torch.bfloat16:  # numpy copies the 16-bit patterns (no torch threads)
+        bits = t.contiguous().view(torch.int16).numpy().copy()
         return Deferred(bits, np.dtype(np.float32), bits=True)
     try:
         return t.numpy().copy()
