@@ -299,50 +299,61 @@ def bench_watch(work: Path, steps: int, repeats: int) -> dict | None:
     from monitor.integrations.trl import watch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)  # a steadier figure on a shared machine
     model = build(work / "tiny")
     times: dict[str, list[float]] = {"without": [], "with": []}
-    for i in range(repeats):
-        for case in ("without", "with"):
-            args = trl.GRPOConfig(
-                output_dir=str(work / "out"),
-                per_device_train_batch_size=4,
-                gradient_accumulation_steps=2,
-                num_generations=4,
-                max_completion_length=8,
-                max_steps=steps,
-                logging_steps=1,
-                beta=0.04,
-                report_to=[],
-                use_cpu=True,
-                save_strategy="no",
-                seed=0,
-                disable_tqdm=True,
+    cpu: dict[str, list[float]] = {"without": [], "with": []}
+    plan = [("warm-up", -1)] + [(c, i) for i in range(repeats) for c in ("without", "with")]
+    for case, i in plan:
+        args = trl.GRPOConfig(
+            output_dir=str(work / "out"),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            num_generations=4,
+            max_completion_length=8,
+            max_steps=steps,
+            logging_steps=1,
+            beta=0.04,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            seed=0,
+            disable_tqdm=True,
+        )
+        trainer = trl.GRPOTrainer(
+            model=str(model),
+            args=args,
+            reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+            train_dataset=Dataset.from_dict({"prompt": sentences(64, seed=1)}),
+        )
+        if case == "with":
+            watch(
+                trainer,
+                "bench",
+                f"watch-{i}",
+                db=f"sqlite:///{work}/w{i}.db",
+                spool_dir=work / f"wsp{i}",
             )
-            trainer = trl.GRPOTrainer(
-                model=str(model),
-                args=args,
-                reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
-                train_dataset=Dataset.from_dict({"prompt": sentences(64, seed=1)}),
-            )
-            if case == "with":
-                watch(
-                    trainer,
-                    "bench",
-                    f"watch-{i}",
-                    db=f"sqlite:///{work}/w{i}.db",
-                    spool_dir=work / f"wsp{i}",
-                )
-            t0 = time.perf_counter()
-            trainer.train()
-            times[case].append((time.perf_counter() - t0) / steps)
-    without, with_ = float(np.median(times["without"])), float(np.median(times["with"]))
-    print(
-        f"  tiny GRPO step (CPU, {steps} steps x {repeats}, median): without watch "
-        f"{without * 1e3:.1f} ms, with watch {with_ * 1e3:.1f} ms, overhead "
-        f"{(with_ / without - 1) * 100:+.1f}%  (each: {times})",
-        flush=True,
-    )
-    return {"without_s": without, "with_s": with_, "all": times}
+        c0, t0 = time.process_time(), time.perf_counter()
+        trainer.train()
+        if case == "warm-up":
+            continue
+        times[case].append((time.perf_counter() - t0) / steps)
+        cpu[case].append((time.process_time() - c0) / steps)
+    out = {}
+    for label, d in (("wall", times), ("process cpu", cpu)):
+        a, b = float(np.median(d["without"])), float(np.median(d["with"]))
+        out[label] = (a, b)
+        each = ", ".join(f"{x * 1e3:.0f}/{y * 1e3:.0f}" for x, y in zip(*d.values(), strict=True))
+        print(
+            f"  tiny GRPO step {label} (CPU, {steps} steps x {repeats}, median): without watch "
+            f"{a * 1e3:.1f} ms, with {b * 1e3:.1f} ms, overhead {(b / a - 1) * 100:+.1f}% "
+            f"(runs without/with: {each} ms)",
+            flush=True,
+        )
+    return {"wall_s": out["wall"], "cpu_s": out["process cpu"], "runs": times, "cpu": cpu}
 
 
 # --- 2. throughput of the bulk path -------------------------------------------------------------
