@@ -192,7 +192,7 @@ def watch(
     args = trainer.args
     accelerator = getattr(trainer, "accelerator", None)
     config = {**_training_config(args), **dict(init_kwargs.pop("config", None) or {})}
-    beta = getattr(trainer, "beta", None)
+    beta = getattr(trainer, "beta", getattr(args, "beta", None))
     if isinstance(beta, int | float):
         config.setdefault("kl_coef", float(beta))
     init_kwargs.setdefault("on_invalid", "log")
