@@ -81,13 +81,18 @@ def test_klmon_import_creates_the_schema(empty_db_url: str, tmp_path) -> None:
     assert _steps(empty_db_url, "imp") == [0, 1, 2, 3, 4]
 
 
-def test_opening_to_serve_creates_the_schema_but_reading_commands_do_not(
-    empty_db_url: str,
+def test_serve_creates_the_schema_but_reading_commands_do_not(
+    empty_db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import dash
+
     out = CliRunner().invoke(main, ["runs", "--db", empty_db_url])
     assert out.exit_code == 1 and "klmon db upgrade" in out.output
-    db = Database.open(empty_db_url, create=True)  # what `klmon serve` opens
-    db.dispose()
+    served: list[dict] = []
+    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: served.append(kw))
+    out = CliRunner().invoke(main, ["serve", "--db", empty_db_url, "--port", "8123"])
+    assert out.exit_code == 0, out.output
+    assert served and served[0]["port"] == 8123
     out = CliRunner().invoke(main, ["runs", "--json", "--db", empty_db_url])
     assert out.exit_code == 0 and json.loads(out.output) == []
 
