@@ -52,8 +52,6 @@ MIN_TAIL_ROWS = 256
 MIN_HEAD_ROWS = 256
 #: New steps evaluated per transaction (a big import is evaluated in chunks).
 CHUNK_ROWS = 20_000
-#: Rows of the tail the clock-judged detectors (stalled) see when no step is new.
-TIME_TAIL_ROWS = 200
 #: Outbox retry schedule: 5 s, 10 s, 20 s ... capped at 5 min; give up after 60 attempts.
 RETRY_BASE_S = 5.0
 RETRY_MAX_S = 300.0
@@ -219,24 +217,13 @@ class AlertEngine:
             first = False
             transitions: list[Transition] = []
             touched: dict[int, store.EventDraft] = {}
-            if run.has_new_steps:
-                df = store.read_evaluation_window(
-                    self.db,
-                    run.id,
-                    after=run.cursor,
-                    lookback_rows=self.tail_rows,
-                    head_rows=self.head_rows,
-                    max_new_rows=self.chunk_rows,
-                )
-            elif run.max_step is not None and (
-                run.status == "running" or any(s.state != "ok" for s in states.values())
+            if run.has_new_steps or (
+                run.max_step is not None
+                and (run.status == "running" or any(s.state != "ok" for s in states.values()))
             ):
-                df = store.read_evaluation_window(
-                    self.db, run.id, after=run.cursor, lookback_rows=TIME_TAIL_ROWS
-                )
+                df = self._read_window(run)
             else:
                 df = pd.DataFrame({"step": pd.Series(dtype="int64")})
-            df = self._with_extra_metrics(run.id, df)
             steps = df["step"].to_numpy()
             new_mask = steps > run.cursor if run.cursor is not None else steps == steps
             new = df[new_mask]
@@ -280,6 +267,23 @@ class AlertEngine:
             run = _advanced(run, last_step)
             if not more:
                 break
+
+    def _read_window(self, run: store.RunToEvaluate) -> pd.DataFrame:
+        """The rows every detector judges the steps after ``run.cursor`` on: the run's head,
+        a tail before the cursor, and up to ``chunk_rows`` new steps, with their extra
+        metrics. One read for a busy run and a quiet one: steps that land between listing
+        the runs and this read are new steps too, and are judged on the same window (a
+        quiet-run read without the head once made ``reference_offset`` judge a mid-run
+        row as the run's first)."""
+        df = store.read_evaluation_window(
+            self.db,
+            run.id,
+            after=run.cursor,
+            lookback_rows=self.tail_rows,
+            head_rows=self.head_rows,
+            max_new_rows=self.chunk_rows,
+        )
+        return self._with_extra_metrics(run.id, df)
 
     def _with_extra_metrics(self, run_id: int, df: pd.DataFrame) -> pd.DataFrame:
         """Join the extra metrics detectors read (e.g. TRL's completions/clipped_ratio)."""

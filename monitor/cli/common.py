@@ -26,8 +26,9 @@ def db_option(func: F) -> F:
     )(func)
 
 
-def open_db(url: str | None, *, check: bool = True) -> Database:
-    return Database.open(db_url(url), check=check)
+def open_db(url: str | None, *, check: bool = True, create: bool = False) -> Database:
+    """The database at ``url``; ``create``: an empty one gets the schema (writing commands)."""
+    return Database.open(db_url(url), check=check, create=create)
 
 
 #: C0 and C1 control characters, DEL, Unicode line/paragraph separators, the bidi controls

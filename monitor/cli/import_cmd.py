@@ -116,7 +116,7 @@ def import_cmd(
     """
     mapping = parse_map(maps)
     config = _parse_config(config_items)
-    database = open_db(db)
+    database = open_db(db, create=True)
     bars = None if quiet else _Bars({"read": "reading", "write": "writing"})
     try:
         report = import_path(

@@ -49,7 +49,9 @@ import numpy as np
 from monitor.config import db_url
 from monitor.divergence import LOGPROB_TOLERANCE
 from monitor.errors import ConfigError, InvalidInput
+from monitor.ingest.accumulate import OpenStep
 from monitor.ingest.spool import ENV_SPOOL_DIR, SpoolWriter, spool_dir
+from monitor.ingest.tensors import Deferred, host_copy, is_tensor, now
 from monitor.ingest.text import (
     PROJECT_MAX,
     RUN_NAME_MAX,
@@ -64,6 +66,7 @@ from monitor.ingest.writer import (
     Stats,
     StepItem,
     WriterConfig,
+    scalar_step_record,
 )
 from monitor.store.database import Database
 from monitor.store.models import STEP_MAX, STEP_QUANTITIES
@@ -194,6 +197,7 @@ class Run:
         self._finished = False
         self._forked = False
         self._finish_lock = threading.Lock()
+        self._open: OpenStep | None = None  # the step add_to_step is building
 
         # The engine is made now (a bad URL is the caller's bug and raises ConfigError here);
         # connecting, the schema check and creating the run happen on the writer's thread.
@@ -300,6 +304,8 @@ class Run:
             )
         wall = time.time()
         step = _step_arg(step)
+        if self._open is not None:
+            self.close_step()
         try:
             item = _build_item(
                 step,
@@ -343,6 +349,100 @@ class Run:
         self._stats.add("logged")
         self._writer.submit(item)
 
+    def add_to_step(
+        self,
+        step: int,
+        *,
+        policy_logprobs: Any,
+        ref_logprobs: Any,
+        mask: Any = None,
+        rewards: Any = None,
+        kl_coef: float | None = None,
+        texts: tuple[Sequence[Any], Sequence[Any]] | None = None,
+        tokens: Sequence[Sequence[Any]] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        rollout_logprobs: Any = None,
+        entropies: Any = None,
+    ) -> None:
+        """Add rows to ``step`` when its tokens arrive in several calls (micro-batches of
+        different widths, gradient-accumulation passes). Same arguments as :meth:`log_step`.
+
+        The step is closed by :meth:`close_step`, by a call for a later step (``add_to_step``
+        or ``log_step``), or by ``flush``/``finish``; it is then summarised exactly as if one
+        ``log_step`` call had carried all its rows. Each part is checked and copied here: a
+        bad part raises (or, with ``on_invalid='log'``, is left out of the step and counted
+        in the metric ``klmon/rejected_parts``). A part whose responses are all empty is
+        fine; a step whose responses are all empty is stored as rejected. Metrics of the
+        parts are merged by name, a later part's value replacing an earlier one's.
+        """
+        if self._finished:
+            raise InvalidInput(f"run {self.project}/{self.name} is finished: add_to_step")
+        step = _step_arg(step)
+        if self._open is not None and self._open.step != step:
+            self.close_step()
+        if self._open is None:
+            self._open = OpenStep(step)
+        try:
+            item = _build_item(
+                step,
+                time.time(),
+                policy_logprobs,
+                ref_logprobs,
+                mask,
+                rewards,
+                kl_coef,
+                texts,
+                tokens,
+                metrics,
+                rollout_logprobs,
+                entropies,
+                check_values=self.validate == "full",
+                allow_all_empty=True,
+            )
+            self._open.add(item)
+        except InvalidInput as exc:
+            if self.on_invalid == "raise":
+                raise
+            self._open.refused.append(str(exc))
+            log.warning("klmon: a part of step %d left out: %s", step, exc)
+
+    def close_step(self) -> None:
+        """Summarise and submit the step :meth:`add_to_step` is building (no-op if none)."""
+        open_step, self._open = self._open, None
+        if open_step is None:
+            return
+        item = open_step.merged(EMPTY_RESPONSES_METRIC)
+        if item.rejected is not None and item.policy_logprobs is None:
+            item.wall_time = time.time()  # no part was usable (the writer logs the others)
+            log.warning("klmon: step %d rejected: %s", item.step, item.rejected)
+        self._note_order(item.step)
+        self._stats.add("logged")
+        self._writer.submit(item)
+
+    def log_quantities(
+        self,
+        step: int,
+        quantities: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A step whose klmon columns come from a trainer's own scalars (TRL's logged ``kl``
+        as ``k3``, ``reward`` as ``reward_mean``...), for a run that has no per-token
+        log-probs: it then has a current KL, charts and alerts. Unknown column names raise
+        InvalidInput; non-finite values are stored as missing. Rank 0 only (others: no-op).
+        """
+        if self._finished:
+            raise InvalidInput("log_quantities after finish")
+        step = _step_arg(step)
+        unknown = sorted(set(quantities) - set(STEP_QUANTITIES))
+        if unknown:
+            raise InvalidInput(f"log_quantities: {unknown} are not klmon step quantities")
+        checked = _checked_metrics(metrics) if metrics else {}
+        if self.rank != 0:
+            return
+        self._note_order(step)
+        self._stats.add("logged")
+        self._writer.submit(scalar_step_record(step, time.time(), quantities, checked))
+
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Extra named scalars at a step, without log-probs (e.g. a trainer's eval metrics)."""
         if self._finished:
@@ -366,7 +466,10 @@ class Run:
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every logged step is in the database (True), or ``timeout`` seconds
         (False; what is not written is safe in the spool and will follow). Also False once a
-        step was dropped or dead-lettered (``stats['dropped']``, ``stats['dead_letter']``)."""
+        step was dropped or dead-lettered (``stats['dropped']``, ``stats['dead_letter']``).
+        A step being built with :meth:`add_to_step` is closed first."""
+        if self._open is not None and not self._finished:
+            self.close_step()
         return self._writer.wait(timeout)
 
     def finish(self, status: str = "finished", timeout: float | None = None) -> bool:
@@ -380,6 +483,8 @@ class Run:
                 return False
             if self._finished:
                 return self._writer.committed_everything()
+            if self._open is not None:
+                self.close_step()
             self._finished = True
         self.status = status
         # Rank 0 speaks for the run; any rank may report that it crashed.
@@ -460,13 +565,17 @@ def _int_arg(value: Any, name: str) -> int:
 
 
 def _to_array(value: Any, name: str) -> np.ndarray:
-    """A private numpy copy of an array-like (numpy, torch on any device, nested lists)."""
+    """A private numpy copy of an array-like (numpy, torch on any device, nested lists). A
+    torch tensor may come back as a Deferred copy (bfloat16, a device tensor): see
+    ``monitor.ingest.tensors``; its values are then checked in the background."""
     if value is None:
         raise InvalidInput(f"{name} is required")
     if isinstance(value, np.ndarray):
         return np.array(value, copy=True)
+    if is_tensor(value):
+        return host_copy(value)  # type: ignore[return-value]
     copied = False
-    if hasattr(value, "detach"):  # torch (duck-typed: no torch import)
+    if hasattr(value, "detach"):  # tensor-like but not torch's own class (duck-typed)
         value = value.detach()
         device = getattr(value, "device", None)
         if device is not None and getattr(device, "type", "cpu") != "cpu":
@@ -493,7 +602,7 @@ def _float_copy(value: Any, name: str) -> np.ndarray:
     arr = _to_array(value, name)
     _check_size(arr.shape, name)
     if arr.dtype.kind in "iu":
-        arr = arr.astype(np.float64)
+        arr = now(arr).astype(np.float64)
     elif arr.dtype.kind != "f":
         raise InvalidInput(f"{name} has dtype {arr.dtype}: expected real numbers (log-probs)")
     if arr.ndim == 1:
@@ -536,7 +645,7 @@ def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, n
         out_ref[i, : len(a)] = b
         out_mask[i, : len(a)] = True
     if mask is not None:
-        ms = [np.asarray(_to_array(x, f"mask[{i}]")) for i, x in enumerate(mask)]
+        ms = [np.asarray(now(_to_array(x, f"mask[{i}]"))) for i, x in enumerate(mask)]
         if len(ms) != len(lps) or any(m.shape != a.shape for m, a in zip(ms, lps, strict=False)):
             raise InvalidInput("mask must be a list of sequences matching policy_logprobs")
         for i, m in enumerate(ms):
@@ -546,7 +655,7 @@ def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, n
 
 def _seq(x: Any, name: str) -> np.ndarray:
     try:
-        return np.asarray(_to_array(x, name), dtype=np.float64)
+        return np.asarray(now(_to_array(x, name)), dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{name} is not a sequence of numbers: {exc}") from None
 
@@ -579,10 +688,11 @@ def _is_ragged(x: Any) -> bool:
 EMPTY_RESPONSES_METRIC = "klmon/empty_responses"
 
 
-def _count_empty_rows(m: np.ndarray) -> int:
-    """Number of sequences without a response token; InvalidInput when that is all of them."""
+def _count_empty_rows(m: np.ndarray, allow_all: bool = False) -> int:
+    """Number of sequences without a response token; InvalidInput when that is all of them
+    (unless ``allow_all``: one part of a step built from several calls may be all empty)."""
     n_empty = int(m.shape[0] - np.count_nonzero(m.any(axis=1)))
-    if n_empty and n_empty == m.shape[0]:
+    if n_empty and n_empty == m.shape[0] and not allow_all:
         raise InvalidInput(
             f"every one of the {n_empty} sequences has an empty response (each mask row is all "
             "zero): the step has no KL to record"
@@ -591,6 +701,8 @@ def _count_empty_rows(m: np.ndarray) -> int:
 
 
 def _check_logprobs(arr: np.ndarray, name: str, mask: np.ndarray | None) -> None:
+    if isinstance(arr, Deferred) or isinstance(mask, Deferred):
+        return  # values not on the host yet: checked in the background
     hi = arr.max()
     lo = arr.min()
     if np.isfinite(lo) and hi <= LOGPROB_TOLERANCE:
@@ -629,12 +741,13 @@ def _build_item(
     entropies: Any,
     *,
     check_values: bool = True,
+    allow_all_empty: bool = False,
 ) -> StepItem:
     m: np.ndarray | None = None
     n_empty = 0
     if _is_ragged(policy_logprobs):
         lp, ref, m = _pad_ragged(policy_logprobs, ref_logprobs, mask)
-        n_empty = _count_empty_rows(m)
+        n_empty = _count_empty_rows(m, allow_all_empty)
         if check_values:
             _check_logprobs(lp, "policy_logprobs", m)
             _check_logprobs(ref, "ref_logprobs", m)
@@ -642,10 +755,14 @@ def _build_item(
         if mask is not None:
             _check_size(getattr(mask, "shape", None), "mask")
             raw = _to_array(mask, "mask")
-            m = _bool_mask(raw.reshape(1, -1) if raw.ndim == 1 else raw, "mask")
+            if isinstance(raw, Deferred) and raw.dtype != np.bool_:
+                raw = raw.resolve()
+            raw = raw.reshape(1, -1) if raw.ndim == 1 else raw
+            m = raw if isinstance(raw, Deferred) else _bool_mask(raw, "mask")
             if m.ndim != 2:
                 raise InvalidInput(f"mask must be 2-D (batch, tokens), got shape {m.shape}")
-            n_empty = _count_empty_rows(m)
+            if not isinstance(m, Deferred):  # a device mask: empty rows found in the background
+                n_empty = _count_empty_rows(m, allow_all_empty)
         # Copy, then check each array while the copy is still in cache.
         lp = _float_copy(policy_logprobs, "policy_logprobs")
         if lp.ndim != 2:
@@ -667,7 +784,7 @@ def _build_item(
     b = lp.shape[0]
     r = None
     if rewards is not None:
-        r = _to_array(rewards, "rewards").astype(np.float64, copy=False).reshape(-1)
+        r = now(_to_array(rewards, "rewards")).astype(np.float64, copy=False).reshape(-1)
         if r.shape != (b,):
             raise InvalidInput(f"rewards has {r.size} values for a batch of {b} sequences")
         if not np.isfinite(r).all():

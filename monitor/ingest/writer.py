@@ -47,6 +47,7 @@ from monitor.ingest.spool import (
     SpoolWriter,
     iter_records,
 )
+from monitor.ingest.tensors import resolve_arrays
 from monitor.ingest.text import clean_json, clean_optional, clean_strings, clean_text
 from monitor.store.database import Database
 from monitor.store.ingest_writes import (
@@ -179,6 +180,7 @@ def summarize_item(item: StepItem, header: Mapping[str, Any], cfg: WriterConfig)
     and a payload hash. Deterministic: the same input always gives the same record."""
     from monitor import divergence
 
+    resolve_arrays(item)  # torch copies finished here, off the caller's thread
     rank = int(header.get("rank", 0))
     world_size = int(header.get("world_size", 1))
     metrics: list[list[Any]] = []
@@ -423,11 +425,12 @@ def _item_bytes(item: StepItem | ControlItem) -> int:
     if not isinstance(item, StepItem):
         return 0
     arrays = [item.policy_logprobs, item.ref_logprobs, item.mask, *(item.extra or {}).values()]
-    return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+    return sum(int(getattr(a, "nbytes", 0)) for a in arrays if a is not None)
 
 
 def raw_record(item: StepItem, rank: int) -> dict[str, Any]:
     """A step spilled by the caller: its arrays as they are (summarised later)."""
+    resolve_arrays(item)
     texts = None
     if item.texts is not None:
         prompts, responses = item.texts
@@ -985,10 +988,12 @@ class BackgroundWriter:
             self._cond.notify_all()
 
     def db_check(self) -> None:
-        from monitor.store.schema import check_schema
+        # An empty database gets the schema; an older one is an error naming `klmon db
+        # upgrade` while the steps wait in the spool.
+        from monitor.store.schema import ensure_schema
 
         with self.db.translate_errors():
-            check_schema(self.db.engine)
+            ensure_schema(self.db.engine)
 
     def _mark_running(self) -> None:
         assert self.run_id is not None
@@ -1120,6 +1125,35 @@ class BackgroundWriter:
             self.spool.close(delete=done)
         self.db.dispose()
         return done and self._lossless()
+
+
+def scalar_step_record(
+    step: int, wall: float, quantities: Mapping[str, Any], metrics: Mapping[str, Any]
+) -> ControlItem:
+    """A step record whose columns are given (a trainer's scalars), without a summary."""
+    record: dict[str, Any] = {
+        "type": "step",
+        "step": step,
+        "rank": 0,
+        "t": wall,
+        "status": "ok",
+        "metrics": _metric_list(metrics),
+        "q": [_finite_or_none(_as_float(quantities.get(c))) for c in STEP_QUANTITIES],
+        "partials": None,
+        "hist": None,
+        "samples": [],
+    }
+    record["hash"] = _payload_hash(record)
+    return ControlItem(record)
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return None
 
 
 def no_summary_record(kind: str, **fields: Any) -> ControlItem:

@@ -9,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, inspect
 
 from monitor.errors import SchemaOutOfDate
 
@@ -98,3 +98,31 @@ def check_schema(engine: Engine) -> None:
         f"the database schema is at revision {current}, behind {head}: "
         "run `klmon db upgrade` (with the same --db)"
     )
+
+
+def is_empty(engine: Engine) -> bool:
+    """True when the database holds no table at all (a new SQLite file, a new PostgreSQL
+    database): the only state in which a client may create the schema on its own."""
+    with engine.connect() as conn:
+        return not inspect(conn).get_table_names()
+
+
+def ensure_schema(engine: Engine) -> bool:
+    """Create the schema on an empty database (True when it did); otherwise the same check
+    as :func:`check_schema`. A database at an older revision is never migrated here: that
+    stays an explicit ``klmon db upgrade``, so one client cannot change a shared schema
+    under the others."""
+    if current_revision(engine) is None and is_empty(engine):
+        try:
+            upgrade(engine)
+        except Exception as exc:
+            # Another process (a second rank, a dashboard) may have created it meanwhile:
+            # then the schema is at head and all is well; otherwise the original error.
+            try:
+                check_schema(engine)
+            except Exception:
+                raise exc from None
+            return False
+        return True
+    check_schema(engine)
+    return False
