@@ -6,7 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from monitor.ingest.importers import csv_table, jsonl, parquet, tokens, trainer_state, verl
+from monitor.ingest.importers import (
+    csv_table,
+    hf_console,
+    jsonl,
+    parquet,
+    tokens,
+    trainer_state,
+    verl,
+)
 from monitor.ingest.importers.base import RawTable, Tick
 from monitor.ingest.importers.detect import TITLES
 from monitor.ingest.importers.tables import Prepared, build
@@ -52,6 +60,7 @@ FORMATS: dict[str, Format] = {
         Format("csv", TITLES["csv"], csv_table.read),
         Format("parquet", TITLES["parquet"], parquet.read),
         Format("verl", TITLES["verl"], verl.read),
+        Format("hf_console", TITLES["hf_console"], hf_console.read),
         Format("tokens", TITLES["tokens"], prepare_fn=tokens.prepare),
     )
 }
