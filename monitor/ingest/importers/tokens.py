@@ -15,7 +15,6 @@ are stored. Recognised keys per line (first match wins):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,15 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import InvalidInput
-from monitor.ingest.importers.base import NotNumeric, Problem, Tick, iter_lines, to_number, to_step
+from monitor.ingest.importers.base import (
+    NotNumeric,
+    Problem,
+    Tick,
+    iter_lines,
+    loads_line,
+    to_number,
+    to_step,
+)
 from monitor.ingest.importers.tables import Prepared, payload_hash
 from monitor.store.metric_info import MetricInfo
 from monitor.store.models import STEP_QUANTITIES
@@ -190,20 +197,18 @@ def prepare(
     coefs: dict[int, float] = {}
     walls: dict[int, float] = {}
     no_step = 0
+    seen_keys: set[str] = set()
     with path.open("rb") as fh:
-        for number, line in iter_lines(fh, tick):
+        for number, line in iter_lines(fh, tick, out.problems):
             if line is None:
-                out.problems.append(Problem(number, "not UTF-8 text"))
                 continue
             text = line.strip()
             if not text:
                 continue
             try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                out.problems.append(
-                    Problem(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
-                )
+                obj = loads_line(text)
+            except ValueError as exc:
+                out.problems.append(Problem(number, str(exc)))
                 continue
             if not isinstance(obj, dict):
                 out.problems.append(Problem(number, "not a JSON object"))
@@ -214,13 +219,14 @@ def prepare(
                 out.problems.append(Problem(number, str(exc)))
                 continue
             out.records_read += 1
+            seen_keys.update(k for k in STEP_KEYS if k in obj)
             if step is None:
                 no_step += 1
                 step = 0
             groups.setdefault(step, []).append(seq)
             if kl_coef is not None:
                 coefs[step] = kl_coef
-            if wall is not None and wall > 1e8:
+            if wall is not None and 1e8 < wall < 1e10:
                 walls[step] = max(walls.get(step, 0.0), wall)
     if no_step:
         out.notes.append(f"{no_step} sequences had no step: stored under step 0")
@@ -275,6 +281,12 @@ def prepare(
         for k in sorted(computed)
     ]
     out.mapping = {"(computed by klmon)": ["policy/reference log-probs"]}
+    out.step_column = next((k for k in STEP_KEYS if k in seen_keys), None)
+    out.step_source = "detected" if out.step_column else "none: every sequence under step 0"
+    out.kl_read = [
+        ("policy/reference log-probs", q, q if q != "kl_mean" else "k1", unit)
+        for q, unit in (("kl_mean", "nats/sequence"), ("k3", "nats/token"))
+    ]
     return out
 
 
