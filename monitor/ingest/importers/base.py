@@ -59,6 +59,8 @@ class RawTable:
     notes: list[str] = field(default_factory=list)
     # The step column when the format fixes it (trainer_state: "step"); None: look for one.
     step_key: str | None = None
+    # how the format gives the step, for the summary ("step:N of each line", ...)
+    step_source: str | None = None
     # Columns whose values are text, kept for the klmon export format (status, reject_reason).
     text_columns: frozenset[str] = frozenset()
 
@@ -90,6 +92,18 @@ def flatten(obj: Mapping[str, Any], prefix: str = "", _depth: int = 0) -> dict[s
         else:
             out[name] = value
     return out
+
+
+def clean_text(text: str) -> str:
+    """Text any database stores: NUL removed, lone surrogates (from ``\\udcff`` escapes in
+    JSON) replaced, so one odd string never fails the rows around it."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def loads_line(text: str) -> Any:

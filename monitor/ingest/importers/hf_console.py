@@ -82,7 +82,7 @@ def looks_like(path: Path) -> bool:
 
 
 def read(path: Path, tick: Tick) -> RawTable:
-    table = RawTable(step_key="step")
+    table = RawTable(step_key="step", step_source="the order of the Trainer's printed dicts")
     other = 0
     step = 0
     total: str | None = None

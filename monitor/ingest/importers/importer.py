@@ -39,6 +39,8 @@ from monitor.store.series import refresh_rollups
 from monitor.store.steps import write_metrics, write_steps
 
 DEFAULT_PROJECT = "imported"
+# step sources that are the format's own (the summary names them, not a column)
+FORMAT_STEP_SOURCES = ("the order of the Trainer's printed dicts", "step:N of each line")
 MAX_PROBLEMS = 1_000  # skipped lines kept for the summary (all are counted)
 STEP_BATCH = 5_000
 METRIC_BATCH = 50_000
@@ -100,12 +102,14 @@ class ImportReport:
                 f"note: run {r.project}/{self.renamed_from} holds another file, so this one "
                 f"went into a run of its own, {r.project}/{r.name} (--run NAME to choose)"
             )
-        if self.step_column:
+        if self.step_column and self.step_source in FORMAT_STEP_SOURCES:
+            lines.append(f"step from {self.step_source}")
+        elif self.step_column:
             lines.append(f"step from column {self.step_column} ({self.step_source})")
         else:
             lines.append("step from row order (no step column found; name one with --step-column)")
         kl = Prepared(fmt=self.format, producer=self.producer)
-        kl.kl_read, kl.kl_candidates = self.kl_read, self.kl_candidates
+        kl.kl_read, kl.kl_candidates, kl.mapping = self.kl_read, self.kl_candidates, self.mapping
         lines.extend(kl.kl_lines())
         if self.mapping:
             shown = ", ".join(f"{q} <- {' | '.join(keys)}" for q, keys in self.mapping.items())

@@ -20,11 +20,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.errors import InvalidInput
-from monitor.ingest.importers.base import NotNumeric, Problem, RawTable, to_number, to_step
+from monitor.ingest.importers.base import (
+    NotNumeric,
+    Problem,
+    RawTable,
+    clean_text,
+    to_number,
+    to_step,
+)
 from monitor.ingest.importers.keys import (
+    GENERIC,
     METRIC_PREFIX,
     QUANTITY_MEANINGS,
     KeyMeaning,
+    base_key,
     detect_producer,
     is_int_quantity,
     lookup,
@@ -103,6 +112,13 @@ class Prepared:
                 f"{c} -> {q} ({e or 'estimator not stated'}, {u})" for c, q, e, u in self.kl_read
             )
             return [f"KL read from: {shown}"]
+        gap = self.mapping.get("rollout_gap")
+        if gap:
+            return [
+                f"no KL to the reference recognised ({', '.join(gap)} read as rollout_gap, the "
+                "sampler-vs-trainer gap); if a column is one, name it with --map COLUMN=k1 "
+                "(or kl_mean, k3)"
+            ]
         if self.kl_candidates:
             c = self.kl_candidates[0]
             return [
@@ -187,7 +203,7 @@ def choose_step_column(
         how = "--step-column" if step_column else f"--map {given}=step"
         return given, how
     if table.step_key is not None:
-        return table.step_key, "the format's"
+        return table.step_key, table.step_source or "the format's"
     found = next((k for k in STEP_KEYS if k in keys), None)
     if found is not None:
         return found, "detected"
@@ -276,6 +292,7 @@ def build(
         for k, v in rec.values.items():
             if k == step_key:
                 continue
+            k = clean_text(k)
             if k in text_cols:
                 values[k] = None if v is None or str(v).strip() == "" else str(v)
                 continue
@@ -403,8 +420,12 @@ def build(
             assert m is not None
             out.kl_read.append((column, q, m.estimator, UNITS.get(m.scale, m.scale or "")))
     if not out.kl_read:
+        # a column a producer's table describes (old-vs-new, sampler-vs-trainer) is not one
         out.kl_candidates = sorted(
-            c for c in columns if _named_like_kl(c) and (meanings.get(c) or _NONE).quantity is None
+            c
+            for c in columns
+            if _named_like_kl(c)
+            and (meanings.get(c) is None or meanings[c] is GENERIC.get(base_key(c)))
         )
     stored = {name for _s, name, _v in out.metrics}
     source = producer if producer not in ("generic", "klmon") else fmt
@@ -428,9 +449,6 @@ def build(
     if klmon and "config" in table.config.get("klmon_export", {}):
         out.config = dict(table.config["klmon_export"]["config"])
     return out
-
-
-_NONE = KeyMeaning(None)
 
 
 def _named_like_kl(column: str) -> bool:

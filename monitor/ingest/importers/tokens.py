@@ -28,6 +28,7 @@ from monitor.ingest.importers.base import (
     NotNumeric,
     Problem,
     Tick,
+    clean_text,
     iter_lines,
     loads_line,
     to_number,
@@ -136,7 +137,7 @@ def _parse(number: int, obj: dict[str, Any]) -> tuple[int | None, float | None, 
         mask = lists[key] = [bool(x) for x in _floats(key, v)]
     key, v = _first(obj, TOKEN_KEYS)
     if key and isinstance(v, list):
-        tokens = lists[key] = [str(t) for t in v]
+        tokens = lists[key] = [clean_text(str(t)) for t in v]
     for key, lst in lists.items():
         if len(lst) != n:
             raise _Bad(f"{pk} has {n} tokens but {key} has {len(lst)}")
@@ -163,8 +164,8 @@ def _parse(number: int, obj: dict[str, Any]) -> tuple[int | None, float | None, 
         raise _Bad(str(exc)) from None
     _pk, prompt = _first(obj, PROMPT_KEYS)
     _rk, response = _first(obj, RESPONSE_KEYS)
-    seq.prompt = prompt if isinstance(prompt, str) else None
-    seq.response = response if isinstance(response, str) else None
+    seq.prompt = clean_text(prompt) if isinstance(prompt, str) else None
+    seq.response = clean_text(response) if isinstance(response, str) else None
     for k, v in obj.items():
         if isinstance(v, list | dict | str) or (k in _KNOWN and k not in ENTROPY_KEYS):
             continue

@@ -48,7 +48,7 @@ def read(path: Path, tick: Tick) -> RawTable:
             f"{path}: expected a Hugging Face trainer_state.json (a JSON object with a "
             "log_history list)"
         )
-    table = RawTable(step_key="step")
+    table = RawTable(step_key="step", step_source="log_history")
     table.config["trainer_state"] = {k: v for k, v in doc.items() if k != "log_history"}
     for number, row in enumerate(doc["log_history"], start=1):
         if not isinstance(row, dict):

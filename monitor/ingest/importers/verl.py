@@ -23,7 +23,7 @@ def strip_ansi(text: str) -> str:
 
 
 def read(path: Path, tick: Tick) -> RawTable:
-    table = RawTable(step_key="step")
+    table = RawTable(step_key="step", step_source="step:N of each line")
     other = 0
     with path.open("rb") as fh:
         for number, line in iter_lines(fh, tick):
