@@ -203,7 +203,10 @@ def default_run_name(path: str | Path) -> str:
     ``gemma``."""
     p = Path(path)
     if p.is_dir():
-        return p.resolve().name
+        folder = p.resolve()
+        if re.fullmatch(r"checkpoint-\d+", folder.name) and folder.parent.name:
+            return folder.parent.name  # out/checkpoint-250 -> out, like its trainer_state.json
+        return folder.name
     name = p.name
     if name == "trainer_state.json":
         parent = p.resolve().parent
