@@ -185,6 +185,13 @@ def to_number(value: Any) -> float | None:
 
 def to_step(value: Any) -> int:
     """A step number: a non-negative integer (``12``, ``12.0``, ``"12"``); ValueError else."""
+    exact = _exact_int(value)
+    if exact is not None:
+        if exact < 0:
+            raise ValueError(f"step {value!r} is negative")
+        if exact > MAX_STEP:
+            raise ValueError(f"step {_short(value)} is out of range (at most 2**63 - 1)")
+        return exact
     f = to_number(value)
     if f is None:
         raise ValueError("the step is empty")
@@ -195,6 +202,15 @@ def to_step(value: Any) -> int:
     if f > MAX_STEP:
         raise ValueError(f"step {_short(value)} is out of range (at most 2**63 - 1)")
     return int(f)
+
+
+def _exact_int(value: Any) -> int | None:
+    """An integer step read exactly (a float would round 2**63 - 1 up to 2**63)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip()) if len(value) < 64 else None
+    return None
 
 
 def _short(value: Any) -> str:

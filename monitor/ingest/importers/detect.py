@@ -68,7 +68,11 @@ def sniff(path: Path) -> str:
         return "empty"
     if _is_binary(head):
         return "binary"
-    text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    # lines that are not text (skipped when read) say nothing about the format
+    text = "\n".join(
+        "" if _bad_line(line) else line.decode("utf-8", errors="replace")
+        for line in head.split(b"\n")
+    ).lstrip("\ufeff \t\r\n")
     if text.startswith("{'") and hf_console.is_console_dict(text.split("\n", 1)[0]):
         return "hf_console"
     if text.startswith("{"):
@@ -106,13 +110,13 @@ READABLE = ("trainer_state", "jsonl", "tokens", "csv", "parquet", "verl", "hf_co
 
 
 def _is_binary(head: bytes) -> bool:
-    """Binary when most lines of the sample are not text (a NUL byte, not UTF-8), or its
-    first line is not: a text log with a few bad lines is read, the bad lines skipped."""
+    """Binary when most lines of the sample are not text (a NUL byte, not UTF-8): a text log
+    with a few bad lines is read, the bad lines skipped and listed."""
     lines = head.split(b"\n")
     if len(lines) > 1 and len(head) == _HEAD:
         lines = lines[:-1]  # a line cut at the end of the sample
     bad = [_bad_line(line) for line in lines if line.strip()]
-    return bool(bad) and (bad[0] or sum(bad) * 2 > len(bad))
+    return sum(bad) * 2 > len(bad)
 
 
 def _bad_line(line: bytes) -> bool:
@@ -138,7 +142,7 @@ def _sniff_json_object(path: Path, text: str) -> str:
             budget -= len(raw)
             try:
                 objects.append(json.loads(raw))
-            except ValueError:
+            except (ValueError, RecursionError):
                 objects.append(None)
             if budget <= 0:
                 break
