@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from monitor.errors import InvalidInput
 from monitor.ingest.importers.base import (
     Problem,
     RawRecord,
@@ -26,7 +27,11 @@ def read(path: Path, tick: Tick) -> RawTable:
     with path.open("rb") as fh:
         head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"["):
-        return _read_array(path, tick)
+        try:
+            return _read_array(path, tick)
+        except InvalidInput:
+            pass  # not one JSON array: lines, the first of them bad
+
     with path.open("rb") as fh:
         for number, line in iter_lines(fh, tick, table.problems):
             if line is None:
