@@ -35,7 +35,7 @@ def require_pyarrow(path: Path | str, action: str = "reading") -> Any:
 
 
 BATCH_CELLS = 200_000
-MAX_BATCH_ROWS = 65_536
+MAX_BATCH_ROWS = 16_384
 
 
 def read_batches(path: Path, tick: Tick) -> tuple[str, Iterator[RawTable]]:
