@@ -6,6 +6,7 @@ only error ever raised is InvalidInput when nothing at all is readable."""
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -230,3 +231,72 @@ def test_a_deeply_nested_document_is_refused_cleanly(tmp_path: Path, depth: int)
     path.write_text('{"log_history": ' + "[" * depth + "]" * depth + "}")
     with pytest.raises(InvalidInput, match="nested too deeply"):
         prepare_path(path, fmt="trainer_state")
+
+
+TOKENS_BAD = {
+    **COMMON_BAD,
+    "huge_step": lambda i, _t: json.dumps(
+        {"step": 2**63 + i, "policy_logprobs": [-1.0], "ref_logprobs": [-1.0]}
+    ).encode(),
+    "lengths": lambda i, _t: json.dumps(
+        {"step": 1, "policy_logprobs": [-1.0, -2.0], "ref_logprobs": [-1.0]}
+    ).encode(),
+    "deep": lambda i, _t: b"[" * (2_000 + i),
+    "noise": lambda _i, t: t.encode(),
+}
+
+
+@SETTINGS
+@given(_entries(list(TOKENS_BAD)))
+def test_token_lines(entries: list) -> None:
+    def good(s: int, v: float) -> bytes:
+        lp = -min(abs(v), 50.0)
+        row = {"step": s, "policy_logprobs": [lp, -1.0], "ref_logprobs": [lp, -1.5]}
+        return json.dumps(row).encode()
+
+    expected, bad, prepared = _run(entries, good, TOKENS_BAD, suffix=".jsonl", fmt="tokens")
+    if prepared is None:
+        return
+    # one sequence a step: k1 is the mean over its two tokens of log p - log q
+    assert {r["step"]: r["k1"] for r in prepared.steps} == pytest.approx(
+        {s: 0.25 for s in expected}
+    )
+    assert {p.line for p in prepared.problems} == set(bad)
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("good"), values),
+            st.tuples(st.just("bad"), st.sampled_from([-1.0, 1e300, 0.5, math.nan])),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_parquet_rows(rows: list) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    steps: list[float] = []
+    expected: dict[int, float] = {}
+    bad: set[int] = set()
+    for number, (kind, v) in enumerate(rows, start=1):
+        if kind == "good":
+            steps.append(float(number * 10))
+            expected[number * 10] = v
+        else:
+            steps.append(v)  # negative, out of range, fractional or missing
+            bad.add(number)
+    table = pa.table({"step": steps, "reward": [r[1] if r[0] == "good" else 1.0 for r in rows]})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.parquet"
+        pq.write_table(table, path)
+        try:
+            _f, prepared = prepare_path(path)
+        except InvalidInput as exc:
+            assert not expected and "no steps could be read" in str(exc)
+            return
+    assert _read(prepared, "reward_mean") == expected
+    assert {p.line for p in prepared.problems} == bad
+    assert {p.unit for p in prepared.problems} <= {"row"}
