@@ -60,6 +60,7 @@ def run_child(package_root: Path, path: Path) -> dict:
         out = subprocess.run(
             [sys.executable, "-c", CHILD, url, str(path)],
             env=env,
+            cwd=tmp,  # not the checkout: `python -c` puts the working directory first
             capture_output=True,
             text=True,
             check=False,

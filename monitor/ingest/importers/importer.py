@@ -303,7 +303,13 @@ def import_path(
     """
     file, fmt = _resolve(path, fmt)
     total = file_size(file)
-    tick = (lambda done: progress("read", done, total)) if progress else (lambda _d: None)
+    writing = False
+
+    def tick(done: int) -> None:
+        # a batched read goes on while rows are written: then only the writing is shown
+        if progress and not writing:
+            progress("read", done, total)
+
     try:
         source = fingerprint(file)
         chunks = FORMATS[fmt].chunks(
@@ -334,6 +340,7 @@ def import_path(
     if existing is None and FORMATS[fmt].read_batches is None:
         _require_rows(file, fmt, first)  # refused before a run exists
     writer = _Writer(db, project, run_name, existing, run_config, str(file), progress)
+    writing = True
     try:
         report = writer.write(first, chunks, renamed_from)
         if report.steps_read == 0 and report.metrics_read == 0:
