@@ -81,7 +81,7 @@ def flatten(obj: Mapping[str, Any], prefix: str = "", _depth: int = 0) -> dict[s
     Raises TooDeep beyond MAX_DEPTH levels (a hostile or broken row, never a training log).
     """
     if not prefix and not any(isinstance(v, Mapping) for v in obj.values()):
-        return {str(k): v for k, v in obj.items()}  # the common case: already flat
+        return dict(obj)  # the common case: already flat
     if _depth >= MAX_DEPTH:
         raise TooDeep(f"objects nested deeper than {MAX_DEPTH} levels")
     out: dict[str, Any] = {}

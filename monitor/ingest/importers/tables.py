@@ -264,6 +264,7 @@ def build(
 
     # 1. coerce values and merge rows by step
     merged: dict[int, dict[str, Any]] = {}
+    names: dict[str, str] = {}  # source key -> a name any database stores
     non_numeric: Counter[str] = Counter()
     non_finite: Counter[str] = Counter()
     repeated = 0
@@ -292,7 +293,10 @@ def build(
         for k, v in rec.values.items():
             if k == step_key:
                 continue
-            k = clean_text(k)
+            name = names.get(k)
+            if name is None:
+                name = names[k] = clean_text(k)
+            k = name
             if k in text_cols:
                 values[k] = None if v is None or str(v).strip() == "" else str(v)
                 continue
