@@ -167,6 +167,28 @@ def test_cli_import(db_url: str, tmp_path: Path) -> None:
     assert "Traceback" not in wrong.output
 
 
+def test_cli_step_column_and_refusals(db_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "ppo.csv"
+    log.write_text("update,kl,score\n1,0.1,1\n2,0.2,2\n")
+    runner = CliRunner()
+    args = ["import", str(log), "--db", db_url, "--quiet", "--project", "cli"]
+    result = runner.invoke(main, [*args, "--step-column", "update", "--map", "kl=k3"])
+    assert result.exit_code == 0, result.output
+    assert "step from column update (--step-column)" in result.output
+    assert "KL read from: kl -> k3 (k3, nats/token)" in result.output
+    # another file under the same --run name: refused, no traceback
+    other = tmp_path / "other.csv"
+    other.write_text("update,kl\n1,0.5\n")
+    refused = runner.invoke(main, ["import", str(other), "--db", db_url, "--project", "cli",
+                                   "--run", "ppo"])  # fmt: skip
+    assert refused.exit_code == 1 and "already holds another file" in refused.output
+    assert "Traceback" not in refused.output
+    nothing = tmp_path / "nothing.jsonl"
+    nothing.write_bytes(b"\x00\x01\n{broken\n")
+    empty = runner.invoke(main, ["import", str(nothing), "--db", db_url, "--format", "jsonl"])
+    assert empty.exit_code == 1 and "no steps could be read" in empty.output
+
+
 def test_cli_help_has_examples() -> None:
     for cmd in ("import", "export"):
         result = CliRunner().invoke(main, [cmd, "--help"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -29,7 +30,7 @@ class _Bars:
             self.bar = click.progressbar(
                 length=max(total, 1),
                 label=self.labels.get(phase, phase),
-                file=click.get_text_stream("stderr"),
+                file=sys.stderr,
             )
             self.bar.__enter__()
         if done > self.done:
