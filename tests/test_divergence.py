@@ -761,5 +761,7 @@ for c in cases:
 print("ok")
 """
     # from tmp_path: "" on sys.path is the cwd, and a source checkout has no built module
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr)
