@@ -288,11 +288,11 @@ def test_odd_text_in_samples_and_names_never_fails_an_import(db: Database, tmp_p
     report = import_path(db, log)
     assert report.steps_inserted == 3 and report.samples_inserted > 0
     sample = read_samples(db, report.run.id, 0)[0]
-    assert sample.prompt == "ab?" and sample.tokens == ["x", "y"]
+    assert sample.prompt == "ab\ufffd" and sample.tokens == ["x", "y"]
     table = tmp_path / "names.jsonl"
     table.write_text('{"step": 1, "re\\u0000ward\\udcff": 1.0}\n')
     named = import_path(db, table)
-    assert list(read_metrics(db, named.run.id).columns) == ["step", "reward?"]
+    assert list(read_metrics(db, named.run.id).columns) == ["step", "reward\ufffd"]
 
 
 def test_extreme_but_valid_values_are_stored(db: Database, tmp_path: Path) -> None:

@@ -163,3 +163,31 @@ def test_watch_without_known_hooks_warns_once_and_keeps_the_scalars(
     steps = read_steps(db, run.id).set_index("step")
     assert steps.loc[2, "reward_mean"] == 0.75
     db.dispose()
+
+
+def test_watch_reads_an_rloo_trainers_kl_as_k1(db_url: str, tmp_path) -> None:
+    """RLOO logs GRPO's key names, but its `kl` is the token mean of log p - log q (k1)."""
+    from monitor.integrations.trl import watch
+    from monitor.store.steps import read_steps
+
+    class RLOOTrainer:  # the name is what watch goes by; no hooks of a known shape
+        def __init__(self) -> None:
+            self.args = SimpleNamespace(run_name="rloo", beta=0.05)
+            self.state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+            self.callbacks: list = []
+
+        def add_callback(self, cb) -> None:
+            self.callbacks.append(cb)
+
+    trainer = RLOOTrainer()
+    run = watch(trainer, project="trl", db=db_url, spool_dir=tmp_path / "sp")
+    (cb,) = trainer.callbacks
+    for step in (1, 2):
+        trainer.state.global_step = step
+        cb.on_log(trainer.args, trainer.state, None, logs={**GRPO_LOGS, "kl": -0.01 * step})
+    cb.on_train_end(trainer.args, trainer.state, None)
+    db = Database.open(db_url)
+    steps = read_steps(db, run.id).set_index("step")
+    assert steps["k1"].tolist() == [-0.01, -0.02]
+    assert steps["k3"].isna().all()
+    db.dispose()

@@ -206,6 +206,8 @@ def watch(
     )
     callback = KlmonCallback(project, run.name, run=run)
     callback._owns_run = True
+    if "RLOO" in type(trainer).__name__:  # RLOO logs GRPO's keys, but its `kl` is k1
+        callback._producer = "trl-rloo"
     hooks = TRLHooks(trainer, run)
     if hooks.install():
         callback.hooks = hooks

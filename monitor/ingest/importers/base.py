@@ -94,18 +94,6 @@ def flatten(obj: Mapping[str, Any], prefix: str = "", _depth: int = 0) -> dict[s
     return out
 
 
-def clean_text(text: str) -> str:
-    """Text any database stores: NUL removed, lone surrogates (from ``\\udcff`` escapes in
-    JSON) replaced, so one odd string never fails the rows around it."""
-    if "\x00" in text:
-        text = text.replace("\x00", "")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text
-
-
 def loads_line(text: str) -> Any:
     """``json.loads`` for one line of a log, with every failure as a ValueError whose message
     says what is wrong (invalid JSON with its column, nesting too deep for the parser)."""

@@ -24,7 +24,6 @@ from monitor.ingest.importers.base import (
     NotNumeric,
     Problem,
     RawTable,
-    clean_text,
     to_number,
     to_step,
 )
@@ -38,6 +37,7 @@ from monitor.ingest.importers.keys import (
     is_int_quantity,
     lookup,
 )
+from monitor.ingest.text import clean_text
 from monitor.store.metric_info import MetricInfo
 from monitor.store.models import METRIC_NAME_MAX
 

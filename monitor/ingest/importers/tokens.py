@@ -28,13 +28,13 @@ from monitor.ingest.importers.base import (
     NotNumeric,
     Problem,
     Tick,
-    clean_text,
     iter_lines,
     loads_line,
     to_number,
     to_step,
 )
 from monitor.ingest.importers.tables import Prepared, payload_hash
+from monitor.ingest.text import clean_text
 from monitor.store.metric_info import MetricInfo
 from monitor.store.models import STEP_QUANTITIES
 
