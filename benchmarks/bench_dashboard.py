@@ -190,10 +190,23 @@ class Client:
                 {"id": "cmp-msg", "property": "children"},
                 {"id": "cmp-permalink", "property": "href"},
                 {"id": "cmp-smooth-value", "property": "children"},
+                [
+                    {
+                        "id": {"chart": k, "panel": "cmp", "type": "kl-chart-box"},
+                        "property": "style",
+                    }
+                    for k in keys
+                ],
+                {"id": "cmp-empty", "property": "children"},
             ],
             "inputs": [
                 {"id": "cmp-smooth", "property": "value", "value": view.smooth},
                 {"id": "cmp-x", "property": "value", "value": view.x},
+                {
+                    "id": "cmp-klaxis",
+                    "property": "value",
+                    "value": "log" if view.kl_log else "linear",
+                },
                 [
                     {
                         "id": self.gid(k),

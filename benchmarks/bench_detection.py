@@ -9,15 +9,24 @@ Views: ``sequence`` (PPO-like, kl_mean ~14 nats), ``token`` (kl_mean ~0.8 nats, 
 per token) and ``grpo`` (the token run as a GRPO import: k3 only).
 Target: every kind within 25 steps of onset, 0 alerts on healthy runs.
 
+Then the real-log table: each log of ../shared/realdata (see tests/realdata_alerts.py)
+imported into a fresh SQLite database and evaluated by the alert engine with the default
+pack; the alerts fired (rule@step), those expected, and the false alerts (fired, not
+expected).
+
     python benchmarks/bench_detection.py [--seeds 3] [--healthy-seeds 4] [--steps 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -147,5 +156,39 @@ def main() -> None:
     )
 
 
+def real_log_table() -> None:
+    """Print the default pack's alerts on each real log next to the expected ones."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from realdata_alerts import CASES, false_alerts, fired_alerts, load
+    from realdata_path import REALDATA
+
+    from monitor.store.database import Database
+    from monitor.store.schema import upgrade
+
+    if not REALDATA.is_dir():
+        print(f"\nreal logs not found at {REALDATA}: no real-log table")
+        return
+    logging.getLogger("monitor.alerts").setLevel(logging.ERROR)  # the table says what fired
+
+    def cell(alerts: dict[str, list[int]]) -> str:
+        return ", ".join(f"{r}@{s}" for r, steps in alerts.items() for s in steps) or "none"
+
+    print("\nReal logs through the alert engine with the default pack")
+    print(f"{'file':<44}{'fired (rule@step)':<34}{'expected':<34}{'false':>5}")
+    total_false = missed = 0
+    for case in CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Database.open(f"sqlite:///{tmp}/real.db", check=False)
+            upgrade(db.engine)
+            fired = fired_alerts(db, load(db, case))
+            db.dispose()
+        wrong = false_alerts(fired, case.expected)
+        total_false += wrong
+        missed += false_alerts(case.expected, fired)
+        print(f"{case.file:<44}{cell(fired):<34}{cell(case.expected):<34}{wrong:>5}")
+    print(f"{total_false} false alerts, {missed} expected alerts missed, {len(CASES)} logs")
+
+
 if __name__ == "__main__":
     main()
+    real_log_table()

@@ -12,6 +12,13 @@ writer's bulk path stores step rows, next to MLflow's ``log_batch`` measured in 
    to MLflow ``log_batch`` logging the same ~20 scalars per step into a SQLite tracking
    store, points/s.
 
+3. ``--only dtypes``: blocking p50/p99 of ``log_step`` for a (256, 2048) batch given as numpy
+   float32, torch float32 and torch bfloat16 (CPU; torch rows need torch installed), each
+   next to its copy floor measured in the same run (copying the same arrays' raw bytes).
+4. ``--only watch``: wall time of a tiny TRL GRPO run (tests/trl_tiny.py, CPU) with and
+   without ``monitor.integrations.trl.watch``, interleaved, same seed: watch's overhead per
+   training step (needs the ``trl`` extra).
+
 MLflow is not a klmon dependency: the script runs it in its own virtual environment,
 ``/tmp/mlflow-venv`` (created with ``python -m venv`` and ``pip install mlflow`` on first
 use, or pass ``--mlflow-python``). If it cannot be installed, its row says so.
@@ -19,6 +26,8 @@ use, or pass ``--mlflow-python``). If it cannot be installed, its row says so.
     .venv/bin/python benchmarks/bench_ingest.py                 # everything
     .venv/bin/python benchmarks/bench_ingest.py --only latency --steps 500
     .venv/bin/python benchmarks/bench_ingest.py --only throughput --rows 200000
+    .venv-trl/bin/python benchmarks/bench_ingest.py --only dtypes
+    .venv-trl/bin/python benchmarks/bench_ingest.py --only watch --watch-steps 10
 """
 
 from __future__ import annotations
@@ -208,6 +217,145 @@ def _line(label: str, gap: float, r: dict, extra: str) -> str:
     )
 
 
+# --- 3. numpy and torch inputs of every float dtype ----------------------------------------------
+
+
+def _dtype_inputs(kind: str, b: int = 256, t: int = 2048):
+    """(lp, ref, mask) as numpy float32, torch float32 or torch bfloat16 (CPU)."""
+    lp, ref, mask, _ = _batches(1, b, t)[0]
+    if kind == "numpy f32":
+        return lp, ref, mask
+    import torch
+
+    dtype = torch.float32 if kind == "torch f32" else torch.bfloat16
+    return (
+        torch.from_numpy(lp).to(dtype),
+        torch.from_numpy(ref).to(dtype),
+        torch.from_numpy(mask),
+    )
+
+
+def _raw_copy(x):
+    """The floor: the array's raw bytes copied by numpy (a bfloat16 tensor as int16)."""
+    if isinstance(x, np.ndarray):
+        return np.array(x, copy=True)
+    import torch
+
+    if x.dtype == torch.bfloat16:
+        x = x.view(torch.int16)
+    return np.array(x.numpy(), copy=True)
+
+
+def bench_dtypes(url: str, spool: Path, steps: int, step_ms: float) -> list[dict]:
+    import monitor
+
+    rows = []
+    for kind in ("numpy f32", "torch f32", "torch bf16"):
+        try:
+            lp, ref, mask = _dtype_inputs(kind)
+        except ImportError:
+            print(f"  {kind:<11} missing (torch is not installed here)")
+            continue
+        floor_w, floor_c = np.empty(steps), np.empty(steps)
+        call_w, call_c = np.empty(steps), np.empty(steps)
+        run = monitor.init(
+            "bench", f"dtype-{kind}-{time.time_ns()}", db=url, spool_dir=spool, exit_timeout=5.0
+        )
+        for step in range(steps):  # floor and call interleaved: the same machine load
+            c0, t0 = time.thread_time(), time.perf_counter()
+            _raw_copy(lp), _raw_copy(ref), _raw_copy(mask)
+            floor_w[step], floor_c[step] = time.perf_counter() - t0, time.thread_time() - c0
+            c0, t0 = time.thread_time(), time.perf_counter()
+            run.log_step(step, policy_logprobs=lp, ref_logprobs=ref, mask=mask)
+            call_w[step], call_c[step] = time.perf_counter() - t0, time.thread_time() - c0
+            time.sleep(step_ms / 1000)
+        run.flush(60.0)
+        run.finish(timeout=5.0)
+        fl, r = _percentiles(floor_w, floor_c), _percentiles(call_w, call_c)
+        rows.append({"case": kind, "floor": fl, "log_step": r, "written": run.stats["written"]})
+        print(
+            f"  {kind:<11} log_step p50 {r['p50_ms']:.3f} p99 {r['p99_ms']:.3f} ms "
+            f"(cpu p50 {r['cpu_p50_ms']:.3f}) | floor p50 {fl['p50_ms']:.3f} "
+            f"p99 {fl['p99_ms']:.3f} ms | ratio p50 {r['p50_ms'] / fl['p50_ms']:.2f}x "
+            f"p99 {r['p99_ms'] / fl['p99_ms']:.2f}x  written {run.stats['written']}",
+            flush=True,
+        )
+    return rows
+
+
+# --- 4. watch's overhead on a TRL step --------------------------------------------------------
+
+
+def bench_watch(work: Path, steps: int, repeats: int) -> dict | None:
+    try:
+        import trl
+        from datasets import Dataset
+    except ImportError:
+        print("  missing (the trl extra is not installed here)")
+        return None
+    sys.path.insert(0, str(REPO / "tests"))
+    from trl_tiny import build, sentences
+
+    from monitor.integrations.trl import watch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)  # a steadier figure on a shared machine
+    model = build(work / "tiny")
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    cpu: dict[str, list[float]] = {"without": [], "with": []}
+    plan = [("warm-up", -1)] + [(c, i) for i in range(repeats) for c in ("without", "with")]
+    for case, i in plan:
+        args = trl.GRPOConfig(
+            output_dir=str(work / "out"),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            num_generations=4,
+            max_completion_length=8,
+            max_steps=steps,
+            logging_steps=1,
+            beta=0.04,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            seed=0,
+            disable_tqdm=True,
+        )
+        trainer = trl.GRPOTrainer(
+            model=str(model),
+            args=args,
+            reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+            train_dataset=Dataset.from_dict({"prompt": sentences(64, seed=1)}),
+        )
+        if case == "with":
+            watch(
+                trainer,
+                "bench",
+                f"watch-{i}",
+                db=f"sqlite:///{work}/w{i}.db",
+                spool_dir=work / f"wsp{i}",
+            )
+        c0, t0 = time.process_time(), time.perf_counter()
+        trainer.train()
+        if case == "warm-up":
+            continue
+        times[case].append((time.perf_counter() - t0) / steps)
+        cpu[case].append((time.process_time() - c0) / steps)
+    out = {}
+    for label, d in (("wall", times), ("process cpu", cpu)):
+        a, b = float(np.median(d["without"])), float(np.median(d["with"]))
+        out[label] = (a, b)
+        each = ", ".join(f"{x * 1e3:.0f}/{y * 1e3:.0f}" for x, y in zip(*d.values(), strict=True))
+        print(
+            f"  tiny GRPO step {label} (CPU, {steps} steps x {repeats}, median): without watch "
+            f"{a * 1e3:.1f} ms, with {b * 1e3:.1f} ms, overhead {(b / a - 1) * 100:+.1f}% "
+            f"(runs without/with: {each} ms)",
+            flush=True,
+        )
+    return {"wall_s": out["wall"], "cpu_s": out["process cpu"], "runs": times, "cpu": cpu}
+
+
 # --- 2. throughput of the bulk path -------------------------------------------------------------
 
 
@@ -356,7 +504,10 @@ def bench_mlflow(python: str | None, steps: int, per_step: int) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--only", choices=["latency", "throughput"], default=None)
+    ap.add_argument("--only", choices=["latency", "throughput", "dtypes", "watch"], default=None)
+    ap.add_argument("--dtype-steps", type=int, default=300, help="log_step calls per dtype")
+    ap.add_argument("--watch-steps", type=int, default=10, help="TRL steps per watch run")
+    ap.add_argument("--watch-repeats", type=int, default=2, help="runs with and without")
     ap.add_argument("--steps", type=int, default=2000, help="log_step calls per case")
     ap.add_argument("--step-ms", type=float, default=100.0, help="simulated training step")
     ap.add_argument("--stress", action="store_true", help="also run back-to-back (--step-ms 0)")
@@ -373,6 +524,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="klmon-bench-"))
     results: dict = {}
     try:
+        if args.only in (None, "dtypes"):
+            print(f"log_step blocking time by input type, (256, 2048), {args.dtype_steps} steps")
+            print(f"  (load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+            results["dtypes"] = bench_dtypes(
+                _fresh_sqlite(work, "dtypes.db"), work / "spool-dtypes", args.dtype_steps, 20.0
+            )
+        if args.only == "watch":
+            print("watch overhead on a TRL GRPO step (tiny model, CPU)")
+            print(f"  (load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+            results["watch"] = bench_watch(work, args.watch_steps, args.watch_repeats)
         if args.only in (None, "latency"):
             print(f"log_step blocking time, (256, 2048) float32, {args.steps} steps")
             cases = [("sqlite-up", _fresh_sqlite(work, "lat.db"), args.step_ms)]

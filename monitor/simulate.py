@@ -246,12 +246,12 @@ def iter_batches(
 
 def grpo_view(run: SimulatedRun) -> SimulatedRun:
     """The run as a GRPO import would show it: ``k3`` (per token) and no per-sequence KL,
-    k1/k2, sign or concentration columns; the config's ``target_kl`` per token too.
+    k1/k2, sign or concentration columns; the config gains ``target_kl_per_token``.
     """
     df = run.steps_df.copy()
     drop = [c for c in df.columns if c.startswith("kl_") and c != "kl_coef"]
     df[[*drop, "k1", "k2", "neg_kl_frac", "top1pct_share"]] = np.nan
-    config = {**run.config, "target_kl": run.config["target_kl"] / LEN_MEAN}
+    config = {**run.config, "target_kl_per_token": run.config["target_kl"] / LEN_MEAN}
     return replace(run, steps_df=df, config=config)
 
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from pg_cluster import ClusterUnavailable, ThrowawayCluster
 from sqlalchemy import text
 
 from monitor.store.database import Database
@@ -113,3 +114,21 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path) -> str:
 
     request.addfinalizer(drop)
     return f"{PG_ADMIN_URL.rpartition('/')[0]}/{name}"
+
+
+@pytest.fixture
+def throwaway_pg() -> Iterator[ThrowawayCluster]:
+    """A private PostgreSQL cluster (initdb on a free loopback port) for tests that stop and
+    start the server: yields the cluster (``.url`` migrated to head, ``.stop()``,
+    ``.start()``), destroyed afterwards. Skipped only without the server binaries (fails
+    instead under KLMON_REQUIRE_POSTGRES=1)."""
+    try:
+        cluster = ThrowawayCluster()
+    except ClusterUnavailable as exc:
+        if REQUIRE_PG:
+            pytest.fail(f"KLMON_REQUIRE_POSTGRES=1 but no throwaway cluster: {exc}")
+        pytest.skip(f"no throwaway PostgreSQL cluster: {exc}")
+    try:
+        yield cluster.create()
+    finally:
+        cluster.destroy()

@@ -1,46 +1,54 @@
-"""The default rule pack through the engine on real logs imported with `klmon import`: each
-known problem is raised by the rule that explains it. Reads ../shared/realdata in place."""
+"""The default rule pack through the engine on real logs (../shared/realdata, read in place):
+each log raises exactly the alerts an RLHF engineer expects, by rule and step, and nothing
+on the dead run or on the v2 PPO run's isolated small negative values. Generation metrics
+logged on every 2nd or 4th row still raise length-drift: missing is not clear."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
+from realdata_alerts import CASES, fired_alerts, load
 from realdata_path import REALDATA
-from test_alerts_support import Clock, ListSender
 
-from monitor.alerts import AlertEngine, AlertSettings, load_rules
 from monitor.cli import main
-from monitor.store.alerts import list_events
 from monitor.store.runs import resolve_run
 
 pytestmark = pytest.mark.skipif(
     not REALDATA.is_dir(), reason=f"real training logs not present at {REALDATA}"
 )
 
-CASES = [
-    ("chaos_economy_grpo.trainer_state.json", [], "length-drift"),
-    ("gemma3_grpo_abdo.trainer_state.json", [], "kl-spike"),
-    ("ppo_detox_manual_zongyang.jsonl", ["--map", "kl_vs_ref=kl_mean"], "negative-kl"),
-    ("ppo_detox_trl_baseline_zongyang.jsonl", ["--map", "approx_kl=kl_mean"], "reference-offset"),
-]
+
+@pytest.mark.parametrize("case", CASES, ids=[c.file.split(".")[0] for c in CASES])
+def test_default_rules_raise_what_the_log_shows(db, case) -> None:
+    fired = fired_alerts(db, load(db, case))
+    assert fired == case.expected, f"{case.file} ({case.why})"
 
 
-@pytest.mark.parametrize(("filename", "options", "rule"), CASES, ids=[c[2] for c in CASES])
-def test_default_rules_flag_the_real_problem(db, filename, options, rule) -> None:
+#: TRL GRPO's generation metrics (lengths, clipped ratio, rewards).
+GENERATION_KEYS = ("completions/", "completion_length", "reward", "rewards/", "frac_reward")
+
+
+@pytest.mark.parametrize("every", [2, 4])
+def test_generation_metrics_on_every_nth_row_still_fire(db, tmp_path, every) -> None:
+    """chaos_economy laid out as TRL logs a GRPO run with several optimisation rows per
+    generation: generation metrics on every ``every``-th row only. The rows between carry
+    no length or clipped ratio, so they neither hold nor clear length-drift, and the
+    truncation (clipped_ratio >= 0.95 from step 100) still fires it."""
+    state = json.loads((REALDATA / "chaos_economy_grpo.trainer_state.json").read_text())
+    history = []
+    for row in state["log_history"]:
+        history.append(row)
+        between = {k: v for k, v in row.items() if not k.startswith(GENERATION_KEYS)}
+        history += [{**between, "step": row["step"] + j} for j in range(1, every)]
+    state["log_history"] = history
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps(state))
     result = CliRunner().invoke(
-        main,
-        ["import", str(REALDATA / filename), "--run", "real", "--quiet", "--db", db.url, *options],
+        main, ["import", str(path), "--run", "sparse", "--quiet", "--db", db.url]
     )
     assert result.exit_code == 0, result.output
-    run = resolve_run(db, "real")
-    engine = AlertEngine(
-        db,
-        load_rules(None),
-        settings=AlertSettings(nodata_after=3600.0),
-        clock=Clock(),
-        senders={"email": ListSender()},
-    )
-    engine.run_once()
-    events = list_events(db, run_id=run.id)
-    fired = set(events.loc[events["fired_step"].notna(), "rule"])
-    assert rule in fired, f"{rule} did not fire on {filename}; fired: {sorted(fired)}"
+    fired = fired_alerts(db, resolve_run(db, "sparse").id)
+    # the same alert as on the dense log: five generation rows from step 100
+    assert fired == {"length-drift": [120]}

@@ -68,7 +68,7 @@ def rule(body: str, name: str = "r1") -> str:
         (rule('detector = "budget"\nfor = 1.5'), r"field 'for': expected a whole number"),
         (rule('detector = "spike"\n[rule.params]\nwindow = 3'),
          r"field 'params.window': detector 'spike' has no parameter 'window' "
-         r"\(it takes: mad_floor, min_rows, window_rows, z\)"),
+         r"\(it takes: mad_floor, min_jump_sequence, min_jump_token, min_rows, window_rows, z\)"),
         (rule('detector = "spike"\n[rule.params]\nwindow_rows = 2.5'),
          r"field 'params.window_rows': expected a whole number, got 2.5"),
         (rule('detector = "spike"\n[rule.params]\nz = "8"'),

@@ -78,3 +78,20 @@ def test_manual_ppo_kl_is_persistently_negative():
     assert found[0].step <= 10
     assert len(found) >= 190  # 199 of 200 steps are negative
     assert set(fired(df)) == {"negative_kl"}
+
+
+def console(name: str) -> pd.DataFrame:
+    """A TRL console log's printed dicts (string values); HF step = order of the dicts."""
+    from realdata_alerts import console_rows
+
+    rows = [{**r, "step": i} for i, r in enumerate(console_rows(REALDATA / name), start=1)]
+    return _table(rows, {"kl": "k3", "reward": "reward_mean", "completion_length": "resp_len_mean"})
+
+
+def test_console_log_kl_spike_at_hf_step_160():
+    df = console("trl_grpo_console_adq_seed45_sunshine.log")
+    assert len(df) == 200 and df["step"].iloc[-1] == 200
+    found = DETECTORS["spike"](df, FINISHED)
+    assert [f.step for f in found] == [135, 160]
+    assert "0.92 nats/token at step 160" in found[1].message
+    assert set(fired(df)) == {"spike"}

@@ -15,13 +15,16 @@ import numpy as np
 import plotly
 import pytest
 from click.testing import CliRunner
+from realdata_path import REALDATA
 
 from monitor.dashboard import DashboardSettings, create_app, ids
 from monitor.dashboard.app import render_page
 from monitor.dashboard.data import derive_status, user_message
+from monitor.dashboard.figures import CHARTS
 from monitor.dashboard.panel import View, parse_query, to_query
 from monitor.dashboard.settings import is_loopback
 from monitor.errors import ConfigError, DatabaseUnavailable, StoreError
+from monitor.ingest.importers import import_path
 from monitor.store.database import Database
 from monitor.store.drilldown import add_annotation, write_histograms, write_samples
 from monitor.store.models import AlertEventRow
@@ -153,10 +156,17 @@ class Callbacks:
                     {"id": pid("msg"), "property": "children"},
                     {"id": pid("permalink"), "property": "href"},
                     {"id": pid("smooth-value"), "property": "children"},
+                    [{"id": ids.chart_box(panel, k), "property": "style"} for k in keys],
+                    {"id": pid("empty"), "property": "children"},
                 ],
                 "inputs": [
                     {"id": pid("smooth"), "property": "value", "value": view.smooth},
                     {"id": pid("x"), "property": "value", "value": view.x},
+                    {
+                        "id": pid("klaxis"),
+                        "property": "value",
+                        "value": "log" if view.kl_log else "linear",
+                    },
                     [
                         {
                             "id": self.gid(panel, k),
@@ -618,3 +628,85 @@ def test_extra_metric_with_its_meaning_and_wall_time_axis(app, db: Database) -> 
     key = json.dumps(Callbacks.gid("cmp", "m0"), sort_keys=True, separators=(",", ":"))
     update, _ = ext[key]["extendData"]
     assert all(x > 1e12 for xs in update["x"] for x in xs)  # milliseconds since the epoch
+
+
+# --------------------------------------------------------------------------- scalar-only runs
+
+
+def _import_grpo_pair(db: Database) -> dict[str, int]:
+    """The two real TRL GRPO logs of ../shared/realdata, imported as `klmon import` does:
+    KL only as k3 (TRL's `kl`), reward and length; no kl_mean, no token statistics."""
+    if not (REALDATA / "INDEX.md").is_file():
+        pytest.skip(f"real training logs not found at {REALDATA}")
+    return {
+        f: import_path(db, REALDATA / f"{f}.trainer_state.json", project="real").run.id
+        for f in ("gemma3_grpo_abdo", "chaos_economy_grpo")
+    }
+
+
+def test_query_carries_the_kl_axis_scale() -> None:
+    view, warnings = parse_query("?runs=1,2&klaxis=log")
+    assert view.kl_log and warnings == []
+    assert "klaxis=log" in to_query(view) and parse_query(to_query(view))[0] == view
+    assert View.from_dict(view.to_dict()) == view
+    view, warnings = parse_query("?runs=1&klaxis=cubic")
+    assert not view.kl_log and "klaxis" in warnings[0]
+
+
+def test_compare_two_imported_grpo_runs_draws_what_they_have(app, db: Database) -> None:
+    r = _import_grpo_pair(db)
+    a, b = r["gemma3_grpo_abdo"], r["chaos_economy_grpo"]
+    cb = Callbacks(app)
+    keys = [c.key for c in CHARTS]
+    status, resp = cb.render("cmp", View((a, b)), keys)
+    assert status == 200
+    kl = fig_of(resp, "cmp", "kl")
+    assert kl["layout"]["yaxis"]["title"]["text"] == "KL, nats per token (k3 from kl)"
+    assert max(ys(kl)) == pytest.approx(0.0686791875399649, rel=1e-6)  # gemma3 at step 130
+    frontier = fig_of(resp, "cmp", "frontier")
+    assert len(frontier["data"]) == 4  # history and tail per run
+    assert "k3 from kl" in frontier["layout"]["xaxis"]["title"]["text"]
+    # charts nobody has data for collapse to a line that says what fills them
+    styles = {
+        json.loads(k)["chart"]: v["style"]
+        for k, v in resp.items()
+        if k.startswith("{") and "kl-chart-box" in k
+    }
+    hidden = {k for k, st in styles.items() if st == {"display": "none"}}
+    assert hidden == {"nll", "concentration", "rollout_gap"}
+    lines = dump(resp[ids.panel_id("cmp", "empty")]["children"])
+    assert "Rollout gap (inference engine vs trainer): no data for these runs" in lines
+    assert "filled by rollout_gap (log_step(rollout_logprobs=...)" in lines
+    # every chart autoranges over the same extent: both runs' steps (5..250)
+    for k in keys:
+        if k != "frontier":
+            xaxis = fig_of(resp, "cmp", k)["layout"]["xaxis"]
+            assert xaxis["autorangeoptions"] == {"include": [5.0, 250.0]}, k
+    # the log toggle: KL axes only, and in the permalink
+    status, logged = cb.render("cmp", View((a, b), kl_log=True), keys)
+    assert status == 200
+    assert fig_of(logged, "cmp", "kl")["layout"]["yaxis"]["type"] == "log"
+    assert fig_of(logged, "cmp", "estimators")["layout"]["yaxis"]["type"] == "log"
+    assert "type" not in fig_of(logged, "cmp", "reward")["layout"]["yaxis"]
+    assert "klaxis=log" in logged[ids.panel_id("cmp", "permalink")]["href"]
+
+
+def test_runs_overview_and_compare_table_give_the_kl_with_its_unit(app, db: Database) -> None:
+    r = _import_grpo_pair(db)
+    overview = app.klmon_data.runs_overview().set_index("id")
+    for rid in r.values():
+        assert overview.loc[rid, "kl_quantity"] == "k3 from kl, nats/token"
+        assert overview.loc[rid, "last_kl"] > 0 and overview.loc[rid, "kl_trend"]
+    page = dump(
+        render_page(
+            app.klmon_data,
+            app.klmon_settings,
+            "/compare",
+            f"?runs={r['gemma3_grpo_abdo']},{r['chaos_economy_grpo']}",
+        )
+    )
+    assert "0.0212395 (k3 from kl, nats/token)" in page
+    run_page = dump(
+        render_page(app.klmon_data, app.klmon_settings, f"/run/{r['gemma3_grpo_abdo']}", "")
+    )
+    assert "KL now (k3 from kl, nats/token)" in run_page

@@ -13,11 +13,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from realdata_path import REALDATA
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.common.by import By
 
 from monitor.dashboard import DashboardSettings, create_app
+from monitor.ingest.importers import import_path
 from monitor.store.database import Database
 from monitor.store.drilldown import add_annotation, write_histograms, write_samples
 from monitor.store.engine import make_engine
@@ -365,4 +367,78 @@ def test_alerts_page_acknowledges_and_links_to_the_run(duo, db: Database) -> Non
     shot(duo, "alerts")
     link = duo.driver.find_element(By.CSS_SELECTOR, ".ag-center-cols-container a")
     assert link.get_attribute("href").endswith(f"/run/{r['b']}?step=150")
+    assert not severe_errors(duo)
+
+
+def visible_charts(duo: Any) -> dict[str, Any]:
+    """For each chart box shown on the page: its x range and y axis type as plotly drew
+    them (hidden boxes are left out)."""
+    return duo.driver.execute_script(
+        "const out = {};"
+        "document.querySelectorAll('.chart').forEach(box => {"
+        "  const gd = box.querySelector('.js-plotly-plot');"
+        "  if (box.offsetParent === null || !gd || !gd._fullLayout) return;"
+        "  const key = [...box.classList].find(c => c.startsWith('chart-')).slice(6);"
+        "  out[key] = {x: gd._fullLayout.xaxis.range, y: gd._fullLayout.yaxis.type,"
+        "    n: gd._fullData.filter(t => t.y && t.y.length).length};"
+        "});"
+        "return out;"
+    )
+
+
+def test_two_imported_grpo_runs_compare_on_what_they_have(duo, db: Database) -> None:
+    """Two real TRL GRPO logs (KL only as TRL's `kl`, i.e. k3 per token; no kl_mean, no
+    token statistics): the KL chart and the frontier draw k3 and say so, the charts nobody
+    has data for collapse to a line, every chart shows the same steps, and the KL axis goes
+    log with one click."""
+    if not (REALDATA / "INDEX.md").is_file():
+        pytest.skip(f"real training logs not found at {REALDATA}")
+    a, b = (
+        import_path(db, REALDATA / f"{f}.trainer_state.json").run.id
+        for f in ("gemma3_grpo_abdo", "chaos_economy_grpo")
+    )
+    app = create_app(DashboardSettings(db_url=db.url), db=db)
+    duo.start_server(app)
+    # Runs: a current KL with its quantity and unit for both
+    duo.wait_for_element(".ag-center-cols-container .ag-row", timeout=30)
+    wait_until(
+        lambda: (
+            duo.driver.find_element(By.CSS_SELECTOR, ".ag-center-cols-container").text.count(
+                "k3 from kl, nats/token"
+            )
+            == 2
+        ),
+        what="the KL quantity of both runs on the Runs page",
+    )
+    duo.driver.get(duo.server_url + f"/compare?runs={a},{b}")
+
+    def drawn() -> dict[str, Any] | None:
+        charts = visible_charts(duo)
+        return charts if charts.get("kl", {}).get("n", 0) >= 2 else None
+
+    charts = wait_until(drawn, what="the KL chart with both runs")
+    assert set(charts) == {"kl", "estimators", "reward", "frontier", "length"}
+    assert all(c["n"] > 0 for c in charts.values()), charts  # no chart of markers only
+    empty = duo.find_element("#cmp-empty").text
+    for title in ("Policy NLL", "KL concentration", "Rollout gap"):
+        assert f"{title}" in empty and "no data for these runs" in empty
+    ytitle = duo.driver.find_element(By.CSS_SELECTOR, ".chart-kl .ytitle").text
+    assert ytitle == "KL, nats per token (k3 from kl)"
+    xtitle = duo.driver.find_element(By.CSS_SELECTOR, ".chart-frontier .xtitle").text
+    assert "k3 from kl" in xtitle
+    frontier = graph_data(duo, "frontier")
+    assert sum(1 for t in frontier if t["n"]) >= 2  # both runs have points
+    # the x ranges of the time charts agree (gemma3 logs steps 10..250, chaos 5..200)
+    ranges = {k: tuple(round(v, 6) for v in c["x"]) for k, c in charts.items() if k != "frontier"}
+    assert len(set(ranges.values())) == 1, ranges
+    lo, hi = next(iter(ranges.values()))
+    assert lo <= 5 and hi >= 250
+    shot(duo, "compare-grpo-linear")
+    # one click: log KL axes, in the permalink too; other charts stay linear
+    duo.driver.find_element(By.CSS_SELECTOR, "#cmp-klaxis input[value='log']").click()
+    wait_until(lambda: visible_charts(duo)["kl"]["y"] == "log", what="a log KL axis")
+    charts = visible_charts(duo)
+    assert charts["estimators"]["y"] == "log" and charts["reward"]["y"] == "linear"
+    assert "klaxis=log" in duo.find_element("#cmp-permalink").get_attribute("href")
+    shot(duo, "compare-grpo-log")
     assert not severe_errors(duo)

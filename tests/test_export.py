@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import text
 
 from monitor.cli import main
 from monitor.errors import InvalidInput, NotFound
@@ -119,3 +120,52 @@ def test_cli_export(db_url: str, tmp_path: Path) -> None:
     assert "wrote 7 steps" in result.output and out.exists()
     result = CliRunner().invoke(main, ["export", "ghost", "-o", str(out), "--db", db_url])
     assert result.exit_code == 1 and "Error: no run named 'ghost'" in result.output
+
+
+#: Metric names that collide with export columns or need quoting in CSV.
+HOSTILE_METRICS = ["step", "wall_time", "status", "metric:step", "k3", "a,b", 'q"uote', "new\nline"]
+
+
+def _metric_rows(db: Database, run_id: int) -> list[tuple[int, str, float]]:
+    with db.begin() as conn:
+        rows = conn.execute(
+            text("SELECT step, name, value FROM metrics WHERE run_id = :r"), {"r": run_id}
+        ).all()
+    return sorted((int(s), n, float(v)) for s, n, v in rows)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_export_metric_named_like_a_column(db: Database, tmp_path: Path, suffix: str) -> None:
+    """A metric called ``step`` (or any step column) is exported as ``metric:<name>`` and
+    comes back under its own name, next to the real step column."""
+    run = get_or_create_run(db, "live", "odd-names")
+    write_steps(db, run.id, [{"step": s, "wall_time": 1e9 + s, "kl_mean": s / 10} for s in (0, 5)])
+    write_metrics(
+        db, run.id, [(s, n, s + i / 8) for i, n in enumerate(HOSTILE_METRICS) for s in (0, 5)]
+    )
+    out = tmp_path / f"odd{suffix}"
+    report = export_run(db, run.id, out)
+    assert (report.steps, report.metrics) == (2, len(HOSTILE_METRICS))
+    back = import_path(db, out, project="copies", name="odd-copy")
+    assert back.producer == "klmon" and back.problems == []
+    assert _metric_rows(db, back.run.id) == _metric_rows(db, run.id)
+    steps = read_steps(db, back.run.id)
+    assert steps["step"].tolist() == [0, 5] and steps["kl_mean"].tolist() == [0.0, 0.5]
+    if suffix == ".jsonl":
+        first = json.loads(out.read_text().splitlines()[0])
+        assert first["step"] == 0 and first["metric:step"] == 0.0
+        assert first["metric:metric:step"] == 3 / 8
+
+
+def test_cli_export_metric_named_step(db_url: str, tmp_path: Path) -> None:
+    db = Database.open(db_url)
+    try:
+        run = get_or_create_run(db, "live", "stepped")
+        write_steps(db, run.id, [{"step": 1, "wall_time": 1e9}])
+        write_metrics(db, run.id, [(1, "step", 7.0)])
+    finally:
+        db.dispose()
+    out = tmp_path / "s.csv"
+    result = CliRunner().invoke(main, ["export", "stepped", "-o", str(out), "--db", db_url])
+    assert result.exit_code == 0, result.output
+    assert out.read_text().splitlines()[0].split(",")[-1] == "metric:step"

@@ -318,3 +318,137 @@ def test_a_tail_merges_into_one_partial_bucket() -> None:
     assert np.isnan(m["k1"][0]) and m["wall_max"][0] == 2.5
     x, y, _, _ = F.tail_points(m, "kl_mean", "step")
     assert y == [0.5, 9.0] and x == [1024 + 577 / 4, 1024 + 3 * 577 / 4]
+
+
+# --------------------------------------------------------------------------- scalar-only runs
+
+
+def grpo_like(run_id: int, steps: np.ndarray, k3: np.ndarray, color: str = "#d62728"):
+    """An imported GRPO run: k3 (TRL's kl), reward and length; no kl_mean, no token stats."""
+    frame = raw_frame(steps, k3=k3, reward_mean=np.linspace(0, 1, len(steps)))
+    return F.RunData(
+        run_id, f"grpo{run_id}", color, 0, frame, empty_like(frame), {}, "k3", "k3 from kl"
+    )
+
+
+def test_kl_chart_draws_a_runs_per_token_kl_when_it_has_no_kl_mean() -> None:
+    k3 = np.array([0.001, 0.002, 0.004, 17.8, 0.003])
+    run = grpo_like(1, np.arange(10, 60, 10), k3)
+    fig = F.time_chart(F.CHARTS_BY_KEY["kl"], [run], as_dict=True)
+    line = next(t for t in fig["data"] if t.get("name") and t.get("showlegend", True))
+    assert decode(line["y"]).tolist() == pytest.approx(k3.tolist(), rel=1e-6)
+    assert line["name"] == "grpo1"  # one quantity: named in the axis title
+    assert "yaxis" not in line
+    assert fig["layout"]["yaxis"]["title"]["text"] == "KL, nats per token (k3 from kl)"
+    assert not any(t.get("fill") for t in fig["data"])  # the p05-p95 band is kl_mean's
+    assert fig["layout"]["title"]["text"] == "KL to the reference"
+    assert F.chart_has_data(F.CHARTS_BY_KEY["kl"], [run])
+
+
+def test_kl_chart_puts_per_token_runs_on_their_own_axis_beside_kl_mean() -> None:
+    steps = np.arange(20)
+    live_frame = raw_frame(
+        steps, kl_mean=np.full(20, 6.0), kl_p05=np.full(20, 2.0), kl_p95=np.full(20, 9.0)
+    )
+    live = F.RunData(1, "ppo", "#1f77b4", 0, live_frame, empty_like(live_frame))
+    grpo = grpo_like(2, steps, np.full(20, 0.01))
+    fig = F.time_chart(F.CHARTS_BY_KEY["kl"], [live, grpo], as_dict=True)
+    named = {t["name"]: t for t in fig["data"] if t.get("name") and t.get("showlegend", True)}
+    assert set(named) == {"ppo · kl_mean, nats/seq", "grpo2 · k3 from kl, nats/token"}
+    assert named["grpo2 · k3 from kl, nats/token"].get("yaxis") == "y3"
+    assert "yaxis" not in named["ppo · kl_mean, nats/seq"]
+    lay = fig["layout"]
+    assert lay["yaxis"]["title"]["text"] == "KL, nats per sequence (kl_mean)"
+    assert lay["yaxis3"]["title"]["text"] == "KL, nats per token (k3 from kl)"
+    assert lay["yaxis3"]["side"] == "right" and lay["yaxis3"]["overlaying"] == "y"
+    # the band belongs to the kl_mean run only; the per-token run's tail is on y3 too
+    assert {t["legendgroup"] for t in fig["data"] if t.get("fill")} == {"r1"}
+    tails = [t for t in fig["data"] if isinstance(t.get("meta"), dict)]
+    assert all(t.get("yaxis") == "y3" for t in tails if t["meta"]["run"] == 2)
+
+
+def test_log_toggle_sets_log_axes_on_kl_charts_only() -> None:
+    steps = np.arange(10, 60, 10)
+    run = grpo_like(1, steps, np.array([0.001, 0.002, 0.004, 17.8, 0.003]))
+    for key in ("kl", "estimators"):
+        fig = F.time_chart(F.CHARTS_BY_KEY[key], [run], log_y=True, as_dict=True)
+        assert fig["layout"]["yaxis"]["type"] == "log"
+        assert fig["layout"]["yaxis"]["title"]["text"].endswith(" (log scale)")
+        lin = F.time_chart(F.CHARTS_BY_KEY[key], [run], as_dict=True)
+        assert "type" not in lin["layout"]["yaxis"]
+    reward = F.time_chart(F.CHARTS_BY_KEY["reward"], [run], log_y=True, as_dict=True)
+    assert "type" not in reward["layout"]["yaxis"]
+
+
+def test_frontier_uses_whatever_kl_a_run_has_and_says_which() -> None:
+    steps = np.arange(5)
+    run = grpo_like(1, steps, np.array([0.0, 0.01, 0.04, np.nan, 0.09]))
+    fig = F.frontier_chart([run], as_dict=True)
+    assert decode(fig["data"][0]["x"]).tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3], rel=1e-6)
+    assert fig["data"][0]["name"] == "grpo1 · sqrt(k3 from kl)"
+    assert fig["layout"]["xaxis"]["title"]["text"] == "sqrt(KL): k3 from kl, sqrt(nats per token)"
+    assert F.tail_traces(fig)[0]["col"] == "k3"  # live updates extend from k3
+    assert F.chart_has_data(F.CHARTS_BY_KEY["frontier"], [run])
+    no_reward = F.RunData(
+        2,
+        "b",
+        "#000000",
+        0,
+        raw_frame(steps, k3=np.ones(5)),
+        empty_like(raw_frame(steps)),
+        {},
+        "k3",
+        "k3",
+    )
+    assert not F.chart_has_data(F.CHARTS_BY_KEY["frontier"], [no_reward])
+
+
+def test_charts_without_data_for_any_run_are_found() -> None:
+    run = grpo_like(1, np.arange(5), np.full(5, 0.01))
+    empty = [c.key for c in F.CHARTS if not F.chart_has_data(c, [run])]
+    assert empty == ["nll", "length", "concentration", "rollout_gap"]
+    assert all(F.CHARTS_BY_KEY[k].fills for k in empty)  # each says what would fill it
+    other = F.RunData(
+        2,
+        "b",
+        "#000000",
+        0,
+        raw_frame(np.arange(3), policy_nll=np.ones(3)),
+        empty_like(raw_frame(np.arange(3))),
+    )
+    assert F.chart_has_data(F.CHARTS_BY_KEY["nll"], [run, other])  # one run is enough
+
+
+def test_every_chart_of_a_panel_spans_the_same_x_extent() -> None:
+    a = grpo_like(1, np.arange(10, 260, 10), np.full(25, 0.01))
+    frame_b = raw_frame(np.arange(5, 205, 5), policy_nll=np.ones(40))
+    metric = raw_frame(np.arange(0, 300, 50), value=np.ones(6))
+    b = F.RunData(
+        2, "b", "#000000", 0, frame_b, empty_like(frame_b), {"m0": (0, metric, metric[:0])}
+    )
+    assert F.x_extent([a, b]) == (0.0, 250.0)
+    assert F.x_extent([a, b], "wall") == (pytest.approx(1.7e12), pytest.approx((1.7e9 + 500) * 1e3))
+    assert F.x_extent([]) is None
+    for key in ("kl", "reward", "nll"):
+        fig = F.time_chart(F.CHARTS_BY_KEY[key], [a, b], x_extent=(0.0, 250.0), as_dict=True)
+        assert fig["layout"]["xaxis"]["autorangeoptions"] == {"include": [0.0, 250.0]}
+    zoomed = F.time_chart(
+        F.CHARTS_BY_KEY["kl"], [a, b], x_range=[20, 40], x_extent=(0.0, 250.0), as_dict=True
+    )
+    assert zoomed["layout"]["xaxis"]["range"] == [20, 40]
+    assert "autorangeoptions" not in zoomed["layout"]["xaxis"]
+
+
+def test_frontier_gives_per_token_runs_their_own_x_axis_beside_kl_mean() -> None:
+    steps = np.arange(5)
+    frame = raw_frame(steps, kl_mean=np.full(5, 4.0), reward_mean=np.ones(5))
+    live = F.RunData(1, "ppo", "#1f77b4", 0, frame, empty_like(frame))
+    grpo = grpo_like(2, steps, np.full(5, 0.04))
+    fig = F.frontier_chart([live, grpo], as_dict=True)
+    by_run = {t["legendgroup"]: t for t in fig["data"] if t.get("showlegend", True)}
+    assert "xaxis" not in by_run["r1"] and by_run["r2"]["xaxis"] == "x2"
+    assert decode(by_run["r2"]["x"]).tolist() == pytest.approx([0.2] * 5, rel=1e-6)
+    lay = fig["layout"]
+    assert lay["xaxis"]["title"]["text"] == "sqrt(KL): kl_mean, sqrt(nats per sequence)"
+    assert lay["xaxis2"]["title"]["text"] == "sqrt(KL): k3 from kl, sqrt(nats per token)"
+    assert lay["xaxis2"]["overlaying"] == "x" and lay["xaxis2"]["side"] == "top"

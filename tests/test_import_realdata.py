@@ -97,3 +97,112 @@ def test_manual_ppo_negative_kl_vs_ref() -> None:
     assert kl[0] == 0.0 and kl[-1] < -5
     metrics = {(s, n): v for s, n, v in p.metrics}
     assert all(metrics[(s, "approx_kl")] == 0.0 for s in range(200))  # kept, never mapped
+
+
+# file, --map, format, producer, steps, the KL quantity, its column, estimator, unit
+EXPECTED = [
+    ("gemma3_grpo_abdo.trainer_state.json", [], "trainer_state", "trl-grpo",
+     list(range(10, 251, 10)), "k3", "kl", "k3", "nats/token"),
+    ("chaos_economy_grpo.trainer_state.json", [], "trainer_state", "trl-grpo",
+     list(range(5, 201, 5)), "k3", "kl", "k3", "nats/token"),
+    ("ppo_detox_trl_baseline_zongyang.jsonl", ["approx_kl=kl_mean"], "jsonl", "generic",
+     list(range(200)), "kl_mean", "approx_kl", "k1", "nats/sequence"),
+    ("ppo_detox_manual_zongyang.jsonl", ["kl_vs_ref=kl_mean"], "jsonl", "generic",
+     list(range(200)), "kl_mean", "kl_vs_ref", "k1", "nats/sequence"),
+    ("trl_grpo_console_seed44_sunshine.log", [], "hf_console", "trl-grpo",
+     list(range(1, 201)), "k3", "kl", "k3", "nats/token"),
+    ("trl_grpo_console_adq_seed45_sunshine.log", [], "hf_console", "trl-grpo",
+     list(range(1, 201)), "k3", "kl", "k3", "nats/token"),
+    ("trl_ppo_v1_kartikmunjal.trajectory.json", [], "jsonl", "trl-ppo",
+     list(range(1, 101)), "kl_mean", "objective/kl", "k1", "nats/sequence"),
+    ("trl_ppo_v2_kartikmunjal.trajectory.json", [], "jsonl", "trl-ppo",
+     list(range(1, 101)), "kl_mean", "objective/kl", "k1", "nats/sequence"),
+    ("custom_ppo_dead_run_rlhfkit.train.jsonl", [], "jsonl", "generic",
+     list(range(1, 51)), "kl_mean", "kl_mean", "k1", "nats/sequence"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("row", EXPECTED, ids=[r[0].split(".")[0] for r in EXPECTED])
+def test_every_real_log_imports_with_its_steps_and_kl(db: Database, row: tuple) -> None:
+    name, maps, fmt, producer, steps, quantity, column, estimator, unit = row
+    report = import_path(db, _file(name), project="every", mapping=parse_map(maps))
+    assert (report.format, report.producer, report.problems) == (fmt, producer, [])
+    stored = read_steps(db, report.run.id)
+    assert list(stored["step"]) == steps
+    assert stored[quantity].notna().sum() >= len(steps) - 1  # kl is logged on (nearly) every row
+    assert (column, quantity, estimator, unit) in report.kl_read
+    assert f"KL read from: {column} -> {quantity} ({estimator}, {unit})" in "\n".join(
+        report.summary_lines()
+    )
+    # what the run config records for readers of the run (runs list, dashboard)
+    kl = report.run.config["import"]["kl"][0]
+    assert (kl["column"], kl["quantity"], kl["unit"]) == (column, quantity, unit)
+    assert report.run.status == "finished"
+
+
+@pytest.mark.parametrize(
+    ("name", "candidates"),
+    [
+        ("ppo_detox_trl_baseline_zongyang.jsonl", "approx_kl"),
+        ("ppo_detox_manual_zongyang.jsonl", "approx_kl, kl_vs_ref"),
+    ],
+)
+def test_a_log_whose_kl_is_not_recognised_says_so_and_names_the_map(
+    name: str, candidates: str
+) -> None:
+    _f, p = prepare_path(_file(name))
+    assert p.kl_read == [] and ", ".join(p.kl_candidates) == candidates
+    (line,) = p.kl_lines()
+    assert line.startswith("no KL column recognised, so no KL monitoring for this run")
+    assert f"named like KL: {candidates}" in line
+    assert "--map approx_kl=kl_mean" in line
+
+
+def test_console_log_reads_the_printed_dicts_in_order(db: Database) -> None:
+    path = _file("trl_grpo_console_adq_seed45_sunshine.log")
+    report = import_path(db, path, project="console")
+    steps = read_steps(db, report.run.id).set_index("step")
+    # INDEX.md: a KL spike to 0.92 at HF step 160
+    assert steps["k3"].idxmax() == 160 and steps.loc[160, "k3"] == pytest.approx(0.9205)
+    assert steps.loc[1, "k3"] == 0.0  # printed as the string '0'
+    assert steps.loc[1, "resp_len_mean"] == pytest.approx(253.2)
+    metrics = read_metrics(db, report.run.id).set_index("step")
+    assert {"loss", "grad_norm", "learning_rate", "epoch", "rewards/reward_fn"} <= set(
+        metrics.columns
+    )
+    assert report.run.config["train_summary"]["train_runtime"] == "7098"
+    lines = report.summary_lines()
+    assert "step from the order of the Trainer's printed dicts" in lines
+    assert any("Total optimization steps = 200" in line for line in lines)
+    seed44 = prepare_path(_file("trl_grpo_console_seed44_sunshine.log"))[1]
+    k3 = {r["step"]: r["k3"] for r in seed44.steps}
+    assert max(k3.values()) == pytest.approx(0.3347) and len(k3) == 200
+
+
+def test_two_checkpoint_folders_with_the_default_name_never_merge(
+    db: Database, tmp_path: Path
+) -> None:
+    """The issue's case: two different outputs/checkpoint-250/ imported with the default name."""
+    a = tmp_path / "a" / "outputs" / "checkpoint-250"
+    b = tmp_path / "b" / "outputs" / "checkpoint-250"
+    for folder, src in (
+        (a, "gemma3_grpo_abdo.trainer_state.json"),
+        (b, "chaos_economy_grpo.trainer_state.json"),
+    ):
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_bytes(_file(src).read_bytes())
+    first = import_path(db, a)
+    second = import_path(db, b)
+    assert first.run.name == "outputs" and second.run.name.startswith("outputs-")
+    assert second.renamed_from == "outputs" and second.created
+    assert (second.step_conflicts, second.metric_conflicts) == ((), [])
+    assert list(read_steps(db, first.run.id)["step"]) == list(range(10, 251, 10))
+    assert list(read_steps(db, second.run.id)["step"]) == list(range(5, 201, 5))
+    # each again: a no-op in its own run
+    for folder, report in ((a, first), (b, second)):
+        again = import_path(db, folder)
+        assert (again.run.id, again.steps_inserted, again.metrics_inserted) == (
+            report.run.id,
+            0,
+            0,
+        )

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from monitor.cli import main
 from monitor.errors import InvalidInput
 from monitor.ingest.importers import import_path, parse_map
+from monitor.ingest.importers.importer import fingerprint
 from monitor.store.database import Database
 from monitor.store.metric_info import (
     MetricInfo,
@@ -75,21 +76,43 @@ def test_importing_twice_changes_nothing(db: Database) -> None:
     assert any("already stored and unchanged: 3 steps" in line for line in again.summary_lines())
 
 
-def test_a_changed_file_reports_conflicts_and_keeps_stored_values(
-    db: Database, tmp_path: Path
-) -> None:
+def test_a_changed_file_never_goes_into_the_first_files_run(db: Database, tmp_path: Path) -> None:
     log = tmp_path / "run.jsonl"
     log.write_text('{"step": 1, "reward": 1.0}\n{"step": 2, "reward": 2.0}\n')
-    import_path(db, log)
+    first = import_path(db, log)
     log.write_text(
         '{"step": 1, "reward": 1.0}\n{"step": 2, "reward": 9.0}\n{"step": 3, "reward": 3.0}\n'
     )
-    report = import_path(db, log)
-    assert report.steps_inserted == 1 and report.step_conflicts == (2,)
-    assert report.metric_conflicts == [(2, "reward")]
-    assert any(line.startswith("CONFLICT: 1 steps") for line in report.summary_lines())
-    steps = read_steps(db, report.run.id)
-    assert list(steps["reward_mean"]) == [1.0, 2.0, 3.0]
+    second = import_path(db, log)
+    # under the default name: a run of its own, named after the file and its fingerprint
+    assert second.created and second.run.id != first.run.id
+    assert second.renamed_from == "run"
+    assert second.run.name == "run-" + fingerprint(log).split(":")[1][:8]
+    assert any(
+        "holds another file" in line and second.run.name in line for line in second.summary_lines()
+    )
+    assert list(read_steps(db, first.run.id)["reward_mean"]) == [1.0, 2.0]
+    assert list(read_steps(db, second.run.id)["reward_mean"]) == [1.0, 9.0, 3.0]
+    assert first.run.config["import"]["source"] != second.run.config["import"]["source"]
+    # the second file again: the same (second) run, nothing new
+    again = import_path(db, log)
+    assert (again.run.id, again.steps_inserted, again.metrics_inserted) == (second.run.id, 0, 0)
+    # under a name given with --run that holds another file: refused, nothing written
+    with pytest.raises(InvalidInput, match=r"already holds another file .* another --run name"):
+        import_path(db, log, name="run")
+    assert list(read_steps(db, first.run.id)["reward_mean"]) == [1.0, 2.0]
+
+
+def test_same_file_with_another_map_reports_conflicts_and_keeps_stored_values(
+    db: Database, tmp_path: Path
+) -> None:
+    log = tmp_path / "run.jsonl"
+    log.write_text('{"step": 1, "score": 1.0, "r2": 5.0}\n{"step": 2, "score": 2.0, "r2": 6.0}\n')
+    import_path(db, log)
+    report = import_path(db, log, mapping=parse_map(["r2=reward_mean", "score=-"]))
+    assert report.steps_inserted == 0 and report.step_conflicts == (1, 2)
+    assert any(line.startswith("CONFLICT: 2 steps") for line in report.summary_lines())
+    assert list(read_steps(db, report.run.id)["reward_mean"]) == [1.0, 2.0]
 
 
 def test_skipped_lines_are_summarised(db: Database) -> None:
@@ -142,6 +165,28 @@ def test_cli_import(db_url: str, tmp_path: Path) -> None:
     wrong = runner.invoke(main, ["import", str(FIXTURES / "junk.json"), "--db", db_url])
     assert wrong.exit_code == 1 and "junk.json: the name says JSON" in wrong.output
     assert "Traceback" not in wrong.output
+
+
+def test_cli_step_column_and_refusals(db_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "ppo.csv"
+    log.write_text("update,kl,score\n1,0.1,1\n2,0.2,2\n")
+    runner = CliRunner()
+    args = ["import", str(log), "--db", db_url, "--quiet", "--project", "cli"]
+    result = runner.invoke(main, [*args, "--step-column", "update", "--map", "kl=k3"])
+    assert result.exit_code == 0, result.output
+    assert "step from column update (--step-column)" in result.output
+    assert "KL read from: kl -> k3 (k3, nats/token)" in result.output
+    # another file under the same --run name: refused, no traceback
+    other = tmp_path / "other.csv"
+    other.write_text("update,kl\n1,0.5\n")
+    refused = runner.invoke(main, ["import", str(other), "--db", db_url, "--project", "cli",
+                                   "--run", "ppo"])  # fmt: skip
+    assert refused.exit_code == 1 and "already holds another file" in refused.output
+    assert "Traceback" not in refused.output
+    nothing = tmp_path / "nothing.jsonl"
+    nothing.write_bytes(b"\x00\x01\n{broken\n")
+    empty = runner.invoke(main, ["import", str(nothing), "--db", db_url, "--format", "jsonl"])
+    assert empty.exit_code == 1 and "no steps could be read" in empty.output
 
 
 def test_cli_help_has_examples() -> None:

@@ -48,7 +48,7 @@ def test_out_of_range_step_bad_metric_names_and_bad_config_are_refused(db_url, t
     db.dispose()
 
 
-def test_sync_reports_a_file_the_database_refuses_and_replays_the_others(
+def test_sync_dead_letters_a_record_the_database_refuses_and_replays_the_rest(
     db_url: str, tmp_path
 ) -> None:
     from click.testing import CliRunner
@@ -72,10 +72,22 @@ def test_sync_reports_a_file_the_database_refuses_and_replays_the_others(
     # A step the database cannot hold (written by an older client, or a damaged file).
     poisoned.write_bytes(poisoned.read_bytes() + encode_record({**record, "step": 2**63}))
 
+    # ...followed by a good step of the same file, which must not pay for it.
+    later = {**record, "step": 3, "hash": "later"}
+    poisoned.write_bytes(poisoned.read_bytes() + encode_record(later))
+
     out = CliRunner().invoke(main, ["sync", "--spool-dir", str(spool), "--db", db_url])
-    assert "not replayed (kept)" in out.output, out.output
+    assert out.exit_code == 0, out.output
+    assert "1 records refused by the database" in out.output, out.output
     db = Database.open(db_url)
-    good = resolve_run(db, "p/good")
-    assert list(read_steps(db, good.id)["step"]) == [0, 1, 2]
+    for name, steps in (("p/good", [0, 1, 2]), ("p/poisoned", [0, 1, 2, 3])):
+        assert list(read_steps(db, resolve_run(db, name).id)["step"]) == steps
     db.dispose()
-    assert poisoned.exists(), "the refused file stays for inspection"
+    dead = list(spool.glob("*.klspool-dead"))
+    assert len(dead) == 1 and ".poisoned." in dead[0].name
+    kept = [r.record for r in iter_records(dead[0]) if isinstance(r, SpoolRecord)]
+    assert [(k["type"], k["record"]["step"], k["run"]["name"]) for k in kept] == [
+        ("dead", 2**63, "poisoned")
+    ]
+    assert "out of range" in kept[0]["reason"] or "too large" in kept[0]["reason"], kept[0]
+    assert not poisoned.exists(), "replayed: the refused record lives on in the dead-letter file"

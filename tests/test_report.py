@@ -4,16 +4,23 @@ that exist and are referenced."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from markdown_it import MarkdownIt
 from sqlalchemy import text
 
 from monitor.cli import main
 from monitor.demo import build_demo
 from monitor.report import collect, parse_run_refs, render_html, render_markdown
+from monitor.report.markdown import md_code
 from monitor.store.database import Database
 from monitor.store.drilldown import read_samples
 
@@ -187,3 +194,95 @@ def test_a_range_without_steps_is_an_error_not_an_empty_report(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert "warning: no steps of ppo-healthy in steps 40 to last" in result.output
     assert out.exists()
+
+
+#: Tokens that try to close their code span early and let the rest through as HTML.
+HOSTILE_TOKENS = [
+    "a``<img src=x onerror=alert(1)>``b",
+    "``<img src=x onerror=alert(2)>",
+    "`<b onmouseover=alert(3)>`",
+    "x|<script>alert(4)</script>|",
+    "\\`<iframe src=javascript:alert(5)>",
+]
+
+#: What CommonMark with GitHub tables may produce from the report, and nothing else.
+ALLOWED_TAGS = {"h1", "h2", "h3", "p", "strong", "em", "code", "blockquote", "img", "br"}
+ALLOWED_TAGS |= {"table", "thead", "tbody", "tr", "th", "td"}
+
+
+def _render(markdown: str) -> str:
+    """Markdown as a renderer that lets raw HTML through would show it (GitHub-style tables)."""
+    return MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown)
+
+
+class _Elements(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+        self.code: list[str] = []
+        self._in_code = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+        if tag == "code":
+            self._in_code = True
+            self.code.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "code":
+            self._in_code = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_code:
+            self.code[-1] += data
+
+
+def _elements(html: str) -> _Elements:
+    parser = _Elements()
+    parser.feed(html)
+    parser.close()
+    return parser
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="`|\\<>&\"' \tab\r\n", min_size=1, max_size=12))
+def test_md_code_span_holds_any_token(token: str) -> None:
+    """In a table cell, a token renders as exactly one code element with its own text."""
+    cell = _elements(_render(f"| t |\n|---|\n| {md_code(token)} |\n"))
+    assert [t for t, _a in cell.tags if t not in ("table", "thead", "tbody", "tr", "th")] == [
+        "td",
+        "code",
+    ]
+    assert cell.code == [re.sub(r"[\r\n]+", " ", token)]  # line breaks shown as one space
+
+
+def test_markdown_report_tokens_never_become_html(demo_db: str, tmp_path: Path) -> None:
+    """A stored sample whose tokens hold backtick runs and HTML: the rendered report has
+    only the report's own elements, and each token shows literally in a code span."""
+    own = tmp_path / "hostile.db"
+    shutil.copy(demo_db.removeprefix("sqlite:///"), own)
+    url = f"sqlite:///{own}"
+    db = Database.open(url)
+    data = collect(db, "ppo-healthy")
+    sample = data.runs[0].samples[0]
+    tokens = [HOSTILE_TOKENS[i % len(HOSTILE_TOKENS)] for i in range(len(sample.policy_logprobs))]
+    with db.begin() as conn:
+        conn.execute(
+            text("UPDATE samples SET tokens = :t WHERE id = :i"),
+            {"t": json.dumps(tokens), "i": sample.id},
+        )
+    db.dispose()
+    out = tmp_path / "report.md"
+    result = CliRunner().invoke(
+        main, ["report", "--db", url, "--runs", "ppo-healthy", "--format", "md", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    page = _elements(_render(out.read_text(encoding="utf-8")))
+    assert {t for t, _a in page.tags} <= ALLOWED_TAGS
+    for tag, attrs in page.tags:
+        names = {name for name, _v in attrs}
+        if tag == "img":
+            assert names == {"src", "alt"} and dict(attrs)["src"].endswith(".png")
+        else:
+            assert names <= {"style"}, (tag, attrs)  # table cell alignment at most
+    assert set(HOSTILE_TOKENS) <= set(page.code)

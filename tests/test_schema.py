@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -58,3 +62,41 @@ def test_step_columns_are_exactly_the_divergence_quantities() -> None:
     names = tuple(summarize(np.array([[-0.8, -0.4]]), np.array([[-1.5, -2.1]])).as_dict())
     assert names == STEP_QUANTITIES
     assert set(STEP_QUANTITIES) <= set(StepRow.__table__.columns.keys())
+
+
+def _upgrade_after(barrier: Barrier, url: str, results: Queue) -> None:
+    """One process of the concurrent-upgrade test: wait for the others, then upgrade."""
+    engine = make_engine(url)
+    barrier.wait()
+    try:
+        results.put(("ok", upgrade(engine)))
+    except Exception as exc:
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_upgrades_of_a_fresh_database_are_serialised(empty_db_url: str) -> None:
+    """Four processes upgrade one empty database at the same moment: one creates the schema,
+    the others wait for it and find it at head; none sees a catalog error."""
+    if not empty_db_url.startswith("postgresql"):
+        pytest.skip("upgrades are serialised with a PostgreSQL advisory lock")
+    ctx = multiprocessing.get_context("spawn")
+    n = 4
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [
+        ctx.Process(target=_upgrade_after, args=(barrier, empty_db_url, results)) for _ in range(n)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    head = head_revision()
+    assert sorted(outcomes, key=str) == sorted([("ok", None)] + [("ok", head)] * (n - 1), key=str)
+    engine = make_engine(empty_db_url)
+    assert current_revision(engine) == head
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == []

@@ -89,7 +89,7 @@ def test_grpo_view_keeps_only_k3_and_converts_the_target():
     view = grpo_view(run)
     assert view.steps_df[["kl_mean", "k1", "kl_p95", "top1pct_share"]].isna().all().all()
     pd.testing.assert_series_equal(view.steps_df["k3"], run.steps_df["k3"])
-    assert view.config["target_kl"] == pytest.approx(run.config["target_kl"] / 40)
+    assert view.config["target_kl_per_token"] == pytest.approx(run.config["target_kl"] / 40)
 
 
 def test_batches_are_what_the_step_table_summarises():

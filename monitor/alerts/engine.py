@@ -39,11 +39,11 @@ import pandas as pd
 
 from monitor.alerts.delivery import Delivery
 from monitor.alerts.notify import Sender, channels_for, senders_for
-from monitor.alerts.render import RunLabel, render, warm_up, worst
+from monitor.alerts.render import RunLabel, render, render_escalation, warm_up, worst
 from monitor.alerts.rules import Rule, RuleSet, load_rules
 from monitor.alerts.settings import AlertSettings
 from monitor.alerts.state import Transition, observe, resume, suspend
-from monitor.analytics import EXTRA_METRIC_SUFFIXES, RunContext
+from monitor.analytics import EXTRA_METRIC_SUFFIXES, RunContext, has_inputs
 from monitor.errors import KlmonError
 from monitor.store import alerts as store
 from monitor.store.database import Database
@@ -350,8 +350,12 @@ class AlertEngine:
         out: list[Transition] = []
         statuses = new["status"].to_numpy() if "status" in new.columns else None
         counts_rejected = rule.detector == "rejected_input"
+        # missing is not clear: a row without the detector's inputs is skipped
+        carries = has_inputs(rule.detector, new)
         for i, step in enumerate(new["step"].to_numpy()):
             if statuses is not None and statuses[i] == "rejected" and not counts_rejected:
+                continue
+            if not carries[i]:
                 continue
             out += observe(
                 rule,
@@ -415,7 +419,7 @@ class AlertEngine:
         """Render and enqueue what is owed; returns the number of outbox rows added."""
         now = self.clock()
         owed = store.events_to_notify(self.db, run_ids)
-        if not owed:
+        if not owed and not store.escalations_to_notify(self.db, run_ids):
             return 0
         silences = store.active_silences(self.db, now)
         by_run: dict[int, list[store.AlertEvent]] = defaultdict(list)
@@ -429,6 +433,7 @@ class AlertEngine:
                 log.error("run %s: could not enqueue notifications: %s", run_id, exc)
                 if report is not None:
                     report.errors.append(f"run {run_id}: notify: {exc}")
+        added += self._notify_escalations(run_ids, silences, now, report)
         if added:
             self.delivery.wake.set()
         return added
@@ -497,6 +502,51 @@ class AlertEngine:
             return False
 
         return held
+
+    def _notify_escalations(
+        self,
+        run_ids: Sequence[int] | None,
+        silences: list[store.Silence],
+        now: float,
+        report: PassReport | None,
+    ) -> int:
+        """One notification per run for the firing episodes whose peak escalated (a silenced
+        one waits for its silence to end)."""
+        by_run: dict[int, list[store.AlertEvent]] = defaultdict(list)
+        for e in store.escalations_to_notify(self.db, run_ids):
+            if not any(s.covers(e.run_id, e.rule, now) for s in silences):
+                by_run[e.run_id].append(e)
+        added = 0
+        for run_id, events in by_run.items():
+            try:
+                from monitor.store.runs import get_run
+
+                info = get_run(self.db, run_id)
+                head = max(events, key=lambda e: abs(e.peak_value or 0.0))
+                rendered = render_escalation(
+                    RunLabel(info.id, info.project, info.name),
+                    events,
+                    steps=store.read_steps_around(self.db, run_id, head.peak_step),
+                    dashboard_url=self.settings.dashboard_url,
+                )
+                messages = [
+                    store.OutgoingMessage(
+                        channel,
+                        rendered.subject,
+                        rendered.email_payload() if channel == "email" else rendered.webhook,
+                    )
+                    for channel in channels_for(self.settings)
+                ]
+                escalated = {e.id: int(e.escalated_step) for e in events}
+                if store.enqueue_escalations(
+                    self.db, run_id, messages, escalated=escalated, now=now
+                ):
+                    added += len(messages)
+            except KlmonError as exc:
+                log.error("run %s: could not enqueue an escalation: %s", run_id, exc)
+                if report is not None:
+                    report.errors.append(f"run {run_id}: escalate: {exc}")
+        return added
 
     def _render(
         self, run_id: int, fired: list[store.AlertEvent], resolved: list[store.AlertEvent]

@@ -83,11 +83,29 @@ def dashboard_link(base: str | None, run_id: int, step: int | None) -> str | Non
     )
 
 
+#: Detectors whose episodes peak on the KL itself.
+KL_DETECTORS = frozenset(
+    {"budget", "spike", "shift", "reward_hacking", "negative_kl", "reference_offset"}
+)
+
+
+def peak_phrase(e: AlertEvent) -> str | None:
+    """'KL reached 17.8 at step 70' (None when the episode has no peak)."""
+    if e.peak_value is None or e.peak_step is None:
+        return None
+    what = "KL" if e.detector in KL_DETECTORS else e.rule
+    return f"{what} reached {e.peak_value:.3g} at step {e.peak_step}"
+
+
 def subject_for(run: RunLabel, fired: Sequence[AlertEvent], resolved: Sequence[AlertEvent]) -> str:
     head = worst(fired)
     if head is not None:
         more = len(fired) - 1
-        text = f"[klmon] {head.severity.upper()}: {head.rule} on {run.label}"
+        peak = peak_phrase(head) if head.escalated_step is not None else None
+        if peak:  # it grew well past the value that opened it before this notice
+            text = f"[klmon] {head.severity.upper()}: {peak}: {head.rule} on {run.label}"
+        else:
+            text = f"[klmon] {head.severity.upper()}: {head.rule} on {run.label}"
         if more:
             text += f" (+{more} more)"
         if resolved:
@@ -145,6 +163,8 @@ def _event_dict(e: AlertEvent, link: str | None) -> dict[str, Any]:
         "end_step": e.end_step,
         "value": e.value,
         "threshold": e.threshold,
+        "peak_value": e.peak_value,
+        "peak_step": e.peak_step,
         "message": e.message,
         "causes": list(e.causes),
         "url": link,
@@ -255,6 +275,83 @@ def render(
     return Rendered(subject=subject, text=text, html=body, images=images, webhook=webhook)
 
 
+def render_escalation(
+    run: RunLabel,
+    events: Sequence[AlertEvent],
+    *,
+    steps: pd.DataFrame | None = None,
+    dashboard_url: str | None = None,
+) -> Rendered:
+    """A notification for firing episodes whose peak grew well past what was announced:
+    the subject and the first line give the peak ("KL reached 17.8 at step 70")."""
+    if not events:
+        raise ValueError("render_escalation: nothing to notify")
+    head = max(events, key=lambda e: (SEVERITY_RANK.get(e.severity, 0), abs(e.peak_value or 0)))
+    peak = peak_phrase(head) or f"{head.rule} escalated"
+    link = dashboard_link(dashboard_url, run.id, head.peak_step)
+    subject = header_safe(
+        f"[klmon] {head.severity.upper()}: {peak}: {head.rule} on {run.label}"
+        + (f" (+{len(events) - 1} more)" if len(events) > 1 else "")
+    )
+    chart = None
+    if steps is not None:
+        try:
+            chart = kl_chart_png(
+                steps,
+                focus_step=head.peak_step,
+                threshold=head.threshold if head.detector == "budget" else None,
+                title=header_safe(f"{run.label}: {peak}", 90),
+            )
+        except Exception:  # a chart is a nicety: never lose the notification over it
+            chart = None
+    images = {CHART_CID: chart} if chart else {}
+    lines = [f"{peak} on run {run.label} (id {run.id}).", ""]
+    for e in events:
+        lines.append(f"ESCALATED [{e.severity}] {e.rule} ({e.detector}): {peak_phrase(e)}")
+        lines.append(f"  opened with: {e.message}")
+        lines.append(f"  value {_num(e.value)}, threshold {_num(e.threshold)}; {_when(e)}")
+        url = dashboard_link(dashboard_url, run.id, e.peak_step)
+        if url:
+            lines.append(f"  {url}")
+        lines.append("")
+    text = "\n".join(lines) + "\n"
+    e_ = html.escape
+    body = [
+        '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
+        'font-size:14px;color:#222">',
+        f'<h2 style="margin:0 0 8px">{e_(peak)} on run {e_(run.label)}</h2>',
+    ]
+    if chart:
+        body.append(
+            f'<p><img src="cid:{CHART_CID}" alt="KL around the peak" width="640" '
+            'style="max-width:100%"></p>'
+        )
+    for e in events:
+        colour = _SEV_COLOUR.get(e.severity, "#222")
+        body.append(
+            f'<div style="border-left:4px solid {colour};padding:4px 10px;margin:10px 0">'
+            f'<b style="color:{colour}">ESCALATED [{e_(e.severity)}]</b> <b>{e_(e.rule)}</b> '
+            f"({e_(e.detector)}): {e_(peak_phrase(e) or '')}<br>"
+            f'<span style="color:#555">opened with: {e_(e.message)}</span><br>'
+            f"{e_(_when(e))}</div>"
+        )
+    if link:
+        body.append(f'<p><a href="{e_(link, quote=True)}">Open the peak in the dashboard</a></p>')
+    body.append('<p style="color:#888;font-size:12px">Sent by klmon alerts.</p></body></html>')
+    webhook = {
+        "text": f"*klmon* run `{_slack(run.label)}`: {_slack(peak)} (`{_slack(head.rule)}`)",
+        "run": {"id": run.id, "project": run.project, "name": run.name},
+        "severity": head.severity,
+        "url": link,
+        "escalated": [
+            _event_dict(e, dashboard_link(dashboard_url, run.id, e.peak_step)) for e in events
+        ],
+    }
+    return Rendered(
+        subject=subject, text=text, html="\n".join(body), images=images, webhook=webhook
+    )
+
+
 def _when(e: AlertEvent) -> str:
     parts = [f"pending at step {e.start_step}"]
     if e.fired_step is not None:
@@ -273,12 +370,17 @@ def _text(
     link: str | None,
     base: str | None,
 ) -> str:
-    lines = [f"klmon alerts for run {run.label} (id {run.id})", ""]
+    head = worst(fired)
+    peak = peak_phrase(head) if head is not None and head.escalated_step is not None else None
+    lines = [f"{peak} on run {run.label} (id {run.id})", ""] if peak else []
+    lines += [f"klmon alerts for run {run.label} (id {run.id})", ""]
     for e in fired:
         tag = "FIRED (since resolved)" if e.state == "resolved" else "FIRING"
         lines.append(f"{tag} [{e.severity}] {e.rule} ({e.detector}) at step {e.fired_step}")
         lines.append(f"  {e.message}")
         lines.append(f"  value {_num(e.value)}, threshold {_num(e.threshold)}; {_when(e)}")
+        if peak_phrase(e):
+            lines.append(f"  peak: {peak_phrase(e)}")
         if e.causes:
             lines.append("  likely causes:")
             lines.extend(f"    - {c}" for c in e.causes)
@@ -290,6 +392,8 @@ def _text(
         lines.append(f"RESOLVED [{e.severity}] {e.rule} ({e.detector}) at step {e.end_step}")
         lines.append(f"  was: {e.message}")
         lines.append(f"  {_when(e)}; last value {_num(e.last_value)}")
+        if peak_phrase(e):
+            lines.append(f"  peak: {peak_phrase(e)}")
         lines.append("")
     if samples:
         lines.append(f"Highest-KL samples at step {sample_step}:")
@@ -352,6 +456,8 @@ def _html(
             f'<tr><td style="padding-right:12px">threshold</td>'
             f"<td>{e_(_num(e.threshold))}</td></tr>"
             f'<tr><td style="padding-right:12px">steps</td><td>{e_(_when(e))}</td></tr>'
+            f'<tr><td style="padding-right:12px">peak</td>'
+            f"<td>{e_(peak_phrase(e) or '-')}</td></tr>"
             "</table>"
         )
         if e.causes:
@@ -369,7 +475,9 @@ def _html(
             f'<b style="color:#2e7d32">RESOLVED [{e_(e.severity)}]</b> <b>{e_(e.rule)}</b> '
             f"({e_(e.detector)}) at step {e_(str(e.end_step))}<br>"
             f'<span style="color:#555">was: {e_(e.message)}</span><br>'
-            f"{e_(_when(e))}; last value {e_(_num(e.last_value))}</div>"
+            f"{e_(_when(e))}; last value {e_(_num(e.last_value))}"
+            + (f"; peak: {e_(peak_phrase(e) or '')}" if peak_phrase(e) else "")
+            + "</div>"
         )
     if samples:
         out.append(f'<h3 style="margin:14px 0 4px">Highest-KL samples at step {sample_step}</h3>')

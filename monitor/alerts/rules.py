@@ -10,6 +10,8 @@ for = 3                        # consecutive steps the condition must hold befor
 keep_firing_for = 5            # consecutive clear steps before it resolves
 description = "KL above the run's budget"   # optional
 enabled = true                 # optional
+escalate_factor = 3.0          # optional: notify again when the peak reaches 3x the opening
+cooldown = 0                   # optional: rows after a resolve in which it cannot re-fire
 [rule.params]                  # optional: the detector's keyword parameters
 factor = 1.5
 ```
@@ -18,7 +20,14 @@ factor = 1.5
 a run that logs every 10th step needs 3 rows for ``for = 3``); 0 and 1 both mean "at the
 first step". Rows the ingester rejected (status ``rejected``) count for no rule but the
 ``rejected_input`` detector. Time-based detectors (``stalled``) judge the clock, not new
-steps: they fire as soon as the detector says so and resolve when a step arrives.
+steps: they fire as soon as the detector says so and resolve when a step arrives. Rows
+without the detector's inputs (``monitor.analytics.INPUTS``: a TRL row without generation
+metrics, for ``length_drift``) count for neither: missing is not clear.
+
+An episode tracks its peak (the KL, or whatever level the detector reports, and its step).
+When a firing episode's peak reaches ``escalate_factor`` x the level its last notification
+gave, it escalates: one more notification, headed by the peak (0 turns this off).
+``cooldown`` rows after an episode resolves, the rule cannot open a new one.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ _RULE_KEYS = {
     "params",
     "description",
     "enabled",
+    "escalate_factor",
+    "cooldown",
 }
 DEFAULT_RULES_RESOURCE = "default_rules.toml"
 
@@ -56,7 +67,9 @@ DEFAULT_RULES_RESOURCE = "default_rules.toml"
 @dataclass(frozen=True)
 class Rule:
     """One alert rule: when ``detector`` (with ``params``) reports a step for ``for_steps``
-    consecutive steps it fires at ``severity``; ``keep_firing_for`` clear steps resolve it."""
+    consecutive steps it fires at ``severity``; ``keep_firing_for`` clear steps resolve it;
+    a peak ``escalate_factor`` x the last announced level escalates it; for ``cooldown``
+    rows after a resolve it cannot open a new episode."""
 
     name: str
     detector: str
@@ -66,6 +79,8 @@ class Rule:
     params: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     enabled: bool = True
+    escalate_factor: float = 3.0
+    cooldown: int = 0
 
     @property
     def time_based(self) -> bool:
@@ -226,6 +241,12 @@ def _parse_rule(
     enabled = raw.get("enabled", True)
     if not isinstance(enabled, bool):
         raise fail("enabled", f"expected true or false, got {enabled!r}")
+    escalate = raw.get("escalate_factor", 3.0)
+    if isinstance(escalate, bool) or not isinstance(escalate, int | float):
+        raise fail("escalate_factor", f"expected a number, got {escalate!r}")
+    if not math.isfinite(escalate) or (escalate != 0 and escalate <= 1):
+        raise fail("escalate_factor", f"{escalate!r}: expected 0 (off) or a number above 1")
+    cooldown = _nonneg_int(raw.get("cooldown", 0), fail, "cooldown")
     params = raw.get("params", {})
     if not isinstance(params, dict):
         raise fail("params", "expected a table ([rule.params])")
@@ -241,6 +262,8 @@ def _parse_rule(
         params=params,
         description=description,
         enabled=enabled,
+        escalate_factor=float(escalate),
+        cooldown=cooldown,
     )
 
 

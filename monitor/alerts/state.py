@@ -14,6 +14,13 @@ An episode (``EventDraft``) opens when the rule goes pending and carries the ste
 values the notification reports; a pending episode that clears is deleted, so the event
 list holds only alerts that fired or may still fire. ``nodata`` and ``error`` freeze the
 counters and keep the episode open: a stalled run is never "resolved".
+
+Each episode tracks its peak: the largest level (``Finding.level``, the KL itself, else the
+finding's value) of the steps where its condition held. Once firing, a peak that reaches
+``escalate_factor`` x the level last announced (the peak when it fired) escalates it: the
+step is recorded for the engine to notify, and the next escalation needs another factor.
+After a resolve the rule sits out ``cooldown`` counted rows before it can open a new
+episode, so a condition hovering at its threshold cannot flap into a stream of alerts.
 """
 
 from __future__ import annotations
@@ -99,6 +106,9 @@ def observe(
     if left is not None:
         note = "steps arrive again" if left == "nodata" else "the detector works again"
         out.append(_t(rule, run_id, left, st.state, step, None, None, st.event, note))
+    if st.state == "ok" and st.cooldown_left > 0:
+        st.cooldown_left -= 1  # re-fire cool-down: this row opens nothing
+        return out
     if finding is not None:
         value, threshold = _num(finding.value), _num(finding.threshold)
         if st.state == "ok":
@@ -117,6 +127,7 @@ def observe(
             assert ev is not None
             touched[id(ev)] = ev
             ev.last_step, ev.last_value = step, value
+            _track_peak(rule, ev, finding, step)
             st.clear_steps = 0
             if st.state == "pending":
                 st.hold_steps += 1
@@ -127,6 +138,7 @@ def observe(
             ev.value, ev.threshold = value, threshold
             ev.message = str(finding.message)
             ev.causes = tuple(str(c) for c in finding.causes)
+            ev.escalate_at = _next_escalation(rule, ev.peak_value)
             st.state, st.since_step = "firing", step
             out.append(_t(rule, run_id, "pending", "firing", step, value, threshold, ev))
         return out
@@ -192,6 +204,7 @@ def _resolve(
     ev.state, ev.end_step, ev.resolved_at = "resolved", step, now
     touched[id(ev)] = ev
     st.event, st.state, st.hold_steps, st.clear_steps, st.since_step = None, "ok", 0, 0, step
+    st.cooldown_left = 0 if rule.time_based else rule.cooldown
     return _t(rule, run_id, "firing", "resolved", step, ev.last_value, ev.threshold, ev)
 
 
@@ -232,11 +245,39 @@ def _t(
     )
 
 
+def _level(finding: Any) -> float | None:
+    """What the peak is measured on: the finding's level (the KL), else its value."""
+    level = _num(getattr(finding, "level", None))
+    return level if level is not None else _num(finding.value)
+
+
+def _next_escalation(rule: Rule, peak: float | None) -> float | None:
+    """The |level| at which an episode whose announced peak is ``peak`` escalates."""
+    if rule.escalate_factor <= 0 or peak is None or peak == 0:
+        return None
+    return rule.escalate_factor * abs(peak)
+
+
+def _track_peak(rule: Rule, ev: EventDraft, finding: Any, step: int) -> None:
+    """Raise the episode's peak to this finding's level if larger (in magnitude: a
+    negative KL peaks at its most negative); a firing episode escalates past its mark."""
+    level = _level(finding)
+    if level is None or (ev.peak_value is not None and abs(level) <= abs(ev.peak_value)):
+        return
+    ev.peak_value, ev.peak_step = level, step
+    if ev.state == "firing" and ev.escalate_at is not None and abs(level) >= ev.escalate_at:
+        ev.escalated_step = step
+        ev.escalate_at = _next_escalation(rule, level)
+
+
 def _new_event(
     rule: Rule, run_id: int, finding: Any, step: int, now: float, state: str, **extra: Any
 ) -> EventDraft:
     """The episode a finding opens at ``step``."""
     value = _num(finding.value)
+    level = _level(finding)
+    if state == "firing":
+        extra.setdefault("escalate_at", _next_escalation(rule, level))
     return EventDraft(
         run_id=run_id,
         rule=rule.name,
@@ -251,6 +292,8 @@ def _new_event(
         causes=tuple(str(c) for c in finding.causes),
         last_step=step,
         last_value=value,
+        peak_value=level,
+        peak_step=None if level is None else step,
         **extra,
     )
 

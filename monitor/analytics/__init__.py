@@ -14,7 +14,13 @@ Example::
     compute_trends(steps_df, ctx)[["step", "kl_ewma", "budget_cross_step"]]
 """
 
-from monitor.analytics.detectors import DEFAULT_PARAMS, DETECTORS, lookback_rows
+from monitor.analytics.detectors import (
+    DEFAULT_PARAMS,
+    DETECTORS,
+    INPUTS,
+    has_inputs,
+    lookback_rows,
+)
 from monitor.analytics.detectors.behaviour import CLIPPED_SUFFIX
 from monitor.analytics.findings import Finding, RunContext, as_context
 from monitor.analytics.series import KL_PREFERENCE, pick_kl
@@ -35,6 +41,7 @@ __all__ = [
     "DEFAULT_PARAMS",
     "DETECTORS",
     "EXTRA_METRIC_SUFFIXES",
+    "INPUTS",
     "KL_PREFERENCE",
     "Finding",
     "RunContext",
@@ -43,6 +50,7 @@ __all__ = [
     "ewma",
     "expanding_slope",
     "forecast_crossing",
+    "has_inputs",
     "lookback_rows",
     "pick_kl",
     "resolve_budget",

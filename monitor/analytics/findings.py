@@ -15,6 +15,8 @@ class Finding:
     ``value`` is the statistic the detector judged (a KL level, a z-score, a ratio) and
     ``threshold`` what it was compared with, both in the unit the ``message`` states.
     ``causes`` are the likely causes an engineer should check first, most likely first.
+    ``level`` is the observed quantity itself at that step (the KL, not its z-score), in
+    ``unit``, when the detector judges one: an alert episode tracks its peak on it.
     """
 
     detector: str
@@ -25,6 +27,8 @@ class Finding:
     causes: tuple[str, ...] = ()
     severity: str | None = None
     series: str | None = None
+    level: float | None = None
+    unit: str | None = None
 
 
 @dataclass(frozen=True)

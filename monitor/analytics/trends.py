@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from monitor.analytics.findings import Context, RunContext, as_context
-from monitor.analytics.series import aligned, including, pick_kl
+from monitor.analytics.series import TOKEN_MEAN_COLUMNS, aligned, including, pick_kl
 
 __all__ = [
     "compute_trends",
@@ -64,22 +64,44 @@ def forecast_crossing(step: float, level: float, slope: float, budget: float) ->
 
 
 def resolve_budget(
-    ctx: RunContext, value: float | None = None, factor: float = 1.5
+    ctx: RunContext,
+    value: float | None = None,
+    factor: float = 1.5,
+    *,
+    series: str = "kl_mean",
+    length: float | None = None,
+    default: float | None = None,
 ) -> tuple[float | None, str]:
-    """The run's KL budget and where it came from.
+    """The run's KL budget for ``series``, in that series' unit, and where it came from.
 
-    An explicit ``value`` wins, then the config's ``kl_budget``, then ``factor`` times its
-    ``target_kl`` (an adaptive KL controller hovers around its target, so the budget sits
-    above it).
+    Per sequence (``kl_mean``): an explicit ``value`` wins, then the config's
+    ``kl_budget``, then ``factor`` times its ``target_kl`` (an adaptive KL controller
+    hovers around its target, so the budget sits above it), then ``default``.
+    Per token (``k1``/``k2``/``k3``): ``value``, then ``kl_budget_per_token``, then
+    ``factor`` x ``target_kl_per_token``, then the per-sequence budget divided by the
+    mean response ``length`` when it is known, then ``default``.
     """
     if value is not None:
         return float(value), "rule value"
-    budget = ctx.config_float("kl_budget")
-    if budget is not None:
-        return budget, "config kl_budget"
-    target = ctx.config_float("target_kl", "kl_target")
-    if target is not None:
-        return factor * target, f"{factor:g} x config target_kl {target:g}"
+    if series in TOKEN_MEAN_COLUMNS:
+        budget = ctx.config_float("kl_budget_per_token")
+        if budget is not None:
+            return budget, "config kl_budget_per_token"
+        target = ctx.config_float("target_kl_per_token")
+        if target is not None:
+            return factor * target, f"{factor:g} x config target_kl_per_token {target:g}"
+        per_sequence, source = resolve_budget(ctx, None, factor)
+        if per_sequence is not None and length is not None and length > 0:
+            return per_sequence / length, f"{source} / mean response length {length:.3g}"
+    else:
+        budget = ctx.config_float("kl_budget")
+        if budget is not None:
+            return budget, "config kl_budget"
+        target = ctx.config_float("target_kl", "kl_target")
+        if target is not None:
+            return factor * target, f"{factor:g} x config target_kl {target:g}"
+    if default is not None:
+        return float(default), "default"
     return None, "no budget"
 
 
@@ -148,7 +170,7 @@ def compute_trends(
     kl = kl[:, 0]
     smooth = ewma(kl, halflife_rows)
     slope = rolling_slope(steps, smooth, slope_rows)
-    limit, _ = resolve_budget(context, budget, budget_factor)
+    limit, _ = resolve_budget(context, budget, budget_factor, series=series)
     cross = np.array(
         [
             np.nan if (c := forecast_crossing(s, k, d, limit or np.nan)) is None else c

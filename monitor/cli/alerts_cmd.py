@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from monitor.cli.common import db_option, open_db
+from monitor.cli.common import cell, db_option, open_db
 from monitor.errors import ConfigError, InvalidInput
 
 
@@ -90,6 +90,8 @@ def rules_cmd(rules_path: str | None, as_json: bool) -> None:
                         "severity": r.severity,
                         "for": r.for_steps,
                         "keep_firing_for": r.keep_firing_for,
+                        "cooldown": r.cooldown,
+                        "escalate_factor": r.escalate_factor,
                         "params": dict(r.params),
                         "description": r.description,
                         "enabled": r.enabled,
@@ -122,8 +124,8 @@ def _print_transitions(report: Any) -> None:
         value = "" if t.value is None else f"  value {_num(t.value)}"
         step = "-" if t.step is None else str(t.step)
         click.echo(
-            f"{t.to_state.upper():<9} {t.severity:<8} {run} (run {t.run_id})  {t.rule}  "
-            f"step {step}{value}  {t.message}"
+            f"{t.to_state.upper():<9} {t.severity:<8} {cell(run)} (run {t.run_id})  {t.rule}  "
+            f"step {step}{value}  {cell(t.message)}"
         )
 
 
@@ -264,7 +266,7 @@ def list_cmd(
     if not records:
         click.echo("no alert events")
         return
-    runs = [f"{r['project']}/{r['run_name']}" for r in records]
+    runs = [cell(f"{r['project']}/{r['run_name']}") for r in records]
     width = max(3, *(len(run) for run in runs))  # never cut: run names differ at the end
     click.echo(
         f"{'id':>5}  {'run':<{width}} {'rule':<20} {'severity':<8} {'state':<9} "
@@ -278,9 +280,9 @@ def list_cmd(
             " [silenced]" if r["silenced"] else ""
         )
         click.echo(
-            f"{r['id']:>5}  {run:<{width}} {r['rule'][:20]:<20} {r['severity']:<8} "
+            f"{r['id']:>5}  {run:<{width}} {cell(r['rule'])[:20]:<20} {cell(r['severity']):<8} "
             f"{state_txt:<9} {_step(r['start_step'])} {_step(r['fired_step'])} "
-            f"{_step(r['end_step'])} {_num(r['value']):>9}  {r['message']}{flags}"
+            f"{_step(r['end_step'])} {_num(r['value']):>9}  {cell(r['message'])}{flags}"
         )
 
 
@@ -377,10 +379,10 @@ def silences_cmd(db: str | None, show_all: bool, as_json: bool) -> None:
         return
     for r in records:
         click.echo(
-            f"{r['id']:>4}  {r['project']}/{r['run_name']} (run {r['run_id']})  "
-            f"{r['rule'] or '(every rule)'}  until {_when(r['until'])}"
-            f"{'' if r['active'] else ' (expired)'}  by {r['created_by'] or '-'}"
-            + (f"  {r['reason']}" if r["reason"] else "")
+            f"{r['id']:>4}  {cell(r['project'])}/{cell(r['run_name'])} (run {r['run_id']})  "
+            f"{cell(r['rule'] or '(every rule)')}  until {_when(r['until'])}"
+            f"{'' if r['active'] else ' (expired)'}  by {cell(r['created_by'] or '-')}"
+            + (f"  {cell(r['reason'])}" if r["reason"] else "")
         )
 
 
@@ -433,10 +435,10 @@ def outbox_cmd(db: str | None, status: str | None, as_json: bool) -> None:
         click.echo("outbox is empty")
         return
     for r in records:
-        extra = f"  last error: {r['last_error']}" if r["last_error"] else ""
+        extra = f"  last error: {cell(r['last_error'])}" if r["last_error"] else ""
         if r["status"] == "pending" and r["claimed_by"]:
-            extra += f"  (claimed by {r['claimed_by']})"
+            extra += f"  (claimed by {cell(r['claimed_by'])})"
         click.echo(
             f"{r['id']:>5}  {r['status']:<7} {r['channel']:<7} attempts {r['attempts']}  "
-            f"{r['subject']}{extra}"
+            f"{cell(r['subject'])}{extra}"
         )

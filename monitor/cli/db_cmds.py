@@ -29,8 +29,7 @@ def db_upgrade(db: str | None) -> None:
     """
     database = open_db(db, check=False)
     with database.translate_errors():
-        before = current_revision(database.engine)
-        upgrade(database.engine)
+        before = upgrade(database.engine)  # read under the upgrade lock
         after = current_revision(database.engine)
     if before == after:
         click.echo(f"{database.safe_url}: schema already at {after}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -29,7 +30,7 @@ class _Bars:
             self.bar = click.progressbar(
                 length=max(total, 1),
                 label=self.labels.get(phase, phase),
-                file=click.get_text_stream("stderr"),
+                file=sys.stderr,
             )
             self.bar.__enter__()
         if done > self.done:
@@ -78,7 +79,15 @@ def _parse_config(items: tuple[str, ...]) -> dict[str, Any]:
     multiple=True,
     metavar="COLUMN=QUANTITY",
     help="What a column means: a klmon quantity (kl_mean, k3, reward_mean, ...), "
-    "or - to keep it only as a metric. Repeatable.",
+    "step (the column holding the step), or - to keep it only as a metric. Repeatable.",
+)
+@click.option(
+    "--step-column",
+    default=None,
+    metavar="NAME",
+    help="The column holding the step (default: detected: step, global_step, "
+    "trainer/global_step, _step, iteration, iter, update; epoch as a last resort; else the "
+    "row order).",
 )
 @click.option(
     "--config",
@@ -95,6 +104,7 @@ def import_cmd(
     run_name: str | None,
     fmt: str,
     maps: tuple[str, ...],
+    step_column: str | None,
     config_items: tuple[str, ...],
     quiet: bool,
     db: str | None,
@@ -104,19 +114,24 @@ def import_cmd(
     PATH is a Hugging Face trainer_state.json (or a directory holding one: TRL PPO, GRPO,
     RLOO, DPO, ...), a JSONL / CSV / Parquet step table, a veRL console log, or a per-token
     JSONL (policy and reference log-probs per sequence) from which klmon computes its own
-    summaries. The format is detected from the content. Every source column is kept as a
-    metric under its own name; columns whose meaning is known also fill klmon's step
-    columns. Importing the same file again changes nothing.
+    summaries, or a Hugging Face / TRL console log (the Trainer's printed dicts). The format
+    is detected from the content. Every source column is kept as a metric under its own
+    name; columns whose meaning is known also fill klmon's step columns, and the summary
+    says which columns were read as KL. Importing the same file again changes nothing;
+    another file never goes into a run that holds one (under the default name it gets a run
+    of its own). Unreadable lines are skipped and listed; a failed import leaves nothing.
 
     \b
     Examples:
       klmon import outputs/checkpoint-250/trainer_state.json --project grpo
       klmon import logs/ppo.jsonl --run ppo-manual --map kl_vs_ref=kl_mean
       klmon import train.log --format verl --config model=qwen2.5-7b
+      klmon import grpo_stdout.log --run grpo-seed44
+      klmon import metrics.csv --step-column update --map kl=k3
     """
     mapping = parse_map(maps)
     config = _parse_config(config_items)
-    database = open_db(db)
+    database = open_db(db, create=True)
     bars = None if quiet else _Bars({"read": "reading", "write": "writing"})
     try:
         report = import_path(
@@ -128,6 +143,7 @@ def import_cmd(
             mapping=mapping,
             config=config,
             progress=bars,
+            step_column=step_column,
         )
     finally:
         if bars:

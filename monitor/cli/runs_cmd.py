@@ -7,7 +7,7 @@ import math
 
 import click
 
-from monitor.cli.common import db_option, open_db
+from monitor.cli.common import cell, db_option, open_db
 from monitor.store.runs import list_runs
 
 
@@ -15,14 +15,29 @@ from monitor.store.runs import list_runs
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (for scripts).")
 def runs_cmd(db: str | None, as_json: bool) -> None:
-    """List runs: id, project, name, status, steps, last step and last KL.
+    """List runs: id, project, name, status, steps, last step and current KL with its unit.
+
+    The current KL is the latest value of the best KL quantity the run has: klmon's kl_mean
+    (nats per sequence), else a per-token estimator k3, k1 or k2 (nats per token), e.g. k3
+    filled by TRL GRPO's `kl` on import ("k3 from kl").
 
     \b
     Example:
       klmon runs --json | jq '.[] | select(.status == "running")'
     """
     df = list_runs(open_db(db))
-    cols = ["id", "project", "name", "status", "n_steps", "last_step", "last_kl"]
+    cols = [
+        "id",
+        "project",
+        "name",
+        "status",
+        "n_steps",
+        "last_step",
+        "last_kl",
+        "kl_quantity",
+        "kl_unit",
+        "kl_step",
+    ]
     records = [{c: _plain(rec[c]) for c in cols} for rec in df[cols].to_dict(orient="records")]
     if as_json:
         click.echo(json.dumps(records, indent=2))
@@ -32,14 +47,20 @@ def runs_cmd(db: str | None, as_json: bool) -> None:
         return
     click.echo(
         f"{'id':>4}  {'project':<20} {'name':<28} {'status':<9} "
-        f"{'steps':>7} {'last':>7} {'last KL':>10}"
+        f"{'steps':>7} {'last':>7} {'KL now':>10}  {'KL quantity (unit)'}"
     )
     for r in records:
-        kl = "-" if r["last_kl"] is None else f"{r['last_kl']:.4g}"
+        kl, what = "-", ""
+        if r["last_kl"] is not None:
+            kl = f"{r['last_kl']:.4g}"
+            what = f"{r['kl_quantity']} ({r['kl_unit']})"
+            if r["kl_step"] is not None and r["kl_step"] != r["last_step"]:
+                what += f" at step {r['kl_step']}"
         last = "-" if r["last_step"] is None else str(r["last_step"])
         click.echo(
-            f"{r['id']:>4}  {r['project'][:20]:<20} {r['name'][:28]:<28} {r['status']:<9} "
-            f"{r['n_steps']:>7} {last:>7} {kl:>10}"
+            f"{r['id']:>4}  {cell(r['project'])[:20]:<20} {cell(r['name'])[:28]:<28} "
+            f"{cell(r['status']):<9} "
+            f"{r['n_steps']:>7} {last:>7} {kl:>10}  {what}".rstrip()
         )
 
 

@@ -28,7 +28,9 @@ from monitor.errors import (
     KlmonError,
     NotFound,
 )
+from monitor.store import current_kl as kl_store
 from monitor.store import series as store_series
+from monitor.store.current_kl import CurrentKL, KLQuantity
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, RunInfo, Sample
 from monitor.store.drilldown import add_annotation, annotations_frame, read_samples
@@ -144,6 +146,7 @@ RUN_OVERVIEW_COLUMNS = [
     "last_step",
     "last_update",
     "last_kl",
+    "kl_quantity",
     "last_reward",
     "open_alerts",
     "kl_trend",
@@ -276,9 +279,22 @@ class DashboardData:
         )
         return RunState(info, status, last_step, last_wall, last, median)
 
+    def best_kl(self, run_id: int) -> KLQuantity | None:
+        """The run's best available KL quantity (monitor.store.current_kl), cached."""
+        return self._cache.get(
+            ("bestkl", int(run_id)), 10.0, lambda: kl_store.best_kl(self.db, run_id)
+        )
+
+    def current_kl(self, run_id: int) -> CurrentKL | None:
+        """The latest value of the run's best KL quantity, with which quantity it is."""
+        return self._cache.get(
+            ("curkl", int(run_id)), 2.0, lambda: kl_store.current_kl(self.db, int(run_id))
+        )
+
     def runs_overview(self) -> pd.DataFrame:
-        """Every run with derived status, last step and update, current KL and reward, open
-        alerts and a KL sparkline. Columns: RUN_OVERVIEW_COLUMNS."""
+        """Every run with derived status, last step and update, current KL (its best KL
+        quantity's latest value, ``kl_quantity`` saying which and its unit) and reward, open
+        alerts and a sparkline of that KL. Columns: RUN_OVERVIEW_COLUMNS."""
         return self._cache.get(("overview",), 3.0, self._runs_overview)
 
     def _runs_overview(self) -> pd.DataFrame:
@@ -299,9 +315,11 @@ class DashboardData:
             except NotFound:
                 continue  # deleted meanwhile
             trend = ""
-            if st.last_step is not None:
-                s = store_series.read_series(self.db, rid, ["kl_mean"], max_buckets=12)
-                trend = _spark(s.combined(), "kl_mean")
+            now = self.current_kl(rid) if st.last_step is not None else None
+            if now is not None:
+                col = now.quantity.column
+                s = store_series.read_series(self.db, rid, [col], max_buckets=12)
+                trend = _spark(s.combined(), col)
             info = st.info
             records.append(
                 {
@@ -316,7 +334,8 @@ class DashboardData:
                         (t for t in (st.last_wall, info.last_seen_at) if t is not None),
                         default=None,
                     ),
-                    "last_kl": st.last.get("kl_mean"),
+                    "last_kl": None if now is None else now.value,
+                    "kl_quantity": None if now is None else now.quantity.label(),
                     "last_reward": st.last.get("reward_mean"),
                     "open_alerts": int(open_alerts.get(rid, 0)),
                     "kl_trend": trend,

@@ -72,7 +72,12 @@ class Line:
 
 @dataclass(frozen=True)
 class ChartSpec:
-    """One chart: its lines (one trace family per run), optional p05-p95 band, axis title."""
+    """One chart: its lines (one trace family per run), optional p05-p95 band, axis title.
+
+    ``best_kl``: the chart draws each run's best KL quantity (``RunData.kl_column``) instead
+    of its one line. ``kl_axis``: the y axis is a KL axis (the log-scale toggle applies).
+    ``fills``: what would fill the chart, said when no shown run has data for it.
+    """
 
     key: str
     title: str
@@ -80,13 +85,28 @@ class ChartSpec:
     lines: tuple[Line, ...]
     band: tuple[str, str] | None = None
     kind: str = "time"  # time | frontier
+    best_kl: bool = False
+    kl_axis: bool = False
+    fills: str = ""
 
     @property
     def columns(self) -> tuple[str, ...]:
         cols = [ln.column for ln in self.lines]
         if self.band:
             cols += list(self.band)
+        if self.best_kl or self.kind == "frontier":
+            cols += list(KL_COLUMNS)
         return tuple(dict.fromkeys(cols))
+
+
+#: Step columns that hold KL to the reference, best first (monitor.store.current_kl).
+KL_COLUMNS: tuple[str, ...] = ("kl_mean", "k3", "k1", "k2")
+PER_SEQUENCE, PER_TOKEN = "nats per sequence", "nats per token"
+
+
+def kl_unit(column: str) -> str:
+    """The unit of a KL column: kl_mean per sequence, k1/k2/k3 per token."""
+    return PER_SEQUENCE if column == "kl_mean" else PER_TOKEN
 
 
 CHARTS: tuple[ChartSpec, ...] = (
@@ -96,18 +116,26 @@ CHARTS: tuple[ChartSpec, ...] = (
         "KL, nats per sequence (kl_seq, batch mean)",
         (Line("kl_mean", "KL"),),
         band=("kl_p05", "kl_p95"),
+        best_kl=True,
+        kl_axis=True,
+        fills="kl_mean or a per-token k1/k2/k3 (log_step with log-probs, or an imported KL "
+        "key such as TRL's kl or objective/kl; klmon import --map COLUMN=k3 names one)",
     ),
     ChartSpec(
         "estimators",
         "Per-token estimators k1 (solid), k2 (dot), k3 (dash)",
         "nats per token (k1, k2, k3 per token)",
         (Line("k1", "k1"), Line("k2", "k2", "dot"), Line("k3", "k3", "dash")),
+        kl_axis=True,
+        fills="k1, k2 or k3 (log_step with log-probs, or an imported per-token KL such as "
+        "TRL GRPO's kl or veRL's kl_loss)",
     ),
     ChartSpec(
         "reward",
         "Reward",
         "reward (batch mean, reward-model units)",
         (Line("reward_mean", "reward"),),
+        fills="reward_mean (log_step(rewards=...), or an imported reward key)",
     ),
     ChartSpec(
         "frontier",
@@ -116,30 +144,36 @@ CHARTS: tuple[ChartSpec, ...] = (
         (Line("reward_mean", "reward"),),
         band=None,
         kind="frontier",
+        fills="a KL quantity and reward_mean at the same steps",
     ),
     ChartSpec(
         "nll",
         "Policy NLL (solid) and entropy (dot)",
         "nats per token",
         (Line("policy_nll", "NLL"), Line("entropy_mean", "entropy", "dot")),
+        fills="policy_nll (log_step with log-probs) or entropy_mean (log_step(entropies=...), "
+        "or an imported entropy key)",
     ),
     ChartSpec(
         "length",
         "Response length",
         "tokens per response (mean)",
         (Line("resp_len_mean", "length"),),
+        fills="resp_len_mean (log_step with a mask, or an imported completion-length key)",
     ),
     ChartSpec(
         "concentration",
         "KL concentration",
         "share of positive log-ratio in the top 1% of tokens",
         (Line("top1pct_share", "top1pct_share"),),
+        fills="top1pct_share (computed by log_step from per-token log-probs)",
     ),
     ChartSpec(
         "rollout_gap",
         "Rollout gap (inference engine vs trainer)",
         "nats per token (log p_rollout - log p_train)",
         (Line("rollout_gap", "gap"),),
+        fills="rollout_gap (log_step(rollout_logprobs=...), or an imported rollout-gap key)",
     ),
 )
 CHARTS_BY_KEY = {c.key: c for c in CHARTS}
@@ -226,6 +260,10 @@ class RunData:
     tail: pd.DataFrame | Arrays
     #: For a metric chart, the metric's own frame and tail (column ``value``).
     extra: dict[str, tuple[int, Any, Any]] = field(default_factory=dict)
+    #: The run's best KL column (one of KL_COLUMNS) and what to call it in a legend
+    #: (``k3 from kl``): the KL chart and the frontier draw it.
+    kl_column: str = "kl_mean"
+    kl_name: str = "kl_mean"
 
 
 def typed(a: Any, dtype: str = "<f4") -> dict[str, str]:
@@ -514,17 +552,31 @@ def time_chart(
     smooth: float = 0.0,
     xmode: str = "step",
     x_range: Sequence[Any] | None = None,
+    x_extent: Sequence[float] | None = None,
+    log_y: bool = False,
     markers: pd.DataFrame | None = None,
     uirevision: str = "klmon",
     as_dict: bool = False,
 ) -> go.Figure | dict[str, Any]:
     """A chart of ``spec`` over step (or wall time) with one trace family per run.
 
-    ``markers``: alert and annotation markers (columns run_id, x, kind (alert | note),
-    text), drawn as symbols at the foot of the chart and, for notes, a dotted vertical line.
+    ``x_range``: a fixed x range (a zoom). ``x_extent``: without one, the x extent of every
+    chart of the panel (``x_extent``), which the autorange always includes, so the charts of
+    a panel agree on x even when a run has no data for this one. ``log_y``: a log y axis on
+    a KL chart (``spec.kl_axis``); values <= 0 are not drawn there. ``markers``: alert and
+    annotation markers (columns run_id, x, kind (alert | note), text), drawn as symbols at
+    the foot of the chart and, for notes, a dotted vertical line.
+
+    A ``best_kl`` chart draws each run's ``kl_column``, named in the y title with its unit
+    (and in the legend when the runs use different ones); when the runs mix kl_mean (nats
+    per sequence) with per-token estimators, the per-token ones go on a second y axis on
+    the right, so no two units share an axis.
     """
     traces: list[dict[str, Any]] = []
-    layout = _base_layout(spec.title, spec.y_title, x_title(xmode), uirevision)
+    title = spec.title
+    if spec.best_kl and spec.band and not any(r.kl_column == "kl_mean" for r in runs):
+        title = title.split(" (band")[0]  # the band is kl_mean's; none here
+    layout = _base_layout(title, spec.y_title, x_title(xmode), uirevision)
     if xmode == "wall":
         layout["xaxis"]["type"] = "date"
     if x_range is not None:
@@ -532,7 +584,19 @@ def time_chart(
         layout["xaxis"]["autorange"] = False
     else:
         layout["xaxis"]["autorange"] = True
+        if x_extent is not None:
+            layout["xaxis"]["autorangeoptions"] = {"include": [float(v) for v in x_extent]}
+    log = log_y and spec.kl_axis
+    if log:
+        layout["yaxis"]["type"] = "log"
+        if not spec.best_kl:  # _kl_axes writes the best-KL titles
+            layout["yaxis"]["title"]["text"] += " (log scale)"
+    axis_of: dict[int, str] = {}
+    if spec.best_kl:
+        axis_of = _kl_axes(spec, runs, layout, log)
     many_lines = len(spec.lines) > 1
+    # the legend names each run's KL quantity when they differ (else the axis title does)
+    mixed_kl = spec.best_kl and len({r.kl_name for r in runs}) > 1
     for run in runs:
         if spec.key.startswith("m"):
             if spec.key not in run.extra:
@@ -541,15 +605,106 @@ def time_chart(
         else:
             level, frame_df, tail_df = run.level, run.frame, run.tail
         frame, tail = arrays(frame_df), arrays(tail_df)
-        if spec.band:
-            _add_band(traces, run, spec.band, level, frame, tail, xmode)
-        for ln in spec.lines:
+        lines = spec.lines
+        band = spec.band
+        if spec.best_kl:
+            lines = (Line(run.kl_column, f"{run.kl_name}, {_short_unit(run.kl_column)}"),)
+            band = spec.band if run.kl_column == "kl_mean" else None
+        yaxis = axis_of.get(run.run_id)
+        if band:
+            _add_band(traces, run, band, level, frame, tail, xmode)
+        for ln in lines:
             if ln.column not in frame:
                 continue
-            name = f"{esc(run.label)} · {ln.label}" if many_lines else esc(run.label)
-            _add_line(traces, run, ln, name, level, frame, tail, xmode, smooth)
+            if mixed_kl:
+                name = f"{esc(run.label)} · {esc(ln.label)}"
+            else:
+                name = f"{esc(run.label)} · {ln.label}" if many_lines else esc(run.label)
+            _add_line(traces, run, ln, name, level, frame, tail, xmode, smooth, yaxis)
     _add_markers(traces, layout, markers, runs)
     return _figure(traces, layout, as_dict)
+
+
+def _short_unit(column: str) -> str:
+    return "nats/seq" if column == "kl_mean" else "nats/token"
+
+
+def _kl_axes(
+    spec: ChartSpec, runs: Sequence[RunData], layout: dict[str, Any], log: bool
+) -> dict[int, str]:
+    """The y axis title of a best-KL chart from the units its runs use, and, when they mix
+    both units, a right-hand axis ``y3`` for the per-token runs (run id -> "y3")."""
+    shown = [r for r in runs if _has_data(arrays(r.frame), arrays(r.tail), r.kl_column)]
+    per_seq = sorted({r.kl_name for r in shown if r.kl_column == "kl_mean"})
+    per_tok = sorted({r.kl_name for r in shown if r.kl_column != "kl_mean"})
+    suffix = " (log scale)" if log else ""
+    if per_tok and not per_seq:
+        layout["yaxis"]["title"]["text"] = esc(f"KL, {PER_TOKEN} ({', '.join(per_tok)}){suffix}")
+        return {}
+    if per_seq and per_tok:
+        layout["yaxis"]["title"]["text"] = esc(f"KL, {PER_SEQUENCE} ({', '.join(per_seq)}){suffix}")
+        layout["yaxis3"] = {
+            "title": {
+                "text": esc(f"KL, {PER_TOKEN} ({', '.join(per_tok)}){suffix}"),
+                "font": {"size": 11},
+            },
+            "overlaying": "y",
+            "side": "right",
+            "showgrid": False,
+            "zeroline": False,
+            **({"type": "log"} if log else {}),
+        }
+        layout["margin"]["r"] = 64
+        return {r.run_id: "y3" for r in shown if r.kl_column != "kl_mean"}
+    if suffix:
+        layout["yaxis"]["title"]["text"] += esc(suffix)
+    return {}
+
+
+def x_extent(runs: Sequence[RunData], xmode: str = "step") -> tuple[float, float] | None:
+    """(first, last) x of any run's data (steps, or wall time in ms), over the step frames,
+    tails and metric series: what every chart of a panel shows when not zoomed."""
+    lo, hi = math.inf, -math.inf
+    for run in runs:
+        parts = [run.frame, run.tail] + [p for _, f, t in run.extra.values() for p in (f, t)]
+        for part in parts:
+            a = arrays(part)
+            if "n" not in a or not len(a["n"]):
+                continue
+            ok = a["n"] > 0
+            if xmode == "wall":
+                if "wall_min" not in a:
+                    continue
+                a0, a1 = a["wall_min"][ok] * 1000.0, a["wall_max"][ok] * 1000.0
+            else:
+                a0, a1 = a["step"][ok], a["step_end"][ok]
+            a0, a1 = a0[np.isfinite(a0)], a1[np.isfinite(a1)]
+            if len(a0):
+                lo = min(lo, float(a0.min()))
+            if len(a1):
+                hi = max(hi, float(a1.max()))
+    return (lo, hi) if lo <= hi else None
+
+
+def chart_has_data(spec: ChartSpec, runs: Sequence[RunData]) -> bool:
+    """Whether any run has a value to draw on the chart (alert markers do not count)."""
+    for run in runs:
+        if spec.kind == "frontier":
+            col = run.kl_column
+            if len(frontier_points(run.frame, col)[0]) or len(frontier_points(run.tail, col)[0]):
+                return True
+            continue
+        if spec.key.startswith("m"):
+            if spec.key in run.extra:
+                _, f, t = run.extra[spec.key]
+                if _has_data(arrays(f), arrays(t), "value"):
+                    return True
+            continue
+        frame, tail = arrays(run.frame), arrays(run.tail)
+        cols = [run.kl_column] if spec.best_kl else [ln.column for ln in spec.lines]
+        if any(_has_data(frame, tail, c) for c in cols):
+            return True
+    return False
 
 
 def _has_data(frame: Arrays, tail: Arrays, column: str) -> bool:
@@ -569,6 +724,7 @@ def _add_line(
     tail: pd.DataFrame,
     xmode: str,
     smooth: float,
+    yaxis: str | None = None,
 ) -> None:
     if not _has_data(frame, tail, ln.column):
         return
@@ -584,6 +740,8 @@ def _add_line(
     if ln.dash != "solid":
         style["dash"] = ln.dash
     common: dict[str, Any] = {"name": name, "legendgroup": group, "mode": "lines", "line": style}
+    if yaxis:
+        common["yaxis"] = yaxis
     if smoothing:
         common["opacity"] = 0.25
     traces.append(_trace("scatter", showlegend=False if smoothing else None, **common, **raw_kw))
@@ -604,6 +762,8 @@ def _add_line(
     smx, smy = _join(_last_point(hist.mean_x, hist_s), mx, _r32(tail_s))
     sstyle = {**style, "width": 2}
     scommon = {"name": name, "legendgroup": group, "mode": "lines", "line": sstyle}
+    if yaxis:
+        scommon["yaxis"] = yaxis
     traces.append(_trace("scatter", y=_f32(hist_s), connectgaps=True, **scommon, **mean_kw))
     traces.append(
         _trace(
@@ -717,7 +877,10 @@ def frontier_chart(
     runs: Sequence[RunData], *, uirevision: str = "klmon", as_dict: bool = False
 ) -> go.Figure | dict[str, Any]:
     """Reward against sqrt(KL) per run, one point per bucket (or step): a healthy run climbs
-    roughly linearly; flattening while KL grows is reward-model over-optimisation."""
+    roughly linearly; flattening while KL grows is reward-model over-optimisation. Each run
+    uses its best KL quantity (``kl_column``), named in its legend entry and the x title;
+    when runs mix kl_mean with per-token estimators, the per-token ones get their own x
+    axis at the top (sqrt of nats per token), so no two units share an axis."""
     traces: list[dict[str, Any]] = []
     layout = _base_layout(
         CHARTS_BY_KEY["frontier"].title,
@@ -725,12 +888,23 @@ def frontier_chart(
         FRONTIER_X_TITLE,
         uirevision,
     )
-    for run in runs:
-        x, y, _ = frontier_points(run.frame)
-        tx, ty, _ = frontier_points(run.tail)
-        if not len(x) and not len(tx):
-            continue
-        name = esc(run.label)
+    shown = [
+        r
+        for r in runs
+        if len(frontier_points(r.frame, r.kl_column)[0])
+        or len(frontier_points(r.tail, r.kl_column)[0])
+    ]
+    units = {kl_unit(r.kl_column) for r in shown}
+    top = {PER_TOKEN} if len(units) > 1 else set()
+    used: dict[str, str] = {}
+    used_top: dict[str, str] = {}
+    for run in shown:
+        col = run.kl_column
+        x, y, _ = frontier_points(run.frame, col)
+        tx, ty, _ = frontier_points(run.tail, col)
+        on_top = kl_unit(col) in top
+        (used_top if on_top else used)[run.kl_name] = kl_unit(col)
+        name = esc(f"{run.label} · sqrt({run.kl_name})")
         common = {
             "name": name,
             "legendgroup": f"r{run.run_id}",
@@ -738,6 +912,8 @@ def frontier_chart(
             "marker": {"size": 4, "color": run.color, "opacity": 0.6},
             "hovertemplate": f"{name}<br>sqrt(KL) %{{x:.3g}}, reward %{{y:.4g}}<extra></extra>",
         }
+        if on_top:
+            common["xaxis"] = "x2"
         traces.append(_trace("scatter", x=_f32(x), y=_f32(y), **common))
         traces.append(
             _trace(
@@ -745,20 +921,43 @@ def frontier_chart(
                 x=tx.tolist(),
                 y=ty.tolist(),
                 showlegend=False,
-                meta={"run": run.run_id, "col": "kl_mean", "kind": "frontier"},
+                meta={"run": run.run_id, "col": col, "kind": "frontier"},
                 **common,
             )
         )
+    if used:
+        layout["xaxis"]["title"]["text"] = esc(frontier_x_title(used))
+    if used_top:
+        layout["xaxis2"] = {
+            "title": {"text": esc(frontier_x_title(used_top)), "font": {"size": 11}},
+            "overlaying": "x",
+            "side": "top",
+            "showgrid": False,
+            "zeroline": False,
+        }
+        layout["margin"]["t"] = 64
     return _figure(traces, layout, as_dict)
 
 
-def frontier_points(frame: pd.DataFrame | Arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sqrt(max(KL, 0)), reward, step) of the rows where both are known."""
+def frontier_x_title(used: dict[str, str]) -> str:
+    """``sqrt(KL): k3 from kl, sqrt(nats per token)``: which KL each run's x is."""
+    by_unit: dict[str, list[str]] = {}
+    for name, unit in used.items():
+        by_unit.setdefault(unit, []).append(name)
+    parts = [f"{', '.join(sorted(n))}, sqrt({u})" for u, n in sorted(by_unit.items())]
+    return "sqrt(KL): " + "; ".join(parts)
+
+
+def frontier_points(
+    frame: pd.DataFrame | Arrays, kl_column: str = "kl_mean"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sqrt(max(KL, 0)), reward, step) of the rows where both are known; KL from
+    ``kl_column``."""
     f = arrays(frame)
-    if "kl_mean" not in f or "reward_mean" not in f or not len(f["kl_mean"]):
+    if kl_column not in f or "reward_mean" not in f or not len(f[kl_column]):
         z = np.zeros(0)
         return z, z, z
-    kl, rw = f["kl_mean"], f["reward_mean"]
+    kl, rw = f[kl_column], f["reward_mean"]
     ok = np.isfinite(kl) & np.isfinite(rw)
     return np.sqrt(np.maximum(kl[ok], 0.0)), rw[ok], f["step"][ok]
 

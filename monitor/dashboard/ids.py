@@ -32,8 +32,20 @@ def graph_all(panel: str) -> dict[str, Any]:
     return {"type": "kl-graph", "panel": panel, "chart": ALL}
 
 
+def chart_box(panel: str, chart: str) -> dict[str, Any]:
+    """The box around a chart of a panel (hidden when no shown run has data for it)."""
+    return {"type": "kl-chart-box", "panel": panel, "chart": chart}
+
+
+def chart_box_all(panel: str) -> dict[str, Any]:
+    from dash import ALL
+
+    return {"type": "kl-chart-box", "panel": panel, "chart": ALL}
+
+
 def panel_id(panel: str, name: str) -> str:
-    """Per-panel controls: view, live, smooth, x, interval, msg, permalink, status."""
+    """Per-panel controls: view, live, smooth, x, klaxis, interval, msg, permalink, status,
+    empty (the lines naming the charts without data)."""
     return f"{panel}-{name}"
 
 

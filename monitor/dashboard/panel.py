@@ -37,6 +37,7 @@ MAX_METRICS = 8
 MAX_QUERY_LENGTH = 4000
 LIVE_ROW_LIMIT = 20_000
 X_MODES = ("step", "wall")
+KL_AXES = ("linear", "log")
 
 
 # --------------------------------------------------------------------------- the view
@@ -53,6 +54,7 @@ class View:
     x: str = "step"
     metrics: tuple[str, ...] = ()
     step: int | None = None
+    kl_log: bool = False  # a log y axis on the KL charts (URL: klaxis=log)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,6 +75,7 @@ class View:
                 "x": d.get("x"),
                 "metrics": ",".join(str(m) for m in d.get("metrics") or []),
                 "step": d.get("step"),
+                "klaxis": "log" if d.get("kl_log") is True else None,
             }
         )
         return view
@@ -141,7 +144,12 @@ def parse_params(params: Mapping[str, Any]) -> tuple[View, list[str]]:
         warnings.append(f"showing the first {MAX_METRICS} of {len(metrics)} metrics")
         metrics = metrics[:MAX_METRICS]
     step = _int_param("step", params.get("step"), warnings)
-    return View(tuple(runs), start, end, round(smooth, 4), x, tuple(metrics), step), warnings
+    klaxis = str(params.get("klaxis") or "linear")
+    if klaxis not in KL_AXES:
+        warnings.append(f"ignored klaxis={klaxis[:40]!r}: use linear or log")
+        klaxis = "linear"
+    view = View(tuple(runs), start, end, round(smooth, 4), x, tuple(metrics), step, klaxis == "log")
+    return view, warnings
 
 
 def parse_query(search: str | None) -> tuple[View, list[str]]:
@@ -173,6 +181,8 @@ def to_query(view: View) -> str:
         q["metrics"] = ",".join(view.metrics)
     if view.step is not None:
         q["step"] = view.step
+    if view.kl_log:
+        q["klaxis"] = "log"
     return "?" + urlencode(q, safe=",") if q else ""
 
 
@@ -198,6 +208,8 @@ class PanelOutput:
     live: dict[str, Any]
     running: bool
     messages: list[str] = field(default_factory=list)
+    #: Keys of the charts no shown run has data for (the page collapses them to a line).
+    empty: list[str] = field(default_factory=list)
 
 
 def _step_columns(specs: Sequence[F.ChartSpec]) -> tuple[str, ...]:
@@ -208,8 +220,6 @@ def _step_columns(specs: Sequence[F.ChartSpec]) -> tuple[str, ...]:
         for c in s.columns:
             if c not in cols:
                 cols.append(c)
-        if s.kind == "frontier":
-            cols += [c for c in ("kl_mean", "reward_mean") if c not in cols]
     return tuple(cols)
 
 
@@ -244,8 +254,9 @@ def build_panel(
     live_runs: dict[str, Any] = {}
     running = False
 
-    def read(rid: int) -> tuple[Any, dict[str, Any], int | None]:
-        """One run's series, metric series and state (I/O: runs read in parallel)."""
+    def read(rid: int) -> tuple[Any, dict[str, Any], int | None, Any]:
+        """One run's series, metric series, best KL and state (I/O: runs read in
+        parallel)."""
         start, end = view.start, view.end
         if view.x == "wall" and wall_range is not None:
             start, end = _wall_range_to_steps(data, rid, wall_range)
@@ -255,14 +266,14 @@ def build_panel(
             for ms, name in zip(metric_specs, view.metrics, strict=True)
         }
         data.run_state(rid)
-        return s, metrics, end
+        return s, metrics, end, data.best_kl(rid)
 
     if len(run_ids) > 1:  # database round trips overlap; ~30% faster on PostgreSQL
         with ThreadPoolExecutor(max_workers=min(4, len(run_ids))) as pool:
             results = list(pool.map(read, run_ids))
     else:
         results = [read(rid) for rid in run_ids]
-    for i, (rid, (s, metrics, end)) in enumerate(zip(run_ids, results, strict=True)):
+    for i, (rid, (s, metrics, end, kl)) in enumerate(zip(run_ids, results, strict=True)):
         extra: dict[str, tuple[int, Any, Any]] = {}
         mheld: dict[str, int | None] = {}
         for key, m in metrics.items():
@@ -270,7 +281,12 @@ def build_panel(
                 extra[key] = (m.level, F.arrays(m.frame), _tail(m.tail, m.level))
             mheld[key] = m.last_step
         frame, tail = F.arrays(s.frame), _tail(s.tail, s.level)
-        runs.append(F.RunData(rid, labels[rid], F.run_color(i), s.level, frame, tail, extra))
+        kl_column, kl_name = (kl.column, kl.name) if kl is not None else ("kl_mean", "kl_mean")
+        runs.append(
+            F.RunData(
+                rid, labels[rid], F.run_color(i), s.level, frame, tail, extra, kl_column, kl_name
+            )
+        )
         state = data.run_state(rid)
         follows = end is None and state.info.status == "running"
         running = running or follows
@@ -297,8 +313,10 @@ def build_panel(
         lo = view.start if view.start is not None else 0
         hi = view.end if view.end is not None else max(ends, default=lo)
         x_range = [lo, hi]
+    extent = F.x_extent(runs, view.x) if x_range is None else None
     figures: dict[str, Any] = {}
     tails: dict[str, list[list[Any]]] = {}
+    empty = [spec.key for spec in specs if not F.chart_has_data(spec, runs)]
     for spec in specs:
         if spec.kind == "frontier":
             fig = F.frontier_chart(runs, uirevision=uirevision, as_dict=True)
@@ -309,6 +327,8 @@ def build_panel(
                 smooth=view.smooth,
                 xmode=view.x,
                 x_range=x_range,
+                x_extent=extent,
+                log_y=view.kl_log,
                 markers=markers,
                 uirevision=uirevision,
                 as_dict=True,
@@ -325,7 +345,7 @@ def build_panel(
         "tails": tails,
         "metrics": {s.key: n for s, n in zip(metric_specs, view.metrics, strict=True)},
     }
-    return PanelOutput(figures, live, running, messages)
+    return PanelOutput(figures, live, running, messages, empty)
 
 
 def _tail(tail: pd.DataFrame, level: int) -> F.Arrays:
@@ -388,7 +408,7 @@ def extend_panel(
         for t in live["tails"].get(key, []):
             step_cols.add(str(t[2]))
         if key == "frontier":
-            step_cols |= {"kl_mean", "reward_mean"}
+            step_cols.add("reward_mean")
     from monitor.store.models import STEP_FLOAT_COLUMNS
 
     step_cols &= set(STEP_FLOAT_COLUMNS)
@@ -431,7 +451,7 @@ def extend_panel(
             if rows is None or not len(rows["step"]):
                 continue
             if kind == "frontier":
-                x, y = _frontier_live(rows, level)
+                x, y = _frontier_live(rows, level, col)
             else:
                 memo_key = (rid, key if key.startswith("m") else "", col)
                 if memo_key not in memo:
@@ -461,11 +481,14 @@ def _with_wall(data: DashboardData, run_id: int, rows: pd.DataFrame) -> pd.DataF
     return rows
 
 
-def _frontier_live(rows: F.Arrays, level: int) -> tuple[list[float], list[float]]:
-    """New frontier points: per bucket (or row), sqrt of the mean KL and the mean reward."""
-    if "kl_mean" not in rows or "reward_mean" not in rows:
+def _frontier_live(
+    rows: F.Arrays, level: int, kl_column: str = "kl_mean"
+) -> tuple[list[float], list[float]]:
+    """New frontier points: per bucket (or row), sqrt of the mean KL (the run's KL column)
+    and the mean reward."""
+    if kl_column not in rows or "reward_mean" not in rows:
         return [], []
-    kl, rw, st = rows["kl_mean"], rows["reward_mean"], rows["step"].astype(np.int64)
+    kl, rw, st = rows[kl_column], rows["reward_mean"], rows["step"].astype(np.int64)
     ok = np.isfinite(kl) & np.isfinite(rw)
     kl, rw, st = kl[ok], rw[ok], st[ok]
     if not len(st):
@@ -511,6 +534,16 @@ def panel_controls(panel: str, view: View) -> html.Div:
                 value=view.x,
                 inline=True,
             ),
+            html.Label("KL axis", htmlFor=pid("klaxis")),
+            dcc.RadioItems(
+                id=pid("klaxis"),
+                options=[
+                    {"label": " linear", "value": "linear"},
+                    {"label": " log", "value": "log"},
+                ],
+                value="log" if view.kl_log else "linear",
+                inline=True,
+            ),
             html.A("link to this view", id=pid("permalink"), href="#", className="permalink"),
         ],
     )
@@ -535,11 +568,25 @@ def panel_layout(
                         figure={"data": [], "layout": {"height": 300}},
                         config={"displaylogo": False, "responsive": True},
                     ),
+                    id=ids.chart_box(panel, spec.key),
                     className=f"chart chart-{spec.key}",
                 )
                 for spec in specs
             ],
         ),
+        html.Ul(id=pid("empty"), className="empty-charts"),
+    ]
+
+
+def empty_lines(specs: Sequence[F.ChartSpec], empty: Sequence[str]) -> list[Any]:
+    """One line per chart that no shown run has data for: its title and what fills it."""
+    return [
+        html.Li(
+            f"{s.title}: no data for these runs" + (f"; filled by {s.fills}" if s.fills else ""),
+            className=f"empty-{s.key}",
+        )
+        for s in specs
+        if s.key in empty
     ]
 
 
@@ -591,15 +638,21 @@ def register_panel(
         Output(pid("msg"), "children"),
         Output(pid("permalink"), "href"),
         Output(pid("smooth-value"), "children"),
+        Output(ids.chart_box_all(panel), "style"),
+        Output(pid("empty"), "children"),
         Input(pid("smooth"), "value"),
         Input(pid("x"), "value"),
+        Input(pid("klaxis"), "value"),
         Input(ids.graph_all(panel), "relayoutData"),
         State(pid("view"), "data"),
         State(pid("live"), "data"),
     )
-    def render(smooth: Any, xmode: Any, relayouts: Any, view_data: Any, live: Any) -> Any:
+    def render(
+        smooth: Any, xmode: Any, klaxis: Any, relayouts: Any, view_data: Any, live: Any
+    ) -> Any:
         view = View.from_dict(view_data)
         keys = [o["id"]["chart"] for o in ctx.outputs_list[0]]
+        box_keys = [o["id"]["chart"] for o in ctx.outputs_list[6]]
         trig = ctx.triggered_id
         zoom = (live or {}).get("zoom") if isinstance(live, dict) else None
         wall_range = None
@@ -618,7 +671,14 @@ def register_panel(
         except (TypeError, ValueError):
             smooth_v = 0.0
         view, warnings = (
-            View.from_dict({**view.to_dict(), "smooth": smooth_v, "x": xmode or view.x}),
+            View.from_dict(
+                {
+                    **view.to_dict(),
+                    "smooth": smooth_v,
+                    "x": xmode or view.x,
+                    "kl_log": klaxis == "log",
+                }
+            ),
             [],
         )
         if zoom is not None:
@@ -646,7 +706,7 @@ def register_panel(
                 labels=labels,
                 max_buckets=max_buckets,
                 wall_range=wall_range,
-                uirevision=f"{panel}-{view.x}",
+                uirevision=f"{panel}-{view.x}-{'log' if view.kl_log else 'linear'}",
             )
         except (KlmonError, InvalidInput) as exc:
             return (
@@ -656,11 +716,14 @@ def register_panel(
                 html.Div(user_message(exc), className="error"),
                 no_update,
                 f"{smooth_v:g}",
+                [no_update] * len(box_keys),
+                no_update,
             )
         out.live["zoom"] = zoom
         figs = [out.figures.get(k, {"data": [], "layout": {}}) for k in keys]
         notes = [*missing, *warnings, *out.messages]
         msg = html.Ul([html.Li(m) for m in notes]) if notes else None
+        hidden = set(out.empty)
         return (
             figs,
             out.live,
@@ -668,6 +731,8 @@ def register_panel(
             msg,
             permalink(view),
             f"{smooth_v:g}",
+            [{"display": "none"} if k in hidden else {} for k in box_keys],
+            empty_lines(list(specs.values()), out.empty),
         )
 
     @app.callback(

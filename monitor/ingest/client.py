@@ -49,16 +49,27 @@ import numpy as np
 from monitor.config import db_url
 from monitor.divergence import LOGPROB_TOLERANCE
 from monitor.errors import ConfigError, InvalidInput
+from monitor.ingest.accumulate import OpenStep
 from monitor.ingest.spool import ENV_SPOOL_DIR, SpoolWriter, spool_dir
+from monitor.ingest.tensors import Deferred, host_copy, is_tensor, now
+from monitor.ingest.text import (
+    PROJECT_MAX,
+    RUN_NAME_MAX,
+    check_metric_name,
+    check_name,
+    clean_json,
+)
 from monitor.ingest.writer import (
+    STEP_VALUES_MAX,
     BackgroundWriter,
     ControlItem,
     Stats,
     StepItem,
     WriterConfig,
+    scalar_step_record,
 )
 from monitor.store.database import Database
-from monitor.store.models import METRIC_NAME_MAX, STEP_MAX, STEP_QUANTITIES
+from monitor.store.models import STEP_MAX, STEP_QUANTITIES
 
 __all__ = ["Run", "init"]
 
@@ -152,10 +163,8 @@ class Run:
         fsync_interval: float | None = 1.0,
         exit_timeout: float | None = None,
     ) -> None:
-        if not isinstance(project, str) or not project.strip():
-            raise InvalidInput("project must be a non-empty string")
-        if not isinstance(name, str) or not name.strip():
-            raise InvalidInput("name must be a non-empty string")
+        project = check_name(project, "project", PROJECT_MAX)
+        name = check_name(name, "name", RUN_NAME_MAX)
         world_size = _int_arg(world_size, "world_size")
         rank = _int_arg(rank, "rank")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -172,9 +181,10 @@ class Run:
         self.rank = rank
         self.world_size = world_size
         self.on_invalid = on_invalid
-        self.config = dict(config or {})
+        self.config = clean_json(dict(config or {}))
+        tags = clean_json(list(tags or []))
         _json_arg(self.config, "config")
-        _json_arg(list(tags or []), "tags")
+        _json_arg(tags, "tags")
         if exit_timeout is None:
             exit_timeout = float(os.environ.get(ENV_EXIT_TIMEOUT, "5"))
         self.exit_timeout = exit_timeout
@@ -187,6 +197,7 @@ class Run:
         self._finished = False
         self._forked = False
         self._finish_lock = threading.Lock()
+        self._open: OpenStep | None = None  # the step add_to_step is building
 
         # The engine is made now (a bad URL is the caller's bug and raises ConfigError here);
         # connecting, the schema check and creating the run happen on the writer's thread.
@@ -240,8 +251,10 @@ class Run:
     @property
     def stats(self) -> dict[str, int]:
         """Counters: logged, acknowledged, written, spooled, replayed, duplicates, conflicts,
-        rejected, out_of_order, spilled, db_errors, corrupt; plus ``pending`` (logged steps not
-        yet acknowledged) and ``unwritten`` (1 while acknowledged records await the database)."""
+        rejected, out_of_order, spilled, db_errors, corrupt, dropped (the spool failed and the
+        database did not take them), dead_letter (refused by the database, kept in the
+        dead-letter file); plus ``pending`` (logged steps not yet acknowledged) and
+        ``unwritten`` (1 while acknowledged records await the database)."""
         snap = self._stats.snapshot()
         pending, unwritten = self._writer.pending()
         snap["pending"] = pending
@@ -291,6 +304,8 @@ class Run:
             )
         wall = time.time()
         step = _step_arg(step)
+        if self._open is not None:
+            self.close_step()
         try:
             item = _build_item(
                 step,
@@ -334,6 +349,100 @@ class Run:
         self._stats.add("logged")
         self._writer.submit(item)
 
+    def add_to_step(
+        self,
+        step: int,
+        *,
+        policy_logprobs: Any,
+        ref_logprobs: Any,
+        mask: Any = None,
+        rewards: Any = None,
+        kl_coef: float | None = None,
+        texts: tuple[Sequence[Any], Sequence[Any]] | None = None,
+        tokens: Sequence[Sequence[Any]] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        rollout_logprobs: Any = None,
+        entropies: Any = None,
+    ) -> None:
+        """Add rows to ``step`` when its tokens arrive in several calls (micro-batches of
+        different widths, gradient-accumulation passes). Same arguments as :meth:`log_step`.
+
+        The step is closed by :meth:`close_step`, by a call for a later step (``add_to_step``
+        or ``log_step``), or by ``flush``/``finish``; it is then summarised exactly as if one
+        ``log_step`` call had carried all its rows. Each part is checked and copied here: a
+        bad part raises (or, with ``on_invalid='log'``, is left out of the step and counted
+        in the metric ``klmon/rejected_parts``). A part whose responses are all empty is
+        fine; a step whose responses are all empty is stored as rejected. Metrics of the
+        parts are merged by name, a later part's value replacing an earlier one's.
+        """
+        if self._finished:
+            raise InvalidInput(f"run {self.project}/{self.name} is finished: add_to_step")
+        step = _step_arg(step)
+        if self._open is not None and self._open.step != step:
+            self.close_step()
+        if self._open is None:
+            self._open = OpenStep(step)
+        try:
+            item = _build_item(
+                step,
+                time.time(),
+                policy_logprobs,
+                ref_logprobs,
+                mask,
+                rewards,
+                kl_coef,
+                texts,
+                tokens,
+                metrics,
+                rollout_logprobs,
+                entropies,
+                check_values=self.validate == "full",
+                allow_all_empty=True,
+            )
+            self._open.add(item)
+        except InvalidInput as exc:
+            if self.on_invalid == "raise":
+                raise
+            self._open.refused.append(str(exc))
+            log.warning("klmon: a part of step %d left out: %s", step, exc)
+
+    def close_step(self) -> None:
+        """Summarise and submit the step :meth:`add_to_step` is building (no-op if none)."""
+        open_step, self._open = self._open, None
+        if open_step is None:
+            return
+        item = open_step.merged(EMPTY_RESPONSES_METRIC)
+        if item.rejected is not None and item.policy_logprobs is None:
+            item.wall_time = time.time()  # no part was usable (the writer logs the others)
+            log.warning("klmon: step %d rejected: %s", item.step, item.rejected)
+        self._note_order(item.step)
+        self._stats.add("logged")
+        self._writer.submit(item)
+
+    def log_quantities(
+        self,
+        step: int,
+        quantities: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A step whose klmon columns come from a trainer's own scalars (TRL's logged ``kl``
+        as ``k3``, ``reward`` as ``reward_mean``...), for a run that has no per-token
+        log-probs: it then has a current KL, charts and alerts. Unknown column names raise
+        InvalidInput; non-finite values are stored as missing. Rank 0 only (others: no-op).
+        """
+        if self._finished:
+            raise InvalidInput("log_quantities after finish")
+        step = _step_arg(step)
+        unknown = sorted(set(quantities) - set(STEP_QUANTITIES))
+        if unknown:
+            raise InvalidInput(f"log_quantities: {unknown} are not klmon step quantities")
+        checked = _checked_metrics(metrics) if metrics else {}
+        if self.rank != 0:
+            return
+        self._note_order(step)
+        self._stats.add("logged")
+        self._writer.submit(scalar_step_record(step, time.time(), quantities, checked))
+
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Extra named scalars at a step, without log-probs (e.g. a trainer's eval metrics)."""
         if self._finished:
@@ -349,14 +458,18 @@ class Run:
                     "type": "metrics",
                     "step": step,
                     "t": time.time(),
-                    "metrics": [[n, _metric_value(v)] for n, v in checked.items()],
+                    "metrics": [[n, v] for n, v in checked.items()],
                 }
             )
         )
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every logged step is in the database (True), or ``timeout`` seconds
-        (False; what is not written is safe in the spool and will follow)."""
+        (False; what is not written is safe in the spool and will follow). Also False once a
+        step was dropped or dead-lettered (``stats['dropped']``, ``stats['dead_letter']``).
+        A step being built with :meth:`add_to_step` is closed first."""
+        if self._open is not None and not self._finished:
+            self.close_step()
         return self._writer.wait(timeout)
 
     def finish(self, status: str = "finished", timeout: float | None = None) -> bool:
@@ -370,6 +483,8 @@ class Run:
                 return False
             if self._finished:
                 return self._writer.committed_everything()
+            if self._open is not None:
+                self.close_step()
             self._finished = True
         self.status = status
         # Rank 0 speaks for the run; any rank may report that it crashed.
@@ -378,13 +493,16 @@ class Run:
         done = self._writer.stop(self.exit_timeout if timeout is None else timeout)
         _LIVE_RUNS.discard(self)
         if not done:
+            snap = self._stats.snapshot()
             log.warning(
-                "klmon: run %s/%s: not everything reached the database %s; it is kept in %s "
-                "(run `klmon sync` to replay it)",
+                "klmon: run %s/%s: not everything reached the database %s; what was spooled "
+                "is kept in %s (run `klmon sync` to replay it); dropped: %d, dead letters: %d",
                 self.project,
                 self.name,
                 self._writer.db.safe_url,
                 self.spool_dir,
+                snap["dropped"],
+                snap["dead_letter"],
             )
         return done
 
@@ -447,13 +565,17 @@ def _int_arg(value: Any, name: str) -> int:
 
 
 def _to_array(value: Any, name: str) -> np.ndarray:
-    """A private numpy copy of an array-like (numpy, torch on any device, nested lists)."""
+    """A private numpy copy of an array-like (numpy, torch on any device, nested lists). A
+    torch tensor may come back as a Deferred copy (bfloat16, a device tensor): see
+    ``monitor.ingest.tensors``; its values are then checked in the background."""
     if value is None:
         raise InvalidInput(f"{name} is required")
     if isinstance(value, np.ndarray):
         return np.array(value, copy=True)
+    if is_tensor(value):
+        return host_copy(value)  # type: ignore[return-value]
     copied = False
-    if hasattr(value, "detach"):  # torch (duck-typed: no torch import)
+    if hasattr(value, "detach"):  # tensor-like but not torch's own class (duck-typed)
         value = value.detach()
         device = getattr(value, "device", None)
         if device is not None and getattr(device, "type", "cpu") != "cpu":
@@ -476,14 +598,29 @@ def _to_array(value: Any, name: str) -> np.ndarray:
 def _float_copy(value: Any, name: str) -> np.ndarray:
     """A private 2-D float copy: float16/32/64 kept, integers widened to float64, a single
     1-D sequence taken as a batch of one."""
+    _check_size(getattr(value, "shape", None), name)
     arr = _to_array(value, name)
+    _check_size(arr.shape, name)
     if arr.dtype.kind in "iu":
-        arr = arr.astype(np.float64)
+        arr = now(arr).astype(np.float64)
     elif arr.dtype.kind != "f":
         raise InvalidInput(f"{name} has dtype {arr.dtype}: expected real numbers (log-probs)")
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
     return arr
+
+
+def _check_size(shape: Any, name: str) -> None:
+    """Refuse a step above STEP_VALUES_MAX values per array, before copying it."""
+    try:
+        n = math.prod(int(d) for d in shape)
+    except (TypeError, ValueError):  # no shape (a list), or not one we can read
+        return
+    if n > STEP_VALUES_MAX:
+        raise InvalidInput(
+            f"{name} has {n} values (shape {tuple(shape)}): a step takes at most "
+            f"{STEP_VALUES_MAX} per rank; log fewer sequences per call or per rank"
+        )
 
 
 def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -499,6 +636,7 @@ def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, n
                 "each must be 1-D and of the same length"
             )
     width = max((len(a) for a in lps), default=0)
+    _check_size((len(lps), width), "policy_logprobs")
     out_lp = np.zeros((len(lps), width))
     out_ref = np.zeros((len(lps), width))
     out_mask = np.zeros((len(lps), width), dtype=bool)
@@ -507,7 +645,7 @@ def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, n
         out_ref[i, : len(a)] = b
         out_mask[i, : len(a)] = True
     if mask is not None:
-        ms = [np.asarray(_to_array(x, f"mask[{i}]")) for i, x in enumerate(mask)]
+        ms = [np.asarray(now(_to_array(x, f"mask[{i}]"))) for i, x in enumerate(mask)]
         if len(ms) != len(lps) or any(m.shape != a.shape for m, a in zip(ms, lps, strict=False)):
             raise InvalidInput("mask must be a list of sequences matching policy_logprobs")
         for i, m in enumerate(ms):
@@ -517,7 +655,7 @@ def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, n
 
 def _seq(x: Any, name: str) -> np.ndarray:
     try:
-        return np.asarray(_to_array(x, name), dtype=np.float64)
+        return np.asarray(now(_to_array(x, name)), dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{name} is not a sequence of numbers: {exc}") from None
 
@@ -550,10 +688,11 @@ def _is_ragged(x: Any) -> bool:
 EMPTY_RESPONSES_METRIC = "klmon/empty_responses"
 
 
-def _count_empty_rows(m: np.ndarray) -> int:
-    """Number of sequences without a response token; InvalidInput when that is all of them."""
+def _count_empty_rows(m: np.ndarray, allow_all: bool = False) -> int:
+    """Number of sequences without a response token; InvalidInput when that is all of them
+    (unless ``allow_all``: one part of a step built from several calls may be all empty)."""
     n_empty = int(m.shape[0] - np.count_nonzero(m.any(axis=1)))
-    if n_empty and n_empty == m.shape[0]:
+    if n_empty and n_empty == m.shape[0] and not allow_all:
         raise InvalidInput(
             f"every one of the {n_empty} sequences has an empty response (each mask row is all "
             "zero): the step has no KL to record"
@@ -562,6 +701,8 @@ def _count_empty_rows(m: np.ndarray) -> int:
 
 
 def _check_logprobs(arr: np.ndarray, name: str, mask: np.ndarray | None) -> None:
+    if isinstance(arr, Deferred) or isinstance(mask, Deferred):
+        return  # values not on the host yet: checked in the background
     hi = arr.max()
     lo = arr.min()
     if np.isfinite(lo) and hi <= LOGPROB_TOLERANCE:
@@ -600,22 +741,28 @@ def _build_item(
     entropies: Any,
     *,
     check_values: bool = True,
+    allow_all_empty: bool = False,
 ) -> StepItem:
     m: np.ndarray | None = None
     n_empty = 0
     if _is_ragged(policy_logprobs):
         lp, ref, m = _pad_ragged(policy_logprobs, ref_logprobs, mask)
-        n_empty = _count_empty_rows(m)
+        n_empty = _count_empty_rows(m, allow_all_empty)
         if check_values:
             _check_logprobs(lp, "policy_logprobs", m)
             _check_logprobs(ref, "ref_logprobs", m)
     else:
         if mask is not None:
+            _check_size(getattr(mask, "shape", None), "mask")
             raw = _to_array(mask, "mask")
-            m = _bool_mask(raw.reshape(1, -1) if raw.ndim == 1 else raw, "mask")
+            if isinstance(raw, Deferred) and raw.dtype != np.bool_:
+                raw = raw.resolve()
+            raw = raw.reshape(1, -1) if raw.ndim == 1 else raw
+            m = raw if isinstance(raw, Deferred) else _bool_mask(raw, "mask")
             if m.ndim != 2:
                 raise InvalidInput(f"mask must be 2-D (batch, tokens), got shape {m.shape}")
-            n_empty = _count_empty_rows(m)
+            if not isinstance(m, Deferred):  # a device mask: empty rows found in the background
+                n_empty = _count_empty_rows(m, allow_all_empty)
         # Copy, then check each array while the copy is still in cache.
         lp = _float_copy(policy_logprobs, "policy_logprobs")
         if lp.ndim != 2:
@@ -637,7 +784,7 @@ def _build_item(
     b = lp.shape[0]
     r = None
     if rewards is not None:
-        r = _to_array(rewards, "rewards").astype(np.float64, copy=False).reshape(-1)
+        r = now(_to_array(rewards, "rewards")).astype(np.float64, copy=False).reshape(-1)
         if r.shape != (b,):
             raise InvalidInput(f"rewards has {r.size} values for a batch of {b} sequences")
         if not np.isfinite(r).all():
@@ -708,30 +855,31 @@ def _checked_metrics(metrics: Mapping[str, Any], *, lenient: bool = False) -> di
         raise InvalidInput(f"metrics must be a mapping of name to number, got {type(metrics)}")
     out: dict[str, Any] = {}
     for k, v in metrics.items():
-        if not isinstance(k, str) or not k or len(k) > METRIC_NAME_MAX:
+        try:
+            name = check_metric_name(k)
+            value = _metric_value(v, name)
+        except InvalidInput:
             if lenient:
                 continue
-            raise InvalidInput(
-                f"metric name {k!r} must be a non-empty string of at most "
-                f"{METRIC_NAME_MAX} characters"
-            )
-        ok = (
-            (isinstance(v, numbers.Real) and not isinstance(v, bool))
-            or (hasattr(v, "item") and getattr(v, "ndim", 0) == 0)
-            or v is None
-        )
-        if not ok:
-            if lenient:
-                continue
-            raise InvalidInput(f"metrics[{k!r}] must be a number (got {type(v).__name__})")
-        out[k] = v
+            raise
+        out[name] = value
     return out
 
 
-def _metric_value(v: Any) -> float | None:
+def _metric_value(v: Any, name: str) -> float | None:
+    """The float stored for a metric: None for NaN/inf; InvalidInput for a non-number or an
+    integer beyond the float range (10**400)."""
     if v is None:
         return None
-    x = float(v.item() if hasattr(v, "item") else v)
+    ok = (isinstance(v, numbers.Real) and not isinstance(v, bool)) or (
+        hasattr(v, "item") and getattr(v, "ndim", 0) == 0
+    )
+    if not ok:
+        raise InvalidInput(f"metrics[{name!r}] must be a number (got {type(v).__name__})")
+    try:
+        x = float(v.item() if hasattr(v, "item") else v)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"metrics[{name!r}] is not storable as a float: {exc}") from None
     return x if math.isfinite(x) else None
 
 

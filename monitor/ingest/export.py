@@ -32,7 +32,7 @@ from monitor.store.domain import RunInfo
 from monitor.store.metric_info import read_metric_info
 from monitor.store.models import STEP_INT_COLUMNS, STEP_QUANTITIES
 from monitor.store.runs import resolve_run
-from monitor.store.steps import metric_names, read_metrics, read_steps
+from monitor.store.steps import metric_names, read_steps
 
 EXPORT_FORMATS: dict[str, str] = {
     ".csv": "csv",
@@ -145,8 +145,7 @@ def _chunks(
         frame = pd.DataFrame({"step": pd.Series(chunk, dtype="int64")})
         step_rows = read_steps(db, run_id, start=lo, end=hi)
         frame = frame.merge(step_rows, on="step", how="left")
-        metrics = read_metrics(db, run_id, start=lo, end=hi).rename(columns=renames)
-        frame = frame.merge(metrics, on="step", how="left")
+        frame = frame.merge(_metric_columns(db, run_id, lo, hi, renames), on="step", how="left")
         for c in columns:
             if c not in frame.columns:
                 frame[c] = None if c in _TEXT_COLUMNS else math.nan
@@ -161,6 +160,30 @@ def _chunks(
         if progress:
             progress(start + len(chunk), len(steps))
         yield frame
+
+
+def _metric_columns(
+    db: Database, run_id: int, lo: int, hi: int, renames: dict[str, str]
+) -> pd.DataFrame:
+    """The metrics of steps ``lo..hi`` as a ``step`` column plus one column per export
+    column name. Names are mapped before pivoting, so a metric called ``step`` (or any
+    step column) becomes ``metric:step`` instead of clashing with the step index."""
+    with db.begin() as conn:
+        long = pd.read_sql(
+            text(
+                "SELECT step, name, value FROM metrics "
+                "WHERE run_id = :r AND step >= :lo AND step <= :hi"
+            ),
+            conn,
+            params={"r": run_id, "lo": lo, "hi": hi},
+        )
+    # A metric first logged after the export started has no column: it is left out.
+    long = long.assign(column=long["name"].map(renames)).dropna(subset=["column"])
+    if long.empty:
+        return pd.DataFrame({"step": pd.Series(dtype="int64")})
+    wide = long.pivot(index="step", columns="column", values="value")
+    wide.columns.name = None
+    return wide.reset_index()
 
 
 def _write_csv(tmp: Path, columns: list[str], chunks: Iterator[pd.DataFrame]) -> None:

@@ -49,6 +49,14 @@ _RECORD_HEAD = struct.Struct("<4sII")  # magic, body length, crc32(body)
 _U32 = struct.Struct("<I")
 SUFFIX = ".klspool"
 MAX_RECORD_BYTES = 256 * 1024 * 1024
+"""The largest record a reader accepts; :meth:`SpoolWriter.append` refuses larger ones
+(:class:`RecordTooLarge`), so nothing is ever written that cannot be read back."""
+DEAD_SUFFIX = ".klspool-dead"
+
+
+class RecordTooLarge(ValueError):
+    """A record would exceed MAX_RECORD_BYTES: it is not written."""
+
 
 ENV_SPOOL_DIR = "KLMON_SPOOL_DIR"
 
@@ -99,10 +107,14 @@ def encode_parts(record: dict[str, Any]) -> list[bytes | memoryview]:
 
     head = json.dumps(convert(record), separators=(",", ":"), default=_json_default).encode()
     first = _U32.pack(len(head)) + head
+    length = len(first) + offset
+    if length > MAX_RECORD_BYTES:
+        raise RecordTooLarge(
+            f"spool record of {length} bytes: at most {MAX_RECORD_BYTES} are written"
+        )
     crc = zlib.crc32(first)
     for b in blobs:
         crc = zlib.crc32(b, crc)
-    length = len(first) + offset
     return [_RECORD_HEAD.pack(RECORD_MAGIC, length, crc), first, *blobs]
 
 
@@ -293,15 +305,28 @@ class SpoolWriter:
         entry = self._open.get(seq)
         return entry[0] if entry else None
 
+    @property
+    def stem(self) -> str:
+        """The name shared by this writer's files (without segment number and suffix)."""
+        return self._stem
+
     def _roll(self) -> None:
+        seq = self._seq + 1
+        path = self.directory / f"{self._stem}.{seq:04d}{SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            data = FILE_MAGIC + encode_record(dict(self.header, segment=seq))
+            _write_all(fd, data)
+        except OSError:
+            # Disk full: leave no half-made segment behind; the next append tries again.
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
         if self._fd >= 0:
             self._final_sizes[self._seq] = self._size
-        self._seq += 1
-        path = self.directory / f"{self._stem}.{self._seq:04d}{SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        data = FILE_MAGIC + encode_record(dict(self.header, segment=self._seq))
-        _write_all(fd, data)
+        self._seq = seq
         self._fd, self._path, self._size = fd, path, len(data)
         self._end = (self._seq, self._size)
         self._open[self._seq] = (path, fd)
@@ -319,14 +344,19 @@ class SpoolWriter:
                 raise OSError("spool is closed")
             if self._size >= self.max_segment_bytes:
                 self._roll()
+            before = self._size
             try:
                 for part in parts:
                     _write_all(self._fd, part)
                     self._size += len(part) if isinstance(part, bytes) else part.nbytes
             except OSError:
-                # A partial record (disk full...) is skipped by readers (bad checksum); keep
-                # our offset in step with the file so the next record is found.
-                self._size = os.fstat(self._fd).st_size
+                # Disk full...: cut the partial record off, so readers never see it; if even
+                # that fails, a reader skips it (bad checksum) and resyncs on the next one.
+                try:
+                    os.ftruncate(self._fd, before)
+                    self._size = before
+                except OSError:
+                    self._size = os.fstat(self._fd).st_size
                 self._end = (self._seq, self._size)
                 raise
             self._end = (self._seq, self._size)
@@ -412,6 +442,38 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
+class DeadLetterFile:
+    """Records the database refused, kept for inspection (``*.klspool-dead``, same framing as
+    a spool file, never replayed by ``klmon sync``). Each entry is ``{"type": "dead",
+    "reason": ..., "run": {...}, "record": {...}}``. Created on the first entry."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def append(self, record: dict[str, Any], reason: str, run: dict[str, Any]) -> None:
+        """Add one refused record; OSError if it cannot be written (disk full)."""
+        entry = {"type": "dead", "reason": reason, "t": time.time(), "run": run, "record": record}
+        try:
+            data = encode_record(entry)
+        except RecordTooLarge:
+            data = encode_record({**entry, "record": _record_head(record)})
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                if os.fstat(fd).st_size == 0:
+                    _write_all(fd, FILE_MAGIC)
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+
+
+def _record_head(record: dict[str, Any]) -> dict[str, Any]:
+    """The small fields of a record (type, step, rank, time), for a dead letter too large to
+    keep whole."""
+    return {k: record.get(k) for k in ("type", "step", "rank", "t", "status", "reason")}
+
+
 # --- discovering files ----------------------------------------------------------------------
 
 
@@ -420,6 +482,14 @@ def spool_files(directory: str | os.PathLike[str]) -> list[Path]:
     if not d.is_dir():
         return []
     return sorted(p for p in d.iterdir() if p.name.endswith(SUFFIX) and p.is_file())
+
+
+def dead_letter_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The dead-letter files (records a database refused) in a spool directory."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.name.endswith(DEAD_SUFFIX) and p.is_file())
 
 
 class FileLock:

@@ -4,7 +4,9 @@ Each file names its run in its first record, so a file can be replayed into a da
 has never heard of the run (the run is then created). Replays are idempotent: steps already
 stored are counted as such and left alone; a step stored with a different payload is a
 conflict, counted and never overwritten. Damaged records are reported and skipped; the rest of
-the file is replayed. Files whose writer is still alive (it holds their lock) are skipped.
+the file is replayed. A record the database refuses goes to a dead-letter file next to the
+spool file (``*.klspool-dead``) and the rest goes on. Files whose writer is still alive (it
+holds their lock) are skipped. Only an unreachable database stops sync.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monitor.errors import DatabaseUnavailable, StoreError
+from monitor.errors import DatabaseUnavailable, SchemaOutOfDate
 from monitor.ingest.spool import (
+    DEAD_SUFFIX,
     CorruptRecord,
+    DeadLetterFile,
     FileLock,
     SpoolRecord,
     iter_records,
     spool_files,
 )
-from monitor.ingest.writer import apply_records, ensure_run
+from monitor.ingest.text import clean_text
+from monitor.ingest.writer import apply_isolated, ensure_run
 from monitor.store.database import Database
 from monitor.store.runs import find_run_by_name, set_run_status
 
@@ -49,13 +54,15 @@ class FileReport:
     rejected: int = 0
     corrupt: list[CorruptRecord] = field(default_factory=list)
     created_run: bool = False
+    dead_letter: int = 0
+    dead_letter_path: Path | None = None
     status: str | None = None
     action: str = "skipped"
     reason: str | None = None
 
     def describe(self) -> str:
         if self.action == "skipped":
-            return f"{self.path.name}: skipped ({self.reason})"
+            return clean_text(f"{self.path.name}: skipped ({self.reason})")
         parts = [
             f"{self.path.name}: {self.run} (rank {self.rank}): {self.steps} steps: "
             f"{self.inserted} new, {self.duplicates + self.already_committed} already stored, "
@@ -63,6 +70,9 @@ class FileReport:
         ]
         if self.rejected:
             parts.append(f"{self.rejected} rejected steps")
+        if self.dead_letter:
+            where = self.dead_letter_path.name if self.dead_letter_path else "?"
+            parts.append(f"{self.dead_letter} records refused by the database, kept in {where}")
         if self.conflicts:
             parts.append("conflicting steps " + ", ".join(map(str, self.conflicts[:10])))
         for c in self.corrupt:
@@ -72,7 +82,7 @@ class FileReport:
         if self.status:
             parts.append(f"status -> {self.status}")
         parts.append(self.action)
-        return "; ".join(parts)
+        return clean_text("; ".join(parts))
 
 
 def sync_spool(
@@ -99,10 +109,11 @@ def sync_spool(
                 report, header, saw_status, last = _sync_file(
                     db, path, batch=batch, dry_run=dry_run
                 )
-            except DatabaseUnavailable:
+            except (DatabaseUnavailable, SchemaOutOfDate):
                 raise
-            except StoreError as exc:  # this file's data: report it, keep it, go on
-                reports.append(FileReport(path, reason=f"not replayed (kept): {exc}"))
+            except Exception as exc:  # this file's data: report it, keep it, go on
+                reason = f"not replayed (kept): {type(exc).__name__}: {exc}".splitlines()[0]
+                reports.append(FileReport(path, reason=reason))
                 continue
             reports.append(report)
             if header is not None and report.action != "skipped":
@@ -183,9 +194,17 @@ def _sync_file(
     existed = find_run_by_name(db, str(header["project"]), str(header["name"]))
     run_id = ensure_run(db, header)
     report.created_run = existed is None
+    dead = DeadLetterFile(path.with_name(path.name.removesuffix(".klspool") + DEAD_SUFFIX))
+    run = {k: header.get(k) for k in ("project", "name", "rank", "world_size")}
+
+    def dead_letter(record: dict[str, Any], reason: str) -> None:
+        dead.append(dict(record), reason, run)
+        report.dead_letter += 1
+        report.dead_letter_path = dead.path
+
     for i in range(0, len(todo), batch):
         chunk = todo[i : i + batch]
-        result = apply_records(db, run_id, header, chunk)
+        result = apply_isolated(db, run_id, header, chunk, dead_letter)
         report.inserted += result.ingest.inserted
         report.duplicates += result.ingest.duplicates
         report.conflicts.extend(result.ingest.conflicts)

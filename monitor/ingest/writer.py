@@ -20,6 +20,7 @@ database, with the spool between them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -29,20 +30,25 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from monitor.errors import InvalidInput, KlmonError, SchemaOutOfDate
+from monitor.errors import DatabaseUnavailable, InvalidInput, KlmonError, SchemaOutOfDate
 from monitor.ingest.spool import (
+    DEAD_SUFFIX,
     FILE_MAGIC,
     CorruptRecord,
+    DeadLetterFile,
+    RecordTooLarge,
     SpoolRecord,
     SpoolWriter,
     iter_records,
 )
+from monitor.ingest.tensors import resolve_arrays
+from monitor.ingest.text import clean_json, clean_optional, clean_strings, clean_text
 from monitor.store.database import Database
 from monitor.store.ingest_writes import (
     IngestResult,
@@ -54,6 +60,15 @@ from monitor.store.models import STEP_QUANTITIES
 from monitor.store.runs import get_or_create_run, set_run_status
 
 log = logging.getLogger("klmon.ingest")
+
+STEP_VALUES_MAX = 2**26
+"""The most values (B x T) one array of a step may hold per rank; ``log_step`` refuses larger
+ones with InvalidInput. (1024, 32768) is half of it; its summary takes ~0.1 s."""
+
+SPILL_MAX_BYTES = 64 * 1024 * 1024
+"""A step whose arrays exceed this is never spilled raw to the spool (the record would be too
+big to read back cheaply): when the queue is full it is summarised on the caller's thread."""
+
 
 STATS_KEYS = (
     "logged",  # log_step / log_metrics calls accepted (rejected steps included)
@@ -68,6 +83,8 @@ STATS_KEYS = (
     "spilled",  # steps written raw to the spool by log_step because the queue was full
     "db_errors",  # failed database attempts (each retried)
     "corrupt",  # damaged spool records skipped
+    "dropped",  # steps lost: the spool could not be written and the database did not take them
+    "dead_letter",  # records the database refused, kept in the dead-letter file
 )
 
 
@@ -147,11 +164,13 @@ def _finite_or_none(value: Any) -> Any:
 def _metric_list(metrics: Mapping[str, Any] | None) -> list[list[Any]]:
     out: list[list[Any]] = []
     for name, value in (metrics or {}).items():
+        if value is None:
+            out.append([str(name), None])
+            continue
         try:
             v = float(value.item() if hasattr(value, "item") else value)
-        except (TypeError, ValueError):
-            log.warning("klmon: metric %r is not a number (%r): dropped", name, value)
-            continue
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidInput(f"metrics[{name!r}] is not storable as a float: {exc}") from None
         out.append([str(name), v if math.isfinite(v) else None])
     return out
 
@@ -161,9 +180,15 @@ def summarize_item(item: StepItem, header: Mapping[str, Any], cfg: WriterConfig)
     and a payload hash. Deterministic: the same input always gives the same record."""
     from monitor import divergence
 
+    resolve_arrays(item)  # torch copies finished here, off the caller's thread
     rank = int(header.get("rank", 0))
     world_size = int(header.get("world_size", 1))
-    metrics = _metric_list(item.metrics) if rank == 0 else []
+    metrics: list[list[Any]] = []
+    if rank == 0:
+        try:
+            metrics = _metric_list(item.metrics)
+        except InvalidInput as exc:
+            item.rejected = item.rejected or str(exc)
     record: dict[str, Any] = {
         "type": "step",
         "step": item.step,
@@ -352,15 +377,60 @@ the training loop too long, so larger spilled batches lose them (samples keep te
 log-probs)."""
 
 
+def _smaller(
+    record: dict[str, Any], why: str, header: Mapping[str, Any], cfg: WriterConfig
+) -> dict[str, Any] | None:
+    """A record that fits the spool in place of one that does not (RecordTooLarge): a raw
+    step summarised; then a step without its samples; then the step stored as rejected.
+    None for a record that is not a step (nothing smaller to keep)."""
+    kind = record.get("type")
+    if kind == "raw":
+        return summarize_item(item_from_raw(record), header, cfg)
+    if kind != "step":
+        return None
+    if record.get("samples"):
+        log.warning("klmon: step %s: its samples are too large to keep (%s)", record["step"], why)
+        smaller = {**record, "samples": []}
+    else:
+        smaller = {
+            **record,
+            "type": "step",
+            "status": "rejected",
+            "reason": f"too large to store: {why}",
+            "q": None,
+            "partials": None,
+            "hist": None,
+            "samples": [],
+            "metrics": [],
+        }
+    smaller["hash"] = _payload_hash(smaller)
+    return smaller
+
+
+def _record_bytes(record: Mapping[str, Any]) -> int:
+    """About how much memory a summary record holds (its samples' arrays and strings)."""
+    n = 1024
+    for sample in record.get("samples") or ():
+        for v in sample.values():
+            if isinstance(v, np.ndarray):
+                n += v.nbytes
+            elif isinstance(v, str):
+                n += len(v)
+            elif isinstance(v, list):
+                n += sum(len(t) + 50 for t in v if isinstance(t, str))
+    return n
+
+
 def _item_bytes(item: StepItem | ControlItem) -> int:
     if not isinstance(item, StepItem):
         return 0
     arrays = [item.policy_logprobs, item.ref_logprobs, item.mask, *(item.extra or {}).values()]
-    return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+    return sum(int(getattr(a, "nbytes", 0)) for a in arrays if a is not None)
 
 
 def raw_record(item: StepItem, rank: int) -> dict[str, Any]:
     """A step spilled by the caller: its arrays as they are (summarised later)."""
+    resolve_arrays(item)
     texts = None
     if item.texts is not None:
         prompts, responses = item.texts
@@ -430,6 +500,16 @@ class ApplyResult:
     raw_rejected: int = 0  # spilled steps found invalid when summarised here
     metrics_records: int = 0
     status: str | None = None
+    dead: int = 0  # records the database refused (see apply_isolated)
+
+    def add(self, other: ApplyResult) -> None:
+        self.ingest.add(other.ingest)
+        self.steps += other.steps
+        self.rejected += other.rejected
+        self.raw_rejected += other.raw_rejected
+        self.metrics_records += other.metrics_records
+        self.status = other.status or self.status
+        self.dead += other.dead
 
 
 def to_step_record(rec: Mapping[str, Any], quantities: Sequence[str] | None = None) -> StepRecord:
@@ -447,13 +527,30 @@ def to_step_record(rec: Mapping[str, Any], quantities: Sequence[str] | None = No
         payload_hash=rec.get("hash"),
         values=values,
         status=str(rec.get("status") or "ok"),
-        reject_reason=rec.get("reason"),
+        reject_reason=clean_optional(rec.get("reason")),
         rank=int(rec.get("rank") or 0),
         partials=rec.get("partials"),
         hist=rec.get("hist"),
-        samples=rec.get("samples") or (),
-        metrics=[(str(n), v) for n, v in rec.get("metrics") or ()],
+        samples=[_clean_sample(x) for x in rec.get("samples") or ()],
+        metrics=_clean_metrics(rec.get("metrics")),
     )
+
+
+def _clean_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """A sample whose texts and token strings both databases can store (the spool keeps them
+    as logged; see ``monitor.ingest.text``)."""
+    out = dict(sample)
+    out["prompt"] = clean_optional(sample.get("prompt"))
+    out["response"] = clean_optional(sample.get("response"))
+    if sample.get("tokens") is not None:
+        out["tokens"] = clean_strings(sample["tokens"])
+    return out
+
+
+def _clean_metrics(metrics: Any) -> list[tuple[str, float | None]]:
+    """Metric (name, value) pairs with storable names; NUL removed from names written by an
+    older client (the call refuses them now)."""
+    return [(clean_text(str(n)), v) for n, v in metrics or ()]
 
 
 def ensure_run(db: Database, header: Mapping[str, Any]) -> int:
@@ -461,10 +558,10 @@ def ensure_run(db: Database, header: Mapping[str, Any]) -> int:
     know it (its process may never have reached the database)."""
     info = get_or_create_run(
         db,
-        str(header["project"]),
-        str(header["name"]),
-        config=dict(header.get("config") or {}),
-        tags=list(header.get("tags") or []),
+        clean_text(str(header["project"])),
+        clean_text(str(header["name"])),
+        config=clean_json(dict(header.get("config") or {})),
+        tags=clean_json(list(header.get("tags") or [])),
         world_size=int(header.get("world_size") or 1),
         source=str(header.get("source") or "live"),
         now=float(header.get("started_at") or time.time()),
@@ -500,9 +597,7 @@ def apply_records(
             if sr.status == "rejected":
                 out.rejected += 1
         elif kind == "metrics":
-            metric_groups.append(
-                (int(rec["step"]), [(str(n), v) for n, v in rec.get("metrics") or ()])
-            )
+            metric_groups.append((int(rec["step"]), _clean_metrics(rec.get("metrics"))))
         elif kind == "status":
             status = (str(rec["status"]), float(rec.get("t") or time.time()))
     if steps:
@@ -515,6 +610,49 @@ def apply_records(
         set_run_status(db, run_id, status[0], now=status[1])
         out.status = status[0]
     return out
+
+
+DeadLetter = Callable[[Mapping[str, Any], str], None]
+"""Called with a record the database refused and the reason."""
+
+
+def apply_isolated(
+    db: Database,
+    run_id: int,
+    header: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    dead_letter: DeadLetter,
+) -> ApplyResult:
+    """:func:`apply_records`, where a record the database refuses is that record's problem:
+    the batch is retried one record at a time, each refused one goes to ``dead_letter`` and
+    the rest is written. An unreachable database (DatabaseUnavailable, SchemaOutOfDate)
+    still raises: then nothing is wrong with the records, and they are retried later."""
+    try:
+        return apply_records(db, run_id, header, records)
+    except (DatabaseUnavailable, SchemaOutOfDate):
+        raise
+    except Exception as exc:
+        if len(records) == 1:
+            dead_letter(records[0], _reason(exc))
+            out = ApplyResult()
+            out.dead = 1
+            return out
+    out = ApplyResult()
+    for rec in records:
+        try:
+            one = apply_records(db, run_id, header, [rec])
+        except (DatabaseUnavailable, SchemaOutOfDate):
+            raise
+        except Exception as exc:
+            dead_letter(rec, _reason(exc))
+            out.dead += 1
+            continue
+        out.add(one)
+    return out
+
+
+def _reason(exc: BaseException) -> str:
+    return clean_text(f"{type(exc).__name__}: {exc}".splitlines()[0])[:500]
 
 
 # --- the two threads ------------------------------------------------------------------------
@@ -550,6 +688,12 @@ class BackgroundWriter:
         self._replaying_until: tuple[int, int] | None = None
         self._acked_steps = 0
         self._committed_steps = 0
+        # Records the spool could not take (disk full): written straight to the database.
+        self._direct: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
+        self._direct_bytes = 0
+        self._spool_error: str | None = None
+        self._warned_drop = False
+        self._dead = DeadLetterFile(spool.directory / f"{spool.stem}{DEAD_SUFFIX}")
         self._stopping = threading.Event()
         self._abandon = threading.Event()
         self._warned_processor = False
@@ -572,16 +716,18 @@ class BackgroundWriter:
         size = _item_bytes(item)
         with self._cond:
             self._submitted += 1
-            full = (
-                self._queue.qsize() >= self.cfg.queue_size
-                or self._queued_bytes + size > self.cfg.queue_bytes
-            ) and size > 0
+            # A step larger than the whole byte budget still goes in when the queue is empty.
+            over = self._queued_bytes + size > self.cfg.queue_bytes and self._queued_bytes > 0
+            full = (self._queue.qsize() >= self.cfg.queue_size or over) and size > 0
             if not full:
                 self._queued_bytes += size
-        if full:
-            self._spill(item)
-        else:
+        if not full:
             self._queue.put((item, size))
+        elif size > SPILL_MAX_BYTES:
+            # Too big to spill raw: summarise it here (bounded: ~0.1 s for 2**25 values).
+            self._append(summarize_item(item, self.header, self.cfg), caller=True)
+        else:
+            self._spill(item)
 
     def _spill(self, item: StepItem | ControlItem) -> None:
         if isinstance(item, ControlItem):
@@ -611,8 +757,14 @@ class BackgroundWriter:
                 return
             try:
                 self._handle(item)
-            except Exception:  # pragma: no cover - a bug; the step must not be lost silently
+            except Exception as exc:  # pragma: no cover - a bug; the step must not vanish
                 log.exception("klmon: could not process a step record")
+                if isinstance(item, StepItem):
+                    item.rejected = f"could not be processed: {type(exc).__name__}: {exc}"
+                    item.texts = item.tokens = item.metrics = None
+                    with contextlib.suppress(Exception):
+                        self._append(summarize_item(item, self.header, self.cfg))
+                        continue
                 with self._cond:
                     self._acked += 1
                     self._cond.notify_all()
@@ -630,13 +782,18 @@ class BackgroundWriter:
         try:
             # On the caller's thread (a spill) never wait for an fsync.
             self.spool.append(record, may_fsync=not caller)
-        except OSError as exc:
-            # The spool itself failed (disk full, closed at exit): nothing more we can do
-            # without raising into the training loop; say it loudly once per burst.
-            log.error("klmon: could not append to the spool %s: %s", self.spool.path, exc)
+        except RecordTooLarge as exc:
+            smaller = _smaller(record, str(exc), self.header, self.cfg)
+            if smaller is not None:
+                self._append(smaller, caller=caller)
+                return
+            log.error("klmon: a %s record is too large for the spool: %s", record["type"], exc)
             with self._cond:
                 self._acked += 1
                 self._cond.notify_all()
+            return
+        except OSError as exc:
+            self._spool_failed(record, exc)
             return
         self.stats.add("acknowledged")
         is_step = record.get("type") in ("step", "raw")
@@ -648,6 +805,71 @@ class BackgroundWriter:
             self._acked += 1
             self._acked_steps += is_step
             self._cond.notify_all()
+
+    def _spool_failed(self, record: dict[str, Any], exc: OSError) -> None:
+        """The spool cannot take a record (disk full, read-only, closed): hold it in memory
+        for a direct database write, within ``queue_bytes``; past that (the database is down
+        or slower than the loop) it is dropped and counted. Warned once with the reason;
+        drops once more with their count."""
+        is_step = record.get("type") in ("step", "raw")
+        with self._cond:  # the caller's thread (a spill) and the processor both come here
+            first, self._spool_error = self._spool_error is None, str(exc)
+        if first:
+            log.warning(
+                "klmon: cannot write the spool %s (%s): steps go straight to the database "
+                "while it is up (no crash protection meanwhile); steps it cannot take are "
+                "dropped and counted in run.stats['dropped'] (this warning is shown once)",
+                self.spool.directory,
+                exc,
+            )
+        if record.get("type") == "raw":
+            record = summarize_item(item_from_raw(record), self.header, self.cfg)
+        size = _record_bytes(record)
+        with self._cond:
+            keep = not self._direct or self._direct_bytes + size <= self.cfg.queue_bytes
+            if keep:
+                self._direct.append((record, size))
+                self._direct_bytes += size
+            self._acked += 1
+            self._acked_steps += is_step and keep
+            self._cond.notify_all()
+        if not keep and is_step:
+            self._drop(1)
+
+    def _drop(self, n: int) -> None:
+        if not n:
+            return
+        self.stats.add("dropped", n)
+        with self._cond:
+            first, self._warned_drop = not self._warned_drop, True
+        if first:
+            log.warning(
+                "klmon: %d step(s) dropped so far: the spool cannot be written (%s) and the "
+                "database %s does not take them; run.stats['dropped'] counts them",
+                self.stats.snapshot()["dropped"],
+                self._spool_error,
+                self.db.safe_url,
+            )
+
+    def _dead_letter(self, record: Mapping[str, Any], reason: str) -> None:
+        """A record the database refused: into the dead-letter file, counted, warned once."""
+        run = {k: self.header.get(k) for k in ("project", "name", "rank", "world_size")}
+        try:
+            self._dead.append(dict(record), reason, run)
+        except OSError as exc:
+            log.error("klmon: could not write the dead-letter file %s: %s", self._dead.path, exc)
+            self._drop(int(record.get("type") in ("step", "raw")))
+            return
+        n = self.stats.snapshot()["dead_letter"]
+        self.stats.add("dead_letter")
+        if n == 0:
+            log.warning(
+                "klmon: the database refused a record of step %s (%s): kept in %s, the steps "
+                "around it go on (counted in run.stats['dead_letter'])",
+                record.get("step"),
+                reason,
+                self._dead.path,
+            )
 
     # committer ------------------------------------------------------------------------------
 
@@ -688,7 +910,7 @@ class BackgroundWriter:
     def _has_uncommitted(self) -> bool:
         seg, off = self._pos
         end_seg, end_off = self.spool.end()
-        return (seg, off) < (end_seg, end_off)
+        return bool(self._direct) or (seg, off) < (end_seg, end_off)
 
     def _on_db_error(self, exc: BaseException) -> None:
         self.stats.add("db_errors")
@@ -698,11 +920,14 @@ class BackgroundWriter:
             with self._cond:
                 waiting = self._acked_steps - self._committed_steps
             self.stats.add("spooled", waiting)
+            if self._spool_error is None:
+                where = f"in the spool {self.spool.directory}"
+            else:
+                where = "in memory, up to queue_bytes (the spool cannot be written)"
             log.warning(
-                "klmon: database write failed (%s); steps wait in the spool %s and are "
-                "replayed when it is back",
+                "klmon: database write failed (%s); steps wait %s and are written when it is back",
                 msg,
-                self.spool.directory,
+                where,
             )
         elif isinstance(exc, SchemaOutOfDate) and self.last_error != msg:
             log.error("klmon: %s", msg)
@@ -713,6 +938,7 @@ class BackgroundWriter:
             self.db_check()
             self.run_id = ensure_run(self.db, self.header)
             self._mark_running()
+        self._commit_direct()
         while not self._abandon.is_set():
             seg, off = self._pos
             size, final = self.spool.segment_end(seg)
@@ -729,7 +955,9 @@ class BackgroundWriter:
             records, new_off = self._read_batch(path, off, size)
             steps = sum(1 for r in records if r.get("type") in ("step", "raw"))
             if records:
-                result = apply_records(self.db, self.run_id, self.header, records)
+                result = apply_isolated(
+                    self.db, self.run_id, self.header, records, self._dead_letter
+                )
                 if self._in_outage:
                     log.warning("klmon: database is back; replaying the spool")
                     self._in_outage = False
@@ -743,11 +971,29 @@ class BackgroundWriter:
                 self._cond.notify_all()
             self._maybe_mark_commit(seg, new_off, steps)
 
+    def _commit_direct(self) -> None:
+        """Write the records the spool could not take, straight from memory."""
+        with self._cond:
+            records = [r for r, _ in self._direct]
+        if not records:
+            return
+        assert self.run_id is not None
+        result = apply_isolated(self.db, self.run_id, self.header, records, self._dead_letter)
+        steps = sum(1 for r in records if r.get("type") in ("step", "raw"))
+        self._count(result, steps, replayed=False)
+        with self._cond:
+            for _ in records:
+                self._direct_bytes -= self._direct.popleft()[1]
+            self._committed_steps += steps
+            self._cond.notify_all()
+
     def db_check(self) -> None:
-        from monitor.store.schema import check_schema
+        # An empty database gets the schema; an older one is an error naming `klmon db
+        # upgrade` while the steps wait in the spool.
+        from monitor.store.schema import ensure_schema
 
         with self.db.translate_errors():
-            check_schema(self.db.engine)
+            ensure_schema(self.db.engine)
 
     def _mark_running(self) -> None:
         assert self.run_id is not None
@@ -782,7 +1028,15 @@ class BackgroundWriter:
             for item in iter_records(path, start=off, end=size):
                 if isinstance(item, SpoolRecord):
                     records.append(item.record)
-                    pos = item.end
+                else:  # damaged (or beyond what a reader accepts): skip it, never spin on it
+                    self.stats.add("corrupt")
+                    log.error(
+                        "klmon: damaged spool record at %s:%d (%s): skipped",
+                        path,
+                        item.offset,
+                        item.reason,
+                    )
+                pos = item.end
                 break
         return records, pos
 
@@ -818,7 +1072,8 @@ class BackgroundWriter:
 
     def wait(self, timeout: float, *, committed: bool = True) -> bool:
         """Wait until everything submitted is acknowledged (and, with ``committed``, written
-        to the database). False if the timeout came first."""
+        to the database). False if the timeout came first, or (``committed``) if a step was
+        ever dropped or refused by the database: True means every logged step is stored."""
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._cond:
             while True:
@@ -826,15 +1081,23 @@ class BackgroundWriter:
                     not committed or not self._has_uncommitted()
                 )
                 if done:
-                    return True
+                    return not committed or self._lossless()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._cond.wait(min(left, 0.05))
 
-    def committed_everything(self) -> bool:
+    def _lossless(self) -> bool:
+        snap = self.stats.snapshot()
+        return snap["dropped"] == 0 and snap["dead_letter"] == 0
+
+    def _spool_written(self) -> bool:
         with self._cond:
             return self._acked >= self._submitted and not self._has_uncommitted()
+
+    def committed_everything(self) -> bool:
+        """Every logged step is in the database (none dropped or refused)."""
+        return self._spool_written() and self._lossless()
 
     def stop(self, timeout: float) -> bool:
         """Drain (at most ``timeout`` seconds), stop both threads, close the spool: deleted if
@@ -847,15 +1110,50 @@ class BackgroundWriter:
             self._queue.put((None, 0), timeout=max(deadline - time.monotonic(), 0.01))
         self._processor.join(max(deadline - time.monotonic(), 0.01))
         self.wait(max(deadline - time.monotonic(), 0.0))
-        done = self.committed_everything() and not self._processor.is_alive()
+        done = self._spool_written() and not self._processor.is_alive()
         self._abandon.set()
         with self._cond:
             self._cond.notify_all()
         self._committer.join(0.5 if done else 0.05)
+        with self._cond:  # held in memory only (the spool failed): lost now
+            lost = sum(1 for r, _ in self._direct if r.get("type") in ("step", "raw"))
+            self._direct.clear()
+            self._direct_bytes = 0
+        if lost:
+            self._drop(lost)
         with contextlib.suppress(OSError):
             self.spool.close(delete=done)
         self.db.dispose()
-        return done
+        return done and self._lossless()
+
+
+def scalar_step_record(
+    step: int, wall: float, quantities: Mapping[str, Any], metrics: Mapping[str, Any]
+) -> ControlItem:
+    """A step record whose columns are given (a trainer's scalars), without a summary."""
+    record: dict[str, Any] = {
+        "type": "step",
+        "step": step,
+        "rank": 0,
+        "t": wall,
+        "status": "ok",
+        "metrics": _metric_list(metrics),
+        "q": [_finite_or_none(_as_float(quantities.get(c))) for c in STEP_QUANTITIES],
+        "partials": None,
+        "hist": None,
+        "samples": [],
+    }
+    record["hash"] = _payload_hash(record)
+    return ControlItem(record)
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return None
 
 
 def no_summary_record(kind: str, **fields: Any) -> ControlItem:

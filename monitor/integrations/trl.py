@@ -1,9 +1,13 @@
-"""A Hugging Face ``TrainerCallback`` for TRL trainers (PPO, GRPO, RLOO, DPO, ...).
+"""TRL in one line: ``run = watch(trainer, project="rlhf")`` after building the trainer.
 
-It sends every scalar the trainer logs (``kl``, ``objective/kl``, ``reward``, ``loss``, ...)
-to klmon as extra metrics under their own names, and records the run's status. Trainers do
-not hand per-token log-probs to callbacks: to get klmon's own KL quantities, call
-``callback.run.log_step(...)`` where your trainer has them (see the README, "TRL").
+For ``GRPOTrainer`` and ``RLOOTrainer`` (and trainers built like them) :func:`watch` records
+klmon's per-token quantities for every optimizer step, across all its micro-batches (see
+``monitor.integrations.trl_hooks``), and every scalar TRL logs as a metric. For other
+trainers (DPO, KTO, online DPO, SFT), and when the hooks are not found, the scalars whose
+meaning klmon knows (``kl``, ``reward``, ``entropy``, ``completions/mean_length``, ...) also
+fill klmon's step columns, through the same key table as ``klmon import``
+(``monitor.ingest.importers.keys``), so a run without per-token data still has a current
+KL, charts and alerts.
 
 Importing klmon never imports transformers, TRL or torch; importing this module imports
 ``transformers`` only if it is installed (to subclass ``TrainerCallback``); without it the
@@ -17,7 +21,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from monitor.ingest.client import Run, init
-from monitor.store.models import METRIC_NAME_MAX
+from monitor.ingest.importers.keys import detect_producer, is_eval_key, lookup
+from monitor.store.models import METRIC_NAME_MAX, STEP_QUANTITIES
 
 try:  # a real subclass when transformers is there, so Trainer's type checks pass
     from transformers import TrainerCallback as _CallbackBase
@@ -72,6 +77,11 @@ class KlmonCallback(_CallbackBase):
         self._db = db
         self._config = dict(config or {})
         self._init_kwargs = init_kwargs
+        #: True when klmon computes the step columns itself (per-token hooks): TRL's scalars
+        #: are then metrics only, never a second value of the same column.
+        self.per_token = False
+        self.hooks: Any = None
+        self._producer: str | None = None
 
     # -- the TrainerCallback interface (transformers.trainer_callback) ----------------------
 
@@ -104,11 +114,42 @@ class KlmonCallback(_CallbackBase):
             return control
         # NaN/inf are kept as "missing" at their step; strings and lists are not metrics.
         scalars = {k: v for k, v in logs.items() if _is_number(v) and 0 < len(k) <= METRIC_NAME_MAX}
-        if scalars:
-            self.run.log_metrics(int(getattr(state, "global_step", 0)), scalars)
+        if not scalars:
+            return control
+        step = int(getattr(state, "global_step", 0))
+        quantities = {} if self.per_token else self._quantities(scalars)
+        if quantities:
+            self.run.log_quantities(step, quantities, scalars)
+        else:
+            self.run.log_metrics(step, scalars)
         return control
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.hooks is not None:
+            self.hooks.close_step()
+        return control
+
+    def _quantities(self, scalars: Mapping[str, Any]) -> dict[str, float]:
+        """klmon step columns from TRL's scalars, by the importer's key table."""
+        if self._producer is None:
+            self._producer = detect_producer(scalars)
+        out: dict[str, float] = {}
+        best: dict[str, int] = {}
+        for key, value in scalars.items():
+            if is_eval_key(key):
+                continue
+            meaning = lookup(self._producer, key)
+            q = meaning.quantity if meaning is not None else None
+            if q is None or q not in STEP_QUANTITIES:
+                continue
+            if q not in best or meaning.priority < best[q]:
+                best[q] = meaning.priority
+                out[q] = float(value)
+        return out
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.hooks is not None:
+            self.hooks.close_step()
         if self.run is not None and self._owns_run:
             self.run.finish("finished")
         return control
@@ -132,3 +173,44 @@ def _training_config(args: Any) -> dict[str, Any]:
         if isinstance(value, str | int | float | bool):
             out[key] = value
     return out
+
+
+def watch(
+    trainer: Any,
+    project: str = "trl",
+    name: str | None = None,
+    **init_kwargs: Any,
+) -> Run:
+    """Log a TRL trainer to klmon: call it once after building the trainer, before
+    ``trainer.train()``. Returns the :class:`~monitor.ingest.client.Run` (finished when
+    training ends). ``name`` defaults to ``args.run_name``; ``init_kwargs`` go to
+    :func:`monitor.init` (``db=``, ``config=``, ``spool_dir=``...). Invalid steps are stored
+    as rejected and counted (``on_invalid="log"``): klmon never raises into training.
+    """
+    from monitor.integrations.trl_hooks import TRLHooks
+
+    args = trainer.args
+    accelerator = getattr(trainer, "accelerator", None)
+    config = {**_training_config(args), **dict(init_kwargs.pop("config", None) or {})}
+    beta = getattr(trainer, "beta", getattr(args, "beta", None))
+    if isinstance(beta, int | float):
+        config.setdefault("kl_coef", float(beta))
+    init_kwargs.setdefault("on_invalid", "log")
+    run = init(
+        project,
+        name or getattr(args, "run_name", None) or type(trainer).__name__,
+        config=config,
+        rank=int(getattr(accelerator, "process_index", 0) or 0),
+        world_size=int(getattr(accelerator, "num_processes", 1) or 1),
+        **init_kwargs,
+    )
+    callback = KlmonCallback(project, run.name, run=run)
+    callback._owns_run = True
+    if "RLOO" in type(trainer).__name__:  # RLOO logs GRPO's keys, but its `kl` is k1
+        callback._producer = "trl-rloo"
+    hooks = TRLHooks(trainer, run)
+    if hooks.install():
+        callback.hooks = hooks
+        callback.per_token = hooks.beta != 0.0
+    trainer.add_callback(callback)
+    return run

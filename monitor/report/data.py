@@ -216,6 +216,13 @@ def describe_value(value: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def describe_peak(value: Any, step: Any) -> str:
+    """An alert episode's peak for a table: ``17.76 at step 70``, ``-`` when unknown."""
+    if value is None or step is None or pd.isna(step) or describe_value(value) == "-":
+        return "-"
+    return f"{describe_value(value)} at step {int(step)}"
+
+
 def carrier_tokens(cells: Sequence[Any], n: int = 5) -> list[tuple[str, int, float, float, float]]:
     """The tokens that carry a sample's KL: (token, uses, mean log p, mean log q, summed
     log p - log q), largest |sum| first; the sums over all tokens add up to the sequence KL."""

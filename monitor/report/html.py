@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from monitor import __version__
-from monitor.report.data import ReportData, describe_value
+from monitor.report.data import ReportData, describe_peak, describe_value
 
 log = logging.getLogger("monitor.report")
 
@@ -215,6 +215,7 @@ def _alerts(data: ReportData, plotly: _Plotly) -> str:
                     esc(_step(e.fired_step)),
                     esc(_step(e.end_step)),
                     esc(describe_value(e.value)),
+                    esc(describe_peak(e.peak_value, e.peak_step)),
                     esc(e.message),
                 ]
             )
@@ -228,6 +229,7 @@ def _alerts(data: ReportData, plotly: _Plotly) -> str:
                     "fired at",
                     "resolved at",
                     "value",
+                    "peak",
                     "message",
                 ],
                 rows,

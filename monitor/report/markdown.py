@@ -2,7 +2,9 @@
 an incident doc (the images travel as files: ``report.md`` refers to ``report-kl.png``...).
 
 User text is escaped for Markdown and for the HTML most renderers allow inside it, so a
-run name like ``<script>`` or ``a|b`` shows literally and never breaks a table.
+run name like ``<script>`` or ``a|b`` shows literally and never breaks a table; tokens are
+code spans whose fences are longer than any backtick run in them, so no token (double
+backticks included) can close its span and let the rest through as live HTML.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from monitor import __version__
-from monitor.report.data import ReportData, describe_value
+from monitor.report.data import ReportData, describe_peak, describe_value
 
 Progress = Callable[[int], None]
 
@@ -35,11 +37,17 @@ def md(value: Any) -> str:
     return re.sub(r"[\r\n]+", " ", text)
 
 
-def _code(value: Any) -> str:
-    """Inline code that survives any content (backticks inside, pipes in tables)."""
+def md_code(value: Any) -> str:
+    """Inline code that shows any content literally: the fence is one backtick longer than
+    the longest run of backticks inside (so no run inside can close it), with a space inside
+    each fence when the content starts or ends with a backtick or a space (CommonMark strips
+    exactly one). Pipes are escaped for tables, line breaks become spaces."""
     text = re.sub(r"[\r\n]+", " ", "" if value is None else str(value)).replace("|", "\\|")
-    fence = "``" if "`" in text else "`"
-    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+    if not text:
+        return ""
+    fence = "`" * (max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.strip(" ") and (text[0] in "` " or text[-1] in "` ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -156,6 +164,7 @@ def render_markdown(
             _step(e.fired_step),
             _step(e.end_step),
             describe_value(e.value),
+            describe_peak(e.peak_value, e.peak_step),
             md(e.message),
         ]
         for r in data.runs
@@ -173,6 +182,7 @@ def render_markdown(
                     "fired at",
                     "resolved at",
                     "value",
+                    "peak",
                     "message",
                 ],
                 rows,
@@ -222,7 +232,7 @@ def render_markdown(
             response = " ".join(c.text for c in cells) if s.tokens else (s.response or "")
             lines += [f"> {md(response)}", ""]
             rows = [
-                [_code(tok), str(uses), f"{lp:.3f}", f"{lq:.3f}", f"{total:+.3f}"]
+                [md_code(tok), str(uses), f"{lp:.3f}", f"{lq:.3f}", f"{total:+.3f}"]
                 for tok, uses, lp, lq, total in carrier_tokens(cells)
             ]
             lines.append(

@@ -59,6 +59,8 @@ EVENT_COLUMNS = (
     "value",
     "threshold",
     "last_value",
+    "peak_value",
+    "peak_step",
     "message",
     "causes",
     "started_at",
@@ -102,6 +104,18 @@ class AlertEvent:
     acknowledged_by: str | None
     notified_firing: bool
     notified_resolved: bool
+    peak_value: float | None = None
+    peak_step: int | None = None
+    escalated_step: int | None = None
+    escalation_notified_step: int | None = None
+
+    @property
+    def escalation_owed(self) -> bool:
+        """Escalated past what its notifications announced."""
+        return self.escalated_step is not None and (
+            self.escalation_notified_step is None
+            or self.escalated_step > self.escalation_notified_step
+        )
 
 
 @dataclass
@@ -125,6 +139,10 @@ class EventDraft:
     last_value: float | None = None
     fired_at: float | None = None
     resolved_at: float | None = None
+    peak_value: float | None = None
+    peak_step: int | None = None
+    escalate_at: float | None = None
+    escalated_step: int | None = None
     id: int | None = None
     deleted: bool = False
 
@@ -140,6 +158,7 @@ class RuleStateDraft:
     clear_steps: int = 0
     since_step: int | None = None
     event: EventDraft | None = None
+    cooldown_left: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,6 +258,12 @@ def _event(row: AlertEventRow) -> AlertEvent:
         acknowledged_by=row.acknowledged_by,
         notified_firing=bool(row.notified_firing),
         notified_resolved=bool(row.notified_resolved),
+        peak_value=row.peak_value,
+        peak_step=None if row.peak_step is None else int(row.peak_step),
+        escalated_step=None if row.escalated_step is None else int(row.escalated_step),
+        escalation_notified_step=(
+            None if row.escalation_notified_step is None else int(row.escalation_notified_step)
+        ),
     )
 
 
@@ -262,6 +287,10 @@ def _draft(row: AlertEventRow) -> EventDraft:
         last_value=row.last_value,
         fired_at=row.fired_at,
         resolved_at=row.resolved_at,
+        peak_value=row.peak_value,
+        peak_step=row.peak_step,
+        escalate_at=row.escalate_at,
+        escalated_step=row.escalated_step,
     )
 
 
@@ -423,6 +452,7 @@ def load_rule_states(db: Database, run_id: int) -> dict[str, RuleStateDraft]:
                 clear_steps=st.clear_steps,
                 since_step=st.since_step,
                 event=_draft(ev) if ev is not None else None,
+                cooldown_left=st.cooldown_left or 0,
             )
             for st, ev in rows
         }
@@ -469,6 +499,10 @@ def commit_evaluation(
                     "started_at": ev.started_at,
                     "fired_at": ev.fired_at,
                     "resolved_at": ev.resolved_at,
+                    "peak_value": _finite(ev.peak_value),
+                    "peak_step": ev.peak_step,
+                    "escalate_at": _finite(ev.escalate_at),
+                    "escalated_step": ev.escalated_step,
                 }
                 if ev.id is None:
                     row = AlertEventRow(**values, notified_firing=False, notified_resolved=False)
@@ -490,6 +524,7 @@ def commit_evaluation(
                     "event_id": event_id,
                     "since_step": st.since_step,
                     "updated_at": now,
+                    "cooldown_left": st.cooldown_left,
                 }
                 found = s.execute(
                     update(AlertStateRow)
@@ -581,6 +616,8 @@ def enqueue_notifications(
                 if resolved and not row.notified_resolved:
                     row.notified_resolved = True
                     changed = True
+                if changed:  # a firing or resolved notice shows the peak so far
+                    row.escalation_notified_step = row.escalated_step
                 if not changed:
                     raise _LostRace()
             for m in messages:
@@ -591,6 +628,70 @@ def enqueue_notifications(
                         subject=m.subject,
                         payload=m.payload,
                         event_ids=sorted(announced),
+                        status="pending",
+                        attempts=0,
+                        created_at=now,
+                        next_attempt_at=now,
+                    )
+                )
+            s.flush()
+    except _LostRace:
+        return False
+    return True
+
+
+def escalations_to_notify(db: Database, run_ids: Sequence[int] | None = None) -> list[AlertEvent]:
+    """Firing episodes, already announced, whose peak escalated past what was announced."""
+    q = select(AlertEventRow).where(
+        AlertEventRow.state == "firing",
+        AlertEventRow.notified_firing.is_(True),
+        AlertEventRow.escalated_step.is_not(None),
+        or_(
+            AlertEventRow.escalation_notified_step.is_(None),
+            AlertEventRow.escalated_step > AlertEventRow.escalation_notified_step,
+        ),
+    )
+    if run_ids is not None:
+        q = q.where(AlertEventRow.run_id.in_(list(run_ids)))
+    with db.session() as s:
+        return [_event(r) for r in s.scalars(q.order_by(AlertEventRow.id)).all()]
+
+
+def enqueue_escalations(
+    db: Database,
+    run_id: int,
+    messages: Sequence[OutgoingMessage],
+    *,
+    escalated: Mapping[int, int],
+    now: float,
+) -> bool:
+    """Atomically put ``messages`` in the outbox and record the escalations of ``escalated``
+    (event id -> escalated step) as announced; False (storing nothing) when another engine
+    announced one of them first."""
+    try:
+        with db.session() as s:
+            for event_id, step in escalated.items():
+                moved = s.execute(
+                    update(AlertEventRow)
+                    .where(
+                        AlertEventRow.id == event_id,
+                        or_(
+                            AlertEventRow.escalation_notified_step.is_(None),
+                            AlertEventRow.escalation_notified_step < step,
+                        ),
+                    )
+                    .values(escalation_notified_step=step)
+                ).rowcount
+                if moved != 1:
+                    raise _LostRace()
+            for m in messages:
+                s.add(
+                    AlertNotificationRow(
+                        run_id=run_id,
+                        channel=m.channel,
+                        subject=m.subject,
+                        payload=m.payload,
+                        event_ids=sorted(escalated),
                         status="pending",
                         attempts=0,
                         created_at=now,
@@ -796,7 +897,8 @@ def list_events(
     id, run_id, project, run_name, rule, detector, severity, state (pending | firing |
     resolved), rule_state (the (run, rule) state now for an open episode: pending | firing |
     nodata; None once resolved), start_step (went pending), fired_step, end_step (resolved),
-    last_step (condition last held), value and threshold (at firing), last_value, message,
+    last_step (condition last held), value and threshold (at firing), last_value,
+    peak_value and peak_step (the episode's highest level, e.g. the KL, and where), message,
     causes (list of str), started_at, fired_at, resolved_at, acknowledged_at,
     acknowledged_by, notified_firing, notified_resolved, silenced (a silence covers it now).
 
@@ -847,9 +949,9 @@ def list_events(
         rec["silenced"] = any(si.covers(ev.run_id, ev.rule, now) for si in silences)
         records.append(rec)
     df = pd.DataFrame(records, columns=list(EVENT_COLUMNS))
-    for c in ("start_step", "fired_step", "end_step", "last_step"):
+    for c in ("start_step", "fired_step", "end_step", "last_step", "peak_step"):
         df[c] = df[c].astype("Int64")
-    for c in ("value", "threshold", "last_value"):
+    for c in ("value", "threshold", "last_value", "peak_value"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     return df
 

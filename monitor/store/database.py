@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from monitor.config import db_url
 from monitor.errors import DatabaseUnavailable, SchemaOutOfDate, StoreError
 from monitor.store.engine import is_sqlite, make_engine, redact_url
-from monitor.store.schema import check_schema
+from monitor.store.schema import check_schema, ensure_schema
 
 
 class Database:
@@ -25,9 +25,18 @@ class Database:
         self.url = url
 
     @classmethod
-    def open(cls, url: str | None = None, *, check: bool = True, **engine_kwargs) -> Database:
+    def open(
+        cls, url: str | None = None, *, check: bool = True, create: bool = False, **engine_kwargs
+    ) -> Database:
+        """``check``: refuse a schema that is not at head. ``create``: an empty database (a
+        new SQLite file, an empty PostgreSQL database) gets the schema instead of an error;
+        one at an older revision still needs ``klmon db upgrade``."""
         url = db_url(url)
         db = cls(make_engine(url, **engine_kwargs), url)
+        if create:
+            with db.translate_errors():
+                ensure_schema(db.engine)
+            return db
         if check and db.is_sqlite:
             path = db.engine.url.database
             if path and path != ":memory:" and not Path(path).exists():

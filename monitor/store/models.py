@@ -216,6 +216,14 @@ class AlertEventRow(Base):
     threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Added by 0004_alert_peak: the episode's peak level (the KL, not a z-score) and its
+    # step; the level at which it escalates next, the step of its latest escalation and the
+    # escalation step its notifications have announced.
+    peak_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    peak_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    escalate_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    escalated_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    escalation_notified_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class AlertCursorRow(Base):
@@ -246,6 +254,8 @@ class AlertStateRow(Base):
     )
     since_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
+    # Added by 0004_alert_peak: rows left in the re-fire cool-down after a resolve.
+    cooldown_left: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class AlertSilenceRow(Base):

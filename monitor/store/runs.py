@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from monitor.errors import InvalidInput, NotFound, StoreError
+from monitor.store.current_kl import current_kl
 from monitor.store.database import Database
 from monitor.store.domain import RunInfo
 from monitor.store.models import RunRow
@@ -152,21 +154,23 @@ def set_baseline_run(db: Database, run_id: int, baseline_run_id: int | None) -> 
 
 
 def list_runs(db: Database) -> pd.DataFrame:
-    """Every run with its step count, last step and the KL (kl_mean) at that step.
+    """Every run with its step count, last step and its current KL: the latest value of the
+    best KL quantity it has (``monitor.store.current_kl``: kl_mean, else k3, k1, k2), which
+    quantity that is and its unit.
 
     Columns: id, project, name, status, source, created_at, last_seen_at, n_steps,
-    last_step, last_kl.
+    last_step, last_kl, kl_step, kl_quantity, kl_unit (the last four None/NaN for a run
+    without KL).
     """
     sql = text(
         """
         SELECT r.id, r.project, r.name, r.status, r.source, r.created_at, r.last_seen_at,
-               COALESCE(agg.n_steps, 0) AS n_steps, agg.last_step, s.kl_mean AS last_kl
+               COALESCE(agg.n_steps, 0) AS n_steps, agg.last_step
         FROM runs r
         LEFT JOIN (
             SELECT run_id, COUNT(*) AS n_steps, MAX(step) AS last_step
             FROM steps GROUP BY run_id
         ) agg ON agg.run_id = r.id
-        LEFT JOIN steps s ON s.run_id = r.id AND s.step = agg.last_step
         ORDER BY r.id
         """
     )
@@ -174,6 +178,16 @@ def list_runs(db: Database) -> pd.DataFrame:
         df = pd.read_sql(sql, conn)
     df["n_steps"] = df["n_steps"].astype("int64")
     df["last_step"] = df["last_step"].astype("Int64")
+    found = {
+        int(rid): current_kl(db, int(rid))
+        for rid, n in zip(df["id"], df["n_steps"], strict=True)
+        if n > 0
+    }
+    kls = [found.get(int(rid)) for rid in df["id"]]
+    df["last_kl"] = [np.nan if k is None else k.value for k in kls]
+    df["kl_step"] = pd.array([None if k is None else k.step for k in kls], dtype="Int64")
+    df["kl_quantity"] = [None if k is None else k.quantity.name for k in kls]
+    df["kl_unit"] = [None if k is None else k.quantity.unit for k in kls]
     return df
 
 

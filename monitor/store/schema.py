@@ -9,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, inspect
 
 from monitor.errors import SchemaOutOfDate
 
@@ -48,8 +48,33 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    command.upgrade(alembic_config(engine), revision)
+#: Key of the PostgreSQL advisory lock that serialises schema upgrades (any fixed bigint:
+#: "klmon" in ASCII). Other applications sharing the database would have to pick the same
+#: number by chance to be blocked by it.
+UPGRADE_LOCK_KEY = 0x6B6C6D6F6E
+
+
+def upgrade(engine: Engine, revision: str = "head") -> str | None:
+    """Migrate the schema to ``revision``; returns the revision it found (None: empty).
+
+    On PostgreSQL the whole upgrade holds a session advisory lock, so two processes
+    upgrading the same database at once (two ``klmon db upgrade``, a writer creating the
+    schema while another starts) run one after the other: the second waits, finds the
+    schema at head and does nothing, instead of failing on a half-created catalog
+    (``duplicate key value violates unique constraint "pg_type_typname_nsp_index"``).
+    """
+    if engine.dialect.name != "postgresql":
+        before = current_revision(engine)
+        command.upgrade(alembic_config(engine), revision)
+        return before
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock:
+        lock.exec_driver_sql(f"SELECT pg_advisory_lock({UPGRADE_LOCK_KEY})")
+        try:
+            before = current_revision(engine)
+            command.upgrade(alembic_config(engine), revision)
+            return before
+        finally:
+            lock.exec_driver_sql(f"SELECT pg_advisory_unlock({UPGRADE_LOCK_KEY})")
 
 
 def check_schema(engine: Engine) -> None:
@@ -73,3 +98,31 @@ def check_schema(engine: Engine) -> None:
         f"the database schema is at revision {current}, behind {head}: "
         "run `klmon db upgrade` (with the same --db)"
     )
+
+
+def is_empty(engine: Engine) -> bool:
+    """True when the database holds no table at all (a new SQLite file, a new PostgreSQL
+    database): the only state in which a client may create the schema on its own."""
+    with engine.connect() as conn:
+        return not inspect(conn).get_table_names()
+
+
+def ensure_schema(engine: Engine) -> bool:
+    """Create the schema on an empty database (True when it did); otherwise the same check
+    as :func:`check_schema`. A database at an older revision is never migrated here: that
+    stays an explicit ``klmon db upgrade``, so one client cannot change a shared schema
+    under the others."""
+    if current_revision(engine) is None and is_empty(engine):
+        try:
+            upgrade(engine)
+        except Exception as exc:
+            # Another process (a second rank, a dashboard) may have created it meanwhile:
+            # then the schema is at head and all is well; otherwise the original error.
+            try:
+                check_schema(engine)
+            except Exception:
+                raise exc from None
+            return False
+        return True
+    check_schema(engine)
+    return False

@@ -18,7 +18,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from monitor.analytics.detectors.behaviour import (
+    CLIPPED_SUFFIX,
+    LENGTH_COLUMNS,
     entropy_collapse,
     length_drift,
     reward_hacking,
@@ -33,8 +38,9 @@ from monitor.analytics.detectors.kl import (
     spike,
 )
 from monitor.analytics.detectors.run_state import rejected_input, stalled
+from monitor.analytics.series import KL_PREFERENCE
 
-__all__ = ["DEFAULT_PARAMS", "DETECTORS", "lookback_rows"]
+__all__ = ["DEFAULT_PARAMS", "DETECTORS", "INPUTS", "has_inputs", "lookback_rows"]
 
 DETECTORS: dict[str, Callable[..., list[Any]]] = {
     "budget": budget,
@@ -60,6 +66,45 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     for name, fn in DETECTORS.items()
 }
 
+#: What each detector reads, as groups of columns: a row carries a detector's inputs when
+#: it has a finite value in at least one column of every group ("*name" matches a column
+#: ending in name). Detectors not listed judge every row (the clock, rejected rows).
+INPUTS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "budget": (KL_PREFERENCE,),
+    "spike": (KL_PREFERENCE,),
+    "shift": (KL_PREFERENCE,),
+    "reference_offset": (KL_PREFERENCE,),
+    "negative_kl": (("kl_mean", "k1", "neg_kl_frac"),),
+    "entropy_collapse": (("policy_nll", "entropy_mean"),),
+    "reward_hacking": (("reward_mean",), KL_PREFERENCE),
+    "length_drift": ((*LENGTH_COLUMNS, "*" + CLIPPED_SUFFIX),),
+    "concentration": (("top1pct_share",),),
+    "rollout_gap": (("rollout_gap",),),
+}
+
+
+def has_inputs(name: str, df: pd.DataFrame) -> np.ndarray:
+    """Per row of ``df``, whether it carries the inputs of detector ``name`` (see INPUTS).
+
+    A row without them (a TRL row that logs the loss but not the generation metrics)
+    says nothing about the detector's condition: an alert engine neither confirms nor
+    clears a rule on it, and counts only rows that carry the inputs.
+    """
+    mask = np.ones(len(df), dtype=bool)
+    for group in INPUTS.get(name, ()):
+        columns = [
+            c
+            for c in df.columns
+            if any(str(c).endswith(g[1:]) if g.startswith("*") else str(c) == g for g in group)
+        ]
+        present = np.zeros(len(df), dtype=bool)
+        for c in columns:
+            values = pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+            present |= np.isfinite(values)
+        mask &= present
+    return mask
+
+
 #: Detectors whose baseline is the run's first rows: they need the table from the start.
 _FROM_START = frozenset(
     {
@@ -79,7 +124,9 @@ def lookback_rows(name: str, **params: Any) -> int | None:
     An engine may pass a tail of this many rows (plus the new ones) instead of the table.
     None: the detector's baseline is the run's first rows (its warm-up, up to its largest
     ``*_rows`` parameter), so it needs those as well as a tail; only the whole table
-    reproduces its findings exactly.
+    reproduces its findings exactly. Hysteresis (budget, entropy_collapse) is judged
+    from the rows given: a level that has hovered between its clear and fire thresholds
+    for longer than the tail is judged afresh at the tail's start.
     """
     p = {**DEFAULT_PARAMS[name], **params}
     if name in _FROM_START:

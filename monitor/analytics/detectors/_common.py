@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from monitor.analytics.findings import Finding
+from monitor.analytics.findings import Context, Finding, as_context
 from monitor.analytics.series import (
+    TOKEN_MEAN_COLUMNS,
     first_column,
     nanmedian_rows,
     pick_kl,
@@ -34,8 +35,14 @@ def findings_where(
     causes: tuple[str, ...],
     severity: str,
     series: str | None,
+    levels: np.ndarray | None = None,
+    unit: str | None = None,
 ) -> list[Finding]:
-    """One Finding per row where ``mask`` holds; ``message(i)`` writes row i's sentence."""
+    """One Finding per row where ``mask`` holds; ``message(i)`` writes row i's sentence.
+
+    ``levels`` (the observed quantity per row, in ``unit``) becomes each finding's
+    ``level``: what an alert episode tracks its peak on.
+    """
     limits = np.broadcast_to(np.asarray(thresholds, dtype=float), np.shape(values))
     return [
         Finding(
@@ -47,9 +54,65 @@ def findings_where(
             causes=causes,
             severity=severity,
             series=series,
+            level=None if levels is None else _finite_or_none(levels[i]),
+            unit=unit,
         )
         for i in np.flatnonzero(mask)
     ]
+
+
+def latch(fire: np.ndarray, hold: np.ndarray) -> np.ndarray:
+    """Hysteresis: True from each row where ``fire`` holds, through the rows after it where
+    ``hold`` (a looser condition: the clear threshold not yet crossed) still holds.
+
+    Causal, and one pass: a condition hovering at its fire threshold stays one episode.
+    """
+    state = np.where(fire, 1.0, np.where(hold, np.nan, 0.0))
+    return pd.Series(state).ffill().fillna(0.0).to_numpy() > 0
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def kl_unit(series: str) -> str:
+    """The unit of a KL column: per-token estimators are nats/token, the rest nats/sequence."""
+    return "nats/token" if series in TOKEN_MEAN_COLUMNS else "nats/sequence"
+
+
+def kl_floor(ctx: Context, series: str, per_token: float, per_sequence: float) -> float:
+    """The smallest KL change worth an alert on ``series``, in the series' own unit.
+
+    The run's config wins (``kl_floor_per_token`` / ``kl_floor_per_sequence``: the run
+    knows its scale), then the rule's parameter (``per_token`` / ``per_sequence``).
+    """
+    token = series in TOKEN_MEAN_COLUMNS
+    key = "kl_floor_per_token" if token else "kl_floor_per_sequence"
+    configured = as_context(ctx).config_float(key)
+    floor = configured if configured is not None else (per_token if token else per_sequence)
+    return max(0.0, float(floor))
+
+
+def print_quantum(values: np.ndarray, max_decimals: int = 6) -> np.ndarray:
+    """Per row, the step of the decimal grid every value so far lies on (0: none found).
+
+    A log that prints KL to 3 decimals holds multiples of 0.001 only: many equal values,
+    a median and MAD of exactly 0, so a robust scale must not fall below that step.
+    Causal: row i looks at rows up to i (the grid only gets finer as rows come).
+    """
+    x = np.abs(np.asarray(values, dtype=float))
+    # A value lies on grid 10^-d when x * 10^d is within 0.01 of a whole number below 1e5
+    # (at most five significant digits: float32 storage keeps those exact to 0.01).
+    decimals = np.full(len(x), max_decimals + 1)
+    for d in range(max_decimals, -1, -1):
+        scaled = x * 10.0**d
+        on_grid = (np.abs(scaled - np.round(scaled)) <= 0.01) & (scaled >= 0.5) & (scaled < 1e5)
+        decimals = np.where(on_grid, d, decimals)
+    # zeros (and NaN) lie on every grid: they say nothing about the step
+    decimals = np.where(np.isfinite(x) & (x > 0), decimals, -1)
+    finest = np.maximum.accumulate(decimals) if len(x) else decimals
+    quantum = np.where(finest > max_decimals, 0.0, 10.0 ** -np.maximum(finest, 0).astype(float))
+    return np.where(finest < 0, 0.0, quantum)
 
 
 def per_token_kl(df: pd.DataFrame, steps: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -104,18 +167,23 @@ def robust_z(
     min_rows: int,
     mad_floor: float,
     sem: np.ndarray | None = None,
+    abs_floor: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Robust z-score of each value against the ``rows`` values before it.
 
     Scale: the largest of 1.4826 MAD, ``mad_floor`` x |median| (so a flat series does
-    not explode) and, when given, the row's own standard error ``sem`` and its median
-    over the window: early in a run the KL, and its sampling noise, grow faster than a
-    trailing MAD can follow, and a step whose mean moved by less than its own sampling
-    error is no spike. NaN until ``min_rows`` values precede. Returns the score, the
-    window median and the window count.
+    not explode), ``abs_floor`` (in the values' unit: a caller that fires at score z
+    passes its absolute floor / z, so a move smaller than the floor never scores z),
+    the step of the decimal grid the values are printed on (``print_quantum``) and,
+    when given, the row's own standard error ``sem`` and its median over the window:
+    early in a run the KL, and its sampling noise, grow faster than a trailing MAD can
+    follow, and a step whose mean moved by less than its own sampling error is no
+    spike. NaN until ``min_rows`` values precede. Returns the score, the window median
+    and the window count.
     """
     center, scale, count = robust_center_scale(trailing(values, rows))
     scale = np.fmax(scale, mad_floor * np.abs(center))
+    scale = np.fmax(scale, np.fmax(abs_floor, print_quantum(values)))
     if sem is not None:
         scale = np.fmax(scale, np.fmax(sem, nanmedian_rows(trailing(sem, rows))))
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -8,6 +8,9 @@ import pandas as pd
 from monitor.analytics.detectors._common import (
     column_on,
     findings_where,
+    kl_floor,
+    kl_unit,
+    latch,
     merge_by_step,
     num,
     per_token_kl,
@@ -43,9 +46,14 @@ def entropy_collapse(
     min_rows: int = 5,
     smooth_rows: int = 3,
     ratio: float = 0.5,
+    clear_ratio: float = 0.6,
 ) -> list[Finding]:
     """Policy entropy (``policy_nll``, else ``entropy_mean``; median of the last
     ``smooth_rows`` rows) below ``ratio`` x its median over the first ``baseline_rows``.
+
+    Hysteresis: once below ``ratio``, the condition holds until the entropy is back above
+    ``clear_ratio`` x the warm-up, so a slow decline hovering at the threshold is one
+    episode, not several.
     """
     column = first_column(df, ("policy_nll", "entropy_mean"))
     if column is None:
@@ -54,7 +62,9 @@ def entropy_collapse(
     current = nanmedian_rows(including(values, smooth_rows))
     base = warmup_median(values, baseline_rows)
     limit = ratio * base
-    hit = (np.arange(len(values)) >= min_rows - 1) & (base > 0) & (current < limit)
+    judged = (np.arange(len(values)) >= min_rows - 1) & (base > 0)
+    with np.errstate(invalid="ignore"):
+        hit = latch(judged & (current < limit), judged & (current < clear_ratio * base))
     return findings_where(
         hit,
         steps,
@@ -89,6 +99,8 @@ def reward_hacking(
     jump_z: float = 6.0,
     reward_jump_z: float = 4.0,
     mad_floor: float = 0.1,
+    min_jump_token: float = 0.03,
+    min_jump_sequence: float = 1.0,
 ) -> list[Finding]:
     """Reward still rising while KL grows faster than the sqrt(KL) frontier allows.
 
@@ -99,8 +111,10 @@ def reward_hacking(
     errors up) is below ``gain_ratio`` x the run's gain so far (smoothed reward regressed
     on smoothed sqrt(KL) up to the window's start, after ``min_history_rows`` rows).
     It also fires when KL and reward jump together at one step (robust z above
-    ``jump_z`` and ``reward_jump_z``). Judged on each of ``kl_mean`` and ``k3`` the
-    table has (see ``statistical_series``).
+    ``jump_z`` and ``reward_jump_z``, the KL's by at least ``min_jump_token``
+    nats/token or ``min_jump_sequence`` nats/sequence, or the run config's
+    ``kl_floor_per_token`` / ``kl_floor_per_sequence``). Judged on each of ``kl_mean``
+    and ``k3`` the table has (see ``statistical_series``).
     """
     if "reward_mean" not in df.columns:
         return []
@@ -116,7 +130,12 @@ def reward_hacking(
         "reward_jump_z": reward_jump_z,
         "mad_floor": mad_floor,
     }
-    return merge_by_step(_hacking_on(df, series, **params) for series in statistical_series(df))
+    return merge_by_step(
+        _hacking_on(
+            df, series, **params, floor=kl_floor(ctx, series, min_jump_token, min_jump_sequence)
+        )
+        for series in statistical_series(df)
+    )
 
 
 def _hacking_on(
@@ -133,6 +152,7 @@ def _hacking_on(
     jump_z: float,
     reward_jump_z: float,
     mad_floor: float,
+    floor: float,
 ) -> list[Finding]:
     steps, kl = valid(df, series)
     reward = column_on(df, "reward_mean", steps)
@@ -165,7 +185,8 @@ def _hacking_on(
             & (run_gain > 0)
             & (reward_slope + gain_z * reward_se < gain_ratio * run_gain * kl_slope)
         )
-    kl_z, _, _ = robust_z(kl, window_rows, window_rows, mad_floor, step_sem(df, series, steps))
+    kl_sem = step_sem(df, series, steps)
+    kl_z, _, _ = robust_z(kl, window_rows, window_rows, mad_floor, kl_sem, floor / jump_z)
     reward_sem = step_sem(df, "reward_mean", steps)
     reward_z, _, _ = robust_z(reward, window_rows, window_rows, mad_floor, reward_sem)
     with np.errstate(invalid="ignore"):
@@ -201,6 +222,8 @@ def _hacking_on(
         ),
         severity="critical",
         series=series,
+        levels=kl,
+        unit=kl_unit(series),
     )
 
 

@@ -8,6 +8,9 @@ import pandas as pd
 from monitor.analytics.detectors._common import (
     column_on,
     findings_where,
+    kl_floor,
+    kl_unit,
+    latch,
     merge_by_step,
     num,
     robust_z,
@@ -33,28 +36,58 @@ def budget(
     ctx: Context = None,
     *,
     value: float | None = None,
+    value_per_token: float | None = None,
     factor: float = 1.5,
     halflife_rows: float = 2.0,
+    default_sequence: float = 50.0,
+    default_token: float = 0.5,
+    clear_fraction: float = 0.9,
 ) -> list[Finding]:
-    """KL above the run's budget: ``value``, else config ``kl_budget``, else ``factor`` x
-    config ``target_kl``. The KL is EWMA-smoothed over ``halflife_rows`` (0: raw) so
-    that sampling noise around a plateau near the budget does not flap.
+    """KL above the run's budget, judged on the KL the run has in that KL's own unit.
+
+    The series is the run's first of ``kl_mean`` (nats/sequence), ``k3``, ``k1``
+    (nats/token). Its budget (see ``resolve_budget``): per sequence, ``value``, else
+    config ``kl_budget``, else ``factor`` x config ``target_kl``, else
+    ``default_sequence``; per token, ``value_per_token``, else config
+    ``kl_budget_per_token``, else ``factor`` x ``target_kl_per_token``, else the
+    per-sequence budget over the mean response length, else ``default_token``. The KL
+    is EWMA-smoothed over ``halflife_rows`` (0: raw) and, once above the budget, holds
+    until it falls below ``clear_fraction`` x the budget (hysteresis), so that sampling
+    noise around a plateau near the budget does not flap.
     """
     series = pick_kl(df)
-    limit, source = resolve_budget(as_context(ctx), value, factor)
-    if series is None or limit is None:
+    if series is None:
         return []
+    unit = kl_unit(series)
+    token = series in TOKEN_MEAN_COLUMNS
     steps, kl = valid(df, series)
+    length = None
+    if token:
+        lengths = column_on(df, "resp_len_mean", steps)
+        if np.isfinite(lengths).any():
+            length = float(np.nanmedian(lengths))
+    limit, source = resolve_budget(
+        as_context(ctx),
+        value_per_token if token else value,
+        factor,
+        series=series,
+        length=length,
+        default=default_token if token else default_sequence,
+    )
+    if limit is None:
+        return []
+    if source == "default":
+        source = f"the default for KL in {unit}"
     level = ewma(kl, halflife_rows) if halflife_rows > 0 else kl
-    smoothed = " (smoothed)" if halflife_rows > 0 else ""
+    smoothed = ", smoothed" if halflife_rows > 0 else ""
     return findings_where(
-        level > limit,
+        latch(level > limit, level > clear_fraction * limit),
         steps,
         level,
         limit,
         lambda i: (
-            f"KL ({series}{smoothed}) is {num(level[i])} at step {steps[i]}, above its "
-            f"budget {num(limit)} ({source})."
+            f"KL ({series}{smoothed}) is {num(level[i])} {unit} at step {steps[i]}, above "
+            f"its budget {num(limit)} {unit} ({source})."
         ),
         detector="budget",
         causes=(
@@ -64,6 +97,8 @@ def budget(
         ),
         severity="critical",
         series=series,
+        levels=kl,
+        unit=unit,
     )
 
 
@@ -75,25 +110,47 @@ def spike(
     min_rows: int = 12,
     z: float = 8.0,
     mad_floor: float = 0.1,
+    min_jump_token: float = 0.03,
+    min_jump_sequence: float = 1.0,
 ) -> list[Finding]:
     """A step whose KL jumps far above the trailing ``window_rows`` rows.
 
-    Robust z-score: (KL - median) / max(1.4826 MAD, ``mad_floor`` x |median|); the floor
-    keeps a nearly flat series from turning tiny wiggles into huge scores. Judged on
-    each of ``kl_mean`` and ``k3`` the table has (see ``statistical_series``).
+    Robust z-score: (KL - median) / max(1.4826 MAD, ``mad_floor`` x |median|, the step
+    the values are printed on, floor / ``z``); the relative floor keeps a nearly flat
+    series from turning tiny wiggles into huge scores, the absolute one makes a jump
+    smaller than the floor score below ``z``, however quiet the series was before. The
+    floor is ``min_jump_token`` nats/token for k1/k3 and ``min_jump_sequence``
+    nats/sequence for ``kl_mean`` (the run config's ``kl_floor_per_token`` /
+    ``kl_floor_per_sequence`` override them). Judged on each of ``kl_mean`` and ``k3``
+    the table has (see ``statistical_series``).
     """
     return merge_by_step(
-        _spike_on(df, series, window_rows, min_rows, z, mad_floor)
+        _spike_on(
+            df,
+            series,
+            window_rows,
+            min_rows,
+            z,
+            mad_floor,
+            kl_floor(ctx, series, min_jump_token, min_jump_sequence),
+        )
         for series in statistical_series(df)
     )
 
 
 def _spike_on(
-    df: pd.DataFrame, series: str, window_rows: int, min_rows: int, z: float, mad_floor: float
+    df: pd.DataFrame,
+    series: str,
+    window_rows: int,
+    min_rows: int,
+    z: float,
+    mad_floor: float,
+    floor: float,
 ) -> list[Finding]:
     steps, kl = valid(df, series)
     sem = step_sem(df, series, steps)
-    score, center, count = robust_z(kl, window_rows, min_rows, mad_floor, sem)
+    score, center, count = robust_z(kl, window_rows, min_rows, mad_floor, sem, floor / z)
+    unit = kl_unit(series)
     with np.errstate(invalid="ignore"):
         hit = score > z
     return findings_where(
@@ -102,9 +159,9 @@ def _spike_on(
         score,
         z,
         lambda i: (
-            f"KL ({series}) spiked to {num(kl[i])} at step {steps[i]}, {num(score[i])} "
-            f"robust deviations above the median {num(center[i])} of the "
-            f"{count[i]} rows before it."
+            f"KL ({series}) spiked to {num(kl[i])} {unit} at step {steps[i]}, "
+            f"{num(kl[i] - center[i])} above the median {num(center[i])} of the "
+            f"{count[i]} rows before it ({num(score[i])} robust deviations)."
         ),
         detector="spike",
         causes=(
@@ -114,6 +171,8 @@ def _spike_on(
         ),
         severity="warning",
         series=series,
+        levels=kl,
+        unit=unit,
     )
 
 
@@ -128,6 +187,8 @@ def shift(
     h: float = 12.0,
     clip: float = 4.0,
     sigma_floor: float = 0.1,
+    min_rise_token: float = 0.01,
+    min_rise_sequence: float = 0.5,
 ) -> list[Finding]:
     """KL departing upward from its own recent trend, and staying there (CUSUM).
 
@@ -138,11 +199,21 @@ def shift(
     trend overshoots it and the residuals stay negative; a level shift or an acceleration
     leaves positive residuals. Each test row adds its residual in robust standard
     deviations (clipped at ``clip`` so one spike cannot fire alone) minus ``k`` to an
-    upper CUSUM; the step fires when the CUSUM ends above ``h``. Judged on each of
+    upper CUSUM; the step fires when the CUSUM ends above ``h`` and the last rows sit
+    above the trend by at least an absolute floor (median of the last 3): ``min_rise_token``
+    nats/token for k1/k3, ``min_rise_sequence`` nats/sequence for ``kl_mean`` (the run
+    config's ``kl_floor_per_token`` / ``kl_floor_per_sequence`` override them), so a
+    relative move of a KL of a few thousandths of a nat raises nothing. Judged on each of
     ``kl_mean`` and ``k3`` the table has (see ``statistical_series``).
     """
     return merge_by_step(
-        _shift_on(df, series, ref_rows, test_rows, min_ref_rows, k, h, clip, sigma_floor)
+        _shift_on(
+            df,
+            series,
+            (ref_rows, test_rows, min_ref_rows),
+            (k, h, clip, sigma_floor),
+            kl_floor(ctx, series, min_rise_token, min_rise_sequence),
+        )
         for series in statistical_series(df)
     )
 
@@ -150,14 +221,12 @@ def shift(
 def _shift_on(
     df: pd.DataFrame,
     series: str,
-    ref_rows: int,
-    test_rows: int,
-    min_ref_rows: int,
-    k: float,
-    h: float,
-    clip: float,
-    sigma_floor: float,
+    rows: tuple[int, int, int],
+    cusum_params: tuple[float, float, float, float],
+    floor: float,
 ) -> list[Finding]:
+    ref_rows, test_rows, min_ref_rows = rows
+    k, h, clip, sigma_floor = cusum_params
     steps, kl = valid(df, series)
     keep = kl > 0
     steps, kl = steps[keep], kl[keep]
@@ -181,7 +250,11 @@ def _shift_on(
         cusum = np.maximum(0.0, cusum + z[:, c] - k)
     score = np.where(judged, cusum, np.nan)
     growth = np.exp(np.median(resid[:, -3:], axis=1))
-    hit = score > h
+    # how far above the trend the last rows sit, in the series' own unit
+    rise = np.median(np.exp(test_y[:, -3:]) * -np.expm1(-resid[:, -3:]), axis=1)
+    unit = kl_unit(series)
+    with np.errstate(invalid="ignore"):
+        hit = (score > h) & (rise >= floor)
     return findings_where(
         hit,
         steps,
@@ -189,8 +262,8 @@ def _shift_on(
         h,
         lambda i: (
             f"KL ({series}) at step {steps[i]} has run above its recent trend for "
-            f"{test_rows} rows: {num(kl[i])}, about {num(growth[i])}x the trend "
-            f"(CUSUM {num(score[i])} > {num(h)})."
+            f"{test_rows} rows: {num(kl[i])} {unit}, about {num(growth[i])}x the trend, "
+            f"{num(rise[i])} above it (CUSUM {num(score[i])} > {num(h)})."
         ),
         detector="shift",
         causes=(
@@ -200,6 +273,8 @@ def _shift_on(
         ),
         severity="warning",
         series=series,
+        levels=kl,
+        unit=unit,
     )
 
 
@@ -315,7 +390,7 @@ def reference_offset(
     first_rows: int = 5,
     min_rows: int = 3,
     min_ratio: float = 0.25,
-    min_token_kl: float = 1e-3,
+    min_token_kl: float = 0.01,
     min_sequence_kl: float = 1.0,
 ) -> list[Finding]:
     """KL already far from 0 in the run's first rows: the reference is not the initial policy.

@@ -48,6 +48,7 @@ COLUMNS = [
         "width": 110,
         "filter": "agNumberColumnFilter",
     },
+    {"field": "peak", "headerName": "peak", "width": 150},
     {
         "field": "message",
         "headerName": "message",
@@ -79,6 +80,12 @@ def _int(v: Any) -> int | None:
         return None
 
 
+def _peak(value: Any, step: int | None) -> str:
+    """The episode's peak level and step, e.g. ``17.8 at step 70`` (empty when unknown)."""
+    v = _num(value)
+    return "" if v is None or step is None else f"{v:.3g} at step {step}"
+
+
 def rows(ev: pd.DataFrame) -> list[dict[str, Any]]:
     """Grid rows. The ``open`` link is built from integers only (markdown-safe)."""
     out = []
@@ -102,6 +109,7 @@ def rows(ev: pd.DataFrame) -> list[dict[str, Any]]:
                 "step": step,
                 "value": _num(r.get("value")),
                 "threshold": _num(r.get("threshold")),
+                "peak": _peak(r.get("peak_value"), _int(r.get("peak_step"))),
                 "message": str(r.get("message") or ""),
                 "started": fmt_time(r.get("started_at")),
                 "acknowledged_by": str(r.get("acknowledged_by") or ""),

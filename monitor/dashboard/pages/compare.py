@@ -5,6 +5,7 @@ where the rows that differ between the runs are highlighted."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from dash import Dash, Input, Output, State, dcc, html
@@ -26,6 +27,12 @@ from monitor.dashboard.panel import (
 from monitor.dashboard.settings import DashboardSettings
 
 
+def _kl_text(data: DashboardData, run_id: int) -> str | None:
+    """``0.0473 (k3 from kl, nats/token)``: the run's current KL with which it is."""
+    now = data.current_kl(run_id)
+    return None if now is None else f"{now.value:.6g} ({now.quantity.label()})"
+
+
 def summary_table(data: DashboardData, run_ids: list[int], labels: dict[int, str]) -> html.Table:
     runs = []
     for rid in run_ids:
@@ -37,7 +44,7 @@ def summary_table(data: DashboardData, run_ids: list[int], labels: dict[int, str
                 "name": st.info.name,
                 "status": st.status,
                 "last_step": st.last_step,
-                "last_kl": st.last.get("kl_mean"),
+                "last_kl": _kl_text(data, rid),
                 "last_reward": st.last.get("reward_mean"),
                 "tags": st.info.tags,
                 "config": st.info.config,
@@ -70,7 +77,7 @@ def layout(data: DashboardData, settings: DashboardSettings, search: str | None)
             dcc.Link("Runs", href="/"),
         )
     run_ids = [r.id for r in runs]
-    view = View(tuple(run_ids), view.start, view.end, view.smooth, view.x, view.metrics, view.step)
+    view = replace(view, runs=tuple(run_ids))
     labels = {r.id: f"{r.name} (#{r.id})" for r in runs}
     info = data.metric_info(run_ids)
     specs = panel_specs(view, info)

@@ -17,7 +17,6 @@ from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
 from monitor.dashboard.pages.common import badge, error_box, fmt, fmt_time, info_box, page
 from monitor.dashboard.panel import (
-    View,
     panel_controls,
     panel_layout,
     panel_specs,
@@ -191,10 +190,22 @@ def layout(
     view, warnings = parse_query(search)
     state = data.run_state(run_id)  # NotFound -> router message
     info = state.info
-    view = View((run_id,), view.start, view.end, view.smooth, view.x, (), view.step)
+    view = replace(view, runs=(run_id,), metrics=())
     specs = panel_specs(view, {}, RUN_CHARTS)
-    headline = html.Div(
+    now = data.current_kl(run_id)
+    kl_card = html.Div(
         [
+            html.Div(
+                "KL now" + (f" ({now.quantity.label()})" if now is not None else ""),
+                className="k",
+            ),
+            html.Div(fmt(None if now is None else now.value), className="v"),
+        ],
+        className="card kl-now",
+    )
+    headline = html.Div(
+        [kl_card]
+        + [
             html.Div(
                 [html.Div(label, className="k"), html.Div(fmt(state.last.get(col)), className="v")],
                 className="card",

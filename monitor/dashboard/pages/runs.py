@@ -1,6 +1,6 @@
 """Runs ``/``: every run with its status (stalled derived), last step and update, current KL
-with a sparkline of its history, reward and open alerts; filter, sort, select several and
-open them in Compare."""
+(the best KL quantity the run has, named with its unit) with a sparkline of its history,
+reward and open alerts; filter, sort, select several and open them in Compare."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ COLUMNS = [
     },
     {"field": "updated", "headerName": "last update (UTC)", "width": 190},
     {"field": "last_kl", "headerName": "KL now", "width": 110, "filter": "agNumberColumnFilter"},
+    {"field": "kl_quantity", "headerName": "KL quantity, unit", "width": 190},
     {
         "field": "kl_trend",
         "headerName": "KL history",
@@ -86,6 +87,7 @@ def rows(df: pd.DataFrame) -> list[dict[str, Any]]:
                 "last_step": None if pd.isna(r["last_step"]) else int(r["last_step"]),
                 "updated": fmt_time(r["last_update"]),
                 "last_kl": _num(r["last_kl"]),
+                "kl_quantity": str(r["kl_quantity"] or ""),
                 "kl_trend": str(r["kl_trend"] or ""),
                 "last_reward": _num(r["last_reward"]),
                 "open_alerts": int(r["open_alerts"]),

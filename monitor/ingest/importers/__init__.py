@@ -1,9 +1,11 @@
 """Importers of existing training logs: ``klmon import`` as a library.
 
 Formats (detected from content; see :mod:`.detect`): Hugging Face ``trainer_state.json``,
-JSONL and CSV step tables, Parquet (with pyarrow), veRL console logs, and per-token JSONL
-from which klmon computes its own summaries. What the keys of each tool mean is in
-:mod:`.keys`.
+JSONL and CSV step tables, Parquet (with pyarrow, read in batches), veRL console logs,
+Hugging Face / TRL console logs (the Trainer's printed dicts), and per-token JSONL from which
+klmon computes its own summaries. What the keys of each tool mean is in :mod:`.keys`, the
+one key table the live TRL integration shares. A run holds one source file (see
+:mod:`.importer`); lines that cannot be read are skipped and listed.
 
 Example::
 

@@ -8,6 +8,7 @@ format and lives in :mod:`monitor.ingest.importers.tables`.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -58,22 +59,62 @@ class RawTable:
     notes: list[str] = field(default_factory=list)
     # The step column when the format fixes it (trainer_state: "step"); None: look for one.
     step_key: str | None = None
+    # how the format gives the step, for the summary ("step:N of each line", ...)
+    step_source: str | None = None
     # Columns whose values are text, kept for the klmon export format (status, reject_reason).
     text_columns: frozenset[str] = frozenset()
 
 
-def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts become ``a/b`` keys (``{"actor": {"kl_loss": 1}}`` -> ``actor/kl_loss``)."""
+# Deepest nesting of objects a row may have (``a/b/c/...``); deeper rows are skipped.
+MAX_DEPTH = 16
+# Steps are stored as signed 64-bit integers.
+MAX_STEP = 2**63 - 1
+
+
+class TooDeep(ValueError):
+    """A row nested deeper than :data:`MAX_DEPTH` levels."""
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "", _depth: int = 0) -> dict[str, Any]:
+    """Nested dicts become ``a/b`` keys (``{"actor": {"kl_loss": 1}}`` -> ``actor/kl_loss``).
+
+    Raises TooDeep beyond MAX_DEPTH levels (a hostile or broken row, never a training log).
+    """
     if not prefix and not any(isinstance(v, Mapping) for v in obj.values()):
         return dict(obj)  # the common case: already flat
+    if _depth >= MAX_DEPTH:
+        raise TooDeep(f"objects nested deeper than {MAX_DEPTH} levels")
     out: dict[str, Any] = {}
     for key, value in obj.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten(value, name + "/"))
+            out.update(flatten(value, name + "/", _depth + 1))
         else:
             out[name] = value
     return out
+
+
+def loads_line(text: str) -> Any:
+    """``json.loads`` for one line of a log, with every failure as a ValueError whose message
+    says what is wrong (invalid JSON with its column, nesting too deep for the parser)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise TooDeep("nested too deeply to parse") from None
+
+
+def line_problem(raw: bytes) -> str | None:
+    """Why a raw line cannot be read as text (a NUL byte, not UTF-8), or None."""
+    if b"\x00" in raw:
+        column = raw.index(b"\x00") + 1
+        return f"a NUL byte at column {column} (binary data in a text log)"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text (byte {exc.start + 1} of the line)"
+    return None
 
 
 _WRAPPED_NUMBER = re.compile(
@@ -101,7 +142,10 @@ def to_number(value: Any) -> float | None:
     if isinstance(value, bool):
         return 1.0 if value else 0.0
     if isinstance(value, int | float):
-        f = float(value)
+        try:
+            f = float(value)
+        except OverflowError:  # an integer beyond the float range: as infinite
+            return None
         return f if math.isfinite(f) else None
     if hasattr(value, "item") and not isinstance(value, str | bytes):  # numpy scalar
         try:
@@ -129,6 +173,13 @@ def to_number(value: Any) -> float | None:
 
 def to_step(value: Any) -> int:
     """A step number: a non-negative integer (``12``, ``12.0``, ``"12"``); ValueError else."""
+    exact = _exact_int(value)
+    if exact is not None:
+        if exact < 0:
+            raise ValueError(f"step {value!r} is negative")
+        if exact > MAX_STEP:
+            raise ValueError(f"step {_short(value)} is out of range (at most 2**63 - 1)")
+        return exact
     f = to_number(value)
     if f is None:
         raise ValueError("the step is empty")
@@ -136,19 +187,44 @@ def to_step(value: Any) -> int:
         raise ValueError(f"step {value!r} is not a whole number")
     if f < 0:
         raise ValueError(f"step {value!r} is negative")
+    if f > MAX_STEP:
+        raise ValueError(f"step {_short(value)} is out of range (at most 2**63 - 1)")
     return int(f)
 
 
-def iter_lines(fh: BinaryIO, tick: Tick) -> Iterator[tuple[int, str | None]]:
-    """(line number, text) for each line of a binary file; text None when not UTF-8."""
+def _exact_int(value: Any) -> int | None:
+    """An integer step read exactly (a float would round 2**63 - 1 up to 2**63)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip()) if len(value) < 64 else None
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 30 else text[:27] + "..."
+
+
+def iter_lines(
+    fh: BinaryIO, tick: Tick, problems: list[Problem] | None = None
+) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) for each line of a binary file; text None when the line holds a
+    NUL byte or is not UTF-8 (with the reason added to ``problems`` when given)."""
     done = 0
     for number, raw in enumerate(fh, start=1):
         done += len(raw)
         if number % 512 == 0:
             tick(done)
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
+        bad = line_problem(raw) if b"\x00" in raw else None
+        if bad is None:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad = line_problem(raw)
+        if bad is not None:
+            if problems is not None:
+                problems.append(Problem(number, bad))
             yield number, None
             continue
         if number == 1:

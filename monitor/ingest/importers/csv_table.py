@@ -1,8 +1,9 @@
 """CSV (and TSV) step tables: a header row, then a row per step, arbitrary columns.
 
 The delimiter is sniffed (comma, tab, semicolon); quoted fields may hold commas and line
-breaks; empty cells are missing values. A row with the wrong number of fields is reported
-with its line number and skipped.
+breaks; empty cells are missing values. A row with the wrong number of fields, a line with a
+NUL byte or that is not UTF-8, and a row the csv module cannot parse are reported with their
+line number and skipped; the rows around them are read.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
-from monitor.errors import InvalidInput
-from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick
+from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, iter_lines
 
 _SAMPLE = 64 * 1024
 
@@ -27,33 +28,31 @@ def sniff_delimiter(sample: str) -> str:
 
 def read(path: Path, tick: Tick) -> RawTable:
     table = RawTable()
-    try:
-        with path.open("r", encoding="utf-8-sig", newline="") as fh:
-            delimiter = sniff_delimiter(fh.read(_SAMPLE))
-            fh.seek(0)
-            _read_rows(table, csv.reader(_counting(fh, tick), delimiter=delimiter))
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(
-            f"{path}: not UTF-8 text (byte {exc.start}); expected CSV with a header row"
-        ) from exc
-    except csv.Error as exc:
-        raise InvalidInput(f"{path}: not readable as CSV ({exc})") from exc
+    with path.open("rb") as fh:
+        sample = fh.read(_SAMPLE).decode("utf-8", errors="replace").lstrip("\ufeff")
+        delimiter = sniff_delimiter(sample.replace("\x00", ""))
+        fh.seek(0)
+        _read_rows(table, csv.reader(_text_lines(fh, tick, table), delimiter=delimiter))
     return table
 
 
-def _counting(fh, tick: Tick) -> Iterator[str]:
-    done = 0
-    for n, line in enumerate(fh, start=1):
-        done += len(line)
-        if n % 1024 == 0:
-            tick(done)
-        yield line
-    tick(done)
+def _text_lines(fh: BinaryIO, tick: Tick, table: RawTable) -> Iterator[str]:
+    """The file's lines as text; a line that cannot be text (NUL, not UTF-8) is reported and
+    read as an empty line, which the reader skips, so line numbers stay right."""
+    for _number, line in iter_lines(fh, tick, table.problems):
+        yield "\n" if line is None else line
 
 
-def _read_rows(table: RawTable, reader) -> None:
+def _read_rows(table: RawTable, reader: Any) -> None:
     header: list[str] | None = None
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            table.problems.append(Problem(reader.line_num, f"not readable as CSV ({exc})"))
+            continue
         if not row or all(not c.strip() for c in row):
             continue
         if header is None:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from monitor.errors import InvalidInput
-from monitor.ingest.importers import csv_table, tokens, trainer_state, verl
+from monitor.ingest.importers import csv_table, hf_console, tokens, trainer_state, verl
 
 _HEAD = 64 * 1024
 _SNIFF_LINES = 20
@@ -28,6 +28,7 @@ TITLES: dict[str, str] = {
     "csv": "CSV with a header row",
     "parquet": "Parquet",
     "verl": "a veRL console log (step:N - key:value lines)",
+    "hf_console": "a Hugging Face / TRL console log (the Trainer's printed {'loss': ...} dicts)",
     # what the sniffer may find that klmon does not read
     "binary": "binary data",
     "empty": "nothing (the file is empty)",
@@ -67,13 +68,21 @@ def sniff(path: Path) -> str:
         return "empty"
     if _is_binary(head):
         return "binary"
-    text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    # lines that are not text (skipped when read) say nothing about the format
+    text = "\n".join(
+        "" if _bad_line(line) else line.decode("utf-8", errors="replace")
+        for line in head.split(b"\n")
+    ).lstrip("\ufeff \t\r\n")
+    if text.startswith("{'") and hf_console.is_console_dict(text.split("\n", 1)[0]):
+        return "hf_console"
     if text.startswith("{"):
         return _sniff_json_object(path, text)
     if text.startswith("["):
         return "jsonl"
     if verl.LOOKS_LIKE.search(verl.strip_ansi(text)):
         return "verl"
+    if hf_console.looks_like(path):
+        return "hf_console"
     if _looks_like_csv(text):
         return "csv"
     return "text"
@@ -97,17 +106,26 @@ def detect_format(path: Path) -> str:
     return found
 
 
-READABLE = ("trainer_state", "jsonl", "tokens", "csv", "parquet", "verl")
+READABLE = ("trainer_state", "jsonl", "tokens", "csv", "parquet", "verl", "hf_console")
 
 
 def _is_binary(head: bytes) -> bool:
-    if b"\x00" in head:
+    """Binary when most lines of the sample are not text (a NUL byte, not UTF-8): a text log
+    with a few bad lines is read, the bad lines skipped and listed."""
+    lines = head.split(b"\n")
+    if len(lines) > 1 and len(head) == _HEAD:
+        lines = lines[:-1]  # a line cut at the end of the sample
+    bad = [_bad_line(line) for line in lines if line.strip()]
+    return sum(bad) * 2 > len(bad)
+
+
+def _bad_line(line: bytes) -> bool:
+    if b"\x00" in line:
         return True
     try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # a multi-byte character cut at the end of the sample is fine
-        return exc.start < len(head) - 4
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
     return False
 
 
@@ -124,7 +142,7 @@ def _sniff_json_object(path: Path, text: str) -> str:
             budget -= len(raw)
             try:
                 objects.append(json.loads(raw))
-            except ValueError:
+            except (ValueError, RecursionError):
                 objects.append(None)
             if budget <= 0:
                 break

@@ -1,16 +1,23 @@
 """``import_path``: read a log, then write its run, steps, metrics and meanings, idempotently.
 
-The run is found by (project, name); steps and metrics go in with ``ON CONFLICT DO NOTHING``
-(``write_steps``/``write_metrics``), so importing a file twice changes nothing. A step or
-metric already stored with a different value is a conflict: it is reported and the stored
-value is kept (import under another ``--run`` to keep both).
+A run holds one source, identified by the SHA-256 of the file (kept in the run config under
+``import.source``). The run is found by (project, name): importing the same file again goes
+into the same run, and steps and metrics go in with ``ON CONFLICT DO NOTHING``
+(``write_steps``/``write_metrics``), so it changes nothing (a different ``--map`` may make a
+step differ: a conflict, reported, the stored value kept). Another file is never added to a
+run: under the default name it goes into a run of its own (the name plus the start of its
+fingerprint, said in the summary); under a ``--run`` name that holds another source it is
+refused. An import that fails midway removes the run it created (its rows go with it), on
+SQLite and PostgreSQL alike; the run stays ``running`` until the last row is in.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +34,14 @@ from monitor.store.domain import RunInfo
 from monitor.store.drilldown import write_histograms, write_samples
 from monitor.store.metric_info import write_metric_info
 from monitor.store.models import STEP_QUANTITIES
-from monitor.store.runs import find_run_by_name, get_or_create_run, set_run_status
+from monitor.store.runs import find_run_by_name, get_or_create_run, get_run, set_run_status
 from monitor.store.series import refresh_rollups
 from monitor.store.steps import write_metrics, write_steps
 
 DEFAULT_PROJECT = "imported"
+# step sources that are the format's own (the summary names them, not a column)
+FORMAT_STEP_SOURCES = ("the order of the Trainer's printed dicts", "step:N of each line")
+MAX_PROBLEMS = 1_000  # skipped lines kept for the summary (all are counted)
 STEP_BATCH = 5_000
 METRIC_BATCH = 50_000
 NONE_QUANTITIES = ("-", "none")
@@ -62,6 +72,13 @@ class ImportReport:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     mapping: dict[str, list[str]] = field(default_factory=dict)
+    problems_total: int = 0
+    step_column: str | None = None
+    step_source: str = "row order"
+    kl_read: list[tuple[str, str, str | None, str]] = field(default_factory=list)
+    kl_candidates: list[str] = field(default_factory=list)
+    # the default run name that held another file (this one went into ``run``)
+    renamed_from: str | None = None
 
     def summary_lines(self, max_problems: int = 5) -> list[str]:
         """A human summary: counts, mapping, conflicts, the first few skipped lines."""
@@ -80,6 +97,20 @@ class ImportReport:
             lines.append(
                 f"token histograms: {self.histograms_inserted}, samples: {self.samples_inserted}"
             )
+        if self.renamed_from:
+            lines.append(
+                f"note: run {r.project}/{self.renamed_from} holds another file, so this one "
+                f"went into a run of its own, {r.project}/{r.name} (--run NAME to choose)"
+            )
+        if self.step_column and self.step_source in FORMAT_STEP_SOURCES:
+            lines.append(f"step from {self.step_source}")
+        elif self.step_column:
+            lines.append(f"step from column {self.step_column} ({self.step_source})")
+        else:
+            lines.append("step from row order (no step column found; name one with --step-column)")
+        kl = Prepared(fmt=self.format, producer=self.producer)
+        kl.kl_read, kl.kl_candidates, kl.mapping = self.kl_read, self.kl_candidates, self.mapping
+        lines.extend(kl.kl_lines())
         if self.mapping:
             shown = ", ".join(f"{q} <- {' | '.join(keys)}" for q, keys in self.mapping.items())
             lines.append(f"step columns filled: {shown}")
@@ -99,12 +130,11 @@ class ImportReport:
                 + (" ..." if len(self.metric_conflicts) > 5 else "")
             )
         lines.extend(f"note: {n}" for n in self.notes)
-        lines.append(
-            f"{len(self.problems)} lines skipped" + (" (first shown):" if self.problems else "")
-        )
+        skipped = max(self.problems_total, len(self.problems))
+        lines.append(f"{skipped} lines skipped" + (" (first shown):" if self.problems else ""))
         lines.extend(f"  {p}" for p in self.problems[:max_problems])
-        if len(self.problems) > max_problems:
-            lines.append(f"  ... and {len(self.problems) - max_problems} more")
+        if skipped > max_problems:
+            lines.append(f"  ... and {skipped - max_problems} more")
         return lines
 
 
@@ -115,7 +145,8 @@ def _few(steps: tuple[int, ...], n: int = 8) -> str:
 def parse_map(items: Mapping[str, str] | list[str] | tuple[str, ...]) -> dict[str, str | None]:
     """``["kl_vs_ref=kl_mean", "kl=-"]`` -> ``{"kl_vs_ref": "kl_mean", "kl": None}``.
 
-    QUANTITY must be a klmon step column (or ``-``: keep the column only as a metric).
+    QUANTITY must be a klmon step column, ``step`` (the column holding the step, as
+    ``--step-column``) or ``-`` (keep the column only as a metric).
     """
     pairs = list(items.items()) if isinstance(items, Mapping) else []
     if not isinstance(items, Mapping):
@@ -129,10 +160,11 @@ def parse_map(items: Mapping[str, str] | list[str] | tuple[str, ...]) -> dict[st
         if quantity.lower() in NONE_QUANTITIES:
             out[column] = None
             continue
-        if quantity not in STEP_QUANTITIES:
+        if quantity not in STEP_QUANTITIES and quantity != "step":
             raise InvalidInput(
                 f"--map {column}={quantity}: {quantity!r} is not a klmon quantity; use one of "
-                f"{', '.join(STEP_QUANTITIES)} (or - to keep the column only as a metric)"
+                f"{', '.join(STEP_QUANTITIES)}, step (the step column), or - to keep the "
+                "column only as a metric"
             )
         out[column] = quantity
     return out
@@ -171,7 +203,10 @@ def default_run_name(path: str | Path) -> str:
     ``gemma``."""
     p = Path(path)
     if p.is_dir():
-        return p.resolve().name
+        folder = p.resolve()
+        if re.fullmatch(r"checkpoint-\d+", folder.name) and folder.parent.name:
+            return folder.parent.name  # out/checkpoint-250 -> out, like its trainer_state.json
+        return folder.name
     name = p.name
     if name == "trainer_state.json":
         parent = p.resolve().parent
@@ -192,32 +227,60 @@ def prepare_path(
     fmt: str | None = None,
     mapping: Mapping[str, str | None] | None = None,
     progress: Progress | None = None,
+    step_column: str | None = None,
 ) -> tuple[Path, Prepared]:
     """Read a log into memory (no database): the file read and what would be written."""
+    file, fmt = _resolve(path, fmt)
+    total = file_size(file)
+    tick = (lambda done: progress("read", done, total)) if progress else (lambda _d: None)
+    try:
+        prepared = FORMATS[fmt].prepare(
+            file,
+            tick,
+            default_wall_time=_mtime(file),
+            user_map=dict(mapping or {}),
+            step_column=step_column,
+        )
+    except OSError as exc:
+        raise InvalidInput(f"{file}: cannot read ({exc.strerror or exc})") from exc
+    _require_rows(file, fmt, prepared)
+    return file, prepared
+
+
+def _resolve(path: str | Path, fmt: str | None) -> tuple[Path, str]:
     file = locate(path)
     if fmt in (None, "auto"):
         fmt = detect_format(file)
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)} or auto")
-    total = file_size(file)
-    tick = (lambda done: progress("read", done, total)) if progress else (lambda _d: None)
+    return file, fmt
+
+
+def _mtime(file: Path) -> float:
     try:
-        mtime = file.stat().st_mtime
+        return file.stat().st_mtime
     except OSError:
-        mtime = time.time()
-    try:
-        prepared = FORMATS[fmt].prepare(
-            file, tick, default_wall_time=mtime, user_map=dict(mapping or {})
-        )
-    except OSError as exc:
-        raise InvalidInput(f"{file}: cannot read ({exc.strerror or exc})") from exc
-    if not prepared.steps and not prepared.metrics:
-        first = f" (first: {prepared.problems[0]})" if prepared.problems else ""
-        raise InvalidInput(
-            f"{file}: no steps could be read as {FORMATS[fmt].title}; "
-            f"{len(prepared.problems)} lines skipped{first}"
-        )
-    return file, prepared
+        return time.time()
+
+
+def _require_rows(file: Path, fmt: str, prepared: Prepared, skipped: int | None = None) -> None:
+    """The file is refused only when nothing in it could be read."""
+    if prepared.steps or prepared.metrics:
+        return
+    n = len(prepared.problems) if skipped is None else skipped
+    first = f" (first: {prepared.problems[0]})" if prepared.problems else ""
+    raise InvalidInput(
+        f"{file}: no steps could be read as {FORMATS[fmt].title}; {n} lines skipped{first}"
+    )
+
+
+def fingerprint(file: Path) -> str:
+    """What identifies a source: the SHA-256 of the file's bytes."""
+    digest = hashlib.sha256()
+    with file.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def import_path(
@@ -230,115 +293,234 @@ def import_path(
     mapping: Mapping[str, str | None] | None = None,
     config: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    step_column: str | None = None,
 ) -> ImportReport:
     """Import a training log into run (project, name); see the module docstring.
 
-    ``mapping``: column -> klmon quantity (or None: keep only as a metric), as parsed by
-    :func:`parse_map`. ``config``: extra run config entries (``--config key=value``).
+    ``mapping``: column -> klmon quantity (or None: keep only as a metric; ``step``: the
+    step column), as parsed by :func:`parse_map`. ``config``: extra run config entries
+    (``--config key=value``). ``step_column``: the column holding the step.
     """
-    file, prepared = prepare_path(path, fmt=fmt, mapping=mapping, progress=progress)
+    file, fmt = _resolve(path, fmt)
+    total = file_size(file)
+    writing = False
+
+    def tick(done: int) -> None:
+        # a batched read goes on while rows are written: then only the writing is shown
+        if progress and not writing:
+            progress("read", done, total)
+
+    try:
+        source = fingerprint(file)
+        chunks = FORMATS[fmt].chunks(
+            file,
+            tick,
+            default_wall_time=_mtime(file),
+            user_map=dict(mapping or {}),
+            step_column=step_column,
+        )
+        first = next(chunks)
+    except OSError as exc:
+        raise InvalidInput(f"{file}: cannot read ({exc.strerror or exc})") from exc
     project = project or DEFAULT_PROJECT
-    name = name or default_run_name(path)
-    run_config = dict(prepared.config)
+    run_name, existing, renamed_from = _choose_run(db, project, name, path, source)
+    run_config = dict(first.config)
     run_config["import"] = {
         "file": file.name,
-        "format": prepared.fmt,
-        "producer": prepared.producer,
+        "format": first.fmt,
+        "producer": first.producer,
+        "source": source,
+        "step_column": first.step_column,
+        "kl": [
+            {"column": c, "quantity": q, "estimator": e, "unit": u} for c, q, e, u in first.kl_read
+        ],
         **({"map": dict(mapping)} if mapping else {}),
     }
     run_config.update(config or {})
-    return write_prepared(
-        db,
-        prepared,
-        project=project,
-        name=name,
-        config=run_config,
-        path=str(file),
-        progress=progress,
-    )
-
-
-def write_prepared(
-    db: Database,
-    prepared: Prepared,
-    *,
-    project: str,
-    name: str,
-    config: dict[str, Any],
-    path: str,
-    progress: Progress | None = None,
-) -> ImportReport:
-    """Write what :func:`prepare_path` read into run (project, name)."""
-    existing = find_run_by_name(db, project, name)
-    run = existing or get_or_create_run(
-        db,
-        project,
-        name,
-        config=config,
-        source=f"import:{prepared.fmt}",
-        status="finished",
-    )
-    if existing is None:
-        set_run_status(db, run.id, "finished")
-    report = ImportReport(
-        path=path,
-        format=prepared.fmt,
-        producer=prepared.producer,
-        run=run,
-        created=existing is None,
-        steps_read=len(prepared.steps),
-        metrics_read=len(prepared.metrics),
-        problems=prepared.problems,
-        notes=list(prepared.notes),
-        mapping=prepared.mapping,
-    )
-    stored_steps: set[int] = set()
-    stored_metrics: dict[tuple[int, str], float | None] = {}
-    if existing is not None:
-        stored_steps, stored_metrics = _stored(db, run.id)
-
-    # progress counts rows written: steps, then metrics
-    n_steps, total = len(prepared.steps), len(prepared.steps) + len(prepared.metrics)
-    conflicts: list[int] = []
-    for start in range(0, n_steps, STEP_BATCH):
-        batch = prepared.steps[start : start + STEP_BATCH]
-        result = write_steps(db, run.id, batch)
-        report.steps_inserted += result.inserted
-        report.steps_unchanged += result.duplicates
-        conflicts.extend(result.conflicts)
-        if progress:
-            progress("write", start + len(batch), total)
-    report.step_conflicts = tuple(conflicts)
-
-    new_metrics = prepared.metrics
-    if stored_metrics:  # a re-import: only what is not stored yet goes to the database
-        new_metrics = []
-        for step, metric, value in prepared.metrics:
-            key = (step, metric)
-            if key not in stored_metrics:
-                new_metrics.append((step, metric, value))
-            elif _same(stored_metrics[key], value):
-                report.metrics_unchanged += 1
-            else:
-                report.metric_conflicts.append(key)
-    done = n_steps + len(prepared.metrics) - len(new_metrics)
-    for start in range(0, len(new_metrics), METRIC_BATCH):
-        batch_m = new_metrics[start : start + METRIC_BATCH]
-        report.metrics_inserted += write_metrics(db, run.id, batch_m)
-        if progress:
-            progress("write", done + start + len(batch_m), total)
-    write_metric_info(db, run.id, prepared.infos)
-
-    new_steps = [s for s in prepared.samples if s not in stored_steps]
-    if prepared.histograms:
-        report.histograms_inserted = write_histograms(db, run.id, prepared.histograms)
-    samples = [s for step in new_steps for s in prepared.samples[step]]
-    if samples:
-        report.samples_inserted = write_samples(db, run.id, samples)
-    if report.steps_inserted:
-        # An imported run is complete: pay its chart rollups now, not on the first page view.
-        refresh_rollups(db, run.id)
+    if existing is None and FORMATS[fmt].read_batches is None:
+        _require_rows(file, fmt, first)  # refused before a run exists
+    writer = _Writer(db, project, run_name, existing, run_config, str(file), progress)
+    writing = True
+    try:
+        report = writer.write(first, chunks, renamed_from)
+        if report.steps_read == 0 and report.metrics_read == 0:
+            _require_rows(file, fmt, first, report.problems_total)
+    except BaseException:
+        writer.discard()
+        raise
     return report
+
+
+def _choose_run(
+    db: Database, project: str, name: str | None, path: str | Path, source: str
+) -> tuple[str, RunInfo | None, str | None]:
+    """The run a source goes into: (name, the existing run or None, the default name it
+    was moved from). A run holds one source: the same file again goes into its own run (a
+    no-op); another file never goes into it. Under the default name, another file gets the
+    name plus the start of its fingerprint; under a name given with --run, it is refused."""
+    wanted = name or default_run_name(path)
+    existing = find_run_by_name(db, project, wanted)
+    if existing is None or _source_of(existing) == source:
+        return wanted, existing, None
+    held = _describe_source(existing)
+    if name is not None:
+        raise InvalidInput(
+            f"run {project}/{wanted} already holds {held}; this file ({source[:19]}...) would "
+            "mix two sources in one run: import it under another --run name"
+        )
+    alt = f"{wanted}-{source.split(':', 1)[1][:8]}"
+    other = find_run_by_name(db, project, alt)
+    if other is not None and _source_of(other) != source:
+        raise InvalidInput(
+            f"runs {project}/{wanted} and {project}/{alt} already hold other sources; "
+            "import this file under another --run name"
+        )
+    return alt, other, wanted
+
+
+def _source_of(run: RunInfo) -> str | None:
+    info = run.config.get("import")
+    return info.get("source") if isinstance(info, dict) else None
+
+
+def _describe_source(run: RunInfo) -> str:
+    info = run.config.get("import")
+    if not isinstance(info, dict):
+        return f"a {run.source} run"
+    if info.get("source"):
+        return f"another file ({info.get('file')}, {str(info['source'])[:19]}...)"
+    return f"an earlier import of {info.get('file')} (no fingerprint recorded)"
+
+
+class _Writer:
+    """Writes an import's batches into one run; :meth:`discard` removes a run it created."""
+
+    def __init__(
+        self,
+        db: Database,
+        project: str,
+        name: str,
+        existing: RunInfo | None,
+        config: dict[str, Any],
+        path: str,
+        progress: Progress | None,
+    ) -> None:
+        self.db, self.project, self.name, self.existing = db, project, name, existing
+        self.config, self.path, self.progress = config, path, progress
+        self.run: RunInfo | None = existing
+        self.written = 0
+
+    def write(
+        self, first: Prepared, rest: Iterator[Prepared], renamed_from: str | None
+    ) -> ImportReport:
+        db = self.db
+        if self.run is None:
+            # "running" while rows go in: an import killed midway is not shown as complete,
+            # and importing the same file again completes it.
+            self.run = get_or_create_run(
+                db,
+                self.project,
+                self.name,
+                config=self.config,
+                source=f"import:{first.fmt}",
+                status="running",
+            )
+        run = self.run
+        report = ImportReport(
+            path=self.path,
+            format=first.fmt,
+            producer=first.producer,
+            run=run,
+            created=self.existing is None,
+            mapping={},
+            step_column=first.step_column,
+            step_source=first.step_source,
+            kl_candidates=first.kl_candidates,
+            renamed_from=renamed_from,
+        )
+        for chunk in itertools.chain([first], rest):
+            self._write_chunk(report, chunk)
+        if not report.kl_read:
+            report.kl_candidates = first.kl_candidates
+        if report.steps_inserted:
+            # An imported run is complete: pay its chart rollups now, not on the first view.
+            refresh_rollups(db, run.id)
+        if run.status != "finished":
+            set_run_status(db, run.id, "finished")
+            report.run = get_run(db, run.id)
+        return report
+
+    def _write_chunk(self, report: ImportReport, prepared: Prepared) -> None:
+        db, run = self.db, self.run
+        assert run is not None
+        report.steps_read += len(prepared.steps)
+        report.metrics_read += len(prepared.metrics)
+        report.problems_total += len(prepared.problems)
+        room = MAX_PROBLEMS - len(report.problems)
+        report.problems.extend(prepared.problems[: max(0, room)])
+        report.notes.extend(n for n in prepared.notes if n not in report.notes)
+        for q, cols in prepared.mapping.items():
+            have = report.mapping.setdefault(q, [])
+            have.extend(c for c in cols if c not in have)
+        report.kl_read.extend(k for k in prepared.kl_read if k not in report.kl_read)
+        stored_steps: set[int] = set()
+        stored_metrics: dict[tuple[int, str], float | None] = {}
+        if self.existing is not None and prepared.steps:
+            lo = min(r["step"] for r in prepared.steps)
+            hi = max(r["step"] for r in prepared.steps)
+            stored_steps, stored_metrics = _stored(db, run.id, lo, hi)
+
+        total = len(prepared.steps) + len(prepared.metrics)
+        conflicts = list(report.step_conflicts)
+        for start in range(0, len(prepared.steps), STEP_BATCH):
+            batch = prepared.steps[start : start + STEP_BATCH]
+            result = write_steps(db, run.id, batch)
+            report.steps_inserted += result.inserted
+            report.steps_unchanged += result.duplicates
+            conflicts.extend(result.conflicts)
+            self._tick(len(batch), total)
+        report.step_conflicts = tuple(conflicts)
+
+        new_metrics = prepared.metrics
+        if stored_metrics:  # a re-import: only what is not stored yet goes to the database
+            new_metrics = []
+            for step, metric, value in prepared.metrics:
+                key = (step, metric)
+                if key not in stored_metrics:
+                    new_metrics.append((step, metric, value))
+                elif _same(stored_metrics[key], value):
+                    report.metrics_unchanged += 1
+                else:
+                    report.metric_conflicts.append(key)
+        self._tick(len(prepared.metrics) - len(new_metrics), total)
+        for start in range(0, len(new_metrics), METRIC_BATCH):
+            batch_m = new_metrics[start : start + METRIC_BATCH]
+            report.metrics_inserted += write_metrics(db, run.id, batch_m)
+            self._tick(len(batch_m), total)
+        write_metric_info(db, run.id, prepared.infos)
+
+        new_steps = [s for s in prepared.samples if s not in stored_steps]
+        if prepared.histograms:
+            report.histograms_inserted += write_histograms(db, run.id, prepared.histograms)
+        samples = [s for step in new_steps for s in prepared.samples[step]]
+        if samples:
+            report.samples_inserted += write_samples(db, run.id, samples)
+
+    def _tick(self, n: int, total: int) -> None:
+        self.written += n
+        if self.progress:
+            self.progress("write", self.written, max(total, self.written))
+
+    def discard(self) -> None:
+        """Remove the run this import created (its rows go with it): a failed import leaves
+        nothing behind. A run that existed before is left as it was found."""
+        if self.existing is not None or self.run is None:
+            return
+        try:
+            with self.db.begin() as conn:
+                conn.execute(text("DELETE FROM runs WHERE id = :r"), {"r": self.run.id})
+        except Exception:  # the import's own error is the one to report
+            return
 
 
 def _same(a: float | None, b: float | None) -> bool:
@@ -347,16 +529,16 @@ def _same(a: float | None, b: float | None) -> bool:
     return a == b or abs(a - b) <= 1e-12 * max(abs(a), abs(b))
 
 
-def _stored(db: Database, run_id: int) -> tuple[set[int], dict[tuple[int, str], float | None]]:
+def _stored(
+    db: Database, run_id: int, lo: int, hi: int
+) -> tuple[set[int], dict[tuple[int, str], float | None]]:
+    """The steps and metrics a run already holds between steps lo and hi."""
+    args = {"r": run_id, "lo": lo, "hi": hi}
+    where = "WHERE run_id = :r AND step BETWEEN :lo AND :hi"
     with db.begin() as conn:
-        steps = {
-            int(r[0])
-            for r in conn.execute(text("SELECT step FROM steps WHERE run_id = :r"), {"r": run_id})
-        }
+        steps = {int(r[0]) for r in conn.execute(text(f"SELECT step FROM steps {where}"), args)}
         metrics = {
             (int(r[0]), r[1]): r[2]
-            for r in conn.execute(
-                text("SELECT step, name, value FROM metrics WHERE run_id = :r"), {"r": run_id}
-            )
+            for r in conn.execute(text(f"SELECT step, name, value FROM metrics {where}"), args)
         }
     return steps, metrics

@@ -6,10 +6,19 @@ missing. A line that is not a JSON object is reported with its number and skippe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, flatten, iter_lines
+from monitor.errors import InvalidInput
+from monitor.ingest.importers.base import (
+    Problem,
+    RawRecord,
+    RawTable,
+    Tick,
+    TooDeep,
+    flatten,
+    iter_lines,
+    loads_line,
+)
 from monitor.ingest.importers.trainer_state import load_json
 
 
@@ -18,28 +27,25 @@ def read(path: Path, tick: Tick) -> RawTable:
     with path.open("rb") as fh:
         head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"["):
-        return _read_array(path, tick)
+        try:
+            return _read_array(path, tick)
+        except InvalidInput:
+            pass  # not one JSON array: lines, the first of them bad
+
     with path.open("rb") as fh:
-        for number, line in iter_lines(fh, tick):
+        for number, line in iter_lines(fh, tick, table.problems):
             if line is None:
-                table.problems.append(Problem(number, "not UTF-8 text"))
                 continue
             text = line.strip()
             if not text:
                 continue
             try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                table.problems.append(
-                    Problem(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
-                )
-                continue
-            if not isinstance(obj, dict):
-                table.problems.append(
-                    Problem(number, f"a JSON {_kind(obj)}, not an object with named values")
-                )
-                continue
-            table.records.append(RawRecord(number, flatten(obj)))
+                obj = loads_line(text)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"a JSON {_kind(obj)}, not an object with named values")
+                table.records.append(RawRecord(number, flatten(obj)))
+            except ValueError as exc:
+                table.problems.append(Problem(number, str(exc)))
     return table
 
 
@@ -48,7 +54,10 @@ def _read_array(path: Path, tick: Tick) -> RawTable:
     doc = load_json(path)
     for number, obj in enumerate(doc, start=1):
         if isinstance(obj, dict):
-            table.records.append(RawRecord(number, flatten(obj)))
+            try:
+                table.records.append(RawRecord(number, flatten(obj)))
+            except TooDeep as exc:
+                table.problems.append(Problem(number, str(exc), "item"))
         else:
             table.problems.append(Problem(number, f"a JSON {_kind(obj)}, not an object", "item"))
     tick(path.stat().st_size)

@@ -114,13 +114,113 @@ TRL_GRPO: dict[str, KeyMeaning] = {
         None, None, "token-mean", f"share of tokens whose importance ratio was clipped, {_OLD_NEW}"
     ),
 }
+TRL_GRPO.update(
+    {
+        "sampling/sampling_logp_difference/mean": _m(
+            None,
+            None,
+            "token-mean",
+            "TRL GRPO/RLOO with vLLM importance-sampling correction: mean over completion tokens "
+            "of |log p_vLLM - log p_train| (absolute, so not klmon's signed rollout_gap)",
+        ),
+        "sampling/sampling_logp_difference/max": _m(
+            None, None, "token-mean", "largest |log p_vLLM - log p_train| of the batch"
+        ),
+    }
+)
 TRL_GRPO_PATTERNS: list[tuple[re.Pattern[str], KeyMeaning]] = [
+    (
+        re.compile(r"^sampling/importance_sampling_ratio/"),
+        _m(None, None, "token-mean", "vLLM-vs-trainer importance-sampling ratio statistics"),
+    ),
     (
         re.compile(r"^clip_ratio/"),
         _m(None, None, "token-mean", f"importance-ratio clipping statistics, {_OLD_NEW}"),
     ),
     (re.compile(r"^rewards/.+/std$"), _m(None, None, "seq", "std of one reward function")),
     (re.compile(r"^rewards/"), _m(None, None, "seq", "mean of one reward function")),
+]
+
+# --- TRL RLOOTrainer >= 0.23 (TRL 1.x): GRPO's keys, but ``kl`` is a token mean of k1 ------
+# Its keys cannot be told from GRPO's, so a log is read as GRPO unless the producer is given
+# (the live TRL callback knows its trainer; an import can say --map kl=k1).
+TRL_RLOO: dict[str, KeyMeaning] = {
+    **TRL_GRPO,
+    "kl": _m(
+        "k1",
+        "k1",
+        "token-mean",
+        "TRL RLOO (>= 0.23): mean over completion tokens of log p - log q between policy and "
+        "reference (k1), logged when beta > 0; the per-sequence sum is the reward penalty",
+    ),
+}
+
+# --- OpenRLHF (PPO, REINFORCE++, GRPO; W&B keys ``train/<key>``) ---------------------------
+OPENRLHF: dict[str, KeyMeaning] = {
+    "kl": _m(
+        "k1",
+        "k1",
+        "seq-mean",
+        "OpenRLHF: batch mean of per-sequence token means of the KL to the reference, estimator "
+        "--kl_estimator (k1 by default; k2/k3 when set: --map kl=k3 then)",
+    ),
+    "reward": _m("reward_mean", None, "seq", "mean reward of the samples"),
+    "return": _m(None, None, "seq", "mean return (reward minus the KL penalty, discounted)"),
+    "response_length": _m("resp_len_mean", None, "tokens", "mean response length"),
+    "total_length": _m(None, None, "tokens", "mean prompt + response length"),
+    "policy_loss": _m(None, description="policy-gradient loss"),
+    "critic_loss": _m(None, description="value loss"),
+    "values": _m(None, description="mean value prediction"),
+    "ptx_loss": _m(None, description="pretraining (PTX) loss"),
+    "actor_lr": _m(None, description="actor learning rate"),
+    "critic_lr": _m(None, description="critic learning rate"),
+    "entropy_loss": _m(
+        "entropy_mean", None, "token-mean", "per-token entropy of the policy (entropy bonus)"
+    ),
+    "ppo_clip_ratio": _m(None, None, "token-mean", f"share of clipped ratios, {_OLD_NEW}"),
+    "ppo_kl": _m(None, "k1", "token-mean", f"KL, {_OLD_NEW}"),
+    "policy_update_steps": _m(None, description="policy updates done"),
+}
+
+# --- Tinker (thinking-machines-lab tinker-cookbook RL metrics) -----------------------------
+TINKER: dict[str, KeyMeaning] = {
+    "optim/kl_sample_train_v1": _m(
+        "rollout_gap",
+        "k1",
+        "token-mean",
+        "Tinker: mean over tokens of log p_sampler - log p_train (first-order KL estimate of "
+        "the sampler vs the trainer): a rollout gap, NOT a KL to the reference",
+    ),
+    "optim/kl_sample_train_v2": _m(
+        None,
+        "k2",
+        "token-mean",
+        "Tinker: half the mean squared log p_sampler - log p_train (second-order estimate of "
+        "the sampler-vs-trainer KL), NOT a KL to the reference",
+    ),
+    "optim/entropy": _m(
+        "policy_nll",
+        None,
+        "token-mean",
+        "Tinker: mean over sampled tokens of -log p_sampler (a sampled entropy estimate)",
+    ),
+    "env/all/reward/total": _m("reward_mean", None, "seq", "mean total reward of the episodes"),
+    "env/all/ac_tokens_per_turn": _m(
+        "resp_len_mean", None, "tokens", "mean action (response) tokens per turn"
+    ),
+    "kl_policy_base": _m(
+        "k1",
+        "k1",
+        "token-mean",
+        "Tinker (kl_penalty_coef > 0): mean over tokens of log p - log p_base, the KL to the "
+        "base (reference) model",
+    ),
+}
+TINKER_PATTERNS: list[tuple[re.Pattern[str], KeyMeaning]] = [
+    (re.compile(r"^env/"), _m(None, description="environment statistic")),
+    (re.compile(r"^time/"), _m(None, description="seconds spent in this phase")),
+    (re.compile(r"^progress/"), _m(None, description="training progress")),
+    (re.compile(r"^optim/"), _m(None, description="optimiser statistic")),
 ]
 
 # --- TRL PPOTrainer / RLOOTrainer (0.12-0.16) and the legacy PPOTrainer (<= 0.11) ---------
@@ -318,6 +418,14 @@ GENERIC: dict[str, KeyMeaning] = {
     ),
     "clip_fraction": _m(None, None, None, f"share of clipped ratios, {_OLD_NEW}"),
     "clipfrac": _m(None, None, None, f"share of clipped ratios, {_OLD_NEW}"),
+    "completion_length_mean": _m("resp_len_mean", None, "tokens", "mean completion length", 4),
+    "response_length_mean": _m("resp_len_mean", None, "tokens", "mean response length", 5),
+    "response_length/mean": _m("resp_len_mean", None, "tokens", "mean response length", 6),
+    "policy_entropy_mean": _m(
+        "entropy_mean", None, "token-mean", "mean per-token entropy of the policy", 1
+    ),
+    "policy_entropy": _m("entropy_mean", None, None, "policy entropy (scale not stated)", 2),
+    "mean_entropy": _m("entropy_mean", None, None, "policy entropy (scale not stated)", 3),
 }
 
 # klmon's own step quantities, as a user would assert them with --map (and as the generic
@@ -380,6 +488,11 @@ PRODUCERS: dict[str, Producer] = {
     "trl-ppo": Producer("trl-ppo", "TRL PPO/RLOO", TRL_PPO, hf_trainer=True),
     "trl-dpo": Producer("trl-dpo", "TRL DPO/KTO/ORPO/CPO", TRL_DPO, hf_trainer=True),
     "trl-grpo": Producer("trl-grpo", "TRL GRPO", TRL_GRPO, tuple(TRL_GRPO_PATTERNS), True),
+    "trl-rloo": Producer(
+        "trl-rloo", "TRL RLOO (>= 0.23)", TRL_RLOO, tuple(TRL_GRPO_PATTERNS), True
+    ),
+    "openrlhf": Producer("openrlhf", "OpenRLHF", OPENRLHF),
+    "tinker": Producer("tinker", "Tinker", TINKER, tuple(TINKER_PATTERNS)),
     "generic": Producer("generic", "unknown producer", {}),
 }
 
@@ -405,6 +518,9 @@ _VERL_SIGNS = {
 }
 
 
+_TINKER_SIGNS = {"optim/kl_sample_train_v1", "optim/kl_sample_train_v2", "optim/entropy"}
+
+
 def base_key(key: str) -> str:
     """A key without the ``train/`` prefix Hugging Face's W&B/MLflow callbacks add."""
     return key[len("train/") :] if key.startswith("train/") else key
@@ -419,7 +535,11 @@ def is_eval_key(key: str) -> bool:
 
 
 def detect_producer(keys: Iterable[str]) -> str:
-    """The tool that wrote a log, from its whole key set (see PRODUCERS)."""
+    """The tool that wrote a log, from its whole key set (see PRODUCERS).
+
+    ``trl-rloo`` is never detected (its keys are GRPO's); callers that know the trainer pass
+    it to :func:`lookup` themselves.
+    """
     raw = set(keys)
     if set(KLMON_RESERVED) <= raw and {"kl_mean", "k3"} <= raw:
         return "klmon"
@@ -431,6 +551,10 @@ def detect_producer(keys: Iterable[str]) -> str:
         return "trl-ppo"
     if names & {"rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"}:
         return "trl-dpo"
+    if names & _TINKER_SIGNS or any(k.startswith("env/all/") for k in names):
+        return "tinker"
+    if "actor_lr" in names or {"response_length", "total_length", "return"} <= names:
+        return "openrlhf"
     grpo_signs = names & _GRPO_SIGNS or any(
         k.startswith(("rewards/", "completions/", "clip_ratio/")) for k in names
     )

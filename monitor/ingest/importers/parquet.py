@@ -2,16 +2,22 @@
 
 A klmon export carries the run's config and metric meanings in the file's key-value
 metadata (key ``klmon``), so an export read back is the same run.
+
+Read in batches of about :data:`BATCH_CELLS` cells (rows x columns), each turned into steps and
+written before the next is read, so memory stays bounded whatever the number of rows (a few
+hundred MB at most; a 20M-row file is not held in memory).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from monitor.errors import InvalidInput
-from monitor.ingest.importers.base import RawRecord, RawTable, Tick, flatten
+from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, TooDeep, flatten
+from monitor.ingest.importers.keys import detect_producer
 
 METADATA_KEY = b"klmon"
 
@@ -28,7 +34,13 @@ def require_pyarrow(path: Path | str, action: str = "reading") -> Any:
     return pq
 
 
-def read(path: Path, tick: Tick) -> RawTable:
+BATCH_CELLS = 200_000
+MAX_BATCH_ROWS = 16_384
+
+
+def read_batches(path: Path, tick: Tick) -> tuple[str, Iterator[RawTable]]:
+    """The producer (from the schema's column names) and the file's rows, batch by batch;
+    the first batch carries the file's klmon metadata and notes."""
     pq = require_pyarrow(path)
     import pyarrow as pa
 
@@ -36,6 +48,15 @@ def read(path: Path, tick: Tick) -> RawTable:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise InvalidInput(f"{path}: not a Parquet file ({exc})") from exc
+    columns = _leaf_names(pf.schema_arrow)
+    producer = detect_producer(columns)
+    rows = max(1, min(MAX_BATCH_ROWS, BATCH_CELLS // max(1, len(columns))))
+    return producer, _batches(path, pf, rows, tick)
+
+
+def _batches(path: Path, pf: Any, rows: int, tick: Tick) -> Iterator[RawTable]:
+    import pyarrow as pa
+
     table = RawTable()
     meta = pf.schema_arrow.metadata or {}
     if METADATA_KEY in meta:
@@ -45,11 +66,35 @@ def read(path: Path, tick: Tick) -> RawTable:
             table.notes.append("the file's klmon metadata is not valid JSON; ignored")
     number = 0
     try:
-        for batch in pf.iter_batches(batch_size=65536):
+        for batch in pf.iter_batches(batch_size=rows):
             for row in batch.to_pylist():
                 number += 1
-                table.records.append(RawRecord(number, flatten(row)))
+                try:
+                    table.records.append(RawRecord(number, flatten(row)))
+                except TooDeep as exc:
+                    table.problems.append(Problem(number, str(exc), "row"))
             tick(number)
+            yield table
+            table = RawTable()
     except (pa.ArrowException, OSError) as exc:
         raise InvalidInput(f"{path}: Parquet data unreadable after row {number} ({exc})") from exc
-    return table
+    if number == 0:
+        yield table
+
+
+def _leaf_names(schema: Any) -> list[str]:
+    """Column names as the rows flatten them (a struct column ``a`` with ``b``: ``a/b``)."""
+    import pyarrow as pa
+
+    out: list[str] = []
+
+    def walk(field: Any, prefix: str) -> None:
+        if pa.types.is_struct(field.type):
+            for i in range(field.type.num_fields):
+                walk(field.type.field(i), f"{prefix}{field.name}/")
+        else:
+            out.append(prefix + field.name)
+
+    for f in schema:
+        walk(f, "")
+    return out

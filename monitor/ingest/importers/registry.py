@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from monitor.ingest.importers import csv_table, jsonl, parquet, tokens, trainer_state, verl
+from monitor.errors import InvalidInput
+from monitor.ingest.importers import (
+    csv_table,
+    hf_console,
+    jsonl,
+    parquet,
+    tokens,
+    trainer_state,
+    verl,
+)
 from monitor.ingest.importers.base import RawTable, Tick
 from monitor.ingest.importers.detect import TITLES
-from monitor.ingest.importers.tables import Prepared, build
+from monitor.ingest.importers.tables import Prepared, build, merge
 
 
 @dataclass(frozen=True)
@@ -21,6 +30,52 @@ class Format:
     read: Callable[[Path, Tick], RawTable] | None = None
     # formats that compute their own step rows (per-token logs) prepare directly
     prepare_fn: Callable[..., Prepared] | None = None
+    # columnar formats read in batches: (path, tick) -> the file's producer and its batches
+    read_batches: Callable[[Path, Tick], tuple[str, Iterator[RawTable]]] | None = None
+
+    def chunks(
+        self,
+        path: Path,
+        tick: Tick,
+        *,
+        default_wall_time: float,
+        user_map: dict[str, str | None] | None = None,
+        step_column: str | None = None,
+    ) -> Iterator[Prepared]:
+        """What to write, one bounded batch at a time for columnar formats (one for others).
+
+        A step that recurs in a later batch is not merged with the earlier one: it is then a
+        replay or a conflict, as in a second import.
+        """
+        if self.read_batches is None:
+            yield self.prepare(
+                path,
+                tick,
+                default_wall_time=default_wall_time,
+                user_map=user_map,
+                step_column=step_column,
+            )
+            return
+        producer, batches = self.read_batches(path, tick)
+        offset = 0
+        first: Prepared | None = None
+        for table in batches:
+            chunk = build(
+                table,
+                fmt=self.name,
+                path=path,
+                default_wall_time=default_wall_time,
+                user_map=user_map,
+                step_column=step_column if first is None else first.step_column,
+                row_offset=offset,
+                producer=producer,
+            )
+            if first is None:
+                first = chunk
+            else:  # the same column, however the first batch chose it
+                chunk.step_source = first.step_source
+            offset += len(table.records)
+            yield chunk
 
     def prepare(
         self,
@@ -29,18 +84,36 @@ class Format:
         *,
         default_wall_time: float,
         user_map: dict[str, str | None] | None = None,
+        step_column: str | None = None,
     ) -> Prepared:
+        """The whole file in memory (see :meth:`chunks` for bounded memory)."""
         if self.prepare_fn is not None:
+            if step_column is not None:
+                raise InvalidInput(
+                    f"{path}: --step-column applies to step tables; a per-token log's step "
+                    "is its step (global_step, iteration, _step) key"
+                )
             return self.prepare_fn(
                 path, tick, default_wall_time=default_wall_time, user_map=user_map
             )
-        assert self.read is not None
+        if self.read is None:
+            parts = list(
+                self.chunks(
+                    path,
+                    tick,
+                    default_wall_time=default_wall_time,
+                    user_map=user_map,
+                    step_column=step_column,
+                )
+            )
+            return merge(parts) if parts else Prepared(fmt=self.name, producer="generic")
         return build(
             self.read(path, tick),
             fmt=self.name,
             path=path,
             default_wall_time=default_wall_time,
             user_map=user_map,
+            step_column=step_column,
         )
 
 
@@ -50,8 +123,9 @@ FORMATS: dict[str, Format] = {
         Format("trainer_state", TITLES["trainer_state"], trainer_state.read),
         Format("jsonl", TITLES["jsonl"], jsonl.read),
         Format("csv", TITLES["csv"], csv_table.read),
-        Format("parquet", TITLES["parquet"], parquet.read),
+        Format("parquet", TITLES["parquet"], read_batches=parquet.read_batches),
         Format("verl", TITLES["verl"], verl.read),
+        Format("hf_console", TITLES["hf_console"], hf_console.read),
         Format("tokens", TITLES["tokens"], prepare_fn=tokens.prepare),
     )
 }

@@ -15,7 +15,6 @@ are stored. Recognised keys per line (first match wins):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,8 +24,17 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import InvalidInput
-from monitor.ingest.importers.base import NotNumeric, Problem, Tick, iter_lines, to_number, to_step
+from monitor.ingest.importers.base import (
+    NotNumeric,
+    Problem,
+    Tick,
+    iter_lines,
+    loads_line,
+    to_number,
+    to_step,
+)
 from monitor.ingest.importers.tables import Prepared, payload_hash
+from monitor.ingest.text import clean_text
 from monitor.store.metric_info import MetricInfo
 from monitor.store.models import STEP_QUANTITIES
 
@@ -129,7 +137,7 @@ def _parse(number: int, obj: dict[str, Any]) -> tuple[int | None, float | None, 
         mask = lists[key] = [bool(x) for x in _floats(key, v)]
     key, v = _first(obj, TOKEN_KEYS)
     if key and isinstance(v, list):
-        tokens = lists[key] = [str(t) for t in v]
+        tokens = lists[key] = [clean_text(str(t)) for t in v]
     for key, lst in lists.items():
         if len(lst) != n:
             raise _Bad(f"{pk} has {n} tokens but {key} has {len(lst)}")
@@ -156,8 +164,8 @@ def _parse(number: int, obj: dict[str, Any]) -> tuple[int | None, float | None, 
         raise _Bad(str(exc)) from None
     _pk, prompt = _first(obj, PROMPT_KEYS)
     _rk, response = _first(obj, RESPONSE_KEYS)
-    seq.prompt = prompt if isinstance(prompt, str) else None
-    seq.response = response if isinstance(response, str) else None
+    seq.prompt = clean_text(prompt) if isinstance(prompt, str) else None
+    seq.response = clean_text(response) if isinstance(response, str) else None
     for k, v in obj.items():
         if isinstance(v, list | dict | str) or (k in _KNOWN and k not in ENTROPY_KEYS):
             continue
@@ -190,20 +198,18 @@ def prepare(
     coefs: dict[int, float] = {}
     walls: dict[int, float] = {}
     no_step = 0
+    seen_keys: set[str] = set()
     with path.open("rb") as fh:
-        for number, line in iter_lines(fh, tick):
+        for number, line in iter_lines(fh, tick, out.problems):
             if line is None:
-                out.problems.append(Problem(number, "not UTF-8 text"))
                 continue
             text = line.strip()
             if not text:
                 continue
             try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                out.problems.append(
-                    Problem(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
-                )
+                obj = loads_line(text)
+            except ValueError as exc:
+                out.problems.append(Problem(number, str(exc)))
                 continue
             if not isinstance(obj, dict):
                 out.problems.append(Problem(number, "not a JSON object"))
@@ -214,13 +220,14 @@ def prepare(
                 out.problems.append(Problem(number, str(exc)))
                 continue
             out.records_read += 1
+            seen_keys.update(k for k in STEP_KEYS if k in obj)
             if step is None:
                 no_step += 1
                 step = 0
             groups.setdefault(step, []).append(seq)
             if kl_coef is not None:
                 coefs[step] = kl_coef
-            if wall is not None and wall > 1e8:
+            if wall is not None and 1e8 < wall < 1e10:
                 walls[step] = max(walls.get(step, 0.0), wall)
     if no_step:
         out.notes.append(f"{no_step} sequences had no step: stored under step 0")
@@ -275,6 +282,12 @@ def prepare(
         for k in sorted(computed)
     ]
     out.mapping = {"(computed by klmon)": ["policy/reference log-probs"]}
+    out.step_column = next((k for k in STEP_KEYS if k in seen_keys), None)
+    out.step_source = "detected" if out.step_column else "none: every sequence under step 0"
+    out.kl_read = [
+        ("policy/reference log-probs", q, q if q != "kl_mean" else "k1", unit)
+        for q, unit in (("kl_mean", "nats/sequence"), ("k3", "nats/token"))
+    ]
     return out
 
 

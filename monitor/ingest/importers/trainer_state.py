@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.errors import InvalidInput
-from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, flatten
+from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, TooDeep, flatten
 
 SUMMARY_KEYS = frozenset(
     {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
@@ -33,6 +33,8 @@ def load_json(path: Path) -> Any:
         raise InvalidInput(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from exc
+    except RecursionError:
+        raise InvalidInput(f"{path}: JSON nested too deeply to parse") from None
 
 
 def is_trainer_state(doc: Any) -> bool:
@@ -46,7 +48,7 @@ def read(path: Path, tick: Tick) -> RawTable:
             f"{path}: expected a Hugging Face trainer_state.json (a JSON object with a "
             "log_history list)"
         )
-    table = RawTable(step_key="step")
+    table = RawTable(step_key="step", step_source="log_history")
     table.config["trainer_state"] = {k: v for k, v in doc.items() if k != "log_history"}
     for number, row in enumerate(doc["log_history"], start=1):
         if not isinstance(row, dict):
@@ -57,7 +59,11 @@ def read(path: Path, tick: Tick) -> RawTable:
         if SUMMARY_KEYS & row.keys():
             table.config.setdefault("train_summary", {}).update(row)
             continue
-        values = flatten(row)
+        try:
+            values = flatten(row)
+        except TooDeep as exc:
+            table.problems.append(Problem(number, str(exc), UNIT))
+            continue
         kind = "train"
         if any(k.startswith("eval_") for k in values):
             kind = "eval"

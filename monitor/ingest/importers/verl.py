@@ -2,7 +2,8 @@
 
 They sit among everything else a training job prints (tqdm bars with carriage returns,
 Ray's ``(TaskRunner pid=...)`` prefixes, warnings, ANSI colours); only step lines are read.
-A step line with an item that is not ``key:value`` is reported with its number and skipped.
+A step line with an item that is not ``key:value``, or a step out of range, and a line that
+is not text (a NUL byte, invalid UTF-8) are reported with their number and skipped.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ def strip_ansi(text: str) -> str:
 
 
 def read(path: Path, tick: Tick) -> RawTable:
-    table = RawTable(step_key="step")
+    table = RawTable(step_key="step", step_source="step:N of each line")
     other = 0
     with path.open("rb") as fh:
-        for number, line in iter_lines(fh, tick):
+        for number, line in iter_lines(fh, tick, table.problems):
             if line is None:
-                other += 1
                 continue
             found = False
             for part in line.split("\r"):

@@ -1,0 +1,302 @@
+"""Property tests (Hypothesis) for each importer's lines: whatever bad lines sit among good
+ones (out-of-range steps, NUL bytes, invalid UTF-8, nesting past any limit, broken rows, noise),
+every good row is read with its value, every bad one is listed with its line number, and the
+only error ever raised is InvalidInput when nothing at all is readable."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from monitor.errors import InvalidInput
+from monitor.ingest.importers import prepare_path
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+values = st.floats(allow_nan=False, allow_infinity=False, width=64)
+# text on one line that is not a step row of any format (console noise, broken JSON, ...)
+noise = st.text(
+    alphabet=st.characters(blacklist_characters="\n\r{\x00", blacklist_categories=("Cs",)),
+    min_size=1,
+    max_size=40,
+).filter(lambda s: s.strip() and "step:" not in s)
+
+COMMON_BAD: dict[str, Callable[[int, str], bytes]] = {
+    "nul": lambda i, _t: b"%d\x00garbage" % i,
+    "utf8": lambda i, _t: b"\xff\xfe%d" % i,
+}
+
+
+def _entries(bad_kinds: list[str]) -> st.SearchStrategy:
+    """A list of ("good", value) and ("bad", kind, payload) entries."""
+    good = st.tuples(st.just("good"), values)
+    bad = st.tuples(st.just("bad"), st.sampled_from(bad_kinds), noise)
+    return st.lists(st.one_of(good, bad), min_size=1, max_size=30)
+
+
+def _run(
+    entries: list,
+    render_good: Callable[[int, float], bytes],
+    render_bad: dict[str, Callable[[int, str], bytes]],
+    *,
+    header: bytes | None = None,
+    suffix: str = ".log",
+    fmt: str,
+) -> tuple[dict[int, float], dict[int, int], object | None]:
+    """Write the lines, read them; (expected step -> value, bad line -> index, Prepared)."""
+    lines: list[bytes] = [header] if header is not None else []
+    expected: dict[int, float] = {}
+    bad_lines: dict[int, int] = {}
+    n_good = 0
+    for i, entry in enumerate(entries):
+        if entry[0] == "good":
+            n_good += 1
+            lines.append(render_good(n_good, entry[1]))
+            expected[n_good] = entry[1]
+        else:
+            lines.append(render_bad[entry[1]](i, entry[2]))
+            bad_lines[len(lines)] = i
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"log{suffix}"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        try:
+            _f, prepared = prepare_path(path, fmt=fmt)
+        except InvalidInput as exc:
+            assert not expected, f"refused with {len(expected)} good rows: {exc}"
+            assert "no steps could be read" in str(exc)
+            return expected, bad_lines, None
+    return expected, bad_lines, prepared
+
+
+def _read(prepared, quantity: str) -> dict[int, float | None]:
+    return {r["step"]: r.get(quantity) for r in prepared.steps}
+
+
+JSONL_BAD = {
+    **COMMON_BAD,
+    "huge_step": lambda i, _t: b'{"step": %d, "reward": 1.0}' % (2**63 + i),
+    "float_step": lambda i, _t: b'{"step": 1e300, "reward": 1.0}',
+    "deep": lambda i, _t: b"[" * (2_000 + i),
+    "deep_object": lambda i, _t: json.dumps({"step": 1, "a": _nest(40)}).encode(),
+    "noise": lambda _i, t: t.encode(),
+}
+
+
+def _nest(depth: int) -> dict:
+    obj: dict = {"x": 1}
+    for _ in range(depth):
+        obj = {"n": obj}
+    return obj
+
+
+@SETTINGS
+@given(_entries(list(JSONL_BAD)))
+def test_jsonl_lines(entries: list) -> None:
+    expected, bad, prepared = _run(
+        entries,
+        lambda s, v: json.dumps({"step": s * 10, "reward": v}).encode(),
+        JSONL_BAD,
+        suffix=".jsonl",
+        fmt="jsonl",
+    )
+    if prepared is None:
+        return
+    assert _read(prepared, "reward_mean") == {s * 10: v for s, v in expected.items()}
+    assert {p.line for p in prepared.problems} == set(bad)
+
+
+CSV_BAD = {
+    **COMMON_BAD,
+    "huge_step": lambda i, _t: b"%d,1.0" % (2**63 + i),
+    "negative_step": lambda i, _t: b"-%d,1.0" % (i + 1),
+    "fields": lambda i, _t: b"%d,1.0,2.0" % i,
+    "text_step": lambda _i, t: ("x" + t.replace(",", " ").replace('"', "")).encode() + b",1",
+}
+
+
+@SETTINGS
+@given(_entries(list(CSV_BAD)))
+def test_csv_lines(entries: list) -> None:
+    expected, bad, prepared = _run(
+        entries,
+        lambda s, v: b"%d,%s" % (s * 10, repr(v).encode()),
+        CSV_BAD,
+        header=b"step,reward",
+        suffix=".csv",
+        fmt="csv",
+    )
+    if prepared is None:
+        return
+    assert _read(prepared, "reward_mean") == {s * 10: v for s, v in expected.items()}
+    assert {p.line for p in prepared.problems} == set(bad)
+
+
+CONSOLE_BAD = {
+    **COMMON_BAD,
+    "broken_dict": lambda i, _t: b"{'loss': %d, 'kl': , 'epoch': 1}" % i,
+    "deep_dict": lambda i, _t: b"{'loss': " + b"[" * 3000 + b"]" * 3000 + b", 'epoch': 1}",
+}
+CONSOLE_NOISE = {"noise": lambda _i, t: t.encode()}
+
+
+@SETTINGS
+@given(_entries([*CONSOLE_BAD, "noise"]))
+def test_console_lines(entries: list) -> None:
+    expected, bad, prepared = _run(
+        entries,
+        lambda _s, v: (
+            f"{{'loss': '{v!r}', 'kl': {v!r}, 'completion_length': 12.0, 'epoch': 0.5}}"
+        ).encode(),
+        {**CONSOLE_BAD, **CONSOLE_NOISE},
+        fmt="hf_console",
+    )
+    if prepared is None:
+        return
+    # the step is the order of the printed dicts; noise lines are ignored, bad dicts listed
+    assert _read(prepared, "k3") == expected
+    problem_lines = {p.line for p in prepared.problems}
+    noise_lines = {n for n, i in bad.items() if entries[i][1] == "noise"}
+    assert problem_lines == set(bad) - noise_lines
+
+
+VERL_BAD = {
+    **COMMON_BAD,
+    "broken_item": lambda i, _t: b"step:%d - actor/kl_loss:0.1 - no colon here" % i,
+    "huge_step": lambda i, _t: b"step:%d - actor/kl_loss:0.1" % (2**63 + i),
+}
+
+
+@SETTINGS
+@given(_entries([*VERL_BAD, "noise"]))
+def test_verl_lines(entries: list) -> None:
+    expected, bad, prepared = _run(
+        entries,
+        lambda s, v: (
+            b"(TaskRunner pid=1) step:%d - actor/kl_loss:%s - actor/pg_loss:0.0"
+            % (s * 10, repr(v).encode())
+        ),
+        {**VERL_BAD, **CONSOLE_NOISE},
+        fmt="verl",
+    )
+    if prepared is None:
+        return
+    assert _read(prepared, "k3") == {s * 10: v for s, v in expected.items()}
+    noise_lines = {n for n, i in bad.items() if entries[i][1] == "noise"}
+    assert {p.line for p in prepared.problems} == set(bad) - noise_lines
+
+
+TRAINER_STATE_BAD = {
+    "huge_step": lambda i, _t: {"step": 2**63 + i, "loss": 1.0},
+    "deep": lambda i, _t: {"step": 1, "a": _nest(40)},
+    "not_object": lambda i, _t: [i],
+    "no_step": lambda _i, t: {"note": t},
+}
+
+
+@SETTINGS
+@given(_entries(list(TRAINER_STATE_BAD)))
+def test_trainer_state_entries(entries: list) -> None:
+    history: list = []
+    expected: dict[int, float] = {}
+    bad: set[int] = set()
+    for i, entry in enumerate(entries):
+        if entry[0] == "good":
+            step = len(expected) + 1
+            history.append({"step": step * 5, "kl": entry[1], "completion_length": 3.0})
+            expected[step * 5] = entry[1]
+        else:
+            history.append(TRAINER_STATE_BAD[entry[1]](i, entry[2]))
+            bad.add(len(history))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trainer_state.json"
+        path.write_text(json.dumps({"log_history": history, "global_step": 1}))
+        try:
+            _f, prepared = prepare_path(path)
+        except InvalidInput as exc:
+            assert not expected and "no steps could be read" in str(exc)
+            return
+    assert _read(prepared, "k3") == expected
+    assert {p.line for p in prepared.problems} == bad
+
+
+@pytest.mark.parametrize("depth", [10_000, 200_000])
+def test_a_deeply_nested_document_is_refused_cleanly(tmp_path: Path, depth: int) -> None:
+    path = tmp_path / "trainer_state.json"
+    path.write_text('{"log_history": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(InvalidInput, match="nested too deeply"):
+        prepare_path(path, fmt="trainer_state")
+
+
+TOKENS_BAD = {
+    **COMMON_BAD,
+    "huge_step": lambda i, _t: json.dumps(
+        {"step": 2**63 + i, "policy_logprobs": [-1.0], "ref_logprobs": [-1.0]}
+    ).encode(),
+    "lengths": lambda i, _t: json.dumps(
+        {"step": 1, "policy_logprobs": [-1.0, -2.0], "ref_logprobs": [-1.0]}
+    ).encode(),
+    "deep": lambda i, _t: b"[" * (2_000 + i),
+    "noise": lambda _i, t: t.encode(),
+}
+
+
+@SETTINGS
+@given(_entries(list(TOKENS_BAD)))
+def test_token_lines(entries: list) -> None:
+    def good(s: int, v: float) -> bytes:
+        lp = -min(abs(v), 50.0)
+        row = {"step": s, "policy_logprobs": [lp, -1.0], "ref_logprobs": [lp, -1.5]}
+        return json.dumps(row).encode()
+
+    expected, bad, prepared = _run(entries, good, TOKENS_BAD, suffix=".jsonl", fmt="tokens")
+    if prepared is None:
+        return
+    # one sequence a step: k1 is the mean over its two tokens of log p - log q
+    assert {r["step"]: r["k1"] for r in prepared.steps} == pytest.approx(
+        {s: 0.25 for s in expected}
+    )
+    assert {p.line for p in prepared.problems} == set(bad)
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("good"), values),
+            st.tuples(st.just("bad"), st.sampled_from([-1.0, 1e300, 0.5, math.nan])),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_parquet_rows(rows: list) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    steps: list[float] = []
+    expected: dict[int, float] = {}
+    bad: set[int] = set()
+    for number, (kind, v) in enumerate(rows, start=1):
+        if kind == "good":
+            steps.append(float(number * 10))
+            expected[number * 10] = v
+        else:
+            steps.append(v)  # negative, out of range, fractional or missing
+            bad.add(number)
+    table = pa.table({"step": steps, "reward": [r[1] if r[0] == "good" else 1.0 for r in rows]})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.parquet"
+        pq.write_table(table, path)
+        try:
+            _f, prepared = prepare_path(path)
+        except InvalidInput as exc:
+            assert not expected and "no steps could be read" in str(exc)
+            return
+    assert _read(prepared, "reward_mean") == expected
+    assert {p.line for p in prepared.problems} == bad
+    assert {p.unit for p in prepared.problems} <= {"row"}
