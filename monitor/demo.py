@@ -36,14 +36,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from monitor.store.database import Database
 from monitor.store.drilldown import add_annotation
 from monitor.store.engine import normalize_url
 from monitor.store.ingest_writes import write_step_records
-from monitor.store.runs import get_or_create_run, set_baseline_run, set_run_status, touch_run
+from monitor.store.runs import (
+    count_runs_outside,
+    delete_project_runs,
+    get_or_create_run,
+    set_baseline_run,
+    set_run_status,
+    touch_run,
+)
 from monitor.store.schema import upgrade
 
 __all__ = [
@@ -218,17 +224,7 @@ def reset_demo(url: str) -> None:
     if path is not None and path.exists():
         db = Database.open(url, check=False)
         try:
-            with db.begin() as conn:
-                has_runs = conn.exec_driver_sql(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'"
-                ).first()
-                others = (
-                    conn.execute(
-                        text("SELECT COUNT(*) FROM runs WHERE project <> :p"), {"p": DEMO_PROJECT}
-                    ).scalar()
-                    if has_runs
-                    else 0
-                )
+            others = count_runs_outside(db, DEMO_PROJECT)
         finally:
             db.dispose()
         if not others:
@@ -239,8 +235,7 @@ def reset_demo(url: str) -> None:
     try:
         with db.translate_errors():
             upgrade(db.engine)
-        with db.begin() as conn:
-            conn.execute(text("DELETE FROM runs WHERE project = :p"), {"p": DEMO_PROJECT})
+        delete_project_runs(db, DEMO_PROJECT)
     finally:
         db.dispose()
 

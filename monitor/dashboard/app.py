@@ -94,8 +94,7 @@ def create_app(settings: DashboardSettings, *, db: Database | None = None) -> Da
     @server.route("/healthz")
     def healthz() -> Response:
         try:
-            with database.begin() as conn:
-                conn.exec_driver_sql("SELECT 1")
+            database.ping()
         except KlmonError:
             return Response("database unavailable\n", status=503, mimetype="text/plain")
         return Response("ok\n", mimetype="text/plain")

@@ -8,7 +8,6 @@ sentence safe to show (never the database URL, never a traceback).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -19,7 +18,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import text
 
 from monitor.errors import (
     ConfigError,
@@ -30,10 +28,21 @@ from monitor.errors import (
 )
 from monitor.store import current_kl as kl_store
 from monitor.store import series as store_series
+from monitor.store.alerts import event_markers, open_event_counts
 from monitor.store.current_kl import CurrentKL, KLQuantity
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, RunInfo, Sample
-from monitor.store.drilldown import add_annotation, annotations_frame, read_samples
+from monitor.store.drilldown import (
+    add_annotation,
+    annotation_markers,
+    annotations_frame,
+    nearest_sample_step,
+    read_samples,
+    sample_step_range,
+)
+from monitor.store.metric_info import described_metric_names, read_metric_info
+from monitor.store.runs import get_runs, list_run_ids
+from monitor.store.steps import latest_steps
 
 log = logging.getLogger("monitor.dashboard")
 T = TypeVar("T")
@@ -210,51 +219,18 @@ class DashboardData:
         return found, missing
 
     def _read_runs(self, ids: Sequence[int]) -> dict[int, RunInfo]:
-        if not ids:
-            return {}
-        params = {f"r{i}": rid for i, rid in enumerate(ids)}
-        with self.db.begin() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT id, project, name, status, source, created_at, last_seen_at, "
-                    "finished_at, world_size, config, tags, baseline_run_id FROM runs "
-                    f"WHERE id IN ({', '.join(':' + k for k in params)})"
-                ),
-                params,
-            ).all()
-        out = {}
-        for r in rows:
-            config, tags = _json(r[9], {}), _json(r[10], [])
-            out[int(r[0])] = RunInfo(
-                id=int(r[0]),
-                project=str(r[1]),
-                name=str(r[2]),
-                status=str(r[3]),
-                source=str(r[4]),
-                created_at=float(r[5]),
-                last_seen_at=float(r[6]),
-                finished_at=None if r[7] is None else float(r[7]),
-                world_size=int(r[8]),
-                config=config if isinstance(config, dict) else {},
-                tags=tags if isinstance(tags, list) else [],
-                baseline_run_id=None if r[11] is None else int(r[11]),
-            )
-        return out
+        return get_runs(self.db, ids)
 
     def run_state(self, run_id: int) -> RunState:
         return self._cache.get(("state", int(run_id)), 1.0, lambda: self._run_state(int(run_id)))
 
     def _run_state(self, run_id: int) -> RunState:
         info = self.run(run_id)
-        cols = ", ".join(HEADLINE_COLUMNS)
-        with self.db.begin() as conn:
-            rows = conn.execute(
-                text(
-                    f"SELECT step, wall_time, {cols} FROM steps WHERE run_id = :r "
-                    "ORDER BY step DESC LIMIT 21"
-                ),
-                {"r": run_id},
-            ).all()
+        rows = list(
+            latest_steps(self.db, run_id, HEADLINE_COLUMNS, limit=21).itertuples(
+                index=False, name=None
+            )
+        )
         last: dict[str, float] = {}
         last_step = last_wall = median = None
         if rows:
@@ -298,16 +274,8 @@ class DashboardData:
         return self._cache.get(("overview",), 3.0, self._runs_overview)
 
     def _runs_overview(self) -> pd.DataFrame:
-        with self.db.begin() as conn:
-            ids = [int(r[0]) for r in conn.execute(text("SELECT id FROM runs ORDER BY id")).all()]
-            open_alerts = dict(
-                conn.execute(
-                    text(
-                        "SELECT run_id, COUNT(*) FROM alert_events "
-                        "WHERE state IN ('pending', 'firing') GROUP BY run_id"
-                    )
-                ).all()
-            )
+        ids = list_run_ids(self.db)
+        open_alerts = open_event_counts(self.db)
         records = []
         for rid in ids:
             try:
@@ -383,27 +351,7 @@ class DashboardData:
         """Extra metric names of any of the runs (sorted)."""
 
         def compute() -> list[str]:
-            names: set[str] = set()
-            with self.db.begin() as conn:
-                for rid in run_ids:
-                    names.update(
-                        r[0]
-                        for r in conn.execute(
-                            text("SELECT name FROM metric_info WHERE run_id = :r"), {"r": rid}
-                        ).all()
-                    )
-                    # metric_info is optional: fall back to the metrics themselves (bounded)
-                    names.update(
-                        r[0]
-                        for r in conn.execute(
-                            text(
-                                "SELECT DISTINCT name FROM (SELECT name FROM metrics "
-                                "WHERE run_id = :r LIMIT 20000) m"
-                            ),
-                            {"r": rid},
-                        ).all()
-                    )
-            return sorted(names)
+            return described_metric_names(self.db, run_ids)
 
         return self._cache.get(("mnames", tuple(run_ids)), 10.0, compute)
 
@@ -413,26 +361,18 @@ class DashboardData:
 
         def compute() -> dict[str, dict[str, Any]]:
             out: dict[str, dict[str, Any]] = {}
-            with self.db.begin() as conn:
-                for rid in run_ids:
-                    rows = conn.execute(
-                        text(
-                            "SELECT name, source, quantity, estimator, scale, description "
-                            "FROM metric_info WHERE run_id = :r"
-                        ),
-                        {"r": rid},
-                    ).all()
-                    for name, source, quantity, estimator, scale, description in rows:
-                        out.setdefault(
-                            name,
-                            {
-                                "source": source,
-                                "quantity": quantity,
-                                "estimator": estimator,
-                                "scale": scale,
-                                "description": description,
-                            },
-                        )
+            for rid in run_ids:
+                for name, info in read_metric_info(self.db, rid).items():
+                    out.setdefault(
+                        name,
+                        {
+                            "source": info.source,
+                            "quantity": info.quantity,
+                            "estimator": info.estimator,
+                            "scale": info.scale,
+                            "description": info.description,
+                        },
+                    )
             return out
 
         return self._cache.get(("minfo", tuple(run_ids)), 10.0, compute)
@@ -507,30 +447,16 @@ class DashboardData:
         """The runs' latest alert episodes as chart markers: run_id, step (where it fired,
         else went pending), kind ("alert"), text. A lean read of alert_events: it runs on
         every chart render."""
-        rows = self._select_in(
-            "SELECT run_id, COALESCE(fired_step, start_step), rule, severity, state, message "
-            "FROM alert_events WHERE run_id IN ({ids}) ORDER BY id DESC LIMIT {limit}",
-            run_ids,
-            limit,
-        )
+        rows = list(event_markers(self.db, run_ids, limit).itertuples(index=False, name=None))
         return pd.DataFrame(
             {
                 "run_id": [int(r[0]) for r in rows],
                 "step": [int(r[1]) for r in rows],
                 "kind": "alert",
-                "text": [f"{r[2]} ({r[3]}, {r[4]}) at step {r[1]}: {r[5]}" for r in rows],
+                "text": [f"{r[2]} ({r[3]}, {r[4]}) at step {int(r[1])}: {r[5]}" for r in rows],
             },
             columns=["run_id", "step", "kind", "text"],
         )
-
-    def _select_in(self, sql: str, run_ids: Sequence[int], limit: int) -> list[Any]:
-        ids = [int(r) for r in run_ids]
-        if not ids:
-            return []
-        params = {f"r{i}": rid for i, rid in enumerate(ids)}
-        query = sql.format(ids=", ".join(":" + k for k in params), limit=int(limit))
-        with self.db.begin() as conn:
-            return list(conn.execute(text(query), params).all())
 
     # ----------------------------------------------------------------------- drill-down
 
@@ -539,20 +465,17 @@ class DashboardData:
 
     def note_markers(self, run_ids: Sequence[int], limit: int = 500) -> pd.DataFrame:
         """The runs' annotations as chart markers: run_id, step, kind ("note"), text."""
-        rows = self._select_in(
-            "SELECT run_id, step, text, author FROM annotations WHERE run_id IN ({ids}) "
-            "ORDER BY step LIMIT {limit}",
-            run_ids,
-            limit,
-        )
+        notes = annotation_markers(self.db, run_ids, limit)
         return pd.DataFrame(
             {
-                "run_id": [int(r[0]) for r in rows],
-                "step": [int(r[1]) for r in rows],
+                "run_id": [a.run_id for a in notes],
+                "step": [a.step for a in notes],
                 "kind": "note",
                 "text": [
-                    f"note at step {r[1]}" + (f" by {r[3]}" if r[3] else "") + f": {r[2]}"
-                    for r in rows
+                    f"note at step {a.step}"
+                    + (f" by {a.author}" if a.author else "")
+                    + f": {a.text}"
+                    for a in notes
                 ],
             },
             columns=["run_id", "step", "kind", "text"],
@@ -572,46 +495,10 @@ class DashboardData:
         """A step with stored samples: the nearest to ``step`` (``direction`` 0; the latest
         when ``step`` is None), the last before it (-1) or the first after it (+1). Index
         lookups: a run may hold samples at a million steps."""
-        where = "FROM samples WHERE run_id = :r"
-        params: dict[str, Any] = {"r": int(run_id)}
-        with self.db.begin() as conn:
-
-            def one(sql: str) -> int | None:
-                v = conn.execute(text(sql), params).scalar()
-                return None if v is None else int(v)
-
-            if step is None:
-                return one(f"SELECT MAX(step) {where}")
-            params["s"] = int(step)
-            if direction < 0:
-                return one(f"SELECT MAX(step) {where} AND step < :s")
-            if direction > 0:
-                return one(f"SELECT MIN(step) {where} AND step > :s")
-            below = one(f"SELECT MAX(step) {where} AND step <= :s")
-            above = one(f"SELECT MIN(step) {where} AND step >= :s")
-        found = [x for x in (below, above) if x is not None]
-        return min(found, key=lambda x: (abs(x - int(step)), x)) if found else None
+        return nearest_sample_step(self.db, run_id, step, direction)
 
     def sample_step_range(self, run_id: int) -> tuple[int | None, int | None]:
-        with self.db.begin() as conn:
-            row = conn.execute(
-                text(
-                    "SELECT (SELECT MIN(step) FROM samples WHERE run_id = :r), "
-                    "(SELECT MAX(step) FROM samples WHERE run_id = :r)"
-                ),
-                {"r": int(run_id)},
-            ).one()
-        return (None if row[0] is None else int(row[0]), None if row[1] is None else int(row[1]))
-
-
-def _json(value: Any, default: Any) -> Any:
-    """A JSON column: decoded by psycopg, a string from sqlite3."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return default
-    return default if value is None else value
+        return sample_step_range(self.db, run_id)
 
 
 def _spark(frame: pd.DataFrame, column: str) -> str:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import text
 
 from monitor import __version__
 from monitor.errors import InvalidInput
@@ -32,7 +31,7 @@ from monitor.store.domain import RunInfo
 from monitor.store.metric_info import read_metric_info
 from monitor.store.models import STEP_INT_COLUMNS, STEP_QUANTITIES
 from monitor.store.runs import resolve_run
-from monitor.store.steps import metric_names, read_steps
+from monitor.store.steps import metric_names, read_metrics_long, read_steps, steps_with_data
 
 EXPORT_FORMATS: dict[str, str] = {
     ".csv": "csv",
@@ -98,7 +97,7 @@ def export_run(
         require_pyarrow(path, "writing")
     names = metric_names(db, info.id)
     columns = [*STEP_TABLE_COLUMNS, *(metric_column(n) for n in names)]
-    steps = _all_steps(db, info.id)
+    steps = steps_with_data(db, info.id)
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     chunks = _chunks(db, info.id, steps, names, columns, progress)
@@ -115,19 +114,6 @@ def export_run(
     finally:
         tmp.unlink(missing_ok=True)
     return ExportReport(str(target), fmt, info, len(steps), len(columns), len(names))
-
-
-def _all_steps(db: Database, run_id: int) -> list[int]:
-    """Every step with a step row or a metric, sorted."""
-    with db.begin() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT step FROM steps WHERE run_id = :r "
-                "UNION SELECT step FROM metrics WHERE run_id = :r ORDER BY step"
-            ),
-            {"r": run_id},
-        ).all()
-    return [int(r[0]) for r in rows]
 
 
 def _chunks(
@@ -168,15 +154,7 @@ def _metric_columns(
     """The metrics of steps ``lo..hi`` as a ``step`` column plus one column per export
     column name. Names are mapped before pivoting, so a metric called ``step`` (or any
     step column) becomes ``metric:step`` instead of clashing with the step index."""
-    with db.begin() as conn:
-        long = pd.read_sql(
-            text(
-                "SELECT step, name, value FROM metrics "
-                "WHERE run_id = :r AND step >= :lo AND step <= :hi"
-            ),
-            conn,
-            params={"r": run_id, "lo": lo, "hi": hi},
-        )
+    long = read_metrics_long(db, run_id, start=lo, end=hi)
     # A metric first logged after the export started has no column: it is left out.
     long = long.assign(column=long["name"].map(renames)).dropna(subset=["column"])
     if long.empty:

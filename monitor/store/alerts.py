@@ -881,6 +881,40 @@ def get_event(db: Database, event_id: int) -> AlertEvent:
         return _event(row)
 
 
+def open_event_counts(db: Database) -> dict[int, int]:
+    """How many pending or firing episodes each run has (runs without any are absent)."""
+    q = (
+        select(AlertEventRow.run_id, func.count())
+        .where(AlertEventRow.state.in_(("pending", "firing")))
+        .group_by(AlertEventRow.run_id)
+    )
+    with db.session() as s:
+        return {int(run_id): int(n) for run_id, n in s.execute(q).all()}
+
+
+def event_markers(db: Database, run_ids: Sequence[int], limit: int) -> pd.DataFrame:
+    """The runs' latest ``limit`` episodes, newest first, lean enough for every chart
+    render. Columns: run_id, step (where it fired, else went pending), rule, severity,
+    state, message."""
+    columns = ["run_id", "step", "rule", "severity", "state", "message"]
+    ids = [int(r) for r in run_ids]
+    if not ids:
+        return pd.DataFrame(columns=columns)
+    e = AlertEventRow
+    q = (
+        select(
+            e.run_id, func.coalesce(e.fired_step, e.start_step), e.rule, e.severity, e.state,
+            e.message,
+        )
+        .where(e.run_id.in_(ids))
+        .order_by(e.id.desc())
+        .limit(int(limit))
+    )  # fmt: skip
+    with db.session() as s:
+        rows = s.execute(q).all()
+    return pd.DataFrame([tuple(r) for r in rows], columns=columns)
+
+
 def list_events(
     db: Database,
     *,

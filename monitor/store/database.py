@@ -98,6 +98,12 @@ class Database:
         with self.translate_errors(), self.engine.begin() as conn:
             yield conn
 
+    def ping(self) -> None:
+        """One round trip to the server; raises DatabaseUnavailable (or StoreError) when it
+        cannot answer."""
+        with self.begin() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def dispose(self) -> None:
         self.engine.dispose()
 

@@ -218,3 +218,58 @@ def annotations_frame(db: Database, run_ids: Sequence[int]) -> pd.DataFrame:
         [(a.run_id, a.step, a.text, a.author, a.created_at) for a in rows],
         columns=["run_id", "step", "text", "author", "created_at"],
     )
+
+
+def annotation_markers(db: Database, run_ids: Sequence[int], limit: int) -> list[Annotation]:
+    """At most ``limit`` annotations of the runs, by step (one query, for chart markers)."""
+    ids = [int(r) for r in run_ids]
+    if not ids:
+        return []
+    with db.session() as s:
+        rows = s.scalars(
+            select(AnnotationRow)
+            .where(AnnotationRow.run_id.in_(ids))
+            .order_by(AnnotationRow.step)
+            .limit(int(limit))
+        ).all()
+        return [Annotation(r.id, r.run_id, r.step, r.text, r.author, r.created_at) for r in rows]
+
+
+def nearest_sample_step(
+    db: Database, run_id: int, step: int | None, direction: int = 0
+) -> int | None:
+    """A step with stored samples: the nearest to ``step`` (``direction`` 0; the latest
+    when ``step`` is None), the last before it (-1) or the first after it (+1). Index
+    lookups: a run may hold samples at a million steps."""
+    where = "FROM samples WHERE run_id = :r"
+    params: dict[str, Any] = {"r": int(run_id)}
+    with db.begin() as conn:
+
+        def one(sql: str) -> int | None:
+            v = conn.execute(text(sql), params).scalar()
+            return None if v is None else int(v)
+
+        if step is None:
+            return one(f"SELECT MAX(step) {where}")
+        params["s"] = int(step)
+        if direction < 0:
+            return one(f"SELECT MAX(step) {where} AND step < :s")
+        if direction > 0:
+            return one(f"SELECT MIN(step) {where} AND step > :s")
+        below = one(f"SELECT MAX(step) {where} AND step <= :s")
+        above = one(f"SELECT MIN(step) {where} AND step >= :s")
+    found = [x for x in (below, above) if x is not None]
+    return min(found, key=lambda x: (abs(x - int(step)), x)) if found else None
+
+
+def sample_step_range(db: Database, run_id: int) -> tuple[int | None, int | None]:
+    """The first and last step with stored samples (None, None without any)."""
+    with db.begin() as conn:
+        row = conn.execute(
+            text(
+                "SELECT (SELECT MIN(step) FROM samples WHERE run_id = :r), "
+                "(SELECT MAX(step) FROM samples WHERE run_id = :r)"
+            ),
+            {"r": int(run_id)},
+        ).one()
+    return (None if row[0] is None else int(row[0]), None if row[1] is None else int(row[1]))

@@ -105,3 +105,29 @@ def metric_info_frame(db: Database, run_id: int) -> pd.DataFrame:
     """
     infos = read_metric_info(db, run_id).values()
     return pd.DataFrame([i.as_dict() for i in infos], columns=list(METRIC_INFO_COLUMNS))
+
+
+def described_metric_names(db: Database, run_ids: Sequence[int]) -> list[str]:
+    """Extra metric names of any of the runs, sorted: those metric_info describes plus
+    those found among the metrics themselves (metric_info is optional; that scan is bounded
+    to each run's first 20000 metric rows)."""
+    names: set[str] = set()
+    with db.begin() as conn:
+        for rid in run_ids:
+            names.update(
+                r[0]
+                for r in conn.execute(
+                    text("SELECT name FROM metric_info WHERE run_id = :r"), {"r": rid}
+                ).all()
+            )
+            names.update(
+                r[0]
+                for r in conn.execute(
+                    text(
+                        "SELECT DISTINCT name FROM (SELECT name FROM metrics "
+                        "WHERE run_id = :r LIMIT 20000) m"
+                    ),
+                    {"r": rid},
+                ).all()
+            )
+    return sorted(names)

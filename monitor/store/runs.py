@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from monitor.errors import InvalidInput, NotFound, StoreError
@@ -20,6 +21,7 @@ RUN_STATUSES = ("running", "finished", "crashed")
 
 
 def _to_info(row: RunRow) -> RunInfo:
+    config, tags = row.config, row.tags
     return RunInfo(
         id=row.id,
         project=row.project,
@@ -30,8 +32,8 @@ def _to_info(row: RunRow) -> RunInfo:
         last_seen_at=row.last_seen_at,
         finished_at=row.finished_at,
         world_size=row.world_size,
-        config=dict(row.config or {}),
-        tags=list(row.tags or []),
+        config=dict(config) if isinstance(config, dict) else {},
+        tags=list(tags) if isinstance(tags, list) else [],
         baseline_run_id=row.baseline_run_id,
     )
 
@@ -94,6 +96,44 @@ def get_run(db: Database, run_id: int) -> RunInfo:
         if row is None:
             raise NotFound(f"run {run_id} does not exist")
         return _to_info(row)
+
+
+def get_runs(db: Database, run_ids: Sequence[int]) -> dict[int, RunInfo]:
+    """The runs among ``run_ids`` that exist, by id (one query)."""
+    ids = [int(r) for r in run_ids]
+    if not ids:
+        return {}
+    with db.session() as s:
+        rows = s.scalars(select(RunRow).where(RunRow.id.in_(ids))).all()
+        return {row.id: _to_info(row) for row in rows}
+
+
+def list_run_ids(db: Database) -> list[int]:
+    """Every run's id, ascending."""
+    with db.session() as s:
+        return [int(r) for r in s.scalars(select(RunRow.id).order_by(RunRow.id)).all()]
+
+
+def delete_run(db: Database, run_id: int) -> None:
+    """Remove a run and every row that hangs off it (the foreign keys cascade)."""
+    with db.begin() as conn:
+        conn.execute(delete(RunRow).where(RunRow.id == run_id))
+
+
+def delete_project_runs(db: Database, project: str) -> None:
+    """Remove every run of ``project`` (and all that hangs off them)."""
+    with db.begin() as conn:
+        conn.execute(delete(RunRow).where(RunRow.project == project))
+
+
+def count_runs_outside(db: Database, project: str) -> int:
+    """How many runs belong to another project than ``project``; 0 on a database that has
+    no schema yet."""
+    with db.begin() as conn:
+        if not inspect(conn).has_table("runs"):
+            return 0
+        q = select(func.count()).select_from(RunRow).where(RunRow.project != project)
+        return int(conn.execute(q).scalar() or 0)
 
 
 def resolve_run(db: Database, ref: str | int, project: str | None = None) -> RunInfo:

@@ -174,6 +174,18 @@ def read_metrics(
     end: int | None = None,
 ) -> pd.DataFrame:
     """Extra metrics as a wide DataFrame: a ``step`` column and one column per name."""
+    return _wide(read_metrics_long(db, run_id, names, start=start, end=end))
+
+
+def read_metrics_long(
+    db: Database,
+    run_id: int,
+    names: Sequence[str] | None = None,
+    *,
+    start: int | None = None,
+    end: int | None = None,
+) -> pd.DataFrame:
+    """Extra metrics one row per (step, name): columns step, name, value (unordered)."""
     where, params = ["run_id = :run"], {"run": run_id}
     if names:
         keys = {f"n{i}": n for i, n in enumerate(names)}
@@ -182,7 +194,51 @@ def read_metrics(
     _add_range(where, params, start, end)
     sql = text(f"SELECT step, name, value FROM metrics WHERE {' AND '.join(where)}")
     with db.begin() as conn:
-        return _wide(pd.read_sql(sql, conn, params=params))
+        return pd.read_sql(sql, conn, params=params)
+
+
+def latest_steps(db: Database, run_id: int, columns: Sequence[str], limit: int) -> pd.DataFrame:
+    """The run's last ``limit`` step rows, newest first: step, wall_time and ``columns``.
+    Object dtype, so a missing value stays None (a NaN stored by PostgreSQL stays NaN)."""
+    wanted = ["step", "wall_time", *columns]
+    bad = set(wanted) - set(STEP_COLUMNS)
+    if bad:
+        raise InvalidInput(f"columns {sorted(bad)} are not step columns")
+    sql = text(
+        f"SELECT {', '.join(wanted)} FROM steps WHERE run_id = :r ORDER BY step DESC LIMIT :n"
+    )
+    with db.begin() as conn:
+        rows = conn.execute(sql, {"r": run_id, "n": int(limit)}).all()
+    return pd.DataFrame([tuple(r) for r in rows], columns=wanted, dtype=object)
+
+
+def steps_with_data(db: Database, run_id: int) -> list[int]:
+    """Every step with a step row or a metric, sorted."""
+    with db.begin() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT step FROM steps WHERE run_id = :r "
+                "UNION SELECT step FROM metrics WHERE run_id = :r ORDER BY step"
+            ),
+            {"r": run_id},
+        ).all()
+    return [int(r[0]) for r in rows]
+
+
+def stored_between(
+    db: Database, run_id: int, lo: int, hi: int
+) -> tuple[set[int], dict[tuple[int, str], float | None]]:
+    """The steps and the metric values ((step, name) -> value, None kept) a run holds
+    between steps lo and hi, read in one transaction."""
+    args = {"r": run_id, "lo": lo, "hi": hi}
+    where = "WHERE run_id = :r AND step BETWEEN :lo AND :hi"
+    with db.begin() as conn:
+        steps = {int(r[0]) for r in conn.execute(text(f"SELECT step FROM steps {where}"), args)}
+        metrics = {
+            (int(r[0]), r[1]): r[2]
+            for r in conn.execute(text(f"SELECT step, name, value FROM metrics {where}"), args)
+        }
+    return steps, metrics
 
 
 def metric_names(db: Database, run_id: int) -> list[str]:

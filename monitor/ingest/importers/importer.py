@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
-
 from monitor.errors import InvalidInput
 from monitor.ingest.importers.base import Problem, file_size
 from monitor.ingest.importers.detect import detect_format
@@ -34,9 +32,15 @@ from monitor.store.domain import RunInfo
 from monitor.store.drilldown import write_histograms, write_samples
 from monitor.store.metric_info import write_metric_info
 from monitor.store.models import STEP_QUANTITIES
-from monitor.store.runs import find_run_by_name, get_or_create_run, get_run, set_run_status
+from monitor.store.runs import (
+    delete_run,
+    find_run_by_name,
+    get_or_create_run,
+    get_run,
+    set_run_status,
+)
 from monitor.store.series import refresh_rollups
-from monitor.store.steps import write_metrics, write_steps
+from monitor.store.steps import stored_between, write_metrics, write_steps
 
 DEFAULT_PROJECT = "imported"
 # step sources that are the format's own (the summary names them, not a column)
@@ -468,7 +472,7 @@ class _Writer:
         if self.existing is not None and prepared.steps:
             lo = min(r["step"] for r in prepared.steps)
             hi = max(r["step"] for r in prepared.steps)
-            stored_steps, stored_metrics = _stored(db, run.id, lo, hi)
+            stored_steps, stored_metrics = stored_between(db, run.id, lo, hi)
 
         total = len(prepared.steps) + len(prepared.metrics)
         conflicts = list(report.step_conflicts)
@@ -517,8 +521,7 @@ class _Writer:
         if self.existing is not None or self.run is None:
             return
         try:
-            with self.db.begin() as conn:
-                conn.execute(text("DELETE FROM runs WHERE id = :r"), {"r": self.run.id})
+            delete_run(self.db, self.run.id)
         except Exception:  # the import's own error is the one to report
             return
 
@@ -527,18 +530,3 @@ def _same(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is b
     return a == b or abs(a - b) <= 1e-12 * max(abs(a), abs(b))
-
-
-def _stored(
-    db: Database, run_id: int, lo: int, hi: int
-) -> tuple[set[int], dict[tuple[int, str], float | None]]:
-    """The steps and metrics a run already holds between steps lo and hi."""
-    args = {"r": run_id, "lo": lo, "hi": hi}
-    where = "WHERE run_id = :r AND step BETWEEN :lo AND :hi"
-    with db.begin() as conn:
-        steps = {int(r[0]) for r in conn.execute(text(f"SELECT step FROM steps {where}"), args)}
-        metrics = {
-            (int(r[0]), r[1]): r[2]
-            for r in conn.execute(text(f"SELECT step, name, value FROM metrics {where}"), args)
-        }
-    return steps, metrics
