@@ -7,7 +7,7 @@ writer's bulk path stores step rows, next to MLflow's ``log_batch`` measured in 
    and down (an unreachable URL: everything goes to the spool). Between calls the loop
    "trains" for ``--step-ms`` (a sleep, as a GPU step would release the GIL); ``--step-ms 0``
    is the back-to-back stress case.
-2. Throughput of the bulk path (``monitor.store.ingest_writes.write_step_records``): 200k
+2. Throughput of the bulk path (``monitor.store.step_writes.write_step_records``): 200k
    summary rows (22 quantities each) into SQLite and PostgreSQL (binary COPY), rows/s, next
    to MLflow ``log_batch`` logging the same ~20 scalars per step into a SQLite tracking
    store, points/s.
@@ -360,8 +360,8 @@ def bench_watch(work: Path, steps: int, repeats: int) -> dict | None:
 
 
 def _step_records(n: int, start: int = 0):
-    from monitor.store.ingest_writes import StepRecord
     from monitor.store.models import STEP_QUANTITIES
+    from monitor.store.step_writes import StepRecord
 
     rng = np.random.default_rng(1)
     vals = rng.random((n, len(STEP_QUANTITIES)))
@@ -377,8 +377,8 @@ def _step_records(n: int, start: int = 0):
 
 def bench_bulk(url: str, rows: int, batch: int) -> float:
     from monitor.store.database import Database
-    from monitor.store.ingest_writes import write_step_records
     from monitor.store.runs import get_or_create_run
+    from monitor.store.step_writes import write_step_records
 
     db = Database.open(url)
     run = get_or_create_run(db, "bench", f"bulk-{time.time_ns()}")

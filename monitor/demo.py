@@ -41,7 +41,6 @@ from sqlalchemy.engine import make_url
 from monitor.store.database import Database
 from monitor.store.drilldown import add_annotation
 from monitor.store.engine import normalize_url
-from monitor.store.ingest_writes import write_step_records
 from monitor.store.runs import (
     count_runs_outside,
     delete_project_runs,
@@ -51,6 +50,7 @@ from monitor.store.runs import (
     touch_run,
 )
 from monitor.store.schema import upgrade
+from monitor.store.step_writes import write_step_records
 
 __all__ = [
     "DEFAULT_DB_FILE",

@@ -10,7 +10,7 @@ database, with the spool between them.
   summary; the token strings of such a step are not kept) and the committer summarises
   that record later. Memory stays bounded and nothing is dropped.
 - The *committer* reads acknowledged records back from the spool in batches and writes them
-  to the database (``monitor.store.ingest_writes``), one transaction per batch. When the
+  to the database (``monitor.store.step_writes``), one transaction per batch. When the
   database fails it keeps its place in the spool, waits (exponential backoff) and replays
   from there when the database is back. Memory stays bounded during any outage: what has not
   been written waits on disk, not in memory. Fully written spool segments are deleted.
@@ -50,14 +50,14 @@ from monitor.ingest.spool import (
 from monitor.ingest.tensors import resolve_arrays
 from monitor.ingest.text import clean_json, clean_optional, clean_strings, clean_text
 from monitor.store.database import Database
-from monitor.store.ingest_writes import (
+from monitor.store.models import STEP_QUANTITIES
+from monitor.store.runs import get_or_create_run, set_run_status
+from monitor.store.step_writes import (
     IngestResult,
     StepRecord,
     write_metric_records,
     write_step_records,
 )
-from monitor.store.models import STEP_QUANTITIES
-from monitor.store.runs import get_or_create_run, set_run_status
 
 log = logging.getLogger("klmon.ingest")
 

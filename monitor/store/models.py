@@ -40,6 +40,17 @@ NAMING_CONVENTION = {
 STEP_QUANTITIES: tuple[str, ...] = SCALAR_FIELDS
 STEP_INT_COLUMNS: tuple[str, ...] = ("n_sequences", "n_tokens")
 STEP_FLOAT_COLUMNS: tuple[str, ...] = tuple(c for c in SCALAR_FIELDS if c not in STEP_INT_COLUMNS)
+#: Every column of a ``steps`` row, in the order the bulk writes use.
+STEP_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "step",
+    "wall_time",
+    "status",
+    "reject_reason",
+    "ranks_seen",
+    "payload_hash",
+    *STEP_QUANTITIES,
+)
 
 # Longest metric name the metrics tables hold (VARCHAR), and the largest step (BIGINT).
 METRIC_NAME_MAX = 200

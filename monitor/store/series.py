@@ -42,13 +42,13 @@ import pandas as pd
 from sqlalchemy import Connection, text
 
 from monitor.errors import InvalidInput
+from monitor.store._bulk import COPY_MIN_ROWS, insert_rows
 from monitor.store.database import Database
 from monitor.store.models import STEP_FLOAT_COLUMNS
 
 BASE_LEVEL = 3
 MAX_LEVEL = 30
 COMPLETE_LAG = 16
-COPY_MIN_ROWS = 2000  # PostgreSQL: COPY from this many new buckets
 CHUNK_STEPS = 1 << 17  # steps aggregated per statement while catching up
 DEFAULT_MAX_BUCKETS = 600
 #: Largest step a range may name (JSON numbers are exact up to 2**53).
@@ -382,12 +382,6 @@ def _insert(conn: Connection, src: _Source, key: Mapping[str, Any], level: int, 
     if len(b) == 0:
         return 0
     cols = [*src.key, "level", *_ROLLUP_COLUMNS]
-    ph = "?" if conn.dialect.name == "sqlite" else "%s"
-    pk = ", ".join([*src.key, "level", "bucket"])
-    sql = (
-        f"INSERT INTO {src.rollup_table} ({', '.join(cols)}) "
-        f"VALUES ({', '.join([ph] * len(cols))}) ON CONFLICT ({pk}) DO NOTHING"
-    )
     m = len(b)
     packed = np.ascontiguousarray(np.stack([b.vmin, b.vmax, b.vavg], axis=2), dtype=_STAT_DTYPE)
     width = packed.shape[1] * 3 * _STAT_DTYPE.itemsize
@@ -407,33 +401,15 @@ def _insert(conn: Connection, src: _Source, key: Mapping[str, Any], level: int, 
             strict=True,
         )
     ]
-    if conn.dialect.name == "postgresql" and m >= COPY_MIN_ROWS:
-        _copy_insert(conn, src.rollup_table, cols, pk, rows)
-    else:
-        conn.exec_driver_sql(sql, rows)
+    insert_rows(
+        conn,
+        src.rollup_table,
+        cols,
+        rows,
+        key=(*src.key, "level", "bucket"),
+        copy=m >= COPY_MIN_ROWS,
+    )
     return m
-
-
-def _copy_insert(
-    conn: Connection, table: str, cols: Sequence[str], pk: str, rows: Sequence[tuple[Any, ...]]
-) -> None:
-    """PostgreSQL bulk path: COPY into a temporary table, then INSERT ... ON CONFLICT DO
-    NOTHING (COPY itself cannot skip rows another reader already stored): ~10x faster than
-    executemany for the first build of a long run."""
-    tmp = f"_klmon_in_{table}"
-    names = ", ".join(cols)
-    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {table}) ON COMMIT DELETE ROWS")
-        with cur.copy(f"COPY {tmp} ({names}) FROM STDIN") as cp:
-            for row in rows:
-                cp.write_row(row)
-        cur.execute(
-            f"INSERT INTO {table} ({names}) SELECT {names} FROM {tmp} ON CONFLICT ({pk}) DO NOTHING"
-        )
-        cur.execute(f"DELETE FROM {tmp}")
-    finally:
-        cur.close()
 
 
 def _nan_none(x: float) -> float | None:

@@ -1,130 +1,32 @@
-"""Step rows and extra metrics: idempotent bulk writes and DataFrame reads.
-
-Writes go through the driver's executemany with tuples (``exec_driver_sql``), about 5x faster
-than SQLAlchemy Core inserts of dicts (DESIGN.md). ``INSERT ... ON CONFLICT DO NOTHING`` has
-the same syntax on SQLite and PostgreSQL: a replayed step is a no-op; a step whose stored
-payload hash differs from the new one is reported as a conflict and never overwritten.
-"""
+"""Step rows and extra metrics as DataFrames (the writes live in ``step_writes``; they are
+re-exported here for the callers that import them from this module)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Connection, text
+from sqlalchemy import text
 
 from monitor.errors import InvalidInput
 from monitor.store.database import Database
-from monitor.store.domain import StepWriteResult
-from monitor.store.models import STEP_QUANTITIES
-from monitor.store.series import invalidate_rollups
+from monitor.store.models import STEP_COLUMNS, STEP_QUANTITIES
+from monitor.store.step_writes import write_metrics, write_steps
 
-STEP_COLUMNS: tuple[str, ...] = (
-    "run_id",
-    "step",
-    "wall_time",
-    "status",
-    "reject_reason",
-    "ranks_seen",
-    "payload_hash",
-    *STEP_QUANTITIES,
-)
-_STEP_DEFAULTS: dict[str, Any] = {"status": "ok", "ranks_seen": 1}
-
-
-def _clean(value: Any) -> Any:
-    """NaN/inf become NULL: they mean "no data" and PostgreSQL would store them verbatim."""
-    if value is None:
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item"):  # numpy scalar
-        return _clean(value.item())
-    return value
-
-
-def _insert_sql(db: Database, table: str, columns: Sequence[str], key: Sequence[str]) -> str:
-    ph = db.paramstyle
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([ph] * len(columns))}) "
-        f"ON CONFLICT ({', '.join(key)}) DO NOTHING"
-    )
-
-
-def write_steps(db: Database, run_id: int, rows: Sequence[Mapping[str, Any]]) -> StepWriteResult:
-    """Insert step rows for one run. Each row holds ``step``, ``wall_time`` and any of the
-    quantity columns; ``payload_hash`` (optional) decides replay vs conflict."""
-    if not rows:
-        return StepWriteResult(0, 0)
-    unknown = set().union(*(r.keys() for r in rows)) - set(STEP_COLUMNS)
-    if unknown:
-        raise InvalidInput(f"step rows have unknown columns: {sorted(unknown)}")
-    columns = STEP_COLUMNS
-    tuples = []
-    for r in rows:
-        if r.get("step") is None or r.get("wall_time") is None:
-            raise InvalidInput("every step row needs 'step' and 'wall_time'")
-        tuples.append(
-            tuple(
-                run_id if c == "run_id" else _clean(r.get(c, _STEP_DEFAULTS.get(c)))
-                for c in columns
-            )
-        )
-    sql = _insert_sql(db, "steps", columns, ("run_id", "step"))
-    with db.begin() as conn:
-        # executemany's rowcount is the total over the batch on sqlite3 and psycopg 3.
-        inserted = conn.exec_driver_sql(sql, tuples).rowcount
-        if inserted:
-            invalidate_rollups(conn, run_id, min(int(r["step"]) for r in rows))
-        if inserted == len(rows):
-            return StepWriteResult(inserted, 0)
-        conflicts = _find_conflicts(conn, run_id, rows)
-    return StepWriteResult(inserted, len(rows) - inserted - len(conflicts), conflicts)
-
-
-def _find_conflicts(
-    conn: Connection, run_id: int, rows: Sequence[Mapping[str, Any]]
-) -> tuple[int, ...]:
-    """Steps of this batch already stored with a different payload hash."""
-    steps = [int(r["step"]) for r in rows]
-    stored = dict(
-        conn.execute(
-            text(
-                "SELECT step, payload_hash FROM steps "
-                "WHERE run_id = :run AND step >= :lo AND step <= :hi"
-            ),
-            {"run": run_id, "lo": min(steps), "hi": max(steps)},
-        ).all()
-    )
-    return tuple(
-        int(r["step"])
-        for r in rows
-        if r.get("payload_hash") is not None
-        and stored.get(int(r["step"])) is not None
-        and stored[int(r["step"])] != r["payload_hash"]
-    )
-
-
-def write_metrics(
-    db: Database, run_id: int, values: Iterable[tuple[int, str, float | None]]
-) -> int:
-    """Insert (step, name, value) extra metrics; existing (run, step, name) are left alone."""
-    tuples = [(run_id, int(step), str(name), _clean(value)) for step, name, value in values]
-    if not tuples:
-        return 0
-    sql = _insert_sql(
-        db, "metrics", ("run_id", "step", "name", "value"), ("run_id", "step", "name")
-    )
-    with db.begin() as conn:
-        cursor = conn.exec_driver_sql(sql, tuples)
-        if cursor.rowcount:
-            invalidate_rollups(
-                conn, run_id, min(t[1] for t in tuples), steps=False,
-                metric_names={t[2] for t in tuples},
-            )  # fmt: skip
-        return max(cursor.rowcount, 0)
+__all__ = [
+    "STEP_COLUMNS",
+    "latest_steps",
+    "metric_names",
+    "read_metrics",
+    "read_metrics_by_suffix",
+    "read_metrics_long",
+    "read_steps",
+    "steps_with_data",
+    "stored_between",
+    "write_metrics",
+    "write_steps",
+]
 
 
 def read_steps(

@@ -1,12 +1,16 @@
-"""Bulk, idempotent writes of ingested steps: the path the live client and ``klmon sync`` use.
+"""Idempotent bulk writes of step rows and extra metrics: ``write_step_records`` for the
+live client and ``klmon sync``, ``write_steps``/``write_metrics`` for importers and tests.
+Both step writers go through one path (``_insert_new_steps``) with one conflict check.
 
-One call writes a batch of step records of one run in ONE transaction: the step rows (or, for
-a multi-rank run, the per-rank shards and the merged step), their samples, token histogram and
-extra metrics. Everything or nothing, so a replay after a crash can trust what it finds.
+``write_step_records`` writes a batch of step records of one run in ONE transaction: the step
+rows (or, for a multi-rank run, the per-rank shards and the merged step), their samples, token
+histogram and extra metrics. Everything or nothing, so a replay after a crash can trust what
+it finds.
 
 Idempotency: a step already stored with the same payload hash is a duplicate (a no-op); with a
-different hash it is a conflict, counted and never overwritten. The only overwrite is a
-'partial' step of a multi-rank run, re-merged when more of its ranks arrive.
+different hash it is a conflict, counted and never overwritten (a row without a hash, on
+either side, cannot be told apart: a duplicate). The only overwrite is a 'partial' step of a
+multi-rank run, re-merged when more of its ranks arrive.
 
 Concurrency: the transaction starts by updating the run's ``last_seen_at``. That write takes
 the run's row lock on PostgreSQL and the database write lock on SQLite (and makes pysqlite
@@ -14,35 +18,43 @@ begin the transaction there), so concurrent writers of one run are serialised an
 below it sees their committed rows: two ranks finishing the same step cannot both believe
 they were not last.
 
-Speed: rows go through the driver's executemany with tuples, or PostgreSQL binary COPY for
-large batches of new rows (DESIGN.md: ~580k rows/s vs ~90k for executemany).
+Speed: rows go through ``_bulk.insert_rows`` (executemany with tuples, or PostgreSQL binary
+COPY for large batches of new rows).
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import Connection
 
 from monitor.errors import InvalidInput, NotFound
+from monitor.store._bulk import COPY_MIN_ROWS, insert_rows
 from monitor.store.database import Database
+from monitor.store.domain import StepWriteResult
 from monitor.store.drilldown import SAMPLE_COLUMNS
-from monitor.store.models import STEP_QUANTITIES
+from monitor.store.models import STEP_COLUMNS, STEP_QUANTITIES
 from monitor.store.series import invalidate_rollups
-from monitor.store.steps import STEP_COLUMNS
 
-COPY_MIN_ROWS = 2000
-"""New step rows in a batch from which PostgreSQL uses binary COPY instead of executemany."""
+__all__ = [
+    "COPY_MIN_ROWS",
+    "IngestResult",
+    "StepRecord",
+    "write_metric_records",
+    "write_metrics",
+    "write_step_records",
+    "write_steps",
+]
 
 _IN_CHUNK = 500
-_ROWS_PER_STATEMENT = 30
-_MAX_PARAMS = 999  # SQLite's historical limit on host parameters per statement
+K = TypeVar("K", int, tuple[int, int])
+_STEP_DEFAULTS: dict[str, Any] = {"status": "ok", "ranks_seen": 1}
 
 
 @dataclass(slots=True)
@@ -116,13 +128,19 @@ def write_step_records(
     return result
 
 
-def _lock_run(db: Database, conn: Connection, run_id: int, seen: float) -> None:
+def _lock_run(db: Database, conn: Connection, run_id: int, seen: float | None) -> None:
+    """Take the run's write lock; ``seen`` (when given) moves last_seen_at forward."""
     ph = db.paramstyle
-    cur = conn.exec_driver_sql(
-        f"UPDATE runs SET last_seen_at = CASE WHEN last_seen_at < {ph} THEN {ph} "
-        f"ELSE last_seen_at END WHERE id = {ph}",
-        (seen, seen, run_id),
-    )
+    if seen is None:
+        cur = conn.exec_driver_sql(
+            f"UPDATE runs SET last_seen_at = last_seen_at WHERE id = {ph}", (run_id,)
+        )
+    else:
+        cur = conn.exec_driver_sql(
+            f"UPDATE runs SET last_seen_at = CASE WHEN last_seen_at < {ph} THEN {ph} "
+            f"ELSE last_seen_at END WHERE id = {ph}",
+            (seen, seen, run_id),
+        )
     if cur.rowcount == 0:
         raise NotFound(f"run {run_id} does not exist")
 
@@ -172,141 +190,139 @@ def _write_single(
     result: IngestResult,
     use_copy: bool | None,
 ) -> None:
-    stored = {
-        int(step): h
-        for step, h in _existing(
-            db, conn, "steps", "step, payload_hash", run_id, [r.step for r in records]
+    empty = (None,) * len(STEP_QUANTITIES)
+    rows = [
+        (
+            run_id,
+            r.step,
+            r.wall_time,
+            r.status,
+            r.reject_reason,
+            1,
+            r.payload_hash,
+            *(r.values if r.values is not None else empty),
         )
-    }
-    new: list[StepRecord] = []
-    for r in records:
-        step = r.step
-        if step in stored:
-            if stored[step] == r.payload_hash:
-                result.duplicates += 1
-            else:
-                result.conflicts.append(step)
-            continue
-        stored[step] = r.payload_hash
-        new.append(r)
-    if not new:
+        for r in records
+    ]
+    inserted, duplicates, conflicts = _insert_new_steps(db, conn, run_id, rows, use_copy)
+    result.duplicates += duplicates
+    result.conflicts.extend(conflicts)
+    if not inserted:
         return
-    if db.is_sqlite:
-        _insert_step_rows_sqlite(conn, run_id, new)
-    else:
-        empty = (None,) * len(STEP_QUANTITIES)
-        rows = [
-            (
-                run_id,
-                r.step,
-                r.wall_time,
-                r.status,
-                r.reject_reason,
-                1,
-                r.payload_hash,
-                *(r.values if r.values is not None else empty),
-            )
-            for r in new
-        ]
-        if use_copy is None:
-            use_copy = len(rows) >= COPY_MIN_ROWS
-        if use_copy:
-            _copy_rows(conn, "steps", STEP_COLUMNS, rows)
-        else:
-            _insert_rows(db, conn, "steps", STEP_COLUMNS, ("run_id", "step"), rows)
+    new = [records[i] for i in inserted]
     result.inserted += len(new)
-    invalidate_rollups(conn, run_id, min(r.step for r in new))
     hists = [(r.step, r.hist) for r in new if r.hist is not None]
     _upsert_histograms(db, conn, run_id, hists, update=False)
     result.samples += _insert_samples(db, conn, run_id, [(r.step, r.rank, r.samples) for r in new])
     result.metrics += _insert_metrics(db, conn, run_id, [(r.step, r.metrics) for r in new])
 
 
-def _insert_step_rows_sqlite(conn: Connection, run_id: int, new: Sequence[StepRecord]) -> None:
-    """New step rows on SQLite: multi-row VALUES, parameters flattened straight from the
-    records, and no conflict clause: the UPDATE in _lock_run holds the database write lock and
-    the rows were checked against what is stored under it."""
-    per = max(1, min(_ROWS_PER_STATEMENT, _MAX_PARAMS // len(STEP_COLUMNS)))
-    empty = (None,) * len(STEP_QUANTITIES)
-    one = f"({', '.join('?' * len(STEP_COLUMNS))})"
-    head = f"INSERT INTO steps ({', '.join(STEP_COLUMNS)}) VALUES "
-
-    def flat(chunk: Sequence[StepRecord]) -> tuple[Any, ...]:
-        buf: list[Any] = []
-        ext = buf.extend
-        for r in chunk:
-            ext((run_id, r.step, r.wall_time, r.status, r.reject_reason, 1, r.payload_hash))
-            ext(r.values if r.values is not None else empty)
-        return tuple(buf)
-
-    full = len(new) // per * per
-    if full:
-        params = [flat(new[i : i + per]) for i in range(0, full, per)]
-        conn.exec_driver_sql(head + ", ".join([one] * per), params)
-    if full < len(new):
-        conn.exec_driver_sql(head + one, [flat([r]) for r in new[full:]])
-
-
-def _insert_rows(
+def _insert_new_steps(
     db: Database,
     conn: Connection,
-    table: str,
-    columns: Sequence[str],
-    key: Sequence[str],
+    run_id: int,
     rows: Sequence[tuple[Any, ...]],
-) -> None:
-    """``INSERT ... ON CONFLICT (key) DO NOTHING`` (plain INSERT when ``key`` is empty)
-    through executemany, several rows per statement (``VALUES (...), (...), ...``):
-    per-statement overhead dominates narrow inserts, and this is ~1.5-2x faster than one row
-    per statement on SQLite."""
-    ph = db.paramstyle
-    one = f"({', '.join([ph] * len(columns))})"
-    head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-    tail = f" ON CONFLICT ({', '.join(key)}) DO NOTHING" if key else ""
-    per = max(1, min(_ROWS_PER_STATEMENT, _MAX_PARAMS // len(columns)))
-    full = len(rows) // per * per
-    if full:
-        chain = itertools.chain.from_iterable
-        flat = [tuple(chain(rows[i : i + per])) for i in range(0, full, per)]
-        conn.exec_driver_sql(head + ", ".join([one] * per) + tail, flat)
-    if full < len(rows):
-        conn.exec_driver_sql(head + one + tail, list(rows[full:]))
+    use_copy: bool | None = None,
+) -> tuple[list[int], int, list[int]]:
+    """Insert the rows (STEP_COLUMNS order) whose step is not stored yet, under the run's
+    lock (``_lock_run``). Returns the indexes of the rows inserted, the number of
+    duplicates and the conflicting steps: the one idempotency check of both step writers.
 
-
-def _copy_rows(
-    conn: Connection, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
-) -> None:
-    """PostgreSQL binary COPY inside the current transaction."""
-    raw = conn.connection.driver_connection
-    types = _pg_types(table, columns)
-    with (
-        raw.cursor() as cur,
-        cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
-    ):
-        copy.set_types(types)
-        for row in rows:
-            copy.write_row(row)
-
-
-def _pg_types(table: str, columns: Sequence[str]) -> list[str]:
-    from monitor.store.models import Base
-
-    t = Base.metadata.tables[table]
-    out = []
-    for c in columns:
-        name = type(t.c[c].type).__name__.lower()
-        out.append(
-            {
-                "integer": "int4",
-                "biginteger": "int8",
-                "float": "float8",
-                "string": "text",
-                "text": "text",
-                "boolean": "bool",
-                "json": "json",
-            }[name]
+    SQLite needs no conflict clause (the lock's UPDATE holds the database write lock and the
+    rows were checked under it); PostgreSQL keeps ``ON CONFLICT DO NOTHING``, or uses binary
+    COPY for ``COPY_MIN_ROWS`` new rows and more (``use_copy`` forces or forbids it)."""
+    stored = {
+        int(step): h
+        for step, h in _existing(
+            db, conn, "steps", "step, payload_hash", run_id, [int(r[1]) for r in rows]
         )
-    return out
+    }
+    new, duplicates, conflicts = _split_new([(int(r[1]), r[6]) for r in rows], stored)
+    if not new:
+        return new, duplicates, conflicts
+    fresh = [rows[i] for i in new]
+    if db.is_sqlite:
+        insert_rows(conn, "steps", STEP_COLUMNS, fresh)
+    else:
+        copy = len(fresh) >= COPY_MIN_ROWS if use_copy is None else use_copy
+        key = () if copy else ("run_id", "step")
+        insert_rows(conn, "steps", STEP_COLUMNS, fresh, key=key, copy=copy)
+    invalidate_rollups(conn, run_id, min(int(r[1]) for r in fresh))
+    return new, duplicates, conflicts
+
+
+def _split_new(
+    items: Sequence[tuple[K, str | None]], stored: dict[K, str | None]
+) -> tuple[list[int], int, list[K]]:
+    """The conflict check: which (key, payload hash) items are new (their indexes), how many
+    replay a stored row, and the keys stored with a different payload. A replay carries the
+    same hash; a missing hash on either side cannot tell, so it counts as a replay. A key
+    seen earlier in the batch counts as stored (``stored`` is updated)."""
+    new: list[int] = []
+    duplicates = 0
+    conflicts: list[K] = []
+    for i, (key, payload_hash) in enumerate(items):
+        if key in stored:
+            old = stored[key]
+            if old == payload_hash or old is None or payload_hash is None:
+                duplicates += 1
+            else:
+                conflicts.append(key)
+            continue
+        stored[key] = payload_hash
+        new.append(i)
+    return new, duplicates, conflicts
+
+
+def write_steps(db: Database, run_id: int, rows: Sequence[Mapping[str, Any]]) -> StepWriteResult:
+    """Insert step rows for one run. Each row holds ``step``, ``wall_time`` and any of the
+    quantity columns; ``payload_hash`` (optional) decides replay vs conflict. NaN/inf are
+    stored as NULL. The run's ``last_seen_at`` is left alone."""
+    if not rows:
+        return StepWriteResult(0, 0)
+    unknown = set().union(*(r.keys() for r in rows)) - set(STEP_COLUMNS)
+    if unknown:
+        raise InvalidInput(f"step rows have unknown columns: {sorted(unknown)}")
+    tuples = []
+    for r in rows:
+        if r.get("step") is None or r.get("wall_time") is None:
+            raise InvalidInput("every step row needs 'step' and 'wall_time'")
+        tuples.append(
+            tuple(
+                run_id if c == "run_id" else _clean(r.get(c, _STEP_DEFAULTS.get(c)))
+                for c in STEP_COLUMNS
+            )
+        )
+    with db.begin() as conn:
+        _lock_run(db, conn, run_id, None)
+        inserted, duplicates, conflicts = _insert_new_steps(
+            db, conn, run_id, tuples, use_copy=False
+        )
+    return StepWriteResult(len(inserted), duplicates, tuple(conflicts))
+
+
+def write_metrics(
+    db: Database, run_id: int, values: Iterable[tuple[int, str, float | None]]
+) -> int:
+    """Insert (step, name, value) extra metrics; existing (run, step, name) are left alone."""
+    groups: dict[int, list[tuple[str, float | None]]] = {}
+    for step, name, value in values:
+        groups.setdefault(int(step), []).append((str(name), _clean(value)))
+    if not groups:
+        return 0
+    with db.begin() as conn:
+        return _insert_metrics(db, conn, run_id, list(groups.items()))
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf become NULL: they mean "no data" and PostgreSQL would store them verbatim."""
+    if value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalar
+        return _clean(value.item())
+    return value
 
 
 def _insert_samples(
@@ -333,14 +349,7 @@ def _insert_samples(
                     v = json.dumps(_json_list(v))
                 row.append(v)
             tuples.append(tuple(row))
-    if not tuples:
-        return 0
-    ph = db.paramstyle
-    conn.exec_driver_sql(
-        f"INSERT INTO samples ({', '.join(SAMPLE_COLUMNS)}) "
-        f"VALUES ({', '.join([ph] * len(SAMPLE_COLUMNS))})",
-        tuples,
-    )
+    insert_rows(conn, "samples", SAMPLE_COLUMNS, tuples)
     return len(tuples)
 
 
@@ -361,18 +370,18 @@ def _insert_metrics(
     groups: Sequence[tuple[int, Sequence[tuple[str, float | None]]]],
 ) -> int:
     tuples = [(run_id, step, str(name), value) for step, ms in groups for name, value in ms]
-    if not tuples:
-        return 0
-    ph = db.paramstyle
-    cur = conn.exec_driver_sql(
-        f"INSERT INTO metrics (run_id, step, name, value) VALUES ({ph}, {ph}, {ph}, {ph}) "
-        "ON CONFLICT (run_id, step, name) DO NOTHING",
-        tuples,
+    inserted = insert_rows(
+        conn, "metrics", ("run_id", "step", "name", "value"), tuples, key=("run_id", "step", "name")
     )
-    invalidate_rollups(
-        conn, run_id, min(t[1] for t in tuples), steps=False, metric_names={t[2] for t in tuples}
-    )
-    return max(cur.rowcount, 0)
+    if inserted:
+        invalidate_rollups(
+            conn,
+            run_id,
+            min(t[1] for t in tuples),
+            steps=False,
+            metric_names={t[2] for t in tuples},
+        )
+    return inserted
 
 
 def write_metric_records(
@@ -429,22 +438,18 @@ def _write_sharded(
             db, conn, "step_shards", "step, rank, payload_hash", run_id, steps
         )
     }
-    new: list[StepRecord] = []
-    for r in records:
-        key = (r.step, r.rank)
-        if key in stored:
-            if stored[key] == r.payload_hash:
-                result.duplicates += 1
-            else:
-                result.conflicts.append(r.step)
-            continue
-        stored[key] = r.payload_hash
-        new.append(r)
-    if not new:
+    fresh, duplicates, conflicts = _split_new(
+        [((r.step, r.rank), r.payload_hash) for r in records], stored
+    )
+    result.duplicates += duplicates
+    result.conflicts.extend(step for step, _ in conflicts)
+    if not fresh:
         return
-    conn.exec_driver_sql(
-        "INSERT INTO step_shards (run_id, step, rank, wall_time, payload_hash, partials) "
-        f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph}, {ph}) ON CONFLICT (run_id, step, rank) DO NOTHING",
+    new = [records[i] for i in fresh]
+    insert_rows(
+        conn,
+        "step_shards",
+        ("run_id", "step", "rank", "wall_time", "payload_hash", "partials"),
         [
             (
                 run_id,
@@ -456,6 +461,7 @@ def _write_sharded(
             )
             for r in new
         ],
+        key=("run_id", "step", "rank"),
     )
     result.inserted += len(new)
     result.samples += _insert_samples(db, conn, run_id, [(r.step, r.rank, r.samples) for r in new])
@@ -493,13 +499,7 @@ def _write_sharded(
         elif current[step][0] == "partial" or int(current[step][1] or 0) < len(got):
             # A partial step is the one stored row we may overwrite: more ranks arrived.
             updates.append((*row[2:], run_id, step))
-    if inserts:
-        conn.exec_driver_sql(
-            f"INSERT INTO steps ({', '.join(STEP_COLUMNS)}) "
-            f"VALUES ({', '.join([ph] * len(STEP_COLUMNS))}) "
-            "ON CONFLICT (run_id, step) DO NOTHING",
-            inserts,
-        )
+    insert_rows(conn, "steps", STEP_COLUMNS, inserts, key=("run_id", "step"))
     if updates:
         sets = ", ".join(f"{c} = {ph}" for c in STEP_COLUMNS[2:])
         conn.exec_driver_sql(

@@ -1,0 +1,125 @@
+"""The store's one bulk-insert helper, for both dialects.
+
+Rows go through the driver's executemany with tuples (``exec_driver_sql``), several rows per
+statement: SQLAlchemy Core inserts of dicts cost several times more, and per-statement
+overhead dominates narrow rows. On PostgreSQL a large batch can go through COPY instead:
+binary COPY straight into the table when the rows are known to be new, or COPY into a
+temporary table and ``INSERT ... ON CONFLICT DO NOTHING`` from it when some may already be
+stored (COPY itself cannot skip a row).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection
+
+COPY_MIN_ROWS = 2000
+"""Rows in one batch from which PostgreSQL callers use COPY instead of executemany."""
+
+_ROWS_PER_STATEMENT = 30
+_MAX_PARAMS = 999  # SQLite's historical limit on host parameters per statement
+
+
+def insert_rows(
+    conn: Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    key: Sequence[str] = (),
+    copy: bool = False,
+) -> int:
+    """Insert ``rows`` (tuples in ``columns`` order) into ``table``; returns the rows
+    inserted (as the driver counts them; never negative).
+
+    ``key``: ``ON CONFLICT (key) DO NOTHING`` (a plain INSERT when empty). ``copy``: on
+    PostgreSQL use COPY (ignored on SQLite)."""
+    if not rows:
+        return 0
+    if copy and conn.dialect.name == "postgresql":
+        if key:
+            return _copy_via_temp(conn, table, columns, key, rows)
+        _copy_binary(conn, table, columns, rows)
+        return len(rows)
+    ph = "?" if conn.dialect.name == "sqlite" else "%s"
+    one = f"({', '.join([ph] * len(columns))})"
+    head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+    tail = f" ON CONFLICT ({', '.join(key)}) DO NOTHING" if key else ""
+    per = max(1, min(_ROWS_PER_STATEMENT, _MAX_PARAMS // len(columns)))
+    full = len(rows) // per * per
+    inserted = 0
+    if full:
+        chain = itertools.chain.from_iterable
+        flat = [tuple(chain(rows[i : i + per])) for i in range(0, full, per)]
+        sql = head + ", ".join([one] * per) + tail
+        inserted += max(conn.exec_driver_sql(sql, flat).rowcount, 0)
+    if full < len(rows):
+        inserted += max(conn.exec_driver_sql(head + one + tail, list(rows[full:])).rowcount, 0)
+    return inserted
+
+
+def _copy_binary(
+    conn: Connection, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """PostgreSQL binary COPY inside the current transaction (rows known to be new)."""
+    raw = conn.connection.driver_connection
+    types = _pg_types(table, columns)
+    with (
+        raw.cursor() as cur,  # type: ignore[union-attr]
+        cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
+    ):
+        copy.set_types(types)
+        for row in rows:
+            copy.write_row(row)
+
+
+def _copy_via_temp(
+    conn: Connection,
+    table: str,
+    columns: Sequence[str],
+    key: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+) -> int:
+    """COPY into a temporary table, then ``INSERT ... ON CONFLICT (key) DO NOTHING``: rows
+    another writer already stored are skipped."""
+    tmp = f"_klmon_in_{table}"
+    names = ", ".join(columns)
+    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {table}) ON COMMIT DELETE ROWS")
+        with cur.copy(f"COPY {tmp} ({names}) FROM STDIN") as cp:
+            for row in rows:
+                cp.write_row(row)
+        cur.execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM {tmp} "
+            f"ON CONFLICT ({', '.join(key)}) DO NOTHING"
+        )
+        inserted = max(cur.rowcount, 0)
+        cur.execute(f"DELETE FROM {tmp}")
+    finally:
+        cur.close()
+    return inserted
+
+
+def _pg_types(table: str, columns: Sequence[str]) -> list[str]:
+    from monitor.store.models import Base
+
+    t = Base.metadata.tables[table]
+    out = []
+    for c in columns:
+        name = type(t.c[c].type).__name__.lower()
+        out.append(
+            {
+                "integer": "int4",
+                "biginteger": "int8",
+                "float": "float8",
+                "string": "text",
+                "text": "text",
+                "boolean": "bool",
+                "json": "json",
+            }[name]
+        )
+    return out
