@@ -1,0 +1,291 @@
+"""Alert domain objects (episodes, drafts, silences, outbox rows) and their ORM converters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.store.models import (
+    AlertEventRow,
+    AlertNotificationRow,
+    AlertSilenceRow,
+)
+
+EVENT_STATES = ("pending", "firing", "resolved")
+RULE_STATES = ("ok", "pending", "firing", "nodata")
+SEVERITIES = ("info", "warning", "critical")
+
+EVENT_COLUMNS = (
+    "id",
+    "run_id",
+    "project",
+    "run_name",
+    "rule",
+    "detector",
+    "severity",
+    "state",
+    "rule_state",
+    "start_step",
+    "fired_step",
+    "end_step",
+    "last_step",
+    "value",
+    "threshold",
+    "last_value",
+    "peak_value",
+    "peak_step",
+    "message",
+    "causes",
+    "started_at",
+    "fired_at",
+    "resolved_at",
+    "acknowledged_at",
+    "acknowledged_by",
+    "notified_firing",
+    "notified_resolved",
+    "silenced",
+)
+
+
+# --------------------------------------------------------------------------- domain objects
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """One episode of a rule on a run, as stored. ``start_step`` is where it went pending,
+    ``fired_step`` where it fired, ``end_step`` where it resolved."""
+
+    id: int
+    run_id: int
+    rule: str
+    detector: str
+    severity: str
+    state: str
+    start_step: int
+    fired_step: int | None
+    end_step: int | None
+    last_step: int | None
+    value: float | None
+    threshold: float | None
+    last_value: float | None
+    message: str
+    causes: tuple[str, ...]
+    started_at: float
+    fired_at: float | None
+    resolved_at: float | None
+    acknowledged_at: float | None
+    acknowledged_by: str | None
+    notified_firing: bool
+    notified_resolved: bool
+    peak_value: float | None = None
+    peak_step: int | None = None
+    escalated_step: int | None = None
+    escalation_notified_step: int | None = None
+
+    @property
+    def escalation_owed(self) -> bool:
+        """Escalated past what its notifications announced."""
+        return self.escalated_step is not None and (
+            self.escalation_notified_step is None
+            or self.escalated_step > self.escalation_notified_step
+        )
+
+
+@dataclass
+class EventDraft:
+    """The engine's working copy of an episode; ``id`` is None until it is inserted."""
+
+    run_id: int
+    rule: str
+    detector: str
+    severity: str
+    state: str
+    start_step: int
+    message: str
+    started_at: float
+    value: float | None = None
+    threshold: float | None = None
+    causes: tuple[str, ...] = ()
+    fired_step: int | None = None
+    end_step: int | None = None
+    last_step: int | None = None
+    last_value: float | None = None
+    fired_at: float | None = None
+    resolved_at: float | None = None
+    peak_value: float | None = None
+    peak_step: int | None = None
+    escalate_at: float | None = None
+    escalated_step: int | None = None
+    id: int | None = None
+    deleted: bool = False
+
+
+@dataclass
+class RuleStateDraft:
+    """Where a (run, rule) stands: ok | pending | firing | nodata, and the consecutive steps
+    the condition has held (pending) or been clear (firing)."""
+
+    rule: str
+    state: str = "ok"
+    hold_steps: int = 0
+    clear_steps: int = 0
+    since_step: int | None = None
+    event: EventDraft | None = None
+    cooldown_left: int = 0
+
+
+@dataclass(frozen=True)
+class RunToEvaluate:
+    """A run with its evaluation cursor: ``cursor`` is the last evaluated step (None: never),
+    ``version`` the cursor's compare-and-set version (-1: no cursor row yet)."""
+
+    id: int
+    project: str
+    name: str
+    status: str
+    source: str
+    last_seen_at: float
+    config: dict[str, Any]
+    cursor: int | None
+    version: int
+    max_step: int | None
+    has_open: bool = False
+
+    @property
+    def has_new_steps(self) -> bool:
+        return self.max_step is not None and (self.cursor is None or self.max_step > self.cursor)
+
+
+@dataclass(frozen=True)
+class Silence:
+    id: int
+    run_id: int
+    rule: str | None
+    until: float
+    created_at: float
+    created_by: str | None
+    reason: str | None
+
+    def covers(self, run_id: int, rule: str, now: float) -> bool:
+        if self.run_id != run_id or now >= self.until:
+            return False
+        return self.rule is None or self.rule == rule
+
+
+@dataclass(frozen=True)
+class Notification:
+    """An outbox row."""
+
+    id: int
+    run_id: int | None
+    channel: str
+    subject: str
+    payload: dict[str, Any]
+    event_ids: tuple[int, ...]
+    status: str
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    sent_at: float | None
+    last_error: str | None
+    claimed_by: str | None = None
+
+
+@dataclass
+class OutgoingMessage:
+    """A rendered notification to enqueue on one channel."""
+
+    channel: str
+    subject: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+class LostRace(Exception):
+    """Another evaluator advanced the cursor (or flagged the events) first."""
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def event_from_row(row: AlertEventRow) -> AlertEvent:
+    return AlertEvent(
+        id=row.id,
+        run_id=row.run_id,
+        rule=row.rule,
+        detector=row.detector,
+        severity=row.severity,
+        state=row.state,
+        start_step=int(row.start_step),
+        fired_step=None if row.fired_step is None else int(row.fired_step),
+        end_step=None if row.end_step is None else int(row.end_step),
+        last_step=None if row.last_step is None else int(row.last_step),
+        value=row.value,
+        threshold=row.threshold,
+        last_value=row.last_value,
+        message=row.message,
+        causes=tuple(row.causes or ()),
+        started_at=row.started_at,
+        fired_at=row.fired_at,
+        resolved_at=row.resolved_at,
+        acknowledged_at=row.acknowledged_at,
+        acknowledged_by=row.acknowledged_by,
+        notified_firing=bool(row.notified_firing),
+        notified_resolved=bool(row.notified_resolved),
+        peak_value=row.peak_value,
+        peak_step=None if row.peak_step is None else int(row.peak_step),
+        escalated_step=None if row.escalated_step is None else int(row.escalated_step),
+        escalation_notified_step=(
+            None if row.escalation_notified_step is None else int(row.escalation_notified_step)
+        ),
+    )
+
+
+def draft_from_row(row: AlertEventRow) -> EventDraft:
+    return EventDraft(
+        id=row.id,
+        run_id=row.run_id,
+        rule=row.rule,
+        detector=row.detector,
+        severity=row.severity,
+        state=row.state,
+        start_step=int(row.start_step),
+        message=row.message,
+        started_at=row.started_at,
+        value=row.value,
+        threshold=row.threshold,
+        causes=tuple(row.causes or ()),
+        fired_step=row.fired_step,
+        end_step=row.end_step,
+        last_step=row.last_step,
+        last_value=row.last_value,
+        fired_at=row.fired_at,
+        resolved_at=row.resolved_at,
+        peak_value=row.peak_value,
+        peak_step=row.peak_step,
+        escalate_at=row.escalate_at,
+        escalated_step=row.escalated_step,
+    )
+
+
+def silence_from_row(row: AlertSilenceRow) -> Silence:
+    return Silence(
+        row.id, row.run_id, row.rule, row.until, row.created_at, row.created_by, row.reason
+    )
+
+
+def notification_from_row(row: AlertNotificationRow) -> Notification:
+    return Notification(
+        id=row.id,
+        run_id=row.run_id,
+        channel=row.channel,
+        subject=row.subject,
+        payload=dict(row.payload or {}),
+        event_ids=tuple(int(i) for i in row.event_ids or ()),
+        status=row.status,
+        attempts=row.attempts,
+        created_at=row.created_at,
+        next_attempt_at=row.next_attempt_at,
+        sent_at=row.sent_at,
+        last_error=row.last_error,
+        claimed_by=row.claimed_by,
+    )
