@@ -38,19 +38,19 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from monitor.store.database import Database
-from monitor.store.drilldown import add_annotation
-from monitor.store.engine import normalize_url
-from monitor.store.runs import (
+from monitor.store import (
+    Database,
+    add_annotation,
     count_runs_outside,
     delete_project_runs,
     get_or_create_run,
+    normalize_url,
     set_baseline_run,
     set_run_status,
     touch_run,
+    upgrade,
+    write_step_records,
 )
-from monitor.store.schema import upgrade
-from monitor.store.step_writes import write_step_records
 
 __all__ = [
     "DEFAULT_DB_FILE",

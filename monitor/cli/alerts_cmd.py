@@ -142,7 +142,7 @@ def check_cmd(db: str | None, rules_path: str | None, run_ref: str | None, as_js
     Example:
       klmon alerts check --run ppo-beta0.05 --json | jq '.fired'
     """
-    from monitor.store.runs import resolve_run
+    from monitor.store import resolve_run
 
     # the transitions are printed below; the engine's own log is for the daemon
     logging.getLogger("monitor.alerts").setLevel(logging.ERROR)
@@ -253,8 +253,7 @@ def list_cmd(
       klmon alerts list --state firing
       klmon alerts list --run 7 --json | jq '.[].message'
     """
-    from monitor.store.alerts import list_events
-    from monitor.store.runs import resolve_run
+    from monitor.store import list_events, resolve_run
 
     database = open_db(db)
     run_id = resolve_run(database, run_ref).id if run_ref is not None else None
@@ -317,8 +316,7 @@ def silence_cmd(
     import getpass
 
     from monitor.alerts import parse_duration
-    from monitor.store.alerts import silence
-    from monitor.store.runs import resolve_run
+    from monitor.store import resolve_run, silence
 
     seconds = parse_duration(duration)
     if rule is not None:
@@ -350,7 +348,7 @@ def unsilence_cmd(db: str | None, silence_id: int) -> None:
     Example:
       klmon alerts unsilence 3
     """
-    from monitor.store.alerts import unsilence
+    from monitor.store import unsilence
 
     s = unsilence(open_db(db), silence_id)
     click.echo(f"silence {s.id} ended")
@@ -367,7 +365,7 @@ def silences_cmd(db: str | None, show_all: bool, as_json: bool) -> None:
     Example:
       klmon alerts silences --all
     """
-    from monitor.store.alerts import list_silences
+    from monitor.store import list_silences
 
     df = list_silences(open_db(db), active_only=not show_all)
     records = [{k: _plain(v) for k, v in rec.items()} for rec in df.to_dict(orient="records")]
@@ -399,7 +397,7 @@ def ack_cmd(db: str | None, event_id: int, by: str | None) -> None:
     """
     import getpass
 
-    from monitor.store.alerts import acknowledge_event
+    from monitor.store import acknowledge_event
 
     who = by
     if who is None:
@@ -424,7 +422,7 @@ def outbox_cmd(db: str | None, status: str | None, as_json: bool) -> None:
     Example:
       klmon alerts outbox --status pending
     """
-    from monitor.store.alerts import list_notifications
+    from monitor.store import list_notifications
 
     df = list_notifications(open_db(db), status=status)
     records = [{k: _plain(v) for k, v in rec.items()} for rec in df.to_dict(orient="records")]

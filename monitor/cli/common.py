@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from monitor.config import db_url
-from monitor.store.database import Database
+from monitor.store import Database
 
 F = TypeVar("F", bound=Callable[..., Any])
 

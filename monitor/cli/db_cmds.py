@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from monitor.cli.common import db_option, open_db
-from monitor.store.schema import current_revision, head_revision, upgrade
+from monitor.store import current_revision, head_revision, upgrade
 
 
 @click.group("db")

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from monitor.cli.runs_cmd import _plain
-from monitor.store.engine import redact_url
+from monitor.store import redact_url
 
 
 def _echo_alerts(events: Any) -> None:
@@ -112,8 +112,7 @@ def demo_cmd(db: str | None, no_serve: bool, port: int, steps: int) -> None:
 
     from monitor.alerts import AlertEngine, load_rules
     from monitor.alerts.notify import senders_for
-    from monitor.store.alerts import list_events
-    from monitor.store.database import Database
+    from monitor.store import Database, list_events
 
     logging.getLogger("monitor.alerts").setLevel(logging.ERROR)  # printed below instead
     settings, mail_where = _alert_settings(url, server.url if server else None)

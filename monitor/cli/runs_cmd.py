@@ -8,7 +8,7 @@ import math
 import click
 
 from monitor.cli.common import cell, db_option, open_db
-from monitor.store.runs import list_runs
+from monitor.store import list_runs
 
 
 @click.command("runs")

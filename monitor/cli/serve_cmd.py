@@ -47,7 +47,7 @@ def serve_cmd(db: str | None, host: str, port: int, insecure: bool | None) -> No
     settings.check_exposure()
     # A new database gets the schema, so a dashboard started before the first run shows
     # an empty list instead of an error; an older schema still needs `klmon db upgrade`.
-    from monitor.store.database import Database
+    from monitor.store import Database
 
     app = create_app(settings, db=Database.open(settings.db_url, create=True))
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"

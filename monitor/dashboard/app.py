@@ -21,7 +21,7 @@ from monitor.dashboard.data import DashboardData, user_message
 from monitor.dashboard.pages import alerts, common, compare, run, runs
 from monitor.dashboard.settings import DashboardSettings
 from monitor.errors import KlmonError, NotFound
-from monitor.store.database import Database
+from monitor.store import Database
 
 log = logging.getLogger("monitor.dashboard")
 RUN_PATH = re.compile(r"/run/(\d{1,12})/?")

@@ -26,23 +26,29 @@ from monitor.errors import (
     KlmonError,
     NotFound,
 )
-from monitor.store import current_kl as kl_store
-from monitor.store import series as store_series
-from monitor.store.alerts import event_markers, open_event_counts
-from monitor.store.current_kl import CurrentKL, KLQuantity
-from monitor.store.database import Database
-from monitor.store.domain import Annotation, RunInfo, Sample
-from monitor.store.drilldown import (
+from monitor.store import (
+    Annotation,
+    CurrentKL,
+    Database,
+    KLQuantity,
+    RunInfo,
+    Sample,
     add_annotation,
     annotation_markers,
     annotations_frame,
+    described_metric_names,
+    event_markers,
+    get_runs,
+    latest_steps,
+    list_run_ids,
     nearest_sample_step,
+    open_event_counts,
+    read_metric_info,
     read_samples,
     sample_step_range,
 )
-from monitor.store.metric_info import described_metric_names, read_metric_info
-from monitor.store.runs import get_runs, list_run_ids
-from monitor.store.steps import latest_steps
+from monitor.store import current_kl as kl_store
+from monitor.store import series as store_series
 
 log = logging.getLogger("monitor.dashboard")
 T = TypeVar("T")
@@ -415,14 +421,14 @@ class DashboardData:
         limit: int = 500,
     ) -> pd.DataFrame:
         """Alert episodes, newest first (monitor.store.alerts.list_events)."""
-        from monitor.store.alerts import list_events
+        from monitor.store import list_events
 
         return list_events(
             self.db, run_id=list(run_ids) if run_ids is not None else None, state=state, limit=limit
         )
 
     def acknowledge(self, event_ids: Sequence[int], by: str) -> int:
-        from monitor.store.alerts import acknowledge_event
+        from monitor.store import acknowledge_event
 
         for eid in event_ids:
             acknowledge_event(self.db, int(eid), by)
@@ -431,7 +437,7 @@ class DashboardData:
 
     def silence(self, pairs: Sequence[tuple[int, str]], seconds: float, by: str) -> int:
         """Silence each (run, rule) for ``seconds``."""
-        from monitor.store.alerts import silence
+        from monitor.store import silence
 
         until = self.clock() + seconds
         done = set()

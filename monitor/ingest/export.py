@@ -26,12 +26,18 @@ from monitor import __version__
 from monitor.errors import InvalidInput
 from monitor.ingest.importers.keys import KLMON_RESERVED, METRIC_PREFIX
 from monitor.ingest.importers.parquet import METADATA_KEY, require_pyarrow
-from monitor.store.database import Database
-from monitor.store.domain import RunInfo
-from monitor.store.metric_info import read_metric_info
-from monitor.store.models import STEP_INT_COLUMNS, STEP_QUANTITIES
-from monitor.store.runs import resolve_run
-from monitor.store.steps import metric_names, read_metrics_long, read_steps, steps_with_data
+from monitor.store import (
+    STEP_INT_COLUMNS,
+    STEP_QUANTITIES,
+    Database,
+    RunInfo,
+    metric_names,
+    read_metric_info,
+    read_metrics_long,
+    read_steps,
+    resolve_run,
+    steps_with_data,
+)
 
 EXPORT_FORMATS: dict[str, str] = {
     ".csv": "csv",

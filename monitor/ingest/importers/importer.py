@@ -27,20 +27,23 @@ from monitor.ingest.importers.base import Problem, file_size
 from monitor.ingest.importers.detect import detect_format
 from monitor.ingest.importers.registry import FORMATS
 from monitor.ingest.importers.tables import Prepared
-from monitor.store.database import Database
-from monitor.store.domain import RunInfo
-from monitor.store.drilldown import write_histograms, write_samples
-from monitor.store.metric_info import write_metric_info
-from monitor.store.models import STEP_QUANTITIES
-from monitor.store.runs import (
+from monitor.store import (
+    STEP_QUANTITIES,
+    Database,
+    RunInfo,
     delete_run,
     find_run_by_name,
     get_or_create_run,
     get_run,
+    refresh_rollups,
     set_run_status,
+    stored_between,
+    write_histograms,
+    write_metric_info,
+    write_metrics,
+    write_samples,
+    write_steps,
 )
-from monitor.store.series import refresh_rollups
-from monitor.store.steps import stored_between, write_metrics, write_steps
 
 DEFAULT_PROJECT = "imported"
 # step sources that are the format's own (the summary names them, not a column)
