@@ -191,17 +191,10 @@ def _write_single(
     use_copy: bool | None,
 ) -> None:
     empty = (None,) * len(STEP_QUANTITIES)
+    # tuple + tuple, not a starred display: this runs once per row of the hot path
     rows = [
-        (
-            run_id,
-            r.step,
-            r.wall_time,
-            r.status,
-            r.reject_reason,
-            1,
-            r.payload_hash,
-            *(r.values if r.values is not None else empty),
-        )
+        (run_id, r.step, r.wall_time, r.status, r.reject_reason, 1, r.payload_hash)
+        + (r.values if r.values is not None else empty)
         for r in records
     ]
     inserted, duplicates, conflicts = _insert_new_steps(db, conn, run_id, rows, use_copy)
@@ -231,13 +224,12 @@ def _insert_new_steps(
     SQLite needs no conflict clause (the lock's UPDATE holds the database write lock and the
     rows were checked under it); PostgreSQL keeps ``ON CONFLICT DO NOTHING``, or uses binary
     COPY for ``COPY_MIN_ROWS`` new rows and more (``use_copy`` forces or forbids it)."""
+    steps = [int(r[1]) for r in rows]
     stored = {
         int(step): h
-        for step, h in _existing(
-            db, conn, "steps", "step, payload_hash", run_id, [int(r[1]) for r in rows]
-        )
+        for step, h in _existing(db, conn, "steps", "step, payload_hash", run_id, steps)
     }
-    new, duplicates, conflicts = _split_new([(int(r[1]), r[6]) for r in rows], stored)
+    new, duplicates, conflicts = _split_new(zip(steps, [r[6] for r in rows], strict=True), stored)
     if not new:
         return new, duplicates, conflicts
     fresh = [rows[i] for i in new]
@@ -247,12 +239,12 @@ def _insert_new_steps(
         copy = len(fresh) >= COPY_MIN_ROWS if use_copy is None else use_copy
         key = () if copy else ("run_id", "step")
         insert_rows(conn, "steps", STEP_COLUMNS, fresh, key=key, copy=copy)
-    invalidate_rollups(conn, run_id, min(int(r[1]) for r in fresh))
+    invalidate_rollups(conn, run_id, min(steps[i] for i in new))
     return new, duplicates, conflicts
 
 
 def _split_new(
-    items: Sequence[tuple[K, str | None]], stored: dict[K, str | None]
+    items: Iterable[tuple[K, str | None]], stored: dict[K, str | None]
 ) -> tuple[list[int], int, list[K]]:
     """The conflict check: which (key, payload hash) items are new (their indexes), how many
     replay a stored row, and the keys stored with a different payload. A replay carries the
