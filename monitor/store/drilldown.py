@@ -12,6 +12,7 @@ import pandas as pd
 from sqlalchemy import delete, func, select, text
 
 from monitor.errors import InvalidInput, NotFound
+from monitor.store._bulk import insert_rows
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, Sample
 from monitor.store.models import AnnotationRow, RunRow, SampleRow, TokenHistogramRow
@@ -36,11 +37,6 @@ def write_samples(db: Database, run_id: int, samples: Sequence[dict[str, Any]]) 
     """Insert samples (dicts with the SampleRow fields except id and run_id)."""
     if not samples:
         return 0
-    ph = db.paramstyle
-    sql = (
-        f"INSERT INTO samples ({', '.join(SAMPLE_COLUMNS)}) "
-        f"VALUES ({', '.join([ph] * len(SAMPLE_COLUMNS))})"
-    )
     json_cols = {"tokens", "policy_logprobs", "ref_logprobs"}
     tuples = []
     for s in samples:
@@ -52,7 +48,7 @@ def write_samples(db: Database, run_id: int, samples: Sequence[dict[str, Any]]) 
             row.append(v)
         tuples.append(tuple(row))
     with db.begin() as conn:
-        conn.exec_driver_sql(sql, tuples)
+        insert_rows(conn, "samples", SAMPLE_COLUMNS, tuples)
     return len(tuples)
 
 
@@ -151,14 +147,11 @@ def write_histograms(db: Database, run_id: int, hists: Sequence[tuple[int, Seque
     """Insert (step, counts) token histograms; an existing (run, step) is left alone."""
     if not hists:
         return 0
-    ph = db.paramstyle
-    sql = (
-        f"INSERT INTO token_histograms (run_id, step, counts) VALUES ({ph}, {ph}, {ph}) "
-        "ON CONFLICT (run_id, step) DO NOTHING"
-    )
     tuples = [(run_id, int(step), json.dumps([int(c) for c in counts])) for step, counts in hists]
     with db.begin() as conn:
-        return max(conn.exec_driver_sql(sql, tuples).rowcount, 0)
+        return insert_rows(
+            conn, "token_histograms", ("run_id", "step", "counts"), tuples, key=("run_id", "step")
+        )
 
 
 def read_histograms(

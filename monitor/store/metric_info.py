@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 from sqlalchemy import text
 
+from monitor.store._bulk import insert_rows
 from monitor.store.database import Database
 
 METRIC_INFO_COLUMNS: tuple[str, ...] = (
@@ -68,11 +69,6 @@ def write_metric_info(db: Database, run_id: int, infos: Sequence[MetricInfo]) ->
     if not infos:
         return 0
     cols = ("run_id", *METRIC_INFO_COLUMNS)
-    ph = db.paramstyle
-    sql = (
-        f"INSERT INTO metric_info ({', '.join(cols)}) VALUES ({', '.join([ph] * len(cols))}) "
-        "ON CONFLICT (run_id, name) DO NOTHING"
-    )
     seen: set[str] = set()
     tuples = []
     for info in infos:
@@ -82,7 +78,7 @@ def write_metric_info(db: Database, run_id: int, infos: Sequence[MetricInfo]) ->
         values = info.as_dict()
         tuples.append((run_id, *(_cut(c, values[c]) for c in METRIC_INFO_COLUMNS)))
     with db.begin() as conn:
-        return max(conn.exec_driver_sql(sql, tuples).rowcount, 0)
+        return insert_rows(conn, "metric_info", cols, tuples, key=("run_id", "name"))
 
 
 def read_metric_info(db: Database, run_id: int) -> dict[str, MetricInfo]:
