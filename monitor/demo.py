@@ -36,17 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
-
 from monitor.store import (
     Database,
     add_annotation,
     count_runs_outside,
     delete_project_runs,
     get_or_create_run,
-    normalize_url,
     set_baseline_run,
     set_run_status,
+    sqlite_file,
     touch_run,
     upgrade,
     write_step_records,
@@ -198,19 +196,10 @@ class DemoSummary:
     live_next_step: int | None = None
 
 
-def _sqlite_path(url: str) -> Path | None:
-    parsed = make_url(normalize_url(url))
-    if parsed.get_backend_name() != "sqlite" or not parsed.database:
-        return None
-    if parsed.database == ":memory:":
-        return None
-    return Path(parsed.database)
-
-
 def demo_mail_file(url: str) -> str:
     """Where demo alert emails go when no SMTP server is configured: an mbox next to the
     SQLite file (``klmon-demo.mbox``), else in the working directory."""
-    path = _sqlite_path(url)
+    path = sqlite_file(url)
     if path is None:
         return "klmon-demo.mbox"
     return str(path.with_suffix(".mbox"))
@@ -220,7 +209,7 @@ def reset_demo(url: str) -> None:
     """Remove a previous demo: the demo project's runs (and all that hangs off them). A
     SQLite file that holds nothing but demo runs is deleted and made anew, so it does not
     keep the old file's size. Other projects in the database are never touched."""
-    path = _sqlite_path(url)
+    path = sqlite_file(url)
     if path is not None and path.exists():
         db = Database.open(url, check=False)
         try:

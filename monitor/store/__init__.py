@@ -48,6 +48,7 @@ _HOME: dict[str, str] = {
     "write_samples": "drilldown",
     "normalize_url": "engine",
     "redact_url": "engine",
+    "sqlite_file": "engine",
     "MetricInfo": "metric_info",
     "described_metric_names": "metric_info",
     "read_metric_info": "metric_info",
