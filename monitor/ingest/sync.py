@@ -29,8 +29,7 @@ from monitor.ingest.spool import (
 )
 from monitor.ingest.text import clean_text
 from monitor.ingest.writer import apply_isolated, ensure_run
-from monitor.store.database import Database
-from monitor.store.runs import find_run_by_name, set_run_status
+from monitor.store import Database, find_run_by_name, set_run_status
 
 LIVENESS_SLACK_S = 1.0
 """A run still 'running' whose last sign of life is no later than this after the last record

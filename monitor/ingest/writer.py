@@ -49,12 +49,13 @@ from monitor.ingest.spool import (
 )
 from monitor.ingest.tensors import resolve_arrays
 from monitor.ingest.text import clean_json, clean_optional, clean_strings, clean_text
-from monitor.store.database import Database
-from monitor.store.models import STEP_QUANTITIES
-from monitor.store.runs import get_or_create_run, set_run_status
-from monitor.store.step_writes import (
+from monitor.store import (
+    STEP_QUANTITIES,
+    Database,
     IngestResult,
     StepRecord,
+    get_or_create_run,
+    set_run_status,
     write_metric_records,
     write_step_records,
 )
@@ -990,14 +991,14 @@ class BackgroundWriter:
     def db_check(self) -> None:
         # An empty database gets the schema; an older one is an error naming `klmon db
         # upgrade` while the steps wait in the spool.
-        from monitor.store.schema import ensure_schema
+        from monitor.store import ensure_schema
 
         with self.db.translate_errors():
             ensure_schema(self.db.engine)
 
     def _mark_running(self) -> None:
         assert self.run_id is not None
-        from monitor.store.runs import get_run
+        from monitor.store import get_run
 
         info = get_run(self.db, self.run_id)
         if info.status != "running":  # a resumed run
