@@ -615,7 +615,7 @@ def _json(value: Any, default: Any) -> Any:
 
 
 def _spark(frame: pd.DataFrame, column: str) -> str:
-    from monitor.dashboard.figures import sparkline
+    from monitor.charts.tables import sparkline
 
     if frame.empty or column not in frame:
         return ""

@@ -26,7 +26,9 @@ import pandas as pd
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
-from monitor.dashboard import figures as F
+from monitor.charts import figures as F
+from monitor.charts import palette as P
+from monitor.charts import specs as S
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
 from monitor.errors import InvalidInput, KlmonError
@@ -191,12 +193,12 @@ def to_query(view: View) -> str:
 
 def panel_specs(
     view: View, metric_info: Mapping[str, Mapping[str, Any]], keys: Sequence[str] | None = None
-) -> list[F.ChartSpec]:
+) -> list[S.ChartSpec]:
     """The charts of a panel: the built-in ones (or those named by ``keys``) and one per
     extra metric of the view."""
-    base = [c for c in F.CHARTS if keys is None or c.key in keys]
+    base = [c for c in S.CHARTS if keys is None or c.key in keys]
     extra = [
-        F.metric_chart(i, name, dict(metric_info.get(name) or {}))
+        S.metric_chart(i, name, dict(metric_info.get(name) or {}))
         for i, name in enumerate(view.metrics)
     ]
     return base + extra
@@ -212,7 +214,7 @@ class PanelOutput:
     empty: list[str] = field(default_factory=list)
 
 
-def _step_columns(specs: Sequence[F.ChartSpec]) -> tuple[str, ...]:
+def _step_columns(specs: Sequence[S.ChartSpec]) -> tuple[str, ...]:
     cols: list[str] = []
     for s in specs:
         if s.key.startswith("m"):
@@ -238,7 +240,7 @@ def _wall_range_to_steps(
 def build_panel(
     data: DashboardData,
     view: View,
-    specs: Sequence[F.ChartSpec],
+    specs: Sequence[S.ChartSpec],
     *,
     labels: Mapping[int, str],
     max_buckets: int,
@@ -284,7 +286,7 @@ def build_panel(
         kl_column, kl_name = (kl.column, kl.name) if kl is not None else ("kl_mean", "kl_mean")
         runs.append(
             F.RunData(
-                rid, labels[rid], F.run_color(i), s.level, frame, tail, extra, kl_column, kl_name
+                rid, labels[rid], P.run_color(i), s.level, frame, tail, extra, kl_column, kl_name
             )
         )
         state = data.run_state(rid)
@@ -550,7 +552,7 @@ def panel_controls(panel: str, view: View) -> html.Div:
 
 
 def panel_layout(
-    panel: str, view: View, specs: Sequence[F.ChartSpec], refresh_seconds: float
+    panel: str, view: View, specs: Sequence[S.ChartSpec], refresh_seconds: float
 ) -> list[Any]:
     pid = lambda name: ids.panel_id(panel, name)  # noqa: E731
     return [
@@ -578,7 +580,7 @@ def panel_layout(
     ]
 
 
-def empty_lines(specs: Sequence[F.ChartSpec], empty: Sequence[str]) -> list[Any]:
+def empty_lines(specs: Sequence[S.ChartSpec], empty: Sequence[str]) -> list[Any]:
     """One line per chart that no shown run has data for: its title and what fills it."""
     return [
         html.Li(

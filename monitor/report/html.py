@@ -2,7 +2,7 @@
 
 Charts are the dashboard's own (the Compare page's panel, ``monitor.dashboard.panel``),
 as interactive plotly figures with plotly.js inlined once; should the panel not be usable,
-they fall back to the static PNG charts of ``monitor.report.charts`` as data URIs. Every
+they fall back to the static PNG charts of ``monitor.charts.png`` as data URIs. Every
 piece of user text (run names, config, prompts, tokens, alert messages, notes) is escaped.
 """
 
@@ -155,8 +155,8 @@ def _compare_figures(data: ReportData) -> list[tuple[str, Any]]:
 
 
 def _static_charts(data: ReportData) -> list[tuple[str, bytes]]:
-    from monitor.dashboard.figures import CHARTS, FRONTIER_X_TITLE
-    from monitor.report.charts import frontier_png, has_data, time_chart_png
+    from monitor.charts.png import frontier_png, has_data, time_chart_png
+    from monitor.charts.specs import CHARTS, FRONTIER_X_TITLE
 
     out = []
     for spec in CHARTS:
@@ -195,7 +195,7 @@ def _charts(data: ReportData, plotly: _Plotly) -> str:
 
 
 def _alerts(data: ReportData, plotly: _Plotly) -> str:
-    from monitor.dashboard.figures import alert_timeline
+    from monitor.charts.figures import alert_timeline
 
     parts = []
     for r in data.runs:
@@ -256,7 +256,7 @@ def _annotations(data: ReportData) -> str:
 
 
 def _token_html(sample: Any) -> str:
-    from monitor.dashboard.figures import token_cells
+    from monitor.charts.tables import token_cells
 
     cells = token_cells(sample.tokens, sample.policy_logprobs, sample.ref_logprobs)
     return "".join(
@@ -268,7 +268,7 @@ def _token_html(sample: Any) -> str:
 
 
 def _samples(data: ReportData) -> str:
-    from monitor.dashboard.figures import token_cells
+    from monitor.charts.tables import token_cells
     from monitor.report.data import carrier_tokens
 
     parts = [
@@ -319,7 +319,7 @@ def _config(data: ReportData) -> str:
 
 
 def _heatmaps(data: ReportData, plotly: _Plotly) -> str:
-    from monitor.dashboard.figures import histogram_heatmap
+    from monitor.charts.figures import histogram_heatmap
     from monitor.divergence import HIST_EDGES
 
     parts = []
