@@ -24,8 +24,6 @@ from monitor.report.markdown import md_code
 from monitor.store.database import Database
 from monitor.store.drilldown import read_samples
 
-pytest.importorskip("monitor.dashboard", reason="the report reuses the dashboard's figures")
-
 EVIL = "<script>alert('x')</script>|*evil*"
 EVIL_HTML = "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;|*evil*"
 EXTERNAL = re.compile(

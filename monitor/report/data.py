@@ -2,7 +2,7 @@
 
 The renderers (``monitor.report.html``, ``monitor.report.markdown``) take the
 ``ReportData`` and never touch the database again, except the HTML one, which builds the
-dashboard's own compare charts (``monitor.dashboard.panel.build_panel``) so that the report
+dashboard's own compare charts (``monitor.charts.panel.build_panel``) so that the report
 shows exactly what the Compare page shows.
 """
 

@@ -13,18 +13,13 @@ from dash.exceptions import PreventUpdate
 
 from monitor.charts import palette as P
 from monitor.charts import tables as T
+from monitor.charts.panel import panel_specs
+from monitor.charts.view import View, parse_query, to_query
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData
 from monitor.dashboard.pages.common import badge, error_box, info_box, page
-from monitor.dashboard.panel import (
-    View,
-    panel_controls,
-    panel_layout,
-    panel_specs,
-    parse_query,
-    register_panel,
-    to_query,
-)
+from monitor.dashboard.panel import register_panel
+from monitor.dashboard.panel_layout import panel_controls, panel_layout
 from monitor.dashboard.settings import DashboardSettings
 
 

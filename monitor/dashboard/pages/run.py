@@ -14,17 +14,13 @@ from dash.exceptions import PreventUpdate
 
 from monitor.charts import figures as F
 from monitor.charts import tables as T
+from monitor.charts.panel import panel_specs
+from monitor.charts.view import parse_query, to_query
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
 from monitor.dashboard.pages.common import badge, error_box, fmt, fmt_time, info_box, page
-from monitor.dashboard.panel import (
-    panel_controls,
-    panel_layout,
-    panel_specs,
-    parse_query,
-    register_panel,
-    to_query,
-)
+from monitor.dashboard.panel import register_panel
+from monitor.dashboard.panel_layout import panel_controls, panel_layout
 from monitor.dashboard.settings import DashboardSettings
 from monitor.errors import KlmonError
 from monitor.store.domain import Sample
