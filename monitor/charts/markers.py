@@ -22,7 +22,7 @@ def alert_marker_frame(rows: Iterable[tuple[Any, ...]]) -> pd.DataFrame:
             "run_id": [int(r[0]) for r in rows],
             "step": [int(r[1]) for r in rows],
             "kind": "alert",
-            "text": [f"{r[2]} ({r[3]}, {r[4]}) at step {r[1]}: {r[5]}" for r in rows],
+            "text": [f"{r[2]} ({r[3]}, {r[4]}) at step {int(r[1])}: {r[5]}" for r in rows],
         },
         columns=MARKER_COLUMNS,
     )
@@ -37,7 +37,8 @@ def note_marker_frame(rows: Iterable[tuple[Any, ...]]) -> pd.DataFrame:
             "step": [int(r[1]) for r in rows],
             "kind": "note",
             "text": [
-                f"note at step {r[1]}" + (f" by {r[3]}" if r[3] else "") + f": {r[2]}" for r in rows
+                f"note at step {int(r[1])}" + (f" by {r[3]}" if r[3] else "") + f": {r[2]}"
+                for r in rows
             ],
         },
         columns=MARKER_COLUMNS,

@@ -28,16 +28,28 @@ FOCUS_COLOR = "#ff7f0e"
 class ChartRun(Protocol):
     """One run as the report's charts draw it (``monitor.report.data.RunSection``)."""
 
-    label: str
-    color: str
-    #: Bucket means with q__min/q__max per quantity, columns step and step_end.
-    series: pd.DataFrame
-    level: int
-    last_step: int | None
-    #: Alert episodes: rule, severity, start_step, fired_step, end_step.
-    events: pd.DataFrame
-    #: Annotations (anything with a ``step``).
-    notes: Sequence[Any]
+    @property
+    def label(self) -> str: ...
+    @property
+    def color(self) -> str: ...
+    @property
+    def series(self) -> pd.DataFrame:
+        """Bucket means with q__min/q__max per quantity, columns step and step_end."""
+        ...
+
+    @property
+    def level(self) -> int: ...
+    @property
+    def last_step(self) -> int | None: ...
+    @property
+    def events(self) -> pd.DataFrame:
+        """Alert episodes: rule, severity, start_step, fired_step, end_step."""
+        ...
+
+    @property
+    def notes(self) -> Sequence[Any]:
+        """Annotations (anything with a ``step``)."""
+        ...
 
 
 DASH_STYLES = {"solid": "-", "dot": ":", "dash": "--", "longdash": "-.", "dashdot": "-."}
