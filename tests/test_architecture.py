@@ -31,6 +31,15 @@ FORBIDDEN = {
         "monitor.analytics",
         "dash",
     ),
+    # The charts are shared by the dashboard, the report and the alert emails: below all three.
+    "monitor.charts": (
+        "monitor.dashboard",
+        "monitor.report",
+        "monitor.alerts",
+        "monitor.cli",
+        "dash",
+    ),
+    "monitor.report": ("monitor.dashboard",),
 }
 ALLOWED = {"monitor.divergence": ("monitor.errors", "monitor._kernel")}
 

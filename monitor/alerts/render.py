@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -172,58 +171,9 @@ def _event_dict(e: AlertEvent, link: str | None) -> dict[str, Any]:
 
 
 def warm_up() -> None:
-    """Import matplotlib's Agg backend now, so the first alert does not pay for it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
-    from matplotlib.figure import Figure  # noqa: F401
-
-
-def kl_chart_png(
-    steps: pd.DataFrame,
-    *,
-    focus_step: int | None,
-    threshold: float | None = None,
-    title: str = "",
-) -> bytes | None:
-    """A small PNG of the run's KL around ``focus_step`` (matplotlib Agg, no display).
-
-    Draws the series ``monitor.analytics.pick_kl`` picks, its p05-p95 band when the series
-    is ``kl_mean`` and the band is logged, a marker at the focus step and the threshold.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from monitor.analytics import pick_kl
-
-    if steps is None or steps.empty:
-        return None
-    series = pick_kl(steps)
-    if series is None:
-        return None
-    x = steps["step"].to_numpy(dtype=float)
-    y = pd.to_numeric(steps[series], errors="coerce").to_numpy(dtype=float)
-    fig = Figure(figsize=(6.4, 2.4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if series == "kl_mean" and {"kl_p05", "kl_p95"} <= set(steps.columns):
-        lo = pd.to_numeric(steps["kl_p05"], errors="coerce").to_numpy(dtype=float)
-        hi = pd.to_numeric(steps["kl_p95"], errors="coerce").to_numpy(dtype=float)
-        if np.isfinite(lo).any() and np.isfinite(hi).any():
-            ax.fill_between(x, lo, hi, color="#1f77b4", alpha=0.15, linewidth=0, label="p05-p95")
-    ax.plot(x, y, color="#1f77b4", linewidth=1.4, label=series)
-    if threshold is not None and math.isfinite(threshold):
-        ax.axhline(threshold, color="#d62728", linestyle="--", linewidth=1, label="threshold")
-    if focus_step is not None:
-        ax.axvline(focus_step, color="#ff7f0e", linewidth=1, label=f"step {focus_step}")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{series} (nats)")
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    """Import the email chart's module (matplotlib's Agg backend) now, so the first alert
+    does not pay for it."""
+    import monitor.charts.png  # noqa: F401
 
 
 def render(
@@ -249,6 +199,8 @@ def render(
     chart = None
     if steps is not None:
         try:
+            from monitor.charts.png import kl_chart_png
+
             chart = kl_chart_png(
                 steps,
                 focus_step=focus,
@@ -296,6 +248,8 @@ def render_escalation(
     chart = None
     if steps is not None:
         try:
+            from monitor.charts.png import kl_chart_png
+
             chart = kl_chart_png(
                 steps,
                 focus_step=head.peak_step,

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import text
 
+from monitor.charts.markers import alert_marker_frame, note_marker_frame
 from monitor.errors import (
     ConfigError,
     DatabaseUnavailable,
@@ -513,15 +514,7 @@ class DashboardData:
             run_ids,
             limit,
         )
-        return pd.DataFrame(
-            {
-                "run_id": [int(r[0]) for r in rows],
-                "step": [int(r[1]) for r in rows],
-                "kind": "alert",
-                "text": [f"{r[2]} ({r[3]}, {r[4]}) at step {r[1]}: {r[5]}" for r in rows],
-            },
-            columns=["run_id", "step", "kind", "text"],
-        )
+        return alert_marker_frame(rows)
 
     def _select_in(self, sql: str, run_ids: Sequence[int], limit: int) -> list[Any]:
         ids = [int(r) for r in run_ids]
@@ -545,18 +538,7 @@ class DashboardData:
             run_ids,
             limit,
         )
-        return pd.DataFrame(
-            {
-                "run_id": [int(r[0]) for r in rows],
-                "step": [int(r[1]) for r in rows],
-                "kind": "note",
-                "text": [
-                    f"note at step {r[1]}" + (f" by {r[3]}" if r[3] else "") + f": {r[2]}"
-                    for r in rows
-                ],
-            },
-            columns=["run_id", "step", "kind", "text"],
-        )
+        return note_marker_frame(rows)
 
     def add_annotation(self, run_id: int, step: int, text_: str, author: str | None) -> Annotation:
         if author is not None and len(author) > MAX_FIELD:
@@ -615,7 +597,7 @@ def _json(value: Any, default: Any) -> Any:
 
 
 def _spark(frame: pd.DataFrame, column: str) -> str:
-    from monitor.dashboard.figures import sparkline
+    from monitor.charts.tables import sparkline
 
     if frame.empty or column not in frame:
         return ""

@@ -2,7 +2,7 @@
 
 The renderers (``monitor.report.html``, ``monitor.report.markdown``) take the
 ``ReportData`` and never touch the database again, except the HTML one, which builds the
-dashboard's own compare charts (``monitor.dashboard.panel.build_panel``) so that the report
+dashboard's own compare charts (``monitor.charts.panel.build_panel``) so that the report
 shows exactly what the Compare page shows.
 """
 
@@ -101,7 +101,7 @@ class ReportData:
     def config_table(self) -> pd.DataFrame:
         """Runs as columns, fields as rows (identity, latest numbers, tags, every config key),
         with ``differs``: True where the runs disagree."""
-        from monitor.dashboard.figures import comparison_table
+        from monitor.charts.tables import comparison_table
 
         return comparison_table(
             [
@@ -160,7 +160,7 @@ def collect(
     max_buckets: int = MAX_BUCKETS,
 ) -> ReportData:
     """Everything the report shows for the runs ``refs`` (ids or names) over [start, end]."""
-    from monitor.dashboard.figures import run_color
+    from monitor.charts.palette import run_color
 
     if start is not None and end is not None and start > end:
         raise InvalidInput(f"--from {start} is after --to {end}")

@@ -1,8 +1,8 @@
 """The post-mortem report as one self-contained HTML file: it opens offline, without a server.
 
-Charts are the dashboard's own (the Compare page's panel, ``monitor.dashboard.panel``),
+Charts are the dashboard's own (the Compare page's panel, ``monitor.charts.panel``),
 as interactive plotly figures with plotly.js inlined once; should the panel not be usable,
-they fall back to the static PNG charts of ``monitor.report.charts`` as data URIs. Every
+they fall back to the static PNG charts of ``monitor.charts.png`` as data URIs. Every
 piece of user text (run names, config, prompts, tokens, alert messages, notes) is escaped.
 """
 
@@ -141,22 +141,26 @@ def _summary(data: ReportData) -> str:
 
 def _compare_figures(data: ReportData) -> list[tuple[str, Any]]:
     """The Compare page's charts for these runs and range: [(title, figure dict)]."""
-    from monitor.dashboard.data import DashboardData
-    from monitor.dashboard.panel import View, build_panel, panel_specs
+    from monitor.charts.panel import build_panel, panel_specs
+    from monitor.charts.view import View
+    from monitor.report.panel_source import StorePanelSource
 
     assert data.db is not None
-    dd = DashboardData(data.db)
     view = View(runs=tuple(data.run_ids), start=data.start, end=data.end)
     specs = panel_specs(view, {})
     out = build_panel(
-        dd, view, specs, labels={r.info.id: r.label for r in data.runs}, max_buckets=600
+        StorePanelSource(data.db),
+        view,
+        specs,
+        labels={r.info.id: r.label for r in data.runs},
+        max_buckets=600,
     )
     return [(spec.title, out.figures[spec.key]) for spec in specs if spec.key in out.figures]
 
 
 def _static_charts(data: ReportData) -> list[tuple[str, bytes]]:
-    from monitor.dashboard.figures import CHARTS, FRONTIER_X_TITLE
-    from monitor.report.charts import frontier_png, has_data, time_chart_png
+    from monitor.charts.png import frontier_png, has_data, time_chart_png
+    from monitor.charts.specs import CHARTS, FRONTIER_X_TITLE
 
     out = []
     for spec in CHARTS:
@@ -182,7 +186,7 @@ def _static_charts(data: ReportData) -> list[tuple[str, bytes]]:
 def _charts(data: ReportData, plotly: _Plotly) -> str:
     try:
         figures = _compare_figures(data)
-    except (ImportError, AttributeError, TypeError) as exc:  # the dashboard's API moved
+    except (ImportError, AttributeError, TypeError) as exc:  # the panel's API moved
         log.warning("report: dashboard charts unavailable (%s); drawing static charts", exc)
         return "".join(_img(png, title) for title, png in _static_charts(data))
     parts = []
@@ -195,7 +199,7 @@ def _charts(data: ReportData, plotly: _Plotly) -> str:
 
 
 def _alerts(data: ReportData, plotly: _Plotly) -> str:
-    from monitor.dashboard.figures import alert_timeline
+    from monitor.charts.figures import alert_timeline
 
     parts = []
     for r in data.runs:
@@ -256,7 +260,7 @@ def _annotations(data: ReportData) -> str:
 
 
 def _token_html(sample: Any) -> str:
-    from monitor.dashboard.figures import token_cells
+    from monitor.charts.tables import token_cells
 
     cells = token_cells(sample.tokens, sample.policy_logprobs, sample.ref_logprobs)
     return "".join(
@@ -268,7 +272,7 @@ def _token_html(sample: Any) -> str:
 
 
 def _samples(data: ReportData) -> str:
-    from monitor.dashboard.figures import token_cells
+    from monitor.charts.tables import token_cells
     from monitor.report.data import carrier_tokens
 
     parts = [
@@ -319,7 +323,7 @@ def _config(data: ReportData) -> str:
 
 
 def _heatmaps(data: ReportData, plotly: _Plotly) -> str:
-    from monitor.dashboard.figures import histogram_heatmap
+    from monitor.charts.figures import histogram_heatmap
     from monitor.divergence import HIST_EDGES
 
     parts = []

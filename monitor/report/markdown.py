@@ -74,8 +74,8 @@ def _slug(text: str) -> str:
 
 def chart_pngs(data: ReportData) -> list[tuple[str, str, bytes]]:
     """(key, title, PNG) of every chart with data, then the alert timeline."""
-    from monitor.dashboard.figures import CHARTS, FRONTIER_X_TITLE
-    from monitor.report.charts import alert_timeline_png, frontier_png, has_data, time_chart_png
+    from monitor.charts.png import alert_timeline_png, frontier_png, has_data, time_chart_png
+    from monitor.charts.specs import CHARTS, FRONTIER_X_TITLE
 
     out = []
     for spec in CHARTS:
@@ -212,7 +212,7 @@ def render_markdown(
         "fired, then those of largest |KL|; below each, the tokens that carry its KL.",
         "",
     ]
-    from monitor.dashboard.figures import token_cells
+    from monitor.charts.tables import token_cells
     from monitor.report.data import carrier_tokens
 
     for r in data.runs:

@@ -12,10 +12,10 @@ import pandas as pd
 from dash import Dash, Input, Output, Patch, State, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
+from monitor.charts.view import MAX_RUNS
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
 from monitor.dashboard.pages.common import error_box, fmt_time, page
-from monitor.dashboard.panel import MAX_RUNS
 from monitor.dashboard.settings import DashboardSettings
 
 COLUMNS = [
