@@ -8,13 +8,13 @@ import signal
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import click
 
 from monitor.cli.common import cell, db_option, open_db
 from monitor.errors import ConfigError, InvalidInput
+from monitor.formats import UTC_COMPACT, json_safe, utc_text
 
 
 def _rules_option(func: Any) -> Any:
@@ -35,20 +35,13 @@ def _load(rules_path: str | None) -> tuple[Any, Any]:
 
 
 def _when(ts: Any) -> str:
-    if ts is None or ts != ts:
-        return "-"
-    try:
-        return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-    except (OverflowError, OSError, ValueError):  # beyond the years datetime can show
-        return f"Unix time {float(ts):.0f}"
+    return utc_text(ts, UTC_COMPACT)
 
 
 def _plain(value: Any) -> Any:
-    from monitor.cli.runs_cmd import _plain as plain
-
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    return plain(value)
+    return json_safe(value)
 
 
 def _num(x: Any) -> str:

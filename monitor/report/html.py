@@ -12,13 +12,12 @@ import base64
 import html
 import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from monitor import __version__
+from monitor.formats import UTC_MINUTES, utc_text
 from monitor.report.data import ReportData, describe_peak, describe_value
 
 log = logging.getLogger("monitor.report")
@@ -56,9 +55,7 @@ def esc(value: Any) -> str:
 
 
 def _when(ts: float | None) -> str:
-    if ts is None or not np.isfinite(ts):
-        return "-"
-    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return utc_text(ts, UTC_MINUTES)
 
 
 def _table(

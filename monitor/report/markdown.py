@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from monitor import __version__
+from monitor.formats import UTC_MINUTES, utc_text
 from monitor.report.data import ReportData, describe_peak, describe_value
 
 Progress = Callable[[int], None]
@@ -57,9 +56,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _when(ts: float | None) -> str:
-    if ts is None or not np.isfinite(ts):
-        return "-"
-    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return utc_text(ts, UTC_MINUTES)
 
 
 def _step(value: Any) -> str:

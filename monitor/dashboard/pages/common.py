@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 from dash import dcc, html
+
+from monitor.formats import UTC_SECONDS, utc_text
 
 STATUS_CLASS = {
     "running": "badge running",
@@ -49,13 +50,7 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 def fmt_time(ts: Any) -> str:
     """Unix seconds as 'YYYY-MM-DD HH:MM:SS UTC' ('' when missing)."""
-    try:
-        t = float(ts)
-    except (TypeError, ValueError):
-        return ""
-    if not math.isfinite(t):
-        return ""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return utc_text(ts, UTC_SECONDS, missing="")
 
 
 def run_link(run_id: int, step: int | None = None, text: str | None = None) -> dcc.Link:

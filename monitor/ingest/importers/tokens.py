@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import InvalidInput
+from monitor.formats import json_safe
 from monitor.ingest.importers.base import (
     NotNumeric,
     Problem,
@@ -254,7 +255,7 @@ def prepare(
         row: dict[str, Any] = {"step": step, "wall_time": walls.get(step, default_wall_time)}
         for name, value in summary.as_dict().items():
             if name in STEP_QUANTITIES:
-                row[name] = _plain(value)
+                row[name] = json_safe(value)
             elif value is not None:
                 out.metrics.append((step, name, float(value)))
                 computed.add(name)
@@ -289,16 +290,6 @@ def prepare(
         for q, unit in (("kl_mean", "nats/sequence"), ("k3", "nats/token"))
     ]
     return out
-
-
-def _plain(value: Any) -> Any:
-    if value is None:
-        return None
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _samples(step: int, seqs: list[_Seq], seq_kl: np.ndarray) -> list[dict[str, Any]]:
