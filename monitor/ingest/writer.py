@@ -1007,29 +1007,23 @@ class BackgroundWriter:
             elif isinstance(item, CorruptRecord):
                 if item.end >= end and end < size:
                     break  # cut by the read window: read it whole next time
-                self.stats.add("corrupt")
-                log.error(
-                    "klmon: damaged spool record at %s:%d (%s): skipped",
-                    path,
-                    item.offset,
-                    item.reason,
-                )
+                self._skip_damaged(path, item)
                 pos = item.end
         if pos == off and end < size:  # one record larger than the window: read it whole
             for item in iter_records(path, start=off, end=size):
                 if isinstance(item, SpoolRecord):
                     records.append(item.record)
                 else:  # damaged (or beyond what a reader accepts): skip it, never spin on it
-                    self.stats.add("corrupt")
-                    log.error(
-                        "klmon: damaged spool record at %s:%d (%s): skipped",
-                        path,
-                        item.offset,
-                        item.reason,
-                    )
+                    self._skip_damaged(path, item)
                 pos = item.end
                 break
         return records, pos
+
+    def _skip_damaged(self, path: Any, item: CorruptRecord) -> None:
+        self.stats.add("corrupt")
+        log.error(
+            "klmon: damaged spool record at %s:%d (%s): skipped", path, item.offset, item.reason
+        )
 
     def _count(self, result: ApplyResult, steps: int, *, replayed: bool) -> None:
         ing = result.ingest

@@ -29,8 +29,7 @@ from monitor.ingest.importers.base import (
     NotNumeric,
     Problem,
     Tick,
-    iter_lines,
-    loads_line,
+    json_lines,
     to_number,
     to_step,
 )
@@ -200,36 +199,25 @@ def prepare(
     walls: dict[int, float] = {}
     no_step = 0
     seen_keys: set[str] = set()
-    with path.open("rb") as fh:
-        for number, line in iter_lines(fh, tick, out.problems):
-            if line is None:
-                continue
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                obj = loads_line(text)
-            except ValueError as exc:
-                out.problems.append(Problem(number, str(exc)))
-                continue
-            if not isinstance(obj, dict):
-                out.problems.append(Problem(number, "not a JSON object"))
-                continue
-            try:
-                step, kl_coef, wall, seq = _parse(number, obj)
-            except _Bad as exc:
-                out.problems.append(Problem(number, str(exc)))
-                continue
-            out.records_read += 1
-            seen_keys.update(k for k in STEP_KEYS if k in obj)
-            if step is None:
-                no_step += 1
-                step = 0
-            groups.setdefault(step, []).append(seq)
-            if kl_coef is not None:
-                coefs[step] = kl_coef
-            if wall is not None and 1e8 < wall < 1e10:
-                walls[step] = max(walls.get(step, 0.0), wall)
+    for number, obj in json_lines(path, tick, out.problems):
+        if not isinstance(obj, dict):
+            out.problems.append(Problem(number, "not a JSON object"))
+            continue
+        try:
+            step, kl_coef, wall, seq = _parse(number, obj)
+        except _Bad as exc:
+            out.problems.append(Problem(number, str(exc)))
+            continue
+        out.records_read += 1
+        seen_keys.update(k for k in STEP_KEYS if k in obj)
+        if step is None:
+            no_step += 1
+            step = 0
+        groups.setdefault(step, []).append(seq)
+        if kl_coef is not None:
+            coefs[step] = kl_coef
+        if wall is not None and 1e8 < wall < 1e10:
+            walls[step] = max(walls.get(step, 0.0), wall)
     if no_step:
         out.notes.append(f"{no_step} sequences had no step: stored under step 0")
 
