@@ -1141,10 +1141,6 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
-def no_summary_record(kind: str, **fields: Any) -> ControlItem:
-    return ControlItem({"type": kind, **fields})
-
-
 __all__ = [
     "STATS_KEYS",
     "ApplyResult",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dash import dcc, html
+from dash import html
 
 from monitor.formats import UTC_SECONDS, utc_text
 
@@ -51,8 +51,3 @@ def fmt(value: Any, digits: int = 4) -> str:
 def fmt_time(ts: Any) -> str:
     """Unix seconds as 'YYYY-MM-DD HH:MM:SS UTC' ('' when missing)."""
     return utc_text(ts, UTC_SECONDS, missing="")
-
-
-def run_link(run_id: int, step: int | None = None, text: str | None = None) -> dcc.Link:
-    href = f"/run/{int(run_id)}" + (f"?step={int(step)}" if step is not None else "")
-    return dcc.Link(text if text is not None else f"run {int(run_id)}", href=href)

@@ -20,10 +20,6 @@ from typing import Any, BinaryIO
 Tick = Callable[[int], None]
 
 
-def no_tick(_done: int) -> None:
-    """A progress callback that does nothing."""
-
-
 @dataclass(frozen=True)
 class Problem:
     """A line that was skipped, and why (``line`` None: the problem is not tied to a line).
