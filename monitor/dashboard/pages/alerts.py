@@ -4,17 +4,21 @@ step it fired."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import dash_ag_grid as dag
 import pandas as pd
 from dash import Dash, Input, Output, State, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
-from monitor.dashboard.pages.common import error_box, fmt_time, page
+from monitor.dashboard.pages.common import (
+    error_box,
+    fmt_time,
+    grid_number,
+    page,
+    selectable_grid,
+)
 from monitor.dashboard.settings import DashboardSettings
 from monitor.errors import KlmonError
 
@@ -63,14 +67,6 @@ COLUMNS = [
 ]
 
 
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return round(f, 6) if math.isfinite(f) else None
-
-
 def _int(v: Any) -> int | None:
     if v is None or v is pd.NA:
         return None
@@ -82,7 +78,7 @@ def _int(v: Any) -> int | None:
 
 def _peak(value: Any, step: int | None) -> str:
     """The episode's peak level and step, e.g. ``17.8 at step 70`` (empty when unknown)."""
-    v = _num(value)
+    v = grid_number(value)
     return "" if v is None or step is None else f"{v:.3g} at step {step}"
 
 
@@ -107,8 +103,8 @@ def rows(ev: pd.DataFrame) -> list[dict[str, Any]]:
                 "run": f"{r['run_name']} (#{run_id})",
                 "rule": str(r["rule"]),
                 "step": step,
-                "value": _num(r.get("value")),
-                "threshold": _num(r.get("threshold")),
+                "value": grid_number(r.get("value")),
+                "threshold": grid_number(r.get("threshold")),
                 "peak": _peak(r.get("peak_value"), _int(r.get("peak_step"))),
                 "message": str(r.get("message") or ""),
                 "started": fmt_time(r.get("started_at")),
@@ -138,19 +134,13 @@ def layout(data: DashboardData, settings: DashboardSettings) -> html.Div:
                 ),
             ],
         ),
-        dag.AgGrid(
-            id=ids.ALERTS_GRID,
-            rowData=rows(ev),
-            columnDefs=COLUMNS,
-            defaultColDef={"sortable": True, "filter": True, "resizable": True},
-            getRowId="params.data.row_id",
-            dashGridOptions={
-                "rowSelection": {"mode": "multiRow", "checkboxes": True, "headerCheckbox": True},
-                "animateRows": False,
-                "pagination": True,
-                "paginationPageSize": 50,
-            },
+        selectable_grid(
+            ids.ALERTS_GRID,
+            rows(ev),
+            COLUMNS,
             style={"height": "560px"},
+            pagination=True,
+            paginationPageSize=50,
         ),
         html.Div(
             className="toolbar",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import dash_ag_grid as dag
 from dash import html
 
 from monitor.formats import UTC_SECONDS, utc_text
@@ -46,6 +47,40 @@ def fmt(value: Any, digits: int = 4) -> str:
     if v == int(v) and abs(v) < 1e12:
         return str(int(v))
     return f"{v:.{digits}g}"
+
+
+def selectable_grid(
+    grid_id: str,
+    rows: list[dict[str, Any]],
+    columns: list[dict[str, Any]],
+    *,
+    style: dict[str, Any],
+    **options: Any,
+) -> dag.AgGrid:
+    """A sortable, filterable grid of ``rows`` keyed by their ``row_id``, with a checkbox per
+    row for selecting several; ``options`` are further AG Grid options."""
+    return dag.AgGrid(
+        id=grid_id,
+        rowData=rows,
+        columnDefs=columns,
+        defaultColDef={"sortable": True, "filter": True, "resizable": True},
+        getRowId="params.data.row_id",
+        dashGridOptions={
+            "rowSelection": {"mode": "multiRow", "checkboxes": True, "headerCheckbox": True},
+            "animateRows": False,
+            **options,
+        },
+        style=style,
+    )
+
+
+def grid_number(v: Any) -> float | None:
+    """A number for a grid cell (JSON): rounded to 6 decimals, None when missing or not finite."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return round(f, 6) if math.isfinite(f) else None
 
 
 def fmt_time(ts: Any) -> str:
