@@ -151,6 +151,17 @@ def _clip(text: str | None, limit: int = SAMPLE_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more chars)"
 
 
+_HTML_OPEN = (
+    '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
+    'font-size:14px;color:#222">'
+)
+
+
+def _chart_img(alt: str) -> str:
+    """The inline chart attached to the email (its Content-ID is CHART_CID)."""
+    return f'<p><img src="cid:{CHART_CID}" alt="{alt}" width="640" style="max-width:100%"></p>'
+
+
 def _event_dict(e: AlertEvent, link: str | None) -> dict[str, Any]:
     return {
         "event_id": e.id,
@@ -316,16 +327,9 @@ def render_escalation(
         lines.append("")
     text = "\n".join(lines) + "\n"
     e_ = html.escape
-    body = [
-        '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
-        'font-size:14px;color:#222">',
-        f'<h2 style="margin:0 0 8px">{e_(peak)} on run {e_(run.label)}</h2>',
-    ]
+    body = [_HTML_OPEN, f'<h2 style="margin:0 0 8px">{e_(peak)} on run {e_(run.label)}</h2>']
     if chart:
-        body.append(
-            f'<p><img src="cid:{CHART_CID}" alt="KL around the peak" width="640" '
-            'style="max-width:100%"></p>'
-        )
+        body.append(_chart_img("KL around the peak"))
     for e in events:
         colour = _SEV_COLOUR.get(e.severity, "#222")
         body.append(
@@ -432,16 +436,12 @@ def _html(
 ) -> str:
     e_ = html.escape
     out = [
-        '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
-        'font-size:14px;color:#222">',
+        _HTML_OPEN,
         f'<h2 style="margin:0 0 8px">klmon: run {e_(run.label)} '
         f'<span style="color:#888;font-weight:normal">(id {run.id})</span></h2>',
     ]
     if has_chart:
-        out.append(
-            f'<p><img src="cid:{CHART_CID}" alt="KL around the alert" width="640" '
-            'style="max-width:100%"></p>'
-        )
+        out.append(_chart_img("KL around the alert"))
     for e in fired:
         colour = _SEV_COLOUR.get(e.severity, "#222")
         tag = "fired (since resolved)" if e.state == "resolved" else "FIRING"

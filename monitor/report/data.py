@@ -9,7 +9,7 @@ shows exactly what the Compare page shows.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +214,45 @@ def describe_value(value: Any, digits: int = 4) -> str:
     if not np.isfinite(x):
         return "-"
     return f"{x:.{digits}g}"
+
+
+def describe_step(value: Any) -> str:
+    """A step for a table: ``-`` when missing."""
+    if value is None or pd.isna(value):
+        return "-"
+    return str(int(value))
+
+
+#: The columns of a report's alert table, in the order :func:`event_cells` gives them.
+EVENT_TABLE_HEADERS = (
+    "rule",
+    "severity",
+    "state",
+    "pending at",
+    "fired at",
+    "resolved at",
+    "value",
+    "peak",
+    "message",
+)
+
+
+def event_cells(
+    e: Any, text: Callable[[Any], str], severity: Callable[[Any], str] | None = None
+) -> list[str]:
+    """One alert episode as the cells of :data:`EVENT_TABLE_HEADERS`. ``text`` escapes the
+    free-text cells for the output format (``severity``, when given, renders that one)."""
+    return [
+        text(e.rule),
+        (severity or text)(e.severity),
+        text(e.state),
+        describe_step(e.start_step),
+        describe_step(e.fired_step),
+        describe_step(e.end_step),
+        describe_value(e.value),
+        describe_peak(e.peak_value, e.peak_step),
+        text(e.message),
+    ]
 
 
 def describe_peak(value: Any, step: Any) -> str:

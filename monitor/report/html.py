@@ -14,11 +14,14 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pandas as pd
-
 from monitor import __version__
 from monitor.formats import UTC_MINUTES, utc_text
-from monitor.report.data import ReportData, describe_peak, describe_value
+from monitor.report.data import (
+    EVENT_TABLE_HEADERS,
+    ReportData,
+    describe_value,
+    event_cells,
+)
 
 log = logging.getLogger("monitor.report")
 
@@ -203,42 +206,13 @@ def _alerts(data: ReportData, plotly: _Plotly) -> str:
         parts.append(plotly.div(alert_timeline(r.events, r.last_step)))
         rows = []
         for e in r.events.itertuples(index=False):
-            rows.append(
-                [
-                    esc(e.rule),
-                    f'<span class="sev-{esc(e.severity)}">{esc(e.severity)}</span>',
-                    esc(e.state),
-                    esc(_step(e.start_step)),
-                    esc(_step(e.fired_step)),
-                    esc(_step(e.end_step)),
-                    esc(describe_value(e.value)),
-                    esc(describe_peak(e.peak_value, e.peak_step)),
-                    esc(e.message),
-                ]
-            )
-        parts.append(
-            _table(
-                [
-                    "rule",
-                    "severity",
-                    "state",
-                    "pending at",
-                    "fired at",
-                    "resolved at",
-                    "value",
-                    "peak",
-                    "message",
-                ],
-                rows,
-            )
-        )
+            rows.append(event_cells(e, esc, _severity))
+        parts.append(_table(EVENT_TABLE_HEADERS, rows))
     return "".join(parts)
 
 
-def _step(value: Any) -> str:
-    if value is None or pd.isna(value):
-        return "-"
-    return str(int(value))
+def _severity(severity: Any) -> str:
+    return f'<span class="sev-{esc(severity)}">{esc(severity)}</span>'
 
 
 def _annotations(data: ReportData) -> str:

@@ -14,11 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from monitor import __version__
 from monitor.formats import UTC_MINUTES, utc_text
-from monitor.report.data import ReportData, describe_peak, describe_value
+from monitor.report.data import (
+    EVENT_TABLE_HEADERS,
+    ReportData,
+    describe_value,
+    event_cells,
+)
 
 Progress = Callable[[int], None]
 
@@ -57,12 +60,6 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def _when(ts: float | None) -> str:
     return utc_text(ts, UTC_MINUTES)
-
-
-def _step(value: Any) -> str:
-    if value is None or pd.isna(value):
-        return "-"
-    return str(int(value))
 
 
 def _slug(text: str) -> str:
@@ -152,39 +149,12 @@ def render_markdown(
 
     lines += ["## Alerts", ""]
     rows = [
-        [
-            md(r.label),
-            md(e.rule),
-            md(e.severity),
-            md(e.state),
-            _step(e.start_step),
-            _step(e.fired_step),
-            _step(e.end_step),
-            describe_value(e.value),
-            describe_peak(e.peak_value, e.peak_step),
-            md(e.message),
-        ]
+        [md(r.label), *event_cells(e, md)]
         for r in data.runs
         for e in r.events.itertuples(index=False)
     ]
     if rows:
-        lines.append(
-            _table(
-                [
-                    "run",
-                    "rule",
-                    "severity",
-                    "state",
-                    "pending at",
-                    "fired at",
-                    "resolved at",
-                    "value",
-                    "peak",
-                    "message",
-                ],
-                rows,
-            )
-        )
+        lines.append(_table(["run", *EVENT_TABLE_HEADERS], rows))
     else:
         lines += ["No alert fired in this range.", ""]
     tick(1)
