@@ -77,6 +77,23 @@ class RunSection:
             out[c] = float(v[-1]) if len(v) else None
         return out
 
+    def summary_cells(self, text: Callable[[Any], str]) -> list[str]:
+        """The run's line in a report's run table after its label: id, project, status,
+        steps, last kl_mean, k3 and reward, alerts; ``text`` escapes the free-text cells."""
+        last = self.last
+        fired = len(self.events)
+        still = int((self.events["state"] == "firing").sum()) if fired else 0
+        return [
+            str(self.info.id),
+            text(self.info.project),
+            text(self.info.status),
+            f"{self.first_step}-{self.last_step}" if self.last_step is not None else "no steps",
+            describe_value(last.get("kl_mean")),
+            describe_value(last.get("k3")),
+            describe_value(last.get("reward_mean")),
+            f"{fired} ({still} still firing)" if fired else "none",
+        ]
+
 
 @dataclass
 class ReportData:

@@ -105,20 +105,10 @@ def _img(png: bytes, alt: str) -> str:
 def _summary(data: ReportData) -> str:
     rows = []
     for r in data.runs:
-        last = r.last
-        fired = len(r.events)
-        open_ = int((r.events["state"] == "firing").sum()) if fired else 0
         rows.append(
             [
                 f'<span class="swatch" style="background:{esc(r.color)}"></span>{esc(r.label)}',
-                esc(r.info.id),
-                esc(r.info.project),
-                esc(r.info.status),
-                esc(f"{r.first_step}-{r.last_step}" if r.last_step is not None else "no steps"),
-                esc(describe_value(last.get("kl_mean"))),
-                esc(describe_value(last.get("k3"))),
-                esc(describe_value(last.get("reward_mean"))),
-                esc(f"{fired} ({open_} still firing)" if fired else "none"),
+                *r.summary_cells(esc),
                 esc(len(r.notes)),
             ]
         )

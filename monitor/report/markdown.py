@@ -104,22 +104,7 @@ def render_markdown(
     lines += ["", "## Runs", ""]
     rows = []
     for r in data.runs:
-        last = r.last
-        fired = len(r.events)
-        open_ = int((r.events["state"] == "firing").sum()) if fired else 0
-        rows.append(
-            [
-                md(r.label),
-                str(r.info.id),
-                md(r.info.project),
-                md(r.info.status),
-                f"{r.first_step}-{r.last_step}" if r.last_step is not None else "no steps",
-                describe_value(last.get("kl_mean")),
-                describe_value(last.get("k3")),
-                describe_value(last.get("reward_mean")),
-                f"{fired} ({open_} still firing)" if fired else "none",
-            ]
-        )
+        rows.append([md(r.label), *r.summary_cells(md)])
     lines.append(
         _table(
             [
