@@ -1,4 +1,5 @@
-"""How one value is written out, decided once: as a JSON-safe Python value, and as a UTC time.
+"""How one value is written out, decided once: as a JSON-safe Python value, as a number
+for people, and as a UTC time.
 
 Every layer needs these (the store before a write, the exports, the CLI's ``--json``, the
 dashboard and the reports), so they live here, importing nothing of ours.
@@ -34,6 +35,23 @@ def json_safe(value: Any) -> Any:
     if type(value).__name__ in ("NAType", "NaTType"):  # pandas' missing markers
         return None
     return value
+
+
+def number_text(value: Any, digits: int = 4, *, whole: bool = False) -> str:
+    """A number for a table cell or a message: ``-`` when missing or not finite, else
+    ``digits`` significant digits (``whole``: a whole number below 1e12 in full). A value
+    that is not a number is shown as it is."""
+    if value is None:
+        return "-"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(v):
+        return "-"
+    if whole and v == int(v) and abs(v) < 1e12:
+        return str(int(v))
+    return f"{v:.{digits}g}"
 
 
 def utc_text(ts: Any, pattern: str = UTC_SECONDS, missing: str = "-") -> str:

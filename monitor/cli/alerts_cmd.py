@@ -14,7 +14,7 @@ import click
 
 from monitor.cli.common import cell, db_option, echo_records, json_records, json_value, open_db
 from monitor.errors import ConfigError, InvalidInput
-from monitor.formats import UTC_COMPACT, utc_text
+from monitor.formats import UTC_COMPACT, number_text, utc_text
 
 
 def _rules_option(func: Any) -> Any:
@@ -39,8 +39,7 @@ def _when(ts: Any) -> str:
 
 
 def _num(x: Any) -> str:
-    x = json_value(x)
-    return "-" if x is None else f"{x:.4g}"
+    return number_text(json_value(x))
 
 
 @click.group("alerts")

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from monitor.errors import InvalidInput
+from monitor.formats import number_text
 from monitor.store.alerts import list_events
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, RunInfo, Sample
@@ -222,15 +223,7 @@ def collect(
 
 def describe_value(value: Any, digits: int = 4) -> str:
     """A number for a table: ``-`` when missing, else ``digits`` significant digits."""
-    if value is None:
-        return "-"
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not np.isfinite(x):
-        return "-"
-    return f"{x:.{digits}g}"
+    return number_text(value, digits)
 
 
 def describe_step(value: Any) -> str:

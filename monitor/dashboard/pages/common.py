@@ -8,7 +8,7 @@ from typing import Any
 import dash_ag_grid as dag
 from dash import html
 
-from monitor.formats import UTC_SECONDS, utc_text
+from monitor.formats import UTC_SECONDS, number_text, utc_text
 
 STATUS_CLASS = {
     "running": "badge running",
@@ -35,18 +35,8 @@ def badge(status: str) -> html.Span:
 
 
 def fmt(value: Any, digits: int = 4) -> str:
-    """A number for a table cell: '-' when missing."""
-    if value is None:
-        return "-"
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(v):
-        return "-"
-    if v == int(v) and abs(v) < 1e12:
-        return str(int(v))
-    return f"{v:.{digits}g}"
+    """A number for a table cell: '-' when missing, whole numbers in full."""
+    return number_text(value, digits, whole=True)
 
 
 def selectable_grid(
