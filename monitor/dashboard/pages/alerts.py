@@ -13,9 +13,11 @@ from dash.exceptions import PreventUpdate
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
 from monitor.dashboard.pages.common import (
+    ID_COLUMN,
     error_box,
     fmt_time,
     grid_number,
+    link_column,
     page,
     selectable_grid,
 )
@@ -31,15 +33,8 @@ STATE_CHOICES = {
 SILENCE_CHOICES = {"3600": "1 hour", "14400": "4 hours", "86400": "1 day", "604800": "1 week"}
 
 COLUMNS = [
-    {"field": "id", "headerName": "id", "width": 80, "filter": "agNumberColumnFilter"},
-    {
-        "field": "open",
-        "headerName": "",
-        "width": 130,
-        "cellRenderer": "markdown",
-        "filter": False,
-        "sortable": False,
-    },
+    ID_COLUMN,
+    link_column(130),
     {"field": "state", "headerName": "state", "width": 100},
     {"field": "severity", "headerName": "severity", "width": 100},
     {"field": "run", "headerName": "run", "width": 180},

@@ -39,6 +39,22 @@ def fmt(value: Any, digits: int = 4) -> str:
     return number_text(value, digits, whole=True)
 
 
+#: The row id as a grid column (numeric filter).
+ID_COLUMN = {"field": "id", "headerName": "id", "width": 80, "filter": "agNumberColumnFilter"}
+
+
+def link_column(width: int) -> dict[str, Any]:
+    """The grid's ``open`` column: each row's markdown link (built from integers only)."""
+    return {
+        "field": "open",
+        "headerName": "",
+        "width": width,
+        "cellRenderer": "markdown",
+        "filter": False,
+        "sortable": False,
+    }
+
+
 def selectable_grid(
     grid_id: str,
     rows: list[dict[str, Any]],

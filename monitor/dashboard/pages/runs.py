@@ -13,9 +13,11 @@ from dash.exceptions import PreventUpdate
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
 from monitor.dashboard.pages.common import (
+    ID_COLUMN,
     error_box,
     fmt_time,
     grid_number,
+    link_column,
     page,
     selectable_grid,
 )
@@ -23,15 +25,8 @@ from monitor.dashboard.panel import MAX_RUNS
 from monitor.dashboard.settings import DashboardSettings
 
 COLUMNS = [
-    {"field": "id", "headerName": "id", "width": 80, "filter": "agNumberColumnFilter"},
-    {
-        "field": "open",
-        "headerName": "",
-        "width": 80,
-        "cellRenderer": "markdown",
-        "filter": False,
-        "sortable": False,
-    },
+    ID_COLUMN,
+    link_column(80),
     {"field": "project", "headerName": "project", "width": 140},
     {"field": "name", "headerName": "run", "flex": 1, "minWidth": 180},
     {"field": "status", "headerName": "status", "width": 110},
