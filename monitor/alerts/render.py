@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from monitor.alerts.rules import SEVERITY_RANK
+from monitor.formats import number_text
 from monitor.store.alerts import AlertEvent
 from monitor.store.domain import Sample
 
@@ -138,16 +138,21 @@ def top_tokens(sample: Sample, k: int = TOP_TOKENS) -> list[tuple[str, float]]:
     return out
 
 
-def _num(x: float | None) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return f"{x:.4g}"
-
-
 def _clip(text: str | None, limit: int = SAMPLE_CHARS) -> str:
     if not text:
         return ""
     return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more chars)"
+
+
+_HTML_OPEN = (
+    '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
+    'font-size:14px;color:#222">'
+)
+
+
+def _chart_img(alt: str) -> str:
+    """The inline chart attached to the email (its Content-ID is CHART_CID)."""
+    return f'<p><img src="cid:{CHART_CID}" alt="{alt}" width="640" style="max-width:100%"></p>'
 
 
 def _event_dict(e: AlertEvent, link: str | None) -> dict[str, Any]:
@@ -263,23 +268,16 @@ def render_escalation(
     for e in events:
         lines.append(f"ESCALATED [{e.severity}] {e.rule} ({e.detector}): {peak_phrase(e)}")
         lines.append(f"  opened with: {e.message}")
-        lines.append(f"  value {_num(e.value)}, threshold {_num(e.threshold)}; {_when(e)}")
+        lines.append(f"  {_value_and_steps(e)}")
         url = dashboard_link(dashboard_url, run.id, e.peak_step)
         if url:
             lines.append(f"  {url}")
         lines.append("")
     text = "\n".join(lines) + "\n"
     e_ = html.escape
-    body = [
-        '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
-        'font-size:14px;color:#222">',
-        f'<h2 style="margin:0 0 8px">{e_(peak)} on run {e_(run.label)}</h2>',
-    ]
+    body = [_HTML_OPEN, f'<h2 style="margin:0 0 8px">{e_(peak)} on run {e_(run.label)}</h2>']
     if chart:
-        body.append(
-            f'<p><img src="cid:{CHART_CID}" alt="KL around the peak" width="640" '
-            'style="max-width:100%"></p>'
-        )
+        body.append(_chart_img("KL around the peak"))
     for e in events:
         colour = _SEV_COLOUR.get(e.severity, "#222")
         body.append(
@@ -304,6 +302,10 @@ def render_escalation(
     return Rendered(
         subject=subject, text=text, html="\n".join(body), images=images, webhook=webhook
     )
+
+
+def _value_and_steps(e: AlertEvent) -> str:
+    return f"value {number_text(e.value)}, threshold {number_text(e.threshold)}; {_when(e)}"
 
 
 def _when(e: AlertEvent) -> str:
@@ -332,7 +334,7 @@ def _text(
         tag = "FIRED (since resolved)" if e.state == "resolved" else "FIRING"
         lines.append(f"{tag} [{e.severity}] {e.rule} ({e.detector}) at step {e.fired_step}")
         lines.append(f"  {e.message}")
-        lines.append(f"  value {_num(e.value)}, threshold {_num(e.threshold)}; {_when(e)}")
+        lines.append(f"  {_value_and_steps(e)}")
         if peak_phrase(e):
             lines.append(f"  peak: {peak_phrase(e)}")
         if e.causes:
@@ -345,7 +347,7 @@ def _text(
     for e in resolved:
         lines.append(f"RESOLVED [{e.severity}] {e.rule} ({e.detector}) at step {e.end_step}")
         lines.append(f"  was: {e.message}")
-        lines.append(f"  {_when(e)}; last value {_num(e.last_value)}")
+        lines.append(f"  {_when(e)}; last value {number_text(e.last_value)}")
         if peak_phrase(e):
             lines.append(f"  peak: {peak_phrase(e)}")
         lines.append("")
@@ -353,8 +355,8 @@ def _text(
         lines.append(f"Highest-KL samples at step {sample_step}:")
         for s in list(samples)[:MAX_SAMPLES]:
             lines.append(
-                f"  sequence {s.seq_index} (rank {s.rank}): kl_seq {_num(s.kl_seq)}, "
-                f"reward {_num(s.reward)}"
+                f"  sequence {s.seq_index} (rank {s.rank}): kl_seq {number_text(s.kl_seq)}, "
+                f"reward {number_text(s.reward)}"
             )
             if s.prompt:
                 lines.append(f"    prompt:   {_clip(s.prompt)}")
@@ -386,16 +388,12 @@ def _html(
 ) -> str:
     e_ = html.escape
     out = [
-        '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
-        'font-size:14px;color:#222">',
+        _HTML_OPEN,
         f'<h2 style="margin:0 0 8px">klmon: run {e_(run.label)} '
         f'<span style="color:#888;font-weight:normal">(id {run.id})</span></h2>',
     ]
     if has_chart:
-        out.append(
-            f'<p><img src="cid:{CHART_CID}" alt="KL around the alert" width="640" '
-            'style="max-width:100%"></p>'
-        )
+        out.append(_chart_img("KL around the alert"))
     for e in fired:
         colour = _SEV_COLOUR.get(e.severity, "#222")
         tag = "fired (since resolved)" if e.state == "resolved" else "FIRING"
@@ -406,9 +404,9 @@ def _html(
             f"<b>{e_(e.rule)}</b> ({e_(e.detector)}) at step {e_(str(e.fired_step))}<br>"
             f"{e_(e.message)}<br>"
             f'<table style="font-size:13px;border-collapse:collapse">'
-            f'<tr><td style="padding-right:12px">value</td><td>{e_(_num(e.value))}</td></tr>'
+            f'<tr><td style="padding-right:12px">value</td><td>{e_(number_text(e.value))}</td></tr>'
             f'<tr><td style="padding-right:12px">threshold</td>'
-            f"<td>{e_(_num(e.threshold))}</td></tr>"
+            f"<td>{e_(number_text(e.threshold))}</td></tr>"
             f'<tr><td style="padding-right:12px">steps</td><td>{e_(_when(e))}</td></tr>'
             f'<tr><td style="padding-right:12px">peak</td>'
             f"<td>{e_(peak_phrase(e) or '-')}</td></tr>"
@@ -429,7 +427,7 @@ def _html(
             f'<b style="color:#2e7d32">RESOLVED [{e_(e.severity)}]</b> <b>{e_(e.rule)}</b> '
             f"({e_(e.detector)}) at step {e_(str(e.end_step))}<br>"
             f'<span style="color:#555">was: {e_(e.message)}</span><br>'
-            f"{e_(_when(e))}; last value {e_(_num(e.last_value))}"
+            f"{e_(_when(e))}; last value {e_(number_text(e.last_value))}"
             + (f"; peak: {e_(peak_phrase(e) or '')}" if peak_phrase(e) else "")
             + "</div>"
         )
@@ -448,8 +446,8 @@ def _html(
             if s.response:
                 text += f"<b>response</b> {e_(_clip(s.response))}"
             out.append(
-                f"<tr><td>{s.seq_index}</td><td>{e_(_num(s.kl_seq))}</td>"
-                f"<td>{e_(_num(s.reward))}</td><td>{text}</td><td>{toks}</td></tr>"
+                f"<tr><td>{s.seq_index}</td><td>{e_(number_text(s.kl_seq))}</td>"
+                f"<td>{e_(number_text(s.reward))}</td><td>{text}</td><td>{toks}</td></tr>"
             )
         out.append("</table>")
     if link:

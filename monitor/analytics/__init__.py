@@ -26,9 +26,9 @@ from monitor.analytics.findings import Finding, RunContext, as_context
 from monitor.analytics.series import KL_PREFERENCE, pick_kl
 from monitor.analytics.trends import (
     compute_trends,
-    ewma,
     expanding_slope,
     forecast_crossing,
+    halflife_ewma,
     resolve_budget,
     rolling_slope,
 )
@@ -47,9 +47,9 @@ __all__ = [
     "RunContext",
     "as_context",
     "compute_trends",
-    "ewma",
     "expanding_slope",
     "forecast_crossing",
+    "halflife_ewma",
     "has_inputs",
     "lookback_rows",
     "pick_kl",

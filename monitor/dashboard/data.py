@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import text
 
+from monitor.analytics.stall import STALL_FACTOR, STALL_MIN_SECONDS, is_stalled
 from monitor.charts.markers import alert_marker_frame, note_marker_frame
 from monitor.errors import (
     ConfigError,
@@ -63,12 +64,11 @@ def derive_status(
     median_interval: float | None,
     now: float,
     *,
-    factor: float = 10.0,
-    min_seconds: float = 120.0,
+    factor: float = STALL_FACTOR,
+    min_seconds: float = STALL_MIN_SECONDS,
 ) -> str:
-    """running | stalled | finished | crashed. A running run is stalled when nothing was
-    heard from it for longer than ``factor`` times its median step interval (and at least
-    ``min_seconds``)."""
+    """running | stalled | finished | crashed, the stall judged by
+    :func:`monitor.analytics.stall.is_stalled` on the last time the run was heard from."""
     if status != "running":
         return status
     heard = max(
@@ -76,8 +76,9 @@ def derive_status(
     )
     if heard is None:
         return "running"
-    limit = max(min_seconds, factor * (median_interval or 0.0))
-    return "stalled" if now - heard > limit else "running"
+    silent = now - heard
+    stalled = is_stalled(silent, median_interval, factor=factor, min_seconds=min_seconds)
+    return "stalled" if stalled else "running"
 
 
 _MISS = object()
@@ -171,8 +172,8 @@ class DashboardData:
         self,
         db: Database,
         *,
-        stall_factor: float = 10.0,
-        stall_min_seconds: float = 120.0,
+        stall_factor: float = STALL_FACTOR,
+        stall_min_seconds: float = STALL_MIN_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db

@@ -12,14 +12,16 @@ import base64
 import html
 import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from monitor import __version__
-from monitor.report.data import ReportData, describe_peak, describe_value
+from monitor.formats import UTC_MINUTES, utc_text
+from monitor.report.data import (
+    EVENT_TABLE_HEADERS,
+    ReportData,
+    describe_value,
+    event_cells,
+)
 
 log = logging.getLogger("monitor.report")
 
@@ -56,9 +58,7 @@ def esc(value: Any) -> str:
 
 
 def _when(ts: float | None) -> str:
-    if ts is None or not np.isfinite(ts):
-        return "-"
-    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return utc_text(ts, UTC_MINUTES)
 
 
 def _table(
@@ -105,20 +105,10 @@ def _img(png: bytes, alt: str) -> str:
 def _summary(data: ReportData) -> str:
     rows = []
     for r in data.runs:
-        last = r.last
-        fired = len(r.events)
-        open_ = int((r.events["state"] == "firing").sum()) if fired else 0
         rows.append(
             [
                 f'<span class="swatch" style="background:{esc(r.color)}"></span>{esc(r.label)}',
-                esc(r.info.id),
-                esc(r.info.project),
-                esc(r.info.status),
-                esc(f"{r.first_step}-{r.last_step}" if r.last_step is not None else "no steps"),
-                esc(describe_value(last.get("kl_mean"))),
-                esc(describe_value(last.get("k3"))),
-                esc(describe_value(last.get("reward_mean"))),
-                esc(f"{fired} ({open_} still firing)" if fired else "none"),
+                *r.summary_cells(esc),
                 esc(len(r.notes)),
             ]
         )
@@ -210,42 +200,13 @@ def _alerts(data: ReportData, plotly: _Plotly) -> str:
         parts.append(plotly.div(alert_timeline(r.events, r.last_step)))
         rows = []
         for e in r.events.itertuples(index=False):
-            rows.append(
-                [
-                    esc(e.rule),
-                    f'<span class="sev-{esc(e.severity)}">{esc(e.severity)}</span>',
-                    esc(e.state),
-                    esc(_step(e.start_step)),
-                    esc(_step(e.fired_step)),
-                    esc(_step(e.end_step)),
-                    esc(describe_value(e.value)),
-                    esc(describe_peak(e.peak_value, e.peak_step)),
-                    esc(e.message),
-                ]
-            )
-        parts.append(
-            _table(
-                [
-                    "rule",
-                    "severity",
-                    "state",
-                    "pending at",
-                    "fired at",
-                    "resolved at",
-                    "value",
-                    "peak",
-                    "message",
-                ],
-                rows,
-            )
-        )
+            rows.append(event_cells(e, esc, _severity))
+        parts.append(_table(EVENT_TABLE_HEADERS, rows))
     return "".join(parts)
 
 
-def _step(value: Any) -> str:
-    if value is None or pd.isna(value):
-        return "-"
-    return str(int(value))
+def _severity(severity: Any) -> str:
+    return f'<span class="sev-{esc(severity)}">{esc(severity)}</span>'
 
 
 def _annotations(data: ReportData) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from monitor.errors import InvalidInput, NotFound, StoreError
@@ -189,8 +189,3 @@ def list_runs(db: Database) -> pd.DataFrame:
     df["kl_quantity"] = [None if k is None else k.quantity.name for k in kls]
     df["kl_unit"] = [None if k is None else k.quantity.unit for k in kls]
     return df
-
-
-def count_runs(db: Database) -> int:
-    with db.session() as s:
-        return int(s.scalar(select(func.count()).select_from(RunRow)) or 0)
