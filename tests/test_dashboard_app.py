@@ -15,7 +15,7 @@ import numpy as np
 import plotly
 import pytest
 from click.testing import CliRunner
-from realdata_path import REALDATA
+from support.realdata_path import REALDATA
 
 from monitor.dashboard import DashboardSettings, create_app, ids
 from monitor.dashboard.app import render_page
