@@ -61,6 +61,7 @@ def test_choose_level() -> None:
         series.choose_level(10, 0)
 
 
+@pytest.mark.slow
 def test_spike_of_one_step_in_a_million_survives_full_zoom_out(sqlite_db: Database) -> None:
     db = sqlite_db
     run = get_or_create_run(db, "p", "long")

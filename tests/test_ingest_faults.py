@@ -363,6 +363,7 @@ EXITING = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["pass", "raise SystemExit(3)", "raise RuntimeError('boom')"])
 def test_exit_with_the_database_down_is_quick_and_keeps_the_steps(
     ending: str, db_url: str, tmp_path

@@ -207,6 +207,7 @@ _step_input = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=25,
     deadline=None,
