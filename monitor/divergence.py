@@ -1,4 +1,4 @@
-"""The per-step KL quantities of DESIGN.md, computed from per-token log-probabilities.
+"""The per-step KL quantities (docs/ARCHITECTURE.md), computed from per-token log-probabilities.
 
 For response token t of a sequence, ``l_t = log p - log q`` (p: policy, q: frozen reference),
 taken under the response mask *before* subtracting, so that padding never leaks into a sum.
@@ -105,7 +105,7 @@ _PARTIAL_FORMAT = "klmon.partials/1"
 
 @dataclass(frozen=True)
 class StepSummary:
-    """The KL quantities of one step (DESIGN.md). Scalars are floats, or None when their
+    """The KL quantities of one step (docs/ARCHITECTURE.md). Scalars are floats, or None when their
     input was not given; ``seq_kl`` and ``token_hist`` are arrays (not part of :meth:`as_dict`).
     """
 

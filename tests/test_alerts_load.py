@@ -12,8 +12,8 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
-from test_alerts_simulated import rows_of
-from test_alerts_support import Clock, ListSender
+from support.alerts import Clock, ListSender
+from support.db import rows_of
 
 from monitor.alerts import AlertEngine, AlertSettings, load_rules, parse_rules
 from monitor.alerts import engine as engine_mod

@@ -15,7 +15,7 @@ import numpy as np
 import plotly
 import pytest
 from click.testing import CliRunner
-from realdata_path import REALDATA
+from support.realdata_path import REALDATA
 
 from monitor.charts.specs import CHARTS
 from monitor.charts.view import View, parse_query, to_query

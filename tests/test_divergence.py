@@ -1,4 +1,4 @@
-"""monitor.divergence: the KL quantities of DESIGN.md, their input handling and their merge."""
+"""monitor.divergence: the KL quantities (docs/ARCHITECTURE.md), their input checks and merge."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def batch(
 
 
 def reference(p: np.ndarray, q: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-    """The definitions of DESIGN.md written plainly, in float64 with exact summation."""
+    """The definitions of docs/ARCHITECTURE.md written plainly, in float64 with exact summation."""
     rows = [np.asarray(p[i][mask[i]] - q[i][mask[i]], dtype=np.float64) for i in range(len(p))]
     seq = np.array([math.fsum(r) for r in rows])
     lt = np.concatenate(rows)

@@ -225,7 +225,7 @@ def test_metric_charts_name_the_source_meaning() -> None:
 
 
 def test_good_day_tokens_carry_the_divergence() -> None:
-    """DESIGN.md's example: 'Good' (-0.8 vs -1.5) and 'day' (-0.4 vs -2.1): 0.7 + 1.7 = 2.4."""
+    """The example of docs/ARCHITECTURE.md: 'Good' (-0.8 vs -1.5), 'day' (-0.4 vs -2.1): 2.4."""
     cells = T.token_cells(["Good", " day"], [-0.8, -0.4], [-1.5, -2.1])
     assert [round(c.diff, 6) for c in cells] == [0.7, 1.7]
     assert round(sum(c.diff for c in cells), 6) == 2.4

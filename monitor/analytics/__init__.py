@@ -1,7 +1,7 @@
 """Trends and detectors on a run's step table: DataFrame in, findings out.
 
 Pure: nothing here touches the store, the dashboard or the alert engine. The step table
-is sorted by ``step`` with the columns of DESIGN.md (``kl_mean`` ... ``n_tokens``,
+is sorted by ``step`` with the columns of docs/ARCHITECTURE.md (``kl_mean`` ... ``n_tokens``,
 ``status``, ``reject_reason``, ``wall_time``) plus any extra metrics (``length_drift``
 reads a ``*clipped_ratio`` column when there is one).
 

@@ -15,7 +15,7 @@ below it sees their committed rows: two ranks finishing the same step cannot bot
 they were not last.
 
 Speed: rows go through the driver's executemany with tuples, or PostgreSQL binary COPY for
-large batches of new rows (DESIGN.md: ~580k rows/s vs ~90k for executemany).
+large batches of new rows (docs/ARCHITECTURE.md: ~580k rows/s vs ~90k for executemany).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: the tables of DESIGN.md.
+"""SQLAlchemy 2 models: the tables of docs/ARCHITECTURE.md.
 
 Portable across SQLite and PostgreSQL: JSON columns, no server-side functions, integer
 surrogate keys only where a natural key does not exist. Wall times are stored as Unix

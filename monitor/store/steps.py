@@ -1,7 +1,7 @@
 """Step rows and extra metrics: idempotent bulk writes and DataFrame reads.
 
 Writes go through the driver's executemany with tuples (``exec_driver_sql``), about 5x faster
-than SQLAlchemy Core inserts of dicts (DESIGN.md). ``INSERT ... ON CONFLICT DO NOTHING`` has
+than SQLAlchemy inserts of dicts (docs/ARCHITECTURE.md). ``INSERT ... ON CONFLICT DO NOTHING`` has
 the same syntax on SQLite and PostgreSQL: a replayed step is a no-op; a step whose stored
 payload hash differs from the new one is reported as a conflict and never overwritten.
 """
