@@ -76,5 +76,6 @@ def test_import_direction(path: Path) -> None:
                     for b in banned
                 )
                 and i not in allowed
+                and not (i == prefix or i.startswith(prefix + "."))  # its own modules
             }
             assert not bad, f"{name} must not import {sorted(bad)} (DESIGN.md import direction)"
