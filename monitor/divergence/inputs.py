@@ -179,7 +179,10 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
         if callable(getattr(t, "cpu", None)):
             t = t.cpu()
         if callable(getattr(t, "numpy", None)):
-            return np.asarray(t.numpy())
+            try:
+                return np.asarray(t.numpy())
+            except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16 unannounced)
+                return np.asarray(t.float().numpy())
     try:
         return np.asarray(x)
     except (TypeError, ValueError) as exc:

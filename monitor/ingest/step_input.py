@@ -216,34 +216,14 @@ def _tokens(tokens: Any, b: int) -> list[Any]:
 
 
 def _to_array(value: Any, name: str) -> np.ndarray:
-    """A private numpy copy of an array-like (numpy, torch on any device, nested lists). A
-    torch tensor may come back as a Deferred copy (bfloat16, a device tensor): see
+    """A private numpy copy of an array-like (numpy, torch on any device, tensor-likes, nested
+    lists). A torch tensor may come back as a Deferred copy (bfloat16, a device tensor): see
     ``monitor.ingest.tensors``; its values are then checked in the background."""
     if value is None:
         raise InvalidInput(f"{name} is required")
-    if isinstance(value, np.ndarray):
-        return np.array(value, copy=True)
     if is_tensor(value):
         return host_copy(value)  # type: ignore[return-value]
-    copied = False
-    if hasattr(value, "detach"):  # tensor-like but not torch's own class (duck-typed)
-        value = value.detach()
-        device = getattr(value, "device", None)
-        if device is not None and getattr(device, "type", "cpu") != "cpu":
-            value = value.cpu()  # the device-to-host transfer is the copy
-            copied = True
-    if hasattr(value, "numpy") and not isinstance(value, np.generic):
-        try:
-            value = value.numpy()
-        except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype
-            value = value.float().numpy()
-            copied = True
-    if copied and isinstance(value, np.ndarray):
-        return value
-    try:
-        return np.array(value, copy=True)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"{name} is not an array: {exc}") from None
+    return np.array(inputs.to_numpy(value, name), copy=True)
 
 
 def _float_copy(value: Any, name: str) -> tuple[np.ndarray, inputs.Layout]:
