@@ -77,9 +77,6 @@ class Partial:
     kl_coef: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        def opt(x: float | None) -> float | None:
-            return None if x is None else float(x)
-
         return {
             "format": _PARTIAL_FORMAT,
             "n_sequences": len(self.seq_kl),
@@ -88,14 +85,14 @@ class Partial:
             "sum_half_l2": float(self.sum_half_l2),
             "sum_k3": float(self.sum_k3),
             "sum_nll": float(self.sum_nll),
-            "sum_entropy": opt(self.sum_entropy),
-            "sum_rollout_gap": opt(self.sum_rollout_gap),
+            "sum_entropy": _opt_float(self.sum_entropy),
+            "sum_rollout_gap": _opt_float(self.sum_rollout_gap),
             "sum_pos_l": float(self.sum_pos_l),
             "top_pos_l": np.sort(self.top_pos_l)[::-1].tolist(),
             "seq_kl": self.seq_kl.tolist(),
             "token_hist": self.token_hist.tolist(),
             "rewards": None if self.rewards is None else self.rewards.tolist(),
-            "kl_coef": opt(self.kl_coef),
+            "kl_coef": _opt_float(self.kl_coef),
         }
 
     @classmethod
