@@ -168,13 +168,8 @@ class Run:
         rank = _int_arg(rank, "rank")
         if world_size < 1 or not 0 <= rank < world_size:
             raise InvalidInput(f"rank {rank} is not in [0, world_size={world_size})")
-        if on_invalid not in ("raise", "log"):
-            raise InvalidInput(f"on_invalid must be 'raise' or 'log', not {on_invalid!r}")
-        if validate not in ("full", "shapes"):
-            raise InvalidInput(f"validate must be 'full' or 'shapes', not {validate!r}")
+        _check_options(on_invalid, validate, queue_size)
         self.validate = validate
-        if queue_size < 1:
-            raise InvalidInput("queue_size must be >= 1")
         self.project = project
         self.name = name
         self.rank = rank
@@ -203,28 +198,8 @@ class Run:
         self.db_url = db_url(db)
         database = Database.open(self.db_url, check=False)
         self.spool_dir = Path(spool_dir) if spool_dir else _default_dir()
-        header = {
-            "project": project,
-            "name": name,
-            "config": self.config,
-            "tags": list(tags or []),
-            "rank": rank,
-            "world_size": world_size,
-            "source": "live",
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started_at": time.time(),
-            "quantities": list(STEP_QUANTITIES),
-            "samples_top": samples_top,
-            "samples_random": samples_random,
-        }
-        try:
-            self._spool = SpoolWriter(self.spool_dir, header, fsync_interval=fsync_interval)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot write the klmon spool in {self.spool_dir}: {exc} "
-                f"(set {ENV_SPOOL_DIR} or spool_dir= to a writable directory)"
-            ) from exc
+        header = self._header(tags, samples_top=samples_top, samples_random=samples_random)
+        self._spool = _open_spool(self.spool_dir, header, fsync_interval)
         self._writer = BackgroundWriter(
             header=header,
             db=database,
@@ -328,22 +303,7 @@ class Run:
             if metrics:
                 item.metrics = checked_metrics(metrics, lenient=True)
             log.warning("klmon: step %d rejected: %s", step, exc)
-        n_empty = (item.metrics or {}).get(EMPTY_RESPONSES_METRIC)
-        if n_empty and not self._warned_empty:
-            self._warned_empty = True
-            log.warning(
-                "klmon: step %d has %d sequences with an empty response; they are left out of "
-                "the step's statistics and counted in the metric %s (this warning is shown once)",
-                step,
-                n_empty,
-                EMPTY_RESPONSES_METRIC,
-            )
-        if metrics and self.rank != 0 and not self._warned_metrics:
-            self._warned_metrics = True
-            log.warning(
-                "klmon: extra metrics are stored from rank 0 only; rank %d's are ignored",
-                self.rank,
-            )
+        self._warn_once(item, has_metrics=bool(metrics))
         self._note_order(step)
         self._stats.add("logged")
         self._writer.submit(item)
@@ -512,6 +472,43 @@ class Run:
 
     # --- internals -----------------------------------------------------------------------------
 
+    def _header(self, tags: list[Any], *, samples_top: int, samples_random: int) -> dict[str, Any]:
+        """What the spool's first line and the runs row say about this process's run."""
+        return {
+            "project": self.project,
+            "name": self.name,
+            "config": self.config,
+            "tags": list(tags or []),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "source": "live",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": time.time(),
+            "quantities": list(STEP_QUANTITIES),
+            "samples_top": samples_top,
+            "samples_random": samples_random,
+        }
+
+    def _warn_once(self, item: StepItem, *, has_metrics: bool) -> None:
+        """The warnings a step may call for, each shown once per run."""
+        n_empty = (item.metrics or {}).get(EMPTY_RESPONSES_METRIC)
+        if n_empty and not self._warned_empty:
+            self._warned_empty = True
+            log.warning(
+                "klmon: step %d has %d sequences with an empty response; they are left out of "
+                "the step's statistics and counted in the metric %s (this warning is shown once)",
+                item.step,
+                n_empty,
+                EMPTY_RESPONSES_METRIC,
+            )
+        if has_metrics and self.rank != 0 and not self._warned_metrics:
+            self._warned_metrics = True
+            log.warning(
+                "klmon: extra metrics are stored from rank 0 only; rank %d's are ignored",
+                self.rank,
+            )
+
     def _build(self, step: int, wall: float, args: StepArgs, *, allow_all_empty: bool) -> StepItem:
         """The checked copy of one call's arguments, as this run validates them."""
         return build_item(
@@ -540,6 +537,27 @@ class Run:
 
 def _default_dir() -> Path:
     return spool_dir(None)
+
+
+def _check_options(on_invalid: str, validate: str, queue_size: int) -> None:
+    if on_invalid not in ("raise", "log"):
+        raise InvalidInput(f"on_invalid must be 'raise' or 'log', not {on_invalid!r}")
+    if validate not in ("full", "shapes"):
+        raise InvalidInput(f"validate must be 'full' or 'shapes', not {validate!r}")
+    if queue_size < 1:
+        raise InvalidInput("queue_size must be >= 1")
+
+
+def _open_spool(
+    directory: Path, header: dict[str, Any], fsync_interval: float | None
+) -> SpoolWriter:
+    try:
+        return SpoolWriter(directory, header, fsync_interval=fsync_interval)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the klmon spool in {directory}: {exc} "
+            f"(set {ENV_SPOOL_DIR} or spool_dir= to a writable directory)"
+        ) from exc
 
 
 # --- arguments of the run itself (a step's arrays: monitor.ingest.step_input) ------------------
