@@ -366,7 +366,7 @@ class Run:
         open_step, self._open = self._open, None
         if open_step is None:
             return
-        item = open_step.merged(EMPTY_RESPONSES_METRIC)
+        item = open_step.merged()
         if item.rejected is not None and item.policy_logprobs is None:
             item.wall_time = time.time()  # no part was usable (the writer logs the others)
             log.warning("klmon: step %d rejected: %s", item.step, item.rejected)

@@ -153,11 +153,16 @@ def _count_empty_rows(m: np.ndarray, allow_all: bool = False) -> int:
     (unless ``allow_all``: one part of a step built from several calls may be all empty)."""
     n_empty = int(m.shape[0] - np.count_nonzero(m.any(axis=1)))
     if n_empty and n_empty == m.shape[0] and not allow_all:
-        raise InvalidInput(
-            f"every one of the {n_empty} sequences has an empty response (each mask row is all "
-            "zero): the step has no KL to record"
-        )
+        raise InvalidInput(all_empty_reason(n_empty))
     return n_empty
+
+
+def all_empty_reason(n_sequences: int) -> str:
+    """Why a step whose responses are all empty is refused (one call, or a merged step)."""
+    return (
+        f"every one of the {n_sequences} sequences has an empty response (each mask row is all "
+        "zero): the step has no KL to record"
+    )
 
 
 # --- phase 2: the optional per-token arrays ----------------------------------------------------
