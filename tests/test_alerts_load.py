@@ -82,7 +82,7 @@ def _pass_after_late_steps(
     recorder.seen.clear()
     with monkeypatch.context() as m:
         if stale:
-            m.setattr(engine_mod.store, "runs_to_evaluate", lambda _db, _ids=None: listed)
+            m.setattr(engine_mod.alert_store, "runs_to_evaluate", lambda _db, _ids=None: listed)
         report = eng.run_once([run])
     assert report.steps_evaluated == 20
     assert evaluation_cursor(db, run) == 319
