@@ -35,8 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from monitor.charts.panel import panel_specs
+from monitor.charts.view import View
 from monitor.dashboard import DashboardSettings, create_app
-from monitor.dashboard.panel import View, panel_specs
 from monitor.store import series as store_series
 from monitor.store.database import Database
 from monitor.store.engine import make_engine

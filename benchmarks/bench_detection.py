@@ -9,7 +9,7 @@ Views: ``sequence`` (PPO-like, kl_mean ~14 nats), ``token`` (kl_mean ~0.8 nats, 
 per token) and ``grpo`` (the token run as a GRPO import: k3 only).
 Target: every kind within 25 steps of onset, 0 alerts on healthy runs.
 
-Then the real-log table: each log of ../shared/realdata (see tests/realdata_alerts.py)
+Then the real-log table: each log of ../shared/realdata (see tests/support/realdata_alerts.py)
 imported into a fresh SQLite database and evaluated by the alert engine with the default
 pack; the alerts fired (rule@step), those expected, and the false alerts (fired, not
 expected).
@@ -159,8 +159,8 @@ def main() -> None:
 def real_log_table() -> None:
     """Print the default pack's alerts on each real log next to the expected ones."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from realdata_alerts import CASES, false_alerts, fired_alerts, load
-    from realdata_path import REALDATA
+    from support.realdata_alerts import CASES, false_alerts, fired_alerts, load
+    from support.realdata_path import REALDATA
 
     from monitor.store.database import Database
     from monitor.store.schema import upgrade

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monitor import divergence
 from monitor.divergence import HIST_EDGES, LOGPROB_TOLERANCE, sequence_kl, summarize
+from monitor.divergence import _compiled as compiled_pass
 
 
 def make_batch(b: int, t: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,16 +82,16 @@ def naive_summary(policy: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> dict
 
 def switched(fn: Callable[[], Any], simd: bool = True, compiled: bool = True) -> Callable[[], Any]:
     """fn with the compiled kernel's AVX2 loop or the compiled kernel itself switched off."""
-    saved = divergence._compiled
+    saved = compiled_pass.extension
 
     def run() -> Any:
-        divergence._SIMD = simd
-        divergence._compiled = saved if compiled else None
+        compiled_pass.SIMD = simd
+        compiled_pass.extension = saved if compiled else None
         try:
             return fn()
         finally:
-            divergence._SIMD = True
-            divergence._compiled = saved
+            compiled_pass.SIMD = True
+            compiled_pass.extension = saved
 
     return run
 

@@ -15,7 +15,7 @@ writer's bulk path stores step rows, next to MLflow's ``log_batch`` measured in 
 3. ``--only dtypes``: blocking p50/p99 of ``log_step`` for a (256, 2048) batch given as numpy
    float32, torch float32 and torch bfloat16 (CPU; torch rows need torch installed), each
    next to its copy floor measured in the same run (copying the same arrays' raw bytes).
-4. ``--only watch``: wall time of a tiny TRL GRPO run (tests/trl_tiny.py, CPU) with and
+4. ``--only watch``: wall time of a tiny TRL GRPO run (tests/support/trl_tiny.py, CPU) with and
    without ``monitor.integrations.trl.watch``, interleaved, same seed: watch's overhead per
    training step (needs the ``trl`` extra).
 
@@ -294,7 +294,7 @@ def bench_watch(work: Path, steps: int, repeats: int) -> dict | None:
         print("  missing (the trl extra is not installed here)")
         return None
     sys.path.insert(0, str(REPO / "tests"))
-    from trl_tiny import build, sentences
+    from support.trl_tiny import build, sentences
 
     from monitor.integrations.trl import watch
 

@@ -239,19 +239,24 @@ def _item(batch: Any, wall: float) -> Any:
     return StepItem(
         step=batch.step,
         wall_time=wall,
-        policy_logprobs=batch.policy_logprobs,
-        ref_logprobs=batch.ref_logprobs,
-        mask=batch.mask,
-        rewards=batch.rewards,
-        kl_coef=batch.kl_coef,
-        texts=(_texts(batch.step, len(batch.rewards)), batch.texts),
-        tokens=batch.tokens,
-        metrics={
-            **batch.extras,
-            "loss/policy": float(-batch.rewards.mean() * 0.05),
-        },
+        **_logged(batch),
         extra={"rollout_logprobs": _rollout(batch), "entropies": batch.entropies},
     )
+
+
+def _logged(batch: Any) -> dict[str, Any]:
+    """What the demo logs of a simulated batch, besides the rollout log-probs and entropies
+    (the fields ``log_step`` and a writer StepItem share)."""
+    return {
+        "policy_logprobs": batch.policy_logprobs,
+        "ref_logprobs": batch.ref_logprobs,
+        "mask": batch.mask,
+        "rewards": batch.rewards,
+        "kl_coef": batch.kl_coef,
+        "texts": (_texts(batch.step, len(batch.rewards)), batch.texts),
+        "tokens": batch.tokens,
+        "metrics": {**batch.extras, "loss/policy": float(-batch.rewards.mean() * 0.05)},
+    }
 
 
 def _rollout(batch: Any) -> Any:
@@ -443,14 +448,7 @@ class LiveRun:
             try:
                 self._run.log_step(
                     batch.step,
-                    policy_logprobs=batch.policy_logprobs,
-                    ref_logprobs=batch.ref_logprobs,
-                    mask=batch.mask,
-                    rewards=batch.rewards,
-                    kl_coef=batch.kl_coef,
-                    texts=(_texts(batch.step, len(batch.rewards)), batch.texts),
-                    tokens=batch.tokens,
-                    metrics={**batch.extras, "loss/policy": float(-batch.rewards.mean() * 0.05)},
+                    **_logged(batch),
                     rollout_logprobs=_rollout(batch),
                     entropies=batch.entropies,
                 )

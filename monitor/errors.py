@@ -25,10 +25,5 @@ class NotFound(StoreError, LookupError):
     """A run, step or other record that was asked for does not exist."""
 
 
-class ConflictingWrite(StoreError):
-    """A write would silently change data that is already stored (e.g. a different payload
-    for an existing (run, step))."""
-
-
 class ConfigError(KlmonError):
     """A setting (environment variable, rules file, command-line option) is invalid."""

@@ -1,4 +1,7 @@
-"""Shared fixtures: every store test runs on SQLite and on the PostgreSQL at 127.0.0.1:5432.
+"""Shared fixtures: every store test runs on SQLite and on the PostgreSQL at 127.0.0.1:5432
+(``db_url``, ``db``); tests that need a database file of their own (a CLI, another process, a
+browser) take a migrated SQLite file (``sqlite_url``, ``sqlite_db``). Helpers that are not
+fixtures live in ``tests/support/``.
 
 PostgreSQL: one fresh database per test session (created from the ``test`` database, migrated
 to head, dropped at the end); tables are emptied before each test. Without a reachable server
@@ -13,13 +16,13 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from pg_cluster import ClusterUnavailable, ThrowawayCluster
 from sqlalchemy import text
+from support.db import migrate, migrated_sqlite
+from support.pg_cluster import ClusterUnavailable, ThrowawayCluster
 
 from monitor.store.database import Database
 from monitor.store.engine import make_engine
 from monitor.store.models import Base
-from monitor.store.schema import upgrade
 
 PG_ADMIN_URL = os.environ.get("KLMON_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("KLMON_REQUIRE_POSTGRES") == "1"
@@ -58,10 +61,7 @@ def pg_server_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def pg_migrated_url(pg_server_url: str) -> str:
-    engine = make_engine(pg_server_url)
-    upgrade(engine)
-    engine.dispose()
-    return pg_server_url
+    return migrate(pg_server_url)
 
 
 def _truncate_all(url: str) -> None:
@@ -76,11 +76,7 @@ def _truncate_all(url: str) -> None:
 def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
     """A migrated, empty klmon database, once on SQLite and once on PostgreSQL."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'klmon.db'}"
-        engine = make_engine(url)
-        upgrade(engine)
-        engine.dispose()
-        return url
+        return migrated_sqlite(tmp_path / "klmon.db")
     url = request.getfixturevalue("pg_migrated_url")
     _truncate_all(url)
     return url
@@ -89,6 +85,20 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
 @pytest.fixture
 def db(db_url: str) -> Iterator[Database]:
     database = Database.open(db_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """A migrated, empty SQLite file of this test's own (``tmp_path / "sqlite.db"``)."""
+    return migrated_sqlite(tmp_path / "sqlite.db")
+
+
+@pytest.fixture
+def sqlite_db(sqlite_url: str) -> Iterator[Database]:
+    """The open database of ``sqlite_url``."""
+    database = Database.open(sqlite_url)
     yield database
     database.dispose()
 

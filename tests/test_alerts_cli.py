@@ -7,13 +7,11 @@ import mailbox
 
 import pytest
 from click.testing import CliRunner
-from test_alerts_support import add_steps, new_run
+from support.alerts import add_steps, new_run
 
 from monitor.cli import main
 from monitor.cli.alerts_cmd import alerts_group
 from monitor.store.database import Database
-from monitor.store.engine import make_engine
-from monitor.store.schema import upgrade
 
 RULES = """
 [[rule]]
@@ -29,11 +27,8 @@ halflife_rows = 0.0
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'cli.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
+def env(sqlite_url, tmp_path, monkeypatch):
+    url = sqlite_url
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     for var in ("KLMON_SMTP_HOST", "KLMON_WEBHOOK_URL", "KLMON_ALERT_RULES"):

@@ -6,7 +6,7 @@ firing notices per (run, rule) per window, the rest held like a silence."""
 from __future__ import annotations
 
 import pytest
-from test_alerts_support import Clock, ListSender, add_steps, new_run, rules
+from support.alerts import TEST_DETECTORS, Clock, ListSender, add_steps, new_run, rules
 
 from monitor.alerts import AlertEngine, AlertSettings
 from monitor.errors import ConfigError
@@ -52,18 +52,13 @@ def test_a_claimed_row_is_skipped_until_its_lease_expires(db) -> None:
     assert store.claim_notifications(db, clock() + 1e6, claimed_by="c") == []
 
 
-def test_the_outbox_command_shows_who_holds_a_claim(tmp_path) -> None:
+def test_the_outbox_command_shows_who_holds_a_claim(sqlite_url: str) -> None:
     from click.testing import CliRunner
 
     from monitor.cli import main
     from monitor.store.database import Database
-    from monitor.store.engine import make_engine
-    from monitor.store.schema import upgrade
 
-    url = f"sqlite:///{tmp_path / 'outbox.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
+    url = sqlite_url
     db = Database.open(url)
     clock = Clock(now=__import__("time").time())
     _outbox_row(db, clock)
@@ -88,8 +83,6 @@ def test_the_lease_must_outlast_the_delivery_deadline() -> None:
 
 
 def _flapping_engine(db, clock: Clock, sender: ListSender, **settings) -> AlertEngine:
-    from test_alerts_support import TEST_DETECTORS
-
     return AlertEngine(
         db,
         rules(FLAPPY),

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_alerts_support import TEST_DETECTORS, Clock, add_steps, free_port, new_run, rules
+from support.alerts import TEST_DETECTORS, Clock, add_steps, free_port, new_run, rules
 
 from monitor.alerts import AlertEngine, AlertSettings
 from monitor.alerts.notify import senders_for
@@ -267,13 +267,11 @@ def test_a_stalled_smtp_session_delays_only_its_own_email(db) -> None:
 
 
 @pytest.mark.parametrize("mode", ["trickle", "hang"])
-def test_a_webhook_that_trickles_or_hangs_delays_only_its_own_notification(
-    sqlite_path_db, mode
-) -> None:
+def test_a_webhook_that_trickles_or_hangs_delays_only_its_own_notification(sqlite_db, mode) -> None:
     """Under `alerts watch`: the webhook is stuck on run `slow`'s notification (an answer
     one byte every 0.4 s, or none); both emails and run `fast`'s webhook arrive while it is
     stuck, and the stuck delivery ends at its deadline with the row waiting for a retry."""
-    db = sqlite_path_db
+    db = sqlite_db
     with inbox() as box, hook(mode, marker="proj/slow") as receiver:
         env = box.env(KLMON_WEBHOOK_URL=receiver.url, KLMON_ALERT_DELIVERY_DEADLINE="8")
         eng = engine_for(db, env)
@@ -300,20 +298,6 @@ def test_a_webhook_that_trickles_or_hangs_delays_only_its_own_notification(
     assert list(stuck["channel"]) == ["webhook"] and list(stuck["run_id"]) == [slow]
     assert "8 s delivery deadline" in stuck["last_error"].iloc[0]
     assert (out["status"] == "sent").sum() == 3
-
-
-@pytest.fixture
-def sqlite_path_db(tmp_path):
-    from monitor.store.engine import make_engine
-    from monitor.store.schema import upgrade
-
-    url = f"sqlite:///{tmp_path / 'faults.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    db = Database.open(url)
-    yield db
-    db.dispose()
 
 
 # ----------------------------------------------------------------------------- two watchers

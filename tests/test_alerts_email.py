@@ -10,8 +10,9 @@ import logging
 import mailbox
 
 import pytest
-from test_alerts_support import (
+from support.alerts import (
     T0,
+    TEST_DETECTORS,
     Clock,
     add_steps,
     free_port,
@@ -28,22 +29,8 @@ from monitor.errors import ConfigError
 from monitor.store import alerts as store
 from monitor.store.database import Database
 from monitor.store.drilldown import write_samples
-from monitor.store.engine import make_engine
-from monitor.store.schema import upgrade
 
 PASSWORD = "s3cr3t-hunter2-pw"
-TEST_DETECTORS = __import__("test_alerts_support").TEST_DETECTORS
-
-
-@pytest.fixture
-def sqlite_db(tmp_path):
-    url = f"sqlite:///{tmp_path / 'mail.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    db = Database.open(url)
-    yield db
-    db.dispose()
 
 
 def mail_engine(db: Database, env: dict[str, str], clock: Clock, **kw) -> AlertEngine:

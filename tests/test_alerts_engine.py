@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from test_alerts_support import (
+from support.alerts import (
     T0,
     Clock,
     ListSender,

@@ -7,7 +7,8 @@ import json
 
 import numpy as np
 from click.testing import CliRunner
-from test_alerts_support import T0, Clock, ListSender, new_run
+from support.alerts import T0, Clock, ListSender, add_steps, new_run
+from support.alerts import engine as alert_engine
 
 from monitor.alerts import AlertEngine, AlertSettings, load_rules, parse_rules
 from monitor.alerts.rules import RuleSet
@@ -146,13 +147,11 @@ level = 1.0
 def test_a_rule_cannot_re_fire_within_its_cool_down(db) -> None:
     """Fire at 2, resolved at 4 (two clear rows); the return at 7 is inside the 5-row
     cool-down, the one at 14 is not."""
-    from test_alerts_support import add_steps, engine
-
     sender = ListSender()
     run = new_run(db, "cool")
     kl = [0.5, 0.5, 2, 0.5, 0.5, 0.5, 0.5, 2, 2, 0.5, 0.5, 0.5, 0.5, 0.5, 2, 0.5]
     add_steps(db, run, 0, kl)
-    engine(db, Clock(), sender, COOLDOWN).run_once()
+    alert_engine(db, Clock(), sender, COOLDOWN).run_once()
     events = list_events(db, run_id=run, limit=None).sort_values("start_step")
     assert events["fired_step"].tolist() == [2, 14]
     assert events["end_step"].iloc[0] == 4

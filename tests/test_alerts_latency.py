@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from test_alerts_support import smtp_server
+from support.alerts import smtp_server
 
 from monitor.alerts import AlertEngine, AlertSettings, parse_rules
 from monitor.store.runs import get_or_create_run

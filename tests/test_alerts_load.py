@@ -12,8 +12,8 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
-from test_alerts_simulated import rows_of
-from test_alerts_support import Clock, ListSender
+from support.alerts import Clock, ListSender
+from support.db import rows_of
 
 from monitor.alerts import AlertEngine, AlertSettings, load_rules, parse_rules
 from monitor.alerts import engine as engine_mod
@@ -82,7 +82,7 @@ def _pass_after_late_steps(
     recorder.seen.clear()
     with monkeypatch.context() as m:
         if stale:
-            m.setattr(engine_mod.store, "runs_to_evaluate", lambda _db, _ids=None: listed)
+            m.setattr(engine_mod.alert_store, "runs_to_evaluate", lambda _db, _ids=None: listed)
         report = eng.run_once([run])
     assert report.steps_evaluated == 20
     assert evaluation_cursor(db, run) == 319

@@ -9,8 +9,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from realdata_alerts import CASES, fired_alerts, load
-from realdata_path import REALDATA
+from support.realdata_alerts import CASES, fired_alerts, load
+from support.realdata_path import REALDATA
 
 from monitor.cli import main
 from monitor.store.runs import resolve_run

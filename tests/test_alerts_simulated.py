@@ -8,36 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_alerts_support import T0, Clock, ListSender
+from support.alerts import T0, Clock, ListSender
+from support.db import rows_of
 
 from monitor.alerts import AlertEngine, AlertSettings, load_rules
 from monitor.alerts import engine as engine_mod
 from monitor.simulate import simulate_run
 from monitor.store.alerts import list_events
 from monitor.store.database import Database
-from monitor.store.engine import make_engine
 from monitor.store.runs import get_or_create_run
-from monitor.store.schema import upgrade
-from monitor.store.steps import STEP_COLUMNS, write_steps
-
-
-@pytest.fixture
-def sqlite_db(tmp_path):
-    url = f"sqlite:///{tmp_path / 'sim.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    db = Database.open(url)
-    yield db
-    db.dispose()
-
-
-def rows_of(df: pd.DataFrame) -> list[dict]:
-    keep = [c for c in df.columns if c in STEP_COLUMNS]
-    return [
-        {k: v for k, v in r.items() if not (isinstance(v, float) and np.isnan(v))}
-        for r in df[keep].to_dict("records")
-    ]
+from monitor.store.steps import write_steps
 
 
 def episodes(db: Database, run_id: int) -> list[tuple]:

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 
 import pytest
-from test_alerts_support import (
+from support.alerts import (
     TEST_DETECTORS,
     Clock,
     ListSender,
@@ -24,19 +24,6 @@ from monitor.alerts.notify_webhook import WebhookSender
 from monitor.errors import ConfigError
 from monitor.store import alerts as store
 from monitor.store.database import Database
-from monitor.store.engine import make_engine
-from monitor.store.schema import upgrade
-
-
-@pytest.fixture
-def sqlite_db(tmp_path):
-    url = f"sqlite:///{tmp_path / 'hook.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    db = Database.open(url)
-    yield db
-    db.dispose()
 
 
 def hook_engine(db: Database, url: str, clock: Clock, delays: list[float]) -> AlertEngine:

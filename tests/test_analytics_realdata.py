@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from realdata_path import REALDATA
+from support.realdata_path import REALDATA
 
 from monitor.analytics import DETECTORS, RunContext
 
@@ -82,7 +82,7 @@ def test_manual_ppo_kl_is_persistently_negative():
 
 def console(name: str) -> pd.DataFrame:
     """A TRL console log's printed dicts (string values); HF step = order of the dicts."""
-    from realdata_alerts import console_rows
+    from support.realdata_alerts import console_rows
 
     rows = [{**r, "step": i} for i, r in enumerate(console_rows(REALDATA / name), start=1)]
     return _table(rows, {"kl": "k3", "reward": "reward_mean", "completion_length": "resp_len_mean"})

@@ -9,8 +9,8 @@ import pytest
 from monitor.analytics import (
     RunContext,
     compute_trends,
-    ewma,
     forecast_crossing,
+    halflife_ewma,
     resolve_budget,
     rolling_slope,
 )
@@ -18,8 +18,8 @@ from monitor.analytics import (
 
 def test_ewma_is_causal_and_skips_nan():
     x = np.array([1.0, np.nan, 3.0, 5.0, 100.0])
-    full = ewma(x, 2.0)
-    assert np.allclose(ewma(x[:4], 2.0), full[:4])
+    full = halflife_ewma(x, 2.0)
+    assert np.allclose(halflife_ewma(x[:4], 2.0), full[:4])
     assert np.isfinite(full).all()
     assert full[1] == full[0] == 1.0
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 from click.testing import CliRunner
-from realdata_path import REALDATA
+from support.realdata_path import REALDATA
 
 from monitor.cli import main
 from monitor.ingest.importers import import_path

@@ -15,13 +15,13 @@ import numpy as np
 import plotly
 import pytest
 from click.testing import CliRunner
-from realdata_path import REALDATA
+from support.realdata_path import REALDATA
 
+from monitor.charts.specs import CHARTS
+from monitor.charts.view import View, parse_query, to_query
 from monitor.dashboard import DashboardSettings, create_app, ids
 from monitor.dashboard.app import render_page
 from monitor.dashboard.data import derive_status, user_message
-from monitor.dashboard.figures import CHARTS
-from monitor.dashboard.panel import View, parse_query, to_query
 from monitor.dashboard.settings import is_loopback
 from monitor.errors import ConfigError, DatabaseUnavailable, StoreError
 from monitor.ingest.importers import import_path

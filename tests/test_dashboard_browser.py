@@ -13,19 +13,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from realdata_path import REALDATA
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.common.by import By
+from support.realdata_path import REALDATA
 
 from monitor.dashboard import DashboardSettings, create_app
 from monitor.ingest.importers import import_path
 from monitor.store.database import Database
 from monitor.store.drilldown import add_annotation, write_histograms, write_samples
-from monitor.store.engine import make_engine
 from monitor.store.models import AlertEventRow
 from monitor.store.runs import get_or_create_run, set_run_status
-from monitor.store.schema import upgrade
 from monitor.store.steps import write_steps
 
 pytestmark = pytest.mark.browser
@@ -55,14 +53,9 @@ def _chromium() -> str | None:
 
 
 @pytest.fixture
-def db(tmp_path) -> Database:
-    url = f"sqlite:///{tmp_path / 'browser.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    database = Database.open(url)
-    yield database
-    database.dispose()
+def db(sqlite_db: Database) -> Database:
+    """The browser tests run on SQLite only: the app and the test share one file."""
+    return sqlite_db
 
 
 @pytest.fixture

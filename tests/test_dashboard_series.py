@@ -61,15 +61,9 @@ def test_choose_level() -> None:
         series.choose_level(10, 0)
 
 
-def test_spike_of_one_step_in_a_million_survives_full_zoom_out(tmp_path) -> None:
-    from monitor.store.engine import make_engine
-    from monitor.store.schema import upgrade
-
-    url = f"sqlite:///{tmp_path / 'big.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    db = Database.open(url)
+@pytest.mark.slow
+def test_spike_of_one_step_in_a_million_survives_full_zoom_out(sqlite_db: Database) -> None:
+    db = sqlite_db
     run = get_or_create_run(db, "p", "long")
     n = 1_000_000
     rng = np.random.default_rng(0)
@@ -93,7 +87,6 @@ def test_spike_of_one_step_in_a_million_survives_full_zoom_out(tmp_path) -> None
     assert z.level == 0 and len(z.frame) == 500 and z.frame["kl_mean"].max() == 42.0
     z = series.read_series(db, run.id, ["kl_mean"], start=652_000, end=655_999)
     assert z.level == series.BASE_LEVEL and z.combined()["kl_mean__max"].max() == 42.0
-    db.dispose()
 
 
 def test_rollups_built_while_a_run_grows_equal_a_fresh_build(db: Database, monkeypatch) -> None:

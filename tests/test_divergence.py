@@ -1,4 +1,4 @@
-"""monitor.divergence: the KL quantities of DESIGN.md, their input handling and their merge."""
+"""monitor.divergence: the KL quantities (docs/ARCHITECTURE.md), their input checks and merge."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from monitor.divergence import (
     sequence_kl,
     summarize,
 )
+from monitor.divergence import _compiled as compiled
+from monitor.divergence import _numpy_kernel as numpy_kernel
+from monitor.divergence import _passes as passes
 from monitor.errors import InvalidInput
 
 SCALARS = [
@@ -63,18 +66,18 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     """Every test runs on each token kernel: the C pass with its AVX2 loop, the C pass with its
     scalar loop, and the numpy fallback of installs built without a C compiler."""
     if request.param == "numpy":
-        monkeypatch.setattr(divergence, "_compiled", None)
-    elif divergence._compiled is None:
+        monkeypatch.setattr(compiled, "extension", None)
+    elif compiled.extension is None:
         pytest.skip("monitor._kernel was not built (no C compiler at install time)")
     elif request.param == "compiled-scalar":
-        monkeypatch.setattr(divergence, "_SIMD", False)
+        monkeypatch.setattr(compiled, "SIMD", False)
     return str(request.param)
 
 
 def test_kernel_names_the_pass_in_use(kernel: str) -> None:
     name = divergence.kernel()
     if kernel == "compiled-avx2":
-        assert name == ("c-avx2" if divergence._compiled.has_avx2() else "c-scalar")
+        assert name == ("c-avx2" if compiled.extension.has_avx2() else "c-scalar")
     else:
         assert name == {"compiled-scalar": "c-scalar", "numpy": "numpy"}[kernel]
 
@@ -94,6 +97,16 @@ def test_compiled_kernel_is_built_where_a_compiler_is() -> None:
         )
 
 
+def test_named_sums_cover_every_sum_of_the_compiled_pass(kernel: str) -> None:
+    """compiled.Sums names the C pass's sums in order: one name per sum, none left unnamed."""
+    if kernel != "compiled-avx2":
+        pytest.skip("one run is enough")
+    assert len(compiled.Sums._fields) == compiled.extension.N_SUMS
+    per_range = np.arange(2 * compiled.extension.N_SUMS, dtype=float).reshape(2, -1)
+    total = compiled.Sums.total(per_range)
+    assert total.sum_pos_l == per_range[:, 4].sum() and total.n_tokens == per_range[:, 7].sum()
+
+
 def batch(
     b: int = 12, t: int = 40, seed: int = 0, scale: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,7 +120,7 @@ def batch(
 
 
 def reference(p: np.ndarray, q: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-    """The definitions of DESIGN.md written plainly, in float64 with exact summation."""
+    """The definitions of docs/ARCHITECTURE.md written plainly, in float64 with exact summation."""
     rows = [np.asarray(p[i][mask[i]] - q[i][mask[i]], dtype=np.float64) for i in range(len(p))]
     seq = np.array([math.fsum(r) for r in rows])
     lt = np.concatenate(rows)
@@ -167,7 +180,7 @@ def test_matches_plain_definitions() -> None:
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Many row chunks even for small test batches."""
-    monkeypatch.setattr(divergence, "_CHUNK_POSITIONS", 2048)
+    monkeypatch.setattr(numpy_kernel, "CHUNK_POSITIONS", 2048)
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -177,7 +190,7 @@ def test_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_matches_reference(s, reference(p, q, mask), rtol=1e-9)
     again = summarize(p, q, mask)
     assert again.as_dict() == s.as_dict()  # deterministic
-    monkeypatch.setattr(divergence, "_CHUNK_POSITIONS", 1 << 20)
+    monkeypatch.setattr(numpy_kernel, "CHUNK_POSITIONS", 1 << 20)
     one_chunk = summarize(p, q, mask)
     assert_close_summaries(one_chunk, s, rtol=1e-12)
     np.testing.assert_array_equal(one_chunk.token_hist, s.token_hist)
@@ -203,8 +216,8 @@ def test_regimes_of_l_and_threads(
 ) -> None:
     """Every path of the top-1% search and of the tail handling, on one and on two threads
     (the batch is split between them whatever its size here)."""
-    monkeypatch.setattr(divergence, "_PARALLEL_MIN_POSITIONS", 0 if threads == 2 else 1 << 60)
-    monkeypatch.setattr(divergence, "_CHUNK_POSITIONS", 4096)  # several numpy chunks too
+    monkeypatch.setattr(passes, "PARALLEL_MIN_POSITIONS", 0 if threads == 2 else 1 << 60)
+    monkeypatch.setattr(numpy_kernel, "CHUNK_POSITIONS", 4096)  # several numpy chunks too
     rng = np.random.default_rng(17)
     b, t = 40, 257
     mask = np.arange(t)[None, :] < rng.integers(1, t + 1, b)[:, None]
@@ -224,7 +237,7 @@ def test_k3_polynomial_matches_its_function(dtype: type, bound: float) -> None:
     relative error bounds the error of k3 there."""
     x = np.linspace(-0.5, 0.5, 20_001)
     exact = sum((-x) ** n / math.factorial(n + 2) for n in range(30))
-    approx = np.polynomial.polynomial.polyval(x, divergence._K3_POLY[np.dtype(dtype)])
+    approx = np.polynomial.polynomial.polyval(x, passes.K3_POLY[np.dtype(dtype)])
     assert np.max(np.abs(approx - exact) / exact) < bound
 
 
@@ -654,7 +667,7 @@ def test_top_share_exact_when_the_sampled_level_misses(
     too few tokens reach it, every positive l is gathered instead: still exact."""
     if kernel == "numpy":
         pytest.skip("the numpy kernel does not sample a level")
-    monkeypatch.setattr(divergence, "_sampled_level", lambda *a: 1e9)
+    monkeypatch.setattr(compiled, "_sampled_level", lambda *a: 1e9)
     rng = np.random.default_rng(4)
     p = -rng.gamma(0.7, 3.0, (30, 200))
     q = np.minimum(p - 0.01 * rng.standard_t(3, p.shape), 0.0)
@@ -667,7 +680,7 @@ def test_top_share_exact_when_the_sampled_level_misses(
 
 def _two_range_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Large enough that summarize splits it between two threads."""
-    rows = -(-divergence._PARALLEL_MIN_POSITIONS // 512) + 2
+    rows = -(-passes.PARALLEL_MIN_POSITIONS // 512) + 2
     return batch(b=rows, t=512, seed=21)
 
 
@@ -742,8 +755,8 @@ def test_compiled_pass_refuses_buffers_that_do_not_fit(kernel: str, tmp_path: An
         pytest.skip("one run is enough: it calls monitor._kernel directly")
     code = """
 import numpy as np, monitor._kernel as K
-from monitor.divergence import _K3_POLY
-coef = _K3_POLY[np.dtype(np.float64)]
+from monitor.divergence._passes import K3_POLY
+coef = K3_POLY[np.dtype(np.float64)]
 z, seq, sums = np.zeros(4), np.zeros(1), np.zeros(8)
 hist, cand = np.zeros(80, np.int64), np.zeros(4)
 cases = [

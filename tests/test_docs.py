@@ -95,3 +95,20 @@ def test_the_two_commands_on_a_fresh_machine() -> None:
 def test_screenshot_is_there_and_shown() -> None:
     assert "](docs/screenshot.png)" in README
     assert (ROOT / "docs" / "screenshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+ARCHITECTURE = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+
+
+def test_every_path_the_architecture_map_names_exists() -> None:
+    """docs/ARCHITECTURE.md is the map of the code: a path it names that no longer exists
+    means the map went stale (move the module, update the map in the same commit)."""
+    roots = "|".join(("monitor", "tests", "benchmarks", "migrations", "docs", "docker"))
+    named = set(re.findall(rf"`((?:{roots})/[\w./-]*)`", ARCHITECTURE))
+    assert len(named) >= 30, "the map names too few paths: did the pattern break?"
+    missing = sorted(p for p in named if not (ROOT / p.rstrip("/")).exists())
+    assert not missing, f"docs/ARCHITECTURE.md names paths that do not exist: {missing}"
+
+
+def test_the_readme_points_to_the_architecture_map() -> None:
+    assert "docs/ARCHITECTURE.md" in README

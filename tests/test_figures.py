@@ -10,7 +10,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from monitor.dashboard import figures as F
+from monitor.charts import figures as F
+from monitor.charts import palette as P
+from monitor.charts import specs as S
+from monitor.charts import tables as T
 
 
 def decode(arr: object) -> np.ndarray:
@@ -100,8 +103,8 @@ def test_bucketed_chart_keeps_the_spike_and_sends_only_y() -> None:
     kl = np.full(len(steps), 1.0)
     kl[54_321] = 50.0
     frame = bucket_frame(steps, 8, kl_mean=kl, kl_p05=kl - 0.5, kl_p95=kl + 0.5)
-    run = F.RunData(3, "run <b>one</b>", F.run_color(0), 8, frame, empty_like(frame))
-    fig = F.time_chart(F.CHARTS_BY_KEY["kl"], [run], smooth=0.0)
+    run = F.RunData(3, "run <b>one</b>", P.run_color(0), 8, frame, empty_like(frame))
+    fig = F.time_chart(S.CHARTS_BY_KEY["kl"], [run], smooth=0.0)
     assert isinstance(fig, go.Figure)
     data = traces(fig)
     line = next(t for t in data if t.get("showlegend", True) and t.get("name"))
@@ -117,7 +120,7 @@ def test_bucketed_chart_keeps_the_spike_and_sends_only_y() -> None:
     # the figure serialises compactly: typed arrays, no default template
     payload = fig.to_json()
     assert '"bdata"' in payload and len(payload) < 20_000
-    assert F.time_chart(F.CHARTS_BY_KEY["kl"], [run], as_dict=True)["layout"]["template"] == {}
+    assert F.time_chart(S.CHARTS_BY_KEY["kl"], [run], as_dict=True)["layout"]["template"] == {}
 
 
 def test_raw_chart_smoothing_and_tail_traces_for_live_updates() -> None:
@@ -126,7 +129,7 @@ def test_raw_chart_smoothing_and_tail_traces_for_live_updates() -> None:
     frame = raw_frame(steps[:100], kl_mean=kl[:100])
     tail = raw_frame(steps[100:], kl_mean=kl[100:])
     run = F.RunData(7, "r7", "#123456", 0, frame, tail)
-    fig = F.time_chart(F.CHARTS_BY_KEY["kl"], [run], smooth=0.6, as_dict=True)
+    fig = F.time_chart(S.CHARTS_BY_KEY["kl"], [run], smooth=0.6, as_dict=True)
     data = fig["data"]
     hist_raw = data[0]
     assert hist_raw["x0"] == 0 and hist_raw["dx"] == 2  # evenly spaced raw steps
@@ -161,7 +164,7 @@ def test_wall_time_axis_uses_dates_and_markers_sit_on_the_axis() -> None:
         }
     )
     fig = F.time_chart(
-        F.CHARTS_BY_KEY["reward"], [run], xmode="wall", markers=markers, as_dict=True
+        S.CHARTS_BY_KEY["reward"], [run], xmode="wall", markers=markers, as_dict=True
     )
     assert fig["layout"]["xaxis"]["type"] == "date"
     assert decode(fig["data"][0]["x"])[0] == pytest.approx(1.7e12)
@@ -175,7 +178,7 @@ def test_wall_time_axis_uses_dates_and_markers_sit_on_the_axis() -> None:
 def test_chart_without_data_says_so() -> None:
     frame = raw_frame(np.arange(5), kl_mean=np.arange(5.0))
     run = F.RunData(1, "a", "#1f77b4", 0, frame, empty_like(frame))
-    fig = F.time_chart(F.CHARTS_BY_KEY["rollout_gap"], [run], as_dict=True)
+    fig = F.time_chart(S.CHARTS_BY_KEY["rollout_gap"], [run], as_dict=True)
     assert fig["data"] == []
     assert fig["layout"]["annotations"][0]["text"] == "no data for these runs"
 
@@ -211,28 +214,28 @@ def test_live_points_keep_extremes_of_each_bucket() -> None:
 
 def test_metric_charts_name_the_source_meaning() -> None:
     info = {"source": "trl-grpo", "estimator": "k3", "scale": "token-mean", "quantity": None}
-    spec = F.metric_chart(0, "kl", info)
+    spec = S.metric_chart(0, "kl", info)
     assert spec.key == "m0"
     assert spec.y_title == "kl (from trl-grpo, estimator k3, scale token-mean)"
-    assert F.metric_axis_title("loss", None) == "loss (as logged)"
-    assert F.metric_chart(1, "x", {"description": "a note"}).title == "Metric x: a note"
+    assert S.metric_axis_title("loss", None) == "loss (as logged)"
+    assert S.metric_chart(1, "x", {"description": "a note"}).title == "Metric x: a note"
 
 
 # --------------------------------------------------------------------------- run page
 
 
 def test_good_day_tokens_carry_the_divergence() -> None:
-    """DESIGN.md's example: 'Good' (-0.8 vs -1.5) and 'day' (-0.4 vs -2.1): 0.7 + 1.7 = 2.4."""
-    cells = F.token_cells(["Good", " day"], [-0.8, -0.4], [-1.5, -2.1])
+    """The example of docs/ARCHITECTURE.md: 'Good' (-0.8 vs -1.5), 'day' (-0.4 vs -2.1): 2.4."""
+    cells = T.token_cells(["Good", " day"], [-0.8, -0.4], [-1.5, -2.1])
     assert [round(c.diff, 6) for c in cells] == [0.7, 1.7]
     assert round(sum(c.diff for c in cells), 6) == 2.4
     assert all(c.color.startswith("rgba(214,39,40") for c in cells)  # red: policy prefers
-    assert F.diverging_color(-1.0).startswith("rgba(31,119,180")
-    top = F.top_tokens(cells)
+    assert T.diverging_color(-1.0).startswith("rgba(31,119,180")
+    top = T.top_tokens(cells)
     assert top["token"].tolist() == [" day", "Good"]
     assert top.columns.tolist() == ["position", "token", "log p", "log q", "difference"]
     # missing token strings fall back to positions
-    assert F.token_cells(None, [-1.0], [-1.0])[0].text == "#0"
+    assert T.token_cells(None, [-1.0], [-1.0])[0].text == "#0"
 
 
 def test_histogram_heatmap_and_alert_timeline() -> None:
@@ -266,9 +269,9 @@ def test_histogram_heatmap_and_alert_timeline() -> None:
 
 
 def test_sparkline_and_comparison_table() -> None:
-    assert F.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == F.SPARK_CHARS
-    assert F.sparkline([np.nan]) == ""
-    assert F.sparkline([2.0, 2.0]) == F.SPARK_CHARS[3] * 2
+    assert T.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == T.SPARK_CHARS
+    assert T.sparkline([np.nan]) == ""
+    assert T.sparkline([2.0, 2.0]) == T.SPARK_CHARS[3] * 2
     runs = [
         {
             "label": "a (#1)",
@@ -285,7 +288,7 @@ def test_sparkline_and_comparison_table() -> None:
             "tags": ["x"],
         },
     ]
-    df = F.comparison_table(runs)
+    df = T.comparison_table(runs)
     differs = dict(zip(df["field"], df["differs"], strict=True))
     assert differs["config.opt.lr"] and differs["config.seed"]
     assert not differs["config.kl_coef"] and not differs["tags"]
@@ -334,7 +337,7 @@ def grpo_like(run_id: int, steps: np.ndarray, k3: np.ndarray, color: str = "#d62
 def test_kl_chart_draws_a_runs_per_token_kl_when_it_has_no_kl_mean() -> None:
     k3 = np.array([0.001, 0.002, 0.004, 17.8, 0.003])
     run = grpo_like(1, np.arange(10, 60, 10), k3)
-    fig = F.time_chart(F.CHARTS_BY_KEY["kl"], [run], as_dict=True)
+    fig = F.time_chart(S.CHARTS_BY_KEY["kl"], [run], as_dict=True)
     line = next(t for t in fig["data"] if t.get("name") and t.get("showlegend", True))
     assert decode(line["y"]).tolist() == pytest.approx(k3.tolist(), rel=1e-6)
     assert line["name"] == "grpo1"  # one quantity: named in the axis title
@@ -342,7 +345,7 @@ def test_kl_chart_draws_a_runs_per_token_kl_when_it_has_no_kl_mean() -> None:
     assert fig["layout"]["yaxis"]["title"]["text"] == "KL, nats per token (k3 from kl)"
     assert not any(t.get("fill") for t in fig["data"])  # the p05-p95 band is kl_mean's
     assert fig["layout"]["title"]["text"] == "KL to the reference"
-    assert F.chart_has_data(F.CHARTS_BY_KEY["kl"], [run])
+    assert F.chart_has_data(S.CHARTS_BY_KEY["kl"], [run])
 
 
 def test_kl_chart_puts_per_token_runs_on_their_own_axis_beside_kl_mean() -> None:
@@ -352,7 +355,7 @@ def test_kl_chart_puts_per_token_runs_on_their_own_axis_beside_kl_mean() -> None
     )
     live = F.RunData(1, "ppo", "#1f77b4", 0, live_frame, empty_like(live_frame))
     grpo = grpo_like(2, steps, np.full(20, 0.01))
-    fig = F.time_chart(F.CHARTS_BY_KEY["kl"], [live, grpo], as_dict=True)
+    fig = F.time_chart(S.CHARTS_BY_KEY["kl"], [live, grpo], as_dict=True)
     named = {t["name"]: t for t in fig["data"] if t.get("name") and t.get("showlegend", True)}
     assert set(named) == {"ppo · kl_mean, nats/seq", "grpo2 · k3 from kl, nats/token"}
     assert named["grpo2 · k3 from kl, nats/token"].get("yaxis") == "y3"
@@ -371,12 +374,12 @@ def test_log_toggle_sets_log_axes_on_kl_charts_only() -> None:
     steps = np.arange(10, 60, 10)
     run = grpo_like(1, steps, np.array([0.001, 0.002, 0.004, 17.8, 0.003]))
     for key in ("kl", "estimators"):
-        fig = F.time_chart(F.CHARTS_BY_KEY[key], [run], log_y=True, as_dict=True)
+        fig = F.time_chart(S.CHARTS_BY_KEY[key], [run], log_y=True, as_dict=True)
         assert fig["layout"]["yaxis"]["type"] == "log"
         assert fig["layout"]["yaxis"]["title"]["text"].endswith(" (log scale)")
-        lin = F.time_chart(F.CHARTS_BY_KEY[key], [run], as_dict=True)
+        lin = F.time_chart(S.CHARTS_BY_KEY[key], [run], as_dict=True)
         assert "type" not in lin["layout"]["yaxis"]
-    reward = F.time_chart(F.CHARTS_BY_KEY["reward"], [run], log_y=True, as_dict=True)
+    reward = F.time_chart(S.CHARTS_BY_KEY["reward"], [run], log_y=True, as_dict=True)
     assert "type" not in reward["layout"]["yaxis"]
 
 
@@ -388,7 +391,7 @@ def test_frontier_uses_whatever_kl_a_run_has_and_says_which() -> None:
     assert fig["data"][0]["name"] == "grpo1 · sqrt(k3 from kl)"
     assert fig["layout"]["xaxis"]["title"]["text"] == "sqrt(KL): k3 from kl, sqrt(nats per token)"
     assert F.tail_traces(fig)[0]["col"] == "k3"  # live updates extend from k3
-    assert F.chart_has_data(F.CHARTS_BY_KEY["frontier"], [run])
+    assert F.chart_has_data(S.CHARTS_BY_KEY["frontier"], [run])
     no_reward = F.RunData(
         2,
         "b",
@@ -400,14 +403,14 @@ def test_frontier_uses_whatever_kl_a_run_has_and_says_which() -> None:
         "k3",
         "k3",
     )
-    assert not F.chart_has_data(F.CHARTS_BY_KEY["frontier"], [no_reward])
+    assert not F.chart_has_data(S.CHARTS_BY_KEY["frontier"], [no_reward])
 
 
 def test_charts_without_data_for_any_run_are_found() -> None:
     run = grpo_like(1, np.arange(5), np.full(5, 0.01))
-    empty = [c.key for c in F.CHARTS if not F.chart_has_data(c, [run])]
+    empty = [c.key for c in S.CHARTS if not F.chart_has_data(c, [run])]
     assert empty == ["nll", "length", "concentration", "rollout_gap"]
-    assert all(F.CHARTS_BY_KEY[k].fills for k in empty)  # each says what would fill it
+    assert all(S.CHARTS_BY_KEY[k].fills for k in empty)  # each says what would fill it
     other = F.RunData(
         2,
         "b",
@@ -416,7 +419,7 @@ def test_charts_without_data_for_any_run_are_found() -> None:
         raw_frame(np.arange(3), policy_nll=np.ones(3)),
         empty_like(raw_frame(np.arange(3))),
     )
-    assert F.chart_has_data(F.CHARTS_BY_KEY["nll"], [run, other])  # one run is enough
+    assert F.chart_has_data(S.CHARTS_BY_KEY["nll"], [run, other])  # one run is enough
 
 
 def test_every_chart_of_a_panel_spans_the_same_x_extent() -> None:
@@ -430,10 +433,10 @@ def test_every_chart_of_a_panel_spans_the_same_x_extent() -> None:
     assert F.x_extent([a, b], "wall") == (pytest.approx(1.7e12), pytest.approx((1.7e9 + 500) * 1e3))
     assert F.x_extent([]) is None
     for key in ("kl", "reward", "nll"):
-        fig = F.time_chart(F.CHARTS_BY_KEY[key], [a, b], x_extent=(0.0, 250.0), as_dict=True)
+        fig = F.time_chart(S.CHARTS_BY_KEY[key], [a, b], x_extent=(0.0, 250.0), as_dict=True)
         assert fig["layout"]["xaxis"]["autorangeoptions"] == {"include": [0.0, 250.0]}
     zoomed = F.time_chart(
-        F.CHARTS_BY_KEY["kl"], [a, b], x_range=[20, 40], x_extent=(0.0, 250.0), as_dict=True
+        S.CHARTS_BY_KEY["kl"], [a, b], x_range=[20, 40], x_extent=(0.0, 250.0), as_dict=True
     )
     assert zoomed["layout"]["xaxis"]["range"] == [20, 40]
     assert "autorangeoptions" not in zoomed["layout"]["xaxis"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from realdata_path import REALDATA
+from support.realdata_path import REALDATA
 
 from monitor.ingest.importers import import_path, parse_map, prepare_path
 from monitor.store.database import Database

@@ -22,7 +22,7 @@ def test_token_log_is_summarised_by_step() -> None:
     assert (p.fmt, p.producer) == ("tokens", "klmon")
     steps = {r["step"]: r for r in p.steps}
     assert sorted(steps) == [0, 1]
-    # DESIGN.md's example: 'Good' (p -0.8, q -1.5) and 'day' (p -0.4, q -2.1) -> 2.4 nats;
+    # docs/ARCHITECTURE.md's example: 'Good' (p -0.8, q -1.5), 'day' (p -0.4, q -2.1) -> 2.4 nats;
     # the masked <pad> token (ref NaN) is dropped before subtracting.
     assert steps[0]["kl_mean"] == pytest.approx((2.4 + 0.1 + 0.5) / 3)
     assert steps[0]["kl_max"] == pytest.approx(2.4)

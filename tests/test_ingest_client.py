@@ -387,3 +387,92 @@ def test_validate_shapes_defers_value_checks_to_the_background(db_url: str, tmp_
     row = read_steps(db, run.id).iloc[0]
     assert row["status"] == "rejected" and "log-probability" in row["reject_reason"]
     db.dispose()
+
+
+# --- one validator: the client reads and refuses input as monitor.divergence does --------------
+
+
+def _build(**kw):
+    from monitor.ingest.step_input import StepArgs, build_item
+
+    return build_item(0, 0.0, StepArgs(**kw))
+
+
+def _refusal(fn) -> str:
+    with pytest.raises(InvalidInput) as info:
+        fn()
+    return str(info.value)
+
+
+def _with(name: str, pos, value):
+    def change(args: dict) -> dict:
+        a = np.array(args[name], dtype=np.float64)
+        a[pos] = value
+        return {**args, name: a}
+
+    return change
+
+
+ONE_MESSAGE_CASES = {
+    "nan under the mask": _with("policy_logprobs", (1, 0), np.nan),
+    "positive log-prob": _with("ref_logprobs", (2, 3), 0.5),
+    "mask of 0.5": lambda a: {**a, "mask": a["mask"] * 0.5},
+    "mask shape": lambda a: {**a, "mask": a["mask"][:, :-1]},
+    "ref shape": lambda a: {**a, "ref_logprobs": a["ref_logprobs"][:-1]},
+    "strings": lambda a: {**a, "policy_logprobs": a["policy_logprobs"].astype(str)},
+    "negative entropy": lambda a: {**a, "entropies": np.where(a["mask"], -0.5, 0.0)},
+    "positive rollout": lambda a: {**a, "rollout_logprobs": a["policy_logprobs"] + 2.0},
+    "one sequence": lambda a: {
+        "policy_logprobs": np.array([-1.0, np.inf]),
+        "ref_logprobs": np.array([-1.0, -1.0]),
+    },
+    "ragged lengths": lambda a: {
+        "policy_logprobs": [np.array([-1.0]), np.array([-1.0, -2.0, -3.0])],
+        "ref_logprobs": [np.array([-1.0]), np.array([-1.0, -2.0])],
+    },
+    "ragged nan": lambda a: {
+        "policy_logprobs": [[-1.0], [-1.0, -2.0, np.nan]],
+        "ref_logprobs": [[-1.0], [-1.0, -2.0, -3.0]],
+    },
+    "rewards": lambda a: {**a, "rewards": np.where(np.arange(8) == 3, np.nan, 0.0)},
+    "kl_coef": lambda a: {**a, "kl_coef": float("inf")},
+}
+
+
+@pytest.mark.parametrize("change", ONE_MESSAGE_CASES.values(), ids=ONE_MESSAGE_CASES.keys())
+def test_the_client_refuses_bad_input_with_divergences_message(change) -> None:
+    """log_step's checks at the call are monitor.divergence's: same verdict, same words."""
+    lp, ref, mask = batch()
+    args = change({"policy_logprobs": lp, "ref_logprobs": ref, "mask": mask})
+    at_the_call = _refusal(lambda: _build(**args))
+    assert at_the_call == _refusal(lambda: divergence.summarize(**args))
+
+
+def test_a_list_of_equal_length_sequences_is_the_array_it_lists() -> None:
+    lp, ref, _ = batch()
+    dense = _build(policy_logprobs=lp, ref_logprobs=ref)
+    listed = _build(policy_logprobs=list(lp), ref_logprobs=[r.tolist() for r in ref])
+    assert listed.mask is None and listed.policy_logprobs.dtype == dense.policy_logprobs.dtype
+    np.testing.assert_array_equal(listed.policy_logprobs, dense.policy_logprobs)
+    np.testing.assert_array_equal(listed.ref_logprobs, ref.astype(np.float64))
+
+
+def test_ragged_optional_inputs_are_lists_of_sequences_like_the_log_probs() -> None:
+    lp = [[-0.8, -0.4], [-1.0, -0.2, -0.3]]
+    item = _build(
+        policy_logprobs=lp, ref_logprobs=lp, rollout_logprobs=lp, entropies=[[0.1, 0.2], [0.3] * 3]
+    )
+    assert item.mask.tolist() == [[True, True, False], [True, True, True]]
+    assert item.extra["rollout_logprobs"].shape == item.extra["entropies"].shape == (2, 3)
+
+
+def test_bfloat16_arrays_are_widened_to_float32_as_divergence_reads_them() -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes not installed: no bfloat16")
+    lp, ref, mask = batch()
+    item = _build(
+        policy_logprobs=lp.astype(ml_dtypes.bfloat16),
+        ref_logprobs=ref.astype(ml_dtypes.bfloat16),
+        mask=mask,
+    )
+    assert item.policy_logprobs.dtype == item.ref_logprobs.dtype == np.float32
+    np.testing.assert_array_equal(item.policy_logprobs, lp.astype(ml_dtypes.bfloat16))

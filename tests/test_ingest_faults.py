@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from pg_cluster import ThrowawayCluster
+from support.db import down_url, migrated_sqlite
+from support.pg_cluster import ThrowawayCluster
 
 import monitor
 from monitor.cli import main as cli
@@ -37,13 +38,6 @@ def batch(seed: int, b: int = 4, t: int = 12):
     lp = -rng.exponential(1.0, (b, t)).astype(np.float32)
     ref = np.minimum(lp + rng.normal(0, 0.3, (b, t)).astype(np.float32), 0.0)
     return lp, ref, np.ones((b, t), dtype=bool)
-
-
-def down_url(db_url: str, tmp_path: Path) -> str:
-    """A URL of the same kind that cannot be reached."""
-    if db_url.startswith("sqlite"):
-        return f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'x.db'}"
-    return "postgresql://postgres@127.0.0.1:1/nowhere"
 
 
 def log_steps(run: monitor.Run, steps, latencies: list[float] | None = None) -> None:
@@ -104,14 +98,8 @@ def test_sync_help_has_an_example() -> None:
 
 
 def test_sqlite_locked_mid_run_blocks_nothing_and_loses_nothing(tmp_path) -> None:
-    from monitor.store.engine import make_engine
-    from monitor.store.schema import upgrade
-
     path = tmp_path / "locked.db"
-    url = f"sqlite:///{path}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
+    url = migrated_sqlite(path)
     run = monitor.init("proj", "locked", db=url, spool_dir=tmp_path / "sp", flush_interval=0.01)
     log_steps(run, range(10))
     assert run.flush(20)
@@ -251,15 +239,10 @@ WORKER = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_eight_processes_one_sqlite_file_with_a_reader(tmp_path) -> None:
-    from monitor.store.engine import make_engine
+def test_eight_processes_one_sqlite_file_with_a_reader(sqlite_url: str, tmp_path) -> None:
     from monitor.store.runs import list_runs
-    from monitor.store.schema import upgrade
 
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
+    url = sqlite_url
     steps = 25
     code = WORKER.format(url=url, spool=str(tmp_path / "sp"), steps=steps)
     reader_errors: list[BaseException] = []
@@ -380,6 +363,7 @@ EXITING = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["pass", "raise SystemExit(3)", "raise RuntimeError('boom')"])
 def test_exit_with_the_database_down_is_quick_and_keeps_the_steps(
     ending: str, db_url: str, tmp_path

@@ -207,6 +207,7 @@ _step_input = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=25,
     deadline=None,
@@ -249,7 +250,7 @@ def test_sync_stores_a_spool_file_with_surrogates_and_nul_and_goes_on(
     """A spool file written before the boundary cleaned text (or edited by hand): sync
     cleans it on the way in and replays every file."""
     from click.testing import CliRunner
-    from test_ingest_faults import down_url
+    from support.db import down_url
 
     from monitor.cli import main
     from monitor.ingest.spool import encode_record, spool_files

@@ -52,7 +52,7 @@ def test_sync_dead_letters_a_record_the_database_refuses_and_replays_the_rest(
     db_url: str, tmp_path
 ) -> None:
     from click.testing import CliRunner
-    from test_ingest_faults import down_url
+    from support.db import down_url
 
     from monitor.cli import main
     from monitor.ingest.spool import SpoolRecord, encode_record, iter_records, spool_files

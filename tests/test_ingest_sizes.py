@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.db import migrated_sqlite
 
 import monitor
 from monitor.errors import InvalidInput
@@ -49,17 +50,13 @@ def test_a_step_above_the_limit_is_refused_at_the_call_before_any_copy(tmp_path)
         run.log_step(0, policy_logprobs=huge, ref_logprobs=huge)
     with pytest.raises(InvalidInput, match=f"at most {writer_mod.STEP_VALUES_MAX}"):
         run.log_step(0, policy_logprobs=huge[:1], ref_logprobs=huge)
-    run.finish(timeout=0.1)
+    # Wait for the writer (it creates the schema): Alembic is not thread-safe, and a
+    # migration left running here would collide with the next test's own.
+    run.finish(timeout=30)
 
 
-def test_a_1024_by_32768_float32_step_does_not_stall_the_writer(tmp_path) -> None:
-    url = f"sqlite:///{tmp_path}/x.db"
-    from monitor.store.engine import make_engine
-    from monitor.store.schema import upgrade
-
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
+def test_a_1024_by_32768_float32_step_does_not_stall_the_writer(sqlite_url: str, tmp_path) -> None:
+    url = sqlite_url
     run = monitor.init("sizes", "huge", db=url, spool_dir=tmp_path / "spool", flush_interval=0.01)
     run.log_step(0, **_batch(0))  # the queue is not empty when the huge step comes
     rng = np.random.default_rng(0)
@@ -93,13 +90,7 @@ def test_random_step_sizes_never_stall_the_writer_and_later_steps_arrive(
     monkeypatch.setattr(spool_mod, "MAX_RECORD_BYTES", 64 * 1024)
     monkeypatch.setattr(writer_mod, "SPILL_MAX_BYTES", 16 * 1024)
     name = f"prop-{uuid.uuid4().hex[:8]}"
-    url = f"sqlite:///{tmp_path}/{name}.db"
-    from monitor.store.engine import make_engine
-    from monitor.store.schema import upgrade
-
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
+    url = migrated_sqlite(tmp_path / f"{name}.db")  # one database per example
     run = monitor.init(
         "sizes",
         name,

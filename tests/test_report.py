@@ -24,8 +24,6 @@ from monitor.report.markdown import md_code
 from monitor.store.database import Database
 from monitor.store.drilldown import read_samples
 
-pytest.importorskip("monitor.dashboard", reason="the report reuses the dashboard's figures")
-
 EVIL = "<script>alert('x')</script>|*evil*"
 EVIL_HTML = "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;|*evil*"
 EXTERNAL = re.compile(
@@ -114,6 +112,41 @@ def test_html_report_step_range(demo_db: str) -> None:
     assert all(40 <= s.step <= 50 for s in run.samples)
     assert run.series["step"].min() >= 40 and run.series["step_end"].max() <= 50
     assert "steps 40 to 50" in page
+
+
+@pytest.mark.parametrize(("start", "end"), [(None, None), (20, 50)])
+def test_html_report_charts_are_the_compare_pages(
+    demo_db: str, start: int | None, end: int | None
+) -> None:
+    """The report reads the store itself (no dashboard import), yet draws exactly the
+    figures the Compare page draws from the dashboard's cached reads: lines, bands and the
+    alert and note markers."""
+    import json
+
+    from monitor.charts.panel import build_panel, panel_specs
+    from monitor.charts.view import View
+    from monitor.dashboard.data import DashboardData
+    from monitor.report.panel_source import StorePanelSource
+
+    db = Database.open(demo_db)
+    ids = sorted(_ids(demo_db).values())
+    view = View(runs=tuple(ids), start=start, end=end)
+    specs = panel_specs(view, {})
+    labels = {i: f"run {i}" for i in ids}
+    built = [
+        build_panel(source, view, specs, labels=labels, max_buckets=600)
+        for source in (DashboardData(db), StorePanelSource(db))
+    ]
+    markers = [
+        (source.alert_markers(ids), source.note_markers(ids))
+        for source in (DashboardData(db), StorePanelSource(db))
+    ]
+    db.dispose()
+    assert not markers[0][0].empty and not markers[0][1].empty  # the demo has both
+    assert markers[0][0].equals(markers[1][0]) and markers[0][1].equals(markers[1][1])
+    dashboard, report = (json.dumps(b.figures, sort_keys=True, default=str) for b in built)
+    assert dashboard == report
+    assert built[0].empty == built[1].empty
 
 
 def test_markdown_report_writes_referenced_pngs(demo_db: str, tmp_path: Path) -> None:

@@ -76,6 +76,7 @@ def _upgrade_after(barrier: Barrier, url: str, results: Queue) -> None:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_concurrent_upgrades_of_a_fresh_database_are_serialised(empty_db_url: str) -> None:
     """Four processes upgrade one empty database at the same moment: one creates the schema,
     the others wait for it and find it at head; none sees a catalog error."""

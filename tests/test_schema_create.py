@@ -105,3 +105,26 @@ def test_a_database_with_foreign_tables_is_not_touched(empty_db_url: str) -> Non
         Database.open(empty_db_url, create=True)
     assert current_revision(engine) is None
     engine.dispose()
+
+
+def test_two_threads_creating_two_new_databases_at_once_each_get_their_own_schema(
+    tmp_path,
+) -> None:
+    """Alembic runs scripts through module-level proxies: two upgrades on two threads of one
+    process must not run each other's operations (one failed with "table steps already
+    exists" while a writer thread created another database's schema)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import inspect
+
+    from monitor.store.models import Base
+
+    urls = [f"sqlite:///{tmp_path}/db{i}.db" for i in range(8)]
+    engines = [make_engine(url) for url in urls]
+    with ThreadPoolExecutor(len(engines)) as pool:
+        list(pool.map(upgrade, engines))
+    for engine in engines:
+        assert current_revision(engine) == head_revision()
+        with engine.connect() as conn:
+            assert set(Base.metadata.tables) <= set(inspect(conn).get_table_names())
+        engine.dispose()

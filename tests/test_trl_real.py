@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from trl_tiny import build, sentences
+from support.trl_tiny import build, sentences
 
 from monitor.cli import main as cli
 from monitor.integrations.trl import watch

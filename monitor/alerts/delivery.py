@@ -28,7 +28,7 @@ from typing import Literal
 from monitor.alerts.notify import NotifyError, Sender
 from monitor.alerts.settings import AlertSettings
 from monitor.errors import KlmonError
-from monitor.store import alerts as store
+from monitor.store import alerts as alert_store
 from monitor.store.database import Database
 
 log = logging.getLogger("monitor.alerts")
@@ -82,7 +82,7 @@ class Delivery:
                 free = min(free, per_channel)
             if free <= 0:
                 continue
-            for n in store.claim_notifications(
+            for n in alert_store.claim_notifications(
                 self.db,
                 now,
                 lease_s=self.settings.lease_s,
@@ -92,7 +92,7 @@ class Delivery:
             ):
                 futures.append(self._start(n))
         # rows enqueued for a channel this process has no sender for (settings changed)
-        for n in store.claim_notifications(
+        for n in alert_store.claim_notifications(
             self.db,
             now,
             lease_s=self.settings.lease_s,
@@ -107,7 +107,7 @@ class Delivery:
             futures.append(done)
         return futures
 
-    def _start(self, n: store.Notification) -> Future[Outcome]:
+    def _start(self, n: alert_store.Notification) -> Future[Outcome]:
         with self._lock:
             self._busy[n.channel] += 1
             pool = self._pools.get(n.channel)
@@ -127,7 +127,7 @@ class Delivery:
 
     # ------------------------------------------------------------------ one send
 
-    def _send(self, n: store.Notification) -> Outcome:
+    def _send(self, n: alert_store.Notification) -> Outcome:
         try:
             self.senders[n.channel].send(n)
         except NotifyError as exc:
@@ -138,7 +138,7 @@ class Delivery:
             self._failed(n, NotifyError(f"{type(exc).__name__}: {exc}"))
             return "failed"
         try:
-            if not store.mark_sent(self.db, n.id, self.clock(), claimed_by=self.name):
+            if not alert_store.mark_sent(self.db, n.id, self.clock(), claimed_by=self.name):
                 log.warning(
                     "notification %s (%s) sent after its lease was taken over", n.id, n.channel
                 )
@@ -147,7 +147,7 @@ class Delivery:
         log.info("notification %s sent by %s: %s", n.id, n.channel, n.subject)
         return "sent"
 
-    def _failed(self, n: store.Notification, exc: NotifyError) -> None:
+    def _failed(self, n: alert_store.Notification, exc: NotifyError) -> None:
         attempts = n.attempts + 1
         dead = attempts >= MAX_ATTEMPTS
         delay = min(RETRY_BASE_S * 2 ** (attempts - 1), RETRY_MAX_S)
@@ -160,7 +160,7 @@ class Delivery:
             "giving up" if dead else f"retrying in {delay:.0f} s",
         )
         try:
-            store.mark_failed(
+            alert_store.mark_failed(
                 self.db,
                 n.id,
                 error=str(exc),

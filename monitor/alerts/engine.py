@@ -45,7 +45,7 @@ from monitor.alerts.settings import AlertSettings
 from monitor.alerts.state import Transition, observe, resume, suspend
 from monitor.analytics import EXTRA_METRIC_SUFFIXES, RunContext, has_inputs
 from monitor.errors import KlmonError
-from monitor.store import alerts as store
+from monitor.store import alerts as alert_store
 from monitor.store.database import Database
 from monitor.store.drilldown import read_samples, sample_steps
 from monitor.store.steps import read_metrics_by_suffix
@@ -182,7 +182,7 @@ class AlertEngine:
     def evaluate(self, run_ids: Sequence[int] | None = None) -> PassReport:
         report = PassReport()
         now = self.clock()
-        for run in store.runs_to_evaluate(self.db, run_ids):
+        for run in alert_store.runs_to_evaluate(self.db, run_ids):
             report.run_labels[run.id] = f"{run.project}/{run.name}"
             try:
                 self._evaluate_run(run, now, report)
@@ -191,7 +191,7 @@ class AlertEngine:
                 report.errors.append(f"run {run.id}: {exc}")
         return report
 
-    def _needs_visit(self, run: store.RunToEvaluate, now: float) -> bool:
+    def _needs_visit(self, run: alert_store.RunToEvaluate, now: float) -> bool:
         if run.has_new_steps or run.has_open:
             return True
         if run.status != "running":
@@ -203,16 +203,16 @@ class AlertEngine:
                 return True
         return self._stale(run, now)
 
-    def _stale(self, run: store.RunToEvaluate, now: float) -> bool:
+    def _stale(self, run: alert_store.RunToEvaluate, now: float) -> bool:
         return run.status == "running" and now - run.last_seen_at > self.settings.nodata_after
 
-    def _evaluate_run(self, run: store.RunToEvaluate, now: float, report: PassReport) -> None:
+    def _evaluate_run(self, run: alert_store.RunToEvaluate, now: float, report: PassReport) -> None:
         if not self._needs_visit(run, now):
             return
         rules = self.rules.enabled
-        states = store.load_rule_states(self.db, run.id)
+        states = alert_store.load_rule_states(self.db, run.id)
         for rule in rules:
-            states.setdefault(rule.name, store.RuleStateDraft(rule.name))
+            states.setdefault(rule.name, alert_store.RuleStateDraft(rule.name))
         ctx = RunContext(
             config=run.config, status=run.status, last_seen_at=run.last_seen_at, now=now
         )
@@ -220,7 +220,7 @@ class AlertEngine:
         while first or run.has_new_steps:
             first = False
             transitions: list[Transition] = []
-            touched: dict[int, store.EventDraft] = {}
+            touched: dict[int, alert_store.EventDraft] = {}
             if run.has_new_steps or (
                 run.max_step is not None
                 and (run.status == "running" or any(s.state != "ok" for s in states.values()))
@@ -241,7 +241,7 @@ class AlertEngine:
                 transitions += self._apply_staleness(run, states, now)
             if not transitions and not touched and last_step == run.cursor:
                 break  # nothing changed: no write
-            ok = store.commit_evaluation(
+            ok = alert_store.commit_evaluation(
                 self.db,
                 run,
                 last_step=last_step,
@@ -272,14 +272,14 @@ class AlertEngine:
             if not more:
                 break
 
-    def _read_window(self, run: store.RunToEvaluate) -> pd.DataFrame:
+    def _read_window(self, run: alert_store.RunToEvaluate) -> pd.DataFrame:
         """The rows every detector judges the steps after ``run.cursor`` on: the run's head,
         a tail before the cursor, and up to ``chunk_rows`` new steps, with their extra
         metrics. One read for a busy run and a quiet one: steps that land between listing
         the runs and this read are new steps too, and are judged on the same window (a
         quiet-run read without the head once made ``reference_offset`` judge a mid-run
         row as the run's first)."""
-        df = store.read_evaluation_window(
+        df = alert_store.read_evaluation_window(
             self.db,
             run.id,
             after=run.cursor,
@@ -312,13 +312,13 @@ class AlertEngine:
     def _evaluate_rule(
         self,
         rule: Rule,
-        st: store.RuleStateDraft,
-        run: store.RunToEvaluate,
+        st: alert_store.RuleStateDraft,
+        run: alert_store.RunToEvaluate,
         df: pd.DataFrame,
         new: pd.DataFrame,
         ctx: RunContext,
         now: float,
-        touched: dict[int, store.EventDraft],
+        touched: dict[int, alert_store.EventDraft],
     ) -> list[Transition]:
         if df.empty or (not rule.time_based and new.empty):
             return []
@@ -369,7 +369,10 @@ class AlertEngine:
         return out
 
     def _apply_staleness(
-        self, run: store.RunToEvaluate, states: dict[str, store.RuleStateDraft], now: float
+        self,
+        run: alert_store.RunToEvaluate,
+        states: dict[str, alert_store.RuleStateDraft],
+        now: float,
     ) -> list[Transition]:
         """No data: a running run silent past ``nodata_after`` suspends its step rules;
         leaving that (a step, a heartbeat, or the run finishing) resumes them."""
@@ -418,11 +421,11 @@ class AlertEngine:
     ) -> int:
         """Render and enqueue what is owed; returns the number of outbox rows added."""
         now = self.clock()
-        owed = store.events_to_notify(self.db, run_ids)
-        if not owed and not store.escalations_to_notify(self.db, run_ids):
+        owed = alert_store.events_to_notify(self.db, run_ids)
+        if not owed and not alert_store.escalations_to_notify(self.db, run_ids):
             return 0
-        silences = store.active_silences(self.db, now)
-        by_run: dict[int, list[store.AlertEvent]] = defaultdict(list)
+        silences = alert_store.active_silences(self.db, now)
+        by_run: dict[int, list[alert_store.AlertEvent]] = defaultdict(list)
         for e in owed:
             by_run[e.run_id].append(e)
         added = 0
@@ -441,12 +444,12 @@ class AlertEngine:
     def _notify_run(
         self,
         run_id: int,
-        events: list[store.AlertEvent],
-        silences: list[store.Silence],
+        events: list[alert_store.AlertEvent],
+        silences: list[alert_store.Silence],
         now: float,
     ) -> int:
-        fired: list[store.AlertEvent] = []
-        resolved: list[store.AlertEvent] = []
+        fired: list[alert_store.AlertEvent] = []
+        resolved: list[alert_store.AlertEvent] = []
         announced: dict[int, tuple[bool, bool]] = {}
         capped = self._cap(run_id, now)
         for e in events:
@@ -466,24 +469,28 @@ class AlertEngine:
                 announced[e.id] = (True, True)
         if not announced:
             return 0
-        messages: list[store.OutgoingMessage] = []
+        messages: list[alert_store.OutgoingMessage] = []
         if fired or resolved:
             rendered = self._render(run_id, fired, resolved)
             for channel in channels_for(self.settings):
                 payload = rendered.email_payload() if channel == "email" else rendered.webhook
-                messages.append(store.OutgoingMessage(channel, rendered.subject, payload))
-        ok = store.enqueue_notifications(self.db, run_id, messages, announced=announced, now=now)
+                messages.append(alert_store.OutgoingMessage(channel, rendered.subject, payload))
+        ok = alert_store.enqueue_notifications(
+            self.db, run_id, messages, announced=announced, now=now
+        )
         return len(messages) if ok else 0
 
-    def _cap(self, run_id: int, now: float) -> Callable[[store.AlertEvent], bool]:
+    def _cap(self, run_id: int, now: float) -> Callable[[alert_store.AlertEvent], bool]:
         """A test of whether an episode's firing notice is held back by the cap on firing
         notices per (run, rule) per window; it counts the ones it lets through."""
         cap = self.settings.max_per_rule
         if cap <= 0:
             return lambda _e: False
-        counts = store.announced_firing_counts(self.db, run_id, now - self.settings.max_window)
+        counts = alert_store.announced_firing_counts(
+            self.db, run_id, now - self.settings.max_window
+        )
 
-        def held(e: store.AlertEvent) -> bool:
+        def held(e: alert_store.AlertEvent) -> bool:
             if counts.get(e.rule, 0) >= cap:
                 if e.id in self._held:
                     return True
@@ -506,14 +513,14 @@ class AlertEngine:
     def _notify_escalations(
         self,
         run_ids: Sequence[int] | None,
-        silences: list[store.Silence],
+        silences: list[alert_store.Silence],
         now: float,
         report: PassReport | None,
     ) -> int:
         """One notification per run for the firing episodes whose peak escalated (a silenced
         one waits for its silence to end)."""
-        by_run: dict[int, list[store.AlertEvent]] = defaultdict(list)
-        for e in store.escalations_to_notify(self.db, run_ids):
+        by_run: dict[int, list[alert_store.AlertEvent]] = defaultdict(list)
+        for e in alert_store.escalations_to_notify(self.db, run_ids):
             if not any(s.covers(e.run_id, e.rule, now) for s in silences):
                 by_run[e.run_id].append(e)
         added = 0
@@ -526,11 +533,11 @@ class AlertEngine:
                 rendered = render_escalation(
                     RunLabel(info.id, info.project, info.name),
                     events,
-                    steps=store.read_steps_around(self.db, run_id, head.peak_step),
+                    steps=alert_store.read_steps_around(self.db, run_id, head.peak_step),
                     dashboard_url=self.settings.dashboard_url,
                 )
                 messages = [
-                    store.OutgoingMessage(
+                    alert_store.OutgoingMessage(
                         channel,
                         rendered.subject,
                         rendered.email_payload() if channel == "email" else rendered.webhook,
@@ -538,7 +545,7 @@ class AlertEngine:
                     for channel in channels_for(self.settings)
                 ]
                 escalated = {e.id: int(e.escalated_step) for e in events}
-                if store.enqueue_escalations(
+                if alert_store.enqueue_escalations(
                     self.db, run_id, messages, escalated=escalated, now=now
                 ):
                     added += len(messages)
@@ -549,7 +556,10 @@ class AlertEngine:
         return added
 
     def _render(
-        self, run_id: int, fired: list[store.AlertEvent], resolved: list[store.AlertEvent]
+        self,
+        run_id: int,
+        fired: list[alert_store.AlertEvent],
+        resolved: list[alert_store.AlertEvent],
     ) -> Any:
         from monitor.store.runs import get_run
 
@@ -558,7 +568,7 @@ class AlertEngine:
         assert head is not None
         focus = head.fired_step if fired else head.end_step
         focus = head.start_step if focus is None else focus
-        steps = store.read_steps_around(self.db, run_id, focus)
+        steps = alert_store.read_steps_around(self.db, run_id, focus)
         samples, sample_step = [], None
         if fired:
             have = [s for s in sample_steps(self.db, run_id) if s <= focus]
@@ -584,7 +594,7 @@ class AlertEngine:
         if report is not None:
             report.sent += outcomes["sent"]
             report.failed += outcomes["failed"]
-            report.pending = store.outbox_counts(self.db).get("pending", 0)
+            report.pending = alert_store.outbox_counts(self.db).get("pending", 0)
         return outcomes["sent"]
 
     # ------------------------------------------------------------------ daemon
@@ -635,7 +645,7 @@ class AlertEngine:
             sender.join(timeout=self.settings.delivery_deadline + 30)
 
 
-def _advanced(run: store.RunToEvaluate, last_step: int | None) -> store.RunToEvaluate:
+def _advanced(run: alert_store.RunToEvaluate, last_step: int | None) -> alert_store.RunToEvaluate:
     from dataclasses import replace
 
     return replace(run, cursor=last_step, version=run.version + 1 if run.version >= 0 else 1)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from monitor.alerts.rules import SEVERITY_RANK
+from monitor.formats import number_text
 from monitor.store.alerts import AlertEvent
 from monitor.store.domain import Sample
 
@@ -139,16 +138,21 @@ def top_tokens(sample: Sample, k: int = TOP_TOKENS) -> list[tuple[str, float]]:
     return out
 
 
-def _num(x: float | None) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return f"{x:.4g}"
-
-
 def _clip(text: str | None, limit: int = SAMPLE_CHARS) -> str:
     if not text:
         return ""
     return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more chars)"
+
+
+_HTML_OPEN = (
+    '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
+    'font-size:14px;color:#222">'
+)
+
+
+def _chart_img(alt: str) -> str:
+    """The inline chart attached to the email (its Content-ID is CHART_CID)."""
+    return f'<p><img src="cid:{CHART_CID}" alt="{alt}" width="640" style="max-width:100%"></p>'
 
 
 def _event_dict(e: AlertEvent, link: str | None) -> dict[str, Any]:
@@ -172,58 +176,9 @@ def _event_dict(e: AlertEvent, link: str | None) -> dict[str, Any]:
 
 
 def warm_up() -> None:
-    """Import matplotlib's Agg backend now, so the first alert does not pay for it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
-    from matplotlib.figure import Figure  # noqa: F401
-
-
-def kl_chart_png(
-    steps: pd.DataFrame,
-    *,
-    focus_step: int | None,
-    threshold: float | None = None,
-    title: str = "",
-) -> bytes | None:
-    """A small PNG of the run's KL around ``focus_step`` (matplotlib Agg, no display).
-
-    Draws the series ``monitor.analytics.pick_kl`` picks, its p05-p95 band when the series
-    is ``kl_mean`` and the band is logged, a marker at the focus step and the threshold.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from monitor.analytics import pick_kl
-
-    if steps is None or steps.empty:
-        return None
-    series = pick_kl(steps)
-    if series is None:
-        return None
-    x = steps["step"].to_numpy(dtype=float)
-    y = pd.to_numeric(steps[series], errors="coerce").to_numpy(dtype=float)
-    fig = Figure(figsize=(6.4, 2.4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if series == "kl_mean" and {"kl_p05", "kl_p95"} <= set(steps.columns):
-        lo = pd.to_numeric(steps["kl_p05"], errors="coerce").to_numpy(dtype=float)
-        hi = pd.to_numeric(steps["kl_p95"], errors="coerce").to_numpy(dtype=float)
-        if np.isfinite(lo).any() and np.isfinite(hi).any():
-            ax.fill_between(x, lo, hi, color="#1f77b4", alpha=0.15, linewidth=0, label="p05-p95")
-    ax.plot(x, y, color="#1f77b4", linewidth=1.4, label=series)
-    if threshold is not None and math.isfinite(threshold):
-        ax.axhline(threshold, color="#d62728", linestyle="--", linewidth=1, label="threshold")
-    if focus_step is not None:
-        ax.axvline(focus_step, color="#ff7f0e", linewidth=1, label=f"step {focus_step}")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{series} (nats)")
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    """Import the email chart's module (matplotlib's Agg backend) now, so the first alert
+    does not pay for it."""
+    import monitor.charts.png  # noqa: F401
 
 
 def render(
@@ -249,6 +204,8 @@ def render(
     chart = None
     if steps is not None:
         try:
+            from monitor.charts.png import kl_chart_png
+
             chart = kl_chart_png(
                 steps,
                 focus_step=focus,
@@ -296,6 +253,8 @@ def render_escalation(
     chart = None
     if steps is not None:
         try:
+            from monitor.charts.png import kl_chart_png
+
             chart = kl_chart_png(
                 steps,
                 focus_step=head.peak_step,
@@ -309,23 +268,16 @@ def render_escalation(
     for e in events:
         lines.append(f"ESCALATED [{e.severity}] {e.rule} ({e.detector}): {peak_phrase(e)}")
         lines.append(f"  opened with: {e.message}")
-        lines.append(f"  value {_num(e.value)}, threshold {_num(e.threshold)}; {_when(e)}")
+        lines.append(f"  {_value_and_steps(e)}")
         url = dashboard_link(dashboard_url, run.id, e.peak_step)
         if url:
             lines.append(f"  {url}")
         lines.append("")
     text = "\n".join(lines) + "\n"
     e_ = html.escape
-    body = [
-        '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
-        'font-size:14px;color:#222">',
-        f'<h2 style="margin:0 0 8px">{e_(peak)} on run {e_(run.label)}</h2>',
-    ]
+    body = [_HTML_OPEN, f'<h2 style="margin:0 0 8px">{e_(peak)} on run {e_(run.label)}</h2>']
     if chart:
-        body.append(
-            f'<p><img src="cid:{CHART_CID}" alt="KL around the peak" width="640" '
-            'style="max-width:100%"></p>'
-        )
+        body.append(_chart_img("KL around the peak"))
     for e in events:
         colour = _SEV_COLOUR.get(e.severity, "#222")
         body.append(
@@ -350,6 +302,10 @@ def render_escalation(
     return Rendered(
         subject=subject, text=text, html="\n".join(body), images=images, webhook=webhook
     )
+
+
+def _value_and_steps(e: AlertEvent) -> str:
+    return f"value {number_text(e.value)}, threshold {number_text(e.threshold)}; {_when(e)}"
 
 
 def _when(e: AlertEvent) -> str:
@@ -378,7 +334,7 @@ def _text(
         tag = "FIRED (since resolved)" if e.state == "resolved" else "FIRING"
         lines.append(f"{tag} [{e.severity}] {e.rule} ({e.detector}) at step {e.fired_step}")
         lines.append(f"  {e.message}")
-        lines.append(f"  value {_num(e.value)}, threshold {_num(e.threshold)}; {_when(e)}")
+        lines.append(f"  {_value_and_steps(e)}")
         if peak_phrase(e):
             lines.append(f"  peak: {peak_phrase(e)}")
         if e.causes:
@@ -391,7 +347,7 @@ def _text(
     for e in resolved:
         lines.append(f"RESOLVED [{e.severity}] {e.rule} ({e.detector}) at step {e.end_step}")
         lines.append(f"  was: {e.message}")
-        lines.append(f"  {_when(e)}; last value {_num(e.last_value)}")
+        lines.append(f"  {_when(e)}; last value {number_text(e.last_value)}")
         if peak_phrase(e):
             lines.append(f"  peak: {peak_phrase(e)}")
         lines.append("")
@@ -399,8 +355,8 @@ def _text(
         lines.append(f"Highest-KL samples at step {sample_step}:")
         for s in list(samples)[:MAX_SAMPLES]:
             lines.append(
-                f"  sequence {s.seq_index} (rank {s.rank}): kl_seq {_num(s.kl_seq)}, "
-                f"reward {_num(s.reward)}"
+                f"  sequence {s.seq_index} (rank {s.rank}): kl_seq {number_text(s.kl_seq)}, "
+                f"reward {number_text(s.reward)}"
             )
             if s.prompt:
                 lines.append(f"    prompt:   {_clip(s.prompt)}")
@@ -432,16 +388,12 @@ def _html(
 ) -> str:
     e_ = html.escape
     out = [
-        '<!DOCTYPE html><html><body style="font-family:Arial,Helvetica,sans-serif;'
-        'font-size:14px;color:#222">',
+        _HTML_OPEN,
         f'<h2 style="margin:0 0 8px">klmon: run {e_(run.label)} '
         f'<span style="color:#888;font-weight:normal">(id {run.id})</span></h2>',
     ]
     if has_chart:
-        out.append(
-            f'<p><img src="cid:{CHART_CID}" alt="KL around the alert" width="640" '
-            'style="max-width:100%"></p>'
-        )
+        out.append(_chart_img("KL around the alert"))
     for e in fired:
         colour = _SEV_COLOUR.get(e.severity, "#222")
         tag = "fired (since resolved)" if e.state == "resolved" else "FIRING"
@@ -452,9 +404,9 @@ def _html(
             f"<b>{e_(e.rule)}</b> ({e_(e.detector)}) at step {e_(str(e.fired_step))}<br>"
             f"{e_(e.message)}<br>"
             f'<table style="font-size:13px;border-collapse:collapse">'
-            f'<tr><td style="padding-right:12px">value</td><td>{e_(_num(e.value))}</td></tr>'
+            f'<tr><td style="padding-right:12px">value</td><td>{e_(number_text(e.value))}</td></tr>'
             f'<tr><td style="padding-right:12px">threshold</td>'
-            f"<td>{e_(_num(e.threshold))}</td></tr>"
+            f"<td>{e_(number_text(e.threshold))}</td></tr>"
             f'<tr><td style="padding-right:12px">steps</td><td>{e_(_when(e))}</td></tr>'
             f'<tr><td style="padding-right:12px">peak</td>'
             f"<td>{e_(peak_phrase(e) or '-')}</td></tr>"
@@ -475,7 +427,7 @@ def _html(
             f'<b style="color:#2e7d32">RESOLVED [{e_(e.severity)}]</b> <b>{e_(e.rule)}</b> '
             f"({e_(e.detector)}) at step {e_(str(e.end_step))}<br>"
             f'<span style="color:#555">was: {e_(e.message)}</span><br>'
-            f"{e_(_when(e))}; last value {e_(_num(e.last_value))}"
+            f"{e_(_when(e))}; last value {e_(number_text(e.last_value))}"
             + (f"; peak: {e_(peak_phrase(e) or '')}" if peak_phrase(e) else "")
             + "</div>"
         )
@@ -494,8 +446,8 @@ def _html(
             if s.response:
                 text += f"<b>response</b> {e_(_clip(s.response))}"
             out.append(
-                f"<tr><td>{s.seq_index}</td><td>{e_(_num(s.kl_seq))}</td>"
-                f"<td>{e_(_num(s.reward))}</td><td>{text}</td><td>{toks}</td></tr>"
+                f"<tr><td>{s.seq_index}</td><td>{e_(number_text(s.kl_seq))}</td>"
+                f"<td>{e_(number_text(s.reward))}</td><td>{text}</td><td>{toks}</td></tr>"
             )
         out.append("</table>")
     if link:

@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from monitor.errors import ConfigError
+from monitor.store.alerts import SEVERITIES
 
-SEVERITIES = ("info", "warning", "critical")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 #: Detectors whose condition depends on the clock (ctx.now) rather than on new steps.
 TIME_BASED_DETECTORS = frozenset({"stalled"})

@@ -113,14 +113,7 @@ def observe(
         value, threshold = _num(finding.value), _num(finding.threshold)
         if st.state == "ok":
             ev = _new_event(rule, run_id, finding, step, now, "pending")
-            st.event, st.state, st.hold_steps, st.clear_steps, st.since_step = (
-                ev,
-                "pending",
-                1,
-                0,
-                step,
-            )
-            touched[id(ev)] = ev
+            _open(st, ev, step, touched)
             out.append(_t(rule, run_id, "ok", "pending", step, value, threshold, ev))
         else:
             ev = st.event
@@ -173,14 +166,7 @@ def _observe_time_based(
     if finding is not None and st.state == "ok":
         value, threshold = _num(finding.value), _num(finding.threshold)
         ev = _new_event(rule, run_id, finding, step, now, "firing", fired_step=step, fired_at=now)
-        touched[id(ev)] = ev
-        st.event, st.state, st.hold_steps, st.clear_steps, st.since_step = (
-            ev,
-            "firing",
-            1,
-            0,
-            step,
-        )
+        _open(st, ev, step, touched)
         return [_t(rule, run_id, "ok", "firing", step, value, threshold, ev)]
     if finding is not None and st.event is not None:
         st.event.last_value = _num(finding.value)
@@ -189,6 +175,12 @@ def _observe_time_based(
     if finding is None and st.state == "firing":
         return [_resolve(rule, st, run_id, step, now, touched)]
     return []
+
+
+def _open(st: RuleStateDraft, ev: EventDraft, step: int, touched: dict[int, EventDraft]) -> None:
+    """``st`` enters the new episode ``ev`` (in ev's state) at ``step``, held for one step."""
+    st.event, st.state, st.hold_steps, st.clear_steps, st.since_step = ev, ev.state, 1, 0, step
+    touched[id(ev)] = ev
 
 
 def _resolve(

@@ -1,7 +1,7 @@
 """Trends and detectors on a run's step table: DataFrame in, findings out.
 
 Pure: nothing here touches the store, the dashboard or the alert engine. The step table
-is sorted by ``step`` with the columns of DESIGN.md (``kl_mean`` ... ``n_tokens``,
+is sorted by ``step`` with the columns of docs/ARCHITECTURE.md (``kl_mean`` ... ``n_tokens``,
 ``status``, ``reject_reason``, ``wall_time``) plus any extra metrics (``length_drift``
 reads a ``*clipped_ratio`` column when there is one).
 
@@ -26,9 +26,9 @@ from monitor.analytics.findings import Finding, RunContext, as_context
 from monitor.analytics.series import KL_PREFERENCE, pick_kl
 from monitor.analytics.trends import (
     compute_trends,
-    ewma,
     expanding_slope,
     forecast_crossing,
+    halflife_ewma,
     resolve_budget,
     rolling_slope,
 )
@@ -47,9 +47,9 @@ __all__ = [
     "RunContext",
     "as_context",
     "compute_trends",
-    "ewma",
     "expanding_slope",
     "forecast_crossing",
+    "halflife_ewma",
     "has_inputs",
     "lookback_rows",
     "pick_kl",

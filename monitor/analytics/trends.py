@@ -18,23 +18,25 @@ from monitor.analytics.series import TOKEN_MEAN_COLUMNS, aligned, including, pic
 
 __all__ = [
     "compute_trends",
-    "ewma",
     "expanding_slope",
     "forecast_crossing",
+    "halflife_ewma",
     "resolve_budget",
     "reward_sqrt_kl_slope",
     "rolling_slope",
 ]
 
 
-def ewma(values: np.ndarray, halflife_rows: float = 10.0) -> np.ndarray:
-    """Exponentially weighted mean over rows (NaNs skipped, never looking ahead)."""
+def halflife_ewma(values: np.ndarray, halflife_rows: float = 10.0) -> np.ndarray:
+    """Exponentially weighted mean over rows with a half-life of ``halflife_rows`` (NaNs
+    skipped, never looking ahead); what the detectors and trends smooth with."""
     series = pd.Series(np.asarray(values, dtype=float))
     return series.ewm(halflife=halflife_rows, ignore_na=True).mean().to_numpy()
 
 
 def rolling_slope(steps: np.ndarray, values: np.ndarray, rows: int = 20) -> np.ndarray:
-    """Least-squares slope per step over the last ``rows`` rows (NaN until 3 rows exist)."""
+    """Least-squares slope of ``values`` on ``steps`` (any x) over the last ``rows`` rows
+    (NaN until 3 rows exist)."""
     x = including(np.asarray(steps, dtype=float), rows)
     y = including(values, rows)
     ok = np.isfinite(x) & np.isfinite(y)
@@ -107,18 +109,7 @@ def resolve_budget(
 
 def reward_sqrt_kl_slope(sqrt_kl: np.ndarray, reward: np.ndarray, rows: int = 20) -> np.ndarray:
     """Reward gained per unit of sqrt(KL) locally: regression slope over the last ``rows`` rows."""
-    x = including(sqrt_kl, rows)
-    y = including(reward, rows)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x = np.where(ok, x, np.nan)
-    y = np.where(ok, y, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        dx = x - np.nanmean(x, axis=1, keepdims=True)
-        dy = y - np.nanmean(y, axis=1, keepdims=True)
-        slope = np.nansum(dx * dy, axis=1) / np.nansum(dx * dx, axis=1)
-    slope[ok.sum(axis=1) < 3] = np.nan
-    return slope
+    return rolling_slope(sqrt_kl, reward, rows)
 
 
 def expanding_slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -168,7 +159,7 @@ def compute_trends(
         return out
     steps, kl = aligned(df, [series])
     kl = kl[:, 0]
-    smooth = ewma(kl, halflife_rows)
+    smooth = halflife_ewma(kl, halflife_rows)
     slope = rolling_slope(steps, smooth, slope_rows)
     limit, _ = resolve_budget(context, budget, budget_factor, series=series)
     cross = np.array(
@@ -178,9 +169,9 @@ def compute_trends(
         ]
     )
     # Smoothing sqrt(KL) and reward alike keeps a linear relation between them linear.
-    sqrt_kl = ewma(np.sqrt(np.clip(kl, 0.0, None)), halflife_rows)
+    sqrt_kl = halflife_ewma(np.sqrt(np.clip(kl, 0.0, None)), halflife_rows)
     reward = _reward_on(df, steps)
-    reward_smooth = ewma(reward, halflife_rows)
+    reward_smooth = halflife_ewma(reward, halflife_rows)
     out = pd.DataFrame(
         {
             "step": steps,

@@ -8,13 +8,13 @@ import signal
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import click
 
-from monitor.cli.common import cell, db_option, open_db
+from monitor.cli.common import cell, db_option, echo_records, json_records, json_value, open_db
 from monitor.errors import ConfigError, InvalidInput
+from monitor.formats import UTC_COMPACT, number_text, utc_text
 
 
 def _rules_option(func: Any) -> Any:
@@ -35,25 +35,11 @@ def _load(rules_path: str | None) -> tuple[Any, Any]:
 
 
 def _when(ts: Any) -> str:
-    if ts is None or ts != ts:
-        return "-"
-    try:
-        return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-    except (OverflowError, OSError, ValueError):  # beyond the years datetime can show
-        return f"Unix time {float(ts):.0f}"
-
-
-def _plain(value: Any) -> Any:
-    from monitor.cli.runs_cmd import _plain as plain
-
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return plain(value)
+    return utc_text(ts, UTC_COMPACT)
 
 
 def _num(x: Any) -> str:
-    x = _plain(x)
-    return "-" if x is None else f"{x:.4g}"
+    return number_text(json_value(x))
 
 
 @click.group("alerts")
@@ -152,7 +138,7 @@ def check_cmd(db: str | None, rules_path: str | None, run_ref: str | None, as_js
         run_ids = [resolve_run(engine.db, run_ref).id]
     report = engine.run_once(run_ids)
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2, default=_plain))
+        click.echo(json.dumps(report.as_dict(), indent=2, default=json_value))
     else:
         click.echo(f"evaluated {report.steps_evaluated} new steps of {report.runs_evaluated} runs")
         _print_transitions(report)
@@ -258,12 +244,8 @@ def list_cmd(
     database = open_db(db)
     run_id = resolve_run(database, run_ref).id if run_ref is not None else None
     df = list_events(database, run_id=run_id, state=state, rule=rule, limit=limit)
-    records = [{k: _plain(v) for k, v in rec.items()} for rec in df.to_dict(orient="records")]
-    if as_json:
-        click.echo(json.dumps(records, indent=2))
-        return
-    if not records:
-        click.echo("no alert events")
+    records = json_records(df)
+    if echo_records(records, as_json=as_json, empty="no alert events"):
         return
     runs = [cell(f"{r['project']}/{r['run_name']}") for r in records]
     width = max(3, *(len(run) for run in runs))  # never cut: run names differ at the end
@@ -368,12 +350,10 @@ def silences_cmd(db: str | None, show_all: bool, as_json: bool) -> None:
     from monitor.store import list_silences
 
     df = list_silences(open_db(db), active_only=not show_all)
-    records = [{k: _plain(v) for k, v in rec.items()} for rec in df.to_dict(orient="records")]
-    if as_json:
-        click.echo(json.dumps(records, indent=2))
-        return
-    if not records:
-        click.echo("no silences" if show_all else "no active silences")
+    records = json_records(df)
+    if echo_records(
+        records, as_json=as_json, empty="no silences" if show_all else "no active silences"
+    ):
         return
     for r in records:
         click.echo(
@@ -425,12 +405,8 @@ def outbox_cmd(db: str | None, status: str | None, as_json: bool) -> None:
     from monitor.store import list_notifications
 
     df = list_notifications(open_db(db), status=status)
-    records = [{k: _plain(v) for k, v in rec.items()} for rec in df.to_dict(orient="records")]
-    if as_json:
-        click.echo(json.dumps(records, indent=2))
-        return
-    if not records:
-        click.echo("outbox is empty")
+    records = json_records(df)
+    if echo_records(records, as_json=as_json, empty="outbox is empty"):
         return
     for r in records:
         extra = f"  last error: {cell(r['last_error'])}" if r["last_error"] else ""

@@ -1,8 +1,9 @@
-"""Pieces every command shares: the --db option, opening the database, and text for
-terminal tables."""
+"""Pieces every command shares: the --db option, opening the database, ``--json`` output
+and text for terminal tables."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -10,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from monitor.config import db_url
+from monitor.formats import json_safe
 from monitor.store import Database
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,6 +31,30 @@ def db_option(func: F) -> F:
 def open_db(url: str | None, *, check: bool = True, create: bool = False) -> Database:
     """The database at ``url``; ``create``: an empty one gets the schema (writing commands)."""
     return Database.open(db_url(url), check=check, create=create)
+
+
+def json_value(value: Any) -> Any:
+    """:func:`monitor.formats.json_safe`, element by element inside lists and tuples."""
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    return json_safe(value)
+
+
+def json_records(df: Any) -> list[dict[str, Any]]:
+    """A DataFrame's rows as dicts of JSON-safe values."""
+    return [{k: json_value(v) for k, v in rec.items()} for rec in df.to_dict(orient="records")]
+
+
+def echo_records(records: list[dict[str, Any]], *, as_json: bool, empty: str) -> bool:
+    """With ``--json`` print the records as a JSON array; else print ``empty`` when there are
+    none. True when that was all there is to print."""
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return True
+    if not records:
+        click.echo(empty)
+        return True
+    return False
 
 
 #: C0 and C1 control characters, DEL, Unicode line/paragraph separators, the bidi controls

@@ -11,16 +11,16 @@ from typing import Any
 
 import click
 
-from monitor.cli.runs_cmd import _plain
+from monitor.formats import json_safe
 from monitor.store import redact_url
 
 
 def _echo_alerts(events: Any) -> None:
     """One line per alert episode: state, severity, run, rule, steps, message."""
     for rec in events.itertuples(index=False):
-        fired = _plain(rec.fired_step)
-        start = fired if fired is not None else _plain(rec.start_step)
-        end = _plain(rec.end_step)
+        fired = json_safe(rec.fired_step)
+        start = fired if fired is not None else json_safe(rec.start_step)
+        end = json_safe(rec.end_step)
         steps = f"step {start}" + (f"-{end}" if end is not None else "")
         message = str(rec.message)
         if len(message) > 110:

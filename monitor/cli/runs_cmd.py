@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import math
-
 import click
 
-from monitor.cli.common import cell, db_option, open_db
+from monitor.cli.common import cell, db_option, echo_records, json_records, open_db
 from monitor.store import list_runs
 
 
@@ -38,12 +35,8 @@ def runs_cmd(db: str | None, as_json: bool) -> None:
         "kl_unit",
         "kl_step",
     ]
-    records = [{c: _plain(rec[c]) for c in cols} for rec in df[cols].to_dict(orient="records")]
-    if as_json:
-        click.echo(json.dumps(records, indent=2))
-        return
-    if not records:
-        click.echo("no runs yet")
+    records = json_records(df[cols])
+    if echo_records(records, as_json=as_json, empty="no runs yet"):
         return
     click.echo(
         f"{'id':>4}  {'project':<20} {'name':<28} {'status':<9} "
@@ -62,21 +55,3 @@ def runs_cmd(db: str | None, as_json: bool) -> None:
             f"{cell(r['status']):<9} "
             f"{r['n_steps']:>7} {last:>7} {kl:>10}  {what}".rstrip()
         )
-
-
-def _plain(value: object) -> object:
-    """numpy/pandas scalars and missing values as JSON-friendly Python values."""
-    if value is None:
-        return None
-    try:
-        import pandas as pd
-
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
+from monitor.analytics.stall import STALL_FACTOR, STALL_MIN_SECONDS, is_stalled
+from monitor.charts.markers import alert_marker_frame, note_marker_frame
 from monitor.errors import (
     ConfigError,
     DatabaseUnavailable,
@@ -77,12 +79,11 @@ def derive_status(
     median_interval: float | None,
     now: float,
     *,
-    factor: float = 10.0,
-    min_seconds: float = 120.0,
+    factor: float = STALL_FACTOR,
+    min_seconds: float = STALL_MIN_SECONDS,
 ) -> str:
-    """running | stalled | finished | crashed. A running run is stalled when nothing was
-    heard from it for longer than ``factor`` times its median step interval (and at least
-    ``min_seconds``)."""
+    """running | stalled | finished | crashed, the stall judged by
+    :func:`monitor.analytics.stall.is_stalled` on the last time the run was heard from."""
     if status != "running":
         return status
     heard = max(
@@ -90,8 +91,9 @@ def derive_status(
     )
     if heard is None:
         return "running"
-    limit = max(min_seconds, factor * (median_interval or 0.0))
-    return "stalled" if now - heard > limit else "running"
+    silent = now - heard
+    stalled = is_stalled(silent, median_interval, factor=factor, min_seconds=min_seconds)
+    return "stalled" if stalled else "running"
 
 
 _MISS = object()
@@ -185,8 +187,8 @@ class DashboardData:
         self,
         db: Database,
         *,
-        stall_factor: float = 10.0,
-        stall_min_seconds: float = 120.0,
+        stall_factor: float = STALL_FACTOR,
+        stall_min_seconds: float = STALL_MIN_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
@@ -453,16 +455,8 @@ class DashboardData:
         """The runs' latest alert episodes as chart markers: run_id, step (where it fired,
         else went pending), kind ("alert"), text. A lean read of alert_events: it runs on
         every chart render."""
-        rows = list(event_markers(self.db, run_ids, limit).itertuples(index=False, name=None))
-        return pd.DataFrame(
-            {
-                "run_id": [int(r[0]) for r in rows],
-                "step": [int(r[1]) for r in rows],
-                "kind": "alert",
-                "text": [f"{r[2]} ({r[3]}, {r[4]}) at step {int(r[1])}: {r[5]}" for r in rows],
-            },
-            columns=["run_id", "step", "kind", "text"],
-        )
+        rows = event_markers(self.db, run_ids, limit).itertuples(index=False, name=None)
+        return alert_marker_frame(list(rows))
 
     # ----------------------------------------------------------------------- drill-down
 
@@ -472,20 +466,7 @@ class DashboardData:
     def note_markers(self, run_ids: Sequence[int], limit: int = 500) -> pd.DataFrame:
         """The runs' annotations as chart markers: run_id, step, kind ("note"), text."""
         notes = annotation_markers(self.db, run_ids, limit)
-        return pd.DataFrame(
-            {
-                "run_id": [a.run_id for a in notes],
-                "step": [a.step for a in notes],
-                "kind": "note",
-                "text": [
-                    f"note at step {a.step}"
-                    + (f" by {a.author}" if a.author else "")
-                    + f": {a.text}"
-                    for a in notes
-                ],
-            },
-            columns=["run_id", "step", "kind", "text"],
-        )
+        return note_marker_frame((a.run_id, a.step, a.text, a.author) for a in notes)
 
     def add_annotation(self, run_id: int, step: int, text_: str, author: str | None) -> Annotation:
         if author is not None and len(author) > MAX_FIELD:
@@ -508,7 +489,7 @@ class DashboardData:
 
 
 def _spark(frame: pd.DataFrame, column: str) -> str:
-    from monitor.dashboard.figures import sparkline
+    from monitor.charts.tables import sparkline
 
     if frame.empty or column not in frame:
         return ""

@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from monitor.analytics.stall import STALL_FACTOR, STALL_MIN_SECONDS
 from monitor.config import db_url as _db_url
 from monitor.errors import ConfigError
 
@@ -52,9 +53,10 @@ class DashboardSettings:
     refresh_seconds: float = 5.0
     max_buckets: int = 600
     #: Minimum seconds without a step before a running run counts as stalled; the threshold
-    #: is the larger of this and ``stall_factor`` times the run's median step interval.
-    stall_min_seconds: float = 120.0
-    stall_factor: float = 10.0
+    #: is the larger of this and ``stall_factor`` times the run's median step interval
+    #: (the alert's defaults, from monitor.analytics.stall).
+    stall_min_seconds: float = STALL_MIN_SECONDS
+    stall_factor: float = STALL_FACTOR
 
     def __post_init__(self) -> None:
         if (self.user is None) != (self.password is None):

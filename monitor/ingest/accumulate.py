@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import InvalidInput
+from monitor.ingest.step_input import EMPTY_RESPONSES_METRIC, all_empty_reason
 from monitor.ingest.tensors import resolve_arrays
 from monitor.ingest.writer import StepItem
 
@@ -50,23 +51,20 @@ class OpenStep:
         resolve_arrays(item)  # parts are concatenated at close: their values are needed
         self.parts.append(item)
 
-    def merged(self, empty_metric: str) -> StepItem:
+    def merged(self) -> StepItem:
         """One StepItem for the whole step (``rejected`` when no part is usable)."""
         if not self.parts:
             reason = self.refused[0] if self.refused else "no part was logged"
             return StepItem(self.step, 0.0, None, None, None, rejected=reason)
-        item = merge_parts(self.parts, empty_metric)
+        item = merge_parts(self.parts)
         if self.refused:
             item.metrics = {**(item.metrics or {}), REJECTED_PARTS_METRIC: len(self.refused)}
         if item.mask is not None and not item.mask.any():
-            item.rejected = (
-                f"every one of the {item.mask.shape[0]} sequences has an empty response (each "
-                "mask row is all zero): the step has no KL to record"
-            )
+            item.rejected = all_empty_reason(item.mask.shape[0])
         return item
 
 
-def merge_parts(parts: Sequence[StepItem], empty_metric: str) -> StepItem:
+def merge_parts(parts: Sequence[StepItem]) -> StepItem:
     """Concatenate parts' rows, right-padding each to the widest part."""
     if len(parts) == 1:
         return parts[0]
@@ -78,12 +76,12 @@ def merge_parts(parts: Sequence[StepItem], empty_metric: str) -> StepItem:
     n_empty = 0
     for p in parts:
         for k, v in (p.metrics or {}).items():
-            if k == empty_metric:
+            if k == EMPTY_RESPONSES_METRIC:
                 n_empty += int(v)
             else:
                 metrics[k] = v
     if n_empty:
-        metrics[empty_metric] = n_empty
+        metrics[EMPTY_RESPONSES_METRIC] = n_empty
     extra = None
     if first.extra:
         extra = {k: _pad_cat([p.extra[k] for p in parts], width) for k in first.extra}  # type: ignore[index]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import math
 import numbers
 import os
 import socket
@@ -44,23 +43,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from monitor.config import db_url
-from monitor.divergence import LOGPROB_TOLERANCE
 from monitor.errors import ConfigError, InvalidInput
 from monitor.ingest.accumulate import OpenStep
 from monitor.ingest.spool import ENV_SPOOL_DIR, SpoolWriter, spool_dir
-from monitor.ingest.tensors import Deferred, host_copy, is_tensor, now
+from monitor.ingest.step_input import (
+    EMPTY_RESPONSES_METRIC,
+    StepArgs,
+    build_item,
+    checked_metrics,
+)
 from monitor.ingest.text import (
     PROJECT_MAX,
     RUN_NAME_MAX,
-    check_metric_name,
     check_name,
     clean_json,
 )
 from monitor.ingest.writer import (
-    STEP_VALUES_MAX,
     BackgroundWriter,
     ControlItem,
     Stats,
@@ -169,13 +168,8 @@ class Run:
         rank = _int_arg(rank, "rank")
         if world_size < 1 or not 0 <= rank < world_size:
             raise InvalidInput(f"rank {rank} is not in [0, world_size={world_size})")
-        if on_invalid not in ("raise", "log"):
-            raise InvalidInput(f"on_invalid must be 'raise' or 'log', not {on_invalid!r}")
-        if validate not in ("full", "shapes"):
-            raise InvalidInput(f"validate must be 'full' or 'shapes', not {validate!r}")
+        _check_options(on_invalid, validate, queue_size)
         self.validate = validate
-        if queue_size < 1:
-            raise InvalidInput("queue_size must be >= 1")
         self.project = project
         self.name = name
         self.rank = rank
@@ -204,28 +198,8 @@ class Run:
         self.db_url = db_url(db)
         database = Database.open(self.db_url, check=False)
         self.spool_dir = Path(spool_dir) if spool_dir else _default_dir()
-        header = {
-            "project": project,
-            "name": name,
-            "config": self.config,
-            "tags": list(tags or []),
-            "rank": rank,
-            "world_size": world_size,
-            "source": "live",
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started_at": time.time(),
-            "quantities": list(STEP_QUANTITIES),
-            "samples_top": samples_top,
-            "samples_random": samples_random,
-        }
-        try:
-            self._spool = SpoolWriter(self.spool_dir, header, fsync_interval=fsync_interval)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot write the klmon spool in {self.spool_dir}: {exc} "
-                f"(set {ENV_SPOOL_DIR} or spool_dir= to a writable directory)"
-            ) from exc
+        header = self._header(tags, samples_top=samples_top, samples_random=samples_random)
+        self._spool = _open_spool(self.spool_dir, header, fsync_interval)
         self._writer = BackgroundWriter(
             header=header,
             db=database,
@@ -285,7 +259,9 @@ class Run:
 
         ``policy_logprobs``/``ref_logprobs``: (B, T) per-token log-probs of the sampled
         tokens under the policy and the frozen reference (numpy arrays, torch tensors or
-        nested lists); ``mask``: (B, T) response mask (default: every position); ``rewards``:
+        nested lists), or lists of 1-D sequences of different lengths (the other per-token
+        arguments are then such lists too); ``mask``: (B, T) response mask (default: every
+        position); ``rewards``:
         (B,); ``kl_coef``: the penalty coefficient in use; ``texts``: ``(prompts,
         responses)``, B strings each; ``tokens``: B sequences of token strings (aligned with
         the T columns or just the response tokens); ``metrics``: extra scalars by name;
@@ -306,45 +282,28 @@ class Run:
         step = _step_arg(step)
         if self._open is not None:
             self.close_step()
+        args = StepArgs(
+            policy_logprobs,
+            ref_logprobs,
+            mask,
+            rewards,
+            kl_coef,
+            texts,
+            tokens,
+            metrics,
+            rollout_logprobs,
+            entropies,
+        )
         try:
-            item = _build_item(
-                step,
-                wall,
-                policy_logprobs,
-                ref_logprobs,
-                mask,
-                rewards,
-                kl_coef,
-                texts,
-                tokens,
-                metrics,
-                rollout_logprobs,
-                entropies,
-                check_values=self.validate == "full",
-            )
+            item = self._build(step, wall, args, allow_all_empty=False)
         except InvalidInput as exc:
             if self.on_invalid == "raise":
                 raise
             item = StepItem(step, wall, None, None, None, rejected=str(exc))
             if metrics:
-                item.metrics = _checked_metrics(metrics, lenient=True)
+                item.metrics = checked_metrics(metrics, lenient=True)
             log.warning("klmon: step %d rejected: %s", step, exc)
-        n_empty = (item.metrics or {}).get(EMPTY_RESPONSES_METRIC)
-        if n_empty and not self._warned_empty:
-            self._warned_empty = True
-            log.warning(
-                "klmon: step %d has %d sequences with an empty response; they are left out of "
-                "the step's statistics and counted in the metric %s (this warning is shown once)",
-                step,
-                n_empty,
-                EMPTY_RESPONSES_METRIC,
-            )
-        if metrics and self.rank != 0 and not self._warned_metrics:
-            self._warned_metrics = True
-            log.warning(
-                "klmon: extra metrics are stored from rank 0 only; rank %d's are ignored",
-                self.rank,
-            )
+        self._warn_once(item, has_metrics=bool(metrics))
         self._note_order(step)
         self._stats.add("logged")
         self._writer.submit(item)
@@ -382,24 +341,20 @@ class Run:
             self.close_step()
         if self._open is None:
             self._open = OpenStep(step)
+        args = StepArgs(
+            policy_logprobs,
+            ref_logprobs,
+            mask,
+            rewards,
+            kl_coef,
+            texts,
+            tokens,
+            metrics,
+            rollout_logprobs,
+            entropies,
+        )
         try:
-            item = _build_item(
-                step,
-                time.time(),
-                policy_logprobs,
-                ref_logprobs,
-                mask,
-                rewards,
-                kl_coef,
-                texts,
-                tokens,
-                metrics,
-                rollout_logprobs,
-                entropies,
-                check_values=self.validate == "full",
-                allow_all_empty=True,
-            )
-            self._open.add(item)
+            self._open.add(self._build(step, time.time(), args, allow_all_empty=True))
         except InvalidInput as exc:
             if self.on_invalid == "raise":
                 raise
@@ -411,7 +366,7 @@ class Run:
         open_step, self._open = self._open, None
         if open_step is None:
             return
-        item = open_step.merged(EMPTY_RESPONSES_METRIC)
+        item = open_step.merged()
         if item.rejected is not None and item.policy_logprobs is None:
             item.wall_time = time.time()  # no part was usable (the writer logs the others)
             log.warning("klmon: step %d rejected: %s", item.step, item.rejected)
@@ -436,7 +391,7 @@ class Run:
         unknown = sorted(set(quantities) - set(STEP_QUANTITIES))
         if unknown:
             raise InvalidInput(f"log_quantities: {unknown} are not klmon step quantities")
-        checked = _checked_metrics(metrics) if metrics else {}
+        checked = checked_metrics(metrics) if metrics else {}
         if self.rank != 0:
             return
         self._note_order(step)
@@ -448,7 +403,7 @@ class Run:
         if self._finished:
             raise InvalidInput("log_metrics after finish")
         step = _step_arg(step)
-        checked = _checked_metrics(metrics)
+        checked = checked_metrics(metrics)
         if self.rank != 0:
             return
         self._stats.add("logged")
@@ -517,6 +472,53 @@ class Run:
 
     # --- internals -----------------------------------------------------------------------------
 
+    def _header(self, tags: list[Any], *, samples_top: int, samples_random: int) -> dict[str, Any]:
+        """What the spool's first line and the runs row say about this process's run."""
+        return {
+            "project": self.project,
+            "name": self.name,
+            "config": self.config,
+            "tags": list(tags or []),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "source": "live",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": time.time(),
+            "quantities": list(STEP_QUANTITIES),
+            "samples_top": samples_top,
+            "samples_random": samples_random,
+        }
+
+    def _warn_once(self, item: StepItem, *, has_metrics: bool) -> None:
+        """The warnings a step may call for, each shown once per run."""
+        n_empty = (item.metrics or {}).get(EMPTY_RESPONSES_METRIC)
+        if n_empty and not self._warned_empty:
+            self._warned_empty = True
+            log.warning(
+                "klmon: step %d has %d sequences with an empty response; they are left out of "
+                "the step's statistics and counted in the metric %s (this warning is shown once)",
+                item.step,
+                n_empty,
+                EMPTY_RESPONSES_METRIC,
+            )
+        if has_metrics and self.rank != 0 and not self._warned_metrics:
+            self._warned_metrics = True
+            log.warning(
+                "klmon: extra metrics are stored from rank 0 only; rank %d's are ignored",
+                self.rank,
+            )
+
+    def _build(self, step: int, wall: float, args: StepArgs, *, allow_all_empty: bool) -> StepItem:
+        """The checked copy of one call's arguments, as this run validates them."""
+        return build_item(
+            step,
+            wall,
+            args,
+            check_values=self.validate == "full",
+            allow_all_empty=allow_all_empty,
+        )
+
     def _note_order(self, step: int) -> None:
         last = self._last_step
         if last is not None and step < last:
@@ -537,7 +539,28 @@ def _default_dir() -> Path:
     return spool_dir(None)
 
 
-# --- validation and copies (the caller's thread: keep it cheap) --------------------------------
+def _check_options(on_invalid: str, validate: str, queue_size: int) -> None:
+    if on_invalid not in ("raise", "log"):
+        raise InvalidInput(f"on_invalid must be 'raise' or 'log', not {on_invalid!r}")
+    if validate not in ("full", "shapes"):
+        raise InvalidInput(f"validate must be 'full' or 'shapes', not {validate!r}")
+    if queue_size < 1:
+        raise InvalidInput("queue_size must be >= 1")
+
+
+def _open_spool(
+    directory: Path, header: dict[str, Any], fsync_interval: float | None
+) -> SpoolWriter:
+    try:
+        return SpoolWriter(directory, header, fsync_interval=fsync_interval)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the klmon spool in {directory}: {exc} "
+            f"(set {ENV_SPOOL_DIR} or spool_dir= to a writable directory)"
+        ) from exc
+
+
+# --- arguments of the run itself (a step's arrays: monitor.ingest.step_input) ------------------
 
 
 def _step_arg(value: Any) -> int:
@@ -562,325 +585,6 @@ def _int_arg(value: Any, name: str) -> int:
             return _int_arg(value.item(), name)
         raise InvalidInput(f"{name} must be an integer, got {value!r}")
     return int(value)
-
-
-def _to_array(value: Any, name: str) -> np.ndarray:
-    """A private numpy copy of an array-like (numpy, torch on any device, nested lists). A
-    torch tensor may come back as a Deferred copy (bfloat16, a device tensor): see
-    ``monitor.ingest.tensors``; its values are then checked in the background."""
-    if value is None:
-        raise InvalidInput(f"{name} is required")
-    if isinstance(value, np.ndarray):
-        return np.array(value, copy=True)
-    if is_tensor(value):
-        return host_copy(value)  # type: ignore[return-value]
-    copied = False
-    if hasattr(value, "detach"):  # tensor-like but not torch's own class (duck-typed)
-        value = value.detach()
-        device = getattr(value, "device", None)
-        if device is not None and getattr(device, "type", "cpu") != "cpu":
-            value = value.cpu()  # the device-to-host transfer is the copy
-            copied = True
-    if hasattr(value, "numpy") and not isinstance(value, np.generic):
-        try:
-            value = value.numpy()
-        except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype
-            value = value.float().numpy()
-            copied = True
-    if copied and isinstance(value, np.ndarray):
-        return value
-    try:
-        return np.array(value, copy=True)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"{name} is not an array: {exc}") from None
-
-
-def _float_copy(value: Any, name: str) -> np.ndarray:
-    """A private 2-D float copy: float16/32/64 kept, integers widened to float64, a single
-    1-D sequence taken as a batch of one."""
-    _check_size(getattr(value, "shape", None), name)
-    arr = _to_array(value, name)
-    _check_size(arr.shape, name)
-    if arr.dtype.kind in "iu":
-        arr = now(arr).astype(np.float64)
-    elif arr.dtype.kind != "f":
-        raise InvalidInput(f"{name} has dtype {arr.dtype}: expected real numbers (log-probs)")
-    if arr.ndim == 1:
-        arr = arr.reshape(1, -1)
-    return arr
-
-
-def _check_size(shape: Any, name: str) -> None:
-    """Refuse a step above STEP_VALUES_MAX values per array, before copying it."""
-    try:
-        n = math.prod(int(d) for d in shape)
-    except (TypeError, ValueError):  # no shape (a list), or not one we can read
-        return
-    if n > STEP_VALUES_MAX:
-        raise InvalidInput(
-            f"{name} has {n} values (shape {tuple(shape)}): a step takes at most "
-            f"{STEP_VALUES_MAX} per rank; log fewer sequences per call or per rank"
-        )
-
-
-def _pad_ragged(lp: Any, ref: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A list of 1-D sequences (ragged lengths) as right-padded (B, T) arrays and a mask."""
-    lps = [_seq(x, f"policy_logprobs[{i}]") for i, x in enumerate(lp)]
-    if not isinstance(ref, list | tuple) or len(ref) != len(lps):
-        raise InvalidInput("ref_logprobs must be a list of sequences like policy_logprobs")
-    refs = [_seq(x, f"ref_logprobs[{i}]") for i, x in enumerate(ref)]
-    for i, (a, b) in enumerate(zip(lps, refs, strict=True)):
-        if a.ndim != 1 or b.shape != a.shape:
-            raise InvalidInput(
-                f"sequence {i}: policy_logprobs has shape {a.shape}, ref_logprobs {b.shape}: "
-                "each must be 1-D and of the same length"
-            )
-    width = max((len(a) for a in lps), default=0)
-    _check_size((len(lps), width), "policy_logprobs")
-    out_lp = np.zeros((len(lps), width))
-    out_ref = np.zeros((len(lps), width))
-    out_mask = np.zeros((len(lps), width), dtype=bool)
-    for i, (a, b) in enumerate(zip(lps, refs, strict=True)):
-        out_lp[i, : len(a)] = a
-        out_ref[i, : len(a)] = b
-        out_mask[i, : len(a)] = True
-    if mask is not None:
-        ms = [np.asarray(now(_to_array(x, f"mask[{i}]"))) for i, x in enumerate(mask)]
-        if len(ms) != len(lps) or any(m.shape != a.shape for m, a in zip(ms, lps, strict=False)):
-            raise InvalidInput("mask must be a list of sequences matching policy_logprobs")
-        for i, m in enumerate(ms):
-            out_mask[i, : len(m)] &= _bool_mask(m, "mask")
-    return out_lp, out_ref, out_mask
-
-
-def _seq(x: Any, name: str) -> np.ndarray:
-    try:
-        return np.asarray(now(_to_array(x, name)), dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"{name} is not a sequence of numbers: {exc}") from None
-
-
-def _bool_mask(raw: np.ndarray, name: str) -> np.ndarray:
-    if raw.dtype == np.bool_:
-        return raw
-    if raw.dtype.kind not in "iuf":
-        raise InvalidInput(f"{name} has dtype {raw.dtype}: expected booleans or 0/1 numbers")
-    m = raw != 0
-    if (raw[m] != 1).any():
-        bad = np.argwhere(m & (raw != 1))[0]
-        raise InvalidInput(f"{name}{list(bad)} is {raw[tuple(bad)]}: a mask holds booleans or 0/1")
-    return m
-
-
-def _is_ragged(x: Any) -> bool:
-    """A list of sequences (not a nested list of numbers that numpy reads as 2-D)."""
-    if not isinstance(x, list | tuple) or not x:
-        return False
-    if all(isinstance(e, numbers.Real) for e in x):
-        return False
-    lengths = {len(e) if hasattr(e, "__len__") else -1 for e in x}
-    return len(lengths) > 1
-
-
-#: Extra metric holding how many sequences of a step had an empty response (mask row all
-#: zero, e.g. the policy emitted EOS at once). Their KL is no data, not 0: the step's
-#: statistics cover the other sequences, and this count keeps the dropped ones visible.
-EMPTY_RESPONSES_METRIC = "klmon/empty_responses"
-
-
-def _count_empty_rows(m: np.ndarray, allow_all: bool = False) -> int:
-    """Number of sequences without a response token; InvalidInput when that is all of them
-    (unless ``allow_all``: one part of a step built from several calls may be all empty)."""
-    n_empty = int(m.shape[0] - np.count_nonzero(m.any(axis=1)))
-    if n_empty and n_empty == m.shape[0] and not allow_all:
-        raise InvalidInput(
-            f"every one of the {n_empty} sequences has an empty response (each mask row is all "
-            "zero): the step has no KL to record"
-        )
-    return n_empty
-
-
-def _check_logprobs(arr: np.ndarray, name: str, mask: np.ndarray | None) -> None:
-    if isinstance(arr, Deferred) or isinstance(mask, Deferred):
-        return  # values not on the host yet: checked in the background
-    hi = arr.max()
-    lo = arr.min()
-    if np.isfinite(lo) and hi <= LOGPROB_TOLERANCE:
-        return  # the common case: one pass each for max and min, no mask needed
-    bad = ~np.isfinite(arr)
-    if mask is not None:
-        bad &= mask
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise InvalidInput(
-            f"{name}[{i}, {j}] is {arr[i, j]}: log-probs must be finite inside the response mask"
-        )
-    pos = arr > LOGPROB_TOLERANCE
-    if mask is not None:
-        pos &= mask
-    if pos.any():
-        i, j = np.argwhere(pos)[0]
-        raise InvalidInput(
-            f"{name}[{i}, {j}] = {float(arr[i, j]):.4g} > 0: log-probs must be <= 0 (did you "
-            "pass logits or probabilities?)"
-        )
-
-
-def _build_item(
-    step: int,
-    wall: float,
-    policy_logprobs: Any,
-    ref_logprobs: Any,
-    mask: Any,
-    rewards: Any,
-    kl_coef: Any,
-    texts: Any,
-    tokens: Any,
-    metrics: Mapping[str, Any] | None,
-    rollout_logprobs: Any,
-    entropies: Any,
-    *,
-    check_values: bool = True,
-    allow_all_empty: bool = False,
-) -> StepItem:
-    m: np.ndarray | None = None
-    n_empty = 0
-    if _is_ragged(policy_logprobs):
-        lp, ref, m = _pad_ragged(policy_logprobs, ref_logprobs, mask)
-        n_empty = _count_empty_rows(m, allow_all_empty)
-        if check_values:
-            _check_logprobs(lp, "policy_logprobs", m)
-            _check_logprobs(ref, "ref_logprobs", m)
-    else:
-        if mask is not None:
-            _check_size(getattr(mask, "shape", None), "mask")
-            raw = _to_array(mask, "mask")
-            if isinstance(raw, Deferred) and raw.dtype != np.bool_:
-                raw = raw.resolve()
-            raw = raw.reshape(1, -1) if raw.ndim == 1 else raw
-            m = raw if isinstance(raw, Deferred) else _bool_mask(raw, "mask")
-            if m.ndim != 2:
-                raise InvalidInput(f"mask must be 2-D (batch, tokens), got shape {m.shape}")
-            if not isinstance(m, Deferred):  # a device mask: empty rows found in the background
-                n_empty = _count_empty_rows(m, allow_all_empty)
-        # Copy, then check each array while the copy is still in cache.
-        lp = _float_copy(policy_logprobs, "policy_logprobs")
-        if lp.ndim != 2:
-            raise InvalidInput(f"policy_logprobs must be 2-D (batch, tokens), got shape {lp.shape}")
-        if lp.shape[0] == 0 or lp.shape[1] == 0:
-            raise InvalidInput(f"empty batch: policy_logprobs has shape {lp.shape}")
-        if m is not None and m.shape != lp.shape:
-            raise InvalidInput(f"mask has shape {m.shape} but policy_logprobs has shape {lp.shape}")
-        if check_values:
-            _check_logprobs(lp, "policy_logprobs", m)
-        ref = _float_copy(ref_logprobs, "ref_logprobs")
-        if ref.shape != lp.shape:
-            raise InvalidInput(
-                f"ref_logprobs has shape {ref.shape} but policy_logprobs has shape "
-                f"{lp.shape}: they must match"
-            )
-        if check_values:
-            _check_logprobs(ref, "ref_logprobs", m)
-    b = lp.shape[0]
-    r = None
-    if rewards is not None:
-        r = now(_to_array(rewards, "rewards")).astype(np.float64, copy=False).reshape(-1)
-        if r.shape != (b,):
-            raise InvalidInput(f"rewards has {r.size} values for a batch of {b} sequences")
-        if not np.isfinite(r).all():
-            raise InvalidInput(f"rewards[{int(np.flatnonzero(~np.isfinite(r))[0])}] is not finite")
-    coef = None
-    if kl_coef is not None:
-        try:
-            coef = float(kl_coef)
-        except (TypeError, ValueError):
-            raise InvalidInput(f"kl_coef must be a number, got {kl_coef!r}") from None
-        if not math.isfinite(coef):
-            raise InvalidInput(f"kl_coef must be finite, got {coef}")
-    tx = None
-    if texts is not None:
-        if not isinstance(texts, Sequence) or len(texts) != 2:
-            raise InvalidInput("texts must be a pair (prompts, responses)")
-        prompts, responses = texts
-        for label, seq in (("prompts", prompts), ("responses", responses)):
-            if seq is not None and len(seq) != b:
-                raise InvalidInput(f"texts: {len(seq)} {label} for a batch of {b} sequences")
-        tx = (
-            None if prompts is None else list(prompts),
-            None if responses is None else list(responses),
-        )
-    toks = None
-    if tokens is not None:
-        if len(tokens) != b:
-            raise InvalidInput(f"tokens: {len(tokens)} sequences for a batch of {b}")
-        toks = list(tokens)
-    extra: dict[str, Any] = {}
-    if rollout_logprobs is not None:
-        ro = _float_copy(rollout_logprobs, "rollout_logprobs")
-        if ro.shape != lp.shape:
-            raise InvalidInput(f"rollout_logprobs has shape {ro.shape}, policy {lp.shape}")
-        if check_values:
-            _check_logprobs(ro, "rollout_logprobs", m)
-        extra["rollout_logprobs"] = ro
-    if entropies is not None:
-        ent = _float_copy(entropies, "entropies")
-        if ent.shape != lp.shape:
-            raise InvalidInput(f"entropies has shape {ent.shape}, policy {lp.shape}")
-        extra["entropies"] = ent
-    return StepItem(
-        step=step,
-        wall_time=wall,
-        policy_logprobs=lp,
-        ref_logprobs=ref,
-        mask=m,
-        rewards=r,
-        kl_coef=coef,
-        texts=tx,
-        tokens=toks,
-        metrics=_with_empty_count(_checked_metrics(metrics) if metrics else None, n_empty),
-        extra=extra or None,
-    )
-
-
-def _with_empty_count(metrics: dict[str, Any] | None, n_empty: int) -> dict[str, Any] | None:
-    if not n_empty:
-        return metrics
-    return {**(metrics or {}), EMPTY_RESPONSES_METRIC: n_empty}
-
-
-def _checked_metrics(metrics: Mapping[str, Any], *, lenient: bool = False) -> dict[str, Any]:
-    if not isinstance(metrics, Mapping):
-        if lenient:
-            return {}
-        raise InvalidInput(f"metrics must be a mapping of name to number, got {type(metrics)}")
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        try:
-            name = check_metric_name(k)
-            value = _metric_value(v, name)
-        except InvalidInput:
-            if lenient:
-                continue
-            raise
-        out[name] = value
-    return out
-
-
-def _metric_value(v: Any, name: str) -> float | None:
-    """The float stored for a metric: None for NaN/inf; InvalidInput for a non-number or an
-    integer beyond the float range (10**400)."""
-    if v is None:
-        return None
-    ok = (isinstance(v, numbers.Real) and not isinstance(v, bool)) or (
-        hasattr(v, "item") and getattr(v, "ndim", 0) == 0
-    )
-    if not ok:
-        raise InvalidInput(f"metrics[{name!r}] must be a number (got {type(v).__name__})")
-    try:
-        x = float(v.item() if hasattr(v, "item") else v)
-    except (OverflowError, TypeError, ValueError) as exc:
-        raise InvalidInput(f"metrics[{name!r}] is not storable as a float: {exc}") from None
-    return x if math.isfinite(x) else None
 
 
 # --- interpreter exit --------------------------------------------------------------------------

@@ -18,12 +18,12 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from monitor import __version__
 from monitor.errors import InvalidInput
+from monitor.formats import json_safe
 from monitor.ingest.importers.keys import KLMON_RESERVED, METRIC_PREFIX
 from monitor.ingest.importers.parquet import METADATA_KEY, require_pyarrow
 from monitor.store import (
@@ -181,18 +181,8 @@ def _write_jsonl(tmp: Path, chunks: Iterator[pd.DataFrame]) -> None:
     with tmp.open("w", encoding="utf-8") as fh:
         for frame in chunks:
             for record in frame.to_dict(orient="records"):
-                fh.write(json.dumps({k: _plain(v) for k, v in record.items()}, allow_nan=False))
+                fh.write(json.dumps({k: json_safe(v) for k, v in record.items()}, allow_nan=False))
                 fh.write("\n")
-
-
-def _plain(value: Any) -> Any:
-    if value is None or value is pd.NA:
-        return None
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _write_parquet(

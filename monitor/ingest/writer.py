@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import DatabaseUnavailable, InvalidInput, KlmonError, SchemaOutOfDate
+from monitor.formats import json_safe
 from monitor.ingest.spool import (
     DEAD_SUFFIX,
     FILE_MAGIC,
@@ -152,16 +153,6 @@ class WriterConfig:
 # --- summarising one step (processor thread) ---------------------------------------------------
 
 
-def _finite_or_none(value: Any) -> Any:
-    if value is None:
-        return None
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _metric_list(metrics: Mapping[str, Any] | None) -> list[list[Any]]:
     out: list[list[Any]] = []
     for name, value in (metrics or {}).items():
@@ -239,7 +230,7 @@ def _summarize_arrays(
     else:
         summary = divergence.summarize(item.policy_logprobs, item.ref_logprobs, **kwargs)
         d = summary.as_dict()
-        out["q"] = [_finite_or_none(d.get(c)) for c in STEP_QUANTITIES]
+        out["q"] = [json_safe(d.get(c)) for c in STEP_QUANTITIES]
         hist = getattr(summary, "token_hist", None)
         out["hist"] = None if hist is None else np.asarray(hist, dtype=np.int64)
         seq_kl = np.asarray(summary.seq_kl, dtype=np.float64)
@@ -306,8 +297,8 @@ def select_samples(
         sample: dict[str, Any] = {
             "seq_index": i if seq_ids is None else int(seq_ids[i]),
             "kind": kind,
-            "kl_seq": _finite_or_none(float(seq_kl[i])),
-            "reward": None if item.rewards is None else _finite_or_none(float(item.rewards[i])),
+            "kl_seq": json_safe(float(seq_kl[i])),
+            "reward": None if item.rewards is None else json_safe(float(item.rewards[i])),
             "prompt": None,
             "response": None,
             "tokens": None,
@@ -1017,29 +1008,23 @@ class BackgroundWriter:
             elif isinstance(item, CorruptRecord):
                 if item.end >= end and end < size:
                     break  # cut by the read window: read it whole next time
-                self.stats.add("corrupt")
-                log.error(
-                    "klmon: damaged spool record at %s:%d (%s): skipped",
-                    path,
-                    item.offset,
-                    item.reason,
-                )
+                self._skip_damaged(path, item)
                 pos = item.end
         if pos == off and end < size:  # one record larger than the window: read it whole
             for item in iter_records(path, start=off, end=size):
                 if isinstance(item, SpoolRecord):
                     records.append(item.record)
                 else:  # damaged (or beyond what a reader accepts): skip it, never spin on it
-                    self.stats.add("corrupt")
-                    log.error(
-                        "klmon: damaged spool record at %s:%d (%s): skipped",
-                        path,
-                        item.offset,
-                        item.reason,
-                    )
+                    self._skip_damaged(path, item)
                 pos = item.end
                 break
         return records, pos
+
+    def _skip_damaged(self, path: Any, item: CorruptRecord) -> None:
+        self.stats.add("corrupt")
+        log.error(
+            "klmon: damaged spool record at %s:%d (%s): skipped", path, item.offset, item.reason
+        )
 
     def _count(self, result: ApplyResult, steps: int, *, replayed: bool) -> None:
         ing = result.ingest
@@ -1139,7 +1124,7 @@ def scalar_step_record(
         "t": wall,
         "status": "ok",
         "metrics": _metric_list(metrics),
-        "q": [_finite_or_none(_as_float(quantities.get(c))) for c in STEP_QUANTITIES],
+        "q": [json_safe(_as_float(quantities.get(c))) for c in STEP_QUANTITIES],
         "partials": None,
         "hist": None,
         "samples": [],
@@ -1155,10 +1140,6 @@ def _as_float(value: Any) -> float | None:
         return float(value.item() if hasattr(value, "item") else value)
     except (TypeError, ValueError):
         return None
-
-
-def no_summary_record(kind: str, **fields: Any) -> ControlItem:
-    return ControlItem({"type": kind, **fields})
 
 
 __all__ = [

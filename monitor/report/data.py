@@ -2,14 +2,14 @@
 
 The renderers (``monitor.report.html``, ``monitor.report.markdown``) take the
 ``ReportData`` and never touch the database again, except the HTML one, which builds the
-dashboard's own compare charts (``monitor.dashboard.panel.build_panel``) so that the report
+dashboard's own compare charts (``monitor.charts.panel.build_panel``) so that the report
 shows exactly what the Compare page shows.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from monitor.errors import InvalidInput
+from monitor.formats import number_text
 from monitor.store.alerts import list_events
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, RunInfo, Sample
@@ -77,6 +78,23 @@ class RunSection:
             out[c] = float(v[-1]) if len(v) else None
         return out
 
+    def summary_cells(self, text: Callable[[Any], str]) -> list[str]:
+        """The run's line in a report's run table after its label: id, project, status,
+        steps, last kl_mean, k3 and reward, alerts; ``text`` escapes the free-text cells."""
+        last = self.last
+        fired = len(self.events)
+        still = int((self.events["state"] == "firing").sum()) if fired else 0
+        return [
+            str(self.info.id),
+            text(self.info.project),
+            text(self.info.status),
+            f"{self.first_step}-{self.last_step}" if self.last_step is not None else "no steps",
+            describe_value(last.get("kl_mean")),
+            describe_value(last.get("k3")),
+            describe_value(last.get("reward_mean")),
+            f"{fired} ({still} still firing)" if fired else "none",
+        ]
+
 
 @dataclass
 class ReportData:
@@ -101,7 +119,7 @@ class ReportData:
     def config_table(self) -> pd.DataFrame:
         """Runs as columns, fields as rows (identity, latest numbers, tags, every config key),
         with ``differs``: True where the runs disagree."""
-        from monitor.dashboard.figures import comparison_table
+        from monitor.charts.tables import comparison_table
 
         return comparison_table(
             [
@@ -160,7 +178,7 @@ def collect(
     max_buckets: int = MAX_BUCKETS,
 ) -> ReportData:
     """Everything the report shows for the runs ``refs`` (ids or names) over [start, end]."""
-    from monitor.dashboard.figures import run_color
+    from monitor.charts.palette import run_color
 
     if start is not None and end is not None and start > end:
         raise InvalidInput(f"--from {start} is after --to {end}")
@@ -205,15 +223,46 @@ def collect(
 
 def describe_value(value: Any, digits: int = 4) -> str:
     """A number for a table: ``-`` when missing, else ``digits`` significant digits."""
-    if value is None:
+    return number_text(value, digits)
+
+
+def describe_step(value: Any) -> str:
+    """A step for a table: ``-`` when missing."""
+    if value is None or pd.isna(value):
         return "-"
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not np.isfinite(x):
-        return "-"
-    return f"{x:.{digits}g}"
+    return str(int(value))
+
+
+#: The columns of a report's alert table, in the order :func:`event_cells` gives them.
+EVENT_TABLE_HEADERS = (
+    "rule",
+    "severity",
+    "state",
+    "pending at",
+    "fired at",
+    "resolved at",
+    "value",
+    "peak",
+    "message",
+)
+
+
+def event_cells(
+    e: Any, text: Callable[[Any], str], severity: Callable[[Any], str] | None = None
+) -> list[str]:
+    """One alert episode as the cells of :data:`EVENT_TABLE_HEADERS`. ``text`` escapes the
+    free-text cells for the output format (``severity``, when given, renders that one)."""
+    return [
+        text(e.rule),
+        (severity or text)(e.severity),
+        text(e.state),
+        describe_step(e.start_step),
+        describe_step(e.fired_step),
+        describe_step(e.end_step),
+        describe_value(e.value),
+        describe_peak(e.peak_value, e.peak_step),
+        text(e.message),
+    ]
 
 
 def describe_peak(value: Any, step: Any) -> str:

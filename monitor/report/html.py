@@ -1,8 +1,8 @@
 """The post-mortem report as one self-contained HTML file: it opens offline, without a server.
 
-Charts are the dashboard's own (the Compare page's panel, ``monitor.dashboard.panel``),
+Charts are the dashboard's own (the Compare page's panel, ``monitor.charts.panel``),
 as interactive plotly figures with plotly.js inlined once; should the panel not be usable,
-they fall back to the static PNG charts of ``monitor.report.charts`` as data URIs. Every
+they fall back to the static PNG charts of ``monitor.charts.png`` as data URIs. Every
 piece of user text (run names, config, prompts, tokens, alert messages, notes) is escaped.
 """
 
@@ -12,14 +12,16 @@ import base64
 import html
 import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from monitor import __version__
-from monitor.report.data import ReportData, describe_peak, describe_value
+from monitor.formats import UTC_MINUTES, utc_text
+from monitor.report.data import (
+    EVENT_TABLE_HEADERS,
+    ReportData,
+    describe_value,
+    event_cells,
+)
 
 log = logging.getLogger("monitor.report")
 
@@ -56,9 +58,7 @@ def esc(value: Any) -> str:
 
 
 def _when(ts: float | None) -> str:
-    if ts is None or not np.isfinite(ts):
-        return "-"
-    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return utc_text(ts, UTC_MINUTES)
 
 
 def _table(
@@ -105,20 +105,10 @@ def _img(png: bytes, alt: str) -> str:
 def _summary(data: ReportData) -> str:
     rows = []
     for r in data.runs:
-        last = r.last
-        fired = len(r.events)
-        open_ = int((r.events["state"] == "firing").sum()) if fired else 0
         rows.append(
             [
                 f'<span class="swatch" style="background:{esc(r.color)}"></span>{esc(r.label)}',
-                esc(r.info.id),
-                esc(r.info.project),
-                esc(r.info.status),
-                esc(f"{r.first_step}-{r.last_step}" if r.last_step is not None else "no steps"),
-                esc(describe_value(last.get("kl_mean"))),
-                esc(describe_value(last.get("k3"))),
-                esc(describe_value(last.get("reward_mean"))),
-                esc(f"{fired} ({open_} still firing)" if fired else "none"),
+                *r.summary_cells(esc),
                 esc(len(r.notes)),
             ]
         )
@@ -141,22 +131,26 @@ def _summary(data: ReportData) -> str:
 
 def _compare_figures(data: ReportData) -> list[tuple[str, Any]]:
     """The Compare page's charts for these runs and range: [(title, figure dict)]."""
-    from monitor.dashboard.data import DashboardData
-    from monitor.dashboard.panel import View, build_panel, panel_specs
+    from monitor.charts.panel import build_panel, panel_specs
+    from monitor.charts.view import View
+    from monitor.report.panel_source import StorePanelSource
 
     assert data.db is not None
-    dd = DashboardData(data.db)
     view = View(runs=tuple(data.run_ids), start=data.start, end=data.end)
     specs = panel_specs(view, {})
     out = build_panel(
-        dd, view, specs, labels={r.info.id: r.label for r in data.runs}, max_buckets=600
+        StorePanelSource(data.db),
+        view,
+        specs,
+        labels={r.info.id: r.label for r in data.runs},
+        max_buckets=600,
     )
     return [(spec.title, out.figures[spec.key]) for spec in specs if spec.key in out.figures]
 
 
 def _static_charts(data: ReportData) -> list[tuple[str, bytes]]:
-    from monitor.dashboard.figures import CHARTS, FRONTIER_X_TITLE
-    from monitor.report.charts import frontier_png, has_data, time_chart_png
+    from monitor.charts.png import frontier_png, has_data, time_chart_png
+    from monitor.charts.specs import CHARTS, FRONTIER_X_TITLE
 
     out = []
     for spec in CHARTS:
@@ -182,7 +176,7 @@ def _static_charts(data: ReportData) -> list[tuple[str, bytes]]:
 def _charts(data: ReportData, plotly: _Plotly) -> str:
     try:
         figures = _compare_figures(data)
-    except (ImportError, AttributeError, TypeError) as exc:  # the dashboard's API moved
+    except (ImportError, AttributeError, TypeError) as exc:  # the panel's API moved
         log.warning("report: dashboard charts unavailable (%s); drawing static charts", exc)
         return "".join(_img(png, title) for title, png in _static_charts(data))
     parts = []
@@ -195,7 +189,7 @@ def _charts(data: ReportData, plotly: _Plotly) -> str:
 
 
 def _alerts(data: ReportData, plotly: _Plotly) -> str:
-    from monitor.dashboard.figures import alert_timeline
+    from monitor.charts.figures import alert_timeline
 
     parts = []
     for r in data.runs:
@@ -206,42 +200,13 @@ def _alerts(data: ReportData, plotly: _Plotly) -> str:
         parts.append(plotly.div(alert_timeline(r.events, r.last_step)))
         rows = []
         for e in r.events.itertuples(index=False):
-            rows.append(
-                [
-                    esc(e.rule),
-                    f'<span class="sev-{esc(e.severity)}">{esc(e.severity)}</span>',
-                    esc(e.state),
-                    esc(_step(e.start_step)),
-                    esc(_step(e.fired_step)),
-                    esc(_step(e.end_step)),
-                    esc(describe_value(e.value)),
-                    esc(describe_peak(e.peak_value, e.peak_step)),
-                    esc(e.message),
-                ]
-            )
-        parts.append(
-            _table(
-                [
-                    "rule",
-                    "severity",
-                    "state",
-                    "pending at",
-                    "fired at",
-                    "resolved at",
-                    "value",
-                    "peak",
-                    "message",
-                ],
-                rows,
-            )
-        )
+            rows.append(event_cells(e, esc, _severity))
+        parts.append(_table(EVENT_TABLE_HEADERS, rows))
     return "".join(parts)
 
 
-def _step(value: Any) -> str:
-    if value is None or pd.isna(value):
-        return "-"
-    return str(int(value))
+def _severity(severity: Any) -> str:
+    return f'<span class="sev-{esc(severity)}">{esc(severity)}</span>'
 
 
 def _annotations(data: ReportData) -> str:
@@ -256,7 +221,7 @@ def _annotations(data: ReportData) -> str:
 
 
 def _token_html(sample: Any) -> str:
-    from monitor.dashboard.figures import token_cells
+    from monitor.charts.tables import token_cells
 
     cells = token_cells(sample.tokens, sample.policy_logprobs, sample.ref_logprobs)
     return "".join(
@@ -268,7 +233,7 @@ def _token_html(sample: Any) -> str:
 
 
 def _samples(data: ReportData) -> str:
-    from monitor.dashboard.figures import token_cells
+    from monitor.charts.tables import token_cells
     from monitor.report.data import carrier_tokens
 
     parts = [
@@ -319,7 +284,7 @@ def _config(data: ReportData) -> str:
 
 
 def _heatmaps(data: ReportData, plotly: _Plotly) -> str:
-    from monitor.dashboard.figures import histogram_heatmap
+    from monitor.charts.figures import histogram_heatmap
     from monitor.divergence import HIST_EDGES
 
     parts = []

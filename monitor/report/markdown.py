@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from monitor import __version__
-from monitor.report.data import ReportData, describe_peak, describe_value
+from monitor.formats import UTC_MINUTES, utc_text
+from monitor.report.data import (
+    EVENT_TABLE_HEADERS,
+    ReportData,
+    describe_value,
+    event_cells,
+)
 
 Progress = Callable[[int], None]
 
@@ -57,15 +59,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _when(ts: float | None) -> str:
-    if ts is None or not np.isfinite(ts):
-        return "-"
-    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _step(value: Any) -> str:
-    if value is None or pd.isna(value):
-        return "-"
-    return str(int(value))
+    return utc_text(ts, UTC_MINUTES)
 
 
 def _slug(text: str) -> str:
@@ -74,8 +68,8 @@ def _slug(text: str) -> str:
 
 def chart_pngs(data: ReportData) -> list[tuple[str, str, bytes]]:
     """(key, title, PNG) of every chart with data, then the alert timeline."""
-    from monitor.dashboard.figures import CHARTS, FRONTIER_X_TITLE
-    from monitor.report.charts import alert_timeline_png, frontier_png, has_data, time_chart_png
+    from monitor.charts.png import alert_timeline_png, frontier_png, has_data, time_chart_png
+    from monitor.charts.specs import CHARTS, FRONTIER_X_TITLE
 
     out = []
     for spec in CHARTS:
@@ -110,22 +104,7 @@ def render_markdown(
     lines += ["", "## Runs", ""]
     rows = []
     for r in data.runs:
-        last = r.last
-        fired = len(r.events)
-        open_ = int((r.events["state"] == "firing").sum()) if fired else 0
-        rows.append(
-            [
-                md(r.label),
-                str(r.info.id),
-                md(r.info.project),
-                md(r.info.status),
-                f"{r.first_step}-{r.last_step}" if r.last_step is not None else "no steps",
-                describe_value(last.get("kl_mean")),
-                describe_value(last.get("k3")),
-                describe_value(last.get("reward_mean")),
-                f"{fired} ({open_} still firing)" if fired else "none",
-            ]
-        )
+        rows.append([md(r.label), *r.summary_cells(md)])
     lines.append(
         _table(
             [
@@ -155,39 +134,12 @@ def render_markdown(
 
     lines += ["## Alerts", ""]
     rows = [
-        [
-            md(r.label),
-            md(e.rule),
-            md(e.severity),
-            md(e.state),
-            _step(e.start_step),
-            _step(e.fired_step),
-            _step(e.end_step),
-            describe_value(e.value),
-            describe_peak(e.peak_value, e.peak_step),
-            md(e.message),
-        ]
+        [md(r.label), *event_cells(e, md)]
         for r in data.runs
         for e in r.events.itertuples(index=False)
     ]
     if rows:
-        lines.append(
-            _table(
-                [
-                    "run",
-                    "rule",
-                    "severity",
-                    "state",
-                    "pending at",
-                    "fired at",
-                    "resolved at",
-                    "value",
-                    "peak",
-                    "message",
-                ],
-                rows,
-            )
-        )
+        lines.append(_table(["run", *EVENT_TABLE_HEADERS], rows))
     else:
         lines += ["No alert fired in this range.", ""]
     tick(1)
@@ -212,7 +164,7 @@ def render_markdown(
         "fired, then those of largest |KL|; below each, the tokens that carry its KL.",
         "",
     ]
-    from monitor.dashboard.figures import token_cells
+    from monitor.charts.tables import token_cells
     from monitor.report.data import carrier_tokens
 
     for r in data.runs:

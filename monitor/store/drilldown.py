@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import func, select, text
 
 from monitor.errors import InvalidInput, NotFound
 from monitor.store._bulk import insert_rows
@@ -197,11 +197,6 @@ def list_annotations(db: Database, run_id: int) -> list[Annotation]:
             select(AnnotationRow).where(AnnotationRow.run_id == run_id).order_by(AnnotationRow.step)
         ).all()
         return [Annotation(r.id, r.run_id, r.step, r.text, r.author, r.created_at) for r in rows]
-
-
-def delete_annotation(db: Database, annotation_id: int) -> None:
-    with db.session() as s:
-        s.execute(delete(AnnotationRow).where(AnnotationRow.id == annotation_id))
 
 
 def annotations_frame(db: Database, run_ids: Sequence[int]) -> pd.DataFrame:

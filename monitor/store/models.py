@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: the tables of DESIGN.md.
+"""SQLAlchemy 2 models: the tables of docs/ARCHITECTURE.md.
 
 Portable across SQLite and PostgreSQL: JSON columns, no server-side functions, integer
 surrogate keys only where a natural key does not exist. Wall times are stored as Unix
@@ -330,8 +330,9 @@ class AnnotationRow(Base):
 # costs the same for 1k and 10M steps. A cache of the steps and metrics tables, written lazily
 # for complete buckets. ``stats`` packs the statistics as little-endian float64
 # [quantity][min, max, mean] in STEP_FLOAT_COLUMNS order (one quantity, ``value``, for
-# metric_rollups): one blob instead of 60 columns makes the bulk build ~5x faster. Columns are
-# only ever appended to STEP_FLOAT_COLUMNS; a shorter blob reads as NaN for the newer ones.
+# metric_rollups): one blob instead of 60 columns, so the bulk build binds one value per row.
+# Columns are only ever appended to STEP_FLOAT_COLUMNS; a shorter blob reads as NaN for the
+# newer ones.
 
 
 class StepRollupRow(Base):

@@ -229,8 +229,3 @@ def list_runs(db: Database) -> pd.DataFrame:
     df["kl_quantity"] = [None if k is None else k.quantity.name for k in kls]
     df["kl_unit"] = [None if k is None else k.quantity.unit for k in kls]
     return df
-
-
-def count_runs(db: Database) -> int:
-    with db.session() as s:
-        return int(s.scalar(select(func.count()).select_from(RunRow)) or 0)

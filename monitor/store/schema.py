@@ -3,6 +3,7 @@ to work on a database whose schema is behind."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -53,6 +54,19 @@ def current_revision(engine: Engine) -> str | None:
 #: number by chance to be blocked by it.
 UPGRADE_LOCK_KEY = 0x6B6C6D6F6E
 
+#: Alembic runs a migration script through module-level proxies (``alembic.op``,
+#: ``alembic.context``): two upgrades on two threads of one process (a writer creating the
+#: schema of a new database while another thread upgrades a second one) would run each
+#: other's operations. One upgrade at a time per process.
+_ALEMBIC = threading.Lock()
+
+
+def _run_upgrade(engine: Engine, revision: str) -> str | None:
+    with _ALEMBIC:
+        before = current_revision(engine)
+        command.upgrade(alembic_config(engine), revision)
+        return before
+
 
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Migrate the schema to ``revision``; returns the revision it found (None: empty).
@@ -64,15 +78,11 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     (``duplicate key value violates unique constraint "pg_type_typname_nsp_index"``).
     """
     if engine.dialect.name != "postgresql":
-        before = current_revision(engine)
-        command.upgrade(alembic_config(engine), revision)
-        return before
+        return _run_upgrade(engine, revision)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock:
         lock.exec_driver_sql(f"SELECT pg_advisory_lock({UPGRADE_LOCK_KEY})")
         try:
-            before = current_revision(engine)
-            command.upgrade(alembic_config(engine), revision)
-            return before
+            return _run_upgrade(engine, revision)
         finally:
             lock.exec_driver_sql(f"SELECT pg_advisory_unlock({UPGRADE_LOCK_KEY})")
 

@@ -27,7 +27,7 @@ from monitor.analytics.series import (
     valid,
     warmup_median,
 )
-from monitor.analytics.trends import ewma, expanding_slope, rolling_slope
+from monitor.analytics.trends import expanding_slope, halflife_ewma, rolling_slope
 
 #: Where a response length may live: ours, then TRL GRPO's logged names.
 LENGTH_COLUMNS = ("resp_len_mean", "completions/mean_length", "completion_length")
@@ -171,8 +171,8 @@ def _hacking_on(
         local_gain = reward_slope / kl_slope
     # The run's gain so far: smoothed reward regressed on smoothed sqrt(KL) up to the
     # window's start (healthy runs keep it roughly constant).
-    smooth_sqrt = ewma(sqrt_kl, halflife_rows)
-    gain_so_far = expanding_slope(smooth_sqrt, ewma(reward, halflife_rows))
+    smooth_sqrt = halflife_ewma(sqrt_kl, halflife_rows)
+    gain_so_far = expanding_slope(smooth_sqrt, halflife_ewma(reward, halflife_rows))
     start = np.arange(n) - window_rows + 1
     run_gain = np.where(start >= min_history_rows, gain_so_far[np.maximum(start, 0)], np.nan)
     # The gain is a ratio of two noisy slopes: fire only when even its upper confidence

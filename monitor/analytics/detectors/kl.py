@@ -28,7 +28,7 @@ from monitor.analytics.series import (
     valid,
     warmup_median,
 )
-from monitor.analytics.trends import ewma, resolve_budget
+from monitor.analytics.trends import halflife_ewma, resolve_budget
 
 
 def budget(
@@ -78,7 +78,7 @@ def budget(
         return []
     if source == "default":
         source = f"the default for KL in {unit}"
-    level = ewma(kl, halflife_rows) if halflife_rows > 0 else kl
+    level = halflife_ewma(kl, halflife_rows) if halflife_rows > 0 else kl
     smoothed = ", smoothed" if halflife_rows > 0 else ""
     return findings_where(
         latch(level > limit, level > clear_fraction * limit),

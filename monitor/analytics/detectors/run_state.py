@@ -7,17 +7,19 @@ import pandas as pd
 
 from monitor.analytics.detectors._common import num
 from monitor.analytics.findings import Context, Finding, as_context
+from monitor.analytics.stall import STALL_FACTOR, STALL_MIN_SECONDS, stall_limit
 
 
 def stalled(
     df: pd.DataFrame,
     ctx: Context = None,
     *,
-    factor: float = 10.0,
-    min_seconds: float = 300.0,
+    factor: float = STALL_FACTOR,
+    min_seconds: float = STALL_MIN_SECONDS,
 ) -> list[Finding]:
     """A running run silent for more than ``factor`` x its median step interval and at
-    least ``min_seconds``. Needs ``ctx.now``; a finished or crashed run never stalls.
+    least ``min_seconds`` (the rule in :mod:`monitor.analytics.stall`). Needs ``ctx.now``;
+    a finished or crashed run never stalls.
     """
     context = as_context(ctx)
     if context.status != "running" or context.now is None or df.empty:
@@ -27,7 +29,7 @@ def stalled(
     last_seen = context.last_seen_at if context.last_seen_at is not None else wall.max()
     intervals = np.diff(wall[-200:])
     interval = float(np.median(intervals)) if len(intervals) else 0.0
-    limit = max(factor * interval, min_seconds)
+    limit = stall_limit(interval, factor=factor, min_seconds=min_seconds)
     silent = context.now - last_seen
     if silent <= limit:
         return []

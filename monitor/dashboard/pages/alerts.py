@@ -4,17 +4,23 @@ step it fired."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import dash_ag_grid as dag
 import pandas as pd
 from dash import Dash, Input, Output, State, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
-from monitor.dashboard.pages.common import error_box, fmt_time, page
+from monitor.dashboard.pages.common import (
+    ID_COLUMN,
+    error_box,
+    fmt_time,
+    grid_number,
+    link_column,
+    page,
+    selectable_grid,
+)
 from monitor.dashboard.settings import DashboardSettings
 from monitor.errors import KlmonError
 
@@ -27,15 +33,8 @@ STATE_CHOICES = {
 SILENCE_CHOICES = {"3600": "1 hour", "14400": "4 hours", "86400": "1 day", "604800": "1 week"}
 
 COLUMNS = [
-    {"field": "id", "headerName": "id", "width": 80, "filter": "agNumberColumnFilter"},
-    {
-        "field": "open",
-        "headerName": "",
-        "width": 130,
-        "cellRenderer": "markdown",
-        "filter": False,
-        "sortable": False,
-    },
+    ID_COLUMN,
+    link_column(130),
     {"field": "state", "headerName": "state", "width": 100},
     {"field": "severity", "headerName": "severity", "width": 100},
     {"field": "run", "headerName": "run", "width": 180},
@@ -63,14 +62,6 @@ COLUMNS = [
 ]
 
 
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return round(f, 6) if math.isfinite(f) else None
-
-
 def _int(v: Any) -> int | None:
     if v is None or v is pd.NA:
         return None
@@ -82,7 +73,7 @@ def _int(v: Any) -> int | None:
 
 def _peak(value: Any, step: int | None) -> str:
     """The episode's peak level and step, e.g. ``17.8 at step 70`` (empty when unknown)."""
-    v = _num(value)
+    v = grid_number(value)
     return "" if v is None or step is None else f"{v:.3g} at step {step}"
 
 
@@ -107,8 +98,8 @@ def rows(ev: pd.DataFrame) -> list[dict[str, Any]]:
                 "run": f"{r['run_name']} (#{run_id})",
                 "rule": str(r["rule"]),
                 "step": step,
-                "value": _num(r.get("value")),
-                "threshold": _num(r.get("threshold")),
+                "value": grid_number(r.get("value")),
+                "threshold": grid_number(r.get("threshold")),
                 "peak": _peak(r.get("peak_value"), _int(r.get("peak_step"))),
                 "message": str(r.get("message") or ""),
                 "started": fmt_time(r.get("started_at")),
@@ -138,19 +129,13 @@ def layout(data: DashboardData, settings: DashboardSettings) -> html.Div:
                 ),
             ],
         ),
-        dag.AgGrid(
-            id=ids.ALERTS_GRID,
-            rowData=rows(ev),
-            columnDefs=COLUMNS,
-            defaultColDef={"sortable": True, "filter": True, "resizable": True},
-            getRowId="params.data.row_id",
-            dashGridOptions={
-                "rowSelection": {"mode": "multiRow", "checkboxes": True, "headerCheckbox": True},
-                "animateRows": False,
-                "pagination": True,
-                "paginationPageSize": 50,
-            },
+        selectable_grid(
+            ids.ALERTS_GRID,
+            rows(ev),
+            COLUMNS,
             style={"height": "560px"},
+            pagination=True,
+            paginationPageSize=50,
         ),
         html.Div(
             className="toolbar",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
-from dash import dcc, html
+import dash_ag_grid as dag
+from dash import html
+
+from monitor.formats import UTC_SECONDS, number_text, utc_text
 
 STATUS_CLASS = {
     "running": "badge running",
@@ -33,31 +35,60 @@ def badge(status: str) -> html.Span:
 
 
 def fmt(value: Any, digits: int = 4) -> str:
-    """A number for a table cell: '-' when missing."""
-    if value is None:
-        return "-"
+    """A number for a table cell: '-' when missing, whole numbers in full."""
+    return number_text(value, digits, whole=True)
+
+
+#: The row id as a grid column (numeric filter).
+ID_COLUMN = {"field": "id", "headerName": "id", "width": 80, "filter": "agNumberColumnFilter"}
+
+
+def link_column(width: int) -> dict[str, Any]:
+    """The grid's ``open`` column: each row's markdown link (built from integers only)."""
+    return {
+        "field": "open",
+        "headerName": "",
+        "width": width,
+        "cellRenderer": "markdown",
+        "filter": False,
+        "sortable": False,
+    }
+
+
+def selectable_grid(
+    grid_id: str,
+    rows: list[dict[str, Any]],
+    columns: list[dict[str, Any]],
+    *,
+    style: dict[str, Any],
+    **options: Any,
+) -> dag.AgGrid:
+    """A sortable, filterable grid of ``rows`` keyed by their ``row_id``, with a checkbox per
+    row for selecting several; ``options`` are further AG Grid options."""
+    return dag.AgGrid(
+        id=grid_id,
+        rowData=rows,
+        columnDefs=columns,
+        defaultColDef={"sortable": True, "filter": True, "resizable": True},
+        getRowId="params.data.row_id",
+        dashGridOptions={
+            "rowSelection": {"mode": "multiRow", "checkboxes": True, "headerCheckbox": True},
+            "animateRows": False,
+            **options,
+        },
+        style=style,
+    )
+
+
+def grid_number(v: Any) -> float | None:
+    """A number for a grid cell (JSON): rounded to 6 decimals, None when missing or not finite."""
     try:
-        v = float(value)
+        f = float(v)
     except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(v):
-        return "-"
-    if v == int(v) and abs(v) < 1e12:
-        return str(int(v))
-    return f"{v:.{digits}g}"
+        return None
+    return round(f, 6) if math.isfinite(f) else None
 
 
 def fmt_time(ts: Any) -> str:
     """Unix seconds as 'YYYY-MM-DD HH:MM:SS UTC' ('' when missing)."""
-    try:
-        t = float(ts)
-    except (TypeError, ValueError):
-        return ""
-    if not math.isfinite(t):
-        return ""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
-
-
-def run_link(run_id: int, step: int | None = None, text: str | None = None) -> dcc.Link:
-    href = f"/run/{int(run_id)}" + (f"?step={int(step)}" if step is not None else "")
-    return dcc.Link(text if text is not None else f"run {int(run_id)}", href=href)
+    return utc_text(ts, UTC_SECONDS, missing="")

@@ -11,19 +11,15 @@ from typing import Any
 from dash import Dash, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
-from monitor.dashboard import figures as F
+from monitor.charts import palette as P
+from monitor.charts import tables as T
+from monitor.charts.panel import panel_specs
+from monitor.charts.view import View, parse_query, to_query
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData
 from monitor.dashboard.pages.common import badge, error_box, info_box, page
-from monitor.dashboard.panel import (
-    View,
-    panel_controls,
-    panel_layout,
-    panel_specs,
-    parse_query,
-    register_panel,
-    to_query,
-)
+from monitor.dashboard.panel import register_panel
+from monitor.dashboard.panel_layout import panel_controls, panel_layout
 from monitor.dashboard.settings import DashboardSettings
 
 
@@ -50,7 +46,7 @@ def summary_table(data: DashboardData, run_ids: list[int], labels: dict[int, str
                 "config": st.info.config,
             }
         )
-    df = F.comparison_table(runs)
+    df = T.comparison_table(runs)
     cols = [c for c in df.columns if c not in ("field", "differs")]
     head = html.Thead(html.Tr([html.Th("")] + [html.Th(c) for c in cols]))
     body = html.Tbody(
@@ -84,7 +80,7 @@ def layout(data: DashboardData, settings: DashboardSettings, search: str | None)
     chips = [
         html.Span(
             [
-                html.Span(className="swatch", style={"backgroundColor": F.run_color(i)}),
+                html.Span(className="swatch", style={"backgroundColor": P.run_color(i)}),
                 dcc.Link(labels[r.id], href=f"/run/{r.id}"),
                 " ",
                 badge(data.run_state(r.id).status),

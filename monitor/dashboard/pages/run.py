@@ -12,18 +12,15 @@ from typing import Any
 from dash import Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
-from monitor.dashboard import figures as F
+from monitor.charts import figures as F
+from monitor.charts import tables as T
+from monitor.charts.panel import panel_specs
+from monitor.charts.view import parse_query, to_query
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
 from monitor.dashboard.pages.common import badge, error_box, fmt, fmt_time, info_box, page
-from monitor.dashboard.panel import (
-    panel_controls,
-    panel_layout,
-    panel_specs,
-    parse_query,
-    register_panel,
-    to_query,
-)
+from monitor.dashboard.panel import register_panel
+from monitor.dashboard.panel_layout import panel_controls, panel_layout
 from monitor.dashboard.settings import DashboardSettings
 from monitor.errors import KlmonError
 from monitor.store.domain import Sample
@@ -51,7 +48,7 @@ def _edges() -> Any:
 
 
 def sample_card(sample: Sample) -> html.Div:
-    cells = F.token_cells(sample.tokens, sample.policy_logprobs, sample.ref_logprobs)
+    cells = T.token_cells(sample.tokens, sample.policy_logprobs, sample.ref_logprobs)
     spans = [
         html.Span(
             c.text,
@@ -61,7 +58,7 @@ def sample_card(sample: Sample) -> html.Div:
         )
         for c in cells
     ]
-    top = F.top_tokens(cells)
+    top = T.top_tokens(cells)
     total = sum(c.diff for c in cells)
     table = html.Table(
         [
@@ -240,7 +237,7 @@ def layout(
         note = "This run has no stored samples."
     samples = data.samples(run_id, step) if step is not None else []
     events = data.events(run_ids=[run_id], limit=200)
-    config = F.flatten_config(info.config)
+    config = T.flatten_config(info.config)
     return page(
         f"Run {info.name}",
         *(error_box(w) for w in warnings),
@@ -419,18 +416,7 @@ def register(app: Dash, data: DashboardData, settings: DashboardSettings) -> Non
             return error_box(user_message(exc)), no_update, no_update, no_update, no_update
         heat = Patch()
         if step is not None:
-            heat["layout"]["shapes"] = [
-                {
-                    "type": "line",
-                    "xref": "x",
-                    "yref": "paper",
-                    "x0": step,
-                    "x1": step,
-                    "y0": 0,
-                    "y1": 1,
-                    "line": {"color": "#d62728", "width": 2},
-                }
-            ]
+            heat["layout"]["shapes"] = F.step_marker(step)
         href = f"/run/{rid}" + (f"?step={step}" if step is not None else "")
         return samples_view(samples, step, note), step, href, heat, step
 

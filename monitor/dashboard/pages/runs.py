@@ -4,30 +4,29 @@ reward and open alerts; filter, sort, select several and open them in Compare.""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import dash_ag_grid as dag
 import pandas as pd
 from dash import Dash, Input, Output, Patch, State, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
+from monitor.charts.view import MAX_RUNS
 from monitor.dashboard import ids
 from monitor.dashboard.data import DashboardData, user_message
-from monitor.dashboard.pages.common import error_box, fmt_time, page
-from monitor.dashboard.panel import MAX_RUNS
+from monitor.dashboard.pages.common import (
+    ID_COLUMN,
+    error_box,
+    fmt_time,
+    grid_number,
+    link_column,
+    page,
+    selectable_grid,
+)
 from monitor.dashboard.settings import DashboardSettings
 
 COLUMNS = [
-    {"field": "id", "headerName": "id", "width": 80, "filter": "agNumberColumnFilter"},
-    {
-        "field": "open",
-        "headerName": "",
-        "width": 80,
-        "cellRenderer": "markdown",
-        "filter": False,
-        "sortable": False,
-    },
+    ID_COLUMN,
+    link_column(80),
     {"field": "project", "headerName": "project", "width": 140},
     {"field": "name", "headerName": "run", "flex": 1, "minWidth": 180},
     {"field": "status", "headerName": "status", "width": 110},
@@ -64,14 +63,6 @@ COLUMNS = [
 ]
 
 
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return round(f, 6) if math.isfinite(f) else None
-
-
 def rows(df: pd.DataFrame) -> list[dict[str, Any]]:
     """Grid rows (plain JSON values). ``open`` is a markdown link built from the id only."""
     out = []
@@ -86,10 +77,10 @@ def rows(df: pd.DataFrame) -> list[dict[str, Any]]:
                 "status": str(r["status"]),
                 "last_step": None if pd.isna(r["last_step"]) else int(r["last_step"]),
                 "updated": fmt_time(r["last_update"]),
-                "last_kl": _num(r["last_kl"]),
+                "last_kl": grid_number(r["last_kl"]),
                 "kl_quantity": str(r["kl_quantity"] or ""),
                 "kl_trend": str(r["kl_trend"] or ""),
-                "last_reward": _num(r["last_reward"]),
+                "last_reward": grid_number(r["last_reward"]),
                 "open_alerts": int(r["open_alerts"]),
                 "tags": str(r["tags"] or ""),
                 "source": str(r["source"]),
@@ -100,21 +91,15 @@ def rows(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 def layout(data: DashboardData, settings: DashboardSettings) -> html.Div:
     df = data.runs_overview()
-    grid = dag.AgGrid(
-        id=ids.RUNS_GRID,
-        rowData=rows(df),
-        columnDefs=COLUMNS,
-        defaultColDef={"sortable": True, "filter": True, "resizable": True},
-        getRowId="params.data.row_id",
-        dashGridOptions={
-            "rowSelection": {"mode": "multiRow", "checkboxes": True, "headerCheckbox": True},
-            "animateRows": False,
-            "domLayout": "autoHeight" if len(df) <= 25 else "normal",
-            "pagination": len(df) > 25,
-            "paginationPageSize": 20,
-            "quickFilterText": "",
-        },
+    grid = selectable_grid(
+        ids.RUNS_GRID,
+        rows(df),
+        COLUMNS,
         style={"height": None if len(df) <= 25 else "760px"},
+        domLayout="autoHeight" if len(df) <= 25 else "normal",
+        pagination=len(df) > 25,
+        paginationPageSize=20,
+        quickFilterText="",
     )
     return page(
         "Runs",

@@ -20,10 +20,6 @@ from typing import Any, BinaryIO
 Tick = Callable[[int], None]
 
 
-def no_tick(_done: int) -> None:
-    """A progress callback that does nothing."""
-
-
 @dataclass(frozen=True)
 class Problem:
     """A line that was skipped, and why (``line`` None: the problem is not tied to a line).
@@ -231,6 +227,28 @@ def iter_lines(
             line = line.lstrip("\ufeff")
         yield number, line
     tick(done)
+
+
+def text_lines(path: Path, tick: Tick, problems: list[Problem]) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of the file at ``path`` that can be text; the others
+    are reported in ``problems`` and skipped."""
+    with path.open("rb") as fh:
+        for number, line in iter_lines(fh, tick, problems):
+            if line is not None:
+                yield number, line
+
+
+def json_lines(path: Path, tick: Tick, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSON Lines file; a line that
+    is not text or not valid JSON is reported in ``problems`` and skipped."""
+    for number, line in text_lines(path, tick, problems):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            yield number, loads_line(text)
+        except ValueError as exc:
+            problems.append(Problem(number, str(exc)))
 
 
 def file_size(path: Path) -> int:

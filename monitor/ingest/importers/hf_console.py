@@ -25,7 +25,7 @@ from monitor.ingest.importers.base import (
     Tick,
     TooDeep,
     flatten,
-    iter_lines,
+    text_lines,
 )
 from monitor.ingest.importers.trainer_state import SUMMARY_KEYS
 
@@ -86,40 +86,37 @@ def read(path: Path, tick: Tick) -> RawTable:
     other = 0
     step = 0
     total: str | None = None
-    with path.open("rb") as fh:
-        for number, line in iter_lines(fh, tick, table.problems):
-            if line is None:
+    for number, line in text_lines(path, tick, table.problems):
+        found = False
+        for part in line.split("\r"):
+            m = DICT_LINE.match(part)
+            if m is None:
                 continue
-            found = False
-            for part in line.split("\r"):
-                m = DICT_LINE.match(part)
-                if m is None:
-                    continue
-                try:
-                    values = parse_dict(m.group("dict"))
-                except ValueError as exc:
-                    if "'" in part and any(f"'{k}'" in part for k in TRAINER_KEYS):
-                        table.problems.append(Problem(number, str(exc), UNIT))
-                        found = True
-                    continue
-                if not TRAINER_KEYS & values.keys() and not SUMMARY_KEYS & values.keys():
-                    continue  # a dict someone else printed
-                found = True
-                if SUMMARY_KEYS & values.keys():
-                    table.config.setdefault("train_summary", {}).update(values)
-                elif any(k.startswith("eval_") for k in values):
-                    evals = {_eval_name(k): v for k, v in values.items() if k != "epoch"}
-                    evals["step"] = step
-                    table.records.append(RawRecord(number, evals, "eval"))
-                else:
-                    step += 1
-                    values["step"] = step
-                    table.records.append(RawRecord(number, values))
-            if not found:
-                other += 1
-                if total is None:
-                    t = _TOTAL_STEPS.search(line)
-                    total = t.group(1).replace(",", "") if t else None
+            try:
+                values = parse_dict(m.group("dict"))
+            except ValueError as exc:
+                if "'" in part and any(f"'{k}'" in part for k in TRAINER_KEYS):
+                    table.problems.append(Problem(number, str(exc), UNIT))
+                    found = True
+                continue
+            if not TRAINER_KEYS & values.keys() and not SUMMARY_KEYS & values.keys():
+                continue  # a dict someone else printed
+            found = True
+            if SUMMARY_KEYS & values.keys():
+                table.config.setdefault("train_summary", {}).update(values)
+            elif any(k.startswith("eval_") for k in values):
+                evals = {_eval_name(k): v for k, v in values.items() if k != "epoch"}
+                evals["step"] = step
+                table.records.append(RawRecord(number, evals, "eval"))
+            else:
+                step += 1
+                values["step"] = step
+                table.records.append(RawRecord(number, values))
+        if not found:
+            other += 1
+            if total is None:
+                t = _TOTAL_STEPS.search(line)
+                total = t.group(1).replace(",", "") if t else None
     table.notes.append(
         f"step = order of the Trainer's printed dicts (1 to {step}); with logging_steps N the "
         "Hugging Face global step is N times it"

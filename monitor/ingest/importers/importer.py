@@ -25,7 +25,7 @@ from typing import Any
 from monitor.errors import InvalidInput
 from monitor.ingest.importers.base import Problem, file_size
 from monitor.ingest.importers.detect import detect_format
-from monitor.ingest.importers.registry import FORMATS
+from monitor.ingest.importers.registry import FORMATS, ReadOptions
 from monitor.ingest.importers.tables import Prepared
 from monitor.store import (
     STEP_QUANTITIES,
@@ -241,17 +241,19 @@ def prepare_path(
     total = file_size(file)
     tick = (lambda done: progress("read", done, total)) if progress else (lambda _d: None)
     try:
-        prepared = FORMATS[fmt].prepare(
-            file,
-            tick,
-            default_wall_time=_mtime(file),
-            user_map=dict(mapping or {}),
-            step_column=step_column,
-        )
+        prepared = FORMATS[fmt].prepare(file, tick, _options(file, mapping, step_column))
     except OSError as exc:
         raise InvalidInput(f"{file}: cannot read ({exc.strerror or exc})") from exc
     _require_rows(file, fmt, prepared)
     return file, prepared
+
+
+def _options(
+    file: Path, mapping: Mapping[str, str | None] | None, step_column: str | None
+) -> ReadOptions:
+    return ReadOptions(
+        default_wall_time=_mtime(file), user_map=dict(mapping or {}), step_column=step_column
+    )
 
 
 def _resolve(path: str | Path, fmt: str | None) -> tuple[Path, str]:
@@ -319,13 +321,7 @@ def import_path(
 
     try:
         source = fingerprint(file)
-        chunks = FORMATS[fmt].chunks(
-            file,
-            tick,
-            default_wall_time=_mtime(file),
-            user_map=dict(mapping or {}),
-            step_column=step_column,
-        )
+        chunks = FORMATS[fmt].chunks(file, tick, _options(file, mapping, step_column))
         first = next(chunks)
     except OSError as exc:
         raise InvalidInput(f"{file}: cannot read ({exc.strerror or exc})") from exc

@@ -16,8 +16,7 @@ from monitor.ingest.importers.base import (
     Tick,
     TooDeep,
     flatten,
-    iter_lines,
-    loads_line,
+    json_lines,
 )
 from monitor.ingest.importers.trainer_state import load_json
 
@@ -32,20 +31,13 @@ def read(path: Path, tick: Tick) -> RawTable:
         except InvalidInput:
             pass  # not one JSON array: lines, the first of them bad
 
-    with path.open("rb") as fh:
-        for number, line in iter_lines(fh, tick, table.problems):
-            if line is None:
-                continue
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                obj = loads_line(text)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"a JSON {_kind(obj)}, not an object with named values")
-                table.records.append(RawRecord(number, flatten(obj)))
-            except ValueError as exc:
-                table.problems.append(Problem(number, str(exc)))
+    for number, obj in json_lines(path, tick, table.problems):
+        try:
+            if not isinstance(obj, dict):
+                raise ValueError(f"a JSON {_kind(obj)}, not an object with named values")
+            table.records.append(RawRecord(number, flatten(obj)))
+        except ValueError as exc:
+            table.problems.append(Problem(number, str(exc)))
     return table
 
 

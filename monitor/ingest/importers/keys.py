@@ -1,6 +1,6 @@
 """What the keys of other tools' logs mean: the key-meaning table.
 
-The same key means different things in different tools (DESIGN.md): TRL GRPO's ``kl`` is a
+A key means different things in different tools (docs/ARCHITECTURE.md): TRL GRPO's ``kl`` is a
 token mean of k3, KTO's ``kl`` is a batch estimate over mismatched pairs, PPO's
 ``approx_kl`` is between the old and the new policy, not to the reference. So a log's
 *producer* is recognised first from its whole key set, and keys are looked up in that

@@ -22,6 +22,18 @@ from monitor.ingest.importers.tables import Prepared, build, merge
 
 
 @dataclass(frozen=True)
+class ReadOptions:
+    """How to read one file, the same for every format."""
+
+    #: wall time for rows that carry none (the file's modification time)
+    default_wall_time: float
+    #: ``--map``: source key -> stored name (None drops the key)
+    user_map: dict[str, str | None] | None = None
+    #: ``--step-column``: the key that holds the step
+    step_column: str | None = None
+
+
+@dataclass(frozen=True)
 class Format:
     """A log format: its name (``--format``, stored as ``import:<name>``) and its reader."""
 
@@ -33,28 +45,14 @@ class Format:
     # columnar formats read in batches: (path, tick) -> the file's producer and its batches
     read_batches: Callable[[Path, Tick], tuple[str, Iterator[RawTable]]] | None = None
 
-    def chunks(
-        self,
-        path: Path,
-        tick: Tick,
-        *,
-        default_wall_time: float,
-        user_map: dict[str, str | None] | None = None,
-        step_column: str | None = None,
-    ) -> Iterator[Prepared]:
+    def chunks(self, path: Path, tick: Tick, options: ReadOptions) -> Iterator[Prepared]:
         """What to write, one bounded batch at a time for columnar formats (one for others).
 
         A step that recurs in a later batch is not merged with the earlier one: it is then a
         replay or a conflict, as in a second import.
         """
         if self.read_batches is None:
-            yield self.prepare(
-                path,
-                tick,
-                default_wall_time=default_wall_time,
-                user_map=user_map,
-                step_column=step_column,
-            )
+            yield self.prepare(path, tick, options)
             return
         producer, batches = self.read_batches(path, tick)
         offset = 0
@@ -64,9 +62,9 @@ class Format:
                 table,
                 fmt=self.name,
                 path=path,
-                default_wall_time=default_wall_time,
-                user_map=user_map,
-                step_column=step_column if first is None else first.step_column,
+                default_wall_time=options.default_wall_time,
+                user_map=options.user_map,
+                step_column=options.step_column if first is None else first.step_column,
                 row_offset=offset,
                 producer=producer,
             )
@@ -77,43 +75,30 @@ class Format:
             offset += len(table.records)
             yield chunk
 
-    def prepare(
-        self,
-        path: Path,
-        tick: Tick,
-        *,
-        default_wall_time: float,
-        user_map: dict[str, str | None] | None = None,
-        step_column: str | None = None,
-    ) -> Prepared:
+    def prepare(self, path: Path, tick: Tick, options: ReadOptions) -> Prepared:
         """The whole file in memory (see :meth:`chunks` for bounded memory)."""
         if self.prepare_fn is not None:
-            if step_column is not None:
+            if options.step_column is not None:
                 raise InvalidInput(
                     f"{path}: --step-column applies to step tables; a per-token log's step "
                     "is its step (global_step, iteration, _step) key"
                 )
             return self.prepare_fn(
-                path, tick, default_wall_time=default_wall_time, user_map=user_map
+                path,
+                tick,
+                default_wall_time=options.default_wall_time,
+                user_map=options.user_map,
             )
         if self.read is None:
-            parts = list(
-                self.chunks(
-                    path,
-                    tick,
-                    default_wall_time=default_wall_time,
-                    user_map=user_map,
-                    step_column=step_column,
-                )
-            )
+            parts = list(self.chunks(path, tick, options))
             return merge(parts) if parts else Prepared(fmt=self.name, producer="generic")
         return build(
             self.read(path, tick),
             fmt=self.name,
             path=path,
-            default_wall_time=default_wall_time,
-            user_map=user_map,
-            step_column=step_column,
+            default_wall_time=options.default_wall_time,
+            user_map=options.user_map,
+            step_column=options.step_column,
         )
 
 

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import InvalidInput
+from monitor.formats import json_safe
 from monitor.ingest.importers.base import (
     NotNumeric,
     Problem,
     Tick,
-    iter_lines,
-    loads_line,
+    json_lines,
     to_number,
     to_step,
 )
@@ -199,36 +199,25 @@ def prepare(
     walls: dict[int, float] = {}
     no_step = 0
     seen_keys: set[str] = set()
-    with path.open("rb") as fh:
-        for number, line in iter_lines(fh, tick, out.problems):
-            if line is None:
-                continue
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                obj = loads_line(text)
-            except ValueError as exc:
-                out.problems.append(Problem(number, str(exc)))
-                continue
-            if not isinstance(obj, dict):
-                out.problems.append(Problem(number, "not a JSON object"))
-                continue
-            try:
-                step, kl_coef, wall, seq = _parse(number, obj)
-            except _Bad as exc:
-                out.problems.append(Problem(number, str(exc)))
-                continue
-            out.records_read += 1
-            seen_keys.update(k for k in STEP_KEYS if k in obj)
-            if step is None:
-                no_step += 1
-                step = 0
-            groups.setdefault(step, []).append(seq)
-            if kl_coef is not None:
-                coefs[step] = kl_coef
-            if wall is not None and 1e8 < wall < 1e10:
-                walls[step] = max(walls.get(step, 0.0), wall)
+    for number, obj in json_lines(path, tick, out.problems):
+        if not isinstance(obj, dict):
+            out.problems.append(Problem(number, "not a JSON object"))
+            continue
+        try:
+            step, kl_coef, wall, seq = _parse(number, obj)
+        except _Bad as exc:
+            out.problems.append(Problem(number, str(exc)))
+            continue
+        out.records_read += 1
+        seen_keys.update(k for k in STEP_KEYS if k in obj)
+        if step is None:
+            no_step += 1
+            step = 0
+        groups.setdefault(step, []).append(seq)
+        if kl_coef is not None:
+            coefs[step] = kl_coef
+        if wall is not None and 1e8 < wall < 1e10:
+            walls[step] = max(walls.get(step, 0.0), wall)
     if no_step:
         out.notes.append(f"{no_step} sequences had no step: stored under step 0")
 
@@ -254,7 +243,7 @@ def prepare(
         row: dict[str, Any] = {"step": step, "wall_time": walls.get(step, default_wall_time)}
         for name, value in summary.as_dict().items():
             if name in STEP_QUANTITIES:
-                row[name] = _plain(value)
+                row[name] = json_safe(value)
             elif value is not None:
                 out.metrics.append((step, name, float(value)))
                 computed.add(name)
@@ -289,16 +278,6 @@ def prepare(
         for q, unit in (("kl_mean", "nats/sequence"), ("k3", "nats/token"))
     ]
     return out
-
-
-def _plain(value: Any) -> Any:
-    if value is None:
-        return None
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _samples(step: int, seqs: list[_Seq], seq_kl: np.ndarray) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, iter_lines
+from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, text_lines
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
 STEP_LINE = re.compile(r"(?:^|[\s)\]>|:])step:\s*(?P<step>\d+)\s+-\s+(?P<body>.*)$")
@@ -26,24 +26,21 @@ def strip_ansi(text: str) -> str:
 def read(path: Path, tick: Tick) -> RawTable:
     table = RawTable(step_key="step", step_source="step:N of each line")
     other = 0
-    with path.open("rb") as fh:
-        for number, line in iter_lines(fh, tick, table.problems):
-            if line is None:
+    for number, line in text_lines(path, tick, table.problems):
+        found = False
+        for part in line.split("\r"):
+            m = STEP_LINE.search(strip_ansi(part).rstrip())
+            if m is None:
                 continue
-            found = False
-            for part in line.split("\r"):
-                m = STEP_LINE.search(strip_ansi(part).rstrip())
-                if m is None:
-                    continue
-                found = True
-                values, bad = _items(_RAY_SUFFIX.sub("", m.group("body")))
-                if bad is not None:
-                    table.problems.append(Problem(number, f"unreadable item {bad[:60]!r}"))
-                    continue
-                values["step"] = m.group("step")
-                table.records.append(RawRecord(number, values))
-            if not found:
-                other += 1
+            found = True
+            values, bad = _items(_RAY_SUFFIX.sub("", m.group("body")))
+            if bad is not None:
+                table.problems.append(Problem(number, f"unreadable item {bad[:60]!r}"))
+                continue
+            values["step"] = m.group("step")
+            table.records.append(RawRecord(number, values))
+        if not found:
+            other += 1
     if other:
         table.notes.append(f"{other} other lines of console output ignored")
     return table

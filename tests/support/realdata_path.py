@@ -9,7 +9,7 @@ from pathlib import Path
 
 _CANDIDATES = [
     Path(os.environ["KLMON_REALDATA"]) if os.environ.get("KLMON_REALDATA") else None,
-    Path(__file__).resolve().parents[2] / "shared" / "realdata",
+    Path(__file__).resolve().parents[3] / "shared" / "realdata",
     Path("/work/shared/realdata"),
 ]
 

@@ -31,176 +31,27 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-PALETTE: tuple[str, ...] = (
-    "#1f77b4",
-    "#d62728",
-    "#2ca02c",
-    "#9467bd",
-    "#ff7f0e",
-    "#17becf",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
+from monitor.charts.palette import SEVERITY_COLORS
+from monitor.charts.specs import (
+    CHARTS_BY_KEY,
+    FRONTIER_X_TITLE,
+    PER_SEQUENCE,
+    PER_TOKEN,
+    ChartSpec,
+    Line,
+    kl_unit,
 )
-DASHES = ("solid", "dot", "dash", "longdash", "dashdot")
-SPARK_CHARS = "▁▂▃▄▅▆▇█"
+
 MAX_MARKERS = 200
 #: A Series frame as columns of numpy arrays (see ``arrays``).
 Arrays = dict[str, np.ndarray]
-
-
-def run_color(index: int) -> str:
-    """The colour of the index-th run of a comparison (the same on every chart)."""
-    return PALETTE[index % len(PALETTE)]
+#: The colour of the line that marks the selected step.
+STEP_MARKER_COLOR = "#d62728"
 
 
 def esc(text: Any) -> str:
     """User text for a plotly label: shown literally, never interpreted as markup."""
     return html.escape("" if text is None else str(text), quote=False)
-
-
-# --------------------------------------------------------------------------- chart specs
-
-
-@dataclass(frozen=True)
-class Line:
-    column: str
-    label: str
-    dash: str = "solid"
-
-
-@dataclass(frozen=True)
-class ChartSpec:
-    """One chart: its lines (one trace family per run), optional p05-p95 band, axis title.
-
-    ``best_kl``: the chart draws each run's best KL quantity (``RunData.kl_column``) instead
-    of its one line. ``kl_axis``: the y axis is a KL axis (the log-scale toggle applies).
-    ``fills``: what would fill the chart, said when no shown run has data for it.
-    """
-
-    key: str
-    title: str
-    y_title: str
-    lines: tuple[Line, ...]
-    band: tuple[str, str] | None = None
-    kind: str = "time"  # time | frontier
-    best_kl: bool = False
-    kl_axis: bool = False
-    fills: str = ""
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        cols = [ln.column for ln in self.lines]
-        if self.band:
-            cols += list(self.band)
-        if self.best_kl or self.kind == "frontier":
-            cols += list(KL_COLUMNS)
-        return tuple(dict.fromkeys(cols))
-
-
-#: Step columns that hold KL to the reference, best first (monitor.store.current_kl).
-KL_COLUMNS: tuple[str, ...] = ("kl_mean", "k3", "k1", "k2")
-PER_SEQUENCE, PER_TOKEN = "nats per sequence", "nats per token"
-
-
-def kl_unit(column: str) -> str:
-    """The unit of a KL column: kl_mean per sequence, k1/k2/k3 per token."""
-    return PER_SEQUENCE if column == "kl_mean" else PER_TOKEN
-
-
-CHARTS: tuple[ChartSpec, ...] = (
-    ChartSpec(
-        "kl",
-        "KL to the reference (band: p05-p95 over sequences)",
-        "KL, nats per sequence (kl_seq, batch mean)",
-        (Line("kl_mean", "KL"),),
-        band=("kl_p05", "kl_p95"),
-        best_kl=True,
-        kl_axis=True,
-        fills="kl_mean or a per-token k1/k2/k3 (log_step with log-probs, or an imported KL "
-        "key such as TRL's kl or objective/kl; klmon import --map COLUMN=k3 names one)",
-    ),
-    ChartSpec(
-        "estimators",
-        "Per-token estimators k1 (solid), k2 (dot), k3 (dash)",
-        "nats per token (k1, k2, k3 per token)",
-        (Line("k1", "k1"), Line("k2", "k2", "dot"), Line("k3", "k3", "dash")),
-        kl_axis=True,
-        fills="k1, k2 or k3 (log_step with log-probs, or an imported per-token KL such as "
-        "TRL GRPO's kl or veRL's kl_loss)",
-    ),
-    ChartSpec(
-        "reward",
-        "Reward",
-        "reward (batch mean, reward-model units)",
-        (Line("reward_mean", "reward"),),
-        fills="reward_mean (log_step(rewards=...), or an imported reward key)",
-    ),
-    ChartSpec(
-        "frontier",
-        "Reward vs sqrt(KL): the over-optimisation frontier",
-        "reward (batch mean)",
-        (Line("reward_mean", "reward"),),
-        band=None,
-        kind="frontier",
-        fills="a KL quantity and reward_mean at the same steps",
-    ),
-    ChartSpec(
-        "nll",
-        "Policy NLL (solid) and entropy (dot)",
-        "nats per token",
-        (Line("policy_nll", "NLL"), Line("entropy_mean", "entropy", "dot")),
-        fills="policy_nll (log_step with log-probs) or entropy_mean (log_step(entropies=...), "
-        "or an imported entropy key)",
-    ),
-    ChartSpec(
-        "length",
-        "Response length",
-        "tokens per response (mean)",
-        (Line("resp_len_mean", "length"),),
-        fills="resp_len_mean (log_step with a mask, or an imported completion-length key)",
-    ),
-    ChartSpec(
-        "concentration",
-        "KL concentration",
-        "share of positive log-ratio in the top 1% of tokens",
-        (Line("top1pct_share", "top1pct_share"),),
-        fills="top1pct_share (computed by log_step from per-token log-probs)",
-    ),
-    ChartSpec(
-        "rollout_gap",
-        "Rollout gap (inference engine vs trainer)",
-        "nats per token (log p_rollout - log p_train)",
-        (Line("rollout_gap", "gap"),),
-        fills="rollout_gap (log_step(rollout_logprobs=...), or an imported rollout-gap key)",
-    ),
-)
-CHARTS_BY_KEY = {c.key: c for c in CHARTS}
-FRONTIER_X_TITLE = "sqrt(KL), sqrt(nats per sequence)"
-
-
-def metric_axis_title(name: str, info: dict[str, Any] | None) -> str:
-    """The y axis of an extra metric: its name and, from metric_info, what it means."""
-    if not info:
-        return f"{name} (as logged)"
-    parts = []
-    if info.get("source"):
-        parts.append(f"from {info['source']}")
-    if info.get("estimator"):
-        parts.append(f"estimator {info['estimator']}")
-    if info.get("scale"):
-        parts.append(f"scale {info['scale']}")
-    if info.get("quantity"):
-        parts.append(f"stands for {info['quantity']}")
-    return f"{name} ({', '.join(parts)})" if parts else f"{name} (as logged)"
-
-
-def metric_chart(index: int, name: str, info: dict[str, Any] | None) -> ChartSpec:
-    title = f"Metric {name}"
-    if info and info.get("description"):
-        title += f": {info['description']}"
-    return ChartSpec(f"m{index}", title, metric_axis_title(name, info), (Line("value", name),))
 
 
 # --------------------------------------------------------------------------- smoothing
@@ -1060,19 +911,24 @@ def histogram_heatmap(
             )
         )
     if step is not None:
-        layout["shapes"] = [
-            {
-                "type": "line",
-                "xref": "x",
-                "yref": "paper",
-                "x0": step,
-                "x1": step,
-                "y0": 0,
-                "y1": 1,
-                "line": {"color": "#d62728", "width": 2},
-            }
-        ]
+        layout["shapes"] = step_marker(step)
     return _figure(traces, layout)
+
+
+def step_marker(step: int) -> list[dict[str, Any]]:
+    """The layout shapes that mark ``step`` on a step axis: a full-height line."""
+    return [
+        {
+            "type": "line",
+            "xref": "x",
+            "yref": "paper",
+            "x0": step,
+            "x1": step,
+            "y0": 0,
+            "y1": 1,
+            "line": {"color": STEP_MARKER_COLOR, "width": 2},
+        }
+    ]
 
 
 def alert_timeline(events: pd.DataFrame, last_step: int | None) -> go.Figure:
@@ -1080,7 +936,6 @@ def alert_timeline(events: pd.DataFrame, last_step: int | None) -> go.Figure:
     resolved (or the run's last step while open), one row per rule, coloured by severity.
 
     ``events``: rule, severity, state, start_step, end_step, message."""
-    colors = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
     traces: list[dict[str, Any]] = []
     layout = _base_layout("Alert timeline", "rule", "step", "timeline")
     layout.pop("yaxis2")
@@ -1100,7 +955,7 @@ def alert_timeline(events: pd.DataFrame, last_step: int | None) -> go.Figure:
                     x=np.maximum(end - start, 1).tolist(),
                     y=[esc(r) for r in part["rule"]],
                     orientation="h",
-                    marker={"color": colors.get(str(sev), "#7f7f7f")},
+                    marker={"color": SEVERITY_COLORS.get(str(sev), "#7f7f7f")},
                     text=[
                         f"{esc(s)}: {esc(m)}"
                         for s, m in zip(part["state"], part["message"], strict=True)
@@ -1111,140 +966,3 @@ def alert_timeline(events: pd.DataFrame, last_step: int | None) -> go.Figure:
                 )
             )
     return _figure(traces, layout)
-
-
-@dataclass(frozen=True)
-class TokenCell:
-    """One response token: its text and log p - log q, with the background that shows it."""
-
-    text: str
-    logp: float
-    logq: float
-    diff: float
-    color: str
-
-
-def diverging_color(diff: float, scale: float = 2.0) -> str:
-    """Red where the policy makes the token more likely than the reference (diff > 0), blue
-    where less; white at 0, full colour at |diff| >= scale nats."""
-    if not np.isfinite(diff):
-        return "rgba(200,200,200,0.4)"
-    a = min(abs(diff) / scale, 1.0)
-    if diff >= 0:
-        return f"rgba(214,39,40,{0.08 + 0.72 * a:.2f})"
-    return f"rgba(31,119,180,{0.08 + 0.72 * a:.2f})"
-
-
-def token_cells(
-    tokens: Sequence[str] | None, logp: Sequence[float], logq: Sequence[float]
-) -> list[TokenCell]:
-    """The response tokens of a sample with their log-ratio colour (tokens missing: #i)."""
-    n = min(len(logp), len(logq))
-    toks = list(tokens) if tokens is not None else []
-    out = []
-    for i in range(n):
-        p, q = float(logp[i]), float(logq[i])
-        d = p - q
-        text = str(toks[i]) if i < len(toks) else f"#{i}"
-        out.append(TokenCell(text, p, q, d, diverging_color(d)))
-    return out
-
-
-def top_tokens(cells: Sequence[TokenCell], n: int = 15) -> pd.DataFrame:
-    """The tokens that carry the divergence: token, log p, log q, difference, largest
-    difference first (the sum of the differences is the sequence's KL)."""
-    df = pd.DataFrame(
-        [(i, c.text, c.logp, c.logq, c.diff) for i, c in enumerate(cells)],
-        columns=["position", "token", "log p", "log q", "difference"],
-    )
-    return (
-        df.sort_values("difference", ascending=False, kind="stable").head(n).reset_index(drop=True)
-    )
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def sparkline(values: Sequence[float] | np.ndarray) -> str:
-    """A text sparkline (block characters) of the finite values; '' when there are none."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return ""
-    lo, hi = float(v.min()), float(v.max())
-    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-        return SPARK_CHARS[3] * len(v)
-    idx = np.round((v - lo) / (hi - lo) * (len(SPARK_CHARS) - 1)).astype(int)
-    return "".join(SPARK_CHARS[i] for i in idx)
-
-
-def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
-    """Nested config as dotted keys -> display strings."""
-    out: dict[str, str] = {}
-    if isinstance(config, dict):
-        for k, v in config.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, dict) and v:
-                out.update(flatten_config(v, key))
-            else:
-                out[key] = _display(v)
-    elif prefix:
-        out[prefix] = _display(config)
-    return out
-
-
-def _display(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_display(x) for x in v)
-    return str(v)
-
-
-def comparison_table(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Runs as columns, fields as rows: identity, latest numbers, tags and every config key
-    (dotted). ``runs``: dicts with label, project, name, status, last_step, last_kl,
-    last_reward, tags, config. Adds a ``differs`` column: True where the runs disagree."""
-    rows: dict[str, dict[str, str]] = {}
-    order: list[str] = []
-
-    def put(field_: str, label: str, value: str) -> None:
-        if field_ not in rows:
-            rows[field_] = {}
-            order.append(field_)
-        rows[field_][label] = value
-
-    for r in runs:
-        label = r["label"]
-        put("project", label, _display(r.get("project")))
-        put("name", label, _display(r.get("name")))
-        put("status", label, _display(r.get("status")))
-        put("last step", label, _display(r.get("last_step")))
-        put("current KL", label, _display(r.get("last_kl")))
-        put("current reward", label, _display(r.get("last_reward")))
-        put("tags", label, _display(r.get("tags") or []))
-    config_keys: list[str] = []
-    for r in runs:
-        for k in flatten_config(r.get("config") or {}):
-            if k not in config_keys:
-                config_keys.append(k)
-    for k in sorted(config_keys):
-        for r in runs:
-            put(f"config.{k}", r["label"], flatten_config(r.get("config") or {}).get(k, "—"))
-    labels = [r["label"] for r in runs]
-    df = pd.DataFrame(
-        [[f, *(rows[f].get(lb, "—") for lb in labels)] for f in order],
-        columns=["field", *labels],
-    )
-    identity = {"project", "name", "status", "last step", "current KL", "current reward"}
-    df["differs"] = (
-        [
-            f not in identity and len(set(vals)) > 1
-            for f, vals in zip(df["field"], df[labels].itertuples(index=False), strict=True)
-        ]
-        if labels
-        else []
-    )
-    return df

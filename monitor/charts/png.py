@@ -1,24 +1,58 @@
-"""Static charts of a report as PNG bytes (matplotlib, no display needed), for the Markdown
-report and anywhere an image must travel on its own (an incident doc, a ticket).
+"""Charts as PNG bytes (matplotlib Agg, no display), for whatever must carry an image on its
+own: the Markdown report, an incident doc, a ticket, an alert email.
 
-The charts are the dashboard's (``monitor.dashboard.figures.CHARTS``: same titles, axes
+The report's charts are the dashboard's (``monitor.charts.specs.CHARTS``: same titles, axes
 and lines), drawn from bucket means with each bucket's min-max as a faint envelope, so a
-one-step spike in a long run still shows.
+one-step spike in a long run still shows. ``kl_chart_png`` is the alert email's small KL
+chart around the step an alert fired at.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from monitor.report.data import RunSection
+from monitor.charts.palette import SEVERITY_COLORS
+
+#: The alert email chart's line at the step the alert is about.
+FOCUS_COLOR = "#ff7f0e"
+
+
+class ChartRun(Protocol):
+    """One run as the report's charts draw it (``monitor.report.data.RunSection``)."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def color(self) -> str: ...
+    @property
+    def series(self) -> pd.DataFrame:
+        """Bucket means with q__min/q__max per quantity, columns step and step_end."""
+        ...
+
+    @property
+    def level(self) -> int: ...
+    @property
+    def last_step(self) -> int | None: ...
+    @property
+    def events(self) -> pd.DataFrame:
+        """Alert episodes: rule, severity, start_step, fired_step, end_step."""
+        ...
+
+    @property
+    def notes(self) -> Sequence[Any]:
+        """Annotations (anything with a ``step``)."""
+        ...
+
 
 DASH_STYLES = {"solid": "-", "dot": ":", "dash": "--", "longdash": "-.", "dashdot": "-."}
-SEVERITY_COLORS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
 DPI = 110
 
 
@@ -39,11 +73,11 @@ def _x(frame: pd.DataFrame) -> np.ndarray:
     return (frame["step"].to_numpy(dtype=float) + frame["step_end"].to_numpy(dtype=float)) / 2
 
 
-def has_data(sections: Sequence[RunSection], columns: Sequence[str]) -> bool:
+def has_data(sections: Sequence[ChartRun], columns: Sequence[str]) -> bool:
     return any(np.isfinite(_values(s.series, c)).any() for s in sections for c in columns)
 
 
-def _markers(ax, sections: Sequence[RunSection]) -> None:
+def _markers(ax, sections: Sequence[ChartRun]) -> None:
     """Alert firings as triangles at the foot of the chart, notes as dotted lines."""
     for s in sections:
         if not s.events.empty:
@@ -73,7 +107,7 @@ def time_chart_png(
     title: str,
     y_title: str,
     lines: Sequence[tuple[str, str, str]],
-    sections: Sequence[RunSection],
+    sections: Sequence[ChartRun],
     *,
     band: tuple[str, str] | None = None,
 ) -> bytes:
@@ -122,7 +156,7 @@ def time_chart_png(
     return _png(fig)
 
 
-def frontier_png(sections: Sequence[RunSection], title: str, y_title: str, x_title: str) -> bytes:
+def frontier_png(sections: Sequence[ChartRun], title: str, y_title: str, x_title: str) -> bytes:
     """Reward against sqrt(KL) per run, in step order."""
     fig = Figure(figsize=(9, 3.2))
     ax = fig.add_subplot()
@@ -148,7 +182,7 @@ def frontier_png(sections: Sequence[RunSection], title: str, y_title: str, x_tit
     return _png(fig)
 
 
-def alert_timeline_png(sections: Sequence[RunSection]) -> bytes:
+def alert_timeline_png(sections: Sequence[ChartRun]) -> bytes:
     """Every run's alert episodes as bars from the step they went pending to the step they
     resolved (or the run's last step while open), one row per (run, rule)."""
     rows: list[tuple[str, float, float, str]] = []
@@ -181,3 +215,49 @@ def alert_timeline_png(sections: Sequence[RunSection]) -> bytes:
     )
     ax.grid(axis="x", color="#eee")
     return _png(fig)
+
+
+def kl_chart_png(
+    steps: pd.DataFrame,
+    *,
+    focus_step: int | None,
+    threshold: float | None = None,
+    title: str = "",
+) -> bytes | None:
+    """A small PNG of the run's KL around ``focus_step`` (matplotlib Agg, no display).
+
+    Draws the series ``monitor.analytics.pick_kl`` picks, its p05-p95 band when the series
+    is ``kl_mean`` and the band is logged, a marker at the focus step and the threshold.
+    """
+    from monitor.analytics import pick_kl
+
+    if steps is None or steps.empty:
+        return None
+    series = pick_kl(steps)
+    if series is None:
+        return None
+    x = steps["step"].to_numpy(dtype=float)
+    y = pd.to_numeric(steps[series], errors="coerce").to_numpy(dtype=float)
+    fig = Figure(figsize=(6.4, 2.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if series == "kl_mean" and {"kl_p05", "kl_p95"} <= set(steps.columns):
+        lo = pd.to_numeric(steps["kl_p05"], errors="coerce").to_numpy(dtype=float)
+        hi = pd.to_numeric(steps["kl_p95"], errors="coerce").to_numpy(dtype=float)
+        if np.isfinite(lo).any() and np.isfinite(hi).any():
+            ax.fill_between(x, lo, hi, color="#1f77b4", alpha=0.15, linewidth=0, label="p05-p95")
+    ax.plot(x, y, color="#1f77b4", linewidth=1.4, label=series)
+    if threshold is not None and math.isfinite(threshold):
+        ax.axhline(threshold, color="#d62728", linestyle="--", linewidth=1, label="threshold")
+    if focus_step is not None:
+        ax.axvline(focus_step, color=FOCUS_COLOR, linewidth=1, label=f"step {focus_step}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{series} (nats)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

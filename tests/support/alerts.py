@@ -1,7 +1,7 @@
 """Helpers for the alert tests: an injected clock, a recording sender, a threshold detector,
 real loopback SMTP (aiosmtpd, optionally STARTTLS + AUTH with a trustme CA) and HTTP servers.
 
-Imported by the other test_alerts_* modules; it holds no tests itself.
+Imported by the test_alerts_* modules (``from support.alerts import ...``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from click.testing import CliRunner
-from realdata_path import REALDATA
 
 from monitor.alerts import AlertEngine, AlertSettings, load_rules
 from monitor.cli import main
@@ -24,6 +23,7 @@ from monitor.store.alerts import list_events
 from monitor.store.database import Database
 from monitor.store.runs import get_or_create_run, resolve_run, set_run_status
 from monitor.store.steps import write_metrics, write_steps
+from support.realdata_path import REALDATA
 
 T0 = 1_800_000_000.0
 

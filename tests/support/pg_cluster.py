@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from monitor.store.engine import make_engine
-from monitor.store.schema import upgrade
+from support.db import migrate
 
 
 class ClusterUnavailable(RuntimeError):
@@ -99,11 +99,7 @@ class ThrowawayCluster:
                 conn.execute(text("CREATE DATABASE klmon"))
         finally:
             admin.dispose()
-        engine = make_engine(self.url)
-        try:
-            upgrade(engine)
-        finally:
-            engine.dispose()
+        migrate(self.url)
         return self
 
     def start(self) -> None:

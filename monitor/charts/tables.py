@@ -1,0 +1,150 @@
+"""Tables and text shared by the pages and the report: token cells coloured by log-ratio,
+text sparklines, the run comparison table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+
+
+@dataclass(frozen=True)
+class TokenCell:
+    """One response token: its text and log p - log q, with the background that shows it."""
+
+    text: str
+    logp: float
+    logq: float
+    diff: float
+    color: str
+
+
+def diverging_color(diff: float, scale: float = 2.0) -> str:
+    """Red where the policy makes the token more likely than the reference (diff > 0), blue
+    where less; white at 0, full colour at |diff| >= scale nats."""
+    if not np.isfinite(diff):
+        return "rgba(200,200,200,0.4)"
+    a = min(abs(diff) / scale, 1.0)
+    if diff >= 0:
+        return f"rgba(214,39,40,{0.08 + 0.72 * a:.2f})"
+    return f"rgba(31,119,180,{0.08 + 0.72 * a:.2f})"
+
+
+def token_cells(
+    tokens: Sequence[str] | None, logp: Sequence[float], logq: Sequence[float]
+) -> list[TokenCell]:
+    """The response tokens of a sample with their log-ratio colour (tokens missing: #i)."""
+    n = min(len(logp), len(logq))
+    toks = list(tokens) if tokens is not None else []
+    out = []
+    for i in range(n):
+        p, q = float(logp[i]), float(logq[i])
+        d = p - q
+        text = str(toks[i]) if i < len(toks) else f"#{i}"
+        out.append(TokenCell(text, p, q, d, diverging_color(d)))
+    return out
+
+
+def top_tokens(cells: Sequence[TokenCell], n: int = 15) -> pd.DataFrame:
+    """The tokens that carry the divergence: token, log p, log q, difference, largest
+    difference first (the sum of the differences is the sequence's KL)."""
+    df = pd.DataFrame(
+        [(i, c.text, c.logp, c.logq, c.diff) for i, c in enumerate(cells)],
+        columns=["position", "token", "log p", "log q", "difference"],
+    )
+    return (
+        df.sort_values("difference", ascending=False, kind="stable").head(n).reset_index(drop=True)
+    )
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def sparkline(values: Sequence[float] | np.ndarray) -> str:
+    """A text sparkline (block characters) of the finite values; '' when there are none."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return ""
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        return SPARK_CHARS[3] * len(v)
+    idx = np.round((v - lo) / (hi - lo) * (len(SPARK_CHARS) - 1)).astype(int)
+    return "".join(SPARK_CHARS[i] for i in idx)
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config as dotted keys -> display strings."""
+    out: dict[str, str] = {}
+    if isinstance(config, dict):
+        for k, v in config.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                out.update(flatten_config(v, key))
+            else:
+                out[key] = _display(v)
+    elif prefix:
+        out[prefix] = _display(config)
+    return out
+
+
+def _display(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_display(x) for x in v)
+    return str(v)
+
+
+def comparison_table(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Runs as columns, fields as rows: identity, latest numbers, tags and every config key
+    (dotted). ``runs``: dicts with label, project, name, status, last_step, last_kl,
+    last_reward, tags, config. Adds a ``differs`` column: True where the runs disagree."""
+    rows: dict[str, dict[str, str]] = {}
+    order: list[str] = []
+
+    def put(field_: str, label: str, value: str) -> None:
+        if field_ not in rows:
+            rows[field_] = {}
+            order.append(field_)
+        rows[field_][label] = value
+
+    for r in runs:
+        label = r["label"]
+        put("project", label, _display(r.get("project")))
+        put("name", label, _display(r.get("name")))
+        put("status", label, _display(r.get("status")))
+        put("last step", label, _display(r.get("last_step")))
+        put("current KL", label, _display(r.get("last_kl")))
+        put("current reward", label, _display(r.get("last_reward")))
+        put("tags", label, _display(r.get("tags") or []))
+    config_keys: list[str] = []
+    for r in runs:
+        for k in flatten_config(r.get("config") or {}):
+            if k not in config_keys:
+                config_keys.append(k)
+    for k in sorted(config_keys):
+        for r in runs:
+            put(f"config.{k}", r["label"], flatten_config(r.get("config") or {}).get(k, "—"))
+    labels = [r["label"] for r in runs]
+    df = pd.DataFrame(
+        [[f, *(rows[f].get(lb, "—") for lb in labels)] for f in order],
+        columns=["field", *labels],
+    )
+    identity = {"project", "name", "status", "last step", "current KL", "current reward"}
+    df["differs"] = (
+        [
+            f not in identity and len(set(vals)) > 1
+            for f, vals in zip(df["field"], df[labels].itertuples(index=False), strict=True)
+        ]
+        if labels
+        else []
+    )
+    return df
