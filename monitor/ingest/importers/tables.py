@@ -23,6 +23,7 @@ from monitor.errors import InvalidInput
 from monitor.ingest.importers.base import (
     NotNumeric,
     Problem,
+    RawRecord,
     RawTable,
     to_number,
     to_step,
@@ -243,11 +244,13 @@ def build(
     ``row_offset``: rows of the same file already built (a columnar file read in batches), so
     that row-order steps continue; ``producer``: fixed by the caller (from a file's schema)
     rather than detected from this table's keys.
+
+    Three phases: merge the rows by step (:func:`_merge_by_step`), say what each column means
+    (:func:`_read_columns`), then write the step rows and metrics (:func:`_rows_and_metrics`)
+    and what the summary says about them.
     """
     user_map = dict(user_map or {})
-    keys: set[str] = set()
-    for rec in table.records:
-        keys.update(rec.values)
+    keys = {k for rec in table.records for k in rec.values}
     producer = producer or detect_producer(keys)
     out = Prepared(fmt=fmt, producer=producer, problems=list(table.problems))
     out.notes.extend(table.notes)
@@ -260,53 +263,84 @@ def build(
             "no step column (step, global_step, trainer/global_step, _step, iteration, iter, "
             "update): row order used; name one with --step-column"
         )
-    text_cols = {"status", "reject_reason"} if klmon else set()
+    merged = _merge_by_step(table, out, step_key, row_offset, klmon=klmon)
+    columns = _storable_columns(merged, out.notes)
+    check_map_columns(user_map, columns | keys - {step_key}, path)
+    read = _read_columns(producer, columns, user_map)
+    used = _rows_and_metrics(merged, read, out, klmon=klmon, default_wall_time=default_wall_time)
+    out.mapping = {
+        q: [c for c, _n in used[q].most_common()] for q in QUANTITY_MEANINGS if q in used
+    }
+    _say_kl(out, read)
+    out.infos = _infos(out, table, read, klmon=klmon)
+    out.config = _config(table, klmon=klmon)
+    return out
 
-    # 1. coerce values and merge rows by step
-    merged: dict[int, dict[str, Any]] = {}
-    names: dict[str, str] = {}  # source key -> a name any database stores
-    non_numeric: Counter[str] = Counter()
-    non_finite: Counter[str] = Counter()
-    repeated = 0
-    unit = "row" if fmt == "parquet" else "log_history entry" if fmt == "trainer_state" else "line"
-    for index, rec in enumerate(table.records):
-        if step_key is None:
-            step = row_offset + index
-        else:
-            raw = rec.values.get(step_key)
-            if raw is None or raw == "":
-                shown = ", ".join(list(rec.values)[:5])
-                out.problems.append(
-                    Problem(
-                        rec.line,
-                        f"no {step_key!r} value (a row of another kind? keys: {shown})",
-                        unit,
-                    )
-                )
-                continue
-            try:
-                step = to_step(raw)
-            except (ValueError, NotNumeric) as exc:
-                out.problems.append(Problem(rec.line, f"bad step: {exc}", unit))
-                continue
+
+# 1. coerce values and merge rows by step
+
+
+@dataclass
+class _Coercer:
+    """Turns a record's values into numbers (klmon's text columns into text), counting drops."""
+
+    text_cols: set[str]
+    names: dict[str, str] = field(default_factory=dict)  # source key -> a name any database stores
+    non_numeric: Counter[str] = field(default_factory=Counter)
+    non_finite: Counter[str] = field(default_factory=Counter)
+
+    def values(self, record: dict[str, Any], step_key: str | None) -> dict[str, Any]:
+        """The record's values under storable names, without its step column."""
         values: dict[str, Any] = {}
-        for k, v in rec.values.items():
+        for k, v in record.items():
             if k == step_key:
                 continue
-            name = names.get(k)
+            name = self.names.get(k)
             if name is None:
-                name = names[k] = clean_text(k)
-            k = name
-            if k in text_cols:
-                values[k] = None if v is None or str(v).strip() == "" else str(v)
+                name = self.names[k] = clean_text(k)
+            if name in self.text_cols:
+                values[name] = None if v is None or str(v).strip() == "" else str(v)
                 continue
             try:
-                values[k] = to_number(v)
+                values[name] = to_number(v)
             except NotNumeric:
-                non_numeric[k] += 1
+                self.non_numeric[name] += 1
                 continue
-            if values[k] is None and v is not None and str(v).strip():
-                non_finite[k] += 1  # NaN or +-inf: stored as missing, said below
+            if values[name] is None and v is not None and str(v).strip():
+                self.non_finite[name] += 1  # NaN or +-inf: stored as missing, said below
+        return values
+
+    def notes(self) -> list[str]:
+        """What the summary says about the values dropped or stored as missing."""
+        notes = []
+        if self.non_numeric:
+            cols = ", ".join(f"{k} ({n})" for k, n in self.non_numeric.most_common(5))
+            notes.append(f"non-numeric values ignored in: {cols}")
+        if self.non_finite:
+            cols = ", ".join(f"{k} ({n})" for k, n in self.non_finite.most_common(5))
+            notes.append(f"NaN or infinite values stored as missing in: {cols}")
+        return notes
+
+
+def _merge_by_step(
+    table: RawTable, out: Prepared, step_key: str | None, row_offset: int, *, klmon: bool
+) -> dict[int, dict[str, Any]]:
+    """step -> its values, the later row winning; rows without a step or a value are problems."""
+    merged: dict[int, dict[str, Any]] = {}
+    coerce = _Coercer({"status", "reject_reason"} if klmon else set())
+    repeated = 0
+    unit = (
+        "row"
+        if out.fmt == "parquet"
+        else "log_history entry"
+        if out.fmt == "trainer_state"
+        else "line"
+    )
+    for index, rec in enumerate(table.records):
+        step = _step_of(rec, step_key, row_offset + index, unit, out.problems)
+        if step is None:
+            continue
+        values = coerce.values(rec.values, step_key)
         if not any(v is not None for v in values.values()):
             what = "only missing values" if values else "no numeric values"
             shown = ", ".join(list(rec.values)[:5])
@@ -320,18 +354,49 @@ def build(
         slot.update(values)
     if repeated:
         out.notes.append(f"{repeated} rows repeated a step already seen: the later values kept")
-    if non_numeric:
-        cols = ", ".join(f"{k} ({n})" for k, n in non_numeric.most_common(5))
-        out.notes.append(f"non-numeric values ignored in: {cols}")
-    if non_finite:
-        cols = ", ".join(f"{k} ({n})" for k, n in non_finite.most_common(5))
-        out.notes.append(f"NaN or infinite values stored as missing in: {cols}")
+    out.notes.extend(coerce.notes())
+    return merged
 
-    # 2. what each column means
+
+def _step_of(
+    rec: RawRecord, step_key: str | None, position: int, unit: str, problems: list[Problem]
+) -> int | None:
+    """The record's step (its position when there is no step column); None: a problem said."""
+    if step_key is None:
+        return position
+    raw = rec.values.get(step_key)
+    if raw is None or raw == "":
+        shown = ", ".join(list(rec.values)[:5])
+        problems.append(
+            Problem(rec.line, f"no {step_key!r} value (a row of another kind? keys: {shown})", unit)
+        )
+        return None
+    try:
+        return to_step(raw)
+    except (ValueError, NotNumeric) as exc:
+        problems.append(Problem(rec.line, f"bad step: {exc}", unit))
+        return None
+
+
+# 2. what each column means
+
+
+@dataclass
+class _Columns:
+    """What each stored column means, and which columns may fill each klmon quantity."""
+
+    names: set[str]
+    meanings: dict[str, KeyMeaning | None]
+    # quantity -> (priority, column) of the columns that may fill it, best first
+    candidates: dict[str, list[tuple[int, str]]]
+
+
+def _storable_columns(merged: dict[int, dict[str, Any]], notes: list[str]) -> set[str]:
+    """The merged rows' columns; names too long for the database are dropped (and said)."""
     columns = {k for vals in merged.values() for k in vals}
     too_long = sorted(c for c in columns if len(c) > METRIC_NAME_MAX)
     if too_long:
-        out.notes.append(
+        notes.append(
             f"{len(too_long)} columns with names over {METRIC_NAME_MAX} characters not stored: "
             f"{too_long[0][:60]}..."
         )
@@ -339,120 +404,181 @@ def build(
         for vals in merged.values():
             for c in too_long:
                 vals.pop(c, None)
-    check_map_columns(user_map, columns | keys - {step_key}, path)
+    return columns
+
+
+def _read_columns(producer: str, columns: set[str], user_map: dict[str, str | None]) -> _Columns:
+    """Each column's meaning, from the producer's table and then ``--map``."""
     meanings: dict[str, KeyMeaning | None] = {c: lookup(producer, c) for c in columns}
     for column, quantity in user_map.items():
-        base = meanings.get(column)
-        if quantity is None:
-            meanings[column] = KeyMeaning(
-                None,
-                base.estimator if base else None,
-                base.scale if base else None,
-                f"--map {column}=-: kept only as a metric"
-                + (f" ({base.description})" if base and base.description else ""),
-            )
-        else:
-            q = QUANTITY_MEANINGS[quantity]
-            meanings[column] = KeyMeaning(
-                quantity,
-                q.estimator,
-                q.scale,
-                f"mapped with --map {column}={quantity}: {q.description}",
-                priority=-10,
-            )
+        meanings[column] = _mapped_meaning(column, quantity, meanings.get(column))
     candidates: dict[str, list[tuple[int, str]]] = {}
     for column, m in meanings.items():
         if m is not None and m.quantity is not None:
             candidates.setdefault(m.quantity, []).append((m.priority, column))
     for cands in candidates.values():
         cands.sort()
+    return _Columns(columns, meanings, candidates)
 
-    # 3. step rows and metrics
+
+def _mapped_meaning(column: str, quantity: str | None, base: KeyMeaning | None) -> KeyMeaning:
+    """The meaning ``--map COLUMN=QUANTITY`` gives (``QUANTITY`` None: ``-``, a metric only)."""
+    if quantity is None:
+        return KeyMeaning(
+            None,
+            base.estimator if base else None,
+            base.scale if base else None,
+            f"--map {column}=-: kept only as a metric"
+            + (f" ({base.description})" if base and base.description else ""),
+        )
+    q = QUANTITY_MEANINGS[quantity]
+    return KeyMeaning(
+        quantity,
+        q.estimator,
+        q.scale,
+        f"mapped with --map {column}={quantity}: {q.description}",
+        priority=-10,
+    )
+
+
+# 3. step rows and metrics
+
+
+def _rows_and_metrics(
+    merged: dict[int, dict[str, Any]],
+    read: _Columns,
+    out: Prepared,
+    *,
+    klmon: bool,
+    default_wall_time: float,
+) -> dict[str, Counter[str]]:
+    """Fills out.steps and out.metrics; returns quantity -> how often each column filled it."""
     used: dict[str, Counter[str]] = {}
-    time_key = next((k for k in TIME_KEYS if k in columns), None) if not klmon else None
+    time_key = next((k for k in TIME_KEYS if k in read.names), None) if not klmon else None
     for step in sorted(merged):
         vals = merged[step]
         row: dict[str, Any] = {"step": step}
-        for quantity, cands in candidates.items():
-            for _prio, column in cands:
-                v = vals.get(column)
-                if v is not None:
-                    if is_int_quantity(quantity):
-                        if abs(v) >= 2**31:
-                            continue  # beyond the column's range: kept as a metric only
-                        v = round(v)
-                    row[quantity] = v
-                    used.setdefault(quantity, Counter())[column] += 1
-                    break
+        _fill_quantities(row, vals, read.candidates, used)
+        extra: dict[str, Any] | Problem | None
         if klmon:
-            status = vals.get("status")
-            if status is not None:
-                if status not in STEP_STATUSES:
-                    out.problems.append(Problem(step, f"unknown status {status!r}", "step"))
-                    continue
-                if vals.get("wall_time") is None:
-                    out.problems.append(Problem(step, "a step row without wall_time", "step"))
-                    continue
-                row["wall_time"] = vals["wall_time"]
-                row["status"] = status
-                row["reject_reason"] = vals.get("reject_reason")
-                if vals.get("ranks_seen") is not None:
-                    row["ranks_seen"] = int(vals["ranks_seen"])
-                row["payload_hash"] = payload_hash(row)
-                out.steps.append(row)
+            extra = _klmon_step_columns(step, vals)
+            if isinstance(extra, Problem):
+                out.problems.append(extra)
+                continue
         else:
-            row["wall_time"] = _wall_time(vals.get(time_key), default_wall_time)
+            extra = {"wall_time": _wall_time(vals.get(time_key), default_wall_time)}
+        if extra is not None:
+            row.update(extra)
             row["payload_hash"] = payload_hash(row)
             out.steps.append(row)
-        for column, v in vals.items():
-            m = meanings.get(column)
-            if v is None or (m is not None and not m.keep_metric):
-                continue
-            name = (
-                column[len(METRIC_PREFIX) :]
-                if klmon and column.startswith(METRIC_PREFIX)
-                else column
-            )
-            out.metrics.append((step, name, v))
+        out.metrics.extend(_step_metrics(step, vals, read.meanings, klmon=klmon))
+    return used
 
-    out.mapping = {
-        q: [c for c, _n in used[q].most_common()] for q in QUANTITY_MEANINGS if q in used
+
+def _fill_quantities(
+    row: dict[str, Any],
+    vals: dict[str, Any],
+    candidates: dict[str, list[tuple[int, str]]],
+    used: dict[str, Counter[str]],
+) -> None:
+    """Each quantity from the best of its columns with a value (counted in ``used``)."""
+    for quantity, cands in candidates.items():
+        for _prio, column in cands:
+            v = vals.get(column)
+            if v is not None:
+                if is_int_quantity(quantity):
+                    if abs(v) >= 2**31:
+                        continue  # beyond the column's range: kept as a metric only
+                    v = round(v)
+                row[quantity] = v
+                used.setdefault(quantity, Counter())[column] += 1
+                break
+
+
+def _klmon_step_columns(step: int, vals: dict[str, Any]) -> dict[str, Any] | Problem | None:
+    """A klmon export's step-row columns (wall_time, status, ...).
+
+    None: the step has no status, so no step row (its values are still metrics); a Problem:
+    the step is skipped, metrics included.
+    """
+    status = vals.get("status")
+    if status is None:
+        return None
+    if status not in STEP_STATUSES:
+        return Problem(step, f"unknown status {status!r}", "step")
+    if vals.get("wall_time") is None:
+        return Problem(step, "a step row without wall_time", "step")
+    columns = {
+        "wall_time": vals["wall_time"],
+        "status": status,
+        "reject_reason": vals.get("reject_reason"),
     }
+    if vals.get("ranks_seen") is not None:
+        columns["ranks_seen"] = int(vals["ranks_seen"])
+    return columns
+
+
+def _step_metrics(
+    step: int, vals: dict[str, Any], meanings: dict[str, KeyMeaning | None], *, klmon: bool
+) -> list[tuple[int, str, float]]:
+    """The step's values kept as extra metrics (a klmon export's without their prefix)."""
+    metrics = []
+    for column, v in vals.items():
+        m = meanings.get(column)
+        if v is None or (m is not None and not m.keep_metric):
+            continue
+        name = (
+            column[len(METRIC_PREFIX) :] if klmon and column.startswith(METRIC_PREFIX) else column
+        )
+        metrics.append((step, name, v))
+    return metrics
+
+
+def _say_kl(out: Prepared, read: _Columns) -> None:
+    """Sets out.kl_read from out.mapping, or out.kl_candidates when no column is read as KL."""
     for q in KL_QUANTITIES:
         for column in out.mapping.get(q, []):
-            m = meanings[column]
+            m = read.meanings[column]
             assert m is not None
             out.kl_read.append((column, q, m.estimator, UNITS.get(m.scale, m.scale or "")))
     if not out.kl_read:
         # a column a producer's table describes (old-vs-new, sampler-vs-trainer) is not one
         out.kl_candidates = sorted(
             c
-            for c in columns
+            for c in read.names
             if _named_like_kl(c)
-            and (meanings.get(c) is None or meanings[c] is GENERIC.get(base_key(c)))
+            and (read.meanings.get(c) is None or read.meanings[c] is GENERIC.get(base_key(c)))
         )
+
+
+def _infos(out: Prepared, table: RawTable, read: _Columns, *, klmon: bool) -> list[MetricInfo]:
+    """The meaning of each stored metric (a klmon export's own, else from the columns')."""
     stored = {name for _s, name, _v in out.metrics}
-    source = producer if producer not in ("generic", "klmon") else fmt
     if klmon:
         exported = table.config.get("klmon_export", {}).get("metric_info", [])
-        out.infos = [MetricInfo(**i) for i in exported if i.get("name") in stored]
-    else:
-        for column in sorted(stored):
-            m = meanings.get(column)
-            out.infos.append(
-                MetricInfo(
-                    name=column,
-                    source=source,
-                    quantity=m.quantity if m else None,
-                    estimator=m.estimator if m else None,
-                    scale=m.scale if m else None,
-                    description=m.description if m else None,
-                )
+        return [MetricInfo(**i) for i in exported if i.get("name") in stored]
+    source = out.producer if out.producer not in ("generic", "klmon") else out.fmt
+    infos = []
+    for column in sorted(stored):
+        m = read.meanings.get(column)
+        infos.append(
+            MetricInfo(
+                name=column,
+                source=source,
+                quantity=m.quantity if m else None,
+                estimator=m.estimator if m else None,
+                scale=m.scale if m else None,
+                description=m.description if m else None,
             )
-    out.config = {k: v for k, v in table.config.items() if k != "klmon_export"}
+        )
+    return infos
+
+
+def _config(table: RawTable, *, klmon: bool) -> dict[str, Any]:
+    """The run's config: a klmon export's own, else the reader's (without the export block)."""
     if klmon and "config" in table.config.get("klmon_export", {}):
-        out.config = dict(table.config["klmon_export"]["config"])
-    return out
+        return dict(table.config["klmon_export"]["config"])
+    return {k: v for k, v in table.config.items() if k != "klmon_export"}
 
 
 def _named_like_kl(column: str) -> bool:
