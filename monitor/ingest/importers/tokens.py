@@ -115,45 +115,7 @@ def _floats(name: str, value: Any) -> list[float]:
 
 def _parse(number: int, obj: dict[str, Any]) -> tuple[int | None, float | None, float | None, _Seq]:
     """(step, kl_coef, wall time, sequence) of one line; _Bad when it cannot be used."""
-    pk, pv = _first(obj, POLICY_KEYS)
-    rk, rv = _first(obj, REF_KEYS)
-    if pk is None or rk is None:
-        raise _Bad(
-            "no policy and reference log-prob lists "
-            f"(expected one of {POLICY_KEYS[:2]} and one of {REF_KEYS[:2]})"
-        )
-    policy, ref = _floats(pk, pv), _floats(rk, rv)
-    n = len(policy)
-    lists: dict[str, list[Any]] = {rk: ref}
-    rollout = entropies = mask = tokens = None
-    key, v = _first(obj, ROLLOUT_KEYS)
-    if key:
-        rollout = lists[key] = _floats(key, v)
-    key, v = _first(obj, ENTROPY_KEYS)
-    if key and isinstance(v, list):
-        entropies = lists[key] = _floats(key, v)
-    key, v = _first(obj, MASK_KEYS)
-    if key:
-        mask = lists[key] = [bool(x) for x in _floats(key, v)]
-    key, v = _first(obj, TOKEN_KEYS)
-    if key and isinstance(v, list):
-        tokens = lists[key] = [clean_text(str(t)) for t in v]
-    for key, lst in lists.items():
-        if len(lst) != n:
-            raise _Bad(f"{pk} has {n} tokens but {key} has {len(lst)}")
-    if mask is not None:
-        keep = [i for i, m in enumerate(mask) if m]
-        policy = [policy[i] for i in keep]
-        ref = [ref[i] for i in keep]
-        rollout = [rollout[i] for i in keep] if rollout is not None else None
-        entropies = [entropies[i] for i in keep] if entropies is not None else None
-        tokens = [tokens[i] for i in keep] if tokens is not None else None
-    if not policy:
-        raise _Bad("no response tokens (empty, or all masked out)")
-    for name, lst in ((pk, policy), (rk, ref), ("rollout log-probs", rollout)):
-        if lst is not None and not all(math.isfinite(x) for x in lst):
-            raise _Bad(f"{name} holds NaN or infinite values under the mask")
-    seq = _Seq(number, policy, ref, rollout, entropies, tokens)
+    seq = _sequence(number, obj)
     try:
         seq.reward = to_number(_first(obj, REWARD_KEYS)[1])
         step_raw = _first(obj, STEP_KEYS)[1]
@@ -166,6 +128,64 @@ def _parse(number: int, obj: dict[str, Any]) -> tuple[int | None, float | None, 
     _rk, response = _first(obj, RESPONSE_KEYS)
     seq.prompt = clean_text(prompt) if isinstance(prompt, str) else None
     seq.response = clean_text(response) if isinstance(response, str) else None
+    seq.extras = _extras(obj)
+    return step, kl_coef, wall, seq
+
+
+def _sequence(number: int, obj: dict[str, Any]) -> _Seq:
+    """The line's per-token lists, checked to be as long as its log-probs and cut to its mask."""
+    pk, pv = _first(obj, POLICY_KEYS)
+    rk, rv = _first(obj, REF_KEYS)
+    if pk is None or rk is None:
+        raise _Bad(
+            "no policy and reference log-prob lists "
+            f"(expected one of {POLICY_KEYS[:2]} and one of {REF_KEYS[:2]})"
+        )
+    policy, ref = _floats(pk, pv), _floats(rk, rv)
+    optional = _optional_lists(obj)
+    n = len(policy)
+    for key, lst in [(rk, ref), *optional.values()]:
+        if len(lst) != n:
+            raise _Bad(f"{pk} has {n} tokens but {key} has {len(lst)}")
+    rollout = optional.get("rollout", (None, None))[1]
+    entropies = optional.get("entropies", (None, None))[1]
+    tokens = optional.get("tokens", (None, None))[1]
+    if "mask" in optional:
+        keep = [i for i, m in enumerate(optional["mask"][1]) if m]
+        policy = [policy[i] for i in keep]
+        ref = [ref[i] for i in keep]
+        rollout = [rollout[i] for i in keep] if rollout is not None else None
+        entropies = [entropies[i] for i in keep] if entropies is not None else None
+        tokens = [tokens[i] for i in keep] if tokens is not None else None
+    if not policy:
+        raise _Bad("no response tokens (empty, or all masked out)")
+    for name, lst in ((pk, policy), (rk, ref), ("rollout log-probs", rollout)):
+        if lst is not None and not all(math.isfinite(x) for x in lst):
+            raise _Bad(f"{name} holds NaN or infinite values under the mask")
+    return _Seq(number, policy, ref, rollout, entropies, tokens)
+
+
+def _optional_lists(obj: dict[str, Any]) -> dict[str, tuple[str, list[Any]]]:
+    """role (rollout, entropies, mask, tokens) -> (key, values) of the lists the line holds."""
+    found: dict[str, tuple[str, list[Any]]] = {}
+    key, v = _first(obj, ROLLOUT_KEYS)
+    if key:
+        found["rollout"] = (key, _floats(key, v))
+    key, v = _first(obj, ENTROPY_KEYS)
+    if key and isinstance(v, list):
+        found["entropies"] = (key, _floats(key, v))
+    key, v = _first(obj, MASK_KEYS)
+    if key:
+        found["mask"] = (key, [bool(x) for x in _floats(key, v)])
+    key, v = _first(obj, TOKEN_KEYS)
+    if key and isinstance(v, list):
+        found["tokens"] = (key, [clean_text(str(t)) for t in v])
+    return found
+
+
+def _extras(obj: dict[str, Any]) -> dict[str, float]:
+    """The line's other numbers (a scalar entropy included), averaged later over the step."""
+    extras: dict[str, float] = {}
     for k, v in obj.items():
         if isinstance(v, list | dict | str) or (k in _KNOWN and k not in ENTROPY_KEYS):
             continue
@@ -174,8 +194,18 @@ def _parse(number: int, obj: dict[str, Any]) -> tuple[int | None, float | None, 
         except NotNumeric:
             continue
         if f is not None:
-            seq.extras[k] = f
-    return step, kl_coef, wall, seq
+            extras[k] = f
+    return extras
+
+
+@dataclass
+class _Steps:
+    """A per-token log's sequences grouped by step, with each step's kl_coef and wall time."""
+
+    seqs: dict[int, list[_Seq]] = field(default_factory=dict)
+    kl_coefs: dict[int, float] = field(default_factory=dict)
+    wall_times: dict[int, float] = field(default_factory=dict)
+    step_keys: set[str] = field(default_factory=set)  # the step keys the lines used
 
 
 def prepare(
@@ -191,73 +221,9 @@ def prepare(
             f"{path}: --map applies to step tables; klmon computes every quantity of a "
             "per-token log itself"
         )
-    from monitor.divergence import summarize  # numpy-only, loaded when needed
-
     out = Prepared(fmt="tokens", producer="klmon")
-    groups: dict[int, list[_Seq]] = {}
-    coefs: dict[int, float] = {}
-    walls: dict[int, float] = {}
-    no_step = 0
-    seen_keys: set[str] = set()
-    for number, obj in json_lines(path, tick, out.problems):
-        if not isinstance(obj, dict):
-            out.problems.append(Problem(number, "not a JSON object"))
-            continue
-        try:
-            step, kl_coef, wall, seq = _parse(number, obj)
-        except _Bad as exc:
-            out.problems.append(Problem(number, str(exc)))
-            continue
-        out.records_read += 1
-        seen_keys.update(k for k in STEP_KEYS if k in obj)
-        if step is None:
-            no_step += 1
-            step = 0
-        groups.setdefault(step, []).append(seq)
-        if kl_coef is not None:
-            coefs[step] = kl_coef
-        if wall is not None and 1e8 < wall < 1e10:
-            walls[step] = max(walls.get(step, 0.0), wall)
-    if no_step:
-        out.notes.append(f"{no_step} sequences had no step: stored under step 0")
-
-    computed: set[str] = set()
-    extra_names: set[str] = set()
-    for step in sorted(groups):
-        seqs = groups[step]
-        rewards = [s.reward for s in seqs]
-        rollouts = [s.rollout for s in seqs]
-        entropies = [s.entropies for s in seqs]
-        try:
-            summary = summarize(
-                [s.policy for s in seqs],
-                [s.ref for s in seqs],
-                rewards=rewards if all(r is not None for r in rewards) else None,
-                kl_coef=coefs.get(step),
-                rollout_logprobs=rollouts if all(r is not None for r in rollouts) else None,
-                entropies=entropies if all(e is not None for e in entropies) else None,
-            )
-        except InvalidInput as exc:
-            out.problems.append(Problem(step, f"not summarised: {exc}", "step"))
-            continue
-        row: dict[str, Any] = {"step": step, "wall_time": walls.get(step, default_wall_time)}
-        for name, value in summary.as_dict().items():
-            if name in STEP_QUANTITIES:
-                row[name] = json_safe(value)
-            elif value is not None:
-                out.metrics.append((step, name, float(value)))
-                computed.add(name)
-        row["payload_hash"] = payload_hash(row)
-        out.steps.append(row)
-        out.histograms.append((step, [int(c) for c in np.asarray(summary.token_hist)]))
-        out.samples[step] = _samples(step, seqs, np.asarray(summary.seq_kl, dtype=float))
-        sums: dict[str, list[float]] = {}
-        for s in seqs:
-            for k, v in s.extras.items():
-                sums.setdefault(k, []).append(v)
-        for k, vs in sums.items():
-            out.metrics.append((step, k, float(np.mean(vs))))
-            extra_names.add(k)
+    steps = _read_steps(path, tick, out)
+    computed, extra_names = _summarise_steps(steps, out, default_wall_time)
     out.infos = [
         MetricInfo(
             name=k,
@@ -271,13 +237,98 @@ def prepare(
         for k in sorted(computed)
     ]
     out.mapping = {"(computed by klmon)": ["policy/reference log-probs"]}
-    out.step_column = next((k for k in STEP_KEYS if k in seen_keys), None)
+    out.step_column = next((k for k in STEP_KEYS if k in steps.step_keys), None)
     out.step_source = "detected" if out.step_column else "none: every sequence under step 0"
     out.kl_read = [
         ("policy/reference log-probs", q, q if q != "kl_mean" else "k1", unit)
         for q, unit in (("kl_mean", "nats/sequence"), ("k3", "nats/token"))
     ]
     return out
+
+
+def _read_steps(path: Path, tick: Tick, out: Prepared) -> _Steps:
+    """The file's usable lines grouped by step (no step: step 0); the others are problems."""
+    steps = _Steps()
+    no_step = 0
+    for number, obj in json_lines(path, tick, out.problems):
+        if not isinstance(obj, dict):
+            out.problems.append(Problem(number, "not a JSON object"))
+            continue
+        try:
+            step, kl_coef, wall, seq = _parse(number, obj)
+        except _Bad as exc:
+            out.problems.append(Problem(number, str(exc)))
+            continue
+        out.records_read += 1
+        steps.step_keys.update(k for k in STEP_KEYS if k in obj)
+        if step is None:
+            no_step += 1
+            step = 0
+        steps.seqs.setdefault(step, []).append(seq)
+        if kl_coef is not None:
+            steps.kl_coefs[step] = kl_coef
+        if wall is not None and 1e8 < wall < 1e10:
+            steps.wall_times[step] = max(steps.wall_times.get(step, 0.0), wall)
+    if no_step:
+        out.notes.append(f"{no_step} sequences had no step: stored under step 0")
+    return steps
+
+
+def _summarise_steps(
+    steps: _Steps, out: Prepared, default_wall_time: float
+) -> tuple[set[str], set[str]]:
+    """Each step's row, metrics, histogram and samples into out.
+
+    Returns the names of the metrics klmon computed and of the per-line extras averaged.
+    """
+    from monitor.divergence import summarize  # numpy-only, loaded when needed
+
+    computed: set[str] = set()
+    extra_names: set[str] = set()
+    for step in sorted(steps.seqs):
+        seqs = steps.seqs[step]
+        rewards = [s.reward for s in seqs]
+        rollouts = [s.rollout for s in seqs]
+        entropies = [s.entropies for s in seqs]
+        try:
+            summary = summarize(
+                [s.policy for s in seqs],
+                [s.ref for s in seqs],
+                rewards=rewards if all(r is not None for r in rewards) else None,
+                kl_coef=steps.kl_coefs.get(step),
+                rollout_logprobs=rollouts if all(r is not None for r in rollouts) else None,
+                entropies=entropies if all(e is not None for e in entropies) else None,
+            )
+        except InvalidInput as exc:
+            out.problems.append(Problem(step, f"not summarised: {exc}", "step"))
+            continue
+        row: dict[str, Any] = {
+            "step": step,
+            "wall_time": steps.wall_times.get(step, default_wall_time),
+        }
+        for name, value in summary.as_dict().items():
+            if name in STEP_QUANTITIES:
+                row[name] = json_safe(value)
+            elif value is not None:
+                out.metrics.append((step, name, float(value)))
+                computed.add(name)
+        row["payload_hash"] = payload_hash(row)
+        out.steps.append(row)
+        out.histograms.append((step, [int(c) for c in np.asarray(summary.token_hist)]))
+        out.samples[step] = _samples(step, seqs, np.asarray(summary.seq_kl, dtype=float))
+        extras = _extra_means(step, seqs)
+        out.metrics.extend(extras)
+        extra_names.update(name for _s, name, _v in extras)
+    return computed, extra_names
+
+
+def _extra_means(step: int, seqs: list[_Seq]) -> list[tuple[int, str, float]]:
+    """Each per-line extra's mean over the step's sequences that hold it."""
+    sums: dict[str, list[float]] = {}
+    for s in seqs:
+        for k, v in s.extras.items():
+            sums.setdefault(k, []).append(v)
+    return [(step, k, float(np.mean(vs))) for k, vs in sums.items()]
 
 
 def _samples(step: int, seqs: list[_Seq], seq_kl: np.ndarray) -> list[dict[str, Any]]:
