@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.errors import DatabaseUnavailable, SchemaOutOfDate
+from monitor.ingest.apply import apply_isolated, ensure_run
 from monitor.ingest.spool import (
     DEAD_SUFFIX,
     CorruptRecord,
@@ -28,7 +29,6 @@ from monitor.ingest.spool import (
     spool_files,
 )
 from monitor.ingest.text import clean_text
-from monitor.ingest.writer import apply_isolated, ensure_run
 from monitor.store import Database, find_run_by_name, set_run_status
 
 LIVENESS_SLACK_S = 1.0
