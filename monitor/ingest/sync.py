@@ -12,12 +12,13 @@ holds their lock) are skipped. Only an unreachable database stops sync.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from monitor.errors import DatabaseUnavailable, SchemaOutOfDate
+from monitor.ingest.apply import apply_isolated, ensure_run
 from monitor.ingest.spool import (
     DEAD_SUFFIX,
     CorruptRecord,
@@ -28,7 +29,6 @@ from monitor.ingest.spool import (
     spool_files,
 )
 from monitor.ingest.text import clean_text
-from monitor.ingest.writer import apply_isolated, ensure_run
 from monitor.store import Database, find_run_by_name, set_run_status
 
 LIVENESS_SLACK_S = 1.0
@@ -145,15 +145,7 @@ def _sync_file(
     db: Database, path: Path, *, batch: int, dry_run: bool
 ) -> tuple[FileReport, dict[str, Any] | None, bool, float]:
     report = FileReport(path)
-    header: dict[str, Any] | None = None
-    good: list[SpoolRecord] = []
-    for item in _iter_file(path):
-        if isinstance(item, CorruptRecord):
-            report.corrupt.append(item)
-        elif item.record.get("type") == "run" and header is None:
-            header = item.record
-        else:
-            good.append(item)
+    header, good = _read_file(path, report)
     if header is None:
         report.reason = "no readable run record at the start: cannot tell which run it is"
         report.action = "skipped"
@@ -163,12 +155,47 @@ def _sync_file(
         return report, None, False, 0.0
     report.run = f"{header['project']}/{header['name']}"
     report.rank = int(header.get("rank") or 0)
-    # Records before the last commit marker of this segment are already in the database.
+    todo, saw_status, last = _records_to_replay(report, header, good)
+    report.records = len(good)
+    if dry_run:
+        report.action = "dry run"
+        return report, header, saw_status, last
+    _replay(db, path, report, header, todo, batch=batch)
+    report.action = "replayed"
+    return report, header, saw_status, last
+
+
+def _read_file(path: Path, report: FileReport) -> tuple[dict[str, Any] | None, list[SpoolRecord]]:
+    """The file's run record (its header) and its other readable records; damaged records
+    are noted in ``report``."""
+    header: dict[str, Any] | None = None
+    good: list[SpoolRecord] = []
+    for item in _iter_file(path):
+        if isinstance(item, CorruptRecord):
+            report.corrupt.append(item)
+        elif item.record.get("type") == "run" and header is None:
+            header = item.record
+        else:
+            good.append(item)
+    return header, good
+
+
+def _committed_upto(header: Mapping[str, Any], good: list[SpoolRecord]) -> int:
+    """Records before the last commit marker of this segment are already in the database."""
     upto = 0
     for item in good:
         rec = item.record
         if rec.get("type") == "commit" and rec.get("seg") == header.get("segment"):
             upto = max(upto, int(rec.get("upto") or 0))
+    return upto
+
+
+def _records_to_replay(
+    report: FileReport, header: Mapping[str, Any], good: list[SpoolRecord]
+) -> tuple[list[dict[str, Any]], bool, float]:
+    """The records still to write (steps counted in ``report``), whether the file holds a
+    status record, and the time of its last record."""
+    upto = _committed_upto(header, good)
     todo: list[dict[str, Any]] = []
     saw_status = False
     last = float(header.get("started_at") or 0.0)
@@ -186,10 +213,20 @@ def _sync_file(
                 report.already_committed += 1
                 continue
         todo.append(rec)
-    report.records = len(good)
-    if dry_run:
-        report.action = "dry run"
-        return report, header, saw_status, last
+    return todo, saw_status, last
+
+
+def _replay(
+    db: Database,
+    path: Path,
+    report: FileReport,
+    header: dict[str, Any],
+    todo: list[dict[str, Any]],
+    *,
+    batch: int,
+) -> None:
+    """Write ``todo`` to the file's run (created if the database does not know it) in chunks
+    of ``batch``; records the database refuses go to the file's dead-letter file."""
     existed = find_run_by_name(db, str(header["project"]), str(header["name"]))
     run_id = ensure_run(db, header)
     report.created_run = existed is None
@@ -210,8 +247,6 @@ def _sync_file(
         report.rejected += result.rejected
         if result.status:
             report.status = result.status
-    report.action = "replayed"
-    return report, header, saw_status, last
 
 
 def _dispose(path: Path, report: FileReport, keep: bool) -> str:

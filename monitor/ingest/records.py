@@ -1,0 +1,447 @@
+"""The records of the background writer, built without threads or a database: the work items a
+``log_step`` call hands over, the step summary record the processor appends to the spool
+(summary or shard partials, histogram, drill-down samples, metrics, payload hash), the raw
+record of a spilled step and its way back to an item, a trainer's scalar step, and the smaller
+stand-ins for a record the spool cannot take. Every function here is deterministic: the same
+input gives the same record, so a replay hashes the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import operator
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from monitor.errors import InvalidInput
+from monitor.formats import json_safe
+from monitor.ingest.tensors import resolve_arrays
+from monitor.store import STEP_QUANTITIES
+
+log = logging.getLogger("klmon.ingest")
+
+STEP_VALUES_MAX = 2**26
+"""The most values (B x T) one array of a step may hold per rank; ``log_step`` refuses larger
+ones with InvalidInput. (1024, 32768) is half of it; its summary takes ~0.1 s."""
+
+
+# --- the work items the caller hands over ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class StepItem:
+    """One validated log_step call: private copies of the arrays, references to the texts."""
+
+    step: int
+    wall_time: float
+    policy_logprobs: np.ndarray | None
+    ref_logprobs: np.ndarray | None
+    mask: np.ndarray | None
+    rewards: np.ndarray | None = None
+    kl_coef: float | None = None
+    texts: tuple[Sequence[Any], Sequence[Any]] | None = None
+    tokens: Sequence[Any] | None = None
+    metrics: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] | None = None
+    rejected: str | None = None
+
+
+@dataclass(slots=True)
+class ControlItem:
+    """A record that needs no summary: a run status change or metrics without logprobs."""
+
+    record: dict[str, Any]
+
+
+@dataclass
+class WriterConfig:
+    """Knobs of the background writer (see ``monitor.init``)."""
+
+    samples_top: int = 3
+    samples_random: int = 2
+    queue_size: int = 64
+    queue_bytes: int = 64 * 1024 * 1024
+    flush_interval: float = 0.1
+    max_batch: int = 2000
+    max_batch_bytes: int = 32 * 1024 * 1024
+    backoff_initial: float = 0.25
+    backoff_max: float = 5.0
+
+
+# --- summarising one step (processor thread) ---------------------------------------------------
+
+
+def _metric_list(metrics: Mapping[str, Any] | None) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for name, value in (metrics or {}).items():
+        if value is None:
+            out.append([str(name), None])
+            continue
+        try:
+            v = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidInput(f"metrics[{name!r}] is not storable as a float: {exc}") from None
+        out.append([str(name), v if math.isfinite(v) else None])
+    return out
+
+
+def summarize_item(item: StepItem, header: Mapping[str, Any], cfg: WriterConfig) -> dict[str, Any]:
+    """The spool record of one step: summary (or shard partials), histogram, samples, metrics
+    and a payload hash. Deterministic: the same input always gives the same record."""
+    from monitor import divergence
+
+    resolve_arrays(item)  # torch copies finished here, off the caller's thread
+    rank = int(header.get("rank", 0))
+    world_size = int(header.get("world_size", 1))
+    metrics: list[list[Any]] = []
+    if rank == 0:
+        try:
+            metrics = _metric_list(item.metrics)
+        except InvalidInput as exc:
+            item.rejected = item.rejected or str(exc)
+    record: dict[str, Any] = {
+        "type": "step",
+        "step": item.step,
+        "rank": rank,
+        "t": item.wall_time,
+        "status": "ok",
+        "metrics": metrics,
+    }
+    if item.rejected is None:
+        try:
+            record.update(_summarize_arrays(item, header, cfg, divergence, world_size))
+        except InvalidInput as exc:
+            # Found only by the full checks of the background (the call checks the cheap part)
+            item.rejected = str(exc)
+        except Exception as exc:  # a bug below us must not wedge the writer on one step
+            log.exception("klmon: step %d could not be summarised", item.step)
+            item.rejected = f"could not be summarised: {type(exc).__name__}: {exc}"
+    if item.rejected is not None:
+        record.update(status="rejected", reason=item.rejected, q=None, partials=None, samples=[])
+    record["hash"] = _payload_hash(record)
+    return record
+
+
+def _summarize_arrays(
+    item: StepItem,
+    header: Mapping[str, Any],
+    cfg: WriterConfig,
+    divergence: Any,
+    world_size: int,
+) -> dict[str, Any]:
+    seq_ids = _rows_with_response(item.mask)
+    if seq_ids is not None:  # empty responses have no KL: the step is the other sequences
+        item = _only_rows(item, seq_ids)
+    kwargs: dict[str, Any] = {"mask": item.mask, "rewards": item.rewards, "kl_coef": item.kl_coef}
+    if item.extra:
+        kwargs.update(item.extra)
+    out: dict[str, Any] = {}
+    if world_size > 1:
+        partials = divergence.partials(item.policy_logprobs, item.ref_logprobs, **kwargs)
+        out["partials"] = partials
+        out["q"] = None
+        seq_kl = partials.get("seq_kl") if isinstance(partials, Mapping) else None
+        if seq_kl is None:
+            seq_kl = divergence.sequence_kl(item.policy_logprobs, item.ref_logprobs, mask=item.mask)
+        seq_kl = np.asarray(seq_kl, dtype=np.float64)
+        out["hist"] = None
+    else:
+        summary = divergence.summarize(item.policy_logprobs, item.ref_logprobs, **kwargs)
+        d = summary.as_dict()
+        out["q"] = [json_safe(d.get(c)) for c in STEP_QUANTITIES]
+        hist = getattr(summary, "token_hist", None)
+        out["hist"] = None if hist is None else np.asarray(hist, dtype=np.int64)
+        seq_kl = np.asarray(summary.seq_kl, dtype=np.float64)
+    out["samples"] = select_samples(item, seq_kl, header, cfg, seq_ids)
+    return out
+
+
+def _rows_with_response(mask: np.ndarray | None) -> np.ndarray | None:
+    """Indices of the sequences with at least one response token; None when that is all."""
+    if mask is None:
+        return None
+    has = mask.any(axis=1)
+    return None if has.all() else np.flatnonzero(has)
+
+
+def _only_rows(item: StepItem, rows: np.ndarray) -> StepItem:
+    """item restricted to the sequences ``rows`` (texts and tokens too)."""
+
+    def pick(seq: Sequence[Any] | None) -> list[Any] | None:
+        return None if seq is None else [seq[i] for i in rows]
+
+    assert item.policy_logprobs is not None and item.ref_logprobs is not None
+    return replace(
+        item,
+        policy_logprobs=item.policy_logprobs[rows],
+        ref_logprobs=item.ref_logprobs[rows],
+        mask=None if item.mask is None else item.mask[rows],
+        rewards=None if item.rewards is None else item.rewards[rows],
+        texts=None if item.texts is None else (pick(item.texts[0]), pick(item.texts[1])),
+        tokens=pick(item.tokens),
+        extra=None if item.extra is None else {k: v[rows] for k, v in item.extra.items()},
+    )
+
+
+def select_samples(
+    item: StepItem,
+    seq_kl: np.ndarray,
+    header: Mapping[str, Any],
+    cfg: WriterConfig,
+    seq_ids: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """The ``samples_top`` highest-KL sequences and ``samples_random`` others drawn with a
+    seed fixed by (run, step, rank), so a replay picks the same ones. ``seq_ids``: each
+    row's index in the batch as logged, when rows were left out."""
+    n = len(seq_kl)
+    if n == 0 or (cfg.samples_top <= 0 and cfg.samples_random <= 0):
+        return []
+    key = np.where(np.isfinite(seq_kl), seq_kl, -np.inf)
+    order = np.argsort(-key, kind="stable")
+    top = [int(i) for i in order[: max(cfg.samples_top, 0)]]
+    rest = np.setdiff1d(np.arange(n), np.asarray(top, dtype=np.int64))
+    picked: list[tuple[int, str]] = [(i, "top") for i in top]
+    if cfg.samples_random > 0 and len(rest):
+        ident = (header.get("project"), header.get("name"), item.step, header.get("rank", 0))
+        seed = zlib.crc32("\0".join(map(str, ident)).encode())
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(rest, size=min(cfg.samples_random, len(rest)), replace=False)
+        picked.extend((int(i), "random") for i in sorted(chosen))
+    lp, ref, mask = item.policy_logprobs, item.ref_logprobs, item.mask
+    assert lp is not None and ref is not None
+    samples = []
+    for i, kind in picked:
+        pos = np.flatnonzero(mask[i]) if mask is not None else np.arange(lp.shape[1])
+        sample: dict[str, Any] = {
+            "seq_index": i if seq_ids is None else int(seq_ids[i]),
+            "kind": kind,
+            "kl_seq": json_safe(float(seq_kl[i])),
+            "reward": None if item.rewards is None else json_safe(float(item.rewards[i])),
+            "prompt": None,
+            "response": None,
+            "tokens": None,
+            "policy_logprobs": lp[i, pos].astype(np.float32),
+            "ref_logprobs": ref[i, pos].astype(np.float32),
+        }
+        if item.texts is not None:
+            prompts, responses = item.texts
+            sample["prompt"] = None if prompts is None else _text(prompts[i])
+            sample["response"] = None if responses is None else _text(responses[i])
+        if item.tokens is not None:
+            sample["tokens"] = _sample_tokens(item.tokens[i], pos, lp.shape[1])
+        samples.append(sample)
+    return samples
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _sample_tokens(tokens: Any, pos: np.ndarray, width: int) -> list[str]:
+    """Tokens of the response positions: ``tokens`` may be aligned with the log-prob columns
+    (length T) or already hold just the response tokens."""
+    toks = tokens if isinstance(tokens, list) else list(tokens)
+    if len(toks) == width and len(pos) != width:
+        toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[pos[0]]]
+    if all(type(t) is str for t in toks):
+        return list(toks)
+    return [str(t) for t in toks]
+
+
+def _payload_hash(record: Mapping[str, Any]) -> str:
+    """Digest of what a step record would store: a replay hashes the same, any change of
+    summary, samples or metrics hashes differently."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(
+        f"{record['step']}|{record['rank']}|{record['status']}|{record.get('reason')}|".encode()
+    )
+    h.update(repr(record.get("q")).encode())
+    partials = record.get("partials")
+    if partials is not None:
+        h.update(_stable_repr(partials).encode())
+    hist = record.get("hist")
+    if hist is not None:
+        h.update(np.ascontiguousarray(hist).tobytes())
+    for s in record.get("samples") or ():
+        h.update(f"{s['seq_index']}|{s['kind']}|{s['kl_seq']!r}|{s['reward']!r}|".encode())
+        h.update(f"{s['prompt']!r}|{s['response']!r}|".encode())
+        if s.get("tokens") is not None:
+            h.update("\x1f".join(s["tokens"]).encode("utf-8", "surrogatepass"))
+    h.update(repr(record.get("metrics")).encode())
+    return h.hexdigest()
+
+
+def _stable_repr(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k!r}:{_stable_repr(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, np.ndarray):
+        return f"nd{value.dtype.str}{value.shape}{hashlib.blake2b(value.tobytes()).hexdigest()}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_stable_repr(v) for v in value) + "]"
+    return repr(value)
+
+
+SPILL_TOKENS_MAX = 16384
+"""A spilled step keeps its token strings up to this many (B x T); encoding more would block
+the training loop too long, so larger spilled batches lose them (samples keep text and
+log-probs)."""
+
+
+def smaller_record(
+    record: dict[str, Any], why: str, header: Mapping[str, Any], cfg: WriterConfig
+) -> dict[str, Any] | None:
+    """A record that fits the spool in place of one that does not (RecordTooLarge): a raw
+    step summarised; then a step without its samples; then the step stored as rejected.
+    None for a record that is not a step (nothing smaller to keep)."""
+    kind = record.get("type")
+    if kind == "raw":
+        return summarize_item(item_from_raw(record), header, cfg)
+    if kind != "step":
+        return None
+    if record.get("samples"):
+        log.warning("klmon: step %s: its samples are too large to keep (%s)", record["step"], why)
+        smaller = {**record, "samples": []}
+    else:
+        smaller = {
+            **record,
+            "type": "step",
+            "status": "rejected",
+            "reason": f"too large to store: {why}",
+            "q": None,
+            "partials": None,
+            "hist": None,
+            "samples": [],
+            "metrics": [],
+        }
+    smaller["hash"] = _payload_hash(smaller)
+    return smaller
+
+
+def record_bytes(record: Mapping[str, Any]) -> int:
+    """About how much memory a summary record holds (its samples' arrays and strings)."""
+    n = 1024
+    for sample in record.get("samples") or ():
+        for v in sample.values():
+            if isinstance(v, np.ndarray):
+                n += v.nbytes
+            elif isinstance(v, str):
+                n += len(v)
+            elif isinstance(v, list):
+                n += sum(len(t) + 50 for t in v if isinstance(t, str))
+    return n
+
+
+def item_bytes(item: StepItem | ControlItem) -> int:
+    """The bytes of an item's copied arrays (what the writer's queue bounds)."""
+    if not isinstance(item, StepItem):
+        return 0
+    arrays = [item.policy_logprobs, item.ref_logprobs, item.mask, *(item.extra or {}).values()]
+    return sum(int(getattr(a, "nbytes", 0)) for a in arrays if a is not None)
+
+
+def raw_record(item: StepItem, rank: int) -> dict[str, Any]:
+    """A step spilled by the caller: its arrays as they are (summarised later)."""
+    resolve_arrays(item)
+    texts = None
+    if item.texts is not None:
+        prompts, responses = item.texts
+        texts = [
+            None if prompts is None else [_text(p) for p in prompts],
+            None if responses is None else [_text(r) for r in responses],
+        ]
+    return {
+        "type": "raw",
+        "step": item.step,
+        "rank": rank,
+        "t": item.wall_time,
+        "lp": item.policy_logprobs,
+        "ref": item.ref_logprobs,
+        "mask": item.mask,
+        "rewards": item.rewards,
+        "kl_coef": item.kl_coef,
+        "texts": texts,
+        "metrics": _metric_list(item.metrics) if rank == 0 else [],
+        "extra": dict(item.extra or {}),
+        "tokens": _small_tokens(item),
+    }
+
+
+def _small_tokens(item: StepItem) -> list[list[str]] | None:
+    if item.tokens is None or item.policy_logprobs is None:
+        return None
+    if item.policy_logprobs.size > SPILL_TOKENS_MAX:
+        return None
+    return [[t if type(t) is str else str(t) for t in row] for row in item.tokens]
+
+
+def item_from_raw(rec: Mapping[str, Any]) -> StepItem:
+    texts = rec.get("texts")
+    return StepItem(
+        step=int(rec["step"]),
+        wall_time=float(rec["t"]),
+        policy_logprobs=rec["lp"],
+        ref_logprobs=rec["ref"],
+        mask=rec.get("mask"),
+        rewards=rec.get("rewards"),
+        kl_coef=rec.get("kl_coef"),
+        texts=None if texts is None else (texts[0], texts[1]),
+        tokens=rec.get("tokens"),
+        metrics=dict(rec.get("metrics") or ()),
+        extra=rec.get("extra") or None,
+    )
+
+
+def config_from_header(header: Mapping[str, Any]) -> WriterConfig:
+    return WriterConfig(
+        samples_top=int(header.get("samples_top", 3)),
+        samples_random=int(header.get("samples_random", 2)),
+    )
+
+
+def scalar_step_record(
+    step: int, wall: float, quantities: Mapping[str, Any], metrics: Mapping[str, Any]
+) -> ControlItem:
+    """A step record whose columns are given (a trainer's scalars), without a summary."""
+    record: dict[str, Any] = {
+        "type": "step",
+        "step": step,
+        "rank": 0,
+        "t": wall,
+        "status": "ok",
+        "metrics": _metric_list(metrics),
+        "q": [json_safe(_as_float(quantities.get(c))) for c in STEP_QUANTITIES],
+        "partials": None,
+        "hist": None,
+        "samples": [],
+    }
+    record["hash"] = _payload_hash(record)
+    return ControlItem(record)
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return None
+
+
+__all__ = [
+    "STEP_VALUES_MAX",
+    "ControlItem",
+    "StepItem",
+    "WriterConfig",
+    "config_from_header",
+    "item_from_raw",
+    "raw_record",
+    "scalar_step_record",
+    "select_samples",
+    "summarize_item",
+]
