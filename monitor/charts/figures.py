@@ -140,10 +140,6 @@ def _xs(a: Any) -> dict[str, str]:
     return typed(v, "<f8")
 
 
-def _ms(seconds: np.ndarray) -> np.ndarray:
-    return np.asarray(seconds, dtype=float) * 1000.0
-
-
 def arrays(frame: pd.DataFrame | Arrays) -> Arrays:
     """A Series frame's columns as float64 numpy views (pandas column access costs ~20 us
     each; a panel reads thousands)."""

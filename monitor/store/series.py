@@ -931,7 +931,7 @@ def read_histogram_columns(
             params["stride"] = stride
         rows = _fetch(conn, sql, params)
     steps = np.array([int(r[0]) for r in rows], dtype=np.int64)
-    counts = [_json_list(r[1]) for r in rows]
+    counts = [_int_list_from_json(r[1]) for r in rows]
     width = max((len(c) for c in counts), default=0)
     out = np.zeros((len(counts), width), dtype=np.int64)
     for i, c in enumerate(counts):
@@ -939,7 +939,7 @@ def read_histogram_columns(
     return steps, out
 
 
-def _json_list(value: Any) -> list[int]:
+def _int_list_from_json(value: Any) -> list[int]:
     if isinstance(value, str):
         import json
 

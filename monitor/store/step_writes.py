@@ -338,14 +338,14 @@ def _insert_samples(
                 else:
                     v = s.get(c)
                 if c in json_cols and v is not None:
-                    v = json.dumps(_json_list(v))
+                    v = json.dumps(_rounded_json_list(v))
                 row.append(v)
             tuples.append(tuple(row))
     insert_rows(conn, "samples", SAMPLE_COLUMNS, tuples)
     return len(tuples)
 
 
-def _json_list(value: Any) -> list[Any]:
+def _rounded_json_list(value: Any) -> list[Any]:
     """A JSON-able list; float32 log-probs are rounded to 6 decimals so they are stored as
     -0.8, not -0.800000011920929 (float32 holds ~7 significant digits anyway)."""
     if isinstance(value, np.ndarray):

@@ -35,7 +35,6 @@ from monitor.store.alerts.evaluation import (
     read_evaluation_window,
     read_steps_around,
     runs_to_evaluate,
-    step_wall_time,
 )
 from monitor.store.alerts.outbox import (
     announced_firing_counts,
@@ -48,14 +47,12 @@ from monitor.store.alerts.outbox import (
     mark_failed,
     mark_sent,
     outbox_counts,
-    release_claim,
 )
 from monitor.store.alerts.queries import (
     acknowledge_event,
     active_silences,
     evaluation_cursor,
     event_markers,
-    get_event,
     list_events,
     list_rule_states,
     list_silences,
@@ -87,7 +84,6 @@ __all__ = [
     "evaluation_cursor",
     "event_markers",
     "events_to_notify",
-    "get_event",
     "list_events",
     "list_notifications",
     "list_rule_states",
@@ -99,9 +95,7 @@ __all__ = [
     "outbox_counts",
     "read_evaluation_window",
     "read_steps_around",
-    "release_claim",
     "runs_to_evaluate",
     "silence",
-    "step_wall_time",
     "unsilence",
 ]

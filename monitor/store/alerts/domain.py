@@ -82,14 +82,6 @@ class AlertEvent:
     escalated_step: int | None = None
     escalation_notified_step: int | None = None
 
-    @property
-    def escalation_owed(self) -> bool:
-        """Escalated past what its notifications announced."""
-        return self.escalated_step is not None and (
-            self.escalation_notified_step is None
-            or self.escalated_step > self.escalation_notified_step
-        )
-
 
 @dataclass
 class EventDraft:

@@ -70,13 +70,6 @@ def runs_to_evaluate(db: Database, run_ids: Sequence[int] | None = None) -> list
         ]
 
 
-def step_wall_time(db: Database, run_id: int, step: int) -> float | None:
-    with db.session() as s:
-        return s.scalar(
-            select(StepRow.wall_time).where(StepRow.run_id == run_id, StepRow.step == step)
-        )
-
-
 def _nth_step(
     db: Database, run_id: int, *, before_or_at: int | None, after: int | None, n: int
 ) -> int | None:

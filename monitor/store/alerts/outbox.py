@@ -237,16 +237,6 @@ def mark_sent(
         return ours
 
 
-def release_claim(db: Database, notification_id: int, *, claimed_by: str | None = None) -> None:
-    """Give a claimed outbox row back untried."""
-    with db.session() as s:
-        s.execute(
-            update(AlertNotificationRow)
-            .where(AlertNotificationRow.id == notification_id, _held_by(claimed_by))
-            .values(claimed_until=None, claimed_by=None)
-        )
-
-
 def mark_failed(
     db: Database,
     notification_id: int,

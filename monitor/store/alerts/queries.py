@@ -32,14 +32,6 @@ from monitor.store.models import (
 # --------------------------------------------------------------------------- dashboard API
 
 
-def get_event(db: Database, event_id: int) -> AlertEvent:
-    with db.session() as s:
-        row = s.get(AlertEventRow, int(event_id))
-        if row is None:
-            raise NotFound(f"alert event {event_id} does not exist")
-        return event_from_row(row)
-
-
 def open_event_counts(db: Database) -> dict[int, int]:
     """How many pending or firing episodes each run has (runs without any are absent)."""
     q = (
