@@ -207,6 +207,14 @@ def graph_data(duo: Any, chart: str) -> list[dict[str, Any]]:
     )
 
 
+def svg_text(duo: Any, css: str) -> str | None:
+    """The text of a plotly SVG element, read in the page: plotly redraws its SVG (a relayout
+    replaces the nodes), so a WebDriver element found a moment before can be stale."""
+    return duo.driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;", css
+    )
+
+
 def wait_until(fn, timeout: float = 30.0, what: str = "condition") -> Any:
     end = time.time() + timeout
     last = None
@@ -256,7 +264,7 @@ def test_select_two_runs_and_compare_them(duo, db: Database) -> None:
         )
 
     wait_until(both_traces, what="both runs on the KL chart")
-    legend = duo.driver.find_element(By.CSS_SELECTOR, ".chart-kl .legend").text
+    legend = svg_text(duo, ".chart-kl .legend") or ""
     assert "ppo-beta0.05" in legend and "<script>" in legend  # literal text in the legend
     assert EVIL in duo.driver.find_element(By.CSS_SELECTOR, "table.summary").text
     diff_rows = duo.driver.find_elements(By.CSS_SELECTOR, "table.summary tr.differs th")
@@ -415,10 +423,8 @@ def test_two_imported_grpo_runs_compare_on_what_they_have(duo, db: Database) -> 
     empty = duo.find_element("#cmp-empty").text
     for title in ("Policy NLL", "KL concentration", "Rollout gap"):
         assert f"{title}" in empty and "no data for these runs" in empty
-    ytitle = duo.driver.find_element(By.CSS_SELECTOR, ".chart-kl .ytitle").text
-    assert ytitle == "KL, nats per token (k3 from kl)"
-    xtitle = duo.driver.find_element(By.CSS_SELECTOR, ".chart-frontier .xtitle").text
-    assert "k3 from kl" in xtitle
+    assert svg_text(duo, ".chart-kl .ytitle") == "KL, nats per token (k3 from kl)"
+    assert "k3 from kl" in (svg_text(duo, ".chart-frontier .xtitle") or "")
     frontier = graph_data(duo, "frontier")
     assert sum(1 for t in frontier if t["n"]) >= 2  # both runs have points
     # the x ranges of the time charts agree (gemma3 logs steps 10..250, chaos 5..200)
