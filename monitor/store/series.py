@@ -129,6 +129,22 @@ class _Buckets:
         m = np.zeros((0, k))
         return cls(i, i, i, i, f, f, m, m, m)
 
+    @classmethod
+    def from_arrays(cls, head: np.ndarray, stats: np.ndarray) -> _Buckets:
+        """From ``head`` (m, 6): bucket, n, step_min, step_max, wall_min, wall_max, and
+        ``stats`` (m, k, 3): min, max, mean of each quantity."""
+        return cls(
+            bucket=head[:, 0].astype(np.int64),
+            n=head[:, 1].astype(np.int64),
+            step_min=head[:, 2].astype(np.int64),
+            step_max=head[:, 3].astype(np.int64),
+            wall_min=head[:, 4],
+            wall_max=head[:, 5],
+            vmin=stats[:, :, 0],
+            vmax=stats[:, :, 1],
+            vavg=stats[:, :, 2],
+        )
+
     def select(self, mask: np.ndarray) -> _Buckets:
         return _Buckets(*(getattr(self, f)[mask] for f in _BUCKET_FIELDS))
 
@@ -202,18 +218,7 @@ def _aggregate_sql(
     arr = _floats(_fetch(conn, sql, {**key, "lo": int(lo), "hi": int(hi)}), 6 + 3 * k)
     if len(arr) == 0:
         return _Buckets.empty(k)
-    stats_arr = arr[:, 6:].reshape(len(arr), k, 3)
-    return _Buckets(
-        bucket=arr[:, 0].astype(np.int64),
-        n=arr[:, 1].astype(np.int64),
-        step_min=arr[:, 2].astype(np.int64),
-        step_max=arr[:, 3].astype(np.int64),
-        wall_min=arr[:, 4],
-        wall_max=arr[:, 5],
-        vmin=stats_arr[:, :, 0],
-        vmax=stats_arr[:, :, 1],
-        vavg=stats_arr[:, :, 2],
-    )
+    return _Buckets.from_arrays(arr[:, :6], arr[:, 6:].reshape(len(arr), k, 3))
 
 
 def _base_buckets(
@@ -319,17 +324,7 @@ def _to_buckets(rows: Sequence[Sequence[Any]], k: int, pick: Sequence[int] | Non
             stats[i, :m] = blob[: 3 * m].reshape(m, 3)
     if pick is not None:
         stats = stats[:, list(pick)]
-    return _Buckets(
-        bucket=head[:, 0].astype(np.int64),
-        n=head[:, 1].astype(np.int64),
-        step_min=head[:, 2].astype(np.int64),
-        step_max=head[:, 3].astype(np.int64),
-        wall_min=head[:, 4],
-        wall_max=head[:, 5],
-        vmin=stats[:, :, 0],
-        vmax=stats[:, :, 1],
-        vavg=stats[:, :, 2],
-    )
+    return _Buckets.from_arrays(head, stats)
 
 
 def _read_buckets(
@@ -858,6 +853,37 @@ def read_metric_series(
 ) -> Series:
     """One extra metric of a run like ``read_series``; its column is ``value``."""
     return _read(db, _METRICS, _key(run_id, name), ("value",), ("value",), start, end, max_buckets)
+
+
+class SeriesReads:
+    """The chart reads of a ``PanelSource`` (``monitor.charts.panel``) on the database
+    ``self.db``: the dashboard's data layer and the report's source both inherit them."""
+
+    db: Database
+
+    def series(
+        self,
+        run_id: int,
+        columns: Sequence[str],
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        max_buckets: int = DEFAULT_MAX_BUCKETS,
+    ) -> Series:
+        return read_series(self.db, run_id, columns, start=start, end=end, max_buckets=max_buckets)
+
+    def metric_series(
+        self,
+        run_id: int,
+        name: str,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        max_buckets: int = DEFAULT_MAX_BUCKETS,
+    ) -> Series:
+        return read_metric_series(
+            self.db, run_id, name, start=start, end=end, max_buckets=max_buckets
+        )
 
 
 def read_step_rows_after(
