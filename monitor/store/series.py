@@ -753,41 +753,36 @@ def step_bounds(db: Database, run_id: int) -> tuple[int | None, int | None]:
     return (None if row[0] is None else int(row[0]), None if row[1] is None else int(row[1]))
 
 
-def _read(
-    db: Database,
-    src: _Source,
-    key: Mapping[str, Any],
-    columns: tuple[str, ...],
-    raw_columns: tuple[str, ...],
-    start: int | None,
-    end: int | None,
-    max_buckets: int,
-) -> Series:
-    _check_range(start, end)
+@dataclass(frozen=True)
+class _SeriesRead:
+    """What a chart read asks for: ``columns`` of ``src`` for ``key``, over [start, end],
+    in at most about ``max_buckets`` buckets."""
+
+    src: _Source
+    key: Mapping[str, Any]
+    columns: tuple[str, ...]
+    start: int | None
+    end: int | None
+    max_buckets: int
+
+
+def _read(db: Database, r: _SeriesRead) -> Series:
+    _check_range(r.start, r.end)
     with db.begin() as conn:
-        state = _state(conn, src, key)
+        state = _state(conn, r.src, r.key)
         if not state.needs_refresh():
-            return _read_in(conn, src, key, columns, raw_columns, start, end, max_buckets, state)
-    refreshed = _refresh(db, src, key, state)
+            return _read_in(conn, r, state)
+    refreshed = _refresh(db, r.src, r.key, state)
     state = _State(refreshed.max_step, state.first_step, refreshed.done, None)
     with db.begin() as conn:
-        return _read_in(conn, src, key, columns, raw_columns, start, end, max_buckets, state)
+        return _read_in(conn, r, state)
 
 
-def _read_in(
-    conn: Connection,
-    src: _Source,
-    key: Mapping[str, Any],
-    columns: tuple[str, ...],
-    raw_columns: tuple[str, ...],
-    start: int | None,
-    end: int | None,
-    max_buckets: int,
-    state: _State,
-) -> Series:
+def _read_in(conn: Connection, r: _SeriesRead, state: _State) -> Series:
+    src, key, columns, start, end = r.src, r.key, r.columns, r.start, r.end
     run_id = int(key["run_id"])
-    k = len(raw_columns)
-    pick = [src.values.index(c) for c in raw_columns]
+    k = len(columns)
+    pick = [src.values.index(c) for c in columns]
     empty = _df(
         _frame_from_raw(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, k)), columns), columns
     )
@@ -798,9 +793,9 @@ def _read_in(
     hi = max_step if end is None else min(int(end), max_step)
     if lo > hi:
         return Series(run_id, columns, 0, empty, empty, first_step, max_step)
-    level = choose_level(hi - lo + 1, max_buckets)
+    level = choose_level(hi - lo + 1, r.max_buckets)
     if level == 0:
-        steps, wall, vals = _read_raw(conn, src, key, raw_columns, lo, hi)
+        steps, wall, vals = _read_raw(conn, src, key, columns, lo, hi)
         frame = _df(_frame_from_raw(steps, wall, vals, columns), columns)
         return Series(run_id, columns, 0, frame, empty, first_step, hi)
     b0 = lo >> level
@@ -820,7 +815,7 @@ def _read_in(
         for lv, b in _read_bucket_list(conn, src, key, wanted, pick)
     ]
     if pos <= hi:
-        steps, wall, vals = _read_raw(conn, src, key, raw_columns, pos, hi)
+        steps, wall, vals = _read_raw(conn, src, key, columns, pos, hi)
         parts.append(_frame_from_raw(steps, wall, vals, columns))
     parts = [p for p in parts if len(p)]
     tail = _df(np.vstack(parts), columns) if parts else empty
@@ -839,7 +834,7 @@ def read_series(
     """Step quantities of a run over [start, end] (default: all), raw or bucketed so that a
     chart gets at most ``2 * max_buckets`` points per quantity. See ``Series``."""
     cols = _check_columns(columns)
-    return _read(db, _STEPS, _key(run_id), cols, cols, start, end, max_buckets)
+    return _read(db, _SeriesRead(_STEPS, _key(run_id), cols, start, end, max_buckets))
 
 
 def read_metric_series(
@@ -852,7 +847,7 @@ def read_metric_series(
     max_buckets: int = DEFAULT_MAX_BUCKETS,
 ) -> Series:
     """One extra metric of a run like ``read_series``; its column is ``value``."""
-    return _read(db, _METRICS, _key(run_id, name), ("value",), ("value",), start, end, max_buckets)
+    return _read(db, _SeriesRead(_METRICS, _key(run_id, name), ("value",), start, end, max_buckets))
 
 
 class SeriesReads:
