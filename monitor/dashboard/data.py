@@ -180,8 +180,8 @@ HEADLINE_COLUMNS = (
 )
 
 
-class DashboardData:
-    """Reads and writes for the pages, on one ``Database``."""
+class DashboardData(store_series.SeriesReads):
+    """Reads and writes for the pages, on one ``Database`` (the chart reads inherited)."""
 
     def __init__(
         self,
@@ -320,32 +320,6 @@ class DashboardData:
         return pd.DataFrame(records, columns=RUN_OVERVIEW_COLUMNS)
 
     # ----------------------------------------------------------------------- series
-
-    def series(
-        self,
-        run_id: int,
-        columns: Sequence[str],
-        *,
-        start: int | None = None,
-        end: int | None = None,
-        max_buckets: int = store_series.DEFAULT_MAX_BUCKETS,
-    ) -> store_series.Series:
-        return store_series.read_series(
-            self.db, run_id, columns, start=start, end=end, max_buckets=max_buckets
-        )
-
-    def metric_series(
-        self,
-        run_id: int,
-        name: str,
-        *,
-        start: int | None = None,
-        end: int | None = None,
-        max_buckets: int = store_series.DEFAULT_MAX_BUCKETS,
-    ) -> store_series.Series:
-        return store_series.read_metric_series(
-            self.db, run_id, name, start=start, end=end, max_buckets=max_buckets
-        )
 
     def rows_after(
         self, run_id: int, after: int, columns: Sequence[str], limit: int

@@ -26,36 +26,11 @@ class _RunState:
 
 
 @dataclass
-class StorePanelSource:
-    """A ``PanelSource`` on one database, for the runs of a report."""
+class StorePanelSource(store_series.SeriesReads):
+    """A ``PanelSource`` on one database, for the runs of a report (the chart reads
+    inherited)."""
 
     db: Database
-
-    def series(
-        self,
-        run_id: int,
-        columns: Sequence[str],
-        *,
-        start: int | None = None,
-        end: int | None = None,
-        max_buckets: int = store_series.DEFAULT_MAX_BUCKETS,
-    ) -> store_series.Series:
-        return store_series.read_series(
-            self.db, run_id, columns, start=start, end=end, max_buckets=max_buckets
-        )
-
-    def metric_series(
-        self,
-        run_id: int,
-        name: str,
-        *,
-        start: int | None = None,
-        end: int | None = None,
-        max_buckets: int = store_series.DEFAULT_MAX_BUCKETS,
-    ) -> store_series.Series:
-        return store_series.read_metric_series(
-            self.db, run_id, name, start=start, end=end, max_buckets=max_buckets
-        )
 
     def run_state(self, run_id: int) -> _RunState:
         return _RunState(get_run(self.db, run_id))

@@ -129,6 +129,22 @@ class _Buckets:
         m = np.zeros((0, k))
         return cls(i, i, i, i, f, f, m, m, m)
 
+    @classmethod
+    def from_arrays(cls, head: np.ndarray, stats: np.ndarray) -> _Buckets:
+        """From ``head`` (m, 6): bucket, n, step_min, step_max, wall_min, wall_max, and
+        ``stats`` (m, k, 3): min, max, mean of each quantity."""
+        return cls(
+            bucket=head[:, 0].astype(np.int64),
+            n=head[:, 1].astype(np.int64),
+            step_min=head[:, 2].astype(np.int64),
+            step_max=head[:, 3].astype(np.int64),
+            wall_min=head[:, 4],
+            wall_max=head[:, 5],
+            vmin=stats[:, :, 0],
+            vmax=stats[:, :, 1],
+            vavg=stats[:, :, 2],
+        )
+
     def select(self, mask: np.ndarray) -> _Buckets:
         return _Buckets(*(getattr(self, f)[mask] for f in _BUCKET_FIELDS))
 
@@ -202,18 +218,7 @@ def _aggregate_sql(
     arr = _floats(_fetch(conn, sql, {**key, "lo": int(lo), "hi": int(hi)}), 6 + 3 * k)
     if len(arr) == 0:
         return _Buckets.empty(k)
-    stats_arr = arr[:, 6:].reshape(len(arr), k, 3)
-    return _Buckets(
-        bucket=arr[:, 0].astype(np.int64),
-        n=arr[:, 1].astype(np.int64),
-        step_min=arr[:, 2].astype(np.int64),
-        step_max=arr[:, 3].astype(np.int64),
-        wall_min=arr[:, 4],
-        wall_max=arr[:, 5],
-        vmin=stats_arr[:, :, 0],
-        vmax=stats_arr[:, :, 1],
-        vavg=stats_arr[:, :, 2],
-    )
+    return _Buckets.from_arrays(arr[:, :6], arr[:, 6:].reshape(len(arr), k, 3))
 
 
 def _base_buckets(
@@ -319,17 +324,7 @@ def _to_buckets(rows: Sequence[Sequence[Any]], k: int, pick: Sequence[int] | Non
             stats[i, :m] = blob[: 3 * m].reshape(m, 3)
     if pick is not None:
         stats = stats[:, list(pick)]
-    return _Buckets(
-        bucket=head[:, 0].astype(np.int64),
-        n=head[:, 1].astype(np.int64),
-        step_min=head[:, 2].astype(np.int64),
-        step_max=head[:, 3].astype(np.int64),
-        wall_min=head[:, 4],
-        wall_max=head[:, 5],
-        vmin=stats[:, :, 0],
-        vmax=stats[:, :, 1],
-        vavg=stats[:, :, 2],
-    )
+    return _Buckets.from_arrays(head, stats)
 
 
 def _read_buckets(
@@ -758,41 +753,36 @@ def step_bounds(db: Database, run_id: int) -> tuple[int | None, int | None]:
     return (None if row[0] is None else int(row[0]), None if row[1] is None else int(row[1]))
 
 
-def _read(
-    db: Database,
-    src: _Source,
-    key: Mapping[str, Any],
-    columns: tuple[str, ...],
-    raw_columns: tuple[str, ...],
-    start: int | None,
-    end: int | None,
-    max_buckets: int,
-) -> Series:
-    _check_range(start, end)
+@dataclass(frozen=True)
+class _SeriesRead:
+    """What a chart read asks for: ``columns`` of ``src`` for ``key``, over [start, end],
+    in at most about ``max_buckets`` buckets."""
+
+    src: _Source
+    key: Mapping[str, Any]
+    columns: tuple[str, ...]
+    start: int | None
+    end: int | None
+    max_buckets: int
+
+
+def _read(db: Database, r: _SeriesRead) -> Series:
+    _check_range(r.start, r.end)
     with db.begin() as conn:
-        state = _state(conn, src, key)
+        state = _state(conn, r.src, r.key)
         if not state.needs_refresh():
-            return _read_in(conn, src, key, columns, raw_columns, start, end, max_buckets, state)
-    refreshed = _refresh(db, src, key, state)
+            return _read_in(conn, r, state)
+    refreshed = _refresh(db, r.src, r.key, state)
     state = _State(refreshed.max_step, state.first_step, refreshed.done, None)
     with db.begin() as conn:
-        return _read_in(conn, src, key, columns, raw_columns, start, end, max_buckets, state)
+        return _read_in(conn, r, state)
 
 
-def _read_in(
-    conn: Connection,
-    src: _Source,
-    key: Mapping[str, Any],
-    columns: tuple[str, ...],
-    raw_columns: tuple[str, ...],
-    start: int | None,
-    end: int | None,
-    max_buckets: int,
-    state: _State,
-) -> Series:
+def _read_in(conn: Connection, r: _SeriesRead, state: _State) -> Series:
+    src, key, columns, start, end = r.src, r.key, r.columns, r.start, r.end
     run_id = int(key["run_id"])
-    k = len(raw_columns)
-    pick = [src.values.index(c) for c in raw_columns]
+    k = len(columns)
+    pick = [src.values.index(c) for c in columns]
     empty = _df(
         _frame_from_raw(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, k)), columns), columns
     )
@@ -803,9 +793,9 @@ def _read_in(
     hi = max_step if end is None else min(int(end), max_step)
     if lo > hi:
         return Series(run_id, columns, 0, empty, empty, first_step, max_step)
-    level = choose_level(hi - lo + 1, max_buckets)
+    level = choose_level(hi - lo + 1, r.max_buckets)
     if level == 0:
-        steps, wall, vals = _read_raw(conn, src, key, raw_columns, lo, hi)
+        steps, wall, vals = _read_raw(conn, src, key, columns, lo, hi)
         frame = _df(_frame_from_raw(steps, wall, vals, columns), columns)
         return Series(run_id, columns, 0, frame, empty, first_step, hi)
     b0 = lo >> level
@@ -825,7 +815,7 @@ def _read_in(
         for lv, b in _read_bucket_list(conn, src, key, wanted, pick)
     ]
     if pos <= hi:
-        steps, wall, vals = _read_raw(conn, src, key, raw_columns, pos, hi)
+        steps, wall, vals = _read_raw(conn, src, key, columns, pos, hi)
         parts.append(_frame_from_raw(steps, wall, vals, columns))
     parts = [p for p in parts if len(p)]
     tail = _df(np.vstack(parts), columns) if parts else empty
@@ -844,7 +834,7 @@ def read_series(
     """Step quantities of a run over [start, end] (default: all), raw or bucketed so that a
     chart gets at most ``2 * max_buckets`` points per quantity. See ``Series``."""
     cols = _check_columns(columns)
-    return _read(db, _STEPS, _key(run_id), cols, cols, start, end, max_buckets)
+    return _read(db, _SeriesRead(_STEPS, _key(run_id), cols, start, end, max_buckets))
 
 
 def read_metric_series(
@@ -857,7 +847,38 @@ def read_metric_series(
     max_buckets: int = DEFAULT_MAX_BUCKETS,
 ) -> Series:
     """One extra metric of a run like ``read_series``; its column is ``value``."""
-    return _read(db, _METRICS, _key(run_id, name), ("value",), ("value",), start, end, max_buckets)
+    return _read(db, _SeriesRead(_METRICS, _key(run_id, name), ("value",), start, end, max_buckets))
+
+
+class SeriesReads:
+    """The chart reads of a ``PanelSource`` (``monitor.charts.panel``) on the database
+    ``self.db``: the dashboard's data layer and the report's source both inherit them."""
+
+    db: Database
+
+    def series(
+        self,
+        run_id: int,
+        columns: Sequence[str],
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        max_buckets: int = DEFAULT_MAX_BUCKETS,
+    ) -> Series:
+        return read_series(self.db, run_id, columns, start=start, end=end, max_buckets=max_buckets)
+
+    def metric_series(
+        self,
+        run_id: int,
+        name: str,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        max_buckets: int = DEFAULT_MAX_BUCKETS,
+    ) -> Series:
+        return read_metric_series(
+            self.db, run_id, name, start=start, end=end, max_buckets=max_buckets
+        )
 
 
 def read_step_rows_after(

@@ -199,60 +199,60 @@ class LostRace(Exception):
 # --------------------------------------------------------------------------- converters
 
 
+# The columns an episode's stored form (AlertEvent) and working copy (EventDraft) take as
+# they are; start_step and causes are normalised in _episode_fields.
+_EPISODE_COLUMNS = (
+    "id",
+    "run_id",
+    "rule",
+    "detector",
+    "severity",
+    "state",
+    "value",
+    "threshold",
+    "last_value",
+    "message",
+    "started_at",
+    "fired_at",
+    "resolved_at",
+    "peak_value",
+)
+
+
+def _episode_fields(row: AlertEventRow) -> dict[str, Any]:
+    """What AlertEvent and EventDraft both take from an episode row."""
+    fields = {name: getattr(row, name) for name in _EPISODE_COLUMNS}
+    fields["start_step"] = int(row.start_step)
+    fields["causes"] = tuple(row.causes or ())
+    return fields
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def event_from_row(row: AlertEventRow) -> AlertEvent:
     return AlertEvent(
-        id=row.id,
-        run_id=row.run_id,
-        rule=row.rule,
-        detector=row.detector,
-        severity=row.severity,
-        state=row.state,
-        start_step=int(row.start_step),
-        fired_step=None if row.fired_step is None else int(row.fired_step),
-        end_step=None if row.end_step is None else int(row.end_step),
-        last_step=None if row.last_step is None else int(row.last_step),
-        value=row.value,
-        threshold=row.threshold,
-        last_value=row.last_value,
-        message=row.message,
-        causes=tuple(row.causes or ()),
-        started_at=row.started_at,
-        fired_at=row.fired_at,
-        resolved_at=row.resolved_at,
+        **_episode_fields(row),
+        fired_step=_optional_int(row.fired_step),
+        end_step=_optional_int(row.end_step),
+        last_step=_optional_int(row.last_step),
         acknowledged_at=row.acknowledged_at,
         acknowledged_by=row.acknowledged_by,
         notified_firing=bool(row.notified_firing),
         notified_resolved=bool(row.notified_resolved),
-        peak_value=row.peak_value,
-        peak_step=None if row.peak_step is None else int(row.peak_step),
-        escalated_step=None if row.escalated_step is None else int(row.escalated_step),
-        escalation_notified_step=(
-            None if row.escalation_notified_step is None else int(row.escalation_notified_step)
-        ),
+        peak_step=_optional_int(row.peak_step),
+        escalated_step=_optional_int(row.escalated_step),
+        escalation_notified_step=_optional_int(row.escalation_notified_step),
     )
 
 
 def draft_from_row(row: AlertEventRow) -> EventDraft:
     return EventDraft(
-        id=row.id,
-        run_id=row.run_id,
-        rule=row.rule,
-        detector=row.detector,
-        severity=row.severity,
-        state=row.state,
-        start_step=int(row.start_step),
-        message=row.message,
-        started_at=row.started_at,
-        value=row.value,
-        threshold=row.threshold,
-        causes=tuple(row.causes or ()),
+        **_episode_fields(row),
         fired_step=row.fired_step,
         end_step=row.end_step,
         last_step=row.last_step,
-        last_value=row.last_value,
-        fired_at=row.fired_at,
-        resolved_at=row.resolved_at,
-        peak_value=row.peak_value,
         peak_step=row.peak_step,
         escalate_at=row.escalate_at,
         escalated_step=row.escalated_step,

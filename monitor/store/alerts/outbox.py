@@ -42,6 +42,11 @@ def events_to_notify(db: Database, run_ids: Sequence[int] | None = None) -> list
             ),
         )
     )
+    return _events_in_order(db, q, run_ids)
+
+
+def _events_in_order(db: Database, q: Any, run_ids: Sequence[int] | None) -> list[AlertEvent]:
+    """The episodes ``q`` selects (of ``run_ids`` when given), oldest first."""
     if run_ids is not None:
         q = q.where(AlertEventRow.run_id.in_(list(run_ids)))
     with db.session() as s:
@@ -96,10 +101,7 @@ def escalations_to_notify(db: Database, run_ids: Sequence[int] | None = None) ->
             AlertEventRow.escalated_step > AlertEventRow.escalation_notified_step,
         ),
     )
-    if run_ids is not None:
-        q = q.where(AlertEventRow.run_id.in_(list(run_ids)))
-    with db.session() as s:
-        return [event_from_row(r) for r in s.scalars(q.order_by(AlertEventRow.id)).all()]
+    return _events_in_order(db, q, run_ids)
 
 
 def enqueue_escalations(
