@@ -5,6 +5,8 @@ imports, direct recounts and run deletion; migration 0006 backfills them from th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sqlalchemy import text
@@ -181,3 +183,19 @@ def test_migration_0006_backfills_from_existing_steps(empty_db_url: str) -> None
         "last_k2_step": None,
     }
     assert _counters(db, 2)["n_steps"] == 0 and _counters(db, 2)["last_step"] is None
+
+
+def test_imports_and_their_replays_keep_the_counters(db: Database) -> None:
+    from monitor.ingest.importers.importer import import_path
+
+    fixtures = Path(__file__).parent / "fixtures" / "import"
+    for name in ("trl_ppo.trainer_state.json", "steps.csv"):
+        first = import_path(db, fixtures / name, project="imp", name=name)
+        import_path(db, fixtures / name, project="imp", name=name)  # a replay
+        _assert_counted(db, first.run.id)
+        assert _counters(db, first.run.id)["n_steps"] > 0
+        listed = next(r for r in run_summaries(db) if r["id"] == first.run.id)
+        now = current_kl(db, first.run.id)
+        assert (listed["kl_quantity"], listed["kl_step"]) == (
+            (now.quantity.name, now.step) if now else (None, None)
+        )
