@@ -69,3 +69,15 @@ def test_an_unknown_command_is_a_clean_error() -> None:
     result = CliRunner().invoke(main, ["nope"])
     assert result.exit_code == 2
     assert "No such command 'nope'" in result.output
+
+
+def test_klmon_runs_imports_neither_pandas_nor_alembic(sqlite_url: str) -> None:
+    loaded = _modules_loaded_by(["runs", "--db", sqlite_url])
+    assert "monitor.store.runs" in loaded
+    assert not [m for m in ("pandas", "alembic", "dash", "plotly", "matplotlib") if m in loaded]
+
+
+def test_the_quick_head_revision_is_alembics() -> None:
+    from monitor.store.schema import _script_head, head_revision
+
+    assert _script_head() == head_revision()
