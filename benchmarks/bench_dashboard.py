@@ -13,9 +13,18 @@ own Flask server in-process, as the browser would:
 Beside them, in the same run, a naive baseline that reads every step of the runs and sends
 the KL chart alone with every point (a lower bound for a dashboard that reads everything).
 
+Many runs (``--many-runs N``, SQLite): N runs of ``--many-steps`` steps each, then the time of
+``klmon runs``'s read (``run_summaries``, and ``list_runs`` as a DataFrame) and of the Runs
+page's data (``DashboardData.runs_overview``), next to today's query measured in the same run:
+the counting SQL of list_runs before run counters (every step counted on each call, then each
+run's current KL looked up one by one).
+
 Run:  .venv/bin/python benchmarks/bench_dashboard.py [--sizes 10000,100000,1000000]
       [--runs 8] [--repeat 5] [--sqlite PATH] [--pg URL | --no-pg] [--reuse]
-Target: render <= 150 ms and <= 1 MB for 8 x 1M steps, flat in run length.
+      .venv/bin/python benchmarks/bench_dashboard.py --no-sqlite --no-pg --many-runs 1000
+      [--many-steps 100000] [--many-sqlite PATH]
+Target: render <= 150 ms and <= 1 MB for 8 x 1M steps, flat in run length; listing 1,000 runs
+<= 150 ms.
 """
 
 from __future__ import annotations
@@ -39,9 +48,11 @@ from monitor.charts.panel import panel_specs
 from monitor.charts.view import View
 from monitor.dashboard import DashboardSettings, create_app
 from monitor.store import series as store_series
+from monitor.store.current_kl import current_kl
 from monitor.store.database import Database
 from monitor.store.engine import make_engine
-from monitor.store.runs import get_or_create_run, set_run_status
+from monitor.store.run_counters import recount
+from monitor.store.runs import get_or_create_run, list_runs, run_summaries, set_run_status
 from monitor.store.schema import upgrade
 from monitor.store.steps import read_steps
 
@@ -114,6 +125,7 @@ def insert_steps(db: Database, run_id: int, arr: np.ndarray) -> None:
             ]
             with db.begin() as conn:
                 conn.exec_driver_sql(sql, rows)
+        _recount(db, run_id)
         return
     from psycopg.types.numeric import Float8  # noqa: F401 - binary COPY types
 
@@ -127,6 +139,13 @@ def insert_steps(db: Database, run_id: int, arr: np.ndarray) -> None:
         raw.commit()
     finally:
         raw.close()
+    _recount(db, run_id)
+
+
+def _recount(db: Database, run_id: int) -> None:
+    """The run counters the step writers keep: these rows went in behind their back."""
+    with db.begin() as conn:
+        recount(conn, db.paramstyle, [run_id])
 
 
 def build(
@@ -385,6 +404,73 @@ def _spike_visible(resp: dict[str, Any], n: int) -> bool:
     return bool(best >= 79.99)
 
 
+#: ``list_runs`` before run counters: every stored step counted on each call.
+OLD_LIST_SQL = """
+    SELECT r.id, r.project, r.name, r.status, r.source, r.created_at, r.last_seen_at,
+           COALESCE(agg.n_steps, 0) AS n_steps, agg.last_step
+    FROM runs r
+    LEFT JOIN (
+        SELECT run_id, COUNT(*) AS n_steps, MAX(step) AS last_step
+        FROM steps GROUP BY run_id
+    ) agg ON agg.run_id = r.id
+    ORDER BY r.id
+"""
+
+
+def old_list_runs(db: Database) -> list[tuple[Any, ...]]:
+    """Today's query before the counters: the counting SQL, then each run's current KL."""
+    with db.begin() as conn:
+        rows = conn.exec_driver_sql(OLD_LIST_SQL).all()
+    return [(*r, current_kl(db, int(r[0])) if r[7] else None) for r in rows]
+
+
+def _best_ms(fn: Any, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times)
+
+
+def bench_many_runs(url: str, n_runs: int, steps: int, repeat: int) -> dict[str, Any]:
+    """N runs of ``steps`` steps; the run list and the Runs page data, old and new."""
+    from monitor.dashboard.data import DashboardData
+
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    db = Database.open(url)
+    t_build = time.perf_counter()
+    for i in range(n_runs):
+        run = get_or_create_run(db, "many", f"r{i}", config={"seed": i})
+        _, last = store_series.step_bounds(db, run.id)
+        if last is None:
+            insert_steps(db, run.id, synthetic(steps, seed=i))
+            set_run_status(db, run.id, "finished")
+            store_series.refresh_rollups(db, run.id)
+        if (i + 1) % 100 == 0:
+            print(
+                f"  {i + 1:>5} runs of {steps:,} steps ({time.perf_counter() - t_build:.0f} s)",
+                flush=True,
+            )
+    new = run_summaries(db)
+    old = old_list_runs(db)
+    # the same answer: counts, last steps and current KL
+    assert [(r["id"], r["n_steps"], r["last_step"], r["last_kl"]) for r in new] == [
+        (r[0], r[7], r[8], None if r[9] is None else r[9].value) for r in old
+    ]
+    return {
+        "runs": n_runs,
+        "steps_per_run": steps,
+        "old_ms": _best_ms(lambda: old_list_runs(db), repeat),
+        "summaries_ms": _best_ms(lambda: run_summaries(db), repeat),
+        "list_runs_ms": _best_ms(lambda: list_runs(db), repeat),
+        # a fresh DashboardData each time: its cache would otherwise answer
+        "overview_ms": _best_ms(lambda: DashboardData(db).runs_overview(), repeat),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -403,6 +489,9 @@ def main() -> None:
         "--keep", action="store_true", help="keep the databases (reuse with --sqlite / --pg-db)"
     )
     ap.add_argument("--pg-db", default=None, help="an existing PostgreSQL database to (re)use")
+    ap.add_argument("--many-runs", type=int, default=0, help="runs of the run-list bench")
+    ap.add_argument("--many-steps", type=int, default=100_000, help="steps of each such run")
+    ap.add_argument("--many-sqlite", default=None, help="SQLite file for it (kept, reused)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     results: list[dict[str, Any]] = []
@@ -415,8 +504,18 @@ def main() -> None:
         results += bench_backend("sqlite", f"sqlite:///{path}", sizes, args.runs, args.repeat)
     if not args.no_pg:
         results += _bench_pg(args, sizes)
+    many = None
+    if args.many_runs:
+        path = args.many_sqlite
+        if path is None:
+            tmp = tmp or tempfile.mkdtemp(prefix="klmon-bench-")
+            path = str(Path(tmp) / "many.db")
+        many = bench_many_runs(f"sqlite:///{path}", args.many_runs, args.many_steps, args.repeat)
     print()
-    print_table(results)
+    if results:
+        print_table(results)
+    if many:
+        print_many(many)
     if tmp and not args.keep:
         import shutil
 
@@ -470,6 +569,19 @@ def print_table(results: list[dict[str, Any]]) -> None:
         "\nrender: page load, all charts of all runs with smoothing; zoom: the middle 1% of the "
         "run;\nlive: 10 new steps per run appended; naive: every step read, KL chart only, as "
         "JSON;\nrollups: one-time build for all runs of that size (stored, then kept up lazily)."
+    )
+
+
+def print_many(r: dict[str, Any]) -> None:
+    print(
+        f"\nSQLite, {r['runs']:,} runs x {r['steps_per_run']:,} steps (best of repeats, ms):\n"
+        f"  run list, today's query (count every step, current KL run by run): {r['old_ms']:8.1f}\n"
+        f"  run list from the counters (run_summaries, klmon runs):            "
+        f"{r['summaries_ms']:8.1f}\n"
+        f"  same as a DataFrame (list_runs):                                   "
+        f"{r['list_runs_ms']:8.1f}\n"
+        f"  Runs page data (DashboardData.runs_overview, uncached):            "
+        f"{r['overview_ms']:8.1f}"
     )
 
 

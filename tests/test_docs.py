@@ -22,7 +22,10 @@ NOT_SETTINGS = {"KLMON_RESERVED", "KLMON_EXPORT"}
 def _commands(cmd: click.Command, path: tuple[str, ...]) -> list[tuple[str, click.Command]]:
     out = [(" ".join(path), cmd)]
     if isinstance(cmd, click.Group):
-        for name, sub in sorted(cmd.commands.items()):
+        ctx = click.Context(cmd)
+        for name in cmd.list_commands(ctx):
+            sub = cmd.get_command(ctx, name)
+            assert sub is not None, f"{' '.join(path)} lists {name!r} but cannot load it"
             out += _commands(sub, (*path, name))
     return out
 
@@ -77,7 +80,7 @@ def test_every_klmon_command_in_the_readme_exists() -> None:
             for word in m.group(1).split():
                 if not isinstance(cmd, click.Group):
                     break  # an argument of a command (a run name, a path)
-                sub = cmd.commands.get(word)
+                sub = cmd.get_command(click.Context(cmd), word)
                 assert sub is not None, f"README runs `klmon{m.group(1)}`: no command {word!r}"
                 cmd = sub
             checked += 1

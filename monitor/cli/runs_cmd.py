@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from monitor.cli.common import cell, db_option, echo_records, json_records, open_db
-from monitor.store import list_runs
+from monitor.cli.common import cell, db_option, echo_records, json_value, open_db
+from monitor.store.runs import run_summaries
 
 
 @click.command("runs")
@@ -22,7 +22,8 @@ def runs_cmd(db: str | None, as_json: bool) -> None:
     Example:
       klmon runs --json | jq '.[] | select(.status == "running")'
     """
-    df = list_runs(open_db(db))
+    # plain records, not list_runs' DataFrame: listing runs need not import pandas
+    summaries = run_summaries(open_db(db))
     cols = [
         "id",
         "project",
@@ -35,7 +36,7 @@ def runs_cmd(db: str | None, as_json: bool) -> None:
         "kl_unit",
         "kl_step",
     ]
-    records = json_records(df[cols])
+    records = [{c: json_value(r[c]) for c in cols} for r in summaries]
     if echo_records(records, as_json=as_json, empty="no runs yet"):
         return
     click.echo(

@@ -69,6 +69,7 @@ _HOME: dict[str, str] = {
     "list_run_ids": "runs",
     "list_runs": "runs",
     "resolve_run": "runs",
+    "run_summaries": "runs",
     "set_baseline_run": "runs",
     "set_run_status": "runs",
     "touch_run": "runs",

@@ -20,7 +20,6 @@ import numpy as np
 from sqlalchemy import text
 
 from monitor.store.database import Database
-from monitor.store.series import read_series
 
 #: Step columns that hold KL to the reference, best first: klmon's per-sequence mean, then
 #: the per-token estimators (k3 unbiased and >= 0, k1 unbiased, k2 biased).
@@ -72,6 +71,8 @@ class CurrentKL:
 def kl_columns_present(db: Database, run_id: int) -> list[str]:
     """The columns of KL_PREFERENCE that hold a value at some step of the run, best first.
     Reads the stored rollups (a few rows whatever the run length)."""
+    from monitor.store.series import read_series  # pandas: not for `klmon runs`
+
     s = read_series(db, run_id, KL_PREFERENCE, max_buckets=16).combined()
     if s.empty:
         return []

@@ -3,16 +3,20 @@ to work on a database whose schema is behind."""
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
 
 from monitor.errors import SchemaOutOfDate
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported where it is used: opening a database at head (every read command,
+# `klmon runs`) checks the revision without it (``_stored_revision``, ``_script_head``).
 
 
 def migrations_dir() -> Path:
@@ -31,6 +35,8 @@ def migrations_dir() -> Path:
 
 
 def alembic_config(engine: Engine) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.attributes["engine"] = engine
@@ -38,6 +44,8 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory(str(migrations_dir()))
     head = script.get_current_head()
     assert head is not None, "no Alembic revisions found"
@@ -45,6 +53,8 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
@@ -63,6 +73,8 @@ _ALEMBIC = threading.Lock()
 
 def _run_upgrade(engine: Engine, revision: str) -> str | None:
     with _ALEMBIC:
+        from alembic import command
+
         before = current_revision(engine)
         command.upgrade(alembic_config(engine), revision)
         return before
@@ -87,8 +99,44 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
             lock.exec_driver_sql(f"SELECT pg_advisory_unlock({UPGRADE_LOCK_KEY})")
 
 
+_REVISION = re.compile(r"""^revision\s*=\s*["']([^"']+)["']\s*$""", re.M)
+_DOWN_REVISION = re.compile(r"""^down_revision\s*=\s*(?:["']([^"']+)["']|None)\s*$""", re.M)
+
+
+def _script_head() -> str | None:
+    """The head revision from the scripts' ``revision``/``down_revision`` lines, without
+    importing Alembic; None unless that gives exactly one head (then Alembic decides)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (migrations_dir() / "versions").glob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        found = _REVISION.findall(source)
+        down = _DOWN_REVISION.search(source)
+        if len(found) != 1 or down is None:
+            continue
+        revisions.add(found[0])
+        if down.group(1):
+            parents.add(down.group(1))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _stored_revision(engine: Engine) -> str | None:
+    """The one row of ``alembic_version``, read without Alembic (None: no table or row)."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    return str(rows[0][0]) if len(rows) == 1 else None
+
+
 def check_schema(engine: Engine) -> None:
     """Raise SchemaOutOfDate with an actionable message unless the schema is at head."""
+    head = _script_head()
+    if head is not None and _stored_revision(engine) == head:
+        return  # the common case, answered without importing Alembic
+    from alembic.script import ScriptDirectory
+
     current = current_revision(engine)
     head = head_revision()
     if current == head:

@@ -18,6 +18,10 @@ begin the transaction there), so concurrent writers of one run are serialised an
 below it sees their committed rows: two ranks finishing the same step cannot both believe
 they were not last.
 
+Counters: every transaction that adds or rewrites step rows also updates the run's counters
+(``run_counters.count_written``: n_steps, last_step, the last step of each KL column), so that
+listing runs never counts steps.
+
 Speed: rows go through ``_bulk.insert_rows`` (executemany with tuples, or PostgreSQL binary
 COPY for large batches of new rows).
 """
@@ -40,6 +44,7 @@ from monitor.store.database import Database
 from monitor.store.domain import StepWriteResult
 from monitor.store.drilldown import SAMPLE_COLUMNS
 from monitor.store.models import STEP_COLUMNS, STEP_QUANTITIES
+from monitor.store.run_counters import count_written
 from monitor.store.series import invalidate_rollups
 
 __all__ = [
@@ -240,6 +245,7 @@ def _insert_new_steps(
         key = () if copy else ("run_id", "step")
         insert_rows(conn, "steps", STEP_COLUMNS, fresh, key=key, copy=copy)
     invalidate_rollups(conn, run_id, min(steps[i] for i in new))
+    count_written(conn, db.paramstyle, run_id, fresh)
     return new, duplicates, conflicts
 
 
@@ -476,6 +482,7 @@ def _write_sharded(
     }
     inserts: list[tuple[Any, ...]] = []
     updates: list[tuple[Any, ...]] = []
+    rewritten: list[tuple[Any, ...]] = []
     hists: list[tuple[int, Sequence[int]]] = []
     for step in affected:
         got = sorted(shards[step])
@@ -491,6 +498,7 @@ def _write_sharded(
         elif current[step][0] == "partial" or int(current[step][1] or 0) < len(got):
             # A partial step is the one stored row we may overwrite: more ranks arrived.
             updates.append((*row[2:], run_id, step))
+            rewritten.append(row)
     insert_rows(conn, "steps", STEP_COLUMNS, inserts, key=("run_id", "step"))
     if updates:
         sets = ", ".join(f"{c} = {ph}" for c in STEP_COLUMNS[2:])
@@ -499,6 +507,7 @@ def _write_sharded(
         )
     if inserts or updates:  # rows[1] and updates[-1] are the step
         invalidate_rollups(conn, run_id, min([r[1] for r in inserts] + [u[-1] for u in updates]))
+        count_written(conn, ph, run_id, inserts, rewritten)
     _upsert_histograms(db, conn, run_id, hists, update=True)
 
 
