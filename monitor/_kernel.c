@@ -117,14 +117,19 @@ static void select_largest(double *v, Py_ssize_t n, Py_ssize_t k) {
     }
 }
 
+/* Keeps the `keep` largest candidates and raises the level to the smallest of them. */
+static void compact(Acc *a) {
+    select_largest(a->cand, a->n_cand, a->keep);
+    a->n_cand = a->keep;
+    double lowest = a->cand[0];
+    for (Py_ssize_t i = 1; i < a->keep; i++) lowest = a->cand[i] < lowest ? a->cand[i] : lowest;
+    a->thr = lowest;
+}
+
 /* A token above the level: into the candidate buffer, after a compaction when it is full. */
-static void candidate(Acc *a, double l) {
+static inline void candidate(Acc *a, double l) {
     if (a->n_cand == a->cap_cand) {
-        select_largest(a->cand, a->n_cand, a->keep);
-        a->n_cand = a->keep;
-        double lowest = a->cand[0];
-        for (Py_ssize_t i = 1; i < a->keep; i++) lowest = a->cand[i] < lowest ? a->cand[i] : lowest;
-        a->thr = lowest;
+        compact(a);
         if (!(l > a->thr)) return;
     }
     a->cand[a->n_cand++] = l;
@@ -223,6 +228,25 @@ AVX2 static inline __m256d exp4(__m256d x) {
                             _mm256_cmp_pd(x, _mm256_set1_pd(-708.0), _CMP_LT_OQ));
 }
 
+/* For each 4-bit set of lanes, the 32-bit lane indices that move those doubles to the front. */
+static const int32_t pack_lanes[16][8] = {
+    {0, 1, 0, 1, 0, 1, 0, 1},
+    {0, 1, 0, 1, 0, 1, 0, 1},
+    {2, 3, 0, 1, 0, 1, 0, 1},
+    {0, 1, 2, 3, 0, 1, 0, 1},
+    {4, 5, 0, 1, 0, 1, 0, 1},
+    {0, 1, 4, 5, 0, 1, 0, 1},
+    {2, 3, 4, 5, 0, 1, 0, 1},
+    {0, 1, 2, 3, 4, 5, 0, 1},
+    {6, 7, 0, 1, 0, 1, 0, 1},
+    {0, 1, 6, 7, 0, 1, 0, 1},
+    {2, 3, 6, 7, 0, 1, 0, 1},
+    {0, 1, 2, 3, 6, 7, 0, 1},
+    {4, 5, 6, 7, 0, 1, 0, 1},
+    {0, 1, 4, 5, 6, 7, 0, 1},
+    {2, 3, 4, 5, 6, 7, 0, 1},
+    {0, 1, 2, 3, 4, 5, 6, 7}};
+
 AVX2 static inline double hsum(__m256d v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
@@ -250,6 +274,7 @@ AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out
     __m256d row = zero, nll = zero, l2 = zero, k3 = zero, pos = zero, gap = zero, ent = zero;
     __m256d k3tail = zero;
     __m256d bad = zero, thr = _mm256_set1_pd(a->thr);
+    Py_ssize_t n_cand = a->n_cand;
     __m256i b0 = _mm256_setzero_si256(), b1 = b0, b2 = b0, n = b0;
     for (Py_ssize_t j = 0; j < end; j += 4) {
         const Py_ssize_t i = base + j;
@@ -298,16 +323,22 @@ AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out
         n = _mm256_sub_epi64(n, _mm256_castpd_si256(mk));
         const __m256d abs_l = _mm256_andnot_pd(absmask, l);
         const int tail = _mm256_movemask_pd(_mm256_cmp_pd(abs_l, half, _CMP_GE_OQ));
-        const int cand = _mm256_movemask_pd(_mm256_cmp_pd(l, thr, _CMP_GT_OQ));
-        if (!(tail | cand)) continue;
-        double lv[4];
-        _mm256_storeu_pd(lv, l);
-        if (cand) { /* masked lanes hold l = 0, never above thr >= 0 */
-            for (int k = 0; k < 4; k++)
-                if (cand >> k & 1 && lv[k] > a->thr) candidate(a, lv[k]);
+        /* candidates: the lanes above the level, packed to the front and stored at the end of
+         * the buffer, without a branch (masked lanes hold l = 0, never above thr >= 0) */
+        if (n_cand > a->cap_cand - 4) { /* no room for this group's store */
+            a->n_cand = n_cand;
+            compact(a);
+            n_cand = a->n_cand;
             thr = _mm256_set1_pd(a->thr);
         }
+        const int cand = _mm256_movemask_pd(_mm256_cmp_pd(l, thr, _CMP_GT_OQ));
+        const __m256i pack = _mm256_loadu_si256((const __m256i *)pack_lanes[cand]);
+        _mm256_storeu_pd(a->cand + n_cand,
+                         _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(l), pack)));
+        n_cand += __builtin_popcount(cand);
         if (tail) {
+            double lv[4];
+            _mm256_storeu_pd(lv, l);
             if (__builtin_popcount(tail) >= 2) { /* mostly tail (drifted runs): a vector exp */
                 const __m256d in_tail = _mm256_cmp_pd(abs_l, half, _CMP_GE_OQ);
                 const __m256d clipped = _mm256_blendv_pd(
@@ -325,6 +356,7 @@ AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out
             }
         }
     }
+    a->n_cand = n_cand;
     if (_mm256_movemask_pd(bad)) return 0;
     double row_sum = hsum(row);
     a->nll -= hsum(nll);
@@ -432,7 +464,7 @@ static PyObject *stats(PyObject *self, PyObject *args) {
         return NULL;
     if (outs[0].len != (DEGREE + 1) * 8 || in.rows < 0 || outs[1].len / 8 < in.rows ||
         outs[2].len != N_SUMS * 8 || outs[3].len != N_BINS * 8 || keep < 0 ||
-        (keep > 0 && outs[4].len / 8 <= keep)) {
+        outs[4].len / 8 < keep + 4) { /* + 4: the AVX2 loop stores a group of four */
         release(outs, 5);
         return PyErr_Format(PyExc_ValueError, "output buffers have the wrong size");
     }

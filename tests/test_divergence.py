@@ -794,16 +794,16 @@ import numpy as np, monitor._kernel as K
 from monitor.divergence._passes import K3_POLY
 coef = K3_POLY[np.dtype(np.float64)]
 z, seq, sums = np.zeros(4), np.zeros(1), np.zeros(8)
-hist, cand = np.zeros(80, np.int64), np.zeros(4)
+hist, cand = np.zeros(80, np.int64), np.zeros(5)
 cases = [
     (np.zeros(1), np.zeros(2), None, None, None, 1, 2),   # policy too short
     (z, z, None, None, None, 2**62, 4),                    # rows * cols overflows
     (z, z, None, None, None, -1, 4),                       # negative rows
     (z.astype(np.float32), z, None, None, None, 1, 4),     # item size is not float64
 ]
-try:  # a candidate buffer must hold more than the values it keeps
-    K.stats(z, z, None, None, None, 1, 4, True, 1e-3, True, 4, coef, seq, sums, hist, cand)
-    raise SystemExit("no ValueError for keep = 4 in a buffer of 4")
+try:  # a candidate buffer must hold 4 more than the values it keeps
+    K.stats(z, z, None, None, None, 1, 4, True, 1e-3, True, 1, coef, seq, sums, hist, cand[:3])
+    raise SystemExit("no ValueError for keep = 1 in a buffer of 3")
 except ValueError:
     pass
 for c in cases:
