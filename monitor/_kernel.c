@@ -520,6 +520,8 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = token_pass(&in, &a, outs[1].buf, simd, &bad_row);
+    if (status == KL_OK && a.keep > 0 && a.n_cand > a.keep)
+        compact(&a); /* here, on this range's thread, rather than in Python after the join */
     Py_END_ALLOW_THREADS
     if (status == KL_OK && !(isfinite(a.nll) && isfinite(a.gap) && isfinite(a.ent)))
         status = KL_OVERFLOW; /* finite values of magnitude near 1e308 */
