@@ -20,10 +20,11 @@
  *         0 and 1/4 (no scattered increments); tail tokens are binned one by one.
  *   cand: the top-1% candidates, kept in the same pass (no second read of the inputs): every
  *         token above a running level thr (0 at first) goes into a buffer; when the buffer is
- *         full, a quickselect keeps its `keep` largest values and thr rises to the smallest of
- *         them. A token left out is <= thr at that time, hence below `keep` kept ones, so the
- *         buffer always holds the range's `keep` largest positive l (ties count alike: equal
- *         values add the same to the sum). Python passes keep = ceil(1% of the batch's
+ *         full, thr rises to a level that at least `keep` buffered values reach (one sampled
+ *         from the buffer, else the `keep`-th largest by quickselect) and the values below it
+ *         are dropped. A token left out is <= thr at that time, hence below `keep` kept ones,
+ *         so the buffer always holds the range's `keep` largest positive l (ties count alike:
+ *         equal values add the same to the sum). Python passes keep = ceil(1% of the batch's
  *         tokens) and takes the top 1% from the buffers of all row ranges.
  */
 #define PY_SSIZE_T_CLEAN
