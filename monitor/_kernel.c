@@ -305,6 +305,7 @@ AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out
     __m256d k3tail = zero;
     __m256d bad = zero, thr = _mm256_set1_pd(a->thr);
     Py_ssize_t n_cand = a->n_cand;
+    const int keep = a->keep > 0;
     __m256i b0 = _mm256_setzero_si256(), b1 = b0, b2 = b0, n = b0;
     for (Py_ssize_t j = 0; j < end; j += 4) {
         const Py_ssize_t i = base + j;
@@ -355,17 +356,19 @@ AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out
         const int tail = _mm256_movemask_pd(_mm256_cmp_pd(abs_l, half, _CMP_GE_OQ));
         /* candidates: the lanes above the level, packed to the front and stored at the end of
          * the buffer, without a branch (masked lanes hold l = 0, never above thr >= 0) */
-        if (n_cand > a->cap_cand - 4) { /* no room for this group's store */
-            a->n_cand = n_cand;
-            compact(a);
-            n_cand = a->n_cand;
-            thr = _mm256_set1_pd(a->thr);
+        if (keep) { /* sequence_kl keeps none */
+            if (n_cand > a->cap_cand - 4) { /* no room for this group's store */
+                a->n_cand = n_cand;
+                compact(a);
+                n_cand = a->n_cand;
+                thr = _mm256_set1_pd(a->thr);
+            }
+            const int cand = _mm256_movemask_pd(_mm256_cmp_pd(l, thr, _CMP_GT_OQ));
+            const __m256i pack = _mm256_loadu_si256((const __m256i *)pack_lanes[cand]);
+            const __m256 packed = _mm256_permutevar8x32_ps(_mm256_castpd_ps(l), pack);
+            _mm256_storeu_pd(a->cand + n_cand, _mm256_castps_pd(packed));
+            n_cand += __builtin_popcount(cand);
         }
-        const int cand = _mm256_movemask_pd(_mm256_cmp_pd(l, thr, _CMP_GT_OQ));
-        const __m256i pack = _mm256_loadu_si256((const __m256i *)pack_lanes[cand]);
-        _mm256_storeu_pd(a->cand + n_cand,
-                         _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(l), pack)));
-        n_cand += __builtin_popcount(cand);
         if (tail) {
             double lv[4];
             _mm256_storeu_pd(lv, l);
