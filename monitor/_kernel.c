@@ -18,7 +18,14 @@
  *         two or more of a group of four are in the tail, as in a drifted run).
  *   hist: the 80 bins of HIST_EDGES. Central bins 38..41 come from counts of l below -1/4,
  *         0 and 1/4 (no scattered increments); tail tokens are binned one by one.
- *   cand: the positive tail values, from which Python takes the top 1%.
+ *   cand: the top-1% candidates, kept in the same pass (no second read of the inputs): every
+ *         token above a running level thr (0 at first) goes into a buffer; when the buffer is
+ *         full, thr rises to a level that at least `keep` buffered values reach (one sampled
+ *         from the buffer, else the `keep`-th largest by quickselect) and the values below it
+ *         are dropped. A token left out is <= thr at that time, hence below `keep` kept ones,
+ *         so the buffer always holds the range's `keep` largest positive l (ties count alike:
+ *         equal values add the same to the sum). Python passes keep = ceil(1% of the batch's
+ *         tokens) and takes the top 1% from the buffers of all row ranges.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -53,8 +60,8 @@ typedef struct {
     double nll, k3, l2, pos, gap, ent;
     int64_t n, below[3], tail_pos, tail_neg;
     int64_t hist[N_BINS];
-    double *cand;
-    Py_ssize_t n_cand, cap_cand;
+    double *cand, thr; /* candidates above thr (see cand above) */
+    Py_ssize_t n_cand, cap_cand, keep;
 } Acc;
 
 static inline double poly_k3(const double *c, double s) {
@@ -74,16 +81,88 @@ static inline int bin_of(double l) {
     return k + 40;
 }
 
-/* A tail token's bin and top-1% candidacy. */
+/* A tail token's bin, and its side for the central bins' counts. */
 static inline void tail_bookkeeping(Acc *a, double l) {
     a->hist[bin_of(l)]++;
-    if (l > 0) {
-        if (a->n_cand < a->cap_cand) a->cand[a->n_cand] = l;
-        a->n_cand++;
+    if (l > 0)
         a->tail_pos++;
-    } else {
+    else
         a->tail_neg++;
+}
+
+static inline void swap(double *x, double *y) {
+    const double t = *x;
+    *x = *y;
+    *y = t;
+}
+
+/* Reorders v[0..n) so that v[0..k) hold its k largest values (0 < k <= n): quickselect with
+ * Hoare's partition around a median of three, average O(n). */
+static void select_largest(double *v, Py_ssize_t n, Py_ssize_t k) {
+    Py_ssize_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const double x = v[lo], y = v[lo + (hi - lo) / 2], z = v[hi];
+        const double pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        Py_ssize_t i = lo, j = hi;
+        while (i <= j) { /* v[lo..i) >= pivot >= v(j..hi] */
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) swap(&v[i++], &v[j--]);
+        }
+        if (k - 1 <= j)
+            hi = j;
+        else if (k - 1 >= i)
+            lo = i;
+        else
+            return; /* v(j..i) == pivot holds position k - 1 */
     }
+}
+
+/* Drops the candidates below a level taken from a sample of the buffer, when at least `keep`
+ * of them reach it and it frees a good part of the buffer: one count and one branch-free
+ * filter over the buffer, several times cheaper than a quickselect of it. Returns 0 (nothing
+ * changed) otherwise. */
+static int compact_sampled(Acc *a) {
+    enum { M = 128 }; /* sampled values */
+    double *v = a->cand, s[M];
+    const Py_ssize_t n = a->n_cand, keep = a->keep;
+    const Py_ssize_t r = (Py_ssize_t)(1.25 * M * keep / n); /* rank of the level in s */
+    if (n < 4 * M || r >= M) return 0;
+    for (Py_ssize_t i = 0; i < M; i++) s[i] = v[i * n / M];
+    select_largest(s, M, r + 1);
+    double level = s[0];
+    for (Py_ssize_t i = 1; i <= r; i++) level = s[i] < level ? s[i] : level;
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) count += v[i] >= level;
+    if (count < keep || count > (n + keep) / 2) return 0;
+    Py_ssize_t j = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        v[j] = v[i];
+        j += v[i] >= level;
+    }
+    a->n_cand = j;
+    a->thr = level; /* the dropped are below it, and `keep` or more kept values reach it */
+    return 1;
+}
+
+/* Keeps at least the `keep` largest candidates and raises the level to the smallest kept:
+ * from a sample when that works out, else by a quickselect (exactly `keep` kept). */
+static void compact(Acc *a) {
+    if (compact_sampled(a)) return;
+    select_largest(a->cand, a->n_cand, a->keep);
+    a->n_cand = a->keep;
+    double lowest = a->cand[0];
+    for (Py_ssize_t i = 1; i < a->keep; i++) lowest = a->cand[i] < lowest ? a->cand[i] : lowest;
+    a->thr = lowest;
+}
+
+/* A token above the level: into the candidate buffer, after a compaction when it is full. */
+static inline void candidate(Acc *a, double l) {
+    if (a->n_cand == a->cap_cand) {
+        compact(a);
+        if (!(l > a->thr)) return;
+    }
+    a->cand[a->n_cand++] = l;
 }
 
 /* A tail token: its exact k3 replaces the clipped polynomial, then the bookkeeping. */
@@ -126,6 +205,7 @@ static int scalar_tokens(const Inputs *in, Acc *a, Py_ssize_t r, Py_ssize_t j0, 
         a->below[1] += l < 0.0;
         a->below[2] += l < 0.25;
         if (!(l > -TAIL && l < TAIL)) tail_token(in, a, l);
+        if (l > a->thr) candidate(a, l);
         a->n++;
     }
     return 1;
@@ -178,6 +258,25 @@ AVX2 static inline __m256d exp4(__m256d x) {
                             _mm256_cmp_pd(x, _mm256_set1_pd(-708.0), _CMP_LT_OQ));
 }
 
+/* For each 4-bit set of lanes, the 32-bit lane indices that move those doubles to the front. */
+static const int32_t pack_lanes[16][8] = {
+    {0, 1, 0, 1, 0, 1, 0, 1},
+    {0, 1, 0, 1, 0, 1, 0, 1},
+    {2, 3, 0, 1, 0, 1, 0, 1},
+    {0, 1, 2, 3, 0, 1, 0, 1},
+    {4, 5, 0, 1, 0, 1, 0, 1},
+    {0, 1, 4, 5, 0, 1, 0, 1},
+    {2, 3, 4, 5, 0, 1, 0, 1},
+    {0, 1, 2, 3, 4, 5, 0, 1},
+    {6, 7, 0, 1, 0, 1, 0, 1},
+    {0, 1, 6, 7, 0, 1, 0, 1},
+    {2, 3, 6, 7, 0, 1, 0, 1},
+    {0, 1, 2, 3, 6, 7, 0, 1},
+    {4, 5, 6, 7, 0, 1, 0, 1},
+    {0, 1, 4, 5, 6, 7, 0, 1},
+    {2, 3, 4, 5, 6, 7, 0, 1},
+    {0, 1, 2, 3, 4, 5, 6, 7}};
+
 AVX2 static inline double hsum(__m256d v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
@@ -204,7 +303,9 @@ AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out
     for (int k = 0; k <= DEGREE; k++) c[k] = _mm256_set1_pd(in->c[k]);
     __m256d row = zero, nll = zero, l2 = zero, k3 = zero, pos = zero, gap = zero, ent = zero;
     __m256d k3tail = zero;
-    __m256d bad = zero;
+    __m256d bad = zero, thr = _mm256_set1_pd(a->thr);
+    Py_ssize_t n_cand = a->n_cand;
+    const int keep = a->keep > 0;
     __m256i b0 = _mm256_setzero_si256(), b1 = b0, b2 = b0, n = b0;
     for (Py_ssize_t j = 0; j < end; j += 4) {
         const Py_ssize_t i = base + j;
@@ -253,6 +354,21 @@ AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out
         n = _mm256_sub_epi64(n, _mm256_castpd_si256(mk));
         const __m256d abs_l = _mm256_andnot_pd(absmask, l);
         const int tail = _mm256_movemask_pd(_mm256_cmp_pd(abs_l, half, _CMP_GE_OQ));
+        /* candidates: the lanes above the level, packed to the front and stored at the end of
+         * the buffer, without a branch (masked lanes hold l = 0, never above thr >= 0) */
+        if (keep) { /* sequence_kl keeps none */
+            if (n_cand > a->cap_cand - 4) { /* no room for this group's store */
+                a->n_cand = n_cand;
+                compact(a);
+                n_cand = a->n_cand;
+                thr = _mm256_set1_pd(a->thr);
+            }
+            const int cand = _mm256_movemask_pd(_mm256_cmp_pd(l, thr, _CMP_GT_OQ));
+            const __m256i pack = _mm256_loadu_si256((const __m256i *)pack_lanes[cand]);
+            const __m256 packed = _mm256_permutevar8x32_ps(_mm256_castpd_ps(l), pack);
+            _mm256_storeu_pd(a->cand + n_cand, _mm256_castps_pd(packed));
+            n_cand += __builtin_popcount(cand);
+        }
         if (tail) {
             double lv[4];
             _mm256_storeu_pd(lv, l);
@@ -273,6 +389,7 @@ AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out
             }
         }
     }
+    a->n_cand = n_cand;
     if (_mm256_movemask_pd(bad)) return 0;
     double row_sum = hsum(row);
     a->nll -= hsum(nll);
@@ -312,20 +429,6 @@ static int token_pass(const Inputs *in, Acc *a, double *seq, int simd, Py_ssize_
         seq[r] = row;
     }
     return KL_OK;
-}
-
-/* Positive l >= lo, into out (up to cap); returns how many there are. */
-static Py_ssize_t collect_pass(const Inputs *in, double lo, double *out, Py_ssize_t cap) {
-    Py_ssize_t found = 0;
-    const Py_ssize_t total = in->rows * in->cols;
-    for (Py_ssize_t i = 0; i < total; i++) {
-        const double l = load(in->p, i, in->is_double) - load(in->q, i, in->is_double);
-        if (l >= lo && l > 0 && (!in->m || in->m[i])) {
-            if (found < cap) out[found] = l;
-            found++;
-        }
-    }
-    return found;
 }
 
 /* ---- Python interface ---------------------------------------------------------------------
@@ -386,14 +489,15 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     PyObject *objs[5];
     Inputs in;
     int simd;
+    Py_ssize_t keep;
     Py_buffer outs[5]; /* coef, seq, sums, hist, cand */
-    if (!PyArg_ParseTuple(args, "OOOOOnnpdpy*w*w*w*w*", &objs[0], &objs[1], &objs[2], &objs[3],
-                          &objs[4], &in.rows, &in.cols, &in.is_double, &in.tol, &simd, &outs[0],
-                          &outs[1], &outs[2], &outs[3], &outs[4]))
+    if (!PyArg_ParseTuple(args, "OOOOOnnpdpny*w*w*w*w*", &objs[0], &objs[1], &objs[2], &objs[3],
+                          &objs[4], &in.rows, &in.cols, &in.is_double, &in.tol, &simd, &keep,
+                          &outs[0], &outs[1], &outs[2], &outs[3], &outs[4]))
         return NULL;
     if (outs[0].len != (DEGREE + 1) * 8 || in.rows < 0 || outs[1].len / 8 < in.rows ||
-        outs[2].len != N_SUMS * 8 ||
-        outs[3].len != N_BINS * 8) {
+        outs[2].len != N_SUMS * 8 || outs[3].len != N_BINS * 8 || keep < 0 ||
+        outs[4].len / 8 < keep + 4) { /* + 4: the AVX2 loop stores a group of four */
         release(outs, 5);
         return PyErr_Format(PyExc_ValueError, "output buffers have the wrong size");
     }
@@ -414,10 +518,14 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     memset(&a, 0, sizeof a);
     a.cand = outs[4].buf;
     a.cap_cand = outs[4].len / 8;
+    a.keep = keep;
+    a.thr = keep > 0 ? 0.0 : HUGE_VAL; /* nothing to keep: no candidates */
     Py_ssize_t bad_row = -1;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = token_pass(&in, &a, outs[1].buf, simd, &bad_row);
+    if (status == KL_OK && a.keep > 0 && a.n_cand > a.keep)
+        compact(&a); /* here, on this range's thread, rather than in Python after the join */
     Py_END_ALLOW_THREADS
     if (status == KL_OK && !(isfinite(a.nll) && isfinite(a.gap) && isfinite(a.ent)))
         status = KL_OVERFLOW; /* finite values of magnitude near 1e308 */
@@ -440,28 +548,6 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     return Py_BuildValue("inni", status, bad_row, a.n_cand, simd);
 }
 
-static PyObject *collect(PyObject *self, PyObject *args) {
-    PyObject *objs[5] = {NULL, NULL, NULL, Py_None, Py_None};
-    Inputs in;
-    double lo;
-    Py_buffer out;
-    if (!PyArg_ParseTuple(args, "OOOnnpdw*", &objs[0], &objs[1], &objs[2], &in.rows, &in.cols,
-                          &in.is_double, &lo, &out))
-        return NULL;
-    Py_buffer views[5];
-    if (get_buffers(objs, views, &in) < 0) {
-        PyBuffer_Release(&out);
-        return NULL;
-    }
-    Py_ssize_t found;
-    Py_BEGIN_ALLOW_THREADS
-    found = collect_pass(&in, lo, out.buf, out.len / 8);
-    Py_END_ALLOW_THREADS
-    release(views, 5);
-    PyBuffer_Release(&out);
-    return PyLong_FromSsize_t(found);
-}
-
 static PyObject *py_has_avx2(PyObject *self, PyObject *unused) {
 #ifdef HAVE_AVX2
     return PyBool_FromLong(have_avx2());
@@ -473,10 +559,8 @@ static PyObject *py_has_avx2(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"has_avx2", py_has_avx2, METH_NOARGS, "Whether stats() can use its AVX2 loop here."},
     {"stats", stats, METH_VARARGS,
-     "stats(policy, ref, mask, rollout, entropies, rows, cols, is_double, tol, simd, coef, seq,"
-     " sums, hist, cand) -> (status, bad_row, n_cand, used_simd)"},
-    {"collect", collect, METH_VARARGS,
-     "collect(policy, ref, mask, rows, cols, is_double, lo, out) -> count"},
+     "stats(policy, ref, mask, rollout, entropies, rows, cols, is_double, tol, simd,"
+     " keep, coef, seq, sums, hist, cand) -> (status, bad_row, n_cand, used_simd)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -204,7 +204,7 @@ def test_long_sequences_and_odd_sizes() -> None:
 @pytest.mark.parametrize(
     ("scale", "shift"),
     [
-        (0.01, 0.0),  # no token beyond 1/2: the top 1% comes from a second gathering pass
+        (0.01, 0.0),  # no token beyond 1/2: the top 1% comes from below the tail
         (0.02, 0.3),  # few beyond 1/2, enough in [1/4, 1/2)
         (0.3, 2.0),  # nearly every token beyond 1/2 and positive: more than the first buffer
         (0.3, -2.0),  # nearly every token beyond -1/2: negative KL, a tiny positive share
@@ -660,19 +660,55 @@ def test_merge_rejects_garbage() -> None:
         merge_partials([good, partials(np.zeros((1, 3)), np.full((1, 3), -1.0), rewards=[1.0])])
 
 
-def test_top_share_exact_when_the_sampled_level_misses(
-    kernel: str, monkeypatch: pytest.MonkeyPatch
+def _top_values(p: np.ndarray, q: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The ceil(1% n_tokens) largest positive l, largest first, by sorting every l."""
+    lt = (p - q)[mask]
+    top = np.sort(lt)[::-1][: math.ceil(0.01 * len(lt))]
+    return top[top > 0]
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        "normal-0.1",  # healthy: no token in the tail, the level rises from 0 to the top 1%
+        "normal-0.001",  # tiny KL
+        "ascending",  # every token beats the level: the most compactions there can be
+        "descending",  # the top 1% first, then nothing beats the level
+        "ties",  # a few distinct values, the k-th largest shared by many tokens
+        "few-positive",  # fewer positive l than the top 1% holds
+    ],
+)
+@pytest.mark.parametrize("room", [1, 4])  # 4: compactions from a sampled level too
+@pytest.mark.parametrize("threads", [1, 2])
+def test_top_candidates_are_exactly_the_largest_positive_l(
+    order: str, room: float, threads: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The compiled pass gathers top-1% candidates above a level sampled from the batch; when
-    too few tokens reach it, every positive l is gathered instead: still exact."""
-    if kernel == "numpy":
-        pytest.skip("the numpy kernel does not sample a level")
-    monkeypatch.setattr(compiled, "_sampled_level", lambda *a: 1e9)
-    rng = np.random.default_rng(4)
-    p = -rng.gamma(0.7, 3.0, (30, 200))
-    q = np.minimum(p - 0.01 * rng.standard_t(3, p.shape), 0.0)
-    mask = np.ones(p.shape, bool)
-    assert_matches_reference(summarize(p, q, mask), reference(p, q, mask), rtol=1e-9)
+    """The top-1% candidates kept in the token pass (compacted whenever their buffer fills; a
+    room of 1 compacts on nearly every token that beats the level) are the largest positive
+    l of the batch, value for value, on one thread and on two."""
+    monkeypatch.setattr(compiled, "CANDIDATE_ROOM", room)
+    monkeypatch.setattr(passes, "PARALLEL_MIN_POSITIONS", 0 if threads == 2 else 1 << 60)
+    rng = np.random.default_rng(8)
+    b, t = 80, 301  # enough tokens for a buffer of 4 x 1% to be compacted from a sample
+    n = b * t
+    lt = {
+        "normal-0.1": lambda: 0.1 * rng.standard_normal(n),
+        "normal-0.001": lambda: 0.001 * rng.standard_normal(n),
+        "ascending": lambda: np.linspace(-0.3, 0.6, n),
+        "descending": lambda: np.linspace(0.6, -0.3, n),
+        "ties": lambda: rng.choice(
+            [-0.5, -0.125, 0.0, 0.125, 0.25, 0.75], n, p=[0.2] * 4 + [0.195, 0.005]
+        ),
+        "few-positive": lambda: np.where(rng.random(n) < 0.003, 0.2, -0.1) * rng.random(n),
+    }[order]().reshape(b, t)
+    mask = np.arange(t)[None, :] < rng.integers(t // 2, t + 1, b)[:, None]
+    p = np.minimum(lt, 0.0) - rng.gamma(0.7, 1.0, (b, t))
+    q = p - lt
+    want = _top_values(p, q, mask)
+    got = np.asarray(partials(p, q, mask)["top_pos_l"])
+    np.testing.assert_array_equal(got, want)
+    s = summarize(p, q, mask)
+    assert s.top1pct_share == pytest.approx(reference(p, q, mask)["top1pct_share"], rel=1e-12)
 
 
 # --- threads --------------------------------------------------------------------------------
@@ -758,23 +794,26 @@ import numpy as np, monitor._kernel as K
 from monitor.divergence._passes import K3_POLY
 coef = K3_POLY[np.dtype(np.float64)]
 z, seq, sums = np.zeros(4), np.zeros(1), np.zeros(8)
-hist, cand = np.zeros(80, np.int64), np.zeros(4)
+hist, cand = np.zeros(80, np.int64), np.zeros(5)
 cases = [
     (np.zeros(1), np.zeros(2), None, None, None, 1, 2),   # policy too short
     (z, z, None, None, None, 2**62, 4),                    # rows * cols overflows
     (z, z, None, None, None, -1, 4),                       # negative rows
     (z.astype(np.float32), z, None, None, None, 1, 4),     # item size is not float64
 ]
+try:  # a candidate buffer must hold 4 more than the values it keeps
+    K.stats(z, z, None, None, None, 1, 4, True, 1e-3, True, 1, coef, seq, sums, hist, cand[:3])
+    raise SystemExit("no ValueError for keep = 1 in a buffer of 3")
+except ValueError:
+    pass
 for c in cases:
     try:
-        K.stats(*c, True, 1e-3, True, coef, seq, sums, hist, cand)
+        K.stats(*c, True, 1e-3, True, 1, coef, seq, sums, hist, cand)
     except ValueError:
         continue
     raise SystemExit(f"no ValueError for {c[5:]}")
 print("ok")
 """
     # from tmp_path: "" on sys.path is the cwd, and a source checkout has no built module
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr)

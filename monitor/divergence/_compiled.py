@@ -1,10 +1,12 @@
 """The compiled token pass (``monitor/_kernel.c``): the same quantities as the numpy kernel in
-one fused pass per token, on row ranges run by the helper threads with the GIL released."""
+one fused pass per token, on row ranges run by the helper threads with the GIL released. The
+top-1% candidates come out of that same pass, whatever the distribution of l: each row range
+keeps its ``ceil(1% n_tokens)`` largest positive l in a buffer of ``CANDIDATE_ROOM`` times that
+size, compacted when full (see ``cand`` in the C file)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -22,6 +24,10 @@ except ImportError:  # built without a C compiler: the numpy kernel does the sam
 #: Whether the compiled kernel may use its AVX2 loop (where the CPU has AVX2 and FMA); the
 #: scalar loop computes the same quantities. Tests switch it off to cover the scalar loop.
 SIMD = True
+
+#: The candidate buffer of a row range holds this many times the number of values it keeps:
+#: the larger, the fewer compactions (each a quickselect over the buffer). Tests lower it.
+CANDIDATE_ROOM = 4
 
 
 class Sums(NamedTuple):
@@ -69,14 +75,15 @@ def run_compiled(batch: Batch, full: bool) -> KernelOut:
     def rows(x: np.ndarray | None, i: int) -> np.ndarray | None:
         return None if x is None else x[bounds[i] : bounds[i + 1]]
 
-    cap = [max(k_top, (bounds[i + 1] - bounds[i]) * t // 16) for i in range(n_ranges)]
-    cands: list[np.ndarray] = [np.empty(c) for c in cap]
+    keep = k_top if full else 0  # sequence_kl alone needs no candidates
+    room = max(keep + 4, math.ceil(CANDIDATE_ROOM * keep))  # 4: a group of the AVX2 loop
+    cands = [np.empty(room) for _ in range(n_ranges)]
     n_cands = [0] * n_ranges
 
     def task(i: int) -> None:
         status, _, n_cands[i], _ = extension.stats(
             *(rows(x, i) for x in (p, q, mask, rollout, ent)),
-            *(bounds[i + 1] - bounds[i], t, is_double, tol, SIMD),
+            *(bounds[i + 1] - bounds[i], t, is_double, tol, SIMD, keep),
             *(coef, seq_kl[bounds[i] : bounds[i + 1]], sums[i], hist[i], cands[i]),
         )
         if status:
@@ -86,15 +93,7 @@ def run_compiled(batch: Batch, full: bool) -> KernelOut:
     if not full:
         return KernelOut.seq_kl_only(batch.n_tokens, seq_kl)
     total = Sums.total(sums)
-    if k_top <= sum(n_cands) and all(n <= c for n, c in zip(n_cands, cap, strict=True)):
-        top = np.concatenate([c[:n] for c, n in zip(cands, n_cands, strict=True)])
-    elif total.sum_pos_l == 0:  # no positive l at all (the first steps: policy == reference)
-        top = np.empty(0)
-    else:  # too few positive tail values, or too many to keep: gather above a sampled level
-        lo = _sampled_level(p, q, mask, k_top, batch.n_tokens)
-        top = _gather_positive(p, q, mask, bounds, is_double, lo)
-        if len(top) < k_top and lo > 0:
-            top = _gather_positive(p, q, mask, bounds, is_double, 0.0)
+    top = np.concatenate([c[:n] for c, n in zip(cands, n_cands, strict=True)])
     if len(top) > k_top:
         top = np.partition(top, len(top) - k_top)[len(top) - k_top :]
     return KernelOut(
@@ -110,47 +109,3 @@ def run_compiled(batch: Batch, full: bool) -> KernelOut:
         seq_kl=seq_kl,
         token_hist=hist.sum(axis=0),
     )
-
-
-def _sampled_level(
-    p: np.ndarray, q: np.ndarray, mask: np.ndarray | None, k: int, n_tokens: int
-) -> float:
-    """A level of l that about 3k of the n_tokens tokens reach, from a fixed sample of
-    positions (same batch, same level): gathering above it keeps a few percent of the tokens,
-    and at least the k largest with near certainty (the caller checks, and else takes every
-    positive l). 0 when fewer than 3k tokens are positive."""
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, p.size, min(p.size, 16_384))
-    if mask is not None:
-        idx = idx[mask.reshape(-1)[idx]]  # padding may hold anything, inf included
-    lv = p.reshape(-1)[idx].astype(np.float64) - q.reshape(-1)[idx]
-    if len(lv) == 0:
-        return 0.0
-    return max(0.0, float(np.quantile(lv, max(0.0, 1.0 - 3.0 * k / n_tokens))))
-
-
-def _gather_positive(
-    p: np.ndarray,
-    q: np.ndarray,
-    mask: np.ndarray | None,
-    bounds: Sequence[int],
-    is_double: bool,
-    lo: float,
-) -> np.ndarray:
-    """Every positive l >= lo, one compiled pass per row range (on the helper thread too)."""
-    assert extension is not None
-    t = p.shape[1]
-    found: list[np.ndarray] = [np.empty(0)] * (len(bounds) - 1)
-
-    def task(i: int) -> None:
-        sl = slice(bounds[i], bounds[i + 1])
-        args = (p[sl], q[sl], None if mask is None else mask[sl], sl.stop - sl.start, t)
-        out = np.empty(max(1024, (sl.stop - sl.start) * t // 16))
-        n = extension.collect(*args, is_double, lo, out)
-        if n > len(out):  # more than room for: gather again into an exact fit
-            out = np.empty(n)
-            n = extension.collect(*args, is_double, lo, out)
-        found[i] = out[:n]
-
-    in_threads(len(bounds) - 1, p.size, task)
-    return np.concatenate(found)
