@@ -966,3 +966,143 @@ def _int_list_from_json(value: Any) -> list[int]:
 
         value = json.loads(value)
     return [int(v) for v in value]
+
+
+# --------------------------------------------------------------------------- many runs
+
+#: Selects per UNION ALL statement (SQLite allows 500 compound members).
+_UNION_CHUNK = 400
+
+
+def read_sparklines(
+    db: Database, columns: Mapping[int, str], *, max_buckets: int = 12
+) -> dict[int, pd.DataFrame]:
+    """``read_series(db, run, [column], max_buckets=...).combined()`` for many runs at once:
+    run id -> frame, for ``columns`` (run id -> one step column). A few statements whatever
+    the number of runs: every run's rollup state, then its buckets and its raw tail rows.
+    A run whose rollups are behind is read (and its rollups brought up to date) by
+    ``read_series``."""
+    wanted = {int(r): _check_columns([c])[0] for r, c in columns.items()}
+    if not wanted:
+        return {}
+    out: dict[int, pd.DataFrame] = {}
+    with db.begin() as conn:
+        states = _states(conn, sorted(wanted))
+        plans = {}
+        for rid, state in states.items():
+            if state.needs_refresh():
+                continue
+            plans[rid] = _plan(state, max_buckets)
+        bucket_rows = _union_fetch(
+            conn,
+            [
+                f"SELECT {i}, {', '.join(_ROLLUP_COLUMNS)} FROM {_STEPS.rollup_table} "
+                f"WHERE run_id = {rid} AND level = {lv} AND bucket >= {b0} AND bucket <= {b1}"
+                for i, (rid, lv, b0, b1) in enumerate(_bucket_asks(plans))
+            ],
+        )
+        raw_rows = _union_fetch(
+            conn,
+            [
+                f"SELECT {rid}, step, wall_time, {wanted[rid]} FROM {_STEPS.raw_table} "
+                f"WHERE run_id = {rid} AND step >= {p.raw[0]} AND step <= {p.raw[1]}"
+                for rid, p in plans.items()
+                if p.raw is not None
+            ],
+        )
+    by_ask: dict[int, list[tuple[Any, ...]]] = {}
+    for row in bucket_rows:
+        by_ask.setdefault(int(row[0]), []).append(tuple(row[1:]))
+    raw: dict[int, list[tuple[Any, ...]]] = {}
+    for row in raw_rows:
+        raw.setdefault(int(row[0]), []).append(tuple(row[1:]))
+    asks = iter(enumerate(_bucket_asks(plans)))
+    for rid, p in plans.items():
+        col = wanted[rid]
+        pick = [_STEPS.values.index(col)]
+        parts: list[np.ndarray] = []
+        for _ in range(p.n_asks):
+            i, (_, lv, b0, b1) = next(asks)
+            b = _to_buckets(sorted(by_ask.get(i, []), key=lambda r: r[0]), len(_STEPS.values), pick)
+            if i == p.first_ask and p.level:
+                b = _dense(b, b0, b1, 1)
+            if len(b):
+                parts.append(_frame_from_buckets(b, [col], lv))
+        if p.raw is not None:
+            arr = _floats(sorted(raw.get(rid, []), key=lambda r: r[0]), 3)
+            parts.append(_frame_from_raw(arr[:, 0].astype(np.int64), arr[:, 1], arr[:, 2:], [col]))
+        frame = _df(np.vstack(parts), [col]) if parts else _df(np.zeros((0, 8)), [col])
+        out[rid] = frame[frame["n"] > 0].reset_index(drop=True)
+    for rid in wanted:
+        if rid not in out and rid in states:
+            out[rid] = read_series(db, rid, [wanted[rid]], max_buckets=max_buckets).combined()
+    return out
+
+
+@dataclass
+class _Plan:
+    """What ``_read_in`` reads of one run: bucket ranges (level, b0, b1), raw (lo, hi)."""
+
+    level: int
+    buckets: list[tuple[int, int, int]]
+    raw: tuple[int, int] | None
+    first_ask: int = 0
+    n_asks: int = 0
+
+
+def _plan(state: _State, max_buckets: int) -> _Plan:
+    if state.max_step is None or state.first_step is None:
+        return _Plan(0, [], None)
+    lo, hi, done = state.first_step, state.max_step, state.done
+    level = choose_level(hi - lo + 1, max_buckets)
+    if level == 0:
+        return _Plan(0, [], (lo, hi))
+    b0 = lo >> level
+    b1 = min(hi >> level, done.get(level, -1))
+    buckets = [(level, b0, b1)]
+    pos = max((b1 + 1) << level, lo)
+    for lower in range(level - 1, BASE_LEVEL - 1, -1):
+        size = 1 << lower
+        while pos % size == 0 and pos + size - 1 <= hi and (pos >> lower) <= done.get(lower, -1):
+            buckets.append((lower, pos >> lower, pos >> lower))
+            pos += size
+    return _Plan(level, buckets, (pos, hi) if pos <= hi else None)
+
+
+def _bucket_asks(plans: Mapping[int, _Plan]) -> list[tuple[int, int, int, int]]:
+    """(run, level, b0, b1) of every plan in order; sets each plan's first_ask/n_asks."""
+    asks: list[tuple[int, int, int, int]] = []
+    for rid, p in plans.items():
+        p.first_ask, p.n_asks = len(asks), len(p.buckets)
+        asks += [(rid, lv, b0, b1) for lv, b0, b1 in p.buckets]
+    return asks
+
+
+def _states(conn: Connection, run_ids: Sequence[int]) -> dict[int, _State]:
+    """``_state`` of each of the runs that exist, in one statement."""
+    w = "run_id = r.id"
+    levels = list(range(BASE_LEVEL, MAX_LEVEL + 1))
+    raw, roll = _STEPS.raw_table, _STEPS.rollup_table
+    subs = [
+        f"(SELECT MAX(step) FROM {raw} WHERE {w})",
+        f"(SELECT MIN(step) FROM {raw} WHERE {w})",
+        f"(SELECT MIN(step) FROM {raw} WHERE {w} AND step >= "
+        f"(COALESCE((SELECT MAX(bucket) FROM {roll} WHERE {w} "
+        f"AND level = {BASE_LEVEL}), -1) + 1) * {1 << BASE_LEVEL})",
+        *(f"(SELECT MAX(bucket) FROM {roll} WHERE {w} AND level = {lv})" for lv in levels),
+    ]
+    ids = ", ".join(str(int(r)) for r in run_ids)
+    rows = _fetch(conn, f"SELECT r.id, {', '.join(subs)} FROM runs r WHERE r.id IN ({ids})", {})
+    out = {}
+    for row in rows:
+        v = [None if x is None else int(x) for x in row]
+        done = {lv: b for lv, b in zip(levels, v[4:], strict=True) if b is not None}
+        out[v[0]] = _State(v[1], v[2], done, v[3])
+    return out
+
+
+def _union_fetch(conn: Connection, selects: Sequence[str]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(selects), _UNION_CHUNK):
+        rows += _fetch(conn, " UNION ALL ".join(selects[i : i + _UNION_CHUNK]), {})
+    return rows

@@ -114,6 +114,34 @@ def latest_steps(db: Database, run_id: int, columns: Sequence[str], limit: int) 
     return pd.DataFrame([tuple(r) for r in rows], columns=wanted, dtype=object)
 
 
+def latest_steps_of_runs(
+    db: Database, columns: Sequence[str], limit: int
+) -> dict[int, list[tuple[Any, ...]]]:
+    """``latest_steps`` of every run in one query: run id -> its last ``limit`` step rows
+    (step, wall_time, ``columns``), newest first; a run without steps is left out.
+
+    Each run's rows are found from an index lookup of its ``limit``-th newest step (a
+    window function would rank every stored step)."""
+    wanted = ["step", "wall_time", *columns]
+    bad = set(wanted) - set(STEP_COLUMNS)
+    if bad:
+        raise InvalidInput(f"columns {sorted(bad)} are not step columns")
+    if limit < 1:
+        raise InvalidInput(f"limit must be >= 1, got {limit}")
+    sql = text(
+        f"SELECT s.run_id, {', '.join('s.' + c for c in wanted)} FROM runs r "
+        "JOIN steps s ON s.run_id = r.id AND s.step >= COALESCE(("
+        "SELECT s2.step FROM steps s2 WHERE s2.run_id = r.id "
+        "ORDER BY s2.step DESC LIMIT 1 OFFSET :skip), s.step) "
+        "ORDER BY s.run_id, s.step DESC"
+    )
+    out: dict[int, list[tuple[Any, ...]]] = {}
+    with db.begin() as conn:
+        for row in conn.execute(sql, {"skip": int(limit) - 1}):
+            out.setdefault(int(row[0]), []).append(tuple(row[1:]))
+    return out
+
+
 def steps_with_data(db: Database, run_id: int) -> list[int]:
     """Every step with a step row or a metric, sorted."""
     with db.begin() as conn:
