@@ -21,6 +21,7 @@ import pandas as pd
 
 from monitor.analytics.stall import STALL_FACTOR, STALL_MIN_SECONDS, is_stalled
 from monitor.charts.markers import alert_marker_frame, note_marker_frame
+from monitor.charts.tables import sparkline
 from monitor.errors import (
     ConfigError,
     DatabaseUnavailable,
@@ -311,7 +312,7 @@ class DashboardData(store_series.SeriesReads):
                 continue  # deleted meanwhile
             st = self._state_from_rows(info, latest.get(rid, []))
             has_kl = rid in kl_column
-            trend = _spark(trends[rid], kl_column[rid]) if rid in trends else ""
+            trend = sparkline(trends[rid]) if rid in trends else ""
             records.append(
                 {
                     "id": info.id,
@@ -487,11 +488,3 @@ def _kl_label(summary: dict[str, Any]) -> str:
     return KLQuantity(
         _kl_column(summary["kl_quantity"]), summary["kl_quantity"].partition(" from ")[2] or None
     ).label()
-
-
-def _spark(frame: pd.DataFrame, column: str) -> str:
-    from monitor.charts.tables import sparkline
-
-    if frame.empty or column not in frame:
-        return ""
-    return sparkline(frame[column].to_numpy(dtype=float))
