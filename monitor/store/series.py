@@ -980,65 +980,54 @@ def read_sparklines(
     """The values of ``read_series(db, run, [column], max_buckets=...).combined()[column]``
     for many runs at once: run id -> float64 array, for ``columns`` (run id -> one step
     column). A few statements whatever the number of runs: every run's rollup state, then
-    its buckets and its raw tail rows.
-    A run whose rollups are behind is read (and its rollups brought up to date) by
-    ``read_series``."""
+    its buckets and its raw tail rows. A run whose rollups are behind is read (and its
+    rollups brought up to date) by ``read_series``."""
     wanted = {int(r): _check_columns([c])[0] for r, c in columns.items()}
     if not wanted:
         return {}
-    out: dict[int, np.ndarray] = {}
     with db.begin() as conn:
         states = _states(conn, sorted(wanted))
-        plans = {}
-        for rid, state in states.items():
-            if state.needs_refresh():
-                continue
-            plans[rid] = _plan(state, max_buckets)
+        plans = {r: _plan(st, max_buckets) for r, st in states.items() if not st.needs_refresh()}
+        asks = [(r, *b) for r, p in plans.items() for b in p.buckets]
         bucket_rows = _union_fetch(
             conn,
             [
-                f"SELECT {i}, {', '.join(_ROLLUP_COLUMNS)} FROM {_STEPS.rollup_table} "
-                f"WHERE run_id = {rid} AND level = {lv} AND bucket >= {b0} AND bucket <= {b1}"
-                for i, (rid, lv, b0, b1) in enumerate(_bucket_asks(plans))
+                f"SELECT {i}, bucket, n, stats FROM {_STEPS.rollup_table} WHERE run_id = {r} "
+                f"AND level = {lv} AND bucket >= {b0} AND bucket <= {b1}"
+                for i, (r, lv, b0, b1) in enumerate(asks)
             ],
         )
         raw_rows = _union_fetch(
             conn,
             [
-                f"SELECT {rid}, step, wall_time, {wanted[rid]} FROM {_STEPS.raw_table} "
-                f"WHERE run_id = {rid} AND step >= {p.raw[0]} AND step <= {p.raw[1]}"
-                for rid, p in plans.items()
+                f"SELECT {r}, step, {wanted[r]} FROM {_STEPS.raw_table} "
+                f"WHERE run_id = {r} AND step >= {p.raw[0]} AND step <= {p.raw[1]}"
+                for r, p in plans.items()
                 if p.raw is not None
             ],
         )
-    by_ask: dict[int, list[tuple[Any, ...]]] = {}
-    for row in bucket_rows:
-        by_ask.setdefault(int(row[0]), []).append(tuple(row[1:]))
-    raw: dict[int, list[tuple[Any, ...]]] = {}
-    for row in raw_rows:
-        raw.setdefault(int(row[0]), []).append(tuple(row[1:]))
-    asks = iter(enumerate(_bucket_asks(plans)))
-    for rid, p in plans.items():
-        col = wanted[rid]
-        pick = [_STEPS.values.index(col)]
-        parts: list[np.ndarray] = []
-        for _ in range(p.n_asks):
-            i, (_, lv, b0, b1) = next(asks)
-            b = _to_buckets(sorted(by_ask.get(i, []), key=lambda r: r[0]), len(_STEPS.values), pick)
-            if i == p.first_ask and p.level:
-                b = _dense(b, b0, b1, 1)
-            if len(b):
-                parts.append(_frame_from_buckets(b, [col], lv))
-        if p.raw is not None:
-            arr = _floats(sorted(raw.get(rid, []), key=lambda r: r[0]), 3)
-            parts.append(_frame_from_raw(arr[:, 0].astype(np.int64), arr[:, 1], arr[:, 2:], [col]))
-        arr = np.vstack(parts) if parts else np.zeros((0, 8))
-        out[rid] = arr[arr[:, 2] > 0, 5]  # the mean of the buckets that hold rows
-    for rid in wanted:
-        if rid not in out and rid in states:
-            frame = read_series(db, rid, [wanted[rid]], max_buckets=max_buckets).combined()
-            out[rid] = frame[wanted[rid]].to_numpy(dtype=float)
+    values: dict[int, list[float]] = {r: [] for r in plans}
+    bucket_rows.sort(key=lambda row: (row[0], row[1]))
+    for i, _, n, blob in bucket_rows:
+        if n:  # combined() leaves out the empty buckets
+            values[asks[i][0]].append(_mean_of(bytes(blob), wanted[asks[i][0]]))
+    raw_rows.sort(key=lambda row: (row[0], row[1]))
+    for r, _, v in raw_rows:
+        values[int(r)].append(np.nan if v is None else float(v))
+    out = {r: np.array(v, dtype=float) for r, v in values.items()}
+    for r in states.keys() - plans.keys():
+        frame = read_series(db, r, [wanted[r]], max_buckets=max_buckets).combined()
+        out[r] = frame[wanted[r]].to_numpy(dtype=float)
     return out
+
+
+def _mean_of(blob: bytes, column: str) -> float:
+    """The bucket mean of ``column`` in a rollup's stats blob (NaN when the blob was
+    written before the column was appended)."""
+    at = (3 * _STEPS.values.index(column) + 2) * _STAT_DTYPE.itemsize
+    if len(blob) < at + _STAT_DTYPE.itemsize:
+        return math.nan
+    return float(np.frombuffer(blob, dtype=_STAT_DTYPE, count=1, offset=at)[0])
 
 
 @dataclass
@@ -1048,8 +1037,6 @@ class _Plan:
     level: int
     buckets: list[tuple[int, int, int]]
     raw: tuple[int, int] | None
-    first_ask: int = 0
-    n_asks: int = 0
 
 
 def _plan(state: _State, max_buckets: int) -> _Plan:
@@ -1069,15 +1056,6 @@ def _plan(state: _State, max_buckets: int) -> _Plan:
             buckets.append((lower, pos >> lower, pos >> lower))
             pos += size
     return _Plan(level, buckets, (pos, hi) if pos <= hi else None)
-
-
-def _bucket_asks(plans: Mapping[int, _Plan]) -> list[tuple[int, int, int, int]]:
-    """(run, level, b0, b1) of every plan in order; sets each plan's first_ask/n_asks."""
-    asks: list[tuple[int, int, int, int]] = []
-    for rid, p in plans.items():
-        p.first_ask, p.n_asks = len(asks), len(p.buckets)
-        asks += [(rid, lv, b0, b1) for lv, b0, b1 in p.buckets]
-    return asks
 
 
 def _states(conn: Connection, run_ids: Sequence[int]) -> dict[int, _State]:
