@@ -21,10 +21,16 @@ from monitor.charts.specs import CHARTS
 from monitor.charts.view import View, parse_query, to_query
 from monitor.dashboard import DashboardSettings, create_app, ids
 from monitor.dashboard.app import render_page
-from monitor.dashboard.data import derive_status, user_message
+from monitor.dashboard.data import (
+    RUN_OVERVIEW_COLUMNS,
+    DashboardData,
+    derive_status,
+    user_message,
+)
 from monitor.dashboard.settings import is_loopback
 from monitor.errors import ConfigError, DatabaseUnavailable, StoreError
 from monitor.ingest.importers import import_path
+from monitor.store import series as store_series
 from monitor.store.database import Database
 from monitor.store.drilldown import add_annotation, write_histograms, write_samples
 from monitor.store.models import AlertEventRow
@@ -710,3 +716,76 @@ def test_runs_overview_and_compare_table_give_the_kl_with_its_unit(app, db: Data
         render_page(app.klmon_data, app.klmon_settings, f"/run/{r['gemma3_grpo_abdo']}", "")
     )
     assert "KL now (k3 from kl, nats/token)" in run_page
+
+
+def _overview_run_by_run(data: DashboardData, run_ids: list[int]) -> list[dict[str, Any]]:
+    """The Runs page rows as the page computed them before, one run at a time: its state
+    from its latest 21 step rows, its current KL and a 12-bucket sparkline of that KL."""
+    from monitor.charts.tables import sparkline
+
+    out = []
+    for rid in run_ids:
+        st = data.run_state(rid)
+        now = data.current_kl(rid) if st.last_step is not None else None
+        trend = ""
+        if now is not None:
+            col = now.quantity.column
+            frame = store_series.read_series(data.db, rid, [col], max_buckets=12).combined()
+            trend = sparkline(frame[col].to_numpy(dtype=float)) if not frame.empty else ""
+        out.append(
+            {
+                "id": rid,
+                "status": st.status,
+                "last_step": st.last_step,
+                "last_update": max(
+                    (t for t in (st.last_wall, st.info.last_seen_at) if t is not None),
+                    default=None,
+                ),
+                "last_kl": None if now is None else now.value,
+                "kl_quantity": None if now is None else now.quantity.label(),
+                "last_reward": st.last.get("reward_mean"),
+                "kl_trend": trend,
+            }
+        )
+    return out
+
+
+def test_runs_overview_reads_all_runs_at_once_with_the_same_rows(db: Database) -> None:
+    """The Runs page builds from the run counters and batched reads; every column equals
+    the run-by-run computation: short and long runs, gaps, a run without steps, one with
+    only k3, one still running whose rollups are behind (then caught up)."""
+    from monitor.store.runs import list_run_ids
+
+    seed(db)
+    _import_grpo_pair(db)
+    now = time.time()
+    get_or_create_run(db, "proj", "empty")
+    short = get_or_create_run(db, "proj", "short")
+    write_steps(
+        db, short.id, [{"step": s, "wall_time": now + s, "kl_mean": s / 3} for s in range(5)]
+    )
+    long = get_or_create_run(db, "proj", "long-gappy")
+    write_steps(
+        db,
+        long.id,
+        [
+            {"step": s, "wall_time": now - 5000 + s, "kl_mean": np.sin(s / 90), "k3": 0.1}
+            for s in range(0, 3001, 3)
+        ]
+        + [{"step": 3002, "wall_time": now, "reward_mean": 0.5}],
+    )
+    data = DashboardData(db, clock=lambda: now)
+    for _ in range(2):  # first with rollups behind, then with them up to date
+        new = data._runs_overview()
+        assert list(new.columns) == RUN_OVERVIEW_COLUMNS
+        data.clear_cache()
+        old = _overview_run_by_run(data, list_run_ids(db))
+        data.clear_cache()
+        assert len(new) == len(old) == 7
+        for got, want in zip(new.to_dict("records"), old, strict=True):
+            for key, value in want.items():
+                g = got[key]
+                g = None if isinstance(g, float) and np.isnan(g) else g
+                assert g == value, (got["name"], key, g, value)
+    assert new.set_index("name").loc["long-gappy", "kl_trend"]
+    assert new.set_index("name").loc["empty", "kl_trend"] == ""

@@ -21,6 +21,7 @@ import pandas as pd
 
 from monitor.analytics.stall import STALL_FACTOR, STALL_MIN_SECONDS, is_stalled
 from monitor.charts.markers import alert_marker_frame, note_marker_frame
+from monitor.charts.tables import sparkline
 from monitor.errors import (
     ConfigError,
     DatabaseUnavailable,
@@ -42,11 +43,12 @@ from monitor.store import (
     event_markers,
     get_runs,
     latest_steps,
-    list_run_ids,
+    latest_steps_of_runs,
     nearest_sample_step,
     open_event_counts,
     read_metric_info,
     read_samples,
+    run_summaries,
     sample_step_range,
 )
 from monitor.store import current_kl as kl_store
@@ -168,6 +170,8 @@ RUN_OVERVIEW_COLUMNS = [
     "open_alerts",
     "kl_trend",
 ]
+_STATE_ROWS = 21  # latest step rows that give a run's last values and step interval
+_SPARK_BUCKETS = 12  # the Runs page sparkline: at most 24 points
 HEADLINE_COLUMNS = (
     "kl_mean",
     "kl_p95",
@@ -235,10 +239,15 @@ class DashboardData(store_series.SeriesReads):
     def _run_state(self, run_id: int) -> RunState:
         info = self.run(run_id)
         rows = list(
-            latest_steps(self.db, run_id, HEADLINE_COLUMNS, limit=21).itertuples(
+            latest_steps(self.db, run_id, HEADLINE_COLUMNS, limit=_STATE_ROWS).itertuples(
                 index=False, name=None
             )
         )
+        return self._state_from_rows(info, rows)
+
+    def _state_from_rows(self, info: RunInfo, rows: Sequence[Sequence[Any]]) -> RunState:
+        """A run's state from its latest step rows (step, wall_time, HEADLINE_COLUMNS),
+        newest first: the last value of each headline column and the median step interval."""
         last: dict[str, float] = {}
         last_step = last_wall = median = None
         if rows:
@@ -282,21 +291,28 @@ class DashboardData(store_series.SeriesReads):
         return self._cache.get(("overview",), 3.0, self._runs_overview)
 
     def _runs_overview(self) -> pd.DataFrame:
-        ids = list_run_ids(self.db)
+        # A constant number of reads whatever the number of runs: the run counters with
+        # each run's current KL, the run rows, every run's latest step rows, the open alerts
+        # and the sparkline points.
+        summaries = run_summaries(self.db)
+        infos = get_runs(self.db, [int(r["id"]) for r in summaries])
+        latest = latest_steps_of_runs(self.db, HEADLINE_COLUMNS, limit=_STATE_ROWS)
         open_alerts = open_event_counts(self.db)
+        kl_column = {
+            int(r["id"]): _kl_column(r["kl_quantity"])
+            for r in summaries
+            if r["last_kl"] is not None and int(r["id"]) in latest
+        }
+        trends = store_series.read_sparklines(self.db, kl_column, max_buckets=_SPARK_BUCKETS)
         records = []
-        for rid in ids:
-            try:
-                st = self.run_state(rid)
-            except NotFound:
+        for rec in summaries:
+            rid = int(rec["id"])
+            info = infos.get(rid)
+            if info is None:
                 continue  # deleted meanwhile
-            trend = ""
-            now = self.current_kl(rid) if st.last_step is not None else None
-            if now is not None:
-                col = now.quantity.column
-                s = store_series.read_series(self.db, rid, [col], max_buckets=12)
-                trend = _spark(s.combined(), col)
-            info = st.info
+            st = self._state_from_rows(info, latest.get(rid, []))
+            has_kl = rid in kl_column
+            trend = sparkline(trends[rid]) if rid in trends else ""
             records.append(
                 {
                     "id": info.id,
@@ -310,8 +326,8 @@ class DashboardData(store_series.SeriesReads):
                         (t for t in (st.last_wall, info.last_seen_at) if t is not None),
                         default=None,
                     ),
-                    "last_kl": None if now is None else now.value,
-                    "kl_quantity": None if now is None else now.quantity.label(),
+                    "last_kl": rec["last_kl"] if has_kl else None,
+                    "kl_quantity": _kl_label(rec) if has_kl else None,
                     "last_reward": st.last.get("reward_mean"),
                     "open_alerts": int(open_alerts.get(rid, 0)),
                     "kl_trend": trend,
@@ -462,9 +478,13 @@ class DashboardData(store_series.SeriesReads):
         return sample_step_range(self.db, run_id)
 
 
-def _spark(frame: pd.DataFrame, column: str) -> str:
-    from monitor.charts.tables import sparkline
+def _kl_column(quantity_name: str) -> str:
+    """The step column of a ``KLQuantity.name`` (``k3`` of ``k3 from kl``)."""
+    return quantity_name.split(" from ", 1)[0]
 
-    if frame.empty or column not in frame:
-        return ""
-    return sparkline(frame[column].to_numpy(dtype=float))
+
+def _kl_label(summary: dict[str, Any]) -> str:
+    """``KLQuantity.label()`` of a run summary's current KL."""
+    return KLQuantity(
+        _kl_column(summary["kl_quantity"]), summary["kl_quantity"].partition(" from ")[2] or None
+    ).label()

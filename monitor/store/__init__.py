@@ -93,6 +93,7 @@ _HOME: dict[str, str] = {
     "write_step_records": "step_writes",
     "write_steps": "step_writes",
     "latest_steps": "steps",
+    "latest_steps_of_runs": "steps",
     "metric_names": "steps",
     "read_metrics": "steps",
     "read_metrics_by_suffix": "steps",

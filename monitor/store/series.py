@@ -966,3 +966,123 @@ def _int_list_from_json(value: Any) -> list[int]:
 
         value = json.loads(value)
     return [int(v) for v in value]
+
+
+# --------------------------------------------------------------------------- many runs
+
+#: Selects per UNION ALL statement (SQLite allows 500 compound members).
+_UNION_CHUNK = 400
+
+
+def read_sparklines(
+    db: Database, columns: Mapping[int, str], *, max_buckets: int = 12
+) -> dict[int, np.ndarray]:
+    """The values of ``read_series(db, run, [column], max_buckets=...).combined()[column]``
+    for many runs at once: run id -> float64 array, for ``columns`` (run id -> one step
+    column). A few statements whatever the number of runs: every run's rollup state, then
+    its buckets and its raw tail rows. A run whose rollups are behind is read (and its
+    rollups brought up to date) by ``read_series``."""
+    wanted = {int(r): _check_columns([c])[0] for r, c in columns.items()}
+    if not wanted:
+        return {}
+    with db.begin() as conn:
+        states = _states(conn, sorted(wanted))
+        plans = {r: _plan(st, max_buckets) for r, st in states.items() if not st.needs_refresh()}
+        asks = [(r, *b) for r, p in plans.items() for b in p.buckets]
+        bucket_rows = _union_fetch(
+            conn,
+            [
+                f"SELECT {i}, bucket, n, stats FROM {_STEPS.rollup_table} WHERE run_id = {r} "
+                f"AND level = {lv} AND bucket >= {b0} AND bucket <= {b1}"
+                for i, (r, lv, b0, b1) in enumerate(asks)
+            ],
+        )
+        raw_rows = _union_fetch(
+            conn,
+            [
+                f"SELECT {r}, step, {wanted[r]} FROM {_STEPS.raw_table} "
+                f"WHERE run_id = {r} AND step >= {p.raw[0]} AND step <= {p.raw[1]}"
+                for r, p in plans.items()
+                if p.raw is not None
+            ],
+        )
+    values: dict[int, list[float]] = {r: [] for r in plans}
+    bucket_rows.sort(key=lambda row: (row[0], row[1]))
+    for i, _, n, blob in bucket_rows:
+        if n:  # combined() leaves out the empty buckets
+            values[asks[i][0]].append(_mean_of(bytes(blob), wanted[asks[i][0]]))
+    raw_rows.sort(key=lambda row: (row[0], row[1]))
+    for r, _, v in raw_rows:
+        values[int(r)].append(np.nan if v is None else float(v))
+    out = {r: np.array(v, dtype=float) for r, v in values.items()}
+    for r in states.keys() - plans.keys():
+        frame = read_series(db, r, [wanted[r]], max_buckets=max_buckets).combined()
+        out[r] = frame[wanted[r]].to_numpy(dtype=float)
+    return out
+
+
+def _mean_of(blob: bytes, column: str) -> float:
+    """The bucket mean of ``column`` in a rollup's stats blob (NaN when the blob was
+    written before the column was appended)."""
+    at = (3 * _STEPS.values.index(column) + 2) * _STAT_DTYPE.itemsize
+    if len(blob) < at + _STAT_DTYPE.itemsize:
+        return math.nan
+    return float(np.frombuffer(blob, dtype=_STAT_DTYPE, count=1, offset=at)[0])
+
+
+@dataclass
+class _Plan:
+    """What ``_read_in`` reads of one run: bucket ranges (level, b0, b1), raw (lo, hi)."""
+
+    level: int
+    buckets: list[tuple[int, int, int]]
+    raw: tuple[int, int] | None
+
+
+def _plan(state: _State, max_buckets: int) -> _Plan:
+    if state.max_step is None or state.first_step is None:
+        return _Plan(0, [], None)
+    lo, hi, done = state.first_step, state.max_step, state.done
+    level = choose_level(hi - lo + 1, max_buckets)
+    if level == 0:
+        return _Plan(0, [], (lo, hi))
+    b0 = lo >> level
+    b1 = min(hi >> level, done.get(level, -1))
+    buckets = [(level, b0, b1)]
+    pos = max((b1 + 1) << level, lo)
+    for lower in range(level - 1, BASE_LEVEL - 1, -1):
+        size = 1 << lower
+        while pos % size == 0 and pos + size - 1 <= hi and (pos >> lower) <= done.get(lower, -1):
+            buckets.append((lower, pos >> lower, pos >> lower))
+            pos += size
+    return _Plan(level, buckets, (pos, hi) if pos <= hi else None)
+
+
+def _states(conn: Connection, run_ids: Sequence[int]) -> dict[int, _State]:
+    """``_state`` of each of the runs that exist, in one statement."""
+    w = "run_id = r.id"
+    levels = list(range(BASE_LEVEL, MAX_LEVEL + 1))
+    raw, roll = _STEPS.raw_table, _STEPS.rollup_table
+    subs = [
+        f"(SELECT MAX(step) FROM {raw} WHERE {w})",
+        f"(SELECT MIN(step) FROM {raw} WHERE {w})",
+        f"(SELECT MIN(step) FROM {raw} WHERE {w} AND step >= "
+        f"(COALESCE((SELECT MAX(bucket) FROM {roll} WHERE {w} "
+        f"AND level = {BASE_LEVEL}), -1) + 1) * {1 << BASE_LEVEL})",
+        *(f"(SELECT MAX(bucket) FROM {roll} WHERE {w} AND level = {lv})" for lv in levels),
+    ]
+    ids = ", ".join(str(int(r)) for r in run_ids)
+    rows = _fetch(conn, f"SELECT r.id, {', '.join(subs)} FROM runs r WHERE r.id IN ({ids})", {})
+    out = {}
+    for row in rows:
+        v = [None if x is None else int(x) for x in row]
+        done = {lv: b for lv, b in zip(levels, v[4:], strict=True) if b is not None}
+        out[v[0]] = _State(v[1], v[2], done, v[3])
+    return out
+
+
+def _union_fetch(conn: Connection, selects: Sequence[str]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(selects), _UNION_CHUNK):
+        rows += _fetch(conn, " UNION ALL ".join(selects[i : i + _UNION_CHUNK]), {})
+    return rows
