@@ -35,16 +35,9 @@ from monitor.store.runs import get_or_create_run
 from monitor.store.schema import upgrade
 from monitor.store.steps import write_steps
 
-RULES = """
-[[rule]]
-name = "kl-over-budget"
-detector = "budget"
-severity = "critical"
-for = 1
-[rule.params]
-value = 1.0
-halflife_rows = 0.0
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.alerts import INSTANT_BUDGET_RULE
+
 GIVE_UP_S = 240.0
 
 
@@ -141,7 +134,7 @@ def scenario(mode: str, args: argparse.Namespace, tree: Path) -> tuple[float, fl
         upgrade(engine)
         engine.dispose()
         rules = Path(tmp) / "rules.toml"
-        rules.write_text(RULES)
+        rules.write_text(INSTANT_BUDGET_RULE)
         env = {
             **os.environ,
             "PYTHONPATH": str(tree),

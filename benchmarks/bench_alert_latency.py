@@ -19,6 +19,7 @@ import logging
 import random
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -37,16 +38,9 @@ from monitor.store.runs import get_or_create_run
 from monitor.store.schema import upgrade
 from monitor.store.steps import write_steps
 
-RULES = """
-[[rule]]
-name = "kl-over-budget"
-detector = "budget"
-severity = "critical"
-for = 1
-[rule.params]
-value = 1.0
-halflife_rows = 0.0
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.alerts import INSTANT_BUDGET_RULE
+
 TARGET_S = 5.0
 
 
@@ -100,7 +94,7 @@ def trials_on(
     url: str, settings: AlertSettings, inbox: Inbox, interval: float, n: int
 ) -> list[float]:
     db = Database.open(url)
-    engine = AlertEngine(db, parse_rules(RULES), settings=settings)
+    engine = AlertEngine(db, parse_rules(INSTANT_BUDGET_RULE), settings=settings)
     stop = threading.Event()
     watcher = threading.Thread(target=engine.watch, kwargs={"interval": interval, "stop": stop})
     watcher.start()

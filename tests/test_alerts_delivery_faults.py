@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.alerts import TEST_DETECTORS, Clock, add_steps, free_port, new_run, rules
+from support.alerts import (
+    INSTANT_BUDGET_RULE,
+    TEST_DETECTORS,
+    Clock,
+    add_steps,
+    free_port,
+    new_run,
+    rules,
+)
 
 from monitor.alerts import AlertEngine, AlertSettings
 from monitor.alerts.notify import senders_for
@@ -330,17 +338,6 @@ def test_two_watchers_and_a_slow_webhook_send_each_notification_once(db) -> None
 
 # ----------------------------------------------------------------------------- kill -9
 
-RULES_TOML = """
-[[rule]]
-name = "kl-over-budget"
-detector = "budget"
-severity = "critical"
-for = 1
-[rule.params]
-value = 1.0
-halflife_rows = 0.0
-"""
-
 
 def _watcher(db_url: str, rules_path: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     full = {**os.environ, **env, "KLMON_ALERT_RULES": str(rules_path)}
@@ -360,7 +357,7 @@ def test_a_watcher_killed_after_the_smtp_accept_resends_with_the_same_message_id
     with SIGKILL before it records the send. The next watcher sends it again once the
     lease has expired, with the same Message-ID, and records it once."""
     rules_path = tmp_path / "rules.toml"
-    rules_path.write_text(RULES_TOML)
+    rules_path.write_text(INSTANT_BUDGET_RULE)
     db = Database.open(db_url)
     now = time.time()
     run = get_or_create_run(db, "proj", "killed", now=now).id

@@ -7,22 +7,11 @@ from __future__ import annotations
 import threading
 import time
 
-from support.alerts import smtp_server
+from support.alerts import INSTANT_BUDGET_RULE, smtp_server
 
 from monitor.alerts import AlertEngine, AlertSettings, parse_rules
 from monitor.store.runs import get_or_create_run
 from monitor.store.steps import write_steps
-
-RULES = """
-[[rule]]
-name = "kl-over-budget"
-detector = "budget"
-severity = "critical"
-for = 1
-[rule.params]
-value = 1.0
-halflife_rows = 0.0
-"""
 
 
 def test_alert_email_arrives_within_5_seconds_of_the_step(db) -> None:
@@ -34,7 +23,7 @@ def test_alert_email_arrives_within_5_seconds_of_the_step(db) -> None:
     with smtp_server() as smtp:
         engine = AlertEngine(
             db,
-            parse_rules(RULES),
+            parse_rules(INSTANT_BUDGET_RULE),
             settings=AlertSettings.from_env(smtp.settings_env()),
         )
         passes: list[float] = []

@@ -29,6 +29,19 @@ from monitor.store.database import Database
 from monitor.store.runs import get_or_create_run
 from monitor.store.steps import write_steps
 
+#: One critical rule that fires on the first step whose KL exceeds 1 (no smoothing): the
+#: latency and delivery tests and benchmarks time from such a step to its notification.
+INSTANT_BUDGET_RULE = """
+[[rule]]
+name = "kl-over-budget"
+detector = "budget"
+severity = "critical"
+for = 1
+[rule.params]
+value = 1.0
+halflife_rows = 0.0
+"""
+
 T0 = 1_800_000_000.0
 
 
