@@ -45,20 +45,42 @@ from monitor.divergence._constants import (
 from monitor.divergence._numpy_kernel import run_numpy
 from monitor.divergence._passes import BadChunk, KernelOut
 from monitor.divergence._summary import Partial, StepSummary, finalize
-from monitor.divergence.inputs import Batch, check_scalar, first_problem, prepare
+from monitor.divergence.inputs import (
+    Batch,
+    check_scalar,
+    check_token_ids,
+    first_problem,
+    prepare,
+)
+from monitor.divergence.ledger import (
+    LEDGER_K,
+    VOCAB_TOP_N,
+    LedgerTop,
+    TokenLedger,
+    merge_ledgers,
+    token_ledger,
+    top_rows,
+)
 from monitor.errors import InvalidInput
 
 __all__ = [
     "HIST_EDGES",
+    "LEDGER_K",
     "LOGPROB_TOLERANCE",
     "SCALAR_FIELDS",
     "TOP_FRACTION",
+    "VOCAB_TOP_N",
+    "LedgerTop",
     "StepSummary",
+    "TokenLedger",
     "kernel",
+    "merge_ledgers",
     "merge_partials",
     "partials",
     "sequence_kl",
     "summarize",
+    "token_ledger",
+    "top_rows",
 ]
 
 
@@ -87,6 +109,7 @@ def summarize(
     kl_coef: float | None = None,
     rollout_logprobs: Any = None,
     entropies: Any = None,
+    token_ids: Any = None,
 ) -> StepSummary:
     """The :class:`StepSummary` of one step.
 
@@ -94,10 +117,20 @@ def summarize(
     ``mask`` (bool or 0/1, same shape; None: every position counts), or lists of 1-D
     sequences (``mask`` then None or a matching list). ``rewards``: (B,). ``entropies`` and
     ``rollout_logprobs`` (the inference engine's log-probs): per token, shaped like the
-    log-probs. ``kl_coef`` is passed through.
+    log-probs. ``kl_coef`` is passed through. ``token_ids``: the sampled ids, (B, T) ints
+    aligned with the log-probs (or a matching list of sequences): the summary then carries
+    the step's :class:`~monitor.divergence.ledger.TokenLedger` (``ledger``) and
+    ``vocab_top_share``; without them both are None.
     """
     part = _partial(
-        policy_logprobs, ref_logprobs, mask, rewards, kl_coef, rollout_logprobs, entropies
+        policy_logprobs,
+        ref_logprobs,
+        mask,
+        rewards,
+        kl_coef,
+        rollout_logprobs,
+        entropies,
+        token_ids,
     )
     return finalize([part], kl_coef)
 
@@ -111,16 +144,26 @@ def partials(
     kl_coef: float | None = None,
     rollout_logprobs: Any = None,
     entropies: Any = None,
+    token_ids: Any = None,
 ) -> dict[str, Any]:
     """Sufficient statistics of this rank's shard of a step, as a JSON-serialisable dict.
 
     Same arguments as :func:`summarize`. Combine the dicts of all ranks with
     :func:`merge_partials`. Holds counts, float64 sums, the per-sequence KLs and rewards (so
     quantiles and standard deviations merge exactly), the token histogram, the sum of the
-    positive l_t and the shard's top ``ceil(1% n_tokens)`` positive l_t.
+    positive l_t and the shard's top ``ceil(1% n_tokens)`` positive l_t, and with
+    ``token_ids`` the shard's whole token ledger (every distinct id: count and sum of l_t),
+    so the merged ledger is exact.
     """
     part = _partial(
-        policy_logprobs, ref_logprobs, mask, rewards, kl_coef, rollout_logprobs, entropies
+        policy_logprobs,
+        ref_logprobs,
+        mask,
+        rewards,
+        kl_coef,
+        rollout_logprobs,
+        entropies,
+        token_ids,
     )
     return part.to_dict()
 
@@ -154,12 +197,19 @@ def _partial(
     kl_coef: float | None,
     rollout: Any,
     entropies: Any,
+    token_ids: Any = None,
 ) -> Partial:
     batch = prepare(policy, ref, mask, rollout=rollout, entropies=entropies, rewards=rewards)
     if kl_coef is not None:
         kl_coef = check_scalar(kl_coef, "kl_coef")
+    ids = None
+    if token_ids is not None:
+        ids = check_token_ids(token_ids, batch.policy.shape, batch.layout)
     part = _run_kernel(batch, full=True)
-    return Partial(**{**part.__dict__, "rewards": batch.rewards, "kl_coef": kl_coef})
+    ledger = None if ids is None else token_ledger(ids, batch.policy, batch.ref, batch.mask)
+    return Partial(
+        **{**part.__dict__, "rewards": batch.rewards, "kl_coef": kl_coef, "ledger": ledger}
+    )
 
 
 def _run_kernel(batch: Batch, full: bool) -> KernelOut:

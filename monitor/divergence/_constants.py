@@ -45,4 +45,5 @@ SCALAR_FIELDS = (
     "rollout_gap",
     "n_sequences",
     "n_tokens",
+    "vocab_top_share",
 )

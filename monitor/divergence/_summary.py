@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from monitor.divergence._constants import N_BINS, SCALAR_FIELDS, TOP_FRACTION
+from monitor.divergence.ledger import TokenLedger, merge_ledgers, vocab_top_share
 from monitor.errors import InvalidInput
 
 _QUANTILES = (0.05, 0.50, 0.95, 0.99)
@@ -47,6 +48,8 @@ class StepSummary:
     n_tokens: int
     seq_kl: np.ndarray
     token_hist: np.ndarray
+    vocab_top_share: float | None = None
+    ledger: TokenLedger | None = None  # the whole step's, when token_ids were given
 
     def as_dict(self) -> dict[str, float | int | None]:
         """The scalar fields (the ``steps`` columns) as plain Python numbers."""
@@ -75,9 +78,11 @@ class Partial:
     token_hist: np.ndarray
     rewards: np.ndarray | None
     kl_coef: float | None
+    ledger: TokenLedger | None = None  # the shard's whole token ledger (token_ids given)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "ledger": None if self.ledger is None else self.ledger.to_dict(),
             "format": _PARTIAL_FORMAT,
             "n_sequences": len(self.seq_kl),
             "n_tokens": int(self.n_tokens),
@@ -106,7 +111,9 @@ class Partial:
             seq_kl = np.asarray(d["seq_kl"], dtype=np.float64).reshape(-1)
             hist = np.asarray(d["token_hist"], dtype=np.int64).reshape(-1)
             rewards = d.get("rewards")
+            ledger = d.get("ledger")
             part = cls(
+                ledger=None if ledger is None else TokenLedger.from_dict(ledger, where),
                 n_tokens=int(d["n_tokens"]),
                 sum_l=float(d["sum_l"]),
                 sum_half_l2=float(d["sum_half_l2"]),
@@ -145,6 +152,8 @@ def finalize(parts: Sequence[Partial], kl_coef: float | None) -> StepSummary:
         kl_coef = coefs.pop() if len(coefs) == 1 else None
     entropy = _all_or_none([p.sum_entropy for p in parts], "entropies")
     gap = _all_or_none([p.sum_rollout_gap for p in parts], "rollout_logprobs")
+    ledgers = _all_or_none([p.ledger for p in parts], "token_ids")
+    ledger = None if ledgers is None else merge_ledgers(ledgers)
     return StepSummary(
         kl_mean=float(np.mean(seq_kl)),
         kl_std=float(np.std(seq_kl)),
@@ -170,6 +179,8 @@ def finalize(parts: Sequence[Partial], kl_coef: float | None) -> StepSummary:
         n_tokens=n_tok,
         seq_kl=seq_kl,
         token_hist=np.sum([p.token_hist for p in parts], axis=0, dtype=np.int64),
+        vocab_top_share=None if ledger is None else vocab_top_share(ledger),
+        ledger=ledger,
     )
 
 

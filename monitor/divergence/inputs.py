@@ -374,3 +374,51 @@ def check_scalar(x: Any, name: str) -> float:
     if not math.isfinite(v):
         raise InvalidInput(f"{name} is {v}: it must be finite")
     return v
+
+
+def check_token_ids(token_ids: Any, shape: tuple[int, ...], layout: Layout) -> np.ndarray:
+    """``token_ids`` as a (B, T) int64 array of the log-probs' ``shape``: integers (any
+    integer dtype, or integral floats refused: ids are never floats), non-negative
+    everywhere (padding included: pad with 0, not -100). A list of 1-D sequences is padded
+    like the log-probs."""
+    name = "token_ids"
+    if is_sequence_list(token_ids):
+        seqs = [to_numpy(s, f"{name}[{i}]") for i, s in enumerate(token_ids)]
+        for i, s in enumerate(seqs):
+            if s.ndim != 1:
+                raise InvalidInput(f"{name}[{i}] has shape {s.shape}: each sequence must be 1-D")
+            _int_dtype(s, f"{name}[{i}]")
+        if len(seqs) != shape[0]:
+            raise InvalidInput(
+                f"{name} has {len(seqs)} sequences but policy_logprobs has {shape[0]}"
+            )
+        a = np.zeros(shape, dtype=np.int64)
+        for i, s in enumerate(seqs):
+            if len(s) > shape[1]:
+                raise InvalidInput(
+                    f"{name}[{i}] has {len(s)} tokens but policy_logprobs[{i}] has fewer"
+                )
+            a[i, : len(s)] = s
+    else:
+        a = to_numpy(token_ids, name)
+        _int_dtype(a, name)
+        if a.ndim == 1 and len(shape) == 2 and shape[0] == 1:
+            a = a.reshape(1, -1)
+        if a.shape != tuple(shape):
+            raise InvalidInput(
+                f"{name} has shape {a.shape} but policy_logprobs has shape {tuple(shape)}: "
+                "they must match"
+            )
+        a = a.astype(np.int64, copy=False)
+    if a.size and a.min() < 0:
+        i, j = np.unravel_index(int(np.argmin(a)), a.shape)
+        where = position(name, int(i), int(j), layout)
+        raise InvalidInput(
+            f"{where} is {a[i, j]}: token ids must be >= 0 (pad with 0, the mask hides padding)"
+        )
+    return a
+
+
+def _int_dtype(a: np.ndarray, name: str) -> None:
+    if a.dtype.kind not in "iu":
+        raise InvalidInput(f"{name} has dtype {a.dtype}: expected integer token ids")

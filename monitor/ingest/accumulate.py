@@ -15,7 +15,7 @@ import numpy as np
 
 from monitor.errors import InvalidInput
 from monitor.ingest.step_input import EMPTY_RESPONSES_METRIC, all_empty_reason
-from monitor.ingest.tensors import resolve_arrays
+from monitor.ingest.tensors import now, resolve_arrays
 from monitor.ingest.writer import StepItem
 
 #: Extra metric: parts of a step left out because they were invalid (``on_invalid="log"``).
@@ -97,7 +97,19 @@ def merge_parts(parts: Sequence[StepItem]) -> StepItem:
         tokens=_cat_tokens(parts, masks),
         metrics=metrics or None,
         extra=extra,
+        token_ids=_cat_token_ids(parts, width),
+        token_ids_problem=next(
+            (p.token_ids_problem for p in parts if p.token_ids_problem is not None), None
+        ),
     )
+
+
+def _cat_token_ids(parts: Sequence[StepItem], width: int) -> np.ndarray | None:
+    """The parts' ids padded like the log-probs (0 outside the mask); None unless every part
+    carries usable ids (a step's ledger is of all its tokens or none)."""
+    if any(p.token_ids is None for p in parts):
+        return None
+    return _pad_cat([now(p.token_ids) for p in parts], width)
 
 
 def _full_mask(p: StepItem) -> np.ndarray:

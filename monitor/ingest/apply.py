@@ -69,6 +69,8 @@ def to_step_record(rec: Mapping[str, Any], quantities: Sequence[str] | None = No
         hist=rec.get("hist"),
         samples=[_clean_sample(x) for x in rec.get("samples") or ()],
         metrics=_clean_metrics(rec.get("metrics")),
+        ledger=rec.get("ledger"),
+        vocab=rec.get("vocab") or (),
     )
 
 

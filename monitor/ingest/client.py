@@ -44,8 +44,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from monitor.config import db_url
+from monitor.divergence.ledger import LEDGER_K, LEDGER_K_MAX
 from monitor.errors import ConfigError, InvalidInput
 from monitor.ingest.accumulate import OpenStep
+from monitor.ingest.records import TOKEN_IDS_REJECTED_METRIC
 from monitor.ingest.spool import ENV_SPOOL_DIR, SpoolWriter, spool_dir
 from monitor.ingest.step_input import (
     EMPTY_RESPONSES_METRIC,
@@ -59,6 +61,7 @@ from monitor.ingest.text import (
     check_name,
     clean_json,
 )
+from monitor.ingest.vocab import Vocabulary
 from monitor.ingest.writer import (
     BackgroundWriter,
     ControlItem,
@@ -97,6 +100,8 @@ def init(
     flush_interval: float = 0.1,
     fsync_interval: float | None = 1.0,
     exit_timeout: float | None = None,
+    tokenizer: Any = None,
+    ledger_k: int = LEDGER_K,
 ) -> Run:
     """Start (or resume) logging the run ``project``/``name``.
 
@@ -115,6 +120,9 @@ def init(
     the background thread before ``log_step`` spills raw steps to the spool (memory bound).
     ``exit_timeout``: how long interpreter exit waits for the database (default
     ``$KLMON_EXIT_TIMEOUT`` or 5 s); what is left stays in the spool for ``klmon sync``.
+    ``tokenizer``: how to turn the ``token_ids`` of ``log_step`` into text (see
+    :meth:`Run.set_vocabulary`); ``ledger_k``: how many token ids each step's ledger keeps
+    on each side (largest positive and most negative sums of ``log p - log q``).
     """
     return Run(
         project,
@@ -134,6 +142,8 @@ def init(
         flush_interval=flush_interval,
         fsync_interval=fsync_interval,
         exit_timeout=exit_timeout,
+        tokenizer=tokenizer,
+        ledger_k=ledger_k,
     )
 
 
@@ -161,6 +171,8 @@ class Run:
         flush_interval: float = 0.1,
         fsync_interval: float | None = 1.0,
         exit_timeout: float | None = None,
+        tokenizer: Any = None,
+        ledger_k: int = LEDGER_K,
     ) -> None:
         project = check_name(project, "project", PROJECT_MAX)
         name = check_name(name, "name", RUN_NAME_MAX)
@@ -169,6 +181,10 @@ class Run:
         if world_size < 1 or not 0 <= rank < world_size:
             raise InvalidInput(f"rank {rank} is not in [0, world_size={world_size})")
         _check_options(on_invalid, validate, queue_size)
+        ledger_k = _int_arg(ledger_k, "ledger_k")
+        if not 1 <= ledger_k <= LEDGER_K_MAX:
+            raise InvalidInput(f"ledger_k is {ledger_k}: expected 1 to {LEDGER_K_MAX}")
+        vocabulary = None if tokenizer is None else Vocabulary(tokenizer)
         self.validate = validate
         self.project = project
         self.name = name
@@ -188,6 +204,7 @@ class Run:
         self._warned_order = False
         self._warned_metrics = False
         self._warned_empty = False
+        self._warned_token_ids = False
         self._finished = False
         self._forked = False
         self._finish_lock = threading.Lock()
@@ -199,6 +216,7 @@ class Run:
         database = Database.open(self.db_url, check=False)
         self.spool_dir = Path(spool_dir) if spool_dir else _default_dir()
         header = self._header(tags, samples_top=samples_top, samples_random=samples_random)
+        header["ledger_k"] = ledger_k
         self._spool = _open_spool(self.spool_dir, header, fsync_interval)
         self._writer = BackgroundWriter(
             header=header,
@@ -210,6 +228,8 @@ class Run:
                 queue_size=queue_size,
                 queue_bytes=queue_bytes,
                 flush_interval=flush_interval,
+                ledger_k=ledger_k,
+                vocabulary=vocabulary,
             ),
             stats=self._stats,
         )
@@ -254,6 +274,7 @@ class Run:
         metrics: Mapping[str, Any] | None = None,
         rollout_logprobs: Any = None,
         entropies: Any = None,
+        token_ids: Any = None,
     ) -> None:
         """Log one training step (this rank's shard of it in a multi-rank run).
 
@@ -266,7 +287,12 @@ class Run:
         responses)``, B strings each; ``tokens``: B sequences of token strings (aligned with
         the T columns or just the response tokens); ``metrics``: extra scalars by name;
         ``rollout_logprobs``: (B, T) log-probs from the inference engine; ``entropies``: (B, T)
-        per-token entropy when the logits give it.
+        per-token entropy when the logits give it; ``token_ids``: (B, T) integer ids of the
+        sampled tokens, aligned with the log-probs (a list of sequences when those are): the
+        step then stores its token ledger (the ``ledger_k`` ids carrying the most positive
+        and most negative ``log p - log q``) and ``vocab_top_share``. Unusable ids (wrong
+        shape, negative, not integers) never cost the step: it is stored without its ledger,
+        the reason logged and the metric ``klmon/rejected_token_ids`` set to 1.
 
         Raises InvalidInput on unusable input (or, with ``on_invalid='log'``, stores the step as
         rejected). Never raises because of the database; returns in well under a millisecond
@@ -293,6 +319,7 @@ class Run:
             metrics,
             rollout_logprobs,
             entropies,
+            token_ids,
         )
         try:
             item = self._build(step, wall, args, allow_all_empty=False)
@@ -322,6 +349,7 @@ class Run:
         metrics: Mapping[str, Any] | None = None,
         rollout_logprobs: Any = None,
         entropies: Any = None,
+        token_ids: Any = None,
     ) -> None:
         """Add rows to ``step`` when its tokens arrive in several calls (micro-batches of
         different widths, gradient-accumulation passes). Same arguments as :meth:`log_step`.
@@ -352,6 +380,7 @@ class Run:
             metrics,
             rollout_logprobs,
             entropies,
+            token_ids,
         )
         try:
             self._open.add(self._build(step, time.time(), args, allow_all_empty=True))
@@ -490,8 +519,23 @@ class Run:
             "samples_random": samples_random,
         }
 
+    def set_vocabulary(self, vocabulary: Any) -> None:
+        """How to turn token ids into text, once per run: a list (index = id), a dict
+        id -> string, or an object with ``convert_ids_to_tokens`` or ``decode`` (a Hugging
+        Face tokenizer). Only the texts of ids that reach a stored ledger are stored."""
+        self._writer.cfg.vocabulary = Vocabulary(vocabulary)
+
     def _warn_once(self, item: StepItem, *, has_metrics: bool) -> None:
         """The warnings a step may call for, each shown once per run."""
+        if item.token_ids_problem is not None and not self._warned_token_ids:
+            self._warned_token_ids = True
+            log.warning(
+                "klmon: step %d is stored without its token ledger: %s (counted in the metric "
+                "%s; this warning is shown once)",
+                item.step,
+                item.token_ids_problem,
+                TOKEN_IDS_REJECTED_METRIC,
+            )
         n_empty = (item.metrics or {}).get(EMPTY_RESPONSES_METRIC)
         if n_empty and not self._warned_empty:
             self._warned_empty = True

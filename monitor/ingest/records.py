@@ -19,12 +19,19 @@ from typing import Any
 
 import numpy as np
 
+from monitor.divergence.inputs import check_token_ids
+from monitor.divergence.ledger import LEDGER_K
 from monitor.errors import InvalidInput
 from monitor.formats import json_safe
 from monitor.ingest.tensors import resolve_arrays
+from monitor.ingest.vocab import Vocabulary
 from monitor.store import STEP_QUANTITIES
 
 log = logging.getLogger("klmon.ingest")
+
+#: Extra metric: 1 at a step whose ``token_ids`` were unusable (the step is stored without
+#: its token ledger; the reason is logged).
+TOKEN_IDS_REJECTED_METRIC = "klmon/rejected_token_ids"
 
 STEP_VALUES_MAX = 2**26
 """The most values (B x T) one array of a step may hold per rank; ``log_step`` refuses larger
@@ -50,6 +57,8 @@ class StepItem:
     metrics: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] | None = None
     rejected: str | None = None
+    token_ids: Any = None  # (B, T) int64 like the log-probs (a Deferred torch copy until resolved)
+    token_ids_problem: str | None = None  # why the token_ids given were left out
 
 
 @dataclass(slots=True)
@@ -72,6 +81,8 @@ class WriterConfig:
     max_batch_bytes: int = 32 * 1024 * 1024
     backoff_initial: float = 0.25
     backoff_max: float = 5.0
+    ledger_k: int = LEDGER_K
+    vocabulary: Vocabulary | None = None
 
 
 # --- summarising one step (processor thread) ---------------------------------------------------
@@ -122,8 +133,18 @@ def summarize_item(item: StepItem, header: Mapping[str, Any], cfg: WriterConfig)
         except Exception as exc:  # a bug below us must not wedge the writer on one step
             log.exception("klmon: step %d could not be summarised", item.step)
             item.rejected = f"could not be summarised: {type(exc).__name__}: {exc}"
+    if item.token_ids_problem is not None and rank == 0 and item.rejected is None:
+        record["metrics"] = [*record["metrics"], [TOKEN_IDS_REJECTED_METRIC, 1.0]]
     if item.rejected is not None:
-        record.update(status="rejected", reason=item.rejected, q=None, partials=None, samples=[])
+        record.update(
+            status="rejected",
+            reason=item.rejected,
+            q=None,
+            partials=None,
+            samples=[],
+            ledger=None,
+            vocab=[],
+        )
     record["hash"] = _payload_hash(record)
     return record
 
@@ -141,9 +162,14 @@ def _summarize_arrays(
     kwargs: dict[str, Any] = {"mask": item.mask, "rewards": item.rewards, "kl_coef": item.kl_coef}
     if item.extra:
         kwargs.update(item.extra)
-    out: dict[str, Any] = {}
+    kwargs["token_ids"] = _usable_token_ids(item)
+    out: dict[str, Any] = {"ledger": None, "vocab": []}
+    ledger_ids: Any = None
     if world_size > 1:
         partials = divergence.partials(item.policy_logprobs, item.ref_logprobs, **kwargs)
+        if partials.get("ledger") is not None:
+            partials["ledger_k"] = cfg.ledger_k  # the merge at the store cuts to this K
+            ledger_ids = partials["ledger"]["ids"]
         out["partials"] = partials
         out["q"] = None
         seq_kl = partials.get("seq_kl") if isinstance(partials, Mapping) else None
@@ -158,8 +184,36 @@ def _summarize_arrays(
         hist = getattr(summary, "token_hist", None)
         out["hist"] = None if hist is None else np.asarray(hist, dtype=np.int64)
         seq_kl = np.asarray(summary.seq_kl, dtype=np.float64)
+        if summary.ledger is not None:
+            top = divergence.top_rows(summary.ledger, cfg.ledger_k)
+            out["ledger"] = {
+                "ids": top.ids.tolist(),
+                "counts": top.counts.tolist(),
+                "sums": top.lr_sums.tolist(),
+                "pos": top.pos_mass,
+                "neg": top.neg_mass,
+                "n": summary.n_tokens,
+            }
+            ledger_ids = out["ledger"]["ids"]
+    if ledger_ids is not None and cfg.vocabulary is not None:
+        out["vocab"] = cfg.vocabulary.pending(ledger_ids)
     out["samples"] = select_samples(item, seq_kl, header, cfg, seq_ids)
     return out
+
+
+def _usable_token_ids(item: StepItem) -> np.ndarray | None:
+    """The step's token ids when they pass ``check_token_ids`` (torch copies are checked
+    here); else None, the reason kept in ``token_ids_problem``: bad ids never cost the step
+    its other data."""
+    if item.token_ids is None:
+        return None
+    assert item.policy_logprobs is not None
+    try:
+        return check_token_ids(item.token_ids, item.policy_logprobs.shape, "2d")
+    except InvalidInput as exc:
+        item.token_ids_problem = str(exc)
+        log.warning("klmon: step %d stored without its token ledger: %s", item.step, exc)
+        return None
 
 
 def _rows_with_response(mask: np.ndarray | None) -> np.ndarray | None:
@@ -186,6 +240,7 @@ def _only_rows(item: StepItem, rows: np.ndarray) -> StepItem:
         texts=None if item.texts is None else (pick(item.texts[0]), pick(item.texts[1])),
         tokens=pick(item.tokens),
         extra=None if item.extra is None else {k: v[rows] for k, v in item.extra.items()},
+        token_ids=None if item.token_ids is None else np.asarray(item.token_ids)[rows],
     )
 
 
@@ -268,6 +323,8 @@ def _payload_hash(record: Mapping[str, Any]) -> str:
     hist = record.get("hist")
     if hist is not None:
         h.update(np.ascontiguousarray(hist).tobytes())
+    if record.get("ledger") is not None:  # not "vocab": which texts ride along is history
+        h.update(_stable_repr(record["ledger"]).encode())
     for s in record.get("samples") or ():
         h.update(f"{s['seq_index']}|{s['kind']}|{s['kl_seq']!r}|{s['reward']!r}|".encode())
         h.update(f"{s['prompt']!r}|{s['response']!r}|".encode())
@@ -318,6 +375,8 @@ def smaller_record(
             "hist": None,
             "samples": [],
             "metrics": [],
+            "ledger": None,
+            "vocab": [],
         }
     smaller["hash"] = _payload_hash(smaller)
     return smaller
@@ -341,7 +400,13 @@ def item_bytes(item: StepItem | ControlItem) -> int:
     """The bytes of an item's copied arrays (what the writer's queue bounds)."""
     if not isinstance(item, StepItem):
         return 0
-    arrays = [item.policy_logprobs, item.ref_logprobs, item.mask, *(item.extra or {}).values()]
+    arrays = [
+        item.policy_logprobs,
+        item.ref_logprobs,
+        item.mask,
+        item.token_ids,
+        *(item.extra or {}).values(),
+    ]
     return sum(int(getattr(a, "nbytes", 0)) for a in arrays if a is not None)
 
 
@@ -369,6 +434,7 @@ def raw_record(item: StepItem, rank: int) -> dict[str, Any]:
         "metrics": _metric_list(item.metrics) if rank == 0 else [],
         "extra": dict(item.extra or {}),
         "tokens": _small_tokens(item),
+        "token_ids": item.token_ids,
     }
 
 
@@ -394,6 +460,7 @@ def item_from_raw(rec: Mapping[str, Any]) -> StepItem:
         tokens=rec.get("tokens"),
         metrics=dict(rec.get("metrics") or ()),
         extra=rec.get("extra") or None,
+        token_ids=rec.get("token_ids"),
     )
 
 
@@ -401,6 +468,7 @@ def config_from_header(header: Mapping[str, Any]) -> WriterConfig:
     return WriterConfig(
         samples_top=int(header.get("samples_top", 3)),
         samples_random=int(header.get("samples_random", 2)),
+        ledger_k=int(header.get("ledger_k", LEDGER_K)),
     )
 
 

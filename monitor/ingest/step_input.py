@@ -43,6 +43,7 @@ class StepArgs(NamedTuple):
     metrics: Mapping[str, Any] | None = None
     rollout_logprobs: Any = None
     entropies: Any = None
+    token_ids: Any = None
 
 
 class _TokenArrays(NamedTuple):
@@ -74,6 +75,9 @@ def build_item(
     extra = _extra_arrays(args, arrays, check_values)
     b = arrays.policy.shape[0]
     metrics = checked_metrics(args.metrics) if args.metrics else None
+    token_ids, ids_problem = (None, None)
+    if args.token_ids is not None:
+        token_ids, ids_problem = _token_ids(args.token_ids, arrays)
     return StepItem(
         step=step,
         wall_time=wall,
@@ -86,6 +90,8 @@ def build_item(
         tokens=None if args.tokens is None else _tokens(args.tokens, b),
         metrics=_with_empty_count(metrics, arrays.n_empty),
         extra=extra or None,
+        token_ids=token_ids,
+        token_ids_problem=ids_problem,
     )
 
 
@@ -188,6 +194,30 @@ def _extra_arrays(args: StepArgs, arrays: _TokenArrays, check_values: bool) -> d
             _check_values(a, name, arrays.mask, kind, arrays.layout)
         extra[name] = a
     return extra
+
+
+def _token_ids(value: Any, arrays: _TokenArrays) -> tuple[Any, str | None]:
+    """A private copy of ``token_ids`` (a device tensor: a Deferred copy, its values checked
+    in the background), or None and why they are unusable: bad ids cost the step its token
+    ledger, never its other data."""
+    try:
+        if is_tensor(value):
+            raw = host_copy(value)
+            if isinstance(raw, Deferred):
+                if raw.dtype.kind not in "iu":
+                    raise InvalidInput(
+                        f"token_ids has dtype {raw.dtype}: expected integer token ids"
+                    )
+                raw = inputs.as_2d(raw, "token_ids")
+                inputs.same_shape(raw, arrays.policy, "token_ids")
+                return raw, None
+            value = raw
+        ids = inputs.check_token_ids(value, arrays.policy.shape, arrays.layout)
+        if isinstance(value, np.ndarray) and np.shares_memory(ids, value):
+            ids = ids.copy()  # the trainer may overwrite its buffer at once
+        return ids, None
+    except InvalidInput as exc:
+        return None, str(exc)
 
 
 # --- phase 3: the per-sequence inputs ----------------------------------------------------------

@@ -94,7 +94,7 @@ def _numpy_dtype(host: Any) -> np.dtype:
 
 def resolve_arrays(item: Any) -> None:
     """Finish the deferred copies of a StepItem in place (the background thread's part)."""
-    for name in ("policy_logprobs", "ref_logprobs", "mask"):
+    for name in ("policy_logprobs", "ref_logprobs", "mask", "token_ids"):
         value = getattr(item, name)
         if isinstance(value, Deferred):
             setattr(item, name, value.resolve())

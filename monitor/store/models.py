@@ -139,6 +139,7 @@ class StepRow(Base):
     rollout_gap: Mapped[float | None] = mapped_column(Float, nullable=True)
     n_sequences: Mapped[int | None] = mapped_column(Integer, nullable=True)
     n_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    vocab_top_share: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class StepShardRow(Base):
@@ -210,6 +211,44 @@ class TokenHistogramRow(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     counts: Mapped[list[Any]] = mapped_column(JSON)
+
+
+class TokenLedgerRow(Base):
+    """One token id of a step's ledger: how often the step's masked tokens were that id and
+    the sum of their ``log p - log q``. A step keeps its top K ids by positive and by
+    negative sum (``monitor.divergence.ledger.top_rows``; at most 2 K rows)."""
+
+    __tablename__ = "token_ledger"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    token_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    lr_sum: Mapped[float] = mapped_column(Float)
+
+
+class TokenLedgerStepRow(Base):
+    """The whole ledger's masses of a step with a token ledger: ``pos_mass`` (sum over ids of
+    max(lr_sum, 0)) and ``neg_mass`` (of min(lr_sum, 0)), so the stored rows' shares are
+    exact; ``n_tokens``: the masked tokens counted."""
+
+    __tablename__ = "token_ledger_steps"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n_tokens: Mapped[int] = mapped_column(BigInteger)
+    pos_mass: Mapped[float] = mapped_column(Float)
+    neg_mass: Mapped[float] = mapped_column(Float)
+
+
+class TokenVocabRow(Base):
+    """The text of a token id of a run, stored for the ids that appear in its ledgers."""
+
+    __tablename__ = "token_vocab"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    text: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class AlertEventRow(Base):

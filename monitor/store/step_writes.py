@@ -81,6 +81,10 @@ class StepRecord:
     hist: Sequence[int] | None = None
     samples: Sequence[dict[str, Any]] = ()
     metrics: Sequence[tuple[str, float | None]] = ()
+    # Single rank: the stored part of the step's token ledger ({"ids", "counts", "sums":
+    # lists; "pos", "neg": masses; "n": tokens}); multi-rank runs carry it in ``partials``.
+    ledger: Mapping[str, Any] | None = None
+    vocab: Sequence[Sequence[Any]] = ()  # [token_id, text] of ids new to this process
 
 
 @dataclass
@@ -130,6 +134,13 @@ def write_step_records(
             _write_single(db, conn, run_id, records, result, use_copy)
         else:
             _write_sharded(db, conn, run_id, records, world_size, result)
+        insert_rows(
+            conn,
+            "token_vocab",
+            ("run_id", "token_id", "text"),
+            [(run_id, int(i), t) for r in records for i, t in r.vocab],
+            key=("run_id", "token_id"),
+        )
     return result
 
 
@@ -211,6 +222,7 @@ def _write_single(
     result.inserted += len(new)
     hists = [(r.step, r.hist) for r in new if r.hist is not None]
     _upsert_histograms(db, conn, run_id, hists, update=False)
+    _insert_ledgers(db, conn, run_id, [(r.step, r.ledger) for r in new if r.ledger is not None])
     result.samples += _insert_samples(db, conn, run_id, [(r.step, r.rank, r.samples) for r in new])
     result.metrics += _insert_metrics(db, conn, run_id, [(r.step, r.metrics) for r in new])
 
@@ -484,11 +496,14 @@ def _write_sharded(
     updates: list[tuple[Any, ...]] = []
     rewritten: list[tuple[Any, ...]] = []
     hists: list[tuple[int, Sequence[int]]] = []
+    ledgers: list[tuple[int, Mapping[str, Any]]] = []
     for step in affected:
         got = sorted(shards[step])
-        row, hist = _merged_row(run_id, step, got, world_size)
+        row, hist, ledger = _merged_row(run_id, step, got, world_size)
         if hist is not None:
             hists.append((step, hist))
+        if ledger is not None:
+            ledgers.append((step, ledger))
         if row[3] == "partial":
             result.partial.append(step)
         elif row[3] == "ok":
@@ -509,6 +524,37 @@ def _write_sharded(
         invalidate_rollups(conn, run_id, min([r[1] for r in inserts] + [u[-1] for u in updates]))
         count_written(conn, ph, run_id, inserts, rewritten)
     _upsert_histograms(db, conn, run_id, hists, update=True)
+    _insert_ledgers(db, conn, run_id, ledgers, replace=True)
+
+
+def _insert_ledgers(
+    db: Database,
+    conn: Connection,
+    run_id: int,
+    ledgers: Sequence[tuple[int, Mapping[str, Any]]],
+    replace: bool = False,
+) -> None:
+    """The ledger rows and masses of steps; ``replace``: drop what a step stored before (a
+    multi-rank step re-merged when more ranks arrived)."""
+    if not ledgers:
+        return
+    ph = db.paramstyle
+    if replace:
+        keys = [(run_id, step) for step, _ in ledgers]
+        for table in ("token_ledger", "token_ledger_steps"):
+            conn.exec_driver_sql(f"DELETE FROM {table} WHERE run_id = {ph} AND step = {ph}", keys)
+    rows = [
+        (run_id, step, int(i), int(c), float(s))
+        for step, d in ledgers
+        for i, c, s in zip(d["ids"], d["counts"], d["sums"], strict=True)
+    ]
+    insert_rows(conn, "token_ledger", ("run_id", "step", "token_id", "count", "lr_sum"), rows)
+    insert_rows(
+        conn,
+        "token_ledger_steps",
+        ("run_id", "step", "n_tokens", "pos_mass", "neg_mass"),
+        [(run_id, step, int(d["n"]), float(d["pos"]), float(d["neg"])) for step, d in ledgers],
+    )
 
 
 def _shard_partials(r: StepRecord) -> dict[str, Any]:
@@ -522,9 +568,10 @@ def _merged_row(
     step: int,
     shards: Sequence[tuple[int, float, str | None, Any]],
     world_size: int,
-) -> tuple[tuple[Any, ...], Sequence[int] | None]:
-    """The steps row (STEP_COLUMNS order) merged from the shards present, and its histogram."""
-    from monitor.divergence import merge_partials
+) -> tuple[tuple[Any, ...], Sequence[int] | None, dict[str, Any] | None]:
+    """The steps row (STEP_COLUMNS order) merged from the shards present, its histogram and
+    the stored part of its token ledger (cut to the ``ledger_k`` the ranks asked for)."""
+    from monitor.divergence import LEDGER_K, merge_partials, top_rows
 
     rejected = [
         f"rank {rank}: {p.get('rejected')}"
@@ -534,6 +581,7 @@ def _merged_row(
     good = [p for _, _, _, p in shards if not (isinstance(p, dict) and "rejected" in p)]
     values: tuple[Any, ...] = (None,) * len(STEP_QUANTITIES)
     hist = None
+    ledger = None
     if good:
         try:
             summary = merge_partials(good)
@@ -545,6 +593,17 @@ def _merged_row(
             token_hist = getattr(summary, "token_hist", None)
             if token_hist is not None:
                 hist = [int(c) for c in np.asarray(token_hist).ravel()]
+            if summary.ledger is not None:
+                k = max(int(p.get("ledger_k") or LEDGER_K) for p in good)
+                top = top_rows(summary.ledger, k)
+                ledger = {
+                    "ids": top.ids.tolist(),
+                    "counts": top.counts.tolist(),
+                    "sums": top.lr_sums.tolist(),
+                    "pos": top.pos_mass,
+                    "neg": top.neg_mass,
+                    "n": summary.n_tokens,
+                }
     if rejected:
         status, reason = "rejected", "; ".join(rejected)
     else:
@@ -554,7 +613,7 @@ def _merged_row(
         digest.update(f"{rank}:{h};".encode())
     wall = max(w for _, w, _, _ in shards)
     row = (run_id, step, wall, status, reason, len(shards), digest.hexdigest(), *values)
-    return row, hist
+    return row, hist, ledger
 
 
 def _finite(value: Any) -> Any:
