@@ -55,6 +55,7 @@ SCALARS = [
     "rollout_gap",
     "n_sequences",
     "n_tokens",
+    "vocab_top_share",
 ]
 
 
@@ -370,7 +371,8 @@ def test_optional_quantities() -> None:
 def test_as_dict_has_exactly_the_scalar_columns() -> None:
     p, q, mask = batch()
     extras = {"entropies": np.ones_like(p), "rollout_logprobs": p}
-    d = summarize(p, q, mask, rewards=np.zeros(12), kl_coef=0.1, **extras).as_dict()
+    ids = np.arange(p.size).reshape(p.shape) % 7
+    d = summarize(p, q, mask, rewards=np.zeros(12), kl_coef=0.1, token_ids=ids, **extras).as_dict()
     assert list(d) == SCALARS
     for name, v in d.items():
         assert type(v) is (int if name.startswith("n_") else float), name

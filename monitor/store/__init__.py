@@ -101,6 +101,13 @@ _HOME: dict[str, str] = {
     "read_steps": "steps",
     "steps_with_data": "steps",
     "stored_between": "steps",
+    "BUCKET_COLUMNS": "vocabulary",
+    "CHANGE_COLUMNS": "vocabulary",
+    "LEDGER_COLUMNS": "vocabulary",
+    "read_token_ledger": "vocabulary",
+    "read_token_ledger_buckets": "vocabulary",
+    "token_changes": "vocabulary",
+    "token_changes_between_runs": "vocabulary",
 }
 
 __all__ = sorted(_HOME)
