@@ -14,7 +14,10 @@ run it more than once.
 
 ``summarize`` runs the compiled token pass (monitor/_kernel.c) with its AVX2 loop where the CPU
 has one; the last two rows switch to its scalar loop and to the numpy kernel that installs
-without a C compiler get, so all three are measured in the same run.
+without a C compiler get, so all three are measured in the same run. The "token_ids" rows add
+the token ledger (``token_ids=``: ids of a 151,646-token vocabulary, Zipf-like) counted by a
+weighted bincount (every real vocabulary) and by ``np.unique`` (ids past
+``BINCOUNT_MAX_ID``), next to the plain summary of the same run.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from monitor import divergence
 from monitor.divergence import HIST_EDGES, LOGPROB_TOLERANCE, sequence_kl, summarize
 from monitor.divergence import _compiled as compiled_pass
+from monitor.divergence.ledger import BINCOUNT_MAX_ID
 
 #: Per-token l_t of each benchmarked distribution, drawn from a generator for a (B, T) shape.
 DISTRIBUTIONS: dict[str, Callable[[np.random.Generator, tuple[int, int]], np.ndarray]] = {
@@ -150,9 +154,14 @@ def bench_distribution(dist: str, b: int, t: int, reps: int) -> None:
     input_bytes = policy.nbytes + ref.nbytes + mask.nbytes
     padded = policy.copy()
     padded[~mask] = 1.0  # TRL fills padding with INVALID_LOGPROB = 1.0
+    rng = np.random.default_rng(1)
+    ids = np.minimum(rng.zipf(1.3, policy.shape) - 1, 151_645).astype(np.int64)
+    huge = ids + BINCOUNT_MAX_ID  # past the bincount bound: counted with np.unique
     cases = {
         "naive numpy": lambda: naive_summary(policy, ref, mask),
         "summarize": lambda: summarize(policy, ref, mask),
+        "+ token_ids, bincount": lambda: summarize(policy, ref, mask, token_ids=ids),
+        "+ token_ids, np.unique": lambda: summarize(policy, ref, mask, token_ids=huge),
         "summarize, padding +1.0": lambda: summarize(padded, ref, mask),
         "sequence_kl only": lambda: sequence_kl(policy, ref, mask),
         "summarize, C scalar loop": switched(lambda: summarize(policy, ref, mask), simd=False),
