@@ -351,3 +351,34 @@ def test_migration_0007_upgrades_from_0006_with_data(empty_db_url: str) -> None:
     assert row["kl_mean"] == 0.5 and pd.isna(row["vocab_top_share"])
     assert read_token_ledger(db, 1).empty
     db.dispose()
+
+
+class TensorLike:
+    """Just enough of a torch tensor for ``to_numpy``: detach / cpu / numpy."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+
+    def detach(self) -> TensorLike:
+        return self
+
+    def cpu(self) -> TensorLike:
+        return self
+
+    def numpy(self) -> np.ndarray:
+        return self.arr  # shares memory, like torch
+
+
+@pytest.mark.parametrize("wrap", [np.asarray, TensorLike])
+def test_token_ids_are_copied_at_the_call(db_url: str, tmp_path, wrap) -> None:
+    lp, ref, mask, ids = batch(8)
+    buffer = ids.copy()
+    with start(db_url, tmp_path, name="copied") as run:
+        run.log_step(0, policy_logprobs=lp, ref_logprobs=ref, mask=mask, token_ids=wrap(buffer))
+        buffer[:] = 0  # the trainer reuses its buffer at once
+        assert run.flush(20)
+    db = Database.open(db_url)
+    full = brute(lp, ref, mask, ids)
+    got = stored_ledger(db, run.id, 0)
+    assert set(got) == expected_top(full, 32)
+    db.dispose()

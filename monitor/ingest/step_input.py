@@ -212,6 +212,8 @@ def _token_ids(value: Any, arrays: _TokenArrays) -> tuple[Any, str | None]:
                 inputs.same_shape(raw, arrays.policy, "token_ids")
                 return raw, None
             value = raw
+        if not inputs.is_sequence_list(value):
+            value = inputs.to_numpy(value, "token_ids")
         ids = inputs.check_token_ids(value, arrays.policy.shape, arrays.layout)
         if isinstance(value, np.ndarray) and np.shares_memory(ids, value):
             ids = ids.copy()  # the trainer may overwrite its buffer at once

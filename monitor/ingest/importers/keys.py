@@ -455,6 +455,9 @@ QUANTITY_MEANINGS: dict[str, KeyMeaning] = {
     "rollout_gap": _m("rollout_gap", None, "token-mean", "mean of log p_rollout - log p_train"),
     "n_sequences": _m("n_sequences", None, None, "sequences in the step"),
     "n_tokens": _m("n_tokens", None, "tokens", "response tokens in the step"),
+    "vocab_top_share": _m(
+        "vocab_top_share", None, None, "share of positive per-token-id l mass in the top 5 ids"
+    ),
 }
 GENERIC.update(
     {q: _m(q, m.estimator, m.scale, m.description) for q, m in QUANTITY_MEANINGS.items()}
