@@ -382,3 +382,29 @@ def test_token_ids_are_copied_at_the_call(db_url: str, tmp_path, wrap) -> None:
     got = stored_ledger(db, run.id, 0)
     assert set(got) == expected_top(full, 32)
     db.dispose()
+
+
+def test_a_spilled_step_keeps_its_token_ids(tmp_path) -> None:
+    """A step spilled raw to the spool (queue full) is summarised later with its ledger."""
+    from monitor.ingest.records import (
+        StepItem,
+        WriterConfig,
+        item_from_raw,
+        raw_record,
+        summarize_item,
+    )
+    from monitor.ingest.spool import FILE_MAGIC, encode_record, iter_records
+
+    lp, ref, mask, ids = batch(9)
+
+    def item() -> StepItem:
+        return StepItem(5, 1.0, lp.copy(), ref.copy(), mask.copy(), token_ids=ids.copy())
+
+    header, cfg = {"rank": 0, "world_size": 1}, WriterConfig(ledger_k=3)
+    direct = summarize_item(item(), header, cfg)
+    spool = tmp_path / "a.klspool"
+    spool.write_bytes(FILE_MAGIC + encode_record(raw_record(item(), 0)))
+    (back,) = iter_records(spool)
+    later = summarize_item(item_from_raw(back.record), header, cfg)
+    assert later["ledger"] == direct["ledger"] and len(direct["ledger"]["ids"]) <= 6
+    assert later["hash"] == direct["hash"]
