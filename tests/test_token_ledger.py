@@ -408,3 +408,19 @@ def test_a_spilled_step_keeps_its_token_ids(tmp_path) -> None:
     later = summarize_item(item_from_raw(back.record), header, cfg)
     assert later["ledger"] == direct["ledger"] and len(direct["ledger"]["ids"]) <= 6
     assert later["hash"] == direct["hash"]
+
+
+def test_set_vocabulary_later_and_bad_sources(db_url: str, tmp_path) -> None:
+    lp, ref, mask, ids = batch(4)
+    with pytest.raises(InvalidInput, match="tokenizer is a int"):
+        start(db_url, tmp_path, name="bad", tokenizer=3)
+    with pytest.raises(InvalidInput, match="ledger_k is 0"):
+        start(db_url, tmp_path, name="bad", ledger_k=0)
+    with start(db_url, tmp_path, name="later") as run:
+        run.set_vocabulary([f"v{i}" for i in range(40)])
+        run.log_step(0, policy_logprobs=lp, ref_logprobs=ref, mask=mask, token_ids=ids)
+        assert run.flush(20)
+    db = Database.open(db_url)
+    df = read_token_ledger(db, run.id, side="neg")
+    assert len(df) and df["token"].tolist() == [f"v{i}" for i in df["token_id"]]
+    db.dispose()

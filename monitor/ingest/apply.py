@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.errors import DatabaseUnavailable, SchemaOutOfDate
-from monitor.ingest.records import config_from_header, item_from_raw, summarize_item
+from monitor.ingest.records import (
+    WriterConfig,
+    config_from_header,
+    item_from_raw,
+    summarize_item,
+)
 from monitor.ingest.text import clean_json, clean_optional, clean_strings, clean_text
 from monitor.store import (
     STEP_QUANTITIES,
@@ -114,8 +119,11 @@ def apply_records(
     records: Sequence[Mapping[str, Any]],
     *,
     seen_at: float | None = None,
+    cfg: WriterConfig | None = None,
 ) -> ApplyResult:
-    """Write spool records of one run (steps, metrics, status) to the database."""
+    """Write spool records of one run (steps, metrics, status) to the database. ``cfg``: the
+    live writer's settings (its vocabulary) for the raw steps summarised here; ``klmon sync``
+    reads them from the spool header."""
     out = ApplyResult()
     world_size = int(header.get("world_size") or 1)
     quantities = header.get("quantities")
@@ -125,7 +133,7 @@ def apply_records(
     for rec in records:
         kind = rec.get("type")
         if kind == "raw":  # spilled by log_step: summarise it now
-            rec = summarize_item(item_from_raw(rec), header, config_from_header(header))
+            rec = summarize_item(item_from_raw(rec), header, cfg or config_from_header(header))
             kind = "step"
             if rec["status"] == "rejected":
                 out.raw_rejected += 1
@@ -160,13 +168,14 @@ def apply_isolated(
     header: Mapping[str, Any],
     records: Sequence[Mapping[str, Any]],
     dead_letter: DeadLetter,
+    cfg: WriterConfig | None = None,
 ) -> ApplyResult:
     """:func:`apply_records`, where a record the database refuses is that record's problem:
     the batch is retried one record at a time, each refused one goes to ``dead_letter`` and
     the rest is written. An unreachable database (DatabaseUnavailable, SchemaOutOfDate)
     still raises: then nothing is wrong with the records, and they are retried later."""
     try:
-        return apply_records(db, run_id, header, records)
+        return apply_records(db, run_id, header, records, cfg=cfg)
     except (DatabaseUnavailable, SchemaOutOfDate):
         raise
     except Exception as exc:
@@ -178,7 +187,7 @@ def apply_isolated(
     out = ApplyResult()
     for rec in records:
         try:
-            one = apply_records(db, run_id, header, [rec])
+            one = apply_records(db, run_id, header, [rec], cfg=cfg)
         except (DatabaseUnavailable, SchemaOutOfDate):
             raise
         except Exception as exc:

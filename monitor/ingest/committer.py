@@ -187,7 +187,7 @@ class Committer:
             steps = sum(1 for r in records if r.get("type") in ("step", "raw"))
             if records:
                 result = apply_isolated(
-                    self.db, self.run_id, self.header, records, self._dead_letter
+                    self.db, self.run_id, self.header, records, self._dead_letter, self.cfg
                 )
                 if self._in_outage:
                     log.warning("klmon: database is back; replaying the spool")
@@ -209,7 +209,9 @@ class Committer:
         if not records:
             return
         assert self.run_id is not None
-        result = apply_isolated(self.db, self.run_id, self.header, records, self._dead_letter)
+        result = apply_isolated(
+            self.db, self.run_id, self.header, records, self._dead_letter, self.cfg
+        )
         steps = sum(1 for r in records if r.get("type") in ("step", "raw"))
         self._count(result, steps, replayed=False)
         with self._cond:
