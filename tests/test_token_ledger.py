@@ -132,7 +132,7 @@ def test_without_token_ids_nothing_changes() -> None:
     [
         (np.zeros((6, 11), dtype=np.int64), "token_ids has shape (6, 11)"),
         (np.full((6, 12), 0.5), "token_ids has dtype float64"),
-        (np.full((6, 12), -1), "token_ids[0, 0] is -1"),
+        (np.full((6, 12), -1), "token_ids[0, 0] is -1: token ids under the mask must be >= 0"),
     ],
 )
 def test_bad_token_ids_named_in_the_error(ids, message: str) -> None:
@@ -424,3 +424,16 @@ def test_set_vocabulary_later_and_bad_sources(db_url: str, tmp_path) -> None:
     df = read_token_ledger(db, run.id, side="neg")
     assert len(df) and df["token"].tolist() == [f"v{i}" for i in df["token_id"]]
     db.dispose()
+
+
+def test_negative_ids_outside_the_mask_are_padding() -> None:
+    """Labels padded with -100 outside the response mask are fine; under it, refused."""
+    lp, ref, mask, ids = batch(6)
+    padded = np.where(mask, ids, -100)
+    s = divergence.summarize(lp, ref, mask, token_ids=padded)
+    assert s.ledger.counts.sum() == s.n_tokens
+    assert brute(lp, ref, mask, ids).keys() == set(s.ledger.ids.tolist())
+    i, j = np.argwhere(mask)[3]
+    padded[i, j] = -5
+    with pytest.raises(InvalidInput, match=rf"token_ids\[{i}, {j}\] is -5: token ids under the"):
+        divergence.summarize(lp, ref, mask, token_ids=padded)

@@ -204,7 +204,7 @@ def _partial(
         kl_coef = check_scalar(kl_coef, "kl_coef")
     ids = None
     if token_ids is not None:
-        ids = check_token_ids(token_ids, batch.policy.shape, batch.layout)
+        ids = check_token_ids(token_ids, batch.policy.shape, batch.layout, batch.mask)
     part = _run_kernel(batch, full=True)
     ledger = None if ids is None else token_ledger(ids, batch.policy, batch.ref, batch.mask)
     return Partial(

@@ -376,11 +376,13 @@ def check_scalar(x: Any, name: str) -> float:
     return v
 
 
-def check_token_ids(token_ids: Any, shape: tuple[int, ...], layout: Layout) -> np.ndarray:
+def check_token_ids(
+    token_ids: Any, shape: tuple[int, ...], layout: Layout, mask: np.ndarray | None = None
+) -> np.ndarray:
     """``token_ids`` as a (B, T) int64 array of the log-probs' ``shape``: integers (any
-    integer dtype, or integral floats refused: ids are never floats), non-negative
-    everywhere (padding included: pad with 0, not -100). A list of 1-D sequences is padded
-    like the log-probs."""
+    integer dtype; floats are refused, ids are never floats), non-negative under ``mask``
+    (None: everywhere). Outside the mask anything goes (labels padded with -100): those
+    positions read 0. A list of 1-D sequences is padded like the log-probs."""
     name = "token_ids"
     if is_sequence_list(token_ids):
         seqs = [to_numpy(s, f"{name}[{i}]") for i, s in enumerate(token_ids)]
@@ -411,11 +413,13 @@ def check_token_ids(token_ids: Any, shape: tuple[int, ...], layout: Layout) -> n
             )
         a = a.astype(np.int64, copy=False)
     if a.size and a.min() < 0:
-        i, j = np.unravel_index(int(np.argmin(a)), a.shape)
-        where = position(name, int(i), int(j), layout)
-        raise InvalidInput(
-            f"{where} is {a[i, j]}: token ids must be >= 0 (pad with 0, the mask hides padding)"
-        )
+        negative = a < 0
+        bad = negative if mask is None else negative & mask
+        if bad.any():
+            i, j = np.unravel_index(int(np.argmax(bad)), a.shape)
+            where = position(name, int(i), int(j), layout)
+            raise InvalidInput(f"{where} is {a[i, j]}: token ids under the mask must be >= 0")
+        a = np.where(negative, 0, a)
     return a
 
 

@@ -209,7 +209,7 @@ def _usable_token_ids(item: StepItem) -> np.ndarray | None:
         return None
     assert item.policy_logprobs is not None
     try:
-        return check_token_ids(item.token_ids, item.policy_logprobs.shape, "2d")
+        return check_token_ids(item.token_ids, item.policy_logprobs.shape, "2d", item.mask)
     except InvalidInput as exc:
         item.token_ids_problem = str(exc)
         log.warning("klmon: step %d stored without its token ledger: %s", item.step, exc)

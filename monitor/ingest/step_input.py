@@ -197,29 +197,32 @@ def _extra_arrays(args: StepArgs, arrays: _TokenArrays, check_values: bool) -> d
 
 
 def _token_ids(value: Any, arrays: _TokenArrays) -> tuple[Any, str | None]:
-    """A private copy of ``token_ids`` (a device tensor: a Deferred copy, its values checked
-    in the background), or None and why they are unusable: bad ids cost the step its token
-    ledger, never its other data."""
+    """A private copy of ``token_ids``, or None and why they are unusable: bad ids cost the
+    step its token ledger, never its other data."""
     try:
         if is_tensor(value):
-            raw = host_copy(value)
-            if isinstance(raw, Deferred):
-                if raw.dtype.kind not in "iu":
-                    raise InvalidInput(
-                        f"token_ids has dtype {raw.dtype}: expected integer token ids"
-                    )
-                raw = inputs.as_2d(raw, "token_ids")
-                inputs.same_shape(raw, arrays.policy, "token_ids")
-                return raw, None
-            value = raw
+            value = host_copy(value)
+            if isinstance(value, Deferred):
+                return _unchecked_ids(value, arrays), None
         if not inputs.is_sequence_list(value):
             value = inputs.to_numpy(value, "token_ids")
-        ids = inputs.check_token_ids(value, arrays.policy.shape, arrays.layout)
+            if isinstance(arrays.mask, Deferred):
+                return np.array(_unchecked_ids(value, arrays), dtype=np.int64), None
+        ids = inputs.check_token_ids(value, arrays.policy.shape, arrays.layout, arrays.mask)
         if isinstance(value, np.ndarray) and np.shares_memory(ids, value):
             ids = ids.copy()  # the trainer may overwrite its buffer at once
         return ids, None
     except InvalidInput as exc:
         return None, str(exc)
+
+
+def _unchecked_ids(a: Any, arrays: _TokenArrays) -> Any:
+    """``a`` (B, T) when it holds integers of the log-probs' shape. Its values wait for the
+    background (``records._usable_token_ids``): a device tensor is not read here, and which
+    ids must be >= 0 depends on a device mask."""
+    if a.dtype.kind not in "iu":
+        raise InvalidInput(f"token_ids has dtype {a.dtype}: expected integer token ids")
+    return inputs.same_shape(inputs.as_2d(a, "token_ids"), arrays.policy, "token_ids")
 
 
 # --- phase 3: the per-sequence inputs ----------------------------------------------------------
