@@ -291,8 +291,9 @@ class Run:
         sampled tokens, aligned with the log-probs (a list of sequences when those are): the
         step then stores its token ledger (the ``ledger_k`` ids carrying the most positive
         and most negative ``log p - log q``) and ``vocab_top_share``. Unusable ids (wrong
-        shape, negative, not integers) never cost the step: it is stored without its ledger,
-        the reason logged and the metric ``klmon/rejected_token_ids`` set to 1.
+        shape, negative under the mask, not integers) never cost the step: it is stored
+        without its ledger, the reason logged and the metric ``klmon/rejected_token_ids`` set
+        to 1.
 
         Raises InvalidInput on unusable input (or, with ``on_invalid='log'``, stores the step as
         rejected). Never raises because of the database; returns in well under a millisecond
