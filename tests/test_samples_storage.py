@@ -324,3 +324,72 @@ def test_migration_0008_converts_stored_samples(empty_db_url: str) -> None:
         _close(s.ref_logprobs, np.array(ref))
         assert s.kl_seq == 2.4
     assert got[2].tokens is None and got[2].prompt is None and got[2].response is None
+
+
+# --- readers see what was logged -----------------------------------------------------------------
+
+
+def test_logged_samples_read_back_as_logged_on_the_run_page_and_in_emails(
+    db_url: str, tmp_path
+) -> None:
+    """Through ``log_step``: texts and tokens exactly as the ingest boundary cleans them (NUL
+    removed, lone surrogates U+FFFD), log-probs within the tolerance; the run page's token
+    cells and the email's top tokens are those of the logged arrays."""
+    from monitor.alerts.render import top_tokens
+    from monitor.charts.tables import token_cells
+    from monitor.ingest.text import clean_strings, clean_text
+
+    rng = np.random.default_rng(3)
+    b, t = 6, 24
+    lp = -rng.exponential(1.0, (b, t)).astype(np.float32)
+    ref = np.minimum(lp + rng.normal(0, 0.5, (b, t)), 0).astype(np.float32)
+    odd = [*ODD, "nul\x00", "\udcff", "\U0001f469\u200d\U0001f52c"]
+    tokens = [[odd[(i + j) % len(odd)] for j in range(t)] for i in range(b)]
+    prompts = [f"prompt\x00 {i} \udc80\u00e9" for i in range(b)]
+    responses = ["".join(row) for row in tokens]
+    with monitor.init("p", "readers", db=db_url, spool_dir=tmp_path) as run:
+        run.log_step(
+            0, policy_logprobs=lp, ref_logprobs=ref, texts=(prompts, responses), tokens=tokens
+        )
+        assert run.flush(20)
+        run_id = run.id
+    db = Database.open(db_url)
+    samples = read_samples(db, run_id, 0)
+    db.dispose()
+    assert len(samples) == 5
+    for s in samples:
+        i = s.seq_index
+        assert s.tokens == clean_strings(tokens[i])
+        assert s.prompt == clean_text(prompts[i]) and s.response == clean_text(responses[i])
+        _close(s.policy_logprobs, lp[i])
+        _close(s.ref_logprobs, ref[i])
+        shown = token_cells(s.tokens, s.policy_logprobs, s.ref_logprobs)
+        logged = token_cells(clean_strings(tokens[i]), lp[i].tolist(), ref[i].tolist())
+        assert [c.text for c in shown] == [c.text for c in logged]
+        assert max(abs(a.diff - b.diff) for a, b in zip(shown, logged, strict=True)) <= 2e-4
+        assert sum(c.diff for c in shown) == pytest.approx(sum(c.diff for c in logged), abs=1e-4)
+        emailed = [tok for tok, _ in top_tokens(s, k=3)]
+        ratio = lp[i].astype(float) - ref[i]
+        assert emailed == [s.tokens[j] for j in np.argsort(-ratio, kind="stable")[:3]]
+
+
+def test_migration_0008_downgrades_to_the_json_columns(empty_db_url: str) -> None:
+    from alembic import command
+
+    from monitor.store.schema import alembic_config
+
+    engine = make_engine(empty_db_url)
+    upgrade(engine)
+    db = Database.open(empty_db_url)
+    run_id = get_or_create_run(db, "p", "down").id
+    write_samples(db, run_id, [{"step": 3, **_sample(1.5), "prompt": "\u00e9"}])
+    db.dispose()
+    command.downgrade(alembic_config(engine), "0006")
+    with engine.connect() as conn:
+        prompt, tokens, lp, ref = conn.execute(
+            text("SELECT prompt, tokens, policy_logprobs, ref_logprobs FROM samples")
+        ).one()
+    engine.dispose()
+    load = lambda v: json.loads(v) if isinstance(v, str) else v  # noqa: E731
+    assert prompt == "\u00e9" and load(tokens) == ["a"] * 4
+    assert load(lp) == [-0.5] * 4 and load(ref) == [-0.75] * 4

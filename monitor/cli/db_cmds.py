@@ -67,7 +67,7 @@ def db_current(db: str | None) -> None:
     "--retention",
     metavar="SPEC",
     default=None,
-    help="Which steps keep samples, e.g. 'recent=128,top=32,around=4' "
+    help="Which steps keep samples, e.g. 'recent=100,top=32,around=4' "
     "(default: $KLMON_SAMPLE_RETENTION or those values).",
 )
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; delete nothing.")

@@ -115,7 +115,7 @@ def init(
     ``samples_top``/``samples_random``: sequences kept per step (per rank) for drill-down.
     ``sample_retention``: which older steps keep them as the run grows (every recent step,
     fewer further back, always around alerts and the highest-KL steps): a
-    ``monitor.store.SampleRetention``, a spec like ``"recent=128,top=32,around=4"``,
+    ``monitor.store.SampleRetention``, a spec like ``"recent=100,top=32,around=4"``,
     ``False`` to keep every step's samples, or None for ``$KLMON_SAMPLE_RETENTION`` (default
     ``SampleRetention()``).
     ``queue_size``/``queue_bytes``: how many steps (and bytes of copied arrays) may wait for

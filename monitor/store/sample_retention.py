@@ -21,7 +21,7 @@ Where it runs: the live writer compacts a run's samples in the write transaction
 the run's latest sampled step crosses a multiple of ``recent // 4`` (``due``), so a long run
 stays bounded as it trains; ``klmon db compact`` applies it to runs already stored.
 Configured by ``monitor.init(sample_retention=...)`` or ``$KLMON_SAMPLE_RETENTION``
-(``"recent=128,top=32,around=4"``, or ``"off"`` to keep every step's samples).
+(``"recent=100,top=32,around=4"``, or ``"off"`` to keep every step's samples).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ _DELETE_CHUNK = 500
 class SampleRetention:
     """How many steps keep their samples (see the module doc). ``enabled=False`` keeps all."""
 
-    recent: int = 128
+    recent: int = 100
     top_steps: int = 32
     around_alerts: int = 4
     enabled: bool = True
@@ -63,7 +63,7 @@ class SampleRetention:
 
     @classmethod
     def parse(cls, text: str) -> SampleRetention:
-        """``"recent=128,top=32,around=4"`` (any subset; the rest default), ``"on"`` or
+        """``"recent=100,top=32,around=4"`` (any subset; the rest default), ``"on"`` or
         ``"off"``."""
         spec = text.strip().lower()
         if spec in ("off", "none", "keep-all"):
