@@ -15,6 +15,7 @@ from monitor.errors import InvalidInput
 from monitor.store.database import Database
 from monitor.store.drilldown import read_histograms, read_samples
 from monitor.store.runs import get_run
+from monitor.store.sample_codec import LOGPROB_TOLERANCE
 from monitor.store.steps import read_metrics, read_steps
 
 
@@ -78,7 +79,9 @@ def test_log_step_stores_summary_samples_histogram_metrics(db_url: str, tmp_path
     assert s0.prompt == f"prompt {s0.seq_index}" and s0.response == f"response {s0.seq_index}"
     assert s0.tokens == tokens[s0.seq_index][:n]
     assert s0.kl_seq == pytest.approx(seq_kl[s0.seq_index])
-    np.testing.assert_allclose(s0.policy_logprobs, lp[s0.seq_index, :n], atol=1e-6)
+    np.testing.assert_allclose(
+        s0.policy_logprobs, lp[s0.seq_index, :n], atol=LOGPROB_TOLERANCE, rtol=0
+    )
     assert s0.reward == pytest.approx(rewards[s0.seq_index])
     hsteps, counts = read_histograms(db, run.id)
     assert hsteps.tolist() == [0, 1, 2] and counts[2].sum() == mask.sum()

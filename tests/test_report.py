@@ -4,7 +4,6 @@ that exist and are referenced."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from html.parser import HTMLParser
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
-from sqlalchemy import text
+from sqlalchemy import LargeBinary, bindparam, text
 
 from monitor.cli import main
 from monitor.demo import build_demo
@@ -23,6 +22,7 @@ from monitor.report import collect, parse_run_refs, render_html, render_markdown
 from monitor.report.markdown import md_code
 from monitor.store.database import Database
 from monitor.store.drilldown import read_samples
+from monitor.store.sample_codec import encode_sample
 
 EVIL = "<script>alert('x')</script>|*evil*"
 EVIL_HTML = "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;|*evil*"
@@ -299,10 +299,19 @@ def test_markdown_report_tokens_never_become_html(demo_db: str, tmp_path: Path) 
     data = collect(db, "ppo-healthy")
     sample = data.runs[0].samples[0]
     tokens = [HOSTILE_TOKENS[i % len(HOSTILE_TOKENS)] for i in range(len(sample.policy_logprobs))]
+    payload = encode_sample(
+        sample.policy_logprobs,
+        sample.ref_logprobs,
+        prompt=sample.prompt,
+        response=sample.response,
+        tokens=tokens,
+    )
     with db.begin() as conn:
         conn.execute(
-            text("UPDATE samples SET tokens = :t WHERE id = :i"),
-            {"t": json.dumps(tokens), "i": sample.id},
+            text("UPDATE samples SET payload = :p WHERE id = :i").bindparams(
+                bindparam("p", type_=LargeBinary())
+            ),
+            {"p": payload, "i": sample.id},
         )
     db.dispose()
     out = tmp_path / "report.md"

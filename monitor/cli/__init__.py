@@ -18,7 +18,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "monitor.cli.alerts_cmd:alerts_group",
         "Alert rules, evaluation and notifications (email, webhook).",
     ),
-    "db": ("monitor.cli.db_cmds:db_group", "Manage the database schema."),
+    "db": (
+        "monitor.cli.db_cmds:db_group",
+        "Manage the database: its schema and the space samples take.",
+    ),
     "demo": (
         "monitor.cli.demo_cmd:demo_cmd",
         "Build a demo database of simulated RLHF runs (healthy, reward hacking, reference "

@@ -1,4 +1,4 @@
-"""`klmon db ...`: create, upgrade and inspect the schema."""
+"""`klmon db ...`: create, upgrade and inspect the schema; compact stored samples."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from monitor.store import current_revision, head_revision, upgrade
 
 @click.group("db")
 def db_group() -> None:
-    """Manage the database schema.
+    """Manage the database: its schema and the space samples take.
 
     \b
     Example:
@@ -52,3 +52,58 @@ def db_current(db: str | None) -> None:
     head = head_revision()
     state = "up to date" if current == head else "run `klmon db upgrade`"
     click.echo(f"{current or '(empty)'} (head {head}: {state})")
+
+
+@db_group.command("compact")
+@db_option
+@click.option(
+    "--run",
+    "runs",
+    multiple=True,
+    metavar="RUN",
+    help="Run id, name or project/name (repeatable; default: every run).",
+)
+@click.option(
+    "--retention",
+    metavar="SPEC",
+    default=None,
+    help="Which steps keep samples, e.g. 'recent=100,top=32,around=4' "
+    "(default: $KLMON_SAMPLE_RETENTION or those values).",
+)
+@click.option("--dry-run", is_flag=True, help="Report what would be removed; delete nothing.")
+def db_compact(db: str | None, runs: tuple[str, ...], retention: str | None, dry_run: bool) -> None:
+    """Drop the drill-down samples of older steps that the retention policy does not keep.
+
+    Every step of the last RECENT steps keeps its samples; further back every 2nd, then
+    every 4th, 8th... step; the steps around alerts and the highest-KL steps always. Step
+    rows, histograms and metrics are never touched. Freed space is reused by new rows (run
+    VACUUM to give it back to the operating system).
+
+    \b
+    Example:
+      klmon db compact --run ppo-beta0.05 --dry-run
+    """
+    from monitor.store import SampleRetention, compact_samples, resolve_run
+
+    database = open_db(db)
+    policy = SampleRetention.from_env() if retention is None else SampleRetention.parse(retention)
+    if not policy.enabled:
+        click.echo("sample retention is off: nothing to compact")
+        return
+    with database.translate_errors():
+        ids = [resolve_run(database, r).id for r in runs] if runs else None
+        results = compact_samples(database, policy, run_ids=ids, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for r in results:
+        if r.rows_removed:
+            click.echo(
+                f"run {r.run_id}: {verb} {r.rows_removed} samples at {r.steps_removed} steps "
+                f"({_size(r.bytes_removed)}); {r.steps_kept} steps keep theirs"
+            )
+    rows = sum(r.rows_removed for r in results)
+    size = sum(r.bytes_removed for r in results)
+    click.echo(f"{len(results)} run(s): {verb} {rows} samples, {_size(size)} of sample data")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"

@@ -23,6 +23,7 @@ from monitor.store import (
     STEP_QUANTITIES,
     Database,
     IngestResult,
+    SampleRetention,
     StepRecord,
     get_or_create_run,
     set_run_status,
@@ -147,7 +148,14 @@ def apply_records(
         elif kind == "status":
             status = (str(rec["status"]), float(rec.get("t") or time.time()))
     if steps:
-        out.ingest = write_step_records(db, run_id, steps, world_size=world_size, seen_at=seen_at)
+        out.ingest = write_step_records(
+            db,
+            run_id,
+            steps,
+            world_size=world_size,
+            seen_at=seen_at,
+            retention=SampleRetention.coerce(header.get("sample_retention")),
+        )
         out.steps = len(steps)
     if metric_groups:
         out.ingest.metrics += write_metric_records(db, run_id, metric_groups, seen_at=seen_at)

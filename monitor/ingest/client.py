@@ -72,6 +72,7 @@ from monitor.ingest.writer import (
 )
 from monitor.store.database import Database
 from monitor.store.models import STEP_MAX, STEP_QUANTITIES
+from monitor.store.sample_retention import SampleRetention
 
 __all__ = ["Run", "init"]
 
@@ -95,6 +96,7 @@ def init(
     validate: Literal["full", "shapes"] = "full",
     samples_top: int = 3,
     samples_random: int = 2,
+    sample_retention: SampleRetention | str | bool | None = None,
     queue_size: int = 64,
     queue_bytes: int = 64 * 1024 * 1024,
     flush_interval: float = 0.1,
@@ -116,6 +118,11 @@ def init(
     responses at the call and leaves the value checks to the background, where a bad step is
     stored as rejected and counted (it can no longer raise).
     ``samples_top``/``samples_random``: sequences kept per step (per rank) for drill-down.
+    ``sample_retention``: which older steps keep them as the run grows (every recent step,
+    fewer further back, always around alerts and the highest-KL steps): a
+    ``monitor.store.SampleRetention``, a spec like ``"recent=100,top=32,around=4"``,
+    ``False`` to keep every step's samples, or None for ``$KLMON_SAMPLE_RETENTION`` (default
+    ``SampleRetention()``).
     ``queue_size``/``queue_bytes``: how many steps (and bytes of copied arrays) may wait for
     the background thread before ``log_step`` spills raw steps to the spool (memory bound).
     ``exit_timeout``: how long interpreter exit waits for the database (default
@@ -137,6 +144,7 @@ def init(
         validate=validate,
         samples_top=samples_top,
         samples_random=samples_random,
+        sample_retention=sample_retention,
         queue_size=queue_size,
         queue_bytes=queue_bytes,
         flush_interval=flush_interval,
@@ -166,6 +174,7 @@ class Run:
         validate: Literal["full", "shapes"] = "full",
         samples_top: int = 3,
         samples_random: int = 2,
+        sample_retention: SampleRetention | str | bool | None = None,
         queue_size: int = 64,
         queue_bytes: int = 64 * 1024 * 1024,
         flush_interval: float = 0.1,
@@ -215,8 +224,10 @@ class Run:
         self.db_url = db_url(db)
         database = Database.open(self.db_url, check=False)
         self.spool_dir = Path(spool_dir) if spool_dir else _default_dir()
+        retention = SampleRetention.coerce(sample_retention)
         header = self._header(tags, samples_top=samples_top, samples_random=samples_random)
         header["ledger_k"] = ledger_k
+        header["sample_retention"] = retention.as_dict()
         self._spool = _open_spool(self.spool_dir, header, fsync_interval)
         self._writer = BackgroundWriter(
             header=header,

@@ -300,13 +300,16 @@ def _text(value: Any) -> str | None:
 
 def _sample_tokens(tokens: Any, pos: np.ndarray, width: int) -> list[str]:
     """Tokens of the response positions: ``tokens`` may be aligned with the log-prob columns
-    (length T) or already hold just the response tokens."""
+    (length T) or already hold just the response tokens. No Python loop per token: the
+    type check is one ``join`` and the conversion a ``map``."""
     toks = tokens if isinstance(tokens, list) else list(tokens)
     if len(toks) == width and len(pos) != width:
         toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[pos[0]]]
-    if all(type(t) is str for t in toks):
-        return list(toks)
-    return [str(t) for t in toks]
+    try:
+        "".join(toks)
+    except TypeError:  # not all strings (ids, bytes...)
+        return list(map(str, toks))
+    return list(toks)
 
 
 def _payload_hash(record: Mapping[str, Any]) -> str:
@@ -391,8 +394,8 @@ def record_bytes(record: Mapping[str, Any]) -> int:
                 n += v.nbytes
             elif isinstance(v, str):
                 n += len(v)
-            elif isinstance(v, list):
-                n += sum(len(t) + 50 for t in v if isinstance(t, str))
+            elif isinstance(v, list):  # token strings (``_sample_tokens``)
+                n += 50 * len(v) + sum(map(len, v))
     return n
 
 

@@ -60,3 +60,5 @@ class Sample:
     tokens: list[str] | None
     policy_logprobs: list[float]
     ref_logprobs: list[float]
+    token_ids: list[int] | None = None
+    """Token ids, when the trainer logged ids (strings then come from the run's vocabulary)."""

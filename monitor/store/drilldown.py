@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from monitor.store._bulk import insert_rows
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, Sample
 from monitor.store.models import AnnotationRow, RunRow, SampleRow, TokenHistogramRow
+from monitor.store.sample_codec import decode_sample, encode_sample
 
 SAMPLE_COLUMNS = (
     "run_id",
@@ -25,31 +26,48 @@ SAMPLE_COLUMNS = (
     "kind",
     "kl_seq",
     "reward",
-    "prompt",
-    "response",
-    "tokens",
-    "policy_logprobs",
-    "ref_logprobs",
+    "payload",
 )
 
 
+def sample_rows(
+    run_id: int, groups: Iterable[tuple[int, int, Iterable[Mapping[str, Any]]]]
+) -> list[tuple[Any, ...]]:
+    """``samples`` rows (``SAMPLE_COLUMNS`` order) of (step, rank, samples) groups; each
+    sample a dict with seq_index, kind, kl_seq and optionally reward, prompt, response,
+    tokens (strings), token_ids and the two log-prob arrays, encoded into the payload
+    (``sample_codec``: vectorised, one zlib call per sample)."""
+    return [
+        (
+            run_id,
+            int(step),
+            int(rank),
+            int(s["seq_index"]),
+            str(s["kind"]),
+            s["kl_seq"],
+            s.get("reward"),
+            encode_sample(
+                s["policy_logprobs"],
+                s["ref_logprobs"],
+                prompt=s.get("prompt"),
+                response=s.get("response"),
+                tokens=s.get("tokens"),
+                token_ids=s.get("token_ids"),
+            ),
+        )
+        for step, rank, samples in groups
+        for s in samples
+    ]
+
+
 def write_samples(db: Database, run_id: int, samples: Sequence[dict[str, Any]]) -> int:
-    """Insert samples (dicts with the SampleRow fields except id and run_id)."""
+    """Insert samples: dicts with step, rank (default 0) and the fields of ``sample_rows``."""
     if not samples:
         return 0
-    json_cols = {"tokens", "policy_logprobs", "ref_logprobs"}
-    tuples = []
-    for s in samples:
-        row = []
-        for c in SAMPLE_COLUMNS:
-            v = run_id if c == "run_id" else s.get(c, 0 if c == "rank" else None)
-            if c in json_cols and v is not None:
-                v = json.dumps(np.asarray(v).tolist() if not isinstance(v, list) else v)
-            row.append(v)
-        tuples.append(tuple(row))
+    rows = sample_rows(run_id, [(s["step"], s.get("rank", 0), [s]) for s in samples])
     with db.begin() as conn:
-        insert_rows(conn, "samples", SAMPLE_COLUMNS, tuples)
-    return len(tuples)
+        insert_rows(conn, "samples", SAMPLE_COLUMNS, rows)
+    return len(rows)
 
 
 def read_samples(db: Database, run_id: int, step: int) -> list[Sample]:
@@ -64,6 +82,7 @@ def read_samples(db: Database, run_id: int, step: int) -> list[Sample]:
 
 
 def _to_sample(r: SampleRow) -> Sample:
+    d = decode_sample(r.payload)
     return Sample(
         id=r.id,
         run_id=r.run_id,
@@ -73,11 +92,12 @@ def _to_sample(r: SampleRow) -> Sample:
         kind=r.kind,
         kl_seq=r.kl_seq,
         reward=r.reward,
-        prompt=r.prompt,
-        response=r.response,
-        tokens=r.tokens,
-        policy_logprobs=list(r.policy_logprobs),
-        ref_logprobs=list(r.ref_logprobs),
+        prompt=d.prompt,
+        response=d.response,
+        tokens=d.tokens,
+        policy_logprobs=d.policy_logprobs.tolist(),
+        ref_logprobs=d.ref_logprobs.tolist(),
+        token_ids=None if d.token_ids is None else d.token_ids.tolist(),
     )
 
 

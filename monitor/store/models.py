@@ -183,7 +183,9 @@ class MetricInfoRow(Base):
 
 
 class SampleRow(Base):
-    """A stored sequence for token-level drill-down (kind: top | random)."""
+    """A stored sequence for token-level drill-down (kind: top | random). ``payload`` holds
+    its prompt, response, tokens and per-token log-probs, compressed
+    (``monitor/store/sample_codec.py``); ``kl_seq`` is the full-precision sequence KL."""
 
     __tablename__ = "samples"
     __table_args__ = (Index("ix_samples_run_step", "run_id", "step"),)
@@ -196,11 +198,7 @@ class SampleRow(Base):
     kind: Mapped[str] = mapped_column(String(10))
     kl_seq: Mapped[float] = mapped_column(Float)
     reward: Mapped[float | None] = mapped_column(Float, nullable=True)
-    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
-    response: Mapped[str | None] = mapped_column(Text, nullable=True)
-    tokens: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
-    policy_logprobs: Mapped[list[Any]] = mapped_column(JSON)
-    ref_logprobs: Mapped[list[Any]] = mapped_column(JSON)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class TokenHistogramRow(Base):

@@ -42,9 +42,10 @@ from monitor.errors import InvalidInput, NotFound
 from monitor.store._bulk import COPY_MIN_ROWS, insert_rows
 from monitor.store.database import Database
 from monitor.store.domain import StepWriteResult
-from monitor.store.drilldown import SAMPLE_COLUMNS
+from monitor.store.drilldown import SAMPLE_COLUMNS, sample_rows
 from monitor.store.models import STEP_COLUMNS, STEP_QUANTITIES
 from monitor.store.run_counters import count_written
+from monitor.store.sample_retention import SampleRetention, compact_live
 from monitor.store.series import invalidate_rollups
 
 __all__ = [
@@ -119,11 +120,14 @@ def write_step_records(
     world_size: int = 1,
     seen_at: float | None = None,
     use_copy: bool | None = None,
+    retention: SampleRetention | None = None,
 ) -> IngestResult:
     """Store a batch of step records of one run in one transaction (see the module doc).
 
     ``seen_at`` moves the run's ``last_seen_at`` forward (never back); ``use_copy``: force or
-    forbid PostgreSQL COPY (default: COPY from ``COPY_MIN_ROWS`` new rows)."""
+    forbid PostgreSQL COPY (default: COPY from ``COPY_MIN_ROWS`` new rows); ``retention``:
+    drop older samples of the run by that policy when due (``sample_retention.compact_live``),
+    in the same transaction."""
     result = IngestResult()
     if not records:
         return result
@@ -141,6 +145,8 @@ def write_step_records(
             [(run_id, int(i), t) for r in records for i, t in r.vocab],
             key=("run_id", "token_id"),
         )
+        if retention is not None and result.samples:
+            compact_live(conn, run_id, retention, [r.step for r in records if r.samples])
     return result
 
 
@@ -341,36 +347,9 @@ def _insert_samples(
     run_id: int,
     groups: Sequence[tuple[int, int, Sequence[dict[str, Any]]]],
 ) -> int:
-    tuples = []
-    json_cols = {"tokens", "policy_logprobs", "ref_logprobs"}
-    for step, rank, samples in groups:
-        for s in samples:
-            row = []
-            for c in SAMPLE_COLUMNS:
-                if c == "run_id":
-                    v: Any = run_id
-                elif c == "step":
-                    v = step
-                elif c == "rank":
-                    v = rank
-                else:
-                    v = s.get(c)
-                if c in json_cols and v is not None:
-                    v = json.dumps(_rounded_json_list(v))
-                row.append(v)
-            tuples.append(tuple(row))
-    insert_rows(conn, "samples", SAMPLE_COLUMNS, tuples)
-    return len(tuples)
-
-
-def _rounded_json_list(value: Any) -> list[Any]:
-    """A JSON-able list; float32 log-probs are rounded to 6 decimals so they are stored as
-    -0.8, not -0.800000011920929 (float32 holds ~7 significant digits anyway)."""
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind == "f":
-            return np.round(value.astype(np.float64), 6).tolist()
-        return value.tolist()
-    return list(value)
+    rows = sample_rows(run_id, groups)
+    insert_rows(conn, "samples", SAMPLE_COLUMNS, rows)
+    return len(rows)
 
 
 def _insert_metrics(
