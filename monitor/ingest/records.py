@@ -249,9 +249,17 @@ def _sample_tokens(tokens: Any, pos: np.ndarray, width: int) -> list[str]:
     toks = tokens if isinstance(tokens, list) else list(tokens)
     if len(toks) == width and len(pos) != width:
         toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[pos[0]]]
-    if all(type(t) is str for t in toks):
-        return list(toks)
-    return [str(t) for t in toks]
+    return _strings(toks)
+
+
+def _strings(items: Sequence[Any]) -> list[str]:
+    """``items`` as a new list of strings; one C-level ``join`` tells that they all are (a
+    per-item type check cost ~2 ms a step for 5 samples of 2048 tokens)."""
+    try:
+        "".join(items)
+    except TypeError:
+        return [t if type(t) is str else str(t) for t in items]
+    return list(items)
 
 
 def _payload_hash(record: Mapping[str, Any]) -> str:
@@ -377,7 +385,7 @@ def _small_tokens(item: StepItem) -> list[list[str]] | None:
         return None
     if item.policy_logprobs.size > SPILL_TOKENS_MAX:
         return None
-    return [[t if type(t) is str else str(t) for t in row] for row in item.tokens]
+    return [_strings(row) for row in item.tokens]
 
 
 def item_from_raw(rec: Mapping[str, Any]) -> StepItem:

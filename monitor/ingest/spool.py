@@ -13,9 +13,13 @@ File layout (all integers little-endian)::
     json    := {"type": "run" | "step" | "status" | "commit", ...}
 
 A numpy array inside a record is stored raw in ``blobs`` and referenced from the JSON as
-``{"__nd__": [offset, dtype, shape]}`` (no pickle: a spool file is data, never code). A bad
-checksum or a truncated tail is reported as a :class:`CorruptRecord` and the reader resyncs
-on the next RECORD_MAGIC, so one damaged record never hides the rest of the file.
+``{"__nd__": [offset, dtype, shape]}`` (no pickle: a spool file is data, never code). The JSON
+is written and read with orjson (a step's token strings made the standard library's encoder
+and decoder about a millisecond of the writer's GIL time a step), falling back to the
+standard library for what orjson refuses (lone surrogates in a text, keys that are not
+strings); NaN and infinities in lists are stored as null, "no data", as everywhere in klmon.
+A bad checksum or a truncated tail is reported as a :class:`CorruptRecord` and the reader
+resyncs on the next RECORD_MAGIC, so one damaged record never hides the rest of the file.
 
 Each file begins with a ``run`` record that names the run (project, name, config, rank,
 world size), so a file is self-contained: it can be replayed into a database that has never
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 FILE_MAGIC = b"KLSPOOL1"
 RECORD_MAGIC = b"KLR\x01"
@@ -105,7 +110,7 @@ def encode_parts(record: dict[str, Any]) -> list[bytes | memoryview]:
             return None
         return value
 
-    head = json.dumps(convert(record), separators=(",", ":"), default=_json_default).encode()
+    head = _json_bytes(convert(record))
     first = _U32.pack(len(head)) + head
     length = len(first) + offset
     if length > MAX_RECORD_BYTES:
@@ -123,6 +128,13 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return b"".join(encode_parts(record))
 
 
+def _json_bytes(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, default=_json_default)
+    except orjson.JSONEncodeError:  # e.g. a lone surrogate in a text: the slow encoder escapes it
+        return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -133,7 +145,11 @@ def _json_default(value: Any) -> Any:
 
 def decode_body(body: bytes | memoryview) -> dict[str, Any]:
     (json_len,) = _U32.unpack_from(body, 0)
-    head = json.loads(bytes(body[4 : 4 + json_len]))
+    raw = bytes(body[4 : 4 + json_len])
+    try:
+        head = orjson.loads(raw)
+    except orjson.JSONDecodeError:  # escaped surrogates (see _json_bytes) or damage
+        head = json.loads(raw)
     base = 4 + json_len
     mv = memoryview(body)
 
@@ -331,13 +347,13 @@ class SpoolWriter:
         self._end = (self._seq, self._size)
         self._open[self._seq] = (path, fd)
 
-    def append(self, record: dict[str, Any], *, may_fsync: bool = True) -> tuple[int, int]:
-        """Append one record; returns (segment, end offset). Once this returns the record is
-        in the operating system's page cache: it survives the death of this process (even
-        kill -9), and an fsync at most ``fsync_interval`` seconds later makes it survive a
-        power loss. ``may_fsync=False``: never fsync here (the caller must not wait for the
-        disk; :meth:`maybe_fsync` runs periodically anyway). The fsync runs outside the lock,
-        so a concurrent append never waits for the disk."""
+    def append(self, record: dict[str, Any], *, may_fsync: bool = True) -> tuple[int, int, int]:
+        """Append one record; returns (segment, start offset, end offset). Once this returns
+        the record is in the operating system's page cache: it survives the death of this
+        process (even kill -9), and an fsync at most ``fsync_interval`` seconds later makes it
+        survive a power loss. ``may_fsync=False``: never fsync here (the caller must not wait
+        for the disk; :meth:`maybe_fsync` runs periodically anyway). The fsync runs outside
+        the lock, so a concurrent append never waits for the disk."""
         parts = encode_parts(record)
         with self._lock:
             if self.closed:
@@ -361,10 +377,10 @@ class SpoolWriter:
                 raise
             self._end = (self._seq, self._size)
             self._dirty = True
-            end = self._end
+            where = (self._seq, before, self._size)
         if may_fsync:
             self.maybe_fsync()
-        return end
+        return where
 
     def end(self) -> tuple[int, int]:
         """(segment, offset) of the end of what has been appended so far (lock-free: one
