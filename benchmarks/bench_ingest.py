@@ -13,17 +13,19 @@ MLflow's ``log_batch`` of the same scalars, all in the same run.
      step and after ``flush()`` (so the database writes of every step are in), divided by
      the steps;
    - time the GIL was held per step, as a probe thread sees it: the probe sleeps 0.1 ms in a
-     loop and records how late it wakes up; a thread that wakes must take the GIL, so its
-     lateness beyond its idle lateness (measured just before, with nothing running) is time
-     another thread held the GIL (or the OS did not schedule it: the floor row, measured the
-     same way, shows that noise). The sum per step, minus the floor's, is what klmon's
-     threads and the call itself held. It undercounts holds shorter than the probe's period
-     and overcounts nothing but scheduler noise;
+     loop and adds up how late it wakes. A thread that wakes must take the GIL, and on a
+     loaded machine must also wait for a CPU: the kernel counts the latter for each thread
+     (the second field of ``/proc/thread-self/schedstat``), so the lateness less that, less
+     the timer slack of an undisturbed wake (calibrated just before), is time the probe
+     waited while another thread held the GIL. The sum per step is what the loop's own
+     thread (the copies, ``log_step``) and klmon's threads held; the floor row, measured the
+     same way, is the loop's share and the method's noise. It undercounts holds shorter
+     than the probe's period; "worst" is the latest single wake (CPU waits included);
    - bytes per step in the database (SQLite: pages in use; PostgreSQL: ``pg_database_size``),
      each case on a fresh database;
-   - the shedding case (``--step-ms 0``, back to back: the loop outruns the writer): blocking
-     p50 / p99 / max and what was shed (``run.stats``: ``thinned``, ``samples_shed``,
-     ``spilled``), then every step is checked to be stored.
+   - the shedding case (back to back, no sleep: the loop outruns the writer): blocking
+     p50 / p99 / max, next to the floor run the same way, and what was shed (``run.stats``:
+     ``thinned``, ``samples_shed``, ``spilled``), then every step is checked to be stored.
 
    MLflow runs the same loop in its own virtual environment (``.venv-mlflow`` at the
    repository root): ``log_batch`` of the 22 step quantities and 2 metrics per step into a
@@ -169,36 +171,48 @@ def _thread_cpu(prefix: str = "klmon") -> float | None:
     return total
 
 
+def _run_delay() -> float:
+    """Seconds the calling thread has waited for a CPU while runnable (the second field of
+    Linux's ``schedstat``): the machine's load, not the GIL."""
+    return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+
+
 class GilProbe:
-    """A thread that sleeps ``period`` in a loop and adds up how late it wakes beyond its
-    idle lateness (see the module doc): time it waited for the GIL (or for a CPU)."""
+    """A thread that sleeps ``period`` in a loop and adds up how late it wakes (see the module
+    doc): the lateness, less the time it waited for a CPU (``_run_delay``) and less the timer
+    slack of an undisturbed wake (calibrated first), is time it waited for the GIL."""
 
     def __init__(self, period: float = 1e-4) -> None:
         self.period = period
-        self.idle = self._calibrate()
+        self.slack = self._calibrate()
         self._stop = threading.Event()
-        self.waited = 0.0
-        self.worst = 0.0
+        self.waited = 0.0  # for the GIL, seconds in all
+        self.cpu_wait = 0.0  # for a CPU (the load of the machine), seconds in all
+        self.worst = 0.0  # the latest single wake, less the slack
         self._thread = threading.Thread(target=self._loop, name="bench-gil-probe", daemon=True)
 
     def _calibrate(self, seconds: float = 0.3) -> float:
-        lags = []
+        n, late, d0 = 0, 0.0, _run_delay()
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             t0 = time.perf_counter()
             time.sleep(self.period)
-            lags.append(time.perf_counter() - t0 - self.period)
-        return float(np.median(lags))
+            late += time.perf_counter() - t0 - self.period
+            n += 1
+        return max(0.0, late - (_run_delay() - d0)) / n
 
     def _loop(self) -> None:
-        period, idle = self.period, self.idle
+        period, slack = self.period, self.slack
+        n, late, d0 = 0, 0.0, _run_delay()
         while not self._stop.is_set():
             t0 = time.perf_counter()
             time.sleep(period)
-            late = time.perf_counter() - t0 - period - idle
-            if late > 0:
-                self.waited += late
-                self.worst = max(self.worst, late)
+            lag = time.perf_counter() - t0 - period
+            late += lag
+            n += 1
+            self.worst = max(self.worst, lag - slack)
+        self.cpu_wait = _run_delay() - d0
+        self.waited = max(0.0, late - self.cpu_wait - n * slack)
 
     def __enter__(self) -> GilProbe:
         self._thread.start()
@@ -236,7 +250,8 @@ def bench_floor(steps: int, step_ms: float) -> dict:
             np.array(ref, copy=True)
             np.array(mask, copy=True)
             times[step] = time.perf_counter() - t0
-            time.sleep(step_ms / 1000)
+            if step_ms > 0:
+                time.sleep(step_ms / 1000)
     return {
         "case": "floor: copy 3 arrays",
         **_percentiles(times),
@@ -441,9 +456,12 @@ def overhead(args: argparse.Namespace, work: Path) -> list[dict]:
     _medians(rows)
     url = _fresh_sqlite(work, "shed.db")
     print(f"the loop outruns the writer: back to back (no sleep), {args.shed_steps} steps, SQLite")
+    fl = bench_floor(args.shed_steps, 0.0)
+    fl["case"] = "floor, back to back"
     r = bench_klmon(url, "klmon SQLite, back to back", args.shed_steps, 0.0, work / "sp-shed")
-    rows.append(r)
+    rows.extend((fl, r))
     print(HEADER)
+    print(_row(fl))
     print(_row(r))
     s = r["stats"]
     print(
