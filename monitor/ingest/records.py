@@ -205,7 +205,9 @@ def select_samples(
     key = np.where(np.isfinite(seq_kl), seq_kl, -np.inf)
     order = np.argsort(-key, kind="stable")
     top = [int(i) for i in order[: max(cfg.samples_top, 0)]]
-    rest = np.setdiff1d(np.arange(n), np.asarray(top, dtype=np.int64))
+    others = np.ones(n, dtype=bool)
+    others[top] = False
+    rest = np.flatnonzero(others)  # setdiff1d(arange(n), top), without its sort
     picked: list[tuple[int, str]] = [(i, "top") for i in top]
     if cfg.samples_random > 0 and len(rest):
         ident = (header.get("project"), header.get("name"), item.step, header.get("rank", 0))
