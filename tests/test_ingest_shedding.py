@@ -151,3 +151,27 @@ def test_the_live_path_stores_what_a_replay_of_its_spool_stores(db_url: str, tmp
             assert q == np.round(ref[seq_index, pos].astype(np.float64), 6).tolist()
             assert toks == [tokens[seq_index][j] for j in pos]
     db.dispose()
+
+
+def test_the_committer_reads_the_spool_where_it_kept_no_copy(db_url: str, tmp_path) -> None:
+    # queue_bytes below one step's record: the committer keeps no copy of what was appended
+    # (and the loop spills most steps raw), so it reads every record back from the spool,
+    # across small segments that roll over every few records.
+    tokens = [[f"t{i}_{j}" for j in range(T)] for i in range(B)]
+    spool = tmp_path / "spool"
+    with monitor.init(
+        "proj", "back", db=db_url, spool_dir=spool, flush_interval=0.01, queue_bytes=1000
+    ) as run:
+        run._spool.max_segment_bytes = 4_000
+        for step in range(30):
+            lp, ref, mask = batch(step)
+            run.log_step(step, policy_logprobs=lp, ref_logprobs=ref, mask=mask, tokens=tokens)
+        assert run.flush(30)
+        assert run._spool.segment > 10
+        stats = run.stats
+    assert stats["written"] == 30 and stats["corrupt"] == 0 and stats["duplicates"] == 0
+    db = Database.open(db_url)
+    assert sorted(read_steps(db, run.id)["step"]) == list(range(30))
+    assert all(len(read_samples(db, run.id, step)) == 5 for step in range(30))
+    assert not list(spool.glob("*.klspool"))  # every segment written and released
+    db.dispose()

@@ -257,6 +257,8 @@ class Committer:
         """The records kept by :meth:`remember` that follow each other from ``(seg, off)`` up
         to ``size``, and the offset after them; none when the next record was not kept."""
         records: list[dict[str, Any]] = []
+        if off == len(FILE_MAGIC):  # a segment's run record: nothing to write
+            off = min(self.spool.after_header(seg), size)
         with self._cond:
             while len(records) < self.cfg.max_batch:
                 hit = self._appended.get((seg, off))

@@ -320,6 +320,7 @@ class SpoolWriter:
         # segment number -> (path, fd) for segments not yet released
         self._open: dict[int, tuple[Path, int]] = {}
         self._final_sizes: dict[int, int] = {}
+        self._after_header: dict[int, int] = {}
         self._roll()
 
     # The active segment ---------------------------------------------------------------------
@@ -359,6 +360,7 @@ class SpoolWriter:
             self._final_sizes[self._seq] = self._size
         self._seq = seq
         self._fd, self._path, self._size = fd, path, len(data)
+        self._after_header[seq] = len(data)
         self._end = (self._seq, self._size)
         self._open[self._seq] = (path, fd)
 
@@ -399,6 +401,10 @@ class SpoolWriter:
         """(segment, offset) of the end of what has been appended so far (lock-free: one
         attribute read, so a reader never waits for a writer)."""
         return self._end
+
+    def after_header(self, seq: int) -> int:
+        """The offset of a segment's first record after its run record."""
+        return self._after_header.get(seq, len(FILE_MAGIC))
 
     def segment_end(self, seq: int) -> tuple[int, bool]:
         """(size, final) of a segment: final once a newer segment has been started."""
@@ -442,6 +448,7 @@ class SpoolWriter:
             if seq == self._seq:
                 return
             entry = self._open.pop(seq, None)
+            self._after_header.pop(seq, None)
         if entry:
             path, fd = entry
             with contextlib.suppress(FileNotFoundError):
