@@ -1,31 +1,47 @@
-"""Ingestion benchmark: how long ``log_step`` blocks the training loop, and how fast the
-writer's bulk path stores step rows, next to MLflow's ``log_batch`` measured in the same run.
+"""What klmon costs a training loop, measured through the user path: ``Run.log_step`` called
+once per simulated training step, next to the floor (copying the step's three arrays) and
+MLflow's ``log_batch`` of the same scalars, all in the same run.
 
-1. Blocking time of ``Run.log_step`` for a (256, 2048) float32 batch (policy and reference
-   log-probs, a bool response mask, rewards, texts, token strings, 2 extra metrics) over
-   2,000 steps: p50 / p99 / max, with the database up (SQLite, and PostgreSQL when reachable)
-   and down (an unreachable URL: everything goes to the spool). Between calls the loop
-   "trains" for ``--step-ms`` (a sleep, as a GPU step would release the GIL); ``--step-ms 0``
-   is the back-to-back stress case.
-2. Throughput of the bulk path (``monitor.store.step_writes.write_step_records``): 200k
-   summary rows (22 quantities each) into SQLite and PostgreSQL (binary COPY), rows/s, next
-   to MLflow ``log_batch`` logging the same ~20 scalars per step into a SQLite tracking
-   store, points/s.
+1. ``--only overhead`` (the default section). For a (256, 2048) float32 batch (policy and
+   reference log-probs, a bool response mask, rewards, texts, token strings, 2 extra metrics;
+   5 drill-down samples per step, the defaults), a step every ``--step-ms`` (20 ms; the loop
+   sleeps, as a GPU step releases the GIL), on SQLite and PostgreSQL:
 
-3. ``--only dtypes``: blocking p50/p99 of ``log_step`` for a (256, 2048) batch given as numpy
+   - blocking time of the call: p50 / p99 / max over ``--steps`` calls;
+   - background CPU per step: the CPU time of klmon's threads (processor, committer, the
+     summary's helper thread), read from ``/proc/self/task/<tid>/schedstat`` before the first
+     step and after ``flush()`` (so the database writes of every step are in), divided by
+     the steps;
+   - time the GIL was held per step, as a probe thread sees it: the probe sleeps 0.1 ms in a
+     loop and adds up how late it wakes. A thread that wakes must take the GIL, and on a
+     loaded machine must also wait for a CPU: the kernel counts the latter for each thread
+     (the second field of ``/proc/thread-self/schedstat``), so the lateness less that, less
+     the timer slack of an undisturbed wake (calibrated just before), is time the probe
+     waited while another thread held the GIL. The sum per step is what the loop's own
+     thread (the copies, ``log_step``) and klmon's threads held; the floor row, measured the
+     same way, is the loop's share and the method's noise. It undercounts holds shorter
+     than the probe's period; "worst" is the latest single wake (CPU waits included);
+   - bytes per step in the database (SQLite: pages in use; PostgreSQL: ``pg_database_size``),
+     each case on a fresh database;
+   - the shedding case (back to back, no sleep: the loop outruns the writer): blocking
+     p50 / p99 / max, next to the floor run the same way, and what was shed (``run.stats``:
+     ``thinned``, ``samples_shed``, ``spilled``), then every step is checked to be stored.
+
+   MLflow runs the same loop in its own virtual environment (``.venv-mlflow`` at the
+   repository root): ``log_batch`` of the 22 step quantities and 2 metrics per step into a
+   SQLite tracking store, synchronously, so its blocking time is its cost. Create it with
+   ``python3 -m venv .venv-mlflow && .venv-mlflow/bin/pip install "mlflow==3.17.*"``
+   (or pass ``--mlflow-python``); without it the MLflow row is skipped with the reason.
+
+2. ``--only dtypes``: blocking p50/p99 of ``log_step`` for a (256, 2048) batch given as numpy
    float32, torch float32 and torch bfloat16 (CPU; torch rows need torch installed), each
    next to its copy floor measured in the same run (copying the same arrays' raw bytes).
-4. ``--only watch``: wall time of a tiny TRL GRPO run (tests/support/trl_tiny.py, CPU) with and
+3. ``--only watch``: wall time of a tiny TRL GRPO run (tests/support/trl_tiny.py, CPU) with and
    without ``monitor.integrations.trl.watch``, interleaved, same seed: watch's overhead per
    training step (needs the ``trl`` extra).
 
-MLflow is not a klmon dependency: the script runs it in its own virtual environment,
-``/tmp/mlflow-venv`` (created with ``python -m venv`` and ``pip install mlflow`` on first
-use, or pass ``--mlflow-python``). If it cannot be installed, its row says so.
-
-    .venv/bin/python benchmarks/bench_ingest.py                 # everything
-    .venv/bin/python benchmarks/bench_ingest.py --only latency --steps 500
-    .venv/bin/python benchmarks/bench_ingest.py --only throughput --rows 200000
+    .venv/bin/python benchmarks/bench_ingest.py                       # overhead, 500 steps
+    .venv/bin/python benchmarks/bench_ingest.py --steps 300 --repeats 3
     .venv-trl/bin/python benchmarks/bench_ingest.py --only dtypes
     .venv-trl/bin/python benchmarks/bench_ingest.py --only watch --watch-steps 10
 """
@@ -33,7 +49,6 @@ use, or pass ``--mlflow-python``). If it cannot be installed, its row says so.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -41,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -50,10 +66,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PG_URL = os.environ.get("KLMON_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-MLFLOW_VENV = Path("/tmp/mlflow-venv")
+MLFLOW_VENV = REPO / ".venv-mlflow"
+B, T = 256, 2048
 
 
-# --- helpers ----------------------------------------------------------------------------------
+# --- databases --------------------------------------------------------------------------------
 
 
 def _fresh_sqlite(directory: Path, name: str) -> str:
@@ -100,10 +117,31 @@ def _drop_pg(name: str) -> None:
     admin.dispose()
 
 
-# --- 1. blocking time of log_step -------------------------------------------------------------
+def _db_bytes(url: str) -> int:
+    """Bytes the database holds: SQLite pages in use (after a checkpoint), or PostgreSQL's
+    ``pg_database_size``."""
+    from sqlalchemy import text
+
+    from monitor.store.engine import make_engine
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if url.startswith("sqlite"):
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
+                free = conn.exec_driver_sql("PRAGMA freelist_count").scalar()
+                size = conn.exec_driver_sql("PRAGMA page_size").scalar()
+                return int((pages - free) * size)
+            return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar())
+    finally:
+        engine.dispose()
 
 
-def _batches(n_distinct: int, b: int, t: int, seed: int = 0):
+# --- what the loop feeds ----------------------------------------------------------------------
+
+
+def _batches(n_distinct: int, b: int = B, t: int = T, seed: int = 0):
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_distinct):
@@ -115,109 +153,348 @@ def _batches(n_distinct: int, b: int, t: int, seed: int = 0):
     return out
 
 
-def bench_latency(
-    url: str,
-    label: str,
-    steps: int,
-    step_ms: float,
-    spool: Path,
-    b: int = 256,
-    t: int = 2048,
-    validate: str = "full",
-) -> dict:
+# --- measuring --------------------------------------------------------------------------------
+
+
+def _thread_cpu(prefix: str = "klmon") -> float | None:
+    """CPU seconds of this process's threads whose name starts with ``prefix`` (Linux
+    ``schedstat``: nanoseconds on a CPU); None where /proc is not there."""
+    total = 0.0
+    for th in threading.enumerate():
+        if not th.name.startswith(prefix) or th.native_id is None:
+            continue
+        try:
+            ns = Path(f"/proc/self/task/{th.native_id}/schedstat").read_text().split()[0]
+        except (OSError, IndexError):
+            return None
+        total += int(ns) / 1e9
+    return total
+
+
+def _run_delay() -> float:
+    """Seconds the calling thread has waited for a CPU while runnable (the second field of
+    Linux's ``schedstat``): the machine's load, not the GIL."""
+    return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+
+
+class GilProbe:
+    """A thread that sleeps ``period`` in a loop and adds up how late it wakes (see the module
+    doc): the lateness, less the time it waited for a CPU (``_run_delay``) and less the timer
+    slack of an undisturbed wake (calibrated first), is time it waited for the GIL."""
+
+    def __init__(self, period: float = 1e-4) -> None:
+        self.period = period
+        self.slack = self._calibrate()
+        self._stop = threading.Event()
+        self.waited = 0.0  # for the GIL, seconds in all
+        self.cpu_wait = 0.0  # for a CPU (the load of the machine), seconds in all
+        self.worst = 0.0  # the latest single wake, less the slack
+        self._thread = threading.Thread(target=self._loop, name="bench-gil-probe", daemon=True)
+
+    def _calibrate(self, seconds: float = 0.3) -> float:
+        n, late, d0 = 0, 0.0, _run_delay()
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            time.sleep(self.period)
+            late += time.perf_counter() - t0 - self.period
+            n += 1
+        return max(0.0, late - (_run_delay() - d0)) / n
+
+    def _loop(self) -> None:
+        period, slack = self.period, self.slack
+        n, late, d0 = 0, 0.0, _run_delay()
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            time.sleep(period)
+            lag = time.perf_counter() - t0 - period
+            late += lag
+            n += 1
+            self.worst = max(self.worst, lag - slack)
+        self.cpu_wait = _run_delay() - d0
+        self.waited = max(0.0, late - self.cpu_wait - n * slack)
+
+    def __enter__(self) -> GilProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _percentiles(wall: np.ndarray, cpu: np.ndarray | None = None) -> dict:
+    """Blocking time of the calls (ms), and the calling thread's CPU time when given."""
+    out = {}
+    for key, a in (("", wall), ("cpu_", cpu)):
+        if a is not None:
+            ms = np.asarray(a) * 1e3
+            out[f"{key}p50_ms"] = float(np.percentile(ms, 50))
+            out[f"{key}p99_ms"] = float(np.percentile(ms, 99))
+            out[f"{key}max_ms"] = float(ms.max())
+    return out
+
+
+# --- 1. the loop: floor, klmon, MLflow --------------------------------------------------------
+
+
+def bench_floor(steps: int, step_ms: float) -> dict:
+    """What any client must at least do: copy the two log-prob arrays and the mask."""
+    batches = _batches(4)
+    times = np.empty(steps)
+    with GilProbe() as probe:
+        for step in range(steps):
+            lp, ref, mask = batches[step % len(batches)][:3]
+            t0 = time.perf_counter()
+            np.array(lp, copy=True)
+            np.array(ref, copy=True)
+            np.array(mask, copy=True)
+            times[step] = time.perf_counter() - t0
+            if step_ms > 0:
+                time.sleep(step_ms / 1000)
+    return {
+        "case": "floor: copy 3 arrays",
+        **_percentiles(times),
+        "bg_cpu_ms": 0.0,
+        "gil_ms": probe.waited / steps * 1e3,
+        "gil_worst_ms": probe.worst * 1e3,
+        "bytes": None,
+    }
+
+
+def bench_klmon(url: str, label: str, steps: int, step_ms: float, spool: Path) -> dict:
     import monitor
 
-    batches = _batches(4, b, t)
-    prompts = [f"prompt {i}" for i in range(b)]
-    responses = [f"response {i}" for i in range(b)]
-    tokens = [[f"tok{j}" for j in range(t)] for _ in range(b)]
+    batches = _batches(4)
+    prompts = [f"prompt {i}" for i in range(B)]
+    responses = [f"response {i}" for i in range(B)]
+    tokens = [[f"tok{j}" for j in range(T)] for _ in range(B)]
+    before = _db_bytes(url)
     run = monitor.init(
         "bench",
-        f"latency-{label}-{time.time_ns()}",
+        f"{label}-{time.time_ns()}",
         db=url,
         spool_dir=spool,
         config={"kl_coef": 0.05},
-        exit_timeout=5.0,
-        validate=validate,
+        exit_timeout=30.0,
     )
+    run.flush(30.0)  # the run row exists: what follows is the steps
+    cpu0 = _thread_cpu()
     times = np.empty(steps)
-    cpu = np.empty(steps)
-    gc.collect()
-    wall0 = time.perf_counter()
-    for step in range(steps):
-        lp, ref, mask, rewards = batches[step % len(batches)]
-        c0 = time.thread_time()
-        t0 = time.perf_counter()
-        run.log_step(
-            step,
-            policy_logprobs=lp,
-            ref_logprobs=ref,
-            mask=mask,
-            rewards=rewards,
-            kl_coef=0.05,
-            texts=(prompts, responses),
-            tokens=tokens,
-            metrics={"loss/policy": 0.1, "lr": 1e-6},
-        )
-        times[step] = time.perf_counter() - t0
-        cpu[step] = time.thread_time() - c0
-        if step_ms > 0:
-            time.sleep(step_ms / 1000)
-    loop_s = time.perf_counter() - wall0
-    flushed = run.flush(60.0)
+    with GilProbe() as probe:
+        for step in range(steps):
+            lp, ref, mask, rewards = batches[step % len(batches)]
+            t0 = time.perf_counter()
+            run.log_step(
+                step,
+                policy_logprobs=lp,
+                ref_logprobs=ref,
+                mask=mask,
+                rewards=rewards,
+                kl_coef=0.05,
+                texts=(prompts, responses),
+                tokens=tokens,
+                metrics={"loss/policy": 0.1, "lr": 1e-6},
+            )
+            times[step] = time.perf_counter() - t0
+            if step_ms > 0:
+                time.sleep(step_ms / 1000)
+        flushed = run.flush(600.0)
+    cpu1 = _thread_cpu()
     stats = run.stats
-    run.finish(timeout=5.0)
+    run.finish(timeout=30.0)
+    bg = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / steps * 1e3
     return {
         "case": label,
-        **_percentiles(times, cpu),
-        "loop_s": loop_s,
+        **_percentiles(times),
+        "bg_cpu_ms": bg,
+        "gil_ms": probe.waited / steps * 1e3,
+        "gil_worst_ms": probe.worst * 1e3,
+        "bytes": (_db_bytes(url) - before) / steps,
         "flushed": flushed,
         "stats": stats,
     }
 
 
-def bench_copy_floor(steps: int, step_ms: float, b: int = 256, t: int = 2048) -> dict:
-    """What any correct client must at least do: copy the two log-prob arrays and the mask."""
-    batches = _batches(4, b, t)
-    times = np.empty(steps)
-    cpu = np.empty(steps)
-    for step in range(steps):
-        lp, ref, mask = batches[step % len(batches)][:3]
-        c0 = time.thread_time()
-        t0 = time.perf_counter()
-        np.array(lp, copy=True)
-        np.array(ref, copy=True)
-        np.array(mask, copy=True)
-        times[step] = time.perf_counter() - t0
-        cpu[step] = time.thread_time() - c0
-        if step_ms > 0:
-            time.sleep(step_ms / 1000)
-    return {"case": "floor (copies only)", **_percentiles(times, cpu), "step_ms": step_ms}
+MLFLOW_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time, tempfile
+    import numpy as np
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+    steps, per_step, step_ms = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    d = tempfile.mkdtemp()
+    path = f"{d}/mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{path}")
+    exp = client.create_experiment("bench", artifact_location=f"{d}/art")
+    run = client.create_run(exp)
+    names = [f"q{i}" for i in range(per_step)]
+    size0 = os.path.getsize(path)
+    times, cpu = [], []
+    for s in range(steps):
+        ts = int(time.time() * 1000)
+        ms = [Metric(n, float(s * 0.001 + i), ts, s) for i, n in enumerate(names)]
+        c0, t0 = time.process_time(), time.perf_counter()
+        client.log_batch(run.info.run_id, metrics=ms)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        time.sleep(step_ms / 1000)
+    import sqlite3
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    used = (con.execute("PRAGMA page_count").fetchone()[0]
+            - con.execute("PRAGMA freelist_count").fetchone()[0])
+    used *= con.execute("PRAGMA page_size").fetchone()[0]
+    import mlflow
+    print(json.dumps({"times": times, "cpu": cpu, "bytes": (used - size0) / steps,
+                      "version": mlflow.__version__}))
+    """
+)
 
 
-def _percentiles(wall: np.ndarray, cpu: np.ndarray) -> dict:
-    """Wall time the caller was blocked, and the CPU time of the calling thread (the work done
-    on it, without the time it was preempted by other processes: this machine is shared)."""
-    w, c = wall * 1e3, cpu * 1e3
+def _mlflow_python(explicit: str | None) -> str | None:
+    """The interpreter of MLflow's own environment, or None (the reason printed)."""
+    if explicit:
+        if shutil.which(explicit) is None and not Path(explicit).is_file():
+            print(f"  MLflow skipped: --mlflow-python {explicit} is no interpreter")
+            return None
+        return explicit
+    py = MLFLOW_VENV / "bin" / "python"
+    if not py.exists():
+        print(
+            f"  MLflow skipped: {MLFLOW_VENV} does not exist; create it with\n"
+            f"    python3 -m venv {MLFLOW_VENV} && {MLFLOW_VENV}/bin/pip install 'mlflow==3.17.*'"
+        )
+        return None
+    if subprocess.run([str(py), "-c", "import mlflow"], capture_output=True).returncode != 0:
+        print(f"  MLflow skipped: {py} cannot import mlflow (pip install 'mlflow==3.17.*')")
+        return None
+    return str(py)
+
+
+def bench_mlflow(python: str, steps: int, step_ms: float, per_step: int) -> dict | None:
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(MLFLOW_SCRIPT)
+    try:
+        out = subprocess.run(
+            [python, f.name, str(steps), str(per_step), str(step_ms)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+    finally:
+        os.unlink(f.name)
+    if out.returncode != 0:
+        print("  MLflow run failed:", out.stderr.strip().splitlines()[-1:])
+        return None
+    res = json.loads(out.stdout.strip().splitlines()[-1])
     return {
-        "p50_ms": float(np.percentile(w, 50)),
-        "p99_ms": float(np.percentile(w, 99)),
-        "max_ms": float(w.max()),
-        "cpu_p50_ms": float(np.percentile(c, 50)),
-        "cpu_p99_ms": float(np.percentile(c, 99)),
-        "cpu_max_ms": float(c.max()),
+        "case": f"MLflow {res['version']} log_batch",
+        **_percentiles(np.asarray(res["times"])),
+        # synchronous: its work is on the caller's thread (process CPU of the call)
+        "bg_cpu_ms": float(np.median(res["cpu"])) * 1e3,
+        "gil_ms": None,
+        "gil_worst_ms": None,
+        "bytes": res["bytes"],
     }
 
 
-def _line(label: str, gap: float, r: dict, extra: str) -> str:
+def _row(r: dict) -> str:
+    def num(v, fmt=".2f"):
+        return "-" if v is None else format(v, fmt)
+
+    size = "-" if r.get("bytes") is None else f"{r['bytes'] / 1024:.1f} kB"
     return (
-        f"  {label:<14} gap {gap:>4.0f} ms  wall p50 {r['p50_ms']:.3f} p99 {r['p99_ms']:.3f} "
-        f"max {r['max_ms']:.2f} ms | thread cpu p50 {r['cpu_p50_ms']:.3f} "
-        f"p99 {r['cpu_p99_ms']:.3f} max {r['cpu_max_ms']:.2f} ms  {extra}"
+        f"  {r['case']:<26} {r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['max_ms']:>7.2f}"
+        f"  {num(r['bg_cpu_ms']):>8}  {num(r['gil_ms']):>7} {num(r['gil_worst_ms']):>6}"
+        f"  {size:>9}"
     )
 
 
-# --- 3. numpy and torch inputs of every float dtype ----------------------------------------------
+HEADER = (
+    f"  {'case':<26} {'p50':>7} {'p99':>7} {'max':>7}  {'bg cpu':>8}  {'gil':>7} {'worst':>6}"
+    f"  {'db/step':>9}\n"
+    f"  {'':<26} {'(ms, blocking the loop)':>23}  {'ms/step':>8}  {'ms/step':>7} {'ms':>6}"
+)
+
+
+def overhead(args: argparse.Namespace, work: Path) -> list[dict]:
+    from monitor.store.models import STEP_QUANTITIES
+
+    rows: list[dict] = []
+    targets = [("sqlite", _fresh_sqlite(work, f"o-{i}.db")) for i in range(args.repeats)]
+    pg_urls = []
+    for i in range(args.repeats):
+        pg = _fresh_pg(f"klmon_bench_overhead_{i}")
+        if pg:
+            pg_urls.append((f"klmon_bench_overhead_{i}", pg))
+    print(
+        f"log_step, ({B}, {T}) float32, 5 samples/step, a step every {args.step_ms:g} ms, "
+        f"{args.steps} steps x {args.repeats} (load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs, shared)"
+    )
+    print(HEADER)
+    mlpy = _mlflow_python(args.mlflow_python)
+    for i in range(args.repeats):
+        fl = bench_floor(args.steps, args.step_ms)
+        rows.append(fl)
+        print(_row(fl), flush=True)
+        r = bench_klmon(targets[i][1], "klmon SQLite", args.steps, args.step_ms, work / f"sp{i}")
+        rows.append(r)
+        print(_row(r), flush=True)
+        if i < len(pg_urls):
+            r = bench_klmon(
+                pg_urls[i][1], "klmon PostgreSQL", args.steps, args.step_ms, work / f"spp{i}"
+            )
+            rows.append(r)
+            print(_row(r), flush=True)
+        if mlpy:
+            m = bench_mlflow(mlpy, args.mlflow_steps, args.step_ms, len(STEP_QUANTITIES) + 2)
+            if m:
+                rows.append(m)
+                print(_row(m), flush=True)
+    _medians(rows)
+    url = _fresh_sqlite(work, "shed.db")
+    print(f"the loop outruns the writer: back to back (no sleep), {args.shed_steps} steps, SQLite")
+    fl = bench_floor(args.shed_steps, 0.0)
+    fl["case"] = "floor, back to back"
+    r = bench_klmon(url, "klmon SQLite, back to back", args.shed_steps, 0.0, work / "sp-shed")
+    rows.extend((fl, r))
+    print(HEADER)
+    print(_row(fl))
+    print(_row(r))
+    s = r["stats"]
+    print(
+        f"  shed: thinned {s.get('thinned', '-')} steps ({s.get('samples_shed', '-')} samples), "
+        f"spilled {s['spilled']} whole steps to the spool; written {s['written']} of "
+        f"{args.shed_steps}, flushed {r['flushed']}"
+    )
+    for name, _ in pg_urls:
+        _drop_pg(name)
+    return rows
+
+
+def _medians(rows: list[dict]) -> None:
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["case"], []).append(r)
+    if all(len(v) < 2 for v in by.values()):
+        return
+    print("  medians of the repeats:")
+    for case, rs in by.items():
+        med = {"case": case}
+        for k in ("p50_ms", "p99_ms", "max_ms", "bg_cpu_ms", "gil_ms", "gil_worst_ms", "bytes"):
+            vals = [x[k] for x in rs if x.get(k) is not None]
+            med[k] = float(np.median(vals)) if vals else None
+        print(_row(med))
+    fl = [r["p99_ms"] for r in by.get("floor: copy 3 arrays", [])]
+    for case, rs in by.items():
+        if case.startswith("klmon") and fl:
+            ratio = np.median([r["p99_ms"] for r in rs]) / np.median(fl)
+            print(f"  {case}: log_step p99 = {ratio:.1f}x the floor's p99")
+
+
+# --- 2. numpy and torch inputs of every float dtype ----------------------------------------------
 
 
 def _dtype_inputs(kind: str, b: int = 256, t: int = 2048):
@@ -283,7 +560,7 @@ def bench_dtypes(url: str, spool: Path, steps: int, step_ms: float) -> list[dict
     return rows
 
 
-# --- 4. watch's overhead on a TRL step --------------------------------------------------------
+# --- 3. watch's overhead on a TRL step --------------------------------------------------------
 
 
 def bench_watch(work: Path, steps: int, repeats: int) -> dict | None:
@@ -356,175 +633,30 @@ def bench_watch(work: Path, steps: int, repeats: int) -> dict | None:
     return {"wall_s": out["wall"], "cpu_s": out["process cpu"], "runs": times, "cpu": cpu}
 
 
-# --- 2. throughput of the bulk path -------------------------------------------------------------
-
-
-def _step_records(n: int, start: int = 0):
-    from monitor.store.models import STEP_QUANTITIES
-    from monitor.store.step_writes import StepRecord
-
-    rng = np.random.default_rng(1)
-    vals = rng.random((n, len(STEP_QUANTITIES)))
-    vals[:, -2:] = np.floor(vals[:, -2:] * 1000)
-    rows = vals.tolist()
-    ints = len(STEP_QUANTITIES) - 2
-    recs = []
-    for i, r in enumerate(rows):
-        q = (*r[:ints], int(r[ints]), int(r[ints + 1]))
-        recs.append(StepRecord(start + i, 1.7e9 + i, f"{i:032x}", q))
-    return recs
-
-
-def bench_bulk(url: str, rows: int, batch: int) -> float:
-    from monitor.store.database import Database
-    from monitor.store.runs import get_or_create_run
-    from monitor.store.step_writes import write_step_records
-
-    db = Database.open(url)
-    run = get_or_create_run(db, "bench", f"bulk-{time.time_ns()}")
-    recs = _step_records(rows)
-    t0 = time.perf_counter()
-    for i in range(0, rows, batch):
-        res = write_step_records(db, run.id, recs[i : i + batch])
-        assert res.inserted == len(recs[i : i + batch]), res
-    dt = time.perf_counter() - t0
-    db.dispose()
-    return rows / dt
-
-
-def bench_sqlite_floor(url: str, rows: int, batch: int) -> float:
-    """The same step tuples through stdlib sqlite3 executemany, one row per statement, no klmon
-    code at all: what this machine gives right now (the box is shared; compare ratios)."""
-    import sqlite3
-
-    from monitor.store.steps import STEP_COLUMNS
-
-    path = url.removeprefix("sqlite:///")
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=NORMAL")
-    con.execute(
-        "INSERT INTO runs (project, name, status, source, created_at, last_seen_at, "
-        "world_size, config, tags) VALUES ('bench', 'floor', 'running', 'live', 0, 0, "
-        "1, '{}', '[]')"
-    )
-    run_id = con.execute("SELECT max(id) FROM runs").fetchone()[0]
-    con.commit()
-    tuples = [
-        (run_id, r.step, r.wall_time, r.status, r.reject_reason, 1, r.payload_hash, *r.values)
-        for r in _step_records(rows)
-    ]
-    sql = (
-        f"INSERT INTO steps ({', '.join(STEP_COLUMNS)}) VALUES "
-        f"({', '.join('?' * len(STEP_COLUMNS))}) ON CONFLICT (run_id, step) DO NOTHING"
-    )
-    t0 = time.perf_counter()
-    for i in range(0, rows, batch):
-        with con:
-            con.executemany(sql, tuples[i : i + batch])
-    dt = time.perf_counter() - t0
-    con.close()
-    return rows / dt
-
-
-MLFLOW_SCRIPT = textwrap.dedent(
-    """
-    import os, sys, time, tempfile
-    import mlflow
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-    steps, per_step, batch_steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    d = tempfile.mkdtemp()
-    uri = f"sqlite:///{d}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("bench", artifact_location=f"{d}/art")
-    run = client.create_run(exp)
-    names = [f"m{i}" for i in range(per_step)]
-    t0 = time.perf_counter()
-    ts = int(time.time() * 1000)
-    for s0 in range(0, steps, batch_steps):
-        last = min(steps, s0 + batch_steps)
-        ms = [Metric(n, float(s * 0.001 + i), ts, s) for s in range(s0, last)
-              for i, n in enumerate(names)]
-        client.log_batch(run.info.run_id, metrics=ms)
-    dt = time.perf_counter() - t0
-    print(steps * per_step / dt)
-    """
-)
-
-
-def _mlflow_python(explicit: str | None) -> str | None:
-    if explicit:
-        if shutil.which(explicit) is None and not Path(explicit).is_file():
-            print(f"  --mlflow-python {explicit}: no such interpreter")
-            return None
-        return explicit
-    py = MLFLOW_VENV / "bin" / "python"
-    if py.exists():
-        ok = subprocess.run([str(py), "-c", "import mlflow"], capture_output=True)
-        if ok.returncode == 0:
-            return str(py)
-    print(f"  creating {MLFLOW_VENV} and installing mlflow (once; not a klmon dependency) ...")
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(MLFLOW_VENV)], check=True)
-        subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", "mlflow-skinny", "sqlalchemy", "alembic"],
-            check=True,
-            timeout=900,
-        )
-        subprocess.run([str(py), "-c", "import mlflow"], check=True, capture_output=True)
-    except (subprocess.SubprocessError, OSError) as exc:
-        print(f"  mlflow could not be installed: {exc}")
-        return None
-    return str(py)
-
-
-def bench_mlflow(python: str | None, steps: int, per_step: int) -> float | None:
-    if python is None:
-        return None
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(MLFLOW_SCRIPT)
-    try:
-        out = subprocess.run(
-            [python, f.name, str(steps), str(per_step), "50"],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-    finally:
-        os.unlink(f.name)
-    if out.returncode != 0:
-        print("  mlflow run failed:", out.stderr.strip().splitlines()[-1:])
-        return None
-    return float(out.stdout.strip().splitlines()[-1])
-
-
 # --- main ---------------------------------------------------------------------------------------
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--only", choices=["latency", "throughput", "dtypes", "watch"], default=None)
+    ap.add_argument("--only", choices=["overhead", "dtypes", "watch"], default="overhead")
+    ap.add_argument("--steps", type=int, default=500, help="log_step calls per case")
+    ap.add_argument("--step-ms", type=float, default=20.0, help="simulated training step")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of floor/klmon/MLflow")
+    ap.add_argument("--shed-steps", type=int, default=300, help="steps of the back-to-back case")
+    ap.add_argument("--mlflow-steps", type=int, default=300, help="log_batch calls of MLflow")
+    ap.add_argument("--mlflow-python", default=None, help="an interpreter that has mlflow")
     ap.add_argument("--dtype-steps", type=int, default=300, help="log_step calls per dtype")
     ap.add_argument("--watch-steps", type=int, default=10, help="TRL steps per watch run")
     ap.add_argument("--watch-repeats", type=int, default=2, help="runs with and without")
-    ap.add_argument("--steps", type=int, default=2000, help="log_step calls per case")
-    ap.add_argument("--step-ms", type=float, default=100.0, help="simulated training step")
-    ap.add_argument("--stress", action="store_true", help="also run back-to-back (--step-ms 0)")
-    ap.add_argument("--stress-steps", type=int, default=300, help="steps of the stress cases")
-    ap.add_argument("--rows", type=int, default=200_000, help="step rows for throughput")
-    ap.add_argument("--batch", type=int, default=20_000, help="rows per transaction")
-    ap.add_argument("--mlflow-steps", type=int, default=2000)
-    ap.add_argument("--mlflow-python", default=None)
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
-
-    from monitor.store.models import STEP_QUANTITIES
 
     work = Path(tempfile.mkdtemp(prefix="klmon-bench-"))
     results: dict = {}
     try:
-        if args.only in (None, "dtypes"):
+        if args.only == "overhead":
+            results["overhead"] = overhead(args, work)
+        if args.only == "dtypes":
             print(f"log_step blocking time by input type, (256, 2048), {args.dtype_steps} steps")
             print(f"  (load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
             results["dtypes"] = bench_dtypes(
@@ -534,77 +666,6 @@ def main() -> None:
             print("watch overhead on a TRL GRPO step (tiny model, CPU)")
             print(f"  (load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
             results["watch"] = bench_watch(work, args.watch_steps, args.watch_repeats)
-        if args.only in (None, "latency"):
-            print(f"log_step blocking time, (256, 2048) float32, {args.steps} steps")
-            cases = [("sqlite-up", _fresh_sqlite(work, "lat.db"), args.step_ms)]
-            cases.append(("sqlite-up shape", cases[0][1], args.step_ms))
-            pg = _fresh_pg("klmon_bench_latency")
-            if pg:
-                cases.append(("postgres-up", pg, args.step_ms))
-            cases.append(("db-down", f"sqlite:///{work}/no/such/dir/x.db", args.step_ms))
-            if pg:
-                cases.append(("pg-down", "postgresql://postgres@127.0.0.1:1/none", args.step_ms))
-            if args.stress:
-                cases.append(("sqlite-up b2b", cases[0][1], 0.0))
-                cases.append(("db-down b2b", f"sqlite:///{work}/no/such/dir/y.db", 0.0))
-            print(f"  (load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-            fl = bench_copy_floor(args.steps, args.step_ms)
-            print(_line("floor", args.step_ms, fl, "(np.array copies, no klmon)"), flush=True)
-            rows = [fl]
-            for label, url, gap in cases:
-                n = args.stress_steps if gap == 0 else args.steps
-                r = bench_latency(
-                    url,
-                    label,
-                    n,
-                    gap,
-                    work / f"spool-{label.replace(' ', '-')}",
-                    validate="shapes" if "shape" in label else "full",
-                )
-                r["step_ms"] = gap
-                rows.append(r)
-                s = r["stats"]
-                extra = f"acked {s['acknowledged']} written {s['written']} spilled {s['spilled']}"
-                print(_line(label, gap, r, extra), flush=True)
-                print(f"  (load average now: {os.getloadavg()[0]:.1f})", flush=True)
-            results["latency"] = rows
-            if pg:
-                _drop_pg("klmon_bench_latency")
-
-        if args.only in (None, "throughput"):
-            n_q = len(STEP_QUANTITIES)
-            print(f"bulk path: {args.rows} step rows ({n_q} quantities), {args.batch} per txn")
-            print(f"  (load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-            sq = bench_bulk(_fresh_sqlite(work, "bulk.db"), args.rows, args.batch)
-            print(f"  SQLite      {sq:>12,.0f} rows/s  ({sq * n_q:,.0f} points/s)")
-            floor = bench_sqlite_floor(_fresh_sqlite(work, "floor.db"), args.rows, args.batch)
-            print(f"  (stdlib sqlite3 executemany, same tuples, no klmon: {floor:,.0f} rows/s)")
-            pg = _fresh_pg("klmon_bench_bulk")
-            pgr = None
-            if pg:
-                pgr = bench_bulk(pg, args.rows, args.batch)
-                print(f"  PostgreSQL  {pgr:>12,.0f} rows/s  ({pgr * n_q:,.0f} points/s)")
-                _drop_pg("klmon_bench_bulk")
-            per_step = 20
-            ml = bench_mlflow(_mlflow_python(args.mlflow_python), args.mlflow_steps, per_step)
-            if ml is None:
-                print("  MLflow log_batch (SQLite store): missing (mlflow not available)")
-            else:
-                print(
-                    f"  MLflow log_batch (SQLite store, {per_step}/step) {ml:>10,.0f} points/s = "
-                    f"{ml / per_step:,.0f} steps/s"
-                )
-                print(
-                    f"  ratio SQLite/MLflow: {sq * n_q / ml:,.0f}x points/s, "
-                    f"{sq / (ml / per_step):,.0f}x steps/s"
-                )
-            results["throughput"] = {
-                "sqlite_rows_s": sq,
-                "sqlite_floor_rows_s": floor,
-                "postgres_rows_s": pgr,
-                "mlflow_points_s": ml,
-                "quantities_per_row": n_q,
-            }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -142,7 +142,16 @@ def _spooled_steps(directory: Path) -> set[int]:
 def test_full_spool_disk_with_the_database_up_loses_nothing(db_url: str, tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="klmon")
     with _tmpfs(tmp_path / "full") as spool:
-        run = monitor.init("sizes", "full-up", db=db_url, spool_dir=spool, flush_interval=0.01)
+        # A queue too long to shed samples: the steps' records must fill the small disk.
+        run = monitor.init(
+            "sizes",
+            "full-up",
+            db=db_url,
+            spool_dir=spool,
+            flush_interval=0.01,
+            queue_size=1000,
+            queue_bytes=1 << 30,
+        )
         for step in range(100):
             run.log_step(step, **_batch(step, 32, 512))
         assert run.flush(60), run.stats

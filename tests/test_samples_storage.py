@@ -239,7 +239,12 @@ def test_a_live_run_keeps_only_what_its_retention_keeps(db_url: str, tmp_path) -
     ref = np.minimum(lp + 0.1, 0).astype(np.float32)
     policy = SampleRetention(recent=8, top_steps=0, around_alerts=0)
     with monitor.init(
-        "p", "live-retention", db=db_url, spool_dir=tmp_path, sample_retention=policy
+        "p",
+        "live-retention",
+        db=db_url,
+        spool_dir=tmp_path,
+        sample_retention=policy,
+        queue_size=1000,  # a queue too long to shed samples: every step keeps its own
     ) as run:
         for step in range(60):
             run.log_step(step, policy_logprobs=lp, ref_logprobs=ref)

@@ -124,7 +124,8 @@ def init(
     ``False`` to keep every step's samples, or None for ``$KLMON_SAMPLE_RETENTION`` (default
     ``SampleRetention()``).
     ``queue_size``/``queue_bytes``: how many steps (and bytes of copied arrays) may wait for
-    the background thread before ``log_step`` spills raw steps to the spool (memory bound).
+    the background thread before ``log_step`` spills raw steps to the spool (memory bound);
+    from a quarter of that steps keep fewer samples (README: load shedding).
     ``exit_timeout``: how long interpreter exit waits for the database (default
     ``$KLMON_EXIT_TIMEOUT`` or 5 s); what is left stays in the spool for ``klmon sync``.
     ``tokenizer``: how to turn the ``token_ids`` of ``log_step`` into text (see
@@ -256,10 +257,12 @@ class Run:
     @property
     def stats(self) -> dict[str, int]:
         """Counters: logged, acknowledged, written, spooled, replayed, duplicates, conflicts,
-        rejected, out_of_order, spilled, db_errors, corrupt, dropped (the spool failed and the
-        database did not take them), dead_letter (refused by the database, kept in the
-        dead-letter file); plus ``pending`` (logged steps not yet acknowledged) and
-        ``unwritten`` (1 while acknowledged records await the database)."""
+        rejected, out_of_order, thinned and samples_shed (steps that kept fewer drill-down
+        samples, and those samples, because the writer was behind), spilled (raw steps the
+        call appended to the spool: the queue was full), db_errors, corrupt, dropped (the
+        spool failed and the database did not take them), dead_letter (refused by the
+        database, kept in the dead-letter file); plus ``pending`` (logged steps not yet
+        acknowledged) and ``unwritten`` (1 while acknowledged records await the database)."""
         snap = self._stats.snapshot()
         pending, unwritten = self._writer.pending()
         snap["pending"] = pending

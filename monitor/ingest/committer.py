@@ -64,6 +64,8 @@ class Committer:
     _stopping: threading.Event
     _abandon: threading.Event
     _last_commit_mark: float
+    _appended: dict[tuple[int, int], tuple[int, dict[str, Any]]]
+    _appended_bytes: int
 
     # steps that cannot be kept -------------------------------------------------------------
 
@@ -183,7 +185,9 @@ class Committer:
             if path is None:  # pragma: no cover - released under us
                 self._pos = (seg + 1, len(FILE_MAGIC))
                 continue
-            records, new_off = self._read_batch(path, off, size)
+            records, new_off = self._recall(seg, off, size)
+            if not records:
+                records, new_off = self._read_batch(path, off, size)
             steps = sum(1 for r in records if r.get("type") in ("step", "raw"))
             if records:
                 result = apply_isolated(
@@ -199,6 +203,7 @@ class Committer:
             with self._cond:
                 self._pos = (seg, new_off)
                 self._committed_steps += steps
+                self._forget_before(self._pos)
                 self._cond.notify_all()
             self._maybe_mark_commit(seg, new_off, steps)
 
@@ -235,6 +240,45 @@ class Committer:
         info = get_run(self.db, self.run_id)
         if info.status != "running":  # a resumed run
             set_run_status(self.db, self.run_id, "running")
+
+    # records as appended: the committer's usual source -------------------------------------
+
+    def remember(self, where: tuple[int, int, int], record: dict[str, Any]) -> None:
+        """Keep a record just appended to the spool at ``where`` (segment, start, end) for the
+        committer, so that it need not read and decode it back (a step's record took ~1 ms of
+        GIL time to decode). Past ``queue_bytes`` of them (the database is down or slow) the
+        committer reads the spool instead: memory stays bounded."""
+        seg, start, end = where
+        with self._cond:
+            if self._appended_bytes + (end - start) > self.cfg.queue_bytes:
+                return
+            self._appended[(seg, start)] = (end, record)
+            self._appended_bytes += end - start
+
+    def _recall(self, seg: int, off: int, size: int) -> tuple[list[dict[str, Any]], int]:
+        """The records kept by :meth:`remember` that follow each other from ``(seg, off)`` up
+        to ``size``, and the offset after them; none when the next record was not kept."""
+        records: list[dict[str, Any]] = []
+        if off == len(FILE_MAGIC):  # a segment's run record: nothing to write
+            off = min(self.spool.after_header(seg), size)
+        with self._cond:
+            while len(records) < self.cfg.max_batch:
+                hit = self._appended.get((seg, off))
+                if hit is None or hit[0] > size:
+                    break
+                del self._appended[(seg, off)]
+                self._appended_bytes -= hit[0] - off
+                records.append(hit[1])
+                off = hit[0]
+        return records, off
+
+    def _forget_before(self, pos: tuple[int, int]) -> None:
+        """Drop kept records the committer has gone past (it read them from the spool)."""
+        if not self._appended or min(self._appended) >= pos:
+            return
+        for key in [k for k in self._appended if k < pos]:
+            end, _ = self._appended.pop(key)
+            self._appended_bytes -= end - key[1]
 
     def _read_batch(self, path: Any, off: int, size: int) -> tuple[list[dict[str, Any]], int]:
         records: list[dict[str, Any]] = []
@@ -287,5 +331,6 @@ class Committer:
         now = time.monotonic()
         if steps and now - self._last_commit_mark >= 1.0:
             self._last_commit_mark = now
+            mark = {"type": "commit", "seg": seg, "upto": off}
             with contextlib.suppress(OSError):
-                self.spool.append({"type": "commit", "seg": seg, "upto": off})
+                self.remember(self.spool.append(mark), mark)

@@ -260,7 +260,9 @@ def select_samples(
     key = np.where(np.isfinite(seq_kl), seq_kl, -np.inf)
     order = np.argsort(-key, kind="stable")
     top = [int(i) for i in order[: max(cfg.samples_top, 0)]]
-    rest = np.setdiff1d(np.arange(n), np.asarray(top, dtype=np.int64))
+    others = np.ones(n, dtype=bool)
+    others[top] = False
+    rest = np.flatnonzero(others)  # setdiff1d(arange(n), top), without its sort
     picked: list[tuple[int, str]] = [(i, "top") for i in top]
     if cfg.samples_random > 0 and len(rest):
         ident = (header.get("project"), header.get("name"), item.step, header.get("rank", 0))
@@ -305,11 +307,17 @@ def _sample_tokens(tokens: Any, pos: np.ndarray, width: int) -> list[str]:
     toks = tokens if isinstance(tokens, list) else list(tokens)
     if len(toks) == width and len(pos) != width:
         toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[pos[0]]]
+    return _strings(toks)
+
+
+def _strings(items: Sequence[Any]) -> list[str]:
+    """``items`` as a new list of strings; one C-level ``join`` tells that they all are (a
+    per-item type check cost ~2 ms a step for 5 samples of 2048 tokens)."""
     try:
-        "".join(toks)
-    except TypeError:  # not all strings (ids, bytes...)
-        return list(map(str, toks))
-    return list(toks)
+        "".join(items)
+    except TypeError:
+        return [t if type(t) is str else str(t) for t in items]
+    return list(items)
 
 
 def _payload_hash(record: Mapping[str, Any]) -> str:
@@ -446,7 +454,7 @@ def _small_tokens(item: StepItem) -> list[list[str]] | None:
         return None
     if item.policy_logprobs.size > SPILL_TOKENS_MAX:
         return None
-    return [[t if type(t) is str else str(t) for t in row] for row in item.tokens]
+    return [_strings(row) for row in item.tokens]
 
 
 def item_from_raw(rec: Mapping[str, Any]) -> StepItem:

@@ -13,9 +13,13 @@ File layout (all integers little-endian)::
     json    := {"type": "run" | "step" | "status" | "commit", ...}
 
 A numpy array inside a record is stored raw in ``blobs`` and referenced from the JSON as
-``{"__nd__": [offset, dtype, shape]}`` (no pickle: a spool file is data, never code). A bad
-checksum or a truncated tail is reported as a :class:`CorruptRecord` and the reader resyncs
-on the next RECORD_MAGIC, so one damaged record never hides the rest of the file.
+``{"__nd__": [offset, dtype, shape]}`` (no pickle: a spool file is data, never code). The JSON
+is written and read with orjson (a step's token strings made the standard library's encoder
+and decoder about a millisecond of the writer's GIL time a step), falling back to the
+standard library for what orjson refuses (lone surrogates in a text, keys that are not
+strings); NaN and infinities in lists are stored as null, "no data", as everywhere in klmon.
+A bad checksum or a truncated tail is reported as a :class:`CorruptRecord` and the reader
+resyncs on the next RECORD_MAGIC, so one damaged record never hides the rest of the file.
 
 Each file begins with a ``run`` record that names the run (project, name, config, rank,
 world size), so a file is self-contained: it can be replayed into a database that has never
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 FILE_MAGIC = b"KLSPOOL1"
 RECORD_MAGIC = b"KLR\x01"
@@ -105,7 +110,7 @@ def encode_parts(record: dict[str, Any]) -> list[bytes | memoryview]:
             return None
         return value
 
-    head = json.dumps(convert(record), separators=(",", ":"), default=_json_default).encode()
+    head = _json_bytes(convert(record))
     first = _U32.pack(len(head)) + head
     length = len(first) + offset
     if length > MAX_RECORD_BYTES:
@@ -114,13 +119,35 @@ def encode_parts(record: dict[str, Any]) -> list[bytes | memoryview]:
         )
     crc = zlib.crc32(first)
     for b in blobs:
-        crc = zlib.crc32(b, crc)
+        crc = _crc32_holding_gil(b, crc)
     return [_RECORD_HEAD.pack(RECORD_MAGIC, length, crc), first, *blobs]
+
+
+_CRC_CHUNK = 4096
+"""zlib releases the GIL to checksum more than 5 KiB. On the caller's thread (a spilled raw
+step, megabytes) each release lets a busy background thread in, and taking the GIL back can
+cost up to the switch interval (5 ms) every time: checksummed in chunks below that size, the
+call keeps the GIL for the millisecond or two the checksum takes."""
+
+
+def _crc32_holding_gil(data: memoryview, crc: int) -> int:
+    if data.nbytes <= _CRC_CHUNK:
+        return zlib.crc32(data, crc)
+    for i in range(0, data.nbytes, _CRC_CHUNK):
+        crc = zlib.crc32(data[i : i + _CRC_CHUNK], crc)
+    return crc
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
     """One framed record as bytes (see :func:`encode_parts`)."""
     return b"".join(encode_parts(record))
+
+
+def _json_bytes(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, default=_json_default)
+    except orjson.JSONEncodeError:  # e.g. a lone surrogate in a text: the slow encoder escapes it
+        return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
 
 
 def _json_default(value: Any) -> Any:
@@ -133,7 +160,11 @@ def _json_default(value: Any) -> Any:
 
 def decode_body(body: bytes | memoryview) -> dict[str, Any]:
     (json_len,) = _U32.unpack_from(body, 0)
-    head = json.loads(bytes(body[4 : 4 + json_len]))
+    raw = bytes(body[4 : 4 + json_len])
+    try:
+        head = orjson.loads(raw)
+    except orjson.JSONDecodeError:  # escaped surrogates (see _json_bytes) or damage
+        head = json.loads(raw)
     base = 4 + json_len
     mv = memoryview(body)
 
@@ -289,6 +320,7 @@ class SpoolWriter:
         # segment number -> (path, fd) for segments not yet released
         self._open: dict[int, tuple[Path, int]] = {}
         self._final_sizes: dict[int, int] = {}
+        self._after_header: dict[int, int] = {}
         self._roll()
 
     # The active segment ---------------------------------------------------------------------
@@ -328,16 +360,17 @@ class SpoolWriter:
             self._final_sizes[self._seq] = self._size
         self._seq = seq
         self._fd, self._path, self._size = fd, path, len(data)
+        self._after_header[seq] = len(data)
         self._end = (self._seq, self._size)
         self._open[self._seq] = (path, fd)
 
-    def append(self, record: dict[str, Any], *, may_fsync: bool = True) -> tuple[int, int]:
-        """Append one record; returns (segment, end offset). Once this returns the record is
-        in the operating system's page cache: it survives the death of this process (even
-        kill -9), and an fsync at most ``fsync_interval`` seconds later makes it survive a
-        power loss. ``may_fsync=False``: never fsync here (the caller must not wait for the
-        disk; :meth:`maybe_fsync` runs periodically anyway). The fsync runs outside the lock,
-        so a concurrent append never waits for the disk."""
+    def append(self, record: dict[str, Any], *, may_fsync: bool = True) -> tuple[int, int, int]:
+        """Append one record; returns (segment, start offset, end offset). Once this returns
+        the record is in the operating system's page cache: it survives the death of this
+        process (even kill -9), and an fsync at most ``fsync_interval`` seconds later makes it
+        survive a power loss. ``may_fsync=False``: never fsync here (the caller must not wait
+        for the disk; :meth:`maybe_fsync` runs periodically anyway). The fsync runs outside
+        the lock, so a concurrent append never waits for the disk."""
         parts = encode_parts(record)
         with self._lock:
             if self.closed:
@@ -346,9 +379,7 @@ class SpoolWriter:
                 self._roll()
             before = self._size
             try:
-                for part in parts:
-                    _write_all(self._fd, part)
-                    self._size += len(part) if isinstance(part, bytes) else part.nbytes
+                self._size += _write_parts(self._fd, parts)
             except OSError:
                 # Disk full...: cut the partial record off, so readers never see it; if even
                 # that fails, a reader skips it (bad checksum) and resyncs on the next one.
@@ -361,15 +392,19 @@ class SpoolWriter:
                 raise
             self._end = (self._seq, self._size)
             self._dirty = True
-            end = self._end
+            where = (self._seq, before, self._size)
         if may_fsync:
             self.maybe_fsync()
-        return end
+        return where
 
     def end(self) -> tuple[int, int]:
         """(segment, offset) of the end of what has been appended so far (lock-free: one
         attribute read, so a reader never waits for a writer)."""
         return self._end
+
+    def after_header(self, seq: int) -> int:
+        """The offset of a segment's first record after its run record."""
+        return self._after_header.get(seq, len(FILE_MAGIC))
 
     def segment_end(self, seq: int) -> tuple[int, bool]:
         """(size, final) of a segment: final once a newer segment has been started."""
@@ -413,6 +448,7 @@ class SpoolWriter:
             if seq == self._seq:
                 return
             entry = self._open.pop(seq, None)
+            self._after_header.pop(seq, None)
         if entry:
             path, fd = entry
             with contextlib.suppress(FileNotFoundError):
@@ -433,6 +469,17 @@ class SpoolWriter:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             os.close(fd)
+
+
+def _write_parts(fd: int, parts: list[bytes | memoryview]) -> int:
+    """Write the buffers in one ``writev`` (one GIL release, not one per buffer) and whatever
+    a short write left; returns the bytes written. An ``OSError`` may leave part of them
+    written: the caller truncates the file back."""
+    total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    done = os.writev(fd, parts)
+    if done < total:
+        _write_all(fd, memoryview(b"".join(parts))[done:])
+    return total
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

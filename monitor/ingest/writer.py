@@ -5,11 +5,13 @@ database, with the spool between them.
   the step summary (``monitor.divergence``), picks the drill-down samples, and appends one
   record to the spool. Once appended, a step is **acknowledged**: it survives the death of
   the process. The processor never touches the database, so a slow or down database never
-  backs the queue up. If the training loop outruns the processor and the queue is full,
-  ``log_step`` *spills*: it appends the raw arrays to the spool itself (a few ms, no
-  summary; the token strings of such a step are not kept) and the committer summarises
-  that record later. Memory stays bounded and nothing is dropped.
-- The *committer* reads acknowledged records back from the spool in batches and writes them
+  backs the queue up. If the training loop outruns the processor, load is shed in a fixed
+  order (``sample_budget``): steps keep fewer drill-down samples while the queue fills, and
+  when it is full ``log_step`` *spills*: it appends the raw arrays to the spool itself (a
+  few ms, no summary; the token strings of such a step are not kept) and the committer
+  summarises that record later. Memory stays bounded and nothing is dropped.
+- The *committer* takes acknowledged records in batches (as appended, kept in memory up to
+  ``queue_bytes``; otherwise read back from the spool) and writes them
   to the database (``monitor.store.step_writes``), one transaction per batch. When the
   database fails it keeps its place in the spool, waits (exponential backoff) and replays
   from there when the database is back. Memory stays bounded during any outage: what has not
@@ -29,6 +31,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from monitor.ingest.apply import (
@@ -68,6 +71,27 @@ SPILL_MAX_BYTES = 64 * 1024 * 1024
 big to read back cheaply): when the queue is full it is summarised on the caller's thread."""
 
 
+SHED_RANDOM_AT = 0.25
+"""Load shedding, step 1: when the steps waiting for the processor fill this share of the
+queue (``queue_size`` or ``queue_bytes``, whichever is fuller), a step keeps only its
+highest-KL samples (``samples_top``), not the random ones."""
+SHED_SAMPLES_AT = 0.5
+"""Step 2: from this share on, a step keeps no samples (its summary, histogram and metrics
+are stored as always). Step 3, a full queue: ``log_step`` spills whole raw steps to the
+spool (counted in ``spilled``; summarised later, with their samples)."""
+
+
+def sample_budget(cfg: WriterConfig, waiting: int, waiting_bytes: int) -> tuple[int, int]:
+    """(samples_top, samples_random) for the step the processor takes while ``waiting`` steps
+    (``waiting_bytes`` of arrays) wait behind it: the load-shedding order above."""
+    fill = max(waiting / cfg.queue_size, waiting_bytes / cfg.queue_bytes)
+    if fill >= SHED_SAMPLES_AT:
+        return 0, 0
+    if fill >= SHED_RANDOM_AT:
+        return cfg.samples_top, 0
+    return cfg.samples_top, cfg.samples_random
+
+
 STATS_KEYS = (
     "logged",  # log_step / log_metrics calls accepted (rejected steps included)
     "acknowledged",  # records appended to the spool (durable against a crash of the process)
@@ -78,6 +102,8 @@ STATS_KEYS = (
     "conflicts",  # a different payload for a stored (run, step): refused, never overwritten
     "rejected",  # invalid steps stored as status 'rejected' (on_invalid='log')
     "out_of_order",  # steps logged with a number lower than an earlier one (accepted)
+    "thinned",  # steps stored with fewer drill-down samples because the writer was behind
+    "samples_shed",  # the drill-down samples those steps did not keep
     "spilled",  # steps written raw to the spool by log_step because the queue was full
     "db_errors",  # failed database attempts (each retried)
     "corrupt",  # damaged spool records skipped
@@ -145,7 +171,10 @@ class BackgroundWriter(Committer):
         self._stopping = threading.Event()
         self._abandon = threading.Event()
         self._warned_processor = False
+        self._warned_thin = False
         self._last_commit_mark = 0.0
+        self._appended: dict[tuple[int, int], tuple[int, dict[str, Any]]] = {}
+        self._appended_bytes = 0
         self._processor = threading.Thread(
             target=self._process_loop, name="klmon-processor", daemon=True
         )
@@ -201,10 +230,11 @@ class BackgroundWriter(Committer):
             item, size = self._queue.get()
             with self._cond:
                 self._queued_bytes -= size
+                budget = sample_budget(self.cfg, self._queue.qsize(), self._queued_bytes)
             if item is None:
                 return
             try:
-                self._handle(item)
+                self._handle(item, budget)
             except Exception as exc:  # pragma: no cover - a bug; the step must not vanish
                 log.exception("klmon: could not process a step record")
                 if isinstance(item, StepItem):
@@ -217,19 +247,45 @@ class BackgroundWriter(Committer):
                     self._acked += 1
                     self._cond.notify_all()
 
-    def _handle(self, item: StepItem | ControlItem) -> None:
+    def _handle(self, item: StepItem | ControlItem, budget: tuple[int, int]) -> None:
         if isinstance(item, ControlItem):
             record = item.record
         else:
-            record = summarize_item(item, self.header, self.cfg)
+            full = (self.cfg.samples_top, self.cfg.samples_random)
+            cfg = (
+                self.cfg
+                if budget == full
+                else replace(self.cfg, samples_top=budget[0], samples_random=budget[1])
+            )
+            record = summarize_item(item, self.header, cfg)
             if record["status"] == "rejected" and item.policy_logprobs is not None:
                 log.warning("klmon: step %d rejected: %s", item.step, record.get("reason"))
+            elif budget != full:
+                self._count_shed(item, record)
         self._append(record)
+
+    def _count_shed(self, item: StepItem, record: dict[str, Any]) -> None:
+        """Count the samples a thinned step did not keep (warned once)."""
+        mask, lp = item.mask, item.policy_logprobs
+        n = int(mask.any(axis=1).sum()) if mask is not None else int(getattr(lp, "shape", (0,))[0])
+        top = min(self.cfg.samples_top, n)
+        shed = top + min(self.cfg.samples_random, n - top) - len(record.get("samples") or ())
+        if shed <= 0:
+            return
+        self.stats.add("thinned")
+        self.stats.add("samples_shed", shed)
+        if not self._warned_thin:
+            self._warned_thin = True
+            log.warning(
+                "klmon: the training loop outruns the background writer: steps keep fewer "
+                "drill-down samples while it catches up (run.stats['thinned'], "
+                "run.stats['samples_shed']); if the queue fills, whole steps are spilled"
+            )
 
     def _append(self, record: dict[str, Any], *, caller: bool = False) -> None:
         try:
             # On the caller's thread (a spill) never wait for an fsync.
-            self.spool.append(record, may_fsync=not caller)
+            where = self.spool.append(record, may_fsync=not caller)
         except RecordTooLarge as exc:
             smaller = smaller_record(record, str(exc), self.header, self.cfg)
             if smaller is not None:
@@ -243,6 +299,7 @@ class BackgroundWriter(Committer):
         except OSError as exc:
             self._spool_failed(record, exc)
             return
+        self.remember(where, record)
         self.stats.add("acknowledged")
         is_step = record.get("type") in ("step", "raw")
         if record.get("status") == "rejected":
@@ -349,6 +406,8 @@ class BackgroundWriter(Committer):
 
 
 __all__ = [
+    "SHED_RANDOM_AT",
+    "SHED_SAMPLES_AT",
     "STATS_KEYS",
     "STEP_VALUES_MAX",
     "ApplyResult",
@@ -362,6 +421,7 @@ __all__ = [
     "ensure_run",
     "item_from_raw",
     "raw_record",
+    "sample_budget",
     "scalar_step_record",
     "summarize_item",
     "to_step_record",
