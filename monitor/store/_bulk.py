@@ -120,6 +120,7 @@ def _pg_types(table: str, columns: Sequence[str]) -> list[str]:
                 "text": "text",
                 "boolean": "bool",
                 "json": "json",
+                "largebinary": "bytea",
             }[name]
         )
     return out
