@@ -232,31 +232,35 @@ def _insert_new_steps(
     run_id: int,
     rows: Sequence[tuple[Any, ...]],
     use_copy: bool | None = None,
+    columns: Sequence[str] = STEP_COLUMNS,
 ) -> tuple[list[int], int, list[int]]:
-    """Insert the rows (STEP_COLUMNS order) whose step is not stored yet, under the run's
-    lock (``_lock_run``). Returns the indexes of the rows inserted, the number of
-    duplicates and the conflicting steps: the one idempotency check of both step writers.
+    """Insert the rows (``columns`` order: by default all of STEP_COLUMNS; the others are
+    left to their defaults) whose step is not stored yet, under the run's lock
+    (``_lock_run``). Returns the indexes of the rows inserted, the number of
+    duplicates and the conflicting steps: the one idempotency check of the step writers.
 
     SQLite needs no conflict clause (the lock's UPDATE holds the database write lock and the
     rows were checked under it); PostgreSQL keeps ``ON CONFLICT DO NOTHING``, or uses binary
     COPY for ``COPY_MIN_ROWS`` new rows and more (``use_copy`` forces or forbids it)."""
-    steps = [int(r[1]) for r in rows]
+    at_step, at_hash = columns.index("step"), columns.index("payload_hash")
+    steps = [int(r[at_step]) for r in rows]
     stored = {
         int(step): h
         for step, h in _existing(db, conn, "steps", "step, payload_hash", run_id, steps)
     }
-    new, duplicates, conflicts = _split_new(zip(steps, [r[6] for r in rows], strict=True), stored)
+    hashes = [r[at_hash] for r in rows]
+    new, duplicates, conflicts = _split_new(zip(steps, hashes, strict=True), stored)
     if not new:
         return new, duplicates, conflicts
-    fresh = [rows[i] for i in new]
+    fresh = rows if len(new) == len(rows) else [rows[i] for i in new]
     if db.is_sqlite:
-        insert_rows(conn, "steps", STEP_COLUMNS, fresh)
+        insert_rows(conn, "steps", columns, fresh)
     else:
         copy = len(fresh) >= COPY_MIN_ROWS if use_copy is None else use_copy
         key = () if copy else ("run_id", "step")
-        insert_rows(conn, "steps", STEP_COLUMNS, fresh, key=key, copy=copy)
+        insert_rows(conn, "steps", columns, fresh, key=key, copy=copy)
     invalidate_rollups(conn, run_id, min(steps[i] for i in new))
-    count_written(conn, db.paramstyle, run_id, fresh)
+    count_written(conn, db.paramstyle, run_id, fresh, columns=columns)
     return new, duplicates, conflicts
 
 
@@ -322,28 +326,32 @@ def write_step_frame(db: Database, run_id: int, frame: pd.DataFrame) -> StepWrit
     n = len(frame)
     if n == 0:
         return StepWriteResult(0, 0)
+    names: list[str] = []
     columns: list[list[Any]] = []
     for c in STEP_COLUMNS:
         if c == "run_id":
-            columns.append([run_id] * n)
+            values: list[Any] = [run_id] * n
         elif c not in frame:
-            columns.append([_STEP_DEFAULTS.get(c)] * n)
+            default = _STEP_DEFAULTS.get(c)
+            if default is None and c != "payload_hash":
+                continue  # NULL: the column's default, not bound on every row
+            values = [default] * n
         else:
             col = frame[c]
-            if col.isna().all():
-                columns.append([None] * n)
-                continue
             if col.dtype.kind == "f" and (c in STEP_INT_COLUMNS or c == "step"):
                 values = [None if v != v else int(v) for v in col.tolist()]
             else:
                 values = col.tolist()
                 if col.dtype.kind == "f" and col.isna().any():
                     values = [None if v != v else v for v in values]
-            columns.append(values)
+        names.append(c)
+        columns.append(values)
     rows = list(zip(*columns, strict=True))
     with db.begin() as conn:
         _lock_run(db, conn, run_id, None)
-        inserted, duplicates, conflicts = _insert_new_steps(db, conn, run_id, rows)
+        inserted, duplicates, conflicts = _insert_new_steps(
+            db, conn, run_id, rows, columns=tuple(names)
+        )
     return StepWriteResult(len(inserted), duplicates, tuple(conflicts))
 
 
