@@ -240,23 +240,27 @@ def _aggregate_raw(steps: np.ndarray, wall: np.ndarray, values: np.ndarray, leve
 
 
 def _aggregate_sql(
-    conn: Connection, src: _Source, key: Mapping[str, Any], lo: int, hi: int
-) -> _Buckets:
-    """Base-level buckets of the raw rows lo <= step <= hi, aggregated by the database (8x
-    fewer values cross the driver than reading the rows)."""
+    conn: Connection,
+    src: _Source,
+    key: Mapping[str, Any],
+    columns: Sequence[str],
+    lo: int,
+    hi: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Base-level buckets of ``columns`` over the raw rows lo <= step <= hi, aggregated by
+    the database (8x fewer values cross the driver than reading the rows): the head
+    (m, 6) and the stats (m, len(columns), 3) of ``_Buckets.from_arrays``."""
     wall = "wall_time" if src.wall else "NULL"
-    stats = [f"{fn}({v})" for v in src.values for fn in ("MIN", "MAX", "AVG")]
+    stats = [f"{fn}({v})" for v in columns for fn in ("MIN", "MAX", "AVG")]
     sql = (
         f"SELECT step >> {BASE_LEVEL}, COUNT(*), MIN(step), MAX(step), MIN({wall}), "
-        f"MAX({wall}), {', '.join(stats)} FROM {src.raw_table} "
+        f"MAX({wall}){''.join(', ' + s for s in stats)} FROM {src.raw_table} "
         f"WHERE {src.where()} AND step >= :lo AND step <= :hi "
         f"GROUP BY step >> {BASE_LEVEL} ORDER BY 1"
     )
-    k = len(src.values)
+    k = len(columns)
     arr = _floats(_fetch(conn, sql, {**key, "lo": int(lo), "hi": int(hi)}), 6 + 3 * k)
-    if len(arr) == 0:
-        return _Buckets.empty(k)
-    return _Buckets.from_arrays(arr[:, :6], arr[:, 6:].reshape(len(arr), k, 3))
+    return arr[:, :6], arr[:, 6:].reshape(len(arr), k, 3)
 
 
 def _base_buckets(
@@ -264,25 +268,33 @@ def _base_buckets(
 ) -> _Buckets:
     """Base-level buckets of lo <= step <= hi. PostgreSQL aggregates faster than it ships
     rows; SQLite's aggregates are slower than reading the rows and reducing them in numpy,
-    and metric blocks are decoded in numpy on both."""
+    and metric blocks are decoded in numpy on both.
+
+    Only the quantities holding a value in the range are read or aggregated (a run fills a
+    few of the ~30; one pass that counts them costs less than the NULLs fetched or the
+    aggregates of empty columns); the others are NaN."""
     if src.blocks:
         steps, wall, vals = _read_raw(conn, src, key, src.values, lo, hi)
         return _aggregate_raw(steps, wall, vals, src.base_level)
+    counts = _fetch(
+        conn,
+        f"SELECT {', '.join(f'COUNT({c})' for c in src.values)} FROM {src.raw_table} "
+        f"WHERE {src.where()} AND step >= :lo AND step <= :hi",
+        {**key, "lo": int(lo), "hi": int(hi)},
+    )[0]
+    filled = [i for i, c in enumerate(counts) if c]
+    names = [src.values[i] for i in filled]
     if conn.dialect.name == "sqlite":
-        # Only the columns holding a value in the range cross the driver (a run fills a few of
-        # the ~30 quantities; an aggregate that counts them is cheaper than NULLs fetched).
-        counts = _fetch(
-            conn,
-            f"SELECT {', '.join(f'COUNT({c})' for c in src.values)} FROM {src.raw_table} "
-            f"WHERE {src.where()} AND step >= :lo AND step <= :hi",
-            {**key, "lo": int(lo), "hi": int(hi)},
-        )[0]
-        filled = [i for i, c in enumerate(counts) if c]
-        steps, wall, some = _read_raw(conn, src, key, [src.values[i] for i in filled], lo, hi)
+        steps, wall, some = _read_raw(conn, src, key, names, lo, hi)
         vals = np.full((len(steps), len(src.values)), np.nan)
         vals[:, filled] = some
         return _aggregate_raw(steps, wall, vals, src.base_level)
-    return _aggregate_sql(conn, src, key, lo, hi)
+    head, some_stats = _aggregate_sql(conn, src, key, names, lo, hi)
+    if len(head) == 0:
+        return _Buckets.empty(len(src.values))
+    stats = np.full((len(head), len(src.values), 3), np.nan)
+    stats[:, filled] = some_stats
+    return _Buckets.from_arrays(head, stats)
 
 
 def _combine(children: _Buckets) -> _Buckets:
