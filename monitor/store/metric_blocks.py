@@ -41,6 +41,8 @@ _VAL = np.dtype("<f8")
 SAME_TOLERANCE = 1e-12
 # New blocks from which PostgreSQL gets them by binary COPY (a block is up to 128 values).
 _COPY_MIN_BLOCKS = 256
+# Metrics whose new steps all fall within this many blocks are looked up in one statement.
+_SHARED_SPAN_BLOCKS = 8
 
 
 @dataclass
@@ -174,24 +176,17 @@ def write(
     result = MetricWriteResult()
     fresh: list[tuple[Any, ...]] = []
     updates: list[tuple[Any, ...]] = []
+    prepared: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, (raw_steps, raw_values) in columns.items():
         steps_in = np.asarray(raw_steps, dtype=np.int64)
         if len(steps_in) == 0:
             continue
         steps, first = np.unique(steps_in, return_index=True)
-        values = np.asarray(raw_values, dtype=np.float64)[first]
+        prepared[name] = (steps, np.asarray(raw_values, dtype=np.float64)[first])
         result.duplicates += len(steps_in) - len(steps)
-        stored = fetch(
-            conn,
-            f"SELECT block, mask, vals FROM {TABLE} WHERE run_id = :r AND name = :n "
-            "AND block >= :b0 AND block <= :b1 ORDER BY block",
-            {
-                "r": int(run_id),
-                "n": name,
-                "b0": int(steps[0] >> BLOCK_LEVEL),
-                "b1": int(steps[-1] >> BLOCK_LEVEL),
-            },
-        )
+    stored_rows = _stored_blocks(conn, run_id, prepared)
+    for name, (steps, values) in prepared.items():
+        stored = stored_rows.get(name, [])
         if stored:
             _, old_steps, old_values = decode(stored)
             at = np.searchsorted(old_steps, steps)
@@ -225,6 +220,42 @@ def write(
         )
     insert_rows(conn, TABLE, COLUMNS, fresh, copy=len(fresh) >= _COPY_MIN_BLOCKS)
     return result
+
+
+def _stored_blocks(
+    conn: Connection, run_id: int, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, list[tuple[Any, ...]]]:
+    """The stored blocks that the new steps of each metric fall in, by name: one statement
+    for every metric when their steps span a few blocks (a live batch: the same steps for
+    ~30 metrics), else one per metric over its own range."""
+    if not columns:
+        return {}
+    spans = {
+        n: (int(s[0] >> BLOCK_LEVEL), int(s[-1] >> BLOCK_LEVEL)) for n, (s, _) in columns.items()
+    }
+    b0, b1 = min(lo for lo, _ in spans.values()), max(hi for _, hi in spans.values())
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    select = f"SELECT block, mask, vals, name FROM {TABLE} WHERE run_id = :r "
+    if b1 - b0 <= _SHARED_SPAN_BLOCKS:
+        names = list(columns)
+        for i in range(0, len(names), 500):
+            chunk = {f"n{j}": n for j, n in enumerate(names[i : i + 500])}
+            rows = fetch(
+                conn,
+                select + f"AND name IN ({', '.join(':' + k for k in chunk)}) "
+                "AND block >= :b0 AND block <= :b1 ORDER BY name, block",
+                {"r": int(run_id), "b0": b0, "b1": b1, **chunk},
+            )
+            for row in rows:
+                out.setdefault(row[3], []).append(row)
+        return out
+    for name, (lo, hi) in spans.items():
+        out[name] = fetch(
+            conn,
+            select + "AND name = :n AND block >= :b0 AND block <= :b1 ORDER BY block",
+            {"r": int(run_id), "n": name, "b0": lo, "b1": hi},
+        )
+    return out
 
 
 def _count_replays(
