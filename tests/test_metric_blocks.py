@@ -81,20 +81,28 @@ def test_live_appends_merge_into_the_open_block(db: Database) -> None:
     assert _blocks(db, run.id, "loss")[-2:] == [(2, 45), (3, 1)]
 
 
-@pytest.mark.parametrize("max_buckets", [40, 300, 3000, 50_000])
-def test_metric_series_agree_with_the_raw_values(db: Database, max_buckets: int) -> None:
-    run = get_or_create_run(db, "p", f"series-{max_buckets}")
+@pytest.mark.parametrize(
+    ("max_buckets", "dense"),
+    [(40, False), (300, False), (3000, False), (50_000, False), (300, True), (3000, True)],
+)
+def test_metric_series_agree_with_the_raw_values(
+    db: Database, max_buckets: int, dense: bool
+) -> None:
+    """Sparse steps decode the bitmaps; a dense series (full blocks) is split by reshape."""
+    run = get_or_create_run(db, "p", f"series-{max_buckets}-{dense}")
     rng = np.random.default_rng(1)
-    steps = np.sort(rng.choice(40_000, 20_000, replace=False))
+    steps = np.arange(40_000) if dense else np.sort(rng.choice(40_000, 20_000, replace=False))
     values = rng.normal(size=len(steps))
+    if dense:  # values stored as NULL (stored rollup levels weigh their means by rows)
+        values[rng.choice(len(steps), 50)] = np.nan
     values[777] = 50.0
     write_metric_columns(db, run.id, {"loss": (steps, values)})
     lo, hi = 1_000, 33_333
     s = series.read_metric_series(db, run.id, "loss", start=lo, end=hi, max_buckets=max_buckets)
     inside = (steps >= lo) & (steps <= hi)
     c = s.combined()
-    assert c["value__max"].max() == values[inside].max()
-    assert c["value__min"].min() == values[inside].min()
+    assert c["value__max"].max() == np.nanmax(values[inside])
+    assert c["value__min"].min() == np.nanmin(values[inside])
     if s.level == 0:
         assert c["step"].tolist() == steps[inside].tolist()
         return
@@ -106,10 +114,11 @@ def test_metric_series_agree_with_the_raw_values(db: Database, max_buckets: int)
     for _, b in full.sample(min(20, len(full)), random_state=0).iterrows():
         m = (steps >= b["step"]) & (steps <= b["step_end"])
         assert b["n"] == m.sum()
-        assert b["value"] == pytest.approx(values[m].mean(), rel=1e-9)
-        assert (b["value__min"], b["value__max"]) == (values[m].min(), values[m].max())
+        assert b["value"] == pytest.approx(np.nanmean(values[m]), rel=1e-9)
+        assert (b["value__min"], b["value__max"]) == (np.nanmin(values[m]), np.nanmax(values[m]))
     after = series.read_metric_rows_after(db, run.id, "loss", 39_000, limit=50)
     assert after["step"].tolist() == steps[steps > 39_000][:50].tolist()
+    assert series.read_metric_rows_after(db, run.id, "loss", 40_000).empty
 
 
 def test_migration_0009_moves_the_metric_rows(empty_db_url: str) -> None:

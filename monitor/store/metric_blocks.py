@@ -66,9 +66,16 @@ def decode(
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     blocks = np.fromiter((int(r[0]) for r in rows), np.int64, len(rows))
     masks = np.frombuffer(b"".join(bytes(r[1]) for r in rows), np.uint8)
-    bits = np.unpackbits(masks.reshape(len(rows), MASK_BYTES), axis=1, bitorder="little")
-    row, offset = np.nonzero(bits)
-    steps = (blocks[row] << BLOCK_LEVEL) + offset
+    if masks.all():  # every block full (a dense series): no bit to look at
+        row = np.repeat(np.arange(len(rows)), BLOCK_STEPS)
+        steps = ((blocks << BLOCK_LEVEL)[:, None] + np.arange(BLOCK_STEPS)).ravel()
+        if not (masks == 0xFF).all():
+            at = np.flatnonzero(np.unpackbits(masks, bitorder="little"))
+            row, steps = row[at], steps[at]
+    else:
+        at = np.flatnonzero(np.unpackbits(masks, bitorder="little"))
+        row = at >> BLOCK_LEVEL
+        steps = (blocks[row] << BLOCK_LEVEL) + (at & (BLOCK_STEPS - 1))
     if not values:
         return row, steps, np.zeros(0)
     vals = np.frombuffer(b"".join(bytes(r[2]) for r in rows), _VAL).astype(np.float64)
@@ -125,6 +132,21 @@ def stored_metric_names(conn: Connection, run_id: int, limit: int = 10_000) -> l
     return names
 
 
+def full_blocks(conn: Connection, run_id: int, name: str, b0: int, b1: int) -> np.ndarray | None:
+    """The values of blocks b0..b1 of one metric as a (blocks, 128) matrix when every one of
+    them is stored and full (a dense series: no bitmap to decode), else None."""
+    rows = fetch(
+        conn,
+        f"SELECT n, vals FROM {TABLE} WHERE run_id = :r AND name = :n "
+        "AND block >= :b0 AND block <= :b1 ORDER BY block",
+        {"r": int(run_id), "n": name, "b0": int(b0), "b1": int(b1)},
+    )
+    if len(rows) != b1 - b0 + 1 or any(r[0] != BLOCK_STEPS for r in rows):
+        return None
+    values = np.frombuffer(b"".join(bytes(r[1]) for r in rows), _VAL).astype(np.float64)
+    return values.reshape(len(rows), BLOCK_STEPS)
+
+
 def read_values(
     conn: Connection,
     run_id: int,
@@ -150,13 +172,13 @@ def read_values(
     have, per = 0, max(4, limit // BLOCK_STEPS + 2)
     while have < limit and b0 <= b1:
         rows = fetch(conn, sql + " LIMIT :lim", {**params, "b0": int(b0), "lim": per})
-        if not rows:
-            break
         _, steps, values = decode(rows)
         keep = (steps >= lo) & (steps <= hi)
         got_s.append(steps[keep])
         got_v.append(values[keep])
         have += int(keep.sum())
+        if len(rows) < per:
+            break  # no block after these
         b0 = int(rows[-1][0]) + 1
     if not got_s:
         return np.zeros(0, np.int64), np.zeros(0)

@@ -888,13 +888,52 @@ def _read_below_base(
     b0 = lo >> level
     b1 = min(hi >> level, _last_complete(state.max_step, level))
     split = max((b1 + 1) << level, b0 << level)
-    steps, wall, vals = _read_raw(conn, r.src, r.key, columns, b0 << level, max(hi, split - 1))
-    inside = steps < split
-    buckets = _aggregate_raw(steps[inside], wall[inside], vals[inside], level)
+    buckets = _full_block_buckets(conn, r, level, b0, b1) if b1 >= b0 else None
+    if buckets is None:
+        steps, wall, vals = _read_raw(conn, r.src, r.key, columns, b0 << level, max(hi, split - 1))
+        inside = steps < split
+        buckets = _aggregate_raw(steps[inside], wall[inside], vals[inside], level)
+        after = (steps >= max(split, lo)) & (steps <= hi)
+        steps, wall, vals = steps[after], wall[after], vals[after]
+    else:
+        steps, wall, vals = _read_raw(conn, r.src, r.key, columns, max(split, lo), hi)
     frame = _df(_frame_from_buckets(_dense(buckets, b0, b1, k), columns, level), columns)
-    after = (steps >= max(split, lo)) & (steps <= hi)
-    tail = _df(_frame_from_raw(steps[after], wall[after], vals[after], columns), columns)
+    tail = _df(_frame_from_raw(steps, wall, vals, columns), columns)
     return Series(int(r.key["run_id"]), columns, level, frame, tail, state.first_step, hi)
+
+
+def _full_block_buckets(
+    conn: Connection, r: _SeriesRead, level: int, b0: int, b1: int
+) -> _Buckets | None:
+    """Buckets b0..b1 of ``level`` when the metric blocks under them are all full: each block
+    is split into equal buckets with a reshape, no step to decode (None otherwise)."""
+    if not r.src.blocks:
+        return None
+    shift = blocks.BLOCK_LEVEL - level
+    first = b0 >> shift
+    dense = blocks.full_blocks(conn, int(r.key["run_id"]), str(r.key["name"]), first, b1 >> shift)
+    if dense is None:
+        return None
+    start = b0 - (first << shift)
+    v = dense.reshape(-1, 1 << level)[start : start + b1 - b0 + 1]
+    bucket = np.arange(b0, b1 + 1, dtype=np.int64)
+    ok = ~np.isnan(v)
+    count = ok.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, np.where(ok, v, 0.0).sum(axis=1) / np.maximum(count, 1), np.nan)
+        vmin, vmax = np.fmin.reduce(v, axis=1), np.fmax.reduce(v, axis=1)
+    nan = np.full(len(bucket), np.nan)
+    return _Buckets(
+        bucket=bucket,
+        n=np.full(len(bucket), 1 << level, dtype=np.int64),
+        step_min=bucket << level,
+        step_max=((bucket + 1) << level) - 1,
+        wall_min=nan,
+        wall_max=nan,
+        vmin=vmin[:, None],
+        vmax=vmax[:, None],
+        vavg=mean[:, None],
+    )
 
 
 def read_series(

@@ -253,13 +253,15 @@ def read_metrics_by_suffix(
     ``completions/clipped_ratio``) over a step range, reading only that range."""
     if not suffixes:
         return _wide(pd.DataFrame(columns=["step", "name", "value"]))
-    # LIKE narrows the scan ('_' may over-match one character); endswith decides.
-    keys = {f"s{i}": "%" + s for i, s in enumerate(suffixes)}
-    where = ["run_id = :run", "(" + " OR ".join(f"name LIKE :{k}" for k in keys) + ")"]
-    params: dict[str, Any] = {"run": run_id, **keys}
     with db.begin() as conn:
-        long = _metric_values(conn, where, params, start, end)
-    return _wide(long[long["name"].str.endswith(tuple(suffixes))])
+        # the run's names (an index seek each), then only the blocks of the matching ones
+        names = [n for n in stored_metric_names(conn, run_id) if n.endswith(tuple(suffixes))]
+        if not names:
+            return _wide(pd.DataFrame(columns=["step", "name", "value"]))
+        keys = {f"n{i}": n for i, n in enumerate(names)}
+        where = ["run_id = :run", f"name IN ({', '.join(':' + k for k in keys)})"]
+        long = _metric_values(conn, where, {"run": run_id, **keys}, start, end)
+    return _wide(long)
 
 
 def _add_range(
