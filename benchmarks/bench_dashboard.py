@@ -19,10 +19,20 @@ page's data (``DashboardData.runs_overview``), next to today's query measured in
 the counting SQL of list_runs before run counters (every step counted on each call, then each
 run's current KL looked up one by one).
 
+Extra metrics (``--metric-steps N``): one run with ``--metric-names`` metrics of N steps each,
+written through ``write_metrics``; then the one-time rollup build and the chart reads of a
+metric (``read_metric_series`` of the whole run, of 10% and 1% of it, the live tail, the
+alert engine's suffix read of the last 1,000 steps, the export's whole read) and the bytes
+the metrics take. ``--baseline DIR`` runs the same script with the klmon package in DIR (an
+older checkout, e.g. the long-row layout before metric blocks) in the same run, on SQLite and
+PostgreSQL.
+
 Run:  .venv/bin/python benchmarks/bench_dashboard.py [--sizes 10000,100000,1000000]
       [--runs 8] [--repeat 5] [--sqlite PATH] [--pg URL | --no-pg] [--reuse]
       .venv/bin/python benchmarks/bench_dashboard.py --no-sqlite --no-pg --many-runs 1000
       [--many-steps 100000] [--many-sqlite PATH]
+      .venv/bin/python benchmarks/bench_dashboard.py --no-sqlite --no-pg --metric-steps 300000
+      [--metric-names 3] [--baseline /tmp/old]
 Target: render <= 150 ms and <= 1 MB for 8 x 1M steps, flat in run length; listing 1,000 runs
 <= 150 ms.
 """
@@ -471,6 +481,143 @@ def bench_many_runs(url: str, n_runs: int, steps: int, repeat: int) -> dict[str,
     }
 
 
+# The extra-metrics bench, run in a child process with this checkout or --baseline's package
+# (argv: url, steps, names, repeat); prints one JSON object.
+METRIC_CHILD = r"""
+import json, statistics, sys, time
+import numpy as np
+from monitor.store.database import Database
+from monitor.store.engine import make_engine
+from monitor.store.runs import get_or_create_run
+from monitor.store.schema import upgrade
+from monitor.store import series
+from monitor.store.steps import read_metrics_by_suffix, read_metrics_long, write_metrics
+
+url, n, k, repeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+engine = make_engine(url)
+upgrade(engine)
+engine.dispose()
+db = Database.open(url)
+run = get_or_create_run(db, "bench", "metrics")
+rng = np.random.default_rng(0)
+names = [f"train/metric_{i}" for i in range(k)]
+t0 = time.perf_counter()
+for name in names:
+    vals = rng.normal(size=n)
+    for lo in range(0, n, 100_000):
+        part = range(lo, min(n, lo + 100_000))
+        write_metrics(db, run.id, [(s, name, float(vals[s])) for s in part])
+out = {"write_s": time.perf_counter() - t0}
+t0 = time.perf_counter()
+for name in names:
+    series.refresh_metric_rollups(db, run.id, name)
+out["rollups_s"] = time.perf_counter() - t0
+
+def ms(fn):
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+name, mid = names[0], n // 2
+read = series.read_metric_series
+out["full_ms"] = ms(lambda: read(db, run.id, name))
+out["zoom10_ms"] = ms(lambda: read(db, run.id, name, start=mid, end=mid + n // 10))
+out["zoom1_ms"] = ms(lambda: read(db, run.id, name, start=mid, end=mid + n // 100))
+out["live_ms"] = ms(lambda: series.read_metric_rows_after(db, run.id, name, n - 11))
+last = dict(start=n - 1000, end=n)
+out["suffix_ms"] = ms(lambda: read_metrics_by_suffix(db, run.id, ["metric_0"], **last))
+out["export_s"] = ms(lambda: read_metrics_long(db, run.id)) / 1e3
+SQLITE_BYTES = ("SELECT SUM(pgsize) FROM dbstat WHERE name IN "
+                "(SELECT name FROM sqlite_master WHERE tbl_name = ?)")
+PG_BYTES = "SELECT COALESCE(pg_total_relation_size(to_regclass(%s)), 0)"
+out["bytes"] = {}
+with db.begin() as conn:
+    for t in ("metrics", "metric_blocks", "metric_rollups"):
+        try:
+            sql = SQLITE_BYTES if url.startswith("sqlite") else PG_BYTES
+            out["bytes"][t] = int(conn.exec_driver_sql(sql, (t,)).scalar() or 0)
+        except Exception:
+            pass
+print(json.dumps(out))
+"""
+
+
+def bench_metrics(
+    url: str, steps: int, names: int, repeat: int, package_root: Path | None
+) -> dict[str, Any]:
+    """The extra-metrics bench in a child process (see METRIC_CHILD) with this checkout, or
+    with the klmon package in ``package_root``."""
+    import subprocess
+
+    code = METRIC_CHILD
+    if package_root is not None:  # ahead of the editable install's import hook
+        code = (
+            f"import sys; sys.path.insert(0, {str(package_root)!r}); "
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]\n"
+        ) + code
+    done = subprocess.run(
+        [sys.executable, "-c", code, url, str(steps), str(names), str(repeat)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"metric bench failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_metric_benches(args: argparse.Namespace) -> None:
+    """This checkout and --baseline, on SQLite and PostgreSQL, printed side by side."""
+    roots = [("this", None)] + ([("baseline", args.baseline)] if args.baseline else [])
+    rows = []
+    for backend in ("sqlite", "postgresql"):
+        for label, root in roots:
+            if backend == "sqlite":
+                tmp = tempfile.mkdtemp(prefix="klmon-bench-")
+                url = f"sqlite:///{tmp}/metrics.db"
+                r = bench_metrics(url, args.metric_steps, args.metric_names, args.repeat, root)
+            else:
+                from sqlalchemy import text
+
+                admin = make_engine(args.pg, isolation_level="AUTOCOMMIT")
+                name = f"klmon_bench_{uuid.uuid4().hex[:8]}"
+                try:
+                    with admin.connect() as conn:
+                        conn.execute(text(f'CREATE DATABASE "{name}"'))
+                except Exception as exc:
+                    print(f"[postgresql] skipped: {str(exc).splitlines()[0]}")
+                    admin.dispose()
+                    break
+                try:
+                    url = f"{args.pg.rpartition('/')[0]}/{name}"
+                    r = bench_metrics(url, args.metric_steps, args.metric_names, args.repeat, root)
+                finally:
+                    with admin.connect() as conn:
+                        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                    admin.dispose()
+            rows.append((backend, label, r))
+    print(
+        f"\nExtra metrics: 1 run x {args.metric_names} metrics x {args.metric_steps:,} steps "
+        f"(medians of {args.repeat}; same run, shared machine)"
+    )
+    head = (
+        f"{'backend':<11}{'code':<9}| {'write s':>7} {'rollups s':>9} | {'full ms':>7} "
+        f"{'10% ms':>7} {'1% ms':>6} {'live ms':>7} {'alerts ms':>9} | {'export s':>8} | bytes"
+    )
+    print(head)
+    print("-" * len(head))
+    for backend, label, r in rows:
+        size = ", ".join(f"{t} {b / 1e6:.1f} MB" for t, b in r["bytes"].items() if b)
+        print(
+            f"{backend:<11}{label:<9}| {r['write_s']:>7.1f} {r['rollups_s']:>9.2f} | "
+            f"{r['full_ms']:>7.1f} {r['zoom10_ms']:>7.1f} {r['zoom1_ms']:>6.1f} "
+            f"{r['live_ms']:>7.1f} {r['suffix_ms']:>9.1f} | {r['export_s']:>8.2f} | {size}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -492,6 +639,9 @@ def main() -> None:
     ap.add_argument("--many-runs", type=int, default=0, help="runs of the run-list bench")
     ap.add_argument("--many-steps", type=int, default=100_000, help="steps of each such run")
     ap.add_argument("--many-sqlite", default=None, help="SQLite file for it (kept, reused)")
+    ap.add_argument("--metric-steps", type=int, default=0, help="steps of the metric bench")
+    ap.add_argument("--metric-names", type=int, default=3, help="metrics of that run")
+    ap.add_argument("--baseline", type=Path, default=None, help="klmon checkout to compare")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     results: list[dict[str, Any]] = []
@@ -516,6 +666,8 @@ def main() -> None:
         print_table(results)
     if many:
         print_many(many)
+    if args.metric_steps:
+        run_metric_benches(args)
     if tmp and not args.keep:
         import shutil
 

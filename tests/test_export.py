@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import text
 
 from monitor.cli import main
 from monitor.errors import InvalidInput, NotFound
@@ -19,7 +18,13 @@ from monitor.store.database import Database
 from monitor.store.metric_info import MetricInfo, read_metric_info, write_metric_info
 from monitor.store.models import STEP_QUANTITIES
 from monitor.store.runs import get_or_create_run
-from monitor.store.steps import read_metrics, read_steps, write_metrics, write_steps
+from monitor.store.steps import (
+    read_metrics,
+    read_metrics_long,
+    read_steps,
+    write_metrics,
+    write_steps,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "import"
 
@@ -127,11 +132,9 @@ HOSTILE_METRICS = ["step", "wall_time", "status", "metric:step", "k3", "a,b", 'q
 
 
 def _metric_rows(db: Database, run_id: int) -> list[tuple[int, str, float]]:
-    with db.begin() as conn:
-        rows = conn.execute(
-            text("SELECT step, name, value FROM metrics WHERE run_id = :r"), {"r": run_id}
-        ).all()
-    return sorted((int(s), n, float(v)) for s, n, v in rows)
+    long = read_metrics_long(db, run_id)
+    columns = (long["step"].tolist(), long["name"].tolist(), long["value"].tolist())
+    return sorted(zip(*columns, strict=True))
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])

@@ -308,3 +308,53 @@ def test_detection_reads_whole_first_lines(tmp_path: Path) -> None:
     other.write_text('{\n  "model": "qwen"\n}\n')
     with pytest.raises(InvalidInput, match="JSON document without log_history"):
         detect_format(other)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_clean_tables_read_column_wise_equal_the_row_reader(
+    tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The columnar fast path (``tables.build_frame``) and the row-by-row rules give the same
+    steps (payload hashes included), metrics, notes and meanings."""
+    import numpy as np
+    import pandas as pd
+
+    from monitor.ingest.importers import registry
+
+    n = 300
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame(
+        {
+            "global_step": np.arange(n) * 3,
+            "objective/kl": rng.normal(size=n),
+            "objective/entropy": rng.normal(size=n),
+            "loss": rng.normal(size=n),
+            "timestamp": 1.7e9 + np.arange(n),
+            "n_tok": rng.integers(1, 10**6, n).astype(float),
+        }
+    )
+    frame.loc[5, "loss"] = np.nan  # a missing cell
+    frame.loc[7, "objective/kl"] = np.inf  # stored as missing, said in the notes
+    path = tmp_path / f"log{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(path, index=False, na_rep="")
+        if not np.isfinite(frame["objective/kl"]).all():
+            path.write_text(path.read_text().replace("inf", "1e999"))
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+    mapping = {"n_tok": "n_tokens"}
+    built = []
+    real = registry.build_frame
+    monkeypatch.setattr(
+        registry, "build_frame", lambda *a, **k: built.append(real(*a, **k)) or built[-1]
+    )
+    _f, fast = prepare_path(path, mapping=mapping)
+    assert built and all(b is not None for b in built)  # the columnar path was taken
+    monkeypatch.setattr(registry, "build_frame", lambda *a, **k: None)
+    _f, slow = prepare_path(path, mapping=mapping)
+    assert len(fast.steps) == n and fast.steps == slow.steps
+    assert sorted(fast.metrics) == sorted(slow.metrics)
+    assert (fast.notes, fast.mapping, fast.kl_read) == (slow.notes, slow.mapping, slow.kl_read)
+    assert fast.infos == slow.infos and fast.step_column == slow.step_column

@@ -252,16 +252,16 @@ def test_an_import_failing_midway_leaves_nothing(
 ) -> None:
     monkeypatch.setattr(parquet_module, "BATCH_CELLS", 300)
     path = _parquet(tmp_path / "fails.parquet", 1_000)
-    real = importer_module.write_metrics
+    real = importer_module.write_metric_columns  # a numeric Parquet file is read column-wise
     calls = {"n": 0}
 
-    def failing(db_: Database, run_id: int, rows: list) -> int:
+    def failing(db_: Database, run_id: int, columns: dict) -> object:
         calls["n"] += 1
-        if calls["n"] == 3:  # steps and metrics of two batches are in by now
+        if calls["n"] == 3:  # steps and metrics of a batch are in by now
             raise StoreError("database: injected failure")
-        return real(db_, run_id, rows)
+        return real(db_, run_id, columns)
 
-    monkeypatch.setattr(importer_module, "write_metrics", failing)
+    monkeypatch.setattr(importer_module, "write_metric_columns", failing)
     with pytest.raises(StoreError, match="injected"):
         import_path(db, path)
     assert find_run_by_name(db, "imported", "fails") is None
@@ -271,7 +271,7 @@ def test_an_import_failing_midway_leaves_nothing(
         left = conn.execute(text("SELECT count(*) FROM steps")).scalar_one()
     assert left == 0
     # the same file imports whole afterwards
-    monkeypatch.setattr(importer_module, "write_metrics", real)
+    monkeypatch.setattr(importer_module, "write_metric_columns", real)
     report = import_path(db, path)
     assert report.created and report.steps_inserted == 1_000
 

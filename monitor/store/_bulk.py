@@ -90,7 +90,9 @@ def _copy_via_temp(
     cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {table}) ON COMMIT DELETE ROWS")
-        with cur.copy(f"COPY {tmp} ({names}) FROM STDIN") as cp:
+        # binary: a bytea (rollup stats) would otherwise travel as twice as many hex digits
+        with cur.copy(f"COPY {tmp} ({names}) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.set_types(_pg_types(table, columns))
             for row in rows:
                 cp.write_row(row)
         cur.execute(

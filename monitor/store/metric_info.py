@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from monitor.store._bulk import insert_rows
 from monitor.store.database import Database
+from monitor.store.metric_blocks import stored_metric_names
 
 METRIC_INFO_COLUMNS: tuple[str, ...] = (
     "name",
@@ -105,8 +106,7 @@ def metric_info_frame(db: Database, run_id: int) -> pd.DataFrame:
 
 def described_metric_names(db: Database, run_ids: Sequence[int]) -> list[str]:
     """Extra metric names of any of the runs, sorted: those metric_info describes plus
-    those found among the metrics themselves (metric_info is optional; that scan is bounded
-    to each run's first 20000 metric rows)."""
+    those found among the metrics themselves (metric_info is optional)."""
     names: set[str] = set()
     with db.begin() as conn:
         for rid in run_ids:
@@ -116,14 +116,5 @@ def described_metric_names(db: Database, run_ids: Sequence[int]) -> list[str]:
                     text("SELECT name FROM metric_info WHERE run_id = :r"), {"r": rid}
                 ).all()
             )
-            names.update(
-                r[0]
-                for r in conn.execute(
-                    text(
-                        "SELECT DISTINCT name FROM (SELECT name FROM metrics "
-                        "WHERE run_id = :r LIMIT 20000) m"
-                    ),
-                    {"r": rid},
-                ).all()
-            )
+            names.update(stored_metric_names(conn, rid))
     return sorted(names)

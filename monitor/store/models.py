@@ -156,15 +156,22 @@ class StepShardRow(Base):
     partials: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
-class MetricRow(Base):
-    """Extra named scalars: (run, step, name) -> value (trainer loss, lr, imported keys)."""
+class MetricBlockRow(Base):
+    """Extra named scalars (trainer loss, lr, imported keys) of one run and one name over the
+    128 aligned steps ``block * 128 .. block * 128 + 127``: a bitmap of the steps that have a
+    value and the values packed as little-endian float64 (NaN: NULL). See
+    ``monitor/store/metric_blocks.py``."""
 
-    __tablename__ = "metrics"
+    __tablename__ = "metric_blocks"
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     name: Mapped[str] = mapped_column(String(METRIC_NAME_MAX), primary_key=True)
-    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    block: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+    step_min: Mapped[int] = mapped_column(BigInteger)
+    step_max: Mapped[int] = mapped_column(BigInteger)
+    mask: Mapped[bytes] = mapped_column(LargeBinary)
+    vals: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class MetricInfoRow(Base):
@@ -381,7 +388,8 @@ class AnnotationRow(Base):
 
 
 # Chart rollups (monitor/store/series.py): min, max and mean of every float step quantity over
-# buckets of 2**level consecutive steps (bucket = step >> level), levels 3..30, so a chart read
+# buckets of 2**level consecutive steps (bucket = step >> level), levels 3..30 (7..30 for the
+# extra metrics, whose blocks hold 128 steps: lower levels are computed on read), so a chart read
 # costs the same for 1k and 10M steps. A cache of the steps and metrics tables, written lazily
 # for complete buckets. ``stats`` packs the statistics as little-endian float64
 # [quantity][min, max, mean] in STEP_FLOAT_COLUMNS order (one quantity, ``value``, for

@@ -15,9 +15,6 @@ from sqlalchemy import Connection
 
 from monitor.store.models import KL_LAST_STEP_COLUMNS, STEP_COLUMNS
 
-_STEP = STEP_COLUMNS.index("step")
-_KL_INDEX = {col: STEP_COLUMNS.index(col) for col in KL_LAST_STEP_COLUMNS}
-
 
 def _raise_to(column: str, ph: str) -> str:
     """SET clause moving ``column`` up to a parameter, never down (portable: no GREATEST)."""
@@ -30,21 +27,25 @@ def count_written(
     run_id: int,
     inserted: Sequence[Sequence[Any]],
     updated: Sequence[Sequence[Any]] = (),
+    *,
+    columns: Sequence[str] = STEP_COLUMNS,
 ) -> None:
-    """Account for step rows (``STEP_COLUMNS`` order) just inserted (new steps) and rewritten
-    (a multi-rank step re-merged). A rewrite that empties a KL column at its last step makes
-    that column's last step be looked up again."""
+    """Account for step rows (``columns`` order: by default every one of ``STEP_COLUMNS``)
+    just inserted (new steps) and rewritten (a multi-rank step re-merged). A rewrite that
+    empties a KL column at its last step makes that column's last step be looked up again."""
+    step_at = columns.index("step")
+    kl_at = {col: columns.index(col) for col in KL_LAST_STEP_COLUMNS if col in columns}
     sets: list[str] = []
     params: list[Any] = []
     if inserted:
         sets.append(f"n_steps = n_steps + {ph}")
         params.append(len(inserted))
-        top = max(int(r[_STEP]) for r in inserted)
+        top = max(int(r[step_at]) for r in inserted)
         sets.append(_raise_to("last_step", ph))
         params += [top, top]
     emptied: list[str] = []
-    for col, idx in _KL_INDEX.items():
-        with_value = [int(r[_STEP]) for r in (*inserted, *updated) if r[idx] is not None]
+    for col, idx in kl_at.items():
+        with_value = [int(r[step_at]) for r in (*inserted, *updated) if r[idx] is not None]
         if with_value:
             sets.append(_raise_to(KL_LAST_STEP_COLUMNS[col], ph))
             params += [max(with_value), max(with_value)]

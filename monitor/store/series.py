@@ -32,7 +32,6 @@ from that step on are dropped and rebuilt by the next read.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +41,9 @@ import pandas as pd
 from sqlalchemy import Connection, text
 
 from monitor.errors import InvalidInput
+from monitor.store import metric_blocks as blocks
 from monitor.store._bulk import COPY_MIN_ROWS, insert_rows
+from monitor.store._driver import fetch as _fetch
 from monitor.store.database import Database
 from monitor.store.models import STEP_FLOAT_COLUMNS
 
@@ -83,9 +84,38 @@ class _Source:
     key: tuple[str, ...]  # key columns in both tables besides step / (level, bucket)
     values: tuple[str, ...]  # raw value columns, in the order ``stats`` packs them
     wall: bool  # the raw table has wall_time
+    # The lowest stored rollup level; the levels from BASE_LEVEL below it are computed from
+    # the raw values at read time (a metric block holds 2**base_level steps).
+    base_level: int = BASE_LEVEL
+    # raw values are column blocks (``monitor/store/metric_blocks.py``), not rows
+    blocks: bool = False
 
     def where(self) -> str:
         return " AND ".join(f"{k} = :{k}" for k in self.key)
+
+    def min_step_sql(self, lo: str, hi: str) -> str:
+        """The first raw step in [lo, hi] (SQL expressions); for blocks, the first step of
+        the first block in that range (blocks are aligned on base buckets)."""
+        if self.blocks:
+            return (
+                f"SELECT MIN(step_min) FROM {self.raw_table} WHERE {self.where()} "
+                f"AND block >= ({lo}) / {1 << self.base_level} "
+                f"AND block <= ({hi}) / {1 << self.base_level}"
+            )
+        return (
+            f"SELECT MIN(step) FROM {self.raw_table} WHERE {self.where()} "
+            f"AND step >= {lo} AND step <= {hi}"
+        )
+
+    def bound_sql(self, fn: str) -> str:
+        """The last (``fn`` MAX) or first (MIN) raw step: one index lookup."""
+        if self.blocks:
+            edge, order = ("step_max", "DESC") if fn == "MAX" else ("step_min", "ASC")
+            return (
+                f"SELECT {edge} FROM {self.raw_table} WHERE {self.where()} "
+                f"ORDER BY block {order} LIMIT 1"
+            )
+        return f"SELECT {fn}(step) FROM {self.raw_table} WHERE {self.where()}"
 
 
 _ROLLUP_COLUMNS = ("bucket", "n", "step_min", "step_max", "wall_min", "wall_max", "stats")
@@ -93,7 +123,15 @@ _STAT_DTYPE = np.dtype("<f8")
 
 
 _STEPS = _Source("steps", "step_rollups", ("run_id",), STEP_FLOAT_COLUMNS, True)
-_METRICS = _Source("metrics", "metric_rollups", ("run_id", "name"), ("value",), False)
+_METRICS = _Source(
+    blocks.TABLE,
+    "metric_rollups",
+    ("run_id", "name"),
+    ("value",),
+    False,
+    base_level=blocks.BLOCK_LEVEL,
+    blocks=True,
+)
 
 
 def _key(run_id: int, name: str | None = None) -> dict[str, Any]:
@@ -202,34 +240,61 @@ def _aggregate_raw(steps: np.ndarray, wall: np.ndarray, values: np.ndarray, leve
 
 
 def _aggregate_sql(
-    conn: Connection, src: _Source, key: Mapping[str, Any], lo: int, hi: int
-) -> _Buckets:
-    """Base-level buckets of the raw rows lo <= step <= hi, aggregated by the database (8x
-    fewer values cross the driver than reading the rows)."""
+    conn: Connection,
+    src: _Source,
+    key: Mapping[str, Any],
+    columns: Sequence[str],
+    lo: int,
+    hi: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Base-level buckets of ``columns`` over the raw rows lo <= step <= hi, aggregated by
+    the database (8x fewer values cross the driver than reading the rows): the head
+    (m, 6) and the stats (m, len(columns), 3) of ``_Buckets.from_arrays``."""
     wall = "wall_time" if src.wall else "NULL"
-    stats = [f"{fn}({v})" for v in src.values for fn in ("MIN", "MAX", "AVG")]
+    stats = [f"{fn}({v})" for v in columns for fn in ("MIN", "MAX", "AVG")]
     sql = (
         f"SELECT step >> {BASE_LEVEL}, COUNT(*), MIN(step), MAX(step), MIN({wall}), "
-        f"MAX({wall}), {', '.join(stats)} FROM {src.raw_table} "
+        f"MAX({wall}){''.join(', ' + s for s in stats)} FROM {src.raw_table} "
         f"WHERE {src.where()} AND step >= :lo AND step <= :hi "
         f"GROUP BY step >> {BASE_LEVEL} ORDER BY 1"
     )
-    k = len(src.values)
+    k = len(columns)
     arr = _floats(_fetch(conn, sql, {**key, "lo": int(lo), "hi": int(hi)}), 6 + 3 * k)
-    if len(arr) == 0:
-        return _Buckets.empty(k)
-    return _Buckets.from_arrays(arr[:, :6], arr[:, 6:].reshape(len(arr), k, 3))
+    return arr[:, :6], arr[:, 6:].reshape(len(arr), k, 3)
 
 
 def _base_buckets(
     conn: Connection, src: _Source, key: Mapping[str, Any], lo: int, hi: int
 ) -> _Buckets:
     """Base-level buckets of lo <= step <= hi. PostgreSQL aggregates faster than it ships
-    rows; SQLite's aggregates are slower than reading the rows and reducing them in numpy."""
-    if conn.dialect.name == "sqlite":
+    rows; SQLite's aggregates are slower than reading the rows and reducing them in numpy,
+    and metric blocks are decoded in numpy on both.
+
+    Only the quantities holding a value in the range are read or aggregated (a run fills a
+    few of the ~30; one pass that counts them costs less than the NULLs fetched or the
+    aggregates of empty columns); the others are NaN."""
+    if src.blocks:
         steps, wall, vals = _read_raw(conn, src, key, src.values, lo, hi)
-        return _aggregate_raw(steps, wall, vals, BASE_LEVEL)
-    return _aggregate_sql(conn, src, key, lo, hi)
+        return _aggregate_raw(steps, wall, vals, src.base_level)
+    counts = _fetch(
+        conn,
+        f"SELECT {', '.join(f'COUNT({c})' for c in src.values)} FROM {src.raw_table} "
+        f"WHERE {src.where()} AND step >= :lo AND step <= :hi",
+        {**key, "lo": int(lo), "hi": int(hi)},
+    )[0]
+    filled = [i for i, c in enumerate(counts) if c]
+    names = [src.values[i] for i in filled]
+    if conn.dialect.name == "sqlite":
+        steps, wall, some = _read_raw(conn, src, key, names, lo, hi)
+        vals = np.full((len(steps), len(src.values)), np.nan)
+        vals[:, filled] = some
+        return _aggregate_raw(steps, wall, vals, src.base_level)
+    head, some_stats = _aggregate_sql(conn, src, key, names, lo, hi)
+    if len(head) == 0:
+        return _Buckets.empty(len(src.values))
+    stats = np.full((len(head), len(src.values), 3), np.nan)
+    stats[:, filled] = some_stats
+    return _Buckets.from_arrays(head, stats)
 
 
 def _combine(children: _Buckets) -> _Buckets:
@@ -260,24 +325,6 @@ def _last_complete(max_step: int, level: int) -> int:
 # --------------------------------------------------------------------------- SQL helpers
 
 
-_NAMED = re.compile(r"(?<![:\w]):(\w+)")
-
-
-def _fetch(conn: Connection, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-    """Rows as the driver's plain tuples, through the driver's own cursor in the connection's
-    transaction: chart reads run ~40 small statements, and SQLAlchemy's statement and Row
-    overhead (~0.3 ms a statement) would be most of their cost. ``sql`` uses ``:name``
-    parameters (sqlite3's own style; rewritten to psycopg's ``%(name)s``)."""
-    if conn.dialect.name != "sqlite":
-        sql = _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
-    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cur.execute(sql, dict(params))
-        return cur.fetchall()
-    finally:
-        cur.close()
-
-
 def _floats(rows: Sequence[Sequence[Any]], ncols: int) -> np.ndarray:
     if not rows:
         return np.zeros((0, ncols))
@@ -294,6 +341,11 @@ def _read_raw(
     limit: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(steps, wall, values[n, k]) of raw rows with lo <= step <= hi, sorted by step."""
+    if src.blocks:
+        steps, values = blocks.read_values(
+            conn, int(key["run_id"]), str(key["name"]), int(lo), int(hi), limit
+        )
+        return steps, np.full(len(steps), np.nan), values[:, None]
     wall = "wall_time" if src.wall else "NULL"
     sql = (
         f"SELECT step, {wall}, {', '.join(columns)} FROM {src.raw_table} "
@@ -422,15 +474,16 @@ class _State:
     first_step: int | None
     done: dict[int, int]  # level -> last stored bucket
     next_unrolled: int | None  # first raw step after the last stored base bucket
+    base: int = BASE_LEVEL  # the source's lowest stored level
 
     def needs_refresh(self) -> bool:
         if self.max_step is None:
             return False
-        if self.next_unrolled is not None and (self.next_unrolled >> BASE_LEVEL) <= _last_complete(
-            self.max_step, BASE_LEVEL
+        if self.next_unrolled is not None and (self.next_unrolled >> self.base) <= _last_complete(
+            self.max_step, self.base
         ):
             return True
-        for level in range(BASE_LEVEL + 1, MAX_LEVEL + 1):
+        for level in range(self.base + 1, MAX_LEVEL + 1):
             child = self.done.get(level - 1)
             if child is None:
                 break
@@ -444,14 +497,16 @@ def _state(conn: Connection, src: _Source, key: Mapping[str, Any]) -> _State:
     """Max and min step, the last stored bucket of every level and the first raw step not
     yet in a base bucket: scalar subqueries, each an index lookup (a GROUP BY over the
     rollups would scan every row of the run)."""
-    w = src.where()
-    levels = list(range(BASE_LEVEL, MAX_LEVEL + 1))
-    subs = [
-        f"(SELECT MAX(step) FROM {src.raw_table} WHERE {w})",
-        f"(SELECT MIN(step) FROM {src.raw_table} WHERE {w})",
-        f"(SELECT MIN(step) FROM {src.raw_table} WHERE {w} AND step >= "
+    w, base = src.where(), src.base_level
+    levels = list(range(base, MAX_LEVEL + 1))
+    unrolled = (
         f"(COALESCE((SELECT MAX(bucket) FROM {src.rollup_table} WHERE {w} "
-        f"AND level = {BASE_LEVEL}), -1) + 1) * {1 << BASE_LEVEL})",
+        f"AND level = {base}), -1) + 1) * {1 << base}"
+    )
+    subs = [
+        f"({src.bound_sql('MAX')})",
+        f"({src.bound_sql('MIN')})",
+        f"({src.min_step_sql(unrolled, str(MAX_STEP))})",
     ]
     subs += [
         f"(SELECT MAX(bucket) FROM {src.rollup_table} WHERE {w} AND level = {lv})" for lv in levels
@@ -459,7 +514,7 @@ def _state(conn: Connection, src: _Source, key: Mapping[str, Any]) -> _State:
     row = _fetch(conn, f"SELECT {', '.join(subs)}", key)[0]
     as_int = [None if v is None else int(v) for v in row]
     done = {lv: b for lv, b in zip(levels, as_int[3:], strict=True) if b is not None}
-    return _State(as_int[0], as_int[1], done, as_int[2])
+    return _State(as_int[0], as_int[1], done, as_int[2], base)
 
 
 @dataclass
@@ -480,36 +535,34 @@ def _refresh(
     if max_step is None:
         return _RefreshResult(None)
     result = _RefreshResult(max_step, done)
-    base_last = _last_complete(max_step, BASE_LEVEL)
+    base = src.base_level
+    base_last = _last_complete(max_step, base)
     first_pass = True
-    while first_pass or done.get(BASE_LEVEL, -1) < base_last:
+    while first_pass or done.get(base, -1) < base_last:
         first_pass = False
         with db.begin() as conn:
             # Base level from raw rows, one chunk of rows at a time.
-            first = done.get(BASE_LEVEL, -1) + 1
+            first = done.get(base, -1) + 1
             mem, mem_lo, mem_hi = _Buckets.empty(k), first, first - 1
             if first <= base_last:
                 # One chunk of steps, starting at the next stored row (gaps are skipped).
-                hi = ((base_last + 1) << BASE_LEVEL) - 1
+                hi = ((base_last + 1) << base) - 1
                 nxt = _fetch(
-                    conn,
-                    f"SELECT MIN(step) FROM {src.raw_table} "
-                    f"WHERE {src.where()} AND step >= :lo AND step <= :hi",
-                    {**key, "lo": first << BASE_LEVEL, "hi": hi},
+                    conn, src.min_step_sql(":lo", ":hi"), {**key, "lo": first << base, "hi": hi}
                 )[0][0]
                 through = base_last
                 if nxt is not None:
-                    lo = (int(nxt) >> BASE_LEVEL) << BASE_LEVEL
+                    lo = (int(nxt) >> base) << base
                     hi = min(hi, lo + CHUNK_STEPS - 1)
-                    through = hi >> BASE_LEVEL
+                    through = hi >> base
                     mem = _base_buckets(conn, src, key, lo, hi)
-                    result.written += _insert(conn, src, key, BASE_LEVEL, mem)
+                    result.written += _insert(conn, src, key, base, mem)
                 mem_lo, mem_hi = first, through
-                done[BASE_LEVEL] = through
-            covered = ((done.get(BASE_LEVEL, -1) + 1) << BASE_LEVEL) - 1
+                done[base] = through
+            covered = ((done.get(base, -1) + 1) << base) - 1
             # Each higher level from the one below: this chunk's buckets plus, for the first
             # parent, a child stored by an earlier read.
-            for level in range(BASE_LEVEL + 1, MAX_LEVEL + 1):
+            for level in range(base + 1, MAX_LEVEL + 1):
                 p_first = done.get(level, -1) + 1
                 p_last = min(_last_complete(max_step, level), ((covered + 1) >> level) - 1)
                 if p_first > p_last:
@@ -560,14 +613,14 @@ def invalidate_rollups(
         frontier = _fetch(
             conn,
             f"SELECT MAX(bucket) FROM {src.rollup_table} WHERE run_id = :run_id "
-            f"AND level = {BASE_LEVEL}",
+            f"AND level = {src.base_level}",
             {"run_id": run_id},
         )[0][0]
-        if frontier is None or ((int(frontier) + 1) << BASE_LEVEL) <= from_step:
+        if frontier is None or ((int(frontier) + 1) << src.base_level) <= from_step:
             continue
         levels = " OR ".join(
             f"(level = {lv} AND bucket >= {from_step >> lv})"
-            for lv in range(BASE_LEVEL, MAX_LEVEL + 1)
+            for lv in range(src.base_level, MAX_LEVEL + 1)
         )
         for key in keys:
             deleted += conn.execute(
@@ -798,6 +851,8 @@ def _read_in(conn: Connection, r: _SeriesRead, state: _State) -> Series:
         steps, wall, vals = _read_raw(conn, src, key, columns, lo, hi)
         frame = _df(_frame_from_raw(steps, wall, vals, columns), columns)
         return Series(run_id, columns, 0, frame, empty, first_step, hi)
+    if level < src.base_level:
+        return _read_below_base(conn, r, level, lo, hi, state)
     b0 = lo >> level
     b1 = min(hi >> level, done.get(level, -1))
     hist = _read_buckets(conn, src, key, level, b0, b1, pick)
@@ -805,7 +860,7 @@ def _read_in(conn: Connection, r: _SeriesRead, state: _State) -> Series:
     # The tail: at most one complete bucket per lower level, then raw rows.
     pos = max((b1 + 1) << level, lo)
     wanted: list[tuple[int, int]] = []
-    for lower in range(level - 1, BASE_LEVEL - 1, -1):
+    for lower in range(level - 1, src.base_level - 1, -1):
         size = 1 << lower
         while pos % size == 0 and pos + size - 1 <= hi and (pos >> lower) <= done.get(lower, -1):
             wanted.append((lower, pos >> lower))
@@ -820,6 +875,65 @@ def _read_in(conn: Connection, r: _SeriesRead, state: _State) -> Series:
     parts = [p for p in parts if len(p)]
     tail = _df(np.vstack(parts), columns) if parts else empty
     return Series(run_id, columns, level, frame, tail, first_step, hi)
+
+
+def _read_below_base(
+    conn: Connection, r: _SeriesRead, level: int, lo: int, hi: int, state: _State
+) -> Series:
+    """A read at a level below the source's stored rollups (metric blocks hold 128 steps, so
+    8- to 64-step buckets are never stored): the buckets from the raw values, at most about
+    ``2**level * max_buckets`` of them, then the raw values after the last complete one."""
+    columns, k = r.columns, len(r.columns)
+    assert state.max_step is not None
+    b0 = lo >> level
+    b1 = min(hi >> level, _last_complete(state.max_step, level))
+    split = max((b1 + 1) << level, b0 << level)
+    buckets = _full_block_buckets(conn, r, level, b0, b1) if b1 >= b0 else None
+    if buckets is None:
+        steps, wall, vals = _read_raw(conn, r.src, r.key, columns, b0 << level, max(hi, split - 1))
+        inside = steps < split
+        buckets = _aggregate_raw(steps[inside], wall[inside], vals[inside], level)
+        after = (steps >= max(split, lo)) & (steps <= hi)
+        steps, wall, vals = steps[after], wall[after], vals[after]
+    else:
+        steps, wall, vals = _read_raw(conn, r.src, r.key, columns, max(split, lo), hi)
+    frame = _df(_frame_from_buckets(_dense(buckets, b0, b1, k), columns, level), columns)
+    tail = _df(_frame_from_raw(steps, wall, vals, columns), columns)
+    return Series(int(r.key["run_id"]), columns, level, frame, tail, state.first_step, hi)
+
+
+def _full_block_buckets(
+    conn: Connection, r: _SeriesRead, level: int, b0: int, b1: int
+) -> _Buckets | None:
+    """Buckets b0..b1 of ``level`` when the metric blocks under them are all full: each block
+    is split into equal buckets with a reshape, no step to decode (None otherwise)."""
+    if not r.src.blocks:
+        return None
+    shift = blocks.BLOCK_LEVEL - level
+    first = b0 >> shift
+    dense = blocks.full_blocks(conn, int(r.key["run_id"]), str(r.key["name"]), first, b1 >> shift)
+    if dense is None:
+        return None
+    start = b0 - (first << shift)
+    v = dense.reshape(-1, 1 << level)[start : start + b1 - b0 + 1]
+    bucket = np.arange(b0, b1 + 1, dtype=np.int64)
+    ok = ~np.isnan(v)
+    count = ok.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, np.where(ok, v, 0.0).sum(axis=1) / np.maximum(count, 1), np.nan)
+        vmin, vmax = np.fmin.reduce(v, axis=1), np.fmax.reduce(v, axis=1)
+    nan = np.full(len(bucket), np.nan)
+    return _Buckets(
+        bucket=bucket,
+        n=np.full(len(bucket), 1 << level, dtype=np.int64),
+        step_min=bucket << level,
+        step_max=((bucket + 1) << level) - 1,
+        wall_min=nan,
+        wall_max=nan,
+        vmin=vmin[:, None],
+        vmax=vmax[:, None],
+        vavg=mean[:, None],
+    )
 
 
 def read_series(

@@ -36,14 +36,22 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+import pandas as pd
 from sqlalchemy import Connection
 
 from monitor.errors import InvalidInput, NotFound
+from monitor.store import metric_blocks
 from monitor.store._bulk import COPY_MIN_ROWS, insert_rows
 from monitor.store.database import Database
 from monitor.store.domain import StepWriteResult
 from monitor.store.drilldown import SAMPLE_COLUMNS, sample_rows
-from monitor.store.models import STEP_COLUMNS, STEP_QUANTITIES
+from monitor.store.metric_blocks import MetricWriteResult
+from monitor.store.models import (
+    METRIC_NAME_MAX,
+    STEP_COLUMNS,
+    STEP_INT_COLUMNS,
+    STEP_QUANTITIES,
+)
 from monitor.store.run_counters import count_written
 from monitor.store.sample_retention import SampleRetention, compact_live
 from monitor.store.series import invalidate_rollups
@@ -51,9 +59,12 @@ from monitor.store.series import invalidate_rollups
 __all__ = [
     "COPY_MIN_ROWS",
     "IngestResult",
+    "MetricWriteResult",
     "StepRecord",
+    "write_metric_columns",
     "write_metric_records",
     "write_metrics",
+    "write_step_frame",
     "write_step_records",
     "write_steps",
 ]
@@ -230,7 +241,7 @@ def _write_single(
     _upsert_histograms(db, conn, run_id, hists, update=False)
     _insert_ledgers(db, conn, run_id, [(r.step, r.ledger) for r in new if r.ledger is not None])
     result.samples += _insert_samples(db, conn, run_id, [(r.step, r.rank, r.samples) for r in new])
-    result.metrics += _insert_metrics(db, conn, run_id, [(r.step, r.metrics) for r in new])
+    result.metrics += _insert_metrics(conn, run_id, [(r.step, r.metrics) for r in new])
 
 
 def _insert_new_steps(
@@ -239,31 +250,35 @@ def _insert_new_steps(
     run_id: int,
     rows: Sequence[tuple[Any, ...]],
     use_copy: bool | None = None,
+    columns: Sequence[str] = STEP_COLUMNS,
 ) -> tuple[list[int], int, list[int]]:
-    """Insert the rows (STEP_COLUMNS order) whose step is not stored yet, under the run's
-    lock (``_lock_run``). Returns the indexes of the rows inserted, the number of
-    duplicates and the conflicting steps: the one idempotency check of both step writers.
+    """Insert the rows (``columns`` order: by default all of STEP_COLUMNS; the others are
+    left to their defaults) whose step is not stored yet, under the run's lock
+    (``_lock_run``). Returns the indexes of the rows inserted, the number of
+    duplicates and the conflicting steps: the one idempotency check of the step writers.
 
     SQLite needs no conflict clause (the lock's UPDATE holds the database write lock and the
     rows were checked under it); PostgreSQL keeps ``ON CONFLICT DO NOTHING``, or uses binary
     COPY for ``COPY_MIN_ROWS`` new rows and more (``use_copy`` forces or forbids it)."""
-    steps = [int(r[1]) for r in rows]
+    at_step, at_hash = columns.index("step"), columns.index("payload_hash")
+    steps = [int(r[at_step]) for r in rows]
     stored = {
         int(step): h
         for step, h in _existing(db, conn, "steps", "step, payload_hash", run_id, steps)
     }
-    new, duplicates, conflicts = _split_new(zip(steps, [r[6] for r in rows], strict=True), stored)
+    hashes = [r[at_hash] for r in rows]
+    new, duplicates, conflicts = _split_new(zip(steps, hashes, strict=True), stored)
     if not new:
         return new, duplicates, conflicts
-    fresh = [rows[i] for i in new]
+    fresh = rows if len(new) == len(rows) else [rows[i] for i in new]
     if db.is_sqlite:
-        insert_rows(conn, "steps", STEP_COLUMNS, fresh)
+        insert_rows(conn, "steps", columns, fresh)
     else:
         copy = len(fresh) >= COPY_MIN_ROWS if use_copy is None else use_copy
         key = () if copy else ("run_id", "step")
-        insert_rows(conn, "steps", STEP_COLUMNS, fresh, key=key, copy=copy)
+        insert_rows(conn, "steps", columns, fresh, key=key, copy=copy)
     invalidate_rollups(conn, run_id, min(steps[i] for i in new))
-    count_written(conn, db.paramstyle, run_id, fresh)
+    count_written(conn, db.paramstyle, run_id, fresh, columns=columns)
     return new, duplicates, conflicts
 
 
@@ -317,17 +332,83 @@ def write_steps(db: Database, run_id: int, rows: Sequence[Mapping[str, Any]]) ->
     return StepWriteResult(len(inserted), duplicates, tuple(conflicts))
 
 
+def write_step_frame(db: Database, run_id: int, frame: pd.DataFrame) -> StepWriteResult:
+    """``write_steps`` for step rows as a frame (columns ``step``, ``wall_time`` and any of
+    ``STEP_COLUMNS``; NaN is NULL): the importers' bulk path, a column at a time instead of
+    a dict per row, and binary COPY on PostgreSQL."""
+    unknown = set(frame.columns) - set(STEP_COLUMNS)
+    if unknown:
+        raise InvalidInput(f"step rows have unknown columns: {sorted(unknown)}")
+    if "step" not in frame or "wall_time" not in frame:
+        raise InvalidInput("every step row needs 'step' and 'wall_time'")
+    n = len(frame)
+    if n == 0:
+        return StepWriteResult(0, 0)
+    names: list[str] = []
+    columns: list[list[Any]] = []
+    for c in STEP_COLUMNS:
+        if c == "run_id":
+            values: list[Any] = [run_id] * n
+        elif c not in frame:
+            default = _STEP_DEFAULTS.get(c)
+            if default is None and c != "payload_hash":
+                continue  # NULL: the column's default, not bound on every row
+            values = [default] * n
+        else:
+            col = frame[c]
+            if col.dtype.kind == "f" and (c in STEP_INT_COLUMNS or c == "step"):
+                values = [None if v != v else int(v) for v in col.tolist()]
+            else:
+                values = col.tolist()
+                if col.dtype.kind == "f" and col.isna().any():
+                    values = [None if v != v else v for v in values]
+        names.append(c)
+        columns.append(values)
+    rows = list(zip(*columns, strict=True))
+    with db.begin() as conn:
+        _lock_run(db, conn, run_id, None)
+        inserted, duplicates, conflicts = _insert_new_steps(
+            db, conn, run_id, rows, columns=tuple(names)
+        )
+    return StepWriteResult(len(inserted), duplicates, tuple(conflicts))
+
+
 def write_metrics(
     db: Database, run_id: int, values: Iterable[tuple[int, str, float | None]]
 ) -> int:
-    """Insert (step, name, value) extra metrics; existing (run, step, name) are left alone."""
-    groups: dict[int, list[tuple[str, float | None]]] = {}
+    """Insert (step, name, value) extra metrics; existing (run, step, name) are left alone.
+    Returns the values inserted."""
+    columns: dict[str, tuple[list[int], list[Any]]] = {}
     for step, name, value in values:
-        groups.setdefault(int(step), []).append((str(name), _clean(value)))
-    if not groups:
+        steps, vals = columns.setdefault(str(name), ([], []))
+        steps.append(int(step))
+        vals.append(_clean(value))
+    if not columns:
         return 0
+    return write_metric_columns(
+        db, run_id, {n: (np.array(s, np.int64), _floats(v)) for n, (s, v) in columns.items()}
+    ).inserted
+
+
+def write_metric_columns(
+    db: Database, run_id: int, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]
+) -> MetricWriteResult:
+    """Insert extra metrics as arrays, ``name -> (steps, values)`` (NaN: no value): the bulk
+    path of importers. A value already stored is kept: the same number is counted as a
+    replay, another as a conflict (``MetricWriteResult``)."""
+    for name in columns:
+        if not name or len(name) > METRIC_NAME_MAX:
+            raise InvalidInput(
+                f"metric name {name[:40]!r}: must be 1 to {METRIC_NAME_MAX} characters"
+            )
     with db.begin() as conn:
-        return _insert_metrics(db, conn, run_id, list(groups.items()))
+        _lock_run(db, conn, run_id, None)
+        return _store_metrics(conn, run_id, columns)
+
+
+def _floats(values: Sequence[Any]) -> np.ndarray:
+    """Cleaned metric values (floats or None) as float64, None as NaN."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
 def _clean(value: Any) -> Any:
@@ -353,24 +434,35 @@ def _insert_samples(
 
 
 def _insert_metrics(
-    db: Database,
     conn: Connection,
     run_id: int,
     groups: Sequence[tuple[int, Sequence[tuple[str, float | None]]]],
 ) -> int:
-    tuples = [(run_id, step, str(name), value) for step, ms in groups for name, value in ms]
-    inserted = insert_rows(
-        conn, "metrics", ("run_id", "step", "name", "value"), tuples, key=("run_id", "step", "name")
-    )
-    if inserted:
+    """Store the (step, [(name, value)]) groups of records, under the run's lock."""
+    columns: dict[str, tuple[list[int], list[Any]]] = {}
+    for step, ms in groups:
+        for name, value in ms:
+            steps, vals = columns.setdefault(str(name), ([], []))
+            steps.append(int(step))
+            vals.append(_clean(value))
+    arrays = {n: (np.array(s, np.int64), _floats(v)) for n, (s, v) in columns.items()}
+    return _store_metrics(conn, run_id, arrays).inserted
+
+
+def _store_metrics(
+    conn: Connection, run_id: int, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]
+) -> MetricWriteResult:
+    """The one metric write (``metric_blocks.write``), then the rollups of what is new."""
+    result = metric_blocks.write(conn, run_id, columns)
+    if result.first_new:
         invalidate_rollups(
             conn,
             run_id,
-            min(t[1] for t in tuples),
+            min(result.first_new.values()),
             steps=False,
-            metric_names={t[2] for t in tuples},
+            metric_names=result.first_new,
         )
-    return inserted
+    return result
 
 
 def write_metric_records(
@@ -384,9 +476,8 @@ def write_metric_records(
     if not groups:
         return 0
     with db.begin() as conn:
-        if seen_at is not None:
-            _lock_run(db, conn, run_id, seen_at)
-        return _insert_metrics(db, conn, run_id, groups)
+        _lock_run(db, conn, run_id, seen_at)
+        return _insert_metrics(conn, run_id, groups)
 
 
 def _upsert_histograms(
@@ -455,7 +546,7 @@ def _write_sharded(
     result.inserted += len(new)
     result.samples += _insert_samples(db, conn, run_id, [(r.step, r.rank, r.samples) for r in new])
     result.metrics += _insert_metrics(
-        db, conn, run_id, [(r.step, r.metrics) for r in new if r.rank == 0]
+        conn, run_id, [(r.step, r.metrics) for r in new if r.rank == 0]
     )
 
     affected = sorted({r.step for r in new})

@@ -6,11 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import Connection, text
 
 from monitor.errors import InvalidInput
+from monitor.store._driver import fetch
 from monitor.store.database import Database
+from monitor.store.metric_blocks import BLOCK_LEVEL, decode, stored_metric_names
+from monitor.store.metric_blocks import TABLE as BLOCKS
 from monitor.store.models import STEP_COLUMNS, STEP_QUANTITIES
 from monitor.store.step_writes import write_metrics, write_steps
 
@@ -87,16 +91,48 @@ def read_metrics_long(
     start: int | None = None,
     end: int | None = None,
 ) -> pd.DataFrame:
-    """Extra metrics one row per (step, name): columns step, name, value (unordered)."""
+    """Extra metrics one row per (step, name): columns step, name, value (sorted by name,
+    then step; a value stored as NULL is NaN)."""
     where, params = ["run_id = :run"], {"run": run_id}
     if names:
         keys = {f"n{i}": n for i, n in enumerate(names)}
         where.append(f"name IN ({', '.join(':' + k for k in keys)})")
         params.update(keys)
-    _add_range(where, params, start, end)
-    sql = text(f"SELECT step, name, value FROM metrics WHERE {' AND '.join(where)}")
     with db.begin() as conn:
-        return pd.read_sql(sql, conn, params=params)
+        return _metric_values(conn, where, params, start, end)
+
+
+def _metric_values(
+    conn: Connection,
+    where: list[str],
+    params: dict[str, Any],
+    start: int | None,
+    end: int | None,
+) -> pd.DataFrame:
+    """The (step, name, value) frame of the metric blocks matching ``where``, cut to the
+    step range."""
+    if start is not None:
+        where = [*where, "block >= :b0"]
+        params = {**params, "b0": int(start) >> BLOCK_LEVEL}
+    if end is not None:
+        where = [*where, "block <= :b1"]
+        params = {**params, "b1": int(end) >> BLOCK_LEVEL}
+    rows = fetch(
+        conn,
+        f"SELECT block, mask, vals, name FROM {BLOCKS} WHERE {' AND '.join(where)} "
+        "ORDER BY name, block",
+        params,
+    )
+    row, steps, values = decode(rows)
+    keep = np.ones(len(steps), dtype=bool)
+    if start is not None:
+        keep &= steps >= int(start)
+    if end is not None:
+        keep &= steps <= int(end)
+    names = np.array([r[3] for r in rows], dtype=object)
+    return pd.DataFrame(
+        {"step": steps[keep], "name": names[row[keep]], "value": values[keep]}, copy=False
+    )
 
 
 def latest_steps(db: Database, run_id: int, columns: Sequence[str], limit: int) -> pd.DataFrame:
@@ -171,14 +207,13 @@ def _driver_rows(conn: Connection, sql: str) -> list[tuple[Any, ...]]:
 def steps_with_data(db: Database, run_id: int) -> list[int]:
     """Every step with a step row or a metric, sorted."""
     with db.begin() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT step FROM steps WHERE run_id = :r "
-                "UNION SELECT step FROM metrics WHERE run_id = :r ORDER BY step"
-            ),
-            {"r": run_id},
-        ).all()
-    return [int(r[0]) for r in rows]
+        rows = conn.execute(text("SELECT step FROM steps WHERE run_id = :r"), {"r": run_id})
+        steps = np.fromiter((int(r[0]) for r in rows), np.int64)
+        masks = fetch(
+            conn, f"SELECT block, mask, mask FROM {BLOCKS} WHERE run_id = :r", {"r": run_id}
+        )
+    _, metric_steps, _ = decode(masks, values=False)
+    return np.union1d(steps, metric_steps).tolist()
 
 
 def stored_between(
@@ -190,20 +225,20 @@ def stored_between(
     where = "WHERE run_id = :r AND step BETWEEN :lo AND :hi"
     with db.begin() as conn:
         steps = {int(r[0]) for r in conn.execute(text(f"SELECT step FROM steps {where}"), args)}
-        metrics = {
-            (int(r[0]), r[1]): r[2]
-            for r in conn.execute(text(f"SELECT step, name, value FROM metrics {where}"), args)
-        }
+        long = _metric_values(conn, ["run_id = :r"], {"r": run_id}, lo, hi)
+    metrics = {
+        (s, n): None if v != v else v
+        for s, n, v in zip(
+            long["step"].tolist(), long["name"].tolist(), long["value"].tolist(), strict=True
+        )
+    }
     return steps, metrics
 
 
 def metric_names(db: Database, run_id: int) -> list[str]:
+    """The names of a run's extra metrics, sorted."""
     with db.begin() as conn:
-        rows = conn.execute(
-            text("SELECT DISTINCT name FROM metrics WHERE run_id = :run ORDER BY name"),
-            {"run": run_id},
-        ).all()
-    return [r[0] for r in rows]
+        return stored_metric_names(conn, run_id)
 
 
 def read_metrics_by_suffix(
@@ -218,15 +253,15 @@ def read_metrics_by_suffix(
     ``completions/clipped_ratio``) over a step range, reading only that range."""
     if not suffixes:
         return _wide(pd.DataFrame(columns=["step", "name", "value"]))
-    # LIKE narrows the scan ('_' may over-match one character); endswith decides.
-    keys = {f"s{i}": "%" + s for i, s in enumerate(suffixes)}
-    where = ["run_id = :run", "(" + " OR ".join(f"name LIKE :{k}" for k in keys) + ")"]
-    params: dict[str, Any] = {"run": run_id, **keys}
-    _add_range(where, params, start, end)
-    sql = text(f"SELECT step, name, value FROM metrics WHERE {' AND '.join(where)}")
     with db.begin() as conn:
-        long = pd.read_sql(sql, conn, params=params)
-    return _wide(long[long["name"].str.endswith(tuple(suffixes))])
+        # the run's names (an index seek each), then only the blocks of the matching ones
+        names = [n for n in stored_metric_names(conn, run_id) if n.endswith(tuple(suffixes))]
+        if not names:
+            return _wide(pd.DataFrame(columns=["step", "name", "value"]))
+        keys = {f"n{i}": n for i, n in enumerate(names)}
+        where = ["run_id = :run", f"name IN ({', '.join(':' + k for k in keys)})"]
+        long = _metric_values(conn, where, {"run": run_id, **keys}, start, end)
+    return _wide(long)
 
 
 def _add_range(

@@ -39,9 +39,11 @@ from monitor.store import (
     set_run_status,
     stored_between,
     write_histograms,
+    write_metric_columns,
     write_metric_info,
     write_metrics,
     write_samples,
+    write_step_frame,
     write_steps,
 )
 
@@ -51,6 +53,7 @@ FORMAT_STEP_SOURCES = ("the order of the Trainer's printed dicts", "step:N of ea
 MAX_PROBLEMS = 1_000  # skipped lines kept for the summary (all are counted)
 STEP_BATCH = 5_000
 METRIC_BATCH = 50_000
+FRAME_BATCH = 50_000  # step rows per transaction of a columnar import (a progress tick each)
 NONE_QUANTITIES = ("-", "none")
 
 # Called with (phase, done, total): phase "read" counts bytes (or rows), "write" counts steps.
@@ -245,7 +248,7 @@ def prepare_path(
     except OSError as exc:
         raise InvalidInput(f"{file}: cannot read ({exc.strerror or exc})") from exc
     _require_rows(file, fmt, prepared)
-    return file, prepared
+    return file, prepared.as_rows()
 
 
 def _options(
@@ -274,7 +277,7 @@ def _mtime(file: Path) -> float:
 
 def _require_rows(file: Path, fmt: str, prepared: Prepared, skipped: int | None = None) -> None:
     """The file is refused only when nothing in it could be read."""
-    if prepared.steps or prepared.metrics:
+    if prepared.n_steps or prepared.n_metrics:
         return
     n = len(prepared.problems) if skipped is None else skipped
     first = f" (first: {prepared.problems[0]})" if prepared.problems else ""
@@ -456,8 +459,8 @@ class _Writer:
     def _write_chunk(self, report: ImportReport, prepared: Prepared) -> None:
         db, run = self.db, self.run
         assert run is not None
-        report.steps_read += len(prepared.steps)
-        report.metrics_read += len(prepared.metrics)
+        report.steps_read += prepared.n_steps
+        report.metrics_read += prepared.n_metrics
         report.problems_total += len(prepared.problems)
         room = MAX_PROBLEMS - len(report.problems)
         report.problems.extend(prepared.problems[: max(0, room)])
@@ -466,6 +469,9 @@ class _Writer:
             have = report.mapping.setdefault(q, [])
             have.extend(c for c in cols if c not in have)
         report.kl_read.extend(k for k in prepared.kl_read if k not in report.kl_read)
+        if prepared.step_frame is not None:
+            self._write_columns(report, prepared)
+            return
         stored_steps: set[int] = set()
         stored_metrics: dict[tuple[int, str], float | None] = {}
         if self.existing is not None and prepared.steps:
@@ -508,6 +514,29 @@ class _Writer:
         samples = [s for step in new_steps for s in prepared.samples[step]]
         if samples:
             report.samples_inserted += write_samples(db, run.id, samples)
+
+    def _write_columns(self, report: ImportReport, prepared: Prepared) -> None:
+        """A columnar chunk (``tables.build_frame``): step rows a frame slice at a time, each
+        metric as arrays; the store counts replays and conflicts."""
+        db, run, frame = self.db, self.run, prepared.step_frame
+        assert run is not None and frame is not None
+        total = len(frame) + prepared.n_metrics
+        conflicts = list(report.step_conflicts)
+        for start in range(0, len(frame), FRAME_BATCH):
+            part = frame.iloc[start : start + FRAME_BATCH]
+            result = write_step_frame(db, run.id, part)
+            report.steps_inserted += result.inserted
+            report.steps_unchanged += result.duplicates
+            conflicts.extend(result.conflicts)
+            self._tick(len(part), total)
+        report.step_conflicts = tuple(conflicts)
+        for name, column in prepared.metric_columns.items():
+            written = write_metric_columns(db, run.id, {name: column})
+            report.metrics_inserted += written.inserted
+            report.metrics_unchanged += written.duplicates
+            report.metric_conflicts.extend(written.conflicts)
+            self._tick(len(column[0]), total)
+        write_metric_info(db, run.id, prepared.infos)
 
     def _tick(self, n: int, total: int) -> None:
         self.written += n

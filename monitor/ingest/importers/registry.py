@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 from monitor.errors import InvalidInput
 from monitor.ingest.importers import (
@@ -16,9 +19,22 @@ from monitor.ingest.importers import (
     trainer_state,
     verl,
 )
-from monitor.ingest.importers.base import RawTable, Tick
+from monitor.ingest.importers.base import RawRecord, RawTable, Tick
 from monitor.ingest.importers.detect import TITLES
-from monitor.ingest.importers.tables import Prepared, build, merge
+from monitor.ingest.importers.tables import Prepared, build, build_frame, merge
+
+#: A clean table as float64 columns and, per column, how many of its NaN were missing cells.
+Columns = tuple[pd.DataFrame, dict[str, int]]
+
+
+def frame_records(frame: pd.DataFrame, offset: int) -> RawTable:
+    """A columnar batch as records (NaN: missing) for the row-by-row rules."""
+    clean = frame.astype(object).where(frame.notna(), None)
+    return RawTable(
+        records=[
+            RawRecord(offset + i, row) for i, row in enumerate(clean.to_dict("records"), start=1)
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -43,7 +59,10 @@ class Format:
     # formats that compute their own step rows (per-token logs) prepare directly
     prepare_fn: Callable[..., Prepared] | None = None
     # columnar formats read in batches: (path, tick) -> the file's producer and its batches
-    read_batches: Callable[[Path, Tick], tuple[str, Iterator[RawTable]]] | None = None
+    # (a clean batch comes as float64 columns and their missing cells, see ``build_frame``)
+    read_batches: Callable[[Path, Tick], tuple[str, Iterator[RawTable | Columns]]] | None = None
+    # the fast path of a clean file: its float64 columns and missing cells, or None
+    read_frame: Callable[[Path, Tick], Columns | None] | None = None
 
     def chunks(self, path: Path, tick: Tick, options: ReadOptions) -> Iterator[Prepared]:
         """What to write, one bounded batch at a time for columnar formats (one for others).
@@ -57,22 +76,31 @@ class Format:
         producer, batches = self.read_batches(path, tick)
         offset = 0
         first: Prepared | None = None
-        for table in batches:
-            chunk = build(
-                table,
-                fmt=self.name,
-                path=path,
-                default_wall_time=options.default_wall_time,
-                user_map=options.user_map,
-                step_column=options.step_column if first is None else first.step_column,
-                row_offset=offset,
-                producer=producer,
-            )
+        for batch in batches:
+            kwargs: dict[str, Any] = {
+                "fmt": self.name,
+                "path": path,
+                "default_wall_time": options.default_wall_time,
+                "user_map": options.user_map,
+                "step_column": options.step_column if first is None else first.step_column,
+                "row_offset": offset,
+                "producer": producer,
+            }
+            chunk = None
+            if isinstance(batch, RawTable):
+                table = batch
+            else:
+                chunk = build_frame(*batch, **kwargs)
+                table = frame_records(batch[0], offset) if chunk is None else RawTable()
+                rows = len(batch[0])
+            if chunk is None:
+                chunk = build(table, **kwargs)
+                rows = len(table.records)
             if first is None:
                 first = chunk
             else:  # the same column, however the first batch chose it
                 chunk.step_source = first.step_source
-            offset += len(table.records)
+            offset += rows
             yield chunk
 
     def prepare(self, path: Path, tick: Tick, options: ReadOptions) -> Prepared:
@@ -92,6 +120,18 @@ class Format:
         if self.read is None:
             parts = list(self.chunks(path, tick, options))
             return merge(parts) if parts else Prepared(fmt=self.name, producer="generic")
+        columns = self.read_frame(path, tick) if self.read_frame is not None else None
+        if columns is not None:
+            prepared = build_frame(
+                *columns,
+                fmt=self.name,
+                path=path,
+                default_wall_time=options.default_wall_time,
+                user_map=options.user_map,
+                step_column=options.step_column,
+            )
+            if prepared is not None:
+                return prepared
         return build(
             self.read(path, tick),
             fmt=self.name,
@@ -106,8 +146,8 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("trainer_state", TITLES["trainer_state"], trainer_state.read),
-        Format("jsonl", TITLES["jsonl"], jsonl.read),
-        Format("csv", TITLES["csv"], csv_table.read),
+        Format("jsonl", TITLES["jsonl"], jsonl.read, read_frame=jsonl.read_frame),
+        Format("csv", TITLES["csv"], csv_table.read, read_frame=csv_table.read_frame),
         Format("parquet", TITLES["parquet"], read_batches=parquet.read_batches),
         Format("verl", TITLES["verl"], verl.read),
         Format("hf_console", TITLES["hf_console"], hf_console.read),

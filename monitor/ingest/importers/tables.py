@@ -16,8 +16,12 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+import pandas as pd
 
 from monitor.errors import InvalidInput
 from monitor.ingest.importers.base import (
@@ -79,6 +83,10 @@ UNITS: dict[str | None, str] = {
 }
 TIME_KEYS: tuple[str, ...] = ("wall_time", "_timestamp", "timestamp", "time")
 STEP_STATUSES = ("ok", "partial", "rejected")
+_NO_STEP_NOTE = (
+    "no step column (step, global_step, trainer/global_step, _step, iteration, iter, "
+    "update): row order used; name one with --step-column"
+)
 
 
 @dataclass
@@ -105,6 +113,34 @@ class Prepared:
     kl_read: list[tuple[str, str, str | None, str]] = field(default_factory=list)
     # columns named like a KL that fill nothing (when kl_read is empty)
     kl_candidates: list[str] = field(default_factory=list)
+    # The columnar form a clean table is built in (``build_frame``), instead of ``steps`` and
+    # ``metrics``: the step rows as one frame (step, wall_time, payload_hash, quantities) and
+    # each metric's (steps, values).
+    step_frame: pd.DataFrame | None = None
+    metric_columns: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.step_frame) if self.step_frame is not None else len(self.steps)
+
+    @property
+    def n_metrics(self) -> int:
+        return len(self.metrics) + sum(len(s) for s, _ in self.metric_columns.values())
+
+    def as_rows(self) -> Prepared:
+        """The same content as ``steps`` and ``metrics`` (a columnar one converted)."""
+        if self.step_frame is not None:
+            frame = self.step_frame.astype(object).where(self.step_frame.notna(), None)
+            self.steps = [
+                {k: v for k, v in row.items() if v is not None} for row in frame.to_dict("records")
+            ]
+            self.step_frame = None
+        for name, (steps, values) in self.metric_columns.items():
+            self.metrics.extend(
+                zip(steps.tolist(), [name] * len(steps), values.tolist(), strict=True)
+            )
+        self.metric_columns = {}
+        return self
 
     def kl_lines(self) -> list[str]:
         """What the summary says about KL: the columns read as KL, or why none was."""
@@ -138,6 +174,7 @@ def merge(parts: list[Prepared]) -> Prepared:
     """One Prepared from the batches of one file (the in-memory view of a batched read)."""
     out = Prepared(fmt=parts[0].fmt, producer=parts[0].producer)
     for p in parts:
+        p.as_rows()
         out.steps.extend(p.steps)
         out.metrics.extend(p.metrics)
         out.problems.extend(p.problems)
@@ -259,10 +296,7 @@ def build(
     step_key, out.step_source = choose_step_column(table, keys, user_map, step_column, path)
     out.step_column = step_key
     if step_key is None:
-        out.notes.append(
-            "no step column (step, global_step, trainer/global_step, _step, iteration, iter, "
-            "update): row order used; name one with --step-column"
-        )
+        out.notes.append(_NO_STEP_NOTE)
     merged = _merge_by_step(table, out, step_key, row_offset, klmon=klmon)
     columns = _storable_columns(merged, out.notes)
     check_map_columns(user_map, columns | keys - {step_key}, path)
@@ -272,8 +306,139 @@ def build(
         q: [c for c, _n in used[q].most_common()] for q in QUANTITY_MEANINGS if q in used
     }
     _say_kl(out, read)
-    out.infos = _infos(out, table, read, klmon=klmon)
+    stored = {name for _s, name, _v in out.metrics}
+    out.infos = _infos(out, table, read, stored, klmon=klmon)
     out.config = _config(table, klmon=klmon)
+    return out
+
+
+def build_frame(
+    frame: pd.DataFrame,
+    nulls: Mapping[str, int],
+    *,
+    fmt: str,
+    path: object,
+    default_wall_time: float,
+    user_map: dict[str, str | None] | None = None,
+    step_column: str | None = None,
+    row_offset: int = 0,
+    producer: str | None = None,
+) -> Prepared | None:
+    """``build`` for a clean table already in float64 columns (a reader's fast path), with
+    numpy instead of a Python loop per row; the result holds ``step_frame`` and
+    ``metric_columns``. ``nulls``: per column, how many of its NaN were missing cells (the
+    others were NaN or infinite in the file, as the summary says).
+
+    None when the table needs the row-by-row rules (the caller then builds it with
+    ``build``): a klmon export, a step column with gaps, repeats or fractions, a row without
+    any value, a column name too long or repeated once cleaned, or epoch as the step."""
+    user_map = dict(user_map or {})
+    names = [clean_text(str(c)) for c in frame.columns]
+    keys = set(names)
+    if len(keys) != len(names) or any(len(n) > METRIC_NAME_MAX for n in names):
+        return None
+    frame = frame.set_axis(names, axis=1)
+    producer = producer or detect_producer(keys)
+    if producer == "klmon":
+        return None
+    step_key, step_source = choose_step_column(RawTable(), keys, user_map, step_column, path)
+    if step_key is None and any(k in keys for k in LAST_RESORT_STEP_KEYS):
+        return None
+    out = Prepared(fmt=fmt, producer=producer, records_read=len(frame))
+    out.step_column, out.step_source = step_key, step_source
+    n = len(frame)
+    if step_key is None:
+        out.notes.append(_NO_STEP_NOTE)
+        steps = np.arange(row_offset, row_offset + n, dtype=np.int64)
+    else:
+        raw = frame.pop(step_key).to_numpy(np.float64)
+        if n and not (np.all(raw >= 0) and np.all(raw < 2**53) and np.all(raw == np.floor(raw))):
+            return None
+        steps = raw.astype(np.int64)
+    values = {c: frame[c].to_numpy(np.float64) for c in frame.columns}
+    finite = {c: np.isfinite(v) for c, v in values.items()}
+    if n and finite and not np.logical_or.reduce(list(finite.values())).all():
+        return None  # a row of another kind: the row rules report it
+    order = np.argsort(steps, kind="stable")
+    steps = steps[order]
+    if n > 1 and not (steps[1:] > steps[:-1]).all():
+        return None  # repeated steps: merged row by row
+    non_finite = Counter(
+        {c: int((~ok).sum()) - nulls.get(c, 0) for c, ok in finite.items() if (~ok).any()}
+    )
+    for c, v in values.items():
+        values[c] = np.where(finite[c], v, np.nan)[order]
+    out.notes.extend(_Coercer(set(), non_finite=+non_finite).notes())
+    columns = set(values)
+    check_map_columns(user_map, columns | keys - {step_key}, path)
+    read = _read_columns(producer, columns, user_map)
+    rows: dict[str, Any] = {"step": steps}
+    used: dict[str, Counter[str]] = {}
+    for quantity, cands in read.candidates.items():
+        filled = np.zeros(n, dtype=bool)
+        q = np.full(n, np.nan)
+        for _prio, column in cands:
+            v = values[column]
+            take = ~filled & ~np.isnan(v)
+            if is_int_quantity(quantity):
+                take &= np.abs(v) < 2**31
+                v = np.round(v)
+            if take.any():
+                q[take] = v[take]
+                filled |= take
+                used.setdefault(quantity, Counter())[column] += int(take.sum())
+        if filled.any():
+            rows[quantity] = q
+    time_key = next((k for k in TIME_KEYS if k in read.names), None)
+    wall = values[time_key] if time_key else np.full(n, np.nan)
+    wall = np.where(wall > 1e11, wall / 1000.0, wall)
+    rows["wall_time"] = np.where((wall > 1e8) & (wall < 1e10), wall, default_wall_time)
+    quantities = [q for q in rows if q not in ("step", "wall_time")]
+    rows["payload_hash"] = _payload_hashes({q: rows[q] for q in quantities}, n)
+    out.step_frame = pd.DataFrame(rows, copy=False)
+    for column, v in values.items():
+        m = read.meanings.get(column)
+        present = ~np.isnan(v)
+        if (m is None or m.keep_metric) and present.any():
+            out.metric_columns[column] = (steps[present], v[present])
+    out.mapping = {
+        q: [c for c, _n in used[q].most_common()] for q in QUANTITY_MEANINGS if q in used
+    }
+    _say_kl(out, read)
+    out.infos = _infos(out, RawTable(), read, set(out.metric_columns), klmon=False)
+    return out
+
+
+def _payload_hashes(quantities: Mapping[str, np.ndarray], n: int) -> list[str]:
+    """``payload_hash`` of each row of quantity columns (NaN: absent), without a dict and a
+    ``json.dumps`` per row: the same JSON text, built a column pattern at a time."""
+    names = sorted(quantities)
+    if not names:
+        return [payload_hash({})] * n
+    present = np.column_stack([~np.isnan(quantities[q]) for q in names])
+    texts: list[list[str]] = []
+    for q in names:
+        col = quantities[q]
+        if is_int_quantity(q):
+            col = np.where(np.isnan(col), 0, col).astype(np.int64)
+        # repr of the whole list formats each number as repr (and json.dumps) does, in C
+        texts.append(repr(col.tolist())[1:-1].split(", ") if n else [])
+    out: list[str] = [""] * n
+    # which quantities a row holds, as one integer (np.unique over rows is slower)
+    codes = (present.astype(np.int64) << np.arange(len(names), dtype=np.int64)).sum(axis=1)
+    patterns, which = np.unique(codes, return_inverse=True)
+    sha = hashlib.sha256
+    for p, code in enumerate(patterns.tolist()):
+        pattern = [bool(code >> i & 1) for i in range(len(names))]
+        cols = [texts[i] for i in range(len(names)) if pattern[i]]
+        template = (
+            "{" + ",".join(f"{json.dumps(names[i])}:%s" for i in np.flatnonzero(pattern)) + "}"
+        )
+        if len(patterns) == 1:
+            return [sha((template % v).encode()).hexdigest() for v in zip(*cols, strict=True)]
+        rows_of = np.flatnonzero(which.ravel() == p).tolist()
+        for r in rows_of:
+            out[r] = sha((template % tuple(c[r] for c in cols)).encode()).hexdigest()
     return out
 
 
@@ -551,9 +716,10 @@ def _say_kl(out: Prepared, read: _Columns) -> None:
         )
 
 
-def _infos(out: Prepared, table: RawTable, read: _Columns, *, klmon: bool) -> list[MetricInfo]:
-    """The meaning of each stored metric (a klmon export's own, else from the columns')."""
-    stored = {name for _s, name, _v in out.metrics}
+def _infos(
+    out: Prepared, table: RawTable, read: _Columns, stored: set[str], *, klmon: bool
+) -> list[MetricInfo]:
+    """The meaning of each ``stored`` metric (a klmon export's own, else from the columns')."""
     if klmon:
         exported = table.config.get("klmon_export", {}).get("metric_info", [])
         return [MetricInfo(**i) for i in exported if i.get("name") in stored]
