@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from monitor.cli.common import cell, db_option, echo_records, json_value, open_db
-from monitor.store.runs import run_summaries
+from monitor.cli.common import cell, db_option, echo_records, json_value
+from monitor.config import db_url
+from monitor.store.run_list import run_summaries_at
 
 
 @click.command("runs")
@@ -22,8 +23,8 @@ def runs_cmd(db: str | None, as_json: bool) -> None:
     Example:
       klmon runs --json | jq '.[] | select(.status == "running")'
     """
-    # plain records, not list_runs' DataFrame: listing runs need not import pandas
-    summaries = run_summaries(open_db(db))
+    # plain records through the driver: listing runs imports neither SQLAlchemy nor pandas
+    summaries = run_summaries_at(db_url(db))
     cols = [
         "id",
         "project",
