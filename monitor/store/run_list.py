@@ -1,6 +1,7 @@
 """The run list (`klmon runs`, ``list_runs``, the Runs page): every run with its step count,
-last step, current KL and last reward, from the counters the step writers keep on ``runs``
-(``run_counters.py``) and the one step row of each value they point at.
+last step and its wall time, current KL, last reward and tags, from the counters the step
+writers keep on ``runs`` (``run_counters.py``) and the one step row of each value they point
+at.
 
 The statements and the reading of their rows live here, on a plain DB-API cursor and without
 SQLAlchemy or numpy, so that `klmon runs` can answer from a driver connection opened
@@ -12,6 +13,7 @@ at a step changed behind the writers' back) is left to ``Database.open`` and
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -40,6 +42,7 @@ RUN_LIST_COLUMNS: tuple[str, ...] = (
     "kl_quantity",
     "kl_unit",
     "last_reward",
+    "tags",
 )
 
 _HEAD = RUN_LIST_COLUMNS[:9]  # read as they are stored
@@ -48,7 +51,7 @@ _HEAD = RUN_LIST_COLUMNS[:9]  # read as they are stored
 def _statements() -> tuple[str, str]:
     kl_steps = [f"r.{LAST_STEP_COLUMNS[c]}" for c in KL_PREFERENCE]
     runs = (
-        f"SELECT {', '.join(f'r.{c}' for c in _HEAD)}, l.wall_time, rw.reward_mean, "
+        f"SELECT {', '.join(f'r.{c}' for c in _HEAD)}, r.tags, l.wall_time, rw.reward_mean, "
         f"{', '.join(kl_steps)}, {', '.join(f'k.{c}' for c in KL_PREFERENCE)} "
         "FROM runs r "
         "LEFT JOIN steps l ON l.run_id = r.id AND l.step = r.last_step "
@@ -85,10 +88,11 @@ def read_summaries(cursor: Any) -> tuple[list[dict[str, Any]], list[int]]:
         rid = rec["id"] = int(rec["id"])
         rec["n_steps"] = int(rec["n_steps"] or 0)
         rec["last_step"] = None if rec["last_step"] is None else int(rec["last_step"])
-        rec["last_wall"] = _float(row[n_head])
-        rec["last_reward"] = _float(row[n_head + 1])
-        at_steps = row[n_head + 2 : n_head + 2 + n_kl]
-        values = row[n_head + 2 + n_kl :]
+        rec["tags"] = _tags(row[n_head])
+        rec["last_wall"] = _float(row[n_head + 1])
+        rec["last_reward"] = _float(row[n_head + 2])
+        at_steps = row[n_head + 3 : n_head + 3 + n_kl]
+        values = row[n_head + 3 + n_kl :]
         rec.update(last_kl=None, kl_step=None, kl_quantity=None, kl_unit=None)
         for col, at, value in zip(KL_PREFERENCE, at_steps, values, strict=True):
             if at is None:
@@ -110,6 +114,13 @@ def read_summaries(cursor: Any) -> tuple[list[dict[str, Any]], list[int]]:
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _tags(value: Any) -> list[Any]:
+    """The JSON tags column as a list (sqlite3 gives its text, psycopg the decoded value)."""
+    if isinstance(value, str | bytes):
+        value = json.loads(value)
+    return list(value) if isinstance(value, list) else []
 
 
 def quick_run_summaries(url: str) -> list[dict[str, Any]] | None:
