@@ -81,6 +81,7 @@ def read_summaries(cursor: Any) -> tuple[list[dict[str, Any]], list[int]]:
         key = (int(run_id), str(quantity))
         described.setdefault(key, KLQuantity(str(quantity), str(name), estimator, scale))
     n_head, n_kl = len(_HEAD), len(KL_PREFERENCE)
+    own = {c: KLQuantity(c) for c in KL_PREFERENCE}
     out: list[dict[str, Any]] = []
     stale: list[int] = []
     for row in rows:
@@ -100,7 +101,7 @@ def read_summaries(cursor: Any) -> tuple[list[dict[str, Any]], list[int]]:
             if value is None:
                 stale.append(rid)
                 break
-            quantity = described.get((rid, col), KLQuantity(col))
+            quantity = described.get((rid, col)) or own[col]
             rec.update(
                 last_kl=float(value),
                 kl_step=int(at),
@@ -118,6 +119,8 @@ def _float(value: Any) -> float | None:
 
 def _tags(value: Any) -> list[Any]:
     """The JSON tags column as a list (sqlite3 gives its text, psycopg the decoded value)."""
+    if value is None or value == "[]":
+        return []
     if isinstance(value, str | bytes):
         value = json.loads(value)
     return list(value) if isinstance(value, list) else []
