@@ -475,8 +475,23 @@ def bench_many_runs(url: str, n_runs: int, steps: int, repeat: int) -> dict[str,
         "list_runs_ms": _best_ms(lambda: list_runs(db), repeat),
         # a fresh DashboardData each time: its cache would otherwise answer
         "overview_ms": _best_ms(lambda: DashboardData(db).runs_overview(), repeat),
+        "overview_running_ms": _overview_all_running(db, repeat),
         **processes,
     }
+
+
+def _overview_all_running(db: Database, repeat: int) -> float:
+    """The Runs page data when every run is still running: each one's latest steps are read
+    too (their step interval tells a stall)."""
+    from monitor.dashboard.data import DashboardData
+
+    with db.begin() as conn:
+        conn.exec_driver_sql("UPDATE runs SET status = 'running'")
+    try:
+        return _best_ms(lambda: DashboardData(db).runs_overview(), repeat)
+    finally:
+        with db.begin() as conn:
+            conn.exec_driver_sql("UPDATE runs SET status = 'finished'")
 
 
 #: The floor of `klmon runs`: Python starts, lists the runs with one raw SQL statement.
@@ -635,6 +650,8 @@ def print_many(r: dict[str, Any]) -> None:
         f"{r['list_runs_ms']:8.1f}\n"
         f"  Runs page data (DashboardData.runs_overview, uncached):            "
         f"{r['overview_ms']:8.1f}\n"
+        f"  same, every run still running (their latest steps read too):      "
+        f"{r['overview_running_ms']:8.1f}\n"
         f"whole processes (median ms): python -c pass {r['python_ms']:.0f} | raw SQL list "
         f"{r['raw_sql_ms']:.0f} | Database.open + run_summaries {r['sqlalchemy_ms']:.0f} | "
         f"klmon runs {r['klmon_runs_ms']:.0f}"

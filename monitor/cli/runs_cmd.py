@@ -6,7 +6,7 @@ import click
 
 from monitor.cli.common import cell, db_option, echo_records, json_value
 from monitor.config import db_url
-from monitor.store.run_list import run_summaries_at
+from monitor.store import run_summaries_at
 
 
 @click.command("runs")
