@@ -17,7 +17,11 @@ Many runs (``--many-runs N``, SQLite): N runs of ``--many-steps`` steps each, th
 ``klmon runs``'s read (``run_summaries``, and ``list_runs`` as a DataFrame) and of the Runs
 page's data (``DashboardData.runs_overview``), next to today's query measured in the same run:
 the counting SQL of list_runs before run counters (every step counted on each call, then each
-run's current KL looked up one by one).
+run's current KL looked up one by one). Then ``klmon runs`` as a whole process, next to Python
+alone, a raw SQL list (the floor) and the same list through SQLAlchemy (``Database.open`` and
+``run_summaries``: what the command did before it read through the driver alone). Keep the
+database with ``--many-sqlite PATH``: 1,000 x 100,000 steps is about 45 GB and takes half an
+hour to build on a loaded machine.
 
 Extra metrics (``--metric-steps N``): one run with ``--metric-names`` metrics of N steps each,
 written through ``write_metrics``; then the one-time rollup build and the chart reads of a
@@ -466,6 +470,9 @@ def bench_many_runs(url: str, n_runs: int, steps: int, repeat: int) -> dict[str,
             )
     new = run_summaries(db)
     old = old_list_runs(db)
+    db.dispose()
+    processes = bench_klmon_runs(url, repeat)
+    db = Database.open(url)
     # the same answer: counts, last steps and current KL
     assert [(r["id"], r["n_steps"], r["last_step"], r["last_kl"]) for r in new] == [
         (r[0], r[7], r[8], None if r[9] is None else r[9].value) for r in old
@@ -478,6 +485,8 @@ def bench_many_runs(url: str, n_runs: int, steps: int, repeat: int) -> dict[str,
         "list_runs_ms": _best_ms(lambda: list_runs(db), repeat),
         # a fresh DashboardData each time: its cache would otherwise answer
         "overview_ms": _best_ms(lambda: DashboardData(db).runs_overview(), repeat),
+        "overview_running_ms": _overview_all_running(db, repeat),
+        **processes,
     }
 
 
@@ -618,6 +627,65 @@ def run_metric_benches(args: argparse.Namespace) -> None:
         )
 
 
+def _overview_all_running(db: Database, repeat: int) -> float:
+    """The Runs page data when every run is still running: each one's latest steps are read
+    too (their step interval tells a stall)."""
+    from monitor.dashboard.data import DashboardData
+
+    with db.begin() as conn:
+        conn.exec_driver_sql("UPDATE runs SET status = 'running'")
+    try:
+        return _best_ms(lambda: DashboardData(db).runs_overview(), repeat)
+    finally:
+        with db.begin() as conn:
+            conn.exec_driver_sql("UPDATE runs SET status = 'finished'")
+
+
+#: The floor of `klmon runs`: Python starts, lists the runs with one raw SQL statement.
+RAW_LIST = """
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1])
+for row in con.execute("SELECT id, project, name, status, n_steps, last_step FROM runs"):
+    print(*row)
+"""
+#: `klmon runs`'s read before it went through the driver alone: Database.open (SQLAlchemy,
+#: the models, the schema check) and run_summaries.
+THROUGH_SQLALCHEMY = """
+import sys
+from monitor.store.database import Database
+from monitor.store.runs import run_summaries
+for r in run_summaries(Database.open(sys.argv[1])):
+    print(r["id"], r["name"], r["n_steps"], r["last_kl"])
+"""
+
+
+def bench_klmon_runs(url: str, repeat: int) -> dict[str, float]:
+    """Whole processes, as a user runs them (median ms): ``klmon runs`` next to Python alone,
+    the raw SQL list and the same list through SQLAlchemy, interleaved."""
+    import subprocess
+
+    klmon = Path(sys.executable).with_name("klmon")
+    path = url.removeprefix("sqlite:///")
+    commands = {
+        "python_ms": [sys.executable, "-c", "pass"],
+        "raw_sql_ms": [sys.executable, "-c", RAW_LIST, path],
+        "sqlalchemy_ms": [sys.executable, "-c", THROUGH_SQLALCHEMY, url],
+        "klmon_runs_ms": [str(klmon), "runs", "--db", url],
+    }
+    # as installed: modules compiled once (a warm-up run writes what pip would have)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    for i in range(max(repeat, 5) + 1):
+        for key, cmd in commands.items():
+            t0 = time.perf_counter()
+            subprocess.run(
+                cmd, check=True, stdout=subprocess.DEVNULL, cwd=Path(path).parent, env=env
+            )
+            if i:
+                times[key].append(time.perf_counter() - t0)
+    return {k: median_ms(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -733,7 +801,12 @@ def print_many(r: dict[str, Any]) -> None:
         f"  same as a DataFrame (list_runs):                                   "
         f"{r['list_runs_ms']:8.1f}\n"
         f"  Runs page data (DashboardData.runs_overview, uncached):            "
-        f"{r['overview_ms']:8.1f}"
+        f"{r['overview_ms']:8.1f}\n"
+        f"  same, every run still running (their latest steps read too):      "
+        f"{r['overview_running_ms']:8.1f}\n"
+        f"whole processes (median ms): python -c pass {r['python_ms']:.0f} | raw SQL list "
+        f"{r['raw_sql_ms']:.0f} | Database.open + run_summaries {r['sqlalchemy_ms']:.0f} | "
+        f"klmon runs {r['klmon_runs_ms']:.0f}"
     )
 
 

@@ -1,8 +1,10 @@
 """`klmon --help` lists every command without importing any of them, from a table whose help
-matches each command's own; a command is imported when it runs."""
+matches each command's own; a command is imported when it runs; `klmon runs` reads through
+the database driver alone."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -10,6 +12,10 @@ import click
 from click.testing import CliRunner
 
 from monitor.cli import LAZY_COMMANDS, main
+from monitor.store.database import Database
+from monitor.store.run_list import quick_run_summaries
+from monitor.store.runs import get_or_create_run, run_summaries
+from monitor.store.steps import write_steps
 
 #: What `klmon --help` must not pay for: every command module and the heavy libraries.
 HEAVY = ("pandas", "sqlalchemy", "dash", "plotly", "matplotlib", "alembic")
@@ -71,13 +77,50 @@ def test_an_unknown_command_is_a_clean_error() -> None:
     assert "No such command 'nope'" in result.output
 
 
-def test_klmon_runs_imports_neither_pandas_nor_alembic(sqlite_url: str) -> None:
-    loaded = _modules_loaded_by(["runs", "--db", sqlite_url])
-    assert "monitor.store.runs" in loaded
-    assert not [m for m in ("pandas", "alembic", "dash", "plotly", "matplotlib") if m in loaded]
+#: What `klmon runs` must not pay for: it reads two statements through the driver alone.
+NOT_FOR_RUNS = (*HEAVY, "numpy", "monitor.store.database", "monitor.store.models")
+
+
+def test_klmon_runs_reads_through_the_driver_alone(db: Database, db_url: str) -> None:
+    """`klmon runs` answers without SQLAlchemy, numpy, pandas or Alembic, and gives what
+    run_summaries through the Database gives (SQLite and PostgreSQL)."""
+    run = get_or_create_run(db, "p", "r")
+    write_steps(db, run.id, [{"step": s, "wall_time": 1e9 + s, "k3": s / 10} for s in range(3)])
+    loaded = _modules_loaded_by(["runs", "--db", db_url])
+    assert "monitor.store.run_list" in loaded
+    assert not [m for m in NOT_FOR_RUNS if m in loaded]
+    assert quick_run_summaries(db_url) == run_summaries(db)
+    out = CliRunner().invoke(main, ["runs", "--json", "--db", db_url])
+    assert out.exit_code == 0, out.output
+    listed = json.loads(out.output)
+    assert [(r["name"], r["last_kl"], r["kl_quantity"]) for r in listed] == [("r", 0.2, "k3")]
+
+
+def test_klmon_runs_leaves_the_unusual_to_the_database_path(tmp_path, sqlite_url: str) -> None:
+    """A schema not at head, a missing file, a URL form the quick path does not parse: it
+    declines, and the command gives the full path's answer or error."""
+    from monitor.store.engine import make_engine
+    from monitor.store.schema import upgrade
+
+    old = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(old)
+    upgrade(engine, "0005")
+    engine.dispose()
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    for url in (old, missing):
+        assert quick_run_summaries(url) is None
+    out = CliRunner().invoke(main, ["runs", "--db", old])
+    assert out.exit_code == 1 and "klmon db upgrade" in out.output
+    out = CliRunner().invoke(main, ["runs", "--db", missing])
+    assert out.exit_code == 1 and "no database file" in out.output
+    assert not (tmp_path / "missing.db").exists()
+    odd = sqlite_url.replace("sqlite:///", "sqlite+pysqlite:///") + "?timeout=5"
+    assert quick_run_summaries(odd) is None
+    out = CliRunner().invoke(main, ["runs", "--db", odd])
+    assert out.exit_code == 0 and "no runs yet" in out.output
 
 
 def test_the_quick_head_revision_is_alembics() -> None:
-    from monitor.store.schema import _script_head, head_revision
+    from monitor.store.schema import head_revision, script_head
 
-    assert _script_head() == head_revision()
+    assert script_head() == head_revision()

@@ -720,7 +720,8 @@ def test_runs_overview_and_compare_table_give_the_kl_with_its_unit(app, db: Data
 
 def _overview_run_by_run(data: DashboardData, run_ids: list[int]) -> list[dict[str, Any]]:
     """The Runs page rows as the page computed them before, one run at a time: its state
-    from its latest 21 step rows, its current KL and a 12-bucket sparkline of that KL."""
+    from its latest 21 step rows, its current KL and a 12-bucket sparkline of that KL (the
+    run's own, read alone)."""
     from monitor.charts.tables import sparkline
 
     out = []
@@ -730,8 +731,7 @@ def _overview_run_by_run(data: DashboardData, run_ids: list[int]) -> list[dict[s
         trend = ""
         if now is not None:
             col = now.quantity.column
-            frame = store_series.read_series(data.db, rid, [col], max_buckets=12).combined()
-            trend = sparkline(frame[col].to_numpy(dtype=float)) if not frame.empty else ""
+            trend = sparkline(store_series.read_sparklines(data.db, {rid: col})[rid])
         out.append(
             {
                 "id": rid,

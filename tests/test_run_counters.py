@@ -1,7 +1,9 @@
-"""The run counters (n_steps, last_step, the last step of each KL column) that list_runs reads
+"""The run counters (n_steps, last_step, the last step of each KL column and of reward_mean)
+that list_runs reads
 stay equal to a count of the stored steps through every way steps are written or removed:
 replays, conflicts, multi-rank merges (partial, then complete, then a rank's bad input),
-imports, direct recounts and run deletion; migration 0006 backfills them from the steps."""
+imports, direct recounts and run deletion; migrations 0006 and 0010 backfill them from the
+steps."""
 
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ from monitor import divergence
 from monitor.store.current_kl import KL_PREFERENCE, current_kl
 from monitor.store.database import Database
 from monitor.store.engine import make_engine
-from monitor.store.models import KL_LAST_STEP_COLUMNS
 from monitor.store.run_counters import recount
+from monitor.store.run_list import LAST_STEP_COLUMNS
 from monitor.store.runs import delete_run, get_or_create_run, list_runs, run_summaries
 from monitor.store.schema import upgrade
 from monitor.store.step_writes import StepRecord, write_step_records, write_steps
 
-COUNTERS = ("n_steps", "last_step", *KL_LAST_STEP_COLUMNS.values())
+COUNTERS = ("n_steps", "last_step", *LAST_STEP_COLUMNS.values())
 
 
 def _counters(db: Database, run_id: int) -> dict[str, object]:
@@ -35,7 +37,7 @@ def _counters(db: Database, run_id: int) -> dict[str, object]:
 def _counted(db: Database, run_id: int) -> dict[str, object]:
     """The counters as a full count of the steps would give them."""
     parts = ["COUNT(*)", "MAX(step)"] + [
-        f"MAX(CASE WHEN {c} IS NOT NULL THEN step END)" for c in KL_LAST_STEP_COLUMNS
+        f"MAX(CASE WHEN {c} IS NOT NULL THEN step END)" for c in LAST_STEP_COLUMNS
     ]
     with db.begin() as conn:
         row = conn.execute(
@@ -48,8 +50,8 @@ def _assert_counted(db: Database, run_id: int) -> None:
     assert _counters(db, run_id) == _counted(db, run_id)
 
 
-def test_kl_columns_are_the_kl_preference() -> None:
-    assert tuple(KL_LAST_STEP_COLUMNS) == KL_PREFERENCE
+def test_the_kept_columns_are_the_kl_preference_and_the_reward() -> None:
+    assert tuple(LAST_STEP_COLUMNS) == (*KL_PREFERENCE, "reward_mean")
 
 
 def test_single_rank_writes_replays_and_conflicts(db: Database) -> None:
@@ -65,11 +67,16 @@ def test_single_rank_writes_replays_and_conflicts(db: Database) -> None:
     assert conflict.conflicts == (3,)
     # steps below the last one, and one with only k3 above it
     write_steps(db, run.id, [{"step": 20, "wall_time": 20.0, "k3": 0.5}])
-    write_steps(db, run.id, [{"step": 15, "wall_time": 15.0, "kl_mean": 2.0, "k1": -0.1}])
+    write_steps(
+        db, run.id, [{"step": 15, "wall_time": 15.0, "kl_mean": 2.0, "k1": -0.1, "reward_mean": 3}]
+    )
     _assert_counted(db, run.id)
     assert _counters(db, run.id)["n_steps"] == 12
     assert _counters(db, run.id)["last_step"] == 20
     assert _counters(db, run.id)["last_kl_mean_step"] == 15
+    assert _counters(db, run.id)["last_reward_mean_step"] == 15
+    listed = run_summaries(db)[0]  # the values the counters point at
+    assert (listed["last_wall"], listed["last_reward"], listed["last_kl"]) == (20.0, 3.0, 2.0)
 
 
 def _record(step: int, rank: int, *, rewards: bool = False) -> StepRecord:
@@ -181,8 +188,36 @@ def test_migration_0006_backfills_from_existing_steps(empty_db_url: str) -> None
         "last_k3_step": 1,
         "last_k1_step": None,
         "last_k2_step": None,
+        "last_reward_mean_step": None,
     }
     assert _counters(db, 2)["n_steps"] == 0 and _counters(db, 2)["last_step"] is None
+
+
+def test_migration_0010_backfills_the_last_reward_step(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
+    upgrade(engine, "0006")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO runs (id, project, name, status, source, created_at, last_seen_at, "
+                "world_size, config, tags, n_steps, last_step) VALUES (1, 'p', 'old', "
+                "'finished', 'live', 0, 0, 1, '{}', '[]', 3, 7), (2, 'p', 'none', 'finished', "
+                "'live', 0, 0, 1, '{}', '[]', 1, 0)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO steps (run_id, step, wall_time, status, ranks_seen, reward_mean) "
+                "VALUES (1, 0, 0, 'ok', 1, 0.5), (1, 4, 0, 'ok', 1, 0.7), "
+                "(1, 7, 0, 'ok', 1, NULL), (2, 0, 0, 'ok', 1, NULL)"
+            )
+        )
+    upgrade(engine)
+    engine.dispose()
+    db = Database.open(empty_db_url)
+    assert _counters(db, 1)["last_reward_mean_step"] == 4
+    assert _counters(db, 2)["last_reward_mean_step"] is None
+    assert [r["last_reward"] for r in run_summaries(db)] == [0.7, None]
 
 
 def test_imports_and_their_replays_keep_the_counters(db: Database) -> None:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from monitor.config import db_url
 from monitor.formats import json_safe
-from monitor.store import Database
+
+if TYPE_CHECKING:
+    from monitor.store import Database
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,6 +32,8 @@ def db_option(func: F) -> F:
 
 def open_db(url: str | None, *, check: bool = True, create: bool = False) -> Database:
     """The database at ``url``; ``create``: an empty one gets the schema (writing commands)."""
+    from monitor.store import Database  # here: `klmon runs` answers without SQLAlchemy
+
     return Database.open(db_url(url), check=check, create=create)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from monitor.cli.common import cell, db_option, echo_records, json_value, open_db
-from monitor.store.runs import run_summaries
+from monitor.cli.common import cell, db_option, echo_records, json_value
+from monitor.config import db_url
+from monitor.store import run_summaries_at
 
 
 @click.command("runs")
@@ -22,8 +23,8 @@ def runs_cmd(db: str | None, as_json: bool) -> None:
     Example:
       klmon runs --json | jq '.[] | select(.status == "running")'
     """
-    # plain records, not list_runs' DataFrame: listing runs need not import pandas
-    summaries = run_summaries(open_db(db))
+    # plain records through the driver: listing runs imports neither SQLAlchemy nor pandas
+    summaries = run_summaries_at(db_url(db))
     cols = [
         "id",
         "project",
@@ -36,14 +37,16 @@ def runs_cmd(db: str | None, as_json: bool) -> None:
         "kl_unit",
         "kl_step",
     ]
-    records = [{c: json_value(r[c]) for c in cols} for r in summaries]
-    if echo_records(records, as_json=as_json, empty="no runs yet"):
+    if as_json:
+        summaries = [{c: json_value(r[c]) for c in cols} for r in summaries]
+    if echo_records(summaries, as_json=as_json, empty="no runs yet"):
         return
     click.echo(
         f"{'id':>4}  {'project':<20} {'name':<28} {'status':<9} "
         f"{'steps':>7} {'last':>7} {'KL now':>10}  {'KL quantity (unit)'}"
     )
-    for r in records:
+    lines = []
+    for r in summaries:
         kl, what = "-", ""
         if r["last_kl"] is not None:
             kl = f"{r['last_kl']:.4g}"
@@ -51,8 +54,9 @@ def runs_cmd(db: str | None, as_json: bool) -> None:
             if r["kl_step"] is not None and r["kl_step"] != r["last_step"]:
                 what += f" at step {r['kl_step']}"
         last = "-" if r["last_step"] is None else str(r["last_step"])
-        click.echo(
+        lines.append(
             f"{r['id']:>4}  {cell(r['project'])[:20]:<20} {cell(r['name'])[:28]:<28} "
             f"{cell(r['status']):<9} "
             f"{r['n_steps']:>7} {last:>7} {kl:>10}  {what}".rstrip()
         )
+    click.echo("\n".join(lines))

@@ -249,28 +249,33 @@ class DashboardData(store_series.SeriesReads):
         """A run's state from its latest step rows (step, wall_time, HEADLINE_COLUMNS),
         newest first: the last value of each headline column and the median step interval."""
         last: dict[str, float] = {}
-        last_step = last_wall = median = None
+        last_step = last_wall = None
         if rows:
             last_step, last_wall = int(rows[0][0]), float(rows[0][1])
             for j, c in enumerate(HEADLINE_COLUMNS):
                 v = next((r[2 + j] for r in rows if r[2 + j] is not None), None)
                 if v is not None:
                     last[c] = float(v)
-            walls = np.array([r[1] for r in rows], dtype=float)
-            if len(walls) > 1:
-                gaps = -np.diff(walls)
-                gaps = gaps[np.isfinite(gaps) & (gaps >= 0)]
-                median = float(np.median(gaps)) if len(gaps) else None
-        status = derive_status(
-            info.status,
-            info.last_seen_at,
+        median = _median_interval(rows)
+        status = self._status(info.status, info.last_seen_at, last_wall, median)
+        return RunState(info, status, last_step, last_wall, last, median)
+
+    def _status(
+        self,
+        status: str,
+        last_seen_at: float | None,
+        last_wall: float | None,
+        median: float | None,
+    ) -> str:
+        return derive_status(
+            status,
+            last_seen_at,
             last_wall,
             median,
             self.clock(),
             factor=self.stall_factor,
             min_seconds=self.stall_min_seconds,
         )
-        return RunState(info, status, last_step, last_wall, last, median)
 
     def best_kl(self, run_id: int) -> KLQuantity | None:
         """The run's best available KL quantity (monitor.store.current_kl), cached."""
@@ -291,46 +296,48 @@ class DashboardData(store_series.SeriesReads):
         return self._cache.get(("overview",), 3.0, self._runs_overview)
 
     def _runs_overview(self) -> pd.DataFrame:
-        # A constant number of reads whatever the number of runs: the run counters with
-        # each run's current KL, the run rows, every run's latest step rows, the open alerts
-        # and the sparkline points.
+        # A constant number of reads whatever the number of runs and their length: the run
+        # list (the counters with the step rows they point at: last wall time, current KL,
+        # last reward), the latest step rows of the runs still running (their step interval
+        # tells a stall), the open alerts and the sparklines from coarse rollups.
         summaries = run_summaries(self.db)
-        infos = get_runs(self.db, [int(r["id"]) for r in summaries])
-        latest = latest_steps_of_runs(self.db, HEADLINE_COLUMNS, limit=_STATE_ROWS)
+        running = [r["id"] for r in summaries if r["status"] == "running"]
+        latest = latest_steps_of_runs(self.db, (), limit=_STATE_ROWS, run_ids=running)
         open_alerts = open_event_counts(self.db)
         kl_column = {
-            int(r["id"]): _kl_column(r["kl_quantity"])
+            r["id"]: _kl_column(r["kl_quantity"])
             for r in summaries
-            if r["last_kl"] is not None and int(r["id"]) in latest
+            if r["last_kl"] is not None and r["last_step"] is not None
         }
         trends = store_series.read_sparklines(self.db, kl_column, max_buckets=_SPARK_BUCKETS)
         records = []
         for rec in summaries:
-            rid = int(rec["id"])
-            info = infos.get(rid)
-            if info is None:
-                continue  # deleted meanwhile
-            st = self._state_from_rows(info, latest.get(rid, []))
+            rid = rec["id"]
             has_kl = rid in kl_column
-            trend = sparkline(trends[rid]) if rid in trends else ""
+            status = self._status(
+                rec["status"],
+                rec["last_seen_at"],
+                rec["last_wall"],
+                _median_interval(latest.get(rid, [])),
+            )
             records.append(
                 {
-                    "id": info.id,
-                    "project": info.project,
-                    "name": info.name,
-                    "status": st.status,
-                    "source": info.source,
-                    "tags": ", ".join(str(t) for t in info.tags),
-                    "last_step": st.last_step,
+                    "id": rid,
+                    "project": rec["project"],
+                    "name": rec["name"],
+                    "status": status,
+                    "source": rec["source"],
+                    "tags": ", ".join(str(t) for t in rec["tags"]),
+                    "last_step": rec["last_step"],
                     "last_update": max(
-                        (t for t in (st.last_wall, info.last_seen_at) if t is not None),
+                        (t for t in (rec["last_wall"], rec["last_seen_at"]) if t is not None),
                         default=None,
                     ),
                     "last_kl": rec["last_kl"] if has_kl else None,
                     "kl_quantity": _kl_label(rec) if has_kl else None,
-                    "last_reward": st.last.get("reward_mean"),
+                    "last_reward": rec["last_reward"],
                     "open_alerts": int(open_alerts.get(rid, 0)),
-                    "kl_trend": trend,
+                    "kl_trend": sparkline(trends[rid]) if rid in trends else "",
                 }
             )
         return pd.DataFrame(records, columns=RUN_OVERVIEW_COLUMNS)
@@ -476,6 +483,16 @@ class DashboardData(store_series.SeriesReads):
 
     def sample_step_range(self, run_id: int) -> tuple[int | None, int | None]:
         return sample_step_range(self.db, run_id)
+
+
+def _median_interval(rows: Sequence[Sequence[Any]]) -> float | None:
+    """The median step interval (seconds) of a run's latest step rows (step, wall_time, ...),
+    newest first; None with fewer than two."""
+    if len(rows) < 2:
+        return None
+    gaps = -np.diff(np.array([r[1] for r in rows], dtype=float))
+    gaps = gaps[np.isfinite(gaps) & (gaps >= 0)]
+    return float(np.median(gaps)) if len(gaps) else None
 
 
 def _kl_column(quantity_name: str) -> str:

@@ -73,6 +73,7 @@ _HOME: dict[str, str] = {
     "list_runs": "runs",
     "resolve_run": "runs",
     "run_summaries": "runs",
+    "run_summaries_at": "run_list",
     "set_baseline_run": "runs",
     "set_run_status": "runs",
     "touch_run": "runs",

@@ -15,11 +15,10 @@ in ``metric_info`` (quantity = the step column) which key it was and its estimat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-from sqlalchemy import text
-
-from monitor.store.database import Database
+if TYPE_CHECKING:
+    from monitor.store.database import Database
 
 #: Step columns that hold KL to the reference, best first: klmon's per-sequence mean, then
 #: the per-token estimators (k3 unbiased and >= 0, k1 unbiased, k2 biased).
@@ -71,6 +70,8 @@ class CurrentKL:
 def kl_columns_present(db: Database, run_id: int) -> list[str]:
     """The columns of KL_PREFERENCE that hold a value at some step of the run, best first.
     Reads the stored rollups (a few rows whatever the run length)."""
+    import numpy as np
+
     from monitor.store.series import read_series  # pandas: not for `klmon runs`
 
     s = read_series(db, run_id, KL_PREFERENCE, max_buckets=16).combined()
@@ -80,6 +81,8 @@ def kl_columns_present(db: Database, run_id: int) -> list[str]:
 
 
 def _describe(db: Database, run_id: int, column: str) -> KLQuantity:
+    from sqlalchemy import text  # here: the names above serve `klmon runs` without it
+
     with db.begin() as conn:
         row = conn.execute(
             text(
@@ -104,6 +107,8 @@ def current_kl(db: Database, run_id: int) -> CurrentKL | None:
     quantity = best_kl(db, run_id)
     if quantity is None:
         return None
+    from sqlalchemy import text
+
     col = quantity.column  # one of KL_PREFERENCE, never user text
     with db.begin() as conn:
         row = conn.execute(

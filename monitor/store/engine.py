@@ -1,14 +1,18 @@
-"""Engine factory: SQLite (embedded default) and PostgreSQL (psycopg 3)."""
+"""Engine factory: SQLite (embedded default) and PostgreSQL (psycopg 3).
+
+SQLAlchemy is imported inside the functions that use it: ``normalize_url`` and the SQLite
+busy timeout also serve `klmon runs`, which reads through the driver alone (``run_list.py``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from typing import TYPE_CHECKING, Any
 
 from monitor.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -24,6 +28,8 @@ def normalize_url(url: str) -> str:
 
 def sqlite_file(url: str) -> Path | None:
     """The file of a SQLite URL; None for another database or an in-memory one."""
+    from sqlalchemy.engine import make_url
+
     parsed = make_url(normalize_url(url))
     if parsed.get_backend_name() != "sqlite" or not parsed.database:
         return None
@@ -39,6 +45,8 @@ _SECRET_PARAMS = frozenset({"password", "sslpassword"})
 def redact_url(url: str) -> str:
     """The URL with any password hidden (``user:***@`` and ``?password=***``), safe for
     logs and messages."""
+    from sqlalchemy.engine import make_url
+
     try:
         parsed = make_url(normalize_url(url))
         query = {k: "***" if k.lower() in _SECRET_PARAMS else v for k, v in parsed.query.items()}
@@ -50,6 +58,9 @@ def redact_url(url: str) -> str:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine. SQLite gets WAL, a busy timeout and foreign keys on every connection."""
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.engine import make_url
+
     url = normalize_url(url)
     try:
         parsed = make_url(url)

@@ -52,15 +52,6 @@ STEP_COLUMNS: tuple[str, ...] = (
     *STEP_QUANTITIES,
 )
 
-#: KL step column -> the ``runs`` column holding the last step at which it has a value
-#: (the columns of ``monitor.store.current_kl.KL_PREFERENCE``, best first).
-KL_LAST_STEP_COLUMNS: dict[str, str] = {
-    "kl_mean": "last_kl_mean_step",
-    "k3": "last_k3_step",
-    "k1": "last_k1_step",
-    "k2": "last_k2_step",
-}
-
 # Longest metric name the metrics tables hold (VARCHAR), and the largest step (BIGINT).
 METRIC_NAME_MAX = 200
 STEP_MAX = 2**63 - 1
@@ -93,14 +84,15 @@ class RunRow(Base):
         ForeignKey("runs.id", ondelete="SET NULL"), nullable=True
     )
     # Counters kept by the step writers (``monitor/store/run_counters.py``) so that listing
-    # runs never counts their steps: how many steps, the last one, and per KL column of
-    # ``KL_LAST_STEP_COLUMNS`` the last step at which it holds a value.
+    # runs never counts their steps: how many steps, the last one, and per step column of
+    # ``run_list.LAST_STEP_COLUMNS`` (the KL ones, reward_mean) the last step with a value.
     n_steps: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_kl_mean_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_k3_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_k1_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_k2_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_reward_mean_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class StepRow(Base):

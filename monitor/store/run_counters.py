@@ -1,6 +1,6 @@
-"""The per-run counters on ``runs`` (n_steps, last_step, the last step of each KL column),
-kept up to date inside the step writers' transactions so that listing runs reads one row a
-run instead of counting its steps.
+"""The per-run counters on ``runs`` (n_steps, last_step, and the last step with a value of each
+KL column and of reward_mean: ``run_list.LAST_STEP_COLUMNS``), kept up to date inside the step
+writers' transactions so that listing runs reads one row a run instead of counting its steps.
 
 ``count_written`` is called by ``step_writes`` with the step rows it inserted or rewrote, under
 the run's write lock; ``recount`` rebuilds the counters from the stored steps (the migration
@@ -13,7 +13,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from monitor.store.models import KL_LAST_STEP_COLUMNS, STEP_COLUMNS
+from monitor.store.models import STEP_COLUMNS
+from monitor.store.run_list import LAST_STEP_COLUMNS
 
 
 def _raise_to(column: str, ph: str) -> str:
@@ -32,9 +33,10 @@ def count_written(
 ) -> None:
     """Account for step rows (``columns`` order: by default every one of ``STEP_COLUMNS``)
     just inserted (new steps) and rewritten (a multi-rank step re-merged). A rewrite that
-    empties a KL column at its last step makes that column's last step be looked up again."""
+    empties a counted column at its last step makes that column's last step be looked up
+    again."""
     step_at = columns.index("step")
-    kl_at = {col: columns.index(col) for col in KL_LAST_STEP_COLUMNS if col in columns}
+    value_at = {col: columns.index(col) for col in LAST_STEP_COLUMNS if col in columns}
     sets: list[str] = []
     params: list[Any] = []
     if inserted:
@@ -44,10 +46,10 @@ def count_written(
         sets.append(_raise_to("last_step", ph))
         params += [top, top]
     emptied: list[str] = []
-    for col, idx in kl_at.items():
+    for col, idx in value_at.items():
         with_value = [int(r[step_at]) for r in (*inserted, *updated) if r[idx] is not None]
         if with_value:
-            sets.append(_raise_to(KL_LAST_STEP_COLUMNS[col], ph))
+            sets.append(_raise_to(LAST_STEP_COLUMNS[col], ph))
             params += [max(with_value), max(with_value)]
         if any(r[idx] is None for r in updated):
             emptied.append(col)
@@ -66,8 +68,8 @@ def count_written(
 
 def _last_with_value(col: str) -> str:
     return (
-        f"{KL_LAST_STEP_COLUMNS[col]} = (SELECT MAX(s.step) FROM steps s "
-        f"WHERE s.run_id = runs.id AND s.{col} IS NOT NULL)"
+        f"{LAST_STEP_COLUMNS[col]} = (SELECT s.step FROM steps s "
+        f"WHERE s.run_id = runs.id AND s.{col} IS NOT NULL ORDER BY s.step DESC LIMIT 1)"
     )
 
 
@@ -76,7 +78,7 @@ def recount(conn: Connection, ph: str, run_ids: Iterable[int] | None = None) -> 
     sets = [
         "n_steps = (SELECT COUNT(*) FROM steps s WHERE s.run_id = runs.id)",
         "last_step = (SELECT MAX(s.step) FROM steps s WHERE s.run_id = runs.id)",
-        *(_last_with_value(col) for col in KL_LAST_STEP_COLUMNS),
+        *(_last_with_value(col) for col in LAST_STEP_COLUMNS),
     ]
     sql = "UPDATE runs SET " + ", ".join(sets)
     if run_ids is None:

@@ -10,10 +10,11 @@ from sqlalchemy import delete, func, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 
 from monitor.errors import InvalidInput, NotFound, StoreError
-from monitor.store.current_kl import KL_PREFERENCE, CurrentKL, KLQuantity, current_kl
+from monitor.store.current_kl import current_kl
 from monitor.store.database import Database
 from monitor.store.domain import RunInfo
-from monitor.store.models import KL_LAST_STEP_COLUMNS, RunRow
+from monitor.store.models import RunRow
+from monitor.store.run_list import RUN_LIST_COLUMNS, read_summaries
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -194,83 +195,44 @@ def set_baseline_run(db: Database, run_id: int, baseline_run_id: int | None) -> 
             raise NotFound(f"run {run_id} does not exist")
 
 
-#: The columns of ``run_summaries`` records and ``list_runs``, in order.
-RUN_LIST_COLUMNS: tuple[str, ...] = (
-    "id",
-    "project",
-    "name",
-    "status",
-    "source",
-    "created_at",
-    "last_seen_at",
-    "n_steps",
-    "last_step",
-    "last_kl",
-    "kl_step",
-    "kl_quantity",
-    "kl_unit",
-)
-
-
 def run_summaries(db: Database) -> list[dict[str, Any]]:
-    """Every run with its step count, last step and its current KL, as plain records (the
-    columns of ``RUN_LIST_COLUMNS``; the KL ones None for a run without KL).
+    """Every run with its step count, last step and its wall time, its current KL and last
+    reward, as plain records (the columns of ``RUN_LIST_COLUMNS``; the KL ones None for a
+    run without KL).
 
     The current KL is the latest value of the best KL quantity the run has
     (``monitor.store.current_kl``: kl_mean, else k3, k1, k2), which quantity that is and its
-    unit. Two queries whatever the number of runs and steps: the counters the step writers
-    keep on ``runs`` (``run_counters.py``) with the one step row of each run's current KL, and
-    the metric_info rows that say which source key filled a KL column."""
-    kl_steps = [f"r.{KL_LAST_STEP_COLUMNS[c]}" for c in KL_PREFERENCE]
-    sql = (
-        "SELECT r.id, r.project, r.name, r.status, r.source, r.created_at, r.last_seen_at, "
-        f"r.n_steps, r.last_step, {', '.join(kl_steps)}, "
-        f"{', '.join(f's.{c}' for c in KL_PREFERENCE)} "
-        "FROM runs r LEFT JOIN steps s ON s.run_id = r.id "
-        f"AND s.step = COALESCE({', '.join(kl_steps)}) ORDER BY r.id"
-    )
-    info_sql = (
-        "SELECT run_id, quantity, name, estimator, scale FROM metric_info "
-        f"WHERE quantity IN ({', '.join(repr(c) for c in KL_PREFERENCE)}) "
-        "ORDER BY run_id, quantity, name"
-    )
+    unit. Two queries whatever the number of runs and steps (``run_list.read_summaries``):
+    the counters the step writers keep on ``runs`` with the step rows they point at, and the
+    metric_info rows that say which source key filled a KL column."""
     with db.begin() as conn:
-        rows = conn.exec_driver_sql(sql).all()
-        described: dict[tuple[int, str], KLQuantity] = {}
-        for run_id, quantity, name, estimator, scale in conn.exec_driver_sql(info_sql):
-            key = (int(run_id), str(quantity))
-            described.setdefault(key, KLQuantity(str(quantity), str(name), estimator, scale))
-    n_kl = len(KL_PREFERENCE)
-    out = []
-    for row in rows:
-        rec = dict(zip(RUN_LIST_COLUMNS[:9], row[:9], strict=True))
-        rec["n_steps"] = int(rec["n_steps"] or 0)
-        last_steps, values = row[9 : 9 + n_kl], row[9 + n_kl :]
-        now = None
-        for col, at, value in zip(KL_PREFERENCE, last_steps, values, strict=True):
-            if at is None:
-                continue
-            quantity = described.get((int(rec["id"]), col), KLQuantity(col))
-            now = CurrentKL(quantity, int(at), float(value)) if value is not None else None
-            if now is None:  # the steps were changed behind the writers' back: look it up
-                now = current_kl(db, int(rec["id"]))
-            break
-        rec["last_kl"] = None if now is None else now.value
-        rec["kl_step"] = None if now is None else now.step
-        rec["kl_quantity"] = None if now is None else now.quantity.name
-        rec["kl_unit"] = None if now is None else now.quantity.unit
-        out.append(rec)
-    return out
+        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            records, stale = read_summaries(cur)
+        finally:
+            cur.close()
+    for rid in stale:  # the steps were changed behind the writers' back: look it up
+        rec = next(r for r in records if r["id"] == rid)
+        now = current_kl(db, rid)
+        if now is not None:
+            rec.update(
+                last_kl=now.value,
+                kl_step=now.step,
+                kl_quantity=now.quantity.name,
+                kl_unit=now.quantity.unit,
+            )
+    return records
 
 
 def list_runs(db: Database) -> pd.DataFrame:
     """``run_summaries`` as a DataFrame (``n_steps`` int64, ``last_step`` and ``kl_step``
-    Int64, ``last_kl`` float with NaN for a run without KL)."""
+    Int64, ``last_kl``, ``last_wall`` and ``last_reward`` float with NaN for none)."""
     import pandas as pd  # here, not at the top: `klmon runs` reads the records without pandas
 
     df = pd.DataFrame(run_summaries(db), columns=list(RUN_LIST_COLUMNS))
     df["n_steps"] = df["n_steps"].astype("int64")
     df["last_step"] = df["last_step"].astype("Int64")
     df["kl_step"] = df["kl_step"].astype("Int64")
-    df["last_kl"] = df["last_kl"].astype(float)
+    for col in ("last_kl", "last_wall", "last_reward"):
+        df[col] = df[col].astype(float)
     return df

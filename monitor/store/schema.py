@@ -8,15 +8,16 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, inspect
-
 from monitor.errors import SchemaOutOfDate
 
 if TYPE_CHECKING:
     from alembic.config import Config
+    from sqlalchemy import Engine
 
-# Alembic is imported where it is used: opening a database at head (every read command,
-# `klmon runs`) checks the revision without it (``_stored_revision``, ``_script_head``).
+# Alembic is imported where it is used: opening a database at head (every read command)
+# checks the revision without it (``_stored_revision``, ``script_head``). SQLAlchemy too:
+# `klmon runs` compares the scripts' head with alembic_version through the driver alone
+# (``run_list.py``).
 
 
 def migrations_dir() -> Path:
@@ -103,7 +104,7 @@ _REVISION = re.compile(r"""^revision\s*=\s*["']([^"']+)["']\s*$""", re.M)
 _DOWN_REVISION = re.compile(r"""^down_revision\s*=\s*(?:["']([^"']+)["']|None)\s*$""", re.M)
 
 
-def _script_head() -> str | None:
+def script_head() -> str | None:
     """The head revision from the scripts' ``revision``/``down_revision`` lines, without
     importing Alembic; None unless that gives exactly one head (then Alembic decides)."""
     revisions: set[str] = set()
@@ -123,6 +124,8 @@ def _script_head() -> str | None:
 
 def _stored_revision(engine: Engine) -> str | None:
     """The one row of ``alembic_version``, read without Alembic (None: no table or row)."""
+    from sqlalchemy import inspect
+
     with engine.connect() as conn:
         if not inspect(conn).has_table("alembic_version"):
             return None
@@ -132,7 +135,7 @@ def _stored_revision(engine: Engine) -> str | None:
 
 def check_schema(engine: Engine) -> None:
     """Raise SchemaOutOfDate with an actionable message unless the schema is at head."""
-    head = _script_head()
+    head = script_head()
     if head is not None and _stored_revision(engine) == head:
         return  # the common case, answered without importing Alembic
     from alembic.script import ScriptDirectory
@@ -161,6 +164,8 @@ def check_schema(engine: Engine) -> None:
 def is_empty(engine: Engine) -> bool:
     """True when the database holds no table at all (a new SQLite file, a new PostgreSQL
     database): the only state in which a client may create the schema on its own."""
+    from sqlalchemy import inspect
+
     with engine.connect() as conn:
         return not inspect(conn).get_table_names()
 

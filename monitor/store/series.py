@@ -1084,119 +1084,147 @@ def _int_list_from_json(value: Any) -> list[int]:
 
 # --------------------------------------------------------------------------- many runs
 
-#: Selects per UNION ALL statement (SQLite allows 500 compound members).
-_UNION_CHUNK = 400
+#: A run of at most this many steps gets a sparkline of its raw values (averaged in groups
+#: down to ``2 * max_buckets`` points); a longer one, of its coarse buckets.
+SPARK_RAW_SPAN = 16 * (1 << BASE_LEVEL)
 
 
 def read_sparklines(
     db: Database, columns: Mapping[int, str], *, max_buckets: int = 12
 ) -> dict[int, np.ndarray]:
-    """The values of ``read_series(db, run, [column], max_buckets=...).combined()[column]``
-    for many runs at once: run id -> float64 array, for ``columns`` (run id -> one step
-    column). A few statements whatever the number of runs: every run's rollup state, then
-    its buckets and its raw tail rows. A run whose rollups are behind is read (and its
-    rollups brought up to date) by ``read_series``."""
+    """Sparkline values of many runs at once: run id -> float64 array, for ``columns`` (run
+    id -> one step column); empty for a run without steps.
+
+    A run of at most ``SPARK_RAW_SPAN`` steps gives its raw values, averaged in consecutive
+    groups down to at most ``2 * max_buckets`` points. A longer one gives the mean of each
+    complete bucket of the level that splits its steps into at most ``max_buckets``
+    (``choose_level``), then its latest value: the steps after the last complete bucket make
+    one point, the live edge. Statements: every run's first and last step and latest value
+    (index lookups), then one per column and level for the buckets (the mean's 8 bytes of
+    each stats blob) or the raw values; whatever the number of runs and their length. A run
+    whose buckets of that level are behind has its rollups brought up to date first (the
+    write a chart read would make), then is read again."""
     wanted = {int(r): _check_columns([c])[0] for r, c in columns.items()}
     if not wanted:
         return {}
+    out = {r: np.empty(0) for r in wanted}
+    behind = _read_sparklines(db, wanted, max_buckets, out, final=False)
+    for rid in behind:
+        refresh_rollups(db, rid)
+    if behind:
+        _read_sparklines(db, {r: wanted[r] for r in behind}, max_buckets, out, final=True)
+    return out
+
+
+def _read_sparklines(
+    db: Database,
+    wanted: Mapping[int, str],
+    max_buckets: int,
+    out: dict[int, np.ndarray],
+    *,
+    final: bool,
+) -> list[int]:
+    """Fill ``out`` for the runs of ``wanted``, but those whose buckets are behind (returned)
+    unless ``final``."""
+    by_column: dict[str, list[int]] = {}
+    for rid, col in wanted.items():
+        by_column.setdefault(col, []).append(rid)
+    behind: list[int] = []
     with db.begin() as conn:
-        states = _states(conn, sorted(wanted))
-        plans = {r: _plan(st, max_buckets) for r, st in states.items() if not st.needs_refresh()}
-        asks = [(r, *b) for r, p in plans.items() for b in p.buckets]
-        bucket_rows = _union_fetch(
-            conn,
-            [
-                f"SELECT {i}, bucket, n, stats FROM {_STEPS.rollup_table} WHERE run_id = {r} "
-                f"AND level = {lv} AND bucket >= {b0} AND bucket <= {b1}"
-                for i, (r, lv, b0, b1) in enumerate(asks)
-            ],
-        )
-        raw_rows = _union_fetch(
-            conn,
-            [
-                f"SELECT {r}, step, {wanted[r]} FROM {_STEPS.raw_table} "
-                f"WHERE run_id = {r} AND step >= {p.raw[0]} AND step <= {p.raw[1]}"
-                for r, p in plans.items()
-                if p.raw is not None
-            ],
-        )
-    values: dict[int, list[float]] = {r: [] for r in plans}
-    bucket_rows.sort(key=lambda row: (row[0], row[1]))
-    for i, _, n, blob in bucket_rows:
-        if n:  # combined() leaves out the empty buckets
-            values[asks[i][0]].append(_mean_of(bytes(blob), wanted[asks[i][0]]))
-    raw_rows.sort(key=lambda row: (row[0], row[1]))
-    for r, _, v in raw_rows:
-        values[int(r)].append(np.nan if v is None else float(v))
-    out = {r: np.array(v, dtype=float) for r, v in values.items()}
-    for r in states.keys() - plans.keys():
-        frame = read_series(db, r, [wanted[r]], max_buckets=max_buckets).combined()
-        out[r] = frame[wanted[r]].to_numpy(dtype=float)
-    return out
+        for col, rids in by_column.items():
+            ids = ", ".join(str(r) for r in sorted(rids))
+            bounds = _fetch(
+                conn,
+                "SELECT r.id, (SELECT MIN(step) FROM steps WHERE run_id = r.id), "
+                "(SELECT MAX(step) FROM steps WHERE run_id = r.id), "
+                f"(SELECT {col} FROM steps WHERE run_id = r.id AND {col} IS NOT NULL "
+                f"ORDER BY step DESC LIMIT 1) FROM runs r WHERE r.id IN ({ids})",
+                {},
+            )
+            raw: list[int] = []
+            by_level: dict[int, list[tuple[int, int, int, float | None]]] = {}
+            for rid, lo, hi, latest in bounds:
+                if lo is None:
+                    continue
+                if hi - lo + 1 <= SPARK_RAW_SPAN:
+                    raw.append(int(rid))
+                else:
+                    level = choose_level(hi - lo + 1, max_buckets)
+                    by_level.setdefault(level, []).append((int(rid), int(lo), int(hi), latest))
+            if raw:
+                out.update(_raw_sparklines(conn, col, raw, 2 * max_buckets))
+            for level, runs in by_level.items():
+                behind += _bucket_sparklines(conn, col, level, runs, out, final=final)
+    return behind
 
 
-def _mean_of(blob: bytes, column: str) -> float:
-    """The bucket mean of ``column`` in a rollup's stats blob (NaN when the blob was
-    written before the column was appended)."""
-    at = (3 * _STEPS.values.index(column) + 2) * _STAT_DTYPE.itemsize
-    if len(blob) < at + _STAT_DTYPE.itemsize:
+def _raw_sparklines(
+    conn: Connection, col: str, run_ids: Sequence[int], points: int
+) -> dict[int, np.ndarray]:
+    ids = ", ".join(str(r) for r in run_ids)
+    rows = _fetch(
+        conn, f"SELECT run_id, step, {col} FROM steps WHERE run_id IN ({ids}) ORDER BY 1, 2", {}
+    )
+    values: dict[int, list[float]] = {}
+    for rid, _, v in rows:
+        values.setdefault(int(rid), []).append(np.nan if v is None else float(v))
+    return {rid: _group_means(np.array(v, dtype=float), points) for rid, v in values.items()}
+
+
+def _group_means(v: np.ndarray, points: int) -> np.ndarray:
+    """``v`` averaged in at most ``points`` consecutive groups (NaN where a group has none)."""
+    if len(v) <= points:
+        return v
+    means = []
+    for g in np.array_split(v, points):
+        g = g[np.isfinite(g)]
+        means.append(float(g.mean()) if len(g) else math.nan)
+    return np.array(means)
+
+
+def _bucket_sparklines(
+    conn: Connection,
+    col: str,
+    level: int,
+    runs: Sequence[tuple[int, int, int, float | None]],
+    out: dict[int, np.ndarray],
+    *,
+    final: bool,
+) -> list[int]:
+    """The complete buckets of ``level`` and the latest value of ``runs`` (id, first step,
+    last step, latest value) into ``out``; returns the runs whose buckets are behind, left
+    out unless ``final``."""
+    at = (3 * _STEPS.values.index(col) + 2) * _STAT_DTYPE.itemsize
+    ids = ", ".join(str(r[0]) for r in runs)
+    rows = _fetch(
+        conn,
+        f"SELECT run_id, bucket, n, substr(stats, {at + 1}, {_STAT_DTYPE.itemsize}) "
+        f"FROM {_STEPS.rollup_table} WHERE level = {int(level)} AND run_id IN ({ids}) "
+        "ORDER BY 1, 2",
+        {},
+    )
+    means: dict[int, list[float]] = {}
+    last_bucket: dict[int, int] = {}
+    for rid, bucket, n, mean in rows:
+        last_bucket[int(rid)] = int(bucket)
+        if n:
+            means.setdefault(int(rid), []).append(_decode_mean(mean))
+    behind = []
+    for rid, lo, hi, latest in runs:
+        complete = _last_complete(hi, level)
+        if complete >= lo >> level and last_bucket.get(rid, -1) < complete:
+            behind.append(rid)
+            if not final:
+                continue
+        tail = [] if latest is None else [float(latest)]
+        out[rid] = np.array(means.get(rid, []) + tail, dtype=float)
+    return behind
+
+
+def _decode_mean(blob: Any) -> float:
+    """A bucket mean cut out of a stats blob; NaN when the blob was written before the
+    column was appended (the cut is then short)."""
+    raw = bytes(blob) if blob is not None else b""
+    if len(raw) < _STAT_DTYPE.itemsize:
         return math.nan
-    return float(np.frombuffer(blob, dtype=_STAT_DTYPE, count=1, offset=at)[0])
-
-
-@dataclass
-class _Plan:
-    """What ``_read_in`` reads of one run: bucket ranges (level, b0, b1), raw (lo, hi)."""
-
-    level: int
-    buckets: list[tuple[int, int, int]]
-    raw: tuple[int, int] | None
-
-
-def _plan(state: _State, max_buckets: int) -> _Plan:
-    if state.max_step is None or state.first_step is None:
-        return _Plan(0, [], None)
-    lo, hi, done = state.first_step, state.max_step, state.done
-    level = choose_level(hi - lo + 1, max_buckets)
-    if level == 0:
-        return _Plan(0, [], (lo, hi))
-    b0 = lo >> level
-    b1 = min(hi >> level, done.get(level, -1))
-    buckets = [(level, b0, b1)]
-    pos = max((b1 + 1) << level, lo)
-    for lower in range(level - 1, BASE_LEVEL - 1, -1):
-        size = 1 << lower
-        while pos % size == 0 and pos + size - 1 <= hi and (pos >> lower) <= done.get(lower, -1):
-            buckets.append((lower, pos >> lower, pos >> lower))
-            pos += size
-    return _Plan(level, buckets, (pos, hi) if pos <= hi else None)
-
-
-def _states(conn: Connection, run_ids: Sequence[int]) -> dict[int, _State]:
-    """``_state`` of each of the runs that exist, in one statement."""
-    w = "run_id = r.id"
-    levels = list(range(BASE_LEVEL, MAX_LEVEL + 1))
-    raw, roll = _STEPS.raw_table, _STEPS.rollup_table
-    subs = [
-        f"(SELECT MAX(step) FROM {raw} WHERE {w})",
-        f"(SELECT MIN(step) FROM {raw} WHERE {w})",
-        f"(SELECT MIN(step) FROM {raw} WHERE {w} AND step >= "
-        f"(COALESCE((SELECT MAX(bucket) FROM {roll} WHERE {w} "
-        f"AND level = {BASE_LEVEL}), -1) + 1) * {1 << BASE_LEVEL})",
-        *(f"(SELECT MAX(bucket) FROM {roll} WHERE {w} AND level = {lv})" for lv in levels),
-    ]
-    ids = ", ".join(str(int(r)) for r in run_ids)
-    rows = _fetch(conn, f"SELECT r.id, {', '.join(subs)} FROM runs r WHERE r.id IN ({ids})", {})
-    out = {}
-    for row in rows:
-        v = [None if x is None else int(x) for x in row]
-        done = {lv: b for lv, b in zip(levels, v[4:], strict=True) if b is not None}
-        out[v[0]] = _State(v[1], v[2], done, v[3])
-    return out
-
-
-def _union_fetch(conn: Connection, selects: Sequence[str]) -> list[tuple[Any, ...]]:
-    rows: list[tuple[Any, ...]] = []
-    for i in range(0, len(selects), _UNION_CHUNK):
-        rows += _fetch(conn, " UNION ALL ".join(selects[i : i + _UNION_CHUNK]), {})
-    return rows
+    return float(np.frombuffer(raw, dtype=_STAT_DTYPE, count=1)[0])

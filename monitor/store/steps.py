@@ -155,10 +155,10 @@ _UNION_CHUNK = 400
 
 
 def latest_steps_of_runs(
-    db: Database, columns: Sequence[str], limit: int
+    db: Database, columns: Sequence[str], limit: int, run_ids: Sequence[int] | None = None
 ) -> dict[int, list[tuple[Any, ...]]]:
-    """``latest_steps`` of every run in one query: run id -> its last ``limit`` step rows
-    (step, wall_time, ``columns``), newest first; a run without steps is left out.
+    """``latest_steps`` of every run (or of ``run_ids``) at once: run id -> its last ``limit``
+    step rows (step, wall_time, ``columns``), newest first; a run without steps is left out.
 
     Two statements: each run's ``limit``-th newest step (an index lookup a run), then each
     run's rows from there (an index range a run); a window function or a join on a
@@ -169,10 +169,13 @@ def latest_steps_of_runs(
         raise InvalidInput(f"columns {sorted(bad)} are not step columns")
     if limit < 1:
         raise InvalidInput(f"limit must be >= 1, got {limit}")
+    if run_ids is not None and not run_ids:
+        return {}
     bounds_sql = text(
         "SELECT r.id, COALESCE((SELECT s.step FROM steps s WHERE s.run_id = r.id "
         "ORDER BY s.step DESC LIMIT 1 OFFSET :skip), "
         "(SELECT MIN(s.step) FROM steps s WHERE s.run_id = r.id)) FROM runs r"
+        + ("" if run_ids is None else f" WHERE r.id IN ({', '.join(str(int(r)) for r in run_ids)})")
     )
     out: dict[int, list[tuple[Any, ...]]] = {}
     with db.begin() as conn:
