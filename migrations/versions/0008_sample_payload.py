@@ -3,7 +3,7 @@
 are converted here, so the readers know one format
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-05 23:40:00
 """
 

@@ -3,7 +3,7 @@
 float64 values); the metric rollups are dropped (a cache, rebuilt from level 7 on read)
 
 Revision ID: 0009
-Revises: 0006
+Revises: 0008
 Create Date: 2026-12-05 23:40:00
 """
 

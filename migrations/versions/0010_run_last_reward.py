@@ -2,7 +2,7 @@
 so that the run list shows each run's last reward without reading its latest steps
 
 Revision ID: 0010
-Revises: 0006
+Revises: 0009
 Create Date: 2026-12-05 23:40:00
 """
 
