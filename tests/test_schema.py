@@ -52,6 +52,33 @@ def test_opening_a_database_from_a_newer_klmon_says_to_upgrade_klmon(empty_db_ur
         Database.open(empty_db_url)
 
 
+def test_downgrading_a_migration_that_rebuilds_runs_keeps_the_runs_data(
+    empty_db_url: str,
+) -> None:
+    """On SQLite, dropping a column of ``runs`` rebuilds the table; with foreign keys on, the
+    drop of the old table would cascade and delete every step of every run."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from monitor.store.runs import get_or_create_run
+    from monitor.store.schema import alembic_config
+    from monitor.store.step_writes import write_steps
+
+    engine = make_engine(empty_db_url)
+    upgrade(engine)
+    db = Database.open(empty_db_url)
+    run_id = get_or_create_run(db, "p", "kept").id
+    write_steps(db, run_id, [{"step": s, "wall_time": 1.0, "kl_mean": 0.1 * s} for s in range(5)])
+    db.dispose()
+    command.downgrade(alembic_config(engine), "0009")  # drops runs.last_reward_mean_step
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM steps")).scalar() == 5
+        if conn.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    upgrade(engine)
+    engine.dispose()
+
+
 def test_step_columns_are_exactly_the_divergence_quantities() -> None:
     """A quantity added to monitor.divergence must get a steps column (and the reverse)."""
     import numpy as np
