@@ -108,7 +108,7 @@ VOCAB: tuple[str, ...] = (
     "any",
     "how",
     "our",
-    "two",
+    "\n",
     "may",
     "its",
     "new",
@@ -125,7 +125,7 @@ VOCAB: tuple[str, ...] = (
     "sure",
     "help",
     "answer",
-    "yes",
+    "!!",
     "<|secret|>",
 )
 N_VOCAB = len(VOCAB)
@@ -141,6 +141,10 @@ PLATEAU_TOKEN_KL: dict[str, float] = {"sequence": 0.35, "token": 0.02}
 TARGET_MARGIN = 1.25
 #: The carrier token of the concentration scenario; the reference almost never emits it.
 CARRIER = N_VOCAB - 1
+#: The tokens a reward-hacking policy learns to repeat (a reward model that likes eager,
+#: exclamatory help): its drift past the onset goes into the first, and the second follows
+#: it at about a third of its frequency.
+HACK_TOKENS: tuple[int, int] = (VOCAB.index("help"), VOCAB.index("!!"))
 
 
 @dataclass(frozen=True)
@@ -246,11 +250,11 @@ def iter_batches(
 
 def grpo_view(run: SimulatedRun) -> SimulatedRun:
     """The run as a GRPO import would show it: ``k3`` (per token) and no per-sequence KL,
-    k1/k2, sign or concentration columns; the config gains ``target_kl_per_token``.
+    k1/k2, sign, concentration or token-ledger columns; the config gains ``target_kl_per_token``.
     """
     df = run.steps_df.copy()
     drop = [c for c in df.columns if c.startswith("kl_") and c != "kl_coef"]
-    df[[*drop, "k1", "k2", "neg_kl_frac", "top1pct_share"]] = np.nan
+    df[[*drop, "k1", "k2", "neg_kl_frac", "top1pct_share", "vocab_top_share"]] = np.nan
     config = {**run.config, "target_kl_per_token": run.config["target_kl"] / LEN_MEAN}
     return replace(run, steps_df=df, config=config)
 
@@ -301,6 +305,9 @@ class _Simulation:
         self.direction[CARRIER] = 0.0
         self.other = structure.normal(0.0, 1.0, N_VOCAB)
         self.other[CARRIER] = 0.0
+        # The reward-hacking drift: the healthy direction with the first hack token on top.
+        self.hack_direction = self.direction.copy()
+        self.hack_direction[HACK_TOKENS[0]] = float(self.direction.max()) + 1.0
         self.magnitude = _solve(lambda m: self._token_kl(m), self.plateau_kl)
         self.alpha = 1.5 / math.sqrt(self.plateau_kl * LEN_MEAN)
         self.config = {
@@ -375,6 +382,12 @@ class _Simulation:
         elif active and kind == "concentration":
             m *= 1 - 0.7 * min(1.0, since / 10)
         policy = self.z_ref + m * self.direction
+        if active and kind == "reward_hacking":
+            policy = self.z_ref + healthy_m * self.direction + (m - healthy_m) * self.hack_direction
+            # '!!' follows 'help' at e^-1 of its odds, so that neither becomes certain (a
+            # certain token leaves the rollout engine's noise above log p = 0)
+            help_, bang = HACK_TOKENS
+            policy[bang] = max(policy[bang], policy[help_] - 1.0)
         if active and kind == "entropy_collapse":
             policy = policy.copy()
             policy[np.argmax(policy)] += 8.0 * min(1.0, since / 30)
@@ -454,6 +467,7 @@ class _Simulation:
                 kl_coef=batch.kl_coef,
                 rollout_logprobs=batch.rollout_logprobs,
                 entropies=batch.entropies,
+                token_ids=batch.token_ids,
             ).as_dict()
         except InvalidInput as exc:
             return {**base, "status": "rejected", "reject_reason": str(exc)}
