@@ -305,9 +305,10 @@ class _Simulation:
         self.direction[CARRIER] = 0.0
         self.other = structure.normal(0.0, 1.0, N_VOCAB)
         self.other[CARRIER] = 0.0
-        # The reward-hacking drift: the healthy direction with the first hack token on top.
+        # The reward-hacking drift: the healthy direction with the first hack token far on
+        # top of it, so that the drift past the onset goes mostly into that token.
         self.hack_direction = self.direction.copy()
-        self.hack_direction[HACK_TOKENS[0]] = float(self.direction.max()) + 1.0
+        self.hack_direction[HACK_TOKENS[0]] = float(self.direction.max()) + 3.0
         self.magnitude = _solve(lambda m: self._token_kl(m), self.plateau_kl)
         self.alpha = 1.5 / math.sqrt(self.plateau_kl * LEN_MEAN)
         self.config = {
