@@ -1016,6 +1016,7 @@ def vocabulary_heatmap(buckets: pd.DataFrame, *, uirevision: str = "vocabulary")
         ).tolist(),
         zmin=0.0,
         colorscale="YlOrRd",
+        reversescale=True,  # dark red: the tokens that carry the most
         colorbar={"title": {"text": "share of the positive log-ratio"}, "tickformat": ".0%"},
         hovertemplate=(
             "%{y}<br>steps %{customdata[0]}..%{customdata[1]}<br>share %{z:.1%}"

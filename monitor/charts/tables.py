@@ -168,11 +168,11 @@ def token_change_rows(changes: pd.DataFrame) -> list[dict[str, Any]]:
                 "token_id": int(r["token_id"]),
                 "token": shown.text,
                 "special": shown.special,
-                "per_1k_before": number_text(r["per_1k_before"], 3),
-                "per_1k_after": number_text(r["per_1k_after"], 3),
-                "lr_per_1k_before": number_text(r["lr_per_1k_before"], 3),
-                "lr_per_1k_after": number_text(r["lr_per_1k_after"], 3),
-                "growth": number_text(r["growth"], 3),
+                "per_1k_before": _per_1k(r["per_1k_before"]),
+                "per_1k_after": _per_1k(r["per_1k_after"]),
+                "lr_per_1k_before": _per_1k(r["lr_per_1k_before"]),
+                "lr_per_1k_after": _per_1k(r["lr_per_1k_after"]),
+                "growth": _per_1k(r["growth"]),
             }
         )
     return out
@@ -214,7 +214,7 @@ def vocabulary_line(top: pd.DataFrame, changes: pd.DataFrame | None = None, n: i
 
 
 def _per_1k(value: float) -> str:
-    """A rate per 1k tokens: whole above 10 (730, 1,204), one decimal below (0.4)."""
-    if not np.isfinite(value):
+    """A rate per 1k tokens: whole from 10 on (730, 1,204), else two significant digits."""
+    if value is None or not np.isfinite(value):
         return "-"
-    return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.1f}"
+    return f"{value:,.0f}" if abs(value) >= 10 else number_text(value, 2)

@@ -110,7 +110,13 @@ def vocabulary_section(data: DashboardData, run_id: int, view: View) -> html.Div
                 children=[
                     html.Label("step A", htmlFor=ids.VOCAB_STEP_A),
                     dcc.Input(
-                        id=ids.VOCAB_STEP_A, type="number", min=0, step=1, value=a, debounce=True
+                        id=ids.VOCAB_STEP_A,
+                        type="number",
+                        min=0,
+                        step=1,
+                        value=a,
+                        debounce=True,
+                        style={"width": "120px"},
                     ),
                     html.Label("step B", htmlFor=ids.VOCAB_STEP_B),
                     dcc.Input(
@@ -120,6 +126,7 @@ def vocabulary_section(data: DashboardData, run_id: int, view: View) -> html.Div
                         step=1,
                         value=last,
                         debounce=True,
+                        style={"width": "120px"},
                     ),
                     html.Label("window (steps)", htmlFor=ids.VOCAB_WINDOW),
                     dcc.Input(
