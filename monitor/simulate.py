@@ -7,6 +7,12 @@ rises from 0 to a plateau (the drift saturates) with sampling noise and a slow w
 each failure kind in ``SCENARIOS`` perturbs the policy, the reference, the rollout
 engine, the lengths, the rewards or the logging from a known onset step.
 
+Sampled tokens are ids into ``VOCAB`` (words, a newline, '!!' and a special token), so
+``summarize`` gets ``token_ids`` and every run has a token ledger (``vocab_top_share``);
+the reward-hacking policy's drift past the onset goes into repeating ``HACK_TOKENS``
+('help', with '!!' following it), what the drift vocabulary panel and the
+``vocabulary_concentration`` detector show.
+
 ``scale='sequence'`` puts the per-sequence KL (``kl_mean``) near 14 nats, like a PPO
 run; ``scale='token'`` puts the per-token KL near 0.02 nats (``k3`` like GRPO's ``kl``;
 ``kl_mean`` is then ~0.8 and noisy). ``grpo_view`` turns a run into what a GRPO import

@@ -493,6 +493,24 @@ def test_drift_vocabulary_follows_the_kl_zoom_and_compares_steps(
     rows = duo.driver.find_elements(By.CSS_SELECTOR, "#vocab-changes table.vocab-changes tbody tr")
     first = [r.find_element(By.CSS_SELECTOR, "code").text for r in rows[:3]]
     assert "help" in first and "!!" in first
+
+    # or click two points of the KL chart: the first starts a pair, the second ends it
+    def click_kl(x: int) -> None:
+        duo.driver.execute_script(
+            "const gd = document.querySelector('.chart-kl .js-plotly-plot');"
+            "gd.emit('plotly_click', {points: [{x: arguments[0], y: 1, curveNumber: 0,"
+            " pointNumber: arguments[0], data: gd.data[0], fullData: gd._fullData[0]}]});",
+            x,
+        )
+
+    def value(css: str) -> str:
+        return duo.driver.execute_script("return document.querySelector(arguments[0]).value", css)
+
+    click_kl(40)
+    duo.wait_for_contains_text("#vocab-changes", "step A is 40: click a second point")
+    assert value("#vocab-step-a") == "40" and value("#vocab-step-b") == ""
+    click_kl(100)
+    duo.wait_for_contains_text("#vocab-changes", "step 40 -> step 100")
     no_script_ran(duo)
     shot(duo, "run-vocabulary")
     assert not severe_errors(duo)

@@ -118,6 +118,7 @@ def test_token_text_in_an_email_is_escaped_and_made_visible() -> None:
     assert "<img" not in out.html and "&lt;img␣src=x␣onerror=alert(1)&gt;↵" in out.html
     assert "'<img␣src=x␣onerror=alert(1)>↵' 60%" in out.text
     assert "<|eos|> (special) 30%" in out.text
+    assert out.webhook["vocabulary"].startswith("Drift vocabulary at step 7: carried by")
 
 
 def test_report_has_a_vocabulary_section_per_run(db: Database, runs, tmp_path) -> None:

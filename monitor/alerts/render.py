@@ -230,6 +230,7 @@ def render(
         "run": {"id": run.id, "project": run.project, "name": run.name},
         "severity": (worst(fired) or head).severity,
         "url": link,
+        "vocabulary": vocab or None,
         "fired": [
             _event_dict(e, dashboard_link(dashboard_url, run.id, e.fired_step)) for e in fired
         ],
