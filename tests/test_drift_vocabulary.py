@@ -131,3 +131,36 @@ def test_report_has_a_vocabulary_section_per_run(db: Database, runs, tmp_path) -
     md = md_path.read_text(encoding="utf-8")
     part = md[md.index("## Drift vocabulary") : md.index("## Configuration")]
     assert "`help`" in part and "`!!`" in part and part.count("### ") == 2
+
+
+def test_heatmap_rows_are_escaped_visible_and_ranked() -> None:
+    from monitor.charts.figures import vocabulary_heatmap
+
+    df = pd.DataFrame(
+        {
+            "token_id": [1, 1, 2, 3, 4],
+            "token": ["<b>x</b>", "<b>x</b>", "<|eos|>", " a", " a"],
+            "bucket": [0, 1, 1, 0, 1],
+            "step_lo": [0, 5, 5, 0, 5],
+            "step_hi": [4, 9, 9, 4, 9],
+            "count": [3, 4, 1, 2, 2],
+            "lr_sum": [5.0, 6.0, 1.0, 0.5, 0.2],
+            "share_pos": [0.5, 0.6, 0.1, 0.05, 0.02],
+        }
+    )
+    df.attrs["buckets"] = pd.DataFrame({"bucket": [0, 1], "step_lo": [0, 5], "step_hi": [4, 9]})
+    fig = vocabulary_heatmap(df).to_dict()
+    [trace] = fig["data"]
+    # least first (plotly draws the last row on top): ids 4, 3 share a text, so the id tells
+    assert list(trace["y"]) == ["␣a", "␣a #3", "<i>&lt;|eos|&gt;</i>", "&lt;b&gt;x&lt;/b&gt;"]
+    assert trace["z"][3] == [0.5, 0.6] and trace["z"][2] == [None, 0.1]
+    assert fig["layout"]["xaxis"]["range"] == [-0.5, 9.5]
+    empty = vocabulary_heatmap(df.iloc[0:0]).to_dict()
+    assert empty["data"] == [] and empty["layout"]["annotations"]
+
+
+def test_vocabulary_line_without_a_ledger_is_empty() -> None:
+    empty = pd.DataFrame(columns=["token_id", "token", "share_pos"])
+    assert vocabulary_line(empty) == ""
+    top = pd.DataFrame({"token_id": [9], "token": [None], "share_pos": [0.5]})
+    assert vocabulary_line(top) == "carried by '#9' 50%"

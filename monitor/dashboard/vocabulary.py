@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
+from dash import Dash, Input, Output, State, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from monitor.charts import figures as F
@@ -67,10 +67,6 @@ def change_table(changes: pd.DataFrame, before: str, after: str) -> html.Div:
             html.Table([html.Thead(html.Tr(head)), html.Tbody(rows)], className="vocab-changes"),
         ]
     )
-
-
-def _range_text(start: int, end: int, n_steps: int) -> str:
-    return f"steps {start}..{end}: {n_steps} step(s) with a token ledger"
 
 
 def _heat(data: DashboardData, run_id: int, start: int, end: int) -> tuple[Any, str]:
@@ -233,7 +229,7 @@ def register_vocabulary(app: Dash, data: DashboardData) -> None:
             step = round(float(click["points"][0]["x"]))
         except (KeyError, IndexError, TypeError, ValueError):
             raise PreventUpdate from None
-        if a is None or (a is not None and b is not None):
+        if a is None or b is not None:
             return step, None  # a first click starts a new pair
         return a, step
 
@@ -246,8 +242,6 @@ def register_vocabulary(app: Dash, data: DashboardData) -> None:
         prevent_initial_call=True,
     )
     def between(a: Any, b: Any, window: Any, run_id: Any) -> Any:
-        if ctx.triggered_id is None:
-            raise PreventUpdate
         try:
             rid = int(run_id)
         except (TypeError, ValueError):
