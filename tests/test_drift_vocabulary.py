@@ -164,3 +164,57 @@ def test_vocabulary_line_without_a_ledger_is_empty() -> None:
     assert vocabulary_line(empty) == ""
     top = pd.DataFrame({"token_id": [9], "token": [None], "share_pos": [0.5]})
     assert vocabulary_line(top) == "carried by '#9' 50%"
+
+
+def test_heatmap_follows_the_kl_zoom_and_live_ticks_only_when_unzoomed(
+    db: Database, db_url: str, runs
+) -> None:
+    """The run page's heatmap callback, POSTed the way the browser's renderer does."""
+    from monitor.dashboard import create_app
+
+    app = create_app(DashboardSettings(db_url=db_url), db=db)
+    client = app.server.test_client()
+    deps = client.get("/_dash-dependencies").get_json()
+    output = next(d["output"] for d in deps if f"{I.VOCAB_ZOOM}.data" in d["output"])
+    kl = {"chart": "kl", "panel": I.PANEL_RUN, "type": "kl-graph"}
+    pid = lambda n: I.panel_id(I.PANEL_RUN, n)  # noqa: E731
+
+    def post(trigger: str, relayout: object, zoom: object) -> tuple[int, dict]:
+        body = {
+            "output": output,
+            "outputs": [
+                {"id": I.VOCAB_HEATMAP, "property": "figure"},
+                {"id": I.VOCAB_RANGE, "property": "children"},
+                {"id": I.VOCAB_ZOOM, "property": "data"},
+            ],
+            "inputs": [
+                {"id": kl, "property": "relayoutData", "value": relayout},
+                {"id": pid("interval"), "property": "n_intervals", "value": 3},
+            ],
+            "changedPropIds": [trigger],
+            "state": [
+                {
+                    "id": pid("view"),
+                    "property": "data",
+                    "value": View(runs=(runs["hack"],)).to_dict(),
+                },
+                {"id": pid("x"), "property": "value", "value": "step"},
+                {"id": I.RUN_ID_STORE, "property": "data", "value": runs["hack"]},
+                {"id": I.VOCAB_ZOOM, "property": "data", "value": zoom},
+            ],
+        }
+        r = client.post("/_dash-update-component", json=body)
+        return r.status_code, (r.get_json() or {}).get("response", {}) if r.data else {}
+
+    kl_trigger = json.dumps(kl, sort_keys=True, separators=(",", ":")) + ".relayoutData"
+    code, resp = post(kl_trigger, {"xaxis.range[0]": 80.4, "xaxis.range[1]": 109.6}, None)
+    assert code == 200 and resp[I.VOCAB_RANGE]["children"] == "steps 80..110"
+    assert resp[I.VOCAB_ZOOM]["data"] == [80.4, 109.6]
+    assert resp[I.VOCAB_HEATMAP]["figure"]["layout"]["xaxis"]["range"] == [79.5, 110.5]
+    code, resp = post(f"{pid('interval')}.n_intervals", None, None)  # live, unzoomed
+    assert code == 200 and resp[I.VOCAB_RANGE]["children"] == f"steps 0..{LAST}"
+    code, _ = post(f"{pid('interval')}.n_intervals", None, [80.4, 109.6])  # live, zoomed
+    assert code == 204
+    code, resp = post(kl_trigger, {"xaxis.autorange": True}, [80.4, 109.6])  # double click
+    assert code == 200 and resp[I.VOCAB_ZOOM]["data"] is None
+    assert resp[I.VOCAB_RANGE]["children"] == f"steps 0..{LAST}"

@@ -73,6 +73,7 @@ RUN_ID_STORE = "run-id"
 VOCAB_SECTION = "vocab-section"
 VOCAB_HEATMAP = "vocab-heatmap"
 VOCAB_RANGE = "vocab-range"
+VOCAB_ZOOM = "vocab-zoom"  # the KL chart's zoomed step range, None when not zoomed
 VOCAB_STEP_A = "vocab-step-a"
 VOCAB_STEP_B = "vocab-step-b"
 VOCAB_WINDOW = "vocab-window"

@@ -2,7 +2,8 @@
 ``log p - log q`` over the whole batch (the token ledger, ``monitor.store.vocabulary``).
 
 * run page: a heatmap of the top tokens over the step range the KL chart shows (zooming the
-  KL chart re-reads it: the chart's relayoutData drives the range), and a table of what
+  KL chart re-reads it: the chart's relayoutData drives the range; while the run is running
+  and not zoomed, the panel's live interval extends it to the newest step), and a table of what
   changed between two steps, typed or picked by clicking two points of the KL chart;
 * Compare: the same table for run A (before) vs run B (after) over the view's range.
 
@@ -12,10 +13,11 @@ Tokens are text made visible by ``monitor.formats.show_token``; Dash escapes wha
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
-from dash import Dash, Input, Output, State, dcc, html, no_update
+from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from monitor.charts import figures as F
@@ -99,6 +101,7 @@ def vocabulary_section(data: DashboardData, run_id: int, view: View) -> html.Div
                 className="hint",
             ),
             html.Div(text, id=ids.VOCAB_RANGE, className="hint"),
+            dcc.Store(id=ids.VOCAB_ZOOM, data=None),
             dcc.Graph(id=ids.VOCAB_HEATMAP, figure=fig, config={"displaylogo": False}),
             html.H4("Between these two steps"),
             html.Div(
@@ -186,35 +189,47 @@ def register_vocabulary(app: Dash, data: DashboardData) -> None:
     @app.callback(
         Output(ids.VOCAB_HEATMAP, "figure"),
         Output(ids.VOCAB_RANGE, "children"),
+        Output(ids.VOCAB_ZOOM, "data"),
         Input(kl_graph, "relayoutData"),
+        Input(ids.panel_id(ids.PANEL_RUN, "interval"), "n_intervals"),
         State(ids.panel_id(ids.PANEL_RUN, "view"), "data"),
         State(ids.panel_id(ids.PANEL_RUN, "x"), "value"),
         State(ids.RUN_ID_STORE, "data"),
+        State(ids.VOCAB_ZOOM, "data"),
         prevent_initial_call=True,
     )
-    def follow_zoom(relayout: Any, view_data: Any, xmode: Any, run_id: Any) -> Any:
-        ev = relayout_x(relayout)
-        if ev is None or xmode == "wall":
-            raise PreventUpdate
+    def follow_zoom(
+        relayout: Any, _tick: Any, view_data: Any, xmode: Any, run_id: Any, zoom: Any
+    ) -> Any:
+        """A zoom of the KL chart sets the range (a double click, back to the view's); a
+        tick of the panel's live interval (on while the run is running) extends an
+        unzoomed range to the newest step."""
+        if ctx.triggered_id == kl_graph:
+            ev = relayout_x(relayout)
+            if ev is None or xmode == "wall":
+                raise PreventUpdate
+            zoom = None if ev[0] == "auto" else ev[1]
+        elif zoom is not None:
+            raise PreventUpdate  # live, but the person is looking at a fixed range
         try:
             rid = int(run_id)
             view = View.from_dict(view_data)
             last = data.run_state(rid).last_step
             if last is None:
                 raise PreventUpdate
-            if ev[0] == "auto":
+            if zoom is None:
                 start = 0 if view.start is None else view.start
                 end = last if view.end is None else view.end
             else:
-                lo, hi = sorted(float(x) for x in ev[1])
-                start, end = max(0, int(lo)), max(0, min(last, int(hi + 0.999999)))
+                lo, hi = sorted(float(x) for x in zoom)
+                start, end = max(0, math.floor(lo)), max(0, min(last, math.ceil(hi)))
             if end < start:
                 raise PreventUpdate
-            return _heat(data, rid, start, end)
+            return *_heat(data, rid, start, end), zoom
         except (TypeError, ValueError, OverflowError):
             raise PreventUpdate from None
         except KlmonError as exc:
-            return no_update, user_message(exc)
+            return no_update, user_message(exc), no_update
 
     @app.callback(
         Output(ids.VOCAB_STEP_A, "value"),
