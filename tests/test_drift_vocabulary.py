@@ -65,6 +65,9 @@ def test_run_page_panel_and_its_empty_state(db: Database, runs) -> None:
     text = dump(vocabulary_section(data, runs["hack"], View(runs=(runs["hack"],))))
     assert I.VOCAB_HEATMAP in text and I.VOCAB_CHANGES in text
     assert '"help"' in text and "vocab-changes" in text  # the heatmap's rows, the table
+    later = View(runs=(runs["hack"],), start=200, end=300)  # past its last step
+    outside = dump(vocabulary_section(data, runs["hack"], later))
+    assert I.VOCAB_HEATMAP in outside and "no token ledger in this range" in outside
     bare = get_or_create_run(db, "sim", "no-ids")
     write_steps(db, bare.id, [{"step": s, "wall_time": T0 + s, "kl_mean": 1.0} for s in range(5)])
     empty = dump(vocabulary_section(data, bare.id, View(runs=(bare.id,))))

@@ -87,10 +87,11 @@ def vocabulary_section(data: DashboardData, run_id: int, view: View) -> html.Div
         return html.Div(info_box(NO_LEDGER), id=ids.VOCAB_SECTION)
     start = 0 if view.start is None else view.start
     end = last if view.end is None else max(view.end, start)
-    whole = data.vocabulary_buckets(run_id, 0, last, 1, 1)
-    if whole.empty:
+    buckets = data.vocabulary_buckets(run_id, start, end, HEAT_BUCKETS, HEAT_TOKENS)
+    whole = (start, end) == (0, last)
+    if buckets.empty and (whole or data.vocabulary_buckets(run_id, 0, last, 1, 1).empty):
         return html.Div(info_box(NO_LEDGER), id=ids.VOCAB_SECTION, className="vocab-empty")
-    fig, text = _heat(data, run_id, start, end)
+    fig, text = _heat(data, run_id, start, end)  # the read above, from the cache
     a = min(last, DEFAULT_WINDOW * 5)  # after a typical warm-up
     return html.Div(
         id=ids.VOCAB_SECTION,
