@@ -4,11 +4,13 @@
 dashboard and keeps one run training live (``LiveRun``: a step a second through the live
 client, and an alert pass every couple of seconds, so alerts fire while you watch).
 
-The runs (project ``klmon-demo``), each from ``monitor.simulate`` with per-token log-probs,
-so they have step summaries, token histograms and samples with coloured tokens:
+The runs (project ``klmon-demo``), each from ``monitor.simulate`` with per-token log-probs
+and token ids (the simulator's words are the vocabulary), so they have step summaries, token
+histograms, samples with coloured tokens and a token ledger (the drift vocabulary):
 
 - ``ppo-healthy``: KL rises to a plateau under its budget, reward climbs;
-- ``ppo-reward-hacking``: reward keeps rising while reward per sqrt(KL) collapses;
+- ``ppo-reward-hacking``: reward keeps rising while reward per sqrt(KL) collapses, and the
+  policy's drift goes into repeating 'help' and '!!';
 - ``ppo-ref-mismatch``: the trainer scores at another temperature than the sampler, so the
   per-token log-ratio turns negative (negative KL: a log-prob mismatch, not a better policy);
 - ``ppo-kl-spike``: one batch sends KL to twice its plateau;
@@ -139,7 +141,7 @@ def demo_runs(steps: int = 400) -> tuple[DemoRun, ...]:
             steps,
             int(steps * 0.5),
             "finished",
-            "reward keeps rising while reward per sqrt(KL) collapses",
+            "reward keeps rising while reward per sqrt(KL) collapses; the policy repeats help, !!",
             seed=12,
             config={**base, "reward_model": "rm-v2-unregularised"},
             note="RM v2 rewards polite boilerplate; reward up, quality down (see samples)",
@@ -255,6 +257,7 @@ def _logged(batch: Any) -> dict[str, Any]:
         "kl_coef": batch.kl_coef,
         "texts": (_texts(batch.step, len(batch.rewards)), batch.texts),
         "tokens": batch.tokens,
+        "token_ids": batch.token_ids,
         "metrics": {**batch.extras, "loss/policy": float(-batch.rewards.mean() * 0.05)},
     }
 
@@ -284,7 +287,9 @@ def build_demo(
 ) -> DemoSummary:
     """Create (or recreate) the demo runs in the database at ``url``; ``progress(n)`` is
     called as steps are written. Returns what was made."""
+    from monitor.ingest.vocab import Vocabulary
     from monitor.ingest.writer import WriterConfig, summarize_item, to_step_record
+    from monitor.simulate import VOCAB
 
     started = time.perf_counter()
     now = time.time() if now is None else now
@@ -294,7 +299,6 @@ def build_demo(
         with db.translate_errors():
             upgrade(db.engine)
         specs = demo_runs(steps)
-        cfg = WriterConfig(samples_top=3, samples_random=1)
         run_ids: dict[str, int] = {}
         n_steps = n_samples = 0
         finished = [s for s in specs if s.status != "running"]
@@ -312,6 +316,8 @@ def build_demo(
             header = {"project": DEMO_PROJECT, "name": spec.name, "rank": 0, "world_size": 1}
             records = []
             last_wall = first
+            # one vocabulary per run: it remembers which ids' texts the run has stored
+            cfg = WriterConfig(samples_top=3, samples_random=1, vocabulary=Vocabulary(VOCAB))
             for batch in _batches(spec):
                 last_wall = first + batch.step * gap
                 rec = summarize_item(_item(batch, last_wall), header, cfg)
@@ -421,11 +427,13 @@ class LiveRun:
 
     def start(self) -> LiveRun:
         import monitor
+        from monitor.simulate import VOCAB
 
         self._run = monitor.init(
             DEMO_PROJECT,
             self.spec.name,
             db=self.url,
+            tokenizer=VOCAB,
             spool_dir=self._spool,
             samples_top=3,
             samples_random=1,

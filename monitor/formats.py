@@ -1,5 +1,5 @@
 """How one value is written out, decided once: as a JSON-safe Python value, as a number
-for people, and as a UTC time.
+for people, as a UTC time, and a token with its whitespace and special tokens visible.
 
 Every layer needs these (the store before a write, the exports, the CLI's ``--json``, the
 dashboard and the reports), so they live here, importing nothing of ours.
@@ -8,6 +8,9 @@ dashboard and the reports), so they live here, importing nothing of ours.
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -67,3 +70,54 @@ def utc_text(ts: Any, pattern: str = UTC_SECONDS, missing: str = "-") -> str:
         return datetime.fromtimestamp(t, UTC).strftime(pattern)
     except (OverflowError, OSError, ValueError):
         return f"Unix time {t:.0f}"
+
+
+#: How whitespace is drawn in a token: visible marks instead of blanks. Tokenizers' own
+#: space and newline markers (GPT-2's 'Ġ'/'Ċ', SentencePiece's '▁') read the same way.
+_TOKEN_MARKS = {
+    " ": "␣",
+    "\n": "↵",
+    "\t": "\\t",
+    "\r": "\\r",
+    "Ġ": "␣",
+    "Ċ": "↵",
+    "▁": "␣",
+}
+#: Special tokens: '<|eos|>', '<|im_start|>', '</s>', '<unk>', '[CLS]', '[PAD]'.
+_SPECIAL = re.compile(r"<\|[^<>|\s]{1,60}\|>|</?[a-z][a-z_0-9]{0,20}>|\[[A-Z][A-Z_0-9]{1,20}\]")
+
+
+@dataclass(frozen=True)
+class TokenShown:
+    """A token as people see it: ``text`` with whitespace and control characters made
+    visible (plain text: escape it for the medium, HTML or a plotly label), and whether it
+    is a special token (``<|eos|>``, ``</s>``, ``[CLS]``) to be marked as one."""
+
+    text: str
+    special: bool
+
+
+def show_token(text: str | None, token_id: int | None = None) -> TokenShown:
+    """``text`` made visible: ' ' -> '␣', newline -> '↵', tab -> '\\t', other control
+    characters as ``\\xNN``; the empty string as '∅'; no text (an id the run has no
+    vocabulary for) as ``#id``. Every place that shows a token uses this."""
+    if text is None:
+        return TokenShown("#?" if token_id is None else f"#{int(token_id)}", False)
+    if _SPECIAL.fullmatch(text):
+        return TokenShown(text, True)
+    out = []
+    for ch in text:
+        mark = _TOKEN_MARKS.get(ch)
+        if mark is not None:
+            out.append(mark)
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return TokenShown("".join(out) or "∅", False)
+
+
+def token_label(text: str | None, token_id: int | None = None) -> str:
+    """A token for a sentence: ``'␣help'`` in quotes, a special token as ``<|eos|> (special)``."""
+    shown = show_token(text, token_id)
+    return f"{shown.text} (special)" if shown.special else f"'{shown.text}'"

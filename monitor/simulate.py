@@ -7,6 +7,12 @@ rises from 0 to a plateau (the drift saturates) with sampling noise and a slow w
 each failure kind in ``SCENARIOS`` perturbs the policy, the reference, the rollout
 engine, the lengths, the rewards or the logging from a known onset step.
 
+Sampled tokens are ids into ``VOCAB`` (words, a newline, '!!' and a special token), so
+``summarize`` gets ``token_ids`` and every run has a token ledger (``vocab_top_share``);
+the reward-hacking policy's drift past the onset goes into repeating ``HACK_TOKENS``
+('help', with '!!' following it), what the drift vocabulary panel and the
+``vocabulary_concentration`` detector show.
+
 ``scale='sequence'`` puts the per-sequence KL (``kl_mean``) near 14 nats, like a PPO
 run; ``scale='token'`` puts the per-token KL near 0.02 nats (``k3`` like GRPO's ``kl``;
 ``kl_mean`` is then ~0.8 and noisy). ``grpo_view`` turns a run into what a GRPO import
@@ -108,7 +114,7 @@ VOCAB: tuple[str, ...] = (
     "any",
     "how",
     "our",
-    "two",
+    "\n",
     "may",
     "its",
     "new",
@@ -125,7 +131,7 @@ VOCAB: tuple[str, ...] = (
     "sure",
     "help",
     "answer",
-    "yes",
+    "!!",
     "<|secret|>",
 )
 N_VOCAB = len(VOCAB)
@@ -141,6 +147,10 @@ PLATEAU_TOKEN_KL: dict[str, float] = {"sequence": 0.35, "token": 0.02}
 TARGET_MARGIN = 1.25
 #: The carrier token of the concentration scenario; the reference almost never emits it.
 CARRIER = N_VOCAB - 1
+#: The tokens a reward-hacking policy learns to repeat (a reward model that likes eager,
+#: exclamatory help): its drift past the onset goes into the first, and the second follows
+#: it at about a third of its frequency.
+HACK_TOKENS: tuple[int, int] = (VOCAB.index("help"), VOCAB.index("!!"))
 
 
 @dataclass(frozen=True)
@@ -246,11 +256,11 @@ def iter_batches(
 
 def grpo_view(run: SimulatedRun) -> SimulatedRun:
     """The run as a GRPO import would show it: ``k3`` (per token) and no per-sequence KL,
-    k1/k2, sign or concentration columns; the config gains ``target_kl_per_token``.
+    k1/k2, sign, concentration or token-ledger columns; the config gains ``target_kl_per_token``.
     """
     df = run.steps_df.copy()
     drop = [c for c in df.columns if c.startswith("kl_") and c != "kl_coef"]
-    df[[*drop, "k1", "k2", "neg_kl_frac", "top1pct_share"]] = np.nan
+    df[[*drop, "k1", "k2", "neg_kl_frac", "top1pct_share", "vocab_top_share"]] = np.nan
     config = {**run.config, "target_kl_per_token": run.config["target_kl"] / LEN_MEAN}
     return replace(run, steps_df=df, config=config)
 
@@ -301,6 +311,10 @@ class _Simulation:
         self.direction[CARRIER] = 0.0
         self.other = structure.normal(0.0, 1.0, N_VOCAB)
         self.other[CARRIER] = 0.0
+        # The reward-hacking drift: the healthy direction with the first hack token far on
+        # top of it, so that the drift past the onset goes mostly into that token.
+        self.hack_direction = self.direction.copy()
+        self.hack_direction[HACK_TOKENS[0]] = float(self.direction.max()) + 3.0
         self.magnitude = _solve(lambda m: self._token_kl(m), self.plateau_kl)
         self.alpha = 1.5 / math.sqrt(self.plateau_kl * LEN_MEAN)
         self.config = {
@@ -375,6 +389,12 @@ class _Simulation:
         elif active and kind == "concentration":
             m *= 1 - 0.7 * min(1.0, since / 10)
         policy = self.z_ref + m * self.direction
+        if active and kind == "reward_hacking":
+            policy = self.z_ref + healthy_m * self.direction + (m - healthy_m) * self.hack_direction
+            # '!!' follows 'help' at e^-1 of its odds, so that neither becomes certain (a
+            # certain token leaves the rollout engine's noise above log p = 0)
+            help_, bang = HACK_TOKENS
+            policy[bang] = max(policy[bang], policy[help_] - 1.0)
         if active and kind == "entropy_collapse":
             policy = policy.copy()
             policy[np.argmax(policy)] += 8.0 * min(1.0, since / 30)
@@ -454,6 +474,7 @@ class _Simulation:
                 kl_coef=batch.kl_coef,
                 rollout_logprobs=batch.rollout_logprobs,
                 entropies=batch.entropies,
+                token_ids=batch.token_ids,
             ).as_dict()
         except InvalidInput as exc:
             return {**base, "status": "rejected", "reject_reason": str(exc)}

@@ -23,7 +23,7 @@ from monitor.simulate import simulate_run
 NAMES = {
     "budget", "spike", "shift", "negative_kl", "entropy_collapse", "reward_hacking",
     "length_drift", "concentration", "rollout_gap", "reference_offset", "stalled",
-    "rejected_input",
+    "rejected_input", "vocabulary_concentration",
 }  # fmt: skip
 
 

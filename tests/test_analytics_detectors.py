@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monitor.analytics import DETECTORS, RunContext
+from monitor.analytics import DETECTORS, RunContext, has_inputs
 from monitor.simulate import SCENARIOS, SimulatedRun, grpo_view, simulate_run
 
 ONSET = 250
@@ -176,3 +176,36 @@ def test_every_detector_copes_with_an_empty_or_kl_less_table():
     for name, detector in DETECTORS.items():
         assert detector(empty, RunContext(now=10.0)) == [], name
         assert detector(no_kl, RunContext(now=10.0)) == [], name
+
+
+#: Scenarios whose policy does not narrow onto a few tokens (budget and entropy collapse
+#: do: a policy pushed far along one direction ends up emitting its top token).
+VOCABULARY_QUIET = (
+    "healthy", "spike", "shift", "negative_kl", "length_drift", "rollout_gap",
+    "reference_offset", "stalled", "rejected_input",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vocabulary_concentration_fires_on_a_policy_repeating_tokens(seed):
+    run = simulated("reward_hacking", "sequence", seed, ONSET + 120)
+    found = DETECTORS["vocabulary_concentration"](run.steps_df, run.context())
+    assert found, "the run that repeats 'help' and '!!' raised nothing"
+    assert ONSET <= found[0].step <= ONSET + 60
+    assert found[0].series == "vocab_top_share" and found[0].value > found[0].threshold
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", VOCABULARY_QUIET)
+def test_vocabulary_concentration_is_silent_when_the_vocabulary_does_not_narrow(kind, seed):
+    run = simulated(kind, "sequence", seed, ONSET + 120)
+    found = DETECTORS["vocabulary_concentration"](run.steps_df, run.context())
+    assert [f.step for f in found][:5] == []
+
+
+def test_vocabulary_concentration_without_token_ids_is_no_data():
+    run = simulated("reward_hacking", "sequence", 0, ONSET + 120)
+    df = run.steps_df.drop(columns=["vocab_top_share"])
+    assert DETECTORS["vocabulary_concentration"](df, run.context()) == []
+    assert not has_inputs("vocabulary_concentration", df).any()
+    assert has_inputs("vocabulary_concentration", run.steps_df).all()

@@ -272,7 +272,8 @@ def test_pages_render_and_show_user_text_literally(app, db: Database) -> None:
     assert json.dumps(EVIL)[1:-1] in runs_text  # the literal name, as a JSON string
     run_text = dump(render_page(data, settings, f"/run/{r['a']}", "?step=100"))
     assert "Say hi <img src=x onerror=alert(2)>" in run_text  # prompt as text
-    assert '"children": "Good"' in run_text and '"children": " day"' in run_text
+    # the response's tokens as text, whitespace made visible (show_token)
+    assert '"children": "Good"' in run_text and f'"children": {json.dumps("␣day")}' in run_text
     assert "+1.700" in run_text and "+0.700" in run_text  # the top tokens table
     cmp_text = dump(render_page(data, settings, "/compare", f"?runs={r['a']},{r['b']}"))
     assert "config.kl_coef" in cmp_text and "differs" in cmp_text

@@ -1,7 +1,8 @@
 """The dashboard as a person uses it, in headless Chromium (Dash's testing tools over
 selenium): open Runs, select two runs, open Compare and see both; open a Run at a step and
 see coloured tokens; watch a live run gain points without a reload; a run named like a
-script is shown as text and never runs. Screenshots of each page go to
+script is shown as text and never runs; the drift vocabulary follows the KL chart's zoom,
+compares two steps and two runs. Screenshots of each page go to
 test-artifacts/screenshots/ (gitignored)."""
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import pytest
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from support.db import simulated_ledger_run
 from support.realdata_path import REALDATA
 
 from monitor.dashboard import DashboardSettings, create_app
@@ -281,7 +284,7 @@ def test_run_page_colours_each_token_by_its_log_ratio(duo, db: Database) -> None
     duo.driver.get(duo.server_url + f"/run/{r['a']}?step=200")
     duo.wait_for_element(".response .tok", timeout=30)
     toks = duo.driver.find_elements(By.CSS_SELECTOR, ".response .tok")
-    assert [t.text for t in toks] == ["Good", " day", "!"]  # spaces kept (pre-wrap)
+    assert [t.text for t in toks] == ["Good", "␣day", "!"]  # whitespace made visible
     bgs = [t.value_of_css_property("background-color") for t in toks]
     assert bgs[0].startswith("rgba(214, 39, 40") and bgs[1].startswith("rgba(214, 39, 40")
     assert bgs[2].startswith("rgba(31, 119, 180")  # log p < log q: blue
@@ -440,4 +443,91 @@ def test_two_imported_grpo_runs_compare_on_what_they_have(duo, db: Database) -> 
     assert charts["estimators"]["y"] == "log" and charts["reward"]["y"] == "linear"
     assert "klaxis=log" in duo.find_element("#cmp-permalink").get_attribute("href")
     shot(duo, "compare-grpo-log")
+    assert not severe_errors(duo)
+
+
+def heatmap_state(duo: Any) -> dict[str, Any] | None:
+    """The drift vocabulary heatmap's x range and row labels, as plotly drew them."""
+    return duo.driver.execute_script(
+        "const gd = document.querySelector('#vocab-heatmap .js-plotly-plot');"
+        "if (!gd || !gd._fullLayout || !gd._fullData || !gd._fullData.length) return null;"
+        "return {range: gd._fullLayout.xaxis.range, y: Array.from(gd._fullData[0].y)};"
+    )
+
+
+def type_step(duo: Any, css: str, value: int) -> None:
+    box = duo.find_element(css)
+    # replace the text in one go (clear() would send an empty value first); a debounced
+    # input sends its value on Enter
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.ENTER)
+
+
+def test_drift_vocabulary_follows_the_kl_zoom_and_compares_steps(
+    duo, db: Database, tmp_path
+) -> None:
+    hack = simulated_ledger_run(db.url, tmp_path / "s1", "hack", "reward_hacking", onset=60)
+    app = create_app(DashboardSettings(db_url=db.url), db=db)
+    duo.start_server(app)
+    duo.driver.get(duo.server_url + f"/run/{hack}")
+    state = wait_until(lambda: heatmap_state(duo), what="the drift vocabulary heatmap")
+    assert "help" in state["y"] and "!!" in state["y"]  # tokens shown as text
+    assert state["range"][0] < 1 and state["range"][1] > 118  # the whole run
+    duo.wait_for_contains_text("#vocab-range", "steps 0..119")
+    # zoom the KL chart: the heatmap follows
+    duo.driver.execute_script(
+        "Plotly.relayout(document.querySelector('.chart-kl .js-plotly-plot'),"
+        " {'xaxis.range': [80, 110]});"
+    )
+    duo.wait_for_contains_text("#vocab-range", "steps 80..110")
+    zoomed = wait_until(
+        lambda: (s := heatmap_state(duo)) and s["range"][1] < 112 and s,
+        what="the heatmap on the zoomed range",
+    )
+    assert zoomed["range"][0] > 78 and zoomed["y"][-1] in ("help", "!!")  # top row: the hack
+    # the table between two typed steps
+    type_step(duo, "#vocab-window", 20)
+    type_step(duo, "#vocab-step-a", 30)
+    type_step(duo, "#vocab-step-b", 119)
+    duo.wait_for_contains_text("#vocab-changes", "step 30 -> step 119")
+    rows = duo.driver.find_elements(By.CSS_SELECTOR, "#vocab-changes table.vocab-changes tbody tr")
+    first = [r.find_element(By.CSS_SELECTOR, "code").text for r in rows[:3]]
+    assert "help" in first and "!!" in first
+
+    # or click two points of the KL chart: the first starts a pair, the second ends it
+    def click_kl(x: int) -> None:
+        duo.driver.execute_script(
+            "const gd = document.querySelector('.chart-kl .js-plotly-plot');"
+            "gd.emit('plotly_click', {points: [{x: arguments[0], y: 1, curveNumber: 0,"
+            " pointNumber: arguments[0], data: gd.data[0], fullData: gd._fullData[0]}]});",
+            x,
+        )
+
+    def value(css: str) -> str:
+        return duo.driver.execute_script("return document.querySelector(arguments[0]).value", css)
+
+    click_kl(40)
+    duo.wait_for_contains_text("#vocab-changes", "step A is 40: click a second point")
+    assert value("#vocab-step-a") == "40" and value("#vocab-step-b") == ""
+    click_kl(100)
+    duo.wait_for_contains_text("#vocab-changes", "step 40 -> step 100")
+    no_script_ran(duo)
+    shot(duo, "run-vocabulary")
+    assert not severe_errors(duo)
+
+
+def test_compare_shows_the_drift_vocabulary_of_run_b_against_run_a(
+    duo, db: Database, tmp_path
+) -> None:
+    calm = simulated_ledger_run(db.url, tmp_path / "s1", "calm", "healthy", onset=None)
+    hack = simulated_ledger_run(db.url, tmp_path / "s2", "hack", "reward_hacking", onset=60)
+    app = create_app(DashboardSettings(db_url=db.url), db=db)
+    duo.start_server(app)
+    duo.driver.get(duo.server_url + f"/compare?runs={calm},{hack}")
+    duo.wait_for_element("#cmp-vocab table.vocab-changes", timeout=30)
+    text = duo.find_element("#cmp-vocab").text
+    assert f"calm (#{calm}) -> hack (#{hack})" in text
+    tokens = [c.text for c in duo.driver.find_elements(By.CSS_SELECTOR, "#cmp-vocab tbody code")]
+    assert tokens[:2] in (["help", "!!"], ["!!", "help"])
+    shot(duo, "compare-vocabulary")
     assert not severe_errors(duo)

@@ -16,6 +16,7 @@ from monitor.demo import DEMO_PROJECT, DashboardServer, LiveRun, build_demo, dem
 from monitor.store.database import Database
 from monitor.store.drilldown import list_annotations, read_histograms, read_samples
 from monitor.store.runs import get_or_create_run, list_runs
+from monitor.store.vocabulary import read_token_ledger
 
 STEPS = 60  # the smallest history the demo accepts: quick, and still every scenario
 
@@ -55,6 +56,12 @@ def test_build_demo_makes_every_run_with_samples_and_histograms(tmp_path) -> Non
     assert len(steps) == STEPS and counts.sum() > 0
     notes = list_annotations(db, rid)
     assert len(notes) == 1 and "data loader" in notes[0].text
+    # every run has a token ledger with the vocabulary's texts; the hack's is 'help' and '!!'
+    for name in runs.index:
+        top = read_token_ledger(db, int(runs.loc[name, "id"]), k=3)
+        assert not top.empty and top["token"].notna().all(), name
+    hack = read_token_ledger(db, int(runs.loc["ppo-reward-hacking", "id"]), STEPS // 2 + 20, k=2)
+    assert sorted(hack["token"]) == ["!!", "help"] and hack["share_pos"].sum() > 0.8
     db.dispose()
 
 
@@ -98,6 +105,7 @@ def test_demo_no_serve_prints_the_alerts_and_writes_the_mail(tmp_path, monkeypat
     assert "klmon-demo.mbox" in out
     mbox = (tmp_path / "klmon-demo.mbox").read_text(errors="replace")
     assert "Subject:" in mbox and "ppo-ref-mismatch" in mbox
+    assert "Drift vocabulary at step" in mbox  # the emails name the tokens
 
     runs = CliRunner().invoke(main, ["runs", "--json", "--db", "sqlite:///klmon-demo.db"])
     assert len(json.loads(runs.output)) == len(demo_runs(STEPS))

@@ -232,7 +232,7 @@ def test_good_day_tokens_carry_the_divergence() -> None:
     assert all(c.color.startswith("rgba(214,39,40") for c in cells)  # red: policy prefers
     assert T.diverging_color(-1.0).startswith("rgba(31,119,180")
     top = T.top_tokens(cells)
-    assert top["token"].tolist() == [" day", "Good"]
+    assert top["token"].tolist() == ["␣day", "Good"]  # whitespace made visible (show_token)
     assert top.columns.tolist() == ["position", "token", "log p", "log q", "difference"]
     # missing token strings fall back to positions
     assert T.token_cells(None, [-1.0], [-1.0])[0].text == "#0"

@@ -13,7 +13,16 @@ import pytest
 from monitor.analytics import DETECTORS, RunContext
 from monitor.analytics.stall import STALL_MIN_SECONDS, is_stalled, stall_limit
 from monitor.dashboard.data import derive_status
-from monitor.formats import UTC_COMPACT, UTC_MINUTES, json_safe, number_text, utc_text
+from monitor.formats import (
+    UTC_COMPACT,
+    UTC_MINUTES,
+    TokenShown,
+    json_safe,
+    number_text,
+    show_token,
+    token_label,
+    utc_text,
+)
 
 
 @pytest.mark.parametrize(
@@ -80,3 +89,32 @@ def test_dashboard_status_and_stalled_alert_agree(silent):
     alert = bool(DETECTORS["stalled"](df, ctx))
     status = derive_status("running", float(walls[-1]), float(walls[-1]), 2.0, now)
     assert alert == (status == "stalled") == (silent > STALL_MIN_SECONDS)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown", "special"),
+    [
+        (" help", "␣help", False),
+        ("Ġhelp", "␣help", False),  # GPT-2's space marker
+        ("▁help", "␣help", False),  # SentencePiece's
+        ("\n", "↵", False),
+        ("a\tb", "a\\tb", False),
+        ("\r\x1b[31m", "\\r\\x1b[31m", False),
+        ("\u200b", "\\u200b", False),  # zero-width space
+        ("", "∅", False),
+        ("<|eos|>", "<|eos|>", True),
+        ("</s>", "</s>", True),
+        ("[CLS]", "[CLS]", True),
+        ("<b>", "<b>", True),  # looks like a special token: marked, still shown as text
+        ("<img src=x>", "<img␣src=x>", False),
+        ("!!", "!!", False),
+    ],
+)
+def test_show_token_makes_whitespace_and_specials_visible(text, shown, special) -> None:
+    assert show_token(text) == TokenShown(shown, special)
+
+
+def test_token_without_text_shows_its_id_and_labels_quote_or_mark() -> None:
+    assert show_token(None, 42).text == "#42"
+    assert token_label(" help") == "'␣help'"
+    assert token_label("<|eos|>") == "<|eos|> (special)"

@@ -18,6 +18,7 @@ from sqlalchemy import LargeBinary, bindparam, text
 
 from monitor.cli import main
 from monitor.demo import build_demo
+from monitor.formats import show_token
 from monitor.report import collect, parse_run_refs, render_html, render_markdown
 from monitor.report.markdown import md_code
 from monitor.store.database import Database
@@ -327,4 +328,5 @@ def test_markdown_report_tokens_never_become_html(demo_db: str, tmp_path: Path) 
             assert names == {"src", "alt"} and dict(attrs)["src"].endswith(".png")
         else:
             assert names <= {"style"}, (tag, attrs)  # table cell alignment at most
-    assert set(HOSTILE_TOKENS) <= set(page.code)
+    # shown as text, whitespace made visible ('␣'), never as markup
+    assert {show_token(t).text for t in HOSTILE_TOKENS} <= set(page.code)

@@ -105,7 +105,9 @@ def test_batches_are_what_the_step_table_summarises():
         kl_coef=last.kl_coef,
         rollout_logprobs=last.rollout_logprobs,
         entropies=last.entropies,
+        token_ids=last.token_ids,
     ).as_dict()
+    assert summary["vocab_top_share"] is not None
     row = run.steps_df.iloc[-1]
     for name, value in summary.items():
         assert row[name] == pytest.approx(value), name

@@ -49,6 +49,7 @@ from monitor.store import alerts as alert_store
 from monitor.store.database import Database
 from monitor.store.drilldown import read_samples, sample_steps
 from monitor.store.steps import read_metrics_by_suffix
+from monitor.store.vocabulary_notes import StepVocabulary, step_vocabulary
 
 log = logging.getLogger("monitor.alerts")
 
@@ -535,6 +536,7 @@ class AlertEngine:
                     events,
                     steps=alert_store.read_steps_around(self.db, run_id, head.peak_step),
                     dashboard_url=self.settings.dashboard_url,
+                    vocabulary=self._vocabulary(run_id, head.peak_step),
                 )
                 messages = [
                     alert_store.OutgoingMessage(
@@ -583,7 +585,19 @@ class AlertEngine:
             samples=samples,
             sample_step=sample_step,
             dashboard_url=self.settings.dashboard_url,
+            vocabulary=self._vocabulary(run_id, focus),
         )
+
+    def _vocabulary(self, run_id: int, step: int | None) -> StepVocabulary | None:
+        """The drift vocabulary at ``step`` for the email, or None (no ledger, or a read
+        that failed: a notification is never lost over a nicety)."""
+        if step is None:
+            return None
+        try:
+            return step_vocabulary(self.db, run_id, int(step))
+        except KlmonError as exc:
+            log.warning("alerts: no drift vocabulary for run %s step %s: %s", run_id, step, exc)
+            return None
 
     # ------------------------------------------------------------------ deliver
 

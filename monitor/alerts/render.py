@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 
 from monitor.alerts.rules import SEVERITY_RANK
-from monitor.formats import number_text
+from monitor.charts.tables import vocabulary_line
+from monitor.formats import number_text, token_label
 from monitor.store.alerts import AlertEvent
 from monitor.store.domain import Sample
+from monitor.store.vocabulary_notes import StepVocabulary
 
 CHART_CID = "kl-chart@klmon"
 MAX_SUBJECT = 180
@@ -190,9 +192,12 @@ def render(
     samples: Sequence[Sample] = (),
     sample_step: int | None = None,
     dashboard_url: str | None = None,
+    vocabulary: StepVocabulary | None = None,
 ) -> Rendered:
     """Render one notification for a run: the episodes that fired (some may have resolved
-    already, in a post-mortem pass) and those that resolved after their firing was sent."""
+    already, in a post-mortem pass) and those that resolved after their firing was sent.
+    ``vocabulary``: the tokens that carry the log-ratio at the headline step (a line in the
+    text and the HTML when the run has a token ledger there)."""
     if not fired and not resolved:
         raise ValueError("render: nothing to notify")
     head = worst(fired) or worst(resolved)
@@ -215,13 +220,17 @@ def render(
         except Exception:  # a chart is a nicety: never lose the notification over it
             chart = None
     images = {CHART_CID: chart} if chart else {}
-    text = _text(run, fired, resolved, samples, sample_step, link, dashboard_url)
-    body = _html(run, fired, resolved, samples, sample_step, link, dashboard_url, bool(chart))
+    vocab = _vocabulary_text(vocabulary)
+    text = _text(run, fired, resolved, samples, sample_step, link, dashboard_url, vocab)
+    body = _html(
+        run, fired, resolved, samples, sample_step, link, dashboard_url, bool(chart), vocab
+    )
     webhook = {
         "text": _slack_text(run, fired, resolved, link),
         "run": {"id": run.id, "project": run.project, "name": run.name},
         "severity": (worst(fired) or head).severity,
         "url": link,
+        "vocabulary": vocab or None,
         "fired": [
             _event_dict(e, dashboard_link(dashboard_url, run.id, e.fired_step)) for e in fired
         ],
@@ -238,9 +247,11 @@ def render_escalation(
     *,
     steps: pd.DataFrame | None = None,
     dashboard_url: str | None = None,
+    vocabulary: StepVocabulary | None = None,
 ) -> Rendered:
     """A notification for firing episodes whose peak grew well past what was announced:
-    the subject and the first line give the peak ("KL reached 17.8 at step 70")."""
+    the subject and the first line give the peak ("KL reached 17.8 at step 70");
+    ``vocabulary`` at the peak step as in :func:`render`."""
     if not events:
         raise ValueError("render_escalation: nothing to notify")
     head = max(events, key=lambda e: (SEVERITY_RANK.get(e.severity, 0), abs(e.peak_value or 0)))
@@ -273,11 +284,16 @@ def render_escalation(
         if url:
             lines.append(f"  {url}")
         lines.append("")
+    vocab = _vocabulary_text(vocabulary)
+    if vocab:
+        lines += [vocab, ""]
     text = "\n".join(lines) + "\n"
     e_ = html.escape
     body = [_HTML_OPEN, f'<h2 style="margin:0 0 8px">{e_(peak)} on run {e_(run.label)}</h2>']
     if chart:
         body.append(_chart_img("KL around the peak"))
+    if vocab:
+        body.append(f"<p>{e_(vocab)}</p>")
     for e in events:
         colour = _SEV_COLOUR.get(e.severity, "#222")
         body.append(
@@ -304,6 +320,12 @@ def render_escalation(
     )
 
 
+def _vocabulary_text(v: StepVocabulary | None) -> str:
+    """``Drift vocabulary at step 70: carried by '␣help' 38%, ...``, or '' without a ledger."""
+    line = "" if v is None else vocabulary_line(v.top, v.changes)
+    return f"Drift vocabulary at step {v.step}: {line}." if v is not None and line else ""
+
+
 def _value_and_steps(e: AlertEvent) -> str:
     return f"value {number_text(e.value)}, threshold {number_text(e.threshold)}; {_when(e)}"
 
@@ -325,6 +347,7 @@ def _text(
     sample_step: int | None,
     link: str | None,
     base: str | None,
+    vocab: str = "",
 ) -> str:
     head = worst(fired)
     peak = peak_phrase(head) if head is not None and head.escalated_step is not None else None
@@ -351,6 +374,8 @@ def _text(
         if peak_phrase(e):
             lines.append(f"  peak: {peak_phrase(e)}")
         lines.append("")
+    if vocab:
+        lines += [vocab, ""]
     if samples:
         lines.append(f"Highest-KL samples at step {sample_step}:")
         for s in list(samples)[:MAX_SAMPLES]:
@@ -362,7 +387,7 @@ def _text(
                 lines.append(f"    prompt:   {_clip(s.prompt)}")
             if s.response:
                 lines.append(f"    response: {_clip(s.response)}")
-            toks = ", ".join(f"{tok!r} {v:+.3g}" for tok, v in top_tokens(s))
+            toks = ", ".join(f"{token_label(tok)} {v:+.3g}" for tok, v in top_tokens(s))
             if toks:
                 lines.append(f"    top-KL tokens (log p - log q): {toks}")
         lines.append("")
@@ -385,6 +410,7 @@ def _html(
     link: str | None,
     base: str | None,
     has_chart: bool,
+    vocab: str = "",
 ) -> str:
     e_ = html.escape
     out = [
@@ -431,6 +457,8 @@ def _html(
             + (f"; peak: {e_(peak_phrase(e) or '')}" if peak_phrase(e) else "")
             + "</div>"
         )
+    if vocab:
+        out.append(f"<p>{e_(vocab)}</p>")
     if samples:
         out.append(f'<h3 style="margin:14px 0 4px">Highest-KL samples at step {sample_step}</h3>')
         out.append(
@@ -439,7 +467,9 @@ def _html(
             "<th>top-KL tokens (log p &minus; log q)</th></tr>"
         )
         for s in list(samples)[:MAX_SAMPLES]:
-            toks = "<br>".join(f"<code>{e_(repr(tok))}</code> {v:+.3g}" for tok, v in top_tokens(s))
+            toks = "<br>".join(
+                f"<code>{e_(token_label(tok))}</code> {v:+.3g}" for tok, v in top_tokens(s)
+            )
             text = ""
             if s.prompt:
                 text += f"<b>prompt</b> {e_(_clip(s.prompt))}<br>"

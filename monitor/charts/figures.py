@@ -41,6 +41,7 @@ from monitor.charts.specs import (
     Line,
     kl_unit,
 )
+from monitor.formats import show_token
 
 MAX_MARKERS = 200
 #: A Series frame as columns of numpy arrays (see ``arrays``).
@@ -962,3 +963,64 @@ def alert_timeline(events: pd.DataFrame, last_step: int | None) -> go.Figure:
                 )
             )
     return _figure(traces, layout)
+
+
+def vocabulary_heatmap(buckets: pd.DataFrame, *, uirevision: str = "vocabulary") -> go.Figure:
+    """The drift vocabulary over steps: y the range's top tokens (largest contribution on
+    top), x the step buckets, colour each token's share of the bucket's positive log-ratio
+    mass. ``buckets``: ``read_token_ledger_buckets`` (columns token_id, token, bucket,
+    step_lo, step_hi, count, lr_sum, share_pos; ``attrs["buckets"]`` every bucket).
+    Token labels are made visible (``show_token``) and escaped; special tokens in italics."""
+    layout = _base_layout(
+        "Drift vocabulary: who carries log p - log q", "token", "step", uirevision
+    )
+    layout.pop("yaxis2")
+    frame = buckets.attrs.get("buckets")
+    if buckets.empty or frame is None or frame.empty:
+        layout["height"] = 200
+        return _figure([], layout)
+    order = (
+        buckets.groupby("token_id")["lr_sum"].sum().sort_values(ascending=True, kind="stable").index
+    )
+    texts = dict(zip(buckets["token_id"], buckets["token"], strict=False))
+    labels: list[str] = []
+    for tid in order:
+        shown = show_token(texts.get(tid), int(tid))
+        label = esc(shown.text)
+        label = f"<i>{label}</i>" if shown.special else label
+        labels.append(label if label not in labels else f"{label} #{int(tid)}")
+    row = {tid: i for i, tid in enumerate(order)}
+    n_b = len(frame)
+    share = np.full((len(order), n_b), np.nan)
+    lr = np.full((len(order), n_b), np.nan)
+    count = np.zeros((len(order), n_b))
+    r = buckets["token_id"].map(row).to_numpy()
+    b = buckets["bucket"].to_numpy()
+    share[r, b] = buckets["share_pos"].to_numpy()
+    lr[r, b] = buckets["lr_sum"].to_numpy()
+    count[r, b] = buckets["count"].to_numpy()
+    lo, hi = frame["step_lo"].to_numpy(), frame["step_hi"].to_numpy()
+    layout["height"] = max(260, 90 + 22 * len(order))
+    layout["yaxis"] = {**layout.get("yaxis", {}), "type": "category", "automargin": True}
+    layout["xaxis"] = {
+        **layout.get("xaxis", {}),
+        "range": [float(lo[0]) - 0.5, float(hi[-1]) + 0.5],
+    }
+    trace = _trace(
+        "heatmap",
+        x=((lo + hi) / 2).tolist(),
+        y=labels,
+        z=np.where(np.isfinite(share), share, None).tolist(),
+        customdata=np.dstack(
+            [np.broadcast_to(lo, share.shape), np.broadcast_to(hi, share.shape), count, lr]
+        ).tolist(),
+        zmin=0.0,
+        colorscale="YlOrRd",
+        reversescale=True,  # dark red: the tokens that carry the most
+        colorbar={"title": {"text": "share of the positive log-ratio"}, "tickformat": ".0%"},
+        hovertemplate=(
+            "%{y}<br>steps %{customdata[0]}..%{customdata[1]}<br>share %{z:.1%}"
+            "<br>count %{customdata[2]}<br>sum log p - log q %{customdata[3]:.3g}<extra></extra>"
+        ),
+    )
+    return _figure([trace], layout)

@@ -1,5 +1,6 @@
-"""Tables and text shared by the pages and the report: token cells coloured by log-ratio,
-text sparklines, the run comparison table."""
+"""Tables and text shared by the pages, the report and the alerts: token cells coloured by
+log-ratio, text sparklines, the run comparison table, the drift vocabulary's change table and
+its one-line summary."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from monitor.formats import number_text, show_token, token_label
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 
@@ -45,7 +48,7 @@ def token_cells(
     for i in range(n):
         p, q = float(logp[i]), float(logq[i])
         d = p - q
-        text = str(toks[i]) if i < len(toks) else f"#{i}"
+        text = show_token(str(toks[i])).text if i < len(toks) else f"#{i}"
         out.append(TokenCell(text, p, q, d, diverging_color(d)))
     return out
 
@@ -148,3 +151,70 @@ def comparison_table(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
         else []
     )
     return df
+
+
+# --------------------------------------------------------------------------- drift vocabulary
+
+
+def token_change_rows(changes: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of a "what changed" table (``monitor.store.vocabulary.CHANGE_COLUMNS``) as
+    people read them: ``token`` made visible (``monitor.formats.show_token``, still to be
+    escaped for the medium), ``special``, and the per-1k figures and growth as text."""
+    out = []
+    for r in changes.to_dict(orient="records"):
+        shown = show_token(r.get("token"), r.get("token_id"))
+        out.append(
+            {
+                "token_id": int(r["token_id"]),
+                "token": shown.text,
+                "special": shown.special,
+                "per_1k_before": _per_1k(r["per_1k_before"]),
+                "per_1k_after": _per_1k(r["per_1k_after"]),
+                "lr_per_1k_before": _per_1k(r["lr_per_1k_before"]),
+                "lr_per_1k_after": _per_1k(r["lr_per_1k_after"]),
+                "growth": _per_1k(r["growth"]),
+            }
+        )
+    return out
+
+
+#: The headers of :func:`token_change_rows`' columns, in table order.
+CHANGE_HEADERS = (
+    ("token", "token"),
+    ("per_1k_before", "per 1k tokens before"),
+    ("per_1k_after", "per 1k tokens after"),
+    ("lr_per_1k_before", "log-ratio per 1k before"),
+    ("lr_per_1k_after", "log-ratio per 1k after"),
+    ("growth", "growth"),
+)
+
+
+def vocabulary_line(top: pd.DataFrame, changes: pd.DataFrame | None = None, n: int = 3) -> str:
+    """One sentence on a step's drift vocabulary, for alerts and reports: "carried by
+    '␣help' 38%, '!!' 12%" from ``top`` (``read_token_ledger``: token, token_id,
+    share_pos), and "since warm-up: '␣help' 0.5 -> 310 per 1k tokens" from ``changes``
+    (``token_changes``). Empty when the run has no ledger there."""
+    if top is None or top.empty:
+        return ""
+    parts = [
+        f"{token_label(r['token'], r['token_id'])} {r['share_pos']:.0%}"
+        for r in top.head(n).to_dict(orient="records")
+        if np.isfinite(r["share_pos"])
+    ]
+    line = "carried by " + ", ".join(parts) if parts else ""
+    grown = [
+        f"{token_label(r['token'], r['token_id'])} {_per_1k(r['per_1k_before'])} -> "
+        f"{_per_1k(r['per_1k_after'])} per 1k tokens"
+        for r in ([] if changes is None else changes.to_dict(orient="records"))
+        if r["lr_per_1k_after"] > 0  # tokens that now carry log-ratio, not ones that faded
+    ][:n]
+    if grown:
+        line += ("; " if line else "") + "since warm-up: " + ", ".join(grown)
+    return line
+
+
+def _per_1k(value: float) -> str:
+    """A rate per 1k tokens: whole from 10 on (730, 1,204), else two significant digits."""
+    if value is None or not np.isfinite(value):
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 10 else number_text(value, 2)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from monitor.analytics.stall import STALL_FACTOR, STALL_MIN_SECONDS, is_stalled
 from monitor.charts.markers import alert_marker_frame, note_marker_frame
-from monitor.charts.tables import sparkline
+from monitor.charts.tables import sparkline, vocabulary_line
 from monitor.errors import (
     ConfigError,
     DatabaseUnavailable,
@@ -483,6 +483,60 @@ class DashboardData(store_series.SeriesReads):
 
     def sample_step_range(self, run_id: int) -> tuple[int | None, int | None]:
         return sample_step_range(self.db, run_id)
+
+    # ----------------------------------------------------------------------- drift vocabulary
+
+    def vocabulary_buckets(
+        self, run_id: int, start: int, end: int, n_buckets: int = 40, k: int = 16
+    ) -> pd.DataFrame:
+        """The range's top ``k`` tokens per step bucket (``read_token_ledger_buckets``)."""
+        from monitor.store import read_token_ledger_buckets
+
+        return self._cache.get(
+            ("vbuckets", int(run_id), int(start), int(end), n_buckets, k),
+            3.0,
+            lambda: read_token_ledger_buckets(self.db, int(run_id), start, end, n_buckets, k),
+        )
+
+    def vocabulary_changes(
+        self, run_id: int, step_a: int, step_b: int, window: int = 1, k: int = 20
+    ) -> pd.DataFrame:
+        """Tokens ranked by the growth of their contribution from step A to step B
+        (``token_changes``)."""
+        from monitor.store import token_changes
+
+        return token_changes(self.db, int(run_id), int(step_a), int(step_b), window, k)
+
+    def vocabulary_note(self, run_id: int, step: int) -> str:
+        """One line on the tokens that carry the log-ratio at ``step`` and what grew since the
+        warm-up (``vocabulary_line`` of ``step_vocabulary``); '' without a ledger there."""
+        from monitor.store import step_vocabulary
+
+        def compute() -> str:
+            v = step_vocabulary(self.db, int(run_id), int(step))
+            return vocabulary_line(v.top, v.changes)
+
+        return self._cache.get(("vnote", int(run_id), int(step)), 30.0, compute)
+
+    def vocabulary_changes_between_runs(
+        self,
+        run_a: int,
+        range_a: tuple[int | None, int | None],
+        run_b: int,
+        range_b: tuple[int | None, int | None],
+        k: int = 20,
+    ) -> pd.DataFrame:
+        """Tokens ranked by how much more of run B's log-ratio they carry than of run A's
+        (``token_changes_between_runs``)."""
+        from monitor.store import token_changes_between_runs
+
+        return self._cache.get(
+            ("vruns", int(run_a), tuple(range_a), int(run_b), tuple(range_b), k),
+            3.0,
+            lambda: token_changes_between_runs(
+                self.db, int(run_a), range_a, int(run_b), range_b, k
+            ),
+        )
 
 
 def _median_interval(rows: Sequence[Sequence[Any]]) -> float | None:

@@ -69,6 +69,17 @@ RUN_ANN_LIST = "run-ann-list"
 RUN_ANN_MSG = "run-ann-msg"
 RUN_STEP_LINK = "run-step-link"
 RUN_ID_STORE = "run-id"
+# Run page: the drift vocabulary panel
+VOCAB_SECTION = "vocab-section"
+VOCAB_HEATMAP = "vocab-heatmap"
+VOCAB_RANGE = "vocab-range"
+VOCAB_ZOOM = "vocab-zoom"  # the KL chart's zoomed step range, None when not zoomed
+VOCAB_STEP_A = "vocab-step-a"
+VOCAB_STEP_B = "vocab-step-b"
+VOCAB_WINDOW = "vocab-window"
+VOCAB_CHANGES = "vocab-changes"
+# Compare page: run A vs run B
+CMP_VOCAB = "cmp-vocab"
 
 # Alerts page
 ALERTS_GRID = "alerts-grid"

@@ -32,7 +32,7 @@ from monitor.errors import InvalidInput, KlmonError
 from monitor.store.series import MAX_STEP
 
 
-def _relayout_x(rd: Mapping[str, Any] | None) -> tuple[str, Any] | None:
+def relayout_x(rd: Mapping[str, Any] | None) -> tuple[str, Any] | None:
     """('range', [a, b]) or ('auto', None) from a relayoutData event, or None when the event
     does not change the x axis (autosize, a y-only zoom, a legend click)."""
     if not isinstance(rd, Mapping):
@@ -99,7 +99,7 @@ def register_panel(
             if trig.get("chart") == "frontier":
                 raise PreventUpdate
             pos = keys.index(trig["chart"]) if trig["chart"] in keys else -1
-            ev = _relayout_x(relayouts[pos] if 0 <= pos < len(relayouts) else None)
+            ev = relayout_x(relayouts[pos] if 0 <= pos < len(relayouts) else None)
             if ev is None:
                 raise PreventUpdate
             zoom = None if ev[0] == "auto" else ev[1]

@@ -24,6 +24,7 @@ from monitor.store.domain import Annotation, RunInfo, Sample
 from monitor.store.drilldown import list_annotations, worst_samples
 from monitor.store.runs import resolve_run
 from monitor.store.series import read_histogram_columns, read_series
+from monitor.store.vocabulary import read_token_ledger, token_changes_between_runs
 
 #: Step quantities the report reads for its charts and summary.
 REPORT_COLUMNS: tuple[str, ...] = (
@@ -64,6 +65,11 @@ class RunSection:
     samples: list[Sample]
     hist_steps: np.ndarray
     hist_counts: np.ndarray
+    #: The drift vocabulary of the range (``read_token_ledger``) and what grew from its first
+    #: ``VOCAB_WINDOW`` steps to its last (``token_changes_between_runs``); empty without a
+    #: token ledger.
+    vocabulary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    vocabulary_changes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def last(self) -> dict[str, float | None]:
@@ -214,11 +220,39 @@ def collect(
                 samples=worst_samples(db, info.id, start, end, WORST_SAMPLES, alert_steps=fired),
                 hist_steps=steps,
                 hist_counts=counts,
+                **_vocabulary(db, info.id, start, end, s.first_step, s.last_step),
             )
         )
     if title is None:
         title = "klmon post-mortem: " + " vs ".join(labels)
     return ReportData(sections, start, end, time.time(), title, db)
+
+
+#: Tokens in a run's drift vocabulary table, and the steps at each end of the range whose
+#: vocabularies the "what grew" table compares.
+VOCAB_TOKENS = 10
+VOCAB_WINDOW = 20
+
+
+def _vocabulary(
+    db: Database,
+    run_id: int,
+    start: int | None,
+    end: int | None,
+    first: int | None,
+    last: int | None,
+) -> dict[str, pd.DataFrame]:
+    top = read_token_ledger(db, run_id, start, end, k=VOCAB_TOKENS)
+    if top.empty or first is None or last is None:
+        return {"vocabulary": top, "vocabulary_changes": pd.DataFrame()}
+    lo = first if start is None else max(start, first)
+    hi = last if end is None else min(end, last)
+    if hi < lo:
+        return {"vocabulary": top, "vocabulary_changes": pd.DataFrame()}
+    first = (lo, lo + VOCAB_WINDOW - 1)
+    final = (max(lo, hi - VOCAB_WINDOW + 1), hi)
+    changes = token_changes_between_runs(db, run_id, first, run_id, final, k=VOCAB_TOKENS)
+    return {"vocabulary": top, "vocabulary_changes": changes}
 
 
 def describe_value(value: Any, digits: int = 4) -> str:

@@ -283,6 +283,49 @@ def _config(data: ReportData) -> str:
     return note + _table(["field", *(esc(lb) for lb in labels)], rows, classes)
 
 
+def _vocabulary(data: ReportData) -> str:
+    from monitor.charts.tables import CHANGE_HEADERS, token_change_rows
+    from monitor.formats import show_token
+    from monitor.report.data import VOCAB_WINDOW
+
+    def token(text: str, special: bool) -> str:
+        return f'<code class="{"tok-special" if special else "tok"}">{esc(text)}</code>'
+
+    parts = [
+        "<p>Which tokens carry log p - log q over every token of the batches (the token "
+        "ledger): each token's share of the range's positive log-ratio mass, and the tokens "
+        f"whose log-ratio per 1k tokens grew most from the range's first {VOCAB_WINDOW} steps "
+        f"to its last {VOCAB_WINDOW}.</p>"
+    ]
+    for r in data.runs:
+        parts.append(f"<h3>{esc(r.label)}</h3>")
+        if r.vocabulary.empty:
+            parts.append("<p>No token ledger (the run was logged without token_ids).</p>")
+            continue
+        rows = []
+        for v in r.vocabulary.to_dict(orient="records"):
+            shown = show_token(v["token"], v["token_id"])
+            rows.append(
+                [
+                    token(shown.text, shown.special),
+                    esc(f"{v['share_pos']:.1%}"),
+                    esc(v["count"]),
+                    esc(f"{v['lr_sum']:.4g}"),
+                    esc(v["n_steps"]),
+                ]
+            )
+        parts.append(
+            _table(["token", "share of positive log-ratio", "count", "sum", "steps"], rows)
+        )
+        if not r.vocabulary_changes.empty:
+            change_rows = [
+                [token(c["token"], c["special"]), *(esc(c[k]) for k, _ in CHANGE_HEADERS[1:])]
+                for c in token_change_rows(r.vocabulary_changes)
+            ]
+            parts.append(_table([esc(h) for _, h in CHANGE_HEADERS], change_rows))
+    return "".join(parts)
+
+
 def _heatmaps(data: ReportData, plotly: _Plotly) -> str:
     from monitor.charts.figures import histogram_heatmap
     from monitor.divergence import HIST_EDGES
@@ -306,6 +349,7 @@ def render_html(data: ReportData, *, progress: Progress | None = None) -> str:
         ("Alerts", lambda: _alerts(data, plotly)),
         ("Annotations", lambda: _annotations(data)),
         ("Worst samples (where alerts fired, then largest |KL|)", lambda: _samples(data)),
+        ("Drift vocabulary", lambda: _vocabulary(data)),
         ("Token log-ratio distribution", lambda: _heatmaps(data, plotly)),
         ("Configuration side by side", lambda: _config(data)),
     ]
@@ -328,4 +372,4 @@ def render_html(data: ReportData, *, progress: Progress | None = None) -> str:
 
 
 #: Progress steps ``render_html`` reports.
-HTML_STEPS = 7
+HTML_STEPS = 8

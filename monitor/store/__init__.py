@@ -115,6 +115,8 @@ _HOME: dict[str, str] = {
     "read_token_ledger_buckets": "vocabulary",
     "token_changes": "vocabulary",
     "token_changes_between_runs": "vocabulary",
+    "StepVocabulary": "vocabulary_notes",
+    "step_vocabulary": "vocabulary_notes",
 }
 
 __all__ = sorted(_HOME)

@@ -251,7 +251,9 @@ def token_changes_between_runs(
         df = df.head(k)
         ids = [int(i) for i in df["token_id"]]
         texts = {**_texts(conn, run_a, ids), **_texts(conn, run_b, ids)}
-    df["token"] = pd.Series([texts.get(int(i)) for i in df["token_id"]], dtype=object)
+    df["token"] = pd.Series(
+        [texts.get(int(i)) for i in df["token_id"]], dtype=object, index=df.index
+    )
     for c in ("count_before", "count_after"):
         df[c] = df[c].astype(np.int64)
     df = df[list(CHANGE_COLUMNS)].reset_index(drop=True)

@@ -1,5 +1,5 @@
 """Databases for tests: a migrated SQLite file, a URL that cannot be reached, step rows of a
-simulated run.
+simulated run, a simulated run with a token ledger.
 
 Fixtures (``sqlite_url``, ``sqlite_db``, ``db_url``, ``db``) are in ``tests/conftest.py``;
 these are the plain functions behind them, for tests that need several databases or one
@@ -49,3 +49,35 @@ def rows_of(df: pd.DataFrame) -> list[dict[str, Any]]:
         {k: v for k, v in r.items() if not (isinstance(v, float) and np.isnan(v))}
         for r in df[keep].to_dict("records")
     ]
+
+
+def simulated_ledger_run(
+    db_url: str,
+    spool_dir: Path,
+    name: str,
+    kind: str = "reward_hacking",
+    steps: int = 120,
+    onset: int | None = 60,
+    seed: int = 1,
+) -> int:
+    """Log a simulated run through the live client with its token ids and the simulator's
+    vocabulary (so it has a token ledger); returns the run id once every step is stored."""
+    import monitor
+    from monitor.simulate import VOCAB, iter_batches
+
+    with monitor.init(
+        "sim", name, db=db_url, spool_dir=spool_dir, tokenizer=VOCAB, flush_interval=0.01
+    ) as run:
+        for b in iter_batches(kind, steps=steps, seed=seed, onset=onset):
+            run.log_step(
+                b.step,
+                policy_logprobs=b.policy_logprobs,
+                ref_logprobs=b.ref_logprobs,
+                mask=b.mask,
+                rewards=b.rewards,
+                kl_coef=b.kl_coef,
+                token_ids=b.token_ids,
+                tokens=b.tokens,
+            )
+        assert run.flush(60), "the simulated run was not stored in time"
+        return run.id

@@ -28,6 +28,7 @@ from monitor.analytics.detectors.behaviour import (
     length_drift,
     reward_hacking,
     rollout_gap,
+    vocabulary_concentration,
 )
 from monitor.analytics.detectors.kl import (
     budget,
@@ -55,6 +56,7 @@ DETECTORS: dict[str, Callable[..., list[Any]]] = {
     "reference_offset": reference_offset,
     "stalled": stalled,
     "rejected_input": rejected_input,
+    "vocabulary_concentration": vocabulary_concentration,
 }
 
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
@@ -80,6 +82,7 @@ INPUTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "length_drift": ((*LENGTH_COLUMNS, "*" + CLIPPED_SUFFIX),),
     "concentration": (("top1pct_share",),),
     "rollout_gap": (("rollout_gap",),),
+    "vocabulary_concentration": (("vocab_top_share",),),
 }
 
 
@@ -114,6 +117,7 @@ _FROM_START = frozenset(
         "rollout_gap",
         "reference_offset",
         "reward_hacking",
+        "vocabulary_concentration",
     }
 )
 

@@ -396,3 +396,52 @@ def rollout_gap(
         severity="warning",
         series="rollout_gap",
     )
+
+
+def vocabulary_concentration(
+    df: pd.DataFrame,
+    ctx: Context = None,
+    *,
+    baseline_rows: int = 20,
+    min_rows: int = 10,
+    smooth_rows: int = 5,
+    factor: float = 3.0,
+    rise: float = 0.8,
+    min_share: float = 0.3,
+) -> list[Finding]:
+    """The policy's drift narrows onto a few words: ``vocab_top_share`` (the share of the
+    step's positive log-ratio mass, summed per token id over the whole batch, carried by its
+    top 5 ids; median of the last ``smooth_rows`` rows) above ``min_share`` and above the
+    first reached of ``factor`` x its warm-up median and the warm-up median plus ``rise`` of
+    the room left above it (a share is bounded by 1). A large vocabulary's healthy share is
+    low (10% triples to 30%); a tiny one's is high (65% must reach 93%: a KL shift that
+    sharpens the whole distribution stays under it, a policy repeating two tokens does not).
+    A run logged without token ids has no such column: no data, never "clear".
+    """
+    if "vocab_top_share" not in df.columns:
+        return []
+    steps, share = valid(df, "vocab_top_share")
+    if len(share) < min_rows:
+        return []
+    current = nanmedian_rows(including(share, smooth_rows))
+    base = warmup_median(share, baseline_rows)
+    limit = np.maximum(min_share, np.minimum(factor * base, base + rise * (1.0 - base)))
+    hit = (np.arange(len(share)) >= min_rows - 1) & (current > limit)
+    return findings_where(
+        hit,
+        steps,
+        current,
+        limit,
+        lambda i: (
+            f"5 tokens carry {current[i]:.0%} of the positive log-ratio at step {steps[i]} "
+            f"(warm-up {base[i]:.0%}): the policy's drift narrows onto a few words."
+        ),
+        detector="vocabulary_concentration",
+        causes=(
+            "reward hacking: the reward model pays for a word or phrase the policy now repeats",
+            "style or mode collapse onto a few tokens (an opener, a format or special token)",
+            "degenerate repetition",
+        ),
+        severity="warning",
+        series="vocab_top_share",
+    )

@@ -1,6 +1,7 @@
-"""Alerts ``/alerts``: alert episodes with state, run, rule, step, value and message; select
-some to acknowledge them or silence their rule on their run; each links to the run at the
-step it fired."""
+"""Alerts ``/alerts``: alert episodes with state, run, rule, step, value, message and the
+tokens that carry the log-ratio at that step (the drift vocabulary, for runs with a token
+ledger); select some to acknowledge them or silence their rule on their run; each links to
+the run at the step it fired."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ STATE_CHOICES = {
     "resolved": "resolved",
     "all": "all",
 }
+#: Episodes (newest first) whose row names the tokens at their step: a page of the grid.
+TOKEN_ROWS = 50
 SILENCE_CHOICES = {"3600": "1 hour", "14400": "4 hours", "86400": "1 day", "604800": "1 week"}
 
 COLUMNS = [
@@ -56,6 +59,14 @@ COLUMNS = [
         "wrapText": True,
         "autoHeight": True,
     },
+    {
+        "field": "tokens",
+        "headerName": "tokens at the step",
+        "flex": 1,
+        "minWidth": 260,
+        "wrapText": True,
+        "autoHeight": True,
+    },
     {"field": "started", "headerName": "started (UTC)", "width": 180},
     {"field": "acknowledged_by", "headerName": "acknowledged by", "width": 150},
     {"field": "silenced", "headerName": "silenced", "width": 100},
@@ -77,13 +88,29 @@ def _peak(value: Any, step: int | None) -> str:
     return "" if v is None or step is None else f"{v:.3g} at step {step}"
 
 
-def rows(ev: pd.DataFrame) -> list[dict[str, Any]]:
-    """Grid rows. The ``open`` link is built from integers only (markdown-safe)."""
+def _step(r: dict[str, Any]) -> int | None:
+    step = _int(r.get("fired_step"))
+    return _int(r.get("start_step")) if step is None else step
+
+
+def token_notes(data: DashboardData, ev: pd.DataFrame) -> dict[tuple[int, int], str]:
+    """The drift vocabulary line of the first ``TOKEN_ROWS`` episodes, by (run, step)."""
+    out: dict[tuple[int, int], str] = {}
+    for r in ev.head(TOKEN_ROWS).to_dict(orient="records"):
+        step = _step(r)
+        if step is not None:
+            out[(int(r["run_id"]), step)] = data.vocabulary_note(int(r["run_id"]), step)
+    return out
+
+
+def rows(
+    ev: pd.DataFrame, tokens: dict[tuple[int, int], str] | None = None
+) -> list[dict[str, Any]]:
+    """Grid rows. The ``open`` link is built from integers only (markdown-safe); ``tokens``:
+    the drift vocabulary line of (run, step) (``token_notes``), shown as plain text."""
     out = []
     for r in ev.to_dict(orient="records"):
-        step = _int(r.get("fired_step"))
-        if step is None:
-            step = _int(r.get("start_step"))
+        step = _step(r)
         run_id = int(r["run_id"])
         out.append(
             {
@@ -102,6 +129,7 @@ def rows(ev: pd.DataFrame) -> list[dict[str, Any]]:
                 "threshold": grid_number(r.get("threshold")),
                 "peak": _peak(r.get("peak_value"), _int(r.get("peak_step"))),
                 "message": str(r.get("message") or ""),
+                "tokens": (tokens or {}).get((run_id, step), "") if step is not None else "",
                 "started": fmt_time(r.get("started_at")),
                 "acknowledged_by": str(r.get("acknowledged_by") or ""),
                 "silenced": "yes" if r.get("silenced") else "",
@@ -131,7 +159,7 @@ def layout(data: DashboardData, settings: DashboardSettings) -> html.Div:
         ),
         selectable_grid(
             ids.ALERTS_GRID,
-            rows(ev),
+            rows(ev, token_notes(data, ev)),
             COLUMNS,
             style={"height": "560px"},
             pagination=True,
@@ -229,6 +257,7 @@ def register(app: Dash, data: DashboardData, settings: DashboardSettings) -> Non
                         f"silenced {n} rule(s) for {SILENCE_CHOICES[str(seconds)]}", className="ok"
                     )
             ev = data.events(state=_state_arg(choice))
+            notes = token_notes(data, ev)
         except KlmonError as exc:
             return no_update, error_box(user_message(exc))
-        return rows(ev), message
+        return rows(ev, notes), message

@@ -1,7 +1,8 @@
 """Compare ``/compare?runs=3,7,9&from=0&to=5000&smooth=0.9&x=step&metrics=loss``: one chart per
 quantity with the runs overlaid (a consistent colour per run), zoom shared by all charts,
 EWMA smoothing, step or wall-time x, extra metrics by name, and a runs-as-columns table
-where the rows that differ between the runs are highlighted."""
+where the rows that differ between the runs are highlighted, and the tokens that carry more of
+the second run's log-ratio than of the first's (the drift vocabulary, run A vs run B)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from monitor.dashboard.pages.common import badge, error_box, info_box, page
 from monitor.dashboard.panel import register_panel
 from monitor.dashboard.panel_layout import panel_controls, panel_layout
 from monitor.dashboard.settings import DashboardSettings
+from monitor.dashboard.vocabulary import compare_section
 
 
 def _kl_text(data: DashboardData, run_id: int) -> str | None:
@@ -112,6 +114,14 @@ def layout(data: DashboardData, settings: DashboardSettings, search: str | None)
         *panel_layout(ids.PANEL_CMP, view, specs, settings.refresh_seconds),
         html.H3("What differs between these runs"),
         summary_table(data, run_ids, labels),
+        *(
+            [
+                html.H3(f"Drift vocabulary: {labels[run_ids[1]]} vs {labels[run_ids[0]]}"),
+                compare_section(data, run_ids[0], run_ids[1], view),
+            ]
+            if len(run_ids) >= 2
+            else []
+        ),
     )
 
 

@@ -1,4 +1,5 @@
-"""Run ``/run/<id>?step=N``: headline numbers, charts, alert timeline, annotations, the token
+"""Run ``/run/<id>?step=N``: headline numbers, charts, the drift vocabulary (which tokens carry
+the KL over the steps shown, and between two steps), alert timeline, annotations, the token
 log-ratio heatmap over steps and, at a chosen step, the stored samples with every response
 token coloured by log p - log q (red: the policy makes it more likely than the reference)
 and a table of the tokens that carry the divergence."""
@@ -22,6 +23,7 @@ from monitor.dashboard.pages.common import badge, error_box, fmt, fmt_time, info
 from monitor.dashboard.panel import register_panel
 from monitor.dashboard.panel_layout import panel_controls, panel_layout
 from monitor.dashboard.settings import DashboardSettings
+from monitor.dashboard.vocabulary import register_vocabulary, vocabulary_section
 from monitor.errors import KlmonError
 from monitor.store.domain import Sample
 
@@ -269,6 +271,8 @@ def layout(
         else None,
         panel_controls(ids.PANEL_RUN, view),
         *panel_layout(ids.PANEL_RUN, view, specs, settings.refresh_seconds),
+        html.H3("Drift vocabulary"),
+        vocabulary_section(data, run_id, view),
         html.H3("Tokens"),
         dcc.Graph(
             id=ids.RUN_HEATMAP,
@@ -363,6 +367,7 @@ def register(app: Dash, data: DashboardData, settings: DashboardSettings) -> Non
         chart_keys=RUN_CHARTS,
         max_buckets=settings.max_buckets,
     )
+    register_vocabulary(app, data)
 
     @app.callback(
         Output(ids.RUN_SAMPLES, "children"),
