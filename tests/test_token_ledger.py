@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from sqlalchemy import text
 
 import monitor
 from monitor import divergence
+from monitor.divergence import _compiled as compiled
 from monitor.divergence.ledger import top_rows, vocab_top_share
 from monitor.errors import InvalidInput
 from monitor.store import (
@@ -76,18 +78,37 @@ def expected_top(full: dict[int, tuple[int, float]], k: int) -> set[int]:
 # --- the math -----------------------------------------------------------------------------------
 
 
+@contextmanager
+def ledger_pass(which: str):
+    """The compiled ledger pass (scatter-add into reusable buffers) or the numpy reference."""
+    saved = compiled.extension
+    if which == "compiled" and saved is None:
+        pytest.skip("monitor._kernel was not built (no C compiler at install time)")
+    compiled.extension = saved if which == "compiled" else None
+    try:
+        yield
+    finally:
+        compiled.extension = saved
+
+
+@pytest.mark.parametrize("which", ["compiled", "numpy"])
 @settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     b=st.integers(1, 5),
     t=st.integers(1, 9),
     vocab=st.sampled_from([3, 50, 2**23 + 5]),
+    dtype=st.sampled_from([np.float64, np.float32]),
 )
-def test_ledger_is_exact_against_brute_force(seed: int, b: int, t: int, vocab: int) -> None:
+def test_ledger_is_exact_against_brute_force(
+    which: str, seed: int, b: int, t: int, vocab: int, dtype
+) -> None:
     lp, ref, mask, _ = batch(seed, b, t)
+    lp, ref = lp.astype(dtype), ref.astype(dtype)
     mask[:, 0] = True
     ids = np.random.default_rng(seed + 1).integers(0, vocab, (b, t))
-    s = divergence.summarize(lp, ref, mask, token_ids=ids)
+    with ledger_pass(which):
+        s = divergence.summarize(lp, ref, mask, token_ids=ids)
     want = brute(lp, ref, mask, ids)
     got = {
         int(i): (int(c), float(x))
@@ -100,6 +121,29 @@ def test_ledger_is_exact_against_brute_force(seed: int, b: int, t: int, vocab: i
     pos = sorted((x for _, x in want.values() if x > 0), reverse=True)
     share = sum(pos[:5]) / sum(pos) if pos else 0.0
     assert s.vocab_top_share == pytest.approx(share, abs=1e-12)
+
+
+def test_compiled_ledger_matches_numpy_on_a_large_batch() -> None:
+    """Several row ranges on helper threads, int32 ids, a mask with padding, calls that reuse
+    the buffers (one with an id past the buffers in between): the same ledger as numpy's."""
+    if compiled.extension is None:
+        pytest.skip("monitor._kernel was not built")
+    rng = np.random.default_rng(3)
+    lp, ref, mask, _ = batch(3, b=64, t=4096, vocab=10)
+    for ids in (
+        np.minimum(rng.zipf(1.3, lp.shape) - 1, 151_645).astype(np.int32),
+        rng.integers(0, 2**23, lp.shape),  # past the buffers: np.unique
+        np.minimum(rng.zipf(1.1, lp.shape) - 1, 50_000),
+        rng.integers(0, 5, lp.shape),
+    ):
+        with ledger_pass("compiled"):
+            got = divergence.summarize(lp, ref, mask, token_ids=ids).ledger
+        with ledger_pass("numpy"):
+            want = divergence.summarize(lp, ref, mask, token_ids=ids).ledger
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.counts, want.counts)
+        np.testing.assert_allclose(got.lr_sums, want.lr_sums, rtol=1e-12, atol=1e-9)
+    assert not any(buf.n or buf.acc.any() for buf in compiled._FREE_BUFFERS)
 
 
 def test_top_rows_bound_and_masses_give_exact_shares() -> None:
