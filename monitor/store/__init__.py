@@ -108,6 +108,7 @@ _HOME: dict[str, str] = {
     "read_token_ledger_buckets": "vocabulary",
     "token_changes": "vocabulary",
     "token_changes_between_runs": "vocabulary",
+    "refresh_ledger_rollups": "ledger_rollups",
 }
 
 __all__ = sorted(_HOME)

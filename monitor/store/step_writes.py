@@ -43,6 +43,7 @@ from monitor.store._bulk import COPY_MIN_ROWS, insert_rows
 from monitor.store.database import Database
 from monitor.store.domain import StepWriteResult
 from monitor.store.drilldown import SAMPLE_COLUMNS
+from monitor.store.ledger_rollups import invalidate_ledger_rollups
 from monitor.store.models import STEP_COLUMNS, STEP_QUANTITIES
 from monitor.store.run_counters import count_written
 from monitor.store.series import invalidate_rollups
@@ -539,6 +540,7 @@ def _insert_ledgers(
     if not ledgers:
         return
     ph = db.paramstyle
+    invalidate_ledger_rollups(conn, run_id, min(step for step, _ in ledgers))
     if replace:
         keys = [(run_id, step) for step, _ in ledgers]
         for table in ("token_ledger", "token_ledger_steps"):
