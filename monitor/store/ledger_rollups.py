@@ -56,6 +56,17 @@ class Pieces:
     raw: list[tuple[int, int]]
     buckets: list[tuple[int, int]]
 
+    @classmethod
+    def union(cls, parts: list[Pieces]) -> Pieces:
+        """The pieces of consecutive ranges, adjacent raw ranges joined (one SQL range)."""
+        raw: list[tuple[int, int]] = []
+        for a, b in sorted(r for p in parts for r in p.raw):
+            if raw and raw[-1][1] + 1 >= a:
+                raw[-1] = (raw[-1][0], max(raw[-1][1], b))
+            else:
+                raw.append((a, b))
+        return cls(raw, [b for p in parts for b in p.buckets])
+
 
 def _last_complete(max_step: int, level: int) -> int:
     return ((max_step - COMPLETE_LAG + 1) >> level) - 1

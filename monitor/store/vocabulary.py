@@ -156,63 +156,19 @@ def read_token_ledger_buckets(
     size = 1 << BASE_LEVEL
     with db.begin() as conn:
         done = stored_frontiers(conn, run_id) if span > RAW_MAX_STEPS else {}
-        if done and span >= 2 * size * n_buckets:  # inner edges on base bucket boundaries
+        if done and span >= size * n_buckets:  # inner edges on base bucket boundaries
             edges = [lo] + [(e + size // 2) // size * size for e in edges[1:-1]] + [hi + 1]
-        pieces = [
-            range_pieces(a, b - 1, done, raw_max=0 if done else MAX_STEP)
-            for a, b in itertools.pairwise(edges)
-        ]
-        whole = Pieces([r for p in pieces for r in p.raw], [b for p in pieces for b in p.buckets])
-        union, params = pieces_sql(
-            whole,
-            "step AS s0, 0 AS lv, pos_mass AS pm, neg_mass AS nm, n_tokens AS t",
-            "bucket AS s0, level AS lv, pos_mass AS pm, neg_mass AS nm, n_tokens AS t",
-            "token_ledger_steps",
-            MASSES,
-        )
-        mass_rows = conn.execute(text(union), {"r": run_id, **params}).all()
-        rows: list[Any] = []
-        if ids:
-            union, params = pieces_sql(
-                whole,
-                "step AS s0, 0 AS lv, token_id, count AS c, lr_sum AS s",
-                "bucket AS s0, level AS lv, token_id, count AS c, lr_sum AS s",
-                "token_ledger",
-                ROLLUPS,
-                f"token_id IN ({', '.join(str(i) for i in ids)})",
-            )
-            rows = conn.execute(text(union), {"r": run_id, **params}).all()
-    edge_arr = np.array(edges, dtype=np.int64)
-
-    def bucket_of(rows: Sequence[Any]) -> np.ndarray:
-        first = np.array([int(r[0]) << int(r[1]) for r in rows], dtype=np.int64)
-        return np.searchsorted(edge_arr, first, side="right") - 1
-
-    mb = bucket_of(mass_rows)
-    per_bucket = [
-        np.bincount(mb, weights=[float(r[c]) for r in mass_rows], minlength=n_buckets)
-        for c in (2, 3, 4)
-    ]
-    rb = bucket_of(rows)
-    tok = np.array([int(r[2]) for r in rows], dtype=np.int64)
-    keys = pd.DataFrame(
-        {
-            "token_id": tok,
-            "b": rb,
-            "count": np.array([int(r[3]) for r in rows], dtype=np.int64),
-            "lr_sum": np.array([float(r[4]) for r in rows], dtype=np.float64),
-        }
-    )
-    summed = keys.groupby(["token_id", "b"], sort=True).sum().reset_index()
-    rows = list(summed.itertuples(index=False, name=None))
+            per_bucket, rows = _buckets_from_pieces(conn, run_id, edges, done, ids)
+        else:
+            per_bucket, rows = _buckets_from_raw(conn, run_id, lo, hi, n_buckets, ids)
     buckets = pd.DataFrame(
         {
             "bucket": np.arange(n_buckets, dtype=np.int64),
             "step_lo": np.array(edges[:-1], dtype=np.int64),
             "step_hi": np.array(edges[1:], dtype=np.int64) - 1,
-            "pos_mass": per_bucket[0],
-            "neg_mass": per_bucket[1],
-            "n_tokens": np.rint(per_bucket[2]).astype(np.int64),
+            "pos_mass": per_bucket[:, 0],
+            "neg_mass": per_bucket[:, 1],
+            "n_tokens": np.rint(per_bucket[:, 2]).astype(np.int64),
         }
     )
     texts = dict(zip(top["token_id"], top["token"], strict=True))
@@ -324,6 +280,77 @@ def _side(side: str) -> str:
     if side not in ("pos", "neg"):
         raise InvalidInput(f"side is {side!r}: expected 'pos' or 'neg'")
     return side
+
+
+def _buckets_from_raw(
+    conn: Connection, run_id: int, lo: int, hi: int, n_buckets: int, ids: list[int]
+) -> tuple[np.ndarray, list[Any]]:
+    """Per equal-width bucket, (pos_mass, neg_mass, n_tokens) and the (token_id, bucket,
+    count, lr_sum) of ``ids``, grouped in SQL over the raw rows."""
+    span = hi - lo + 1
+    # bucket of step s: the b with edges[b] <= s < edges[b + 1], i.e. floor((s-lo)*n/span)
+    bucket_sql = "((step - :lo) * :n) / :span"
+    params: dict[str, Any] = {"r": run_id, "lo": lo, "hi": hi, "n": n_buckets, "span": span}
+    per_bucket = np.zeros((n_buckets, 3))
+    for b, pos, neg, n in conn.execute(
+        text(
+            f"SELECT {bucket_sql} AS b, SUM(pos_mass), SUM(neg_mass), SUM(n_tokens) "
+            "FROM token_ledger_steps WHERE run_id = :r AND step >= :lo AND step <= :hi "
+            "GROUP BY b"
+        ),
+        params,
+    ):
+        per_bucket[int(b)] = (float(pos), float(neg), float(n))
+    if not ids:
+        return per_bucket, []
+    marks = ", ".join(str(int(i)) for i in ids)
+    rows = conn.execute(
+        text(
+            f"SELECT token_id, {bucket_sql} AS b, SUM(count), SUM(lr_sum) "
+            "FROM token_ledger WHERE run_id = :r AND step >= :lo AND step <= :hi "
+            f"AND token_id IN ({marks}) GROUP BY token_id, b ORDER BY token_id, b"
+        ),
+        params,
+    ).all()
+    return per_bucket, rows
+
+
+def _buckets_from_pieces(
+    conn: Connection, run_id: int, edges: list[int], done: dict[int, int], ids: list[int]
+) -> tuple[np.ndarray, list[Any]]:
+    """:func:`_buckets_from_raw` for buckets whose inner edges are on base-bucket
+    boundaries: each bucket read from stored rollup buckets plus raw rows at the ends."""
+    whole = Pieces.union(
+        [range_pieces(a, b - 1, done, raw_max=0) for a, b in itertools.pairwise(edges)]
+    )
+    edge_arr = np.array(edges, dtype=np.int64)
+
+    def fetch(raw_cols: str, rollup_cols: str, raw: str, rollup: str, extra: str = "") -> Any:
+        union, params = pieces_sql(
+            whole, f"step AS s0, 0 AS lv, {raw_cols}", f"bucket AS s0, level AS lv, {rollup_cols}",
+            raw, rollup, extra,
+        )  # fmt: skip
+        rows = conn.execute(text(union), {"r": run_id, **params}).all()
+        first = np.array([int(r[0]) << int(r[1]) for r in rows], dtype=np.int64)
+        cols = [np.array([r[j] for r in rows], dtype=np.float64) for j in range(2, 5)]
+        return np.searchsorted(edge_arr, first, side="right") - 1, cols
+
+    cols = "pos_mass AS pm, neg_mass AS nm, n_tokens AS t"
+    b, masses = fetch(cols, cols, "token_ledger_steps", MASSES)
+    per_bucket = np.stack(
+        [np.bincount(b, weights=m, minlength=len(edges) - 1) for m in masses], axis=1
+    )
+    if not ids:
+        return per_bucket, []
+    cols = "token_id, count AS c, lr_sum AS s"
+    b, (tok, count, lr) = fetch(
+        cols, cols, "token_ledger", ROLLUPS, f"token_id IN ({', '.join(str(i) for i in ids)})"
+    )
+    frame = pd.DataFrame(
+        {"token_id": tok.astype(np.int64), "b": b, "count": count.astype(np.int64), "lr": lr}
+    )
+    summed = frame.groupby(["token_id", "b"], sort=True).sum().reset_index()
+    return per_bucket, list(summed.itertuples(index=False, name=None))
 
 
 def _pieces(conn: Connection, run_id: int, lo: int, hi: int) -> Pieces:
