@@ -590,9 +590,8 @@ def bench_ledger(path: str, n_runs: int, steps: int, big_steps: int, repeat: int
             f"\nbytes per step (SQLite, {LEDGER_ROWS} ledger rows a step): raw ledger "
             f"{raw_b:,.0f}, rollups {roll_b:,.0f}"
         )
-    print(
-        f"rollup build: 1 x {big_steps:,} steps {big_build:.1f} s; {n_runs} x {steps:,} {build:.1f} s"
-    )
+    print(f"rollup build: 1 x {big_steps:,} steps {big_build:.1f} s; ", end="")
+    print(f"{n_runs} x {steps:,} steps {build:.1f} s")
     print(f"\n{'read (median ms of ' + str(repeat) + ')':<48}{'rollups':>10}{'naive scan':>12}")
 
     def row(label: str, fast: Any, slow: Any) -> None:
