@@ -92,6 +92,7 @@ _HOME: dict[str, str] = {
     "write_metrics": "step_writes",
     "write_step_records": "step_writes",
     "write_steps": "step_writes",
+    "write_imported_ledgers": "step_writes",
     "latest_steps": "steps",
     "latest_steps_of_runs": "steps",
     "metric_names": "steps",

@@ -39,6 +39,7 @@ from monitor.store import (
     set_run_status,
     stored_between,
     write_histograms,
+    write_imported_ledgers,
     write_metric_info,
     write_metrics,
     write_samples,
@@ -76,6 +77,7 @@ class ImportReport:
     metric_conflicts: list[tuple[int, str]] = field(default_factory=list)
     histograms_inserted: int = 0
     samples_inserted: int = 0
+    ledgers_inserted: int = 0
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     mapping: dict[str, list[str]] = field(default_factory=dict)
@@ -103,6 +105,7 @@ class ImportReport:
         if self.histograms_inserted or self.samples_inserted:
             lines.append(
                 f"token histograms: {self.histograms_inserted}, samples: {self.samples_inserted}"
+                + (f", token ledgers: {self.ledgers_inserted}" if self.ledgers_inserted else "")
             )
         if self.renamed_from:
             lines.append(
@@ -505,6 +508,10 @@ class _Writer:
         new_steps = [s for s in prepared.samples if s not in stored_steps]
         if prepared.histograms:
             report.histograms_inserted += write_histograms(db, run.id, prepared.histograms)
+        if prepared.ledgers:
+            report.ledgers_inserted += write_imported_ledgers(
+                db, run.id, prepared.ledgers, prepared.token_texts
+            )
         samples = [s for step in new_steps for s in prepared.samples[step]]
         if samples:
             report.samples_inserted += write_samples(db, run.id, samples)
