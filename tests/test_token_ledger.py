@@ -481,3 +481,73 @@ def test_negative_ids_outside_the_mask_are_padding() -> None:
     padded[i, j] = -5
     with pytest.raises(InvalidInput, match=rf"token_ids\[{i}, {j}\] is -5: token ids under the"):
         divergence.summarize(lp, ref, mask, token_ids=padded)
+
+
+def spilled(tmp_path, item, vocabulary=None):
+    """A raw record of ``item`` as the spool gives it back."""
+    from monitor.ingest.records import raw_record
+    from monitor.ingest.spool import FILE_MAGIC, encode_record, iter_records
+
+    spool = tmp_path / f"s{item.step}.klspool"
+    spool.write_bytes(FILE_MAGIC + encode_record(raw_record(item, 0, vocabulary)))
+    (back,) = iter_records(spool)
+    return back.record
+
+
+def test_a_spilled_step_synced_without_the_tokenizer_names_its_ledger(db_url: str, tmp_path):
+    """klmon sync has no tokenizer: the raw record carries the texts of its ids."""
+    from monitor.ingest.apply import apply_records
+    from monitor.ingest.records import StepItem
+    from monitor.ingest.vocab import Vocabulary
+    from monitor.store.runs import get_or_create_run
+
+    lp, ref, mask, ids = batch(11)
+    vocab = [f"w{i}" for i in range(40)]
+    rec = spilled(tmp_path, StepItem(4, 1.0, lp, ref, mask, token_ids=ids), Vocabulary(vocab))
+    db = Database.open(db_url)
+    run = get_or_create_run(db, "proj", "synced")
+    apply_records(db, run.id, {"rank": 0, "world_size": 1, "ledger_k": 4}, [rec])  # no cfg
+    top = read_token_ledger(db, run.id, k=4)
+    assert len(top) and top["token"].tolist() == [vocab[i] for i in top["token_id"]]
+    db.dispose()
+
+
+def test_a_replayed_raw_step_carries_its_texts_again() -> None:
+    """The committer may summarise a spilled step twice (a failed write is replayed): ids
+    sent by the first summary must not leave the second without texts."""
+    from monitor.ingest.records import StepItem, WriterConfig, raw_config, summarize_item
+    from monitor.ingest.vocab import Vocabulary
+
+    lp, ref, mask, ids = batch(12)
+    cfg = WriterConfig(ledger_k=4, vocabulary=Vocabulary([f"w{i}" for i in range(40)]))
+    rec = {"vocab": []}
+    header = {"rank": 0, "world_size": 1}
+    for _ in range(2):
+        item = StepItem(6, 1.0, lp.copy(), ref.copy(), mask.copy(), token_ids=ids.copy())
+        out = summarize_item(item, header, raw_config(rec, cfg))
+        assert sorted(i for i, _ in out["vocab"]) == sorted(out["ledger"]["ids"])
+
+
+def test_a_spilled_step_keeps_its_token_ids_problem(tmp_path, caplog) -> None:
+    from monitor.ingest.records import (
+        TOKEN_IDS_REJECTED_METRIC,
+        StepItem,
+        WriterConfig,
+        item_from_raw,
+        summarize_item,
+    )
+
+    lp, ref, mask, _ = batch(13)
+    item = StepItem(7, 1.0, lp, ref, mask, token_ids_problem="token_ids has dtype float64")
+    rec = spilled(tmp_path, item)
+    out = summarize_item(item_from_raw(rec), {"rank": 0, "world_size": 1}, WriterConfig())
+    assert [TOKEN_IDS_REJECTED_METRIC, 1.0] in out["metrics"]
+    # ids found bad in the background (a torch copy, checked there): one warning per run
+    bad = np.full(lp.shape, -1)
+    header = {"project": "p", "name": "warned-once", "rank": 0, "world_size": 1}
+    with caplog.at_level("WARNING", logger="klmon"):
+        for step in (1, 2, 3):
+            it = StepItem(step, 1.0, lp.copy(), ref.copy(), mask.copy(), token_ids=bad)
+            out = summarize_item(it, header, WriterConfig())
+            assert [TOKEN_IDS_REJECTED_METRIC, 1.0] in out["metrics"]
+    assert sum("without its token ledger" in r.getMessage() for r in caplog.records) == 1
