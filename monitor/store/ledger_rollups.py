@@ -29,10 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from sqlalchemy import Connection, text
 
-from monitor.store._bulk import insert_rows
 from monitor.store.database import Database
 from monitor.store.series import COMPLETE_LAG, MAX_LEVEL
 
@@ -83,115 +81,75 @@ def _frontiers(conn: Connection, run_id: int) -> tuple[int | None, dict[int, int
     return (None if row[0] is None else int(row[0])), done
 
 
-def _trim(bucket: np.ndarray, ids: np.ndarray, count: np.ndarray, lr: np.ndarray, n: np.ndarray):
-    """Per bucket, the ROLLUP_K rows with the largest positive and most negative lr_sum."""
-    keep = np.zeros(len(ids), dtype=bool)
-    for sign in (1.0, -1.0):
-        order = np.lexsort((ids, -sign * lr, bucket))
-        b = bucket[order]
-        starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
-        rank = np.arange(len(b)) - np.repeat(starts, np.diff(np.r_[starts, len(b)]))
-        chosen = order[(rank < ROLLUP_K) & (sign * lr[order] > 0)]
-        keep[chosen] = True
-    return bucket[keep], ids[keep], count[keep], lr[keep], n[keep]
-
-
-def _group(keys: np.ndarray, ids: np.ndarray, cols: list[np.ndarray]):
-    """Sums of ``cols`` per (key, id)."""
-    if len(ids) == 0:
-        return keys, ids, cols
-    order = np.lexsort((ids, keys))
-    k, i = keys[order], ids[order]
-    starts = np.flatnonzero(np.r_[True, (k[1:] != k[:-1]) | (i[1:] != i[:-1])])
-    return k[starts], i[starts], [np.add.reduceat(c[order], starts) for c in cols]
-
-
-def _store(conn: Connection, run_id: int, level: int, rows, masses) -> int:
-    b, ids, count, lr, n = _trim(*rows)
-    insert_rows(
-        conn,
-        ROLLUPS,
-        ("run_id", "level", "bucket", "token_id", "count", "lr_sum", "n_steps"),
-        list(
-            zip(
-                [run_id] * len(b),
-                [level] * len(b),
-                b.tolist(),
-                ids.tolist(),
-                count.tolist(),
-                lr.tolist(),
-                n.tolist(),
-                strict=True,
-            )
-        ),
+def _trimmed(grouped: str) -> str:
+    """The rows of ``grouped`` (columns b, token_id, c, s, n) among the ROLLUP_K largest
+    positive and the ROLLUP_K most negative ``s`` of their bucket (ties: the smaller id)."""
+    return (
+        "SELECT b, token_id, c, s, n FROM (SELECT b, token_id, c, s, n, "
+        "ROW_NUMBER() OVER (PARTITION BY b ORDER BY s DESC, token_id) AS rp, "
+        "ROW_NUMBER() OVER (PARTITION BY b ORDER BY s ASC, token_id) AS rn "
+        f"FROM ({grouped}) AS g) AS w "
+        f"WHERE (rp <= {ROLLUP_K} AND s > 0) OR (rn <= {ROLLUP_K} AND s < 0)"
     )
-    insert_rows(
-        conn,
-        MASSES,
-        ("run_id", "level", "bucket", "n_steps", "n_tokens", "pos_mass", "neg_mass"),
-        [(run_id, level, *m) for m in masses],
+
+
+def _build(conn: Connection, run_id: int, level: int, first: int, last: int) -> int:
+    """Buckets ``first..last`` of ``level``: from the raw rows at the base level, else from
+    the stored buckets of the level below; one INSERT ... SELECT per table (grouped, ranked
+    and trimmed by the database). The last bucket is stored even if empty, so the frontier
+    moves past a gap."""
+    p = {"r": run_id, "lv": level, "first": first, "last": last}
+    if level == BASE_LEVEL:
+        size = 1 << BASE_LEVEL
+        where = "WHERE run_id = :r AND step >= :lo AND step <= :hi"
+        p.update(lo=first << BASE_LEVEL, hi=((last + 1) << BASE_LEVEL) - 1)
+        rows = (
+            f"SELECT step / {size} AS b, token_id, SUM(count) AS c, SUM(lr_sum) AS s, "
+            f"COUNT(*) AS n FROM token_ledger {where} GROUP BY step / {size}, token_id"
+        )
+        masses = (
+            f"SELECT step / {size} AS b, COUNT(*), SUM(n_tokens), SUM(pos_mass), "
+            f"SUM(neg_mass) FROM token_ledger_steps {where} GROUP BY step / {size}"
+        )
+    else:
+        where = "WHERE run_id = :r AND level = :child AND bucket >= :lo AND bucket <= :hi"
+        p.update(child=level - 1, lo=2 * first, hi=2 * last + 1)
+        rows = (
+            "SELECT bucket / 2 AS b, token_id, SUM(count) AS c, SUM(lr_sum) AS s, "
+            f"SUM(n_steps) AS n FROM {ROLLUPS} {where} GROUP BY bucket / 2, token_id"
+        )
+        masses = (
+            "SELECT bucket / 2 AS b, SUM(n_steps), SUM(n_tokens), SUM(pos_mass), "
+            f"SUM(neg_mass) FROM {MASSES} {where} GROUP BY bucket / 2"
+        )
+    conn.execute(
+        text(
+            f"INSERT INTO {ROLLUPS} (run_id, level, bucket, token_id, count, lr_sum, n_steps) "
+            f"SELECT :r, :lv, b, token_id, c, s, n FROM ({_trimmed(rows)}) AS t"
+        ),
+        p,
     )
-    return len(masses)
-
-
-def _arrays(rows, n_cols: int) -> list[np.ndarray]:
-    cols = list(zip(*rows, strict=True)) if rows else [()] * n_cols
-    kinds = [np.int64, np.int64, np.int64, np.float64, np.int64][:n_cols]
-    return [np.array(c, dtype=k) for c, k in zip(cols, kinds, strict=True)]
-
-
-def _build_base(conn: Connection, run_id: int, first: int, last: int) -> int:
-    """Base buckets ``first..last`` from the raw rows (the last one stored even if empty, so
-    the frontier moves past a gap)."""
-    lo, hi = first << BASE_LEVEL, ((last + 1) << BASE_LEVEL) - 1
-    p = {"r": run_id, "lo": lo, "hi": hi}
-    rows = conn.execute(
+    written = conn.execute(
         text(
-            f"SELECT step / {1 << BASE_LEVEL} AS b, token_id, SUM(count), SUM(lr_sum), COUNT(*) "
-            "FROM token_ledger WHERE run_id = :r AND step >= :lo AND step <= :hi "
-            "GROUP BY b, token_id"
+            f"INSERT INTO {MASSES} (run_id, level, bucket, n_steps, n_tokens, pos_mass, "
+            f"neg_mass) SELECT :r, :lv, m.* FROM ({masses}) AS m"
         ),
         p,
-    ).all()
-    mass = conn.execute(
-        text(
-            f"SELECT step / {1 << BASE_LEVEL} AS b, COUNT(*), SUM(n_tokens), SUM(pos_mass), "
-            "SUM(neg_mass) FROM token_ledger_steps WHERE run_id = :r AND step >= :lo "
-            "AND step <= :hi GROUP BY b ORDER BY b"
-        ),
+    ).rowcount
+    marker = conn.execute(
+        text(f"SELECT 1 FROM {MASSES} WHERE run_id = :r AND level = :lv AND bucket = :last"),
         p,
-    ).all()
-    return _store(conn, run_id, BASE_LEVEL, _arrays(rows, 5), _with_last(mass, last))
-
-
-def _with_last(mass, last: int) -> list[tuple]:
-    out = [(int(b), int(c), int(n), float(pp), float(nn)) for b, c, n, pp, nn in mass]
-    if not out or out[-1][0] != last:
-        out.append((last, 0, 0, 0.0, 0.0))
-    return out
-
-
-def _build_level(conn: Connection, run_id: int, level: int, first: int, last: int) -> int:
-    """Buckets ``first..last`` of ``level`` from the stored buckets of the level below."""
-    p = {"r": run_id, "lv": level - 1, "lo": 2 * first, "hi": 2 * last + 1}
-    rows = conn.execute(
-        text(
-            f"SELECT bucket, token_id, count, lr_sum, n_steps FROM {ROLLUPS} WHERE run_id = :r "
-            "AND level = :lv AND bucket >= :lo AND bucket <= :hi"
-        ),
-        p,
-    ).all()
-    b, ids, count, lr, n = _arrays(rows, 5)
-    b, ids, (count, lr, n) = _group(b >> 1, ids, [count, lr, n])
-    mass = conn.execute(
-        text(
-            f"SELECT bucket / 2 AS pb, SUM(n_steps), SUM(n_tokens), SUM(pos_mass), "
-            f"SUM(neg_mass) FROM {MASSES} WHERE run_id = :r AND level = :lv "
-            "AND bucket >= :lo AND bucket <= :hi GROUP BY pb ORDER BY pb"
-        ),
-        p,
-    ).all()
-    return _store(conn, run_id, level, [b, ids, count, lr, n], _with_last(mass, last))
+    ).first()
+    if marker is None:
+        conn.execute(
+            text(
+                f"INSERT INTO {MASSES} (run_id, level, bucket, n_steps, n_tokens, pos_mass, "
+                "neg_mass) VALUES (:r, :lv, :last, 0, 0, 0.0, 0.0)"
+            ),
+            p,
+        )
+        written += 1
+    return written
 
 
 def refresh_ledger_rollups(db: Database, run_id: int) -> int:
@@ -215,7 +173,7 @@ def refresh_ledger_rollups(db: Database, run_id: int) -> int:
             else:
                 start = max(first, int(nxt) >> BASE_LEVEL)
             last = min(base_last, start + CHUNK_BUCKETS - 1)
-            written += _build_base(conn, run_id, start, last)
+            written += _build(conn, run_id, BASE_LEVEL, start, last)
         first = last + 1
     done[BASE_LEVEL] = base_last
     for level in range(BASE_LEVEL + 1, MAX_LEVEL + 1):
@@ -235,7 +193,7 @@ def refresh_ledger_rollups(db: Database, run_id: int) -> int:
                 ).scalar()
                 start = last if nxt is None else min(last, max(first, int(nxt) >> 1))
                 chunk_last = min(last, start + CHUNK_BUCKETS - 1)
-                written += _build_level(conn, run_id, level, start, chunk_last)
+                written += _build(conn, run_id, level, start, chunk_last)
             first = chunk_last + 1
         if last >= 0:
             done[level] = max(done.get(level, -1), last)

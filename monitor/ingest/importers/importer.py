@@ -35,6 +35,7 @@ from monitor.store import (
     find_run_by_name,
     get_or_create_run,
     get_run,
+    refresh_ledger_rollups,
     refresh_rollups,
     set_run_status,
     stored_between,
@@ -451,6 +452,8 @@ class _Writer:
         if report.steps_inserted:
             # An imported run is complete: pay its chart rollups now, not on the first view.
             refresh_rollups(db, run.id)
+        if report.ledgers_inserted:
+            refresh_ledger_rollups(db, run.id)
         if run.status != "finished":
             set_run_status(db, run.id, "finished")
             report.run = get_run(db, run.id)
