@@ -544,6 +544,25 @@ def build_ledger_run(db: Database, name: str, n_steps: int, seed: int) -> int:
     return run.id
 
 
+def ledger_bytes_per_step(path: str) -> tuple[float, float]:
+    """Bytes per step of the raw ledger tables and of their rollups (SQLite's dbstat)."""
+    import sqlite3
+
+    def pages(table: str) -> int:
+        sql = "SELECT SUM(pgsize) FROM dbstat WHERE name = ?"
+        names = (table, f"sqlite_autoindex_{table}_1")
+        return sum(int(conn.execute(sql, (n,)).fetchone()[0] or 0) for n in names)
+
+    conn = sqlite3.connect(path)
+    try:
+        steps = conn.execute("SELECT COUNT(*) FROM token_ledger_steps").fetchone()[0]
+        raw = sum(pages(t) for t in ("token_ledger", "token_ledger_steps"))
+        roll = sum(pages(t) for t in ("token_ledger_rollups", "token_ledger_rollup_masses"))
+    finally:
+        conn.close()
+    return raw / steps, roll / steps
+
+
 def naive_ledger(db: Database, run_id: int, lo: int, hi: int, k: int) -> list[Any]:
     """The reads before the rollups: a GROUP BY over every raw row of the range, and the
     range's masses."""
@@ -572,24 +591,20 @@ def bench_ledger(path: str, n_runs: int, steps: int, big_steps: int, repeat: int
     upgrade(engine)
     engine.dispose()
     db = Database.open(url)
-    size0 = os.path.getsize(path)
     big = build_ledger_run(db, f"big-{big_steps}", big_steps, 99)
-    size_raw = os.path.getsize(path)
     t0 = time.perf_counter()
     refresh_ledger_rollups(db, big)
     big_build = time.perf_counter() - t0
-    size_roll = os.path.getsize(path)
     ids = [build_ledger_run(db, f"r{i}-{steps}", steps, i) for i in range(n_runs)]
     t0 = time.perf_counter()
     for run_id in ids:
         refresh_ledger_rollups(db, run_id)
     build = time.perf_counter() - t0
-    if size_raw > size0:  # a fresh file: the big run's own bytes
-        raw_b, roll_b = (size_raw - size0) / big_steps, (size_roll - size_raw) / big_steps
-        print(
-            f"\nbytes per step (SQLite, {LEDGER_ROWS} ledger rows a step): raw ledger "
-            f"{raw_b:,.0f}, rollups {roll_b:,.0f}"
-        )
+    raw_b, roll_b = ledger_bytes_per_step(path)
+    print(
+        f"\nbytes per step (SQLite pages with their primary-key index, {LEDGER_ROWS} ledger rows "
+        f"a step): raw ledger {raw_b:,.0f}, rollups {roll_b:,.0f}"
+    )
     print(f"rollup build: 1 x {big_steps:,} steps {big_build:.1f} s; ", end="")
     print(f"{n_runs} x {steps:,} steps {build:.1f} s")
     print(f"\n{'read (median ms of ' + str(repeat) + ')':<48}{'rollups':>10}{'naive scan':>12}")
