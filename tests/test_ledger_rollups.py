@@ -198,3 +198,17 @@ def test_migration_0012_upgrades_from_0007_with_a_ledger(empty_db_url: str) -> N
     with db.begin() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM token_ledger_rollup_masses")).scalar()
     db.dispose()
+
+
+def test_two_readers_building_the_same_buckets(db: Database, long_run) -> None:
+    """Dashboard workers may refresh one run at once: building buckets already stored (the
+    frontier read before the other's commit) stores nothing twice and fails nothing."""
+    from monitor.store.ledger_rollups import _build
+
+    run_id, _ = long_run
+    refresh_ledger_rollups(db, run_id)
+    with db.begin() as conn:
+        before = conn.execute(text("SELECT COUNT(*) FROM token_ledger_rollups")).scalar()
+        _build(conn, run_id, BASE_LEVEL, 0, 3)
+        _build(conn, run_id, BASE_LEVEL + 1, 0, 1)
+        assert conn.execute(text("SELECT COUNT(*) FROM token_ledger_rollups")).scalar() == before

@@ -97,7 +97,8 @@ def _build(conn: Connection, run_id: int, level: int, first: int, last: int) -> 
     """Buckets ``first..last`` of ``level``: from the raw rows at the base level, else from
     the stored buckets of the level below; one INSERT ... SELECT per table (grouped, ranked
     and trimmed by the database). The last bucket is stored even if empty, so the frontier
-    moves past a gap."""
+    moves past a gap. Two readers building the same buckets store the same rows: the second
+    one's conflict is nothing."""
     p = {"r": run_id, "lv": level, "first": first, "last": last}
     if level == BASE_LEVEL:
         size = 1 << BASE_LEVEL
@@ -125,14 +126,16 @@ def _build(conn: Connection, run_id: int, level: int, first: int, last: int) -> 
     conn.execute(
         text(
             f"INSERT INTO {ROLLUPS} (run_id, level, bucket, token_id, count, lr_sum, n_steps) "
-            f"SELECT :r, :lv, b, token_id, c, s, n FROM ({_trimmed(rows)}) AS t"
+            f"SELECT :r, :lv, b, token_id, c, s, n FROM ({_trimmed(rows)}) AS t "
+            "WHERE 1 = 1 ON CONFLICT DO NOTHING"  # WHERE: SQLite's parser needs it here
         ),
         p,
     )
     written = conn.execute(
         text(
             f"INSERT INTO {MASSES} (run_id, level, bucket, n_steps, n_tokens, pos_mass, "
-            f"neg_mass) SELECT :r, :lv, m.* FROM ({masses}) AS m"
+            f"neg_mass) SELECT :r, :lv, m.* FROM ({masses}) AS m WHERE 1 = 1 "
+            "ON CONFLICT DO NOTHING"
         ),
         p,
     ).rowcount
@@ -144,7 +147,7 @@ def _build(conn: Connection, run_id: int, level: int, first: int, last: int) -> 
         conn.execute(
             text(
                 f"INSERT INTO {MASSES} (run_id, level, bucket, n_steps, n_tokens, pos_mass, "
-                "neg_mass) VALUES (:r, :lv, :last, 0, 0, 0.0, 0.0)"
+                "neg_mass) VALUES (:r, :lv, :last, 0, 0, 0.0, 0.0) ON CONFLICT DO NOTHING"
             ),
             p,
         )
