@@ -252,13 +252,12 @@ def pieces_sql(
         by_level: dict[int, list[int]] = {}
         for lv, b in p.buckets:
             by_level.setdefault(lv, []).append(b)
-        levels = " OR ".join(
-            f"(level = {lv} AND bucket IN ({', '.join(str(b) for b in bs)}))"
+        # one SELECT per level: an OR of levels would make SQLite scan every row of the run
+        parts += [
+            f"SELECT {rollup_cols} FROM {rollup_table} WHERE run_id = :r AND level = {lv} "
+            f"AND bucket IN ({', '.join(str(b) for b in bs)}){cond}"
             for lv, bs in sorted(by_level.items())
-        )
-        parts.append(
-            f"SELECT {rollup_cols} FROM {rollup_table} WHERE run_id = :r AND ({levels}){cond}"
-        )
+        ]
     return " UNION ALL ".join(parts), params
 
 
