@@ -31,12 +31,23 @@ the metrics take. ``--baseline DIR`` runs the same script with the klmon package
 older checkout, e.g. the long-row layout before metric blocks) in the same run, on SQLite and
 PostgreSQL.
 
+Token ledger (``--ledger``, SQLite): runs with a synthetic token ledger of 64 rows per step
+(K = 32 per side: 8 hot ids in every step, 56 from a 113k-id vocabulary), built once into a
+cached file (``--ledger-sqlite``, default under /tmp), 8 runs of ``--ledger-steps`` steps plus
+one run of ``--ledger-big-steps``. Prints the bytes per step of the raw ledger and of its
+rollups, their one-time build, and the drift-vocabulary reads over long ranges
+(``read_token_ledger``, ``read_token_ledger_buckets``, ``token_changes``) next to the naive
+full scan of the same range (the GROUP BY over the raw rows that the reads ran before the
+rollups), measured in the same run.
+
 Run:  .venv/bin/python benchmarks/bench_dashboard.py [--sizes 10000,100000,1000000]
       [--runs 8] [--repeat 5] [--sqlite PATH] [--pg URL | --no-pg] [--reuse]
       .venv/bin/python benchmarks/bench_dashboard.py --no-sqlite --no-pg --many-runs 1000
       [--many-steps 100000] [--many-sqlite PATH]
       .venv/bin/python benchmarks/bench_dashboard.py --no-sqlite --no-pg --metric-steps 300000
       [--metric-names 3] [--baseline /tmp/old]
+      .venv/bin/python benchmarks/bench_dashboard.py --no-sqlite --no-pg --ledger
+      [--ledger-runs 8] [--ledger-steps 100000] [--ledger-big-steps 1000000]
 Target: render <= 150 ms and <= 1 MB for 8 x 1M steps, flat in run length; listing 1,000 runs
 <= 150 ms.
 """
@@ -686,6 +697,185 @@ def bench_klmon_runs(url: str, repeat: int) -> dict[str, float]:
     return {k: median_ms(v) for k, v in times.items()}
 
 
+LEDGER_HOT = 8  # ids present in every step of the synthetic ledger
+LEDGER_ROWS = 64  # rows per step (K = 32 per side)
+LEDGER_CHUNK = 16_384  # steps per insert statement
+
+
+def synthetic_ledger(
+    steps: np.ndarray, seed: int
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Ledger rows (step, token_id, count, lr_sum) and step masses of ``steps``: 8 hot ids in
+    every step (one grows over the run), 56 others, distinct by construction."""
+    rng = np.random.default_rng(seed + int(steps[0]))
+    n = len(steps)
+    cold = 1000 + np.arange(LEDGER_ROWS - LEDGER_HOT) * 2000 + rng.integers(0, 2000, (n, 56))
+    ids = np.concatenate([np.broadcast_to(np.arange(100, 100 + LEDGER_HOT), (n, 8)), cold], 1)
+    sums = rng.exponential(0.05, (n, LEDGER_ROWS))
+    sums[:, 0] += 0.5 + steps / max(1, int(steps[-1]))  # the growing token
+    sums[:, 1:LEDGER_HOT] += 0.2
+    sums[:, LEDGER_ROWS // 2 :] *= -1.0
+    counts = rng.integers(1, 50, (n, LEDGER_ROWS))
+    step_col = np.repeat(steps, LEDGER_ROWS)
+    rows = list(
+        zip(
+            step_col.tolist(),
+            ids.reshape(-1).tolist(),
+            counts.reshape(-1).tolist(),
+            sums.reshape(-1).tolist(),
+            strict=True,
+        )
+    )
+    pos = np.maximum(sums, 0).sum(1) * 1.1
+    neg = np.minimum(sums, 0).sum(1) * 1.1
+    masses = list(zip(steps.tolist(), [400_000] * n, pos.tolist(), neg.tolist(), strict=True))
+    return rows, masses
+
+
+def build_ledger_run(db: Database, name: str, n_steps: int, seed: int) -> int:
+    run = get_or_create_run(db, "ledger", name)
+    with db.begin() as conn:
+        have = conn.exec_driver_sql(
+            f"SELECT COUNT(*) FROM token_ledger_steps WHERE run_id = {run.id}"
+        ).scalar()
+    if have == n_steps:
+        return run.id
+    t0 = time.perf_counter()
+    for lo in range(0, n_steps, LEDGER_CHUNK):
+        steps = np.arange(lo, min(n_steps, lo + LEDGER_CHUNK), dtype=np.int64)
+        rows, masses = synthetic_ledger(steps, seed)
+        with db.begin() as conn:
+            conn.exec_driver_sql(
+                f"INSERT INTO token_ledger (run_id, step, token_id, count, lr_sum) "
+                f"VALUES ({run.id}, ?, ?, ?, ?)",
+                rows,
+            )
+            conn.exec_driver_sql(
+                f"INSERT INTO token_ledger_steps (run_id, step, n_tokens, pos_mass, neg_mass) "
+                f"VALUES ({run.id}, ?, ?, ?, ?)",
+                masses,
+            )
+    print(f"  built {name}: {n_steps:,} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    return run.id
+
+
+def ledger_bytes_per_step(path: str) -> tuple[float, float]:
+    """Bytes per step of the raw ledger tables and of their rollups (SQLite's dbstat)."""
+    import sqlite3
+
+    def pages(table: str) -> int:
+        sql = "SELECT SUM(pgsize) FROM dbstat WHERE name = ?"
+        names = (table, f"sqlite_autoindex_{table}_1")
+        return sum(int(conn.execute(sql, (n,)).fetchone()[0] or 0) for n in names)
+
+    conn = sqlite3.connect(path)
+    try:
+        steps = conn.execute("SELECT COUNT(*) FROM token_ledger_steps").fetchone()[0]
+        raw = sum(pages(t) for t in ("token_ledger", "token_ledger_steps"))
+        roll = sum(pages(t) for t in ("token_ledger_rollups", "token_ledger_rollup_masses"))
+    finally:
+        conn.close()
+    return raw / steps, roll / steps
+
+
+def naive_ledger(db: Database, run_id: int, lo: int, hi: int, k: int) -> list[Any]:
+    """The reads before the rollups: a GROUP BY over every raw row of the range, and the
+    range's masses."""
+    with db.begin() as conn:
+        conn.exec_driver_sql(
+            "SELECT SUM(pos_mass), SUM(neg_mass), SUM(n_tokens), COUNT(*) FROM token_ledger_steps"
+            f" WHERE run_id = {run_id} AND step >= {lo} AND step <= {hi}"
+        ).one()
+        return conn.exec_driver_sql(
+            "SELECT token_id, SUM(count), SUM(lr_sum), COUNT(*) FROM token_ledger "
+            f"WHERE run_id = {run_id} AND step >= {lo} AND step <= {hi} GROUP BY token_id "
+            f"HAVING SUM(lr_sum) > 0 ORDER BY SUM(lr_sum) DESC, token_id LIMIT {k}"
+        ).all()
+
+
+def bench_ledger(path: str, n_runs: int, steps: int, big_steps: int, repeat: int) -> None:
+    from monitor.store import (
+        read_token_ledger,
+        read_token_ledger_buckets,
+        refresh_ledger_rollups,
+        token_changes,
+    )
+
+    url = f"sqlite:///{path}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    db = Database.open(url)
+    big = build_ledger_run(db, f"big-{big_steps}", big_steps, 99)
+    t0 = time.perf_counter()
+    refresh_ledger_rollups(db, big)
+    big_build = time.perf_counter() - t0
+    ids = [build_ledger_run(db, f"r{i}-{steps}", steps, i) for i in range(n_runs)]
+    t0 = time.perf_counter()
+    for run_id in ids:
+        refresh_ledger_rollups(db, run_id)
+    build = time.perf_counter() - t0
+    raw_b, roll_b = ledger_bytes_per_step(path)
+    print(
+        f"\nbytes per step (SQLite pages with their primary-key index, {LEDGER_ROWS} ledger rows "
+        f"a step): raw ledger {raw_b:,.0f}, rollups {roll_b:,.0f}"
+    )
+    print(f"rollup build: 1 x {big_steps:,} steps {big_build:.1f} s; ", end="")
+    print(f"{n_runs} x {steps:,} steps {build:.1f} s")
+    print(f"\n{'read (median ms of ' + str(repeat) + ')':<48}{'rollups':>10}{'naive scan':>12}")
+
+    def row(label: str, fast: Any, slow: Any) -> None:
+        f = median_ms([_timed(fast) for _ in range(repeat)])
+        s = median_ms([_timed(slow) for _ in range(max(1, repeat // 2))])
+        print(f"{label:<48}{f:>10.1f}{s:>12.1f}", flush=True)
+
+    for label, runs, n in (
+        (f"1 x {big_steps:,}", [big], big_steps),
+        (f"{n_runs} x {steps:,}", ids, steps),
+    ):
+        whole = (0, n - 1)
+        mid = (n // 4, 3 * n // 4)
+        row(
+            f"{label}: top 32 ids, whole run",
+            lambda runs=runs, whole=whole: [read_token_ledger(db, r, *whole) for r in runs],
+            lambda runs=runs, whole=whole: [naive_ledger(db, r, *whole, 32) for r in runs],
+        )
+        row(
+            f"{label}: top 32 ids, middle half",
+            lambda runs=runs, mid=mid: [read_token_ledger(db, r, *mid) for r in runs],
+            lambda runs=runs, mid=mid: [naive_ledger(db, r, *mid, 32) for r in runs],
+        )
+        row(
+            f"{label}: heatmap 100 buckets x 16 ids, whole run",
+            lambda runs=runs, whole=whole: [
+                read_token_ledger_buckets(db, r, *whole, 100) for r in runs
+            ],
+            lambda runs=runs, whole=whole: [naive_ledger(db, r, *whole, 16) for r in runs],
+        )
+        row(
+            f"{label}: changes, 10% windows at 20% and 90%",
+            lambda runs=runs, n=n: [
+                token_changes(db, r, n // 5, 9 * n // 10, window=n // 10) for r in runs
+            ],
+            lambda runs=runs, n=n: [
+                naive_ledger(db, r, n // 10, n // 5, 10**6)
+                + naive_ledger(db, r, 8 * n // 10, 9 * n // 10, 10**6)
+                for r in runs
+            ],
+        )
+    print(
+        "\nnaive scan: the GROUP BY over every raw ledger row of the range (the reads before "
+        "the rollups;\nfor the heatmap, its top-16 query alone, before any per-bucket query)."
+    )
+    db.dispose()
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -710,6 +900,15 @@ def main() -> None:
     ap.add_argument("--metric-steps", type=int, default=0, help="steps of the metric bench")
     ap.add_argument("--metric-names", type=int, default=3, help="metrics of that run")
     ap.add_argument("--baseline", type=Path, default=None, help="klmon checkout to compare")
+    ap.add_argument("--ledger", action="store_true", help="the token ledger reads")
+    ap.add_argument("--ledger-runs", type=int, default=8)
+    ap.add_argument("--ledger-steps", type=int, default=100_000)
+    ap.add_argument("--ledger-big-steps", type=int, default=1_000_000)
+    ap.add_argument(
+        "--ledger-sqlite",
+        default=str(Path(tempfile.gettempdir()) / "klmon-ledger-bench.db"),
+        help="SQLite file for it (kept, reused)",
+    )
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     results: list[dict[str, Any]] = []
@@ -736,6 +935,14 @@ def main() -> None:
         print_many(many)
     if args.metric_steps:
         run_metric_benches(args)
+    if args.ledger:
+        bench_ledger(
+            args.ledger_sqlite,
+            args.ledger_runs,
+            args.ledger_steps,
+            args.ledger_big_steps,
+            args.repeat,
+        )
     if tmp and not args.keep:
         import shutil
 

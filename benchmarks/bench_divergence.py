@@ -15,9 +15,10 @@ run it more than once.
 ``summarize`` runs the compiled token pass (monitor/_kernel.c) with its AVX2 loop where the CPU
 has one; the last two rows switch to its scalar loop and to the numpy kernel that installs
 without a C compiler get, so all three are measured in the same run. The "token_ids" rows add
-the token ledger (``token_ids=``: ids of a 151,646-token vocabulary, Zipf-like) counted by a
-weighted bincount (every real vocabulary) and by ``np.unique`` (ids past
-``BINCOUNT_MAX_ID``), next to the plain summary of the same run.
+the token ledger (``token_ids=``: ids of a 151,646-token vocabulary, Zipf-like) counted by the
+compiled scatter-add (``ledger`` in monitor/_kernel.c), by the numpy weighted bincount that
+installs without a C compiler use, and by ``np.unique`` (ids past ``BINCOUNT_MAX_ID``), next
+to the plain summary of the same run.
 """
 
 from __future__ import annotations
@@ -96,17 +97,22 @@ def naive_summary(policy: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> dict
     }
 
 
-def switched(fn: Callable[[], Any], simd: bool = True, compiled: bool = True) -> Callable[[], Any]:
-    """fn with the compiled kernel's AVX2 loop or the compiled kernel itself switched off."""
+def switched(
+    fn: Callable[[], Any], simd: bool = True, compiled: bool = True, ledger: bool = True
+) -> Callable[[], Any]:
+    """fn with the compiled kernel's AVX2 loop, its ledger pass or the compiled kernel itself
+    switched off."""
     saved = compiled_pass.extension
 
     def run() -> Any:
         compiled_pass.SIMD = simd
+        compiled_pass.LEDGER = ledger
         compiled_pass.extension = saved if compiled else None
         try:
             return fn()
         finally:
             compiled_pass.SIMD = True
+            compiled_pass.LEDGER = True
             compiled_pass.extension = saved
 
     return run
@@ -160,7 +166,10 @@ def bench_distribution(dist: str, b: int, t: int, reps: int) -> None:
     cases = {
         "naive numpy": lambda: naive_summary(policy, ref, mask),
         "summarize": lambda: summarize(policy, ref, mask),
-        "+ token_ids, bincount": lambda: summarize(policy, ref, mask, token_ids=ids),
+        "+ token_ids, C scatter-add": lambda: summarize(policy, ref, mask, token_ids=ids),
+        "+ token_ids, np.bincount": switched(
+            lambda: summarize(policy, ref, mask, token_ids=ids), ledger=False
+        ),
         "+ token_ids, np.unique": lambda: summarize(policy, ref, mask, token_ids=huge),
         "summarize, padding +1.0": lambda: summarize(padded, ref, mask),
         "sequence_kl only": lambda: sequence_kl(policy, ref, mask),
@@ -171,13 +180,13 @@ def bench_distribution(dist: str, b: int, t: int, reps: int) -> None:
         f"\n{dist}: fill {mask.mean():.0%}, input {input_bytes / 2**20:.1f} MiB, "
         f"top1pct_share {summarize(policy, ref, mask).top1pct_share:.3f}"
     )
-    print(f"{'':26s} {'median':>14s} {'best':>14s} {'peak extra mem':>16s}")
+    print(f"{'':28s} {'median':>14s} {'best':>14s} {'peak extra mem':>16s}")
     for name, fn in cases.items():
         times = time_it(fn, reps)
         med, best = statistics.median(times), min(times)
         peak = peak_memory(fn)
         print(
-            f"{name:26s} {positions / med / 1e6:8.0f} M/s {positions / best / 1e6:8.0f} M/s"
+            f"{name:28s} {positions / med / 1e6:8.0f} M/s {positions / best / 1e6:8.0f} M/s"
             f" {peak / 2**20:8.1f} MiB {peak / input_bytes:4.2f}x"
         )
 

@@ -26,11 +26,19 @@
  *         so the buffer always holds the range's `keep` largest positive l (ties count alike:
  *         equal values add the same to the sum). Python passes keep = ceil(1% of the batch's
  *         tokens) and takes the top 1% from the buffers of all row ranges.
+ *   ledger: the token ledger of a row range (ledger_add), a scatter-add into buffers indexed
+ *         by id that the caller keeps between calls: count[id] += 1 and sum[id] += l for each
+ *         masked token, and the ids seen for the first time appended to `touched`, so reading
+ *         the ledger out and clearing the buffers (ledger_take) costs O(distinct ids), not
+ *         O(largest id): the touched ids sorted when they are few, else a scan of the buffers
+ *         up to the largest touched id. Buffers from several row ranges add up exactly
+ *         (ledger_merge).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -548,6 +556,204 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     return Py_BuildValue("inni", status, bad_row, a.n_cand, simd);
 }
 
+/* ---- token ledger (see ledger at the top) ----------------------------------------------- */
+
+enum { LEDGER_OK = 0, LEDGER_ID_TOO_LARGE = 1 };
+
+/* acc[2 id] is the id's sum of l and acc[2 id + 1] its count (a double: exact to 2**53), side
+ * by side so that a token touches one cache line. */
+typedef struct {
+    double *acc;
+    int64_t *touched;
+    Py_ssize_t cap, n_touched;
+} Ledger;
+
+/* One loop per dtype of the log-probs and of the ids, none of them tested per token. An id
+ * outside [0, cap) stops the pass (LEDGER_ID_TOO_LARGE; ids < 0 are refused by the caller
+ * before): the caller then clears the buffers with ledger_take and counts another way. */
+#define LEDGER_LOOP(PT, IT)                                                                    \
+    {                                                                                          \
+        const PT *p = in->p, *q = in->q;                                                       \
+        const IT *idp = ids;                                                                   \
+        for (Py_ssize_t k = 0; k < n; k++) {                                                   \
+            if (m && !m[k]) continue;                                                          \
+            const int64_t id = (int64_t)idp[k];                                                \
+            if ((uint64_t)id >= (uint64_t)cap) {                                               \
+                status = LEDGER_ID_TOO_LARGE;                                                  \
+                break;                                                                         \
+            }                                                                                  \
+            double *slot = acc + 2 * id;                                                       \
+            if (slot[1] == 0.0) touched[nt++] = id;                                            \
+            slot[0] += (double)p[k] - (double)q[k];                                            \
+            slot[1] += 1.0;                                                                    \
+        }                                                                                      \
+    }
+
+static int ledger_rows(const Inputs *in, const void *ids, int ids64, Ledger *lg) {
+    const Py_ssize_t n = in->rows * in->cols, cap = lg->cap;
+    const unsigned char *m = in->m;
+    double *acc = lg->acc;
+    int64_t *touched = lg->touched;
+    Py_ssize_t nt = lg->n_touched;
+    int status = LEDGER_OK;
+    if (in->is_double && ids64)
+        LEDGER_LOOP(double, int64_t)
+    else if (in->is_double)
+        LEDGER_LOOP(double, int32_t)
+    else if (ids64)
+        LEDGER_LOOP(float, int64_t)
+    else
+        LEDGER_LOOP(float, int32_t)
+    lg->n_touched = nt; /* also after a bad id: ledger_take clears what was added */
+    return status;
+}
+static int cmp_id(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static inline void take_one(double *acc, int64_t id, Py_ssize_t i, int64_t *ids, int64_t *counts,
+                            double *sums) {
+    ids[i] = id;
+    sums[i] = acc[2 * id];
+    counts[i] = (int64_t)acc[2 * id + 1];
+    acc[2 * id] = acc[2 * id + 1] = 0.0;
+}
+
+/* The ledger's ids in ascending order with their counts and sums, into out_*; clears it. */
+static void ledger_collect(Ledger *lg, int64_t *out_ids, int64_t *out_counts, double *out_sums) {
+    const Py_ssize_t n = lg->n_touched;
+    int64_t top = -1;
+    for (Py_ssize_t i = 0; i < n; i++) top = lg->touched[i] > top ? lg->touched[i] : top;
+    if ((double)n * log2((double)n + 2.0) * 4.0 < (double)top) { /* few ids: sort them */
+        qsort(lg->touched, (size_t)n, sizeof(int64_t), cmp_id);
+        for (Py_ssize_t i = 0; i < n; i++)
+            take_one(lg->acc, lg->touched[i], i, out_ids, out_counts, out_sums);
+    } else { /* many: scan the buffer up to the largest one */
+        Py_ssize_t i = 0;
+        for (int64_t id = 0; id <= top; id++)
+            if (lg->acc[2 * id + 1] != 0.0)
+                take_one(lg->acc, id, i++, out_ids, out_counts, out_sums);
+    }
+    lg->n_touched = 0;
+}
+
+/* Ledger buffers from Python: acc (float64, 2 per id) and touched (int64, 1 per id); views[2]
+ * must be released by the caller when this returns 0. */
+static int get_ledger(PyObject *objs[2], Py_ssize_t n_touched, Py_buffer views[2], Ledger *lg) {
+    for (int k = 0; k < 2; k++) views[k].obj = NULL;
+    for (int k = 0; k < 2; k++)
+        if (PyObject_GetBuffer(objs[k], &views[k], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+            goto fail;
+    lg->cap = views[1].len / 8;
+    if (views[0].itemsize != 8 || views[1].itemsize != 8 || views[0].len / 16 != lg->cap ||
+        n_touched < 0 || n_touched > lg->cap) {
+        PyErr_SetString(PyExc_ValueError,
+                        "ledger buffers: acc must hold 2 doubles per id of touched (int64)");
+        goto fail;
+    }
+    lg->acc = views[0].buf;
+    lg->touched = views[1].buf;
+    lg->n_touched = n_touched;
+    return 0;
+fail:
+    release(views, 2);
+    return -1;
+}
+
+static PyObject *ledger_add(PyObject *self, PyObject *args) {
+    PyObject *objs[5] = {NULL, NULL, NULL, Py_None, Py_None}, *ids_obj, *lobjs[2];
+    Inputs in;
+    Py_ssize_t n_touched;
+    memset(&in, 0, sizeof in);
+    if (!PyArg_ParseTuple(args, "OOOOnnpOOn", &ids_obj, &objs[0], &objs[1], &objs[2], &in.rows,
+                          &in.cols, &in.is_double, &lobjs[0], &lobjs[1], &n_touched))
+        return NULL;
+    Py_buffer views[5], idv, lviews[2];
+    Ledger lg;
+    if (get_buffers(objs, views, &in) < 0) return NULL;
+    if (PyObject_GetBuffer(ids_obj, &idv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        release(views, 5);
+        return NULL;
+    }
+    const char kind = idv.format ? idv.format[strlen(idv.format) - 1] : 'B';
+    if ((idv.itemsize != 8 && idv.itemsize != 4) || !strchr("ilqn", kind) ||
+        idv.len / idv.itemsize < in.rows * in.cols) {
+        PyErr_SetString(PyExc_ValueError, "ids must hold rows * cols int32 or int64");
+        goto fail;
+    }
+    if (get_ledger(lobjs, n_touched, lviews, &lg) < 0) goto fail;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = ledger_rows(&in, idv.buf, idv.itemsize == 8, &lg);
+    Py_END_ALLOW_THREADS
+    release(lviews, 2);
+    release(views, 5);
+    PyBuffer_Release(&idv);
+    return Py_BuildValue("in", status, lg.n_touched);
+fail:
+    release(views, 5);
+    PyBuffer_Release(&idv);
+    return NULL;
+}
+
+/* ledger_merge(acc, touched, n, src_acc, src_touched, src_n) -> n: src added, src cleared. */
+static PyObject *ledger_merge(PyObject *self, PyObject *args) {
+    PyObject *a[2], *b[2];
+    Py_ssize_t na, nb;
+    if (!PyArg_ParseTuple(args, "OOnOOn", &a[0], &a[1], &na, &b[0], &b[1], &nb)) return NULL;
+    Py_buffer va[2], vb[2];
+    Ledger dst, src;
+    if (get_ledger(a, na, va, &dst) < 0) return NULL;
+    if (get_ledger(b, nb, vb, &src) < 0) {
+        release(va, 2);
+        return NULL;
+    }
+    if (src.cap > dst.cap) {
+        release(va, 2);
+        release(vb, 2);
+        return PyErr_Format(PyExc_ValueError, "ledger_merge: the source is the larger ledger");
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < src.n_touched; i++) {
+        const int64_t id = src.touched[i];
+        double *d = dst.acc + 2 * id, *s = src.acc + 2 * id;
+        if (d[1] == 0.0) dst.touched[dst.n_touched++] = id;
+        d[0] += s[0];
+        d[1] += s[1];
+        s[0] = s[1] = 0.0;
+    }
+    Py_END_ALLOW_THREADS
+    release(va, 2);
+    release(vb, 2);
+    return PyLong_FromSsize_t(dst.n_touched);
+}
+
+/* ledger_take(acc, touched, n, out_ids, out_counts, out_sums): see ledger_collect. */
+static PyObject *ledger_take(PyObject *self, PyObject *args) {
+    PyObject *a[2];
+    Py_ssize_t n;
+    Py_buffer outs[3], va[2];
+    if (!PyArg_ParseTuple(args, "OOnw*w*w*", &a[0], &a[1], &n, &outs[0], &outs[1], &outs[2]))
+        return NULL;
+    Ledger lg;
+    if (get_ledger(a, n, va, &lg) < 0) {
+        release(outs, 3);
+        return NULL;
+    }
+    if (outs[0].len / 8 < n || outs[1].len / 8 < n || outs[2].len / 8 < n) {
+        release(va, 2);
+        release(outs, 3);
+        return PyErr_Format(PyExc_ValueError, "ledger_take: output buffers are too small");
+    }
+    Py_BEGIN_ALLOW_THREADS
+    ledger_collect(&lg, outs[0].buf, outs[1].buf, outs[2].buf);
+    Py_END_ALLOW_THREADS
+    release(va, 2);
+    release(outs, 3);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_has_avx2(PyObject *self, PyObject *unused) {
 #ifdef HAVE_AVX2
     return PyBool_FromLong(have_avx2());
@@ -561,6 +767,13 @@ static PyMethodDef methods[] = {
     {"stats", stats, METH_VARARGS,
      "stats(policy, ref, mask, rollout, entropies, rows, cols, is_double, tol, simd,"
      " keep, coef, seq, sums, hist, cand) -> (status, bad_row, n_cand, used_simd)"},
+    {"ledger_add", ledger_add, METH_VARARGS,
+     "ledger_add(ids, policy, ref, mask, rows, cols, is_double, acc, touched, n_touched)"
+     " -> (status, n_touched)"},
+    {"ledger_merge", ledger_merge, METH_VARARGS,
+     "ledger_merge(acc, touched, n, src_acc, src_touched, src_n) -> n"},
+    {"ledger_take", ledger_take, METH_VARARGS,
+     "ledger_take(acc, touched, n, out_ids, out_counts, out_sums) -> None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -570,7 +783,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "monitor._kernel",
 PyMODINIT_FUNC PyInit__kernel(void) {
     PyObject *m = PyModule_Create(&module);
     if (m && (PyModule_AddIntConstant(m, "N_SUMS", N_SUMS) < 0 ||
-              PyModule_AddIntConstant(m, "DEGREE", DEGREE) < 0)) {
+              PyModule_AddIntConstant(m, "DEGREE", DEGREE) < 0 ||
+              PyModule_AddIntConstant(m, "LEDGER_ID_TOO_LARGE", LEDGER_ID_TOO_LARGE) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

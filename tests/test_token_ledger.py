@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from sqlalchemy import text
 
 import monitor
 from monitor import divergence
+from monitor.divergence import _compiled as compiled
 from monitor.divergence.ledger import top_rows, vocab_top_share
 from monitor.errors import InvalidInput
 from monitor.store import (
@@ -76,18 +78,37 @@ def expected_top(full: dict[int, tuple[int, float]], k: int) -> set[int]:
 # --- the math -----------------------------------------------------------------------------------
 
 
+@contextmanager
+def ledger_pass(which: str):
+    """The compiled ledger pass (scatter-add into reusable buffers) or the numpy reference."""
+    saved = compiled.extension
+    if which == "compiled" and saved is None:
+        pytest.skip("monitor._kernel was not built (no C compiler at install time)")
+    compiled.extension = saved if which == "compiled" else None
+    try:
+        yield
+    finally:
+        compiled.extension = saved
+
+
+@pytest.mark.parametrize("which", ["compiled", "numpy"])
 @settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     b=st.integers(1, 5),
     t=st.integers(1, 9),
     vocab=st.sampled_from([3, 50, 2**23 + 5]),
+    dtype=st.sampled_from([np.float64, np.float32]),
 )
-def test_ledger_is_exact_against_brute_force(seed: int, b: int, t: int, vocab: int) -> None:
+def test_ledger_is_exact_against_brute_force(
+    which: str, seed: int, b: int, t: int, vocab: int, dtype
+) -> None:
     lp, ref, mask, _ = batch(seed, b, t)
+    lp, ref = lp.astype(dtype), ref.astype(dtype)
     mask[:, 0] = True
     ids = np.random.default_rng(seed + 1).integers(0, vocab, (b, t))
-    s = divergence.summarize(lp, ref, mask, token_ids=ids)
+    with ledger_pass(which):
+        s = divergence.summarize(lp, ref, mask, token_ids=ids)
     want = brute(lp, ref, mask, ids)
     got = {
         int(i): (int(c), float(x))
@@ -100,6 +121,29 @@ def test_ledger_is_exact_against_brute_force(seed: int, b: int, t: int, vocab: i
     pos = sorted((x for _, x in want.values() if x > 0), reverse=True)
     share = sum(pos[:5]) / sum(pos) if pos else 0.0
     assert s.vocab_top_share == pytest.approx(share, abs=1e-12)
+
+
+def test_compiled_ledger_matches_numpy_on_a_large_batch() -> None:
+    """Several row ranges on helper threads, int32 ids, a mask with padding, calls that reuse
+    the buffers (one with an id past the buffers in between): the same ledger as numpy's."""
+    if compiled.extension is None:
+        pytest.skip("monitor._kernel was not built")
+    rng = np.random.default_rng(3)
+    lp, ref, mask, _ = batch(3, b=64, t=4096, vocab=10)
+    for ids in (
+        np.minimum(rng.zipf(1.3, lp.shape) - 1, 151_645).astype(np.int32),
+        rng.integers(0, 2**23, lp.shape),  # past the buffers: np.unique
+        np.minimum(rng.zipf(1.1, lp.shape) - 1, 50_000),
+        rng.integers(0, 5, lp.shape),
+    ):
+        with ledger_pass("compiled"):
+            got = divergence.summarize(lp, ref, mask, token_ids=ids).ledger
+        with ledger_pass("numpy"):
+            want = divergence.summarize(lp, ref, mask, token_ids=ids).ledger
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.counts, want.counts)
+        np.testing.assert_allclose(got.lr_sums, want.lr_sums, rtol=1e-12, atol=1e-9)
+    assert not any(buf.n or buf.acc.any() for buf in compiled._FREE_BUFFERS)
 
 
 def test_top_rows_bound_and_masses_give_exact_shares() -> None:
@@ -437,3 +481,73 @@ def test_negative_ids_outside_the_mask_are_padding() -> None:
     padded[i, j] = -5
     with pytest.raises(InvalidInput, match=rf"token_ids\[{i}, {j}\] is -5: token ids under the"):
         divergence.summarize(lp, ref, mask, token_ids=padded)
+
+
+def spilled(tmp_path, item, vocabulary=None):
+    """A raw record of ``item`` as the spool gives it back."""
+    from monitor.ingest.records import raw_record
+    from monitor.ingest.spool import FILE_MAGIC, encode_record, iter_records
+
+    spool = tmp_path / f"s{item.step}.klspool"
+    spool.write_bytes(FILE_MAGIC + encode_record(raw_record(item, 0, vocabulary)))
+    (back,) = iter_records(spool)
+    return back.record
+
+
+def test_a_spilled_step_synced_without_the_tokenizer_names_its_ledger(db_url: str, tmp_path):
+    """klmon sync has no tokenizer: the raw record carries the texts of its ids."""
+    from monitor.ingest.apply import apply_records
+    from monitor.ingest.records import StepItem
+    from monitor.ingest.vocab import Vocabulary
+    from monitor.store.runs import get_or_create_run
+
+    lp, ref, mask, ids = batch(11)
+    vocab = [f"w{i}" for i in range(40)]
+    rec = spilled(tmp_path, StepItem(4, 1.0, lp, ref, mask, token_ids=ids), Vocabulary(vocab))
+    db = Database.open(db_url)
+    run = get_or_create_run(db, "proj", "synced")
+    apply_records(db, run.id, {"rank": 0, "world_size": 1, "ledger_k": 4}, [rec])  # no cfg
+    top = read_token_ledger(db, run.id, k=4)
+    assert len(top) and top["token"].tolist() == [vocab[i] for i in top["token_id"]]
+    db.dispose()
+
+
+def test_a_replayed_raw_step_carries_its_texts_again() -> None:
+    """The committer may summarise a spilled step twice (a failed write is replayed): ids
+    sent by the first summary must not leave the second without texts."""
+    from monitor.ingest.records import StepItem, WriterConfig, raw_config, summarize_item
+    from monitor.ingest.vocab import Vocabulary
+
+    lp, ref, mask, ids = batch(12)
+    cfg = WriterConfig(ledger_k=4, vocabulary=Vocabulary([f"w{i}" for i in range(40)]))
+    rec = {"vocab": []}
+    header = {"rank": 0, "world_size": 1}
+    for _ in range(2):
+        item = StepItem(6, 1.0, lp.copy(), ref.copy(), mask.copy(), token_ids=ids.copy())
+        out = summarize_item(item, header, raw_config(rec, cfg))
+        assert sorted(i for i, _ in out["vocab"]) == sorted(out["ledger"]["ids"])
+
+
+def test_a_spilled_step_keeps_its_token_ids_problem(tmp_path, caplog) -> None:
+    from monitor.ingest.records import (
+        TOKEN_IDS_REJECTED_METRIC,
+        StepItem,
+        WriterConfig,
+        item_from_raw,
+        summarize_item,
+    )
+
+    lp, ref, mask, _ = batch(13)
+    item = StepItem(7, 1.0, lp, ref, mask, token_ids_problem="token_ids has dtype float64")
+    rec = spilled(tmp_path, item)
+    out = summarize_item(item_from_raw(rec), {"rank": 0, "world_size": 1}, WriterConfig())
+    assert [TOKEN_IDS_REJECTED_METRIC, 1.0] in out["metrics"]
+    # ids found bad in the background (a torch copy, checked there): one warning per run
+    bad = np.full(lp.shape, -1)
+    header = {"project": "p", "name": "warned-once", "rank": 0, "world_size": 1}
+    with caplog.at_level("WARNING", logger="klmon"):
+        for step in (1, 2, 3):
+            it = StepItem(step, 1.0, lp.copy(), ref.copy(), mask.copy(), token_ids=bad)
+            out = summarize_item(it, header, WriterConfig())
+            assert [TOKEN_IDS_REJECTED_METRIC, 1.0] in out["metrics"]
+    assert sum("without its token ledger" in r.getMessage() for r in caplog.records) == 1

@@ -25,6 +25,7 @@ from monitor.integrations.trl import watch
 from monitor.store.database import Database
 from monitor.store.drilldown import read_samples
 from monitor.store.steps import read_metrics, read_steps
+from monitor.store.vocabulary import read_token_ledger
 
 pytestmark = pytest.mark.trl
 
@@ -108,12 +109,23 @@ def stored(db_url: str, run_id: int):
         raise
 
 
+def assert_ledger_named_by_tokenizer(db: Database, run_id: int, steps, trainer) -> None:
+    """watch passed the completion ids and the trainer's tokenizer: every step has a ledger
+    over all its tokens, and the stored texts are the tokenizer's."""
+    ledger = read_token_ledger(db, run_id, k=10)
+    assert ledger.attrs["n_steps"] == len(steps)
+    assert ledger.attrs["n_tokens"] == int(steps["n_tokens"].sum())
+    assert steps["vocab_top_share"].between(0, 1).all()
+    ids = [int(i) for i in ledger["token_id"]]
+    assert ids and ledger["token"].tolist() == trainer.processing_class.convert_ids_to_tokens(ids)
+
+
 def test_grpo_beta_positive_every_step_k3_equals_trl_kl(tiny: Path, tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'k.db'}"  # a new file: watch creates the schema
     # Completions of one fixed length: TRL's `kl` is a mean of per-micro-batch token means,
     # klmon's k3 the token mean of the whole step; equal when micro-batches hold as many
     # tokens (the test of klmon's number, not of that averaging).
-    run, _, logged = train(
+    run, trainer, logged = train(
         "grpo", tiny, tmp_path, db_url, 20, generation_kwargs={"min_new_tokens": 8}
     )
     db, steps, _ = stored(db_url, run.id)
@@ -129,6 +141,7 @@ def test_grpo_beta_positive_every_step_k3_equals_trl_kl(tiny: Path, tmp_path: Pa
     assert steps["k3"].iloc[-1] > steps["k3"].iloc[0], "the policy moved away from the reference"
     samples = read_samples(db, run.id, 20)
     assert samples and all(s.tokens and s.response is not None and s.prompt for s in samples)
+    assert_ledger_named_by_tokenizer(db, run.id, steps, trainer)
     db.dispose()
     out = CliRunner().invoke(
         cli, ["alerts", "check", "--db", db_url, "--run", str(run.id), "--json"]
@@ -182,8 +195,9 @@ def test_grpo_all_truncated_batches_are_rejected_not_raised(tiny: Path, tmp_path
 
 def test_rloo_k1_equals_trl_kl_and_rewards_match(tiny: Path, tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'k.db'}"
-    run, _, logged = train("rloo", tiny, tmp_path, db_url, 20)
+    run, trainer, logged = train("rloo", tiny, tmp_path, db_url, 20)
     db, steps, _ = stored(db_url, run.id)
+    assert_ledger_named_by_tokenizer(db, run.id, steps, trainer)
     assert steps.index.tolist() == sorted(logged) == list(range(1, 21))
     for step, h in logged.items():
         # RLOO logs the token mean of log p - log q over the generation: klmon's k1

@@ -206,10 +206,20 @@ def _partial(
     if token_ids is not None:
         ids = check_token_ids(token_ids, batch.policy.shape, batch.layout, batch.mask)
     part = _run_kernel(batch, full=True)
-    ledger = None if ids is None else token_ledger(ids, batch.policy, batch.ref, batch.mask)
+    ledger = None if ids is None else _ledger(ids, batch)
     return Partial(
         **{**part.__dict__, "rewards": batch.rewards, "kl_coef": kl_coef, "ledger": ledger}
     )
+
+
+def _ledger(ids: np.ndarray, batch: Batch) -> TokenLedger:
+    """The compiled ledger pass where it was built and the ids fit its buffers, else numpy's
+    (the reference)."""
+    if compiled.extension is not None and compiled.LEDGER:
+        ledger = compiled.compiled_ledger(ids, batch)
+        if ledger is not None:
+            return ledger
+    return token_ledger(ids, batch.policy, batch.ref, batch.mask)
 
 
 def _run_kernel(batch: Batch, full: bool) -> KernelOut:

@@ -2,11 +2,17 @@
 one fused pass per token, on row ranges run by the helper threads with the GIL released. The
 top-1% candidates come out of that same pass, whatever the distribution of l: each row range
 keeps its ``ceil(1% n_tokens)`` largest positive l in a buffer of ``CANDIDATE_ROOM`` times that
-size, compacted when full (see ``cand`` in the C file)."""
+size, compacted when full (see ``cand`` in the C file).
+
+The token ledger (``compiled_ledger``) is a second pass of the same kind: each row range
+scatter-adds its counts and sums of l into buffers indexed by id (``ledger`` in the C file),
+kept between calls in a small pool, so a step costs one read of its ids and log-probs plus
+O(distinct ids) to read the ledger out and clear the buffers."""
 
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -15,6 +21,7 @@ from monitor.divergence import _passes as passes
 from monitor.divergence._constants import N_BINS, TOP_FRACTION
 from monitor.divergence._passes import K3_POLY, BadChunk, KernelOut, in_threads
 from monitor.divergence.inputs import LOGPROB_TOLERANCE, Batch
+from monitor.divergence.ledger import BINCOUNT_MAX_ID, TokenLedger
 
 try:
     import monitor._kernel as extension
@@ -24,6 +31,10 @@ except ImportError:  # built without a C compiler: the numpy kernel does the sam
 #: Whether the compiled kernel may use its AVX2 loop (where the CPU has AVX2 and FMA); the
 #: scalar loop computes the same quantities. Tests switch it off to cover the scalar loop.
 SIMD = True
+
+#: Whether the token ledger uses the compiled scatter-add (``compiled_ledger``); the numpy
+#: ledger (the reference) computes the same. The benchmark switches it off to compare.
+LEDGER = True
 
 #: The candidate buffer of a row range holds this many times the number of values it keeps:
 #: the larger, the fewer compactions (each a quickselect over the buffer). Tests lower it.
@@ -109,3 +120,71 @@ def run_compiled(batch: Batch, full: bool) -> KernelOut:
         seq_kl=seq_kl,
         token_hist=hist.sum(axis=0),
     )
+
+
+class _LedgerBuffers:
+    """One row range's ledger buffers: ``acc`` holds each id's sum and count side by side
+    (``acc[id] = (sum, count)``, ids up to ``BINCOUNT_MAX_ID``; allocated zeroed and lazily by
+    the OS: only the pages of ids met take memory), all zero between calls; ``touched`` lists
+    the ``n`` ids counted since the last ``ledger_take``."""
+
+    def __init__(self) -> None:
+        self.acc = np.zeros((BINCOUNT_MAX_ID, 2))
+        self.touched = np.empty(BINCOUNT_MAX_ID, np.int64)
+        self.n = 0
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, int]:
+        return self.acc, self.touched, self.n
+
+
+#: Clean buffers ready for a call; a call takes one per row range and gives them back clean
+#: (concurrent calls from several threads each take their own).
+_FREE_BUFFERS: list[_LedgerBuffers] = []
+_BUFFERS_LOCK = threading.Lock()
+
+
+def compiled_ledger(token_ids: np.ndarray, batch: Batch) -> TokenLedger | None:
+    """The token ledger of a validated batch and its checked (B, T) int ``token_ids`` (ids
+    under the mask >= 0), as ``ledger.token_ledger`` computes it; None when an id under the
+    mask is ``BINCOUNT_MAX_ID`` or more (the caller then counts with ``np.unique``)."""
+    assert extension is not None
+    dtype = np.result_type(batch.policy, batch.ref)
+    p, q = (np.ascontiguousarray(x, dtype) for x in (batch.policy, batch.ref))
+    mask = None if batch.mask is None else np.ascontiguousarray(batch.mask)
+    ids = np.ascontiguousarray(token_ids)
+    if ids.dtype not in (np.int64, np.int32):
+        ids = ids.astype(np.int64)
+    b, t = p.shape
+    n_ranges = min(passes.MAX_THREADS, b) if p.size >= passes.PARALLEL_MIN_POSITIONS else 1
+    bounds = [b * i // n_ranges for i in range(n_ranges + 1)]
+    with _BUFFERS_LOCK:
+        taken = [_FREE_BUFFERS.pop() for _ in range(min(n_ranges, len(_FREE_BUFFERS)))]
+    bufs = taken + [_LedgerBuffers() for _ in range(n_ranges - len(taken))]
+    too_large = [False] * n_ranges
+
+    def task(i: int) -> None:
+        lo, hi = bounds[i], bounds[i + 1]
+        buf = bufs[i]
+        status, buf.n = extension.ledger_add(
+            ids[lo:hi], p[lo:hi], q[lo:hi], None if mask is None else mask[lo:hi],
+            hi - lo, t, dtype == np.float64, *buf.arrays(),
+        )  # fmt: skip
+        too_large[i] = status == extension.LEDGER_ID_TOO_LARGE
+
+    in_threads(n_ranges, p.size, task)  # on an exception the buffers are dropped, not reused
+    first = bufs[0]
+    for other in bufs[1:]:
+        first.n = extension.ledger_merge(*first.arrays(), *other.arrays())
+        other.n = 0
+    out_ids, out_counts, out_sums = (
+        np.empty(first.n, np.int64),
+        np.empty(first.n, np.int64),
+        np.empty(first.n),
+    )
+    extension.ledger_take(*first.arrays(), out_ids, out_counts, out_sums)
+    first.n = 0
+    with _BUFFERS_LOCK:
+        _FREE_BUFFERS.extend(bufs)
+    if any(too_large):
+        return None
+    return TokenLedger(out_ids, out_counts, out_sums)

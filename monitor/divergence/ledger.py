@@ -12,9 +12,12 @@ negative ones, plus the step's positive and negative mass, so shares stay exact:
 - ``vocab_top_share`` (:func:`vocab_top_share`): the share of ``pos_mass`` carried by the
   :data:`VOCAB_TOP_N` ids with the largest positive sums (0 when ``pos_mass`` is 0).
 
-Counting: a weighted ``np.bincount`` over the masked ids when the largest id is below
-:data:`BINCOUNT_MAX_ID` (every real vocabulary), else ``np.unique`` on the masked ids
-(``benchmarks/bench_divergence.py`` measures both).
+Counting (:func:`token_ledger`, the reference): a weighted ``np.bincount`` over the masked
+ids when the largest id is below :data:`BINCOUNT_MAX_ID` (every real vocabulary), else
+``np.unique`` on the masked ids. Where the C kernel was built, ``summarize`` counts with its
+scatter-add instead (``monitor/divergence/_compiled.py``: one read of the ids and log-probs,
+about the cost of the summary's own pass), for ids below the same bound
+(``benchmarks/bench_divergence.py`` measures the three).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from monitor.ingest.records import (
     WriterConfig,
     config_from_header,
     item_from_raw,
+    raw_config,
     summarize_item,
 )
 from monitor.ingest.text import clean_json, clean_optional, clean_strings, clean_text
@@ -134,7 +135,8 @@ def apply_records(
     for rec in records:
         kind = rec.get("type")
         if kind == "raw":  # spilled by log_step: summarise it now
-            rec = summarize_item(item_from_raw(rec), header, cfg or config_from_header(header))
+            raw_cfg = raw_config(rec, cfg or config_from_header(header))
+            rec = summarize_item(item_from_raw(rec), header, raw_cfg)
             kind = "step"
             if rec["status"] == "rejected":
                 out.raw_rejected += 1

@@ -534,6 +534,12 @@ class Run:
             "samples_random": samples_random,
         }
 
+    @property
+    def has_vocabulary(self) -> bool:
+        """Whether the run knows how to turn token ids into text (``tokenizer=`` or
+        :meth:`set_vocabulary`)."""
+        return self._writer.cfg.vocabulary is not None
+
     def set_vocabulary(self, vocabulary: Any) -> None:
         """How to turn token ids into text, once per run: a list (index = id), a dict
         id -> string, or an object with ``convert_ids_to_tokens`` or ``decode`` (a Hugging

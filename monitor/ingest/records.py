@@ -162,7 +162,7 @@ def _summarize_arrays(
     kwargs: dict[str, Any] = {"mask": item.mask, "rewards": item.rewards, "kl_coef": item.kl_coef}
     if item.extra:
         kwargs.update(item.extra)
-    kwargs["token_ids"] = _usable_token_ids(item)
+    kwargs["token_ids"] = _usable_token_ids(item, header)
     out: dict[str, Any] = {"ledger": None, "vocab": []}
     ledger_ids: Any = None
     if world_size > 1:
@@ -201,10 +201,14 @@ def _summarize_arrays(
     return out
 
 
-def _usable_token_ids(item: StepItem) -> np.ndarray | None:
+#: (project, name, rank) of the runs warned about token ids found bad here: once per run.
+_WARNED_TOKEN_IDS: set[tuple[Any, ...]] = set()
+
+
+def _usable_token_ids(item: StepItem, header: Mapping[str, Any]) -> np.ndarray | None:
     """The step's token ids when they pass ``check_token_ids`` (torch copies are checked
     here); else None, the reason kept in ``token_ids_problem``: bad ids never cost the step
-    its other data."""
+    its other data. The log warns once per run (the metric counts every step)."""
     if item.token_ids is None:
         return None
     assert item.policy_logprobs is not None
@@ -212,7 +216,16 @@ def _usable_token_ids(item: StepItem) -> np.ndarray | None:
         return check_token_ids(item.token_ids, item.policy_logprobs.shape, "2d", item.mask)
     except InvalidInput as exc:
         item.token_ids_problem = str(exc)
-        log.warning("klmon: step %d stored without its token ledger: %s", item.step, exc)
+        key = (header.get("project"), header.get("name"), header.get("rank"))
+        if key not in _WARNED_TOKEN_IDS:
+            _WARNED_TOKEN_IDS.add(key)
+            log.warning(
+                "klmon: step %d stored without its token ledger: %s (counted in the metric "
+                "%s; this warning is shown once)",
+                item.step,
+                exc,
+                TOKEN_IDS_REJECTED_METRIC,
+            )
         return None
 
 
@@ -421,8 +434,10 @@ def item_bytes(item: StepItem | ControlItem) -> int:
     return sum(int(getattr(a, "nbytes", 0)) for a in arrays if a is not None)
 
 
-def raw_record(item: StepItem, rank: int) -> dict[str, Any]:
-    """A step spilled by the caller: its arrays as they are (summarised later)."""
+def raw_record(item: StepItem, rank: int, vocabulary: Vocabulary | None = None) -> dict[str, Any]:
+    """A step spilled by the caller: its arrays as they are (summarised later), and the
+    texts of its token ids under the mask (``vocabulary``), so that a ``klmon sync`` without
+    the tokenizer still names the ledger it computes."""
     resolve_arrays(item)
     texts = None
     if item.texts is not None:
@@ -446,7 +461,24 @@ def raw_record(item: StepItem, rank: int) -> dict[str, Any]:
         "extra": dict(item.extra or {}),
         "tokens": _small_tokens(item),
         "token_ids": item.token_ids,
+        "token_ids_problem": item.token_ids_problem,
+        "vocab": _raw_vocab(item, vocabulary),
     }
+
+
+def _raw_vocab(item: StepItem, vocabulary: Vocabulary | None) -> list[list[Any]]:
+    """[id, text] of the distinct ids under the mask; none when they cannot be read (their
+    problem is found again when the step is summarised)."""
+    if vocabulary is None or item.token_ids is None:
+        return []
+    try:
+        ids = np.asarray(item.token_ids)
+        if item.mask is not None:
+            ids = ids[np.asarray(item.mask, dtype=bool)]
+        ids = np.unique(ids)
+        return vocabulary.texts(ids[ids >= 0].tolist())
+    except Exception:  # bad ids or a failing tokenizer: the step still spills
+        return []
 
 
 def _small_tokens(item: StepItem) -> list[list[str]] | None:
@@ -472,7 +504,20 @@ def item_from_raw(rec: Mapping[str, Any]) -> StepItem:
         metrics=dict(rec.get("metrics") or ()),
         extra=rec.get("extra") or None,
         token_ids=rec.get("token_ids"),
+        token_ids_problem=rec.get("token_ids_problem"),
     )
+
+
+def raw_config(rec: Mapping[str, Any], cfg: WriterConfig) -> WriterConfig:
+    """The settings to summarise a spilled raw step with: every ledger id's text goes with
+    it, from the live vocabulary (nothing taken as already sent: it may be a replay) or, for
+    ``klmon sync``, from the texts the raw record carries."""
+    if cfg.vocabulary is not None:
+        return replace(cfg, vocabulary=cfg.vocabulary.fresh())
+    carried = rec.get("vocab")
+    if carried:
+        return replace(cfg, vocabulary=Vocabulary({int(i): t for i, t in carried}))
+    return cfg
 
 
 def config_from_header(header: Mapping[str, Any]) -> WriterConfig:

@@ -38,8 +38,24 @@ class Vocabulary:
                 f"tokenizer is a {type(source).__name__}: expected a list of token strings, "
                 "a dict id -> string, or an object with convert_ids_to_tokens or decode"
             )
+        self._source = source
         self._sent: set[int] = set()
         self._lock = threading.Lock()
+
+    def fresh(self) -> Vocabulary:
+        """The same texts with no id marked as sent: a step summarised again (a spilled raw
+        step the committer replays after a failed write) carries all of its texts again."""
+        return Vocabulary(self._source)
+
+    def texts(self, ids: Iterable[int]) -> list[list[Any]]:
+        """``[id, text]`` of ``ids``, none marked as sent (what a spilled raw step carries,
+        for a ``klmon sync`` that has no tokenizer)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        with self._lock:
+            texts = self._lookup(ids)
+        return [[i, _clean(t)] for i, t in zip(ids, texts, strict=True)]
 
     def pending(self, ids: Iterable[int]) -> list[list[Any]]:
         """``[id, text]`` of the ids not sent yet (text None when the source lacks the id),

@@ -212,7 +212,7 @@ class BackgroundWriter(Committer):
         elif item.rejected is not None or item.policy_logprobs is None:
             record = summarize_item(item, self.header, self.cfg)  # no arrays: cheap
         else:
-            record = raw_record(item, int(self.header.get("rank", 0)))
+            record = raw_record(item, int(self.header.get("rank", 0)), self.cfg.vocabulary)
             self.stats.add("spilled")
             if not self._warned_processor:
                 self._warned_processor = True

@@ -9,7 +9,9 @@ OpenRLHF keeps ``base_action_log_probs`` only when the KL is a loss (``algo.kl.u
 otherwise it keeps the per-token ``kl``, from which the reference log-probs are recovered
 when the estimator is ``k1`` (kl = log p - log q, exact while |kl| <= 10: OpenRLHF
 clamps it there). With another estimator and no
-reference log-probs klmon warns once and logs nothing per token.
+reference log-probs klmon warns once and logs nothing per token. The action ids are the last
+``A`` tokens of ``sequences`` (the actor's log-probs are of ``sequences[:, 1:]``, cut to the
+last ``A``); they fill the step's token ledger, named by the trainer's ``tokenizer``.
 
 ``watch(trainer, run)`` wraps ``trainer.train_step(rollout_samples, global_step)`` and its
 ``experience_maker.make_experience_batch``: the experiences of the step are logged under
@@ -24,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from monitor.ingest.client import Run
+from monitor.integrations._tokenizer import adopt_tokenizer
 
 log = logging.getLogger("klmon.openrlhf")
 _warned: set[str] = set()
@@ -48,6 +51,9 @@ def log_experiences(
             )
             continue
         info = getattr(exp, "info", None) or {}
+        seqs = getattr(exp, "sequences", None)
+        width = lp.shape[-1]
+        ids = seqs[:, -width:] if seqs is not None and seqs.shape[-1] >= width else None
         run.add_to_step(
             int(step),
             policy_logprobs=lp,
@@ -55,14 +61,17 @@ def log_experiences(
             mask=exp.action_mask,
             rewards=info.get("reward"),
             rollout_logprobs=getattr(exp, "rollout_log_probs", None),
+            token_ids=ids,
         )
         n += 1
     return n
 
 
 def watch(trainer: Any, run: Run) -> None:
-    """Hook an OpenRLHF PPO trainer (``train_step`` + ``experience_maker``)."""
+    """Hook an OpenRLHF PPO trainer (``train_step`` + ``experience_maker``); its
+    ``tokenizer`` becomes the run's vocabulary unless it has one."""
     maker = trainer.experience_maker
+    adopt_tokenizer(run, trainer, maker)
     make_batch, train_step = maker.make_experience_batch, trainer.train_step
     current: dict[str, int] = {}
 

@@ -187,6 +187,7 @@ def watch(
     :func:`monitor.init` (``db=``, ``config=``, ``spool_dir=``...). Invalid steps are stored
     as rejected and counted (``on_invalid="log"``): klmon never raises into training.
     """
+    from monitor.integrations._tokenizer import tokenizer_of
     from monitor.integrations.trl_hooks import TRLHooks
 
     args = trainer.args
@@ -196,6 +197,7 @@ def watch(
     if isinstance(beta, int | float):
         config.setdefault("kl_coef", float(beta))
     init_kwargs.setdefault("on_invalid", "log")
+    init_kwargs.setdefault("tokenizer", tokenizer_of(trainer))  # names the ledger's ids
     run = init(
         project,
         name or getattr(args, "run_name", None) or type(trainer).__name__,

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from monitor.ingest.client import Run
+from monitor.integrations._tokenizer import tokenizer_of
 
 log = logging.getLogger("klmon.trl")
 
@@ -155,8 +156,7 @@ class TRLHooks:
         import torch
 
         out[ROW_KEY] = torch.arange(n, device=ids.device)
-        tok = getattr(self.trainer, "processing_class", None)
-        tok = getattr(tok, "tokenizer", tok)  # a processor wraps its tokenizer
+        tok = tokenizer_of(self.trainer)
         id_rows = ids.tolist()
         self._rows = {
             "prompts": _prompts(batch, n),
@@ -177,6 +177,7 @@ class TRLHooks:
                 out["completion_mask"],
                 list(range(n)),
                 rollout=out.get("sampling_per_token_logps"),
+                token_ids=ids,
             )
             return
         self.warn_once(
@@ -203,7 +204,8 @@ class TRLHooks:
         if ref is None:
             self._beta0_add(step, lp, entropies, mask, rollout, rows)
             return
-        self._add(step, lp, ref, mask, rows, rollout=rollout, entropies=entropies)
+        ids = inputs.get("completion_ids")
+        self._add(step, lp, ref, mask, rows, rollout=rollout, entropies=entropies, token_ids=ids)
 
     def _add(
         self,
@@ -215,6 +217,7 @@ class TRLHooks:
         *,
         rollout: Any = None,
         entropies: Any = None,
+        token_ids: Any = None,
     ) -> None:
         r = self._rows
         rewards = texts = tokens = None
@@ -236,6 +239,7 @@ class TRLHooks:
             tokens=tokens,
             rollout_logprobs=None if rollout is None else rollout.detach(),
             entropies=None if entropies is None else entropies.detach(),
+            token_ids=None if token_ids is None else token_ids.detach(),
         )
 
     def _beta0_add(

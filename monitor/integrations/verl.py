@@ -3,11 +3,14 @@
 ``watch(trainer, run)`` hooks the trainer where its batch is complete: the v1 trainer
 (``trainer.use_v1``, the default) in ``_compute_advantage(batch, metrics)``, whose fields it
 reads from the TransferQueue (``old_log_probs``, ``ref_log_prob``, ``response_mask``,
-``rm_scores``, ``rollout_log_probs``); the legacy ``RayPPOTrainer.fit`` in
+``rm_scores``, ``rollout_log_probs``, the sampled ids ``responses``); the legacy
+``RayPPOTrainer.fit`` in
 ``_update_actor(batch)``, whose ``DataProto`` holds them with ``token_level_scores``. A step
 made of several mini-batches (v1's ``_step_once`` per sample) becomes one klmon step
 (``run.add_to_step``), closed at the trainer's ``on_step_end`` (v1) or after the update
-(legacy). The step number is ``trainer.global_steps``, the one veRL logs.
+(legacy). The step number is ``trainer.global_steps``, the one veRL logs. The response ids
+(``responses``, aligned with the log-probs) fill the step's token ledger, named by the
+trainer's ``tokenizer``.
 
 ``log_batch(run, step, batch)`` does one batch by hand (a ``DataProto``, a ``TensorDict``
 or a mapping of tensors). veRL computes reference log-probs only when a KL term is on
@@ -22,10 +25,18 @@ from collections.abc import Callable
 from typing import Any
 
 from monitor.ingest.client import Run
+from monitor.integrations._tokenizer import adopt_tokenizer
 
 log = logging.getLogger("klmon.verl")
 
-V1_FIELDS = ["response_mask", "old_log_probs", "ref_log_prob", "rm_scores", "rollout_log_probs"]
+V1_FIELDS = [
+    "response_mask",
+    "old_log_probs",
+    "ref_log_prob",
+    "rm_scores",
+    "rollout_log_probs",
+    "responses",
+]
 _warned: set[str] = set()
 
 
@@ -58,13 +69,16 @@ def log_batch(run: Run, step: int, batch: Any) -> bool:
         mask=get("response_mask"),
         rewards=None if scores is None else scores.sum(-1),
         rollout_logprobs=get("rollout_log_probs"),
+        token_ids=get("responses"),
     )
     return True
 
 
 def watch(trainer: Any, run: Run, *, kv_get: Callable[..., Any] | None = None) -> str:
     """Hook a veRL trainer; returns which trainer it found ("v1" or "legacy").
-    ``kv_get``: the TransferQueue read (default ``transfer_queue.kv_batch_get``)."""
+    ``kv_get``: the TransferQueue read (default ``transfer_queue.kv_batch_get``). The
+    trainer's ``tokenizer`` becomes the run's vocabulary unless it has one."""
+    adopt_tokenizer(run, trainer)
     if callable(getattr(trainer, "_compute_advantage", None)):
         _watch_v1(trainer, run, kv_get)
         return "v1"

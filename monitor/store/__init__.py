@@ -99,6 +99,7 @@ _HOME: dict[str, str] = {
     "write_step_frame": "step_writes",
     "write_step_records": "step_writes",
     "write_steps": "step_writes",
+    "write_imported_ledgers": "step_writes",
     "latest_steps": "steps",
     "latest_steps_of_runs": "steps",
     "metric_names": "steps",
@@ -117,6 +118,7 @@ _HOME: dict[str, str] = {
     "token_changes_between_runs": "vocabulary",
     "StepVocabulary": "vocabulary_notes",
     "step_vocabulary": "vocabulary_notes",
+    "refresh_ledger_rollups": "ledger_rollups",
 }
 
 __all__ = sorted(_HOME)

@@ -238,6 +238,37 @@ class TokenLedgerStepRow(Base):
     neg_mass: Mapped[float] = mapped_column(Float)
 
 
+class TokenLedgerRollupRow(Base):
+    """One token id of a bucket of 2**level steps of a run's ledger: the sums of its stored
+    step rows (``n_steps`` of them), kept when the id ranks in the bucket's top ``ROLLUP_K``
+    by positive or by negative sum (``monitor/store/ledger_rollups.py``)."""
+
+    __tablename__ = "token_ledger_rollups"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    token_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    lr_sum: Mapped[float] = mapped_column(Float)
+    n_steps: Mapped[int] = mapped_column(Integer)
+
+
+class TokenLedgerRollupMassRow(Base):
+    """A bucket of 2**level steps of a run's ledger: its steps with a ledger, tokens and
+    masses (exact sums of ``token_ledger_steps``); also the rollups' frontier per level."""
+
+    __tablename__ = "token_ledger_rollup_masses"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n_steps: Mapped[int] = mapped_column(Integer)
+    n_tokens: Mapped[int] = mapped_column(BigInteger)
+    pos_mass: Mapped[float] = mapped_column(Float)
+    neg_mass: Mapped[float] = mapped_column(Float)
+
+
 class TokenVocabRow(Base):
     """The text of a token id of a run, stored for the ids that appear in its ledgers."""
 

@@ -45,6 +45,7 @@ from monitor.store._bulk import COPY_MIN_ROWS, insert_rows
 from monitor.store.database import Database
 from monitor.store.domain import StepWriteResult
 from monitor.store.drilldown import SAMPLE_COLUMNS, sample_rows
+from monitor.store.ledger_rollups import invalidate_ledger_rollups
 from monitor.store.metric_blocks import MetricWriteResult
 from monitor.store.models import (
     METRIC_NAME_MAX,
@@ -609,6 +610,7 @@ def _insert_ledgers(
     if not ledgers:
         return
     ph = db.paramstyle
+    invalidate_ledger_rollups(conn, run_id, min(step for step, _ in ledgers))
     if replace:
         keys = [(run_id, step) for step, _ in ledgers]
         for table in ("token_ledger", "token_ledger_steps"):
@@ -625,6 +627,67 @@ def _insert_ledgers(
         ("run_id", "step", "n_tokens", "pos_mass", "neg_mass"),
         [(run_id, step, int(d["n"]), float(d["pos"]), float(d["neg"])) for step, d in ledgers],
     )
+
+
+def write_imported_ledgers(
+    db: Database,
+    run_id: int,
+    ledgers: Sequence[tuple[int, Mapping[str, Any]]],
+    texts: Sequence[str],
+) -> int:
+    """Store the token ledgers of imported steps whose ids are positions in ``texts`` (token
+    strings of a log): each string becomes the run's id for that text (the smallest stored
+    one), or a new id past the run's largest; only the strings of stored rows enter
+    ``token_vocab``. A step that has a ledger already keeps it (a re-import changes
+    nothing). Returns the steps whose ledger was stored."""
+    if not ledgers:
+        return 0
+    used = sorted({int(i) for _, d in ledgers for i in d["ids"]})
+    with db.begin() as conn:
+        _lock_run(db, conn, run_id, None)
+        known: dict[str, int] = {}
+        top = -1
+        for tid, text_ in conn.exec_driver_sql(
+            f"SELECT token_id, text FROM token_vocab WHERE run_id = {int(run_id)} "
+            "ORDER BY token_id DESC"
+        ):
+            top = max(top, int(tid))
+            if text_ is not None:
+                known[str(text_)] = int(tid)  # descending: the smallest id wins
+        run_ids: dict[int, int] = {}
+        new_vocab = []
+        for local in used:
+            text_ = texts[local]
+            if text_ not in known:
+                top += 1
+                known[text_] = top
+                new_vocab.append((run_id, top, text_))
+            run_ids[local] = known[text_]
+        stored = {
+            int(s)
+            for (s,) in conn.exec_driver_sql(
+                f"SELECT step FROM token_ledger_steps WHERE run_id = {int(run_id)}"
+            )
+        }
+        fresh = []
+        for step, d in ledgers:
+            if int(step) in stored:
+                continue
+            order = np.argsort([run_ids[int(i)] for i in d["ids"]], kind="stable")
+            fresh.append(
+                (
+                    int(step),
+                    {
+                        **d,
+                        "ids": [run_ids[int(d["ids"][j])] for j in order],
+                        "counts": [d["counts"][j] for j in order],
+                        "sums": [d["sums"][j] for j in order],
+                    },
+                )
+            )
+        insert_rows(conn, "token_vocab", ("run_id", "token_id", "text"), new_vocab)
+        _insert_ledgers(db, conn, run_id, fresh)
+    return len(fresh)
 
 
 def _shard_partials(r: StepRecord) -> dict[str, Any]:

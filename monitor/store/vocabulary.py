@@ -14,15 +14,20 @@ and the masses of the step's whole ledger (``pos_mass``: sum over ids of max(sum
 - ``share_pos = max(lr_sum, 0) / (sum of the steps' pos_mass)``, ``share_neg = -min(lr_sum, 0)
   / -(sum of the steps' neg_mass)``: exact denominators, from every token of the range.
 
-Reads are a GROUP BY over the range (cost grows with the range's rows, 2 K per step at
-most). A rollup table for million-step runs (the sums of the power-of-two step buckets of
-``series.py``, keyed (run_id, level, bucket, token_id), trimmed to the bucket's top ids) can
-answer the same aggregate from O(log n) buckets plus the raw edges; these functions are its
-interface.
+A range of at most ``RAW_MAX_STEPS`` steps is a GROUP BY over its raw rows (2 K per step
+at most), exact as said above. A longer one is read from the power-of-two rollups of
+``monitor/store/ledger_rollups.py`` (built lazily here): O(log n) stored buckets plus the raw
+rows at its edges, so a million-step run answers like a short one. Masses, token and step
+counts stay exact; an id's ``count``/``lr_sum``/``n_steps`` then add the buckets where it
+ranked in the bucket's top ``ROLLUP_K`` (64) by positive or by negative sum: the ids that
+carry the range are counted in full, small ones may be under-counted. Over a long range
+:func:`read_token_ledger_buckets` rounds its inner bucket edges to multiples of
+``2**BASE_LEVEL`` (64) steps (``step_lo``/``step_hi`` say where each bucket is).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -32,6 +37,17 @@ from sqlalchemy import Connection, text
 
 from monitor.errors import InvalidInput
 from monitor.store.database import Database
+from monitor.store.ledger_rollups import (
+    BASE_LEVEL,
+    MASSES,
+    RAW_MAX_STEPS,
+    ROLLUPS,
+    Pieces,
+    ensure_ledger_rollups,
+    pieces_sql,
+    range_pieces,
+    stored_frontiers,
+)
 from monitor.store.series import MAX_STEP
 
 #: Which side of the ledger a read ranks: the largest positive sums (the policy now prefers
@@ -86,16 +102,16 @@ def read_token_ledger(
     _check_k(k)
     order = "DESC" if _side(side) == "pos" else "ASC"
     sign = ">" if side == "pos" else "<"
+    ensure_ledger_rollups(db, run_id, lo, hi)
     with db.begin() as conn:
-        masses = _masses(conn, run_id, lo, hi)
-        rows = conn.execute(
-            text(
-                "SELECT token_id, SUM(count), SUM(lr_sum), COUNT(*) FROM token_ledger "
-                "WHERE run_id = :r AND step >= :lo AND step <= :hi GROUP BY token_id "
-                f"HAVING SUM(lr_sum) {sign} 0 ORDER BY SUM(lr_sum) {order}, token_id LIMIT :k"
-            ),
-            {"r": run_id, "lo": lo, "hi": hi, "k": k},
-        ).all()
+        pieces = _pieces(conn, run_id, lo, hi)
+        masses = _masses(conn, run_id, pieces)
+        rows = _id_sums(
+            conn,
+            run_id,
+            pieces,
+            f"HAVING SUM(s) {sign} 0 ORDER BY SUM(s) {order}, token_id LIMIT {int(k)}",
+        )
         texts = _texts(conn, run_id, [int(r[0]) for r in rows])
     df = pd.DataFrame(
         {
@@ -132,47 +148,29 @@ def read_token_ledger_buckets(
     lo, hi = _range(step_min, step_max)
     if not isinstance(n_buckets, int) or n_buckets < 1:
         raise InvalidInput(f"n_buckets is {n_buckets!r}: expected a positive integer")
-    top = read_token_ledger(db, run_id, lo, hi, k, side)
+    top = read_token_ledger(db, run_id, lo, hi, k, side)  # brings the rollups up to date
     span = hi - lo + 1
     n_buckets = min(n_buckets, span)
     edges = [lo + (b * span + n_buckets - 1) // n_buckets for b in range(n_buckets + 1)]
-    # bucket of step s: the b with edges[b] <= s < edges[b + 1], i.e. floor((s-lo)*n/span)
-    bucket_sql = "((step - :lo) * :n) / :span"
-    params: dict[str, Any] = {"r": run_id, "lo": lo, "hi": hi, "n": n_buckets, "span": span}
     ids = [int(i) for i in top["token_id"]]
+    size = 1 << BASE_LEVEL
     with db.begin() as conn:
-        mass_rows = conn.execute(
-            text(
-                f"SELECT {bucket_sql} AS b, SUM(pos_mass), SUM(neg_mass), SUM(n_tokens) "
-                "FROM token_ledger_steps WHERE run_id = :r AND step >= :lo AND step <= :hi "
-                "GROUP BY b"
-            ),
-            params,
-        ).all()
-        rows: list[Any] = []
-        if ids:
-            marks = ", ".join(f":i{j}" for j in range(len(ids)))
-            rows = conn.execute(
-                text(
-                    f"SELECT token_id, {bucket_sql} AS b, SUM(count), SUM(lr_sum) "
-                    "FROM token_ledger WHERE run_id = :r AND step >= :lo AND step <= :hi "
-                    f"AND token_id IN ({marks}) GROUP BY token_id, b ORDER BY token_id, b"
-                ),
-                {**params, **{f"i{j}": i for j, i in enumerate(ids)}},
-            ).all()
+        done = stored_frontiers(conn, run_id) if span > RAW_MAX_STEPS else {}
+        if done and span >= size * n_buckets:  # inner edges on base bucket boundaries
+            edges = [lo] + [(e + size // 2) // size * size for e in edges[1:-1]] + [hi + 1]
+            per_bucket, rows = _buckets_from_pieces(conn, run_id, edges, done, ids)
+        else:
+            per_bucket, rows = _buckets_from_raw(conn, run_id, lo, hi, n_buckets, ids)
     buckets = pd.DataFrame(
         {
             "bucket": np.arange(n_buckets, dtype=np.int64),
             "step_lo": np.array(edges[:-1], dtype=np.int64),
             "step_hi": np.array(edges[1:], dtype=np.int64) - 1,
-            "pos_mass": 0.0,
-            "neg_mass": 0.0,
-            "n_tokens": np.zeros(n_buckets, dtype=np.int64),
+            "pos_mass": per_bucket[:, 0],
+            "neg_mass": per_bucket[:, 1],
+            "n_tokens": np.rint(per_bucket[:, 2]).astype(np.int64),
         }
     )
-    for b, pos, neg, n in mass_rows:
-        buckets.loc[int(b), ["pos_mass", "neg_mass"]] = [float(pos), float(neg)]
-        buckets.loc[int(b), "n_tokens"] = int(n)
     texts = dict(zip(top["token_id"], top["token"], strict=True))
     b_idx = np.array([int(r[1]) for r in rows], dtype=np.int64)
     lr = np.array([float(r[3]) for r in rows], dtype=np.float64)
@@ -236,9 +234,12 @@ def token_changes_between_runs(
     run B's text of the id, else run A's."""
     _check_k(k)
     _side(side)
+    ra, rb = _range(*range_a), _range(*range_b)
+    ensure_ledger_rollups(db, run_a, *ra)
+    ensure_ledger_rollups(db, run_b, *rb)
     with db.begin() as conn:
-        a, n_a = _window(conn, run_a, *_range(*range_a))
-        b, n_b = _window(conn, run_b, *_range(*range_b))
+        a, n_a = _window(conn, run_a, *ra)
+        b, n_b = _window(conn, run_b, *rb)
         df = a.add_suffix("_before").join(b.add_suffix("_after"), how="outer").fillna(0.0)
         for when, n in (("before", n_a), ("after", n_b)):
             scale = 1000.0 / n if n > 0 else np.nan
@@ -283,13 +284,94 @@ def _side(side: str) -> str:
     return side
 
 
-def _masses(conn: Connection, run_id: int, lo: int, hi: int) -> dict[str, Any]:
-    row = conn.execute(
+def _buckets_from_raw(
+    conn: Connection, run_id: int, lo: int, hi: int, n_buckets: int, ids: list[int]
+) -> tuple[np.ndarray, list[Any]]:
+    """Per equal-width bucket, (pos_mass, neg_mass, n_tokens) and the (token_id, bucket,
+    count, lr_sum) of ``ids``, grouped in SQL over the raw rows."""
+    span = hi - lo + 1
+    # bucket of step s: the b with edges[b] <= s < edges[b + 1], i.e. floor((s-lo)*n/span)
+    bucket_sql = "((step - :lo) * :n) / :span"
+    params: dict[str, Any] = {"r": run_id, "lo": lo, "hi": hi, "n": n_buckets, "span": span}
+    per_bucket = np.zeros((n_buckets, 3))
+    for b, pos, neg, n in conn.execute(
         text(
-            "SELECT SUM(pos_mass), SUM(neg_mass), SUM(n_tokens), COUNT(*) "
-            "FROM token_ledger_steps WHERE run_id = :r AND step >= :lo AND step <= :hi"
+            f"SELECT {bucket_sql} AS b, SUM(pos_mass), SUM(neg_mass), SUM(n_tokens) "
+            "FROM token_ledger_steps WHERE run_id = :r AND step >= :lo AND step <= :hi "
+            "GROUP BY b"
         ),
-        {"r": run_id, "lo": lo, "hi": hi},
+        params,
+    ):
+        per_bucket[int(b)] = (float(pos), float(neg), float(n))
+    if not ids:
+        return per_bucket, []
+    marks = ", ".join(str(int(i)) for i in ids)
+    rows = conn.execute(
+        text(
+            f"SELECT token_id, {bucket_sql} AS b, SUM(count), SUM(lr_sum) "
+            "FROM token_ledger WHERE run_id = :r AND step >= :lo AND step <= :hi "
+            f"AND token_id IN ({marks}) GROUP BY token_id, b ORDER BY token_id, b"
+        ),
+        params,
+    ).all()
+    return per_bucket, rows
+
+
+def _buckets_from_pieces(
+    conn: Connection, run_id: int, edges: list[int], done: dict[int, int], ids: list[int]
+) -> tuple[np.ndarray, list[Any]]:
+    """:func:`_buckets_from_raw` for buckets whose inner edges are on base-bucket
+    boundaries: each bucket read from stored rollup buckets plus raw rows at the ends."""
+    whole = Pieces.union(
+        [range_pieces(a, b - 1, done, raw_max=0) for a, b in itertools.pairwise(edges)]
+    )
+    edge_arr = np.array(edges, dtype=np.int64)
+
+    def fetch(raw_cols: str, rollup_cols: str, raw: str, rollup: str, extra: str = "") -> Any:
+        union, params = pieces_sql(
+            whole, f"step AS s0, 0 AS lv, {raw_cols}", f"bucket AS s0, level AS lv, {rollup_cols}",
+            raw, rollup, extra,
+        )  # fmt: skip
+        rows = conn.execute(text(union), {"r": run_id, **params}).all()
+        first = np.array([int(r[0]) << int(r[1]) for r in rows], dtype=np.int64)
+        cols = [np.array([r[j] for r in rows], dtype=np.float64) for j in range(2, 5)]
+        return np.searchsorted(edge_arr, first, side="right") - 1, cols
+
+    cols = "pos_mass AS pm, neg_mass AS nm, n_tokens AS t"
+    b, masses = fetch(cols, cols, "token_ledger_steps", MASSES)
+    per_bucket = np.stack(
+        [np.bincount(b, weights=m, minlength=len(edges) - 1) for m in masses], axis=1
+    )
+    if not ids:
+        return per_bucket, []
+    cols = "token_id, count AS c, lr_sum AS s"
+    b, (tok, count, lr) = fetch(
+        cols, cols, "token_ledger", ROLLUPS, f"token_id IN ({', '.join(str(i) for i in ids)})"
+    )
+    frame = pd.DataFrame(
+        {"token_id": tok.astype(np.int64), "b": b, "count": count.astype(np.int64), "lr": lr}
+    )
+    summed = frame.groupby(["token_id", "b"], sort=True).sum().reset_index()
+    return per_bucket, list(summed.itertuples(index=False, name=None))
+
+
+def _pieces(conn: Connection, run_id: int, lo: int, hi: int) -> Pieces:
+    if hi - lo + 1 <= RAW_MAX_STEPS:
+        return Pieces([(lo, hi)], [])
+    return range_pieces(lo, hi, stored_frontiers(conn, run_id))
+
+
+def _masses(conn: Connection, run_id: int, pieces: Pieces) -> dict[str, Any]:
+    union, params = pieces_sql(
+        pieces,
+        "pos_mass AS pm, neg_mass AS nm, n_tokens AS t, 1 AS c",
+        "pos_mass AS pm, neg_mass AS nm, n_tokens AS t, n_steps AS c",
+        "token_ledger_steps",
+        MASSES,
+    )
+    row = conn.execute(
+        text(f"SELECT SUM(pm), SUM(nm), SUM(t), SUM(c) FROM ({union}) AS u"),
+        {"r": run_id, **params},
     ).one()
     return {
         "pos_mass": float(row[0] or 0.0),
@@ -297,6 +379,19 @@ def _masses(conn: Connection, run_id: int, lo: int, hi: int) -> dict[str, Any]:
         "n_tokens": int(row[2] or 0),
         "n_steps": int(row[3] or 0),
     }
+
+
+def _id_sums(conn: Connection, run_id: int, pieces: Pieces, tail: str = "") -> list[Any]:
+    """(token_id, count, lr_sum, n_steps) of every id stored in the pieces, then ``tail``."""
+    union, params = pieces_sql(
+        pieces,
+        "token_id, count AS c, lr_sum AS s, 1 AS n",
+        "token_id, count AS c, lr_sum AS s, n_steps AS n",
+        "token_ledger",
+        ROLLUPS,
+    )
+    sql = f"SELECT token_id, SUM(c), SUM(s), SUM(n) FROM ({union}) AS u GROUP BY token_id {tail}"
+    return conn.execute(text(sql), {"r": run_id, **params}).all()
 
 
 def _add_shares(df: pd.DataFrame, pos_mass: float, neg_mass: float) -> None:
@@ -307,13 +402,8 @@ def _add_shares(df: pd.DataFrame, pos_mass: float, neg_mass: float) -> None:
 
 def _window(conn: Connection, run_id: int, lo: int, hi: int) -> tuple[pd.DataFrame, int]:
     """Every stored id of the range (index token_id: count, lr_sum) and its token count."""
-    rows = conn.execute(
-        text(
-            "SELECT token_id, SUM(count), SUM(lr_sum) FROM token_ledger "
-            "WHERE run_id = :r AND step >= :lo AND step <= :hi GROUP BY token_id"
-        ),
-        {"r": run_id, "lo": lo, "hi": hi},
-    ).all()
+    pieces = _pieces(conn, run_id, lo, hi)
+    rows = _id_sums(conn, run_id, pieces)
     df = pd.DataFrame(
         {
             "count": np.array([float(r[1]) for r in rows], dtype=np.float64),
@@ -321,7 +411,7 @@ def _window(conn: Connection, run_id: int, lo: int, hi: int) -> tuple[pd.DataFra
         },
         index=pd.Index([int(r[0]) for r in rows], dtype=np.int64, name="token_id"),
     )
-    return df, _masses(conn, run_id, lo, hi)["n_tokens"]
+    return df, _masses(conn, run_id, pieces)["n_tokens"]
 
 
 def _texts(conn: Connection, run_id: int, ids: Sequence[int]) -> dict[int, str | None]:

@@ -35,10 +35,12 @@ from monitor.store import (
     find_run_by_name,
     get_or_create_run,
     get_run,
+    refresh_ledger_rollups,
     refresh_rollups,
     set_run_status,
     stored_between,
     write_histograms,
+    write_imported_ledgers,
     write_metric_columns,
     write_metric_info,
     write_metrics,
@@ -79,6 +81,7 @@ class ImportReport:
     metric_conflicts: list[tuple[int, str]] = field(default_factory=list)
     histograms_inserted: int = 0
     samples_inserted: int = 0
+    ledgers_inserted: int = 0
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     mapping: dict[str, list[str]] = field(default_factory=dict)
@@ -106,6 +109,7 @@ class ImportReport:
         if self.histograms_inserted or self.samples_inserted:
             lines.append(
                 f"token histograms: {self.histograms_inserted}, samples: {self.samples_inserted}"
+                + (f", token ledgers: {self.ledgers_inserted}" if self.ledgers_inserted else "")
             )
         if self.renamed_from:
             lines.append(
@@ -451,6 +455,8 @@ class _Writer:
         if report.steps_inserted:
             # An imported run is complete: pay its chart rollups now, not on the first view.
             refresh_rollups(db, run.id)
+        if report.ledgers_inserted:
+            refresh_ledger_rollups(db, run.id)
         if run.status != "finished":
             set_run_status(db, run.id, "finished")
             report.run = get_run(db, run.id)
@@ -511,6 +517,10 @@ class _Writer:
         new_steps = [s for s in prepared.samples if s not in stored_steps]
         if prepared.histograms:
             report.histograms_inserted += write_histograms(db, run.id, prepared.histograms)
+        if prepared.ledgers:
+            report.ledgers_inserted += write_imported_ledgers(
+                db, run.id, prepared.ledgers, prepared.token_texts
+            )
         samples = [s for step in new_steps for s in prepared.samples[step]]
         if samples:
             report.samples_inserted += write_samples(db, run.id, samples)

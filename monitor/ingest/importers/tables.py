@@ -100,6 +100,9 @@ class Prepared:
     infos: list[MetricInfo] = field(default_factory=list)
     histograms: list[tuple[int, list[int]]] = field(default_factory=list)
     samples: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    # (step, stored token ledger: ids, counts, sums, n, pos, neg) with ids indexing token_texts
+    ledgers: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -3,7 +3,10 @@
 klmon computes its own full summaries from these, as the live client would: lines are
 grouped by step, each step goes through :func:`monitor.divergence.summarize`, and the step
 row, the token histogram and a few samples (the highest-KL sequences and some random ones)
-are stored. Recognised keys per line (first match wins):
+are stored. When every line of a step has its token strings, the step's token ledger is
+stored too: each distinct string is one token (an id of the run's vocabulary, the one it
+already has for that text or a new one: ``store.step_writes.write_imported_ledgers``).
+Recognised keys per line (first match wins):
 
 - policy log-probs: policy_logprobs, logprobs, policy_log_probs, log_probs, policy_logps
 - reference log-probs: ref_logprobs, ref_log_probs, reference_logprobs, ref_logps
@@ -281,12 +284,18 @@ def _summarise_steps(
 
     Returns the names of the metrics klmon computed and of the per-line extras averaged.
     """
-    from monitor.divergence import summarize  # numpy-only, loaded when needed
+    from monitor.divergence import LEDGER_K, summarize, top_rows  # numpy-only, loaded when needed
 
     computed: set[str] = set()
     extra_names: set[str] = set()
+    local_ids: dict[str, int] = {}  # token string -> id within this file
     for step in sorted(steps.seqs):
         seqs = steps.seqs[step]
+        token_ids = None
+        if all(s.tokens is not None for s in seqs):
+            token_ids = [
+                [local_ids.setdefault(t, len(local_ids)) for t in s.tokens or []] for s in seqs
+            ]
         rewards = [s.reward for s in seqs]
         rollouts = [s.rollout for s in seqs]
         entropies = [s.entropies for s in seqs]
@@ -298,6 +307,7 @@ def _summarise_steps(
                 kl_coef=steps.kl_coefs.get(step),
                 rollout_logprobs=rollouts if all(r is not None for r in rollouts) else None,
                 entropies=entropies if all(e is not None for e in entropies) else None,
+                token_ids=token_ids,
             )
         except InvalidInput as exc:
             out.problems.append(Problem(step, f"not summarised: {exc}", "step"))
@@ -315,10 +325,26 @@ def _summarise_steps(
         row["payload_hash"] = payload_hash(row)
         out.steps.append(row)
         out.histograms.append((step, [int(c) for c in np.asarray(summary.token_hist)]))
+        if summary.ledger is not None:
+            top = top_rows(summary.ledger, LEDGER_K)
+            out.ledgers.append(
+                (
+                    step,
+                    {
+                        "ids": top.ids.tolist(),
+                        "counts": top.counts.tolist(),
+                        "sums": top.lr_sums.tolist(),
+                        "n": summary.n_tokens,
+                        "pos": top.pos_mass,
+                        "neg": top.neg_mass,
+                    },
+                )
+            )
         out.samples[step] = _samples(step, seqs, np.asarray(summary.seq_kl, dtype=float))
         extras = _extra_means(step, seqs)
         out.metrics.extend(extras)
         extra_names.update(name for _s, name, _v in extras)
+    out.token_texts = list(local_ids)  # index: the file's id
     return computed, extra_names
 
 
