@@ -89,6 +89,18 @@ class LedgerTop:
     pos_mass: float
     neg_mass: float
 
+    def as_record(self, n_tokens: int) -> dict[str, Any]:
+        """The JSON form a step record carries to the store (live, merged ranks, imports):
+        ``ids``/``counts``/``sums`` lists, ``pos``/``neg`` masses, ``n`` the step's tokens."""
+        return {
+            "ids": self.ids.tolist(),
+            "counts": self.counts.tolist(),
+            "sums": self.lr_sums.tolist(),
+            "pos": self.pos_mass,
+            "neg": self.neg_mass,
+            "n": n_tokens,
+        }
+
 
 def token_ledger(
     token_ids: np.ndarray, policy: np.ndarray, ref: np.ndarray, mask: np.ndarray | None

@@ -186,14 +186,7 @@ def _summarize_arrays(
         seq_kl = np.asarray(summary.seq_kl, dtype=np.float64)
         if summary.ledger is not None:
             top = divergence.top_rows(summary.ledger, cfg.ledger_k)
-            out["ledger"] = {
-                "ids": top.ids.tolist(),
-                "counts": top.counts.tolist(),
-                "sums": top.lr_sums.tolist(),
-                "pos": top.pos_mass,
-                "neg": top.neg_mass,
-                "n": summary.n_tokens,
-            }
+            out["ledger"] = top.as_record(summary.n_tokens)
             ledger_ids = out["ledger"]["ids"]
     if ledger_ids is not None and cfg.vocabulary is not None:
         out["vocab"] = cfg.vocabulary.pending(ledger_ids)

@@ -729,14 +729,7 @@ def _merged_row(
             if summary.ledger is not None:
                 k = max(int(p.get("ledger_k") or LEDGER_K) for p in good)
                 top = top_rows(summary.ledger, k)
-                ledger = {
-                    "ids": top.ids.tolist(),
-                    "counts": top.counts.tolist(),
-                    "sums": top.lr_sums.tolist(),
-                    "pos": top.pos_mass,
-                    "neg": top.neg_mass,
-                    "n": summary.n_tokens,
-                }
+                ledger = top.as_record(summary.n_tokens)
     if rejected:
         status, reason = "rejected", "; ".join(rejected)
     else:

@@ -327,19 +327,7 @@ def _summarise_steps(
         out.histograms.append((step, [int(c) for c in np.asarray(summary.token_hist)]))
         if summary.ledger is not None:
             top = top_rows(summary.ledger, LEDGER_K)
-            out.ledgers.append(
-                (
-                    step,
-                    {
-                        "ids": top.ids.tolist(),
-                        "counts": top.counts.tolist(),
-                        "sums": top.lr_sums.tolist(),
-                        "n": summary.n_tokens,
-                        "pos": top.pos_mass,
-                        "neg": top.neg_mass,
-                    },
-                )
-            )
+            out.ledgers.append((step, top.as_record(summary.n_tokens)))
         out.samples[step] = _samples(step, seqs, np.asarray(summary.seq_kl, dtype=float))
         extras = _extra_means(step, seqs)
         out.metrics.extend(extras)
