@@ -8,7 +8,7 @@ executemany and through PostgreSQL binary COPY, measured in the same run. Bytes 
 SQLite file (and WAL) after the import, and per table where the database can say
 (SQLite's dbstat, PostgreSQL's pg_total_relation_size).
 
-``--baseline DIR`` imports the CSV with the klmon package found in DIR too (an older
+``--baseline DIR`` imports every file with the klmon package found in DIR too (an older
 checkout: ``git archive <commit> monitor migrations | tar -x -C /tmp/old``), so the figures
 before and after a change come from the same run on the same machine.
 
@@ -207,8 +207,6 @@ def main() -> None:
         roots = [("klmon", here)] + ([("baseline", args.baseline)] if args.baseline else [])
         for label, root in roots:
             for fmt, file in files.items():
-                if label == "baseline" and fmt != "csv":
-                    continue
                 times, sizes = [], []
                 for i in range(args.repeat):
                     db = folder / f"{label}-{fmt}-{i}.db"
@@ -233,8 +231,6 @@ def main() -> None:
             drop()
         for label, root in roots:
             for fmt, file in files.items():
-                if label == "baseline" and fmt != "csv":
-                    continue
                 times = []
                 for _ in range(args.repeat if label == "klmon" else 1):
                     url, drop = fresh_pg(args.pg)

@@ -35,7 +35,6 @@ from monitor.store import (
     find_run_by_name,
     get_or_create_run,
     get_run,
-    refresh_rollups,
     set_run_status,
     stored_between,
     write_histograms,
@@ -448,9 +447,6 @@ class _Writer:
             self._write_chunk(report, chunk)
         if not report.kl_read:
             report.kl_candidates = first.kl_candidates
-        if report.steps_inserted:
-            # An imported run is complete: pay its chart rollups now, not on the first view.
-            refresh_rollups(db, run.id)
         if run.status != "finished":
             set_run_status(db, run.id, "finished")
             report.run = get_run(db, run.id)
