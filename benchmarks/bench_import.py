@@ -8,7 +8,7 @@ executemany and through PostgreSQL binary COPY, measured in the same run. Bytes 
 SQLite file (and WAL) after the import, and per table where the database can say
 (SQLite's dbstat, PostgreSQL's pg_total_relation_size).
 
-``--baseline DIR`` imports the CSV with the klmon package found in DIR too (an older
+``--baseline DIR`` imports every file with the klmon package found in DIR too (an older
 checkout: ``git archive <commit> monitor migrations | tar -x -C /tmp/old``), so the figures
 before and after a change come from the same run on the same machine.
 
@@ -200,22 +200,26 @@ def main() -> None:
         folder = Path(tmp)
         files = write_files(frame, folder)
         raw_path = folder / "raw.db"
-        raw_s = median_time(lambda: raw_sqlite(frame, raw_path), args.repeat)
-        raw_b = raw_path.stat().st_size
-        print(f"\nSQLite  floor: raw sqlite3 executemany, wide table   {raw_s:6.2f} s   "
-              f"{mb(raw_b)}")  # fmt: skip
         roots = [("klmon", here)] + ([("baseline", args.baseline)] if args.baseline else [])
-        for label, root in roots:
-            for fmt, file in files.items():
-                if label == "baseline" and fmt != "csv":
-                    continue
-                times, sizes = [], []
-                for i in range(args.repeat):
+        # The load of a shared machine drifts: each repeat runs the floor and every root in
+        # turn, and each format's figures are divided by the floor measured beside them.
+        print("\nSQLite: floor = raw sqlite3 executemany into a wide table")
+        for fmt, file in files.items():
+            floor: list[float] = []
+            times: dict[str, list[float]] = {label: [] for label, _ in roots}
+            sizes: dict[str, tuple[int, dict[str, int]]] = {}
+            for i in range(args.repeat):
+                floor.append(median_time(lambda: raw_sqlite(frame, raw_path), 1))
+                for label, root in roots:
                     db = folder / f"{label}-{fmt}-{i}.db"
-                    times.append(klmon_import(file, f"sqlite:///{db}", root))
-                    sizes.append(sqlite_bytes(db))
-                t = statistics.median(times)
-                total, per = sizes[-1]
+                    times[label].append(klmon_import(file, f"sqlite:///{db}", root))
+                    sizes[label] = sqlite_bytes(db)
+            raw_s = statistics.median(floor)
+            print(f"SQLite  floor    {fmt:8s}                          {raw_s:6.2f} s   "
+                  f"{mb(raw_path.stat().st_size)}")  # fmt: skip
+            for label, _root in roots:
+                t = statistics.median(times[label])
+                total, per = sizes[label]
                 tables = ", ".join(
                     f"{k} {mb(v)}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:4]
                 )
@@ -223,31 +227,34 @@ def main() -> None:
                       f"{mb(total)}  ({t / raw_s:.1f}x the floor; {tables})")  # fmt: skip
         if not args.pg:
             return
-        url, drop = fresh_pg(args.pg)
-        try:
-            copy_s = median_time(lambda: pg_copy(frame, url), args.repeat)
-            copy_b = pg_bytes(url, ["wide"])["wide"]
-            print(f"\nPostgreSQL floor: binary COPY, wide table          {copy_s:6.2f} s   "
-                  f"{mb(copy_b)}  ({args.rows / copy_s:,.0f} rows/s)")  # fmt: skip
-        finally:
-            drop()
-        for label, root in roots:
-            for fmt, file in files.items():
-                if label == "baseline" and fmt != "csv":
-                    continue
-                times = []
-                for _ in range(args.repeat if label == "klmon" else 1):
+        print("\nPostgreSQL: floor = binary COPY into a wide table")
+        for fmt, file in files.items():
+            floor, copy_b = [], 0
+            times = {label: [] for label, _ in roots}
+            shown: dict[str, str] = {}
+            for _ in range(args.repeat):
+                url, drop = fresh_pg(args.pg)
+                try:
+                    floor.append(median_time(lambda u=url: pg_copy(frame, u), 1))
+                    copy_b = pg_bytes(url, ["wide"])["wide"]
+                finally:
+                    drop()
+                for label, root in roots:
                     url, drop = fresh_pg(args.pg)
                     try:
-                        times.append(klmon_import(file, url, root))
+                        times[label].append(klmon_import(file, url, root))
                         per = pg_bytes(url, ["steps", "metrics", "metric_blocks",
                                              "metric_rollups", "step_rollups"])  # fmt: skip
                     finally:
                         drop()
-                t = statistics.median(times)
-                shown = ", ".join(f"{k} {mb(v)}" for k, v in per.items() if v)
+                    shown[label] = ", ".join(f"{k} {mb(v)}" for k, v in per.items() if v)
+            copy_s = statistics.median(floor)
+            print(f"PostgreSQL floor    {fmt:8s}                       {copy_s:6.2f} s   "
+                  f"{mb(copy_b)}  ({args.rows / copy_s:,.0f} rows/s)")  # fmt: skip
+            for label, _root in roots:
+                t = statistics.median(times[label])
                 print(f"PostgreSQL {label:8s} klmon import {fmt:8s}         {t:6.2f} s   "
-                      f"({t / copy_s:.1f}x the floor; {shown})")  # fmt: skip
+                      f"({t / copy_s:.1f}x the floor; {shown[label]})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -358,3 +358,29 @@ def test_clean_tables_read_column_wise_equal_the_row_reader(
     assert sorted(fast.metrics) == sorted(slow.metrics)
     assert (fast.notes, fast.mapping, fast.kl_read) == (slow.notes, slow.mapping, slow.kl_read)
     assert fast.infos == slow.infos and fast.step_column == slow.step_column
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ['{"step": 0, "kl": 0.5, "loss": 1}', '{"step": 1, "kl": null, "loss": 2}'],
+        ['{"step": 0, "kl": 0.5}', '{"step": 1, "loss": 2}', '{"step": 2, "kl": "0.25"}'],
+        ['{"step": 0, "kl": 0.5, "loss": "nan"}', '{"step": 1, "kl": 0.7, "loss": 3}'],
+        ['{"step": 0, "loss": 1, "kl": [0.5]}', '{"step": 1, "loss": 2, "kl": [0.7]}'],
+    ],
+    ids=["null", "missing-keys", "numeric-text", "lists"],
+)
+def test_jsonl_column_wise_equals_the_row_reader(
+    tmp_path: Path, lines: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nulls, missing keys, numbers as text and list cells read the same through the
+    columnar JSONL path (or make it step aside) as through the line reader."""
+    from monitor.ingest.importers import registry
+
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    _f, fast = prepare_path(path)
+    monkeypatch.setattr(registry, "build_frame", lambda *a, **k: None)
+    _f, slow = prepare_path(path)
+    assert fast.steps == slow.steps and sorted(fast.metrics) == sorted(slow.metrics)
+    assert (fast.notes, fast.mapping, fast.problems) == (slow.notes, slow.mapping, slow.problems)

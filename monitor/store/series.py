@@ -183,6 +183,16 @@ class _Buckets:
             vavg=stats[:, :, 2],
         )
 
+    def widen(self, filled: Sequence[int], k: int) -> _Buckets:
+        """These buckets of the quantities ``filled`` as buckets of all ``k`` (NaN for the
+        others): reductions run over the filled columns only."""
+        stats = []
+        for v in (self.vmin, self.vmax, self.vavg):
+            wide = np.full((len(self), k), np.nan)
+            wide[:, list(filled)] = v
+            stats.append(wide)
+        return _Buckets(*(getattr(self, f) for f in _BUCKET_FIELDS[:6]), *stats)
+
     def select(self, mask: np.ndarray) -> _Buckets:
         return _Buckets(*(getattr(self, f)[mask] for f in _BUCKET_FIELDS))
 
@@ -286,15 +296,11 @@ def _base_buckets(
     names = [src.values[i] for i in filled]
     if conn.dialect.name == "sqlite":
         steps, wall, some = _read_raw(conn, src, key, names, lo, hi)
-        vals = np.full((len(steps), len(src.values)), np.nan)
-        vals[:, filled] = some
-        return _aggregate_raw(steps, wall, vals, src.base_level)
+        return _aggregate_raw(steps, wall, some, src.base_level).widen(filled, len(src.values))
     head, some_stats = _aggregate_sql(conn, src, key, names, lo, hi)
     if len(head) == 0:
         return _Buckets.empty(len(src.values))
-    stats = np.full((len(head), len(src.values), 3), np.nan)
-    stats[:, filled] = some_stats
-    return _Buckets.from_arrays(head, stats)
+    return _Buckets.from_arrays(head, some_stats).widen(filled, len(src.values))
 
 
 def _combine(children: _Buckets) -> _Buckets:

@@ -36,7 +36,6 @@ from monitor.store import (
     get_or_create_run,
     get_run,
     refresh_ledger_rollups,
-    refresh_rollups,
     set_run_status,
     stored_between,
     write_histograms,
@@ -452,10 +451,9 @@ class _Writer:
             self._write_chunk(report, chunk)
         if not report.kl_read:
             report.kl_candidates = first.kl_candidates
-        if report.steps_inserted:
-            # An imported run is complete: pay its chart rollups now, not on the first view.
-            refresh_rollups(db, run.id)
         if report.ledgers_inserted:
+            # Ledger rollups of a long run take far longer than a chart's (top ids per
+            # bucket, not three numbers): paid here, not on the first view of the panel.
             refresh_ledger_rollups(db, run.id)
         if run.status != "finished":
             set_run_status(db, run.id, "finished")

@@ -9,10 +9,13 @@ A clean file (one flat object of numbers per line) is turned into float64 column
 
 from __future__ import annotations
 
-import json
+import itertools
+import operator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 
 from monitor.errors import InvalidInput
@@ -58,25 +61,47 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
         return None
     try:
         lines = data.decode("utf-8").lstrip("\ufeff").split("\n")
-        rows = [json.loads(line) for line in lines if line.strip()]
+        # orjson refuses bare NaN/Infinity and integers past 64 bits: those files take the
+        # line reader, which reads them as the rules say
+        rows = [orjson.loads(line) for line in lines if line.strip()]
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not rows or not all(type(r) is dict for r in rows):
         return None
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    columns: dict[str, np.ndarray] = {}
+    keys = list(dict.fromkeys(itertools.chain.from_iterable(rows)))
+    try:
+        columns = _columns(rows, keys)
+    except (TypeError, ValueError, OverflowError):
+        return None  # text, nested objects, lists: read line by line
     nulls: dict[str, int] = {}
-    for k in keys:
-        cells = [r.get(k) for r in rows]
-        try:
-            columns[k] = np.array(cells, dtype=np.float64)
-        except (TypeError, ValueError, OverflowError):
-            return None  # text, nested objects, lists: read line by line
-        nulls[k] = cells.count(None)
+    for k, v in columns.items():
+        # a null (or missing key) is NaN; NaN from numeric text ("nan") is not a null
+        nulls[k] = sum(r.get(k) is None for r in rows) if np.isnan(v).any() else 0
     try:
         return pd.DataFrame(columns, copy=False), nulls
     except UnicodeError:  # a key with a lone surrogate: the row reader cleans it
         return None
+
+
+def _columns(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, np.ndarray]:
+    """float64 columns of ``keys`` (a missing key or null: NaN); raises ValueError or
+    TypeError for a cell that is not a number. Rows holding every key (the usual file) are
+    converted as one matrix."""
+    if all(len(r) == len(keys) for r in rows):
+        cells = list(map(operator.itemgetter(*keys), rows)) if len(keys) > 1 else None
+        matrix = np.array(
+            cells if cells is not None else [[r[keys[0]]] for r in rows], dtype=np.float64
+        )
+        if matrix.shape != (len(rows), len(keys)):
+            raise ValueError("a cell holds a list")
+        return {k: np.ascontiguousarray(matrix[:, i]) for i, k in enumerate(keys)}
+    out = {}
+    for k in keys:
+        column = np.array([r.get(k) for r in rows], dtype=np.float64)
+        if column.shape != (len(rows),):
+            raise ValueError(f"{k}: a cell holds a list")
+        out[k] = column
+    return out
 
 
 def _read_array(path: Path, tick: Tick) -> RawTable:
