@@ -30,6 +30,7 @@ from monitor.errors import (
     NotFound,
 )
 from monitor.store import (
+    RECENT_STEPS,
     Annotation,
     CurrentKL,
     Database,
@@ -43,11 +44,11 @@ from monitor.store import (
     event_markers,
     get_runs,
     latest_steps,
-    latest_steps_of_runs,
     nearest_sample_step,
     open_event_counts,
     read_metric_info,
     read_samples,
+    recent_walls,
     run_summaries,
     sample_step_range,
 )
@@ -170,7 +171,7 @@ RUN_OVERVIEW_COLUMNS = [
     "open_alerts",
     "kl_trend",
 ]
-_STATE_ROWS = 21  # latest step rows that give a run's last values and step interval
+_STATE_ROWS = RECENT_STEPS  # latest step rows: a run's last values and step interval
 _SPARK_BUCKETS = 12  # the Runs page sparkline: at most 24 points
 HEADLINE_COLUMNS = (
     "kl_mean",
@@ -298,11 +299,12 @@ class DashboardData(store_series.SeriesReads):
     def _runs_overview(self) -> pd.DataFrame:
         # A constant number of reads whatever the number of runs and their length: the run
         # list (the counters with the step rows they point at: last wall time, current KL,
-        # last reward), the latest step rows of the runs still running (their step interval
-        # tells a stall), the open alerts and the sparklines from coarse rollups.
+        # last reward), the wall times of the latest steps of the runs still running, kept on
+        # runs by the writers (their step interval tells a stall), the open alerts and the
+        # sparklines from coarse rollups.
         summaries = run_summaries(self.db)
         running = [r["id"] for r in summaries if r["status"] == "running"]
-        latest = latest_steps_of_runs(self.db, (), limit=_STATE_ROWS, run_ids=running)
+        latest = recent_walls(self.db, running)
         open_alerts = open_event_counts(self.db)
         kl_column = {
             r["id"]: _kl_column(r["kl_quantity"])
