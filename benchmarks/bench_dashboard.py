@@ -634,19 +634,23 @@ def _overview_all_running(db: Database, repeat: int) -> dict[str, float]:
     ``old_latest_rows``). Both give the same statuses. Best and median of ``repeat`` ms."""
     from monitor.dashboard import data as page_data
 
+    now = time.time()  # one clock for both: runs created minutes ago cross their stall limit
+
     def overview(old: bool) -> Any:
         kept = page_data.recent_walls
         if old:
             page_data.recent_walls = old_latest_rows  # type: ignore[assignment]
         try:
-            return page_data.DashboardData(db).runs_overview()
+            return page_data.DashboardData(db, clock=lambda: now).runs_overview()
         finally:
             page_data.recent_walls = kept
 
     with db.begin() as conn:
         conn.exec_driver_sql("UPDATE runs SET status = 'running'")
     try:
-        assert overview(True)["status"].tolist() == overview(False)["status"].tolist()
+        statuses = overview(False)["status"]
+        assert statuses.tolist() == overview(True)["status"].tolist()
+        mix = statuses.value_counts().to_dict()
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(repeat):
             for old in (True, False):
@@ -657,6 +661,7 @@ def _overview_all_running(db: Database, repeat: int) -> dict[str, float]:
         with db.begin() as conn:
             conn.exec_driver_sql("UPDATE runs SET status = 'finished'")
     return {
+        "overview_running_statuses": mix,
         "overview_running_ms": min(times[False]),
         "overview_running_median_ms": statistics.median(times[False]),
         "overview_running_old_ms": min(times[True]),
@@ -857,6 +862,7 @@ def print_many(r: dict[str, Any]) -> None:
         f"{r['overview_running_old_ms']:8.1f} (median {r['overview_running_old_median_ms']:.1f})\n"
         f"  same, every run still running, from the wall times kept on runs (now):         "
         f"{r['overview_running_ms']:8.1f} (median {r['overview_running_median_ms']:.1f})\n"
+        f"  (both gave the same statuses: {r['overview_running_statuses']})\n"
         f"whole processes (median ms): python -c pass {r['python_ms']:.0f} | raw SQL list "
         f"{r['raw_sql_ms']:.0f} | Database.open + run_summaries {r['sqlalchemy_ms']:.0f} | "
         f"klmon runs {r['klmon_runs_ms']:.0f}"

@@ -323,3 +323,21 @@ def test_migration_0011_backfills_the_latest_wall_times(empty_db_url: str) -> No
     # and the writers carry on from the backfilled value
     write_steps(db, 1, [{"step": 30, "wall_time": 900.0}])
     _assert_counted(db, 1)
+
+
+def test_the_stall_median_is_numpys_median_of_the_finite_forward_gaps() -> None:
+    """The Runs page takes the median step interval in plain Python for every running run:
+    it equals numpy's median of the gaps that are finite and do not go back in time."""
+    from monitor.dashboard.data import _median_interval
+
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        walls = np.sort(rng.exponential(10.0, rng.integers(0, 22)) * rng.choice([1e-3, 1e3]))
+        walls = walls[::-1].copy()
+        odd = rng.random(len(walls)) < 0.15
+        walls[odd] = rng.choice([np.nan, np.inf, 1.7e9], odd.sum())
+        with np.errstate(invalid="ignore"):  # inf - inf
+            gaps = walls[:-1] - walls[1:]
+        gaps = gaps[np.isfinite(gaps) & (gaps >= 0)]
+        want = float(np.median(gaps)) if len(gaps) else None
+        assert _median_interval([(0, w) for w in walls.tolist()]) == want

@@ -134,7 +134,7 @@ def _dump(walls: Sequence[tuple[int, Any]]) -> str | None:
 
 
 def _load(stored: str | None) -> list[tuple[int, float]]:
-    return [(int(s), w) for s, w in json.loads(stored)] if stored else []
+    return [(s, w) for s, w in json.loads(stored)] if stored else []  # steps stored as ints
 
 
 def _last_with_value(col: str) -> str:
