@@ -17,10 +17,12 @@ Many runs (``--many-runs N``, SQLite): N runs of ``--many-steps`` steps each, th
 ``klmon runs``'s read (``run_summaries``, and ``list_runs`` as a DataFrame) and of the Runs
 page's data (``DashboardData.runs_overview``), next to today's query measured in the same run:
 the counting SQL of list_runs before run counters (every step counted on each call, then each
-run's current KL looked up one by one). Then ``klmon runs`` as a whole process, next to Python
-alone, a raw SQL list (the floor) and the same list through SQLAlchemy (``Database.open`` and
-``run_summaries``: what the command did before it read through the driver alone). Keep the
-database with ``--many-sqlite PATH``: 1,000 x 100,000 steps is about 45 GB and takes half an
+run's current KL looked up one by one); and the Runs page with every run still running, its
+stall input from the wall times kept on ``runs`` next to the read before them (each running
+run's latest step rows), alternated in one run, with the same statuses asserted. Then
+``klmon runs`` as a whole process, next to Python alone, a raw SQL list (the floor) and the
+same list through SQLAlchemy (``Database.open`` and ``run_summaries``: what the command did
+before it read through the driver alone). Keep the database with ``--many-sqlite PATH``: 1,000 x 100,000 steps is about 45 GB and takes half an
 hour to build on a loaded machine.
 
 Extra metrics (``--metric-steps N``): one run with ``--metric-names`` metrics of N steps each,
