@@ -17,11 +17,13 @@ Many runs (``--many-runs N``, SQLite): N runs of ``--many-steps`` steps each, th
 ``klmon runs``'s read (``run_summaries``, and ``list_runs`` as a DataFrame) and of the Runs
 page's data (``DashboardData.runs_overview``), next to today's query measured in the same run:
 the counting SQL of list_runs before run counters (every step counted on each call, then each
-run's current KL looked up one by one). Then ``klmon runs`` as a whole process, next to Python
-alone, a raw SQL list (the floor) and the same list through SQLAlchemy (``Database.open`` and
-``run_summaries``: what the command did before it read through the driver alone). Keep the
-database with ``--many-sqlite PATH``: 1,000 x 100,000 steps is about 45 GB and takes half an
-hour to build on a loaded machine.
+run's current KL looked up one by one); and the Runs page with every run still running, its
+stall input from the wall times kept on ``runs`` next to the read before them (each running
+run's latest step rows), alternated in one run, with the same statuses asserted. Then
+``klmon runs`` as a whole process, next to Python alone, a raw SQL list (the floor) and the
+same list through SQLAlchemy (``Database.open`` and ``run_summaries``: what the command did
+before it read through the driver alone). Keep the database with ``--many-sqlite PATH``:
+1,000 x 100,000 steps is about 45 GB and takes half an hour to build on a loaded machine.
 
 Extra metrics (``--metric-steps N``): one run with ``--metric-names`` metrics of N steps each,
 written through ``write_metrics``; then the one-time rollup build and the chart reads of a
@@ -496,7 +498,7 @@ def bench_many_runs(url: str, n_runs: int, steps: int, repeat: int) -> dict[str,
         "list_runs_ms": _best_ms(lambda: list_runs(db), repeat),
         # a fresh DashboardData each time: its cache would otherwise answer
         "overview_ms": _best_ms(lambda: DashboardData(db).runs_overview(), repeat),
-        "overview_running_ms": _overview_all_running(db, repeat),
+        **_overview_all_running(db, repeat),
         **processes,
     }
 
@@ -638,18 +640,74 @@ def run_metric_benches(args: argparse.Namespace) -> None:
         )
 
 
-def _overview_all_running(db: Database, repeat: int) -> float:
-    """The Runs page data when every run is still running: each one's latest steps are read
-    too (their step interval tells a stall)."""
-    from monitor.dashboard.data import DashboardData
+def _overview_all_running(db: Database, repeat: int) -> dict[str, float]:
+    """The Runs page data when every run is still running (their step interval tells a
+    stall): from the wall times the writers keep on ``runs`` (now), and, in the same run and
+    alternating with it, from each running run's latest step rows (the read before 0011,
+    ``old_latest_rows``). Both give the same statuses. Best and median of ``repeat`` ms."""
+    from monitor.dashboard import data as page_data
+
+    now = time.time()  # one clock for both: runs created minutes ago cross their stall limit
+
+    def overview(old: bool) -> Any:
+        kept = page_data.recent_walls
+        if old:
+            page_data.recent_walls = old_latest_rows  # type: ignore[assignment]
+        try:
+            return page_data.DashboardData(db, clock=lambda: now).runs_overview()
+        finally:
+            page_data.recent_walls = kept
 
     with db.begin() as conn:
         conn.exec_driver_sql("UPDATE runs SET status = 'running'")
     try:
-        return _best_ms(lambda: DashboardData(db).runs_overview(), repeat)
+        statuses = overview(False)["status"]
+        assert statuses.tolist() == overview(True)["status"].tolist()
+        mix = statuses.value_counts().to_dict()
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(repeat):
+            for old in (True, False):
+                t0 = time.perf_counter()
+                overview(old)
+                times[old].append(1e3 * (time.perf_counter() - t0))
     finally:
         with db.begin() as conn:
             conn.exec_driver_sql("UPDATE runs SET status = 'finished'")
+    return {
+        "overview_running_statuses": mix,
+        "overview_running_ms": min(times[False]),
+        "overview_running_median_ms": statistics.median(times[False]),
+        "overview_running_old_ms": min(times[True]),
+        "overview_running_old_median_ms": statistics.median(times[True]),
+    }
+
+
+def old_latest_rows(db: Database, run_ids: list[int]) -> dict[int, list[tuple[Any, ...]]]:
+    """The Runs page's stall input before the kept wall times: each running run's 21 latest
+    step rows (step, wall_time), newest first, in two statements (each run's 21st newest
+    step, then a UNION ALL of each run's index range from there)."""
+    if not run_ids:
+        return {}
+    ids = ", ".join(str(int(r)) for r in run_ids)
+    out: dict[int, list[tuple[Any, ...]]] = {}
+    with db.begin() as conn:
+        bounds = conn.exec_driver_sql(
+            "SELECT r.id, COALESCE((SELECT s.step FROM steps s WHERE s.run_id = r.id "
+            "ORDER BY s.step DESC LIMIT 1 OFFSET 20), "
+            f"(SELECT MIN(s.step) FROM steps s WHERE s.run_id = r.id)) FROM runs r "
+            f"WHERE r.id IN ({ids})"
+        ).all()
+        bounds = [(int(r), int(lo)) for r, lo in bounds if lo is not None]
+        for i in range(0, len(bounds), 400):
+            sql = " UNION ALL ".join(
+                f"SELECT run_id, step, wall_time FROM steps WHERE run_id = {r} AND step >= {lo}"
+                for r, lo in bounds[i : i + 400]
+            )
+            for row in conn.exec_driver_sql(sql).all():
+                out.setdefault(int(row[0]), []).append(tuple(row[1:]))
+    for rows in out.values():
+        rows.sort(key=lambda r: r[0], reverse=True)
+    return out
 
 
 #: The floor of `klmon runs`: Python starts, lists the runs with one raw SQL statement.
@@ -1009,8 +1067,11 @@ def print_many(r: dict[str, Any]) -> None:
         f"{r['list_runs_ms']:8.1f}\n"
         f"  Runs page data (DashboardData.runs_overview, uncached):            "
         f"{r['overview_ms']:8.1f}\n"
-        f"  same, every run still running (their latest steps read too):      "
-        f"{r['overview_running_ms']:8.1f}\n"
+        f"  same, every run still running, stall input from the latest step rows (before): "
+        f"{r['overview_running_old_ms']:8.1f} (median {r['overview_running_old_median_ms']:.1f})\n"
+        f"  same, every run still running, from the wall times kept on runs (now):         "
+        f"{r['overview_running_ms']:8.1f} (median {r['overview_running_median_ms']:.1f})\n"
+        f"  (both gave the same statuses: {r['overview_running_statuses']})\n"
         f"whole processes (median ms): python -c pass {r['python_ms']:.0f} | raw SQL list "
         f"{r['raw_sql_ms']:.0f} | Database.open + run_summaries {r['sqlalchemy_ms']:.0f} | "
         f"klmon runs {r['klmon_runs_ms']:.0f}"

@@ -1,9 +1,10 @@
-"""The run counters (n_steps, last_step, the last step of each KL column and of reward_mean)
-that list_runs reads
+"""The run counters (n_steps, last_step, the last step of each KL column and of reward_mean,
+the wall times of the latest steps) that list_runs and the Runs page read
 stay equal to a count of the stored steps through every way steps are written or removed:
 replays, conflicts, multi-rank merges (partial, then complete, then a rank's bad input),
-imports, direct recounts and run deletion; migrations 0006 and 0010 backfill them from the
-steps."""
+imports, direct recounts and run deletion; migrations 0006, 0010 and 0012 backfill them from
+the steps. The Runs page's stall verdicts from the kept wall times equal those from the
+latest step rows."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import pandas as pd
 from sqlalchemy import text
 
 from monitor import divergence
+from monitor.dashboard.data import DashboardData
 from monitor.store.current_kl import KL_PREFERENCE, current_kl
 from monitor.store.database import Database
 from monitor.store.engine import make_engine
-from monitor.store.run_counters import recount
+from monitor.store.run_counters import RECENT_STEPS, recent_walls, recount
 from monitor.store.run_list import LAST_STEP_COLUMNS
 from monitor.store.runs import delete_run, get_or_create_run, list_runs, run_summaries
 from monitor.store.schema import upgrade
@@ -46,8 +48,20 @@ def _counted(db: Database, run_id: int) -> dict[str, object]:
     return dict(zip(COUNTERS, row, strict=True))
 
 
+def _latest_walls(db: Database, run_id: int) -> list[tuple[int, float]]:
+    """(step, wall_time) of the run's RECENT_STEPS latest stored steps, newest first."""
+    with db.begin() as conn:
+        rows = conn.execute(
+            text("SELECT step, wall_time FROM steps WHERE run_id = :r ORDER BY step DESC LIMIT :n"),
+            {"r": run_id, "n": RECENT_STEPS},
+        ).all()
+    return [(int(s), float(w)) for s, w in rows]
+
+
 def _assert_counted(db: Database, run_id: int) -> None:
     assert _counters(db, run_id) == _counted(db, run_id)
+    kept = recent_walls(db, [run_id]).get(run_id, [])
+    assert [(s, float(w)) for s, w in kept] == _latest_walls(db, run_id)
 
 
 def test_the_kept_columns_are_the_kl_preference_and_the_reward() -> None:
@@ -234,3 +248,96 @@ def test_imports_and_their_replays_keep_the_counters(db: Database) -> None:
         assert (listed["kl_quantity"], listed["kl_step"]) == (
             (now.quantity.name, now.step) if now else (None, None)
         )
+
+
+def test_stall_verdicts_from_the_kept_wall_times_equal_those_from_the_step_rows(
+    db: Database,
+) -> None:
+    """Irregular intervals, steps written out of order and older steps imported after newer
+    ones, a multi-rank run: the Runs page (kept wall times) and a run's header (its latest
+    step rows) call each run stalled or running alike, just before and after each limit."""
+    rng = np.random.default_rng(7)
+    runs = []
+    for i, scale in enumerate((1.0, 40.0, 90.0)):  # stall limits: the floor, then 10 x median
+        run = get_or_create_run(db, "p", f"irregular{i}")
+        steps = rng.permutation(60)
+        walls = np.cumsum(rng.exponential(scale, 60))
+        for chunk in np.array_split(steps, 7):  # newer steps first, older ones after
+            write_steps(
+                db,
+                run.id,
+                [{"step": int(s), "wall_time": float(walls[s]), "k3": 0.1} for s in chunk],
+            )
+        runs.append(run.id)
+    imported = get_or_create_run(db, "p", "imported")
+    write_steps(db, imported.id, [{"step": s, "wall_time": 100.0 + 50 * s} for s in range(30, 40)])
+    write_steps(db, imported.id, [{"step": s, "wall_time": 3.0 * s} for s in range(30)])
+    ranks = get_or_create_run(db, "p", "ranks", world_size=2)
+    write_step_records(db, ranks.id, [_record(s, 0) for s in range(30)], world_size=2)
+    write_step_records(db, ranks.id, [_record(s, 1) for s in range(25)], world_size=2)
+    one = get_or_create_run(db, "p", "one step")
+    write_steps(db, one.id, [{"step": 0, "wall_time": 5.0}])
+    runs += [imported.id, ranks.id, one.id]
+    with db.begin() as conn:  # heard from at its last step only
+        conn.execute(text("UPDATE runs SET last_seen_at = 0"))
+    for rid in runs:
+        _assert_counted(db, rid)
+    verdicts = set()
+    for rid in runs:
+        header = DashboardData(db).run_state(rid)
+        heard = header.last_wall
+        limit = max(300.0, 10 * (header.median_interval or 0.0))
+        for now in (heard + limit - 1e-3, heard + limit + 1e-3, heard + 2 * limit):
+            page = DashboardData(db, clock=lambda now=now: now)
+            listed = page.runs_overview().set_index("id")["status"]
+            assert listed[rid] == page.run_state(rid).status
+            verdicts.add(listed[rid])
+    assert verdicts == {"running", "stalled"}
+
+
+def test_migration_0012_backfills_the_latest_wall_times(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
+    upgrade(engine, "0010")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO runs (id, project, name, status, source, created_at, last_seen_at, "
+                "world_size, config, tags, n_steps, last_step) VALUES (1, 'p', 'long', "
+                "'running', 'live', 0, 0, 1, '{}', '[]', 30, 29), (2, 'p', 'none', 'running', "
+                "'live', 0, 0, 1, '{}', '[]', 0, NULL)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO steps (run_id, step, wall_time, status, ranks_seen) "
+                "VALUES (1, :s, :w, 'ok', 1)"
+            ),
+            [{"s": s, "w": float(s * s)} for s in range(30)],
+        )
+    upgrade(engine)
+    engine.dispose()
+    db = Database.open(empty_db_url)
+    kept = recent_walls(db, [1, 2])
+    assert list(kept) == [1]
+    assert kept[1] == [(s, float(s * s)) for s in range(29, 29 - RECENT_STEPS, -1)]
+    # and the writers carry on from the backfilled value
+    write_steps(db, 1, [{"step": 30, "wall_time": 900.0}])
+    _assert_counted(db, 1)
+
+
+def test_the_stall_median_is_numpys_median_of_the_finite_forward_gaps() -> None:
+    """The Runs page takes the median step interval in plain Python for every running run:
+    it equals numpy's median of the gaps that are finite and do not go back in time."""
+    from monitor.dashboard.data import _median_interval
+
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        walls = np.sort(rng.exponential(10.0, rng.integers(0, 22)) * rng.choice([1e-3, 1e3]))
+        walls = walls[::-1].copy()
+        odd = rng.random(len(walls)) < 0.15
+        walls[odd] = rng.choice([np.nan, np.inf, 1.7e9], odd.sum())
+        with np.errstate(invalid="ignore"):  # inf - inf
+            gaps = walls[:-1] - walls[1:]
+        gaps = gaps[np.isfinite(gaps) & (gaps >= 0)]
+        want = float(np.median(gaps)) if len(gaps) else None
+        assert _median_interval([(0, w) for w in walls.tolist()]) == want

@@ -9,6 +9,9 @@ sentence safe to show (never the database URL, never a traceback).
 from __future__ import annotations
 
 import logging
+import math
+import operator
+import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +33,7 @@ from monitor.errors import (
     NotFound,
 )
 from monitor.store import (
+    RECENT_STEPS,
     Annotation,
     CurrentKL,
     Database,
@@ -43,11 +47,11 @@ from monitor.store import (
     event_markers,
     get_runs,
     latest_steps,
-    latest_steps_of_runs,
     nearest_sample_step,
     open_event_counts,
     read_metric_info,
     read_samples,
+    recent_walls,
     run_summaries,
     sample_step_range,
 )
@@ -170,7 +174,7 @@ RUN_OVERVIEW_COLUMNS = [
     "open_alerts",
     "kl_trend",
 ]
-_STATE_ROWS = 21  # latest step rows that give a run's last values and step interval
+_STATE_ROWS = RECENT_STEPS  # latest step rows: a run's last values and step interval
 _SPARK_BUCKETS = 12  # the Runs page sparkline: at most 24 points
 HEADLINE_COLUMNS = (
     "kl_mean",
@@ -298,11 +302,12 @@ class DashboardData(store_series.SeriesReads):
     def _runs_overview(self) -> pd.DataFrame:
         # A constant number of reads whatever the number of runs and their length: the run
         # list (the counters with the step rows they point at: last wall time, current KL,
-        # last reward), the latest step rows of the runs still running (their step interval
-        # tells a stall), the open alerts and the sparklines from coarse rollups.
+        # last reward), the wall times of the latest steps of the runs still running, kept on
+        # runs by the writers (their step interval tells a stall), the open alerts and the
+        # sparklines from coarse rollups.
         summaries = run_summaries(self.db)
         running = [r["id"] for r in summaries if r["status"] == "running"]
-        latest = latest_steps_of_runs(self.db, (), limit=_STATE_ROWS, run_ids=running)
+        latest = recent_walls(self.db, running)
         open_alerts = open_event_counts(self.db)
         kl_column = {
             r["id"]: _kl_column(r["kl_quantity"])
@@ -541,12 +546,12 @@ class DashboardData(store_series.SeriesReads):
 
 def _median_interval(rows: Sequence[Sequence[Any]]) -> float | None:
     """The median step interval (seconds) of a run's latest step rows (step, wall_time, ...),
-    newest first; None with fewer than two."""
-    if len(rows) < 2:
-        return None
-    gaps = -np.diff(np.array([r[1] for r in rows], dtype=float))
-    gaps = gaps[np.isfinite(gaps) & (gaps >= 0)]
-    return float(np.median(gaps)) if len(gaps) else None
+    newest first; None with fewer than two. Gaps that are not finite or go back in time are
+    left out. Plain Python: the Runs page takes it for every running run, where numpy's
+    per-call overhead on 20 gaps cost more than reading them."""
+    walls = [math.nan if r[1] is None else float(r[1]) for r in rows]
+    gaps = [g for g in map(operator.sub, walls, walls[1:]) if math.isfinite(g) and g >= 0]
+    return statistics.median(gaps) if gaps else None
 
 
 def _kl_column(quantity_name: str) -> str:

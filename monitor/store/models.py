@@ -93,6 +93,9 @@ class RunRow(Base):
     last_k1_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_k2_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_reward_mean_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # JSON [[step, wall_time], ...] of the run's latest steps, newest first (run_counters.
+    # RECENT_STEPS of them): the stall rule's step interval without reading step rows.
+    recent_walls: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class StepRow(Base):

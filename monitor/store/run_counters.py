@@ -1,6 +1,8 @@
-"""The per-run counters on ``runs`` (n_steps, last_step, and the last step with a value of each
-KL column and of reward_mean: ``run_list.LAST_STEP_COLUMNS``), kept up to date inside the step
-writers' transactions so that listing runs reads one row a run instead of counting its steps.
+"""The per-run counters on ``runs`` (n_steps, last_step, the last step with a value of each
+KL column and of reward_mean: ``run_list.LAST_STEP_COLUMNS``, and ``recent_walls``: the step
+and wall time of the run's ``RECENT_STEPS`` latest steps, whose gaps the stall rule reads),
+kept up to date inside the step writers' transactions so that listing runs reads one row a run
+instead of counting its steps or reading its latest step rows.
 
 ``count_written`` is called by ``step_writes`` with the step rows it inserted or rewrote, under
 the run's write lock; ``recount`` rebuilds the counters from the stored steps (the migration
@@ -8,13 +10,20 @@ does the same in SQL; a script that writes ``steps`` directly calls it after).""
 
 from __future__ import annotations
 
+import heapq
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection
 
+from monitor.store.database import Database
 from monitor.store.models import STEP_COLUMNS
 from monitor.store.run_list import LAST_STEP_COLUMNS
+
+#: How many of a run's latest steps ``recent_walls`` keeps: the dashboard judges a stall on
+#: the median gap between their wall times (and reads as many rows for a run's header).
+RECENT_STEPS = 21
 
 
 def _raise_to(column: str, ph: str) -> str:
@@ -53,6 +62,11 @@ def count_written(
             params += [max(with_value), max(with_value)]
         if any(r[idx] is None for r in updated):
             emptied.append(col)
+    if inserted or updated:
+        walls = _recent_after_write(conn, ph, run_id, (*inserted, *updated), columns)
+        if walls is not None:
+            sets.append(f"recent_walls = {ph}")
+            params.append(walls)
     if sets:
         conn.exec_driver_sql(
             f"UPDATE runs SET {', '.join(sets)} WHERE id = {ph}", (*params, run_id)
@@ -64,6 +78,63 @@ def count_written(
             + f" WHERE id = {ph}",
             (run_id,),
         )
+
+
+def _recent_after_write(
+    conn: Connection,
+    ph: str,
+    run_id: int,
+    rows: Sequence[Sequence[Any]],
+    columns: Sequence[str],
+) -> str | None:
+    """The run's ``recent_walls`` once ``rows`` are stored (a written step replaces its stored
+    wall time), or None when they leave it unchanged. The kept steps are the latest ones: a
+    written step older than all of them, when they are RECENT_STEPS already, stays out."""
+    stored = conn.exec_driver_sql(
+        f"SELECT recent_walls FROM runs WHERE id = {ph}", (run_id,)
+    ).scalar()
+    if "wall_time" not in columns:  # not a step writer's row layout: read the steps
+        return _dump(_latest_walls(conn, ph, run_id))
+    kept = {int(s): w for s, w in _load(stored)}
+    step_at, wall_at = columns.index("step"), columns.index("wall_time")
+    # a written step outside the latest RECENT_STEPS written is outside the latest kept too
+    for r in heapq.nlargest(RECENT_STEPS, rows, key=lambda r: int(r[step_at])):
+        kept[int(r[step_at])] = r[wall_at]
+    latest = sorted(kept.items(), reverse=True)[:RECENT_STEPS]
+    dumped = _dump(latest)
+    return None if dumped == stored else dumped
+
+
+def recent_walls(db: Database, run_ids: Sequence[int]) -> dict[int, list[tuple[int, float]]]:
+    """Run id -> (step, wall_time) of its RECENT_STEPS latest steps, newest first, as the
+    writers keep them (one statement, whatever the runs' lengths; a run without steps is left
+    out)."""
+    if not run_ids:
+        return {}
+    ids = ", ".join(str(int(r)) for r in run_ids)
+    with db.begin() as conn:
+        rows = conn.exec_driver_sql(f"SELECT id, recent_walls FROM runs WHERE id IN ({ids})").all()
+    out = {int(rid): _load(walls) for rid, walls in rows}
+    return {rid: walls for rid, walls in out.items() if walls}
+
+
+def _latest_walls(conn: Connection, ph: str, run_id: int) -> list[tuple[int, float]]:
+    rows = conn.exec_driver_sql(
+        f"SELECT step, wall_time FROM steps WHERE run_id = {ph} ORDER BY step DESC LIMIT {ph}",
+        (run_id, RECENT_STEPS),
+    )
+    return [(int(s), w) for s, w in rows]
+
+
+def _dump(walls: Sequence[tuple[int, Any]]) -> str | None:
+    """JSON of [[step, wall_time], ...] (a NaN wall time kept as NaN); None when empty."""
+    if not walls:
+        return None
+    return json.dumps([[int(s), None if w is None else float(w)] for s, w in walls])
+
+
+def _load(stored: str | None) -> list[tuple[int, float]]:
+    return [(s, w) for s, w in json.loads(stored)] if stored else []  # steps stored as ints
 
 
 def _last_with_value(col: str) -> str:
@@ -83,7 +154,13 @@ def recount(conn: Connection, ph: str, run_ids: Iterable[int] | None = None) -> 
     sql = "UPDATE runs SET " + ", ".join(sets)
     if run_ids is None:
         conn.exec_driver_sql(sql)
-        return
-    ids = [(int(r),) for r in run_ids]
-    if ids:
-        conn.exec_driver_sql(sql + f" WHERE id = {ph}", ids)
+        ids = [int(r) for (r,) in conn.exec_driver_sql("SELECT id FROM runs")]
+    else:
+        ids = [int(r) for r in run_ids]
+        if ids:
+            conn.exec_driver_sql(sql + f" WHERE id = {ph}", [(r,) for r in ids])
+    for rid in ids:
+        conn.exec_driver_sql(
+            f"UPDATE runs SET recent_walls = {ph} WHERE id = {ph}",
+            (_dump(_latest_walls(conn, ph, rid)), rid),
+        )

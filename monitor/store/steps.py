@@ -150,63 +150,6 @@ def latest_steps(db: Database, run_id: int, columns: Sequence[str], limit: int) 
     return pd.DataFrame([tuple(r) for r in rows], columns=wanted, dtype=object)
 
 
-#: Selects per UNION ALL statement (SQLite allows 500 compound members).
-_UNION_CHUNK = 400
-
-
-def latest_steps_of_runs(
-    db: Database, columns: Sequence[str], limit: int, run_ids: Sequence[int] | None = None
-) -> dict[int, list[tuple[Any, ...]]]:
-    """``latest_steps`` of every run (or of ``run_ids``) at once: run id -> its last ``limit``
-    step rows (step, wall_time, ``columns``), newest first; a run without steps is left out.
-
-    Two statements: each run's ``limit``-th newest step (an index lookup a run), then each
-    run's rows from there (an index range a run); a window function or a join on a
-    correlated bound would visit every stored step."""
-    wanted = ["step", "wall_time", *columns]
-    bad = set(wanted) - set(STEP_COLUMNS)
-    if bad:
-        raise InvalidInput(f"columns {sorted(bad)} are not step columns")
-    if limit < 1:
-        raise InvalidInput(f"limit must be >= 1, got {limit}")
-    if run_ids is not None and not run_ids:
-        return {}
-    bounds_sql = text(
-        "SELECT r.id, COALESCE((SELECT s.step FROM steps s WHERE s.run_id = r.id "
-        "ORDER BY s.step DESC LIMIT 1 OFFSET :skip), "
-        "(SELECT MIN(s.step) FROM steps s WHERE s.run_id = r.id)) FROM runs r"
-        + ("" if run_ids is None else f" WHERE r.id IN ({', '.join(str(int(r)) for r in run_ids)})")
-    )
-    out: dict[int, list[tuple[Any, ...]]] = {}
-    with db.begin() as conn:
-        bounds = [
-            (int(r), int(lo))
-            for r, lo in conn.execute(bounds_sql, {"skip": int(limit) - 1})
-            if lo is not None
-        ]
-        for i in range(0, len(bounds), _UNION_CHUNK):
-            sql = " UNION ALL ".join(
-                f"SELECT run_id, {', '.join(wanted)} FROM steps WHERE run_id = {r} AND step >= {lo}"
-                for r, lo in bounds[i : i + _UNION_CHUNK]
-            )
-            for row in _driver_rows(conn, sql):
-                out.setdefault(int(row[0]), []).append(tuple(row[1:]))
-    for rows in out.values():
-        rows.sort(key=lambda r: r[0], reverse=True)
-    return out
-
-
-def _driver_rows(conn: Connection, sql: str) -> list[tuple[Any, ...]]:
-    """Rows of a statement without parameters as the driver's plain tuples (SQLAlchemy's
-    Row objects cost about a third of reading thousands of rows)."""
-    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cur.execute(sql)
-        return cur.fetchall()
-    finally:
-        cur.close()
-
-
 def steps_with_data(db: Database, run_id: int) -> list[int]:
     """Every step with a step row or a metric, sorted."""
     with db.begin() as conn:
