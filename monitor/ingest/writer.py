@@ -170,6 +170,7 @@ class BackgroundWriter(Committer):
         self._dead = DeadLetterFile(spool.directory / f"{spool.stem}{DEAD_SUFFIX}")
         self._stopping = threading.Event()
         self._abandon = threading.Event()
+        self._hurry = threading.Event()  # a caller waits for the database: commit now
         self._warned_processor = False
         self._warned_thin = False
         self._last_commit_mark = 0.0
@@ -360,6 +361,8 @@ class BackgroundWriter(Committer):
                 )
                 if done:
                     return not committed or self._lossless()
+                if committed:
+                    self._hurry.set()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -390,6 +393,7 @@ class BackgroundWriter(Committer):
         self.wait(max(deadline - time.monotonic(), 0.0))
         done = self._spool_written() and not self._processor.is_alive()
         self._abandon.set()
+        self._hurry.set()
         with self._cond:
             self._cond.notify_all()
         self._committer.join(0.5 if done else 0.05)
