@@ -283,8 +283,9 @@ def select_samples(
             "prompt": None,
             "response": None,
             "tokens": None,
-            "policy_logprobs": lp[i, pos].astype(np.float32),
-            "ref_logprobs": ref[i, pos].astype(np.float32),
+            # take() makes the copy; astype converts only a float64 batch
+            "policy_logprobs": lp[i].take(pos).astype(np.float32, copy=False),
+            "ref_logprobs": ref[i].take(pos).astype(np.float32, copy=False),
         }
         if item.texts is not None:
             prompts, responses = item.texts
