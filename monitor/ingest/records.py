@@ -304,10 +304,15 @@ def _text(value: Any) -> str | None:
 def _sample_tokens(tokens: Any, pos: np.ndarray, width: int) -> list[str]:
     """Tokens of the response positions: ``tokens`` may be aligned with the log-prob columns
     (length T) or already hold just the response tokens. No Python loop per token: the
-    type check is one ``join`` and the conversion a ``map``."""
+    type check is one ``join`` and the conversion a ``map``; the usual mask (one run of
+    response positions) is a slice."""
     toks = tokens if isinstance(tokens, list) else list(tokens)
     if len(toks) == width and len(pos) != width:
-        toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[pos[0]]]
+        first, last = int(pos[0]), int(pos[-1])
+        if last - first + 1 == len(pos):
+            toks = toks[first : last + 1]
+        else:
+            toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[first]]
     return _strings(toks)
 
 
