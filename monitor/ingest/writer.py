@@ -152,7 +152,11 @@ class BackgroundWriter(Committer):
         self.run_id: int | None = None
         self.last_error: str | None = None
         # Bounded by items and by bytes (the copied arrays): past either, log_step spills.
-        self._queue: queue.Queue[tuple[StepItem | ControlItem | None, int]] = queue.Queue()
+        # SimpleQueue: its put is one C call (Queue.put runs a Python Condition on the
+        # caller's thread); the bounds are checked in submit.
+        self._queue: queue.SimpleQueue[tuple[StepItem | ControlItem | None, int]] = (
+            queue.SimpleQueue()
+        )
         self._queued_bytes = 0
         self._cond = threading.Condition()
         self._submitted = 0
@@ -387,8 +391,7 @@ class BackgroundWriter(Committer):
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
-        with contextlib.suppress(queue.Full):
-            self._queue.put((None, 0), timeout=max(deadline - time.monotonic(), 0.01))
+        self._queue.put((None, 0))
         self._processor.join(max(deadline - time.monotonic(), 0.01))
         self.wait(max(deadline - time.monotonic(), 0.0))
         done = self._spool_written() and not self._processor.is_alive()
