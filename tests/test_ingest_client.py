@@ -90,6 +90,24 @@ def test_log_step_stores_summary_samples_histogram_metrics(db_url: str, tmp_path
     db.dispose()
 
 
+def test_flush_does_not_wait_for_the_gathering_interval(db_url: str, tmp_path) -> None:
+    # The committer lets steps gather for flush_interval before a transaction; a flush()
+    # waiting for the database cuts that short (else this flush would time out).
+    with start(db_url, tmp_path, name="gather", flush_interval=60.0) as run:
+        for step in range(3):
+            lp, ref, mask = batch(step)
+            run.log_step(step, policy_logprobs=lp, ref_logprobs=ref, mask=mask)
+        assert run.flush(15)
+        assert run.stats["written"] == 3
+        lp, ref, mask = batch(3)
+        run.log_step(3, policy_logprobs=lp, ref_logprobs=ref, mask=mask)
+        assert run.flush(15)  # a second gathering is cut short too
+        assert run.stats["written"] == 4
+    db = Database.open(db_url)
+    assert read_steps(db, run.id)["step"].tolist() == [0, 1, 2, 3]
+    db.dispose()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

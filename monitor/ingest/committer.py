@@ -63,6 +63,7 @@ class Committer:
     _dead: DeadLetterFile
     _stopping: threading.Event
     _abandon: threading.Event
+    _hurry: threading.Event
     _last_commit_mark: float
     _appended: dict[tuple[int, int], tuple[int, dict[str, Any]]]
     _appended_bytes: int
@@ -120,8 +121,11 @@ class Committer:
             if idle:
                 continue
             if not self._stopping.is_set():
-                # Let a few steps gather so one transaction carries several of them.
-                self._abandon.wait(self.cfg.flush_interval)
+                # Let a few steps gather so one transaction carries several of them (each
+                # transaction has a fixed cost: commit, metric blocks, run counters); a
+                # ``flush()`` waiting for the database cuts the gathering short.
+                self._hurry.wait(self.cfg.flush_interval)
+                self._hurry.clear()
             try:
                 self._commit_some()
             except KlmonError as exc:

@@ -76,7 +76,7 @@ class WriterConfig:
     samples_random: int = 2
     queue_size: int = 64
     queue_bytes: int = 64 * 1024 * 1024
-    flush_interval: float = 0.1
+    flush_interval: float = 0.25
     max_batch: int = 2000
     max_batch_bytes: int = 32 * 1024 * 1024
     backoff_initial: float = 0.25
@@ -289,8 +289,9 @@ def select_samples(
             "prompt": None,
             "response": None,
             "tokens": None,
-            "policy_logprobs": lp[i, pos].astype(np.float32),
-            "ref_logprobs": ref[i, pos].astype(np.float32),
+            # take() makes the copy; astype converts only a float64 batch
+            "policy_logprobs": lp[i].take(pos).astype(np.float32, copy=False),
+            "ref_logprobs": ref[i].take(pos).astype(np.float32, copy=False),
         }
         if item.texts is not None:
             prompts, responses = item.texts
@@ -309,10 +310,15 @@ def _text(value: Any) -> str | None:
 def _sample_tokens(tokens: Any, pos: np.ndarray, width: int) -> list[str]:
     """Tokens of the response positions: ``tokens`` may be aligned with the log-prob columns
     (length T) or already hold just the response tokens. No Python loop per token: the
-    type check is one ``join`` and the conversion a ``map``."""
+    type check is one ``join`` and the conversion a ``map``; the usual mask (one run of
+    response positions) is a slice."""
     toks = tokens if isinstance(tokens, list) else list(tokens)
     if len(toks) == width and len(pos) != width:
-        toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[pos[0]]]
+        first, last = int(pos[0]), int(pos[-1])
+        if last - first + 1 == len(pos):
+            toks = toks[first : last + 1]
+        else:
+            toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[first]]
     return _strings(toks)
 
 

@@ -152,7 +152,11 @@ class BackgroundWriter(Committer):
         self.run_id: int | None = None
         self.last_error: str | None = None
         # Bounded by items and by bytes (the copied arrays): past either, log_step spills.
-        self._queue: queue.Queue[tuple[StepItem | ControlItem | None, int]] = queue.Queue()
+        # SimpleQueue: its put is one C call (Queue.put runs a Python Condition on the
+        # caller's thread); the bounds are checked in submit.
+        self._queue: queue.SimpleQueue[tuple[StepItem | ControlItem | None, int]] = (
+            queue.SimpleQueue()
+        )
         self._queued_bytes = 0
         self._cond = threading.Condition()
         self._submitted = 0
@@ -170,6 +174,7 @@ class BackgroundWriter(Committer):
         self._dead = DeadLetterFile(spool.directory / f"{spool.stem}{DEAD_SUFFIX}")
         self._stopping = threading.Event()
         self._abandon = threading.Event()
+        self._hurry = threading.Event()  # a caller waits for the database: commit now
         self._warned_processor = False
         self._warned_thin = False
         self._last_commit_mark = 0.0
@@ -360,6 +365,8 @@ class BackgroundWriter(Committer):
                 )
                 if done:
                     return not committed or self._lossless()
+                if committed:
+                    self._hurry.set()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -384,12 +391,12 @@ class BackgroundWriter(Committer):
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
-        with contextlib.suppress(queue.Full):
-            self._queue.put((None, 0), timeout=max(deadline - time.monotonic(), 0.01))
+        self._queue.put((None, 0))
         self._processor.join(max(deadline - time.monotonic(), 0.01))
         self.wait(max(deadline - time.monotonic(), 0.0))
         done = self._spool_written() and not self._processor.is_alive()
         self._abandon.set()
+        self._hurry.set()
         with self._cond:
             self._cond.notify_all()
         self._committer.join(0.5 if done else 0.05)
