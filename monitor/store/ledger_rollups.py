@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, text
 
 from monitor.store.database import Database
-from monitor.store.series import COMPLETE_LAG, MAX_LEVEL
+from monitor.store.series import MAX_LEVEL, last_complete_bucket
 
 #: Buckets of the lowest rollup level hold 2**BASE_LEVEL steps.
 BASE_LEVEL = 6
@@ -64,10 +64,6 @@ class Pieces:
             else:
                 raw.append((a, b))
         return cls(raw, [b for p in parts for b in p.buckets])
-
-
-def _last_complete(max_step: int, level: int) -> int:
-    return ((max_step - COMPLETE_LAG + 1) >> level) - 1
 
 
 def _frontiers(conn: Connection, run_id: int) -> tuple[int | None, dict[int, int]]:
@@ -163,7 +159,7 @@ def refresh_ledger_rollups(db: Database, run_id: int) -> int:
     if max_step is None:
         return 0
     written = 0
-    base_last = _last_complete(max_step, BASE_LEVEL)
+    base_last = last_complete_bucket(max_step, BASE_LEVEL)
     first = done.get(BASE_LEVEL, -1) + 1
     while first <= base_last:
         with db.begin() as conn:
@@ -183,7 +179,7 @@ def refresh_ledger_rollups(db: Database, run_id: int) -> int:
         child = done.get(level - 1)
         if child is None:
             break
-        last = min(_last_complete(max_step, level), ((child + 1) >> 1) - 1)
+        last = min(last_complete_bucket(max_step, level), ((child + 1) >> 1) - 1)
         first = done.get(level, -1) + 1
         while first <= last:
             with db.begin() as conn:
@@ -208,13 +204,13 @@ def needs_refresh(conn: Connection, run_id: int) -> bool:
     max_step, done = _frontiers(conn, run_id)
     if max_step is None:
         return False
-    if _last_complete(max_step, BASE_LEVEL) > done.get(BASE_LEVEL, -1):
+    if last_complete_bucket(max_step, BASE_LEVEL) > done.get(BASE_LEVEL, -1):
         return True
     for level in range(BASE_LEVEL + 1, MAX_LEVEL + 1):
         child = done.get(level - 1)
         if child is None:
             return False
-        if min(_last_complete(max_step, level), ((child + 1) >> 1) - 1) > done.get(level, -1):
+        if min(last_complete_bucket(max_step, level), ((child + 1) >> 1) - 1) > done.get(level, -1):
             return True
     return False
 

@@ -93,8 +93,6 @@ def _recent_after_write(
     stored = conn.exec_driver_sql(
         f"SELECT recent_walls FROM runs WHERE id = {ph}", (run_id,)
     ).scalar()
-    if "wall_time" not in columns:  # not a step writer's row layout: read the steps
-        return _dump(_latest_walls(conn, ph, run_id))
     kept = {int(s): w for s, w in _load(stored)}
     step_at, wall_at = columns.index("step"), columns.index("wall_time")
     # a written step outside the latest RECENT_STEPS written is outside the latest kept too

@@ -323,7 +323,7 @@ def _combine(children: _Buckets) -> _Buckets:
         )
 
 
-def _last_complete(max_step: int, level: int) -> int:
+def last_complete_bucket(max_step: int, level: int) -> int:
     """The last complete bucket of ``level`` (-1 if none) when the run's last step is max_step."""
     return ((max_step - COMPLETE_LAG + 1) >> level) - 1
 
@@ -485,15 +485,15 @@ class _State:
     def needs_refresh(self) -> bool:
         if self.max_step is None:
             return False
-        if self.next_unrolled is not None and (self.next_unrolled >> self.base) <= _last_complete(
-            self.max_step, self.base
-        ):
+        if self.next_unrolled is not None and (
+            self.next_unrolled >> self.base
+        ) <= last_complete_bucket(self.max_step, self.base):
             return True
         for level in range(self.base + 1, MAX_LEVEL + 1):
             child = self.done.get(level - 1)
             if child is None:
                 break
-            target = min(_last_complete(self.max_step, level), child >> 1)
+            target = min(last_complete_bucket(self.max_step, level), child >> 1)
             if target > self.done.get(level, -1):
                 return True
         return False
@@ -542,7 +542,7 @@ def _refresh(
         return _RefreshResult(None)
     result = _RefreshResult(max_step, done)
     base = src.base_level
-    base_last = _last_complete(max_step, base)
+    base_last = last_complete_bucket(max_step, base)
     first_pass = True
     while first_pass or done.get(base, -1) < base_last:
         first_pass = False
@@ -570,7 +570,7 @@ def _refresh(
             # parent, a child stored by an earlier read.
             for level in range(base + 1, MAX_LEVEL + 1):
                 p_first = done.get(level, -1) + 1
-                p_last = min(_last_complete(max_step, level), ((covered + 1) >> level) - 1)
+                p_last = min(last_complete_bucket(max_step, level), ((covered + 1) >> level) - 1)
                 if p_first > p_last:
                     mem, mem_lo, mem_hi = _Buckets.empty(k), p_first, p_first - 1
                     covered = ((done.get(level, -1) + 1) << level) - 1
@@ -832,7 +832,7 @@ def _read(db: Database, r: _SeriesRead) -> Series:
         if not state.needs_refresh():
             return _read_in(conn, r, state)
     refreshed = _refresh(db, r.src, r.key, state)
-    state = _State(refreshed.max_step, state.first_step, refreshed.done, None)
+    state = _State(refreshed.max_step, state.first_step, refreshed.done, None, state.base)
     with db.begin() as conn:
         return _read_in(conn, r, state)
 
@@ -892,7 +892,7 @@ def _read_below_base(
     columns, k = r.columns, len(r.columns)
     assert state.max_step is not None
     b0 = lo >> level
-    b1 = min(hi >> level, _last_complete(state.max_step, level))
+    b1 = min(hi >> level, last_complete_bucket(state.max_step, level))
     split = max((b1 + 1) << level, b0 << level)
     buckets = _full_block_buckets(conn, r, level, b0, b1) if b1 >= b0 else None
     if buckets is None:
@@ -1217,7 +1217,7 @@ def _bucket_sparklines(
             means.setdefault(int(rid), []).append(_decode_mean(mean))
     behind = []
     for rid, lo, hi, latest in runs:
-        complete = _last_complete(hi, level)
+        complete = last_complete_bucket(hi, level)
         if complete >= lo >> level and last_bucket.get(rid, -1) < complete:
             behind.append(rid)
             if not final:

@@ -722,7 +722,7 @@ def _merged_row(
             rejected.append(f"the ranks' statistics do not merge: {exc}")
         else:
             d = summary.as_dict()
-            values = tuple(_finite(d.get(c)) for c in STEP_QUANTITIES)
+            values = tuple(_clean(d.get(c)) for c in STEP_QUANTITIES)
             token_hist = getattr(summary, "token_hist", None)
             if token_hist is not None:
                 hist = [int(c) for c in np.asarray(token_hist).ravel()]
@@ -740,16 +740,6 @@ def _merged_row(
     wall = max(w for _, w, _, _ in shards)
     row = (run_id, step, wall, status, reason, len(shards), digest.hexdigest(), *values)
     return row, hist, ledger
-
-
-def _finite(value: Any) -> Any:
-    if value is None:
-        return None
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    return value
 
 
 def _load_json(value: Any) -> Any:
