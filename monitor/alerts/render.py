@@ -206,19 +206,7 @@ def render(
     focus = head.start_step if focus is None else focus
     link = dashboard_link(dashboard_url, run.id, focus)
     subject = subject_for(run, fired, resolved)
-    chart = None
-    if steps is not None:
-        try:
-            from monitor.charts.png import kl_chart_png
-
-            chart = kl_chart_png(
-                steps,
-                focus_step=focus,
-                threshold=head.threshold if head.detector == "budget" else None,
-                title=header_safe(f"{run.label}: {head.rule} at step {focus}", 90),
-            )
-        except Exception:  # a chart is a nicety: never lose the notification over it
-            chart = None
+    chart = _chart(steps, head, focus, f"{run.label}: {head.rule} at step {focus}")
     images = {CHART_CID: chart} if chart else {}
     vocab = _vocabulary_text(vocabulary)
     text = _text(run, fired, resolved, samples, sample_step, link, dashboard_url, vocab)
@@ -241,6 +229,26 @@ def render(
     return Rendered(subject=subject, text=text, html=body, images=images, webhook=webhook)
 
 
+def _chart(
+    steps: pd.DataFrame | None, head: AlertEvent, focus: int | None, title: str
+) -> bytes | None:
+    """The KL chart PNG around ``focus`` (the budget line for a budget rule), or None: a
+    chart is a nicety, never lose the notification over it."""
+    if steps is None:
+        return None
+    try:
+        from monitor.charts.png import kl_chart_png
+
+        return kl_chart_png(
+            steps,
+            focus_step=focus,
+            threshold=head.threshold if head.detector == "budget" else None,
+            title=header_safe(title, 90),
+        )
+    except Exception:
+        return None
+
+
 def render_escalation(
     run: RunLabel,
     events: Sequence[AlertEvent],
@@ -261,19 +269,7 @@ def render_escalation(
         f"[klmon] {head.severity.upper()}: {peak}: {head.rule} on {run.label}"
         + (f" (+{len(events) - 1} more)" if len(events) > 1 else "")
     )
-    chart = None
-    if steps is not None:
-        try:
-            from monitor.charts.png import kl_chart_png
-
-            chart = kl_chart_png(
-                steps,
-                focus_step=head.peak_step,
-                threshold=head.threshold if head.detector == "budget" else None,
-                title=header_safe(f"{run.label}: {peak}", 90),
-            )
-        except Exception:  # a chart is a nicety: never lose the notification over it
-            chart = None
+    chart = _chart(steps, head, head.peak_step, f"{run.label}: {peak}")
     images = {CHART_CID: chart} if chart else {}
     lines = [f"{peak} on run {run.label} (id {run.id}).", ""]
     for e in events:

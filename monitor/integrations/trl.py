@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from monitor.ingest.client import Run, init
-from monitor.ingest.importers.keys import detect_producer, is_eval_key, lookup
+from monitor.ingest.importers.keys import detect_producer, lookup
 from monitor.store.models import METRIC_NAME_MAX, STEP_QUANTITIES
 
 try:  # a real subclass when transformers is there, so Trainer's type checks pass
@@ -136,8 +136,6 @@ class KlmonCallback(_CallbackBase):
         out: dict[str, float] = {}
         best: dict[str, int] = {}
         for key, value in scalars.items():
-            if is_eval_key(key):
-                continue
             meaning = lookup(self._producer, key)
             q = meaning.quantity if meaning is not None else None
             if q is None or q not in STEP_QUANTITIES:
