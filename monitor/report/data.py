@@ -255,6 +255,46 @@ def _vocabulary(
     return {"vocabulary": top, "vocabulary_changes": changes}
 
 
+#: The drift vocabulary section of a report, in both formats: its introduction, the message
+#: for a run without a ledger and the headers of its token table.
+VOCAB_INTRO = (
+    "Which tokens carry log p - log q over every token of the batches (the token ledger): "
+    "each token's share of the range's positive log-ratio mass, and the tokens whose "
+    f"log-ratio per 1k tokens grew most from the range's first {VOCAB_WINDOW} steps to "
+    f"its last {VOCAB_WINDOW}."
+)
+NO_LEDGER = "No token ledger (the run was logged without token_ids)."
+VOCAB_HEADERS = ("token", "share of positive log-ratio", "count", "sum", "steps")
+
+
+def vocabulary_rows(
+    section: RunSection, token: Callable[[str, bool], str], text: Callable[[Any], str]
+) -> tuple[list[list[str]], list[list[str]]]:
+    """A run's drift vocabulary as table cells: its top tokens (:data:`VOCAB_HEADERS`) and
+    what grew (``charts.tables.CHANGE_HEADERS``). ``token(shown, special)`` renders a token,
+    ``text`` escapes the other cells for the output format."""
+    from monitor.charts.tables import CHANGE_HEADERS, token_change_rows
+    from monitor.formats import show_token
+
+    top = []
+    for v in section.vocabulary.to_dict(orient="records"):
+        shown = show_token(v["token"], v["token_id"])
+        top.append(
+            [
+                token(shown.text, shown.special),
+                text(f"{v['share_pos']:.1%}"),
+                text(v["count"]),
+                text(f"{v['lr_sum']:.4g}"),
+                text(v["n_steps"]),
+            ]
+        )
+    grew = [
+        [token(c["token"], c["special"]), *(text(c[k]) for k, _ in CHANGE_HEADERS[1:])]
+        for c in token_change_rows(section.vocabulary_changes)
+    ]
+    return top, grew
+
+
 def describe_value(value: Any, digits: int = 4) -> str:
     """A number for a table: ``-`` when missing, else ``digits`` significant digits."""
     return number_text(value, digits)

@@ -284,45 +284,22 @@ def _config(data: ReportData) -> str:
 
 
 def _vocabulary(data: ReportData) -> str:
-    from monitor.charts.tables import CHANGE_HEADERS, token_change_rows
-    from monitor.formats import show_token
-    from monitor.report.data import VOCAB_WINDOW
+    from monitor.charts.tables import CHANGE_HEADERS
+    from monitor.report.data import NO_LEDGER, VOCAB_HEADERS, VOCAB_INTRO, vocabulary_rows
 
     def token(text: str, special: bool) -> str:
         return f'<code class="{"tok-special" if special else "tok"}">{esc(text)}</code>'
 
-    parts = [
-        "<p>Which tokens carry log p - log q over every token of the batches (the token "
-        "ledger): each token's share of the range's positive log-ratio mass, and the tokens "
-        f"whose log-ratio per 1k tokens grew most from the range's first {VOCAB_WINDOW} steps "
-        f"to its last {VOCAB_WINDOW}.</p>"
-    ]
+    parts = [f"<p>{esc(VOCAB_INTRO)}</p>"]
     for r in data.runs:
         parts.append(f"<h3>{esc(r.label)}</h3>")
         if r.vocabulary.empty:
-            parts.append("<p>No token ledger (the run was logged without token_ids).</p>")
+            parts.append(f"<p>{esc(NO_LEDGER)}</p>")
             continue
-        rows = []
-        for v in r.vocabulary.to_dict(orient="records"):
-            shown = show_token(v["token"], v["token_id"])
-            rows.append(
-                [
-                    token(shown.text, shown.special),
-                    esc(f"{v['share_pos']:.1%}"),
-                    esc(v["count"]),
-                    esc(f"{v['lr_sum']:.4g}"),
-                    esc(v["n_steps"]),
-                ]
-            )
-        parts.append(
-            _table(["token", "share of positive log-ratio", "count", "sum", "steps"], rows)
-        )
-        if not r.vocabulary_changes.empty:
-            change_rows = [
-                [token(c["token"], c["special"]), *(esc(c[k]) for k, _ in CHANGE_HEADERS[1:])]
-                for c in token_change_rows(r.vocabulary_changes)
-            ]
-            parts.append(_table([esc(h) for _, h in CHANGE_HEADERS], change_rows))
+        top, grew = vocabulary_rows(r, token, esc)
+        parts.append(_table(list(VOCAB_HEADERS), top))
+        if grew:
+            parts.append(_table([esc(h) for _, h in CHANGE_HEADERS], grew))
     return "".join(parts)
 
 

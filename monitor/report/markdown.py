@@ -214,48 +214,22 @@ def render_markdown(
 
 def _vocabulary(data: ReportData) -> list[str]:
     """The drift vocabulary section: per run, its top tokens and what grew."""
-    from monitor.charts.tables import CHANGE_HEADERS, token_change_rows
-    from monitor.formats import show_token
-    from monitor.report.data import VOCAB_WINDOW
+    from monitor.charts.tables import CHANGE_HEADERS
+    from monitor.report.data import NO_LEDGER, VOCAB_HEADERS, VOCAB_INTRO, vocabulary_rows
 
     def token(text: str, special: bool) -> str:
         return md_code(text) + (" (special)" if special else "")
 
-    lines = [
-        "## Drift vocabulary",
-        "",
-        "Which tokens carry log p − log q over every token of the batches (the token ledger): "
-        "each token's share of the range's positive log-ratio mass, and the tokens whose "
-        f"log-ratio per 1k tokens grew most from the range's first {VOCAB_WINDOW} steps to "
-        f"its last {VOCAB_WINDOW}.",
-        "",
-    ]
+    lines = ["## Drift vocabulary", "", VOCAB_INTRO, ""]
     for r in data.runs:
         lines += [f"### {md(r.label)}", ""]
         if r.vocabulary.empty:
-            lines += ["No token ledger (the run was logged without token ids).", ""]
+            lines += [NO_LEDGER, ""]
             continue
-        rows = []
-        for v in r.vocabulary.to_dict(orient="records"):
-            shown = show_token(v["token"], v["token_id"])
-            rows.append(
-                [
-                    token(shown.text, shown.special),
-                    f"{v['share_pos']:.1%}",
-                    str(v["count"]),
-                    f"{v['lr_sum']:.4g}",
-                    str(v["n_steps"]),
-                ]
-            )
-        lines.append(
-            _table(["token", "share of positive log-ratio", "count", "sum", "steps"], rows)
-        )
-        if not r.vocabulary_changes.empty:
-            change_rows = [
-                [token(c["token"], c["special"]), *(c[k] for k, _ in CHANGE_HEADERS[1:])]
-                for c in token_change_rows(r.vocabulary_changes)
-            ]
-            lines.append(_table([h for _, h in CHANGE_HEADERS], change_rows))
+        top, grew = vocabulary_rows(r, token, str)
+        lines.append(_table(list(VOCAB_HEADERS), top))
+        if grew:
+            lines.append(_table([h for _, h in CHANGE_HEADERS], grew))
     return lines
 
 
