@@ -30,13 +30,12 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 
 from monitor.store.database import Database
-from monitor.store.engine import make_engine
 from monitor.store.runs import get_or_create_run
-from monitor.store.schema import upgrade
 from monitor.store.steps import write_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.alerts import INSTANT_BUDGET_RULE
+from support.alerts import INSTANT_BUDGET_RULE, free_port
+from support.db import migrated_sqlite
 
 GIVE_UP_S = 240.0
 
@@ -115,12 +114,6 @@ class Receiver:
         self.server.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def scenario(mode: str, args: argparse.Namespace, tree: Path) -> tuple[float, float]:
     """(seconds to `fast`'s email, to `fast`'s webhook); inf when it never came."""
     inbox = Inbox()
@@ -129,10 +122,7 @@ def scenario(mode: str, args: argparse.Namespace, tree: Path) -> tuple[float, fl
     controller.start()
     receiver = Receiver(mode, args.trickle_s)
     with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{Path(tmp) / 'bench.db'}"
-        engine = make_engine(url)
-        upgrade(engine)
-        engine.dispose()
+        url = migrated_sqlite(Path(tmp) / "bench.db")
         rules = Path(tmp) / "rules.toml"
         rules.write_text(INSTANT_BUDGET_RULE)
         env = {

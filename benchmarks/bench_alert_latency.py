@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,11 +34,11 @@ from monitor.store.alerts import AlertEvent, Notification
 from monitor.store.database import Database
 from monitor.store.engine import make_engine
 from monitor.store.runs import get_or_create_run
-from monitor.store.schema import upgrade
 from monitor.store.steps import write_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.alerts import INSTANT_BUDGET_RULE
+from support.alerts import INSTANT_BUDGET_RULE, free_port
+from support.db import migrate, migrated_sqlite
 
 TARGET_S = 5.0
 
@@ -60,12 +59,6 @@ class Inbox:
             self.event.wait(0.01)
             self.event.clear()
         return self.arrivals[count - 1][0] if len(self.arrivals) >= count else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def baseline(settings: AlertSettings, inbox: Inbox, trials: int) -> list[float]:
@@ -116,14 +109,6 @@ def trials_on(
     return latencies
 
 
-def fresh_sqlite(folder: Path) -> str:
-    url = f"sqlite:///{folder / 'bench.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    return url
-
-
 def pg_database(admin_url: str, name: str, *, drop: bool = False) -> str:
     """Create (or drop) a scratch database next to ``admin_url``; returns its URL."""
     from sqlalchemy import text
@@ -136,11 +121,7 @@ def pg_database(admin_url: str, name: str, *, drop: bool = False) -> str:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     url = f"{admin_url.rpartition('/')[0]}/{name}"
-    if not drop:
-        engine = make_engine(url)
-        upgrade(engine)
-        engine.dispose()
-    return url
+    return url if drop else migrate(url)
 
 
 def row(label: str, xs: list[float]) -> str:
@@ -176,7 +157,7 @@ def main() -> None:
     try:
         print(row("baseline: render + send", baseline(settings, inbox, args.trials)))
         with tempfile.TemporaryDirectory() as tmp:
-            dbs = [("sqlite", fresh_sqlite(Path(tmp)))]
+            dbs = [("sqlite", migrated_sqlite(Path(tmp) / "bench.db"))]
             if args.pg:
                 dbs.append(("postgresql", pg_database(args.pg, pg_name)))
             for label, url in dbs:
