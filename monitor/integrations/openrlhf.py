@@ -26,10 +26,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from monitor.ingest.client import Run
+from monitor.integrations._once import WarnOnce
 from monitor.integrations._tokenizer import adopt_tokenizer
 
 log = logging.getLogger("klmon.openrlhf")
-_warned: set[str] = set()
+_warn_once = WarnOnce(log)
 
 
 def log_experiences(
@@ -103,9 +104,3 @@ def _kl_estimator(trainer: Any) -> str | None:
         return str(args.algo.kl.estimator)
     except AttributeError:
         return None
-
-
-def _warn_once(key: str, msg: str, *args: Any) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg, *args)

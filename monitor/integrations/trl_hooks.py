@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from monitor.ingest.client import Run
+from monitor.integrations._once import WarnOnce
 from monitor.integrations._tokenizer import tokenizer_of
 
 log = logging.getLogger("klmon.trl")
@@ -60,7 +61,7 @@ class TRLHooks:
         self._loss_logps: Any = None
         self._rewards: Any = None
         self._rows: dict[str, Any] = {}
-        self._warned: set[str] = set()
+        self.warn_once = WarnOnce(log)
         self._beta0: dict[str, float] = {}
         self._beta0_step: int | None = None
 
@@ -326,11 +327,6 @@ class TRLHooks:
                 type(exc).__name__,
                 exc,
             )
-
-    def warn_once(self, key: str, msg: str, *args: Any) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(msg, *args)
 
 
 def _first(out: Any) -> Any:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from monitor.ingest.client import Run
+from monitor.integrations._once import WarnOnce
 from monitor.integrations._tokenizer import adopt_tokenizer
 
 log = logging.getLogger("klmon.verl")
@@ -37,7 +38,7 @@ V1_FIELDS = [
     "rollout_log_probs",
     "responses",
 ]
-_warned: set[str] = set()
+_warn_once = WarnOnce(log)
 
 
 def log_batch(run: Run, step: int, batch: Any) -> bool:
@@ -129,9 +130,3 @@ def _transfer_queue_get() -> Callable[..., Any]:
     import transfer_queue as tq
 
     return tq.kv_batch_get
-
-
-def _warn_once(key: str, msg: str, *args: Any) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg, *args)
