@@ -384,3 +384,24 @@ def test_jsonl_column_wise_equals_the_row_reader(
     _f, slow = prepare_path(path)
     assert fast.steps == slow.steps and sorted(fast.metrics) == sorted(slow.metrics)
     assert (fast.notes, fast.mapping, fast.problems) == (slow.notes, slow.mapping, slow.problems)
+
+
+def test_quantity_hashes_depend_on_the_values_present_only() -> None:
+    """The columnar payload hash: a column order, an absent value and a -0.0 rounded to an
+    integer change nothing; a value, its name and which values are present change it."""
+    import numpy as np
+
+    from monitor.ingest.importers.payload_hashes import quantity_hashes
+
+    nan = np.nan
+    cols = {"k3": np.array([0.5, 0.5, nan, 0.5]), "reward_mean": np.array([1.0, 2.0, 1.0, nan])}
+    h = quantity_hashes(cols, 4)
+    assert all(x.startswith("v2:") and len(x) == 35 for x in h) and len(set(h)) == 4
+    assert quantity_hashes(dict(reversed(cols.items())), 4) == h
+    assert quantity_hashes({**cols, "kl_std": np.full(4, nan)}, 4) == h
+    assert quantity_hashes({"k3": cols["k3"][[0]], "reward_mean": np.ones(1)}, 1) == h[:1]
+    assert quantity_hashes({"k1": cols["k3"], "reward_mean": cols["reward_mean"]}, 4) != h
+    assert quantity_hashes({"k3": cols["k3"]}, 4)[3] == h[3]
+    ints = quantity_hashes({"n_tokens": np.array([-0.2, 0.0, 3.4, 3.0])}, 4)
+    assert ints[0] == ints[1] and ints[2] == ints[3]
+    assert quantity_hashes({}, 2) == [quantity_hashes({"k3": np.full(2, nan)}, 2)[0]] * 2
