@@ -286,7 +286,7 @@ def _insert_new_steps(
         copy = len(fresh) >= COPY_MIN_ROWS if use_copy is None else use_copy
         key = () if copy else ("run_id", "step")
         insert_rows(conn, "steps", columns, fresh, key=key, copy=copy)
-    invalidate_rollups(conn, run_id, min(steps[i] for i in new))
+    invalidate_rollups(conn, run_id, min(steps) if fresh is rows else min(steps[i] for i in new))
     count_written(conn, db.paramstyle, run_id, fresh, columns=columns)
     return new, duplicates, conflicts
 
