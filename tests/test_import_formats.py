@@ -384,3 +384,51 @@ def test_jsonl_column_wise_equals_the_row_reader(
     _f, slow = prepare_path(path)
     assert fast.steps == slow.steps and sorted(fast.metrics) == sorted(slow.metrics)
     assert (fast.notes, fast.mapping, fast.problems) == (slow.notes, slow.mapping, slow.problems)
+
+
+def test_quantity_hashes_depend_on_the_values_present_only() -> None:
+    """The columnar payload hash: a column order, an absent value and a -0.0 rounded to an
+    integer change nothing; a value, its name and which values are present change it."""
+    import numpy as np
+
+    from monitor.ingest.importers.payload_hashes import quantity_hashes
+
+    nan = np.nan
+    cols = {"k3": np.array([0.5, 0.5, nan, 0.5]), "reward_mean": np.array([1.0, 2.0, 1.0, nan])}
+    h = quantity_hashes(cols, 4)
+    assert all(x.startswith("v2:") and len(x) == 35 for x in h) and len(set(h)) == 4
+    assert quantity_hashes(dict(reversed(cols.items())), 4) == h
+    assert quantity_hashes({**cols, "kl_std": np.full(4, nan)}, 4) == h
+    assert quantity_hashes({"k3": cols["k3"][[0]], "reward_mean": np.ones(1)}, 1) == h[:1]
+    assert quantity_hashes({"k1": cols["k3"], "reward_mean": cols["reward_mean"]}, 4) != h
+    assert quantity_hashes({"k3": cols["k3"]}, 4)[3] == h[3]
+    ints = quantity_hashes({"n_tokens": np.array([-0.2, 0.0, 3.4, 3.0])}, 4)
+    assert ints[0] == ints[1] and ints[2] == ints[3]
+    assert quantity_hashes({}, 2) == [quantity_hashes({"k3": np.full(2, nan)}, 2)[0]] * 2
+
+
+def test_jsonl_read_by_pyarrow_equals_the_line_parse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A numeric JSONL file parsed by pyarrow gives the columns and missing-cell counts of
+    the line-by-line parse; what pyarrow would read otherwise is left to that parse."""
+    pytest.importorskip("pyarrow")
+    from monitor.ingest.importers import jsonl
+
+    path = tmp_path / "log.jsonl"
+    path.write_text(
+        '{"step": 0, "kl": 0.5, "loss": 1}\n{"step": 1, "kl": null}\n\n'
+        '{"step": 2, "loss": 2.5, "big": 9007199254740993}\n'
+    )
+    fast = jsonl.read_frame(path, lambda n: None)
+    monkeypatch.setattr(jsonl, "_arrow_columns", lambda data: None)
+    slow = jsonl.read_frame(path, lambda n: None)
+    assert fast is not None and slow is not None
+    assert fast[0].equals(slow[0]) and fast[1] == slow[1] == {
+        "step": 0,
+        "kl": 2,
+        "loss": 1,
+        "big": 2,
+    }
+    for line in ['{"a": "1.5"}', '{"a": true}', '{"a": NaN}', '{"a": [1]}', '{"a": 1, "a": 2}']:
+        assert jsonl._arrow_columns(line.encode() + b"\n") is None

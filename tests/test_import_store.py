@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from monitor.cli import main
 from monitor.errors import InvalidInput
-from monitor.ingest.importers import import_path, parse_map
+from monitor.ingest.importers import import_path, parse_map, prepare_path
 from monitor.ingest.importers.importer import fingerprint
+from monitor.ingest.importers.payload_hashes import payload_hash
 from monitor.store.database import Database
 from monitor.store.metric_info import (
     MetricInfo,
@@ -114,6 +115,49 @@ def test_same_file_with_another_map_reports_conflicts_and_keeps_stored_values(
     assert report.steps_inserted == 0 and report.step_conflicts == (1, 2)
     assert any(line.startswith("CONFLICT: 2 steps") for line in report.summary_lines())
     assert list(read_steps(db, report.run.id)["reward_mean"]) == [1.0, 2.0]
+
+
+def test_a_reimport_over_hashes_of_the_json_scheme_finds_duplicates(
+    db: Database, tmp_path: Path
+) -> None:
+    """Step rows stored by an import before the columnar hashes (``payload_hashes``' JSON
+    scheme) are compared by their values: the same file again is a replay, a changed value
+    still a conflict."""
+    import numpy as np
+    import pandas as pd
+
+    n = 50
+    rng = np.random.default_rng(3)
+    log = tmp_path / "old.csv"
+    pd.DataFrame(
+        {"step": np.arange(n), "kl": rng.normal(size=n), "reward": rng.normal(size=n)}
+    ).to_csv(log, index=False)
+    first = import_path(db, log)
+    _file, prepared = prepare_path(log)
+    assert all(r["payload_hash"].startswith("v2:") for r in prepared.steps)
+    old = {r["step"]: payload_hash(r) for r in prepared.steps}
+    ph = db.paramstyle
+    with db.begin() as conn:  # what the import stored before: SHA-256 hex digests
+        conn.exec_driver_sql(
+            f"UPDATE steps SET payload_hash = {ph} WHERE run_id = {ph} AND step = {ph}",
+            [(h, first.run.id, s) for s, h in old.items()],
+        )
+        conn.exec_driver_sql(
+            f"UPDATE steps SET reward_mean = 9.5 WHERE run_id = {ph} AND step = 7",
+            (first.run.id,),
+        )
+    again = import_path(db, log)
+    assert again.run.id == first.run.id and again.steps_inserted == 0
+    assert again.steps_unchanged == n - 1 and again.step_conflicts == (7,)
+    steps = read_steps(db, first.run.id).set_index("step")
+    assert steps.loc[7, "reward_mean"] == 9.5  # a conflict is never overwritten
+    with db.begin() as conn:  # and the stored hashes stay as they were
+        stored = dict(
+            conn.exec_driver_sql(
+                f"SELECT step, payload_hash FROM steps WHERE run_id = {ph}", (first.run.id,)
+            ).all()
+        )
+    assert stored == old
 
 
 def test_skipped_lines_are_summarised(db: Database) -> None:

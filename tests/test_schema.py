@@ -9,12 +9,19 @@ from multiprocessing.synchronize import Barrier
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine
 
 from monitor.errors import SchemaOutOfDate
 from monitor.store.database import Database
 from monitor.store.engine import make_engine
 from monitor.store.models import Base
-from monitor.store.schema import current_revision, head_revision, upgrade
+from monitor.store.schema import (
+    create_schema,
+    current_revision,
+    head_revision,
+    is_empty,
+    upgrade,
+)
 
 
 def test_migrated_schema_equals_models(empty_db_url: str) -> None:
@@ -25,6 +32,69 @@ def test_migrated_schema_equals_models(empty_db_url: str) -> None:
         diff = compare_metadata(ctx, Base.metadata)
     engine.dispose()
     assert diff == [], f"migrations and models differ: {diff}"
+
+
+def _catalog(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
+    """What a schema is, beyond what ``compare_metadata`` looks at: every table's columns in
+    order (name, type, nullability, default, key), indexes, keys and foreign keys, and on
+    PostgreSQL each column's storage."""
+    out: dict[str, list[tuple[object, ...]]] = {}
+    with engine.connect() as conn:
+        q = conn.exec_driver_sql
+        if engine.dialect.name == "sqlite":
+            for (t,) in q("SELECT name FROM sqlite_master WHERE type = 'table'"):
+                out[f"{t} columns"] = [tuple(r) for r in q(f"PRAGMA table_xinfo('{t}')")]
+                out[f"{t} indexes"] = sorted(
+                    (*r[1:], tuple(map(tuple, q(f"PRAGMA index_xinfo('{r[1]}')"))))
+                    for r in q(f"PRAGMA index_list('{t}')")
+                )
+                out[f"{t} foreign keys"] = sorted(
+                    tuple(r[2:]) for r in q(f"PRAGMA foreign_key_list('{t}')")
+                )
+            return out
+        for t, *column in q(
+            "SELECT table_name, column_name, data_type, character_maximum_length, "
+            "is_nullable, column_default FROM information_schema.columns "
+            "WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"
+        ):  # in order, not by position: a dropped column leaves a gap in the positions
+            out.setdefault(f"{t} columns", []).append(tuple(column))
+        for t, *index in q("SELECT tablename, indexname, indexdef FROM pg_indexes "
+                           "WHERE schemaname = 'public' ORDER BY 1, 2"):  # fmt: skip
+            out.setdefault(f"{t} indexes", []).append(tuple(index))
+        for t, *constraint in q(
+            "SELECT conrelid::regclass::text, conname, contype, pg_get_constraintdef(oid) "
+            "FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2"
+        ):
+            out.setdefault(f"{t} constraints", []).append(tuple(constraint))
+        for t, *storage in q(
+            "SELECT c.relname, a.attname, a.attstorage FROM pg_attribute a "
+            "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind = 'r' AND a.attnum > 0 "
+            "AND NOT a.attisdropped ORDER BY 1, 2"
+        ):
+            out.setdefault(f"{t} storage", []).append(tuple(storage))
+    return out
+
+
+def test_a_new_database_created_from_the_models_equals_the_migrated_one(
+    empty_db_url: str,
+) -> None:
+    """``create_schema`` (the models' tables and the head stamped, what a new database gets)
+    and the migrations give the same catalog and revision."""
+    engine = make_engine(empty_db_url)
+    upgrade(engine)
+    migrated = _catalog(engine)
+    with engine.begin() as conn:
+        for table in [*reversed(Base.metadata.sorted_tables), "alembic_version"]:
+            conn.exec_driver_sql(f"DROP TABLE {table if isinstance(table, str) else table.name}")
+    assert is_empty(engine)
+    assert create_schema(engine) is True
+    assert current_revision(engine) == head_revision()
+    created = _catalog(engine)
+    assert not create_schema(engine)  # not empty any more: left alone
+    engine.dispose()
+    assert len(migrated) > 3 * len(Base.metadata.tables)
+    assert created == migrated
 
 
 def test_upgrade_is_idempotent_and_reports_head(empty_db_url: str) -> None:

@@ -211,3 +211,49 @@ def test_baseline_run_is_checked(db: Database) -> None:
         set_baseline_run(db, bad.id, bad.id)
     with pytest.raises(NotFound, match="baseline run 999"):
         set_baseline_run(db, bad.id, 999)
+
+
+def test_a_step_frame_reads_back_the_same_through_each_copy_form(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Import step rows go through PostgreSQL's COPY as one block built with numpy when they
+    can (numbers, text of one length, no NULL), else row by row; both store the same rows
+    (and SQLite, which has no COPY, too)."""
+    import pandas as pd
+
+    from monitor.store import _bulk
+    from monitor.store.step_writes import COPY_MIN_ROWS, write_step_frame
+
+    n = COPY_MIN_ROWS + 5
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(
+        {
+            "step": np.arange(n) * 2,
+            "wall_time": 1.7e9 + np.arange(n),
+            "payload_hash": [f"v2:{i:032x}" for i in range(n)],
+            "k3": rng.normal(size=n),
+            "n_tokens": rng.integers(1, 2**40, n).astype(float),
+            "n_sequences": np.full(n, 8.0),
+        }
+    )
+    gaps = frame.copy()
+    gaps.loc[3, "k3"] = np.nan  # a NULL: row by row
+    blocks: list[bytes | None] = []
+    real = _bulk._binary_block
+    monkeypatch.setattr(_bulk, "_binary_block", lambda *a: blocks.append(real(*a)) or blocks[-1])
+    read = {}
+    for name, f in (("block", frame), ("rows", gaps)):
+        run = get_or_create_run(db, "proj", name)
+        assert write_step_frame(db, run.id, f).inserted == n
+        read[name] = read_steps(db, run.id).drop(columns="run_id", errors="ignore")
+    if db.is_sqlite:
+        assert blocks == []
+    else:
+        assert [b is not None for b in blocks] == [True, False]
+    assert read["block"]["n_tokens"].tolist() == frame["n_tokens"].tolist()
+    assert read["block"]["k3"].tolist() == frame["k3"].tolist()
+    expected = frame["k3"].tolist()
+    expected[3] = None
+    got = read["rows"]["k3"].tolist()
+    assert math.isnan(got[3]) and got[:3] + got[4:] == expected[:3] + expected[4:]
+    assert read["block"].drop(columns="k3").equals(read["rows"].drop(columns="k3"))

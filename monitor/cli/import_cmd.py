@@ -10,7 +10,6 @@ import click
 
 from monitor.cli.common import db_option, open_db
 from monitor.errors import InvalidInput
-from monitor.ingest.export import export_run
 from monitor.ingest.importers import DEFAULT_PROJECT, FORMATS, import_path, parse_map
 
 
@@ -181,6 +180,8 @@ def export_cmd(run: str, output: str, fmt: str | None, db: str | None) -> None:
       klmon export grpo/gemma3 -o gemma3.parquet
       klmon import gemma3.parquet --run gemma3-copy
     """
+    from monitor.ingest.export import export_run  # `klmon import` does not load it
+
     database = open_db(db)
     try:
         report = export_run(database, run, output, fmt=fmt)

@@ -14,6 +14,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection
 
 COPY_MIN_ROWS = 2000
@@ -61,6 +62,50 @@ def insert_rows(
     return inserted
 
 
+_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # binary COPY header: signature, flags, extension
+_TRAILER = b"\xff\xff"
+_FIXED = {"int4": ">i4", "int8": ">i8", "float8": ">f8"}
+
+
+def _binary_block(rows: Sequence[tuple[Any, ...]], types: Sequence[str]) -> bytes | None:
+    """The whole binary COPY stream of ``rows`` built a column at a time with numpy (a
+    tenth of psycopg's ``write_row`` per row), when every value is not NULL, every number
+    fits its column and each text column holds ASCII strings of one length (a step row:
+    'ok' and its payload hash); None otherwise."""
+    n = len(rows)
+    columns = list(zip(*rows, strict=True))
+    fields: list[tuple[str, str]] = [("count", ">i2")]
+    values: list[np.ndarray] = []
+    for i, (column, kind) in enumerate(zip(columns, types, strict=True)):
+        if kind in _FIXED:
+            array = np.array(column)  # ints stay ints (a float is never truncated); None: object
+            if array.dtype.kind not in ("if" if kind == "float8" else "i"):
+                return None
+            if kind == "int4" and (array.min() < -(2**31) or array.max() >= 2**31):
+                return None
+            fmt = _FIXED[kind]
+        elif kind == "text":
+            try:
+                ascii_text = "".join(column).isascii()  # TypeError: None or not a str
+            except TypeError:
+                return None
+            size = len(column[0])
+            if not (size and ascii_text and set(map(len, column)) == {size}):
+                return None
+            fmt = f"S{size}"
+            array = np.array(column, dtype=fmt)
+        else:
+            return None
+        fields += [(f"size{i}", ">i4"), (f"value{i}", fmt)]
+        values.append(array)
+    block = np.empty(n, dtype=np.dtype(fields))
+    block["count"] = len(types)
+    for i, array in enumerate(values):
+        block[f"size{i}"] = block.dtype[f"value{i}"].itemsize
+        block[f"value{i}"] = array
+    return _SIGNATURE + block.tobytes() + _TRAILER
+
+
 def _copy_binary(
     conn: Connection, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
 ) -> None:
@@ -71,9 +116,18 @@ def _copy_binary(
         raw.cursor() as cur,  # type: ignore[union-attr]
         cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
     ):
-        copy.set_types(types)
-        for row in rows:
-            copy.write_row(row)
+        _write_rows(copy, rows, types)
+
+
+def _write_rows(copy: Any, rows: Sequence[tuple[Any, ...]], types: list[str]) -> None:
+    """The rows into a binary COPY: one block when ``_binary_block`` can build it."""
+    block = _binary_block(rows, types)
+    if block is not None:
+        copy.write(block)
+        return
+    copy.set_types(types)
+    for row in rows:
+        copy.write_row(row)
 
 
 def _copy_via_temp(
@@ -92,9 +146,7 @@ def _copy_via_temp(
         cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {table}) ON COMMIT DELETE ROWS")
         # binary: a bytea (rollup stats) would otherwise travel as twice as many hex digits
         with cur.copy(f"COPY {tmp} ({names}) FROM STDIN (FORMAT BINARY)") as cp:
-            cp.set_types(_pg_types(table, columns))
-            for row in rows:
-                cp.write_row(row)
+            _write_rows(cp, rows, _pg_types(table, columns))
         cur.execute(
             f"INSERT INTO {table} ({names}) SELECT {names} FROM {tmp} "
             f"ON CONFLICT ({', '.join(key)}) DO NOTHING"

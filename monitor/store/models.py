@@ -394,9 +394,11 @@ class AlertNotificationRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     next_attempt_at: Mapped[float] = mapped_column(Float)
     claimed_until: Mapped[float | None] = mapped_column(Float, nullable=True)
-    claimed_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # after last_error, where its migration (0005) added it: a new database created from the
+    # models has the migrated column order (``schema.create_schema``)
+    claimed_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
 
 
 class AnnotationRow(Base):

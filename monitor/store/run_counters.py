@@ -10,11 +10,11 @@ does the same in SQL; a script that writes ``steps`` directly calls it after).""
 
 from __future__ import annotations
 
-import heapq
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection
 
 from monitor.store.database import Database
@@ -46,24 +46,29 @@ def count_written(
     again."""
     step_at = columns.index("step")
     value_at = {col: columns.index(col) for col in LAST_STEP_COLUMNS if col in columns}
+    written = [*inserted, *updated]
+    # the written rows' indexes, latest step first (of one step, the earlier row first)
+    steps = np.array([int(r[step_at]) for r in written], dtype=np.int64)
+    newest = np.argsort(-steps, kind="stable").tolist()
     sets: list[str] = []
     params: list[Any] = []
     if inserted:
         sets.append(f"n_steps = n_steps + {ph}")
         params.append(len(inserted))
-        top = max(int(r[step_at]) for r in inserted)
+        top = int(steps[: len(inserted)].max())
         sets.append(_raise_to("last_step", ph))
         params += [top, top]
     emptied: list[str] = []
     for col, idx in value_at.items():
-        with_value = [int(r[step_at]) for r in (*inserted, *updated) if r[idx] is not None]
-        if with_value:
+        # the latest written step with a value: usually the first one looked at
+        last = next((int(steps[i]) for i in newest if written[i][idx] is not None), None)
+        if last is not None:
             sets.append(_raise_to(LAST_STEP_COLUMNS[col], ph))
-            params += [max(with_value), max(with_value)]
+            params += [last, last]
         if any(r[idx] is None for r in updated):
             emptied.append(col)
-    if inserted or updated:
-        walls = _recent_after_write(conn, ph, run_id, (*inserted, *updated), columns)
+    if written:
+        walls = _recent_after_write(conn, ph, run_id, written, newest, columns)
         if walls is not None:
             sets.append(f"recent_walls = {ph}")
             params.append(walls)
@@ -85,19 +90,22 @@ def _recent_after_write(
     ph: str,
     run_id: int,
     rows: Sequence[Sequence[Any]],
+    newest: Sequence[int],
     columns: Sequence[str],
 ) -> str | None:
     """The run's ``recent_walls`` once ``rows`` are stored (a written step replaces its stored
-    wall time), or None when they leave it unchanged. The kept steps are the latest ones: a
-    written step older than all of them, when they are RECENT_STEPS already, stays out."""
+    wall time), or None when they leave it unchanged; ``newest``: the rows' indexes, latest
+    step first. The kept steps are the latest ones: a written step older than all of them,
+    when they are RECENT_STEPS already, stays out."""
     stored = conn.exec_driver_sql(
         f"SELECT recent_walls FROM runs WHERE id = {ph}", (run_id,)
     ).scalar()
     kept = {int(s): w for s, w in _load(stored)}
     step_at, wall_at = columns.index("step"), columns.index("wall_time")
-    # a written step outside the latest RECENT_STEPS written is outside the latest kept too
-    for r in heapq.nlargest(RECENT_STEPS, rows, key=lambda r: int(r[step_at])):
-        kept[int(r[step_at])] = r[wall_at]
+    # a written step outside the latest RECENT_STEPS written is outside the latest kept too;
+    # of two rows of one step, the later one is written last
+    for i in newest[:RECENT_STEPS]:
+        kept[int(rows[i][step_at])] = rows[i][wall_at]
     latest = sorted(kept.items(), reverse=True)[:RECENT_STEPS]
     dumped = _dump(latest)
     return None if dumped == stored else dumped

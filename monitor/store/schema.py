@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,6 +83,21 @@ def _run_upgrade(engine: Engine, revision: str) -> str | None:
         return before
 
 
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, a session advisory lock held while the schema changes (nothing on
+    SQLite, whose writers the database lock serialises)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock:
+        lock.exec_driver_sql(f"SELECT pg_advisory_lock({UPGRADE_LOCK_KEY})")
+        try:
+            yield
+        finally:
+            lock.exec_driver_sql(f"SELECT pg_advisory_unlock({UPGRADE_LOCK_KEY})")
+
+
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Migrate the schema to ``revision``; returns the revision it found (None: empty).
 
@@ -90,14 +107,43 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     schema at head and does nothing, instead of failing on a half-created catalog
     (``duplicate key value violates unique constraint "pg_type_typname_nsp_index"``).
     """
-    if engine.dialect.name != "postgresql":
+    with _schema_lock(engine):
         return _run_upgrade(engine, revision)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock:
-        lock.exec_driver_sql(f"SELECT pg_advisory_lock({UPGRADE_LOCK_KEY})")
-        try:
-            return _run_upgrade(engine, revision)
-        finally:
-            lock.exec_driver_sql(f"SELECT pg_advisory_unlock({UPGRADE_LOCK_KEY})")
+
+
+#: What the migrations set beyond the models' DDL (0008: a compressed payload is stored out
+#: of line without TOAST trying to compress it again).
+_PG_AFTER_CREATE = ("ALTER TABLE samples ALTER COLUMN payload SET STORAGE EXTERNAL",)
+
+
+def create_schema(engine: Engine) -> bool:
+    """Give an empty database the schema at head: the models' tables (``create_all``) and
+    the head revision stamped, instead of running every migration (a fifth of a short
+    import's time, Alembic's import included). ``tests/test_schema.py`` checks that both
+    give the same catalog on SQLite and PostgreSQL. False when the database was not empty
+    once the lock was held (another process created the schema meanwhile); the scripts'
+    head unclear without Alembic: the migrations run."""
+    head = script_head()
+    if head is None:
+        upgrade(engine)
+        return True
+    from monitor.store.models import Base
+
+    with _schema_lock(engine):
+        if not is_empty(engine):
+            return False
+        with engine.begin() as conn:
+            Base.metadata.create_all(conn)
+            if conn.dialect.name == "postgresql":
+                for sql in _PG_AFTER_CREATE:
+                    conn.exec_driver_sql(sql)
+            # the table Alembic creates, as it creates it
+            conn.exec_driver_sql(
+                "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+            )
+            conn.exec_driver_sql(f"INSERT INTO alembic_version (version_num) VALUES ('{head}')")
+    return True
 
 
 _REVISION = re.compile(r"""^revision\s*=\s*["']([^"']+)["']\s*$""", re.M)
@@ -175,9 +221,9 @@ def ensure_schema(engine: Engine) -> bool:
     as :func:`check_schema`. A database at an older revision is never migrated here: that
     stays an explicit ``klmon db upgrade``, so one client cannot change a shared schema
     under the others."""
-    if current_revision(engine) is None and is_empty(engine):
+    if _stored_revision(engine) is None and is_empty(engine):
         try:
-            upgrade(engine)
+            created = create_schema(engine)
         except Exception as exc:
             # Another process (a second rank, a dashboard) may have created it meanwhile:
             # then the schema is at head and all is well; otherwise the original error.
@@ -186,6 +232,7 @@ def ensure_schema(engine: Engine) -> bool:
             except Exception:
                 raise exc from None
             return False
-        return True
+        if created:
+            return True
     check_schema(engine)
     return False

@@ -9,8 +9,9 @@ it finds.
 
 Idempotency: a step already stored with the same payload hash is a duplicate (a no-op); with a
 different hash it is a conflict, counted and never overwritten (a row without a hash, on
-either side, cannot be told apart: a duplicate). The only overwrite is a 'partial' step of a
-multi-rank run, re-merged when more of its ranks arrive.
+either side, cannot be told apart: a duplicate; a stored hash of another scheme, the prefix
+before ``:``, cannot be compared: the stored values decide). The only overwrite is a
+'partial' step of a multi-rank run, re-merged when more of its ranks arrive.
 
 Concurrency: the transaction starts by updating the run's ``last_seen_at``. That write takes
 the run's row lock on PostgreSQL and the database write lock on SQLite (and makes pysqlite
@@ -268,7 +269,14 @@ def _insert_new_steps(
         for step, h in _existing(db, conn, "steps", "step, payload_hash", run_id, steps)
     }
     hashes = [r[at_hash] for r in rows]
-    new, duplicates, conflicts = _split_new(zip(steps, hashes, strict=True), stored)
+    if not stored and len(set(steps)) == len(steps):
+        new, duplicates, conflicts = list(range(len(rows))), 0, []  # a new run's rows
+    else:
+        before = dict(stored)
+        new, duplicates, conflicts = _split_new(zip(steps, hashes, strict=True), stored)
+        replays = _same_stored_values(db, conn, run_id, rows, columns, before, conflicts)
+        duplicates += len(replays)
+        conflicts = [s for s in conflicts if s not in replays]
     if not new:
         return new, duplicates, conflicts
     fresh = rows if len(new) == len(rows) else [rows[i] for i in new]
@@ -278,7 +286,7 @@ def _insert_new_steps(
         copy = len(fresh) >= COPY_MIN_ROWS if use_copy is None else use_copy
         key = () if copy else ("run_id", "step")
         insert_rows(conn, "steps", columns, fresh, key=key, copy=copy)
-    invalidate_rollups(conn, run_id, min(steps[i] for i in new))
+    invalidate_rollups(conn, run_id, min(steps) if fresh is rows else min(steps[i] for i in new))
     count_written(conn, db.paramstyle, run_id, fresh, columns=columns)
     return new, duplicates, conflicts
 
@@ -304,6 +312,53 @@ def _split_new(
         stored[key] = payload_hash
         new.append(i)
     return new, duplicates, conflicts
+
+
+def _scheme(payload_hash: str | None) -> str:
+    """The scheme of a payload hash: what comes before a ``:`` (none for the original ones,
+    a SHA-256 or BLAKE2 hex digest; ``v2`` for ``importers.payload_hashes.quantity_hashes``)."""
+    return payload_hash.partition(":")[0] if payload_hash and ":" in payload_hash else ""
+
+
+def _same_stored_values(
+    db: Database,
+    conn: Connection,
+    run_id: int,
+    rows: Sequence[tuple[Any, ...]],
+    columns: Sequence[str],
+    stored: Mapping[int, str | None],
+    conflicts: Sequence[int],
+) -> set[int]:
+    """The conflicting steps whose stored hash is of another scheme than the row's (two
+    digests that cannot be compared: a step imported before its importer changed schemes)
+    but whose stored payload, every column but the step and wall time, equals the row's:
+    replays. A column the row leaves out counts as its default."""
+    if not conflicts:
+        return set()
+    at_step, at_hash = columns.index("step"), columns.index("payload_hash")
+    row_of = {int(r[at_step]): r for r in rows}
+    steps = [
+        s for s in conflicts if s in stored and _scheme(stored[s]) != _scheme(row_of[s][at_hash])
+    ]
+    if not steps:
+        return set()
+    payload = [c for c in STEP_COLUMNS if c not in ("run_id", "step", "wall_time", "payload_hash")]
+    index = {c: columns.index(c) for c in payload if c in columns}
+    same: set[int] = set()
+    for step, *values in _existing(db, conn, "steps", ", ".join(["step", *payload]), run_id, steps):
+        row = row_of[int(step)]
+        wanted = [row[index[c]] if c in index else _STEP_DEFAULTS.get(c) for c in payload]
+        if all(_same_value(a, b) for a, b in zip(values, wanted, strict=True)):
+            same.add(int(step))
+    return same
+
+
+def _same_value(stored: Any, value: Any) -> bool:
+    if stored is None or value is None:
+        return stored is None and value is None
+    if isinstance(value, str) or isinstance(stored, str):
+        return str(stored) == str(value)
+    return float(stored) == float(value)
 
 
 def write_steps(db: Database, run_id: int, rows: Sequence[Mapping[str, Any]]) -> StepWriteResult:
@@ -356,13 +411,17 @@ def write_step_frame(db: Database, run_id: int, frame: pd.DataFrame) -> StepWrit
                 continue  # NULL: the column's default, not bound on every row
             values = [default] * n
         else:
-            col = frame[c]
-            if col.dtype.kind == "f" and (c in STEP_INT_COLUMNS or c == "step"):
-                values = [None if v != v else int(v) for v in col.tolist()]
-            else:
+            col = frame[c].to_numpy()
+            if col.dtype.kind != "f":
                 values = col.tolist()
-                if col.dtype.kind == "f" and col.isna().any():
-                    values = [None if v != v else v for v in values]
+            else:
+                missing = np.isnan(col)
+                if c in STEP_INT_COLUMNS or c == "step":
+                    values = np.where(missing, 0, col).astype(np.int64).tolist()
+                else:
+                    values = col.tolist()
+                for i in np.flatnonzero(missing).tolist():
+                    values[i] = None
         names.append(c)
         columns.append(values)
     rows = list(zip(*columns, strict=True))

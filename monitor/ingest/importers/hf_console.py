@@ -69,16 +69,17 @@ def is_console_dict(line: str) -> bool:
 
 
 def looks_like(path: Path) -> bool:
-    """Whether the first few MiB of ``path`` hold a printed Trainer dict."""
-    done = 0
+    """Whether the first few MiB of ``path`` (the lines starting in them) hold a printed
+    Trainer dict; a block without ``{'`` is answered without a loop over its lines."""
     with path.open("rb") as fh:
-        for raw in fh:
-            done += len(raw)
-            if b"{'" in raw and is_console_dict(raw.decode("utf-8", errors="replace")):
-                return True
-            if done > _SNIFF_BYTES:
-                break
-    return False
+        block = fh.read(_SNIFF_BYTES + 1)
+        block += fh.readline()
+    if b"{'" not in block:
+        return False
+    return any(
+        b"{'" in raw and is_console_dict(raw.decode("utf-8", errors="replace"))
+        for raw in block.split(b"\n")
+    )
 
 
 def read(path: Path, tick: Tick) -> RawTable:

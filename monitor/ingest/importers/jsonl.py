@@ -59,6 +59,9 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
     tick(len(data))
     if b"\x00" in data or data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
         return None
+    parsed = _arrow_columns(data)
+    if parsed is not None:
+        return parsed
     try:
         lines = data.decode("utf-8").lstrip("\ufeff").split("\n")
         # orjson refuses bare NaN/Infinity and integers past 64 bits: those files take the
@@ -80,6 +83,39 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
     try:
         return pd.DataFrame(columns, copy=False), nulls
     except UnicodeError:  # a key with a lone surrogate: the row reader cleans it
+        return None
+
+
+def _arrow_columns(data: bytes) -> tuple[pd.DataFrame, dict[str, int]] | None:
+    """``read_frame``'s result parsed by pyarrow's JSON reader (in C++, several times faster
+    than a ``orjson.loads`` per line), when pyarrow is there and reads every column as
+    numbers or nulls; None for anything else (text, booleans, lists, objects, bare NaN or
+    Infinity, repeated keys), which the line-by-line parse decides as before."""
+    if b"NaN" in data or b"Infinity" in data:
+        return None  # pyarrow reads them as numbers; the rules read them as missing
+    try:
+        import pyarrow as pa
+        import pyarrow.json as pa_json
+    except ImportError:
+        return None
+    try:
+        table = pa_json.read_json(pa.BufferReader(data))
+    except (pa.ArrowException, ValueError):
+        return None
+    numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_null)
+    if not table.num_rows or not all(any(t(c.type) for t in numeric) for c in table.columns):
+        return None
+    columns = {
+        name: column.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+        for name, column in zip(table.column_names, table.columns, strict=True)
+    }
+    nulls = {
+        name: column.null_count
+        for name, column in zip(table.column_names, table.columns, strict=True)
+    }
+    try:
+        return pd.DataFrame(columns, copy=False), nulls
+    except UnicodeError:
         return None
 
 

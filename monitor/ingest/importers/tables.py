@@ -12,8 +12,6 @@ for the same step are merged (a trainer_state eval row joins its training row).
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -41,6 +39,11 @@ from monitor.ingest.importers.keys import (
     detect_producer,
     is_int_quantity,
     lookup,
+)
+from monitor.ingest.importers.payload_hashes import (
+    payload_hash,
+    quantity_hashes,
+    quantity_hashes_of_rows,
 )
 from monitor.ingest.text import clean_text
 from monitor.store.metric_info import MetricInfo
@@ -196,13 +199,6 @@ def merge(parts: list[Prepared]) -> Prepared:
     )
     out.kl_candidates = [] if out.kl_read else first.kl_candidates
     return out
-
-
-def payload_hash(row: dict[str, Any]) -> str:
-    """A digest of what a step row holds (not its wall time): equal for a replayed import."""
-    body = {k: v for k, v in row.items() if k not in ("wall_time", "payload_hash", "step")}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_map_columns(user_map: dict[str, str | None], columns: set[str], path: object) -> None:
@@ -397,7 +393,7 @@ def build_frame(
     wall = np.where(wall > 1e11, wall / 1000.0, wall)
     rows["wall_time"] = np.where((wall > 1e8) & (wall < 1e10), wall, default_wall_time)
     quantities = [q for q in rows if q not in ("step", "wall_time")]
-    rows["payload_hash"] = _payload_hashes({q: rows[q] for q in quantities}, n)
+    rows["payload_hash"] = quantity_hashes({q: rows[q] for q in quantities}, n)
     out.step_frame = pd.DataFrame(rows, copy=False)
     for column, v in values.items():
         m = read.meanings.get(column)
@@ -409,39 +405,6 @@ def build_frame(
     }
     _say_kl(out, read)
     out.infos = _infos(out, RawTable(), read, set(out.metric_columns), klmon=False)
-    return out
-
-
-def _payload_hashes(quantities: Mapping[str, np.ndarray], n: int) -> list[str]:
-    """``payload_hash`` of each row of quantity columns (NaN: absent), without a dict and a
-    ``json.dumps`` per row: the same JSON text, built a column pattern at a time."""
-    names = sorted(quantities)
-    if not names:
-        return [payload_hash({})] * n
-    present = np.column_stack([~np.isnan(quantities[q]) for q in names])
-    texts: list[list[str]] = []
-    for q in names:
-        col = quantities[q]
-        if is_int_quantity(q):
-            col = np.where(np.isnan(col), 0, col).astype(np.int64)
-        # repr of the whole list formats each number as repr (and json.dumps) does, in C
-        texts.append(repr(col.tolist())[1:-1].split(", ") if n else [])
-    out: list[str] = [""] * n
-    # which quantities a row holds, as one integer (np.unique over rows is slower)
-    codes = (present.astype(np.int64) << np.arange(len(names), dtype=np.int64)).sum(axis=1)
-    patterns, which = np.unique(codes, return_inverse=True)
-    sha = hashlib.sha256
-    for p, code in enumerate(patterns.tolist()):
-        pattern = [bool(code >> i & 1) for i in range(len(names))]
-        cols = [texts[i] for i in range(len(names)) if pattern[i]]
-        template = (
-            "{" + ",".join(f"{json.dumps(names[i])}:%s" for i in np.flatnonzero(pattern)) + "}"
-        )
-        if len(patterns) == 1:
-            return [sha((template % v).encode()).hexdigest() for v in zip(*cols, strict=True)]
-        rows_of = np.flatnonzero(which.ravel() == p).tolist()
-        for r in rows_of:
-            out[r] = sha((template % tuple(c[r] for c in cols)).encode()).hexdigest()
     return out
 
 
@@ -637,9 +600,13 @@ def _rows_and_metrics(
             extra = {"wall_time": _wall_time(vals.get(time_key), default_wall_time)}
         if extra is not None:
             row.update(extra)
-            row["payload_hash"] = payload_hash(row)
+            if klmon:  # a status and a reason too: the JSON scheme
+                row["payload_hash"] = payload_hash(row)
             out.steps.append(row)
         out.metrics.extend(_step_metrics(step, vals, read.meanings, klmon=klmon))
+    if not klmon:  # numbers only: the columnar scheme, as ``build_frame`` gives
+        for row, h in zip(out.steps, quantity_hashes_of_rows(out.steps, used), strict=True):
+            row["payload_hash"] = h
     return used
 
 

@@ -36,7 +36,8 @@ from monitor.ingest.importers.base import (
     to_number,
     to_step,
 )
-from monitor.ingest.importers.tables import Prepared, payload_hash
+from monitor.ingest.importers.payload_hashes import payload_hash
+from monitor.ingest.importers.tables import Prepared
 from monitor.ingest.text import clean_text
 from monitor.store.metric_info import MetricInfo
 from monitor.store.models import STEP_QUANTITIES
