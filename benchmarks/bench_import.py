@@ -119,8 +119,10 @@ def pg_copy(frame: pd.DataFrame, url: str) -> int:
 
 
 def klmon_import(file: Path, url: str, package_root: Path | None) -> float:
-    """Wall seconds of `klmon import FILE` in a child process."""
-    env = {**os.environ, "KLMON_DB_URL": url}
+    """Wall seconds of `klmon import FILE` in a child process, as installed: modules compiled
+    once (``warm_up`` writes what pip would have; PYTHONDONTWRITEBYTECODE is dropped)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["KLMON_DB_URL"] = url
     code = "import sys; from monitor.cli import main; sys.exit(main())"
     if package_root is not None:
         # ahead of the editable install's import hook, which would find this checkout
@@ -201,6 +203,9 @@ def main() -> None:
         files = write_files(frame, folder)
         raw_path = folder / "raw.db"
         roots = [("klmon", here)] + ([("baseline", args.baseline)] if args.baseline else [])
+        for label, root in roots:  # compiles every module the imports load, as pip would
+            for fmt, file in files.items():
+                klmon_import(file, f"sqlite:///{folder / f'warm-{label}-{fmt}.db'}", root)
         # The load of a shared machine drifts: each repeat runs the floor and every root in
         # turn, and each format's figures are divided by the floor measured beside them.
         print("\nSQLite: floor = raw sqlite3 executemany into a wide table")
