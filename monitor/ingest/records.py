@@ -340,7 +340,9 @@ def _strings(items: Sequence[Any]) -> list[str]:
 
 def _payload_hash(record: Mapping[str, Any]) -> str:
     """Digest of what a step record would store: a replay hashes the same, any change of
-    summary, samples or metrics hashes differently."""
+    summary, samples or metrics hashes differently. Samples count by their payload bytes
+    (cheaper than their texts and arrays): a spilled step summarised again by a klmon whose
+    zstd writes other bytes would count as a conflict (kept as first stored)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(
         f"{record['step']}|{record['rank']}|{record['status']}|{record.get('reason')}|".encode()
