@@ -4,7 +4,9 @@ pyproject.toml cannot map a folder outside the package while also discovering pa
 
 ``monitor._kernel`` is the fused token pass of ``monitor.divergence`` in C. It is optional:
 where no C compiler is found the install goes on and ``monitor.divergence`` uses its numpy
-kernel (same results, a few times slower)."""
+kernel (same results, a few times slower). ``monitor._codec`` is the per-value work of a
+drill-down sample's payload, optional the same way (``monitor.store.sample_codec`` falls back
+to numpy, same bytes)."""
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
@@ -22,10 +24,14 @@ class BuildExt(build_ext):
 
 setup(
     cmdclass={"build_ext": BuildExt},
-    packages=[*find_packages(include=["monitor", "monitor.*"]), "monitor.migrations",
-              "monitor.migrations.versions"],
+    packages=[
+        *find_packages(include=["monitor", "monitor.*"]),
+        "monitor.migrations",
+        "monitor.migrations.versions",
+    ],
     package_dir={"monitor.migrations": "migrations"},
     ext_modules=[
         Extension("monitor._kernel", ["monitor/_kernel.c"], optional=True),
+        Extension("monitor._codec", ["monitor/_codec.c"], optional=True),
     ],
 )

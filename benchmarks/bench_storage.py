@@ -20,7 +20,9 @@ then written, in committer-sized batches, to fresh databases:
 
 It prints bytes per step and the projection for 10k and 1M steps (step rows at the measured
 per-step cost, samples at the measured per-sampled-step cost times the steps the retention
-keeps), and the committer-side seconds spent writing the 1k steps (encoding included).
+keeps), and the committer-side seconds spent writing the 1k steps (the payloads come
+encoded by the record builder, as the processor thread encodes them; revision 0006's JSON is
+encoded by the committer).
 
     .venv/bin/python benchmarks/bench_storage.py               # 1000 steps, SQLite + PostgreSQL
     .venv/bin/python benchmarks/bench_storage.py --steps 300 --no-pg --texts ingest
@@ -62,8 +64,9 @@ def _vocabulary(rng: np.random.Generator, n: int = 32_000) -> np.ndarray:
 
 
 def make_records(steps: int, b: int, t: int, samples: bool, texts: str = "vocab") -> list[Any]:
-    """The step records the committer would write, from the live client's record builder.
-    ``texts``: "vocab" (Zipf words, the response is its tokens joined) or "ingest"
+    """The step records the committer would write, from the live client's record builder,
+    each sample with its fields as revision 0006 took them next to its payload. ``texts``:
+    "vocab" (Zipf words, the response is its tokens joined) or "ingest"
     (``bench_ingest.py``'s: tokens ``tok{j}``, texts ``prompt {i}``/``response {i}``)."""
     from monitor.ingest.apply import to_step_record
     from monitor.ingest.records import StepItem, WriterConfig, summarize_item
@@ -102,7 +105,18 @@ def make_records(steps: int, b: int, t: int, samples: bool, texts: str = "vocab"
             tokens=tokens,
             metrics={"loss/policy": 0.1, "lr": 1e-6},
         )
-        out.append(to_step_record(summarize_item(item, HEADER, cfg)))
+        record = summarize_item(item, HEADER, cfg)
+        for sample in record["samples"]:  # what revision 0006 stored (``_old_sample_rows``)
+            i = sample["seq_index"]
+            pos = np.flatnonzero(mask[i])
+            sample.update(
+                prompt=prompts[i],
+                response=responses[i],
+                tokens=[tokens[i][j] for j in pos],
+                policy_logprobs=lp[i, pos],
+                ref_logprobs=ref[i, pos],
+            )
+        out.append(to_step_record(record))
     return out
 
 

@@ -145,14 +145,16 @@ def test_wheel_ships_migrations_env_and_default_rules(image: Image) -> None:
     assert re.search(r"Requires-Dist: gunicorn.*extra == .server.", meta), meta
 
 
-def test_wheel_ships_the_compiled_token_pass(image: Image) -> None:
+def test_wheel_ships_the_compiled_token_pass_and_sample_codec(image: Image) -> None:
     """The build stage has a C compiler (as here), so the wheel carries monitor._kernel and
-    the installed package uses it rather than the slower numpy fallback."""
+    monitor._codec, and the installed package uses them rather than the numpy fallbacks."""
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler here: the wheel is built without monitor._kernel")
     names = zipfile.ZipFile(image.wheel).namelist()
     assert any(re.fullmatch(r"monitor/_kernel\..*\.so", n) for n in names), names
+    assert any(re.fullmatch(r"monitor/_codec\..*\.so", n) for n in names), names
     image.python("import monitor.divergence as d; assert d.kernel() != 'numpy'")
+    image.python("import monitor.store.sample_codec as c; assert c._planes is c._compiled_planes")
 
 
 def test_wheel_ships_dashboard_assets(image: Image) -> None:

@@ -20,6 +20,7 @@ from monitor.store.database import Database
 from monitor.store.drilldown import read_samples
 from monitor.store.engine import make_engine
 from monitor.store.runs import find_run_by_name, resolve_run
+from monitor.store.sample_codec import decode_sample
 from monitor.store.steps import read_metrics, read_steps
 
 
@@ -244,11 +245,25 @@ def test_any_log_step_input_is_stored_or_refused_and_the_next_step_arrives(
     assert stored == [*accepted, len(inputs)]
 
 
+def _unencoded(sample: dict, *, prompt: str, token: str) -> dict:
+    """A spooled sample in the form klmon wrote before payloads: arrays and strings."""
+    d = decode_sample(sample["payload"])
+    return {
+        **{k: sample[k] for k in ("seq_index", "kind", "kl_seq", "reward")},
+        "prompt": prompt,
+        "response": d.response,
+        "tokens": [token] * len(d.policy_logprobs),
+        "policy_logprobs": d.policy_logprobs.astype(np.float32),
+        "ref_logprobs": d.ref_logprobs.astype(np.float32),
+    }
+
+
 def test_sync_stores_a_spool_file_with_surrogates_and_nul_and_goes_on(
     db_url: str, tmp_path
 ) -> None:
-    """A spool file written before the boundary cleaned text (or edited by hand): sync
-    cleans it on the way in and replays every file."""
+    """A spool file written before the boundary cleaned text (or edited by hand), its
+    samples in the form klmon spooled before payloads (arrays and strings): sync cleans and
+    encodes them on the way in and replays every file."""
     from click.testing import CliRunner
     from support.db import down_url
 
@@ -268,10 +283,7 @@ def test_sync_stores_a_spool_file_with_surrogates_and_nul_and_goes_on(
         if isinstance(r, SpoolRecord) and r.record.get("step") == 2
     )
     rec = {**rec, "step": 3, "hash": "old", "metrics": [["m\udcff\x00", 1.0]], "reason": "\udcff"}
-    rec["samples"] = [
-        {**s, "prompt": "\udcff\x00", "tokens": ["t\udcff"] * len(s["policy_logprobs"])}
-        for s in rec["samples"]
-    ]
+    rec["samples"] = [_unencoded(s, prompt="\udcff\x00", token="t\udcff") for s in rec["samples"]]
     old.write_bytes(old.read_bytes() + encode_record(rec))
 
     out = CliRunner().invoke(main, ["sync", "--spool-dir", str(spool), "--db", db_url])
@@ -281,7 +293,13 @@ def test_sync_stores_a_spool_file_with_surrogates_and_nul_and_goes_on(
     assert list(metrics.columns) == ["step", "m\ufffd"]
     db = Database.open(db_url)
     try:
-        assert {s.prompt for s in read_samples(db, info.id, 3)} == {"\ufffd"}
+        samples = read_samples(db, info.id, 3)
+        assert {s.prompt for s in samples} == {"\ufffd"}
+        assert {t for s in samples for t in s.tokens} == {"t\ufffd"}
+        before = {s.seq_index: s for s in read_samples(db, info.id, 2)}
+        for s in samples:
+            assert s.policy_logprobs == before[s.seq_index].policy_logprobs
+            assert s.ref_logprobs == before[s.seq_index].ref_logprobs
     finally:
         db.dispose()
     assert _stored(db_url, "hostile", "b-next")[0]["step"].tolist() == [0, 1, 2]

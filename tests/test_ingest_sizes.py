@@ -141,8 +141,9 @@ def _spooled_steps(directory: Path) -> set[int]:
 
 def test_full_spool_disk_with_the_database_up_loses_nothing(db_url: str, tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="klmon")
-    with _tmpfs(tmp_path / "full") as spool:
-        # A queue too long to shed samples: the steps' records must fill the small disk.
+    with _tmpfs(tmp_path / "full", "512k") as spool:
+        # A queue too long to shed samples: the steps' records (~9 kB each, their samples
+        # compressed) must fill the small disk.
         run = monitor.init(
             "sizes",
             "full-up",

@@ -37,6 +37,21 @@ def test_record_round_trip_keeps_arrays_exact() -> None:
     assert out["nested"] == [{"a": 5, "f": None}]
 
 
+def test_bytes_travel_as_raw_blobs_next_to_arrays() -> None:
+    """A sample's payload (bytes) is stored as it is after the JSON, like an array: no
+    base64, no escaping, and it comes back as bytes."""
+    payload = bytes(range(256)) * 3
+    arr = np.arange(5, dtype=np.int64)
+    rec = {"type": "step", "samples": [{"kind": "top", "payload": payload}], "hist": arr}
+    data = encode_record(rec)
+    assert data.endswith(payload + arr.tobytes())  # blobs in the order met
+    assert len(data) < len(payload) + arr.nbytes + 200
+    out = decode_body(data[12:])
+    assert out["samples"] == [{"kind": "top", "payload": payload}]
+    assert type(out["samples"][0]["payload"]) is bytes
+    np.testing.assert_array_equal(out["hist"], arr)
+
+
 def test_writer_files_are_private_locked_and_self_describing(tmp_path) -> None:
     w = SpoolWriter(tmp_path / "spool", HEADER)
     w.append({"type": "step", "step": 0})

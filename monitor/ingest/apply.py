@@ -81,9 +81,13 @@ def to_step_record(rec: Mapping[str, Any], quantities: Sequence[str] | None = No
     )
 
 
-def _clean_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
-    """A sample whose texts and token strings both databases can store (the spool keeps them
-    as logged; see ``monitor.ingest.text``)."""
+def _clean_sample(sample: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A sample whose texts and token strings both databases can store. A sample with its
+    ``payload`` was cleaned and encoded by the processor (``records.select_samples``); one
+    with arrays and strings (a spool written by klmon before payloads) is cleaned here (see
+    ``monitor.ingest.text``) and encoded by the store."""
+    if "payload" in sample:
+        return sample
     out = dict(sample)
     out["prompt"] = clean_optional(sample.get("prompt"))
     out["response"] = clean_optional(sample.get("response"))

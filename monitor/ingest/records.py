@@ -24,8 +24,10 @@ from monitor.divergence.ledger import LEDGER_K
 from monitor.errors import InvalidInput
 from monitor.formats import json_safe
 from monitor.ingest.tensors import resolve_arrays
+from monitor.ingest.text import clean_optional, clean_strings
 from monitor.ingest.vocab import Vocabulary
 from monitor.store import STEP_QUANTITIES
+from monitor.store.sample_codec import encode_sample
 
 log = logging.getLogger("klmon.ingest")
 
@@ -280,26 +282,30 @@ def select_samples(
     assert lp is not None and ref is not None
     samples = []
     for i, kind in picked:
-        pos = np.flatnonzero(mask[i]) if mask is not None else np.arange(lp.shape[1])
-        sample: dict[str, Any] = {
-            "seq_index": i if seq_ids is None else int(seq_ids[i]),
-            "kind": kind,
-            "kl_seq": json_safe(float(seq_kl[i])),
-            "reward": None if item.rewards is None else json_safe(float(item.rewards[i])),
-            "prompt": None,
-            "response": None,
-            "tokens": None,
-            # take() makes the copy; astype converts only a float64 batch
-            "policy_logprobs": lp[i].take(pos).astype(np.float32, copy=False),
-            "ref_logprobs": ref[i].take(pos).astype(np.float32, copy=False),
-        }
+        pos = np.flatnonzero(mask[i]) if mask is not None else None
+        prompt = response = None
         if item.texts is not None:
             prompts, responses = item.texts
-            sample["prompt"] = None if prompts is None else _text(prompts[i])
-            sample["response"] = None if responses is None else _text(responses[i])
-        if item.tokens is not None:
-            sample["tokens"] = _sample_tokens(item.tokens[i], pos, lp.shape[1])
-        samples.append(sample)
+            prompt = None if prompts is None else clean_optional(prompts[i])
+            response = None if responses is None else clean_optional(responses[i])
+        tokens = None if item.tokens is None else _sample_tokens(item.tokens[i], pos, lp.shape[1])
+        # the log-probs are stored as float32 (astype converts only a float64 batch)
+        payload = encode_sample(
+            (lp[i] if pos is None else lp[i].take(pos)).astype(np.float32, copy=False),
+            (ref[i] if pos is None else ref[i].take(pos)).astype(np.float32, copy=False),
+            prompt=prompt,
+            response=response,
+            tokens=tokens,
+        )
+        samples.append(
+            {
+                "seq_index": i if seq_ids is None else int(seq_ids[i]),
+                "kind": kind,
+                "kl_seq": json_safe(float(seq_kl[i])),
+                "reward": None if item.rewards is None else json_safe(float(item.rewards[i])),
+                "payload": payload,
+            }
+        )
     return samples
 
 
@@ -307,19 +313,19 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _sample_tokens(tokens: Any, pos: np.ndarray, width: int) -> list[str]:
-    """Tokens of the response positions: ``tokens`` may be aligned with the log-prob columns
-    (length T) or already hold just the response tokens. No Python loop per token: the
-    type check is one ``join`` and the conversion a ``map``; the usual mask (one run of
-    response positions) is a slice."""
+def _sample_tokens(tokens: Any, pos: np.ndarray | None, width: int) -> list[str]:
+    """Clean strings (``clean_strings``) of the response positions ``pos`` (None: all):
+    ``tokens`` may be aligned with the log-prob columns (length T) or already hold just the
+    response tokens. No Python loop per token: the usual mask (one run of response
+    positions) is a slice, the check of the strings one ``join``."""
     toks = tokens if isinstance(tokens, list) else list(tokens)
-    if len(toks) == width and len(pos) != width:
+    if pos is not None and len(toks) == width and len(pos) != width:
         first, last = int(pos[0]), int(pos[-1])
         if last - first + 1 == len(pos):
             toks = toks[first : last + 1]
         else:
             toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[first]]
-    return _strings(toks)
+    return clean_strings(toks)
 
 
 def _strings(items: Sequence[Any]) -> list[str]:
@@ -334,7 +340,9 @@ def _strings(items: Sequence[Any]) -> list[str]:
 
 def _payload_hash(record: Mapping[str, Any]) -> str:
     """Digest of what a step record would store: a replay hashes the same, any change of
-    summary, samples or metrics hashes differently."""
+    summary, samples or metrics hashes differently. Samples count by their payload bytes
+    (cheaper than their texts and arrays): a spilled step summarised again by a klmon whose
+    zstd writes other bytes would count as a conflict (kept as first stored)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(
         f"{record['step']}|{record['rank']}|{record['status']}|{record.get('reason')}|".encode()
@@ -348,11 +356,9 @@ def _payload_hash(record: Mapping[str, Any]) -> str:
         h.update(np.ascontiguousarray(hist).tobytes())
     if record.get("ledger") is not None:  # not "vocab": which texts ride along is history
         h.update(_stable_repr(record["ledger"]).encode())
-    for s in record.get("samples") or ():
+    for s in record.get("samples") or ():  # the payload holds texts, tokens and log-probs
         h.update(f"{s['seq_index']}|{s['kind']}|{s['kl_seq']!r}|{s['reward']!r}|".encode())
-        h.update(f"{s['prompt']!r}|{s['response']!r}|".encode())
-        if s.get("tokens") is not None:
-            h.update("\x1f".join(s["tokens"]).encode("utf-8", "surrogatepass"))
+        h.update(s["payload"])
     h.update(repr(record.get("metrics")).encode())
     return h.hexdigest()
 
@@ -406,17 +412,8 @@ def smaller_record(
 
 
 def record_bytes(record: Mapping[str, Any]) -> int:
-    """About how much memory a summary record holds (its samples' arrays and strings)."""
-    n = 1024
-    for sample in record.get("samples") or ():
-        for v in sample.values():
-            if isinstance(v, np.ndarray):
-                n += v.nbytes
-            elif isinstance(v, str):
-                n += len(v)
-            elif isinstance(v, list):  # token strings (``_sample_tokens``)
-                n += 50 * len(v) + sum(map(len, v))
-    return n
+    """About how much memory a summary record holds (its samples' payloads)."""
+    return 1024 + sum(len(s["payload"]) for s in record.get("samples") or ())
 
 
 def item_bytes(item: StepItem | ControlItem) -> int:

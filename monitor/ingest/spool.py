@@ -13,7 +13,8 @@ File layout (all integers little-endian)::
     json    := {"type": "run" | "step" | "status" | "commit", ...}
 
 A numpy array inside a record is stored raw in ``blobs`` and referenced from the JSON as
-``{"__nd__": [offset, dtype, shape]}`` (no pickle: a spool file is data, never code). The JSON
+``{"__nd__": [offset, dtype, shape]}`` (no pickle: a spool file is data, never code), and so is
+a ``bytes`` value (a drill-down sample's payload), as ``{"__b__": [offset, length]}``. The JSON
 is written and read with orjson (a step's token strings made the standard library's encoder
 and decoder about a millisecond of the writer's GIL time a step), falling back to the
 standard library for what orjson refuses (lone surrogates in a text, keys that are not
@@ -97,6 +98,10 @@ def encode_parts(record: dict[str, Any]) -> list[bytes | memoryview]:
             blobs.append(raw)
             offset += raw.nbytes
             return ref
+        if isinstance(value, bytes):  # a sample's payload: raw, no base64
+            blobs.append(memoryview(value))
+            offset += len(value)
+            return {"__b__": [offset - len(value), len(value)]}
         if isinstance(value, dict):
             return {k: convert(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
@@ -170,6 +175,10 @@ def decode_body(body: bytes | memoryview) -> dict[str, Any]:
 
     def restore(value: Any) -> Any:
         if isinstance(value, dict):
+            span = value.get("__b__")
+            if span is not None and len(value) == 1:
+                start = base + int(span[0])
+                return bytes(mv[start : start + int(span[1])])
             ref = value.get("__nd__")
             if ref is not None and len(value) == 1:
                 off, dtype, shape = ref

@@ -34,9 +34,8 @@ def sample_rows(
     run_id: int, groups: Iterable[tuple[int, int, Iterable[Mapping[str, Any]]]]
 ) -> list[tuple[Any, ...]]:
     """``samples`` rows (``SAMPLE_COLUMNS`` order) of (step, rank, samples) groups; each
-    sample a dict with seq_index, kind, kl_seq and optionally reward, prompt, response,
-    tokens (strings), token_ids and the two log-prob arrays, encoded into the payload
-    (``sample_codec``: vectorised, one zlib call per sample)."""
+    sample a dict with seq_index, kind, kl_seq, optionally reward, and either its ``payload``
+    (encoded already, as the live writer's processor does) or what ``_payload`` encodes."""
     return [
         (
             run_id,
@@ -46,18 +45,25 @@ def sample_rows(
             str(s["kind"]),
             s["kl_seq"],
             s.get("reward"),
-            encode_sample(
-                s["policy_logprobs"],
-                s["ref_logprobs"],
-                prompt=s.get("prompt"),
-                response=s.get("response"),
-                tokens=s.get("tokens"),
-                token_ids=s.get("token_ids"),
-            ),
+            s.get("payload") or _payload(s),
         )
         for step, rank, samples in groups
         for s in samples
     ]
+
+
+def _payload(s: Mapping[str, Any]) -> bytes:
+    """The payload of a sample given as the two log-prob arrays and optionally prompt,
+    response, tokens (strings) and token_ids (``sample_codec``; importers, the demo, spool
+    files of klmon before payloads)."""
+    return encode_sample(
+        s["policy_logprobs"],
+        s["ref_logprobs"],
+        prompt=s.get("prompt"),
+        response=s.get("response"),
+        tokens=s.get("tokens"),
+        token_ids=s.get("token_ids"),
+    )
 
 
 def write_samples(db: Database, run_id: int, samples: Sequence[dict[str, Any]]) -> int:

@@ -1,10 +1,13 @@
-"""The stored form of a drill-down sample: one zlib-compressed blob (``samples.payload``)
-holding the prompt, the response, the tokens and the two per-token log-prob arrays.
+"""The stored form of a drill-down sample: one compressed blob (``samples.payload``) holding
+the prompt, the response, the tokens and the two per-token log-prob arrays.
 
 Why this shape: JSON strings and floats cost ~37 kB per 2048-token sequence; the same sample
-here is a few kB (``benchmarks/bench_storage.py``). Encoding is numpy over whole arrays plus
-one ``zlib.compress`` (which releases the GIL), never a Python loop per token: it runs on the
-training process's writer thread.
+here is a few kB (``benchmarks/bench_storage.py``). Encoding runs on the training process's
+background writer (its processor thread encodes each picked sample once), so it is never a
+Python loop per token: the per-value work (grid rounding, zigzag, byte planes, token lengths)
+is one call of the ``monitor/_codec.c`` extension with the GIL released, or, in builds
+without a C compiler, numpy over whole arrays (``_numpy_planes``, the definition: same
+bytes); then one zstd call (level -1: ~4x faster than zlib, and smaller on this data).
 
 Precision (the one tolerance the readers live with): each log-prob is kept to
 ``LOGPROB_DECIMALS`` decimals by *sum-preserving* rounding (the running sum is rounded, each
@@ -17,42 +20,59 @@ value is the difference of two rounded sums), so
   the sequence KL, which is stored apart as a float64 column (``kl_seq``) computed from the
   full-precision arrays.
 
-Non-finite values (an importer may pass them) are kept exactly, apart from the grid. Texts and
-token strings are kept exactly (UTF-8, lone surrogates included).
+Non-finite values (an importer may pass them) and values beyond ``GRID_LIMIT`` are kept
+exactly, apart from the grid. Texts and token strings are kept exactly (UTF-8, lone
+surrogates included).
 
 Tokens are stored either as strings (lengths plus their concatenated text; when they
 concatenate to the response, as is usual, only the lengths) or as integer token ids
 (``token_ids``, resolved to strings by whoever owns the run's vocabulary), or both.
 
 Layout: a fixed header (``_HEADER``: format version, flags, the log-prob count, the token
-count, the decimals, the byte lengths of the texts, the integer widths) then one zlib stream
-of byte-planes ("shuffled" integers: the high bytes of small numbers are all zero and
-compress to nothing) and UTF-8 texts. The format version lets a later codec read old blobs.
+count, the decimals, the byte lengths of the texts, the integer widths) then one compressed
+stream of byte-planes ("shuffled" integers: the high bytes of small numbers are all zero and
+compress to nothing) and UTF-8 texts: zstd in format 2, zlib in format 1 (written by klmon
+before zstd, still read).
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zstandard
 
 from monitor.errors import InvalidInput
 
-FORMAT_VERSION = 1
+try:
+    from monitor._codec import planes as _compiled_planes
+except ImportError:  # built without a C compiler: numpy writes the same bytes
+    _compiled_planes = None
+
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+"""Formats :func:`decode_sample` reads: 1 (zlib, written by klmon before zstd) and 2."""
 LOGPROB_DECIMALS = 4
 LOGPROB_TOLERANCE = 10.0**-LOGPROB_DECIMALS
 """Largest difference between a decoded log-prob and the logged one (nats)."""
-ZLIB_LEVEL = 3
+GRID_LIMIT = 1e5
+"""A log-prob beyond +-GRID_LIMIT nats (no model's) is kept exactly, like a non-finite one:
+the grid's integers stay far from int64's limits however long the sequence."""
+ZSTD_LEVEL = -1
+_SCALE = 10.0**LOGPROB_DECIMALS
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 # version, flags, n values, n tokens, decimals, prompt bytes, response bytes, token-text bytes,
 # widths of: log p, log p - log q, token lengths, token ids; number of non-finite values
 _HEADER = struct.Struct("<BBIIBIIIBBBBI")
 _PROMPT, _RESPONSE, _TOKEN_STRINGS, _TOKENS_ARE_RESPONSE, _TOKEN_IDS = 1, 2, 4, 8, 16
 _UTF8 = ("utf-8", "surrogatepass")
+_ZSTD = threading.local()  # a compressor per thread (one must not be shared between threads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,41 +105,30 @@ def encode_sample(
             f"sample policy_logprobs ({lp.size} values) and ref_logprobs ({ref.size}) differ "
             "in length"
         )
-    bad = ~(np.isfinite(lp) & np.isfinite(ref))
-    n_bad = int(bad.sum())
-    if n_bad:
-        lp, ref = np.where(bad, 0.0, lp), np.where(bad, 0.0, ref)
-    lp_q = _grid(lp)
-    diff_q = lp_q - _grid(ref)  # lossless: log q comes back as lp_q - diff_q
-    planes = [_shuffled(lp_q), _shuffled(diff_q)]
-    flags = 0
-    texts: list[bytes] = []
-    prompt_b = b"" if prompt is None else prompt.encode(*_UTF8)
-    response_b = b"" if response is None else response.encode(*_UTF8)
-    flags |= (_PROMPT if prompt is not None else 0) | (_RESPONSE if response is not None else 0)
-    len_plane, text_b, n_tok = (b"", 0), b"", 0
-    if tokens is not None:
-        toks = tokens if isinstance(tokens, list) else list(tokens)
+    toks = None if tokens is None else tokens if isinstance(tokens, list) else list(tokens)
+    flags = (_PROMPT if prompt is not None else 0) | (_RESPONSE if response is not None else 0)
+    text_b, n_tok = b"", 0
+    if toks is not None:
         n_tok = len(toks)
-        joined = "".join(toks)
-        lengths = np.fromiter(map(len, toks), dtype=np.int64, count=n_tok)
-        len_plane = _shuffled(lengths)
+        joined = "".join(toks)  # TypeError for a token that is not a str
         flags |= _TOKEN_STRINGS
         if response is not None and joined == response:
             flags |= _TOKENS_ARE_RESPONSE
         else:
             text_b = joined.encode(*_UTF8)
+    planes, w_lp, w_diff, w_len, n_bad = _planes(lp, ref, toks, _SCALE, GRID_LIMIT)
     ids_plane: tuple[bytes, int] = (b"", 0)
     if token_ids is not None:
         ids = np.asarray(token_ids)
         if ids.ndim != 1 or ids.dtype.kind not in "iu" or (ids.size and int(ids.min()) < 0):
             raise InvalidInput("sample token_ids must be a 1-d array of integers >= 0")
-        if tokens is not None and ids.size != n_tok:
+        if toks is not None and ids.size != n_tok:
             raise InvalidInput(f"sample token_ids ({ids.size}) and tokens ({n_tok}) differ")
         n_tok = ids.size
         ids_plane = _shuffled(ids.astype(np.int64))
         flags |= _TOKEN_IDS
-    texts = [prompt_b, response_b, text_b]
+    prompt_b = b"" if prompt is None else prompt.encode(*_UTF8)
+    response_b = b"" if response is None else response.encode(*_UTF8)
     header = _HEADER.pack(
         FORMAT_VERSION,
         flags,
@@ -129,35 +138,41 @@ def encode_sample(
         len(prompt_b),
         len(response_b),
         len(text_b),
-        planes[0][1],
-        planes[1][1],
-        len_plane[1],
+        w_lp,
+        w_diff,
+        w_len,
         ids_plane[1],
         n_bad,
     )
-    parts = [planes[0][0], planes[1][0], len_plane[0], ids_plane[0], *texts]
+    parts = [planes, ids_plane[0], prompt_b, response_b, text_b]
     if n_bad:
-        where = np.flatnonzero(bad).astype("<u4")
-        parts += [
-            where.tobytes(),
-            np.asarray(policy_logprobs, dtype="<f8").reshape(-1)[where].tobytes(),
-            np.asarray(ref_logprobs, dtype="<f8").reshape(-1)[where].tobytes(),
-        ]
-    return header + zlib.compress(b"".join(parts), ZLIB_LEVEL)
+        where = np.flatnonzero(~(_on_grid(lp) & _on_grid(ref))).astype("<u4")
+        parts += [where.tobytes(), lp[where].astype("<f8").tobytes()]
+        parts.append(ref[where].astype("<f8").tobytes())
+    return header + _compressor().compress(b"".join(parts))
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_ZSTD, "compressor", None)
+    if c is None:
+        c = _ZSTD.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
 
 
 def decode_sample(payload: bytes) -> DecodedSample:
     """The sample a payload holds (see :func:`encode_sample`)."""
     head = bytes(payload[: _HEADER.size])
-    if len(head) < _HEADER.size or head[0] != FORMAT_VERSION:
+    if len(head) < _HEADER.size or head[0] not in READ_VERSIONS:
         raise InvalidInput(
             f"sample payload of format {head[:1].hex() or 'nothing'} is not one this klmon reads "
-            f"(format {FORMAT_VERSION}): upgrade klmon"
+            f"(formats {', '.join(map(str, READ_VERSIONS))}): upgrade klmon"
         )
     (_, flags, n, n_tok, decimals, n_prompt, n_resp, n_text, w_lp, w_diff, w_len, w_ids, n_bad) = (
         _HEADER.unpack(head)
     )
-    body = memoryview(zlib.decompress(bytes(payload[_HEADER.size :])))
+    packed = bytes(payload[_HEADER.size :])
+    unpack = zlib.decompress if head[0] == 1 else zstandard.ZstdDecompressor().decompress
+    body = memoryview(unpack(packed))
     pos = 0
 
     def take(size: int) -> memoryview:
@@ -190,20 +205,51 @@ def decode_sample(payload: bytes) -> DecodedSample:
 
 
 def _float_array(values: Any, field: str) -> np.ndarray:
-    try:
-        arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"sample {field} is not an array of numbers: {exc}") from None
-    if arr.ndim != 1:
-        raise InvalidInput(f"sample {field} must be 1-d, got shape {arr.shape}")
-    return arr
+    """values as a contiguous 1-d float32 (kept as is: no widening copy) or float64 array."""
+    if not (isinstance(values, np.ndarray) and values.dtype in _FLOATS):
+        try:
+            values = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"sample {field} is not an array of numbers: {exc}") from None
+    if values.ndim != 1:
+        raise InvalidInput(f"sample {field} must be 1-d, got shape {values.shape}")
+    return np.ascontiguousarray(values)
 
 
-def _grid(values: np.ndarray) -> np.ndarray:
-    """Sum-preserving rounding to LOGPROB_DECIMALS: the differences of the rounded running
-    sum (each value moves by less than one step, every prefix sum by at most half a step)."""
-    sums = np.rint(np.cumsum(values) * 10.0**LOGPROB_DECIMALS)
+def _on_grid(values: np.ndarray) -> np.ndarray:
+    """Where a value goes on the grid: finite and within GRID_LIMIT (NaN compares False)."""
+    return np.abs(values) <= GRID_LIMIT
+
+
+def _numpy_planes(
+    lp: np.ndarray, ref: np.ndarray, tokens: list[str] | None, scale: float, limit: float
+) -> tuple[bytes, int, int, int, int]:
+    """The byte planes of log p on the grid, of (grid log p - grid log q) and of the token
+    lengths, their widths (0 for the lengths without tokens) and the number of values kept
+    apart (not finite or beyond ``limit`` in either array; 0 on the grid). The definition
+    of ``monitor/_codec.c``'s ``planes``, which returns the same bytes in one pass."""
+    lp, ref = lp.astype(np.float64, copy=False), ref.astype(np.float64, copy=False)
+    good = (np.abs(lp) <= limit) & (np.abs(ref) <= limit)
+    n_bad = int(lp.size - np.count_nonzero(good))
+    if n_bad:
+        lp, ref = np.where(good, lp, 0.0), np.where(good, ref, 0.0)
+    lp_q = _grid(lp, scale)
+    lp_plane, w_lp = _shuffled(lp_q)
+    diff_plane, w_diff = _shuffled(lp_q - _grid(ref, scale))  # log q = lp_q - diff_q
+    len_plane, w_len = b"", 0
+    if tokens is not None:
+        len_plane, w_len = _shuffled(np.fromiter(map(len, tokens), np.int64, len(tokens)))
+    return lp_plane + diff_plane + len_plane, w_lp, w_diff, w_len, n_bad
+
+
+def _grid(values: np.ndarray, scale: float) -> np.ndarray:
+    """Sum-preserving rounding to 1/scale: the differences of the rounded running sum (each
+    value moves by less than one step, every prefix sum by at most half a step)."""
+    sums = np.rint(np.cumsum(values) * scale)
     return np.diff(sums, prepend=0.0).astype(np.int64)
+
+
+_planes = _compiled_planes or _numpy_planes
 
 
 def _shuffled(values: np.ndarray) -> tuple[bytes, int]:

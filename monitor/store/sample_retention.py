@@ -170,19 +170,24 @@ def compact_run(
 ) -> CompactResult:
     """Delete the samples of ``run_id`` that ``policy`` does not keep (inside the caller's
     transaction; ``dry_run`` only counts)."""
-    steps = np.array(
-        [
-            r[0]
-            for r in conn.exec_driver_sql(
-                _sql(conn, "SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step"),
-                (run_id,),
-            )
-        ],
-        dtype=np.int64,
-    )
+    # One scan of the run's sample rows: its sampled steps, each with its largest |KL|.
+    per_step = conn.exec_driver_sql(
+        _sql(
+            conn,
+            "SELECT step, MAX(ABS(kl_seq)) FROM samples WHERE run_id = ? GROUP BY step "
+            "ORDER BY step",
+        ),
+        (run_id,),
+    ).all()
+    steps = np.array([r[0] for r in per_step], dtype=np.int64)
     if not policy.enabled or steps.size == 0:
         return CompactResult(run_id, int(steps.size), 0, 0, 0)
-    keep = policy.kept(steps, int(steps[-1]), _protected(conn, run_id, policy))
+    largest = np.array([r[1] for r in per_step], dtype=np.float64)  # NULL (no KL): NaN
+    protected = [
+        *_top_steps(steps, largest, policy.top_steps),
+        *_around_alerts(conn, run_id, policy),
+    ]
+    keep = policy.kept(steps, int(steps[-1]), protected)
     drop = steps[~keep].tolist()
     rows = size = 0
     for i in range(0, len(drop), _DELETE_CHUNK):
@@ -240,21 +245,16 @@ def compact_samples(
     return out
 
 
-def _protected(conn: Connection, run_id: int, policy: SampleRetention) -> list[int]:
-    """Steps kept whatever their age: around alert episodes, and the top-|KL| steps."""
-    out: list[int] = []
-    if policy.top_steps:
-        out += [
-            int(r[0])
-            for r in conn.exec_driver_sql(
-                _sql(
-                    conn,
-                    "SELECT step FROM samples WHERE run_id = ? GROUP BY step "
-                    "ORDER BY MAX(ABS(kl_seq)) DESC, step LIMIT ?",
-                ),
-                (run_id, policy.top_steps),
-            )
-        ]
+def _top_steps(steps: np.ndarray, size: np.ndarray, k: int) -> list[int]:
+    """The ``k`` steps of largest |KL| (``size``; NaN, no KL, last), ties to the earlier."""
+    if k <= 0:
+        return []
+    order = np.lexsort((steps, -np.nan_to_num(size, nan=-np.inf)))
+    return steps[order[:k]].tolist()
+
+
+def _around_alerts(conn: Connection, run_id: int, policy: SampleRetention) -> list[int]:
+    """Steps within ``around_alerts`` of an alert episode's start, firing or peak."""
     marks = [
         int(v)
         for row in conn.exec_driver_sql(
@@ -266,10 +266,10 @@ def _protected(conn: Connection, run_id: int, policy: SampleRetention) -> list[i
         for v in row
         if v is not None
     ]
-    if marks:
-        around = np.arange(-policy.around_alerts, policy.around_alerts + 1, dtype=np.int64)
-        out += (np.asarray(marks, dtype=np.int64)[:, None] + around).ravel().tolist()
-    return out
+    if not marks:
+        return []
+    around = np.arange(-policy.around_alerts, policy.around_alerts + 1, dtype=np.int64)
+    return (np.asarray(marks, dtype=np.int64)[:, None] + around).ravel().tolist()
 
 
 def _sql(conn: Connection, sql: str) -> str:
