@@ -10,7 +10,7 @@ writes) from (256, 2048) batches like ``bench_ingest.py``'s (log p ~ -Exp(1), lo
 a Zipf-distributed 32k-word vocabulary (the response text is its tokens joined). They are
 then written, in committer-sized batches, to fresh databases:
 
-- ``before``: the layout of revision 0006 (prompt and response as text; tokens and the two
+- ``before``: the samples table of revision 0006 (prompt and response as text; tokens and the two
   log-prob lists as JSON, floats rounded to 6 decimals), written the way that code wrote it;
 - ``payload``: the compressed payload (``monitor/store/sample_codec.py``), every step's
   samples kept;
@@ -123,7 +123,9 @@ def make_records(steps: int, b: int, t: int, samples: bool, texts: str = "vocab"
 # --- the databases -----------------------------------------------------------------------------
 
 
-def _fresh(kind: str, name: str, directory: Path, revision: str) -> str | None:
+def _fresh(kind: str, name: str, directory: Path, old_samples: bool) -> str | None:
+    """A new database at head; ``old_samples``: its samples table as revision 0006 had it
+    (the rest at head, so that today's step writes run on it)."""
     from sqlalchemy import text
 
     from monitor.store.engine import make_engine
@@ -143,9 +145,40 @@ def _fresh(kind: str, name: str, directory: Path, revision: str) -> str | None:
             return None
         url = f"{PG_URL.rpartition('/')[0]}/{name}"
     engine = make_engine(url)
-    upgrade(engine, revision)
+    upgrade(engine)
+    if old_samples:
+        _samples_of_0006(engine)
     engine.dispose()
     return url
+
+
+def _samples_of_0006(engine: Any) -> None:
+    """Replace the samples table with revision 0006's (texts, JSON tokens and log-probs)."""
+    import sqlalchemy as sa
+
+    meta = sa.MetaData()
+    sa.Table("runs", meta, sa.Column("id", sa.Integer(), primary_key=True))  # referred to
+    samples = sa.Table(
+        "samples",
+        meta,
+        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+        sa.Column("run_id", sa.Integer(), sa.ForeignKey("runs.id", ondelete="CASCADE")),
+        sa.Column("step", sa.BigInteger(), nullable=False),
+        sa.Column("rank", sa.Integer(), nullable=False),
+        sa.Column("seq_index", sa.Integer(), nullable=False),
+        sa.Column("kind", sa.String(length=10), nullable=False),
+        sa.Column("kl_seq", sa.Float(), nullable=False),
+        sa.Column("reward", sa.Float(), nullable=True),
+        sa.Column("prompt", sa.Text(), nullable=True),
+        sa.Column("response", sa.Text(), nullable=True),
+        sa.Column("tokens", sa.JSON(), nullable=True),
+        sa.Column("policy_logprobs", sa.JSON(), nullable=False),
+        sa.Column("ref_logprobs", sa.JSON(), nullable=False),
+        sa.Index("ix_samples_run_step", "run_id", "step"),
+    )
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE samples")
+        samples.create(conn)
 
 
 def _drop_pg(name: str) -> None:
@@ -300,17 +333,17 @@ def main() -> None:
 
     kinds = ["sqlite"] + ([] if args.no_pg else ["postgresql"])
     variants = [
-        ("before", "0006", records),
-        ("payload", "head", records),
-        ("payload+retention", "head", records),
-        ("no samples", "head", bare),
+        ("before", True, records),
+        ("payload", False, records),
+        ("payload+retention", False, records),
+        ("no samples", False, bare),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
             results: dict[str, tuple[int, float, int]] = {}
-            for label, revision, recs in variants:
+            for label, old_samples, recs in variants:
                 name = f"klmon_bench_storage_{label.replace(' ', '_').replace('+', '_')}"
-                url = _fresh(kind, name, Path(tmp), revision)
+                url = _fresh(kind, name, Path(tmp), old_samples)
                 if url is None:
                     break
                 results[label] = write_variant(url, recs, label)
