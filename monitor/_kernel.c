@@ -183,6 +183,38 @@ static inline double load(const void *base, Py_ssize_t i, int is_double) {
     return is_double ? ((const double *)base)[i] : (double)((const float *)base)[i];
 }
 
+/* The candidates' first level: one that about LEVEL_MARGIN times `share` of the range's tokens
+ * beat (`share`: the top's share of the batch's tokens, k / n), from the l of SAMPLE positions
+ * spread evenly over the range; 0 (every positive l a candidate) when the sample is small or
+ * `share` is 0. A sample only saves work: the caller checks after the pass that the smallest
+ * of the top k beats every range's first level, and reads the batch again from 0 otherwise. */
+enum { SAMPLE = 4096, SAMPLE_MIN = 1024 };
+#define LEVEL_MARGIN 2.0
+
+static double first_level(const Inputs *in, double share) {
+    const Py_ssize_t n = in->rows * in->cols;
+    if (!(share > 0) || n < 2 * SAMPLE) return 0.0;
+    double *v = malloc(SAMPLE * sizeof(double));
+    if (!v) return 0.0;
+    Py_ssize_t n_in = 0, n_pos = 0;
+    for (Py_ssize_t s = 0; s < SAMPLE; s++) {
+        const Py_ssize_t i = (Py_ssize_t)((double)s * (double)n / SAMPLE);
+        if (in->m && !in->m[i]) continue;
+        n_in++;
+        const double l = load(in->p, i, in->is_double) - load(in->q, i, in->is_double);
+        if (l > 0) v[n_pos++] = l; /* NaN is not */
+    }
+    const Py_ssize_t rank = (Py_ssize_t)ceil(LEVEL_MARGIN * share * (double)n_in);
+    double level = 0.0;
+    if (n_in >= SAMPLE_MIN && rank <= n_pos) {
+        select_largest(v, n_pos, rank);
+        level = v[0];
+        for (Py_ssize_t i = 1; i < rank; i++) level = v[i] < level ? v[i] : level;
+    }
+    free(v);
+    return isfinite(level) ? level : 0.0;
+}
+
 /* Tokens [j0, j1) of row r, one at a time; returns 0 when a value is out of range. The row
  * sum goes to *row. */
 static int scalar_tokens(const Inputs *in, Acc *a, Py_ssize_t r, Py_ssize_t j0, Py_ssize_t j1,
@@ -621,10 +653,11 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     Inputs in;
     int simd;
     Py_ssize_t keep;
+    double share;
     Py_buffer outs[5]; /* coef, seq, sums, hist, cand */
-    if (!PyArg_ParseTuple(args, "OOOOOnnpdpny*w*w*w*w*", &objs[0], &objs[1], &objs[2], &objs[3],
+    if (!PyArg_ParseTuple(args, "OOOOOnnpdpndy*w*w*w*w*", &objs[0], &objs[1], &objs[2], &objs[3],
                           &objs[4], &in.rows, &in.cols, &in.is_double, &in.tol, &simd, &keep,
-                          &outs[0], &outs[1], &outs[2], &outs[3], &outs[4]))
+                          &share, &outs[0], &outs[1], &outs[2], &outs[3], &outs[4]))
         return NULL;
     if (outs[0].len != (DEGREE + 1) * 8 || in.rows < 0 || outs[1].len / 8 < in.rows ||
         outs[2].len != N_SUMS * 8 || outs[3].len != N_BINS * 8 || keep < 0 ||
@@ -653,7 +686,9 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     a.thr = keep > 0 ? 0.0 : HUGE_VAL; /* nothing to keep: no candidates */
     Py_ssize_t bad_row = -1;
     int status;
+    double level = 0.0;
     Py_BEGIN_ALLOW_THREADS
+    if (keep > 0) a.thr = level = first_level(&in, share);
     status = token_pass(&in, &a, outs[1].buf, simd, &bad_row);
     if (status == KL_OK && a.keep > 0 && a.n_cand > a.keep)
         compact(&a); /* here, on this range's thread, rather than in Python after the join */
@@ -676,7 +711,7 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     }
     release(views, 5);
     release(outs, 5);
-    return Py_BuildValue("inni", status, bad_row, a.n_cand, simd);
+    return Py_BuildValue("innid", status, bad_row, a.n_cand, simd, level);
 }
 
 /* ---- token ledger (see ledger at the top) ----------------------------------------------- */
@@ -889,7 +924,8 @@ static PyMethodDef methods[] = {
     {"has_avx2", py_has_avx2, METH_NOARGS, "Whether stats() can use its AVX2 loop here."},
     {"stats", stats, METH_VARARGS,
      "stats(policy, ref, mask, rollout, entropies, rows, cols, is_double, tol, simd,"
-     " keep, coef, seq, sums, hist, cand) -> (status, bad_row, n_cand, used_simd)"},
+     " keep, share, coef, seq, sums, hist, cand) -> (status, bad_row, n_cand, used_simd,"
+     " first_level)"},
     {"ledger_add", ledger_add, METH_VARARGS,
      "ledger_add(ids, policy, ref, mask, rows, cols, is_double, acc, touched, n_touched)"
      " -> (status, n_touched)"},

@@ -804,13 +804,13 @@ cases = [
     (z.astype(np.float32), z, None, None, None, 1, 4),     # item size is not float64
 ]
 try:  # a candidate buffer must hold 4 more than the values it keeps
-    K.stats(z, z, None, None, None, 1, 4, True, 1e-3, True, 1, coef, seq, sums, hist, cand[:3])
+    K.stats(z, z, None, None, None, 1, 4, True, 1e-3, True, 1, 0.0, coef, seq, sums, hist, cand[:3])
     raise SystemExit("no ValueError for keep = 1 in a buffer of 3")
 except ValueError:
     pass
 for c in cases:
     try:
-        K.stats(*c, True, 1e-3, True, 1, coef, seq, sums, hist, cand)
+        K.stats(*c, True, 1e-3, True, 1, 0.0, coef, seq, sums, hist, cand)
     except ValueError:
         continue
     raise SystemExit(f"no ValueError for {c[5:]}")

@@ -60,9 +60,11 @@ class Sums(NamedTuple):
         return cls(*(float(x) for x in per_range.sum(axis=0)))
 
 
-def run_compiled(batch: Batch, full: bool) -> KernelOut:
+def run_compiled(batch: Batch, full: bool, sampled: bool = True) -> KernelOut:
     """The statistics of a validated batch (``full``) or its per-sequence KLs alone;
-    BadChunk when a value under the mask is out of range."""
+    BadChunk when a value under the mask is out of range. ``sampled``: each row range starts
+    its candidates at a level from a sample of its tokens (``first_level`` in the C file);
+    when that level turns out to leave out part of the top, the batch is read again without."""
     assert extension is not None
     given = [x for x in (batch.policy, batch.ref, batch.rollout, batch.entropies) if x is not None]
     dtype = np.result_type(*given)
@@ -87,14 +89,16 @@ def run_compiled(batch: Batch, full: bool) -> KernelOut:
         return None if x is None else x[bounds[i] : bounds[i + 1]]
 
     keep = k_top if full else 0  # sequence_kl alone needs no candidates
+    share = k_top / batch.n_tokens if full and sampled else 0.0
     room = max(keep + 4, math.ceil(CANDIDATE_ROOM * keep))  # 4: a group of the AVX2 loop
     cands = [np.empty(room) for _ in range(n_ranges)]
     n_cands = [0] * n_ranges
+    levels = [0.0] * n_ranges
 
     def task(i: int) -> None:
-        status, _, n_cands[i], _ = extension.stats(
+        status, _, n_cands[i], _, levels[i] = extension.stats(
             *(rows(x, i) for x in (p, q, mask, rollout, ent)),
-            *(bounds[i + 1] - bounds[i], t, is_double, tol, SIMD, keep),
+            *(bounds[i + 1] - bounds[i], t, is_double, tol, SIMD, keep, share),
             *(coef, seq_kl[bounds[i] : bounds[i + 1]], sums[i], hist[i], cands[i]),
         )
         if status:
@@ -107,6 +111,10 @@ def run_compiled(batch: Batch, full: bool) -> KernelOut:
     top = np.concatenate([c[:n] for c, n in zip(cands, n_cands, strict=True)])
     if len(top) > k_top:
         top = np.partition(top, len(top) - k_top)[len(top) - k_top :]
+    level = max(levels)
+    if level > 0 and (len(top) < k_top or top.min() <= level):
+        # a value at or below a range's first level may belong to the top: read from 0
+        return run_compiled(batch, full, sampled=False)
     return KernelOut(
         n_tokens=batch.n_tokens,
         sum_l=total.sum_l,
