@@ -197,12 +197,13 @@ static double first_level(const Inputs *in, double share) {
     double *v = malloc(SAMPLE * sizeof(double));
     if (!v) return 0.0;
     Py_ssize_t n_in = 0, n_pos = 0;
-    for (Py_ssize_t s = 0; s < SAMPLE; s++) {
+    for (Py_ssize_t s = 0; s < SAMPLE; s++) { /* no branch: the loads of many run at once */
         const Py_ssize_t i = (Py_ssize_t)((double)s * (double)n / SAMPLE);
-        if (in->m && !in->m[i]) continue;
-        n_in++;
+        const int in_mask = !in->m || in->m[i];
         const double l = load(in->p, i, in->is_double) - load(in->q, i, in->is_double);
-        if (l > 0) v[n_pos++] = l; /* NaN is not */
+        v[n_pos] = l;
+        n_pos += in_mask & (l > 0); /* NaN is not */
+        n_in += in_mask;
     }
     const Py_ssize_t rank = (Py_ssize_t)ceil(LEVEL_MARGIN * share * (double)n_in);
     double level = 0.0;
@@ -690,7 +691,7 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     if (keep > 0) a.thr = level = first_level(&in, share);
     status = token_pass(&in, &a, outs[1].buf, simd, &bad_row);
-    if (status == KL_OK && a.keep > 0 && a.n_cand > a.keep)
+    if (status == KL_OK && a.keep > 0 && a.n_cand > 2 * a.keep)
         compact(&a); /* here, on this range's thread, rather than in Python after the join */
     Py_END_ALLOW_THREADS
     if (status == KL_OK && !(isfinite(a.nll) && isfinite(a.gap) && isfinite(a.ent)))

@@ -57,7 +57,7 @@ class Sums(NamedTuple):
     @classmethod
     def total(cls, per_range: np.ndarray) -> Sums:
         """The sums over every row range, from the (ranges, N_SUMS) array the pass fills."""
-        return cls(*(float(x) for x in per_range.sum(axis=0)))
+        return cls(*per_range.sum(axis=0).tolist())
 
 
 def run_compiled(batch: Batch, full: bool, sampled: bool = True) -> KernelOut:

@@ -128,16 +128,16 @@ def in_threads(n_tasks: int, n_positions: int, task: Callable[[int], None]) -> N
     """task(0) .. task(n_tasks - 1) on up to MAX_THREADS threads (this one included); the
     first exception stops the remaining tasks and is raised here."""
     todo = iter(range(n_tasks))
-    stop = threading.Event()
+    stop = [False]  # a list item is set atomically under the GIL (an Event costs a Condition)
 
     def work() -> None:
         for i in todo:  # next() on a shared range iterator is atomic under the GIL
-            if stop.is_set():
+            if stop[0]:
                 return
             try:
                 task(i)
             except BaseException:
-                stop.set()
+                stop[0] = True
                 raise
 
     n_threads = min(MAX_THREADS, n_tasks, _CPUS)

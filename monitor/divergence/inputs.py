@@ -93,11 +93,10 @@ def prepare(
             f"policy_logprobs is empty (shape {pol.shape}): a step needs at least one sequence"
         )
     has_tokens = m.any(axis=1) if m is not None else np.full(pol.shape[0], pol.shape[1] > 0)
-    empty = np.flatnonzero(~has_tokens)
-    if len(empty):
+    if not has_tokens.all():
         raise InvalidInput(
-            f"sequence {empty[0]} has no response tokens under the mask: its KL would be "
-            "'no data', not 0"
+            f"sequence {np.flatnonzero(~has_tokens)[0]} has no response tokens under the "
+            "mask: its KL would be 'no data', not 0"
         )
     n_tokens = np.count_nonzero(m) if m is not None else pol.size
     if m is not None and n_tokens == m.size:
@@ -292,9 +291,10 @@ def check_rewards(x: Any, n_seq: int) -> np.ndarray:
             f"rewards has shape {r.shape} but the batch has {n_seq} sequences: "
             "pass one reward per sequence"
         )
-    bad = np.flatnonzero(~np.isfinite(r))
-    if len(bad):
-        raise InvalidInput(f"rewards[{bad[0]}] is {r[bad[0]]}: rewards must be finite")
+    finite = np.isfinite(r)
+    if not finite.all():
+        i = np.flatnonzero(~finite)[0]
+        raise InvalidInput(f"rewards[{i}] is {r[i]}: rewards must be finite")
     return r
 
 
