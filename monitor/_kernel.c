@@ -8,6 +8,13 @@
  * monitor/divergence.py holds the definitions, the error messages and a numpy kernel with
  * the same results for installs built without a C compiler; this file only computes.
  *
+ * The AVX2 loop reads a row's tokens between its first and last masked-in one (the padding
+ * on either side is found with a 32-byte scan of the mask and never read), skips the masking
+ * work where every token of that stretch is masked in, and is compiled once per input case
+ * (mask or not, dtype, optional inputs) so that its sums stay in registers: nothing in it
+ * makes a call, tail tokens are handled after each chunk of groups. Each lane adds the same
+ * tokens in the same order as a read of the whole row, so none of this changes a sum.
+ *
  * For token l = log p - log q (double precision throughout):
  *   sums: 0 -sum log p, 1 sum l, 2 sum l^2/2, 3 sum exp(-l) - 1 + l, 4 sum max(l, 0),
  *         5 sum (rollout - log p), 6 sum entropy, 7 number of tokens
@@ -17,15 +24,21 @@
  *         has no cancellation out there (libm's exp for a lone tail token, a vector exp when
  *         two or more of a group of four are in the tail, as in a drifted run).
  *   hist: the 80 bins of HIST_EDGES. Central bins 38..41 come from counts of l below -1/4,
- *         0 and 1/4 (no scattered increments); tail tokens are binned one by one.
+ *         below 0 and at or above 1/4 (no scattered increments); tail tokens are binned one
+ *         by one.
  *   cand: the top-1% candidates, kept in the same pass (no second read of the inputs): every
- *         token above a running level thr (0 at first) goes into a buffer; when the buffer is
- *         full, thr rises to a level that at least `keep` buffered values reach (one sampled
- *         from the buffer, else the `keep`-th largest by quickselect) and the values below it
- *         are dropped. A token left out is <= thr at that time, hence below `keep` kept ones,
- *         so the buffer always holds the range's `keep` largest positive l (ties count alike:
- *         equal values add the same to the sum). Python passes keep = ceil(1% of the batch's
- *         tokens) and takes the top 1% from the buffers of all row ranges.
+ *         token above a running level thr goes into a buffer; when the buffer is full, thr
+ *         rises to a level that at least `keep` buffered values reach (one sampled from the
+ *         buffer, else the `keep`-th largest by quickselect) and the values below it are
+ *         dropped. A token left out is <= thr at that time, hence below `keep` kept ones, so
+ *         the buffer always holds the range's `keep` largest positive l above the first level
+ *         (ties count alike: equal values add the same to the sum). Python passes keep =
+ *         ceil(1% of the batch's tokens) and takes the top 1% from the buffers of all row
+ *         ranges. The first level is 0, or with `share` (1% again) one that about twice that
+ *         share of a sample of the range beats (first_level): a healthy batch then buffers
+ *         some 2% of its tokens instead of every positive l until the level has risen. Python
+ *         checks that the smallest of the top 1% beats every range's first level (then no
+ *         token left out could belong to it) and otherwise reads the batch again from 0.
  *   ledger: the token ledger of a row range (ledger_add), a scatter-add into buffers indexed
  *         by id that the caller keeps between calls: count[id] += 1 and sum[id] += l for each
  *         masked token, and the ids seen for the first time appended to `touched`, so reading
