@@ -224,9 +224,21 @@ static double first_level(const Inputs *in, double share) {
     const Py_ssize_t rank = (Py_ssize_t)ceil(LEVEL_MARGIN * share * (double)n_in);
     double level = 0.0;
     if (n_in >= SAMPLE_MIN && rank <= n_pos) {
-        select_largest(v, n_pos, rank);
+        /* the rank largest, ascending, in v[0..rank): a new value beats v[0] rarely once the
+         * first few hundred are in, so this costs about one comparison per value (a
+         * quickselect's partitions mispredict every other one) */
+        for (Py_ssize_t i = 1; i < n_pos; i++) {
+            const double x = v[i];
+            Py_ssize_t j;
+            if (i < rank) { /* still filling: insertion sort */
+                for (j = i; j > 0 && v[j - 1] > x; j--) v[j] = v[j - 1];
+            } else if (x > v[0]) { /* x enters, v[0] leaves */
+                for (j = 0; j + 1 < rank && v[j + 1] < x; j++) v[j] = v[j + 1];
+            } else
+                continue;
+            v[j] = x;
+        }
         level = v[0];
-        for (Py_ssize_t i = 1; i < rank; i++) level = v[i] < level ? v[i] : level;
     }
     free(v);
     return isfinite(level) ? level : 0.0;
