@@ -204,14 +204,14 @@ def _quantiles(x: np.ndarray, qs: Sequence[float]) -> list[float]:
     """np.quantile's default ('linear') method, without its per-call overhead (a tenth of a
     millisecond, as long as the whole token pass of a small step): the same float64
     operations, on Python floats."""
-    s = np.sort(x)
+    s = np.sort(x).tolist()
     last = len(s) - 1
     out = []
     for q in qs:
         h = last * q
         lo = math.floor(h)
         hi = min(lo + 1, last)
-        out.append(float(s[lo] + (h - lo) * (s[hi] - s[lo])))
+        out.append(s[lo] + (h - lo) * (s[hi] - s[lo]))
     return out
 
 
