@@ -462,11 +462,14 @@ avx2_chunk(const Inputs *in, Lanes *v, double *cand, Py_ssize_t n_cand, double l
 }
 
 /* The tail groups of a chunk, in order: each tail token's exact k3 replaces its clipped
- * polynomial (libm's exp for a lone one, a vector exp when two or more of the group are in
- * the tail, as in a drifted run), then its bin. Returns 0 when an l is inf or NaN (a value out
- * of range). */
+ * polynomial (a vector exp when two or more of a group are in the tail, as in a drifted run;
+ * libm's exp for a lone one, all of the chunk's called one after another so that they overlap,
+ * then added in order), and its bin. Returns 0 when an l is inf or NaN (a value out of range). */
 AVX2 static int avx2_tails(const Inputs *in, Acc *a, const Tails *t, double k3tail[4]) {
     const __m256d zero = _mm256_setzero_pd(), half = _mm256_set1_pd(TAIL);
+    double lone[CHUNK], e[CHUNK];
+    int n_lone = 0;
+    __m256d k3t = _mm256_loadu_pd(k3tail);
     for (int k = 0; k < t->n; k++) {
         const double *lv = t->l[k];
         const int tail = t->lanes[k];
@@ -480,16 +483,18 @@ AVX2 static int avx2_tails(const Inputs *in, Acc *a, const Tails *t, double k3ta
                                  _mm256_cmp_pd(l, zero, _CMP_GT_OQ));
             const __m256d exact = _mm256_add_pd(
                 _mm256_sub_pd(exp4(_mm256_sub_pd(zero, l)), _mm256_set1_pd(1.0)), l);
-            const __m256d sum = _mm256_add_pd(
-                _mm256_loadu_pd(k3tail), _mm256_and_pd(_mm256_sub_pd(exact, clipped), in_tail));
-            _mm256_storeu_pd(k3tail, sum);
+            k3t = _mm256_add_pd(k3t, _mm256_and_pd(_mm256_sub_pd(exact, clipped), in_tail));
             for (int j = 0; j < 4; j++)
                 if (tail >> j & 1) tail_bookkeeping(a, lv[j]);
         } else {
-            for (int j = 0; j < 4; j++)
-                if (tail >> j & 1) tail_token(in, a, lv[j]);
+            lone[n_lone] = lv[__builtin_ctz(tail)];
+            tail_bookkeeping(a, lone[n_lone++]);
         }
     }
+    _mm256_storeu_pd(k3tail, k3t);
+    for (int k = 0; k < n_lone; k++) e[k] = exp(-lone[k]);
+    for (int k = 0; k < n_lone; k++) /* as tail_token adds it */
+        a->k3 += e[k] - 1.0 + lone[k] - (lone[k] > 0 ? in->clip_pos : in->clip_neg);
     return 1;
 }
 
