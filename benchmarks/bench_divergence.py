@@ -7,10 +7,16 @@ right-padded, response lengths uniform in [T/2, T] (about 75% fill), for three d
 of the per-token l_t (``DISTRIBUTIONS``): healthy (Normal(0, 0.1): no token reaches the tail
 at |l| >= 1/2), tiny-KL (Normal(0, 0.001): policy barely moved from the reference) and
 heavy-tailed (0.15 * Student-t with 3 degrees of freedom). Prints, per distribution, the
-median and best of ``--reps`` timed calls in tokens/s counting all B*T positions, and the peak
-extra memory (tracemalloc) of one call relative to the input size (policy + ref + mask). Other
-processes on the machine make timings noisy: look at the median and the best together, and
-run it more than once.
+median and best of ``--reps`` timed calls in tokens/s counting all B*T positions, the median CPU
+time of a call (``time.process_time``: every thread of the process, the helper thread of the
+token pass included, i.e. what a training process pays for it), and the peak extra memory
+(tracemalloc) of one call relative to the input size (policy + ref + mask). The last block
+times ``summarize`` on the batch of ``bench_ingest.py`` (``_batches``: prefix masks of 1/4 to
+all of T, about 37% padding, rewards given), the step that ``log_step`` hands to the
+background. Other processes on the machine make timings noisy: look at the median and the
+best together, and run it more than once; ``--baseline DIR`` runs the same benchmark first on
+the checkout at DIR (e.g. ``git archive <commit> monitor | tar -x -C DIR`` and
+``python setup.py build_ext --inplace`` there), so that both lie in one run.
 
 ``summarize`` runs the compiled token pass (monitor/_kernel.c) with its AVX2 loop where the CPU
 has one; the last two rows switch to its scalar loop and to the numpy kernel that installs
@@ -25,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -35,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the checkout whose monitor is measured: this one, or --baseline's (KLMON_BENCH_ROOT)
+sys.path.insert(0, os.environ.get("KLMON_BENCH_ROOT", str(Path(__file__).resolve().parents[1])))
 
 from monitor import divergence
 from monitor.divergence import HIST_EDGES, LOGPROB_TOLERANCE, sequence_kl, summarize
@@ -118,14 +127,16 @@ def switched(
     return run
 
 
-def time_it(fn: Callable[[], Any], reps: int) -> list[float]:
-    fn()  # warm-up: thread pool, page faults
-    out = []
+def time_it(fn: Callable[[], Any], reps: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (all threads) seconds of each of ``reps`` calls, after a warm-up call."""
+    fn()  # warm-up: helper thread, page faults
+    wall, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        out.append(time.perf_counter() - t0)
-    return out
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
 def peak_memory(fn: Callable[[], Any]) -> int:
@@ -145,13 +156,27 @@ def main() -> None:
     ap.add_argument(
         "--dist", action="append", choices=list(DISTRIBUTIONS), help="default: all of them"
     )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout (with its monitor/_kernel built in place) to run first, same options",
+    )
     args = ap.parse_args()
+    if args.baseline is not None:
+        argv = [a for a in sys.argv[1:] if a != "--baseline" and a != str(args.baseline)]
+        argv = [a for a in argv if not a.startswith("--baseline=")]
+        print(f"=== baseline: {args.baseline.resolve()}", flush=True)
+        env = {**os.environ, "KLMON_BENCH_ROOT": str(args.baseline.resolve())}
+        subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
+        print(f"\n=== this checkout: {Path(divergence.__file__).parents[1]}", flush=True)
     print(
         f"batch ({args.batch}, {args.tokens}) float32, {args.reps} reps; "
-        f"kernel: {divergence.kernel()}"
+        f"kernel: {divergence.kernel()} ({Path(divergence.__file__).parents[1]}); "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     for dist in args.dist or list(DISTRIBUTIONS):
         bench_distribution(dist, args.batch, args.tokens, args.reps)
+    bench_ingest_batch(args.batch, args.tokens, args.reps)
 
 
 def bench_distribution(dist: str, b: int, t: int, reps: int) -> None:
@@ -180,15 +205,38 @@ def bench_distribution(dist: str, b: int, t: int, reps: int) -> None:
         f"\n{dist}: fill {mask.mean():.0%}, input {input_bytes / 2**20:.1f} MiB, "
         f"top1pct_share {summarize(policy, ref, mask).top1pct_share:.3f}"
     )
-    print(f"{'':28s} {'median':>14s} {'best':>14s} {'peak extra mem':>16s}")
+    print(f"{'':28s} {'median':>14s} {'best':>14s} {'cpu/call':>10s} {'peak extra mem':>16s}")
     for name, fn in cases.items():
-        times = time_it(fn, reps)
+        times, cpu = time_it(fn, reps)
         med, best = statistics.median(times), min(times)
         peak = peak_memory(fn)
         print(
             f"{name:28s} {positions / med / 1e6:8.0f} M/s {positions / best / 1e6:8.0f} M/s"
+            f" {statistics.median(cpu) * 1e3:7.2f} ms"
             f" {peak / 2**20:8.1f} MiB {peak / input_bytes:4.2f}x"
         )
+
+
+def bench_ingest_batch(b: int, t: int, reps: int) -> None:
+    """summarize on bench_ingest.py's batches (four of them, in turn, as its loop does)."""
+    from bench_ingest import _batches  # after monitor: it puts this checkout first on sys.path
+
+    batches = _batches(4, b, t)
+    fill = np.mean([m.mean() for _, _, m, _ in batches])
+    calls = iter(range(1 << 60))
+
+    def step() -> Any:
+        lp, ref, mask, rewards = batches[next(calls) % len(batches)]
+        return summarize(lp, ref, mask, rewards=rewards)
+
+    times, cpu = time_it(step, 4 * reps)
+    print(f"\nbench_ingest batch: fill {fill:.0%}, rewards given")
+    print(f"{'':28s} {'median':>14s} {'best':>14s} {'cpu/call':>10s} {'wall/call':>10s}")
+    print(
+        f"{'summarize':28s} {b * t / statistics.median(times) / 1e6:8.0f} M/s"
+        f" {b * t / min(times) / 1e6:8.0f} M/s {statistics.median(cpu) * 1e3:7.2f} ms"
+        f" {statistics.median(times) * 1e3:7.2f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,13 @@
  * monitor/divergence.py holds the definitions, the error messages and a numpy kernel with
  * the same results for installs built without a C compiler; this file only computes.
  *
+ * The AVX2 loop reads a row's tokens between its first and last masked-in one (the padding
+ * on either side is found with a 32-byte scan of the mask and never read), skips the masking
+ * work where every token of that stretch is masked in, and is compiled once per input case
+ * (mask or not, dtype, optional inputs) so that its sums stay in registers: nothing in it
+ * makes a call, tail tokens are handled after each chunk of groups. Each lane adds the same
+ * tokens in the same order as a read of the whole row, so none of this changes a sum.
+ *
  * For token l = log p - log q (double precision throughout):
  *   sums: 0 -sum log p, 1 sum l, 2 sum l^2/2, 3 sum exp(-l) - 1 + l, 4 sum max(l, 0),
  *         5 sum (rollout - log p), 6 sum entropy, 7 number of tokens
@@ -17,15 +24,21 @@
  *         has no cancellation out there (libm's exp for a lone tail token, a vector exp when
  *         two or more of a group of four are in the tail, as in a drifted run).
  *   hist: the 80 bins of HIST_EDGES. Central bins 38..41 come from counts of l below -1/4,
- *         0 and 1/4 (no scattered increments); tail tokens are binned one by one.
+ *         below 0 and at or above 1/4 (no scattered increments); tail tokens are binned one
+ *         by one.
  *   cand: the top-1% candidates, kept in the same pass (no second read of the inputs): every
- *         token above a running level thr (0 at first) goes into a buffer; when the buffer is
- *         full, thr rises to a level that at least `keep` buffered values reach (one sampled
- *         from the buffer, else the `keep`-th largest by quickselect) and the values below it
- *         are dropped. A token left out is <= thr at that time, hence below `keep` kept ones,
- *         so the buffer always holds the range's `keep` largest positive l (ties count alike:
- *         equal values add the same to the sum). Python passes keep = ceil(1% of the batch's
- *         tokens) and takes the top 1% from the buffers of all row ranges.
+ *         token above a running level thr goes into a buffer; when the buffer is full, thr
+ *         rises to a level that at least `keep` buffered values reach (one sampled from the
+ *         buffer, else the `keep`-th largest by quickselect) and the values below it are
+ *         dropped. A token left out is <= thr at that time, hence below `keep` kept ones, so
+ *         the buffer always holds the range's `keep` largest positive l above the first level
+ *         (ties count alike: equal values add the same to the sum). Python passes keep =
+ *         ceil(1% of the batch's tokens) and takes the top 1% from the buffers of all row
+ *         ranges. The first level is 0, or with `share` (1% again) one that about twice that
+ *         share of a sample of the range beats (first_level): a healthy batch then buffers
+ *         some 2% of its tokens instead of every positive l until the level has risen. Python
+ *         checks that the smallest of the top 1% beats every range's first level (then no
+ *         token left out could belong to it) and otherwise reads the batch again from 0.
  *   ledger: the token ledger of a row range (ledger_add), a scatter-add into buffers indexed
  *         by id that the caller keeps between calls: count[id] += 1 and sum[id] += l for each
  *         masked token, and the ids seen for the first time appended to `touched`, so reading
@@ -183,6 +196,54 @@ static inline double load(const void *base, Py_ssize_t i, int is_double) {
     return is_double ? ((const double *)base)[i] : (double)((const float *)base)[i];
 }
 
+/* The candidates' first level: one that about LEVEL_MARGIN times `share` of the range's tokens
+ * beat (`share`: the top's share of the batch's tokens, k / n), from the l of SAMPLE tokens in
+ * runs of RUN spread evenly over the range (a run is one cache line or two: few reads from
+ * memory); 0 (every positive l a candidate) when the sample is small or `share` is 0. A sample
+ * only saves work: the caller checks after the pass that the smallest of the top k beats every
+ * range's first level, and reads the batch again from 0 otherwise. */
+enum { SAMPLE = 4096, RUN = 8, SAMPLE_MIN = 1024 };
+#define LEVEL_MARGIN 2.0
+
+static double first_level(const Inputs *in, double share) {
+    const Py_ssize_t n = in->rows * in->cols;
+    if (!(share > 0) || n < 2 * SAMPLE) return 0.0;
+    double *v = malloc(SAMPLE * sizeof(double));
+    if (!v) return 0.0;
+    Py_ssize_t n_in = 0, n_pos = 0;
+    for (Py_ssize_t s = 0; s < SAMPLE; s += RUN) {
+        const Py_ssize_t start = (Py_ssize_t)((double)s * (double)n / SAMPLE);
+        for (Py_ssize_t i = start; i < start + RUN; i++) { /* no branch */
+            const int in_mask = !in->m || in->m[i];
+            const double l = load(in->p, i, in->is_double) - load(in->q, i, in->is_double);
+            v[n_pos] = l;
+            n_pos += in_mask & (l > 0); /* NaN is not */
+            n_in += in_mask;
+        }
+    }
+    const Py_ssize_t rank = (Py_ssize_t)ceil(LEVEL_MARGIN * share * (double)n_in);
+    double level = 0.0;
+    if (n_in >= SAMPLE_MIN && rank <= n_pos) {
+        /* the rank largest, ascending, in v[0..rank): a new value beats v[0] rarely once the
+         * first few hundred are in, so this costs about one comparison per value (a
+         * quickselect's partitions mispredict every other one) */
+        for (Py_ssize_t i = 1; i < n_pos; i++) {
+            const double x = v[i];
+            Py_ssize_t j;
+            if (i < rank) { /* still filling: insertion sort */
+                for (j = i; j > 0 && v[j - 1] > x; j--) v[j] = v[j - 1];
+            } else if (x > v[0]) { /* x enters, v[0] leaves */
+                for (j = 0; j + 1 < rank && v[j + 1] < x; j++) v[j] = v[j + 1];
+            } else
+                continue;
+            v[j] = x;
+        }
+        level = v[0];
+    }
+    free(v);
+    return isfinite(level) ? level : 0.0;
+}
+
 /* Tokens [j0, j1) of row r, one at a time; returns 0 when a value is out of range. The row
  * sum goes to *row. */
 static int scalar_tokens(const Inputs *in, Acc *a, Py_ssize_t r, Py_ssize_t j0, Py_ssize_t j1,
@@ -296,120 +357,248 @@ AVX2 static inline int64_t hsum_i(__m256i v) {
     return x[0] + x[1] + x[2] + x[3];
 }
 
-/* Row r, four tokens at a time; masked lanes are zeroed with a bitwise AND (NaN padding
- * included). Returns 0 when a value is out of range. */
-AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out) {
-    const Py_ssize_t cols = in->cols, base = r * cols, end = cols - cols % 4;
-    const int dbl = in->is_double;
+/* Per-lane sums of the row the AVX2 loop reads (registers while a chunk of it runs). */
+typedef struct {
+    __m256d row, nll, l2, k3, pos, gap, ent, bad;
+    __m256i b0, b1, above, n; /* counts of l < -1/4, l < 0, l >= 1/4, masked-in tokens */
+} Lanes;
+
+enum { CHUNK = 256 }; /* most groups of four per run of the inner loop */
+
+/* The groups of a chunk with a tail token (or a non-finite l): their l and which lanes,
+ * handled after the chunk, in order, so that the inner loop makes no call (libm's exp, the
+ * histogram), which would move its sums out of registers. */
+typedef struct {
+    double l[CHUNK][4];
+    int lanes[CHUNK];
+    int n;
+} Tails;
+
+/* `n_groups` groups of four from flat index i0, as the loop compiled for these inputs:
+ * `masked` zeroes the lanes outside the mask with a bitwise AND (NaN padding included), 0
+ * for groups wholly under the mask; `dbl`, `ro`, `en`: the inputs' dtype and optional inputs.
+ * All constants where inlined, so each case is a loop with only the registers it needs. The
+ * caller sizes the chunk so that the candidate buffer cannot fill up in it (thr is fixed).
+ * Returns the new number of candidates; a value out of range sets v->bad (or a lane of
+ * t: a non-finite l). */
+AVX2 static inline __attribute__((always_inline)) Py_ssize_t
+avx2_chunk(const Inputs *in, Lanes *v, double *cand, Py_ssize_t n_cand, double level, Tails *t,
+           Py_ssize_t i0, Py_ssize_t n_groups, int masked, int dbl, int ro, int en) {
+    const void *p = in->p, *q = in->q, *ro_p = in->ro, *en_p = in->en;
+    const unsigned char *m = in->m;
+    const __m256d zero = _mm256_setzero_pd(), half = _mm256_set1_pd(TAIL);
+    const __m256d nhalf = _mm256_set1_pd(-TAIL), q1 = _mm256_set1_pd(0.25);
+    const __m256d nq1 = _mm256_set1_pd(-0.25), absmask = _mm256_set1_pd(-0.0);
     const __m256d tol = _mm256_set1_pd(in->tol), ntol = _mm256_set1_pd(-in->tol);
-    const __m256d ninf = _mm256_set1_pd(-HUGE_VAL), inf = _mm256_set1_pd(HUGE_VAL);
-    const __m256d half = _mm256_set1_pd(TAIL), nhalf = _mm256_set1_pd(-TAIL);
-    const __m256d q1 = _mm256_set1_pd(0.25), nq1 = _mm256_set1_pd(-0.25);
-    const __m256d zero = _mm256_setzero_pd(), absmask = _mm256_set1_pd(-0.0);
-    const __m256d all = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+    const __m256d inf = _mm256_set1_pd(HUGE_VAL), ninf = _mm256_set1_pd(-HUGE_VAL);
+    const __m256d thr = _mm256_set1_pd(level);
     __m256d c[DEGREE + 1];
     for (int k = 0; k <= DEGREE; k++) c[k] = _mm256_set1_pd(in->c[k]);
-    __m256d row = zero, nll = zero, l2 = zero, k3 = zero, pos = zero, gap = zero, ent = zero;
-    __m256d k3tail = zero;
-    __m256d bad = zero, thr = _mm256_set1_pd(a->thr);
-    Py_ssize_t n_cand = a->n_cand;
-    const int keep = a->keep > 0;
-    __m256i b0 = _mm256_setzero_si256(), b1 = b0, b2 = b0, n = b0;
-    for (Py_ssize_t j = 0; j < end; j += 4) {
-        const Py_ssize_t i = base + j;
-        __m256d mk = all;
-        if (in->m) {
+    Lanes x = *v;
+    for (Py_ssize_t g = 0; g < n_groups; g++) {
+        const Py_ssize_t i = i0 + 4 * g;
+        __m256d mk = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+        if (masked) {
             int32_t bytes;
-            memcpy(&bytes, in->m + i, 4);
+            memcpy(&bytes, m + i, 4);
             const __m256i wide = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(bytes));
             mk = _mm256_castsi256_pd(_mm256_cmpgt_epi64(wide, _mm256_setzero_si256()));
         }
-        const __m256d pv = load4(in->p, i, dbl), qv = load4(in->q, i, dbl);
-        __m256d ok = _mm256_and_pd(_mm256_and_pd(_mm256_cmp_pd(pv, tol, _CMP_LE_OQ),
-                                                 _mm256_cmp_pd(qv, tol, _CMP_LE_OQ)),
-                                   _mm256_and_pd(_mm256_cmp_pd(pv, ninf, _CMP_GT_OQ),
-                                                 _mm256_cmp_pd(qv, ninf, _CMP_GT_OQ)));
-        if (in->ro) {
-            const __m256d rv = load4(in->ro, i, dbl);
-            ok = _mm256_and_pd(ok, _mm256_and_pd(_mm256_cmp_pd(rv, tol, _CMP_LE_OQ),
-                                                 _mm256_cmp_pd(rv, ninf, _CMP_GT_OQ)));
-            gap = _mm256_add_pd(gap, _mm256_and_pd(_mm256_sub_pd(rv, pv), mk));
+        const __m256d pv = load4(p, i, dbl), qv = load4(q, i, dbl);
+        /* out of range: p or q above tol, or NaN in q (max returns its second operand); NaN
+         * in p and infinities make l non-finite, caught with the tail */
+        __m256d over = _mm256_cmp_pd(_mm256_max_pd(pv, qv), tol, _CMP_NLE_UQ);
+        if (ro) {
+            const __m256d rv = load4(ro_p, i, dbl);
+            over = _mm256_or_pd(over, _mm256_or_pd(_mm256_cmp_pd(rv, tol, _CMP_NLE_UQ),
+                                                   _mm256_cmp_pd(rv, ninf, _CMP_EQ_OQ)));
+            x.gap = _mm256_add_pd(x.gap, _mm256_and_pd(_mm256_sub_pd(rv, pv), mk));
         }
-        if (in->en) {
-            const __m256d ev = load4(in->en, i, dbl);
-            ok = _mm256_and_pd(ok, _mm256_and_pd(_mm256_cmp_pd(ev, ntol, _CMP_GE_OQ),
-                                                 _mm256_cmp_pd(ev, inf, _CMP_LT_OQ)));
-            ent = _mm256_add_pd(ent, _mm256_and_pd(ev, mk));
+        if (en) {
+            const __m256d ev = load4(en_p, i, dbl);
+            over = _mm256_or_pd(over, _mm256_or_pd(_mm256_cmp_pd(ev, ntol, _CMP_NGE_UQ),
+                                                   _mm256_cmp_pd(ev, inf, _CMP_EQ_OQ)));
+            x.ent = _mm256_add_pd(x.ent, _mm256_and_pd(ev, mk));
         }
-        bad = _mm256_or_pd(bad, _mm256_andnot_pd(ok, mk));
-        const __m256d l = _mm256_and_pd(_mm256_sub_pd(pv, qv), mk);
-        row = _mm256_add_pd(row, l);
-        nll = _mm256_add_pd(nll, _mm256_and_pd(pv, mk));
-        l2 = _mm256_fmadd_pd(l, l, l2);
+        x.bad = _mm256_or_pd(x.bad, masked ? _mm256_and_pd(over, mk) : over);
+        __m256d l = _mm256_sub_pd(pv, qv);
+        if (masked) l = _mm256_and_pd(l, mk);
+        x.row = _mm256_add_pd(x.row, l);
+        x.nll = _mm256_add_pd(x.nll, masked ? _mm256_and_pd(pv, mk) : pv);
+        x.l2 = _mm256_fmadd_pd(l, l, x.l2);
         const __m256d s = _mm256_min_pd(_mm256_max_pd(l, nhalf), half);
         const __m256d s2 = _mm256_mul_pd(s, s), s4 = _mm256_mul_pd(s2, s2);
         const __m256d e0 = _mm256_fmadd_pd(c[1], s, c[0]), e1 = _mm256_fmadd_pd(c[3], s, c[2]);
         const __m256d e2 = _mm256_fmadd_pd(c[5], s, c[4]), e3 = _mm256_fmadd_pd(c[7], s, c[6]);
         const __m256d hi = _mm256_fmadd_pd(s4, c[8], _mm256_fmadd_pd(s2, e3, e2));
-        const __m256d g = _mm256_fmadd_pd(s4, hi, _mm256_fmadd_pd(s2, e1, e0));
-        k3 = _mm256_fmadd_pd(s2, g, k3);
-        pos = _mm256_add_pd(pos, _mm256_max_pd(l, zero));
-        /* a true comparison is all ones, i.e. -1 as an integer: subtracting counts it */
-        b0 = _mm256_sub_epi64(b0, _mm256_castpd_si256(_mm256_cmp_pd(l, nq1, _CMP_LT_OQ)));
-        b1 = _mm256_sub_epi64(b1, _mm256_castpd_si256(_mm256_cmp_pd(l, zero, _CMP_LT_OQ)));
-        b2 = _mm256_sub_epi64(
-            b2, _mm256_castpd_si256(_mm256_and_pd(_mm256_cmp_pd(l, q1, _CMP_LT_OQ), mk)));
-        n = _mm256_sub_epi64(n, _mm256_castpd_si256(mk));
-        const __m256d abs_l = _mm256_andnot_pd(absmask, l);
-        const int tail = _mm256_movemask_pd(_mm256_cmp_pd(abs_l, half, _CMP_GE_OQ));
+        const __m256d g4 = _mm256_fmadd_pd(s4, hi, _mm256_fmadd_pd(s2, e1, e0));
+        x.k3 = _mm256_fmadd_pd(s2, g4, x.k3);
+        x.pos = _mm256_add_pd(x.pos, _mm256_max_pd(l, zero));
+        /* a true comparison is all ones, i.e. -1 as an integer: subtracting counts it (masked
+         * lanes hold l = 0, which none of the three counts) */
+        x.b0 = _mm256_sub_epi64(x.b0, _mm256_castpd_si256(_mm256_cmp_pd(l, nq1, _CMP_LT_OQ)));
+        x.b1 = _mm256_sub_epi64(x.b1, _mm256_castpd_si256(_mm256_cmp_pd(l, zero, _CMP_LT_OQ)));
+        x.above =
+            _mm256_sub_epi64(x.above, _mm256_castpd_si256(_mm256_cmp_pd(l, q1, _CMP_GE_OQ)));
+        if (masked) x.n = _mm256_sub_epi64(x.n, _mm256_castpd_si256(mk));
         /* candidates: the lanes above the level, packed to the front and stored at the end of
-         * the buffer, without a branch (masked lanes hold l = 0, never above thr >= 0) */
-        if (keep) { /* sequence_kl keeps none */
-            if (n_cand > a->cap_cand - 4) { /* no room for this group's store */
-                a->n_cand = n_cand;
-                compact(a);
-                n_cand = a->n_cand;
-                thr = _mm256_set1_pd(a->thr);
-            }
-            const int cand = _mm256_movemask_pd(_mm256_cmp_pd(l, thr, _CMP_GT_OQ));
-            const __m256i pack = _mm256_loadu_si256((const __m256i *)pack_lanes[cand]);
+         * the buffer (masked lanes hold l = 0, never above thr >= 0; sequence_kl's is inf) */
+        const int above_thr = _mm256_movemask_pd(_mm256_cmp_pd(l, thr, _CMP_GT_OQ));
+        if (above_thr) {
+            const __m256i pack = _mm256_loadu_si256((const __m256i *)pack_lanes[above_thr]);
             const __m256 packed = _mm256_permutevar8x32_ps(_mm256_castpd_ps(l), pack);
-            _mm256_storeu_pd(a->cand + n_cand, _mm256_castps_pd(packed));
-            n_cand += __builtin_popcount(cand);
+            _mm256_storeu_pd(cand + n_cand, _mm256_castps_pd(packed));
+            n_cand += __builtin_popcount(above_thr);
         }
+        const __m256d abs_l = _mm256_andnot_pd(absmask, l);
+        const int tail = _mm256_movemask_pd(_mm256_cmp_pd(abs_l, half, _CMP_NLT_UQ));
         if (tail) {
-            double lv[4];
-            _mm256_storeu_pd(lv, l);
-            if (__builtin_popcount(tail) >= 2) { /* mostly tail (drifted runs): a vector exp */
-                const __m256d in_tail = _mm256_cmp_pd(abs_l, half, _CMP_GE_OQ);
-                const __m256d clipped = _mm256_blendv_pd(
-                    _mm256_set1_pd(in->clip_neg), _mm256_set1_pd(in->clip_pos),
-                    _mm256_cmp_pd(l, zero, _CMP_GT_OQ));
-                const __m256d exact = _mm256_add_pd(
-                    _mm256_sub_pd(exp4(_mm256_sub_pd(zero, l)), _mm256_set1_pd(1.0)), l);
-                k3tail =
-                    _mm256_add_pd(k3tail, _mm256_and_pd(_mm256_sub_pd(exact, clipped), in_tail));
-                for (int k = 0; k < 4; k++)
-                    if (tail >> k & 1) tail_bookkeeping(a, lv[k]);
-            } else {
-                for (int k = 0; k < 4; k++)
-                    if (tail >> k & 1) tail_token(in, a, lv[k]);
-            }
+            _mm256_storeu_pd(t->l[t->n], l);
+            t->lanes[t->n++] = tail;
         }
     }
-    a->n_cand = n_cand;
-    if (_mm256_movemask_pd(bad)) return 0;
-    double row_sum = hsum(row);
-    a->nll -= hsum(nll);
-    a->l2 += hsum(l2);
-    a->k3 += hsum(k3) + hsum(k3tail);
-    a->pos += hsum(pos);
-    a->gap += hsum(gap);
-    a->ent += hsum(ent);
-    a->below[0] += hsum_i(b0);
-    a->below[1] += hsum_i(b1);
-    a->below[2] += hsum_i(b2);
-    a->n += hsum_i(n);
+    *v = x;
+    return n_cand;
+}
+
+/* The tail groups of a chunk, in order: each tail token's exact k3 replaces its clipped
+ * polynomial (a vector exp when two or more of a group are in the tail, as in a drifted run;
+ * libm's exp for a lone one, all of the chunk's called one after another so that they overlap,
+ * then added in order), and its bin. Returns 0 when an l is inf or NaN (a value out of range). */
+AVX2 static int avx2_tails(const Inputs *in, Acc *a, const Tails *t, double k3tail[4]) {
+    const __m256d zero = _mm256_setzero_pd(), half = _mm256_set1_pd(TAIL);
+    double lone[CHUNK], e[CHUNK];
+    int n_lone = 0;
+    __m256d k3t = _mm256_loadu_pd(k3tail);
+    for (int k = 0; k < t->n; k++) {
+        const double *lv = t->l[k];
+        const int tail = t->lanes[k];
+        const __m256d l = _mm256_loadu_pd(lv), abs_l = _mm256_andnot_pd(_mm256_set1_pd(-0.0), l);
+        if (_mm256_movemask_pd(_mm256_cmp_pd(abs_l, _mm256_set1_pd(HUGE_VAL), _CMP_NLT_UQ)))
+            return 0;
+        if (__builtin_popcount(tail) >= 2) {
+            const __m256d in_tail = _mm256_cmp_pd(abs_l, half, _CMP_GE_OQ);
+            const __m256d clipped =
+                _mm256_blendv_pd(_mm256_set1_pd(in->clip_neg), _mm256_set1_pd(in->clip_pos),
+                                 _mm256_cmp_pd(l, zero, _CMP_GT_OQ));
+            const __m256d exact = _mm256_add_pd(
+                _mm256_sub_pd(exp4(_mm256_sub_pd(zero, l)), _mm256_set1_pd(1.0)), l);
+            k3t = _mm256_add_pd(k3t, _mm256_and_pd(_mm256_sub_pd(exact, clipped), in_tail));
+            for (int j = 0; j < 4; j++)
+                if (tail >> j & 1) tail_bookkeeping(a, lv[j]);
+        } else {
+            lone[n_lone] = lv[__builtin_ctz(tail)];
+            tail_bookkeeping(a, lone[n_lone++]);
+        }
+    }
+    _mm256_storeu_pd(k3tail, k3t);
+    for (int k = 0; k < n_lone; k++) e[k] = exp(-lone[k]);
+    for (int k = 0; k < n_lone; k++) /* as tail_token adds it */
+        a->k3 += e[k] - 1.0 + lone[k] - (lone[k] > 0 ? in->clip_pos : in->clip_neg);
+    return 1;
+}
+
+/* Compacts the candidate buffer when it has no room for a group's store of four. */
+static void make_room(Acc *a) {
+    if (a->n_cand > a->cap_cand - 4) compact(a);
+}
+
+/* Groups i, i + 4, .. < i1 of the flat inputs into v, in chunks: each starts with the room
+ * check that every group would make, and is no longer than the groups that cannot fill the
+ * buffer, so the checks in between would all pass. Returns 0 when a value is out of range. */
+AVX2 static int avx2_span(const Inputs *in, Acc *a, Lanes *v, double k3tail[4], Py_ssize_t i,
+                          Py_ssize_t i1, int masked) {
+    const int usual = !in->is_double && !in->ro && !in->en; /* float32, no optional inputs */
+    const int dbl = in->is_double, ro = in->ro != NULL, en = in->en != NULL;
+    Tails t;
+    while (i < i1) {
+        make_room(a);
+        Py_ssize_t g = (i1 - i) / 4;
+        if (a->keep > 0) { /* else no candidates: thr is inf */
+            const Py_ssize_t room = (a->cap_cand - 4 - a->n_cand) / 4 + 1;
+            g = g < room ? g : room;
+        }
+        g = g < CHUNK ? g : CHUNK;
+        t.n = 0;
+        double *cand = a->cand;
+        const Py_ssize_t n = a->n_cand;
+        if (usual && masked)
+            a->n_cand = avx2_chunk(in, v, cand, n, a->thr, &t, i, g, 1, 0, 0, 0);
+        else if (usual)
+            a->n_cand = avx2_chunk(in, v, cand, n, a->thr, &t, i, g, 0, 0, 0, 0);
+        else if (masked)
+            a->n_cand = avx2_chunk(in, v, cand, n, a->thr, &t, i, g, 1, dbl, ro, en);
+        else
+            a->n_cand = avx2_chunk(in, v, cand, n, a->thr, &t, i, g, 0, dbl, ro, en);
+        if (!avx2_tails(in, a, &t, k3tail)) return 0;
+        i += 4 * g;
+    }
+    return 1;
+}
+
+/* The first nonzero byte of m[0..n) (n if none), and one past the last one (0 if none). */
+AVX2 static Py_ssize_t first_set(const unsigned char *m, Py_ssize_t n) {
+    Py_ssize_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(m + j));
+        if (!_mm256_testz_si256(x, x)) break;
+    }
+    while (j < n && !m[j]) j++;
+    return j;
+}
+
+AVX2 static Py_ssize_t last_set(const unsigned char *m, Py_ssize_t n) {
+    Py_ssize_t j = n;
+    for (; j >= 32; j -= 32) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(m + j - 32));
+        if (!_mm256_testz_si256(x, x)) break;
+    }
+    while (j > 0 && !m[j - 1]) j--;
+    return j;
+}
+
+/* Row r, four tokens at a time. The groups before the row's first masked-in token and after
+ * its last are skipped (they would add zeros; found with a 32-byte scan of the mask, so a
+ * padded row costs its response, not its width), and when every token between those two is
+ * masked in, the groups wholly inside skip the masking work. Each lane adds the same tokens in
+ * the same order as a read of every group would, so the sums are the same. Returns 0 when a
+ * value is out of range. */
+AVX2 static int avx2_row(const Inputs *in, Acc *a, Py_ssize_t r, double *row_out) {
+    const Py_ssize_t cols = in->cols, base = r * cols, end = cols - cols % 4;
+    Lanes v;
+    memset(&v, 0, sizeof v);
+    double k3tail[4] = {0, 0, 0, 0};
+    /* groups [lo, hi) hold the row's masked-in tokens, [dlo, dhi) nothing else */
+    Py_ssize_t lo = 0, hi = end, dlo = 0, dhi = end;
+    if (in->m) {
+        const unsigned char *m = in->m + base;
+        const Py_ssize_t first = first_set(m, end), last = first < end ? last_set(m, end) : first;
+        lo = first & ~(Py_ssize_t)3;
+        hi = (last + 3) & ~(Py_ssize_t)3;
+        if (first < last && !memchr(m + first, 0, (size_t)(last - first))) {
+            dlo = (first + 3) & ~(Py_ssize_t)3;
+            dhi = last & ~(Py_ssize_t)3;
+            dhi = dhi > dlo ? dhi : dlo;
+        } else
+            dlo = dhi = hi;
+    }
+    if (!avx2_span(in, a, &v, k3tail, base + lo, base + dlo, 1) ||
+        !avx2_span(in, a, &v, k3tail, base + dlo, base + dhi, 0) ||
+        !avx2_span(in, a, &v, k3tail, base + dhi, base + hi, 1) || _mm256_movemask_pd(v.bad))
+        return 0;
+    if (hi < end) make_room(a); /* as the skipped groups would have */
+    double row_sum = hsum(v.row);
+    a->nll -= hsum(v.nll);
+    a->l2 += hsum(v.l2);
+    a->k3 += hsum(v.k3) + hsum(_mm256_loadu_pd(k3tail));
+    a->pos += hsum(v.pos);
+    a->gap += hsum(v.gap);
+    a->ent += hsum(v.ent);
+    const int64_t n = hsum_i(v.n) + (dhi - dlo);
+    a->below[0] += hsum_i(v.b0);
+    a->below[1] += hsum_i(v.b1);
+    a->below[2] += n - hsum_i(v.above);
+    a->n += n;
     if (!scalar_tokens(in, a, r, end, cols, &row_sum)) return 0;
     *row_out = row_sum;
     return 1;
@@ -498,10 +687,11 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     Inputs in;
     int simd;
     Py_ssize_t keep;
+    double share;
     Py_buffer outs[5]; /* coef, seq, sums, hist, cand */
-    if (!PyArg_ParseTuple(args, "OOOOOnnpdpny*w*w*w*w*", &objs[0], &objs[1], &objs[2], &objs[3],
+    if (!PyArg_ParseTuple(args, "OOOOOnnpdpndy*w*w*w*w*", &objs[0], &objs[1], &objs[2], &objs[3],
                           &objs[4], &in.rows, &in.cols, &in.is_double, &in.tol, &simd, &keep,
-                          &outs[0], &outs[1], &outs[2], &outs[3], &outs[4]))
+                          &share, &outs[0], &outs[1], &outs[2], &outs[3], &outs[4]))
         return NULL;
     if (outs[0].len != (DEGREE + 1) * 8 || in.rows < 0 || outs[1].len / 8 < in.rows ||
         outs[2].len != N_SUMS * 8 || outs[3].len != N_BINS * 8 || keep < 0 ||
@@ -530,9 +720,11 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     a.thr = keep > 0 ? 0.0 : HUGE_VAL; /* nothing to keep: no candidates */
     Py_ssize_t bad_row = -1;
     int status;
+    double level = 0.0;
     Py_BEGIN_ALLOW_THREADS
+    if (keep > 0) a.thr = level = first_level(&in, share);
     status = token_pass(&in, &a, outs[1].buf, simd, &bad_row);
-    if (status == KL_OK && a.keep > 0 && a.n_cand > a.keep)
+    if (status == KL_OK && a.keep > 0 && a.n_cand > 2 * a.keep)
         compact(&a); /* here, on this range's thread, rather than in Python after the join */
     Py_END_ALLOW_THREADS
     if (status == KL_OK && !(isfinite(a.nll) && isfinite(a.gap) && isfinite(a.ent)))
@@ -553,7 +745,7 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     }
     release(views, 5);
     release(outs, 5);
-    return Py_BuildValue("inni", status, bad_row, a.n_cand, simd);
+    return Py_BuildValue("innid", status, bad_row, a.n_cand, simd, level);
 }
 
 /* ---- token ledger (see ledger at the top) ----------------------------------------------- */
@@ -766,7 +958,8 @@ static PyMethodDef methods[] = {
     {"has_avx2", py_has_avx2, METH_NOARGS, "Whether stats() can use its AVX2 loop here."},
     {"stats", stats, METH_VARARGS,
      "stats(policy, ref, mask, rollout, entropies, rows, cols, is_double, tol, simd,"
-     " keep, coef, seq, sums, hist, cand) -> (status, bad_row, n_cand, used_simd)"},
+     " keep, share, coef, seq, sums, hist, cand) -> (status, bad_row, n_cand, used_simd,"
+     " first_level)"},
     {"ledger_add", ledger_add, METH_VARARGS,
      "ledger_add(ids, policy, ref, mask, rows, cols, is_double, acc, touched, n_touched)"
      " -> (status, n_touched)"},

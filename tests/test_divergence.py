@@ -678,6 +678,7 @@ def _top_values(p: np.ndarray, q: np.ndarray, mask: np.ndarray) -> np.ndarray:
         "descending",  # the top 1% first, then nothing beats the level
         "ties",  # a few distinct values, the k-th largest shared by many tokens
         "few-positive",  # fewer positive l than the top 1% holds
+        "equal",  # no l beats the sampled first level: the batch is read again from 0
     ],
 )
 @pytest.mark.parametrize("room", [1, 4])  # 4: compactions from a sampled level too
@@ -702,6 +703,7 @@ def test_top_candidates_are_exactly_the_largest_positive_l(
             [-0.5, -0.125, 0.0, 0.125, 0.25, 0.75], n, p=[0.2] * 4 + [0.195, 0.005]
         ),
         "few-positive": lambda: np.where(rng.random(n) < 0.003, 0.2, -0.1) * rng.random(n),
+        "equal": lambda: np.full(n, 0.3),
     }[order]().reshape(b, t)
     mask = np.arange(t)[None, :] < rng.integers(t // 2, t + 1, b)[:, None]
     p = np.minimum(lt, 0.0) - rng.gamma(0.7, 1.0, (b, t))
@@ -804,13 +806,13 @@ cases = [
     (z.astype(np.float32), z, None, None, None, 1, 4),     # item size is not float64
 ]
 try:  # a candidate buffer must hold 4 more than the values it keeps
-    K.stats(z, z, None, None, None, 1, 4, True, 1e-3, True, 1, coef, seq, sums, hist, cand[:3])
+    K.stats(z, z, None, None, None, 1, 4, True, 1e-3, True, 1, 0.0, coef, seq, sums, hist, cand[:3])
     raise SystemExit("no ValueError for keep = 1 in a buffer of 3")
 except ValueError:
     pass
 for c in cases:
     try:
-        K.stats(*c, True, 1e-3, True, 1, coef, seq, sums, hist, cand)
+        K.stats(*c, True, 1e-3, True, 1, 0.0, coef, seq, sums, hist, cand)
     except ValueError:
         continue
     raise SystemExit(f"no ValueError for {c[5:]}")

@@ -1,8 +1,10 @@
 """The compiled token pass (``monitor/_kernel.c``): the same quantities as the numpy kernel in
 one fused pass per token, on row ranges run by the helper threads with the GIL released. The
 top-1% candidates come out of that same pass, whatever the distribution of l: each row range
-keeps its ``ceil(1% n_tokens)`` largest positive l in a buffer of ``CANDIDATE_ROOM`` times that
-size, compacted when full (see ``cand`` in the C file).
+keeps its ``ceil(1% B*T)`` largest positive l (the pass counts the tokens under the mask, so
+the batch's ``ceil(1% n_tokens)`` is known after it) above a first level sampled from the range,
+in a buffer of ``CANDIDATE_ROOM`` times that size, compacted when full (see ``cand`` in the C
+file); the batch is read again from level 0 in the rare case where a sampled level was too high.
 
 The token ledger (``compiled_ledger``) is a second pass of the same kind: each row range
 scatter-adds its counts and sums of l into buffers indexed by id (``ledger`` in the C file),
@@ -57,12 +59,14 @@ class Sums(NamedTuple):
     @classmethod
     def total(cls, per_range: np.ndarray) -> Sums:
         """The sums over every row range, from the (ranges, N_SUMS) array the pass fills."""
-        return cls(*(float(x) for x in per_range.sum(axis=0)))
+        return cls(*per_range.sum(axis=0).tolist())
 
 
-def run_compiled(batch: Batch, full: bool) -> KernelOut:
+def run_compiled(batch: Batch, full: bool, sampled: bool = True) -> KernelOut:
     """The statistics of a validated batch (``full``) or its per-sequence KLs alone;
-    BadChunk when a value under the mask is out of range."""
+    BadChunk when a value under the mask is out of range. ``sampled``: each row range starts
+    its candidates at a level from a sample of its tokens (``first_level`` in the C file);
+    when that level turns out to leave out part of the top, the batch is read again without."""
     assert extension is not None
     given = [x for x in (batch.policy, batch.ref, batch.rollout, batch.entropies) if x is not None]
     dtype = np.result_type(*given)
@@ -74,7 +78,8 @@ def run_compiled(batch: Batch, full: bool) -> KernelOut:
     b, t = p.shape
     n_ranges = min(passes.MAX_THREADS, b) if p.size >= passes.PARALLEL_MIN_POSITIONS else 1
     bounds = [b * i // n_ranges for i in range(n_ranges + 1)]
-    k_top = math.ceil(TOP_FRACTION * batch.n_tokens)
+    # the pass counts the tokens: until then, each range keeps the top 1% of all positions
+    keep_most = math.ceil(TOP_FRACTION * p.size)
     seq_kl = np.empty(b)
     sums = np.zeros((n_ranges, extension.N_SUMS))
     hist = np.zeros((n_ranges, N_BINS), np.int64)
@@ -86,29 +91,37 @@ def run_compiled(batch: Batch, full: bool) -> KernelOut:
     def rows(x: np.ndarray | None, i: int) -> np.ndarray | None:
         return None if x is None else x[bounds[i] : bounds[i + 1]]
 
-    keep = k_top if full else 0  # sequence_kl alone needs no candidates
+    keep = keep_most if full else 0  # sequence_kl alone needs no candidates
+    share = TOP_FRACTION if full and sampled else 0.0
     room = max(keep + 4, math.ceil(CANDIDATE_ROOM * keep))  # 4: a group of the AVX2 loop
     cands = [np.empty(room) for _ in range(n_ranges)]
     n_cands = [0] * n_ranges
+    levels = [0.0] * n_ranges
 
     def task(i: int) -> None:
-        status, _, n_cands[i], _ = extension.stats(
+        status, _, n_cands[i], _, levels[i] = extension.stats(
             *(rows(x, i) for x in (p, q, mask, rollout, ent)),
-            *(bounds[i + 1] - bounds[i], t, is_double, tol, SIMD, keep),
+            *(bounds[i + 1] - bounds[i], t, is_double, tol, SIMD, keep, share),
             *(coef, seq_kl[bounds[i] : bounds[i + 1]], sums[i], hist[i], cands[i]),
         )
         if status:
             raise BadChunk
 
     in_threads(n_ranges, p.size, task)
-    if not full:
-        return KernelOut.seq_kl_only(batch.n_tokens, seq_kl)
     total = Sums.total(sums)
+    n_tokens = int(total.n_tokens)
+    if not full:
+        return KernelOut.seq_kl_only(n_tokens, seq_kl)
+    k_top = math.ceil(TOP_FRACTION * n_tokens)
     top = np.concatenate([c[:n] for c, n in zip(cands, n_cands, strict=True)])
     if len(top) > k_top:
         top = np.partition(top, len(top) - k_top)[len(top) - k_top :]
+    level = max(levels)
+    if level > 0 and (len(top) < k_top or top.min() <= level):
+        # a value at or below a range's first level may belong to the top: read from 0
+        return run_compiled(batch, full, sampled=False)
     return KernelOut(
-        n_tokens=batch.n_tokens,
+        n_tokens=n_tokens,
         sum_l=total.sum_l,
         sum_half_l2=total.sum_half_l2,
         sum_k3=max(0.0, total.sum_k3),

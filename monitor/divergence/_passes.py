@@ -7,7 +7,6 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,43 +65,99 @@ class KernelOut:
         return cls(n_tokens, 0, 0, 0, 0, None, None, 0, np.empty(0), seq_kl, np.empty(0))
 
 
-_EXECUTOR: tuple[int, ThreadPoolExecutor] | None = None
-_EXECUTOR_LOCK = threading.Lock()
+class _Helper:
+    """A helper thread parked on a lock between calls: handing it a job and waiting for it
+    costs two lock releases and two acquires, a few microseconds of CPU, where an executor's
+    Future, Condition and work queue cost tens."""
+
+    def __init__(self) -> None:
+        self._go = threading.Lock()
+        self._go.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._job: Callable[[], None] | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._serve, name="klmon-divergence", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            self._go.acquire()
+            assert self._job is not None
+            try:
+                self._job()
+            except BaseException as exc:  # handed to the caller by join()
+                self._error = exc
+            self._job = None
+            self._done.release()
+
+    def start(self, job: Callable[[], None]) -> None:
+        self._job, self._error = job, None
+        self._go.release()
+
+    def join(self) -> None:
+        """Waits for the job; raises what it raised."""
+        self._done.acquire()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
-def _helper_pool() -> ThreadPoolExecutor:
-    """The helper threads, created on first use (again after a fork: threads do not survive
-    one, and an executor inherited from the parent would wait forever)."""
-    global _EXECUTOR
-    with _EXECUTOR_LOCK:
-        if _EXECUTOR is None or _EXECUTOR[0] != os.getpid():
-            pool = ThreadPoolExecutor(MAX_THREADS - 1, thread_name_prefix="klmon-divergence")
-            _EXECUTOR = (os.getpid(), pool)
-        return _EXECUTOR[1]
+#: Idle helpers of this process (pid: threads do not survive a fork, and a helper inherited
+#: from the parent would never answer); concurrent calls each take their own.
+_IDLE: tuple[int, list[_Helper]] = (os.getpid(), [])
+_IDLE_LOCK = threading.Lock()
+
+
+def _take_helpers(n: int) -> list[_Helper]:
+    global _IDLE
+    with _IDLE_LOCK:
+        if _IDLE[0] != os.getpid():
+            _IDLE = (os.getpid(), [])
+        idle = _IDLE[1]
+        taken = [idle.pop() for _ in range(min(n, len(idle)))]
+    return taken + [_Helper() for _ in range(n - len(taken))]
+
+
+def _give_back(helpers: list[_Helper]) -> None:
+    with _IDLE_LOCK:
+        if _IDLE[0] == os.getpid():
+            _IDLE[1].extend(helpers)
 
 
 def in_threads(n_tasks: int, n_positions: int, task: Callable[[int], None]) -> None:
     """task(0) .. task(n_tasks - 1) on up to MAX_THREADS threads (this one included); the
     first exception stops the remaining tasks and is raised here."""
     todo = iter(range(n_tasks))
-    stop = threading.Event()
+    stop = [False]  # a list item is set atomically under the GIL (an Event costs a Condition)
 
     def work() -> None:
         for i in todo:  # next() on a shared range iterator is atomic under the GIL
-            if stop.is_set():
+            if stop[0]:
                 return
             try:
                 task(i)
             except BaseException:
-                stop.set()
+                stop[0] = True
                 raise
 
     n_threads = min(MAX_THREADS, n_tasks, _CPUS)
     if n_positions < PARALLEL_MIN_POSITIONS:
         n_threads = 1
-    helpers = [_helper_pool().submit(work) for _ in range(n_threads - 1)]
+    if n_threads == 1:
+        work()
+        return
+    helpers = _take_helpers(n_threads - 1)
+    for h in helpers:
+        h.start(work)
     try:
         work()
     finally:
+        errors = []
         for h in helpers:
-            h.result()
+            try:
+                h.join()
+            except BaseException as exc:
+                errors.append(exc)
+        _give_back(helpers)
+    if errors:
+        raise errors[0]

@@ -140,13 +140,15 @@ def _opt_float(x: Any) -> float | None:
 
 
 def finalize(parts: Sequence[Partial], kl_coef: float | None) -> StepSummary:
-    seq_kl = np.concatenate([p.seq_kl for p in parts])
+    seq_kl = _joined([p.seq_kl for p in parts])
     n_seq = len(seq_kl)
     n_tok = sum(p.n_tokens for p in parts)
     if n_seq == 0 or n_tok == 0:
         raise InvalidInput("the partials hold no sequences: a step needs at least one")
     q05, q50, q95, q99 = _quantiles(seq_kl, _QUANTILES)
+    kl_mean, kl_std = _mean_std(seq_kl)
     rewards = _all_or_none([p.rewards for p in parts], "rewards")
+    reward_mean, reward_std = (None, None) if rewards is None else _mean_std(_joined(rewards))
     if kl_coef is None:
         coefs = {p.kl_coef for p in parts if p.kl_coef is not None}
         kl_coef = coefs.pop() if len(coefs) == 1 else None
@@ -154,9 +156,10 @@ def finalize(parts: Sequence[Partial], kl_coef: float | None) -> StepSummary:
     gap = _all_or_none([p.sum_rollout_gap for p in parts], "rollout_logprobs")
     ledgers = _all_or_none([p.ledger for p in parts], "token_ids")
     ledger = None if ledgers is None else merge_ledgers(ledgers)
+    hists = [p.token_hist for p in parts]
     return StepSummary(
-        kl_mean=float(np.mean(seq_kl)),
-        kl_std=float(np.std(seq_kl)),
+        kl_mean=kl_mean,
+        kl_std=kl_std,
         kl_min=float(seq_kl.min()),
         kl_p05=float(q05),
         kl_p50=float(q50),
@@ -171,27 +174,45 @@ def finalize(parts: Sequence[Partial], kl_coef: float | None) -> StepSummary:
         resp_len_mean=n_tok / n_seq,
         policy_nll=sum(p.sum_nll for p in parts) / n_tok,
         entropy_mean=None if entropy is None else sum(entropy) / n_tok,
-        reward_mean=None if rewards is None else float(np.mean(np.concatenate(rewards))),
-        reward_std=None if rewards is None else float(np.std(np.concatenate(rewards))),
+        reward_mean=reward_mean,
+        reward_std=reward_std,
         kl_coef=None if kl_coef is None else float(kl_coef),
         rollout_gap=None if gap is None else sum(gap) / n_tok,
         n_sequences=n_seq,
         n_tokens=n_tok,
         seq_kl=seq_kl,
-        token_hist=np.sum([p.token_hist for p in parts], axis=0, dtype=np.int64),
+        token_hist=hists[0] if len(hists) == 1 else np.sum(hists, axis=0, dtype=np.int64),
         vocab_top_share=None if ledger is None else vocab_top_share(ledger),
         ledger=ledger,
     )
 
 
-def _quantiles(x: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays end to end (one array as it is: a summary of one shard copies nothing)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _mean_std(x: np.ndarray) -> tuple[float, float]:
+    """np.mean(x) and np.std(x) of a 1-D float64 array, bit for bit (the same pairwise sums
+    and divisions), in four numpy calls instead of some twenty."""
+    mean = np.add.reduce(x) / len(x)
+    d = x - mean
+    return float(mean), math.sqrt(np.add.reduce(d * d) / len(x))
+
+
+def _quantiles(x: np.ndarray, qs: Sequence[float]) -> list[float]:
     """np.quantile's default ('linear') method, without its per-call overhead (a tenth of a
-    millisecond, as long as the whole token pass of a small step)."""
-    s = np.sort(x)
-    h = (len(s) - 1) * np.asarray(qs)
-    lo = np.floor(h).astype(np.intp)
-    hi = np.minimum(lo + 1, len(s) - 1)
-    return s[lo] + (h - lo) * (s[hi] - s[lo])
+    millisecond, as long as the whole token pass of a small step): the same float64
+    operations, on Python floats."""
+    s = np.sort(x).tolist()
+    last = len(s) - 1
+    out = []
+    for q in qs:
+        h = last * q
+        lo = math.floor(h)
+        hi = min(lo + 1, last)
+        out.append(s[lo] + (h - lo) * (s[hi] - s[lo]))
+    return out
 
 
 def _all_or_none(values: list[Any], name: str) -> list[Any] | None:
@@ -209,7 +230,7 @@ def _top_share(parts: Sequence[Partial], n_tokens: int) -> float:
     if pos_sum <= 0.0:
         return 0.0
     k = math.ceil(TOP_FRACTION * n_tokens)
-    top = np.concatenate([p.top_pos_l for p in parts])
+    top = _joined([p.top_pos_l for p in parts])
     if len(top) > k:
         top = np.partition(top, len(top) - k)[len(top) - k :]
     return min(1.0, float(np.sum(top, dtype=np.float64)) / pos_sum)

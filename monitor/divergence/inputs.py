@@ -21,6 +21,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -52,8 +53,13 @@ class Batch:
     rollout: np.ndarray | None
     entropies: np.ndarray | None
     rewards: np.ndarray | None
-    n_tokens: int
     layout: Layout
+
+    @cached_property
+    def n_tokens(self) -> int:
+        """Positions under the mask, counted on first use (the compiled pass counts them as it
+        reads, and does not ask)."""
+        return int(np.count_nonzero(self.mask)) if self.mask is not None else self.policy.size
 
     def token_arrays(self) -> list[tuple[str, np.ndarray, Kind]]:
         """(name, array, kind) of the per-token inputs, in the order they are validated."""
@@ -93,15 +99,11 @@ def prepare(
             f"policy_logprobs is empty (shape {pol.shape}): a step needs at least one sequence"
         )
     has_tokens = m.any(axis=1) if m is not None else np.full(pol.shape[0], pol.shape[1] > 0)
-    empty = np.flatnonzero(~has_tokens)
-    if len(empty):
+    if not has_tokens.all():
         raise InvalidInput(
-            f"sequence {empty[0]} has no response tokens under the mask: its KL would be "
-            "'no data', not 0"
+            f"sequence {np.flatnonzero(~has_tokens)[0]} has no response tokens under the "
+            "mask: its KL would be 'no data', not 0"
         )
-    n_tokens = np.count_nonzero(m) if m is not None else pol.size
-    if m is not None and n_tokens == m.size:
-        m = None  # every position counts: skip the masking work
     return Batch(
         policy=pol,
         ref=refa,
@@ -109,7 +111,6 @@ def prepare(
         rollout=extras[0],
         entropies=extras[1],
         rewards=None if rewards is None else check_rewards(rewards, pol.shape[0]),
-        n_tokens=int(n_tokens),
         layout=layout,
     )
 
@@ -292,9 +293,10 @@ def check_rewards(x: Any, n_seq: int) -> np.ndarray:
             f"rewards has shape {r.shape} but the batch has {n_seq} sequences: "
             "pass one reward per sequence"
         )
-    bad = np.flatnonzero(~np.isfinite(r))
-    if len(bad):
-        raise InvalidInput(f"rewards[{bad[0]}] is {r[bad[0]]}: rewards must be finite")
+    finite = np.isfinite(r)
+    if not finite.all():
+        i = np.flatnonzero(~finite)[0]
+        raise InvalidInput(f"rewards[{i}] is {r[i]}: rewards must be finite")
     return r
 
 
