@@ -950,6 +950,42 @@ done:
     return out;
 }
 
+/* ---- a spilled step's write (monitor.ingest.spool, on log_step's thread) -------------------
+ * os.writev releases the GIL, and log_step may then wait up to the switch interval to take it
+ * back from a busy writer thread; a few MB into the page cache take about a millisecond, so
+ * the caller's spill writes while holding it. Returns the bytes written, which may be fewer
+ * than given (a short write, or parts beyond the first MAX_PARTS: the caller writes the
+ * rest); OSError on failure. */
+#ifndef _WIN32
+#include <errno.h>
+#include <sys/uio.h>
+
+#define MAX_PARTS 64
+
+static PyObject *writev_holding_gil(PyObject *self, PyObject *args) {
+    int fd;
+    PyObject *parts;
+    if (!PyArg_ParseTuple(args, "iO!", &fd, &PyList_Type, &parts)) return NULL;
+    const Py_ssize_t n = PyList_GET_SIZE(parts) < MAX_PARTS ? PyList_GET_SIZE(parts) : MAX_PARTS;
+    Py_buffer views[MAX_PARTS];
+    struct iovec iov[MAX_PARTS];
+    Py_ssize_t got = 0, done = -1;
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, got), &views[got], PyBUF_SIMPLE) < 0)
+            goto out;
+        iov[got].iov_base = views[got].buf;
+        iov[got].iov_len = (size_t)views[got].len;
+    }
+    do {
+        done = writev(fd, iov, (int)n);
+    } while (done < 0 && errno == EINTR && !PyErr_CheckSignals());
+    if (done < 0 && !PyErr_Occurred()) PyErr_SetFromErrno(PyExc_OSError);
+out:
+    for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&views[k]);
+    return done < 0 ? NULL : PyLong_FromSsize_t(done);
+}
+#endif
+
 static PyObject *py_has_avx2(PyObject *self, PyObject *unused) {
 #ifdef HAVE_AVX2
     return PyBool_FromLong(have_avx2());
@@ -970,6 +1006,10 @@ static PyMethodDef methods[] = {
      "ledger_merge(acc, touched, n, src_acc, src_touched, src_n) -> n"},
     {"ledger_take", ledger_take, METH_VARARGS,
      "ledger_take(acc, touched, n, out_ids, out_counts, out_sums) -> None"},
+#ifndef _WIN32
+    {"writev_holding_gil", writev_holding_gil, METH_VARARGS,
+     "writev_holding_gil(fd, parts) -> bytes written (os.writev without releasing the GIL)"},
+#endif
     {"copy_checked", copy_checked, METH_VARARGS,
      "copy_checked(srcs, dsts, entropy, mask, mask_dst, tol, check, simd) -> (n_empty, first_bad)"},
     {NULL, NULL, 0, NULL},

@@ -315,8 +315,8 @@ class BackgroundWriter(Committer):
 
     def _append(self, record: dict[str, Any], *, caller: bool = False) -> None:
         try:
-            # On the caller's thread (a spill) never wait for an fsync.
-            where = self.spool.append(record, may_fsync=not caller)
+            # On the caller's thread (a spill) never wait for an fsync, nor for the GIL.
+            where = self.spool.append(record, may_fsync=not caller, hold_gil=caller)
         except RecordTooLarge as exc:
             smaller = smaller_record(record, str(exc), self.header, self.cfg)
             if smaller is not None:
