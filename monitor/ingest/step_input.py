@@ -7,6 +7,9 @@ a bound on the step's size before anything is copied, private copies that the tr
 overwrite at once, torch tensors copied without waiting for the device
 (:mod:`monitor.ingest.tensors`; their values are then checked in the background), and
 empty responses counted rather than refused. Keep it cheap: it runs in the training loop.
+numpy arrays of one shape with a bool mask (the common case) are copied and checked in one
+C call that releases the GIL once (:mod:`monitor.ingest.checked_copy`); the numpy path here
+gives the same arrays and errors for the rest.
 """
 
 from __future__ import annotations

@@ -83,12 +83,13 @@ processor to take a step, and if it takes none, spills the raw step to the spool
 in ``spilled``; summarised later, with their samples)."""
 SPILL_WAIT = 0.005
 """Seconds a ``log_step`` that finds the queue full waits (without the GIL) for the processor
-to take a step, about what one takes, before spilling instead (once: until the processor
-takes a step, the calls after a wait in vain spill at once). A spill costs the loop about
-as much (checksum and write of the raw arrays, GIL hand-overs), and the background twice
-that later (read back and summarised): with the wait, a loop that outruns the writer is
-slowed to its pace rather than spilling every other step (``bench_ingest.py``, back to
-back: no spill, p99 4-5 ms, where spilling a third of the steps made it 8-28 ms)."""
+to take a step, about what one takes, before spilling instead. A spill costs the loop about
+as much (checksum and write of the raw arrays), and the background more later (read back
+and summarised): with the wait, a loop that outruns the writer is slowed to its pace rather
+than spilling a third of its steps (``bench_ingest.py`` back to back, load 2 on 2 CPUs: 0
+spilled and p99 4-5 ms, against 60-90 spilled and p99 8-28 ms). Every such call waits:
+spilling at once after a wait in vain spilled more (the spills' GIL time slowed the
+processor further)."""
 
 
 def sample_budget(cfg: WriterConfig, waiting: int, waiting_bytes: int) -> tuple[int, int]:
@@ -171,7 +172,6 @@ class BackgroundWriter(Committer):
         lock = threading.RLock()
         self._cond = threading.Condition(lock)
         self._room = threading.Condition(lock)  # the processor took an item off the queue
-        self._stalled = False  # it took none while log_step waited SPILL_WAIT
         self._submitted = 0
         self._acked = 0
         self._pos = (spool.segment, len(FILE_MAGIC))  # committer's place in the spool
@@ -212,13 +212,11 @@ class BackgroundWriter(Committer):
         with self._cond:
             self._submitted += 1
             full = self._full(size)
-            if full and not self._stalled:  # give the processor SPILL_WAIT to take a step
+            if full:  # the processor is behind: give it SPILL_WAIT to take a step first
                 deadline = time.monotonic() + SPILL_WAIT
                 while full and (left := deadline - time.monotonic()) > 0:
                     self._room.wait(left)
                     full = self._full(size)
-                # It took none: spill at once until it takes one (one wait per stall).
-                self._stalled = full
             if not full:
                 self._queued_bytes += size
         if not full:
@@ -260,7 +258,6 @@ class BackgroundWriter(Committer):
             with self._cond:
                 self._queued_bytes -= size
                 budget = sample_budget(self.cfg, self._queue.qsize(), self._queued_bytes)
-                self._stalled = False
                 self._room.notify()
             if item is None:
                 return
