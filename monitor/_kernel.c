@@ -789,13 +789,13 @@ typedef struct {
                            Py_ssize_t cols, T tol, int entropy, int check) {                  \
         U tol_bits, flip = entropy ? (U)SIGN : 0, bad = 0;                                     \
         memcpy(&tol_bits, &tol, sizeof tol_bits);                                             \
-        U *restrict out = (U *)dst;                                                           \
+        U *__restrict out = (U *)dst;                                                         \
         if (!check && step == (Py_ssize_t)sizeof(T)) {                                        \
             memcpy(dst, src, (size_t)cols * sizeof(T));                                       \
             return -1;                                                                        \
         }                                                                                     \
         if (step == (Py_ssize_t)sizeof(T) && (uintptr_t)src % sizeof(T) == 0) {               \
-            const U *restrict in = (const U *)src;                                            \
+            const U *__restrict in = (const U *)src;                                          \
             for (Py_ssize_t j = 0; j < cols; j++) {                                           \
                 const U u = in[j];                                                            \
                 out[j] = u;                                                                   \
