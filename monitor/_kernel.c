@@ -946,6 +946,238 @@ static PyObject *ledger_take(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- the caller's copy (monitor.ingest.fused_copy) ----------------------------------------
+ * log_step's private copies of the per-token arrays and of the mask, and the value checks of
+ * monitor.divergence.inputs.check_values, in one pass with the GIL released once (numpy
+ * would take it back after each of some seven whole-array passes, and each time a busy
+ * background thread can make the caller wait up to the switch interval). Row by row: the
+ * mask row is copied and tested for any response token, then each array's row is copied and
+ * checked while in cache. A value is bad when it is under the mask and not finite or out of
+ * range (a log-prob above tol, an entropy below -tol); float32 data is compared in float32,
+ * as numpy compares it. Python builds the messages from the first bad position reported. */
+
+#define MAX_COPIES 4
+
+typedef struct {
+    Py_buffer src, dst;
+    int entropy, is_double;
+    Py_ssize_t bad; /* row-major index of the first bad value under the mask, -1 if none */
+} Copy;
+
+/* Whether a value is bad, on its bits (integer compares vectorise; float ones may not, as
+ * they can trap): a log-prob is bad when it is NaN, infinite or above tol, that is when its
+ * bits as a signed integer exceed tol's (every negative float is below) or when its magnitude
+ * bits reach infinity's. An entropy is bad when its negation is a bad log-prob. */
+#define BAD_BITS(u, U, S, ABS, INF, TOL) \
+    (((S)(u) > (S)(TOL)) | (((u) & (ABS)) >= (INF)))
+
+/* Copy one row of `cols` items of type T (bits U, signed S) from `src` (items `step` bytes
+ * apart) to `dst`; if `check`, return the first bad column under the mask row `m` (NULL: every
+ * column), else -1. An aligned contiguous row is tested as it is copied, with no branch per
+ * value nor mask read (most rows are fine everywhere, padding included); a row with a bad value
+ * somewhere is then searched for one under the mask. */
+#define COPY_ROW(ATTR, NAME, T, U, S, SIGN, INF)                                              \
+    ATTR static Py_ssize_t NAME(const char *src, Py_ssize_t step, T *dst, const unsigned char *m,  \
+                           Py_ssize_t cols, T tol, int entropy, int check) {                  \
+        U tol_bits, flip = entropy ? (U)SIGN : 0, bad = 0;                                     \
+        memcpy(&tol_bits, &tol, sizeof tol_bits);                                             \
+        U *__restrict out = (U *)dst;                                                         \
+        if (!check && step == (Py_ssize_t)sizeof(T)) {                                        \
+            memcpy(dst, src, (size_t)cols * sizeof(T));                                       \
+            return -1;                                                                        \
+        }                                                                                     \
+        if (step == (Py_ssize_t)sizeof(T) && (uintptr_t)src % sizeof(T) == 0) {               \
+            const U *__restrict in = (const U *)src;                                          \
+            for (Py_ssize_t j = 0; j < cols; j++) {                                           \
+                const U u = in[j];                                                            \
+                out[j] = u;                                                                   \
+                bad |= BAD_BITS(u ^ flip, U, S, (U)~(U)SIGN, (U)INF, tol_bits);               \
+            }                                                                                 \
+        } else {                                                                              \
+            for (Py_ssize_t j = 0; j < cols; j++) memcpy(out + j, src + j * step, sizeof(T)); \
+            if (!check) return -1;                                                            \
+            for (Py_ssize_t j = 0; j < cols; j++)                                             \
+                bad |= BAD_BITS(out[j] ^ flip, U, S, (U)~(U)SIGN, (U)INF, tol_bits);          \
+        }                                                                                     \
+        if (!bad) return -1;                                                                  \
+        for (Py_ssize_t j = 0; j < cols; j++)                                                 \
+            if ((!m || m[j]) && BAD_BITS(out[j] ^ flip, U, S, (U)~(U)SIGN, (U)INF, tol_bits)) \
+                return j;                                                                     \
+        return -1;                                                                            \
+    }
+#define F32 float, uint32_t, int32_t, 0x80000000u, 0x7f800000u
+#define F64 double, uint64_t, int64_t, 0x8000000000000000ull, 0x7ff0000000000000ull
+#define COPY_ROW_(...) COPY_ROW(__VA_ARGS__)
+COPY_ROW_(, copy_row_f32, F32)
+COPY_ROW_(, copy_row_f64, F64)
+#ifdef HAVE_AVX2 /* the same loops, eight float32 (four float64) values at a time */
+COPY_ROW_(AVX2, copy_row_f32_avx2, F32)
+COPY_ROW_(AVX2, copy_row_f64_avx2, F64)
+#endif
+typedef Py_ssize_t (*CopyF32)(const char *, Py_ssize_t, float *, const unsigned char *, Py_ssize_t,
+                              float, int, int);
+typedef Py_ssize_t (*CopyF64)(const char *, Py_ssize_t, double *, const unsigned char *,
+                              Py_ssize_t, double, int, int);
+
+static void copy_rows(Copy *c, int n, const char *msrc, Py_ssize_t mstep0, Py_ssize_t mstep1,
+                      unsigned char *mdst, Py_ssize_t rows, Py_ssize_t cols, double tol,
+                      int check, int simd, Py_ssize_t *n_empty) {
+    CopyF32 f32 = copy_row_f32;
+    CopyF64 f64 = copy_row_f64;
+#ifdef HAVE_AVX2
+    if (simd && have_avx2()) {
+        f32 = copy_row_f32_avx2;
+        f64 = copy_row_f64_avx2;
+    }
+#else
+    (void)simd;
+#endif
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        const unsigned char *m = NULL;
+        if (mdst) {
+            unsigned char *row = mdst + i * cols, any = 0;
+            const char *s = msrc + i * mstep0;
+            if (mstep1 == 1)
+                memcpy(row, s, (size_t)cols);
+            else
+                for (Py_ssize_t j = 0; j < cols; j++) row[j] = (unsigned char)s[j * mstep1];
+            for (Py_ssize_t j = 0; j < cols; j++) any |= row[j];
+            *n_empty += !any;
+            m = row;
+        }
+        for (int k = 0; k < n; k++) {
+            const int test = check && c[k].bad < 0;
+            const char *s = (const char *)c[k].src.buf + i * c[k].src.strides[0];
+            const Py_ssize_t step = c[k].src.strides[1];
+            Py_ssize_t j;
+            if (c[k].is_double)
+                j = f64(s, step, (double *)c[k].dst.buf + i * cols, m, cols, tol,
+                                 c[k].entropy, test);
+            else
+                j = f32(s, step, (float *)c[k].dst.buf + i * cols, m, cols, (float)tol,
+                                 c[k].entropy, test);
+            if (j >= 0) c[k].bad = i * cols + j;
+        }
+    }
+}
+
+/* A (rows, cols) source of float32/float64 ("f"/"d") or bool ("?") items, any strides; its
+ * destination a C-contiguous buffer of as many items of the same size. */
+static int copy_views(PyObject *src, PyObject *dst, Py_buffer *vs, Py_buffer *vd,
+                      Py_ssize_t shape[2], int is_mask) {
+    vs->obj = vd->obj = NULL;
+    if (PyObject_GetBuffer(src, vs, PyBUF_RECORDS_RO) < 0) return -1;
+    const char *f = vs->format;
+    const int ok_format = is_mask ? strcmp(f, "?") == 0 : strcmp(f, "f") == 0 || strcmp(f, "d") == 0;
+    if (!ok_format || vs->ndim != 2) {
+        PyErr_Format(PyExc_ValueError, "expected a 2-D array of %s, got format '%s' and %d dims",
+                     is_mask ? "bool" : "float32 or float64", f, vs->ndim);
+        goto fail;
+    }
+    if (shape[0] < 0) {
+        shape[0] = vs->shape[0];
+        shape[1] = vs->shape[1];
+    } else if (vs->shape[0] != shape[0] || vs->shape[1] != shape[1]) {
+        PyErr_SetString(PyExc_ValueError, "every source must have the same shape");
+        goto fail;
+    }
+    if (PyObject_GetBuffer(dst, vd, PyBUF_CONTIG) < 0) goto fail;
+    if (vd->itemsize != vs->itemsize || vd->len != vs->len) {
+        PyErr_SetString(PyExc_ValueError, "a destination does not match its source's size");
+        goto fail;
+    }
+    return 0;
+fail:
+    if (vs->obj) PyBuffer_Release(vs);
+    if (vd->obj) PyBuffer_Release(vd);
+    vs->obj = vd->obj = NULL;
+    return -1;
+}
+
+static PyObject *copy_checked(PyObject *self, PyObject *args) {
+    PyObject *srcs, *dsts, *entropy, *mask, *mask_dst;
+    double tol;
+    int check, simd;
+    if (!PyArg_ParseTuple(args, "O!O!O!OOdpp", &PyTuple_Type, &srcs, &PyTuple_Type, &dsts,
+                          &PyTuple_Type, &entropy, &mask, &mask_dst, &tol, &check, &simd))
+        return NULL;
+    const Py_ssize_t n = PyTuple_GET_SIZE(srcs);
+    if (n < 1 || n > MAX_COPIES || PyTuple_GET_SIZE(dsts) != n ||
+        PyTuple_GET_SIZE(entropy) != n || (mask == Py_None) != (mask_dst == Py_None))
+        return PyErr_Format(PyExc_ValueError, "1 to %d sources, as many destinations and kinds, "
+                            "and a mask with its destination or neither", MAX_COPIES);
+    Copy c[MAX_COPIES];
+    Py_buffer ms = {0}, md = {0};
+    Py_ssize_t shape[2] = {-1, -1}, n_empty = 0;
+    int got = 0;
+    PyObject *out = NULL;
+    for (; got < n; got++) {
+        c[got].entropy = PyObject_IsTrue(PyTuple_GET_ITEM(entropy, got));
+        if (c[got].entropy < 0 || copy_views(PyTuple_GET_ITEM(srcs, got),
+                                             PyTuple_GET_ITEM(dsts, got), &c[got].src,
+                                             &c[got].dst, shape, 0) < 0)
+            goto done;
+        c[got].is_double = c[got].src.itemsize == 8;
+        c[got].bad = -1;
+    }
+    if (mask != Py_None && copy_views(mask, mask_dst, &ms, &md, shape, 1) < 0) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    copy_rows(c, (int)n, ms.buf, ms.obj ? ms.strides[0] : 0, ms.obj ? ms.strides[1] : 0,
+              md.buf, shape[0], shape[1], tol, check, simd, &n_empty);
+    Py_END_ALLOW_THREADS
+    PyObject *bad = PyTuple_New(n);
+    for (Py_ssize_t k = 0; bad && k < n; k++) {
+        PyObject *v = PyLong_FromSsize_t(c[k].bad);
+        if (!v) Py_CLEAR(bad);
+        else PyTuple_SET_ITEM(bad, k, v);
+    }
+    if (bad) out = Py_BuildValue("nN", n_empty, bad);
+done:
+    for (int k = 0; k < got; k++) {
+        PyBuffer_Release(&c[k].src);
+        PyBuffer_Release(&c[k].dst);
+    }
+    if (ms.obj) PyBuffer_Release(&ms);
+    if (md.obj) PyBuffer_Release(&md);
+    return out;
+}
+
+/* ---- a spilled step's write (monitor.ingest.spool, on log_step's thread) -------------------
+ * os.writev releases the GIL, and log_step may then wait up to the switch interval to take it
+ * back from a busy writer thread; a few MB into the page cache take about a millisecond, so
+ * the caller's spill writes while holding it. Returns the bytes written, which may be fewer
+ * than given (a short write, or parts beyond the first MAX_PARTS: the caller writes the
+ * rest); OSError on failure. */
+#ifndef _WIN32
+#include <errno.h>
+#include <sys/uio.h>
+
+#define MAX_PARTS 64
+
+static PyObject *writev_holding_gil(PyObject *self, PyObject *args) {
+    int fd;
+    PyObject *parts;
+    if (!PyArg_ParseTuple(args, "iO!", &fd, &PyList_Type, &parts)) return NULL;
+    const Py_ssize_t n = PyList_GET_SIZE(parts) < MAX_PARTS ? PyList_GET_SIZE(parts) : MAX_PARTS;
+    Py_buffer views[MAX_PARTS];
+    struct iovec iov[MAX_PARTS];
+    Py_ssize_t got = 0, done = -1;
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, got), &views[got], PyBUF_SIMPLE) < 0)
+            goto out;
+        iov[got].iov_base = views[got].buf;
+        iov[got].iov_len = (size_t)views[got].len;
+    }
+    do {
+        done = writev(fd, iov, (int)n);
+    } while (done < 0 && errno == EINTR && !PyErr_CheckSignals());
+    if (done < 0 && !PyErr_Occurred()) PyErr_SetFromErrno(PyExc_OSError);
+out:
+    for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&views[k]);
+    return done < 0 ? NULL : PyLong_FromSsize_t(done);
+}
+#endif
+
 static PyObject *py_has_avx2(PyObject *self, PyObject *unused) {
 #ifdef HAVE_AVX2
     return PyBool_FromLong(have_avx2());
@@ -967,6 +1199,12 @@ static PyMethodDef methods[] = {
      "ledger_merge(acc, touched, n, src_acc, src_touched, src_n) -> n"},
     {"ledger_take", ledger_take, METH_VARARGS,
      "ledger_take(acc, touched, n, out_ids, out_counts, out_sums) -> None"},
+#ifndef _WIN32
+    {"writev_holding_gil", writev_holding_gil, METH_VARARGS,
+     "writev_holding_gil(fd, parts) -> bytes written (os.writev without releasing the GIL)"},
+#endif
+    {"copy_checked", copy_checked, METH_VARARGS,
+     "copy_checked(srcs, dsts, entropy, mask, mask_dst, tol, check, simd) -> (n_empty, first_bad)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -95,6 +95,53 @@ def test_a_writer_behind_thins_samples_then_spills_and_stores_every_step(
     db.dispose()
 
 
+def test_a_full_queue_waits_for_the_processor_rather_than_spill(
+    db_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The processor is held inside step 0 and step 1 fills the queue (queue_size=1): step 2
+    # finds it full and waits (SPILL_WAIT, raised here so the timing cannot matter) until the
+    # processor, released meanwhile, takes step 1; then step 2 is queued, not spilled. Held
+    # again inside step 2, the processor leaves step 4 to wait out SPILL_WAIT and spill.
+    entered = {0: threading.Event(), 2: threading.Event()}
+    release = {0: threading.Event(), 2: threading.Event()}
+    summarize = writer_module.summarize_item
+
+    def held(item, header, cfg):
+        step = getattr(item, "step", None)
+        if step in entered:
+            entered[step].set()
+            release[step].wait(30)
+        return summarize(item, header, cfg)
+
+    def log(run, step):
+        lp, ref, mask = batch(step)
+        run.log_step(step, policy_logprobs=lp, ref_logprobs=ref, mask=mask)
+
+    monkeypatch.setattr(writer_module, "summarize_item", held)
+    monkeypatch.setattr(writer_module, "SPILL_WAIT", 30.0)
+    with monitor.init(
+        "proj", "wait", db=db_url, spool_dir=tmp_path / "spool", queue_size=1, flush_interval=0.01
+    ) as run:
+        log(run, 0)
+        assert entered[0].wait(30)
+        log(run, 1)
+        threading.Timer(0.1, release[0].set).start()
+        log(run, 2)
+        assert run.stats["spilled"] == 0
+        assert entered[2].wait(30)
+        log(run, 3)
+        monkeypatch.setattr(writer_module, "SPILL_WAIT", 0.01)
+        log(run, 4)
+        assert run.stats["spilled"] == 1
+        release[2].set()
+        assert run.flush(60)
+        stats = run.stats
+    assert stats["written"] == 5 and stats["spilled"] == 1 and stats["dropped"] == 0
+    db = Database.open(db_url)
+    assert sorted(read_steps(db, run.id)["step"]) == list(range(5))
+    db.dispose()
+
+
 def _stored(db: Database, run_id: int) -> tuple[list[dict], dict[int, list[tuple]]]:
     steps = read_steps(db, run_id).sort_values("step")
     rows = [

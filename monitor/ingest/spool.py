@@ -49,6 +49,11 @@ from typing import Any
 import numpy as np
 import orjson
 
+try:
+    from monitor._kernel import writev_holding_gil as _writev_holding_gil
+except ImportError:  # not built (or Windows): os.writev
+    _writev_holding_gil = None
+
 FILE_MAGIC = b"KLSPOOL1"
 RECORD_MAGIC = b"KLR\x01"
 _RECORD_HEAD = struct.Struct("<4sII")  # magic, body length, crc32(body)
@@ -373,13 +378,16 @@ class SpoolWriter:
         self._end = (self._seq, self._size)
         self._open[self._seq] = (path, fd)
 
-    def append(self, record: dict[str, Any], *, may_fsync: bool = True) -> tuple[int, int, int]:
+    def append(
+        self, record: dict[str, Any], *, may_fsync: bool = True, hold_gil: bool = False
+    ) -> tuple[int, int, int]:
         """Append one record; returns (segment, start offset, end offset). Once this returns
         the record is in the operating system's page cache: it survives the death of this
         process (even kill -9), and an fsync at most ``fsync_interval`` seconds later makes it
         survive a power loss. ``may_fsync=False``: never fsync here (the caller must not wait
         for the disk; :meth:`maybe_fsync` runs periodically anyway). The fsync runs outside
-        the lock, so a concurrent append never waits for the disk."""
+        the lock, so a concurrent append never waits for the disk. ``hold_gil``: write without
+        releasing the GIL (see :func:`_write_parts`)."""
         parts = encode_parts(record)
         with self._lock:
             if self.closed:
@@ -388,7 +396,7 @@ class SpoolWriter:
                 self._roll()
             before = self._size
             try:
-                self._size += _write_parts(self._fd, parts)
+                self._size += _write_parts(self._fd, parts, hold_gil)
             except OSError:
                 # Disk full...: cut the partial record off, so readers never see it; if even
                 # that fails, a reader skips it (bad checksum) and resyncs on the next one.
@@ -480,12 +488,15 @@ class SpoolWriter:
             os.close(fd)
 
 
-def _write_parts(fd: int, parts: list[bytes | memoryview]) -> int:
-    """Write the buffers in one ``writev`` (one GIL release, not one per buffer) and whatever
-    a short write left; returns the bytes written. An ``OSError`` may leave part of them
-    written: the caller truncates the file back."""
+def _write_parts(fd: int, parts: list[bytes | memoryview], hold_gil: bool = False) -> int:
+    """Write the buffers in one ``writev`` (one GIL release, not one per buffer; none with
+    ``hold_gil`` where ``monitor._kernel`` is built: a step spilled on the training loop's
+    thread, which could otherwise wait up to the switch interval to take the GIL back from a
+    busy writer thread) and whatever a short write left; returns the bytes written. An
+    ``OSError`` may leave part of them written: the caller truncates the file back."""
     total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-    done = os.writev(fd, parts)
+    writev = _writev_holding_gil if hold_gil and _writev_holding_gil else os.writev
+    done = writev(fd, parts)
     if done < total:
         _write_all(fd, memoryview(b"".join(parts))[done:])
     return total

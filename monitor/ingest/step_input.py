@@ -7,6 +7,9 @@ a bound on the step's size before anything is copied, private copies that the tr
 overwrite at once, torch tensors copied without waiting for the device
 (:mod:`monitor.ingest.tensors`; their values are then checked in the background), and
 empty responses counted rather than refused. Keep it cheap: it runs in the training loop.
+numpy arrays of one shape with a bool mask (the common case) are copied and checked in one
+C call that releases the GIL once (:mod:`monitor.ingest.checked_copy`); the numpy path here
+gives the same arrays and errors for the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from monitor.divergence import inputs
 from monitor.errors import InvalidInput
+from monitor.ingest import checked_copy
 from monitor.ingest.tensors import Deferred, host_copy, is_tensor, now
 from monitor.ingest.text import check_metric_name
 from monitor.ingest.writer import STEP_VALUES_MAX, StepItem
@@ -54,7 +58,8 @@ class _TokenArrays(NamedTuple):
     mask: np.ndarray | None
     layout: inputs.Layout
     n_empty: int  # sequences whose response is empty (mask row all zero)
-    padded_extra: dict[str, np.ndarray]  # ragged rollout_logprobs/entropies, padded alike
+    extra: dict[str, np.ndarray]  # rollout_logprobs/entropies copied with them (padded alike)
+    checked: bool  # the values of these arrays are checked
 
 
 def build_item(
@@ -102,8 +107,10 @@ def _token_arrays(args: StepArgs, allow_all_empty: bool, check_values: bool) -> 
     if inputs.is_sequence_list(args.policy_logprobs):
         arrays = _ragged_arrays(args, allow_all_empty)
     else:
-        arrays = _dense_arrays(args, allow_all_empty, check_values)
-    if check_values and arrays.layout == "ragged":  # dense ones are checked as they are copied
+        arrays = _fused_arrays(args, allow_all_empty, check_values) or _dense_arrays(
+            args, allow_all_empty, check_values
+        )
+    if check_values and not arrays.checked:  # dense ones are checked as they are copied
         for name, a in (("policy_logprobs", arrays.policy), ("ref_logprobs", arrays.ref)):
             _check_values(a, name, arrays.mask, "logprob", arrays.layout)
     return arrays
@@ -120,7 +127,28 @@ def _ragged_arrays(args: StepArgs, allow_all_empty: bool) -> _TokenArrays:
     if args.mask is None and mask.all():
         mask = None  # sequences of one length: the same item as a (B, T) array
     padded = {name: a for (_, name), a in zip(optional, extras, strict=True) if a is not None}
-    return _TokenArrays(lp, ref, mask, "ragged", n_empty, padded)
+    return _TokenArrays(lp, ref, mask, "ragged", n_empty, padded, checked=False)
+
+
+def _fused_arrays(args: StepArgs, allow_all_empty: bool, check_values: bool) -> _TokenArrays | None:
+    """numpy float arrays of one shape and a bool mask (the common case), with the optional
+    per-token arrays, copied and checked in one C call (:mod:`monitor.ingest.checked_copy`);
+    None for anything else (the numpy path gives the same arrays and errors)."""
+    names = ["policy_logprobs", "ref_logprobs"]
+    names += [name for name in _EXTRA_KINDS if getattr(args, name) is not None]
+    values = [getattr(args, name) for name in names]
+    if not checked_copy.usable(values, args.mask, STEP_VALUES_MAX):
+        return None
+    kinds: list[inputs.Kind] = ["logprob", "logprob", *(_EXTRA_KINDS[n] for n in names[2:])]
+    copied = checked_copy.copy(values, kinds, args.mask, check_values)
+    if copied.mask is not None:
+        _refuse_all_empty(copied.n_empty, copied.mask.shape[0], allow_all_empty)
+    layout: inputs.Layout = "1d" if values[0].ndim == 1 else "2d"
+    if check_values:
+        checked_copy.raise_first_bad(copied, names, kinds, layout)
+    lp, ref, *extra = copied.arrays
+    extras = dict(zip(names[2:], extra, strict=True))
+    return _TokenArrays(lp, ref, copied.mask, layout, copied.n_empty, extras, checked=True)
 
 
 def _dense_arrays(args: StepArgs, allow_all_empty: bool, check_values: bool) -> _TokenArrays:
@@ -140,7 +168,7 @@ def _dense_arrays(args: StepArgs, allow_all_empty: bool, check_values: bool) -> 
     ref = inputs.same_shape(_float_copy(args.ref_logprobs, "ref_logprobs")[0], lp, "ref_logprobs")
     if check_values:
         _check_values(ref, "ref_logprobs", mask, "logprob", layout)
-    return _TokenArrays(lp, ref, mask, layout, n_empty, {})
+    return _TokenArrays(lp, ref, mask, layout, n_empty, {}, checked=True)
 
 
 def _mask_copy(mask: Any) -> np.ndarray:
@@ -158,9 +186,13 @@ def _count_empty_rows(m: np.ndarray, allow_all: bool = False) -> int:
     """Number of sequences without a response token; InvalidInput when that is all of them
     (unless ``allow_all``: one part of a step built from several calls may be all empty)."""
     n_empty = int(m.shape[0] - np.count_nonzero(m.any(axis=1)))
-    if n_empty and n_empty == m.shape[0] and not allow_all:
-        raise InvalidInput(all_empty_reason(n_empty))
+    _refuse_all_empty(n_empty, m.shape[0], allow_all)
     return n_empty
+
+
+def _refuse_all_empty(n_empty: int, n_rows: int, allow_all: bool) -> None:
+    if n_empty and n_empty == n_rows and not allow_all:
+        raise InvalidInput(all_empty_reason(n_empty))
 
 
 def all_empty_reason(n_sequences: int) -> str:
@@ -186,11 +218,12 @@ def _extra_arrays(args: StepArgs, arrays: _TokenArrays, check_values: bool) -> d
         value = getattr(args, name)
         if value is None:
             continue
-        if arrays.layout == "ragged":
-            a = arrays.padded_extra[name]
+        checked = name in arrays.extra and arrays.checked
+        if name in arrays.extra:
+            a = arrays.extra[name]
         else:
             a = inputs.same_shape(_float_copy(value, name)[0], arrays.policy, name)
-        if check_values:
+        if check_values and not checked:
             _check_values(a, name, arrays.mask, kind, arrays.layout)
         extra[name] = a
     return extra

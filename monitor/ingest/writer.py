@@ -6,10 +6,11 @@ database, with the spool between them.
   record to the spool. Once appended, a step is **acknowledged**: it survives the death of
   the process. The processor never touches the database, so a slow or down database never
   backs the queue up. If the training loop outruns the processor, load is shed in a fixed
-  order (``sample_budget``): steps keep fewer drill-down samples while the queue fills, and
-  when it is full ``log_step`` *spills*: it appends the raw arrays to the spool itself (a
-  few ms, no summary; the token strings of such a step are not kept) and the committer
-  summarises that record later. Memory stays bounded and nothing is dropped.
+  order (``sample_budget``): steps keep fewer drill-down samples while the queue fills; when
+  it is full ``log_step`` waits a few ms for the processor to take a step (``SPILL_WAIT``),
+  and if it takes none, *spills*: it appends the raw arrays to the spool itself (a few ms,
+  no summary; the token strings of such a step are not kept) and the committer summarises
+  that record later. Memory stays bounded and nothing is dropped.
 - The *committer* takes acknowledged records in batches (as appended, kept in memory up to
   ``queue_bytes``; otherwise read back from the spool) and writes them
   to the database (``monitor.store.step_writes``), one transaction per batch. When the
@@ -77,8 +78,18 @@ queue (``queue_size`` or ``queue_bytes``, whichever is fuller), a step keeps onl
 highest-KL samples (``samples_top``), not the random ones."""
 SHED_SAMPLES_AT = 0.5
 """Step 2: from this share on, a step keeps no samples (its summary, histogram and metrics
-are stored as always). Step 3, a full queue: ``log_step`` spills whole raw steps to the
-spool (counted in ``spilled``; summarised later, with their samples)."""
+are stored as always). Step 3, a full queue: ``log_step`` waits up to ``SPILL_WAIT`` for the
+processor to take a step, and if it takes none, spills the raw step to the spool (counted
+in ``spilled``; summarised later, with their samples)."""
+SPILL_WAIT = 0.005
+"""Seconds a ``log_step`` that finds the queue full waits (without the GIL) for the processor
+to take a step, about what one takes, before spilling instead. A spill costs the loop about
+as much (checksum and write of the raw arrays), and the background more later (read back
+and summarised): with the wait, a loop that outruns the writer is slowed to its pace rather
+than spilling a third of its steps (``bench_ingest.py`` back to back, load 2 on 2 CPUs: 0
+spilled and p99 4-5 ms, against 60-90 spilled and p99 8-28 ms). Every such call waits:
+spilling at once after a wait in vain spilled more (the spills' GIL time slowed the
+processor further)."""
 
 
 def sample_budget(cfg: WriterConfig, waiting: int, waiting_bytes: int) -> tuple[int, int]:
@@ -158,7 +169,9 @@ class BackgroundWriter(Committer):
             queue.SimpleQueue()
         )
         self._queued_bytes = 0
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._room = threading.Condition(lock)  # the processor took an item off the queue
         self._submitted = 0
         self._acked = 0
         self._pos = (spool.segment, len(FILE_MAGIC))  # committer's place in the spool
@@ -193,14 +206,17 @@ class BackgroundWriter(Committer):
 
     def submit(self, item: StepItem | ControlItem) -> None:
         """Hand an item to the processor; never blocks on the database. If the queue is full
-        (the processor is behind), spill: append the raw record to the spool right here, so
-        memory stays bounded and nothing is dropped."""
+        (the processor is behind), wait up to ``SPILL_WAIT`` for room, then spill: append the
+        raw record to the spool right here, so memory stays bounded and nothing is dropped."""
         size = item_bytes(item)
         with self._cond:
             self._submitted += 1
-            # A step larger than the whole byte budget still goes in when the queue is empty.
-            over = self._queued_bytes + size > self.cfg.queue_bytes and self._queued_bytes > 0
-            full = (self._queue.qsize() >= self.cfg.queue_size or over) and size > 0
+            full = self._full(size)
+            if full:  # the processor is behind: give it SPILL_WAIT to take a step first
+                deadline = time.monotonic() + SPILL_WAIT
+                while full and (left := deadline - time.monotonic()) > 0:
+                    self._room.wait(left)
+                    full = self._full(size)
             if not full:
                 self._queued_bytes += size
         if not full:
@@ -210,6 +226,12 @@ class BackgroundWriter(Committer):
             self._append(summarize_item(item, self.header, self.cfg), caller=True)
         else:
             self._spill(item)
+
+    def _full(self, size: int) -> bool:
+        """Whether a step of ``size`` bytes finds the queue full (a step larger than the whole
+        byte budget still goes in when the queue is empty). Under ``self._cond``."""
+        over = self._queued_bytes + size > self.cfg.queue_bytes and self._queued_bytes > 0
+        return (self._queue.qsize() >= self.cfg.queue_size or over) and size > 0
 
     def _spill(self, item: StepItem | ControlItem) -> None:
         if isinstance(item, ControlItem):
@@ -236,6 +258,7 @@ class BackgroundWriter(Committer):
             with self._cond:
                 self._queued_bytes -= size
                 budget = sample_budget(self.cfg, self._queue.qsize(), self._queued_bytes)
+                self._room.notify()
             if item is None:
                 return
             try:
@@ -289,8 +312,8 @@ class BackgroundWriter(Committer):
 
     def _append(self, record: dict[str, Any], *, caller: bool = False) -> None:
         try:
-            # On the caller's thread (a spill) never wait for an fsync.
-            where = self.spool.append(record, may_fsync=not caller)
+            # On the caller's thread (a spill) never wait for an fsync, nor for the GIL.
+            where = self.spool.append(record, may_fsync=not caller, hold_gil=caller)
         except RecordTooLarge as exc:
             smaller = smaller_record(record, str(exc), self.header, self.cfg)
             if smaller is not None:
