@@ -736,6 +736,30 @@ def test_concurrent_callers_get_the_same_results() -> None:
         np.testing.assert_array_equal(s.token_hist, want.token_hist)
 
 
+def test_one_thread_gives_the_same_results_bit_for_bit() -> None:
+    """``threads=1`` runs the same row ranges on the caller's thread alone: the sums add up
+    in the same order, so every quantity (and the ledger) is identical, not just close."""
+    p, q, mask = _two_range_batch()
+    ids = np.random.default_rng(3).integers(0, 50_000, p.shape)
+    want = summarize(p, q, mask, token_ids=ids)
+    got = summarize(p, q, mask, token_ids=ids, threads=1)
+    assert got.as_dict() == want.as_dict()
+    np.testing.assert_array_equal(got.seq_kl, want.seq_kl)
+    np.testing.assert_array_equal(got.token_hist, want.token_hist)
+    assert want.ledger is not None and got.ledger is not None
+    np.testing.assert_array_equal(got.ledger.lr_sums, want.ledger.lr_sums)
+    assert partials(p, q, mask, threads=1) == partials(p, q, mask)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_threads_must_be_a_positive_integer(threads: object) -> None:
+    p, q, mask = batch(b=2, t=8, seed=1)
+    with pytest.raises(InvalidInput, match="threads must be an integer >= 1"):
+        summarize(p, q, mask, threads=threads)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="threads must be an integer >= 1"):
+        partials(p, q, mask, threads=threads)  # type: ignore[arg-type]
+
+
 def test_summarize_in_a_forked_child_does_not_hang() -> None:
     """The helper thread does not survive fork(); the child must start its own."""
     import multiprocessing

@@ -110,6 +110,7 @@ def summarize(
     rollout_logprobs: Any = None,
     entropies: Any = None,
     token_ids: Any = None,
+    threads: int | None = None,
 ) -> StepSummary:
     """The :class:`StepSummary` of one step.
 
@@ -120,7 +121,9 @@ def summarize(
     log-probs. ``kl_coef`` is passed through. ``token_ids``: the sampled ids, (B, T) ints
     aligned with the log-probs (or a matching list of sequences): the summary then carries
     the step's :class:`~monitor.divergence.ledger.TokenLedger` (``ledger``) and
-    ``vocab_top_share``; without them both are None.
+    ``vocab_top_share``; without them both are None. ``threads``: how many threads a large
+    batch's token pass may use (None: up to two, this one and a helper; 1: this thread only,
+    for a caller that values CPU over latency). The results do not depend on it.
     """
     part = _partial(
         policy_logprobs,
@@ -131,6 +134,7 @@ def summarize(
         rollout_logprobs,
         entropies,
         token_ids,
+        threads,
     )
     return finalize([part], kl_coef)
 
@@ -145,10 +149,11 @@ def partials(
     rollout_logprobs: Any = None,
     entropies: Any = None,
     token_ids: Any = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Sufficient statistics of this rank's shard of a step, as a JSON-serialisable dict.
 
-    Same arguments as :func:`summarize`. Combine the dicts of all ranks with
+    Same arguments as :func:`summarize` (``threads`` too). Combine the dicts of all ranks with
     :func:`merge_partials`. Holds counts, float64 sums, the per-sequence KLs and rewards (so
     quantiles and standard deviations merge exactly), the token histogram, the sum of the
     positive l_t and the shard's top ``ceil(1% n_tokens)`` positive l_t, and with
@@ -164,6 +169,7 @@ def partials(
         rollout_logprobs,
         entropies,
         token_ids,
+        threads,
     )
     return part.to_dict()
 
@@ -198,37 +204,46 @@ def _partial(
     rollout: Any,
     entropies: Any,
     token_ids: Any = None,
+    threads: int | None = None,
 ) -> Partial:
+    n_threads = compiled.passes.MAX_THREADS if threads is None else _thread_count(threads)
     batch = prepare(policy, ref, mask, rollout=rollout, entropies=entropies, rewards=rewards)
     if kl_coef is not None:
         kl_coef = check_scalar(kl_coef, "kl_coef")
     ids = None
     if token_ids is not None:
         ids = check_token_ids(token_ids, batch.policy.shape, batch.layout, batch.mask)
-    part = _run_kernel(batch, full=True)
-    ledger = None if ids is None else _ledger(ids, batch)
+    part = _run_kernel(batch, full=True, threads=n_threads)
+    ledger = None if ids is None else _ledger(ids, batch, n_threads)
     return Partial(
         **{**part.__dict__, "rewards": batch.rewards, "kl_coef": kl_coef, "ledger": ledger}
     )
 
 
-def _ledger(ids: np.ndarray, batch: Batch) -> TokenLedger:
+def _thread_count(threads: Any) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int | np.integer) or threads < 1:
+        raise InvalidInput(f"threads must be an integer >= 1 (or None), got {threads!r}")
+    return int(threads)
+
+
+def _ledger(ids: np.ndarray, batch: Batch, threads: int) -> TokenLedger:
     """The compiled ledger pass where it was built and the ids fit its buffers, else numpy's
     (the reference)."""
     if compiled.extension is not None and compiled.LEDGER:
-        ledger = compiled.compiled_ledger(ids, batch)
+        ledger = compiled.compiled_ledger(ids, batch, threads)
         if ledger is not None:
             return ledger
     return token_ledger(ids, batch.policy, batch.ref, batch.mask)
 
 
-def _run_kernel(batch: Batch, full: bool) -> KernelOut:
+def _run_kernel(batch: Batch, full: bool, threads: int | None = None) -> KernelOut:
     """The compiled pass where it was built, else the numpy one; on a bad value, the message
     that names the first one."""
+    n_threads = compiled.passes.MAX_THREADS if threads is None else threads
     try:
         if compiled.extension is not None:
-            return compiled.run_compiled(batch, full)
-        return run_numpy(batch, full)
+            return compiled.run_compiled(batch, full, threads=n_threads)
+        return run_numpy(batch, full, n_threads)
     except BadChunk:
         problem = first_problem(batch)
         if problem is None:  # only finite values, yet a sum overflowed

@@ -62,11 +62,15 @@ class Sums(NamedTuple):
         return cls(*per_range.sum(axis=0).tolist())
 
 
-def run_compiled(batch: Batch, full: bool, sampled: bool = True) -> KernelOut:
+def run_compiled(
+    batch: Batch, full: bool, sampled: bool = True, threads: int = passes.MAX_THREADS
+) -> KernelOut:
     """The statistics of a validated batch (``full``) or its per-sequence KLs alone;
     BadChunk when a value under the mask is out of range. ``sampled``: each row range starts
     its candidates at a level from a sample of its tokens (``first_level`` in the C file);
-    when that level turns out to leave out part of the top, the batch is read again without."""
+    when that level turns out to leave out part of the top, the batch is read again without.
+    ``threads``: how many threads run the row ranges (the ranges, hence the results, are the
+    same whatever it is)."""
     assert extension is not None
     given = [x for x in (batch.policy, batch.ref, batch.rollout, batch.entropies) if x is not None]
     dtype = np.result_type(*given)
@@ -107,7 +111,7 @@ def run_compiled(batch: Batch, full: bool, sampled: bool = True) -> KernelOut:
         if status:
             raise BadChunk
 
-    in_threads(n_ranges, p.size, task)
+    in_threads(n_ranges, p.size, task, threads)
     total = Sums.total(sums)
     n_tokens = int(total.n_tokens)
     if not full:
@@ -119,7 +123,7 @@ def run_compiled(batch: Batch, full: bool, sampled: bool = True) -> KernelOut:
     level = max(levels)
     if level > 0 and (len(top) < k_top or top.min() <= level):
         # a value at or below a range's first level may belong to the top: read from 0
-        return run_compiled(batch, full, sampled=False)
+        return run_compiled(batch, full, sampled=False, threads=threads)
     return KernelOut(
         n_tokens=n_tokens,
         sum_l=total.sum_l,
@@ -156,7 +160,9 @@ _FREE_BUFFERS: list[_LedgerBuffers] = []
 _BUFFERS_LOCK = threading.Lock()
 
 
-def compiled_ledger(token_ids: np.ndarray, batch: Batch) -> TokenLedger | None:
+def compiled_ledger(
+    token_ids: np.ndarray, batch: Batch, threads: int = passes.MAX_THREADS
+) -> TokenLedger | None:
     """The token ledger of a validated batch and its checked (B, T) int ``token_ids`` (ids
     under the mask >= 0), as ``ledger.token_ledger`` computes it; None when an id under the
     mask is ``BINCOUNT_MAX_ID`` or more (the caller then counts with ``np.unique``)."""
@@ -184,7 +190,8 @@ def compiled_ledger(token_ids: np.ndarray, batch: Batch) -> TokenLedger | None:
         )  # fmt: skip
         too_large[i] = status == extension.LEDGER_ID_TOO_LARGE
 
-    in_threads(n_ranges, p.size, task)  # on an exception the buffers are dropped, not reused
+    # on an exception the buffers are dropped, not reused
+    in_threads(n_ranges, p.size, task, threads)
     first = bufs[0]
     for other in bufs[1:]:
         first.n = extension.ledger_merge(*first.arrays(), *other.arrays())

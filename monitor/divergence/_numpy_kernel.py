@@ -31,7 +31,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from monitor.divergence._constants import BIN_OFFSET, BIN_SCALE, N_BINS, TOP_FRACTION, ZERO_BIN
-from monitor.divergence._passes import K3_POLY, TAIL_START, BadChunk, KernelOut, in_threads
+from monitor.divergence._passes import (
+    K3_POLY,
+    MAX_THREADS,
+    TAIL_START,
+    BadChunk,
+    KernelOut,
+    in_threads,
+)
 from monitor.divergence.inputs import LOGPROB_TOLERANCE, Batch
 
 _CENTRAL_EDGES = (-0.25, 0.0, 0.25)  # inner edges of the central bins 38..41 = [-0.5, 0.5)
@@ -248,7 +255,7 @@ def _tail_k3(tail: np.ndarray) -> float:
     return float(np.sum(np.expm1(-t) + t))
 
 
-def run_numpy(batch: Batch, full: bool) -> KernelOut:
+def run_numpy(batch: Batch, full: bool, threads: int = MAX_THREADS) -> KernelOut:
     if batch.mask is not None and batch.n_tokens == batch.mask.size:
         batch = replace(batch, mask=None)  # every position counts: skip the masking work
     b, t = batch.policy.shape
@@ -265,7 +272,7 @@ def run_numpy(batch: Batch, full: bool) -> KernelOut:
             workers[me] = _Worker(batch, rows, full, k_top)
         stats[c] = workers[me].run(starts[c], seq_kl)
 
-    in_threads(len(starts), batch.policy.size, task)
+    in_threads(len(starts), batch.policy.size, task, threads)
     if not full:
         return KernelOut.seq_kl_only(batch.n_tokens, seq_kl)
     return _collect(batch, [s for s in stats if s is not None], seq_kl, k_top)

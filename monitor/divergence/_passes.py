@@ -124,9 +124,12 @@ def _give_back(helpers: list[_Helper]) -> None:
             _IDLE[1].extend(helpers)
 
 
-def in_threads(n_tasks: int, n_positions: int, task: Callable[[int], None]) -> None:
-    """task(0) .. task(n_tasks - 1) on up to MAX_THREADS threads (this one included); the
-    first exception stops the remaining tasks and is raised here."""
+def in_threads(
+    n_tasks: int, n_positions: int, task: Callable[[int], None], threads: int = MAX_THREADS
+) -> None:
+    """task(0) .. task(n_tasks - 1) on up to ``threads`` (at most MAX_THREADS) threads, this
+    one included; the first exception stops the remaining tasks and is raised here. How the
+    work is split into tasks does not depend on ``threads``: the results are the same."""
     todo = iter(range(n_tasks))
     stop = [False]  # a list item is set atomically under the GIL (an Event costs a Condition)
 
@@ -140,7 +143,7 @@ def in_threads(n_tasks: int, n_positions: int, task: Callable[[int], None]) -> N
                 stop[0] = True
                 raise
 
-    n_threads = min(MAX_THREADS, n_tasks, _CPUS)
+    n_threads = min(threads, MAX_THREADS, n_tasks, _CPUS)
     if n_positions < PARALLEL_MIN_POSITIONS:
         n_threads = 1
     if n_threads == 1:

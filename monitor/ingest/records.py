@@ -61,6 +61,7 @@ class StepItem:
     rejected: str | None = None
     token_ids: Any = None  # (B, T) int64 like the log-probs (a Deferred torch copy until resolved)
     token_ids_problem: str | None = None  # why the token_ids given were left out
+    empty_rows: int | None = None  # mask rows without a response token, if the caller counted
 
 
 @dataclass(slots=True)
@@ -158,13 +159,16 @@ def _summarize_arrays(
     divergence: Any,
     world_size: int,
 ) -> dict[str, Any]:
-    seq_ids = _rows_with_response(item.mask)
+    seq_ids = None if item.empty_rows == 0 else _rows_with_response(item.mask)
     if seq_ids is not None:  # empty responses have no KL: the step is the other sequences
         item = _only_rows(item, seq_ids)
     kwargs: dict[str, Any] = {"mask": item.mask, "rewards": item.rewards, "kl_coef": item.kl_coef}
     if item.extra:
         kwargs.update(item.extra)
     kwargs["token_ids"] = _usable_token_ids(item, header)
+    # one thread: the background values CPU over latency (a helper thread costs more CPU
+    # in hand-offs and cache misses than it saves in wall time here; same results)
+    kwargs["threads"] = 1
     out: dict[str, Any] = {"ledger": None, "vocab": []}
     ledger_ids: Any = None
     if world_size > 1:
@@ -282,17 +286,17 @@ def select_samples(
     assert lp is not None and ref is not None
     samples = []
     for i, kind in picked:
-        pos = np.flatnonzero(mask[i]) if mask is not None else None
+        cols = None if mask is None else _response_columns(mask[i])
         prompt = response = None
         if item.texts is not None:
             prompts, responses = item.texts
             prompt = None if prompts is None else clean_optional(prompts[i])
             response = None if responses is None else clean_optional(responses[i])
-        tokens = None if item.tokens is None else _sample_tokens(item.tokens[i], pos, lp.shape[1])
+        tokens = None if item.tokens is None else _sample_tokens(item.tokens[i], cols, lp.shape[1])
         # the log-probs are stored as float32 (astype converts only a float64 batch)
         payload = encode_sample(
-            (lp[i] if pos is None else lp[i].take(pos)).astype(np.float32, copy=False),
-            (ref[i] if pos is None else ref[i].take(pos)).astype(np.float32, copy=False),
+            (lp[i] if cols is None else lp[i, cols]).astype(np.float32, copy=False),
+            (ref[i] if cols is None else ref[i, cols]).astype(np.float32, copy=False),
             prompt=prompt,
             response=response,
             tokens=tokens,
@@ -313,18 +317,29 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _sample_tokens(tokens: Any, pos: np.ndarray | None, width: int) -> list[str]:
-    """Clean strings (``clean_strings``) of the response positions ``pos`` (None: all):
+def _response_columns(mask_row: np.ndarray) -> slice | np.ndarray:
+    """The response positions of one mask row: a slice when they are one run (the usual
+    mask: the arrays are then read as views, the tokens as a list slice), else their
+    indices."""
+    pos = np.flatnonzero(mask_row)
+    if len(pos) and int(pos[-1]) - int(pos[0]) + 1 == len(pos):
+        return slice(int(pos[0]), int(pos[-1]) + 1)
+    return pos
+
+
+def _sample_tokens(tokens: Any, cols: slice | np.ndarray | None, width: int) -> list[str]:
+    """Clean strings (``clean_strings``) of the response positions ``cols`` (None: all):
     ``tokens`` may be aligned with the log-prob columns (length T) or already hold just the
     response tokens. No Python loop per token: the usual mask (one run of response
     positions) is a slice, the check of the strings one ``join``."""
     toks = tokens if isinstance(tokens, list) else list(tokens)
-    if pos is not None and len(toks) == width and len(pos) != width:
-        first, last = int(pos[0]), int(pos[-1])
-        if last - first + 1 == len(pos):
-            toks = toks[first : last + 1]
-        else:
-            toks = list(operator.itemgetter(*pos.tolist())(toks)) if len(pos) > 1 else [toks[first]]
+    if cols is not None and len(toks) == width:
+        if isinstance(cols, slice):
+            if cols.stop - cols.start != width:
+                toks = toks[cols]
+        elif len(cols) != width:
+            idx = cols.tolist()
+            toks = list(operator.itemgetter(*idx)(toks)) if len(idx) > 1 else [toks[j] for j in idx]
     return clean_strings(toks)
 
 

@@ -88,6 +88,12 @@ def spool_dir(override: str | os.PathLike[str] | None = None) -> Path:
 # --- encoding -------------------------------------------------------------------------------
 
 
+_STEP_PLAIN_KEYS = frozenset(("metrics", "q", "vocab"))
+"""Fields of a ``step`` record (``monitor.ingest.records``) that hold only plain JSON values
+(lists of numbers, strings, None): written as they are, without the walk that looks for
+arrays and bytes (tens of calls a step; a trainer's ~30 metrics are one list each)."""
+
+
 def encode_parts(record: dict[str, Any]) -> list[bytes | memoryview]:
     """One framed record as a list of buffers (arrays are not copied): magic, length,
     crc32 and the body (JSON plus raw array blobs)."""
@@ -120,7 +126,11 @@ def encode_parts(record: dict[str, Any]) -> list[bytes | memoryview]:
             return None
         return value
 
-    head = _json_bytes(convert(record))
+    if record.get("type") == "step":  # the common record: skip its lists of plain values
+        body = {k: v if k in _STEP_PLAIN_KEYS else convert(v) for k, v in record.items()}
+    else:
+        body = convert(record)
+    head = _json_bytes(body)
     first = _U32.pack(len(head)) + head
     length = len(first) + offset
     if length > MAX_RECORD_BYTES:

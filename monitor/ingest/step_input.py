@@ -97,6 +97,7 @@ def build_item(
         extra=extra or None,
         token_ids=token_ids,
         token_ids_problem=ids_problem,
+        empty_rows=arrays.n_empty if isinstance(arrays.mask, np.ndarray) else None,
     )
 
 
