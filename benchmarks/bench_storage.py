@@ -153,29 +153,24 @@ def _fresh(kind: str, name: str, directory: Path, old_samples: bool) -> str | No
 
 
 def _samples_of_0006(engine: Any) -> None:
-    """Replace the samples table with revision 0006's (texts, JSON tokens and log-probs)."""
+    """Replace the samples table with revision 0006's (texts, JSON tokens and log-probs),
+    reflected from a throwaway SQLite database migrated to 0006."""
     import sqlalchemy as sa
 
-    meta = sa.MetaData()
-    sa.Table("runs", meta, sa.Column("id", sa.Integer(), primary_key=True))  # referred to
-    samples = sa.Table(
-        "samples",
-        meta,
-        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
-        sa.Column("run_id", sa.Integer(), sa.ForeignKey("runs.id", ondelete="CASCADE")),
-        sa.Column("step", sa.BigInteger(), nullable=False),
-        sa.Column("rank", sa.Integer(), nullable=False),
-        sa.Column("seq_index", sa.Integer(), nullable=False),
-        sa.Column("kind", sa.String(length=10), nullable=False),
-        sa.Column("kl_seq", sa.Float(), nullable=False),
-        sa.Column("reward", sa.Float(), nullable=True),
-        sa.Column("prompt", sa.Text(), nullable=True),
-        sa.Column("response", sa.Text(), nullable=True),
-        sa.Column("tokens", sa.JSON(), nullable=True),
-        sa.Column("policy_logprobs", sa.JSON(), nullable=False),
-        sa.Column("ref_logprobs", sa.JSON(), nullable=False),
-        sa.Index("ix_samples_run_step", "run_id", "step"),
-    )
+    from monitor.store.engine import make_engine
+    from monitor.store.schema import upgrade
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old = make_engine(f"sqlite:///{Path(tmp) / 'r0006.db'}")
+        upgrade(old, "0006")
+        meta = sa.MetaData()
+        meta.reflect(old, only=["runs", "samples"])
+        old.dispose()
+    samples = meta.tables["samples"]
+    for column in samples.columns:  # SQLite reflects JSON as JSON, other types generically
+        column.type = (
+            column.type.as_generic() if not isinstance(column.type, sa.JSON) else sa.JSON()
+        )
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE samples")
         samples.create(conn)
