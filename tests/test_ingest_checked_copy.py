@@ -94,6 +94,28 @@ def test_the_common_case_takes_the_c_copy(monkeypatch) -> None:
     assert len(calls) == 2
 
 
+class _TensorLike:
+    """What usable() sees of a torch tensor: shape and dtype attributes, size a method."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.shape, self.dtype, self._array = array.shape, array.dtype, array
+
+    def size(self, dim: int | None = None) -> int:
+        return self._array.size if dim is None else self._array.shape[dim]
+
+
+def test_tensors_and_other_array_likes_take_the_numpy_path() -> None:
+    """A torch tensor's size is a method: asking for it as numpy's attribute broke every
+    TRL step (TypeError), so usable() looks at the type first."""
+    x = inputs()
+    tensor_like = [_TensorLike(x["lp"]), _TensorLike(x["ref"])]
+    assert not checked_copy.usable(tensor_like, None, 1 << 20)
+    assert not checked_copy.usable([x["lp"], tensor_like[1]], x["mask"], 1 << 20)
+    assert checked_copy.usable([x["lp"], x["ref"]], x["mask"], 1 << 20) == (
+        checked_copy.extension is not None
+    )
+
+
 # --- same arrays ------------------------------------------------------------------------------
 
 

@@ -49,10 +49,12 @@ def usable(arrays: list[Any], mask: Any, max_values: int) -> bool:
     None."""
     if extension is None or not ENABLED:
         return False
-    shape = getattr(arrays[0], "shape", None)
-    if shape is None or len(shape) not in (1, 2) or 0 in shape or arrays[0].size > max_values:
+    if not all(type(a) is np.ndarray for a in arrays):  # torch tensors, lists: numpy path
         return False
-    if not all(type(a) is np.ndarray and a.dtype in _FLOATS and a.shape == shape for a in arrays):
+    shape = arrays[0].shape
+    if len(shape) not in (1, 2) or 0 in shape or arrays[0].size > max_values:
+        return False
+    if not all(a.dtype in _FLOATS and a.shape == shape for a in arrays):
         return False
     return mask is None or (
         type(mask) is np.ndarray and mask.dtype == np.bool_ and mask.shape == shape
