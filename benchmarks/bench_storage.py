@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_ingest import _drop_pg, _fresh_pg, _fresh_sqlite
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PG_URL = os.environ.get("KLMON_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BATCH_STEPS = 5  # records per committer transaction (a step every 20 ms, a 0.1 s flush)
 HEADER = {"project": "bench", "name": "storage", "rank": 0, "world_size": 1}
 
@@ -124,31 +124,15 @@ def make_records(steps: int, b: int, t: int, samples: bool, texts: str = "vocab"
 
 
 def _fresh(kind: str, name: str, directory: Path, old_samples: bool) -> str | None:
-    """A new database at head; ``old_samples``: its samples table as revision 0006 had it
-    (the rest at head, so that today's step writes run on it)."""
-    from sqlalchemy import text
-
+    """A new database at head (bench_ingest's helpers); ``old_samples``: its samples table as
+    revision 0006 had it (the rest at head, so that today's step writes run on it)."""
     from monitor.store.engine import make_engine
-    from monitor.store.schema import upgrade
 
-    if kind == "sqlite":
-        url = f"sqlite:///{directory / (name + '.db')}"
-    else:
-        try:
-            admin = make_engine(PG_URL, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
-            admin.dispose()
-        except Exception as exc:
-            print(f"  (PostgreSQL at {PG_URL} not usable: {str(exc).splitlines()[0]})")
-            return None
-        url = f"{PG_URL.rpartition('/')[0]}/{name}"
-    engine = make_engine(url)
-    upgrade(engine)
-    if old_samples:
+    url = _fresh_sqlite(directory, name + ".db") if kind == "sqlite" else _fresh_pg(name)
+    if url is not None and old_samples:
+        engine = make_engine(url)
         _samples_of_0006(engine)
-    engine.dispose()
+        engine.dispose()
     return url
 
 
@@ -174,17 +158,6 @@ def _samples_of_0006(engine: Any) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE samples")
         samples.create(conn)
-
-
-def _drop_pg(name: str) -> None:
-    from sqlalchemy import text
-
-    from monitor.store.engine import make_engine
-
-    admin = make_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def _size(db: Any) -> int:
