@@ -166,7 +166,9 @@ def test_full_spool_disk_with_the_database_up_loses_nothing(db_url: str, tmp_pat
 def test_full_spool_disk_with_the_database_down_counts_every_drop(tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="klmon")
     n = 300
-    with _tmpfs(tmp_path / "full") as spool:
+    # Even a step shed of all its samples takes ~1.1 kB in the spool: 300 of them cannot fit
+    # in 256 kB, however many samples the writer sheds while it catches up.
+    with _tmpfs(tmp_path / "full", "256k") as spool:
         down = f"sqlite:///{tmp_path}/no/such/dir/x.db"
         run = monitor.init("sizes", "full-down", db=down, spool_dir=spool, flush_interval=0.01)
         for step in range(n):
