@@ -257,3 +257,32 @@ def test_a_step_frame_reads_back_the_same_through_each_copy_form(
     got = read["rows"]["k3"].tolist()
     assert math.isnan(got[3]) and got[:3] + got[4:] == expected[:3] + expected[4:]
     assert read["block"].drop(columns="k3").equals(read["rows"].drop(columns="k3"))
+
+
+def test_bulk_inserts_stay_within_the_statements_the_driver_caches(db: Database) -> None:
+    """insert_rows writes every row, several per statement; on PostgreSQL no statement has
+    more parameters than psycopg caches the parse of (``_bulk._PG_CACHED_PARAMS``)."""
+    from sqlalchemy import event
+
+    from monitor.store import _bulk
+
+    run = get_or_create_run(db, "proj", "bulk")
+    columns = ("run_id", "step", "wall_time", "payload_hash", "status", "ranks_seen")
+    rows = [(run.id, s, 1.7e9 + s, f"h{s}", "ok", 1) for s in range(47)]
+    widths: list[int] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        for params in parameters if executemany else [parameters]:
+            widths.append(len(params))
+
+    event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        with db.begin() as conn:
+            assert _bulk.insert_rows(conn, "steps", columns, rows, key=("run_id", "step")) == 47
+            assert _bulk.insert_rows(conn, "steps", columns, rows, key=("run_id", "step")) == 0
+    finally:
+        event.remove(db.engine, "before_cursor_execute", seen)
+    assert sorted(read_steps(db, run.id)["step"].tolist()) == list(range(47))
+    assert max(widths) > len(columns)  # several rows per statement
+    if not db.is_sqlite:
+        assert max(widths) <= _bulk._PG_CACHED_PARAMS
