@@ -25,8 +25,9 @@ _MAX_PARAMS = 999  # SQLite's historical limit on host parameters per statement
 _PG_CACHED_PARAMS = 50
 """psycopg parses a statement's ``%s`` placeholders with a regex and caches the result only
 for statements of at most 50 parameters (``psycopg._queries.MAX_CACHED_STATEMENT_PARAMS``):
-a longer multi-row VALUES is parsed again at every call, which was over half the committer's
-CPU on PostgreSQL (~1 ms per statement of 30 rows). PostgreSQL statements stay within it."""
+a longer multi-row VALUES is parsed again at every call (the committer's CPU per step on
+PostgreSQL: 0.358 ms with 30-row statements, 0.324 ms within the cache). PostgreSQL
+statements stay within it."""
 
 
 def insert_rows(
