@@ -12,6 +12,10 @@ MLflow's ``log_batch`` of the same scalars, all in the same run.
      summary's helper thread), read from ``/proc/self/task/<tid>/schedstat`` before the first
      step and after ``flush()`` (so the database writes of every step are in), divided by
      the steps;
+   - each case runs twice: the blocking times, the background CPU and the bytes come from a
+     run as a training process has it, the GIL columns from a second run with the GIL probe
+     below. The probe's thread wakes every 0.1 ms and preempts klmon's threads some 20
+     times a step, so that run's background CPU ("probed") is higher: it is printed too;
    - time the GIL was held per step, as a probe thread sees it: the probe sleeps 0.1 ms in a
      loop and adds up how late it wakes. A thread that wakes must take the GIL, and on a
      loaded machine must also wait for a CPU: the kernel counts the latter for each thread
@@ -58,6 +62,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +228,20 @@ class GilProbe:
         self._thread.join()
 
 
+class NoProbe:
+    """Stands in for :class:`GilProbe` in the runs that time the calls and the background CPU:
+    the probe's thread, waking every 0.1 ms, preempts klmon's threads some 20 times a step
+    and takes the GIL at each hand-off, which a training loop's process does not have."""
+
+    waited = worst = float("nan")
+
+    def __enter__(self) -> NoProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def _percentiles(wall: np.ndarray, cpu: np.ndarray | None = None) -> dict:
     """Blocking time of the calls (ms), and the calling thread's CPU time when given."""
     out = {}
@@ -238,11 +257,12 @@ def _percentiles(wall: np.ndarray, cpu: np.ndarray | None = None) -> dict:
 # --- 1. the loop: floor, klmon, MLflow --------------------------------------------------------
 
 
-def bench_floor(steps: int, step_ms: float) -> dict:
-    """What any client must at least do: copy the two log-prob arrays and the mask."""
+def bench_floor(steps: int, step_ms: float, probe: bool = False) -> dict:
+    """What any client must at least do: copy the two log-prob arrays and the mask.
+    ``probe``: with the GIL probe running (its figures; else NaN)."""
     batches = _batches(4)
     times = np.empty(steps)
-    with GilProbe() as probe:
+    with GilProbe() if probe else NoProbe() as probe:
         for step in range(steps):
             lp, ref, mask = batches[step % len(batches)][:3]
             t0 = time.perf_counter()
@@ -262,7 +282,11 @@ def bench_floor(steps: int, step_ms: float) -> dict:
     }
 
 
-def bench_klmon(url: str, label: str, steps: int, step_ms: float, spool: Path) -> dict:
+def bench_klmon(
+    url: str, label: str, steps: int, step_ms: float, spool: Path, probe: bool = False
+) -> dict:
+    """``log_step`` in a loop on a new run; ``probe``: with the GIL probe running (as
+    :func:`bench_floor`)."""
     import monitor
 
     batches = _batches(4)
@@ -281,7 +305,7 @@ def bench_klmon(url: str, label: str, steps: int, step_ms: float, spool: Path) -
     run.flush(30.0)  # the run row exists: what follows is the steps
     cpu0 = _thread_cpu()
     times = np.empty(steps)
-    with GilProbe() as probe:
+    with GilProbe() if probe else NoProbe() as probe:
         for step in range(steps):
             lp, ref, mask, rewards = batches[step % len(batches)]
             t0 = time.perf_counter()
@@ -399,22 +423,37 @@ def bench_mlflow(python: str, steps: int, step_ms: float, per_step: int) -> dict
     }
 
 
+def _probed(measure: Callable[[bool], dict]) -> dict:
+    """``measure`` run twice: without the GIL probe (the row's blocking times, background CPU
+    and bytes: what a training process has) and with it (the GIL columns, and the background
+    CPU with the probe preempting it, ``bg_cpu_probed_ms``)."""
+    row = measure(False)
+    probed = measure(True)
+    row.update(
+        gil_ms=probed["gil_ms"],
+        gil_worst_ms=probed["gil_worst_ms"],
+        bg_cpu_probed_ms=probed["bg_cpu_ms"],
+    )
+    return row
+
+
 def _row(r: dict) -> str:
     def num(v, fmt=".2f"):
-        return "-" if v is None else format(v, fmt)
+        return "-" if v is None or v != v else format(v, fmt)
 
     size = "-" if r.get("bytes") is None else f"{r['bytes'] / 1024:.1f} kB"
     return (
         f"  {r['case']:<26} {r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['max_ms']:>7.2f}"
-        f"  {num(r['bg_cpu_ms']):>8}  {num(r['gil_ms']):>7} {num(r['gil_worst_ms']):>6}"
-        f"  {size:>9}"
+        f"  {num(r['bg_cpu_ms']):>8} {num(r.get('bg_cpu_probed_ms')):>8}"
+        f"  {num(r['gil_ms']):>7} {num(r['gil_worst_ms']):>6}  {size:>9}"
     )
 
 
 HEADER = (
-    f"  {'case':<26} {'p50':>7} {'p99':>7} {'max':>7}  {'bg cpu':>8}  {'gil':>7} {'worst':>6}"
-    f"  {'db/step':>9}\n"
-    f"  {'':<26} {'(ms, blocking the loop)':>23}  {'ms/step':>8}  {'ms/step':>7} {'ms':>6}"
+    f"  {'case':<26} {'p50':>7} {'p99':>7} {'max':>7}  {'bg cpu':>8} {'(probed)':>8}"
+    f"  {'gil':>7} {'worst':>6}  {'db/step':>9}\n"
+    f"  {'':<26} {'(ms, blocking the loop)':>23}  {'ms/step':>8} {'ms/step':>8}"
+    f"  {'ms/step':>7} {'ms':>6}"
 )
 
 
@@ -435,16 +474,19 @@ def overhead(args: argparse.Namespace, work: Path) -> list[dict]:
     )
     print(HEADER)
     mlpy = _mlflow_python(args.mlflow_python)
+    steps, step_ms = args.steps, args.step_ms
     for i in range(args.repeats):
-        fl = bench_floor(args.steps, args.step_ms)
+        fl = _probed(lambda probe: bench_floor(steps, step_ms, probe))
         rows.append(fl)
         print(_row(fl), flush=True)
-        r = bench_klmon(targets[i][1], "klmon SQLite", args.steps, args.step_ms, work / f"sp{i}")
-        rows.append(r)
-        print(_row(r), flush=True)
+        cases = [("klmon SQLite", targets[i][1], f"sp{i}")]
         if i < len(pg_urls):
-            r = bench_klmon(
-                pg_urls[i][1], "klmon PostgreSQL", args.steps, args.step_ms, work / f"spp{i}"
+            cases.append(("klmon PostgreSQL", pg_urls[i][1], f"spp{i}"))
+        for label, url, spool in cases:
+            r = _probed(
+                lambda probe, label=label, url=url, spool=spool: bench_klmon(
+                    url, label, steps, step_ms, work / f"{spool}-{probe}", probe
+                )
             )
             rows.append(r)
             print(_row(r), flush=True)
@@ -483,8 +525,9 @@ def _medians(rows: list[dict]) -> None:
     print("  medians of the repeats:")
     for case, rs in by.items():
         med = {"case": case}
-        for k in ("p50_ms", "p99_ms", "max_ms", "bg_cpu_ms", "gil_ms", "gil_worst_ms", "bytes"):
-            vals = [x[k] for x in rs if x.get(k) is not None]
+        keys = ("p50_ms", "p99_ms", "max_ms", "bg_cpu_ms", "bg_cpu_probed_ms", "gil_ms")
+        for k in (*keys, "gil_worst_ms", "bytes"):
+            vals = [x[k] for x in rs if x.get(k) is not None and x[k] == x[k]]  # not NaN
             med[k] = float(np.median(vals)) if vals else None
         print(_row(med))
     fl = [r["p99_ms"] for r in by.get("floor: copy 3 arrays", [])]
