@@ -1,6 +1,8 @@
 """Idempotent bulk writes of step rows and extra metrics: ``write_step_records`` for the
 live client and ``klmon sync``, ``write_steps``/``write_metrics`` for importers and tests.
-Both step writers go through one path (``_insert_new_steps``) with one conflict check.
+Both step writers go through one path (``_insert_new_steps``) with one conflict check; the
+importers' ``write_step_frame`` takes it too, except for a batch whose steps are unique and
+none stored (the check's own "all new" case), COPY'd from its columns.
 
 ``write_step_records`` writes a batch of step records of one run in ONE transaction: the step
 rows (or, for a multi-rank run, the per-rank shards and the merged step), their samples, token
