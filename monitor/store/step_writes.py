@@ -474,7 +474,7 @@ def _frame_columns(
             default = _STEP_DEFAULTS.get(c)
             if default is None and c != "payload_hash":
                 continue  # NULL: the column's default, not bound on every row
-            array = np.full(n, default, dtype=object if default is None else None)
+            array = np.full(n, default, dtype=object if isinstance(default, str | None) else None)
             if default is None:
                 mask = np.zeros(n, dtype=bool)
         else:
