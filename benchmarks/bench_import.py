@@ -183,6 +183,11 @@ def fresh_pg(admin: str) -> tuple[str, Callable[[], None]]:
     return url, drop
 
 
+def spread(times: list[float]) -> str:
+    """The range of a median's runs."""
+    return f"{min(times):.2f}-{max(times):.2f} s"
+
+
 def mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -229,7 +234,8 @@ def main() -> None:
                     f"{k} {mb(v)}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:4]
                 )
                 print(f"SQLite  {label:8s} klmon import {fmt:8s}            {t:6.2f} s   "
-                      f"{mb(total)}  ({t / raw_s:.1f}x the floor; {tables})")  # fmt: skip
+                      f"{mb(total)}  ({spread(times[label])}; {t / raw_s:.1f}x the floor; "
+                      f"{tables})")  # fmt: skip
         if not args.pg:
             return
         print("\nPostgreSQL: floor = binary COPY into a wide table")
@@ -259,7 +265,8 @@ def main() -> None:
             for label, _root in roots:
                 t = statistics.median(times[label])
                 print(f"PostgreSQL {label:8s} klmon import {fmt:8s}         {t:6.2f} s   "
-                      f"({t / copy_s:.1f}x the floor; {shown[label]})")  # fmt: skip
+                      f"({spread(times[label])}; {t / copy_s:.1f}x the floor; "
+                      f"{shown[label]})")  # fmt: skip
 
 
 if __name__ == "__main__":

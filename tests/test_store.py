@@ -216,9 +216,10 @@ def test_baseline_run_is_checked(db: Database) -> None:
 def test_a_step_frame_reads_back_the_same_through_each_copy_form(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Import step rows go through PostgreSQL's COPY as one block built with numpy when they
-    can (numbers, text of one length, no NULL), else row by row; both store the same rows
-    (and SQLite, which has no COPY, too)."""
+    """Import step rows go through PostgreSQL's COPY as one block built with numpy from the
+    frame's columns when they can (numbers, text of one length; NULLs in a layout of their
+    own), else row by row; every form stores the same rows (and SQLite, which has no COPY,
+    too)."""
     import pandas as pd
 
     from monitor.store import _bulk
@@ -237,26 +238,49 @@ def test_a_step_frame_reads_back_the_same_through_each_copy_form(
         }
     )
     gaps = frame.copy()
-    gaps.loc[3, "k3"] = np.nan  # a NULL: row by row
+    gaps.loc[3, "k3"] = np.nan  # NULLs: rows of three layouts
+    gaps.loc[[5, 9], "n_tokens"] = np.nan
+    gaps.loc[7, "payload_hash"] = None
+    mixed = frame.copy()
+    mixed.loc[4, "payload_hash"] = "ab" * 32  # text of two lengths: row by row
     blocks: list[bytes | None] = []
-    real = _bulk._binary_block
-    monkeypatch.setattr(_bulk, "_binary_block", lambda *a: blocks.append(real(*a)) or blocks[-1])
-    read = {}
-    for name, f in (("block", frame), ("rows", gaps)):
+    real = _bulk.column_block
+    monkeypatch.setattr(_bulk, "column_block", lambda *a: blocks.append(real(*a)) or blocks[-1])
+    read, counters, hashes = {}, {}, {}
+    for name, f in (("block", frame), ("nulls", gaps), ("rows", mixed)):
         run = get_or_create_run(db, "proj", name)
         assert write_step_frame(db, run.id, f).inserted == n
         read[name] = read_steps(db, run.id).drop(columns="run_id", errors="ignore")
+        with db.begin() as conn:
+            counters[name] = conn.exec_driver_sql(
+                "SELECT n_steps, last_step, last_k3_step, last_kl_mean_step, recent_walls "
+                f"FROM runs WHERE id = {run.id}"
+            ).one()
+            hashes[name] = [
+                h
+                for (h,) in conn.exec_driver_sql(
+                    f"SELECT payload_hash FROM steps WHERE run_id = {run.id} ORDER BY step"
+                )
+            ]
+    # the counters of a COPY from columns are those of the rows written one by one
+    assert counters["block"] == counters["nulls"] == counters["rows"]
+    assert tuple(counters["block"][:4]) == (n, 2 * (n - 1), 2 * (n - 1), None)
     if db.is_sqlite:
         assert blocks == []
     else:
-        assert [b is not None for b in blocks] == [True, False]
+        # the row-by-row form asks for a block of its tuples first
+        assert [b is not None for b in blocks] == [True, True, False, False]
     assert read["block"]["n_tokens"].tolist() == frame["n_tokens"].tolist()
     assert read["block"]["k3"].tolist() == frame["k3"].tolist()
-    expected = frame["k3"].tolist()
-    expected[3] = None
-    got = read["rows"]["k3"].tolist()
-    assert math.isnan(got[3]) and got[:3] + got[4:] == expected[:3] + expected[4:]
-    assert read["block"].drop(columns="k3").equals(read["rows"].drop(columns="k3"))
+    for column in ("k3", "n_tokens"):
+        got, want = read["nulls"][column], gaps[column]
+        assert got.isna().tolist() == want.isna().tolist()
+        assert got.dropna().tolist() == want.dropna().tolist()
+    same = ["step", "wall_time", "status", "n_sequences"]
+    assert read["block"][same].equals(read["nulls"][same])
+    assert read["block"].equals(read["rows"])
+    for name, f in (("block", frame), ("nulls", gaps), ("rows", mixed)):
+        assert hashes[name] == [h if isinstance(h, str) else None for h in f["payload_hash"]]
 
 
 def test_bulk_inserts_stay_within_the_statements_the_driver_caches(db: Database) -> None:

@@ -73,45 +73,107 @@ def insert_rows(
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # binary COPY header: signature, flags, extension
 _TRAILER = b"\xff\xff"
 _FIXED = {"int4": ">i4", "int8": ">i8", "float8": ">f8"}
+# NULL patterns past which a block is not worth building (each is one structured array)
+_MAX_NULL_GROUPS = 64
 
 
 def _binary_block(rows: Sequence[tuple[Any, ...]], types: Sequence[str]) -> bytes | None:
-    """The whole binary COPY stream of ``rows`` built a column at a time with numpy (a
-    tenth of psycopg's ``write_row`` per row), when every value is not NULL, every number
-    fits its column and each text column holds ASCII strings of one length (a step row:
-    'ok' and its payload hash); None otherwise."""
-    n = len(rows)
+    """``column_block`` of rows given as tuples, when every value is not NULL."""
     columns = list(zip(*rows, strict=True))
-    fields: list[tuple[str, str]] = [("count", ">i2")]
     values: list[np.ndarray] = []
-    for i, (column, kind) in enumerate(zip(columns, types, strict=True)):
+    for column, kind in zip(columns, types, strict=True):
         if kind in _FIXED:
             array = np.array(column)  # ints stay ints (a float is never truncated); None: object
-            if array.dtype.kind not in ("if" if kind == "float8" else "i"):
-                return None
-            if kind == "int4" and (array.min() < -(2**31) or array.max() >= 2**31):
-                return None
-            fmt = _FIXED[kind]
         elif kind == "text":
-            try:
-                ascii_text = "".join(column).isascii()  # TypeError: None or not a str
-            except TypeError:
-                return None
-            size = len(column[0])
-            if not (size and ascii_text and set(map(len, column)) == {size}):
-                return None
-            fmt = f"S{size}"
-            array = np.array(column, dtype=fmt)
+            array = np.array(column, dtype=object)  # a None: not a str, no block
         else:
             return None
-        fields += [(f"size{i}", ">i4"), (f"value{i}", fmt)]
         values.append(array)
-    block = np.empty(n, dtype=np.dtype(fields))
-    block["count"] = len(types)
-    for i, array in enumerate(values):
-        block[f"size{i}"] = block.dtype[f"value{i}"].itemsize
-        block[f"value{i}"] = array
-    return _SIGNATURE + block.tobytes() + _TRAILER
+    return column_block(values, [None] * len(types), types)
+
+
+def column_block(
+    values: Sequence[np.ndarray],
+    present: Sequence[np.ndarray | None],
+    types: Sequence[str],
+) -> bytes | None:
+    """The whole binary COPY stream of rows given a column at a time, built with numpy (a
+    tenth of psycopg's ``write_row`` per row); None when it cannot be (then rows go one by
+    one): a number that does not fit its column, a text column whose values are not ASCII
+    strings of one length (a step row: 'ok' and its payload hash), another type.
+
+    ``values``: one array per column (int/float for int4, int8, float8; str objects for
+    text); ``present``: per column, which rows have a value (None: all; the others are NULL,
+    whatever their value in ``values``). Rows with the same NULL columns have one layout:
+    each such group is one structured array, the groups in the order of their first row
+    (COPY does not keep an order; a run's steps rarely have more than a few groups)."""
+    n = len(values[0]) if values else 0
+    if n == 0 or len(types) >= 63:
+        return None
+    arrays: list[tuple[str, np.ndarray]] = []
+    for array, mask, kind in zip(values, present, types, strict=True):
+        have = array if mask is None else array[mask]
+        if kind in _FIXED:
+            if array.dtype.kind not in ("if" if kind == "float8" else "i"):
+                return None
+            if kind == "int4" and len(have) and (have.min() < -(2**31) or have.max() >= 2**31):
+                return None
+            arrays.append((_FIXED[kind], array))
+        elif kind == "text":
+            try:
+                ascii_text = "".join(have).isascii()  # TypeError: None or not a str
+            except TypeError:
+                return None
+            sizes = set(map(len, have))
+            if not ascii_text or len(sizes) > 1 or 0 in sizes:
+                return None
+            size = sizes.pop() if sizes else 1
+            text = array if mask is None else np.where(mask, array, "")
+            arrays.append((f"S{size}", np.array(text, dtype=f"S{size}")))
+        else:
+            return None
+    groups = _null_groups(present, n)
+    if len(groups) > _MAX_NULL_GROUPS:
+        return None
+    parts = [_SIGNATURE]
+    for rows, nulls in groups:
+        fields: list[tuple[str, str]] = [("count", ">i2")]
+        for i, (fmt, _) in enumerate(arrays):
+            fields.append((f"size{i}", ">i4"))
+            if i not in nulls:
+                fields.append((f"value{i}", fmt))
+        block = np.empty(n if rows is None else len(rows), dtype=np.dtype(fields))
+        block["count"] = len(types)
+        for i, (_, array) in enumerate(arrays):
+            if i in nulls:
+                block[f"size{i}"] = -1
+            else:
+                block[f"size{i}"] = block.dtype[f"value{i}"].itemsize
+                block[f"value{i}"] = array if rows is None else array[rows]
+        parts.append(block.tobytes())
+    parts.append(_TRAILER)
+    return b"".join(parts)
+
+
+def _null_groups(
+    present: Sequence[np.ndarray | None], n: int
+) -> list[tuple[np.ndarray | None, set[int]]]:
+    """The rows of each NULL pattern (None: every row) and the columns NULL in it, in the
+    order of each pattern's first row."""
+    masks = [(i, m) for i, m in enumerate(present) if m is not None and not m.all()]
+    if not masks:
+        return [(None, set())]
+    key = np.zeros(n, dtype=np.int64)
+    for i, mask in masks:
+        key |= (~mask).astype(np.int64) << i
+    patterns, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    groups = []
+    for g in np.argsort(first, kind="stable").tolist():
+        pattern = int(patterns[g])
+        nulls = {i for i in range(len(present)) if pattern >> i & 1}
+        rows = None if len(patterns) == 1 else np.flatnonzero(inverse == g)
+        groups.append((rows, nulls))
+    return groups
 
 
 def _copy_binary(
@@ -125,6 +187,28 @@ def _copy_binary(
         cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
     ):
         _write_rows(copy, rows, types)
+
+
+def copy_columns(
+    conn: Connection,
+    table: str,
+    columns: Sequence[str],
+    values: Sequence[np.ndarray],
+    present: Sequence[np.ndarray | None],
+) -> bool:
+    """Binary COPY of new rows given a column at a time (see ``column_block``) into
+    ``table`` inside the current PostgreSQL transaction; False (nothing written) when the
+    block cannot be built: the caller inserts the rows another way."""
+    block = column_block(values, present, _pg_types(table, columns))
+    if block is None:
+        return False
+    raw = conn.connection.driver_connection
+    with (
+        raw.cursor() as cur,  # type: ignore[union-attr]
+        cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
+    ):
+        copy.write(block)
+    return True
 
 
 def _write_rows(copy: Any, rows: Sequence[tuple[Any, ...]], types: list[str]) -> None:

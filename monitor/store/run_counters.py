@@ -11,7 +11,7 @@ does the same in SQL; a script that writes ``steps`` directly calls it after).""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,31 +44,81 @@ def count_written(
     just inserted (new steps) and rewritten (a multi-rank step re-merged). A rewrite that
     empties a counted column at its last step makes that column's last step be looked up
     again."""
-    step_at = columns.index("step")
+    step_at, wall_at = columns.index("step"), columns.index("wall_time")
     value_at = {col: columns.index(col) for col in LAST_STEP_COLUMNS if col in columns}
     written = [*inserted, *updated]
     # the written rows' indexes, latest step first (of one step, the earlier row first)
     steps = np.array([int(r[step_at]) for r in written], dtype=np.int64)
     newest = np.argsort(-steps, kind="stable").tolist()
-    sets: list[str] = []
-    params: list[Any] = []
-    if inserted:
-        sets.append(f"n_steps = n_steps + {ph}")
-        params.append(len(inserted))
-        top = int(steps[: len(inserted)].max())
-        sets.append(_raise_to("last_step", ph))
-        params += [top, top]
-    emptied: list[str] = []
+    lasts: dict[str, int | None] = {}
     for col, idx in value_at.items():
         # the latest written step with a value: usually the first one looked at
-        last = next((int(steps[i]) for i in newest if written[i][idx] is not None), None)
+        lasts[col] = next((int(steps[i]) for i in newest if written[i][idx] is not None), None)
+    emptied = [col for col, idx in value_at.items() if any(r[idx] is None for r in updated)]
+    _update_counters(
+        conn,
+        ph,
+        run_id,
+        len(inserted),
+        int(steps[: len(inserted)].max()) if inserted else None,
+        lasts,
+        [(int(steps[i]), written[i][wall_at]) for i in newest[:RECENT_STEPS]],
+        emptied,
+    )
+
+
+def count_inserted_columns(
+    conn: Connection,
+    ph: str,
+    run_id: int,
+    steps: np.ndarray,
+    walls: np.ndarray,
+    has_value: Mapping[str, np.ndarray],
+) -> None:
+    """``count_written`` for new step rows given a column at a time (a bulk import's):
+    ``steps`` (unique), their wall times (NaN: NULL), and for the step columns the rows
+    hold, which rows have a value. Sets the same counters as ``count_written`` of the same
+    rows."""
+    steps = np.asarray(steps, dtype=np.int64)
+    if len(steps) == 0:
+        return
+    newest = np.argsort(-steps, kind="stable")[:RECENT_STEPS].tolist()
+    lasts = {
+        col: int(steps[mask].max()) if mask.any() else None
+        for col, mask in has_value.items()
+        if col in LAST_STEP_COLUMNS
+    }
+    wall = [None if np.isnan(w) else float(w) for w in np.asarray(walls, np.float64)[newest]]
+    recent = [(int(steps[i]), w) for i, w in zip(newest, wall, strict=True)]
+    _update_counters(conn, ph, run_id, len(steps), int(steps.max()), lasts, recent, [])
+
+
+def _update_counters(
+    conn: Connection,
+    ph: str,
+    run_id: int,
+    n_inserted: int,
+    top: int | None,
+    lasts: Mapping[str, int | None],
+    recent: Sequence[tuple[int, Any]],
+    emptied: Sequence[str],
+) -> None:
+    """The one UPDATE of the counters: ``n_inserted`` new steps up to ``top``, the latest
+    written step with a value of each column (``lasts``), the written (step, wall time) of
+    the latest steps written (``recent``, latest first) and the columns a rewrite emptied."""
+    sets: list[str] = []
+    params: list[Any] = []
+    if n_inserted:
+        sets.append(f"n_steps = n_steps + {ph}")
+        params.append(n_inserted)
+        sets.append(_raise_to("last_step", ph))
+        params += [top, top]
+    for col, last in lasts.items():
         if last is not None:
             sets.append(_raise_to(LAST_STEP_COLUMNS[col], ph))
             params += [last, last]
-        if any(r[idx] is None for r in updated):
-            emptied.append(col)
-    if written:
-        walls = _recent_after_write(conn, ph, run_id, written, newest, columns)
+    if recent:
+        walls = _recent_after_write(conn, ph, run_id, recent)
         if walls is not None:
             sets.append(f"recent_walls = {ph}")
             params.append(walls)
@@ -86,26 +136,20 @@ def count_written(
 
 
 def _recent_after_write(
-    conn: Connection,
-    ph: str,
-    run_id: int,
-    rows: Sequence[Sequence[Any]],
-    newest: Sequence[int],
-    columns: Sequence[str],
+    conn: Connection, ph: str, run_id: int, recent: Sequence[tuple[int, Any]]
 ) -> str | None:
-    """The run's ``recent_walls`` once ``rows`` are stored (a written step replaces its stored
-    wall time), or None when they leave it unchanged; ``newest``: the rows' indexes, latest
-    step first. The kept steps are the latest ones: a written step older than all of them,
-    when they are RECENT_STEPS already, stays out."""
+    """The run's ``recent_walls`` once steps are written (a written step replaces its stored
+    wall time), or None when they leave it unchanged; ``recent``: (step, wall time) of the
+    latest RECENT_STEPS rows written, latest step first. The kept steps are the latest ones:
+    a written step older than all of them, when they are RECENT_STEPS already, stays out."""
     stored = conn.exec_driver_sql(
         f"SELECT recent_walls FROM runs WHERE id = {ph}", (run_id,)
     ).scalar()
     kept = {int(s): w for s, w in _load(stored)}
-    step_at, wall_at = columns.index("step"), columns.index("wall_time")
     # a written step outside the latest RECENT_STEPS written is outside the latest kept too;
     # of two rows of one step, the later one is written last
-    for i in newest[:RECENT_STEPS]:
-        kept[int(rows[i][step_at])] = rows[i][wall_at]
+    for step, wall in recent:
+        kept[step] = wall
     latest = sorted(kept.items(), reverse=True)[:RECENT_STEPS]
     dumped = _dump(latest)
     return None if dumped == stored else dumped

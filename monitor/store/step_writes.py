@@ -1,6 +1,8 @@
 """Idempotent bulk writes of step rows and extra metrics: ``write_step_records`` for the
 live client and ``klmon sync``, ``write_steps``/``write_metrics`` for importers and tests.
-Both step writers go through one path (``_insert_new_steps``) with one conflict check.
+Both step writers go through one path (``_insert_new_steps``) with one conflict check; the
+importers' ``write_step_frame`` takes it too, except for a batch whose steps are unique and
+none stored (the check's own "all new" case), COPY'd from its columns.
 
 ``write_step_records`` writes a batch of step records of one run in ONE transaction: the step
 rows (or, for a multi-rank run, the per-rank shards and the merged step), their samples, token
@@ -42,11 +44,12 @@ from sqlalchemy import Connection
 
 from monitor.errors import InvalidInput, NotFound
 from monitor.store import metric_blocks
-from monitor.store._bulk import COPY_MIN_ROWS, insert_rows
+from monitor.store._bulk import COPY_MIN_ROWS, copy_columns, insert_rows
 from monitor.store.database import Database
 from monitor.store.domain import StepWriteResult
 from monitor.store.drilldown import SAMPLE_COLUMNS, sample_rows
 from monitor.store.ledger_rollups import invalidate_ledger_rollups
+from monitor.store.locked_fk import fk_checks_held_by_lock
 from monitor.store.metric_blocks import MetricWriteResult
 from monitor.store.models import (
     METRIC_NAME_MAX,
@@ -54,7 +57,7 @@ from monitor.store.models import (
     STEP_INT_COLUMNS,
     STEP_QUANTITIES,
 )
-from monitor.store.run_counters import count_written
+from monitor.store.run_counters import count_inserted_columns, count_written
 from monitor.store.sample_retention import SampleRetention, compact_live
 from monitor.store.series import invalidate_rollups
 
@@ -253,6 +256,7 @@ def _insert_new_steps(
     rows: Sequence[tuple[Any, ...]],
     use_copy: bool | None = None,
     columns: Sequence[str] = STEP_COLUMNS,
+    stored: dict[int, str | None] | None = None,
 ) -> tuple[list[int], int, list[int]]:
     """Insert the rows (``columns`` order: by default all of STEP_COLUMNS; the others are
     left to their defaults) whose step is not stored yet, under the run's lock
@@ -261,13 +265,12 @@ def _insert_new_steps(
 
     SQLite needs no conflict clause (the lock's UPDATE holds the database write lock and the
     rows were checked under it); PostgreSQL keeps ``ON CONFLICT DO NOTHING``, or uses binary
-    COPY for ``COPY_MIN_ROWS`` new rows and more (``use_copy`` forces or forbids it)."""
+    COPY for ``COPY_MIN_ROWS`` new rows and more (``use_copy`` forces or forbids it).
+    ``stored``: the stored hashes of these steps (``_stored_hashes``), when already read."""
     at_step, at_hash = columns.index("step"), columns.index("payload_hash")
     steps = [int(r[at_step]) for r in rows]
-    stored = {
-        int(step): h
-        for step, h in _existing(db, conn, "steps", "step, payload_hash", run_id, steps)
-    }
+    if stored is None:
+        stored = _stored_hashes(db, conn, run_id, steps)
     hashes = [r[at_hash] for r in rows]
     if not stored and len(set(steps)) == len(steps):
         new, duplicates, conflicts = list(range(len(rows))), 0, []  # a new run's rows
@@ -289,6 +292,16 @@ def _insert_new_steps(
     invalidate_rollups(conn, run_id, min(steps) if fresh is rows else min(steps[i] for i in new))
     count_written(conn, db.paramstyle, run_id, fresh, columns=columns)
     return new, duplicates, conflicts
+
+
+def _stored_hashes(
+    db: Database, conn: Connection, run_id: int, steps: Sequence[int]
+) -> dict[int, str | None]:
+    """Step -> stored payload hash of those of ``steps`` that the run holds."""
+    return {
+        int(step): h
+        for step, h in _existing(db, conn, "steps", "step, payload_hash", run_id, steps)
+    }
 
 
 def _split_new(
@@ -391,7 +404,9 @@ def write_steps(db: Database, run_id: int, rows: Sequence[Mapping[str, Any]]) ->
 def write_step_frame(db: Database, run_id: int, frame: pd.DataFrame) -> StepWriteResult:
     """``write_steps`` for step rows as a frame (columns ``step``, ``wall_time`` and any of
     ``STEP_COLUMNS``; NaN is NULL): the importers' bulk path, a column at a time instead of
-    a dict per row, and binary COPY on PostgreSQL."""
+    a dict per row. On PostgreSQL, rows of steps none of which is stored go by binary COPY
+    built from the columns themselves (no Python tuple per row); the others take
+    ``_insert_new_steps``, the one conflict check."""
     unknown = set(frame.columns) - set(STEP_COLUMNS)
     if unknown:
         raise InvalidInput(f"step rows have unknown columns: {sorted(unknown)}")
@@ -400,37 +415,95 @@ def write_step_frame(db: Database, run_id: int, frame: pd.DataFrame) -> StepWrit
     n = len(frame)
     if n == 0:
         return StepWriteResult(0, 0)
+    names, values, present = _frame_columns(run_id, frame)
+    steps = values[names.index("step")]
+    with db.begin() as conn:
+        _lock_run(db, conn, run_id, None)
+        stored = _stored_hashes(db, conn, run_id, steps.tolist())
+        if (
+            not db.is_sqlite
+            and n >= COPY_MIN_ROWS
+            and not stored
+            and len(np.unique(steps)) == n
+            and _copy_locked(conn, "steps", names, values, present)
+        ):
+            invalidate_rollups(conn, run_id, int(steps.min()))
+            at = {c: i for i, c in enumerate(names)}
+            wall = values[at["wall_time"]].astype(np.float64)
+            if present[at["wall_time"]] is not None:
+                wall = np.where(present[at["wall_time"]], wall, np.nan)
+            has_value = {c: _present(present[i], n) for c, i in at.items()}
+            count_inserted_columns(conn, db.paramstyle, run_id, steps, wall, has_value)
+            return StepWriteResult(n, 0, ())
+        columns = [_as_list(v, p) for v, p in zip(values, present, strict=True)]
+        rows = list(zip(*columns, strict=True))
+        inserted, duplicates, conflicts = _insert_new_steps(
+            db, conn, run_id, rows, columns=tuple(names), stored=stored
+        )
+    return StepWriteResult(len(inserted), duplicates, tuple(conflicts))
+
+
+def _copy_locked(
+    conn: Connection,
+    table: str,
+    names: Sequence[str],
+    values: Sequence[np.ndarray],
+    present: Sequence[np.ndarray | None],
+) -> bool:
+    """``copy_columns`` of rows of the run this transaction locked (``_lock_run``), whose
+    lock stands for the per-row checks of the ``run_id`` foreign key (``locked_fk``)."""
+    with fk_checks_held_by_lock(conn, table, "runs"):
+        return copy_columns(conn, table, names, values, present)
+
+
+def _frame_columns(
+    run_id: int, frame: pd.DataFrame
+) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None]]:
+    """The step columns a frame binds (``STEP_COLUMNS`` order; a column it lacks whose
+    default is NULL is left out), each as an array and which rows have a value (None: all).
+    Integer columns hold int64 (NaN: NULL); text columns str objects (None or NaN: NULL)."""
+    n = len(frame)
     names: list[str] = []
-    columns: list[list[Any]] = []
+    values: list[np.ndarray] = []
+    present: list[np.ndarray | None] = []
     for c in STEP_COLUMNS:
+        mask: np.ndarray | None = None
         if c == "run_id":
-            values: list[Any] = [run_id] * n
+            array = np.full(n, run_id, dtype=np.int64)
         elif c not in frame:
             default = _STEP_DEFAULTS.get(c)
             if default is None and c != "payload_hash":
                 continue  # NULL: the column's default, not bound on every row
-            values = [default] * n
+            array = np.full(n, default, dtype=object if isinstance(default, str | None) else None)
+            if default is None:
+                mask = np.zeros(n, dtype=bool)
         else:
-            col = frame[c].to_numpy()
-            if col.dtype.kind != "f":
-                values = col.tolist()
-            else:
-                missing = np.isnan(col)
+            array = frame[c].to_numpy()
+            if array.dtype.kind == "f":
+                missing = np.isnan(array)
                 if c in STEP_INT_COLUMNS or c == "step":
-                    values = np.where(missing, 0, col).astype(np.int64).tolist()
-                else:
-                    values = col.tolist()
-                for i in np.flatnonzero(missing).tolist():
-                    values[i] = None
+                    array = np.where(missing, 0, array).astype(np.int64)
+                mask = ~missing if missing.any() else None
+            elif array.dtype == object:
+                mask = frame[c].notna().to_numpy()  # None and NaN
+                mask = None if mask.all() else mask
         names.append(c)
-        columns.append(values)
-    rows = list(zip(*columns, strict=True))
-    with db.begin() as conn:
-        _lock_run(db, conn, run_id, None)
-        inserted, duplicates, conflicts = _insert_new_steps(
-            db, conn, run_id, rows, columns=tuple(names)
-        )
-    return StepWriteResult(len(inserted), duplicates, tuple(conflicts))
+        values.append(array)
+        present.append(mask)
+    return names, values, present
+
+
+def _present(mask: np.ndarray | None, n: int) -> np.ndarray:
+    return np.ones(n, dtype=bool) if mask is None else mask
+
+
+def _as_list(array: np.ndarray, mask: np.ndarray | None) -> list[Any]:
+    """A column's values as Python objects, None where ``mask`` says NULL."""
+    out = array.tolist()
+    if mask is not None:
+        for i in np.flatnonzero(~mask).tolist():
+            out[i] = None
+    return out
 
 
 def write_metrics(

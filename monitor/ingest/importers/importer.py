@@ -538,12 +538,12 @@ class _Writer:
             conflicts.extend(result.conflicts)
             self._tick(len(part), total)
         report.step_conflicts = tuple(conflicts)
-        for name, column in prepared.metric_columns.items():
-            written = write_metric_columns(db, run.id, {name: column})
+        for group in _metric_groups(prepared.metric_columns):
+            written = write_metric_columns(db, run.id, group)
             report.metrics_inserted += written.inserted
             report.metrics_unchanged += written.duplicates
             report.metric_conflicts.extend(written.conflicts)
-            self._tick(len(column[0]), total)
+            self._tick(sum(len(steps) for steps, _ in group.values()), total)
         write_metric_info(db, run.id, prepared.infos)
 
     def _tick(self, n: int, total: int) -> None:
@@ -560,6 +560,26 @@ class _Writer:
             delete_run(self.db, self.run.id)
         except Exception:  # the import's own error is the one to report
             return
+
+
+def _metric_groups(
+    columns: Mapping[str, tuple[Any, Any]],
+) -> Iterator[dict[str, tuple[Any, Any]]]:
+    """The metric columns of a chunk, a few at a time: as many as hold ``METRIC_BATCH``
+    values (one transaction and progress tick each; a column longer than that goes alone).
+    The short columns of a batched read then share a transaction, and PostgreSQL gets
+    their blocks by COPY instead of an INSERT per column."""
+    group: dict[str, tuple[Any, Any]] = {}
+    size = 0
+    for name, column in columns.items():
+        n = len(column[0])
+        if group and size + n > METRIC_BATCH:
+            yield group
+            group, size = {}, 0
+        group[name] = column
+        size += n
+    if group:
+        yield group
 
 
 def _same(a: float | None, b: float | None) -> bool:
