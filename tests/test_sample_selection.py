@@ -95,7 +95,7 @@ _kl = st.sampled_from([0.0, -0.0, 0.5, 0.5, 1.25, -2.0, math.nan, math.inf, -mat
 @st.composite
 def batches(draw: st.DrawFn) -> tuple[StepItem, np.ndarray, WriterConfig, np.ndarray | None]:
     b = draw(st.integers(1, 7))
-    t = draw(st.integers(1, 9))
+    t = draw(st.integers(0, 9))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     lp = (-rng.exponential(1.0, (b, t))).astype(dtype)
@@ -105,7 +105,7 @@ def batches(draw: st.DrawFn) -> tuple[StepItem, np.ndarray, WriterConfig, np.nda
     mask_kind = draw(st.sampled_from(["none", "runs", "any"]))
     mask = None
     if mask_kind == "runs":  # the usual mask: one run of response positions per row
-        start = rng.integers(0, t, b)
+        start = rng.integers(0, max(t, 1), b)
         stop = np.minimum(start + rng.integers(0, t + 1, b), t)
         mask = (np.arange(t) >= start[:, None]) & (np.arange(t) < stop[:, None])
     elif mask_kind == "any":

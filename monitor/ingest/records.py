@@ -323,6 +323,8 @@ def _response_columns(mask: np.ndarray, rows: list[int]) -> list[slice | np.ndar
     slice where they are one run (the usual mask: the arrays are then read as views, the
     tokens as a list slice), else their indices."""
     sub = np.asarray(mask[rows], dtype=bool)  # nonzero, as np.flatnonzero reads a row
+    if sub.shape[1] == 0:  # no columns: argmax has nothing to read
+        return [np.flatnonzero(row) for row in sub]
     count = np.count_nonzero(sub, axis=1).tolist()
     first = sub.argmax(axis=1).tolist()
     last = (sub.shape[1] - 1 - sub[:, ::-1].argmax(axis=1)).tolist()
