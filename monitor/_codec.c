@@ -6,8 +6,7 @@
  * zigzag, max, narrowing, transpose) on ~1,000-2,000 values a sample, a few microseconds each
  * plus the call overheads, all holding the GIL between passes; and the token lengths are a
  * Python-level map. Here it is one loop per array with the GIL released (the token lengths,
- * which read Python objects, hold it for a few microseconds). ``ascii_join`` joins the token
- * strings of the usual (ASCII, clean) sample straight to their UTF-8 bytes.
+ * which read Python objects, hold it for a few microseconds).
  *
  * sample_codec._numpy_planes is the definition and the fallback for builds without a C
  * compiler: the bytes here are IDENTICAL to it (tests/test_sample_codec.py compares them).
@@ -169,59 +168,9 @@ done:
     return result;
 }
 
-/* ascii_join(tokens) -> bytes | None: the concatenation of a list of str when every one is
- * ASCII without NUL (then it is its own UTF-8 and clean text: monitor.ingest.text would change
- * nothing), else None (the caller cleans and joins in Python). Replaces the str join, the
- * checks of the joined string and its encoding (three passes and a str of the whole text)
- * with one read of the tokens and one copy; it reads Python objects, so it holds the GIL.
- * sample_codec._python_ascii_join is the definition and the fallback. */
-static PyObject *ascii_join(PyObject *self, PyObject *tokens) {
-    if (!PyList_Check(tokens)) {
-        PyErr_SetString(PyExc_TypeError, "tokens must be a list");
-        return NULL;
-    }
-    const Py_ssize_t n = PyList_GET_SIZE(tokens);
-    Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *t = PyList_GET_ITEM(tokens, i);
-        if (!PyUnicode_Check(t)) Py_RETURN_NONE;
-#if PY_VERSION_HEX < 0x030C0000
-        if (PyUnicode_READY(t) < 0) return NULL;
-#endif
-        if (!PyUnicode_IS_ASCII(t)) Py_RETURN_NONE;
-        const Py_ssize_t len = PyUnicode_GET_LENGTH(t);
-        if (memchr(PyUnicode_1BYTE_DATA(t), 0, (size_t)len) != NULL) Py_RETURN_NONE;
-        total += len;
-    }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
-    if (out == NULL) return NULL;
-    /* The allocation may have run a collection, and a finalizer could change the list: the
-     * copy checks again and gives up (None: the caller's Python path) if anything moved. */
-    char *buf = PyBytes_AS_STRING(out);
-    Py_ssize_t pos = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *t = PyList_GET_SIZE(tokens) == n ? PyList_GET_ITEM(tokens, i) : NULL;
-        if (t == NULL || !PyUnicode_Check(t) || !PyUnicode_IS_ASCII(t) ||
-            pos + PyUnicode_GET_LENGTH(t) > total) {
-            Py_DECREF(out);
-            Py_RETURN_NONE;
-        }
-        const Py_ssize_t len = PyUnicode_GET_LENGTH(t);
-        memcpy(buf + pos, PyUnicode_1BYTE_DATA(t), (size_t)len);
-        pos += len;
-    }
-    if (pos != total) {
-        Py_DECREF(out);
-        Py_RETURN_NONE;
-    }
-    return out;
-}
-
 static PyMethodDef methods[] = {
     {"planes", planes, METH_VARARGS,
      "planes(lp, ref, tokens, scale, limit) -> (planes, w_lp, w_diff, w_len, n_bad)"},
-    {"ascii_join", ascii_join, METH_O,
-     "ascii_join(tokens) -> bytes | None: the tokens joined, if all are ASCII str without NUL"},
     {NULL, NULL, 0, NULL},
 };
 

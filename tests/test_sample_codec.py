@@ -52,34 +52,6 @@ def test_compiled_planes_are_the_numpy_planes(
     assert compiled(*args) == sample_codec._numpy_planes(*args)
 
 
-class _Str(str):
-    """A str subclass: joined like a str by both."""
-
-
-@needs_compiled
-@settings(max_examples=300, deadline=None)
-@given(
-    tokens=st.lists(
-        st.sampled_from(ODD)
-        | st.text(max_size=4)
-        | st.text(st.characters(max_codepoint=127), max_size=4)
-        | st.sampled_from([7, None, b"x", _Str("sub"), _Str("\x00")]),
-        max_size=30,
-    )
-)
-def test_compiled_ascii_join_is_the_python_definition(tokens: list) -> None:
-    got = sample_codec._compiled_ascii_join(tokens)
-    assert got == sample_codec._python_ascii_join(tokens)
-    if got is not None:  # what encode_sample would store for them
-        assert got == "".join(tokens).encode("utf-8", "surrogatepass")
-
-
-@needs_compiled
-def test_compiled_ascii_join_takes_a_list_only() -> None:
-    with pytest.raises(TypeError, match="list"):
-        sample_codec._compiled_ascii_join(("a", "b"))
-
-
 @needs_compiled
 def test_compiled_and_numpy_payloads_are_identical(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(3)
@@ -105,14 +77,6 @@ def test_compiled_planes_refuse_what_is_not_a_float_vector_or_a_str_list() -> No
         compiled(ok, np.zeros(2, np.float32), None, 1e4, GRID_LIMIT)
     with pytest.raises(TypeError, match="token 1 is not a str"):
         compiled(ok, ok, ["a", 3, "c"], 1e4, GRID_LIMIT)
-
-
-@pytest.mark.parametrize("token_text", [None, b"a3"])
-def test_a_token_that_is_not_a_str_is_refused(token_text: bytes | None) -> None:
-    """The processor cleans its tokens (str() of others) before encoding; encode_sample
-    itself refuses them, whether or not it is handed their text."""
-    with pytest.raises(TypeError):
-        encode_sample([-1.0, -2.0], [-1.0, -2.0], tokens=["a", 3], token_text=token_text)
 
 
 def test_values_beyond_the_grid_limit_are_kept_exactly() -> None:

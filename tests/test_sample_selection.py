@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
-from unittest.mock import patch
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monitor.formats import json_safe
-from monitor.ingest import records
 from monitor.ingest.records import StepItem, WriterConfig, select_samples
 from monitor.ingest.text import clean_text
 from monitor.store import sample_codec
@@ -168,23 +165,12 @@ def test_samples_are_the_reference_picks_and_bytes(
 ) -> None:
     item, seq_kl, cfg, seq_ids = batch
     header = {"project": "p", "name": name, "rank": rank}
-    want = reference_samples(item, seq_kl, header, cfg, seq_ids)
-    assert select_samples(item, seq_kl, header, cfg, seq_ids) == want
-    with _without_compiled_codec():
-        assert select_samples(item, seq_kl, header, cfg, seq_ids) == want
+    assert select_samples(item, seq_kl, header, cfg, seq_ids) == reference_samples(
+        item, seq_kl, header, cfg, seq_ids
+    )
 
 
-@contextmanager
-def _without_compiled_codec() -> Iterator[None]:
-    """select_samples as a build without a C compiler runs it (numpy and Python)."""
-    with (
-        patch.object(sample_codec, "_planes", sample_codec._numpy_planes),
-        patch.object(records, "ascii_token_text", sample_codec._python_ascii_join),
-    ):
-        yield
-
-
-def test_a_bench_sized_step_is_the_reference() -> None:
+def test_a_bench_sized_step_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """A (64, 2048) step like the ingest benchmark's (one run of response positions per row,
     token strings for every column, texts), some of its strings odd; with the compiled
     per-value pass and with its numpy definition."""
@@ -216,5 +202,5 @@ def test_a_bench_sized_step_is_the_reference() -> None:
     want = reference_samples(item, seq_kl, header, cfg)
     assert [s["seq_index"] for s in want[:3]] == [3, 4, 5]
     assert select_samples(item, seq_kl, header, cfg) == want
-    with _without_compiled_codec():
-        assert select_samples(item, seq_kl, header, cfg) == want
+    monkeypatch.setattr(sample_codec, "_planes", sample_codec._numpy_planes)
+    assert select_samples(item, seq_kl, header, cfg) == want

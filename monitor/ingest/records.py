@@ -27,7 +27,7 @@ from monitor.ingest.tensors import resolve_arrays
 from monitor.ingest.text import clean_joined, clean_optional
 from monitor.ingest.vocab import Vocabulary
 from monitor.store import STEP_QUANTITIES
-from monitor.store.sample_codec import ascii_token_text, encode_sample
+from monitor.store.sample_codec import encode_sample
 
 log = logging.getLogger("klmon.ingest")
 
@@ -290,9 +290,9 @@ def select_samples(
     prompts, responses = (None, None) if item.texts is None else item.texts
     samples = []
     for (i, kind), cols in zip(picked, columns, strict=True):
-        tokens = token_text = None
+        tokens = joined = None
         if item.tokens is not None:
-            tokens, token_text = _sample_tokens(item.tokens[i], cols, width)
+            tokens, joined = _sample_tokens(item.tokens[i], cols, width)
         # the log-probs are stored as float32 (astype converts only a float64 batch)
         payload = encode_sample(
             (lp[i] if cols is None else lp[i, cols]).astype(np.float32, copy=False),
@@ -300,7 +300,7 @@ def select_samples(
             prompt=None if prompts is None else clean_optional(prompts[i]),
             response=None if responses is None else clean_optional(responses[i]),
             tokens=tokens,
-            token_text=token_text,
+            joined_tokens=joined,
         )
         samples.append(
             {
@@ -336,12 +336,12 @@ def _response_columns(mask: np.ndarray, rows: list[int]) -> list[slice | np.ndar
 
 def _sample_tokens(
     tokens: Any, cols: slice | np.ndarray | None, width: int
-) -> tuple[list[str], bytes]:
+) -> tuple[list[str], str]:
     """Clean strings (``clean_joined``) of the response positions ``cols`` (None: all) and
-    the UTF-8 of their concatenation, which the codec stores: ``tokens`` may be aligned with
-    the log-prob columns (length T) or already hold just the response tokens. No Python loop
-    per token: the usual mask (one run of response positions) is a slice; ASCII tokens
-    (clean as they are) are checked and joined in one pass, others with one ``join``."""
+    their concatenation: ``tokens`` may be aligned with the log-prob columns (length T) or
+    already hold just the response tokens. No Python loop per token: the usual mask (one
+    run of response positions) is a slice, the check of the strings one ``join``, which the
+    codec reuses."""
     toks = tokens if isinstance(tokens, list) else list(tokens)
     if cols is not None and len(toks) == width:
         if isinstance(cols, slice):
@@ -350,11 +350,7 @@ def _sample_tokens(
         elif len(cols) != width:
             idx = cols.tolist()
             toks = list(operator.itemgetter(*idx)(toks)) if len(idx) > 1 else [toks[j] for j in idx]
-    text = ascii_token_text(toks)
-    if text is not None:
-        return toks, text
-    cleaned, joined = clean_joined(toks)
-    return cleaned, joined.encode("utf-8", "surrogatepass")
+    return clean_joined(toks)
 
 
 def _strings(items: Sequence[Any]) -> list[str]:

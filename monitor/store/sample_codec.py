@@ -56,11 +56,9 @@ import zstandard
 from monitor.errors import InvalidInput
 
 try:
-    from monitor import _codec
-except ImportError:  # built without a C compiler: numpy and Python write the same bytes
-    _codec = None
-_compiled_planes = getattr(_codec, "planes", None)
-_compiled_ascii_join = getattr(_codec, "ascii_join", None)
+    from monitor._codec import planes as _compiled_planes
+except ImportError:  # built without a C compiler: numpy writes the same bytes
+    _compiled_planes = None
 
 FORMAT_VERSION = 3
 READ_VERSIONS = (1, 2, 3)
@@ -105,13 +103,12 @@ def encode_sample(
     response: str | None = None,
     tokens: Sequence[str] | None = None,
     token_ids: Any = None,
-    token_text: bytes | None = None,
+    joined_tokens: str | None = None,
 ) -> bytes:
     """The payload of one sample (see the module doc). InvalidInput names the field that
     cannot be stored (arrays of different lengths, token ids that are not integers >= 0).
-    ``token_text``: the UTF-8 (lone surrogates passed) of ``"".join(tokens)`` where the
-    caller has it already (the processor has, from checking that the tokens are clean), so
-    they are not joined twice; the same bytes either way."""
+    ``joined_tokens``: ``"".join(tokens)`` where the caller has it already (the processor
+    has, from cleaning the tokens), so it is not joined twice; the same bytes either way."""
     lp = _float_array(policy_logprobs, "policy_logprobs")
     ref = _float_array(ref_logprobs, "ref_logprobs")
     if lp.shape != ref.shape:
@@ -121,19 +118,16 @@ def encode_sample(
         )
     toks = None if tokens is None else tokens if isinstance(tokens, list) else list(tokens)
     flags = (_PROMPT if prompt is not None else 0) | (_RESPONSE if response is not None else 0)
-    prompt_b = b"" if prompt is None else prompt.encode(*_UTF8)
-    response_b = b"" if response is None else response.encode(*_UTF8)
     text_b, n_tok = b"", 0
     if toks is not None:
         n_tok = len(toks)
-        if token_text is None:
-            token_text = "".join(toks).encode(*_UTF8)  # TypeError for a token not a str
+        # TypeError for a token that is not a str
+        joined = "".join(toks) if joined_tokens is None else joined_tokens
         flags |= _TOKEN_STRINGS
-        # the same test as joined == response: UTF-8 (surrogates passed) is one-to-one
-        if response is not None and token_text == response_b:
+        if response is not None and joined == response:
             flags |= _TOKENS_ARE_RESPONSE
         else:
-            text_b = token_text
+            text_b = joined.encode(*_UTF8)
     planes, w_lp, w_diff, w_len, n_bad = _planes(lp, ref, toks, _SCALE, GRID_LIMIT)
     ids_plane: tuple[bytes, int] = (b"", 0)
     if token_ids is not None:
@@ -145,6 +139,8 @@ def encode_sample(
         n_tok = ids.size
         ids_plane = _shuffled(ids.astype(np.int64))
         flags |= _TOKEN_IDS
+    prompt_b = b"" if prompt is None else prompt.encode(*_UTF8)
+    response_b = b"" if response is None else response.encode(*_UTF8)
     header = _HEADER.pack(
         FORMAT_VERSION,
         flags,
@@ -292,23 +288,6 @@ def _grid(values: np.ndarray, scale: float) -> np.ndarray:
 _planes = _compiled_planes or _numpy_planes
 
 
-def _python_ascii_join(tokens: list[Any]) -> bytes | None:
-    """The concatenation of ``tokens`` when all are ASCII strings without NUL (clean text,
-    its own UTF-8: ``monitor.ingest.text`` would change nothing), else None. The definition
-    of ``monitor/_codec.c``'s ``ascii_join``, which reads each token once, without the str
-    of the whole text."""
-    try:
-        joined = "".join(tokens)
-    except TypeError:  # not all strings
-        return None
-    return joined.encode("ascii") if joined.isascii() and "\x00" not in joined else None
-
-
-ascii_token_text = _compiled_ascii_join or _python_ascii_join
-"""``ascii_token_text(tokens)``: the UTF-8 of a list of token strings joined, when they are
-all ASCII and clean; None otherwise (see ``_python_ascii_join``)."""
-
-
 def _shuffled(values: np.ndarray) -> tuple[bytes, int]:
     """Zigzag integers in the narrowest width that holds them, as byte planes (all first
     bytes, then all second bytes, ...), and that width."""
@@ -333,7 +312,6 @@ __all__ = [
     "LOGPROB_DECIMALS",
     "LOGPROB_TOLERANCE",
     "DecodedSample",
-    "ascii_token_text",
     "decode_sample",
     "encode_sample",
 ]
