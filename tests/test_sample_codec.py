@@ -79,6 +79,14 @@ def test_compiled_planes_refuse_what_is_not_a_float_vector_or_a_str_list() -> No
         compiled(ok, ok, ["a", 3, "c"], 1e4, GRID_LIMIT)
 
 
+@pytest.mark.parametrize("joined_tokens", [None, "a3"])
+def test_a_token_that_is_not_a_str_is_refused(joined_tokens: str | None) -> None:
+    """The processor cleans its tokens (str() of others) before encoding; encode_sample
+    itself refuses them, whether or not it is handed their join."""
+    with pytest.raises(TypeError):
+        encode_sample([-1.0, -2.0], [-1.0, -2.0], tokens=["a", 3], joined_tokens=joined_tokens)
+
+
 def test_values_beyond_the_grid_limit_are_kept_exactly() -> None:
     lp = [-0.5, -3e5, -1e300, -1.0]
     ref = [-0.25, -1.0, -2.0, -2e5]

@@ -24,7 +24,7 @@ from monitor.divergence.ledger import LEDGER_K
 from monitor.errors import InvalidInput
 from monitor.formats import json_safe
 from monitor.ingest.tensors import resolve_arrays
-from monitor.ingest.text import clean_optional, clean_strings
+from monitor.ingest.text import clean_joined, clean_optional
 from monitor.ingest.vocab import Vocabulary
 from monitor.store import STEP_QUANTITIES
 from monitor.store.sample_codec import encode_sample
@@ -282,24 +282,25 @@ def select_samples(
         rng = np.random.default_rng(seed)
         chosen = rng.choice(rest, size=min(cfg.samples_random, len(rest)), replace=False)
         picked.extend((int(i), "random") for i in sorted(chosen))
-    lp, ref, mask = item.policy_logprobs, item.ref_logprobs, item.mask
+    lp, ref = item.policy_logprobs, item.ref_logprobs
     assert lp is not None and ref is not None
+    width = lp.shape[1]
+    rows = [i for i, _ in picked]
+    columns = [None] * len(rows) if item.mask is None else _response_columns(item.mask, rows)
+    prompts, responses = (None, None) if item.texts is None else item.texts
     samples = []
-    for i, kind in picked:
-        cols = None if mask is None else _response_columns(mask[i])
-        prompt = response = None
-        if item.texts is not None:
-            prompts, responses = item.texts
-            prompt = None if prompts is None else clean_optional(prompts[i])
-            response = None if responses is None else clean_optional(responses[i])
-        tokens = None if item.tokens is None else _sample_tokens(item.tokens[i], cols, lp.shape[1])
+    for (i, kind), cols in zip(picked, columns, strict=True):
+        tokens = joined = None
+        if item.tokens is not None:
+            tokens, joined = _sample_tokens(item.tokens[i], cols, width)
         # the log-probs are stored as float32 (astype converts only a float64 batch)
         payload = encode_sample(
             (lp[i] if cols is None else lp[i, cols]).astype(np.float32, copy=False),
             (ref[i] if cols is None else ref[i, cols]).astype(np.float32, copy=False),
-            prompt=prompt,
-            response=response,
+            prompt=None if prompts is None else clean_optional(prompts[i]),
+            response=None if responses is None else clean_optional(responses[i]),
             tokens=tokens,
+            joined_tokens=joined,
         )
         samples.append(
             {
@@ -317,21 +318,30 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _response_columns(mask_row: np.ndarray) -> slice | np.ndarray:
-    """The response positions of one mask row: a slice when they are one run (the usual
-    mask: the arrays are then read as views, the tokens as a list slice), else their
-    indices."""
-    pos = np.flatnonzero(mask_row)
-    if len(pos) and int(pos[-1]) - int(pos[0]) + 1 == len(pos):
-        return slice(int(pos[0]), int(pos[-1]) + 1)
-    return pos
+def _response_columns(mask: np.ndarray, rows: list[int]) -> list[slice | np.ndarray]:
+    """The response positions of the mask rows ``rows``, found for all of them at once: a
+    slice where they are one run (the usual mask: the arrays are then read as views, the
+    tokens as a list slice), else their indices."""
+    sub = np.asarray(mask[rows], dtype=bool)  # nonzero, as np.flatnonzero reads a row
+    if sub.shape[1] == 0:  # no columns: argmax has nothing to read
+        return [np.flatnonzero(row) for row in sub]
+    count = np.count_nonzero(sub, axis=1).tolist()
+    first = sub.argmax(axis=1).tolist()
+    last = (sub.shape[1] - 1 - sub[:, ::-1].argmax(axis=1)).tolist()
+    return [
+        slice(a, z + 1) if n and z - a + 1 == n else np.flatnonzero(sub[r])
+        for r, (n, a, z) in enumerate(zip(count, first, last, strict=True))
+    ]
 
 
-def _sample_tokens(tokens: Any, cols: slice | np.ndarray | None, width: int) -> list[str]:
-    """Clean strings (``clean_strings``) of the response positions ``cols`` (None: all):
-    ``tokens`` may be aligned with the log-prob columns (length T) or already hold just the
-    response tokens. No Python loop per token: the usual mask (one run of response
-    positions) is a slice, the check of the strings one ``join``."""
+def _sample_tokens(
+    tokens: Any, cols: slice | np.ndarray | None, width: int
+) -> tuple[list[str], str]:
+    """Clean strings (``clean_joined``) of the response positions ``cols`` (None: all) and
+    their concatenation: ``tokens`` may be aligned with the log-prob columns (length T) or
+    already hold just the response tokens. No Python loop per token: the usual mask (one
+    run of response positions) is a slice, the check of the strings one ``join``, which the
+    codec reuses."""
     toks = tokens if isinstance(tokens, list) else list(tokens)
     if cols is not None and len(toks) == width:
         if isinstance(cols, slice):
@@ -340,7 +350,7 @@ def _sample_tokens(tokens: Any, cols: slice | np.ndarray | None, width: int) -> 
         elif len(cols) != width:
             idx = cols.tolist()
             toks = list(operator.itemgetter(*idx)(toks)) if len(idx) > 1 else [toks[j] for j in idx]
-    return clean_strings(toks)
+    return clean_joined(toks)
 
 
 def _strings(items: Sequence[Any]) -> list[str]:

@@ -52,13 +52,21 @@ def clean_optional(s: Any) -> str | None:
 def clean_strings(items: Sequence[Any]) -> list[str]:
     """A list of clean strings (token strings): one check over all of them in the usual case
     where none needs cleaning."""
+    return clean_joined(items)[0]
+
+
+def clean_joined(items: Sequence[Any]) -> tuple[list[str], str]:
+    """``clean_strings(items)`` and their concatenation: in the usual case (all clean
+    strings) both from one ``join``, which the sample codec would otherwise repeat."""
     try:
         joined = "".join(items)
     except TypeError:  # not all strings
-        return [clean_text(t if type(t) is str else str(t)) for t in items]
+        cleaned = [clean_text(t if type(t) is str else str(t)) for t in items]
+        return cleaned, "".join(cleaned)
     if "\x00" not in joined and (joined.isascii() or _encodable(joined)):
-        return items if type(items) is list else list(items)
-    return [clean_text(t) for t in items]
+        return (items if type(items) is list else list(items)), joined
+    cleaned = [clean_text(t) for t in items]
+    return cleaned, "".join(cleaned)
 
 
 def clean_json(value: Any) -> Any:

@@ -103,9 +103,12 @@ def encode_sample(
     response: str | None = None,
     tokens: Sequence[str] | None = None,
     token_ids: Any = None,
+    joined_tokens: str | None = None,
 ) -> bytes:
     """The payload of one sample (see the module doc). InvalidInput names the field that
-    cannot be stored (arrays of different lengths, token ids that are not integers >= 0)."""
+    cannot be stored (arrays of different lengths, token ids that are not integers >= 0).
+    ``joined_tokens``: ``"".join(tokens)`` where the caller has it already (the processor
+    has, from cleaning the tokens), so it is not joined twice; the same bytes either way."""
     lp = _float_array(policy_logprobs, "policy_logprobs")
     ref = _float_array(ref_logprobs, "ref_logprobs")
     if lp.shape != ref.shape:
@@ -118,7 +121,8 @@ def encode_sample(
     text_b, n_tok = b"", 0
     if toks is not None:
         n_tok = len(toks)
-        joined = "".join(toks)  # TypeError for a token that is not a str
+        # TypeError for a token that is not a str
+        joined = "".join(toks) if joined_tokens is None else joined_tokens
         flags |= _TOKEN_STRINGS
         if response is not None and joined == response:
             flags |= _TOKENS_ARE_RESPONSE
