@@ -53,6 +53,7 @@ MLflow's ``log_batch`` of the same scalars, all in the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -242,6 +243,39 @@ class NoProbe:
         pass
 
 
+class FullCollections:
+    """The process's full garbage collections (generation 2) while in the block: (start,
+    end) perf_counter pairs. One holds the GIL throughout, stopping every thread whichever
+    thread's allocation started it, for a time that grows with all the objects of the
+    process (the training framework's too)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.spans.append((self._start, time.perf_counter()))
+
+    def __enter__(self) -> FullCollections:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def overlapping(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Which calls ([starts, ends) pairs) overlapped a full collection."""
+        hit = np.zeros(len(starts), dtype=bool)
+        for a, b in self.spans:
+            hit |= (starts < b) & (ends > a)
+        return hit
+
+
 def _percentiles(wall: np.ndarray, cpu: np.ndarray | None = None) -> dict:
     """Blocking time of the calls (ms), and the calling thread's CPU time when given."""
     out = {}
@@ -304,11 +338,12 @@ def bench_klmon(
     )
     run.flush(30.0)  # the run row exists: what follows is the steps
     cpu0 = _thread_cpu()
-    times = np.empty(steps)
-    with GilProbe() if probe else NoProbe() as probe:
+    times, starts, cpu_waits = np.empty(steps), np.empty(steps), np.empty(steps)
+    with GilProbe() if probe else NoProbe() as probe, FullCollections() as collections:
         for step in range(steps):
             lp, ref, mask, rewards = batches[step % len(batches)]
-            t0 = time.perf_counter()
+            d0 = _run_delay()
+            t0 = starts[step] = time.perf_counter()
             run.log_step(
                 step,
                 policy_logprobs=lp,
@@ -321,6 +356,7 @@ def bench_klmon(
                 metrics={"loss/policy": 0.1, "lr": 1e-6},
             )
             times[step] = time.perf_counter() - t0
+            cpu_waits[step] = _run_delay() - d0
             if step_ms > 0:
                 time.sleep(step_ms / 1000)
         flushed = run.flush(600.0)
@@ -328,9 +364,16 @@ def bench_klmon(
     stats = run.stats
     run.finish(timeout=30.0)
     bg = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / steps * 1e3
+    in_gc = collections.overlapping(starts, starts + times)
     return {
         "case": label,
         **_percentiles(times),
+        "over_10ms": int(np.sum(times > 0.010)),
+        "over_10ms_in_gc": int(np.sum((times > 0.010) & in_gc)),
+        "max_outside_gc_ms": float(times[~in_gc].max() * 1e3) if (~in_gc).any() else None,
+        # the call's time less what its thread waited for a CPU (the machine's load)
+        "max_less_cpu_wait_ms": float((times - cpu_waits).max() * 1e3),
+        "full_gcs_ms": [round((b - a) * 1e3, 1) for a, b in collections.spans],
         "bg_cpu_ms": bg,
         "gil_ms": probe.waited / steps * 1e3,
         "gil_worst_ms": probe.worst * 1e3,
@@ -510,6 +553,13 @@ def overhead(args: argparse.Namespace, work: Path) -> list[dict]:
         f"  shed: thinned {s.get('thinned', '-')} steps ({s.get('samples_shed', '-')} samples), "
         f"spilled {s['spilled']} whole steps to the spool; written {s['written']} of "
         f"{args.shed_steps}, flushed {r['flushed']}"
+    )
+    print(
+        f"  calls over 10 ms: {r['over_10ms']}, {r['over_10ms_in_gc']} of them during a full "
+        f"garbage collection of the process (each stops every thread; {len(gc.get_objects())} "
+        f"objects tracked here; pauses {r['full_gcs_ms']} ms); max outside those: "
+        f"{r['max_outside_gc_ms']:.2f} ms; max less the caller's wait for a CPU (the machine's "
+        f"load): {r['max_less_cpu_wait_ms']:.2f} ms"
     )
     for name, _ in pg_urls:
         _drop_pg(name)
