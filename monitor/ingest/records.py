@@ -79,7 +79,7 @@ class WriterConfig:
     samples_random: int = 2
     queue_size: int = 64
     queue_bytes: int = 64 * 1024 * 1024
-    flush_interval: float = 0.25
+    flush_interval: float = 1.0
     max_batch: int = 2000
     max_batch_bytes: int = 32 * 1024 * 1024
     backoff_initial: float = 0.25
