@@ -37,8 +37,9 @@ then, in format 3, the byte length of the first zstd frame (``_FRAME``), that fr
 byte-planes, "shuffled" integers: the high bytes of small numbers are all zero and compress
 to nothing, then the values kept apart from the grid) and a second frame (the UTF-8 texts;
 none when there are no texts).
-Formats 1 (zlib) and 2 (zstd level -1), written by earlier klmon and still read, hold the
-same parts in one stream: planes, token ids, texts, then the values kept apart.
+Format 1 (zlib), written by earlier klmon and still read, holds the same parts in one
+stream: planes, token ids, texts, then the values kept apart. (Format 2, one zstd stream,
+never left development.)
 """
 
 from __future__ import annotations
@@ -61,9 +62,8 @@ except ImportError:  # built without a C compiler: numpy writes the same bytes
     _compiled_planes = None
 
 FORMAT_VERSION = 3
-READ_VERSIONS = (1, 2, 3)
-"""Formats :func:`decode_sample` reads: 1 (zlib) and 2 (one zstd stream), written by earlier
-klmon, and 3."""
+READ_VERSIONS = (1, 3)
+"""Formats :func:`decode_sample` reads: 1 (zlib, written by earlier klmon) and 3."""
 LOGPROB_DECIMALS = 4
 LOGPROB_TOLERANCE = 10.0**-LOGPROB_DECIMALS
 """Largest difference between a decoded log-prob and the logged one (nats)."""
@@ -224,16 +224,13 @@ class _Stream:
 
 
 def _streams(version: int, packed: bytes) -> tuple[_Stream, _Stream]:
-    """The numbers' and the texts' streams of a payload body. Formats 1 and 2 hold both in
-    one stream, in the order :func:`decode_sample` reads them (planes, ids, texts, the
-    values kept apart), so the two are one reader there."""
+    """The numbers' and the texts' streams of a payload body. Format 1 holds both in one
+    stream, in the order :func:`decode_sample` reads them (planes, ids, texts, the values
+    kept apart), so the two are one reader there."""
     if version == 1:
         one = _Stream(zlib.decompress(packed))
         return one, one
     unpack = zstandard.ZstdDecompressor().decompress
-    if version == 2:
-        one = _Stream(unpack(packed))
-        return one, one
     (size,) = _FRAME.unpack_from(packed)
     start = _FRAME.size
     texts = packed[start + size :]
