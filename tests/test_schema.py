@@ -9,7 +9,7 @@ from multiprocessing.synchronize import Barrier
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine
+from sqlalchemy import Engine, inspect
 
 from monitor.errors import SchemaOutOfDate
 from monitor.store.database import Database
@@ -95,6 +95,29 @@ def test_a_new_database_created_from_the_models_equals_the_migrated_one(
     engine.dispose()
     assert len(migrated) > 3 * len(Base.metadata.tables)
     assert created == migrated
+
+
+def test_a_schema_creation_that_fails_leaves_the_database_empty(
+    empty_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """create_schema is one transaction on both databases (SQLite's driver would commit each
+    CREATE TABLE on its own): a failure after the tables leaves none of them, so another
+    process never finds a half-built schema."""
+    engine = make_engine(empty_db_url)
+    real = Base.metadata.create_all
+
+    def create_then_fail(conn, **kw):  # type: ignore[no-untyped-def]
+        real(conn, **kw)
+        assert inspect(conn).get_table_names()  # the tables are there, inside the transaction
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(Base.metadata, "create_all", create_then_fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        create_schema(engine)
+    assert is_empty(engine)
+    monkeypatch.undo()
+    assert create_schema(engine) is True and current_revision(engine) == head_revision()
+    engine.dispose()
 
 
 def test_upgrade_is_idempotent_and_reports_head(empty_db_url: str) -> None:

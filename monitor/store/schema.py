@@ -86,7 +86,8 @@ def _run_upgrade(engine: Engine, revision: str) -> str | None:
 @contextmanager
 def _schema_lock(engine: Engine) -> Iterator[None]:
     """On PostgreSQL, a session advisory lock held while the schema changes (nothing on
-    SQLite, whose writers the database lock serialises)."""
+    SQLite, whose writers the database lock serialises: ``create_schema`` holds it with
+    ``BEGIN IMMEDIATE``, as Python's sqlite3 runs DDL outside any transaction)."""
     if engine.dialect.name != "postgresql":
         yield
         return
@@ -127,22 +128,28 @@ def create_schema(engine: Engine) -> bool:
     if head is None:
         upgrade(engine)
         return True
+    from sqlalchemy import inspect
+
     from monitor.store.models import Base
 
-    with _schema_lock(engine):
-        if not is_empty(engine):
+    with _schema_lock(engine), engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            # sqlite3 commits each CREATE TABLE on its own unless a transaction is open: one
+            # write transaction makes the schema appear whole or not at all, and another
+            # process creating it waits here, then finds it below
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if inspect(conn).get_table_names():
             return False
-        with engine.begin() as conn:
-            Base.metadata.create_all(conn)
-            if conn.dialect.name == "postgresql":
-                for sql in _PG_AFTER_CREATE:
-                    conn.exec_driver_sql(sql)
-            # the table Alembic creates, as it creates it
-            conn.exec_driver_sql(
-                "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
-                "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
-            )
-            conn.exec_driver_sql(f"INSERT INTO alembic_version (version_num) VALUES ('{head}')")
+        Base.metadata.create_all(conn)
+        if conn.dialect.name == "postgresql":
+            for sql in _PG_AFTER_CREATE:
+                conn.exec_driver_sql(sql)
+        # the table Alembic creates, as it creates it
+        conn.exec_driver_sql(
+            "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+            "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+        )
+        conn.exec_driver_sql(f"INSERT INTO alembic_version (version_num) VALUES ('{head}')")
     return True
 
 
