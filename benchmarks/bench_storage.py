@@ -45,7 +45,7 @@ from bench_ingest import _drop_pg, _fresh_pg, _fresh_sqlite
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-BATCH_STEPS = 5  # records per committer transaction (a step every 20 ms, a 0.1 s flush)
+STEP_S = 0.02  # a step every 20 ms, as bench_ingest.py logs them
 HEADER = {"project": "bench", "name": "storage", "rank": 0, "world_size": 1}
 
 
@@ -233,6 +233,7 @@ def write_variant(url: str, records: list[Any], variant: str) -> tuple[int, int,
     writing, sampled steps kept)."""
     from dataclasses import replace
 
+    from monitor.ingest.records import WriterConfig
     from monitor.store._bulk import insert_rows
     from monitor.store.database import Database
     from monitor.store.drilldown import sample_steps
@@ -240,13 +241,14 @@ def write_variant(url: str, records: list[Any], variant: str) -> tuple[int, int,
     from monitor.store.sample_retention import SampleRetention
     from monitor.store.step_writes import write_step_records
 
+    batch_steps = round(WriterConfig().flush_interval / STEP_S)  # records per transaction
     db = Database.open(url, check=False)
     run_id = get_or_create_run(db, "bench", variant).id
     before = _size(db)
     retention = SampleRetention() if variant == "payload+retention" else None
     t0 = time.perf_counter()
-    for i in range(0, len(records), BATCH_STEPS):
-        batch = records[i : i + BATCH_STEPS]
+    for i in range(0, len(records), batch_steps):
+        batch = records[i : i + batch_steps]
         if variant == "before":
             write_step_records(db, run_id, [replace(r, samples=()) for r in batch])
             with db.begin() as conn:

@@ -429,9 +429,7 @@ def write_step_frame(db: Database, run_id: int, frame: pd.DataFrame) -> StepWrit
         ):
             invalidate_rollups(conn, run_id, int(steps.min()))
             at = {c: i for i, c in enumerate(names)}
-            wall = values[at["wall_time"]].astype(np.float64)
-            if present[at["wall_time"]] is not None:
-                wall = np.where(present[at["wall_time"]], wall, np.nan)
+            wall = values[at["wall_time"]].astype(np.float64)  # a missing one is NaN already
             has_value = {c: _present(present[i], n) for c, i in at.items()}
             count_inserted_columns(conn, db.paramstyle, run_id, steps, wall, has_value)
             return StepWriteResult(n, 0, ())
