@@ -59,7 +59,6 @@ class _TokenArrays(NamedTuple):
     layout: inputs.Layout
     n_empty: int  # sequences whose response is empty (mask row all zero)
     extra: dict[str, np.ndarray]  # rollout_logprobs/entropies copied with them (padded alike)
-    checked: bool  # the values of these arrays are checked
 
 
 def build_item(
@@ -111,7 +110,7 @@ def _token_arrays(args: StepArgs, allow_all_empty: bool, check_values: bool) -> 
         arrays = _fused_arrays(args, allow_all_empty, check_values) or _dense_arrays(
             args, allow_all_empty, check_values
         )
-    if check_values and not arrays.checked:  # dense ones are checked as they are copied
+    if check_values and arrays.layout == "ragged":  # dense ones are checked as copied
         for name, a in (("policy_logprobs", arrays.policy), ("ref_logprobs", arrays.ref)):
             _check_values(a, name, arrays.mask, "logprob", arrays.layout)
     return arrays
@@ -128,7 +127,7 @@ def _ragged_arrays(args: StepArgs, allow_all_empty: bool) -> _TokenArrays:
     if args.mask is None and mask.all():
         mask = None  # sequences of one length: the same item as a (B, T) array
     padded = {name: a for (_, name), a in zip(optional, extras, strict=True) if a is not None}
-    return _TokenArrays(lp, ref, mask, "ragged", n_empty, padded, checked=False)
+    return _TokenArrays(lp, ref, mask, "ragged", n_empty, padded)
 
 
 def _fused_arrays(args: StepArgs, allow_all_empty: bool, check_values: bool) -> _TokenArrays | None:
@@ -149,7 +148,7 @@ def _fused_arrays(args: StepArgs, allow_all_empty: bool, check_values: bool) -> 
         checked_copy.raise_first_bad(copied, names, kinds, layout)
     lp, ref, *extra = copied.arrays
     extras = dict(zip(names[2:], extra, strict=True))
-    return _TokenArrays(lp, ref, copied.mask, layout, copied.n_empty, extras, checked=True)
+    return _TokenArrays(lp, ref, copied.mask, layout, copied.n_empty, extras)
 
 
 def _dense_arrays(args: StepArgs, allow_all_empty: bool, check_values: bool) -> _TokenArrays:
@@ -169,7 +168,7 @@ def _dense_arrays(args: StepArgs, allow_all_empty: bool, check_values: bool) -> 
     ref = inputs.same_shape(_float_copy(args.ref_logprobs, "ref_logprobs")[0], lp, "ref_logprobs")
     if check_values:
         _check_values(ref, "ref_logprobs", mask, "logprob", layout)
-    return _TokenArrays(lp, ref, mask, layout, n_empty, {}, checked=True)
+    return _TokenArrays(lp, ref, mask, layout, n_empty, {})
 
 
 def _mask_copy(mask: Any) -> np.ndarray:
@@ -219,7 +218,7 @@ def _extra_arrays(args: StepArgs, arrays: _TokenArrays, check_values: bool) -> d
         value = getattr(args, name)
         if value is None:
             continue
-        checked = name in arrays.extra and arrays.checked
+        checked = name in arrays.extra and arrays.layout != "ragged"  # copied with a check
         if name in arrays.extra:
             a = arrays.extra[name]
         else:
