@@ -498,14 +498,22 @@ class SpoolWriter:
             os.close(fd)
 
 
+_HOLD_GIL_MAX_BYTES = 16 << 20
+"""A write with ``hold_gil`` keeps the GIL up to this size (a (256, 2048) raw step is ~5 MB,
+a millisecond into the page cache); a larger one, which a slow disk could stretch to a long
+stall of every thread, releases it as usual."""
+
+
 def _write_parts(fd: int, parts: list[bytes | memoryview], hold_gil: bool = False) -> int:
     """Write the buffers in one ``writev`` (one GIL release, not one per buffer; none with
-    ``hold_gil`` where ``monitor._kernel`` is built: a step spilled on the training loop's
-    thread, which could otherwise wait up to the switch interval to take the GIL back from a
-    busy writer thread) and whatever a short write left; returns the bytes written. An
-    ``OSError`` may leave part of them written: the caller truncates the file back."""
+    ``hold_gil`` where ``monitor._kernel`` is built, up to ``_HOLD_GIL_MAX_BYTES``: a step
+    spilled on the training loop's thread, which could otherwise wait up to the switch
+    interval to take the GIL back from a busy writer thread) and whatever a short write left;
+    returns the bytes written. An ``OSError`` may leave part of them written: the caller
+    truncates the file back."""
     total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-    writev = _writev_holding_gil if hold_gil and _writev_holding_gil else os.writev
+    hold = hold_gil and _writev_holding_gil is not None and total <= _HOLD_GIL_MAX_BYTES
+    writev = _writev_holding_gil if hold else os.writev
     done = writev(fd, parts)
     if done < total:
         _write_all(fd, memoryview(b"".join(parts))[done:])
