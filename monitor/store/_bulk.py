@@ -189,26 +189,26 @@ def _copy_binary(
         _write_rows(copy, rows, types)
 
 
-def copy_columns(
-    conn: Connection,
+def table_block(
     table: str,
     columns: Sequence[str],
     values: Sequence[np.ndarray],
     present: Sequence[np.ndarray | None],
-) -> bool:
-    """Binary COPY of new rows given a column at a time (see ``column_block``) into
-    ``table`` inside the current PostgreSQL transaction; False (nothing written) when the
-    block cannot be built: the caller inserts the rows another way."""
-    block = column_block(values, present, _pg_types(table, columns))
-    if block is None:
-        return False
+) -> bytes | None:
+    """``column_block`` of rows of ``table``'s ``columns`` (their PostgreSQL types); None
+    when it cannot be built: the caller inserts the rows another way."""
+    return column_block(values, present, _pg_types(table, columns))
+
+
+def copy_block(conn: Connection, table: str, columns: Sequence[str], block: bytes) -> None:
+    """Binary COPY of a ``table_block`` into ``table`` inside the current PostgreSQL
+    transaction."""
     raw = conn.connection.driver_connection
     with (
         raw.cursor() as cur,  # type: ignore[union-attr]
         cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
     ):
         copy.write(block)
-    return True
 
 
 def _write_rows(copy: Any, rows: Sequence[tuple[Any, ...]], types: list[str]) -> None:

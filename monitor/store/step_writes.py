@@ -44,7 +44,7 @@ from sqlalchemy import Connection
 
 from monitor.errors import InvalidInput, NotFound
 from monitor.store import metric_blocks
-from monitor.store._bulk import COPY_MIN_ROWS, copy_columns, insert_rows
+from monitor.store._bulk import COPY_MIN_ROWS, copy_block, insert_rows, table_block
 from monitor.store.database import Database
 from monitor.store.domain import StepWriteResult
 from monitor.store.drilldown import SAMPLE_COLUMNS, sample_rows
@@ -420,13 +420,13 @@ def write_step_frame(db: Database, run_id: int, frame: pd.DataFrame) -> StepWrit
     with db.begin() as conn:
         _lock_run(db, conn, run_id, None)
         stored = _stored_hashes(db, conn, run_id, steps.tolist())
-        if (
-            not db.is_sqlite
-            and n >= COPY_MIN_ROWS
-            and not stored
-            and len(np.unique(steps)) == n
-            and _copy_locked(conn, "steps", names, values, present)
-        ):
+        block = None
+        if not db.is_sqlite and n >= COPY_MIN_ROWS and not stored and len(np.unique(steps)) == n:
+            block = table_block("steps", names, values, present)  # None: rows one by one
+        if block is not None:
+            # the run's row lock, taken above, stands for the run_id key's per-row checks
+            with fk_checks_held_by_lock(conn, "steps", "runs"):
+                copy_block(conn, "steps", names, block)
             invalidate_rollups(conn, run_id, int(steps.min()))
             at = {c: i for i, c in enumerate(names)}
             wall = values[at["wall_time"]].astype(np.float64)  # a missing one is NaN already
@@ -439,19 +439,6 @@ def write_step_frame(db: Database, run_id: int, frame: pd.DataFrame) -> StepWrit
             db, conn, run_id, rows, columns=tuple(names), stored=stored
         )
     return StepWriteResult(len(inserted), duplicates, tuple(conflicts))
-
-
-def _copy_locked(
-    conn: Connection,
-    table: str,
-    names: Sequence[str],
-    values: Sequence[np.ndarray],
-    present: Sequence[np.ndarray | None],
-) -> bool:
-    """``copy_columns`` of rows of the run this transaction locked (``_lock_run``), whose
-    lock stands for the per-row checks of the ``run_id`` foreign key (``locked_fk``)."""
-    with fk_checks_held_by_lock(conn, table, "runs"):
-        return copy_columns(conn, table, names, values, present)
 
 
 def _frame_columns(
