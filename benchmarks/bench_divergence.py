@@ -3,10 +3,12 @@
 Run: ``.venv/bin/python benchmarks/bench_divergence.py [--reps N] [--batch B] [--tokens T]``
 
 A (B, T) float32 batch with a realistic response mask: half the rows left-padded, half
-right-padded, response lengths uniform in [T/2, T] (about 75% fill), for three distributions
+right-padded, response lengths uniform in [T/2, T] (about 75% fill), for four distributions
 of the per-token l_t (``DISTRIBUTIONS``): healthy (Normal(0, 0.1): no token reaches the tail
 at |l| >= 1/2), tiny-KL (Normal(0, 0.001): policy barely moved from the reference) and
-heavy-tailed (0.15 * Student-t with 3 degrees of freedom). Prints, per distribution, the
+heavy-tailed (0.15 * Student-t with 3 degrees of freedom), and drifted-rows (the first eighth
+of the sequences drifted, l ~ Exponential(mean 0.5), the rest healthy: the top 1% lies in one
+row range of the token pass, as in a run starting to drift). Prints, per distribution, the
 median and best of ``--reps`` timed calls in tokens/s counting all B*T positions, the median CPU
 time of a call (``time.process_time``: every thread of the process, the helper thread of the
 token pass included, i.e. what a training process pays for it), and the peak extra memory
@@ -56,6 +58,11 @@ DISTRIBUTIONS: dict[str, Callable[[np.random.Generator, tuple[int, int]], np.nda
     "healthy": lambda rng, shape: 0.1 * rng.standard_normal(shape),
     "tiny-KL": lambda rng, shape: 0.001 * rng.standard_normal(shape),
     "heavy-tailed": lambda rng, shape: 0.15 * rng.standard_t(3, shape),
+    "drifted-rows": lambda rng, shape: np.where(
+        np.arange(shape[0])[:, None] < shape[0] // 8,
+        rng.exponential(0.5, shape),
+        0.1 * rng.standard_normal(shape),
+    ),
 }
 
 

@@ -34,11 +34,13 @@
  *         the buffer always holds the range's `keep` largest positive l above the first level
  *         (ties count alike: equal values add the same to the sum). Python passes keep =
  *         ceil(1% of the batch's tokens) and takes the top 1% from the buffers of all row
- *         ranges. The first level is 0, or with `share` (1% again) one that about twice that
- *         share of a sample of the range beats (first_level): a healthy batch then buffers
- *         some 2% of its tokens instead of every positive l until the level has risen. Python
- *         checks that the smallest of the top 1% beats every range's first level (then no
- *         token left out could belong to it) and otherwise reads the batch again from 0.
+ *         ranges. The first level is `start`: Python passes one that about twice the top's
+ *         share of a sample of the whole batch beats (sampled_level, first_level), the same
+ *         for every range, so a range that holds all of the top (a drifted run's top often
+ *         lies in a few sequences) still keeps it, and a healthy batch buffers some 2% of its
+ *         tokens instead of every positive l until the level has risen. Python checks that
+ *         at least the top's size beat that level (then no token left out could belong to
+ *         the top) and otherwise reads the batch again from 0.
  *   ledger: the token ledger of a row range (ledger_add), a scatter-add into buffers indexed
  *         by id that the caller keeps between calls: count[id] += 1 and sum[id] += l for each
  *         masked token, and the ids seen for the first time appended to `touched`, so reading
@@ -196,12 +198,12 @@ static inline double load(const void *base, Py_ssize_t i, int is_double) {
     return is_double ? ((const double *)base)[i] : (double)((const float *)base)[i];
 }
 
-/* The candidates' first level: one that about LEVEL_MARGIN times `share` of the range's tokens
- * beat (`share`: the top's share of the batch's tokens, k / n), from the l of SAMPLE tokens in
- * runs of RUN spread evenly over the range (a run is one cache line or two: few reads from
- * memory); 0 (every positive l a candidate) when the sample is small or `share` is 0. A sample
- * only saves work: the caller checks after the pass that the smallest of the top k beats every
- * range's first level, and reads the batch again from 0 otherwise. */
+/* The candidates' first level: one that about LEVEL_MARGIN times `share` of the batch's tokens
+ * beat (`share`: the top's share of them, k / n), from the l of SAMPLE tokens in runs of RUN
+ * spread evenly over the batch (a run is one cache line or two: few reads from memory); 0
+ * (every positive l a candidate) when the sample is small. A sample only saves work: the
+ * caller checks after the pass that k values beat the level, and reads the batch again from 0
+ * otherwise. */
 enum { SAMPLE = 4096, RUN = 8, SAMPLE_MIN = 1024 };
 #define LEVEL_MARGIN 2.0
 
@@ -687,12 +689,16 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     Inputs in;
     int simd;
     Py_ssize_t keep;
-    double share;
+    double start;
     Py_buffer outs[5]; /* coef, seq, sums, hist, cand */
     if (!PyArg_ParseTuple(args, "OOOOOnnpdpndy*w*w*w*w*", &objs[0], &objs[1], &objs[2], &objs[3],
                           &objs[4], &in.rows, &in.cols, &in.is_double, &in.tol, &simd, &keep,
-                          &share, &outs[0], &outs[1], &outs[2], &outs[3], &outs[4]))
+                          &start, &outs[0], &outs[1], &outs[2], &outs[3], &outs[4]))
         return NULL;
+    if (!(start >= 0.0) || start == HUGE_VAL) {
+        release(outs, 5);
+        return PyErr_Format(PyExc_ValueError, "start must be a finite level >= 0");
+    }
     if (outs[0].len != (DEGREE + 1) * 8 || in.rows < 0 || outs[1].len / 8 < in.rows ||
         outs[2].len != N_SUMS * 8 || outs[3].len != N_BINS * 8 || keep < 0 ||
         outs[4].len / 8 < keep + 4) { /* + 4: the AVX2 loop stores a group of four */
@@ -720,9 +726,8 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     a.thr = keep > 0 ? 0.0 : HUGE_VAL; /* nothing to keep: no candidates */
     Py_ssize_t bad_row = -1;
     int status;
-    double level = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    if (keep > 0) a.thr = level = first_level(&in, share);
+    if (keep > 0) a.thr = start;
     status = token_pass(&in, &a, outs[1].buf, simd, &bad_row);
     if (status == KL_OK && a.keep > 0 && a.n_cand > 2 * a.keep)
         compact(&a); /* here, on this range's thread, rather than in Python after the join */
@@ -745,7 +750,7 @@ static PyObject *stats(PyObject *self, PyObject *args) {
     }
     release(views, 5);
     release(outs, 5);
-    return Py_BuildValue("innid", status, bad_row, a.n_cand, simd, level);
+    return Py_BuildValue("inni", status, bad_row, a.n_cand, simd);
 }
 
 /* ---- token ledger (see ledger at the top) ----------------------------------------------- */
@@ -1178,6 +1183,24 @@ out:
 }
 #endif
 
+/* first_level over a whole batch: one level for every row range (see cand at the top). */
+static PyObject *sampled_level(PyObject *self, PyObject *args) {
+    PyObject *objs[5] = {NULL, NULL, NULL, Py_None, Py_None};
+    Inputs in;
+    double share;
+    if (!PyArg_ParseTuple(args, "OOOnnpd", &objs[0], &objs[1], &objs[2], &in.rows, &in.cols,
+                          &in.is_double, &share))
+        return NULL;
+    Py_buffer views[5];
+    if (get_buffers(objs, views, &in) < 0) return NULL;
+    double level;
+    Py_BEGIN_ALLOW_THREADS
+    level = first_level(&in, share);
+    Py_END_ALLOW_THREADS
+    release(views, 5);
+    return PyFloat_FromDouble(level);
+}
+
 static PyObject *py_has_avx2(PyObject *self, PyObject *unused) {
 #ifdef HAVE_AVX2
     return PyBool_FromLong(have_avx2());
@@ -1190,8 +1213,10 @@ static PyMethodDef methods[] = {
     {"has_avx2", py_has_avx2, METH_NOARGS, "Whether stats() can use its AVX2 loop here."},
     {"stats", stats, METH_VARARGS,
      "stats(policy, ref, mask, rollout, entropies, rows, cols, is_double, tol, simd,"
-     " keep, share, coef, seq, sums, hist, cand) -> (status, bad_row, n_cand, used_simd,"
-     " first_level)"},
+     " keep, start, coef, seq, sums, hist, cand) -> (status, bad_row, n_cand, used_simd)"},
+    {"sampled_level", sampled_level, METH_VARARGS,
+     "sampled_level(policy, ref, mask, rows, cols, is_double, share) -> the first level of"
+     " the candidates, from a sample of the whole batch (0 when it is too small)"},
     {"ledger_add", ledger_add, METH_VARARGS,
      "ledger_add(ids, policy, ref, mask, rows, cols, is_double, acc, touched, n_touched)"
      " -> (status, n_touched)"},

@@ -678,7 +678,8 @@ def _top_values(p: np.ndarray, q: np.ndarray, mask: np.ndarray) -> np.ndarray:
         "descending",  # the top 1% first, then nothing beats the level
         "ties",  # a few distinct values, the k-th largest shared by many tokens
         "few-positive",  # fewer positive l than the top 1% holds
-        "equal",  # no l beats the sampled first level: the batch is read again from 0
+        "equal",  # no l beats the sampled level: the batch is read again
+        "one-range",  # the whole top in the first half of the rows (one range of two)
     ],
 )
 @pytest.mark.parametrize("room", [1, 4])  # 4: compactions from a sampled level too
@@ -704,6 +705,9 @@ def test_top_candidates_are_exactly_the_largest_positive_l(
         ),
         "few-positive": lambda: np.where(rng.random(n) < 0.003, 0.2, -0.1) * rng.random(n),
         "equal": lambda: np.full(n, 0.3),
+        "one-range": lambda: np.where(
+            np.arange(n) < n // 2, rng.exponential(0.5, n), 0.05 * rng.standard_normal(n)
+        ),
     }[order]().reshape(b, t)
     mask = np.arange(t)[None, :] < rng.integers(t // 2, t + 1, b)[:, None]
     p = np.minimum(lt, 0.0) - rng.gamma(0.7, 1.0, (b, t))
@@ -713,6 +717,62 @@ def test_top_candidates_are_exactly_the_largest_positive_l(
     np.testing.assert_array_equal(got, want)
     s = summarize(p, q, mask)
     assert s.top1pct_share == pytest.approx(reference(p, q, mask)["top1pct_share"], rel=1e-12)
+
+
+class _CountedKernel:
+    """``monitor._kernel`` with its token passes recorded: the level each row range started
+    its candidates at."""
+
+    def __init__(self, kernel: Any) -> None:
+        self._kernel = kernel
+        self.starts: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kernel, name)
+
+    def stats(self, *args: Any) -> Any:
+        self.starts.append(args[11])
+        return self._kernel.stats(*args)
+
+
+def test_a_top_in_one_row_range_is_found_in_one_read(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drifted run's top often lies in a few sequences, all in one row range: the sampled
+    level is the whole batch's, so that range keeps all of the top on the first read (a level
+    per range would have been that range's own top and read the batch twice)."""
+    if kernel == "numpy":
+        pytest.skip("the compiled pass's reads")
+    counted = _CountedKernel(compiled.extension)
+    monkeypatch.setattr(compiled, "extension", counted)
+    monkeypatch.setattr(passes, "PARALLEL_MIN_POSITIONS", 0)
+    rng = np.random.default_rng(5)
+    b, t = 64, 2048
+    lt = 0.05 * rng.standard_normal((b, t))
+    lt[: b // 2] = rng.exponential(0.5, (b // 2, t))  # all of the top in the first range
+    p = np.minimum(lt, 0.0) - rng.gamma(0.7, 1.0, (b, t))
+    mask = np.ones((b, t), dtype=bool)
+    got = partials(p, p - lt, mask, threads=1)
+    assert len(counted.starts) == 2 and counted.starts[0] == counted.starts[1] > 0  # 2 ranges
+    np.testing.assert_array_equal(got["top_pos_l"], _top_values(p, p - lt, mask))
+
+
+def test_a_sampled_level_that_leaves_out_part_of_the_top_is_read_again_from_0(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every l equal: none beats the sampled level (only values above it are kept), so the
+    batch is read a second time from 0, and the top is exact."""
+    if kernel == "numpy":
+        pytest.skip("the compiled pass's reads")
+    counted = _CountedKernel(compiled.extension)
+    monkeypatch.setattr(compiled, "extension", counted)
+    b, t = 64, 2048  # two row ranges
+    p = np.full((b, t), -1.0)
+    q = p - 0.3
+    got = partials(p, q, threads=1)
+    level = (p - q)[0, 0]
+    assert counted.starts == [level, level, 0.0, 0.0]
+    np.testing.assert_array_equal(got["top_pos_l"], np.full(math.ceil(0.01 * b * t), level))
 
 
 # --- threads --------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ top-1% candidates come out of that same pass, whatever the distribution of l: ea
 keeps its ``ceil(1% B*T)`` largest positive l (the pass counts the tokens under the mask, so
 the batch's ``ceil(1% n_tokens)`` is known after it) above a first level sampled from the range,
 in a buffer of ``CANDIDATE_ROOM`` times that size, compacted when full (see ``cand`` in the C
-file); the batch is read again from level 0 in the rare case where a sampled level was too high.
+file). The first level is sampled from the whole batch, the same for every range, so a range
+that holds all of the top (a drifted run's top often lies in a few sequences) keeps it; in the
+rare case where that level was too high, the batch is read again from 0.
 
 The token ledger (``compiled_ledger``) is a second pass of the same kind: each row range
 scatter-adds its counts and sums of l into buffers indexed by id (``ledger`` in the C file),
@@ -66,11 +68,11 @@ def run_compiled(
     batch: Batch, full: bool, sampled: bool = True, threads: int = passes.MAX_THREADS
 ) -> KernelOut:
     """The statistics of a validated batch (``full``) or its per-sequence KLs alone;
-    BadChunk when a value under the mask is out of range. ``sampled``: each row range starts
-    its candidates at a level from a sample of its tokens (``first_level`` in the C file);
-    when that level turns out to leave out part of the top, the batch is read again without.
-    ``threads``: how many threads run the row ranges (the ranges, hence the results, are the
-    same whatever it is)."""
+    BadChunk when a value under the mask is out of range. ``sampled``: every row range starts
+    its candidates at one level from a sample of the whole batch's tokens (``first_level`` in
+    the C file), else at 0. Only values above it are kept, so when fewer than the top's size
+    beat it the batch is read again from 0. ``threads``: how many threads run the
+    row ranges (the ranges, hence the results, are the same whatever it is)."""
     assert extension is not None
     given = [x for x in (batch.policy, batch.ref, batch.rollout, batch.entropies) if x is not None]
     dtype = np.result_type(*given)
@@ -96,16 +98,20 @@ def run_compiled(
         return None if x is None else x[bounds[i] : bounds[i + 1]]
 
     keep = keep_most if full else 0  # sequence_kl alone needs no candidates
-    share = TOP_FRACTION if full and sampled else 0.0
+    # one level for every range: a range may hold all of the top
+    level = (
+        extension.sampled_level(p, q, mask, b, t, is_double, TOP_FRACTION)
+        if keep and sampled
+        else 0.0
+    )
     room = max(keep + 4, math.ceil(CANDIDATE_ROOM * keep))  # 4: a group of the AVX2 loop
     cands = [np.empty(room) for _ in range(n_ranges)]
     n_cands = [0] * n_ranges
-    levels = [0.0] * n_ranges
 
     def task(i: int) -> None:
-        status, _, n_cands[i], _, levels[i] = extension.stats(
+        status, _, n_cands[i], _ = extension.stats(
             *(rows(x, i) for x in (p, q, mask, rollout, ent)),
-            *(bounds[i + 1] - bounds[i], t, is_double, tol, SIMD, keep, share),
+            *(bounds[i + 1] - bounds[i], t, is_double, tol, SIMD, keep, level),
             *(coef, seq_kl[bounds[i] : bounds[i + 1]], sums[i], hist[i], cands[i]),
         )
         if status:
@@ -120,9 +126,8 @@ def run_compiled(
     top = np.concatenate([c[:n] for c, n in zip(cands, n_cands, strict=True)])
     if len(top) > k_top:
         top = np.partition(top, len(top) - k_top)[len(top) - k_top :]
-    level = max(levels)
-    if level > 0 and (len(top) < k_top or top.min() <= level):
-        # a value at or below a range's first level may belong to the top: read from 0
+    if len(top) < k_top and level > 0:
+        # fewer than k_top beat the sampled level: the rest of the top is at or below it
         return run_compiled(batch, full, sampled=False, threads=threads)
     return KernelOut(
         n_tokens=n_tokens,
