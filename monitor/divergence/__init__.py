@@ -97,7 +97,7 @@ def sequence_kl(policy_logprobs: Any, ref_logprobs: Any, mask: Any = None) -> np
     """Per-sequence KL penalty ``sum_t (log p - log q)`` over the response mask, shape (B,),
     float64. Inputs as for :func:`summarize`."""
     batch = prepare(policy_logprobs, ref_logprobs, mask)
-    return _run_kernel(batch, full=False).seq_kl
+    return _run_kernel(batch, full=False, threads=_thread_count(None)).seq_kl
 
 
 def summarize(
@@ -206,7 +206,7 @@ def _partial(
     token_ids: Any = None,
     threads: int | None = None,
 ) -> Partial:
-    n_threads = compiled.passes.MAX_THREADS if threads is None else _thread_count(threads)
+    n_threads = _thread_count(threads)
     batch = prepare(policy, ref, mask, rollout=rollout, entropies=entropies, rewards=rewards)
     if kl_coef is not None:
         kl_coef = check_scalar(kl_coef, "kl_coef")
@@ -221,6 +221,9 @@ def _partial(
 
 
 def _thread_count(threads: Any) -> int:
+    """The public ``threads`` argument as a count: None is up to ``MAX_THREADS``."""
+    if threads is None:
+        return compiled.passes.MAX_THREADS
     if isinstance(threads, bool) or not isinstance(threads, int | np.integer) or threads < 1:
         raise InvalidInput(f"threads must be an integer >= 1 (or None), got {threads!r}")
     return int(threads)
@@ -236,14 +239,13 @@ def _ledger(ids: np.ndarray, batch: Batch, threads: int) -> TokenLedger:
     return token_ledger(ids, batch.policy, batch.ref, batch.mask)
 
 
-def _run_kernel(batch: Batch, full: bool, threads: int | None = None) -> KernelOut:
+def _run_kernel(batch: Batch, full: bool, threads: int) -> KernelOut:
     """The compiled pass where it was built, else the numpy one; on a bad value, the message
     that names the first one."""
-    n_threads = compiled.passes.MAX_THREADS if threads is None else threads
     try:
         if compiled.extension is not None:
-            return compiled.run_compiled(batch, full, threads=n_threads)
-        return run_numpy(batch, full, n_threads)
+            return compiled.run_compiled(batch, full, threads=threads)
+        return run_numpy(batch, full, threads)
     except BadChunk:
         problem = first_problem(batch)
         if problem is None:  # only finite values, yet a sum overflowed

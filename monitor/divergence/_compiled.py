@@ -2,11 +2,11 @@
 one fused pass per token, on row ranges run by the helper threads with the GIL released. The
 top-1% candidates come out of that same pass, whatever the distribution of l: each row range
 keeps its ``ceil(1% B*T)`` largest positive l (the pass counts the tokens under the mask, so
-the batch's ``ceil(1% n_tokens)`` is known after it) above a first level sampled from the range,
-in a buffer of ``CANDIDATE_ROOM`` times that size, compacted when full (see ``cand`` in the C
-file). The first level is sampled from the whole batch, the same for every range, so a range
-that holds all of the top (a drifted run's top often lies in a few sequences) keeps it; in the
-rare case where that level was too high, the batch is read again from 0.
+the batch's ``ceil(1% n_tokens)`` is known after it) in a buffer of ``CANDIDATE_ROOM`` times
+that size, compacted when full (see ``cand`` in the C file), above a first level sampled from
+the whole batch: the same for every range, so a range that holds all of the top (a drifted
+run's top often lies in a few sequences) keeps it. In the rare case where that level was too
+high, the batch is read again from 0.
 
 The token ledger (``compiled_ledger``) is a second pass of the same kind: each row range
 scatter-adds its counts and sums of l into buffers indexed by id (``ledger`` in the C file),
@@ -64,9 +64,7 @@ class Sums(NamedTuple):
         return cls(*per_range.sum(axis=0).tolist())
 
 
-def run_compiled(
-    batch: Batch, full: bool, sampled: bool = True, threads: int = passes.MAX_THREADS
-) -> KernelOut:
+def run_compiled(batch: Batch, full: bool, threads: int, sampled: bool = True) -> KernelOut:
     """The statistics of a validated batch (``full``) or its per-sequence KLs alone;
     BadChunk when a value under the mask is out of range. ``sampled``: every row range starts
     its candidates at one level from a sample of the whole batch's tokens (``first_level`` in
@@ -128,7 +126,7 @@ def run_compiled(
         top = np.partition(top, len(top) - k_top)[len(top) - k_top :]
     if len(top) < k_top and level > 0:
         # fewer than k_top beat the sampled level: the rest of the top is at or below it
-        return run_compiled(batch, full, sampled=False, threads=threads)
+        return run_compiled(batch, full, threads, sampled=False)
     return KernelOut(
         n_tokens=n_tokens,
         sum_l=total.sum_l,
@@ -165,9 +163,7 @@ _FREE_BUFFERS: list[_LedgerBuffers] = []
 _BUFFERS_LOCK = threading.Lock()
 
 
-def compiled_ledger(
-    token_ids: np.ndarray, batch: Batch, threads: int = passes.MAX_THREADS
-) -> TokenLedger | None:
+def compiled_ledger(token_ids: np.ndarray, batch: Batch, threads: int) -> TokenLedger | None:
     """The token ledger of a validated batch and its checked (B, T) int ``token_ids`` (ids
     under the mask >= 0), as ``ledger.token_ledger`` computes it; None when an id under the
     mask is ``BINCOUNT_MAX_ID`` or more (the caller then counts with ``np.unique``)."""

@@ -33,7 +33,6 @@ import numpy as np
 from monitor.divergence._constants import BIN_OFFSET, BIN_SCALE, N_BINS, TOP_FRACTION, ZERO_BIN
 from monitor.divergence._passes import (
     K3_POLY,
-    MAX_THREADS,
     TAIL_START,
     BadChunk,
     KernelOut,
@@ -255,7 +254,7 @@ def _tail_k3(tail: np.ndarray) -> float:
     return float(np.sum(np.expm1(-t) + t))
 
 
-def run_numpy(batch: Batch, full: bool, threads: int = MAX_THREADS) -> KernelOut:
+def run_numpy(batch: Batch, full: bool, threads: int) -> KernelOut:
     if batch.mask is not None and batch.n_tokens == batch.mask.size:
         batch = replace(batch, mask=None)  # every position counts: skip the masking work
     b, t = batch.policy.shape

@@ -124,9 +124,7 @@ def _give_back(helpers: list[_Helper]) -> None:
             _IDLE[1].extend(helpers)
 
 
-def in_threads(
-    n_tasks: int, n_positions: int, task: Callable[[int], None], threads: int = MAX_THREADS
-) -> None:
+def in_threads(n_tasks: int, n_positions: int, task: Callable[[int], None], threads: int) -> None:
     """task(0) .. task(n_tasks - 1) on up to ``threads`` (at most MAX_THREADS) threads, this
     one included; the first exception stops the remaining tasks and is raised here. How the
     work is split into tasks does not depend on ``threads``: the results are the same."""
