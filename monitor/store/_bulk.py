@@ -181,12 +181,13 @@ def _copy_binary(
 ) -> None:
     """PostgreSQL binary COPY inside the current transaction (rows known to be new)."""
     raw = conn.connection.driver_connection
-    types = _pg_types(table, columns)
-    with (
-        raw.cursor() as cur,  # type: ignore[union-attr]
-        cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
-    ):
-        _write_rows(copy, rows, types)
+    with raw.cursor() as cur, _copy_in(cur, table, columns) as copy:  # type: ignore[union-attr]
+        _write_rows(copy, rows, _pg_types(table, columns))
+
+
+def _copy_in(cur: Any, table: str, columns: Sequence[str]) -> Any:
+    """psycopg's binary ``COPY table (columns) FROM STDIN`` on ``cur`` (a context manager)."""
+    return cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)")
 
 
 def table_block(
@@ -204,10 +205,7 @@ def copy_block(conn: Connection, table: str, columns: Sequence[str], block: byte
     """Binary COPY of a ``table_block`` into ``table`` inside the current PostgreSQL
     transaction."""
     raw = conn.connection.driver_connection
-    with (
-        raw.cursor() as cur,  # type: ignore[union-attr]
-        cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
-    ):
+    with raw.cursor() as cur, _copy_in(cur, table, columns) as copy:  # type: ignore[union-attr]
         copy.write(block)
 
 
@@ -237,7 +235,7 @@ def _copy_via_temp(
     try:
         cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {table}) ON COMMIT DELETE ROWS")
         # binary: a bytea (rollup stats) would otherwise travel as twice as many hex digits
-        with cur.copy(f"COPY {tmp} ({names}) FROM STDIN (FORMAT BINARY)") as cp:
+        with _copy_in(cur, tmp, columns) as cp:
             _write_rows(cp, rows, _pg_types(table, columns))
         cur.execute(
             f"INSERT INTO {table} ({names}) SELECT {names} FROM {tmp} "
