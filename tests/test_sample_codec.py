@@ -1,6 +1,6 @@
 """The sample payload's codec: the compiled per-value pass (``monitor/_codec.c``) writes the
-same bytes as its numpy definition, payloads stored by older klmon (format 1, zlib) still
-read, and the live writer's processor encodes each picked sample once, as the store would."""
+same bytes as its numpy definition, and payloads stored by older klmon (format 1, zlib)
+still read. The processor's picks and their payloads: ``test_sample_selection.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.ingest.records import StepItem, WriterConfig, select_samples
 from monitor.store import sample_codec
 from monitor.store.sample_codec import (
     FORMAT_VERSION,
@@ -113,40 +112,3 @@ def test_a_payload_stored_by_earlier_klmon_still_reads() -> None:
     assert d.policy_logprobs[[0, 1, 3]].tolist() == [-0.8, -0.4251, -2.0]
     assert math.isnan(d.policy_logprobs[2])
     assert d.ref_logprobs.tolist() == [-1.5, -0.5, -1.0, -np.inf]
-
-
-def test_the_processor_encodes_each_picked_sample_once_with_clean_texts() -> None:
-    """select_samples' payload is what the store made of the same sample before: the
-    response positions' log-probs as float32, texts and tokens cleaned (U+FFFD, no NUL)."""
-    rng = np.random.default_rng(5)
-    lp = -rng.exponential(1.0, (4, 6))
-    ref = lp + rng.normal(0, 0.1, (4, 6))
-    mask = np.zeros((4, 6), dtype=bool)
-    mask[:, 2:5] = True
-    mask[3, 3] = False  # not one run of positions
-    tokens = [[f"t{r}{c}\udcff" if c == 2 else f"t{r}{c}" for c in range(6)] for r in range(4)]
-    item = StepItem(
-        step=7,
-        wall_time=0.0,
-        policy_logprobs=lp,
-        ref_logprobs=ref,
-        mask=mask,
-        texts=([f"p{r}\x00" for r in range(4)], [f"r{r}" for r in range(4)]),
-        tokens=tokens,
-    )
-    seq_kl = np.array([0.1, 0.4, 0.3, 0.2])
-    cfg = WriterConfig(samples_top=2, samples_random=2)
-    samples = select_samples(item, seq_kl, {"project": "p", "name": "n"}, cfg)
-    assert sorted(s["seq_index"] for s in samples) == [0, 1, 2, 3]
-    for s in samples:
-        i = s["seq_index"]
-        assert set(s) == {"seq_index", "kind", "kl_seq", "reward", "payload"}
-        pos = np.flatnonzero(mask[i])
-        want = encode_sample(
-            lp[i, pos].astype(np.float32),
-            ref[i, pos].astype(np.float32),
-            prompt=f"p{i}",
-            response=f"r{i}",
-            tokens=[tokens[i][c].replace("\udcff", "\ufffd") for c in pos],
-        )
-        assert s["payload"] == want
