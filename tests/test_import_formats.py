@@ -421,6 +421,7 @@ def test_jsonl_read_by_pyarrow_equals_the_line_parse(
         '{"step": 2, "loss": 2.5, "big": 9007199254740993}\n'
     )
     fast = jsonl.read_frame(path, lambda n: None)
+    arrow = jsonl._arrow_columns
     monkeypatch.setattr(jsonl, "_arrow_columns", lambda data: None)
     slow = jsonl.read_frame(path, lambda n: None)
     assert fast is not None and slow is not None
@@ -431,4 +432,9 @@ def test_jsonl_read_by_pyarrow_equals_the_line_parse(
         "big": 2,
     }
     for line in ['{"a": "1.5"}', '{"a": true}', '{"a": NaN}', '{"a": [1]}', '{"a": 1, "a": 2}']:
-        assert jsonl._arrow_columns(line.encode() + b"\n") is None
+        assert arrow(line.encode() + b"\n") is None
+    # bare NaN or Infinity next to nulls, and an exponent past float64: the rules decide
+    for lines in ['{"a": null}\n{"a": -Infinity}', '{"a": 1e999}\n{"a": null}']:
+        assert arrow(lines.encode() + b"\n") is None
+    kept = arrow(b'{"a": null}\n{"a": 2.5}\n')  # a null is no reason to leave pyarrow
+    assert kept is not None and kept[1] == {"a": 1}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from monitor.ingest.importers.base import (
     json_lines,
 )
 from monitor.ingest.importers.trainer_state import load_json
+
+#: A file that is one JSON array (after a byte-order mark and blanks), told from its start.
+_ARRAY_START = re.compile(rb"[\xef\xbb\xbf \t\r\n]*\[")
 
 
 def read(path: Path, tick: Tick) -> RawTable:
@@ -57,7 +61,7 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
     the file is UTF-8 without NUL bytes; None otherwise."""
     data = path.read_bytes()
     tick(len(data))
-    if b"\x00" in data or data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+    if b"\x00" in data or _ARRAY_START.match(data):
         return None
     parsed = _arrow_columns(data)
     if parsed is not None:
@@ -91,8 +95,6 @@ def _arrow_columns(data: bytes) -> tuple[pd.DataFrame, dict[str, int]] | None:
     than a ``orjson.loads`` per line), when pyarrow is there and reads every column as
     numbers or nulls; None for anything else (text, booleans, lists, objects, bare NaN or
     Infinity, repeated keys), which the line-by-line parse decides as before."""
-    if b"NaN" in data or b"Infinity" in data:
-        return None  # pyarrow reads them as numbers; the rules read them as missing
     try:
         import pyarrow as pa
         import pyarrow.json as pa_json
@@ -113,6 +115,10 @@ def _arrow_columns(data: bytes) -> tuple[pd.DataFrame, dict[str, int]] | None:
         name: column.null_count
         for name, column in zip(table.column_names, table.columns, strict=True)
     }
+    # pyarrow reads a bare NaN or Infinity as a number (JSON has neither; a huge exponent
+    # gives inf too); the rules read them as missing: the line reader decides those files
+    if any(np.count_nonzero(~np.isfinite(v)) != nulls[k] for k, v in columns.items()):
+        return None  # (a null is NaN here too: more non-finite values than nulls)
     try:
         return pd.DataFrame(columns, copy=False), nulls
     except UnicodeError:
