@@ -29,7 +29,14 @@ MLflow's ``log_batch`` of the same scalars, all in the same run.
      each case on a fresh database;
    - the shedding case (back to back, no sleep: the loop outruns the writer): blocking
      p50 / p99 / max, next to the floor run the same way, and what was shed (``run.stats``:
-     ``thinned``, ``samples_shed``, ``spilled``), then every step is checked to be stored.
+     ``thinned``, ``samples_shed``, ``spilled``), then every step is checked to be stored;
+     the calls over 10 ms, and which of them overlapped a garbage collection of the process
+     (full, or young and over 2 ms), which stops every thread.
+
+   Every timed loop starts after a ``gc.collect()`` of the benchmark's own setup (the
+   inputs it builds, 524k token strings in 256 lists): a training process's long-lived
+   objects sit in the oldest generation, while freshly built inputs would be walked by the
+   loop's first young collections, 8-11 ms each, charged to the call that triggers one.
 
    MLflow runs the same loop in its own virtual environment (``.venv-mlflow`` at the
    repository root): ``log_batch`` of the 22 step quantities and 2 metrics per step into a
