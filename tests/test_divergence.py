@@ -900,6 +900,19 @@ for c in cases:
     except ValueError:
         continue
     raise SystemExit(f"no ValueError for {c[5:]}")
+for p, q, m, _, _, rows, cols in cases:  # the sample of the candidates' first level
+    try:
+        K.sampled_level(p, q, m, rows, cols, True, 0.01)
+    except ValueError:
+        continue
+    raise SystemExit(f"no ValueError from sampled_level for {(rows, cols)}")
+for start in (-1.0, float("nan"), float("inf")):  # the candidates' level
+    try:
+        K.stats(z, z, None, None, None, 1, 4, True, 1e-3, True, 1, start, coef, seq, sums, hist,
+                cand)
+        raise SystemExit(f"no ValueError for start {start}")
+    except ValueError:
+        pass
 print("ok")
 """
     # from tmp_path: "" on sys.path is the cwd, and a source checkout has no built module
