@@ -438,3 +438,24 @@ def test_jsonl_read_by_pyarrow_equals_the_line_parse(
         assert arrow(lines.encode() + b"\n") is None
     kept = arrow(b'{"a": null}\n{"a": 2.5}\n')  # a null is no reason to leave pyarrow
     assert kept is not None and kept[1] == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'\xbb{"a": 1}\n{"a": 2}\n', b'\xef\xbb{"a": 1}\n', b'{"a": 1}\n{"b\xff": 2}\n'],
+    ids=["stray byte", "half a byte-order mark", "key not UTF-8"],
+)
+def test_jsonl_that_is_not_utf8_takes_the_line_reader(tmp_path: Path, data: bytes) -> None:
+    """Bytes that are not UTF-8 never reach pyarrow's reader (which took a stray leading byte
+    the line reader refuses, and failed on a key that is not UTF-8): the line reader reports
+    the line and keeps the others."""
+    from monitor.ingest.importers import jsonl
+
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(data)
+    assert jsonl.read_frame(path, lambda n: None) is None
+    table = jsonl.read(path, lambda n: None)
+    assert [p.reason for p in table.problems] and all(
+        "not UTF-8" in p.reason for p in table.problems
+    )
+    assert len(table.records) == data.count(b"\n") - len(table.problems)

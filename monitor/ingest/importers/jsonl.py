@@ -61,8 +61,8 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
     the file is UTF-8 without NUL bytes; None otherwise."""
     data = path.read_bytes()
     tick(len(data))
-    if b"\x00" in data or _ARRAY_START.match(data):
-        return None
+    if b"\x00" in data or _ARRAY_START.match(data) or not _is_utf8(data):
+        return None  # the line reader names each line that is not UTF-8 text
     parsed = _arrow_columns(data)
     if parsed is not None:
         return parsed
@@ -88,6 +88,18 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
         return pd.DataFrame(columns, copy=False), nulls
     except UnicodeError:  # a key with a lone surrogate: the row reader cleans it
         return None
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Whether ``data`` is UTF-8 text (pyarrow's reader would take stray bytes the line reader
+    refuses, and a key that is not UTF-8 would fail on its name)."""
+    if data.isascii():  # the usual log, told at memory speed
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _arrow_columns(data: bytes) -> tuple[pd.DataFrame, dict[str, int]] | None:
