@@ -85,6 +85,8 @@ JSONL_BAD = {
     "deep": lambda i, _t: b"[" * (2_000 + i),
     "deep_object": lambda i, _t: json.dumps({"step": 1, "a": _nest(40)}).encode(),
     "noise": lambda _i, t: t.encode(),
+    # well-formed JSON whose key is not UTF-8 (pyarrow's reader failed on its name)
+    "utf8_key": lambda i, _t: b'{"step": %d, "rew\xffard": 1.0}' % (10 * i + 5),
 }
 
 
