@@ -24,13 +24,20 @@ import pandas as pd
 from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, iter_lines
 
 _SAMPLE = 64 * 1024
+_SNIFF_LINES = 32
+_SNIFF_LINE = 1024
+_BOM = b"\xef\xbb\xbf"
 
 
 def sniff_delimiter(sample: str) -> str:
+    # The sniffer's regular expressions take time quadratic in a long line (60k characters
+    # after a quote: 20 s): it sees the first lines, each cut short, which a header and a
+    # few rows decide.
+    lines = [line[:_SNIFF_LINE] for line in sample.splitlines()[:_SNIFF_LINES] if line.strip()]
     try:
-        return csv.Sniffer().sniff(sample, delimiters=",\t;").delimiter
+        return csv.Sniffer().sniff("\n".join(lines), delimiters=",\t;").delimiter
     except csv.Error:
-        first = sample.splitlines()[0] if sample else ""
+        first = lines[0] if lines else ""
         return max(",\t;", key=first.count)
 
 
@@ -68,17 +75,24 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
     except UnicodeDecodeError:
         return None
     delimiter = sniff_delimiter(text)
-    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    start = 0
+    while data.startswith(_BOM, start):  # every one, as the line reader strips them
+        start += len(_BOM)
     end = data.find(b"\n", start)
     if end < 0:
         return None
-    header = _names(
-        next(csv.reader([data[start:end].decode("utf-8").rstrip("\r")], delimiter=delimiter))
-    )
+    try:
+        header = _names(
+            next(csv.reader([data[start:end].decode("utf-8").rstrip("\r")], delimiter=delimiter))
+        )
+    except csv.Error:  # a lone carriage return in the header: the row reader reports it
+        return None
     body = data[end + 1 :]
     sep = delimiter.encode()
     if body.translate(None, _NUMERIC + sep) or not body.strip():
         return None
+    if b"\r" in body and body.count(b"\r") != body.count(b"\r\n"):
+        return None  # a lone carriage return: pandas breaks the line there, csv refuses it
     raw = np.frombuffer(body if body.endswith(b"\n") else body + b"\n", np.uint8)
     newlines = np.flatnonzero(raw == 10)
     fields = np.diff(np.r_[0, np.searchsorted(np.flatnonzero(raw == sep[0]), newlines)])

@@ -76,6 +76,8 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
     if not rows or not all(type(r) is dict for r in rows):
         return None
     keys = list(dict.fromkeys(itertools.chain.from_iterable(rows)))
+    if not keys:  # only empty objects: the line reader says what is missing
+        return None
     try:
         columns = _columns(rows, keys)
     except (TypeError, ValueError, OverflowError):

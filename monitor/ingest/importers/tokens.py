@@ -113,7 +113,10 @@ def _floats(name: str, value: Any) -> list[float]:
     for i, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise _Bad(f"{name}[{i}] is not a number: {v!r:.30}")
-        out.append(float(v))
+        try:
+            out.append(float(v))
+        except OverflowError:  # an integer past float64
+            raise _Bad(f"{name}[{i}] is not a float64: {str(v)[:30]}...") from None
     return out
 
 
@@ -198,7 +201,7 @@ def _extras(obj: dict[str, Any]) -> dict[str, float]:
         except NotNumeric:
             continue
         if f is not None:
-            extras[k] = f
+            extras[clean_text(str(k))] = f  # a name both databases can store
     return extras
 
 
