@@ -108,3 +108,25 @@ def test_a_jsonl_of_empty_objects_is_refused_by_both_paths(
     assert jsonl.read_frame(log, lambda n: None) is None
     with pytest.raises(InvalidInput):
         prepare_path(log, fmt="jsonl")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "data"), [("csv", b"step\n0\n1\n"), ("jsonl", b'{"step": 0}\n{"step": 1}\n')]
+)
+def test_a_table_of_steps_without_values_is_refused_by_both_paths(
+    tmp_path: Path, fmt: str, data: bytes
+) -> None:
+    """The fast path stored step rows without a value where the row rules refuse the table
+    (nothing to monitor): both refuse it now."""
+    with pytest.raises(InvalidInput, match="no numeric values"):
+        prepare_path(_file(tmp_path, f"log.{fmt}", data), fmt=fmt)
+
+
+def test_missing_cells_of_a_column_whose_name_is_cleaned_are_not_called_non_finite(
+    tmp_path: Path,
+) -> None:
+    """A column name with a NUL is stored cleaned; its missing cells were looked up by the
+    cleaned name among counts kept by the raw one, and reported as NaN or infinite."""
+    log = _file(tmp_path, "log.jsonl", b'{"step":0,"a\\u0000":1,"kl":1}\n{"step":1,"kl":2}\n')
+    _f, prepared = prepare_path(log)
+    assert not [n for n in prepared.notes if "NaN or infinite" in n]

@@ -337,6 +337,7 @@ def build_frame(
     if len(keys) != len(names) or any(len(n) > METRIC_NAME_MAX for n in names):
         return None
     frame = frame.set_axis(names, axis=1)
+    nulls = {clean_text(str(c)): n for c, n in nulls.items()}  # by the names as cleaned
     producer = producer or detect_producer(keys)
     if producer == "klmon":
         return None
@@ -356,8 +357,8 @@ def build_frame(
         steps = raw.astype(np.int64)
     values = {c: frame[c].to_numpy(np.float64) for c in frame.columns}
     finite = {c: np.isfinite(v) for c, v in values.items()}
-    if n and finite and not np.logical_or.reduce(list(finite.values())).all():
-        return None  # a row of another kind: the row rules report it
+    if n and (not finite or not np.logical_or.reduce(list(finite.values())).all()):
+        return None  # a row without a value (or no value columns): the row rules report it
     order = np.argsort(steps, kind="stable")
     steps = steps[order]
     if n > 1 and not (steps[1:] > steps[:-1]).all():
