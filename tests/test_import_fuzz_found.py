@@ -130,3 +130,32 @@ def test_missing_cells_of_a_column_whose_name_is_cleaned_are_not_called_non_fini
     log = _file(tmp_path, "log.jsonl", b'{"step":0,"a\\u0000":1,"kl":1}\n{"step":1,"kl":2}\n')
     _f, prepared = prepare_path(log)
     assert not [n for n in prepared.notes if "NaN or infinite" in n]
+
+
+def test_a_parquet_text_cell_that_is_not_utf8_is_one_bad_row(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    tags = pa.array([b"ok", b"\xff", b"fine"]).view(pa.string())
+    table = pa.table({"step": [1, 2, 3], "loss": [0.5, 0.25, 0.125], "tag": tags})
+    pq.write_table(table, tmp_path / "log.parquet")
+    _f, prepared = prepare_path(tmp_path / "log.parquet", fmt="parquet")
+    assert [r["step"] for r in prepared.steps] == [1, 3]
+    assert [(p.line, p.reason) for p in prepared.problems] == [(2, "a text cell is not UTF-8")]
+
+
+@pytest.mark.parametrize("numeric_only", [True, False])
+def test_parquet_columns_of_one_name_are_all_kept(tmp_path: Path, numeric_only: bool) -> None:
+    """Two columns named ``loss`` kept only the last, silently: the second is read as
+    ``loss.2``, as the CSV reader names a repeated header, and the notes say so."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    arrays = [pa.array([1, 2]), pa.array([1.0, None]), pa.array([None, 20.0])]
+    names = ["step", "loss", "loss"]
+    if not numeric_only:
+        arrays.append(pa.array(["a", "b"]))
+        names.append("note")
+    pq.write_table(pa.Table.from_arrays(arrays, names=names), tmp_path / "log.parquet")
+    _f, prepared = prepare_path(tmp_path / "log.parquet", fmt="parquet")
+    assert any("loss as loss.2" in n for n in prepared.notes)
+    values = {(s, n): v for s, n, v in prepared.metrics}
+    assert values[(1, "loss")] == 1.0 and values[(2, "loss.2")] == 20.0

@@ -77,8 +77,16 @@ def _batches(
     numeric = METADATA_KEY not in meta and all(
         pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in pf.schema_arrow
     )
+    names = _unique(pf.schema_arrow.names)
+    if names != pf.schema_arrow.names:  # rare: read by the row path, whose first batch says so
+        numeric = False
+        renamed = [
+            f"{a} as {b}" for a, b in zip(pf.schema_arrow.names, names, strict=True) if a != b
+        ]
+        table.notes.append(f"columns with a name already used, read as: {', '.join(renamed)}")
     try:
         for batch in pf.iter_batches(batch_size=rows):
+            batch = batch.rename_columns(names)  # a repeated name would lose a column
             if numeric and batch.num_rows and _exact_in_floats(batch):
                 frame = batch.to_pandas().astype(np.float64)
                 nulls = {n: batch.column(i).null_count for i, n in enumerate(batch.schema.names)}
@@ -86,8 +94,11 @@ def _batches(
                 tick(number)
                 yield frame, nulls
                 continue
-            for row in batch.to_pylist():
+            for row in _rows(batch):
                 number += 1
+                if row is None:
+                    table.problems.append(Problem(number, "a text cell is not UTF-8", "row"))
+                    continue
                 try:
                     table.records.append(RawRecord(number, flatten(row)))
                 except TooDeep as exc:
@@ -99,6 +110,34 @@ def _batches(
         raise InvalidInput(f"{path}: Parquet data unreadable after row {number} ({exc})") from exc
     if number == 0:
         yield table
+
+
+def _rows(batch: Any) -> list[dict[str, Any] | None]:
+    """The batch's rows as dicts; None for a row with a text cell that is not UTF-8 (found
+    one row at a time, only in a batch that holds one)."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        out: list[dict[str, Any] | None] = []
+        for i in range(batch.num_rows):
+            try:
+                out.append(batch.slice(i, 1).to_pylist()[0])
+            except UnicodeDecodeError:
+                out.append(None)
+        return out
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Column names made unique as the CSV reader makes them: a repeat of ``loss`` is
+    ``loss.2``, then ``loss.3``."""
+    out: list[str] = []
+    for name in names:
+        base, n = name, 1
+        while name in out:
+            n += 1
+            name = f"{base}.{n}"
+        out.append(name)
+    return out
 
 
 def _exact_in_floats(batch: Any) -> bool:
