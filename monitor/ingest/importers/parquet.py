@@ -86,7 +86,8 @@ def _batches(
         table.notes.append(f"columns with a name already used, read as: {', '.join(renamed)}")
     try:
         for batch in pf.iter_batches(batch_size=rows):
-            batch = batch.rename_columns(names)  # a repeated name would lose a column
+            if names != batch.schema.names:  # a repeated name would lose a column
+                batch = pa.RecordBatch.from_arrays(batch.columns, names=names)
             if numeric and batch.num_rows and _exact_in_floats(batch):
                 frame = batch.to_pandas().astype(np.float64)
                 nulls = {n: batch.column(i).null_count for i, n in enumerate(batch.schema.names)}
