@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -69,6 +69,19 @@ MAX_STEP = 2**63 - 1
 
 class TooDeep(ValueError):
     """A row nested deeper than :data:`MAX_DEPTH` levels."""
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """Column names made unique: a repeat of ``loss`` is ``loss.2``, then ``loss.3`` (a
+    table's columns of one name are all kept)."""
+    out: list[str] = []
+    for name in names:
+        base, n = name, 1
+        while name in out:
+            n += 1
+            name = f"{base}.{n}"
+        out.append(name)
+    return out
 
 
 def flatten(obj: Mapping[str, Any], prefix: str = "", _depth: int = 0) -> dict[str, Any]:

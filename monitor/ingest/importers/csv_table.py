@@ -21,7 +21,14 @@ from typing import Any, BinaryIO
 import numpy as np
 import pandas as pd
 
-from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, iter_lines
+from monitor.ingest.importers.base import (
+    Problem,
+    RawRecord,
+    RawTable,
+    Tick,
+    iter_lines,
+    unique_names,
+)
 
 _SAMPLE = 64 * 1024
 _SNIFF_LINES = 32
@@ -147,12 +154,4 @@ def _read_rows(table: RawTable, reader: Any) -> None:
 
 
 def _names(row: list[str]) -> list[str]:
-    names: list[str] = []
-    for i, cell in enumerate(row):
-        name = cell.strip() or f"column_{i + 1}"
-        base, n = name, 1
-        while name in names:
-            n += 1
-            name = f"{base}.{n}"
-        names.append(name)
-    return names
+    return unique_names(cell.strip() or f"column_{i + 1}" for i, cell in enumerate(row))

@@ -21,7 +21,15 @@ import numpy as np
 import pandas as pd
 
 from monitor.errors import InvalidInput
-from monitor.ingest.importers.base import Problem, RawRecord, RawTable, Tick, TooDeep, flatten
+from monitor.ingest.importers.base import (
+    Problem,
+    RawRecord,
+    RawTable,
+    Tick,
+    TooDeep,
+    flatten,
+    unique_names,
+)
 from monitor.ingest.importers.keys import detect_producer
 
 METADATA_KEY = b"klmon"
@@ -77,7 +85,7 @@ def _batches(
     numeric = METADATA_KEY not in meta and all(
         pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in pf.schema_arrow
     )
-    names = _unique(pf.schema_arrow.names)
+    names = unique_names(pf.schema_arrow.names)
     if names != pf.schema_arrow.names:  # rare: read by the row path, whose first batch says so
         numeric = False
         renamed = [
@@ -126,19 +134,6 @@ def _rows(batch: Any) -> list[dict[str, Any] | None]:
             except UnicodeDecodeError:
                 out.append(None)
         return out
-
-
-def _unique(names: list[str]) -> list[str]:
-    """Column names made unique as the CSV reader makes them: a repeat of ``loss`` is
-    ``loss.2``, then ``loss.3``."""
-    out: list[str] = []
-    for name in names:
-        base, n = name, 1
-        while name in out:
-            n += 1
-            name = f"{base}.{n}"
-        out.append(name)
-    return out
 
 
 def _exact_in_floats(batch: Any) -> bool:
