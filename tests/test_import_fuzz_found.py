@@ -159,3 +159,22 @@ def test_parquet_columns_of_one_name_are_all_kept(tmp_path: Path, numeric_only: 
     assert any("loss as loss.2" in n for n in prepared.notes)
     values = {(s, n): v for s, n, v in prepared.metrics}
     assert values[(1, "loss")] == 1.0 and values[(2, "loss.2")] == 20.0
+
+
+def test_a_tokens_log_extra_key_too_long_to_store_is_left_out_and_said(
+    db: Database, tmp_path: Path
+) -> None:
+    """It failed the whole import at the metric store; the table importers drop (and say)
+    such columns, and so does this one now."""
+    long = "x" * 250
+    log = _file(
+        tmp_path,
+        "tokens.jsonl",
+        b'{"step":0,"policy_logprobs":[-1],"ref_logprobs":[-1.5],"%s":1.5,"ok":2.5}\n'
+        % long.encode(),
+    )
+    report = import_path(db, log, project="p", name="r")
+    assert any("over 200 characters not stored" in n for n in report.notes)
+    run = find_run_by_name(db, "p", "r")
+    assert run is not None
+    assert read_metrics(db, run.id)["ok"].tolist() == [2.5]
