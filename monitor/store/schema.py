@@ -14,7 +14,7 @@ from monitor.errors import SchemaOutOfDate
 
 if TYPE_CHECKING:
     from alembic.config import Config
-    from sqlalchemy import Engine
+    from sqlalchemy import Connection, Engine
 
 # Alembic is imported where it is used: opening a database at head (every read command)
 # checks the revision without it (``_stored_revision``, ``script_head``). SQLAlchemy too:
@@ -128,8 +128,6 @@ def create_schema(engine: Engine) -> bool:
     if head is None:
         upgrade(engine)
         return True
-    from sqlalchemy import inspect
-
     from monitor.store.models import Base
 
     with _schema_lock(engine), engine.begin() as conn:
@@ -138,7 +136,7 @@ def create_schema(engine: Engine) -> bool:
             # write transaction makes the schema appear whole or not at all, and another
             # process creating it waits here, then finds it below
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-        if inspect(conn).get_table_names():
+        if _has_tables(conn):
             return False
         Base.metadata.create_all(conn)
         if conn.dialect.name == "postgresql":
@@ -217,10 +215,14 @@ def check_schema(engine: Engine) -> None:
 def is_empty(engine: Engine) -> bool:
     """True when the database holds no table at all (a new SQLite file, a new PostgreSQL
     database): the only state in which a client may create the schema on its own."""
+    with engine.connect() as conn:
+        return not _has_tables(conn)
+
+
+def _has_tables(conn: Connection) -> bool:
     from sqlalchemy import inspect
 
-    with engine.connect() as conn:
-        return not inspect(conn).get_table_names()
+    return bool(inspect(conn).get_table_names())
 
 
 def ensure_schema(engine: Engine) -> bool:

@@ -71,6 +71,18 @@ class TooDeep(ValueError):
     """A row nested deeper than :data:`MAX_DEPTH` levels."""
 
 
+def is_utf8(data: bytes) -> bool:
+    """Whether ``data`` is UTF-8 text (a fast path checks it before handing a file to a parser
+    that would take bytes the line readers refuse)."""
+    if data.isascii():  # the usual log, told at memory speed
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def unique_names(names: Iterable[str]) -> list[str]:
     """Column names made unique: a repeat of ``loss`` is ``loss.2``, then ``loss.3`` (a
     table's columns of one name are all kept)."""

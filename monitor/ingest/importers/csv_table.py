@@ -26,6 +26,7 @@ from monitor.ingest.importers.base import (
     RawRecord,
     RawTable,
     Tick,
+    is_utf8,
     iter_lines,
     unique_names,
 )
@@ -76,9 +77,10 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
     tick(len(data))
     if b"\x00" in data or b'"' in data:
         return None
+    if not is_utf8(data):
+        return None
     try:
         text = data[:_SAMPLE].decode("utf-8", errors="strict").lstrip("\ufeff")
-        data.decode("utf-8")
     except UnicodeDecodeError:
         return None
     delimiter = sniff_delimiter(text)

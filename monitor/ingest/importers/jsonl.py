@@ -27,6 +27,7 @@ from monitor.ingest.importers.base import (
     Tick,
     TooDeep,
     flatten,
+    is_utf8,
     json_lines,
 )
 from monitor.ingest.importers.trainer_state import load_json
@@ -61,7 +62,7 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
     the file is UTF-8 without NUL bytes; None otherwise."""
     data = path.read_bytes()
     tick(len(data))
-    if b"\x00" in data or _ARRAY_START.match(data) or not _is_utf8(data):
+    if b"\x00" in data or _ARRAY_START.match(data) or not is_utf8(data):
         return None  # the line reader names each line that is not UTF-8 text
     parsed = _arrow_columns(data)
     if parsed is not None:
@@ -90,18 +91,6 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
         return pd.DataFrame(columns, copy=False), nulls
     except UnicodeError:  # a key with a lone surrogate: the row reader cleans it
         return None
-
-
-def _is_utf8(data: bytes) -> bool:
-    """Whether ``data`` is UTF-8 text (pyarrow's reader would take stray bytes the line reader
-    refuses, and a key that is not UTF-8 would fail on its name)."""
-    if data.isascii():  # the usual log, told at memory speed
-        return True
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def _arrow_columns(data: bytes) -> tuple[pd.DataFrame, dict[str, int]] | None:

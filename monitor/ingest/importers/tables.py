@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -523,16 +523,24 @@ class _Columns:
     candidates: dict[str, list[tuple[int, str]]]
 
 
+def too_long_names(names: Iterable[str], notes: list[str], what: str) -> set[str]:
+    """The ``names`` too long for the database, said in ``notes`` (``what``: "columns",
+    "keys"): their values are not stored."""
+    too_long = sorted(n for n in names if len(n) > METRIC_NAME_MAX)
+    if too_long:
+        notes.append(
+            f"{len(too_long)} {what} with names over {METRIC_NAME_MAX} characters not stored: "
+            f"{too_long[0][:60]}..."
+        )
+    return set(too_long)
+
+
 def _storable_columns(merged: dict[int, dict[str, Any]], notes: list[str]) -> set[str]:
     """The merged rows' columns; names too long for the database are dropped (and said)."""
     columns = {k for vals in merged.values() for k in vals}
-    too_long = sorted(c for c in columns if len(c) > METRIC_NAME_MAX)
+    too_long = too_long_names(columns, notes, "columns")
     if too_long:
-        notes.append(
-            f"{len(too_long)} columns with names over {METRIC_NAME_MAX} characters not stored: "
-            f"{too_long[0][:60]}..."
-        )
-        columns -= set(too_long)
+        columns -= too_long
         for vals in merged.values():
             for c in too_long:
                 vals.pop(c, None)

@@ -37,10 +37,10 @@ from monitor.ingest.importers.base import (
     to_step,
 )
 from monitor.ingest.importers.payload_hashes import payload_hash
-from monitor.ingest.importers.tables import Prepared
+from monitor.ingest.importers.tables import Prepared, too_long_names
 from monitor.ingest.text import clean_text
 from monitor.store.metric_info import MetricInfo
-from monitor.store.models import METRIC_NAME_MAX, STEP_QUANTITIES
+from monitor.store.models import STEP_QUANTITIES
 
 POLICY_KEYS = ("policy_logprobs", "logprobs", "policy_log_probs", "log_probs", "policy_logps")
 REF_KEYS = ("ref_logprobs", "ref_log_probs", "reference_logprobs", "ref_logps")
@@ -231,14 +231,10 @@ def prepare(
     out = Prepared(fmt="tokens", producer="klmon")
     steps = _read_steps(path, tick, out)
     computed, extra_names = _summarise_steps(steps, out, default_wall_time)
-    too_long = sorted(k for k in extra_names if len(k) > METRIC_NAME_MAX)
-    if too_long:  # as the table importers drop (and say) such columns
-        out.notes.append(
-            f"{len(too_long)} keys with names over {METRIC_NAME_MAX} characters not stored: "
-            f"{too_long[0][:60]}..."
-        )
-        extra_names -= set(too_long)
-        out.metrics = [m for m in out.metrics if len(m[1]) <= METRIC_NAME_MAX]
+    too_long = too_long_names(extra_names, out.notes, "keys")
+    if too_long:
+        extra_names -= too_long
+        out.metrics = [m for m in out.metrics if m[1] not in too_long]
     out.infos = [
         MetricInfo(
             name=k,
