@@ -533,7 +533,7 @@ HEADER = (
 
 
 def overhead(args: argparse.Namespace, work: Path) -> list[dict]:
-    from monitor.store.models import STEP_QUANTITIES
+    from monitor.store.tables import STEP_QUANTITIES
 
     rows: list[dict] = []
     targets = [("sqlite", _fresh_sqlite(work, f"o-{i}.db")) for i in range(args.repeats)]

@@ -6,10 +6,10 @@ from alembic import context
 
 from monitor.config import db_url
 from monitor.store.engine import make_engine
-from monitor.store.models import Base
+from monitor.store.tables import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def run_migrations_online() -> None:

@@ -193,7 +193,7 @@ def test_a_forbidden_import_is_caught_however_it_is_written(module: str, source:
     "module,source",
     [
         ("monitor.divergence", "from monitor.errors import InvalidInput"),
-        ("monitor.store.series", "from .models import Base"),
+        ("monitor.store.series", "from .tables import metadata"),
         ("monitor.store.steps", "from monitor.store import series"),
         ("monitor.cli.runs_cmd", "from .common import db_option"),
         ("monitor.report.html", "from monitor.store.runs import get_run"),

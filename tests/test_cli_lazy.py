@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from monitor.cli import LAZY_COMMANDS, main
 from monitor.store.database import Database
 from monitor.store.run_list import quick_run_summaries
-from monitor.store.runs import get_or_create_run, run_summaries
+from monitor.store.runs import find_run_by_name, get_or_create_run, run_summaries
 from monitor.store.steps import write_steps
 
 #: What `klmon --help` must not pay for: every command module and the heavy libraries.
@@ -124,3 +124,18 @@ def test_the_quick_head_revision_is_alembics() -> None:
     from monitor.store.schema import head_revision, script_head
 
     assert script_head() == head_revision()
+
+
+#: What `klmon import` must not pay for: it binds tuples through the driver, so neither the
+#: ORM (the alert engine's) nor Alembic (a new database is created from the Core tables).
+NOT_FOR_IMPORT = ("sqlalchemy.orm", "monitor.store.models", "alembic", "dash", "plotly")
+
+
+def test_klmon_import_loads_neither_the_orm_nor_alembic(tmp_path, db: Database, db_url: str):
+    log = tmp_path / "log.csv"
+    log.write_text("step,kl,loss\n" + "".join(f"{s},{s / 100},{1 - s / 100}\n" for s in range(50)))
+    loaded = _modules_loaded_by(["import", str(log), "--run", "r", "--db", db_url])
+    assert "monitor.ingest.importers.importer" in loaded
+    assert not [m for m in NOT_FOR_IMPORT if m in loaded]
+    run = find_run_by_name(db, "imported", "r")
+    assert run is not None and run_summaries(db)[0]["n_steps"] == 50

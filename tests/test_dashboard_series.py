@@ -13,10 +13,10 @@ from monitor.errors import InvalidInput
 from monitor.store import series
 from monitor.store.database import Database
 from monitor.store.drilldown import write_histograms
-from monitor.store.models import STEP_QUANTITIES
 from monitor.store.runs import get_or_create_run
 from monitor.store.step_writes import StepRecord, write_step_records
 from monitor.store.steps import read_steps, write_metrics
+from monitor.store.tables import STEP_QUANTITIES
 
 
 def bulk_steps(db: Database, run_id: int, steps: np.ndarray, **cols: np.ndarray) -> None:

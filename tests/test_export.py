@@ -16,7 +16,6 @@ from monitor.ingest.export import export_run
 from monitor.ingest.importers import import_path
 from monitor.store.database import Database
 from monitor.store.metric_info import MetricInfo, read_metric_info, write_metric_info
-from monitor.store.models import STEP_QUANTITIES
 from monitor.store.runs import get_or_create_run
 from monitor.store.steps import (
     read_metrics,
@@ -25,6 +24,7 @@ from monitor.store.steps import (
     write_metrics,
     write_steps,
 )
+from monitor.store.tables import STEP_QUANTITIES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "import"
 

@@ -10,8 +10,8 @@ import monitor
 from monitor.errors import InvalidInput
 from monitor.store.database import Database
 from monitor.store.drilldown import read_histograms, read_samples
-from monitor.store.models import STEP_QUANTITIES
 from monitor.store.steps import read_metrics, read_steps
+from monitor.store.tables import STEP_QUANTITIES
 
 
 def part(seed: int, b: int, t: int) -> dict:

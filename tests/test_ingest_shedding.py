@@ -20,10 +20,10 @@ from monitor.ingest.sync import sync_spool
 from monitor.ingest.writer import sample_budget
 from monitor.store.database import Database
 from monitor.store.drilldown import read_samples
-from monitor.store.models import STEP_QUANTITIES
 from monitor.store.runs import delete_run, find_run_by_name
 from monitor.store.sample_codec import LOGPROB_TOLERANCE
 from monitor.store.steps import read_steps
+from monitor.store.tables import STEP_QUANTITIES
 
 B, T = 8, 16
 

@@ -177,11 +177,11 @@ def test_step_columns_are_exactly_the_divergence_quantities() -> None:
     import numpy as np
 
     from monitor.divergence import summarize
-    from monitor.store.models import STEP_QUANTITIES, StepRow
+    from monitor.store.tables import STEP_QUANTITIES, steps
 
     names = tuple(summarize(np.array([[-0.8, -0.4]]), np.array([[-1.5, -2.1]])).as_dict())
     assert names == STEP_QUANTITIES
-    assert set(STEP_QUANTITIES) <= set(StepRow.__table__.columns.keys())
+    assert set(STEP_QUANTITIES) <= set(steps.columns.keys())
 
 
 def _upgrade_after(barrier: Barrier, url: str, results: Queue) -> None:

@@ -53,7 +53,7 @@ def extend_panel(
             step_cols.add(str(t[2]))
         if key == "frontier":
             step_cols.add("reward_mean")
-    from monitor.store.models import STEP_FLOAT_COLUMNS
+    from monitor.store.tables import STEP_FLOAT_COLUMNS
 
     step_cols &= set(STEP_FLOAT_COLUMNS)
     changed = False

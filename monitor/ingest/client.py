@@ -71,8 +71,8 @@ from monitor.ingest.writer import (
     scalar_step_record,
 )
 from monitor.store.database import Database
-from monitor.store.models import STEP_MAX, STEP_QUANTITIES
 from monitor.store.sample_retention import SampleRetention
+from monitor.store.tables import STEP_MAX, STEP_QUANTITIES
 
 __all__ = ["Run", "init"]
 

@@ -8,7 +8,7 @@ refuses NUL in text. So:
   lone surrogates become U+FFFD and NUL characters are removed, silently, at the boundary;
 - names (project, run, metric): lone surrogates become U+FFFD; NUL is refused with
   :class:`~monitor.errors.InvalidInput` naming the field, and so is a name longer than its
-  column (``monitor.store.models``), since changing a name would silently merge two series.
+  column (``monitor.store.tables``), since changing a name would silently merge two series.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from monitor.errors import InvalidInput
-from monitor.store.models import METRIC_NAME_MAX, RunRow
+from monitor.store.tables import METRIC_NAME_MAX, runs
 
 REPLACEMENT = "\ufffd"
 
-RUN_NAME_MAX: int = RunRow.__table__.c.name.type.length  # type: ignore[attr-defined]
-PROJECT_MAX: int = RunRow.__table__.c.project.type.length  # type: ignore[attr-defined]
+RUN_NAME_MAX: int = runs.c.name.type.length  # type: ignore[attr-defined]
+PROJECT_MAX: int = runs.c.project.type.length  # type: ignore[attr-defined]
 
 
 def _encodable(s: str) -> bool:

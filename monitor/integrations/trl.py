@@ -22,7 +22,7 @@ from typing import Any
 
 from monitor.ingest.client import Run, init
 from monitor.ingest.importers.keys import detect_producer, lookup
-from monitor.store.models import METRIC_NAME_MAX, STEP_QUANTITIES
+from monitor.store.tables import METRIC_NAME_MAX, STEP_QUANTITIES
 
 try:  # a real subclass when transformers is there, so Trainer's type checks pass
     from transformers import TrainerCallback as _CallbackBase

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection
 
+from monitor.store.tables import metadata
+
 COPY_MIN_ROWS = 2000
 """Rows in one batch from which PostgreSQL callers use COPY instead of executemany."""
 
@@ -249,9 +251,7 @@ def _copy_via_temp(
 
 
 def _pg_types(table: str, columns: Sequence[str]) -> list[str]:
-    from monitor.store.models import Base
-
-    t = Base.metadata.tables[table]
+    t = metadata.tables[table]
     out = []
     for c in columns:
         name = type(t.c[c].type).__name__.lower()

@@ -6,15 +6,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from monitor.config import db_url
 from monitor.errors import DatabaseUnavailable, SchemaOutOfDate, StoreError
 from monitor.store.engine import is_sqlite, make_engine, redact_url
 from monitor.store.schema import check_schema, ensure_schema
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 class Database:
@@ -84,7 +87,10 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One ORM session per transaction: commit, or roll back and re-raise as StoreError."""
+        """One ORM session per transaction: commit, or roll back and re-raise as StoreError.
+        Only the alert engine's state and outbox use it: the ORM loads on first use."""
+        from sqlalchemy.orm import Session
+
         with (
             self.translate_errors(),
             Session(self.engine, expire_on_commit=False) as session,

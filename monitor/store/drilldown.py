@@ -9,14 +9,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select, text
+from sqlalchemy import Row, func, insert, select, text
 
 from monitor.errors import InvalidInput, NotFound
 from monitor.store._bulk import insert_rows
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, Sample
-from monitor.store.models import AnnotationRow, RunRow, SampleRow, TokenHistogramRow
 from monitor.store.sample_codec import decode_sample, encode_sample
+from monitor.store.tables import annotations, runs, samples, token_histograms
 
 SAMPLE_COLUMNS = (
     "run_id",
@@ -78,16 +78,16 @@ def write_samples(db: Database, run_id: int, samples: Sequence[dict[str, Any]]) 
 
 def read_samples(db: Database, run_id: int, step: int) -> list[Sample]:
     """The stored samples of a step, highest KL first."""
-    with db.session() as s:
-        rows = s.scalars(
-            select(SampleRow)
-            .where(SampleRow.run_id == run_id, SampleRow.step == step)
-            .order_by(SampleRow.kl_seq.desc())
+    with db.begin() as conn:
+        rows = conn.execute(
+            select(samples)
+            .where(samples.c.run_id == run_id, samples.c.step == step)
+            .order_by(samples.c.kl_seq.desc())
         ).all()
-        return [_to_sample(r) for r in rows]
+    return [_to_sample(r) for r in rows]
 
 
-def _to_sample(r: SampleRow) -> Sample:
+def _to_sample(r: Row[Any]) -> Sample:
     d = decode_sample(r.payload)
     return Sample(
         id=r.id,
@@ -122,26 +122,26 @@ def worst_samples(
     negative too: a negative sequence KL is a log-prob mismatch worth seeing)."""
 
     def in_range(q: Any) -> Any:
-        q = q.where(SampleRow.run_id == run_id)
+        q = q.where(samples.c.run_id == run_id)
         if start is not None:
-            q = q.where(SampleRow.step >= start)
+            q = q.where(samples.c.step >= start)
         if end is not None:
-            q = q.where(SampleRow.step <= end)
+            q = q.where(samples.c.step <= end)
         return q
 
-    by_size = (func.abs(SampleRow.kl_seq).desc(), SampleRow.id)
+    by_size = (func.abs(samples.c.kl_seq).desc(), samples.c.id)
     out: list[Sample] = []
     seen: set[int] = set()
-    with db.session() as s:
+    with db.begin() as conn:
         for step in list(dict.fromkeys(int(x) for x in alert_steps))[:k]:
-            first = s.scalar(
-                in_range(select(func.min(SampleRow.step))).where(SampleRow.step >= step)
-            )
+            first = conn.execute(
+                in_range(select(func.min(samples.c.step))).where(samples.c.step >= step)
+            ).scalar()
             if first is None or int(first) in seen:
                 continue
-            row = s.scalars(
-                select(SampleRow)
-                .where(SampleRow.run_id == run_id, SampleRow.step == first)
+            row = conn.execute(
+                select(samples)
+                .where(samples.c.run_id == run_id, samples.c.step == first)
                 .order_by(*by_size)
                 .limit(1)
             ).first()
@@ -149,7 +149,7 @@ def worst_samples(
                 seen.add(row.step)
                 out.append(_to_sample(row))
         if len(out) < k:
-            for r in s.scalars(in_range(select(SampleRow)).order_by(*by_size).limit(50 * k)):
+            for r in conn.execute(in_range(select(samples)).order_by(*by_size).limit(50 * k)):
                 if r.step in seen:
                     continue
                 seen.add(r.step)
@@ -184,15 +184,15 @@ def read_histograms(
     db: Database, run_id: int, *, start: int | None = None, end: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(steps, counts[n_steps, n_bins]) for a run, sorted by step."""
-    with db.session() as s:
-        q = select(TokenHistogramRow.step, TokenHistogramRow.counts).where(
-            TokenHistogramRow.run_id == run_id
-        )
-        if start is not None:
-            q = q.where(TokenHistogramRow.step >= start)
-        if end is not None:
-            q = q.where(TokenHistogramRow.step <= end)
-        rows = s.execute(q.order_by(TokenHistogramRow.step)).all()
+    q = select(token_histograms.c.step, token_histograms.c.counts).where(
+        token_histograms.c.run_id == run_id
+    )
+    if start is not None:
+        q = q.where(token_histograms.c.step >= start)
+    if end is not None:
+        q = q.where(token_histograms.c.step <= end)
+    with db.begin() as conn:
+        rows = conn.execute(q.order_by(token_histograms.c.step)).all()
     if not rows:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.int64)
     steps = np.array([r[0] for r in rows], dtype=np.int64)
@@ -206,23 +206,24 @@ def add_annotation(
         raise InvalidInput("annotation text is empty")
     if len(text_) > 10_000:
         raise InvalidInput(f"annotation text is {len(text_)} characters: at most 10000")
-    with db.session() as s:
-        if s.get(RunRow, run_id) is None:
+    values = {"run_id": run_id, "step": int(step), "text": text_, "author": author}
+    values["created_at"] = time.time()
+    with db.begin() as conn:
+        if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
             raise NotFound(f"run {run_id} does not exist")
-        row = AnnotationRow(
-            run_id=run_id, step=int(step), text=text_, author=author, created_at=time.time()
-        )
-        s.add(row)
-        s.flush()
-        return Annotation(row.id, row.run_id, row.step, row.text, row.author, row.created_at)
+        created = conn.execute(insert(annotations).values(**values))
+    return Annotation(created.inserted_primary_key[0], **values)
 
 
 def list_annotations(db: Database, run_id: int) -> list[Annotation]:
-    with db.session() as s:
-        rows = s.scalars(
-            select(AnnotationRow).where(AnnotationRow.run_id == run_id).order_by(AnnotationRow.step)
-        ).all()
-        return [Annotation(r.id, r.run_id, r.step, r.text, r.author, r.created_at) for r in rows]
+    q = select(annotations).where(annotations.c.run_id == run_id)
+    with db.begin() as conn:
+        rows = conn.execute(q.order_by(annotations.c.step)).all()
+    return [_to_annotation(r) for r in rows]
+
+
+def _to_annotation(r: Row[Any]) -> Annotation:
+    return Annotation(r.id, r.run_id, r.step, r.text, r.author, r.created_at)
 
 
 def annotations_frame(db: Database, run_ids: Sequence[int]) -> pd.DataFrame:
@@ -239,14 +240,10 @@ def annotation_markers(db: Database, run_ids: Sequence[int], limit: int) -> list
     ids = [int(r) for r in run_ids]
     if not ids:
         return []
-    with db.session() as s:
-        rows = s.scalars(
-            select(AnnotationRow)
-            .where(AnnotationRow.run_id.in_(ids))
-            .order_by(AnnotationRow.step)
-            .limit(int(limit))
-        ).all()
-        return [Annotation(r.id, r.run_id, r.step, r.text, r.author, r.created_at) for r in rows]
+    q = select(annotations).where(annotations.c.run_id.in_(ids))
+    with db.begin() as conn:
+        rows = conn.execute(q.order_by(annotations.c.step).limit(int(limit))).all()
+    return [_to_annotation(r) for r in rows]
 
 
 def nearest_sample_step(

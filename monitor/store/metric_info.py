@@ -29,7 +29,7 @@ METRIC_INFO_COLUMNS: tuple[str, ...] = (
     "description",
 )
 
-# Column widths of the table (models.MetricInfoRow); longer values are cut, never refused.
+# Column widths of the table (tables.metric_info); longer values are cut, never refused.
 _WIDTHS = {"name": 200, "source": 50, "quantity": 50, "estimator": 20, "scale": 20}
 
 

@@ -18,8 +18,8 @@ import numpy as np
 from sqlalchemy import Connection
 
 from monitor.store.database import Database
-from monitor.store.models import STEP_COLUMNS
 from monitor.store.run_list import LAST_STEP_COLUMNS
+from monitor.store.tables import STEP_COLUMNS
 
 #: How many of a run's latest steps ``recent_walls`` keeps: the dashboard judges a stall on
 #: the median gap between their wall times (and reads as many rows for a run's header).

@@ -6,15 +6,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, inspect, select, update
+from sqlalchemy import Connection, Row, delete, func, insert, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 
 from monitor.errors import InvalidInput, NotFound, StoreError
 from monitor.store.current_kl import current_kl
 from monitor.store.database import Database
 from monitor.store.domain import RunInfo
-from monitor.store.models import RunRow
 from monitor.store.run_list import RUN_LIST_COLUMNS, read_summaries
+from monitor.store.tables import runs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 RUN_STATUSES = ("running", "finished", "crashed")
 
 
-def _to_info(row: RunRow) -> RunInfo:
+def _to_info(row: Row[Any]) -> RunInfo:
     config, tags = row.config, row.tags
     return RunInfo(
         id=row.id,
@@ -63,21 +63,22 @@ def get_or_create_run(
     if existing is not None:
         return existing
     try:
-        with db.session() as s:
-            row = RunRow(
-                project=project,
-                name=name,
-                status=status,
-                source=source,
-                created_at=now,
-                last_seen_at=now,
-                world_size=world_size,
-                config=config or {},
-                tags=tags or [],
+        with db.begin() as conn:
+            created = conn.execute(
+                insert(runs).values(
+                    project=project,
+                    name=name,
+                    status=status,
+                    source=source,
+                    created_at=now,
+                    last_seen_at=now,
+                    world_size=world_size,
+                    config=config or {},
+                    tags=tags or [],
+                )
             )
-            s.add(row)
-            s.flush()
-            return _to_info(row)
+            run_id = created.inserted_primary_key[0]
+            return _to_info(conn.execute(select(runs).where(runs.c.id == run_id)).one())
     except StoreError as exc:
         if isinstance(exc.__cause__, IntegrityError):
             found = find_run_by_name(db, project, name)
@@ -87,14 +88,16 @@ def get_or_create_run(
 
 
 def find_run_by_name(db: Database, project: str, name: str) -> RunInfo | None:
-    with db.session() as s:
-        row = s.scalar(select(RunRow).where(RunRow.project == project, RunRow.name == name))
+    with db.begin() as conn:
+        row = conn.execute(
+            select(runs).where(runs.c.project == project, runs.c.name == name)
+        ).first()
         return _to_info(row) if row else None
 
 
 def get_run(db: Database, run_id: int) -> RunInfo:
-    with db.session() as s:
-        row = s.get(RunRow, run_id)
+    with db.begin() as conn:
+        row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
         if row is None:
             raise NotFound(f"run {run_id} does not exist")
         return _to_info(row)
@@ -105,27 +108,27 @@ def get_runs(db: Database, run_ids: Sequence[int]) -> dict[int, RunInfo]:
     ids = [int(r) for r in run_ids]
     if not ids:
         return {}
-    with db.session() as s:
-        rows = s.scalars(select(RunRow).where(RunRow.id.in_(ids))).all()
+    with db.begin() as conn:
+        rows = conn.execute(select(runs).where(runs.c.id.in_(ids))).all()
         return {row.id: _to_info(row) for row in rows}
 
 
 def list_run_ids(db: Database) -> list[int]:
     """Every run's id, ascending."""
-    with db.session() as s:
-        return [int(r) for r in s.scalars(select(RunRow.id).order_by(RunRow.id)).all()]
+    with db.begin() as conn:
+        return [int(r) for r in conn.execute(select(runs.c.id).order_by(runs.c.id)).scalars()]
 
 
 def delete_run(db: Database, run_id: int) -> None:
     """Remove a run and every row that hangs off it (the foreign keys cascade)."""
     with db.begin() as conn:
-        conn.execute(delete(RunRow).where(RunRow.id == run_id))
+        conn.execute(delete(runs).where(runs.c.id == run_id))
 
 
 def delete_project_runs(db: Database, project: str) -> None:
     """Remove every run of ``project`` (and all that hangs off them)."""
     with db.begin() as conn:
-        conn.execute(delete(RunRow).where(RunRow.project == project))
+        conn.execute(delete(runs).where(runs.c.project == project))
 
 
 def count_runs_outside(db: Database, project: str) -> int:
@@ -134,7 +137,7 @@ def count_runs_outside(db: Database, project: str) -> int:
     with db.begin() as conn:
         if not inspect(conn).has_table("runs"):
             return 0
-        q = select(func.count()).select_from(RunRow).where(RunRow.project != project)
+        q = select(func.count()).select_from(runs).where(runs.c.project != project)
         return int(conn.execute(q).scalar() or 0)
 
 
@@ -145,11 +148,11 @@ def resolve_run(db: Database, ref: str | int, project: str | None = None) -> Run
         return get_run(db, int(ref_s))
     if project is None and "/" in ref_s:
         project, ref_s = ref_s.split("/", 1)
-    with db.session() as s:
-        q = select(RunRow).where(RunRow.name == ref_s)
+    with db.begin() as conn:
+        q = select(runs).where(runs.c.name == ref_s)
         if project is not None:
-            q = q.where(RunRow.project == project)
-        rows = s.scalars(q).all()
+            q = q.where(runs.c.project == project)
+        rows = conn.execute(q).all()
         if not rows:
             raise NotFound(
                 f"no run named {ref_s!r}" + (f" in project {project!r}" if project else "")
@@ -168,8 +171,8 @@ def set_run_status(db: Database, run_id: int, status: str, *, now: float | None 
     now = time.time() if now is None else now
     values: dict[str, Any] = {"status": status, "last_seen_at": now}
     values["finished_at"] = None if status == "running" else now
-    with db.session() as s:
-        result = s.execute(update(RunRow).where(RunRow.id == run_id).values(**values))
+    with db.begin() as conn:
+        result = conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
         if result.rowcount == 0:
             raise NotFound(f"run {run_id} does not exist")
 
@@ -177,22 +180,26 @@ def set_run_status(db: Database, run_id: int, status: str, *, now: float | None 
 def touch_run(db: Database, run_id: int, *, now: float | None = None) -> None:
     """Record that the run is alive (used to tell a stalled run from a quiet one)."""
     now = time.time() if now is None else now
-    with db.session() as s:
-        s.execute(update(RunRow).where(RunRow.id == run_id).values(last_seen_at=now))
+    with db.begin() as conn:
+        conn.execute(update(runs).where(runs.c.id == run_id).values(last_seen_at=now))
 
 
 def set_baseline_run(db: Database, run_id: int, baseline_run_id: int | None) -> None:
     """Name the run this one is compared against by default (e.g. a known-good run)."""
     if baseline_run_id == run_id:
         raise InvalidInput(f"run {run_id} cannot be its own baseline")
-    with db.session() as s:
-        if baseline_run_id is not None and s.get(RunRow, baseline_run_id) is None:
+    with db.begin() as conn:
+        if baseline_run_id is not None and not _exists(conn, baseline_run_id):
             raise NotFound(f"baseline run {baseline_run_id} does not exist")
-        result = s.execute(
-            update(RunRow).where(RunRow.id == run_id).values(baseline_run_id=baseline_run_id)
+        result = conn.execute(
+            update(runs).where(runs.c.id == run_id).values(baseline_run_id=baseline_run_id)
         )
         if result.rowcount == 0:
             raise NotFound(f"run {run_id} does not exist")
+
+
+def _exists(conn: Connection, run_id: int) -> bool:
+    return conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is not None
 
 
 def run_summaries(db: Database) -> list[dict[str, Any]]:

@@ -118,17 +118,17 @@ _PG_AFTER_CREATE = ("ALTER TABLE samples ALTER COLUMN payload SET STORAGE EXTERN
 
 
 def create_schema(engine: Engine) -> bool:
-    """Give an empty database the schema at head: the models' tables (``create_all``) and
-    the head revision stamped, instead of running every migration (a fifth of a short
-    import's time, Alembic's import included). ``tests/test_schema.py`` checks that both
-    give the same catalog on SQLite and PostgreSQL. False when the database was not empty
-    once the lock was held (another process created the schema meanwhile); the scripts'
-    head unclear without Alembic: the migrations run."""
+    """Give an empty database the schema at head: the tables of ``monitor.store.tables``
+    (``create_all``) and the head revision stamped, instead of running every migration (a
+    fifth of a short import's time, Alembic's import included). ``tests/test_schema.py``
+    checks that both give the same catalog on SQLite and PostgreSQL. False when the database
+    was not empty once the lock was held (another process created the schema meanwhile);
+    the scripts' head unclear without Alembic: the migrations run."""
     head = script_head()
     if head is None:
         upgrade(engine)
         return True
-    from monitor.store.models import Base
+    from monitor.store.tables import metadata
 
     with _schema_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "sqlite":
@@ -138,7 +138,7 @@ def create_schema(engine: Engine) -> bool:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         if _has_tables(conn):
             return False
-        Base.metadata.create_all(conn)
+        metadata.create_all(conn)
         if conn.dialect.name == "postgresql":
             for sql in _PG_AFTER_CREATE:
                 conn.exec_driver_sql(sql)

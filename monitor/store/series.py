@@ -45,7 +45,7 @@ from monitor.store import metric_blocks as blocks
 from monitor.store._bulk import COPY_MIN_ROWS, insert_rows
 from monitor.store._driver import fetch as _fetch
 from monitor.store.database import Database
-from monitor.store.models import STEP_FLOAT_COLUMNS
+from monitor.store.tables import STEP_FLOAT_COLUMNS
 
 BASE_LEVEL = 3
 MAX_LEVEL = 30

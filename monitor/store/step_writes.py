@@ -51,15 +51,15 @@ from monitor.store.drilldown import SAMPLE_COLUMNS, sample_rows
 from monitor.store.ledger_rollups import invalidate_ledger_rollups
 from monitor.store.locked_fk import fk_checks_held_by_lock
 from monitor.store.metric_blocks import MetricWriteResult
-from monitor.store.models import (
+from monitor.store.run_counters import count_inserted_columns, count_written
+from monitor.store.sample_retention import SampleRetention, compact_live
+from monitor.store.series import invalidate_rollups
+from monitor.store.tables import (
     METRIC_NAME_MAX,
     STEP_COLUMNS,
     STEP_INT_COLUMNS,
     STEP_QUANTITIES,
 )
-from monitor.store.run_counters import count_inserted_columns, count_written
-from monitor.store.sample_retention import SampleRetention, compact_live
-from monitor.store.series import invalidate_rollups
 
 __all__ = [
     "COPY_MIN_ROWS",

@@ -15,8 +15,8 @@ from monitor.store._driver import fetch
 from monitor.store.database import Database
 from monitor.store.metric_blocks import BLOCK_LEVEL, decode, stored_metric_names
 from monitor.store.metric_blocks import TABLE as BLOCKS
-from monitor.store.models import STEP_COLUMNS, STEP_QUANTITIES
 from monitor.store.step_writes import write_metrics, write_steps
+from monitor.store.tables import STEP_COLUMNS, STEP_QUANTITIES
 
 __all__ = [
     "STEP_COLUMNS",

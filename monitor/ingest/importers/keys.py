@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from monitor.store.models import STEP_INT_COLUMNS
+from monitor.store.tables import STEP_INT_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from monitor.ingest.importers.payload_hashes import (
 )
 from monitor.ingest.text import clean_text
 from monitor.store.metric_info import MetricInfo
-from monitor.store.models import METRIC_NAME_MAX
+from monitor.store.tables import METRIC_NAME_MAX
 
 STEP_KEYS: tuple[str, ...] = (
     "step",

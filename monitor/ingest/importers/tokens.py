@@ -40,7 +40,7 @@ from monitor.ingest.importers.payload_hashes import payload_hash
 from monitor.ingest.importers.tables import Prepared, too_long_names
 from monitor.ingest.text import clean_text
 from monitor.store.metric_info import MetricInfo
-from monitor.store.models import STEP_QUANTITIES
+from monitor.store.tables import STEP_QUANTITIES
 
 POLICY_KEYS = ("policy_logprobs", "logprobs", "policy_log_probs", "log_probs", "policy_logps")
 REF_KEYS = ("ref_logprobs", "ref_log_probs", "reference_logprobs", "ref_logps")

@@ -24,9 +24,9 @@ from monitor.store.models import (
     AlertEventRow,
     AlertStateRow,
     RunRow,
-    StepRow,
 )
 from monitor.store.steps import read_steps
+from monitor.store.tables import steps
 
 # --------------------------------------------------------------------------- evaluation
 
@@ -37,7 +37,7 @@ def runs_to_evaluate(db: Database, run_ids: Sequence[int] | None = None) -> list
     The highest step is one index lookup per run (the steps primary key), so this costs the
     same whether a run has 1k or 10M steps.
     """
-    max_step = select(func.max(StepRow.step)).where(StepRow.run_id == RunRow.id).scalar_subquery()
+    max_step = select(func.max(steps.c.step)).where(steps.c.run_id == RunRow.id).scalar_subquery()
     has_open = (
         select(AlertStateRow.rule)
         .where(AlertStateRow.run_id == RunRow.id, AlertStateRow.state != "ok")
