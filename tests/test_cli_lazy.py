@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from monitor.cli import LAZY_COMMANDS, main
@@ -127,15 +128,37 @@ def test_the_quick_head_revision_is_alembics() -> None:
 
 
 #: What `klmon import` must not pay for: it binds tuples through the driver, so neither the
-#: ORM (the alert engine's) nor Alembic (a new database is created from the Core tables).
+#: ORM (the alert engine's) nor Alembic (a new database is created from the Core tables);
+#: nor pandas for a JSONL or Parquet file (pyarrow reads them; only CSV is read by pandas).
 NOT_FOR_IMPORT = ("sqlalchemy.orm", "monitor.store.models", "alembic", "dash", "plotly")
 
 
-def test_klmon_import_loads_neither_the_orm_nor_alembic(tmp_path, db: Database, db_url: str):
-    log = tmp_path / "log.csv"
-    log.write_text("step,kl,loss\n" + "".join(f"{s},{s / 100},{1 - s / 100}\n" for s in range(50)))
-    loaded = _modules_loaded_by(["import", str(log), "--run", "r", "--db", db_url])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_klmon_import_loads_only_what_its_format_needs(
+    tmp_path, db: Database, db_url: str, fmt: str
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    rows = [
+        {"step": s, "kl": s / 100, "loss": None if s % 7 == 0 else 1 - s / 100} for s in range(50)
+    ]
+    log = tmp_path / f"log.{fmt}"
+    if fmt == "csv":
+        log.write_text(
+            "step,kl,loss\n"
+            + "".join(
+                f"{r['step']},{r['kl']},{'' if r['loss'] is None else r['loss']}\n" for r in rows
+            )
+        )
+    elif fmt == "jsonl":
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), log)
+    loaded = _modules_loaded_by(["import", str(log), "--run", fmt, "--db", db_url])
     assert "monitor.ingest.importers.importer" in loaded
-    assert not [m for m in NOT_FOR_IMPORT if m in loaded]
-    run = find_run_by_name(db, "imported", "r")
-    assert run is not None and run_summaries(db)[0]["n_steps"] == 50
+    heavy = NOT_FOR_IMPORT if fmt == "csv" else (*NOT_FOR_IMPORT, "pandas")
+    assert not [m for m in heavy if m in loaded]
+    run = find_run_by_name(db, "imported", fmt)
+    assert run is not None
+    assert [(r["n_steps"], r["last_step"]) for r in run_summaries(db)] == [(50, 49)]

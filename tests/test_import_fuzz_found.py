@@ -46,7 +46,7 @@ def test_every_leading_byte_order_mark_of_a_csv_is_skipped(tmp_path: Path) -> No
     bom = b"\xef\xbb\xbf"
     log = _file(tmp_path, "log.csv", bom + bom + b"step,kl\n5,1\n9007199254740993,2\n")
     frame, _missing = csv_table.read_frame(log, lambda n: None)
-    assert list(frame.columns) == ["step", "kl"]
+    assert list(frame) == ["step", "kl"]
     _f, prepared = prepare_path(log, fmt="csv")
     assert [r["step"] for r in prepared.steps] == [5, 9007199254740993]
 

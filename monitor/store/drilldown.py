@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from sqlalchemy import Row, func, insert, select, text
 
 from monitor.errors import InvalidInput, NotFound
@@ -16,6 +15,9 @@ from monitor.store._bulk import insert_rows
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, Sample
 from monitor.store.sample_codec import decode_sample, encode_sample
+
+if TYPE_CHECKING:
+    import pandas as pd
 from monitor.store.tables import annotations, runs, samples, token_histograms
 
 SAMPLE_COLUMNS = (
@@ -228,6 +230,8 @@ def _to_annotation(r: Row[Any]) -> Annotation:
 
 def annotations_frame(db: Database, run_ids: Sequence[int]) -> pd.DataFrame:
     """Annotations of several runs: run_id, step, text, author, created_at."""
+    import pandas as pd  # here: the step writers that load this module do without it
+
     rows = [a for rid in run_ids for a in list_annotations(db, rid)]
     return pd.DataFrame(
         [(a.run_id, a.step, a.text, a.author, a.created_at) for a in rows],

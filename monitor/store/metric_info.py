@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from sqlalchemy import text
 
 from monitor.store._bulk import insert_rows
 from monitor.store.database import Database
 from monitor.store.metric_blocks import stored_metric_names
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 METRIC_INFO_COLUMNS: tuple[str, ...] = (
     "name",
@@ -100,6 +103,8 @@ def metric_info_frame(db: Database, run_id: int) -> pd.DataFrame:
 
     Columns: name, source, quantity, estimator, scale, description.
     """
+    import pandas as pd  # here: the importers that write metric_info do without it
+
     infos = read_metric_info(db, run_id).values()
     return pd.DataFrame([i.as_dict() for i in infos], columns=list(METRIC_INFO_COLUMNS))
 

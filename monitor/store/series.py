@@ -34,10 +34,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from sqlalchemy import Connection, text
 
 from monitor.errors import InvalidInput
@@ -46,6 +45,9 @@ from monitor.store._bulk import COPY_MIN_ROWS, insert_rows
 from monitor.store._driver import fetch as _fetch
 from monitor.store.database import Database
 from monitor.store.tables import STEP_FLOAT_COLUMNS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BASE_LEVEL = 3
 MAX_LEVEL = 30
@@ -697,6 +699,8 @@ class Series:
 
     def combined(self) -> pd.DataFrame:
         """frame and tail as one frame, without the empty buckets."""
+        import pandas as pd  # here: the write paths that load this module do without it
+
         parts = [f for f in (self.frame, self.tail) if not f.empty]
         if not parts:
             return self.frame
@@ -734,6 +738,8 @@ def _frame(
 
 
 def _df(arr: np.ndarray, columns: Sequence[str]) -> pd.DataFrame:
+    import pandas as pd  # here: the write paths that load this module do without it
+
     return pd.DataFrame(arr, columns=_frame_columns(columns), copy=False)
 
 
@@ -1016,6 +1022,8 @@ def read_step_rows_after(
         if len(steps)
         else np.zeros((0, 2 + len(cols)))
     )
+    import pandas as pd
+
     return pd.DataFrame(arr, columns=["step", "wall_time", *cols], copy=False)
 
 
@@ -1028,6 +1036,8 @@ def read_metric_rows_after(
             conn, _METRICS, _key(run_id, name), ("value",), int(after) + 1, MAX_STEP, limit
         )
     arr = np.column_stack([steps.astype(float), vals]) if len(steps) else np.zeros((0, 2))
+    import pandas as pd
+
     return pd.DataFrame(arr, columns=["step", "value"], copy=False)
 
 

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-import pandas as pd
 from sqlalchemy import Connection
 
 from monitor.errors import InvalidInput, NotFound
@@ -401,21 +400,22 @@ def write_steps(db: Database, run_id: int, rows: Sequence[Mapping[str, Any]]) ->
     return StepWriteResult(len(inserted), duplicates, tuple(conflicts))
 
 
-def write_step_frame(db: Database, run_id: int, frame: pd.DataFrame) -> StepWriteResult:
-    """``write_steps`` for step rows as a frame (columns ``step``, ``wall_time`` and any of
-    ``STEP_COLUMNS``; NaN is NULL): the importers' bulk path, a column at a time instead of
-    a dict per row. On PostgreSQL, rows of steps none of which is stored go by binary COPY
-    built from the columns themselves (no Python tuple per row); the others take
-    ``_insert_new_steps``, the one conflict check."""
-    unknown = set(frame.columns) - set(STEP_COLUMNS)
+def write_step_frame(db: Database, run_id: int, frame: Mapping[str, Any]) -> StepWriteResult:
+    """``write_steps`` for step rows as columns of one length, name -> array (``step``,
+    ``wall_time`` and any of ``STEP_COLUMNS``; NaN or None is NULL; a DataFrame will do):
+    the importers' bulk path, a column at a time instead of a dict per row. On PostgreSQL,
+    rows of steps none of which is stored go by binary COPY built from the columns
+    themselves (no Python tuple per row); the others take ``_insert_new_steps``, the one
+    conflict check."""
+    unknown = set(frame) - set(STEP_COLUMNS)
     if unknown:
         raise InvalidInput(f"step rows have unknown columns: {sorted(unknown)}")
     if "step" not in frame or "wall_time" not in frame:
         raise InvalidInput("every step row needs 'step' and 'wall_time'")
-    n = len(frame)
+    names, values, present = _frame_columns(run_id, frame)
+    n = len(values[names.index("step")])
     if n == 0:
         return StepWriteResult(0, 0)
-    names, values, present = _frame_columns(run_id, frame)
     steps = values[names.index("step")]
     with db.begin() as conn:
         _lock_run(db, conn, run_id, None)
@@ -442,12 +442,12 @@ def write_step_frame(db: Database, run_id: int, frame: pd.DataFrame) -> StepWrit
 
 
 def _frame_columns(
-    run_id: int, frame: pd.DataFrame
+    run_id: int, frame: Mapping[str, Any]
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None]]:
     """The step columns a frame binds (``STEP_COLUMNS`` order; a column it lacks whose
     default is NULL is left out), each as an array and which rows have a value (None: all).
     Integer columns hold int64 (NaN: NULL); text columns str objects (None or NaN: NULL)."""
-    n = len(frame)
+    n = len(frame["step"])
     names: list[str] = []
     values: list[np.ndarray] = []
     present: list[np.ndarray | None] = []
@@ -463,15 +463,15 @@ def _frame_columns(
             if default is None:
                 mask = np.zeros(n, dtype=bool)
         else:
-            array = frame[c].to_numpy()
+            array = np.asarray(frame[c])
             if array.dtype.kind == "f":
                 missing = np.isnan(array)
                 if c in STEP_INT_COLUMNS or c == "step":
                     array = np.where(missing, 0, array).astype(np.int64)
                 mask = ~missing if missing.any() else None
             elif array.dtype == object:
-                mask = frame[c].notna().to_numpy()  # None and NaN
-                mask = None if mask.all() else mask
+                mask = np.fromiter((v is not None and v == v for v in array), bool, n)
+                mask = None if mask.all() else mask  # (None and NaN: NULL)
         names.append(c)
         values.append(array)
         present.append(mask)

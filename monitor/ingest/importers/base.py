@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
 # Called with the number of bytes (or rows) read so far.
 Tick = Callable[[int], None]
+
+#: A clean table as a fast path reads it: name -> float64 column (missing: NaN), all of one
+#: length, and per column how many of its NaN were missing cells.
+FloatColumns = tuple[dict[str, np.ndarray], dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,33 @@ def is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def float_column(column: Any) -> np.ndarray:
+    """A pyarrow column (Array or ChunkedArray) of integers, floats or nulls as float64, null
+    as NaN. Read from the cast array's buffer: pyarrow's own conversions (``to_numpy``,
+    ``to_pandas``) load pandas, a third of a ``klmon import``'s start-up."""
+    import pyarrow as pa
+
+    parts = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        n = len(chunk)
+        floats = chunk.cast(pa.float64(), safe=False)
+        if floats.null_count == n:  # all null (a null-typed column has no buffers)
+            parts.append(np.full(n, np.nan))
+            continue
+        valid, data = floats.buffers()
+        values = np.frombuffer(data, np.float64, n, floats.offset * 8)
+        if floats.null_count:  # (pyarrow's fill_null would load pandas for its scalar)
+            bits = np.unpackbits(np.frombuffer(valid, np.uint8), bitorder="little")
+            values = np.where(bits[floats.offset : floats.offset + n] == 1, values, np.nan)
+        parts.append(values)
+    return np.concatenate(parts) if parts else np.empty(0, np.float64)
+
+
+def n_rows(columns: Mapping[str, np.ndarray]) -> int:
+    """The length of a fast path's columns (0 without any)."""
+    return len(next(iter(columns.values()), ()))
 
 
 def unique_names(names: Iterable[str]) -> list[str]:

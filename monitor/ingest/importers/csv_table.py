@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import pandas as pd
 
 from monitor.ingest.importers.base import (
+    FloatColumns,
     Problem,
     RawRecord,
     RawTable,
@@ -59,16 +59,11 @@ def read(path: Path, tick: Tick) -> RawTable:
     return table
 
 
-# Numbers parsed exactly as Python's float() does (pandas 3 does by default and deprecates
-# the option; 2.x needs it), so a fast read stores the very values the row reader would.
-_EXACT_FLOATS: dict[str, Any] = (
-    {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
-)
 # Bytes a clean body is made of (besides the delimiter): numbers, signs, exponents, spaces.
 _NUMERIC = b"0123456789.eE+- \r\n"
 
 
-def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | None:
+def read_frame(path: Path, tick: Tick) -> FloatColumns | None:
     """The file as float64 columns (missing cells NaN) and the missing cells per column,
     when it is clean: UTF-8 without NUL bytes or quotes, a body of numbers only, and every
     row with as many fields as the header. None otherwise (then :func:`read` reports each
@@ -108,6 +103,11 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
     lengths = np.diff(np.r_[-1, newlines]) - 1
     if np.any((fields != len(header) - 1) & (lengths > 0)):
         return None  # a row of the wrong width: the row reader says which
+    import pandas as pd  # here: the other formats' fast paths do without it
+
+    # Numbers parsed exactly as Python's float() does (pandas 3 does by default and
+    # deprecates the option; 2.x needs it): the very values the row reader would store.
+    exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
     try:
         frame = pd.read_csv(
             io.BytesIO(body),
@@ -117,12 +117,13 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
             dtype=np.float64,
             na_values=[""],
             keep_default_na=False,
-            **_EXACT_FLOATS,
+            **exact,
             skip_blank_lines=True,
         )
     except (ValueError, pd.errors.ParserError):
         return None
-    return frame, {c: int(frame[c].isna().sum()) for c in frame.columns}
+    columns = {c: frame[c].to_numpy(np.float64) for c in frame.columns}
+    return columns, {c: int(np.isnan(v).sum()) for c, v in columns.items()}
 
 
 def _text_lines(fh: BinaryIO, tick: Tick, table: RawTable) -> Iterator[str]:

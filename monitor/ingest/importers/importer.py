@@ -37,7 +37,6 @@ from monitor.store import (
     get_run,
     refresh_ledger_rollups,
     set_run_status,
-    stored_between,
     write_histograms,
     write_imported_ledgers,
     write_metric_columns,
@@ -481,6 +480,8 @@ class _Writer:
         if self.existing is not None and prepared.steps:
             lo = min(r["step"] for r in prepared.steps)
             hi = max(r["step"] for r in prepared.steps)
+            from monitor.store import stored_between  # a reader, with pandas: the row path
+
             stored_steps, stored_metrics = stored_between(db, run.id, lo, hi)
 
         total = len(prepared.steps) + len(prepared.metrics)
@@ -524,19 +525,19 @@ class _Writer:
             report.samples_inserted += write_samples(db, run.id, samples)
 
     def _write_columns(self, report: ImportReport, prepared: Prepared) -> None:
-        """A columnar chunk (``tables.build_frame``): step rows a frame slice at a time, each
-        metric as arrays; the store counts replays and conflicts."""
+        """A columnar chunk (``tables.build_frame``): step rows ``FRAME_BATCH`` at a time,
+        each metric as arrays; the store counts replays and conflicts."""
         db, run, frame = self.db, self.run, prepared.step_frame
         assert run is not None and frame is not None
-        total = len(frame) + prepared.n_metrics
+        total = prepared.n_steps + prepared.n_metrics
         conflicts = list(report.step_conflicts)
-        for start in range(0, len(frame), FRAME_BATCH):
-            part = frame.iloc[start : start + FRAME_BATCH]
+        for start in range(0, prepared.n_steps, FRAME_BATCH):
+            part = {c: v[start : start + FRAME_BATCH] for c, v in frame.items()}
             result = write_step_frame(db, run.id, part)
             report.steps_inserted += result.inserted
             report.steps_unchanged += result.duplicates
             conflicts.extend(result.conflicts)
-            self._tick(len(part), total)
+            self._tick(len(part["step"]), total)
         report.step_conflicts = tuple(conflicts)
         for group in _metric_groups(prepared.metric_columns):
             written = write_metric_columns(db, run.id, group)

@@ -17,16 +17,17 @@ from typing import Any
 
 import numpy as np
 import orjson
-import pandas as pd
 
 from monitor.errors import InvalidInput
 from monitor.ingest.importers.base import (
+    FloatColumns,
     Problem,
     RawRecord,
     RawTable,
     Tick,
     TooDeep,
     flatten,
+    float_column,
     is_utf8,
     json_lines,
 )
@@ -56,7 +57,7 @@ def read(path: Path, tick: Tick) -> RawTable:
     return table
 
 
-def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | None:
+def read_frame(path: Path, tick: Tick) -> FloatColumns | None:
     """The file as float64 columns (a missing key or null: NaN) and the missing cells per
     column, when every non-blank line is a flat JSON object of numbers (or numeric text) and
     the file is UTF-8 without NUL bytes; None otherwise."""
@@ -87,13 +88,19 @@ def read_frame(path: Path, tick: Tick) -> tuple[pd.DataFrame, dict[str, int]] | 
     for k, v in columns.items():
         # a null (or missing key) is NaN; NaN from numeric text ("nan") is not a null
         nulls[k] = sum(r.get(k) is None for r in rows) if np.isnan(v).any() else 0
+    return _with_text_keys(columns, nulls)
+
+
+def _with_text_keys(columns: dict[str, np.ndarray], nulls: dict[str, int]) -> FloatColumns | None:
+    """The columns, unless a key holds a lone surrogate: the row reader cleans it."""
     try:
-        return pd.DataFrame(columns, copy=False), nulls
-    except UnicodeError:  # a key with a lone surrogate: the row reader cleans it
+        "".join(columns).encode("utf-8")
+    except UnicodeEncodeError:
         return None
+    return columns, nulls
 
 
-def _arrow_columns(data: bytes) -> tuple[pd.DataFrame, dict[str, int]] | None:
+def _arrow_columns(data: bytes) -> FloatColumns | None:
     """``read_frame``'s result parsed by pyarrow's JSON reader (in C++, several times faster
     than a ``orjson.loads`` per line), when pyarrow is there and reads every column as
     numbers or nulls; None for anything else (text, booleans, lists, objects, bare NaN or
@@ -108,10 +115,12 @@ def _arrow_columns(data: bytes) -> tuple[pd.DataFrame, dict[str, int]] | None:
     except (pa.ArrowException, ValueError):
         return None
     numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_null)
-    if not table.num_rows or not all(any(t(c.type) for t in numeric) for c in table.columns):
+    if not table.num_rows or not table.num_columns:
+        return None  # only empty objects: the line reader says what is missing
+    if not all(any(t(c.type) for t in numeric) for c in table.columns):
         return None
     columns = {
-        name: column.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+        name: float_column(column)
         for name, column in zip(table.column_names, table.columns, strict=True)
     }
     nulls = {
@@ -122,10 +131,7 @@ def _arrow_columns(data: bytes) -> tuple[pd.DataFrame, dict[str, int]] | None:
     # gives inf too); the rules read them as missing: the line reader decides those files
     if any(np.count_nonzero(~np.isfinite(v)) != nulls[k] for k, v in columns.items()):
         return None  # (a null is NaN here too: more non-finite values than nulls)
-    try:
-        return pd.DataFrame(columns, copy=False), nulls
-    except UnicodeError:
-        return None
+    return _with_text_keys(columns, nulls)
 
 
 def _columns(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, np.ndarray]:

@@ -17,17 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from monitor.errors import InvalidInput
 from monitor.ingest.importers.base import (
+    FloatColumns,
     Problem,
     RawRecord,
     RawTable,
     Tick,
     TooDeep,
     flatten,
+    float_column,
     unique_names,
 )
 from monitor.ingest.importers.keys import detect_producer
@@ -51,9 +50,7 @@ BATCH_CELLS = 200_000
 MAX_BATCH_ROWS = 16_384
 
 
-def read_batches(
-    path: Path, tick: Tick
-) -> tuple[str, Iterator[RawTable | tuple[pd.DataFrame, dict[str, int]]]]:
+def read_batches(path: Path, tick: Tick) -> tuple[str, Iterator[RawTable | FloatColumns]]:
     """The producer (from the schema's column names) and the file's rows, batch by batch;
     the first batch carries the file's klmon metadata and notes."""
     pq = require_pyarrow(path)
@@ -69,9 +66,7 @@ def read_batches(
     return producer, _batches(path, pf, rows, tick)
 
 
-def _batches(
-    path: Path, pf: Any, rows: int, tick: Tick
-) -> Iterator[RawTable | tuple[pd.DataFrame, dict[str, int]]]:
+def _batches(path: Path, pf: Any, rows: int, tick: Tick) -> Iterator[RawTable | FloatColumns]:
     import pyarrow as pa
 
     table = RawTable()
@@ -82,8 +77,12 @@ def _batches(
         except ValueError:
             table.notes.append("the file's klmon metadata is not valid JSON; ignored")
     number = 0
-    numeric = METADATA_KEY not in meta and all(
-        pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in pf.schema_arrow
+    numeric = (
+        METADATA_KEY not in meta
+        and bool(pf.schema_arrow.names)
+        and all(
+            pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in pf.schema_arrow
+        )
     )
     names = unique_names(pf.schema_arrow.names)
     if names != pf.schema_arrow.names:  # rare: read by the row path, whose first batch says so
@@ -97,11 +96,11 @@ def _batches(
             if names != batch.schema.names:  # a repeated name would lose a column
                 batch = pa.RecordBatch.from_arrays(batch.columns, names=names)
             if numeric and batch.num_rows and _exact_in_floats(batch):
-                frame = batch.to_pandas().astype(np.float64)
-                nulls = {n: batch.column(i).null_count for i, n in enumerate(batch.schema.names)}
+                columns = {n: float_column(batch.column(i)) for i, n in enumerate(names)}
+                nulls = {n: batch.column(i).null_count for i, n in enumerate(names)}
                 number += batch.num_rows
                 tick(number)
-                yield frame, nulls
+                yield columns, nulls
                 continue
             for row in _rows(batch):
                 number += 1

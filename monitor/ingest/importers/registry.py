@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import numpy as np
 
 from monitor.errors import InvalidInput
 from monitor.ingest.importers import (
@@ -19,20 +19,19 @@ from monitor.ingest.importers import (
     trainer_state,
     verl,
 )
-from monitor.ingest.importers.base import RawRecord, RawTable, Tick
+from monitor.ingest.importers.base import FloatColumns, RawRecord, RawTable, Tick, n_rows
 from monitor.ingest.importers.detect import TITLES
 from monitor.ingest.importers.tables import Prepared, build, build_frame, merge
 
-#: A clean table as float64 columns and, per column, how many of its NaN were missing cells.
-Columns = tuple[pd.DataFrame, dict[str, int]]
 
-
-def frame_records(frame: pd.DataFrame, offset: int) -> RawTable:
+def frame_records(columns: dict[str, np.ndarray], offset: int) -> RawTable:
     """A columnar batch as records (NaN: missing) for the row-by-row rules."""
-    clean = frame.astype(object).where(frame.notna(), None)
+    names = list(columns)
+    cells = [[None if v != v else v for v in column.tolist()] for column in columns.values()]
     return RawTable(
         records=[
-            RawRecord(offset + i, row) for i, row in enumerate(clean.to_dict("records"), start=1)
+            RawRecord(offset + i, dict(zip(names, row, strict=True)))
+            for i, row in enumerate(zip(*cells, strict=True), start=1)
         ]
     )
 
@@ -60,9 +59,11 @@ class Format:
     prepare_fn: Callable[..., Prepared] | None = None
     # columnar formats read in batches: (path, tick) -> the file's producer and its batches
     # (a clean batch comes as float64 columns and their missing cells, see ``build_frame``)
-    read_batches: Callable[[Path, Tick], tuple[str, Iterator[RawTable | Columns]]] | None = None
+    read_batches: Callable[[Path, Tick], tuple[str, Iterator[RawTable | FloatColumns]]] | None = (
+        None
+    )
     # the fast path of a clean file: its float64 columns and missing cells, or None
-    read_frame: Callable[[Path, Tick], Columns | None] | None = None
+    read_frame: Callable[[Path, Tick], FloatColumns | None] | None = None
 
     def chunks(self, path: Path, tick: Tick, options: ReadOptions) -> Iterator[Prepared]:
         """What to write, one bounded batch at a time for columnar formats (one for others).
@@ -92,7 +93,7 @@ class Format:
             else:
                 chunk = build_frame(*batch, **kwargs)
                 table = frame_records(batch[0], offset) if chunk is None else RawTable()
-                rows = len(batch[0])
+                rows = n_rows(batch[0])
             if chunk is None:
                 chunk = build(table, **kwargs)
                 rows = len(table.records)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from monitor.errors import InvalidInput
 from monitor.ingest.importers.base import (
@@ -27,6 +26,7 @@ from monitor.ingest.importers.base import (
     Problem,
     RawRecord,
     RawTable,
+    n_rows,
     to_number,
     to_step,
 )
@@ -120,14 +120,14 @@ class Prepared:
     # columns named like a KL that fill nothing (when kl_read is empty)
     kl_candidates: list[str] = field(default_factory=list)
     # The columnar form a clean table is built in (``build_frame``), instead of ``steps`` and
-    # ``metrics``: the step rows as one frame (step, wall_time, payload_hash, quantities) and
-    # each metric's (steps, values).
-    step_frame: pd.DataFrame | None = None
+    # ``metrics``: the step rows as columns of one length (step, wall_time, payload_hash,
+    # quantities; NaN: none) and each metric's (steps, values).
+    step_frame: dict[str, np.ndarray] | None = None
     metric_columns: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def n_steps(self) -> int:
-        return len(self.step_frame) if self.step_frame is not None else len(self.steps)
+        return n_rows(self.step_frame) if self.step_frame is not None else len(self.steps)
 
     @property
     def n_metrics(self) -> int:
@@ -136,9 +136,11 @@ class Prepared:
     def as_rows(self) -> Prepared:
         """The same content as ``steps`` and ``metrics`` (a columnar one converted)."""
         if self.step_frame is not None:
-            frame = self.step_frame.astype(object).where(self.step_frame.notna(), None)
+            names = list(self.step_frame)
+            cells = [column.tolist() for column in self.step_frame.values()]
             self.steps = [
-                {k: v for k, v in row.items() if v is not None} for row in frame.to_dict("records")
+                {k: v for k, v in zip(names, row, strict=True) if v == v}  # NaN: none
+                for row in zip(*cells, strict=True)
             ]
             self.step_frame = None
         for name, (steps, values) in self.metric_columns.items():
@@ -312,7 +314,7 @@ def build(
 
 
 def build_frame(
-    frame: pd.DataFrame,
+    frame: Mapping[str, np.ndarray],
     nulls: Mapping[str, int],
     *,
     fmt: str,
@@ -332,11 +334,11 @@ def build_frame(
     ``build``): a klmon export, a step column with gaps, repeats or fractions, a row without
     any value, a column name too long or repeated once cleaned, or epoch as the step."""
     user_map = dict(user_map or {})
-    names = [clean_text(str(c)) for c in frame.columns]
+    names = [clean_text(str(c)) for c in frame]
     keys = set(names)
     if len(keys) != len(names) or any(len(n) > METRIC_NAME_MAX for n in names):
         return None
-    frame = frame.set_axis(names, axis=1)
+    values = dict(zip(names, frame.values(), strict=True))
     nulls = {clean_text(str(c)): n for c, n in nulls.items()}  # by the names as cleaned
     producer = producer or detect_producer(keys)
     if producer == "klmon":
@@ -344,18 +346,17 @@ def build_frame(
     step_key, step_source = choose_step_column(RawTable(), keys, user_map, step_column, path)
     if step_key is None and any(k in keys for k in LAST_RESORT_STEP_KEYS):
         return None
-    out = Prepared(fmt=fmt, producer=producer, records_read=len(frame))
+    n = n_rows(values)
+    out = Prepared(fmt=fmt, producer=producer, records_read=n)
     out.step_column, out.step_source = step_key, step_source
-    n = len(frame)
     if step_key is None:
         out.notes.append(_NO_STEP_NOTE)
         steps = np.arange(row_offset, row_offset + n, dtype=np.int64)
     else:
-        raw = frame.pop(step_key).to_numpy(np.float64)
+        raw = values.pop(step_key)
         if n and not (np.all(raw >= 0) and np.all(raw < 2**53) and np.all(raw == np.floor(raw))):
             return None
         steps = raw.astype(np.int64)
-    values = {c: frame[c].to_numpy(np.float64) for c in frame.columns}
     finite = {c: np.isfinite(v) for c, v in values.items()}
     if n and (not finite or not np.logical_or.reduce(list(finite.values())).all()):
         return None  # a row without a value (or no value columns): the row rules report it
@@ -394,8 +395,8 @@ def build_frame(
     wall = np.where(wall > 1e11, wall / 1000.0, wall)
     rows["wall_time"] = np.where((wall > 1e8) & (wall < 1e10), wall, default_wall_time)
     quantities = [q for q in rows if q not in ("step", "wall_time")]
-    rows["payload_hash"] = quantity_hashes({q: rows[q] for q in quantities}, n)
-    out.step_frame = pd.DataFrame(rows, copy=False)
+    rows["payload_hash"] = np.array(quantity_hashes({q: rows[q] for q in quantities}, n), object)
+    out.step_frame = rows
     for column, v in values.items():
         m = read.meanings.get(column)
         present = ~np.isnan(v)
