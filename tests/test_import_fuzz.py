@@ -302,3 +302,34 @@ def test_parquet_rows(rows: list) -> None:
     assert _read(prepared, "reward_mean") == expected
     assert {p.line for p in prepared.problems} == bad
     assert {p.unit for p in prepared.problems} <= {"row"}
+
+
+_ARROW_NUMBERS = ["int8", "uint8", "int16", "uint32", "int64", "uint64", "float16", "float32"]
+
+
+@SETTINGS
+@given(
+    chunks=st.lists(
+        st.lists(st.one_of(st.none(), st.integers(0, 100)), max_size=40), min_size=1, max_size=3
+    ),
+    type_name=st.sampled_from([*_ARROW_NUMBERS, "float64", "null"]),
+    start=st.integers(0, 20),
+)
+def test_float_column_reads_every_arrow_number_as_pyarrow_does(
+    chunks: list[list[int | None]], type_name: str, start: int
+) -> None:
+    """The fast paths' own reading of pyarrow's buffers (its conversions would load pandas)
+    gives float64 with NaN for null, for each chunk, a slice's offset and null bitmaps."""
+    pa = pytest.importorskip("pyarrow")
+    from monitor.ingest.importers.base import float_column
+
+    kind = getattr(pa, type_name)()
+    if type_name == "null":
+        chunks = [[None] * len(c) for c in chunks]
+    column = pa.chunked_array([pa.array(c, pa.int64()).cast(kind) for c in chunks], kind)
+    column = column.slice(min(start, len(column)))
+    want = [math.nan if v is None else float(v) for v in column.to_pylist()]
+    got = float_column(column)
+    assert got.dtype.name == "float64"
+    assert [math.nan if v != v else v for v in got.tolist()] == pytest.approx(want, nan_ok=True)
+    assert [v != v for v in got.tolist()] == [v is None for v in column.to_pylist()]

@@ -91,22 +91,25 @@ def is_utf8(data: bytes) -> bool:
 
 def float_column(column: Any) -> np.ndarray:
     """A pyarrow column (Array or ChunkedArray) of integers, floats or nulls as float64, null
-    as NaN. Read from the cast array's buffer: pyarrow's own conversions (``to_numpy``,
-    ``to_pandas``) load pandas, a third of a ``klmon import``'s start-up."""
+    as NaN. Read from the arrays' buffers (little-endian, as Arrow stores them): pyarrow's
+    own conversions (``to_numpy``, ``to_pandas``, a scalar for ``fill_null``) load pandas,
+    a third of a ``klmon import``'s start-up, and a cast loads its compute kernels."""
     import pyarrow as pa
 
     parts = []
     for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
         n = len(chunk)
-        floats = chunk.cast(pa.float64(), safe=False)
-        if floats.null_count == n:  # all null (a null-typed column has no buffers)
+        if chunk.null_count == n:  # all null (a null-typed column has no buffers)
             parts.append(np.full(n, np.nan))
             continue
-        valid, data = floats.buffers()
-        values = np.frombuffer(data, np.float64, n, floats.offset * 8)
-        if floats.null_count:  # (pyarrow's fill_null would load pandas for its scalar)
+        t = chunk.type
+        kind = "f" if pa.types.is_floating(t) else "u" if pa.types.is_unsigned_integer(t) else "i"
+        dtype = np.dtype(f"<{kind}{t.bit_width // 8}")
+        valid, data = chunk.buffers()
+        values = np.frombuffer(data, dtype, n, chunk.offset * dtype.itemsize).astype(np.float64)
+        if chunk.null_count:
             bits = np.unpackbits(np.frombuffer(valid, np.uint8), bitorder="little")
-            values = np.where(bits[floats.offset : floats.offset + n] == 1, values, np.nan)
+            values[bits[chunk.offset : chunk.offset + n] == 0] = np.nan
         parts.append(values)
     return np.concatenate(parts) if parts else np.empty(0, np.float64)
 
