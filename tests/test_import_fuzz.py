@@ -325,8 +325,10 @@ def test_float_column_reads_every_arrow_number_as_pyarrow_does(
 
     kind = getattr(pa, type_name)()
     if type_name == "null":
-        chunks = [[None] * len(c) for c in chunks]
-    column = pa.chunked_array([pa.array(c, pa.int64()).cast(kind) for c in chunks], kind)
+        arrays = [pa.nulls(len(c)) for c in chunks]
+    else:
+        arrays = [pa.array(c, pa.int64()).cast(kind) for c in chunks]
+    column = pa.chunked_array(arrays, kind)
     column = column.slice(min(start, len(column)))
     want = [math.nan if v is None else float(v) for v in column.to_pylist()]
     got = float_column(column)
