@@ -430,12 +430,16 @@ def test_jsonl_read_by_pyarrow_equals_the_line_parse(
     assert list(fast[0]) == list(slow[0]) == ["step", "kl", "loss", "big"]
     for name, column in fast[0].items():
         np.testing.assert_array_equal(column, slow[0][name])
-    assert fast[1] == slow[1] == {
-        "step": 0,
-        "kl": 2,
-        "loss": 1,
-        "big": 2,
-    }
+    assert (
+        fast[1]
+        == slow[1]
+        == {
+            "step": 0,
+            "kl": 2,
+            "loss": 1,
+            "big": 2,
+        }
+    )
     for line in ['{"a": "1.5"}', '{"a": true}', '{"a": NaN}', '{"a": [1]}', '{"a": 1, "a": 2}']:
         assert arrow(line.encode() + b"\n") is None
     # bare NaN or Infinity next to nulls, and an exponent past float64: the rules decide

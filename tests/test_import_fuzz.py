@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from monitor.errors import InvalidInput
@@ -335,3 +335,79 @@ def test_float_column_reads_every_arrow_number_as_pyarrow_does(
     assert got.dtype.name == "float64"
     assert [math.nan if v != v else v for v in got.tolist()] == pytest.approx(want, nan_ok=True)
     assert [v != v for v in got.tolist()] == [v is None for v in column.to_pylist()]
+
+
+# CSV cells a clean body may hold: numbers in every spelling, empty cells, spaces around a
+# number, a cell of spaces, words of the number alphabet that are no number
+_CSV_CELLS = st.one_of(
+    values.map(repr),
+    st.integers(-(2**60), 2**60).map(str),
+    st.sampled_from(
+        ["", "", " ", "1e999", "-1e999", "1e-400", "+1", "1.", ".5", "-.5", "00012", "-0",
+         " 1.5", "2.5 ", "1e", "-", ".", "1..2", "--1", "1e5e5", "4.9e-324"]
+    ),
+)  # fmt: skip
+
+
+@SETTINGS
+@given(
+    rows=st.lists(st.lists(_CSV_CELLS, min_size=4, max_size=4), min_size=1, max_size=25),
+    newline=st.sampled_from(["\n", "\r\n"]),
+    blank_after=st.sets(st.integers(0, 25), max_size=3),
+)
+def test_csv_fast_path_reads_what_the_row_reader_reads(
+    rows: list[list[str]], newline: str, blank_after: set[int]
+) -> None:
+    """Whatever cells a numeric CSV holds, the fast path (numpy's parser) gives the step rows,
+    metrics, notes and problems of the row-by-row rules, or leaves the file to them."""
+    from monitor.ingest.importers import registry
+
+    lines = ["loss,reward,kl,entropy,step"]  # the step last: a line may start empty
+    for i, cells in enumerate(rows):
+        lines.append(",".join([*cells, str(i)]))
+        if i in blank_after:
+            lines.append("")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "log.csv"
+        path.write_bytes(newline.join(lines).encode() + newline.encode())
+
+        def read() -> tuple:
+            try:
+                _f, p = prepare_path(path, fmt="csv")
+            except InvalidInput as exc:
+                return ("refused", str(exc))
+            metrics = sorted(p.metrics, key=lambda m: (m[0], m[1]))
+            metrics = [(s, n, None if v is None or v != v else v) for s, n, v in metrics]
+            return (p.steps, metrics, p.notes, [str(x) for x in p.problems], p.mapping)
+
+        build_frame = registry.build_frame
+        built: list[object] = []
+        try:
+            registry.build_frame = lambda *a, **k: built.append(build_frame(*a, **k)) or built[-1]
+            fast = read()
+            event("columnar" if built and built[0] is not None else "row rules")
+            registry.build_frame = lambda *a, **k: None
+            slow = read()
+        finally:
+            registry.build_frame = build_frame
+    assert fast == slow
+
+
+def test_csv_empty_cells_anywhere_take_the_fast_path(tmp_path: Path) -> None:
+    """Empty cells at a line's start and end and in runs, with CRLF: numpy reads them as
+    missing (NaN, counted), with no row left to the row reader."""
+    from monitor.ingest.importers import csv_table
+
+    path = tmp_path / "log.csv"
+    body = ["a,b,c,d,step", ",,,4,0", "1,,,,1", ",2,,,2", "1,2,3,4,3"]
+    path.write_bytes("\r\n".join(body).encode())
+    read = csv_table.read_frame(path, lambda n: None)
+    assert read is not None
+    columns, missing = read
+    nan = math.nan
+    want = {"a": [nan, 1, nan, 1], "b": [nan, nan, 2, 2], "c": [nan, nan, nan, 3]}
+    want["d"] = [4, nan, nan, 4]
+    for c, values in want.items():
+        assert columns[c].tolist() == pytest.approx(values, nan_ok=True), c
+    assert columns["step"].tolist() == [0, 1, 2, 3]
+    assert missing == {"a": 2, "b": 2, "c": 3, "d": 2, "step": 0}

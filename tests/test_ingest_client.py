@@ -14,7 +14,7 @@ from monitor import divergence
 from monitor.errors import InvalidInput
 from monitor.store.database import Database
 from monitor.store.drilldown import read_histograms, read_samples
-from monitor.store.runs import get_run
+from monitor.store.runs import find_run_by_name, get_run
 from monitor.store.sample_codec import LOGPROB_TOLERANCE
 from monitor.store.steps import read_metrics, read_steps
 
@@ -497,3 +497,27 @@ def test_bfloat16_arrays_are_widened_to_float32_as_divergence_reads_them() -> No
     )
     assert item.policy_logprobs.dtype == item.ref_logprobs.dtype == np.float32
     np.testing.assert_array_equal(item.policy_logprobs, lp.astype(ml_dtypes.bfloat16))
+
+
+def test_a_training_process_loads_neither_pandas_nor_the_orm(db_url: str, tmp_path) -> None:
+    """What logging costs a training process at start-up: the client and its writer bind
+    tuples through SQLAlchemy Core, so pandas, the ORM and Alembic stay out of it."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, monitor\n"
+        f"run = monitor.init('p', 'r', db={db_url!r}, spool_dir={str(tmp_path / 'spool')!r})\n"
+        "lp = np.full((4, 16), -1.0, np.float32)\n"
+        "for s in range(3):\n"
+        "    run.log_step(s, policy_logprobs=lp, ref_logprobs=lp - 0.2, metrics={'loss': s})\n"
+        "run.finish()\n"
+        "print(sorted(m for m in ('pandas', 'sqlalchemy.orm', 'alembic', 'monitor.store.models')"
+        " if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"')) == []
+    db = Database.open(db_url)
+    run = find_run_by_name(db, "p", "r")
+    assert run is not None and read_steps(db, run.id)["step"].tolist() == [0, 1, 2]

@@ -5,9 +5,9 @@ breaks; empty cells are missing values. A row with the wrong number of fields, a
 NUL byte or that is not UTF-8, and a row the csv module cannot parse are reported with their
 line number and skipped; the rows around them are read.
 
-A clean file (numbers only, every row complete) is read column-wise by pandas instead
-(:func:`read_frame`), with the same result; anything else goes through the csv module row by
-row.
+A clean file (numbers only, every row as wide as the header) is parsed at once by numpy
+instead (:func:`read_frame`), with the same result; anything else goes through the csv module
+row by row.
 """
 
 from __future__ import annotations
@@ -103,27 +103,38 @@ def read_frame(path: Path, tick: Tick) -> FloatColumns | None:
     lengths = np.diff(np.r_[-1, newlines]) - 1
     if np.any((fields != len(header) - 1) & (lengths > 0)):
         return None  # a row of the wrong width: the row reader says which
-    import pandas as pd  # here: the other formats' fast paths do without it
-
-    # Numbers parsed exactly as Python's float() does (pandas 3 does by default and
-    # deprecates the option; 2.x needs it): the very values the row reader would store.
-    exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
     try:
-        frame = pd.read_csv(
-            io.BytesIO(body),
-            sep=delimiter,
-            header=None,
-            names=header,
+        # numpy's parser, in C, reads numbers as Python's float() does (correctly rounded,
+        # spaces around them allowed); an empty cell reads as NaN once it holds "nan", a
+        # word the body cannot hold otherwise (so every NaN was a missing cell). Anything
+        # it refuses (a cell of spaces, a blank line of spaces) is left to the row reader.
+        matrix = np.loadtxt(
+            io.BytesIO(_fill_empty_cells(body, sep)),
+            delimiter=delimiter,
             dtype=np.float64,
-            na_values=[""],
-            keep_default_na=False,
-            **exact,
-            skip_blank_lines=True,
+            comments=None,
+            ndmin=2,
         )
-    except (ValueError, pd.errors.ParserError):
+    except ValueError:
         return None
-    columns = {c: frame[c].to_numpy(np.float64) for c in frame.columns}
+    if matrix.shape[1] != len(header):
+        return None
+    columns = dict(zip(header, matrix.T.copy(), strict=True))
     return columns, {c: int(np.isnan(v).sum()) for c, v in columns.items()}
+
+
+def _fill_empty_cells(body: bytes, sep: bytes) -> bytes:
+    """``body`` with ``nan`` in every empty cell: between two delimiters, and a delimiter's
+    side at the start or end of a line or of the body."""
+    for _ in range(2):  # a run of empty cells: every other one is filled per pass
+        body = body.replace(sep + sep, sep + b"nan" + sep)
+    body = body.replace(b"\n" + sep, b"\nnan" + sep)
+    body = body.replace(sep + b"\r", sep + b"nan\r").replace(sep + b"\n", sep + b"nan\n")
+    if body.startswith(sep):
+        body = b"nan" + body
+    if body.endswith(sep):
+        body += b"nan"
+    return body
 
 
 def _text_lines(fh: BinaryIO, tick: Tick, table: RawTable) -> Iterator[str]:
