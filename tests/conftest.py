@@ -22,7 +22,7 @@ from support.pg_cluster import ClusterUnavailable, ThrowawayCluster
 
 from monitor.store.database import Database
 from monitor.store.engine import make_engine
-from monitor.store.models import Base
+from monitor.store.tables import metadata
 
 PG_ADMIN_URL = os.environ.get("KLMON_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("KLMON_REQUIRE_POSTGRES") == "1"
@@ -66,7 +66,7 @@ def pg_migrated_url(pg_server_url: str) -> str:
 
 def _truncate_all(url: str) -> None:
     engine = make_engine(url)
-    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    tables = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     engine.dispose()

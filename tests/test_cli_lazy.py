@@ -133,31 +133,50 @@ def test_the_quick_head_revision_is_alembics() -> None:
 NOT_FOR_IMPORT = ("sqlalchemy.orm", "monitor.store.models", "alembic", "pandas", "dash", "plotly")
 
 
+def _table_file(folder, fmt: str):
+    """A 50-step table (step, kl, loss with some missing) as CSV, JSONL or Parquet."""
+    rows = [
+        {"step": s, "kl": s / 100, "loss": None if s % 7 == 0 else 1 - s / 100} for s in range(50)
+    ]
+    log = folder / f"log.{fmt}"
+    if fmt == "csv":
+        cells = [[r["step"], r["kl"], "" if r["loss"] is None else r["loss"]] for r in rows]
+        log.write_text("step,kl,loss\n" + "".join(",".join(map(str, c)) + "\n" for c in cells))
+    elif fmt == "jsonl":
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), log)
+    return log
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_klmon_import_loads_only_what_its_format_needs(
     tmp_path, db: Database, db_url: str, fmt: str
 ) -> None:
-    pa = pytest.importorskip("pyarrow")
-    rows = [
-        {"step": s, "kl": s / 100, "loss": None if s % 7 == 0 else 1 - s / 100} for s in range(50)
-    ]
-    log = tmp_path / f"log.{fmt}"
-    if fmt == "csv":
-        log.write_text(
-            "step,kl,loss\n"
-            + "".join(
-                f"{r['step']},{r['kl']},{'' if r['loss'] is None else r['loss']}\n" for r in rows
-            )
-        )
-    elif fmt == "jsonl":
-        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    else:
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), log)
+    if fmt == "jsonl":
+        pytest.importorskip("pyarrow")  # without it, a JSONL file is parsed line by line
+    log = _table_file(tmp_path, fmt)
     loaded = _modules_loaded_by(["import", str(log), "--run", fmt, "--db", db_url])
     assert "monitor.ingest.importers.importer" in loaded
     assert not [m for m in NOT_FOR_IMPORT if m in loaded]
     run = find_run_by_name(db, "imported", fmt)
     assert run is not None
     assert [(r["n_steps"], r["last_step"]) for r in run_summaries(db)] == [(50, 49)]
+
+
+def test_klmon_import_creates_a_new_database_without_alembic(tmp_path) -> None:
+    """A new SQLite file gets its schema from the Core tables, stamped at head."""
+    from monitor.store.schema import head_revision
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    loaded = _modules_loaded_by(["import", str(_table_file(tmp_path, "csv")), "--db", url])
+    assert not [m for m in NOT_FOR_IMPORT if m in loaded]
+    db = Database.open(url)
+    assert [r["n_steps"] for r in run_summaries(db)] == [50]
+    with db.begin() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == (
+            head_revision()
+        )

@@ -304,37 +304,48 @@ def test_parquet_rows(rows: list) -> None:
     assert {p.unit for p in prepared.problems} <= {"row"}
 
 
-_ARROW_NUMBERS = ["int8", "uint8", "int16", "uint32", "int64", "uint64", "float16", "float32"]
+_ARROW_INTS = {  # Arrow integer type -> its range
+    f"{u}int{bits}": ((0, 2**bits - 1) if u else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1))
+    for u in ("", "u")
+    for bits in (8, 16, 32, 64)
+}
+
+
+@st.composite
+def _arrow_column(draw: st.DrawFn) -> tuple[str, list[list[float | int | None]]]:
+    """An Arrow type and its chunks' values: integers over each width's whole range (its
+    extremes often), floats for the float types, nulls anywhere."""
+    name = draw(st.sampled_from([*_ARROW_INTS, "float16", "float32", "float64", "null"]))
+    lo, hi = _ARROW_INTS.get(name, (-(2**70), 2**70))
+    number = st.one_of(st.integers(lo, hi), st.sampled_from([lo, hi, 0]))
+    cell = st.none() if name == "null" else st.one_of(st.none(), number)
+    return name, draw(st.lists(st.lists(cell, max_size=40), min_size=1, max_size=3))
 
 
 @SETTINGS
-@given(
-    chunks=st.lists(
-        st.lists(st.one_of(st.none(), st.integers(0, 100)), max_size=40), min_size=1, max_size=3
-    ),
-    type_name=st.sampled_from([*_ARROW_NUMBERS, "float64", "null"]),
-    start=st.integers(0, 20),
-)
+@given(column=_arrow_column(), start=st.integers(0, 20))
 def test_float_column_reads_every_arrow_number_as_pyarrow_does(
-    chunks: list[list[int | None]], type_name: str, start: int
+    column: tuple[str, list[list[float | int | None]]], start: int
 ) -> None:
     """The fast paths' own reading of pyarrow's buffers (its conversions would load pandas)
     gives float64 with NaN for null, for each chunk, a slice's offset and null bitmaps."""
     pa = pytest.importorskip("pyarrow")
     from monitor.ingest.importers.base import float_column
 
-    kind = getattr(pa, type_name)()
-    if type_name == "null":
-        arrays = [pa.nulls(len(c)) for c in chunks]
+    name, chunks = column
+    kind = getattr(pa, name)()
+    if name in _ARROW_INTS or name == "null":
+        arrays = [pa.array(c, kind) for c in chunks]
     else:
-        arrays = [pa.array(c, pa.int64()).cast(kind) for c in chunks]
-    column = pa.chunked_array(arrays, kind)
-    column = column.slice(min(start, len(column)))
-    want = [math.nan if v is None else float(v) for v in column.to_pylist()]
-    got = float_column(column)
+        floats = [[v if v is None else float(v) for v in c] for c in chunks]
+        arrays = [pa.array(c, pa.float64()).cast(kind, safe=False) for c in floats]
+    data = pa.chunked_array(arrays, kind)
+    data = data.slice(min(start, len(data)))
+    want = [math.nan if v is None else float(v) for v in data.to_pylist()]
+    got = float_column(data)
     assert got.dtype.name == "float64"
     assert [math.nan if v != v else v for v in got.tolist()] == pytest.approx(want, nan_ok=True)
-    assert [v != v for v in got.tolist()] == [v is None for v in column.to_pylist()]
+    assert [v != v for v in got.tolist()] == [v is None for v in data.to_pylist()]
 
 
 # CSV cells a clean body may hold: numbers in every spelling, empty cells, spaces around a
@@ -354,17 +365,19 @@ _CSV_CELLS = st.one_of(
     rows=st.lists(st.lists(_CSV_CELLS, min_size=4, max_size=4), min_size=1, max_size=25),
     newline=st.sampled_from(["\n", "\r\n"]),
     blank_after=st.sets(st.integers(0, 25), max_size=3),
+    step_at=st.integers(0, 4),
 )
 def test_csv_fast_path_reads_what_the_row_reader_reads(
-    rows: list[list[str]], newline: str, blank_after: set[int]
+    rows: list[list[str]], newline: str, blank_after: set[int], step_at: int
 ) -> None:
     """Whatever cells a numeric CSV holds, the fast path (numpy's parser) gives the step rows,
     metrics, notes and problems of the row-by-row rules, or leaves the file to them."""
     from monitor.ingest.importers import registry
 
-    lines = ["loss,reward,kl,entropy,step"]  # the step last: a line may start empty
-    for i, cells in enumerate(rows):
-        lines.append(",".join([*cells, str(i)]))
+    names = ["loss", "reward", "kl", "entropy"]
+    lines = [",".join([*names[:step_at], "step", *names[step_at:]])]
+    for i, cells in enumerate(rows):  # the step anywhere: a line may start or end empty
+        lines.append(",".join([*cells[:step_at], str(i), *cells[step_at:]]))
         if i in blank_after:
             lines.append("")
     with tempfile.TemporaryDirectory() as tmp:
@@ -398,16 +411,19 @@ def test_csv_empty_cells_anywhere_take_the_fast_path(tmp_path: Path) -> None:
     missing (NaN, counted), with no row left to the row reader."""
     from monitor.ingest.importers import csv_table
 
+    names = ["a", "b", "step", "c", "d", "e"]
+    rows = [
+        ["", "", "0", "", "4", "5"],
+        ["1", "", "1", "", "", ""],
+        ["", "2", "2", "", "", "5"],
+        ["1", "2", "3", "3", "", ""],
+    ]
     path = tmp_path / "log.csv"
-    body = ["a,b,c,d,step", ",,,4,0", "1,,,,1", ",2,,,2", "1,2,3,4,3"]
-    path.write_bytes("\r\n".join(body).encode())
+    path.write_bytes("\r\n".join(",".join(r) for r in [names, *rows]).encode())
     read = csv_table.read_frame(path, lambda n: None)
     assert read is not None
     columns, missing = read
-    nan = math.nan
-    want = {"a": [nan, 1, nan, 1], "b": [nan, nan, 2, 2], "c": [nan, nan, nan, 3]}
-    want["d"] = [4, nan, nan, 4]
-    for c, values in want.items():
-        assert columns[c].tolist() == pytest.approx(values, nan_ok=True), c
-    assert columns["step"].tolist() == [0, 1, 2, 3]
-    assert missing == {"a": 2, "b": 2, "c": 3, "d": 2, "step": 0}
+    for i, name in enumerate(names):
+        want = [float(r[i]) if r[i] else math.nan for r in rows]
+        assert columns[name].tolist() == pytest.approx(want, nan_ok=True), name
+        assert missing[name] == sum(not r[i] for r in rows), name

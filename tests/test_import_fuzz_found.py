@@ -178,3 +178,63 @@ def test_a_tokens_log_extra_key_too_long_to_store_is_left_out_and_said(
     run = find_run_by_name(db, "p", "r")
     assert run is not None
     assert read_metrics(db, run.id)["ok"].tolist() == [2.5]
+
+
+def _both_paths(path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """(fast, row rules): what each path prepares from the file."""
+    from monitor.ingest.importers import registry
+
+    def read() -> tuple:
+        try:
+            _f, p = prepare_path(path, fmt=fmt)
+        except InvalidInput as exc:
+            return ("refused", str(exc))
+        return p.steps, sorted(p.metrics), p.notes, [str(x) for x in p.problems]
+
+    fast = read()
+    monkeypatch.setattr(registry, "build_frame", lambda *a, **k: None)
+    return fast, read()
+
+
+@pytest.mark.parametrize(
+    ("data", "metrics"),
+    [
+        (b"  \n1\n2\n", [(0, "1", 2.0)]),
+        (b",\n1,2\n3,4\n", [(0, "1", 3.0), (0, "2", 4.0)]),
+        (b"\t\n1\t2\n", None),
+    ],
+    ids=["spaces", "comma", "tab"],
+)
+def test_a_blank_first_line_of_a_csv_is_skipped_by_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, metrics: list | None
+) -> None:
+    """The fast path took a blank first line (spaces, delimiters) as the header, naming the
+    columns column_1...; the row reader skips it and reads the next line as the header."""
+    log = _file(tmp_path, "log.csv", data)
+    assert csv_table.read_frame(log, lambda n: None) is None
+    fast, rows = _both_paths(log, "csv", monkeypatch)
+    assert fast == rows
+    assert fast[0] == "refused" if metrics is None else fast[1] == metrics
+
+
+def test_columns_of_as_many_non_finite_values_are_named_in_one_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ties were listed in column order by the fast path, in the order values came by the
+    row rules: both list them by name now."""
+    log = _file(tmp_path, "log.csv", b"step,b,a\n0,1,1e999\n1,1e999,1\n")
+    fast, rows = _both_paths(log, "csv", monkeypatch)
+    assert fast == rows
+    assert "NaN or infinite values stored as missing in: a (1), b (1)" in fast[2]
+
+
+def test_a_jsonl_minus_zero_among_floats_has_the_row_rules_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow reads the integer -0 in a column of floats as -0.0, JSON's rules as 0: the
+    payload hash differed, so a re-import by the other path called the step a conflict."""
+    pytest.importorskip("pyarrow")
+    log = _file(tmp_path, "log.jsonl", b'{"response_length": 1.5}\n{"response_length": -0}\n')
+    fast, rows = _both_paths(log, "jsonl", monkeypatch)
+    assert fast == rows
+    assert [r["payload_hash"] for r in fast[0]] == [r["payload_hash"] for r in rows[0]]

@@ -1,4 +1,5 @@
-"""Migrations: the migrated schema equals the models, on SQLite and on PostgreSQL."""
+"""Migrations: the migrated schema equals the tables of ``monitor.store.tables``, on SQLite
+and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from sqlalchemy import Engine, inspect
 from monitor.errors import SchemaOutOfDate
 from monitor.store.database import Database
 from monitor.store.engine import make_engine
-from monitor.store.models import Base
 from monitor.store.schema import (
     create_schema,
     current_revision,
@@ -22,16 +22,17 @@ from monitor.store.schema import (
     is_empty,
     upgrade,
 )
+from monitor.store.tables import metadata
 
 
-def test_migrated_schema_equals_models(empty_db_url: str) -> None:
+def test_migrated_schema_equals_the_tables(empty_db_url: str) -> None:
     engine = make_engine(empty_db_url)
     upgrade(engine)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-        diff = compare_metadata(ctx, Base.metadata)
+        diff = compare_metadata(ctx, metadata)
     engine.dispose()
-    assert diff == [], f"migrations and models differ: {diff}"
+    assert diff == [], f"migrations and tables differ: {diff}"
 
 
 def _catalog(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
@@ -76,16 +77,16 @@ def _catalog(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
     return out
 
 
-def test_a_new_database_created_from_the_models_equals_the_migrated_one(
+def test_a_new_database_created_from_the_tables_equals_the_migrated_one(
     empty_db_url: str,
 ) -> None:
-    """``create_schema`` (the models' tables and the head stamped, what a new database gets)
+    """``create_schema`` (the tables and the head stamped, what a new database gets)
     and the migrations give the same catalog and revision."""
     engine = make_engine(empty_db_url)
     upgrade(engine)
     migrated = _catalog(engine)
     with engine.begin() as conn:
-        for table in [*reversed(Base.metadata.sorted_tables), "alembic_version"]:
+        for table in [*reversed(metadata.sorted_tables), "alembic_version"]:
             conn.exec_driver_sql(f"DROP TABLE {table if isinstance(table, str) else table.name}")
     assert is_empty(engine)
     assert create_schema(engine) is True
@@ -93,7 +94,7 @@ def test_a_new_database_created_from_the_models_equals_the_migrated_one(
     created = _catalog(engine)
     assert not create_schema(engine)  # not empty any more: left alone
     engine.dispose()
-    assert len(migrated) > 3 * len(Base.metadata.tables)
+    assert len(migrated) > 3 * len(metadata.tables)
     assert created == migrated
 
 
@@ -104,14 +105,14 @@ def test_a_schema_creation_that_fails_leaves_the_database_empty(
     CREATE TABLE on its own): a failure after the tables leaves none of them, so another
     process never finds a half-built schema."""
     engine = make_engine(empty_db_url)
-    real = Base.metadata.create_all
+    real = metadata.create_all
 
     def create_then_fail(conn, **kw):  # type: ignore[no-untyped-def]
         real(conn, **kw)
         assert inspect(conn).get_table_names()  # the tables are there, inside the transaction
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(Base.metadata, "create_all", create_then_fail)
+    monkeypatch.setattr(metadata, "create_all", create_then_fail)
     with pytest.raises(RuntimeError, match="interrupted"):
         create_schema(engine)
     assert is_empty(engine)
@@ -218,6 +219,6 @@ def test_concurrent_upgrades_of_a_fresh_database_are_serialised(empty_db_url: st
     engine = make_engine(empty_db_url)
     assert current_revision(engine) == head
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
     assert diff == []

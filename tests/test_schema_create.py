@@ -117,7 +117,7 @@ def test_two_threads_creating_two_new_databases_at_once_each_get_their_own_schem
 
     from sqlalchemy import inspect
 
-    from monitor.store.models import Base
+    from monitor.store.tables import metadata
 
     urls = [f"sqlite:///{tmp_path}/db{i}.db" for i in range(8)]
     engines = [make_engine(url) for url in urls]
@@ -126,5 +126,5 @@ def test_two_threads_creating_two_new_databases_at_once_each_get_their_own_schem
     for engine in engines:
         assert current_revision(engine) == head_revision()
         with engine.connect() as conn:
-            assert set(Base.metadata.tables) <= set(inspect(conn).get_table_names())
+            assert set(metadata.tables) <= set(inspect(conn).get_table_names())
         engine.dispose()

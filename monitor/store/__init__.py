@@ -5,9 +5,9 @@ The names in ``__all__`` are what the other layers use; import them from ``monit
 They load on first use (PEP 562), so ``from monitor.store import Database`` costs what
 importing ``monitor.store.database`` costs, not the whole store with pandas (the CLI's
 start-up time). The submodules stay importable for what is not listed here
-(``monitor.store.alerts`` for the alert engine's state and outbox, ``monitor.store.models``
-for the ORM tables). ``monitor.store.current_kl`` is a module; its function ``current_kl``
-is reached through it.
+(``monitor.store.alerts`` for the alert engine's state and outbox, ``monitor.store.tables``
+for the schema, ``monitor.store.models`` for the ORM classes the alert engine queries with).
+``monitor.store.current_kl`` is a module; its function ``current_kl`` is reached through it.
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ from monitor.errors import InvalidInput, NotFound
 from monitor.store._bulk import insert_rows
 from monitor.store.database import Database
 from monitor.store.domain import Annotation, Sample
+from monitor.store.runs import run_exists
 from monitor.store.sample_codec import decode_sample, encode_sample
+from monitor.store.tables import annotations, samples, token_histograms
 
 if TYPE_CHECKING:
     import pandas as pd
-from monitor.store.tables import annotations, runs, samples, token_histograms
 
 SAMPLE_COLUMNS = (
     "run_id",
@@ -208,10 +209,10 @@ def add_annotation(
         raise InvalidInput("annotation text is empty")
     if len(text_) > 10_000:
         raise InvalidInput(f"annotation text is {len(text_)} characters: at most 10000")
-    values = {"run_id": run_id, "step": int(step), "text": text_, "author": author}
-    values["created_at"] = time.time()
+    values = {"run_id": run_id, "step": int(step), "text": text_, "author": author,
+              "created_at": time.time()}  # fmt: skip
     with db.begin() as conn:
-        if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
+        if not run_exists(conn, run_id):
             raise NotFound(f"run {run_id} does not exist")
         created = conn.execute(insert(annotations).values(**values))
     return Annotation(created.inserted_primary_key[0], **values)

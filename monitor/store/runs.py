@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Row, delete, func, insert, inspect, select, update
@@ -64,21 +65,23 @@ def get_or_create_run(
         return existing
     try:
         with db.begin() as conn:
-            created = conn.execute(
-                insert(runs).values(
-                    project=project,
-                    name=name,
-                    status=status,
-                    source=source,
-                    created_at=now,
-                    last_seen_at=now,
-                    world_size=world_size,
-                    config=config or {},
-                    tags=tags or [],
-                )
+            info = RunInfo(
+                id=0,
+                project=project,
+                name=name,
+                status=status,
+                source=source,
+                created_at=now,
+                last_seen_at=now,
+                finished_at=None,
+                world_size=world_size,
+                config=dict(config or {}),
+                tags=list(tags or []),
+                baseline_run_id=None,
             )
-            run_id = created.inserted_primary_key[0]
-            return _to_info(conn.execute(select(runs).where(runs.c.id == run_id)).one())
+            values = {k: v for k, v in asdict(info).items() if k not in ("id", "finished_at")}
+            created = conn.execute(insert(runs).values(**values))
+            return replace(info, id=int(created.inserted_primary_key[0]))
     except StoreError as exc:
         if isinstance(exc.__cause__, IntegrityError):
             found = find_run_by_name(db, project, name)
@@ -189,7 +192,7 @@ def set_baseline_run(db: Database, run_id: int, baseline_run_id: int | None) -> 
     if baseline_run_id == run_id:
         raise InvalidInput(f"run {run_id} cannot be its own baseline")
     with db.begin() as conn:
-        if baseline_run_id is not None and not _exists(conn, baseline_run_id):
+        if baseline_run_id is not None and not run_exists(conn, baseline_run_id):
             raise NotFound(f"baseline run {baseline_run_id} does not exist")
         result = conn.execute(
             update(runs).where(runs.c.id == run_id).values(baseline_run_id=baseline_run_id)
@@ -198,7 +201,8 @@ def set_baseline_run(db: Database, run_id: int, baseline_run_id: int | None) -> 
             raise NotFound(f"run {run_id} does not exist")
 
 
-def _exists(conn: Connection, run_id: int) -> bool:
+def run_exists(conn: Connection, run_id: int) -> bool:
+    """Whether the run is stored (in ``conn``'s transaction)."""
     return conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is not None
 
 

@@ -112,7 +112,7 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
         return _run_upgrade(engine, revision)
 
 
-#: What the migrations set beyond the models' DDL (0008: a compressed payload is stored out
+#: What the migrations set beyond the tables' DDL (0008: a compressed payload is stored out
 #: of line without TOAST trying to compress it again).
 _PG_AFTER_CREATE = ("ALTER TABLE samples ALTER COLUMN payload SET STORAGE EXTERNAL",)
 

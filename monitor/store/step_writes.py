@@ -448,6 +448,9 @@ def _frame_columns(
     default is NULL is left out), each as an array and which rows have a value (None: all).
     Integer columns hold int64 (NaN: NULL); text columns str objects (None or NaN: NULL)."""
     n = len(frame["step"])
+    uneven = sorted(c for c in STEP_COLUMNS if c in frame and len(frame[c]) != n)
+    if uneven:
+        raise InvalidInput(f"step columns {uneven} are not as long as 'step' ({n} rows)")
     names: list[str] = []
     values: list[np.ndarray] = []
     present: list[np.ndarray | None] = []
@@ -470,12 +473,20 @@ def _frame_columns(
                     array = np.where(missing, 0, array).astype(np.int64)
                 mask = ~missing if missing.any() else None
             elif array.dtype == object:
-                mask = np.fromiter((v is not None and v == v for v in array), bool, n)
-                mask = None if mask.all() else mask  # (None and NaN: NULL)
+                mask = np.fromiter(map(_has_value, array), bool, n)
+                mask = None if mask.all() else mask
         names.append(c)
         values.append(array)
         present.append(mask)
     return names, values, present
+
+
+def _has_value(v: Any) -> bool:
+    """False for None, NaN and pandas' NA (whose comparison is neither true nor false)."""
+    try:
+        return v is not None and bool(v == v)
+    except TypeError:
+        return False
 
 
 def _present(mask: np.ndarray | None, n: int) -> np.ndarray:

@@ -103,13 +103,17 @@ def float_column(column: Any) -> np.ndarray:
             parts.append(np.full(n, np.nan))
             continue
         t = chunk.type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+            raise TypeError(f"float_column takes integers, floats or nulls, not {t}")
         kind = "f" if pa.types.is_floating(t) else "u" if pa.types.is_unsigned_integer(t) else "i"
         dtype = np.dtype(f"<{kind}{t.bit_width // 8}")
         valid, data = chunk.buffers()
         values = np.frombuffer(data, dtype, n, chunk.offset * dtype.itemsize).astype(np.float64)
-        if chunk.null_count:
-            bits = np.unpackbits(np.frombuffer(valid, np.uint8), bitorder="little")
-            values[bits[chunk.offset : chunk.offset + n] == 0] = np.nan
+        if chunk.null_count:  # the validity bitmap's bytes that hold this slice
+            first, skip = divmod(chunk.offset, 8)
+            bitmap = np.frombuffer(valid, np.uint8, (skip + n + 7) // 8, first)
+            bits = np.unpackbits(bitmap, bitorder="little")[skip : skip + n]
+            values[bits == 0] = np.nan
         parts.append(values)
     return np.concatenate(parts) if parts else np.empty(0, np.float64)
 
@@ -117,6 +121,13 @@ def float_column(column: Any) -> np.ndarray:
 def n_rows(columns: Mapping[str, np.ndarray]) -> int:
     """The length of a fast path's columns (0 without any)."""
     return len(next(iter(columns.values()), ()))
+
+
+def column_rows(columns: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Columns of one length as row dicts of Python values, NaN as None."""
+    names = list(columns)
+    cells = [[None if v != v else v for v in column.tolist()] for column in columns.values()]
+    return [dict(zip(names, row, strict=True)) for row in zip(*cells, strict=True)]
 
 
 def unique_names(names: Iterable[str]) -> list[str]:

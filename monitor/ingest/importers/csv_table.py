@@ -86,17 +86,20 @@ def read_frame(path: Path, tick: Tick) -> FloatColumns | None:
     if end < 0:
         return None
     try:
-        header = _names(
-            next(csv.reader([data[start:end].decode("utf-8").rstrip("\r")], delimiter=delimiter))
+        cells = next(
+            csv.reader([data[start:end].decode("utf-8").rstrip("\r")], delimiter=delimiter)
         )
     except csv.Error:  # a lone carriage return in the header: the row reader reports it
         return None
+    if not any(c.strip() for c in cells):
+        return None  # a blank first line: the row reader skips it and takes the next one
+    header = _names(cells)
     body = data[end + 1 :]
     sep = delimiter.encode()
     if body.translate(None, _NUMERIC + sep) or not body.strip():
         return None
     if b"\r" in body and body.count(b"\r") != body.count(b"\r\n"):
-        return None  # a lone carriage return: pandas breaks the line there, csv refuses it
+        return None  # a lone carriage return: numpy would end the line there, csv refuses it
     raw = np.frombuffer(body if body.endswith(b"\n") else body + b"\n", np.uint8)
     newlines = np.flatnonzero(raw == 10)
     fields = np.diff(np.r_[0, np.searchsorted(np.flatnonzero(raw == sep[0]), newlines)])

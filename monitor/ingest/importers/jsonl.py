@@ -131,6 +131,8 @@ def _arrow_columns(data: bytes) -> FloatColumns | None:
     # gives inf too); the rules read them as missing: the line reader decides those files
     if any(np.count_nonzero(~np.isfinite(v)) != nulls[k] for k, v in columns.items()):
         return None  # (a null is NaN here too: more non-finite values than nulls)
+    if any(np.signbit(v[v == 0]).any() for v in columns.values()):
+        return None  # -0 in a column of floats: pyarrow reads -0.0, JSON's rules the integer 0
     return _with_text_keys(columns, nulls)
 
 

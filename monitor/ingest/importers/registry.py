@@ -19,21 +19,22 @@ from monitor.ingest.importers import (
     trainer_state,
     verl,
 )
-from monitor.ingest.importers.base import FloatColumns, RawRecord, RawTable, Tick, n_rows
+from monitor.ingest.importers.base import (
+    FloatColumns,
+    RawRecord,
+    RawTable,
+    Tick,
+    column_rows,
+    n_rows,
+)
 from monitor.ingest.importers.detect import TITLES
 from monitor.ingest.importers.tables import Prepared, build, build_frame, merge
 
 
 def frame_records(columns: dict[str, np.ndarray], offset: int) -> RawTable:
     """A columnar batch as records (NaN: missing) for the row-by-row rules."""
-    names = list(columns)
-    cells = [[None if v != v else v for v in column.tolist()] for column in columns.values()]
-    return RawTable(
-        records=[
-            RawRecord(offset + i, dict(zip(names, row, strict=True)))
-            for i, row in enumerate(zip(*cells, strict=True), start=1)
-        ]
-    )
+    rows = column_rows(columns)
+    return RawTable(records=[RawRecord(offset + i, row) for i, row in enumerate(rows, start=1)])
 
 
 @dataclass(frozen=True)

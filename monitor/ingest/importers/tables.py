@@ -26,6 +26,7 @@ from monitor.ingest.importers.base import (
     Problem,
     RawRecord,
     RawTable,
+    column_rows,
     n_rows,
     to_number,
     to_step,
@@ -136,11 +137,9 @@ class Prepared:
     def as_rows(self) -> Prepared:
         """The same content as ``steps`` and ``metrics`` (a columnar one converted)."""
         if self.step_frame is not None:
-            names = list(self.step_frame)
-            cells = [column.tolist() for column in self.step_frame.values()]
             self.steps = [
-                {k: v for k, v in zip(names, row, strict=True) if v == v}  # NaN: none
-                for row in zip(*cells, strict=True)
+                {k: v for k, v in row.items() if v is not None}
+                for row in column_rows(self.step_frame)
             ]
             self.step_frame = None
         for name, (steps, values) in self.metric_columns.items():
@@ -447,12 +446,17 @@ class _Coercer:
         """What the summary says about the values dropped or stored as missing."""
         notes = []
         if self.non_numeric:
-            cols = ", ".join(f"{k} ({n})" for k, n in self.non_numeric.most_common(5))
-            notes.append(f"non-numeric values ignored in: {cols}")
+            notes.append(f"non-numeric values ignored in: {_most(self.non_numeric)}")
         if self.non_finite:
-            cols = ", ".join(f"{k} ({n})" for k, n in self.non_finite.most_common(5))
-            notes.append(f"NaN or infinite values stored as missing in: {cols}")
+            notes.append(f"NaN or infinite values stored as missing in: {_most(self.non_finite)}")
         return notes
+
+
+def _most(counts: Counter[str]) -> str:
+    """The five columns with most values, ties by name: the same whether a table was read by
+    columns or by rows."""
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    return ", ".join(f"{k} ({n})" for k, n in top)
 
 
 def _merge_by_step(
