@@ -238,3 +238,14 @@ def test_a_jsonl_minus_zero_among_floats_has_the_row_rules_hash(
     fast, rows = _both_paths(log, "jsonl", monkeypatch)
     assert fast == rows
     assert [r["payload_hash"] for r in fast[0]] == [r["payload_hash"] for r in rows[0]]
+
+
+def test_a_blank_crlf_line_keeps_a_csv_on_the_fast_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blank line of a CRLF file (its CR alone) is a blank line, not a row of one field:
+    the file is read column-wise, with the row rules' result."""
+    log = _file(tmp_path, "log.csv", b"step,kl\r\n0,1.5\r\n\r\n1,2.5\r\n\r\n")
+    assert csv_table.read_frame(log, lambda n: None) is not None
+    fast, rows = _both_paths(log, "csv", monkeypatch)
+    assert fast == rows and [r["step"] for r in fast[0]] == [0, 1]

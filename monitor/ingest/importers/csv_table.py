@@ -104,6 +104,7 @@ def read_frame(path: Path, tick: Tick) -> FloatColumns | None:
     newlines = np.flatnonzero(raw == 10)
     fields = np.diff(np.r_[0, np.searchsorted(np.flatnonzero(raw == sep[0]), newlines)])
     lengths = np.diff(np.r_[-1, newlines]) - 1
+    lengths[lengths > 0] -= raw[newlines[lengths > 0] - 1] == 13  # a line's CR is no field
     if np.any((fields != len(header) - 1) & (lengths > 0)):
         return None  # a row of the wrong width: the row reader says which
     try:
