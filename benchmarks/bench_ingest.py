@@ -31,7 +31,9 @@ MLflow's ``log_batch`` of the same scalars, all in the same run.
      p50 / p99 / max, next to the floor run the same way, and what was shed (``run.stats``:
      ``thinned``, ``samples_shed``, ``spilled``), then every step is checked to be stored;
      the calls over 10 ms, and which of them overlapped a garbage collection of the process
-     (full, or young and over 2 ms), which stops every thread.
+     (full, or young and over 2 ms), which stops every thread, or the machine's steal time
+     (on a virtual machine, its CPUs given to another guest: no thread's own CPU wait shows
+     it).
 
    Every timed loop starts after a ``gc.collect()`` of the benchmark's own setup (the
    inputs it builds, 524k token strings in 256 lists): a training process's long-lived
@@ -188,6 +190,17 @@ def _run_delay() -> float:
     """Seconds the calling thread has waited for a CPU while runnable (the second field of
     Linux's ``schedstat``): the machine's load, not the GIL."""
     return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+
+
+def _steal_ticks() -> int:
+    """The machine's steal time so far, in clock ticks (1/100 s) over all CPUs: time the
+    hypervisor of a virtual machine gave this machine's CPUs to another guest. A thread's own
+    wait for a CPU (``_run_delay``) does not show it; 0 where /proc/stat has no such field."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 class GilProbe:
@@ -366,9 +379,12 @@ def bench_klmon(
     _settle()
     cpu0 = _thread_cpu()
     times, starts, cpu_waits = np.empty(steps), np.empty(steps), np.empty(steps)
+    steals = np.zeros(steps, dtype=np.int64)
+    steal0 = _steal_ticks()
     with GilProbe() if probe else NoProbe() as probe, Collections() as collections:
         for step in range(steps):
             lp, ref, mask, rewards = batches[step % len(batches)]
+            s0 = _steal_ticks() if step_ms <= 0 else 0  # back to back: which calls saw steal
             d0 = _run_delay()
             t0 = starts[step] = time.perf_counter()
             run.log_step(
@@ -384,9 +400,12 @@ def bench_klmon(
             )
             times[step] = time.perf_counter() - t0
             cpu_waits[step] = _run_delay() - d0
+            if step_ms <= 0:
+                steals[step] = _steal_ticks() - s0
             if step_ms > 0:
                 time.sleep(step_ms / 1000)
         flushed = run.flush(600.0)
+    steal_ms = (_steal_ticks() - steal0) * 10.0
     cpu1 = _thread_cpu()
     stats = run.stats
     run.finish(timeout=30.0)
@@ -404,6 +423,9 @@ def bench_klmon(
         "max_outside_gc_ms": float(times[~in_gc].max() * 1e3) if (~in_gc).any() else None,
         # the call's time less what its thread waited for a CPU (the machine's load)
         "max_less_cpu_wait_ms": float((times - cpu_waits).max() * 1e3),
+        # calls during which the hypervisor gave the machine's CPUs to another guest
+        "over_10ms_with_steal": int(np.sum(over & (steals > 0))),
+        "steal_ms": steal_ms,
         "full_gcs_ms": collections.pauses_ms(full=True),
         "young_gcs_ms": collections.pauses_ms(full=False),
         "bg_cpu_ms": bg,
@@ -593,7 +615,9 @@ def overhead(args: argparse.Namespace, work: Path) -> list[dict]:
         f"{r['over_10ms_in_young_gc']} during a young one over {SLOW_COLLECTION * 1e3:g} ms "
         f"(pauses {r['young_gcs_ms']} ms); max outside those: {r['max_outside_gc_ms']:.2f} ms; "
         f"max less the caller's wait for a CPU (the machine's load): "
-        f"{r['max_less_cpu_wait_ms']:.2f} ms"
+        f"{r['max_less_cpu_wait_ms']:.2f} ms; {r['over_10ms_with_steal']} of the calls over "
+        f"10 ms saw steal time (the hypervisor running another guest on this machine's CPUs, "
+        f"which a thread's CPU wait does not show): {r['steal_ms']:.0f} ms of it during the loop"
     )
     for name, _ in pg_urls:
         _drop_pg(name)
