@@ -209,8 +209,13 @@ def add_annotation(
         raise InvalidInput("annotation text is empty")
     if len(text_) > 10_000:
         raise InvalidInput(f"annotation text is {len(text_)} characters: at most 10000")
-    values = {"run_id": run_id, "step": int(step), "text": text_, "author": author,
-              "created_at": time.time()}  # fmt: skip
+    values = {
+        "run_id": run_id,
+        "step": int(step),
+        "text": text_,
+        "author": author,
+        "created_at": time.time(),
+    }
     with db.begin() as conn:
         if not run_exists(conn, run_id):
             raise NotFound(f"run {run_id} does not exist")

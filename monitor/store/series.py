@@ -699,7 +699,7 @@ class Series:
 
     def combined(self) -> pd.DataFrame:
         """frame and tail as one frame, without the empty buckets."""
-        import pandas as pd  # here: the write paths that load this module do without it
+        import pandas as pd  # on a read, as in ``_pandas_frame``
 
         parts = [f for f in (self.frame, self.tail) if not f.empty]
         if not parts:
@@ -738,9 +738,15 @@ def _frame(
 
 
 def _df(arr: np.ndarray, columns: Sequence[str]) -> pd.DataFrame:
-    import pandas as pd  # here: the write paths that load this module do without it
+    return _pandas_frame(arr, _frame_columns(columns))
 
-    return pd.DataFrame(arr, columns=_frame_columns(columns), copy=False)
+
+def _pandas_frame(arr: np.ndarray, names: Sequence[str]) -> pd.DataFrame:
+    """A 2-D float block as a DataFrame of ``names``. pandas loads here, on a read: the write
+    paths that load this module (``invalidate_rollups``) do without it."""
+    import pandas as pd
+
+    return pd.DataFrame(arr, columns=list(names), copy=False)
 
 
 def _frame_from_buckets(b: _Buckets, columns: Sequence[str], level: int) -> np.ndarray:
@@ -1022,9 +1028,7 @@ def read_step_rows_after(
         if len(steps)
         else np.zeros((0, 2 + len(cols)))
     )
-    import pandas as pd
-
-    return pd.DataFrame(arr, columns=["step", "wall_time", *cols], copy=False)
+    return _pandas_frame(arr, ["step", "wall_time", *cols])
 
 
 def read_metric_rows_after(
@@ -1036,9 +1040,7 @@ def read_metric_rows_after(
             conn, _METRICS, _key(run_id, name), ("value",), int(after) + 1, MAX_STEP, limit
         )
     arr = np.column_stack([steps.astype(float), vals]) if len(steps) else np.zeros((0, 2))
-    import pandas as pd
-
-    return pd.DataFrame(arr, columns=["step", "value"], copy=False)
+    return _pandas_frame(arr, ["step", "value"])
 
 
 def read_histogram_columns(

@@ -413,10 +413,10 @@ def write_step_frame(db: Database, run_id: int, frame: Mapping[str, Any]) -> Ste
     if "step" not in frame or "wall_time" not in frame:
         raise InvalidInput("every step row needs 'step' and 'wall_time'")
     names, values, present = _frame_columns(run_id, frame)
-    n = len(values[names.index("step")])
+    steps = values[names.index("step")]
+    n = len(steps)
     if n == 0:
         return StepWriteResult(0, 0)
-    steps = values[names.index("step")]
     with db.begin() as conn:
         _lock_run(db, conn, run_id, None)
         stored = _stored_hashes(db, conn, run_id, steps.tolist())

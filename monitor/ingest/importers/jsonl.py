@@ -65,6 +65,7 @@ def read_frame(path: Path, tick: Tick) -> FloatColumns | None:
     tick(len(data))
     if b"\x00" in data or _ARRAY_START.match(data) or not is_utf8(data):
         return None  # the line reader names each line that is not UTF-8 text
+    # (pyarrow and orjson both refuse an escaped lone surrogate: every key is UTF-8 text too)
     parsed = _arrow_columns(data)
     if parsed is not None:
         return parsed
@@ -88,15 +89,6 @@ def read_frame(path: Path, tick: Tick) -> FloatColumns | None:
     for k, v in columns.items():
         # a null (or missing key) is NaN; NaN from numeric text ("nan") is not a null
         nulls[k] = sum(r.get(k) is None for r in rows) if np.isnan(v).any() else 0
-    return _with_text_keys(columns, nulls)
-
-
-def _with_text_keys(columns: dict[str, np.ndarray], nulls: dict[str, int]) -> FloatColumns | None:
-    """The columns, unless a key holds a lone surrogate: the row reader cleans it."""
-    try:
-        "".join(columns).encode("utf-8")
-    except UnicodeEncodeError:
-        return None
     return columns, nulls
 
 
@@ -133,7 +125,7 @@ def _arrow_columns(data: bytes) -> FloatColumns | None:
         return None  # (a null is NaN here too: more non-finite values than nulls)
     if any(np.signbit(v[v == 0]).any() for v in columns.values()):
         return None  # -0 in a column of floats: pyarrow reads -0.0, JSON's rules the integer 0
-    return _with_text_keys(columns, nulls)
+    return columns, nulls
 
 
 def _columns(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, np.ndarray]:
