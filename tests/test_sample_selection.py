@@ -7,6 +7,7 @@ found at once) must never change a stored byte."""
 from __future__ import annotations
 
 import math
+import random
 import zlib
 from typing import Any
 
@@ -42,8 +43,8 @@ def reference_samples(
     rest = np.array([i for i in range(n) if i not in top], dtype=np.intp)
     if cfg.samples_random > 0 and len(rest):
         ident = (header.get("project"), header.get("name"), item.step, header.get("rank", 0))
-        rng = np.random.default_rng(zlib.crc32("\0".join(map(str, ident)).encode()))
-        chosen = rng.choice(rest, size=min(cfg.samples_random, len(rest)), replace=False)
+        chooser = random.Random(zlib.crc32("\0".join(map(str, ident)).encode()))
+        chosen = chooser.sample(list(rest), min(cfg.samples_random, len(rest)))
         picked += [(int(i), "random") for i in sorted(chosen)]
     lp, ref, mask = item.policy_logprobs, item.ref_logprobs, item.mask
     assert lp is not None and ref is not None

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import operator
+import random
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -278,10 +279,10 @@ def select_samples(
     picked: list[tuple[int, str]] = [(i, "top") for i in top]
     if cfg.samples_random > 0 and len(rest):
         ident = (header.get("project"), header.get("name"), item.step, header.get("rank", 0))
-        seed = zlib.crc32("\0".join(map(str, ident)).encode())
-        rng = np.random.default_rng(seed)
-        chosen = rng.choice(rest, size=min(cfg.samples_random, len(rest)), replace=False)
-        picked.extend((int(i), "random") for i in sorted(chosen))
+        # random.Random, not numpy's Generator: seeding a Generator costs ~0.1 ms in situ
+        chooser = random.Random(zlib.crc32("\0".join(map(str, ident)).encode()))
+        chosen = chooser.sample(rest.tolist(), min(cfg.samples_random, len(rest)))
+        picked.extend((i, "random") for i in sorted(chosen))
     lp, ref = item.policy_logprobs, item.ref_logprobs
     assert lp is not None and ref is not None
     width = lp.shape[1]
