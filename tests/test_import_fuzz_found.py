@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,40 @@ def test_parquet_columns_of_one_name_are_all_kept(tmp_path: Path, numeric_only: 
     assert any("loss as loss.2" in n for n in prepared.notes)
     values = {(s, n): v for s, n, v in prepared.metrics}
     assert values[(1, "loss")] == 1.0 and values[(2, "loss.2")] == 20.0
+
+
+def test_a_parquet_batch_the_fast_path_hands_back_is_read_from_the_file_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A numeric batch that needs the row rules (a negative step, here in the second batch)
+    was rebuilt from its float64 columns: a NaN became a missing cell (its note lost) and
+    the step a float in messages (``step -15.0``). The row rules now read the file's values,
+    and say what a JSONL file of the same rows says."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from monitor.ingest.importers import parquet
+
+    monkeypatch.setattr(parquet, "BATCH_CELLS", 4)  # two rows of two columns a batch
+    rows = [
+        {"step": 0, "loss": 0.5},
+        {"step": 1, "loss": 0.25},
+        {"step": -15, "loss": 1.0},
+        {"step": 3, "loss": float("nan")},
+        {"step": 4, "loss": 2.0},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "log.parquet")
+    text = "".join(json.dumps(r) + "\n" for r in rows)  # NaN as JSON's NaN
+    _file(tmp_path, "log.jsonl", text.encode())
+    _f, from_parquet = prepare_path(tmp_path / "log.parquet", fmt="parquet")
+    _f, from_jsonl = prepare_path(tmp_path / "log.jsonl", fmt="jsonl")
+    assert [str(p) for p in from_parquet.problems] == [
+        str(p).replace("line", "row") for p in from_jsonl.problems
+    ]
+    assert [(p.line, p.reason) for p in from_parquet.problems][:1] == [
+        (3, "bad step: step -15 is negative")
+    ]
+    assert "NaN or infinite values stored as missing in: loss (1)" in from_parquet.notes
+    assert [r["step"] for r in from_parquet.steps] == [0, 1, 4]
 
 
 def test_a_tokens_log_extra_key_too_long_to_store_is_left_out_and_said(

@@ -67,6 +67,19 @@ class RawTable:
     text_columns: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True)
+class ColumnBatch:
+    """One clean batch of a columnar file: its :data:`FloatColumns`, and ``records``, the same
+    rows as the row rules read them (``records(offset)``: numbered from ``offset + 1``), for a
+    batch that the fast path hands back (repeated steps, a row without values...). They come
+    from the file's own values: the float64 columns have lost a NaN's difference from a
+    missing cell, and an integer step's type."""
+
+    columns: dict[str, np.ndarray]
+    nulls: dict[str, int]
+    records: Callable[[int], RawTable]
+
+
 # Deepest nesting of objects a row may have (``a/b/c/...``); deeper rows are skipped.
 MAX_DEPTH = 16
 # Steps are stored as signed 64-bit integers.

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from monitor.errors import InvalidInput
 from monitor.ingest.importers.base import (
-    FloatColumns,
+    ColumnBatch,
     Problem,
     RawRecord,
     RawTable,
@@ -50,7 +51,7 @@ BATCH_CELLS = 200_000
 MAX_BATCH_ROWS = 16_384
 
 
-def read_batches(path: Path, tick: Tick) -> tuple[str, Iterator[RawTable | FloatColumns]]:
+def read_batches(path: Path, tick: Tick) -> tuple[str, Iterator[RawTable | ColumnBatch]]:
     """The producer (from the schema's column names) and the file's rows, batch by batch;
     the first batch carries the file's klmon metadata and notes."""
     pq = require_pyarrow(path)
@@ -66,7 +67,7 @@ def read_batches(path: Path, tick: Tick) -> tuple[str, Iterator[RawTable | Float
     return producer, _batches(path, pf, rows, tick)
 
 
-def _batches(path: Path, pf: Any, rows: int, tick: Tick) -> Iterator[RawTable | FloatColumns]:
+def _batches(path: Path, pf: Any, rows: int, tick: Tick) -> Iterator[RawTable | ColumnBatch]:
     import pyarrow as pa
 
     table = RawTable()
@@ -100,24 +101,31 @@ def _batches(path: Path, pf: Any, rows: int, tick: Tick) -> Iterator[RawTable | 
                 nulls = {n: batch.column(i).null_count for i, n in enumerate(names)}
                 number += batch.num_rows
                 tick(number)
-                yield columns, nulls
+                yield ColumnBatch(columns, nulls, partial(_row_table, batch))
                 continue
-            for row in _rows(batch):
-                number += 1
-                if row is None:
-                    table.problems.append(Problem(number, "a text cell is not UTF-8", "row"))
-                    continue
-                try:
-                    table.records.append(RawRecord(number, flatten(row)))
-                except TooDeep as exc:
-                    table.problems.append(Problem(number, str(exc), "row"))
+            yield _row_table(batch, number, table)
+            number += batch.num_rows
             tick(number)
-            yield table
             table = RawTable()
     except (pa.ArrowException, OSError) as exc:
         raise InvalidInput(f"{path}: Parquet data unreadable after row {number} ({exc})") from exc
     if number == 0:
         yield table
+
+
+def _row_table(batch: Any, offset: int, table: RawTable | None = None) -> RawTable:
+    """The rows of ``batch`` for the row rules, numbered from ``offset + 1`` (added to
+    ``table``, which may carry the file's notes)."""
+    table = RawTable() if table is None else table
+    for number, row in enumerate(_rows(batch), start=offset + 1):
+        if row is None:
+            table.problems.append(Problem(number, "a text cell is not UTF-8", "row"))
+            continue
+        try:
+            table.records.append(RawRecord(number, flatten(row)))
+        except TooDeep as exc:
+            table.problems.append(Problem(number, str(exc), "row"))
+    return table
 
 
 def _rows(batch: Any) -> list[dict[str, Any] | None]:

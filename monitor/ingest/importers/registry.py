@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from monitor.errors import InvalidInput
 from monitor.ingest.importers import (
     csv_table,
@@ -20,21 +18,14 @@ from monitor.ingest.importers import (
     verl,
 )
 from monitor.ingest.importers.base import (
+    ColumnBatch,
     FloatColumns,
-    RawRecord,
     RawTable,
     Tick,
-    column_rows,
     n_rows,
 )
 from monitor.ingest.importers.detect import TITLES
 from monitor.ingest.importers.tables import Prepared, build, build_frame, merge
-
-
-def frame_records(columns: dict[str, np.ndarray], offset: int) -> RawTable:
-    """A columnar batch as records (NaN: missing) for the row-by-row rules."""
-    rows = column_rows(columns)
-    return RawTable(records=[RawRecord(offset + i, row) for i, row in enumerate(rows, start=1)])
 
 
 @dataclass(frozen=True)
@@ -59,10 +50,8 @@ class Format:
     # formats that compute their own step rows (per-token logs) prepare directly
     prepare_fn: Callable[..., Prepared] | None = None
     # columnar formats read in batches: (path, tick) -> the file's producer and its batches
-    # (a clean batch comes as float64 columns and their missing cells, see ``build_frame``)
-    read_batches: Callable[[Path, Tick], tuple[str, Iterator[RawTable | FloatColumns]]] | None = (
-        None
-    )
+    # (a clean batch comes as a ``ColumnBatch``: float64 columns, see ``build_frame``)
+    read_batches: Callable[[Path, Tick], tuple[str, Iterator[RawTable | ColumnBatch]]] | None = None
     # the fast path of a clean file: its float64 columns and missing cells, or None
     read_frame: Callable[[Path, Tick], FloatColumns | None] | None = None
 
@@ -92,9 +81,9 @@ class Format:
             if isinstance(batch, RawTable):
                 table = batch
             else:
-                chunk = build_frame(*batch, **kwargs)
-                table = frame_records(batch[0], offset) if chunk is None else RawTable()
-                rows = n_rows(batch[0])
+                chunk = build_frame(batch.columns, batch.nulls, **kwargs)
+                table = batch.records(offset) if chunk is None else RawTable()
+                rows = n_rows(batch.columns)
             if chunk is None:
                 chunk = build(table, **kwargs)
                 rows = len(table.records)
