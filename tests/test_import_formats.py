@@ -216,6 +216,46 @@ def test_parquet_step_table() -> None:
     assert any("run_note" in n for n in p.notes)
 
 
+def test_parquet_decimal_columns_are_numbers(tmp_path: Path) -> None:
+    """Spark and pandas write exact decimals as Parquet DECIMAL: their values (the step too,
+    exactly, even past 2**53) are read as numbers, as the same rows in JSON Lines are."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from decimal import Decimal
+
+    big = 2**60 + 1  # not exact as a float64
+    table = pa.table(
+        {
+            "step": pa.array([Decimal(1), Decimal(2), Decimal(big)], pa.decimal128(20, 0)),
+            "loss": pa.array([Decimal("0.5"), None, Decimal("0.125")], pa.decimal128(6, 3)),
+            "reward": [1.0, 2.0, 3.0],
+        }
+    )
+    pq.write_table(table, tmp_path / "spark.parquet")
+    _f, p = prepare_path(tmp_path / "spark.parquet")
+    assert [r["step"] for r in p.steps] == [1, 2, big]
+    metrics = _metrics(p)
+    assert metrics[(1, "loss")] == 0.5 and metrics[(big, "loss")] == 0.125
+    assert (2, "loss") not in metrics and not p.problems and not p.notes
+
+
+@pytest.mark.parametrize(
+    ("cell", "reason"),
+    [
+        ('"2024-01-01"', "bad step: step '2024-01-01' is not a number"),
+        ("NaN", "bad step: step nan is not finite"),
+        ('" "', "bad step: the step is empty"),
+    ],
+)
+def test_a_step_that_is_no_number_says_why(tmp_path: Path, cell: str, reason: str) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_text(f'{{"step": {cell}, "loss": 1.0}}\n{{"step": 2, "loss": 0.5}}\n')
+    _f, p = prepare_path(log)
+    assert [r["step"] for r in p.steps] == [2]
+    (problem,) = p.problems
+    assert problem.reason.startswith(reason)
+
+
 def test_parquet_without_pyarrow_is_a_clear_error(monkeypatch) -> None:
     real_import = builtins.__import__
 

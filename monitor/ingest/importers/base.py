@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -228,6 +229,9 @@ def to_number(value: Any) -> float | None:
         except OverflowError:  # an integer beyond the float range: as infinite
             return None
         return f if math.isfinite(f) else None
+    if isinstance(value, Decimal):  # a Parquet decimal column (Spark, pandas' Decimal)
+        f = float(value) if not value.is_snan() else math.nan
+        return f if math.isfinite(f) else None
     if hasattr(value, "item") and not isinstance(value, str | bytes):  # numpy scalar
         try:
             return to_number(value.item())
@@ -261,9 +265,14 @@ def to_step(value: Any) -> int:
         if exact > MAX_STEP:
             raise ValueError(f"step {_short(value)} is out of range (at most 2**63 - 1)")
         return exact
-    f = to_number(value)
+    try:
+        f = to_number(value)
+    except NotNumeric:
+        raise ValueError(f"step {_short(value)} is not a number") from None
     if f is None:
-        raise ValueError("the step is empty")
+        if value is None or str(value).strip() == "":
+            raise ValueError("the step is empty")
+        raise ValueError(f"step {_short(value)} is not finite")
     if f != int(f):
         raise ValueError(f"step {value!r} is not a whole number")
     if f < 0:
@@ -279,6 +288,8 @@ def _exact_int(value: Any) -> int | None:
         return value
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
         return int(value.strip()) if len(value) < 64 else None
+    if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+        return int(value) if value.adjusted() < 64 else None
     return None
 
 
