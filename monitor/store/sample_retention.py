@@ -170,6 +170,14 @@ def compact_run(
 ) -> CompactResult:
     """Delete the samples of ``run_id`` that ``policy`` does not keep (inside the caller's
     transaction; ``dry_run`` only counts)."""
+    return _compact(conn, run_id, policy, dry_run=dry_run, measure=True)
+
+
+def _compact(
+    conn: Connection, run_id: int, policy: SampleRetention, *, dry_run: bool, measure: bool
+) -> CompactResult:
+    """``compact_run``; ``measure=False`` (the live writer, which reports nothing) leaves
+    out the count and size of what is deleted: a read of every dropped row's length."""
     # One scan of the run's sample rows: its sampled steps, each with its largest |KL|.
     per_step = conn.exec_driver_sql(
         _sql(
@@ -193,14 +201,16 @@ def compact_run(
     for i in range(0, len(drop), _DELETE_CHUNK):
         chunk = drop[i : i + _DELETE_CHUNK]
         where = f"run_id = ? AND step IN ({', '.join('?' * len(chunk))})"
-        n, b = conn.exec_driver_sql(
-            _sql(
-                conn, f"SELECT COUNT(*), SUM({_length(conn)}(payload)) FROM samples WHERE {where}"
-            ),
-            (run_id, *chunk),
-        ).one()
-        rows += int(n or 0)
-        size += int(b or 0)
+        if measure:
+            n, b = conn.exec_driver_sql(
+                _sql(
+                    conn,
+                    f"SELECT COUNT(*), SUM({_length(conn)}(payload)) FROM samples WHERE {where}",
+                ),
+                (run_id, *chunk),
+            ).one()
+            rows += int(n or 0)
+            size += int(b or 0)
         if not dry_run:
             conn.exec_driver_sql(_sql(conn, f"DELETE FROM samples WHERE {where}"), (run_id, *chunk))
     return CompactResult(run_id, int(keep.sum()), len(drop), rows, size)
@@ -208,19 +218,18 @@ def compact_run(
 
 def compact_live(
     conn: Connection, run_id: int, policy: SampleRetention, new_steps: Iterable[int]
-) -> CompactResult | None:
+) -> None:
     """The live writer's hook, after it inserted samples at ``new_steps``: compact the run
     when its latest sampled step crossed a multiple of ``policy.every`` (``due``)."""
     new = list(new_steps)
     if not policy.enabled or not new:
-        return None
+        return
     lo, hi = min(new), max(new)
     previous = conn.exec_driver_sql(
         _sql(conn, "SELECT MAX(step) FROM samples WHERE run_id = ? AND step < ?"), (run_id, lo)
     ).scalar()
-    if not policy.due(None if previous is None else int(previous), hi):
-        return None
-    return compact_run(conn, run_id, policy)
+    if policy.due(None if previous is None else int(previous), hi):
+        _compact(conn, run_id, policy, dry_run=False, measure=False)
 
 
 def compact_samples(
