@@ -237,6 +237,17 @@ def test_parquet_decimal_columns_are_numbers(tmp_path: Path) -> None:
     metrics = _metrics(p)
     assert metrics[(1, "loss")] == 0.5 and metrics[(big, "loss")] == 0.125
     assert (2, "loss") not in metrics and not p.problems and not p.notes
+    # a step with a fraction is no step, however close to a whole float it rounds
+    half = pa.array(
+        [Decimal(3), Decimal("2.5"), Decimal(2**53) + Decimal("0.5")], pa.decimal128(20, 1)
+    )
+    pq.write_table(pa.table({"step": half, "reward": [1.0, 2.0, 3.0]}), tmp_path / "half.parquet")
+    _f, p = prepare_path(tmp_path / "half.parquet")
+    assert [r["step"] for r in p.steps] == [3]
+    assert [x.reason for x in p.problems] == [
+        "bad step: step 2.5 is not a whole number",
+        f"bad step: step {2**53}.5 is not a whole number",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -245,6 +256,8 @@ def test_parquet_decimal_columns_are_numbers(tmp_path: Path) -> None:
         ('"2024-01-01"', "bad step: step '2024-01-01' is not a number"),
         ("NaN", "bad step: step nan is not finite"),
         ('" "', "bad step: the step is empty"),
+        ('"+-5"', "bad step: step '+-5' is not a number"),
+        ('"\u00b2"', "bad step: step '\u00b2' is not a number"),
     ],
 )
 def test_a_step_that_is_no_number_says_why(tmp_path: Path, cell: str, reason: str) -> None:

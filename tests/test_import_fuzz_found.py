@@ -196,6 +196,38 @@ def test_a_parquet_batch_the_fast_path_hands_back_is_read_from_the_file_values(
     assert [r["step"] for r in from_parquet.steps] == [0, 1, 4]
 
 
+def test_a_parquet_file_read_in_batches_says_its_own_counts_and_keeps_one_step_rule(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch said its own count of NaN cells and identical notes were merged, so a file
+    with one NaN per batch said ``loss (1)``; and a file whose first batch had no step column
+    (epoch with fractions) took epoch as the step in a later batch while saying "row order".
+    The notes now say the file's counts, and every batch keeps the first one's step rule."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from monitor.ingest.importers import parquet
+
+    monkeypatch.setattr(parquet, "BATCH_CELLS", 6)  # two rows of three columns a batch
+    nan = float("nan")
+    table = pa.table(
+        {
+            "epoch": [0.5, 1.0, 7.0, 9.0, 11.0, 12.0],
+            "loss": [nan, 1.0, nan, 2.0, nan, 3.0],
+            "kl": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+        }
+    )
+    pq.write_table(table, tmp_path / "log.parquet")
+    note = "NaN or infinite values stored as missing in: loss (3)"
+    _f, p = prepare_path(tmp_path / "log.parquet", fmt="parquet")
+    assert [r["step"] for r in p.steps] == [0, 1, 2, 3, 4, 5]
+    assert p.step_column is None and note in p.notes
+    report = import_path(db, tmp_path / "log.parquet")
+    assert note in report.notes and report.step_column is None
+    run = find_run_by_name(db, "imported", "log")
+    assert run is not None
+    assert read_metrics(db, run.id)["step"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
 def test_a_tokens_log_extra_key_too_long_to_store_is_left_out_and_said(
     db: Database, tmp_path: Path
 ) -> None:

@@ -70,11 +70,12 @@ class RawTable:
 
 @dataclass(frozen=True)
 class ColumnBatch:
-    """One clean batch of a columnar file: its :data:`FloatColumns`, and ``records``, the same
-    rows as the row rules read them (``records(offset)``: numbered from ``offset + 1``), for a
-    batch that the fast path hands back (repeated steps, a row without values...). They come
-    from the file's own values: the float64 columns have lost a NaN's difference from a
-    missing cell, and an integer step's type."""
+    """One clean batch of a columnar file: its float64 ``columns`` and the missing cells of
+    each (``nulls``), as :data:`FloatColumns` holds them, and ``records``: the same rows as
+    the row rules read them (``records(offset)``: numbered from ``offset + 1``), for a batch
+    that the fast path hands back (repeated steps, a row without values...). Those come from
+    the file's own values (the batch is kept until then: a bounded batch, twice): the float64
+    columns have lost a NaN's difference from a missing cell, and an integer step's type."""
 
     columns: dict[str, np.ndarray]
     nulls: dict[str, int]
@@ -257,44 +258,46 @@ def to_number(value: Any) -> float | None:
 
 
 def to_step(value: Any) -> int:
-    """A step number: a non-negative integer (``12``, ``12.0``, ``"12"``); ValueError else."""
+    """A step number: a non-negative integer (``12``, ``12.0``, ``"12"``, a whole decimal);
+    ValueError else."""
+    shown = _short(value)
     exact = _exact_int(value)
-    if exact is not None:
-        if exact < 0:
-            raise ValueError(f"step {value!r} is negative")
-        if exact > MAX_STEP:
-            raise ValueError(f"step {_short(value)} is out of range (at most 2**63 - 1)")
-        return exact
-    try:
-        f = to_number(value)
-    except NotNumeric:
-        raise ValueError(f"step {_short(value)} is not a number") from None
-    if f is None:
-        if value is None or str(value).strip() == "":
-            raise ValueError("the step is empty")
-        raise ValueError(f"step {_short(value)} is not finite")
-    if f != int(f):
-        raise ValueError(f"step {value!r} is not a whole number")
-    if f < 0:
-        raise ValueError(f"step {value!r} is negative")
-    if f > MAX_STEP:
-        raise ValueError(f"step {_short(value)} is out of range (at most 2**63 - 1)")
-    return int(f)
+    if exact is None:
+        try:
+            f = to_number(value)
+        except NotNumeric:
+            raise ValueError(f"step {shown} is not a number") from None
+        if f is None:
+            if value is None or str(value).strip() == "":
+                raise ValueError("the step is empty")
+            raise ValueError(f"step {shown} is not finite")
+        # a decimal is checked as it is: 2**53 + 0.5 rounds to a whole float
+        if f != int(f) or (isinstance(value, Decimal) and value != value.to_integral_value()):
+            raise ValueError(f"step {shown} is not a whole number")
+        exact = int(f)
+    if exact < 0:
+        raise ValueError(f"step {shown} is negative")
+    if exact > MAX_STEP:
+        raise ValueError(f"step {shown} is out of range (at most 2**63 - 1)")
+    return exact
+
+
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 
 def _exact_int(value: Any) -> int | None:
     """An integer step read exactly (a float would round 2**63 - 1 up to 2**63)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value.strip()) if len(value) < 64 else None
+    if isinstance(value, str) and len(value) < 64 and _INTEGER.fullmatch(value):
+        return int(value)
     if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
         return int(value) if value.adjusted() < 64 else None
     return None
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = str(value) if isinstance(value, Decimal) else repr(value)
     return text if len(text) <= 30 else text[:27] + "..."
 
 

@@ -73,7 +73,9 @@ class Format:
                 "path": path,
                 "default_wall_time": options.default_wall_time,
                 "user_map": options.user_map,
+                # later batches keep the first one's step: its column, or the row order
                 "step_column": options.step_column if first is None else first.step_column,
+                "row_order": first is not None and first.step_column is None,
                 "row_offset": offset,
                 "producer": producer,
             }

@@ -94,6 +94,36 @@ _NO_STEP_NOTE = (
 
 
 @dataclass
+class DroppedCells:
+    """Cells not stored as numbers, per column: non-numeric ones (ignored) and NaN or infinite
+    ones (stored as missing). A file read in batches counts them per batch; its notes say the
+    sums (``merge``, the importer)."""
+
+    non_numeric: Counter[str] = field(default_factory=Counter)
+    non_finite: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: DroppedCells) -> None:
+        self.non_numeric.update(other.non_numeric)
+        self.non_finite.update(other.non_finite)
+
+    def notes(self) -> list[str]:
+        """What the summary says about the values dropped or stored as missing."""
+        notes = []
+        if self.non_numeric:
+            notes.append(f"non-numeric values ignored in: {_most(self.non_numeric)}")
+        if self.non_finite:
+            notes.append(f"NaN or infinite values stored as missing in: {_most(self.non_finite)}")
+        return notes
+
+
+def _most(counts: Counter[str]) -> str:
+    """The five columns with most values, ties by name: the same whether a table was read by
+    columns or by rows."""
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    return ", ".join(f"{k} ({n})" for k, n in top)
+
+
+@dataclass
 class Prepared:
     """Everything an import writes, built in memory before the first write."""
 
@@ -110,6 +140,8 @@ class Prepared:
     config: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # the cells behind two of the notes, which a file read in batches sums
+    dropped: DroppedCells = field(default_factory=DroppedCells)
     # quantity -> the source keys that filled it
     mapping: dict[str, list[str]] = field(default_factory=dict)
     records_read: int = 0
@@ -186,7 +218,9 @@ def merge(parts: list[Prepared]) -> Prepared:
         out.metrics.extend(p.metrics)
         out.problems.extend(p.problems)
         out.records_read += p.records_read
-        out.notes.extend(n for n in p.notes if n not in out.notes)
+        own = p.dropped.notes()  # said once below, with the file's counts
+        out.notes.extend(n for n in p.notes if n not in out.notes and n not in own)
+        out.dropped.add(p.dropped)
         for q, cols in p.mapping.items():
             out.mapping.setdefault(q, []).extend(c for c in cols if c not in out.mapping.get(q, []))
         out.kl_read.extend(k for k in p.kl_read if k not in out.kl_read)
@@ -199,6 +233,7 @@ def merge(parts: list[Prepared]) -> Prepared:
         first.step_source,
     )
     out.kl_candidates = [] if out.kl_read else first.kl_candidates
+    out.notes.extend(out.dropped.notes())
     return out
 
 
@@ -222,8 +257,11 @@ def choose_step_column(
     user_map: dict[str, str | None],
     step_column: str | None,
     path: object,
+    *,
+    row_order: bool = False,
 ) -> tuple[str | None, str]:
-    """The step column and how it was chosen; removes a ``COLUMN=step`` entry from user_map."""
+    """The step column and how it was chosen; removes a ``COLUMN=step`` entry from user_map.
+    ``row_order``: none is looked for (a later batch of a file whose first had none)."""
     mapped = [c for c, q in user_map.items() if q == "step"]
     if len(mapped) > 1 or (mapped and step_column and mapped[0] != step_column):
         raise InvalidInput(
@@ -240,6 +278,8 @@ def choose_step_column(
         check_map_columns({given: "step"}, keys, path)
         how = "--step-column" if step_column else f"--map {given}=step"
         return given, how
+    if row_order:
+        return None, "row order"
     if table.step_key is not None:
         return table.step_key, table.step_source or "the format's"
     found = next((k for k in STEP_KEYS if k in keys), None)
@@ -275,12 +315,14 @@ def build(
     step_column: str | None = None,
     row_offset: int = 0,
     producer: str | None = None,
+    row_order: bool = False,
 ) -> Prepared:
     """Steps, metrics and meanings from a reader's table.
 
     ``row_offset``: rows of the same file already built (a columnar file read in batches), so
     that row-order steps continue; ``producer``: fixed by the caller (from a file's schema)
-    rather than detected from this table's keys.
+    rather than detected from this table's keys; ``row_order``: the step is the row order,
+    as the file's first batch decided (no column is looked for).
 
     Three phases: merge the rows by step (:func:`_merge_by_step`), say what each column means
     (:func:`_read_columns`), then write the step rows and metrics (:func:`_rows_and_metrics`)
@@ -293,7 +335,9 @@ def build(
     out.notes.extend(table.notes)
     out.records_read = len(table.records)
     klmon = producer == "klmon"
-    step_key, out.step_source = choose_step_column(table, keys, user_map, step_column, path)
+    step_key, out.step_source = choose_step_column(
+        table, keys, user_map, step_column, path, row_order=row_order
+    )
     out.step_column = step_key
     if step_key is None:
         out.notes.append(_NO_STEP_NOTE)
@@ -323,6 +367,7 @@ def build_frame(
     step_column: str | None = None,
     row_offset: int = 0,
     producer: str | None = None,
+    row_order: bool = False,
 ) -> Prepared | None:
     """``build`` for a clean table already in float64 columns (a reader's fast path), with
     numpy instead of a Python loop per row; the result holds ``step_frame`` and
@@ -342,9 +387,11 @@ def build_frame(
     producer = producer or detect_producer(keys)
     if producer == "klmon":
         return None
-    step_key, step_source = choose_step_column(RawTable(), keys, user_map, step_column, path)
-    if step_key is None and any(k in keys for k in LAST_RESORT_STEP_KEYS):
-        return None
+    step_key, step_source = choose_step_column(
+        RawTable(), keys, user_map, step_column, path, row_order=row_order
+    )
+    if step_key is None and not row_order and any(k in keys for k in LAST_RESORT_STEP_KEYS):
+        return None  # whether epoch holds whole numbers: the row rules decide
     n = n_rows(values)
     out = Prepared(fmt=fmt, producer=producer, records_read=n)
     out.step_column, out.step_source = step_key, step_source
@@ -368,7 +415,8 @@ def build_frame(
     )
     for c, v in values.items():
         values[c] = np.where(finite[c], v, np.nan)[order]
-    out.notes.extend(_Coercer(set(), non_finite=+non_finite).notes())
+    out.dropped = DroppedCells(non_finite=+non_finite)
+    out.notes.extend(out.dropped.notes())
     columns = set(values)
     check_map_columns(user_map, columns | keys - {step_key}, path)
     read = _read_columns(producer, columns, user_map)
@@ -418,8 +466,7 @@ class _Coercer:
 
     text_cols: set[str]
     names: dict[str, str] = field(default_factory=dict)  # source key -> a name any database stores
-    non_numeric: Counter[str] = field(default_factory=Counter)
-    non_finite: Counter[str] = field(default_factory=Counter)
+    dropped: DroppedCells = field(default_factory=DroppedCells)
 
     def values(self, record: dict[str, Any], step_key: str | None) -> dict[str, Any]:
         """The record's values under storable names, without its step column."""
@@ -436,27 +483,11 @@ class _Coercer:
             try:
                 values[name] = to_number(v)
             except NotNumeric:
-                self.non_numeric[name] += 1
+                self.dropped.non_numeric[name] += 1
                 continue
             if values[name] is None and v is not None and str(v).strip():
-                self.non_finite[name] += 1  # NaN or +-inf: stored as missing, said below
+                self.dropped.non_finite[name] += 1  # NaN or +-inf: stored as missing, said
         return values
-
-    def notes(self) -> list[str]:
-        """What the summary says about the values dropped or stored as missing."""
-        notes = []
-        if self.non_numeric:
-            notes.append(f"non-numeric values ignored in: {_most(self.non_numeric)}")
-        if self.non_finite:
-            notes.append(f"NaN or infinite values stored as missing in: {_most(self.non_finite)}")
-        return notes
-
-
-def _most(counts: Counter[str]) -> str:
-    """The five columns with most values, ties by name: the same whether a table was read by
-    columns or by rows."""
-    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-    return ", ".join(f"{k} ({n})" for k, n in top)
 
 
 def _merge_by_step(
@@ -491,7 +522,8 @@ def _merge_by_step(
         slot.update(values)
     if repeated:
         out.notes.append(f"{repeated} rows repeated a step already seen: the later values kept")
-    out.notes.extend(coerce.notes())
+    out.dropped = coerce.dropped
+    out.notes.extend(out.dropped.notes())
     return merged
 
 
