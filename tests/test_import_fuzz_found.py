@@ -226,6 +226,14 @@ def test_a_parquet_file_read_in_batches_says_its_own_counts_and_keeps_one_step_r
     run = find_run_by_name(db, "imported", "log")
     assert run is not None
     assert read_metrics(db, run.id)["step"].tolist() == [0, 1, 2, 3, 4, 5]
+    # a step repeated within each of two batches: one note, the file's count
+    repeats = pa.table({"step": [1, 1, 2, 2], "loss": [1.0, 2.0, 3.0, 4.0]})
+    pq.write_table(repeats, tmp_path / "repeats.parquet")
+    monkeypatch.setattr(parquet, "BATCH_CELLS", 4)
+    _f, p = prepare_path(tmp_path / "repeats.parquet", fmt="parquet")
+    said = [n for n in p.notes if "repeated a step" in n]
+    assert said == ["2 rows repeated a step already seen: the later values kept"]
+    assert [(s, v) for s, _n, v in sorted(p.metrics)] == [(1, 2.0), (2, 4.0)]
 
 
 def test_a_tokens_log_extra_key_too_long_to_store_is_left_out_and_said(

@@ -26,7 +26,7 @@ from monitor.errors import InvalidInput
 from monitor.ingest.importers.base import Problem, file_size
 from monitor.ingest.importers.detect import detect_format
 from monitor.ingest.importers.registry import FORMATS, ReadOptions
-from monitor.ingest.importers.tables import DroppedCells, Prepared
+from monitor.ingest.importers.tables import CountedNotes, Prepared
 from monitor.store import (
     STEP_QUANTITIES,
     Database,
@@ -446,11 +446,11 @@ class _Writer:
             kl_candidates=first.kl_candidates,
             renamed_from=renamed_from,
         )
-        dropped = DroppedCells()
+        counted = CountedNotes()
         for chunk in itertools.chain([first], rest):
             self._write_chunk(report, chunk)
-            dropped.add(chunk.dropped)
-        report.notes.extend(dropped.notes())  # the file's counts, not a batch's
+            counted.add(chunk.counted)
+        report.notes.extend(counted.notes())  # the file's counts, not a batch's
         if not report.kl_read:
             report.kl_candidates = first.kl_candidates
         if report.ledgers_inserted:
@@ -470,7 +470,7 @@ class _Writer:
         report.problems_total += len(prepared.problems)
         room = MAX_PROBLEMS - len(report.problems)
         report.problems.extend(prepared.problems[: max(0, room)])
-        own = prepared.dropped.notes()  # said with the file's counts at the end
+        own = prepared.counted.notes()  # said with the file's counts at the end
         report.notes.extend(n for n in prepared.notes if n not in report.notes and n not in own)
         for q, cols in prepared.mapping.items():
             have = report.mapping.setdefault(q, [])

@@ -94,21 +94,28 @@ _NO_STEP_NOTE = (
 
 
 @dataclass
-class DroppedCells:
-    """Cells not stored as numbers, per column: non-numeric ones (ignored) and NaN or infinite
-    ones (stored as missing). A file read in batches counts them per batch; its notes say the
-    sums (``merge``, the importer)."""
+class CountedNotes:
+    """What the notes that count things are made of: rows that repeated a step, and per
+    column the cells not stored as numbers (non-numeric ones, ignored; NaN or infinite ones,
+    stored as missing). A file read in batches counts per batch; its notes say the sums
+    (``merge``, the importer)."""
 
+    repeated_rows: int = 0
     non_numeric: Counter[str] = field(default_factory=Counter)
     non_finite: Counter[str] = field(default_factory=Counter)
 
-    def add(self, other: DroppedCells) -> None:
+    def add(self, other: CountedNotes) -> None:
+        self.repeated_rows += other.repeated_rows
         self.non_numeric.update(other.non_numeric)
         self.non_finite.update(other.non_finite)
 
     def notes(self) -> list[str]:
-        """What the summary says about the values dropped or stored as missing."""
+        """What the summary says about them."""
         notes = []
+        if self.repeated_rows:
+            notes.append(
+                f"{self.repeated_rows} rows repeated a step already seen: the later values kept"
+            )
         if self.non_numeric:
             notes.append(f"non-numeric values ignored in: {_most(self.non_numeric)}")
         if self.non_finite:
@@ -141,7 +148,7 @@ class Prepared:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # the cells behind two of the notes, which a file read in batches sums
-    dropped: DroppedCells = field(default_factory=DroppedCells)
+    counted: CountedNotes = field(default_factory=CountedNotes)
     # quantity -> the source keys that filled it
     mapping: dict[str, list[str]] = field(default_factory=dict)
     records_read: int = 0
@@ -218,9 +225,9 @@ def merge(parts: list[Prepared]) -> Prepared:
         out.metrics.extend(p.metrics)
         out.problems.extend(p.problems)
         out.records_read += p.records_read
-        own = p.dropped.notes()  # said once below, with the file's counts
+        own = p.counted.notes()  # said once below, with the file's counts
         out.notes.extend(n for n in p.notes if n not in out.notes and n not in own)
-        out.dropped.add(p.dropped)
+        out.counted.add(p.counted)
         for q, cols in p.mapping.items():
             out.mapping.setdefault(q, []).extend(c for c in cols if c not in out.mapping.get(q, []))
         out.kl_read.extend(k for k in p.kl_read if k not in out.kl_read)
@@ -233,7 +240,7 @@ def merge(parts: list[Prepared]) -> Prepared:
         first.step_source,
     )
     out.kl_candidates = [] if out.kl_read else first.kl_candidates
-    out.notes.extend(out.dropped.notes())
+    out.notes.extend(out.counted.notes())
     return out
 
 
@@ -415,8 +422,8 @@ def build_frame(
     )
     for c, v in values.items():
         values[c] = np.where(finite[c], v, np.nan)[order]
-    out.dropped = DroppedCells(non_finite=+non_finite)
-    out.notes.extend(out.dropped.notes())
+    out.counted = CountedNotes(non_finite=+non_finite)
+    out.notes.extend(out.counted.notes())
     columns = set(values)
     check_map_columns(user_map, columns | keys - {step_key}, path)
     read = _read_columns(producer, columns, user_map)
@@ -466,7 +473,7 @@ class _Coercer:
 
     text_cols: set[str]
     names: dict[str, str] = field(default_factory=dict)  # source key -> a name any database stores
-    dropped: DroppedCells = field(default_factory=DroppedCells)
+    counted: CountedNotes = field(default_factory=CountedNotes)
 
     def values(self, record: dict[str, Any], step_key: str | None) -> dict[str, Any]:
         """The record's values under storable names, without its step column."""
@@ -483,10 +490,10 @@ class _Coercer:
             try:
                 values[name] = to_number(v)
             except NotNumeric:
-                self.dropped.non_numeric[name] += 1
+                self.counted.non_numeric[name] += 1
                 continue
             if values[name] is None and v is not None and str(v).strip():
-                self.dropped.non_finite[name] += 1  # NaN or +-inf: stored as missing, said
+                self.counted.non_finite[name] += 1  # NaN or +-inf: stored as missing, said
         return values
 
 
@@ -496,7 +503,6 @@ def _merge_by_step(
     """step -> its values, the later row winning; rows without a step or a value are problems."""
     merged: dict[int, dict[str, Any]] = {}
     coerce = _Coercer({"status", "reject_reason"} if klmon else set())
-    repeated = 0
     unit = (
         "row"
         if out.fmt == "parquet"
@@ -518,12 +524,10 @@ def _merge_by_step(
             continue
         slot = merged.setdefault(step, {})
         if any(k in slot and slot[k] != v for k, v in values.items()):
-            repeated += 1
+            coerce.counted.repeated_rows += 1
         slot.update(values)
-    if repeated:
-        out.notes.append(f"{repeated} rows repeated a step already seen: the later values kept")
-    out.dropped = coerce.dropped
-    out.notes.extend(out.dropped.notes())
+    out.counted = coerce.counted
+    out.notes.extend(out.counted.notes())
     return merged
 
 
