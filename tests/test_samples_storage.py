@@ -283,6 +283,35 @@ def test_klmon_db_compact_reports_what_it_removed(sqlite_db: Database, sqlite_ur
     assert bad.exit_code != 0 and "not an integer" in bad.output
 
 
+def test_klmon_db_compact_vacuum_gives_the_space_back(db_url: str) -> None:
+    """Compacting frees pages that the database keeps for later rows; --vacuum gives them
+    back (SQLite: the file; PostgreSQL: the samples table), and what is kept reads back."""
+    db = Database.open(db_url)
+    rng = np.random.default_rng(0)
+    run_id = get_or_create_run(db, "p", "vacuum").id
+    write_steps(db, run_id, [{"step": s, "wall_time": float(s)} for s in range(200)])
+    texts = ["".join(rng.choice(list("abcdefghij"), 8000)) for _ in range(200)]  # ~3 kB zstd
+    write_samples(
+        db, run_id, [{"step": s, **_sample(1.0), "response": texts[s]} for s in range(200)]
+    )
+    args = ["db", "compact", "--db", db_url, "--retention", "recent=20,top=0"]
+    both = CliRunner().invoke(main, [*args, "--dry-run", "--vacuum"])
+    assert both.exit_code != 0 and "--dry-run deletes nothing" in both.output
+    done = CliRunner().invoke(main, [*args, "--vacuum"])
+    assert done.exit_code == 0, done.output
+    what = "database file" if db.is_sqlite else "samples table"
+    line = next(x for x in done.output.splitlines() if x.startswith(f"{what}: "))
+    unit = {"kB": 1e3, "MB": 1e6}
+    before, after = (
+        float(n) * unit[u] for n, u in (v.split() for v in line.split(": ")[1].split(" -> "))
+    )
+    assert after < 0.6 * before, line  # the schema's own pages stay
+    kept = sample_steps(db, run_id)
+    assert 20 <= len(kept) < 60
+    assert read_samples(db, run_id, kept[-1])[0].response == texts[kept[-1]]
+    db.dispose()
+
+
 # --- migration 0008 ------------------------------------------------------------------------------
 
 

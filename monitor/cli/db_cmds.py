@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from monitor.cli.common import db_option, open_db
 from monitor.store import current_revision, head_revision, upgrade
+
+if TYPE_CHECKING:
+    from monitor.store import Database
 
 
 @click.group("db")
@@ -71,24 +76,37 @@ def db_current(db: str | None) -> None:
     "(default: $KLMON_SAMPLE_RETENTION or those values).",
 )
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; delete nothing.")
-def db_compact(db: str | None, runs: tuple[str, ...], retention: str | None, dry_run: bool) -> None:
+@click.option(
+    "--vacuum",
+    is_flag=True,
+    help="Then give the freed space back to the operating system (SQLite: VACUUM of the "
+    "file; PostgreSQL: VACUUM FULL of the samples table). Writers wait meanwhile.",
+)
+def db_compact(
+    db: str | None, runs: tuple[str, ...], retention: str | None, dry_run: bool, vacuum: bool
+) -> None:
     """Drop the drill-down samples of older steps that the retention policy does not keep.
 
     Every step of the last RECENT steps keeps its samples; further back every 2nd, then
     every 4th, 8th... step; the steps around alerts and the highest-KL steps always. Step
-    rows, histograms and metrics are never touched. Freed space is reused by new rows (run
-    VACUUM to give it back to the operating system).
+    rows, histograms and metrics are never touched. Freed space is reused by new rows;
+    --vacuum gives it back to the operating system.
 
     \b
     Example:
       klmon db compact --run ppo-beta0.05 --dry-run
+      klmon db compact --vacuum
     """
     from monitor.store import SampleRetention, compact_samples, resolve_run
 
+    if dry_run and vacuum:
+        raise click.UsageError("--vacuum gives back what is deleted: --dry-run deletes nothing")
     database = open_db(db)
     policy = SampleRetention.from_env() if retention is None else SampleRetention.parse(retention)
     if not policy.enabled:
         click.echo("sample retention is off: nothing to compact")
+        if vacuum:
+            _vacuum(database)
         return
     with database.translate_errors():
         ids = [resolve_run(database, r).id for r in runs] if runs else None
@@ -103,6 +121,17 @@ def db_compact(db: str | None, runs: tuple[str, ...], retention: str | None, dry
     rows = sum(r.rows_removed for r in results)
     size = sum(r.bytes_removed for r in results)
     click.echo(f"{len(results)} run(s): {verb} {rows} samples, {_size(size)} of sample data")
+    if vacuum:
+        _vacuum(database)
+
+
+def _vacuum(database: Database) -> None:
+    from monitor.store import reclaim_space
+
+    what = "database file" if database.is_sqlite else "samples table"
+    click.echo(f"vacuuming the {what} (writers wait meanwhile) ...")
+    before, after = reclaim_space(database)
+    click.echo(f"{what}: {_size(before)} -> {_size(after)}")
 
 
 def _size(n: int) -> str:

@@ -62,6 +62,7 @@ _HOME: dict[str, str] = {
     "CompactResult": "sample_retention",
     "SampleRetention": "sample_retention",
     "compact_samples": "sample_retention",
+    "reclaim_space": "sample_retention",
     "count_runs_outside": "runs",
     "delete_project_runs": "runs",
     "delete_run": "runs",

@@ -254,6 +254,27 @@ def compact_samples(
     return out
 
 
+def reclaim_space(db: Database) -> tuple[int, int]:
+    """Give the space of deleted samples back to the operating system; the bytes of what
+    was rewritten, before and after. SQLite rebuilds the database file (``VACUUM``: for a
+    moment it needs as much free disk again, and writers wait); PostgreSQL rewrites the
+    samples table and its TOAST data (``VACUUM FULL``: the table's writers wait, a live run's
+    steps in its spool). Without this, both reuse the space for new rows: SQLite at once,
+    PostgreSQL after autovacuum."""
+    sqlite = db.is_sqlite
+    size = (
+        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"
+        if sqlite
+        else "SELECT pg_total_relation_size('samples')"
+    )
+    with db.translate_errors(), db.engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")  # VACUUM: no transaction
+        before = int(conn.exec_driver_sql(size).scalar_one())
+        conn.exec_driver_sql("VACUUM" if sqlite else "VACUUM FULL samples")
+        after = int(conn.exec_driver_sql(size).scalar_one())
+    return before, after
+
+
 def _top_steps(steps: np.ndarray, size: np.ndarray, k: int) -> list[int]:
     """The ``k`` steps of largest |KL| (``size``; NaN, no KL, last), ties to the earlier."""
     if k <= 0:
@@ -296,4 +317,5 @@ __all__ = [
     "compact_live",
     "compact_run",
     "compact_samples",
+    "reclaim_space",
 ]
