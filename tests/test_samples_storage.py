@@ -312,6 +312,85 @@ def test_klmon_db_compact_vacuum_gives_the_space_back(db_url: str) -> None:
     db.dispose()
 
 
+def test_vacuum_reports_the_sqlite_files_on_disk_with_another_connection_open(
+    sqlite_db: Database,
+) -> None:
+    """In WAL mode a VACUUM's rebuilt file waits in the write-ahead log: the size reported
+    is what is on disk after the checkpoint, file and log, while another connection is open."""
+    from monitor.store.engine import sqlite_file
+    from monitor.store.sample_retention import reclaim_space
+
+    run_id = get_or_create_run(sqlite_db, "p", "wal").id
+    write_steps(sqlite_db, run_id, [{"step": s, "wall_time": float(s)} for s in range(100)])
+    blob = "".join(np.random.default_rng(1).choice(list("abcdefghij"), 8000))
+    write_samples(
+        sqlite_db, run_id, [{"step": s, **_sample(1.0), "response": blob} for s in range(100)]
+    )
+    compact_samples(sqlite_db, SampleRetention(recent=5, top_steps=0), run_ids=[run_id])
+    other = Database.open(sqlite_db.url)
+    with other.begin() as conn:  # a reader's connection, left open in its pool
+        conn.execute(text("SELECT COUNT(*) FROM samples")).scalar_one()
+    before, after = reclaim_space(sqlite_db)
+    path = sqlite_file(sqlite_db.url)
+    assert path is not None
+    wal = path.with_name(path.name + "-wal")
+    on_disk = path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+    assert after == on_disk and after < 0.6 * before
+    other.dispose()
+
+
+def test_vacuum_full_gives_up_behind_an_open_transaction_and_blocks_nothing_after(
+    db_url: str,
+) -> None:
+    if db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's VACUUM FULL waits for a lock; SQLite's VACUUM for a writer")
+    from monitor.errors import StoreError
+    from monitor.store.sample_retention import reclaim_space
+
+    db = Database.open(db_url)
+    run_id = get_or_create_run(db, "p", "held").id
+    write_samples(db, run_id, [{"step": s, **_sample(1.0)} for s in range(10)])
+    holder = make_engine(db_url)
+    with holder.connect() as held:
+        held.execute(text("SELECT COUNT(*) FROM samples")).scalar_one()  # its transaction stays
+        with pytest.raises(StoreError, match="an open transaction held the samples table"):
+            reclaim_space(db, lock_timeout=0.5)
+        with db.begin() as conn:  # readers are not left queued behind it
+            assert conn.execute(text("SELECT COUNT(*) FROM samples")).scalar_one() == 10
+        held.rollback()
+        before, after = reclaim_space(db)
+    assert after <= before
+    holder.dispose()
+    db.dispose()
+
+
+def test_vacuum_as_a_role_that_does_not_own_the_samples_table_says_so(db_url: str) -> None:
+    """PostgreSQL only warns and skips the table: the command said "672 kB -> 672 kB"."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite has no roles")
+    import uuid
+
+    from monitor.errors import StoreError
+    from monitor.store.sample_retention import reclaim_space
+
+    role = f"klmon_guest_{uuid.uuid4().hex[:10]}"
+    admin = make_engine(db_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:  # a role that reads klmon's tables, as a dashboard's may
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        conn.execute(text(f'GRANT SELECT, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"'))
+    base, _, rest = db_url.partition("://")
+    guest = Database.open(f"{base}://{role}@{rest.split('@', 1)[1]}")
+    try:
+        with pytest.raises(StoreError, match="only the owner of the samples table"):
+            reclaim_space(guest)
+    finally:
+        guest.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP OWNED BY "{role}"'))  # its grants
+            conn.execute(text(f'DROP ROLE "{role}"'))
+        admin.dispose()
+
+
 # --- migration 0008 ------------------------------------------------------------------------------
 
 

@@ -80,7 +80,8 @@ def db_current(db: str | None) -> None:
     "--vacuum",
     is_flag=True,
     help="Then give the freed space back to the operating system (SQLite: VACUUM of the "
-    "file; PostgreSQL: VACUUM FULL of the samples table). Writers wait meanwhile.",
+    "file, writers wait; PostgreSQL: VACUUM FULL of the samples table, its readers and "
+    "writers wait).",
 )
 def db_compact(
     db: str | None, runs: tuple[str, ...], retention: str | None, dry_run: bool, vacuum: bool
@@ -128,8 +129,10 @@ def db_compact(
 def _vacuum(database: Database) -> None:
     from monitor.store import reclaim_space
 
-    what = "database file" if database.is_sqlite else "samples table"
-    click.echo(f"vacuuming the {what} (writers wait meanwhile) ...")
+    what, waiting = (
+        ("database file", "writers") if database.is_sqlite else ("samples table", "its users")
+    )
+    click.echo(f"vacuuming the {what} ({waiting} wait meanwhile) ...")
     before, after = reclaim_space(database)
     click.echo(f"{what}: {_size(before)} -> {_size(after)}")
 

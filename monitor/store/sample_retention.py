@@ -27,15 +27,18 @@ Configured by ``monitor.init(sample_retention=...)`` or ``$KLMON_SAMPLE_RETENTIO
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection
+from sqlalchemy.exc import OperationalError
 
-from monitor.errors import ConfigError, InvalidInput
+from monitor.errors import ConfigError, InvalidInput, StoreError
 from monitor.store.database import Database
+from monitor.store.engine import sqlite_file
 
 ENV_RETENTION = "KLMON_SAMPLE_RETENTION"
 _FIELDS = {"recent": "recent", "top": "top_steps", "around": "around_alerts"}
@@ -254,25 +257,65 @@ def compact_samples(
     return out
 
 
-def reclaim_space(db: Database) -> tuple[int, int]:
-    """Give the space of deleted samples back to the operating system; the bytes of what
-    was rewritten, before and after. SQLite rebuilds the database file (``VACUUM``: for a
-    moment it needs as much free disk again, and writers wait); PostgreSQL rewrites the
-    samples table and its TOAST data (``VACUUM FULL``: the table's writers wait, a live run's
-    steps in its spool). Without this, both reuse the space for new rows: SQLite at once,
+def reclaim_space(db: Database, lock_timeout: float = 30.0) -> tuple[int, int]:
+    """Give the space of deleted samples back to the operating system; the bytes on disk of
+    what was rewritten, before and after. SQLite rebuilds the database file (``VACUUM``: for
+    a moment it needs as much free disk again, and its writers wait), then empties its
+    write-ahead log into it. PostgreSQL rewrites the samples table and its TOAST data
+    (``VACUUM FULL``: readers and writers of the table wait; a live run's steps wait in its
+    spool), and gives up after ``lock_timeout`` seconds if an open transaction holds the
+    table. StoreError, with nothing rewritten, when the database stays busy or the user may
+    not vacuum the table. Without this, both reuse the space for new rows: SQLite at once,
     PostgreSQL after autovacuum."""
-    sqlite = db.is_sqlite
-    size = (
-        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"
-        if sqlite
-        else "SELECT pg_total_relation_size('samples')"
-    )
     with db.translate_errors(), db.engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")  # VACUUM: no transaction
+        if db.is_sqlite:
+            path = sqlite_file(db.url)
+            before = _files_size(path)
+            _busy_is_said(lambda: conn.exec_driver_sql("VACUUM"), "another connection writes")
+            # the rebuilt file sits in the write-ahead log until a checkpoint: do it now
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            return before, _files_size(path)
+        size = "SELECT pg_total_relation_size('samples')"
+        may = "SELECT pg_has_role(relowner, 'MEMBER') FROM pg_class WHERE oid = 'samples'::regclass"
+        if not conn.exec_driver_sql(may).scalar_one():
+            raise StoreError(
+                f"database {db.safe_url}: only the owner of the samples table (or a superuser) "
+                "may rewrite it: run klmon db compact --vacuum as that role"
+            )
         before = int(conn.exec_driver_sql(size).scalar_one())
-        conn.exec_driver_sql("VACUUM" if sqlite else "VACUUM FULL samples")
-        after = int(conn.exec_driver_sql(size).scalar_one())
-    return before, after
+        conn.exec_driver_sql(f"SET lock_timeout = {int(lock_timeout * 1000)}")
+        try:
+            _busy_is_said(
+                lambda: conn.exec_driver_sql("VACUUM FULL samples"),
+                f"an open transaction held the samples table for {lock_timeout:g} s",
+            )
+        finally:
+            conn.exec_driver_sql("RESET lock_timeout")
+        return before, int(conn.exec_driver_sql(size).scalar_one())
+
+
+def _files_size(path: Path | None) -> int:
+    """Bytes on disk of a SQLite database: its file and its write-ahead log."""
+    if path is None:  # in memory
+        return 0
+    wal = path.with_name(path.name + "-wal")
+    return sum(p.stat().st_size for p in (path, wal) if p.exists())
+
+
+def _busy_is_said(statement: Callable[[], Any], why: str) -> None:
+    """Run a VACUUM; a database too busy for it (SQLite's SQLITE_BUSY, PostgreSQL's lock
+    timeout) is a StoreError that says so, not "unavailable"."""
+    try:
+        statement()
+    except OperationalError as exc:
+        sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
+        busy = (sqlite_code is not None and sqlite_code & 0xFF == 5) or getattr(  # SQLITE_BUSY
+            exc.orig, "sqlstate", None
+        ) == "55P03"  # lock_not_available
+        if busy:
+            raise StoreError(f"nothing rewritten: {why}; try again later") from exc
+        raise
 
 
 def _top_steps(steps: np.ndarray, size: np.ndarray, k: int) -> list[int]:
