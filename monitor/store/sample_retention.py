@@ -27,7 +27,8 @@ Configured by ``monitor.init(sample_retention=...)`` or ``$KLMON_SAMPLE_RETENTIO
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,8 @@ def reclaim_space(db: Database, lock_timeout: float = 30.0) -> tuple[int, int]:
         if db.is_sqlite:
             path = sqlite_file(db.url)
             before = _files_size(path)
-            _busy_is_said(lambda: conn.exec_driver_sql("VACUUM"), "another connection writes")
+            with _busy_said("another connection writes"):
+                conn.exec_driver_sql("VACUUM")
             # the rebuilt file sits in the write-ahead log until a checkpoint: do it now
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
             return before, _files_size(path)
@@ -286,10 +288,8 @@ def reclaim_space(db: Database, lock_timeout: float = 30.0) -> tuple[int, int]:
         before = int(conn.exec_driver_sql(size).scalar_one())
         conn.exec_driver_sql(f"SET lock_timeout = {int(lock_timeout * 1000)}")
         try:
-            _busy_is_said(
-                lambda: conn.exec_driver_sql("VACUUM FULL samples"),
-                f"an open transaction held the samples table for {lock_timeout:g} s",
-            )
+            with _busy_said(f"an open transaction held the samples table for {lock_timeout:g} s"):
+                conn.exec_driver_sql("VACUUM FULL samples")
         finally:
             conn.exec_driver_sql("RESET lock_timeout")
         return before, int(conn.exec_driver_sql(size).scalar_one())
@@ -303,17 +303,16 @@ def _files_size(path: Path | None) -> int:
     return sum(p.stat().st_size for p in (path, wal) if p.exists())
 
 
-def _busy_is_said(statement: Callable[[], Any], why: str) -> None:
-    """Run a VACUUM; a database too busy for it (SQLite's SQLITE_BUSY, PostgreSQL's lock
-    timeout) is a StoreError that says so, not "unavailable"."""
+@contextmanager
+def _busy_said(why: str) -> Iterator[None]:
+    """A database too busy for a VACUUM (SQLite's SQLITE_BUSY, PostgreSQL's lock timeout) is
+    a StoreError that says so, not "unavailable"."""
     try:
-        statement()
+        yield
     except OperationalError as exc:
         sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
-        busy = (sqlite_code is not None and sqlite_code & 0xFF == 5) or getattr(  # SQLITE_BUSY
-            exc.orig, "sqlstate", None
-        ) == "55P03"  # lock_not_available
-        if busy:
+        pg_code = getattr(exc.orig, "sqlstate", None)
+        if (sqlite_code is not None and sqlite_code & 0xFF == 5) or pg_code == "55P03":
             raise StoreError(f"nothing rewritten: {why}; try again later") from exc
         raise
 

@@ -147,22 +147,21 @@ def _arrow_columns(body: bytes, delimiter: str, header: list[str]) -> FloatColum
         import pyarrow.csv as pa_csv
     except ImportError:
         return None
-    names = [f"c{i}" for i in range(len(header))]  # the header may repeat names once cleaned
     try:
         table = pa_csv.read_csv(
             pa.py_buffer(body),
-            read_options=pa_csv.ReadOptions(column_names=names),
+            read_options=pa_csv.ReadOptions(column_names=header),  # unique (``_names``)
             parse_options=pa_csv.ParseOptions(delimiter=delimiter),
             # malloc's heap, which the rest of the import reuses once the table is freed
             # (pyarrow's own pool keeps it: 30 MB more at the import's peak)
             memory_pool=pa.system_memory_pool(),
             convert_options=pa_csv.ConvertOptions(
-                column_types=dict.fromkeys(names, pa.float64()), null_values=[""]
+                column_types=dict.fromkeys(header, pa.float64()), null_values=[""]
             ),
         )
     except (pa.ArrowException, ValueError):
         return None
-    columns = {name: table.column(i) for i, name in enumerate(header)}
+    columns = dict(zip(header, table.columns, strict=True))
     return {n: float_column(c) for n, c in columns.items()}, {
         n: c.null_count for n, c in columns.items()
     }

@@ -470,8 +470,7 @@ class _Writer:
         report.problems_total += len(prepared.problems)
         room = MAX_PROBLEMS - len(report.problems)
         report.problems.extend(prepared.problems[: max(0, room)])
-        own = prepared.counted.notes()  # said with the file's counts at the end
-        report.notes.extend(n for n in prepared.notes if n not in report.notes and n not in own)
+        report.notes.extend(n for n in prepared.uncounted_notes() if n not in report.notes)
         for q, cols in prepared.mapping.items():
             have = report.mapping.setdefault(q, [])
             have.extend(c for c in cols if c not in have)

@@ -147,7 +147,7 @@ class Prepared:
     config: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    # the cells behind two of the notes, which a file read in batches sums
+    # what the notes that count things are made of, which a file read in batches sums
     counted: CountedNotes = field(default_factory=CountedNotes)
     # quantity -> the source keys that filled it
     mapping: dict[str, list[str]] = field(default_factory=dict)
@@ -164,6 +164,12 @@ class Prepared:
     # quantities; NaN: none) and each metric's (steps, values).
     step_frame: dict[str, np.ndarray] | None = None
     metric_columns: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def uncounted_notes(self) -> list[str]:
+        """``notes`` but those of ``counted``, which a file read in batches says once, with
+        the sums of its batches."""
+        counted = self.counted.notes()
+        return [n for n in self.notes if n not in counted]
 
     @property
     def n_steps(self) -> int:
@@ -225,8 +231,7 @@ def merge(parts: list[Prepared]) -> Prepared:
         out.metrics.extend(p.metrics)
         out.problems.extend(p.problems)
         out.records_read += p.records_read
-        own = p.counted.notes()  # said once below, with the file's counts
-        out.notes.extend(n for n in p.notes if n not in out.notes and n not in own)
+        out.notes.extend(n for n in p.uncounted_notes() if n not in out.notes)
         out.counted.add(p.counted)
         for q, cols in p.mapping.items():
             out.mapping.setdefault(q, []).extend(c for c in cols if c not in out.mapping.get(q, []))
